@@ -1,0 +1,42 @@
+"""``fedseal``: one command, a subcommand per role.
+
+The subcommands live with the role they belong to (``simulations``, ``server``,
+``client``); this dispatcher imports the chosen one by name only when it runs,
+so ``common`` keeps no import-time dependency on them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from common.config import ConfigError
+
+COMMANDS = {
+    "simulate": ("simulations.simulate", "run the whole federation on this machine"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch ``fedseal <command> ...``; user errors exit 2 with one clear line."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: fedseal <command> [options]\n\ncommands:")
+        for name, (_, text) in COMMANDS.items():
+            print(f"  {name:10s} {text}")
+        print("\n`fedseal <command> --help` lists a command's options.")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"fedseal: unknown command {command!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    try:
+        return int(module.main(rest) or 0)
+    except (ConfigError, ValueError, FileNotFoundError, TimeoutError) as exc:
+        print(f"fedseal {command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

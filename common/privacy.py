@@ -1,0 +1,100 @@
+"""Privacy accounting for one site's DP-SGD, on Opacus's accountants.
+
+A site's plan is fixed before its first round: with Poisson sampling rate ``q``
+and ``rounds * local_steps`` planned steps, the noise multiplier is the
+smallest one (found by Opacus's calibration) whose total spend stays within the
+site's target (epsilon, delta). Spend so far is recomputed from the number of
+steps actually taken, so it never depends on trusting anyone else's count.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+
+class PrivacyError(ValueError):
+    """A privacy budget cannot be met or has been used up."""
+
+
+@dataclass(frozen=True)
+class DPPlan:
+    """A site's DP-SGD settings for the whole run."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps_per_round: int
+    planned_rounds: int
+    target_epsilon: float
+    delta: float
+    accountant: str
+
+    @property
+    def planned_steps(self) -> int:
+        """Steps the budget was calibrated for."""
+        return self.steps_per_round * self.planned_rounds
+
+
+def sample_rate_for(num_examples: int, batch_size: int) -> float:
+    """Poisson sampling rate, as Opacus derives it from a loader of that batch size."""
+    if num_examples < 1:
+        raise PrivacyError("a site with no examples cannot train")
+    return 1.0 / math.ceil(num_examples / batch_size)
+
+
+def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
+                  accountant: str = "prv") -> float:
+    """Epsilon after ``steps`` DP-SGD steps (0 for no steps)."""
+    if steps <= 0:
+        return 0.0
+    acc = create_accountant(accountant)
+    acc.history = [(noise_multiplier, sample_rate, steps)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(acc.get_epsilon(delta=delta))
+
+
+@lru_cache(maxsize=64)  # pure in its arguments; calibration takes seconds
+def plan_site(num_examples: int, *, batch_size: int, steps_per_round: int, rounds: int,
+              epsilon: float, delta: float, accountant: str = "prv") -> DPPlan:
+    """Calibrate the noise so the site's whole planned run spends at most ``epsilon``.
+
+    Raises
+    ------
+    PrivacyError
+        If the site's data set is too small for the batch size (sampling every
+        example every step gives no amplification), or delta is not below
+        1/num_examples (a delta that large allows leaking whole records).
+    """
+    if delta >= 1.0 / num_examples:
+        raise PrivacyError(
+            f"delta={delta} is not below 1/n = {1.0 / num_examples:.2e} for a site with "
+            f"{num_examples} examples; choose delta < 1/n (1e-5 or smaller is usual)"
+        )
+    q = sample_rate_for(num_examples, batch_size)
+    if q >= 1.0:
+        raise PrivacyError(
+            f"batch size {batch_size} covers all {num_examples} examples of the site; "
+            "lower --batch-size so that Poisson sampling can amplify privacy"
+        )
+    steps = steps_per_round * rounds
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            noise = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
+                                         sample_rate=q, steps=steps, accountant=accountant,
+                                         epsilon_tolerance=0.005)
+        except ValueError as exc:
+            raise PrivacyError(
+                f"cannot reach epsilon={epsilon} at delta={delta} over {steps} steps "
+                f"(sampling rate {q:.4f}): {exc}"
+            ) from None
+    # Opacus's calibration targets epsilon within a tolerance; never exceed it.
+    while epsilon_spent(noise, q, steps, delta, accountant) > epsilon:
+        noise *= 1.01
+    return DPPlan(noise, q, steps_per_round, rounds, epsilon, delta, accountant)

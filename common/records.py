@@ -1,0 +1,91 @@
+"""Conversion between model weights and Flower records, with validation.
+
+Weights travel as one :class:`flwr.app.ArrayRecord` keyed by parameter name.
+Everything received is checked (names, shapes, dtype, finiteness) before use.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Mapping
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord
+
+from common.config import FedConfig, from_mapping
+
+State = "OrderedDict[str, np.ndarray]"
+
+
+class RecordError(ValueError):
+    """A received record is malformed or does not match what was expected."""
+
+
+def to_numpy_state(state: Mapping[str, torch.Tensor | np.ndarray]) -> "OrderedDict[str, np.ndarray]":
+    """float32 numpy copies, same order."""
+    return OrderedDict(
+        (k, (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)).astype(np.float32))
+        for k, v in state.items()
+    )
+
+
+def state_to_record(state: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """Pack named arrays into an ArrayRecord."""
+    return ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in state.items()))
+
+
+def record_to_state(record: ArrayRecord, template: Mapping[str, np.ndarray] | None = None,
+                    *, what: str = "weights") -> "OrderedDict[str, np.ndarray]":
+    """Unpack an ArrayRecord; with ``template``, require the same names and shapes."""
+    try:
+        state = OrderedDict((k, arr.numpy()) for k, arr in record.items())
+    except Exception as exc:  # malformed bytes from the wire
+        raise RecordError(f"{what}: cannot decode arrays ({exc})") from None
+    if template is not None:
+        if list(state) != list(template):
+            missing = sorted(set(template) - set(state))[:3]
+            extra = sorted(set(state) - set(template))[:3]
+            raise RecordError(f"{what}: parameter names differ (missing {missing}, unexpected {extra})")
+        for k, v in state.items():
+            if v.shape != template[k].shape:
+                raise RecordError(f"{what}: {k} has shape {v.shape}, expected {template[k].shape}")
+    for k, v in state.items():
+        if not np.issubdtype(v.dtype, np.floating):
+            raise RecordError(f"{what}: {k} has dtype {v.dtype}, expected floating point")
+        if not np.isfinite(v).all():
+            raise RecordError(f"{what}: {k} contains NaN or inf")
+    return state
+
+
+def flatten(state: Mapping[str, np.ndarray]) -> np.ndarray:
+    """All arrays concatenated into one float64 vector (template order)."""
+    return np.concatenate([np.asarray(v, dtype=np.float64).ravel() for v in state.values()])
+
+
+def unflatten(vector: np.ndarray, template: Mapping[str, np.ndarray]) -> "OrderedDict[str, np.ndarray]":
+    """Inverse of :func:`flatten` for the shapes in ``template`` (float32 out)."""
+    size = sum(v.size for v in template.values())
+    if vector.shape != (size,):
+        raise RecordError(f"vector has shape {vector.shape}, expected ({size},)")
+    out, offset = OrderedDict(), 0
+    for k, v in template.items():
+        out[k] = vector[offset:offset + v.size].reshape(v.shape).astype(np.float32)
+        offset += v.size
+    return out
+
+
+def payload_bytes(record: ArrayRecord) -> int:
+    """Bytes of array data in a record (what dominates a message's size)."""
+    return sum(len(arr.data) for arr in record.values())
+
+
+def config_to_record(cfg: FedConfig, **extra: int | float | str | bool) -> ConfigRecord:
+    """The run's configuration, plus per-message values, as a ConfigRecord."""
+    return ConfigRecord({**cfg.to_run_config(), **extra})
+
+
+def record_to_config(record: ConfigRecord, extra_keys: tuple[str, ...] = ()) -> FedConfig:
+    """Rebuild the validated config from a ConfigRecord, ignoring ``extra_keys``."""
+    return from_mapping({k: v for k, v in record.items() if k not in extra_keys},
+                        source="the server's message")

@@ -1,0 +1,112 @@
+"""Sending a round's training messages and summing the replies.
+
+The result of a round, whichever path produced it, is a :class:`RoundSums`:
+``sum_i w_i * update_i`` and ``sum_i w_i`` over the sites that contributed,
+plus per-site metadata the sites chose to report (epsilon spent, status).
+With secure aggregation (:mod:`server.secagg`) the same object is built from
+the unmasked sum, and no per-site update ever exists on the server.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+import numpy as np
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+from common.records import RecordError, payload_bytes, record_to_state
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundSums:
+    """What the server learns from one round."""
+
+    update_sum: "dict[str, np.ndarray] | None" = None
+    weight_sum: float = 0.0
+    epsilons: dict[str, float] = field(default_factory=dict)
+    train_losses: dict[str, float] = field(default_factory=dict)
+    contributors: list[str] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+    def mean_update(self) -> "dict[str, np.ndarray] | None":
+        """The weighted mean update, or None if nobody contributed."""
+        if self.update_sum is None or self.weight_sum <= 0:
+            return None
+        return {k: v / self.weight_sum for k, v in self.update_sum.items()}
+
+
+def message_bytes(content: RecordDict) -> int:
+    """Array payload bytes of a message's content."""
+    return sum(payload_bytes(rec) for rec in content.array_records.values())
+
+
+def send(grid: Grid, nodes: Iterable[int], contents: Mapping[int, RecordDict] | RecordDict,
+         message_type: str, timeout: float) -> tuple[list[Message], int]:
+    """Send one message per node and wait for the replies; return them and the bytes sent."""
+    nodes = list(nodes)
+    per_node = {n: contents for n in nodes} if isinstance(contents, RecordDict) else contents
+    messages = [Message(per_node[n], dst_node_id=n, message_type=message_type) for n in nodes]
+    sent = sum(message_bytes(m.content) for m in messages)
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    return replies, sent
+
+
+def site_of(reply: Message) -> str:
+    """The name a site reports for itself (falls back to its node id)."""
+    if reply.has_content() and "status" in reply.content.config_records:
+        return str(reply.content["status"].get("site", reply.metadata.src_node_id))
+    return str(reply.metadata.src_node_id)
+
+
+def triage(replies: Iterable[Message], sums: RoundSums) -> list[Message]:
+    """Record failures and refusals in ``sums``; return the replies that trained."""
+    good = []
+    for reply in replies:
+        site = site_of(reply)
+        if reply.has_error():
+            sums.failed[site] = reply.error.reason.splitlines()[-1][:300] if reply.error.reason else "error"
+            log.warning("site %s failed this round: %s", site, sums.failed[site])
+            continue
+        status = reply.content["status"] if "status" in reply.content.config_records else {}
+        if "refused" in status:
+            sums.refused[site] = str(status["refused"])
+            log.warning("site %s refused to train: %s", site, sums.refused[site])
+            continue
+        metrics = reply.content["metrics"]
+        sums.epsilons[site] = float(metrics["epsilon"])
+        sums.train_losses[site] = float(metrics["train-loss"])
+        good.append(reply)
+    return good
+
+
+def sum_plain(replies: Iterable[Message], template: Mapping[str, np.ndarray],
+              sums: RoundSums) -> RoundSums:
+    """Add each reply's weighted update in the clear (secure aggregation off)."""
+    total = {k: np.zeros(v.shape, dtype=np.float64) for k, v in template.items()}
+    for reply in triage(replies, sums):
+        site = site_of(reply)
+        try:
+            update = record_to_state(reply.content["update"], template, what=f"update from {site}")
+            weight = float(reply.content["metrics"]["weight"])
+            if not (np.isfinite(weight) and weight > 0):
+                raise RecordError(f"update from {site}: weight {weight} is not a positive number")
+        except (RecordError, KeyError) as exc:
+            sums.failed[site] = str(exc)
+            sums.epsilons.pop(site, None)
+            log.warning("dropping the reply of site %s: %s", site, exc)
+            continue
+        sums.bytes_received += message_bytes(reply.content)
+        for k in total:
+            total[k] += update[k]
+        sums.weight_sum += weight
+        sums.contributors.append(site)
+    sums.update_sum = total if sums.contributors else None
+    return sums

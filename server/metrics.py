@@ -1,0 +1,48 @@
+"""One JSON line per round in ``<out>/metrics.jsonl``, and the progress line on screen."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("fedseal")
+
+NON_PRIVATE = "NON-PRIVATE (--no-dp): these results carry no differential-privacy guarantee"
+
+
+class MetricsLog:
+    """Appends one JSON object per completed round, flushed and fsynced."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def append(self, row: dict[str, Any]) -> None:
+        """Write ``row`` as one line and make it durable."""
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row, sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def rows(self) -> list[dict[str, Any]]:
+        """All rows written so far."""
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def progress_line(row: dict[str, Any], rounds: int, epsilon_target: float, private: bool) -> str:
+    """A compact human summary of one round."""
+    bar_len = 20
+    done = int(bar_len * row["round"] / rounds)
+    bar = "#" * done + "." * (bar_len - done)
+    eps = row.get("epsilon") or {}
+    eps_txt = (f"eps max {max(eps.values()):.2f}/{epsilon_target:g}" if private and eps
+               else ("eps n/a" if private else "NON-PRIVATE"))
+    acc = row.get("accuracy")
+    acc_txt = f"acc {acc:.3f}" if acc is not None else "acc -"
+    return (f"[{bar}] round {row['round']}/{rounds} | {acc_txt} | loss {row.get('loss', float('nan')):.4f} "
+            f"| {eps_txt} | sites {len(row.get('contributors', []))} | {row['seconds']:.1f}s")
