@@ -5,9 +5,11 @@ One round, seen from a site:
 1. ``train``: load the server's global trainable weights into the local model,
    run DP-SGD on the site's own file, record the epsilon this round spends
    *before* anything leaves the site, and reply with the weighted update
-   ``w * (local - global)`` and ``w`` (the plain path), or keep the encoded
-   update for secure aggregation.
-2. ``evaluate`` (optional): accuracy and loss of the global weights on the site's data.
+   ``w * (local - global)`` and ``w`` (plain path), or, with secure
+   aggregation, keep the encoded update and reply with fresh public keys;
+3. ``train.secagg_*``: the later SecAgg+ stages (:mod:`client.secagg`): share
+   keys, send the masked update, help unmask.
+4. ``evaluate`` (optional): accuracy and loss of the global weights on the site's data.
 
 The configuration of the run arrives with every message from the server; the
 site's own settings (data, budget) come from its node config (:mod:`client.site`).
@@ -22,6 +24,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client import secagg
 from client.site import SiteSettings, site_settings
 from client.trainer import train_local
 from common.batches import encode, evaluate
@@ -29,7 +32,9 @@ from common.config import FedConfig
 from common.data import Examples, read_examples
 from common.model import build_model, load_tokenizer, load_trainable, pick_device, trainable_state
 from common.privacy import DPPlan, epsilon_spent, plan_site
-from common.records import record_to_config, record_to_state, state_to_record, to_numpy_state
+from common import secagg_wire
+from common.records import (flatten, record_to_config, record_to_state, state_to_record,
+                            to_numpy_state)
 
 log = logging.getLogger(__name__)
 
@@ -97,16 +102,23 @@ def train(msg: Message, context: Context) -> Message:
     log.info("site %s: %d steps, loss %.4f, epsilon %.3f / %s, %.1fs", site.name,
              result.steps, result.mean_loss, epsilon, site.epsilon if plan else "inf (no DP)",
              time.monotonic() - started)
-    metrics = MetricRecord({
-        "weight": weight,
-        "train-loss": result.mean_loss,
-        "epsilon": epsilon if plan else -1.0,
-        "steps": steps,
-        "noise-multiplier": plan.noise_multiplier if plan else 0.0,
-    })
     status = ConfigRecord({"site": site.name, "private": plan is not None})
-    return Message(RecordDict({"update": state_to_record(update), "metrics": metrics,
+    metrics = {"epsilon": epsilon if plan else -1.0, "steps": steps,
+               "noise-multiplier": plan.noise_multiplier if plan else 0.0}
+    if cfg.secagg:
+        # Only public keys leave now; the update leaves masked, in stage 2. The
+        # weight and the training loss stay private to the site.
+        keys = secagg.begin_round(msg, context, cfg, flatten(update), weight)
+        return Message(RecordDict({"secagg": keys, "metrics": MetricRecord(metrics),
+                                   "status": status}), reply_to=msg)
+    metrics.update({"weight": weight, "train-loss": result.mean_loss})
+    return Message(RecordDict({"update": state_to_record(update), "metrics": MetricRecord(metrics),
                                "status": status}), reply_to=msg)
+
+
+app.train(secagg_wire.SHARE_KEYS)(secagg.share_keys)
+app.train(secagg_wire.MASKED_INPUT)(secagg.masked_input)
+app.train(secagg_wire.UNMASK)(secagg.unmask)
 
 
 @app.evaluate()

@@ -38,7 +38,7 @@ class FedConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
-    lora_targets: tuple[str, ...] = ("query", "key", "value", "dense")
+    lora_targets: tuple[str, ...] = ("query", "value")
     max_length: int = 64
     labels: tuple[str, ...] = ()  # empty: inferred from the training file
     # Data
@@ -63,9 +63,9 @@ class FedConfig:
     federated_eval: bool = False
     timeout: float = 600.0  # seconds to wait for sites to connect and to reply
     # Local training
-    local_steps: int = 30
+    local_steps: int = 20
     batch_size: int = 32
-    lr: float = 2e-3
+    lr: float = 5e-3
     weight_decay: float = 0.0
     device: str = "auto"  # "auto", "cpu" or "cuda"
     # Differential privacy (per site, record level)

@@ -19,8 +19,9 @@ from common.config import DEFAULT_MODEL, FedConfig
 
 log = logging.getLogger(__name__)
 
-# The packaged checkpoint is a bare BertModel (no head); these are newly
-# initialised or task-specific, so under LoRA they are trained in full.
+# Task heads. Under LoRA a head is trained in full when the checkpoint did not
+# provide it (newly initialised); a pretrained pooler stays frozen, since every
+# trained coordinate costs DP noise.
 HEAD_MODULES = ("classifier", "score", "pooler")
 
 
@@ -83,12 +84,13 @@ def build_model(cfg: FedConfig, label_names: Sequence[str]) -> nn.Module:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialised head" notice is expected
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model, info = AutoModelForSequenceClassification.from_pretrained(
             path,
             num_labels=len(label_names),
             id2label=dict(enumerate(label_names)),
             label2id={n: i for i, n in enumerate(label_names)},
             ignore_mismatched_sizes=True,
+            output_loading_info=True,
         )
     except (OSError, ValueError) as exc:
         raise ModelError(
@@ -99,21 +101,25 @@ def build_model(cfg: FedConfig, label_names: Sequence[str]) -> nn.Module:
         hf_logging.set_verbosity(verbosity)
     if cfg.finetune == "full":
         return model
-    return _add_lora(model, cfg)
+    fresh = {k for k in info.get("missing_keys", [])} | {k[0] for k in info.get("mismatched_keys", [])}
+    return _add_lora(model, cfg, fresh)
 
 
-def _add_lora(model: nn.Module, cfg: FedConfig) -> nn.Module:
+def _add_lora(model: nn.Module, cfg: FedConfig, fresh: set[str]) -> nn.Module:
     from peft import LoraConfig, TaskType, get_peft_model
 
     names = {name for name, _ in model.named_modules()}
-    heads = [h for h in HEAD_MODULES if h in names]
+    # Module names inside the HF model carry the base prefix ("bert.pooler"); heads
+    # are matched on any path segment.
+    present = {h for h in HEAD_MODULES if any(n.split(".")[-1] == h or f".{h}." in f".{n}." for n in names)}
+    heads = sorted(h for h in present if any(f".{h}." in f".{k}" for k in fresh))
     # Adapt every module whose name ends in a target, except inside the head
     # (the head is trained in full).
     targets = sorted(
         name for name, module in model.named_modules()
         if isinstance(module, nn.Linear)
         and name.split(".")[-1] in cfg.lora_targets
-        and name.split(".")[0] not in heads
+        and not any(f".{h}." in f".{name}." for h in present)
     )
     if not targets:
         linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})

@@ -35,6 +35,7 @@ class RoundSums:
     failed: dict[str, str] = field(default_factory=dict)
     bytes_sent: int = 0
     bytes_received: int = 0
+    abandoned: str = ""  # why the round produced no sum, if it did not
 
     def mean_update(self) -> "dict[str, np.ndarray] | None":
         """The weighted mean update, or None if nobody contributed."""
@@ -44,8 +45,11 @@ class RoundSums:
 
 
 def message_bytes(content: RecordDict) -> int:
-    """Array payload bytes of a message's content."""
-    return sum(payload_bytes(rec) for rec in content.array_records.values())
+    """Payload bytes of a message's content: arrays plus bytes values in config records."""
+    arrays = sum(payload_bytes(rec) for rec in content.array_records.values())
+    blobs = sum(len(v) for rec in content.config_records.values() for v in rec.values()
+                if isinstance(v, bytes))
+    return arrays + blobs
 
 
 def send(grid: Grid, nodes: Iterable[int], contents: Mapping[int, RecordDict] | RecordDict,
@@ -82,7 +86,8 @@ def triage(replies: Iterable[Message], sums: RoundSums) -> list[Message]:
             continue
         metrics = reply.content["metrics"]
         sums.epsilons[site] = float(metrics["epsilon"])
-        sums.train_losses[site] = float(metrics["train-loss"])
+        if "train-loss" in metrics:  # reported only without secure aggregation
+            sums.train_losses[site] = float(metrics["train-loss"])
         good.append(reply)
     return good
 

@@ -122,6 +122,7 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0) -> dict:
             "contributors": sums.contributors,
             "refused": sums.refused,
             "failed": sums.failed,
+            "abandoned": sums.abandoned,
             "bytes_sent": sums.bytes_sent,
             "bytes_received": sums.bytes_received,
             "seconds": round(time.monotonic() - started, 3),

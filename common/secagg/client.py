@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import struct
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -15,6 +17,7 @@ from .crypto import (
     decrypt_share,
     encrypt_share,
     generate_key_pair,
+    public_key_from_private,
 )
 from .errors import (
     ConfigError,
@@ -36,11 +39,101 @@ from .protocol import (
     decode_share_payload,
     encode_share_payload,
 )
-from .shamir import split_secret
+from .shamir import SECRET_BYTES, split_secret
 
-__all__ = ["ClientState"]
+__all__ = ["ClientState", "StateFormatError", "STATE_FORMAT", "STATE_VERSION"]
 
 logger = logging.getLogger(__name__)
+
+STATE_FORMAT = "fedseal.secagg.client-state"
+"""Value of the ``"format"`` entry of :meth:`ClientState.export_state`."""
+STATE_VERSION = 1
+"""Value of the ``"version"`` entry of :meth:`ClientState.export_state`."""
+
+_U64 = struct.Struct(">Q")
+_IDX = struct.Struct(">H")
+_INT64_MAX = 2**63 - 1
+_OWN_SHARE_BYTES = _IDX.size + 2 * SECRET_BYTES
+_PEER_KEY_BYTES = _U64.size + 2 * KEY_BYTES
+_RECEIVED_BYTES = _U64.size + _IDX.size + 2 * SECRET_BYTES
+_SECRET_FIELDS = ("c_sk", "c_pk", "s_sk", "s_pk", "b")
+# Schema of an exported state: key -> expected Python type.
+_STATE_SCHEMA: dict[str, type] = {
+    "format": str,
+    "version": int,
+    "stage": str,
+    "node_id": bytes,
+    "run_id": bytes,
+    "round_id": bytes,
+    "threshold": int,
+    "k": int,
+    "participants": bytes,
+    "neighbours": bytes,
+    "c_sk": bytes,
+    "c_pk": bytes,
+    "s_sk": bytes,
+    "s_pk": bytes,
+    "b": bytes,
+    "own_share": bytes,
+    "peer_keys": bytes,
+    "received": bytes,
+    "digest": bytes,
+}
+# Which optional secrets must be present (True) or absent (False) in each stage.
+_PRESENT: dict[ClientStage, dict[str, bool]] = {
+    ClientStage.INIT: {
+        "c_sk": False, "c_pk": False, "s_sk": False, "s_pk": False, "b": False,
+        "own_share": False,
+    },
+    ClientStage.ADVERTISED: {
+        "c_sk": True, "c_pk": True, "s_sk": True, "s_pk": True, "b": False,
+        "own_share": False,
+    },
+    ClientStage.SHARED: {
+        "c_sk": True, "c_pk": True, "s_sk": True, "s_pk": True, "b": True,
+        "own_share": True,
+    },
+    ClientStage.MASKED: {
+        "c_sk": False, "c_pk": True, "s_sk": False, "s_pk": True, "b": False,
+        "own_share": True,
+    },
+    ClientStage.DONE: {
+        "c_sk": False, "c_pk": True, "s_sk": False, "s_pk": True, "b": False,
+        "own_share": False,
+    },
+}
+
+
+class StateFormatError(InvalidMessageError):
+    """An exported :class:`ClientState` is malformed, corrupted or of another version.
+
+    Raised by :meth:`ClientState.restore_state`. The node cannot continue the
+    round from that record; it should drop out of the round (the protocol
+    tolerates dropouts) rather than guess.
+    """
+
+
+def _pack_ids(ids: Sequence[int]) -> bytes:
+    return b"".join(_U64.pack(i) for i in ids)
+
+
+def _state_digest(data: Mapping[str, object]) -> bytes:
+    """SHA-256 over a canonical encoding of every entry except ``"digest"``."""
+    h = hashlib.sha256(STATE_FORMAT.encode())
+    for key in sorted(_STATE_SCHEMA):
+        if key == "digest":
+            continue
+        value = data[key]
+        if isinstance(value, str):
+            raw = b"s" + value.encode("utf-8")
+        elif isinstance(value, int):
+            raw = b"i" + str(value).encode("ascii")
+        else:
+            raw = b"b" + bytes(value)  # type: ignore[arg-type]
+        h.update(key.encode("ascii"))
+        h.update(_U64.pack(len(raw)))
+        h.update(raw)
+    return h.digest()
 
 
 def _check_public_key_pair(node: int, value: object) -> tuple[bytes, bytes]:
@@ -449,3 +542,256 @@ class ClientState:
         self._peer_keys = {}
         self.stage = ClientStage.DONE
         return {B_SHARES: b_out, SK_SHARES: sk_out}
+
+    # ------------------------------------------------------------ persistence
+    def export_state(self) -> dict[str, bytes | int | str]:
+        """Serialise the whole state into a flat mapping of ``bytes`` / ``int`` / ``str``.
+
+        The result can be stored in a Flower ``ConfigRecord`` (e.g. in
+        ``Context.state`` between the per-message invocations of a ClientApp)
+        and turned back into an equivalent object with :meth:`restore_state`,
+        at any stage. Every ``int`` value fits a signed 64-bit integer; node,
+        run and round ids (unsigned 64-bit) are stored as big-endian 8-byte
+        strings. Absent secrets are stored as empty ``bytes``.
+
+        Entries (``format`` / ``version`` identify the layout):
+
+        * ``format`` (str) = :data:`STATE_FORMAT`, ``version`` (int) = :data:`STATE_VERSION`;
+        * ``stage`` (str): the :class:`~common.secagg.protocol.ClientStage` value;
+        * ``node_id``, ``run_id``, ``round_id`` (8 bytes each, ``>u8``);
+        * ``threshold``, ``k`` (int; ``k`` is the effective neighbour count);
+        * ``participants``, ``neighbours`` (bytes): sorted ids, packed ``>u8``;
+        * ``c_sk``, ``c_pk``, ``s_sk``, ``s_pk``, ``b`` (32 bytes or empty):
+          key pairs and self-mask seed;
+        * ``own_share`` (66 bytes or empty): ``>u2`` index, seed share, key share;
+        * ``peer_keys`` (72 bytes per neighbour): ``>u8`` id, ``c_pk``, ``s_pk``;
+        * ``received`` (74 bytes per sender): ``>u8`` id, ``>u2`` index, seed
+          share, key share;
+        * ``digest`` (32 bytes): SHA-256 over all other entries, so accidental
+          corruption is detected on restore.
+
+        The mapping contains this node's private keys and shares: store it
+        only where the node's own secrets may live (it must never be sent).
+
+        Returns
+        -------
+        dict[str, bytes | int | str]
+            The flat state mapping.
+        """
+        own = b""
+        if self._own_share is not None:
+            idx, b_sh, sk_sh = self._own_share
+            own = _IDX.pack(idx) + b_sh + sk_sh
+        data: dict[str, bytes | int | str] = {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "stage": self.stage.value,
+            "node_id": _U64.pack(self.node_id),
+            "run_id": _U64.pack(self.run_id),
+            "round_id": _U64.pack(self.round_id),
+            "threshold": int(self.threshold),
+            "k": int(self.k),
+            "participants": _pack_ids(sorted(self.participants)),
+            "neighbours": _pack_ids(sorted(self.neighbours)),
+            "c_sk": self._c_sk or b"",
+            "c_pk": self._c_pk or b"",
+            "s_sk": self._s_sk or b"",
+            "s_pk": self._s_pk or b"",
+            "b": self._b or b"",
+            "own_share": own,
+            "peer_keys": b"".join(
+                _U64.pack(node) + c_pk + s_pk
+                for node, (c_pk, s_pk) in sorted(self._peer_keys.items())
+            ),
+            "received": b"".join(
+                _U64.pack(node) + _IDX.pack(idx) + b_sh + sk_sh
+                for node, (idx, b_sh, sk_sh) in sorted(self._received.items())
+            ),
+        }
+        data["digest"] = _state_digest(data)
+        return data
+
+    @classmethod
+    def restore_state(cls, data: Mapping[str, object]) -> ClientState:
+        """Rebuild a :class:`ClientState` from the output of :meth:`export_state`.
+
+        The record is fully validated (entry names, types, lengths, version,
+        digest, SecAgg+ parameters, the neighbour graph, key pairs and the
+        entries required by the recorded stage) before an object is built.
+
+        Parameters
+        ----------
+        data : Mapping[str, object]
+            The mapping produced by :meth:`export_state` (for instance
+            ``dict(config_record.items())``); ``bytearray`` values are accepted.
+
+        Returns
+        -------
+        ClientState
+            A state that continues the protocol exactly where the exported one
+            stood.
+
+        Raises
+        ------
+        StateFormatError
+            (a subclass of :class:`InvalidMessageError`) if the record is not a
+            mapping, lacks or adds entries, has a wrong type, length, version or
+            digest, or is internally inconsistent.
+        """
+
+        def fail(why: str) -> StateFormatError:
+            return StateFormatError(
+                f"cannot restore the secure-aggregation client state: {why}; the "
+                "record is corrupted or from another version, so this node cannot "
+                "continue the round"
+            )
+
+        if not isinstance(data, Mapping):
+            raise fail(f"expected a mapping, got {type(data).__name__}")
+        keys = set(data)
+        missing = sorted(set(_STATE_SCHEMA) - keys)
+        extra = sorted(str(k) for k in keys - set(_STATE_SCHEMA))
+        if missing or extra:
+            raise fail(f"missing entries {missing}, unexpected entries {extra}")
+        clean: dict[str, bytes | int | str] = {}
+        for key, kind in _STATE_SCHEMA.items():
+            value = data[key]
+            if kind is bytes and isinstance(value, (bytes, bytearray)):
+                clean[key] = bytes(value)
+            elif kind is int and isinstance(value, int) and not isinstance(value, bool):
+                if not 0 <= value <= _INT64_MAX:
+                    raise fail(f"entry '{key}'={value} is outside [0, 2**63 - 1]")
+                clean[key] = int(value)
+            elif kind is str and isinstance(value, str):
+                clean[key] = value
+            else:
+                raise fail(
+                    f"entry '{key}' must be {kind.__name__}, got {type(value).__name__}"
+                )
+        if clean["format"] != STATE_FORMAT:
+            raise fail(f"format is {clean['format']!r}, expected {STATE_FORMAT!r}")
+        if clean["version"] != STATE_VERSION:
+            raise fail(f"version is {clean['version']}, this code reads version {STATE_VERSION}")
+        try:
+            stage = ClientStage(clean["stage"])
+        except ValueError:
+            raise fail(f"unknown stage {clean['stage']!r}") from None
+
+        def raw(key: str) -> bytes:
+            value = clean[key]
+            assert isinstance(value, bytes)
+            return value
+
+        def records(key: str, width: int) -> list[bytes]:
+            value = raw(key)
+            if len(value) % width:
+                raise fail(f"entry '{key}' has {len(value)} bytes, not a multiple of {width}")
+            return [value[off : off + width] for off in range(0, len(value), width)]
+
+        def ids(key: str) -> list[int]:
+            out = [_U64.unpack(r)[0] for r in records(key, _U64.size)]
+            if out != sorted(set(out)):
+                raise fail(f"ids in entry '{key}' are not sorted and distinct")
+            return out
+
+        for key in ("node_id", "run_id", "round_id"):
+            if len(raw(key)) != _U64.size:
+                raise fail(f"entry '{key}' must be {_U64.size} bytes, got {len(raw(key))}")
+        node_id = _U64.unpack(raw("node_id"))[0]
+        run_id = _U64.unpack(raw("run_id"))[0]
+        round_id = _U64.unpack(raw("round_id"))[0]
+        participants = ids("participants")
+        neighbour_ids = ids("neighbours")
+        for key in _SECRET_FIELDS:
+            if len(raw(key)) not in (0, KEY_BYTES):
+                raise fail(f"entry '{key}' must be {KEY_BYTES} bytes or empty, got {len(raw(key))}")
+        if len(raw("own_share")) not in (0, _OWN_SHARE_BYTES):
+            raise fail(
+                f"entry 'own_share' must be {_OWN_SHARE_BYTES} bytes or empty, got "
+                f"{len(raw('own_share'))}"
+            )
+        peer_records = records("peer_keys", _PEER_KEY_BYTES)
+        received_records = records("received", _RECEIVED_BYTES)
+        if len(raw("digest")) != hashlib.sha256().digest_size:
+            raise fail(f"entry 'digest' must be 32 bytes, got {len(raw('digest'))}")
+        if _state_digest(clean) != raw("digest"):
+            raise fail("the digest does not match the content")
+
+        try:
+            state = cls(
+                node_id,
+                participants,
+                threshold=int(clean["threshold"]),
+                k=int(clean["k"]),
+                run_id=run_id,
+                round_id=round_id,
+            )
+        except (ConfigError, InvalidMessageError) as exc:
+            raise fail(f"the recorded round parameters are invalid ({exc})") from None
+        if state.k != clean["k"]:
+            raise fail(f"k={clean['k']} is not the effective neighbour count {state.k}")
+        if list(state.neighbours) != neighbour_ids:
+            raise fail("the recorded neighbours differ from the round's neighbour graph")
+
+        for key, present in _PRESENT[stage].items():
+            if bool(raw(key)) != present:
+                raise fail(
+                    f"entry '{key}' must be {'set' if present else 'empty'} in stage "
+                    f"'{stage.value}'"
+                )
+        for sk_key, pk_key in (("c_sk", "c_pk"), ("s_sk", "s_pk")):
+            if raw(sk_key) and public_key_from_private(raw(sk_key)) != raw(pk_key):
+                raise fail(f"'{pk_key}' does not belong to '{sk_key}'")
+        max_index = state.k + 1
+
+        def share_index(data_: bytes, what: str) -> int:
+            (idx,) = _IDX.unpack_from(data_)
+            if not 1 <= idx <= max_index:
+                raise fail(f"Shamir index {idx} of {what} is outside 1..{max_index}")
+            return int(idx)
+
+        own_share: tuple[int, bytes, bytes] | None = None
+        if raw("own_share"):
+            own = raw("own_share")
+            off = _IDX.size
+            own_share = (
+                share_index(own, "the own share"),
+                own[off : off + SECRET_BYTES],
+                own[off + SECRET_BYTES :],
+            )
+        peer_keys: dict[int, tuple[bytes, bytes]] = {}
+        for rec in peer_records:
+            (peer,) = _U64.unpack_from(rec)
+            if peer not in state.neighbours or peer in peer_keys:
+                raise fail(f"peer key entry for node {peer}, which is not a distinct neighbour")
+            off = _U64.size
+            peer_keys[peer] = (rec[off : off + KEY_BYTES], rec[off + KEY_BYTES :])
+        received: dict[int, tuple[int, bytes, bytes]] = {}
+        for rec in received_records:
+            (sender,) = _U64.unpack_from(rec)
+            if sender not in peer_keys or sender in received:
+                raise fail(
+                    f"received shares from node {sender}, which is not a distinct "
+                    "neighbour with recorded keys"
+                )
+            off = _U64.size + _IDX.size
+            received[sender] = (
+                share_index(rec[_U64.size :], f"the share from node {sender}"),
+                rec[off : off + SECRET_BYTES],
+                rec[off + SECRET_BYTES :],
+            )
+        if peer_keys and stage not in (ClientStage.SHARED, ClientStage.MASKED):
+            raise fail(f"peer keys are recorded in stage '{stage.value}'")
+        if received and stage is not ClientStage.MASKED:
+            raise fail(f"received shares are recorded in stage '{stage.value}'")
+
+        state.stage = stage
+        state._c_sk = raw("c_sk") or None
+        state._c_pk = raw("c_pk") or None
+        state._s_sk = raw("s_sk") or None
+        state._s_pk = raw("s_pk") or None
+        state._b = raw("b") or None
+        state._own_share = own_share
+        state._peer_keys = peer_keys
+        state._received = received
+        return state

@@ -1,0 +1,466 @@
+"""Benchmark of fedseal's SecAgg+ (``common.secagg``) against Flower's mask generation.
+
+Usage::
+
+    python -m simulations.bench_secagg --json OUT [--quick]
+
+For every vector size and cohort size ``n`` it runs one real in-memory SecAgg+
+round (:class:`~common.secagg.ClientState` / :class:`~common.secagg.ServerState`)
+and measures:
+
+* ``client_mask_s``: one client's stage-2 cost, i.e. the real
+  :meth:`ClientState.masked_input` (decrypt ``k`` share ciphertexts, ``k``
+  X25519 + HKDF agreements, ``k + 1`` AES-CTR mask expansions via
+  :func:`~common.secagg.prg.expand_mask`, ``uint32`` additions). The client
+  state is exported after stage 1 and restored before each repetition.
+* ``flower_mask_s``: the same stage of Flower's ``secaggplus_mod``
+  (``_collect_masked_vectors``, flwr 1.41): decrypt ``k`` Fernet share
+  ciphertexts, ``k`` ECDH (P-384) + HKDF shared keys, ``k + 1`` calls of
+  ``flwr.common.secure_aggregation.secaggplus_utils.pseudo_rand_gen`` over the
+  update's shapes (``[(1,), (L,)]``: weight factor + flat update), combined with
+  Flower's ``parameters_addition`` / ``parameters_subtraction`` /
+  ``parameters_mod`` exactly as Flower does. Quantization is excluded on both
+  sides.
+* ``server_unmask_s``: :meth:`ServerState.unmask_request` +
+  :meth:`ServerState.finalize` for the same round with 10% of the nodes dropped
+  after sharing keys, so dropped pairwise masks are regenerated. Skipped
+  (``null`` with a reason) when its estimated cost exceeds the budget.
+* bytes one client uploads, compared with sending the plain float32 update.
+
+Client timings are the median of 3 repetitions; server timings are single runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.secagg import ClientState, ServerState, default_k, default_threshold
+from common.secagg.protocol import SHARE_CIPHERTEXT_BYTES
+
+log = logging.getLogger("fedseal.bench_secagg")
+
+FULL_LENGTH = 22_713_216
+"""Trainable parameters of all-MiniLM-L6-v2 fine-tuned in full."""
+LORA_LENGTH = 338_690
+"""Parameters fedseal sends by default (LoRA r=8 adapters + classifier head)."""
+
+FULL_SIZES: dict[str, int] = {"full": FULL_LENGTH, "lora": LORA_LENGTH}
+FULL_NS: tuple[int, ...] = (10, 50, 100)
+QUICK_SIZES: dict[str, int] = {"quick_200k": 200_000, "quick_20k": 20_000}
+QUICK_NS: tuple[int, ...] = (5, 10)
+
+CLIENT_REPS = 3
+DROP_FRACTION = 0.10
+SERVER_BUDGET_S = 60.0
+"""Skip a server measurement whose estimated unmask time exceeds this."""
+
+PUBLIC_KEY_BYTES = 32
+NODE_ID_BYTES = 8
+SHARE_INDEX_BYTES = 2
+SHARE_BYTES = 32
+UNMASK_ENTRY_BYTES = NODE_ID_BYTES + SHARE_INDEX_BYTES + SHARE_BYTES
+"""One revealed share on the wire: owner id, Shamir index, 32-byte share."""
+FLOWER_MOD_RANGE = 2**32
+"""Flower's default ``modulus_range`` of ``SecAggPlusWorkflow``."""
+
+CLIENT_METHOD = (
+    "real ClientState.masked_input on a real round (state exported after stage 1 and "
+    "restored before each repetition); includes decrypting k share ciphertexts, k "
+    "X25519+HKDF agreements and k+1 expand_mask (AES-256-CTR) expansions"
+)
+FLOWER_METHOD = (
+    "flwr 1.41 secaggplus_mod._collect_masked_vectors masking steps with Flower's own "
+    "functions: k Fernet decrypts, k generate_shared_key (ECDH P-384 + HKDF), k+1 "
+    "pseudo_rand_gen(seed, 2**32, [(1,), (L,)]), parameters_addition/subtraction, "
+    "parameters_mod; quantization excluded"
+)
+
+
+def _median_time(fn: Callable[[], Any], reps: int) -> tuple[float, Any]:
+    """Median wall time of ``reps`` calls of ``fn`` and the last return value."""
+    times: list[float] = []
+    out: Any = None
+    for _ in range(reps):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def _drop_set(ids: Sequence[int], protect: int) -> list[int]:
+    """Evenly spread ~10% of the nodes (never ``protect``) that drop after sharing keys."""
+    n = len(ids)
+    n_drop = max(1, round(DROP_FRACTION * n))
+    step = n // n_drop
+    picks = [ids[(step // 2 + j * step) % n] for j in range(n_drop)]
+    return [i for i in picks if i != protect]
+
+
+class _Round:
+    """One SecAgg+ round driven through stages 0-1, ready for masking."""
+
+    def __init__(self, n: int, length: int, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+        ids: set[int] = set()
+        while len(ids) < n:
+            ids.add(int(self.rng.integers(1, 2**63)))
+        self.ids = sorted(ids)
+        self.length = length
+        self.k = min(default_k(n), n - 1)
+        self.threshold = default_threshold(self.k)
+        self.server = ServerState(
+            self.ids, threshold=self.threshold, k=self.k, vector_length=length,
+            run_id=2**63 + 1, round_id=1,
+        )
+        clients = {
+            i: ClientState(i, self.ids, threshold=self.threshold, k=self.k,
+                           run_id=2**63 + 1, round_id=1)
+            for i in self.ids
+        }
+        adverts = {i: c.advertise_keys() for i, c in clients.items()}
+        bundles = self.server.broadcast_keys(adverts)
+        self.shares = {i: clients[i].share_keys(b) for i, b in bundles.items()}
+        self.routed = self.server.route_shares(self.shares)
+        # Stored exactly as a Flower ClientApp would keep them in Context.state.
+        self.saved = {i: c.export_state() for i, c in clients.items()}
+
+    def vector(self) -> np.ndarray:
+        return self.rng.integers(0, 2**32, size=self.length, dtype=np.uint32)
+
+
+def _time_client(rnd: _Round, node: int, x: np.ndarray, reps: int) -> tuple[float, np.ndarray]:
+    """Median time of ``node``'s real ``masked_input``; restoring is not timed.
+
+    Afterwards ``rnd.saved[node]`` holds the node's state after masking.
+    """
+    times: list[float] = []
+    y: np.ndarray | None = None
+    state: ClientState | None = None
+    for _ in range(reps):
+        state = ClientState.restore_state(rnd.saved[node])
+        start = time.perf_counter()
+        y = state.masked_input(rnd.routed[node], x)
+        times.append(time.perf_counter() - start)
+    assert y is not None and state is not None
+    rnd.saved[node] = state.export_state()
+    return statistics.median(times), y
+
+
+def _time_flower(length: int, k: int, reps: int, seed: int) -> tuple[float, int]:
+    """Flower's stage-2 masking for one client with ``k`` neighbours.
+
+    Returns the median time and the size of the serialised masked update Flower
+    uploads (``ndarray_to_bytes`` of every array).
+    """
+    from flwr.common import ndarray_to_bytes
+    from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
+        decrypt,
+        encrypt,
+        generate_shared_key,
+    )
+    from flwr.common.secure_aggregation.ndarrays_arithmetic import (
+        factor_combine,
+        parameters_addition,
+        parameters_mod,
+        parameters_subtraction,
+    )
+    from flwr.common.secure_aggregation.secaggplus_utils import (
+        pseudo_rand_gen,
+        share_keys_plaintext_concat,
+        share_keys_plaintext_separate,
+    )
+    from flwr.supercore.primitives.asymmetric import (
+        bytes_to_private_key,
+        bytes_to_public_key,
+        generate_key_pairs,
+        private_key_to_bytes,
+        public_key_to_bytes,
+    )
+
+    rng = np.random.default_rng(seed)
+    nid = 1_000
+    pairs = [generate_key_pairs() for _ in range(2)]  # (sk1, pk1), (sk2, pk2)
+    sk1 = private_key_to_bytes(pairs[0][0])
+    sk2 = private_key_to_bytes(pairs[1][0])
+    peers: dict[int, tuple[bytes, bytes]] = {}
+    for j in range(k):
+        peer_id = nid + (j - k // 2 if j < k // 2 else j - k // 2 + 1)
+        peers[peer_id] = (
+            public_key_to_bytes(generate_key_pairs()[1]),
+            public_key_to_bytes(generate_key_pairs()[1]),
+        )
+    ss2 = {p: generate_shared_key(bytes_to_private_key(sk2), bytes_to_public_key(pk2))
+           for p, (_, pk2) in peers.items()}
+    ciphertexts = {
+        p: encrypt(key, share_keys_plaintext_concat(p, nid, os.urandom(48), os.urandom(48)))
+        for p, key in ss2.items()
+    }
+    rd_seed = os.urandom(32)
+    # Flower's quantize() returns int32 arrays; factor_combine prepends the weight.
+    quantized = factor_combine(
+        123_456, [rng.integers(0, 2**22, size=length - 1, dtype=np.int32)]
+    )
+
+    def once() -> list[np.ndarray]:
+        available: list[int] = []
+        for src, ct in ciphertexts.items():
+            plaintext = decrypt(ss2[src], ct)
+            actual_src, dst, _, _ = share_keys_plaintext_separate(plaintext)
+            assert actual_src == src and dst == nid
+            available.append(src)
+        params = quantized
+        dimensions_list: list[tuple[int, ...]] = [a.shape for a in params]
+        private_mask = pseudo_rand_gen(rd_seed, FLOWER_MOD_RANGE, dimensions_list)
+        params = parameters_addition(params, private_mask)
+        for node_id in available:
+            shared_key = generate_shared_key(
+                bytes_to_private_key(sk1), bytes_to_public_key(peers[node_id][0])
+            )
+            pairwise_mask = pseudo_rand_gen(shared_key, FLOWER_MOD_RANGE, dimensions_list)
+            if nid > node_id:
+                params = parameters_addition(params, pairwise_mask)
+            else:
+                params = parameters_subtraction(params, pairwise_mask)
+        return parameters_mod(params, FLOWER_MOD_RANGE)
+
+    elapsed, masked = _median_time(once, reps)
+    upload = sum(len(ndarray_to_bytes(a)) for a in masked)
+    return elapsed, upload
+
+
+def _server_round(
+    rnd: _Round, target: int, target_x: np.ndarray, target_y: np.ndarray,
+    dropped: list[int],
+) -> dict[str, Any]:
+    """Mask every other client's input, then time unmask_request + finalize."""
+    start = time.perf_counter()
+    expected = target_x.copy()
+    rnd.server.add_masked_input(target, target_y)
+    for i in rnd.ids:
+        if i == target or i in dropped:
+            continue
+        x = rnd.vector()
+        np.add(expected, x, out=expected)
+        state = ClientState.restore_state(rnd.saved[i])
+        y = state.masked_input(rnd.routed[i], x)
+        rnd.saved[i] = state.export_state()
+        rnd.server.add_masked_input(i, y)
+        del x, y
+    setup = time.perf_counter() - start
+
+    start = time.perf_counter()
+    survivors, dropped_seen = rnd.server.unmask_request()
+    request_s = time.perf_counter() - start
+    replies = {
+        i: ClientState.restore_state(rnd.saved[i]).unmask(survivors, dropped_seen)
+        for i in survivors
+    }
+    start = time.perf_counter()
+    total = rnd.server.finalize(replies)
+    finalize_s = time.perf_counter() - start
+    target_reply = replies[target]
+    return {
+        "server_unmask_s": request_s + finalize_s,
+        "server_exact": bool(np.array_equal(total, expected)),
+        "server_dropped": len(dropped_seen),
+        "server_round_setup_s": setup,
+        "target_unmask_entries": sum(len(v) for v in target_reply.values()),
+    }
+
+
+def _estimate_server_s(rnd: _Round, dropped: list[int], per_mask_s: float) -> float:
+    """Unmask cost estimate: survivors' self-masks + dropped nodes' live pairwise masks."""
+    drop = set(dropped)
+    expansions = len(rnd.ids) - len(drop)
+    for j in drop:
+        expansions += sum(1 for i in rnd.server.graph[j] if i not in drop)
+    return expansions * per_mask_s
+
+
+def bench_case(
+    size_name: str, length: int, n: int, *, reps: int, server_budget_s: float, seed: int,
+) -> dict[str, Any]:
+    """Measure one (vector size, cohort size) combination."""
+    log.info("size=%s (L=%d) n=%d: setting up a real round", size_name, length, n)
+    vector_length = length + 1  # the weight rides inside the masked vector
+    rnd = _Round(n, vector_length, seed)
+    target = rnd.ids[0]
+    dropped = _drop_set(rnd.ids, target)
+    x = rnd.vector()
+    client_s, y = _time_client(rnd, target, x, reps)
+    log.info("  fedseal client mask: %.4f s", client_s)
+    flower_s, flower_upload = _time_flower(vector_length, rnd.k, reps, seed)
+    log.info("  flower client mask:  %.4f s", flower_s)
+
+    masked_bytes = 4 * vector_length
+    n_cts = len(rnd.shares[target])
+    share_bytes = n_cts * (NODE_ID_BYTES + SHARE_CIPHERTEXT_BYTES)
+    row: dict[str, Any] = {
+        "size_name": size_name,
+        "length": length,
+        "masked_vector_length": vector_length,
+        "n": n,
+        "k": rnd.k,
+        "threshold": rnd.threshold,
+        "client_mask_s": client_s,
+        "client_mask_method": "ClientState.masked_input",
+        "flower_mask_s": flower_s,
+        "speedup": flower_s / client_s,
+        "server_unmask_s": None,
+        "server_unmask_reason": None,
+    }
+
+    per_mask = client_s / (rnd.k + 1)
+    estimate = _estimate_server_s(rnd, dropped, per_mask)
+    unmask_entries: int | None = None
+    if estimate > server_budget_s:
+        row["server_unmask_reason"] = (
+            f"skipped: estimated {estimate:.0f} s (> {server_budget_s:.0f} s budget) from "
+            f"{per_mask * 1e3:.1f} ms per mask expansion"
+        )
+        log.info("  server: %s", row["server_unmask_reason"])
+    else:
+        server = _server_round(rnd, target, x, y, dropped)
+        unmask_entries = server.pop("target_unmask_entries")
+        row.update(server)
+        row["server_unmask_reason"] = (
+            f"measured once: {server['server_dropped']} of {n} nodes dropped after "
+            "sharing keys"
+        )
+        log.info("  server unmask: %.3f s (exact=%s)", server["server_unmask_s"],
+                 server["server_exact"])
+    if unmask_entries is None:
+        # Without dropouts a survivor reveals one self-mask-seed share per holder
+        # set it belongs to: its own and each masking neighbour's.
+        unmask_entries = n_cts + 1
+    key_material = 2 * PUBLIC_KEY_BYTES + share_bytes + unmask_entries * UNMASK_ENTRY_BYTES
+    plain = 4 * length + 4
+    bytes_per_client = masked_bytes + key_material
+    row.update({
+        "bytes_per_client": bytes_per_client,
+        "masked_vector_bytes": masked_bytes,
+        "key_material_bytes": key_material,
+        "share_ciphertexts": n_cts,
+        "unmask_shares_returned": unmask_entries,
+        "plain_update_bytes": plain,
+        "bytes_ratio": bytes_per_client / (plain + key_material),
+        "bytes_ratio_vs_plain": bytes_per_client / plain,
+        "flower_masked_upload_bytes": flower_upload,
+    })
+    return row
+
+
+def _machine() -> dict[str, Any]:
+    import cryptography
+
+    info: dict[str, Any] = {
+        "cpu_count": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "platform": platform.platform(),
+        "processor": platform.processor() or None,
+        "python": sys.version.split()[0],
+        "numpy": np.__version__,
+        "cryptography": cryptography.__version__,
+    }
+    try:
+        import flwr
+
+        info["flwr"] = flwr.__version__
+    except ImportError:  # pragma: no cover - flwr is a project dependency
+        info["flwr"] = None
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    info["cpu_model"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return info
+
+
+def run_benchmark(
+    sizes: dict[str, int], ns: Sequence[int], *, reps: int = CLIENT_REPS,
+    server_budget_s: float = SERVER_BUDGET_S, quick: bool = False,
+) -> dict[str, Any]:
+    """Run every (size, n) case and return the JSON-ready report."""
+    start = time.perf_counter()
+    results = [
+        bench_case(name, length, n, reps=reps, server_budget_s=server_budget_s,
+                   seed=1000 * idx + n)
+        for idx, (name, length) in enumerate(sizes.items())
+        for n in ns
+    ]
+    notes = [
+        f"client_mask_s: {CLIENT_METHOD}; median of {reps} runs.",
+        f"flower_mask_s: {FLOWER_METHOD}; median of {reps} runs.",
+        "speedup = flower_mask_s / client_mask_s.",
+        "k = min(default_k(n), n - 1), the effective neighbour count; threshold = "
+        "default_threshold(k).",
+        "The masked vector has length+1 uint32 entries (the weight rides inside); "
+        "Flower's update is [(1,) weight factor, (length,) params].",
+        f"server_unmask_s: ServerState.unmask_request + finalize, one run, "
+        f"{DROP_FRACTION:.0%} of nodes (evenly spread, min 1) drop after sharing keys; "
+        f"null when estimated above {server_budget_s:.0f} s. server_round_setup_s (not "
+        "part of server_unmask_s) is the time to mask all other clients' inputs.",
+        "bytes_per_client = masked vector (4 B/entry) + key material: 2 x 32 B public "
+        f"keys + per neighbour (8 B id + {SHARE_CIPHERTEXT_BYTES} B share ciphertext) + "
+        f"per returned unmask share ({UNMASK_ENTRY_BYTES} B: 8 B owner id, 2 B index, "
+        "32 B share); transport framing excluded. plain_update_bytes = 4 B/entry float32 "
+        "+ 4 B weight. bytes_ratio = bytes_per_client / (plain_update_bytes + key "
+        "material), i.e. 1.0 because the uint32 masked vector is exactly as large as the "
+        "float32 update + weight; bytes_ratio_vs_plain is the real overhead.",
+        "flower_masked_upload_bytes: serialised size (ndarray_to_bytes) of Flower's masked "
+        "int64 arrays for the same update, without its key material.",
+        "Flower's pseudo_rand_gen folds each seed to 32 bits and uses numpy's MT19937 "
+        "RandomState; fedseal expands full 256-bit seeds with AES-256-CTR.",
+    ]
+    if quick:
+        notes.insert(0, "--quick run: tiny vector sizes, not the real model sizes.")
+    return {
+        "machine": _machine(),
+        "config": {"quick": quick, "sizes": sizes, "n": list(ns), "client_reps": reps,
+                   "server_budget_s": server_budget_s},
+        "results": results,
+        "notes": notes,
+        "total_s": time.perf_counter() - start,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point: run the benchmark, write and print the JSON."""
+    parser = argparse.ArgumentParser(
+        prog="python -m simulations.bench_secagg", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--json", type=Path, required=True, help="where to write the JSON")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes and n in (5, 10); finishes in seconds")
+    parser.add_argument("--server-budget", type=float, default=SERVER_BUDGET_S,
+                        help="skip server measurements estimated above this many seconds")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sizes, ns = (QUICK_SIZES, QUICK_NS) if args.quick else (FULL_SIZES, FULL_NS)
+    report = run_benchmark(sizes, ns, server_budget_s=args.server_budget, quick=args.quick)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(report, indent=2)
+    args.json.write_text(text + "\n", encoding="utf-8")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

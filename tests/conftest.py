@@ -1,0 +1,51 @@
+"""Shared fixtures: a tiny randomly initialised BERT saved as a local model folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
+
+
+def make_tiny_bert(path: Path) -> Path:
+    """Save a 2-layer, 32-wide random BERT with a word-level vocabulary to ``path``.
+
+    The vocabulary is the synthetic task's words (plus BERT's special tokens), so
+    the whole model has about 30k parameters: small enough to fine-tune in full
+    under DP-SGD in seconds.
+    """
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from common import synthetic
+
+    path.mkdir(parents=True, exist_ok=True)
+    words = sorted(set(synthetic.POSITIVE + synthetic.NEGATIVE + synthetic.FILLER))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    """Path of a tiny random BERT (a local model folder, as a user would pass)."""
+    return str(make_tiny_bert(tmp_path_factory.mktemp("tiny-bert")))
+
+
+@pytest.fixture(scope="session")
+def sst2() -> Path:
+    """The shared SST-2 folder, or skip when it is not beside the project."""
+    if not (SST2 / "train.tsv").is_file():
+        pytest.skip(f"SST-2 not found at {SST2} (expected ../shared/data/sst2 from the project root)")
+    return SST2
