@@ -64,8 +64,8 @@ class FedConfig:
     timeout: float = 600.0  # seconds to wait for sites to connect and to reply
     # Local training
     local_steps: int = 20
-    batch_size: int = 32
-    lr: float = 5e-3
+    batch_size: int = 64
+    lr: float = 3e-3
     weight_decay: float = 0.0
     device: str = "auto"  # "auto", "cpu" or "cuda"
     # Differential privacy (per site, record level)

@@ -25,7 +25,7 @@ from common.synthetic import synthetic_examples
 
 log = logging.getLogger("fedseal")
 
-SYNTHETIC_TRAIN, SYNTHETIC_EVAL = 2400, 400
+SYNTHETIC_TRAIN, SYNTHETIC_EVAL = 6000, 400
 
 
 def prepare_sites(cfg: FedConfig) -> FedConfig:

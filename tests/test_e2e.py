@@ -1,0 +1,100 @@
+"""End-to-end federations: DP-SGD at every site, secure aggregation, real models.
+
+* through Flower's Simulation Engine (Ray) via the real ``fedseal simulate`` CLI;
+* through the in-process grid (real ClientApp and messages) for learning checks,
+  with the packaged MiniLM on the synthetic task and on a slice of SST-2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from common.config import FedConfig
+from common.data import read_examples, write_examples
+from server.app import run_federation
+from simulations.simulate import prepare_sites
+from local_grid import RUN_ID, LocalGrid
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _predicts(model_dir: Path, texts: list[str]) -> list[str]:
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        logits = model(**tok(texts, return_tensors="pt", padding=True)).logits
+    return [model.config.id2label[int(i)] for i in logits.argmax(-1)]
+
+
+def test_simulate_cli_on_ray_with_dp_and_secagg(tiny_bert, tmp_path):
+    """The real CLI, Flower's Ray engine, DP and SecAgg+ on: accounting and outputs."""
+    out = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "common.cli", "simulate", "--model", tiny_bert, "--finetune", "full",
+         "--clients", "3", "--rounds", "2", "--local-steps", "4", "--batch-size", "16",
+         "--max-length", "24", "--epsilon", "4", "--delta", "1e-4", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert str(out / "metrics.jsonl") in proc.stdout and str(out / "model") in proc.stdout
+    rows = _rows(out)
+    assert [r["round"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["private"] and row["secagg"] and len(row["contributors"]) == 3
+        assert len(row["epsilon"]) == 3
+        assert all(0 < eps <= 4.0 for eps in row["epsilon"].values())
+        assert row["bytes_sent"] > 0 and row["bytes_received"] > 0
+    # The whole planned budget is used by the last planned round, never exceeded.
+    assert all(eps > 0.8 * 4.0 for eps in rows[-1]["epsilon"].values())
+    assert all(rows[1]["epsilon"][s] > rows[0]["epsilon"][s] for s in rows[0]["epsilon"])
+    assert set(_predicts(out / "model", ["a great movie", "a dull movie"])) <= {"negative", "positive"}
+    assert json.loads((out / "summary.json").read_text())["epsilon_max"] <= 4.0
+
+
+def test_non_private_baseline_learns_and_is_labelled(tiny_bert, tmp_path):
+    cfg = prepare_sites(FedConfig(model=tiny_bert, finetune="full", dp=False, secagg=False,
+                                  clients=3, rounds=4, local_steps=40, lr=2e-3, max_length=24,
+                                  out=str(tmp_path)))
+    summary = run_federation(LocalGrid(3), cfg, run_id=RUN_ID)
+    rows = _rows(tmp_path)
+    assert summary["final_accuracy"] > 0.7, rows
+    assert all("NON-PRIVATE" in row["privacy"] and row["epsilon"] == {} for row in rows)
+    assert "NON-PRIVATE" in summary["privacy"]
+
+
+def test_minilm_learns_under_dp_and_secagg(tmp_path):
+    """The packaged MiniLM, epsilon 8 per site, SecAgg+: well above chance."""
+    cfg = prepare_sites(FedConfig(clients=3, rounds=2, local_steps=20, max_length=32,
+                                  out=str(tmp_path)))
+    summary = run_federation(LocalGrid(3), cfg, run_id=RUN_ID)
+    rows = _rows(tmp_path)
+    assert summary["final_accuracy"] > 0.7, rows
+    assert all(0 < eps <= 8.0 for row in rows for eps in row["epsilon"].values())
+    assert _predicts(tmp_path / "model", ["a great wonderful film", "a dull awful film"]) == \
+        ["positive", "negative"]
+
+
+def test_minilm_on_a_slice_of_sst2(sst2, tmp_path):
+    train = read_examples(sst2 / "train.tsv")
+    dev = read_examples(sst2 / "dev.tsv", label_names=train.label_names)
+    train_file = write_examples(train.subset(range(0, 60000, 25)), tmp_path / "train.jsonl")
+    dev_file = write_examples(dev.subset(range(0, 872, 3)), tmp_path / "dev.jsonl")
+    cfg = prepare_sites(FedConfig(train=str(train_file), eval=str(dev_file), clients=3, rounds=2,
+                                  local_steps=20, max_length=48, out=str(tmp_path / "run")))
+    summary = run_federation(LocalGrid(3), cfg, run_id=RUN_ID)
+    assert summary["final_accuracy"] > 0.6, _rows(tmp_path / "run")
+    assert 0 < summary["epsilon_max"] <= 8.0
