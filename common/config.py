@@ -65,14 +65,14 @@ class FedConfig:
     # Local training
     local_steps: int = 20
     batch_size: int = 64
-    lr: float = 3e-3
+    lr: float = 5e-3
     weight_decay: float = 0.0
     device: str = "auto"  # "auto", "cpu" or "cuda"
     # Differential privacy (per site, record level)
     dp: bool = True
     epsilon: float = 8.0
     delta: float = 1e-5
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 0.1  # LoRA per-sample gradients are small; noise scales with this
     accountant: str = "prv"  # "prv" or "rdp"
     # Secure aggregation
     secagg: bool = True

@@ -15,9 +15,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from common.config import FedConfig, from_mapping
 
-State = "OrderedDict[str, np.ndarray]"
-
-
 class RecordError(ValueError):
     """A received record is malformed or does not match what was expected."""
 

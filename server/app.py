@@ -31,7 +31,7 @@ from common.data import read_examples
 from common.model import (build_model, count_parameters, load_tokenizer, load_trainable,
                           pick_device, save_merged, trainable_state)
 from common.records import config_to_record, state_to_record, to_numpy_state
-from server.aggregate import RoundSums, send, sum_plain, triage, site_of
+from server.aggregate import RoundSums, send, site_of, sum_plain
 from server.metrics import NON_PRIVATE, MetricsLog, progress_line
 from server.strategy import make_strategy
 
@@ -185,4 +185,4 @@ def make_server_app(cfg: FedConfig | None = None) -> ServerApp:
 
 app = make_server_app()
 
-__all__ = ["app", "make_server_app", "run_federation", "triage"]
+__all__ = ["app", "make_server_app", "run_federation"]

@@ -18,7 +18,7 @@ from common.records import config_to_record, flatten, state_to_record, to_numpy_
 from common.secagg_wire import decode_sum
 from server.secagg import secure_round
 from simulations.simulate import prepare_sites
-from local_grid import RUN_ID, LocalGrid
+from simulations.local_grid import RUN_ID, LocalGrid
 
 STAGES = ["train", "train.secagg_share_keys", "train.secagg_masked_input", "train.secagg_unmask"]
 
