@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.durable import fsync_path
+
 log = logging.getLogger(__name__)
 
 VERSION = 1
@@ -74,14 +76,6 @@ def checksum(body: dict[str, Any]) -> str:
     return hashlib.sha256(_canonical({k: v for k, v in body.items() if k != "checksum"})).hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_write(path: Path, data: bytes) -> None:
     """Replace ``path`` by ``data`` atomically and durably (mode 0600 for a new file)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -95,7 +89,7 @@ def atomic_write(path: Path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def _corrupt(path: Path, why: str) -> LedgerError:

@@ -33,6 +33,8 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from common.durable import fsync_path
+
 log = logging.getLogger("fedseal")
 
 VERSION = 1
@@ -68,22 +70,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _tmp_path(directory: Path, name: str) -> Path:
@@ -147,14 +133,14 @@ def save_checkpoint(directory: str | Path, round: int, weights: Mapping[str, np.
     try:
         save_file(tensors, str(tmp), metadata={"format": f"fedseal-checkpoint-{VERSION}",
                                                "round": str(round)})
-        _fsync_file(tmp)
+        fsync_path(tmp)
         sha = _sha256(tmp)
         name = f"weights-round-{round:04d}-{sha[:12]}.safetensors"
         os.replace(tmp, directory / name)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(directory)
+    fsync_path(directory)
 
     # 2. The manifest: the commit point.
     manifest_body.update({"weights_file": name, "sha256": sha})
@@ -170,7 +156,7 @@ def save_checkpoint(directory: str | Path, round: int, weights: Mapping[str, np.
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(directory)
+    fsync_path(directory)
 
     # 3. Only now forget older tensors (and leftovers of interrupted saves).
     for path in directory.iterdir():

@@ -42,6 +42,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from common.durable import fsync_path
+
 CA_CERT = "ca.pem"
 CA_KEY = "ca.key"
 SERVER_CERT = "server.pem"
@@ -177,14 +179,6 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write(path: Path, data: bytes, *, private: bool, overwrite: bool) -> None:
     """Write ``data`` to ``path`` atomically.
 
@@ -209,7 +203,7 @@ def _write(path: Path, data: bytes, *, private: bool, overwrite: bool) -> None:
                 raise KeysError(f"{path} already exists; it was not overwritten "
                                 "(add --force to replace it)") from None
             os.unlink(tmp)
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
