@@ -14,7 +14,7 @@ from common.config import ConfigError
 
 COMMANDS = {
     "simulate": ("simulations.simulate", "run the whole federation on this machine"),
-    "keys": ("server.keys", "create the CA, server certificate and site keys for a deployment"),
+    "keys": ("server.keys_cli", "create the CA, server certificate and site keys for a deployment"),
 }
 
 

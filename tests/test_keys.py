@@ -12,7 +12,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from server.keys import KeysError, init_keys, main, parse_hosts, parse_sites
+from server.keys import KeysError, init_keys, parse_hosts, parse_sites
+from server.keys_cli import main
 
 
 def _init(out: Path, *extra: str) -> int:
