@@ -21,6 +21,7 @@ import logging
 import time
 
 import numpy as np
+from torch import nn
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -52,6 +53,16 @@ def _load(msg: Message, context: Context) -> tuple[FedConfig, SiteSettings, Exam
     return cfg, site, examples
 
 
+def _global_model(msg: Message, cfg: FedConfig) -> tuple[nn.Module, object, dict[str, np.ndarray]]:
+    """The local model holding the server's global weights, its tokenizer, and those weights."""
+    tokenizer = load_tokenizer(cfg)
+    model = build_model(cfg, cfg.labels)
+    template = to_numpy_state(trainable_state(model))
+    global_state = record_to_state(msg.content["global"], template, what="global weights")
+    load_trainable(model, global_state)
+    return model, tokenizer, global_state
+
+
 def _steps_done(context: Context) -> int:
     if PROGRESS in context.state:
         return int(context.state[PROGRESS]["steps"])
@@ -81,11 +92,7 @@ def train(msg: Message, context: Context) -> Message:
             return _refuse(msg, site, f"this round would bring epsilon to {after:.3f}, "
                                       f"over the site's budget of {site.epsilon}")
     device = pick_device(site.device)
-    tokenizer = load_tokenizer(cfg)
-    model = build_model(cfg, cfg.labels)
-    global_state = to_numpy_state(trainable_state(model))
-    global_state = record_to_state(msg.content["global"], global_state, what="global weights")
-    load_trainable(model, global_state)
+    model, tokenizer, global_state = _global_model(msg, cfg)
     result = train_local(model, encode(tokenizer, examples, cfg.max_length), cfg, plan, device)
     steps = done + result.steps
     # Spend is recorded before the update leaves this function.
@@ -126,10 +133,7 @@ def evaluate_site(msg: Message, context: Context) -> Message:
     """Evaluate the global weights on the site's own data (not differentially private)."""
     cfg, site, examples = _load(msg, context)
     device = pick_device(site.device)
-    tokenizer = load_tokenizer(cfg)
-    model = build_model(cfg, cfg.labels)
-    template = to_numpy_state(trainable_state(model))
-    load_trainable(model, record_to_state(msg.content["global"], template, what="global weights"))
+    model, tokenizer, _ = _global_model(msg, cfg)
     model.to(device)
     scores = evaluate(model, encode(tokenizer, examples, cfg.max_length),
                       batch_size=cfg.eval_batch_size, num_labels=len(cfg.labels), device=device)

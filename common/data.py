@@ -147,7 +147,7 @@ def read_examples(
     if not texts:
         raise DataError(f"data file {path} has no examples (only a header or blank lines)")
     if label_names is None:
-        names = tuple(sorted(set(raw_labels), key=_label_sort_key))
+        names = tuple(sorted(set(raw_labels), key=label_sort_key))
     else:
         names = tuple(str(n) for n in label_names)
     index = {name: i for i, name in enumerate(names)}
@@ -162,7 +162,7 @@ def read_examples(
     return Examples(texts, labels, names, str(path))
 
 
-def _label_sort_key(label: str) -> tuple[int, float | str]:
+def label_sort_key(label: str) -> tuple[int, float | str]:
     """Sort numeric labels numerically ("2" before "10"), others alphabetically."""
     try:
         return (0, float(label))

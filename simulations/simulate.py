@@ -19,7 +19,7 @@ from pathlib import Path
 from client.site import simulation_site_file
 from common.cli_args import add_config_options, config_from_args, setup_logging
 from common.config import FedConfig
-from common.data import Examples, read_examples, write_examples
+from common.data import Examples, label_sort_key, read_examples, write_examples
 from common.partition import dirichlet_partition, iid_partition, label_mix
 from common.synthetic import synthetic_examples
 
@@ -49,7 +49,7 @@ def prepare_sites(cfg: FedConfig) -> FedConfig:
                                   label_column=cfg.label_column).label_names)
         names |= set(read_examples(cfg.eval, text_column=cfg.text_column,
                                    label_column=cfg.label_column).label_names)
-        cfg = cfg.replace(labels=sorted(names, key=_numeric_first))
+        cfg = cfg.replace(labels=sorted(names, key=label_sort_key))
     train: Examples = read_examples(cfg.train, text_column=cfg.text_column,
                                     label_column=cfg.label_column, label_names=cfg.labels)
     if cfg.partition == "iid":
@@ -65,13 +65,6 @@ def prepare_sites(cfg: FedConfig) -> FedConfig:
         log.info("  site-%d: %5d examples  %s", pid, len(part),
                  "  ".join(f"{name}={c}" for name, c in zip(cfg.labels, counts)))
     return cfg
-
-
-def _numeric_first(label: str):
-    try:
-        return (0, float(label), label)
-    except ValueError:
-        return (1, 0.0, label)
 
 
 def simulate(cfg: FedConfig) -> dict:
