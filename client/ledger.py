@@ -32,13 +32,11 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.durable import fsync_path
+from common.durable import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +57,14 @@ class LedgerEntry:
     steps: int
     epsilon: float
     time: str
+    noise_multiplier: float = 0.0  # the run's DP plan (0.0: not recorded)
+    sample_rate: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         """The entry as stored in the file."""
         return {"run": self.run, "round": self.round, "steps": self.steps,
-                "epsilon": self.epsilon, "time": self.time}
+                "epsilon": self.epsilon, "time": self.time,
+                "noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate}
 
 
 def _canonical(body: dict[str, Any]) -> bytes:
@@ -74,22 +75,6 @@ def _canonical(body: dict[str, Any]) -> bytes:
 def checksum(body: dict[str, Any]) -> str:
     """SHA-256 hex digest of the canonical JSON of ``body`` (without its ``checksum``)."""
     return hashlib.sha256(_canonical({k: v for k, v in body.items() if k != "checksum"})).hexdigest()
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` by ``data`` atomically and durably (mode 0600 for a new file)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_path(path.parent)
 
 
 def _corrupt(path: Path, why: str) -> LedgerError:
@@ -188,7 +173,10 @@ class PrivacyLedger:
         try:
             entries = [LedgerEntry(run=str(e["run"]), round=int(e["round"]),
                                    steps=int(e["steps"]), epsilon=float(e["epsilon"]),
-                                   time=str(e["time"])) for e in body["entries"]]
+                                   time=str(e["time"]),
+                                   noise_multiplier=float(e.get("noise_multiplier", 0.0)),
+                                   sample_rate=float(e.get("sample_rate", 0.0)))
+                       for e in body["entries"]]
             return cls(path, str(body["site"]), float(body["target_epsilon"]),
                        float(body["delta"]), entries, body["checksum"])
         except (KeyError, TypeError, ValueError):
@@ -223,18 +211,28 @@ class PrivacyLedger:
         """Target epsilon minus everything spent (can be negative only if over-spent)."""
         return self.target_epsilon - self.epsilon_spent()
 
+    def plan_of(self, run: str) -> tuple[float, float] | None:
+        """``(noise_multiplier, sample_rate)`` the run started with, or None if unrecorded."""
+        first = next(iter(self._run_entries(run)), None)
+        if first is None or first.noise_multiplier <= 0:
+            return None
+        return first.noise_multiplier, first.sample_rate
+
     def has_round(self, run: str, round: int) -> bool:
         """Whether ``round`` of ``run`` is already recorded."""
         return any(e.round == round for e in self._run_entries(run))
 
     # -- recording ---------------------------------------------------------------------------
 
-    def record(self, run: str, round: int, steps: int, epsilon: float) -> None:
+    def record(self, run: str, round: int, steps: int, epsilon: float, *,
+               noise_multiplier: float = 0.0, sample_rate: float = 0.0) -> None:
         """Record that after ``round`` of ``run`` the site has taken ``steps`` steps, spending ``epsilon``.
 
         Both numbers are cumulative within the run. Call this *before* anything
         trained in the round leaves the site. Recording the same round twice
-        with the same numbers is a no-op; with other numbers it is refused.
+        with the same numbers is a no-op. A round trained again (the server
+        lost its result and asked again) is recorded as a second entry with
+        more steps: its spend is real and counts.
 
         Raises
         ------
@@ -256,11 +254,15 @@ class PrivacyLedger:
             if e.round == round:
                 if e.steps == steps and e.epsilon == epsilon:
                     return
-                raise LedgerError(
-                    f"round {round} of run {run} is already in the ledger at {self.path} with "
-                    f"steps={e.steps}, epsilon={e.epsilon}, not steps={steps}, epsilon={epsilon}; "
-                    "a round is recorded once: do not train it again"
-                )
+                if steps <= e.steps:
+                    raise LedgerError(
+                        f"round {round} of run {run} is already in the ledger at {self.path} "
+                        f"with steps={e.steps}, epsilon={e.epsilon}, not steps={steps}, "
+                        f"epsilon={epsilon}; a retried round adds steps, it cannot rewrite them"
+                    )
+        if self.has_round(run, round):
+            log.warning("round %d of run %s is trained again (the server lost its result); "
+                        "the extra spend counts", round, run)
         if steps < self.steps_done(run) or epsilon < self.epsilon_spent(run) * (1 - 1e-9):
             raise LedgerError(
                 f"run {run} already has steps={self.steps_done(run)}, "
@@ -270,7 +272,8 @@ class PrivacyLedger:
             )
         self._check_unchanged()
         time = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        self._entries.append(LedgerEntry(run, round, steps, epsilon, time))
+        self._entries.append(LedgerEntry(run, round, steps, epsilon, time,
+                                         float(noise_multiplier), float(sample_rate)))
         try:
             self._write()
         except BaseException:

@@ -6,25 +6,40 @@ Everything received is checked (names, shapes, dtype, finiteness) before use.
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from typing import Mapping
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from common.config import FedConfig, from_mapping
+
+# Per-message values the server adds to the run's config record.
+ROUND_KEY = "server-round"
+JOB_KEY = "job-id"  # stable across server restarts: the key of a site's ledger entries
+MESSAGE_KEYS = (ROUND_KEY, JOB_KEY)
 
 class RecordError(ValueError):
     """A received record is malformed or does not match what was expected."""
 
 
-def to_numpy_state(state: Mapping[str, torch.Tensor | np.ndarray]) -> "OrderedDict[str, np.ndarray]":
-    """float32 numpy copies, same order."""
+def to_numpy_state(state: Mapping[str, object]) -> "OrderedDict[str, np.ndarray]":
+    """float32 numpy copies of torch tensors or arrays, same order."""
     return OrderedDict(
-        (k, (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)).astype(np.float32))
+        (k, (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)).astype(np.float32))
         for k, v in state.items()
     )
+
+
+def state_digest(state: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 over names, shapes and float32 bytes: identifies a set of weights."""
+    digest = hashlib.sha256()
+    for name, value in state.items():
+        array = np.ascontiguousarray(value, dtype=np.float32)
+        digest.update(f"{name}:{array.shape};".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
 
 
 def state_to_record(state: Mapping[str, np.ndarray]) -> ArrayRecord:
@@ -82,7 +97,7 @@ def config_to_record(cfg: FedConfig, **extra: int | float | str | bool) -> Confi
     return ConfigRecord({**cfg.to_run_config(), **extra})
 
 
-def record_to_config(record: ConfigRecord, extra_keys: tuple[str, ...] = ()) -> FedConfig:
+def record_to_config(record: ConfigRecord, extra_keys: tuple[str, ...] = MESSAGE_KEYS) -> FedConfig:
     """Rebuild the validated config from a ConfigRecord, ignoring ``extra_keys``."""
     return from_mapping({k: v for k, v in record.items() if k not in extra_keys},
                         source="the server's message")

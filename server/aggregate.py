@@ -60,6 +60,13 @@ def send(grid: Grid, nodes: Iterable[int], contents: Mapping[int, RecordDict] | 
     messages = [Message(per_node[n], dst_node_id=n, message_type=message_type) for n in nodes]
     sent = sum(message_bytes(m.content) for m in messages)
     replies = list(grid.send_and_receive(messages, timeout=timeout))
+    # The SuperLink answers for a node that went offline with an error reply of
+    # its own (source node 1): attribute it to the node it was meant for.
+    dst_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    for reply in replies:
+        dst = dst_of.get(reply.metadata.reply_to_message_id)
+        if reply.has_error() and dst is not None and reply.metadata.src_node_id != dst:
+            reply.metadata.__dict__["_src_node_id"] = dst
     return replies, sent
 
 

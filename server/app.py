@@ -11,7 +11,11 @@ One round, seen from the server:
 4. central evaluation on the held-out file, one JSON line in
    ``<out>/metrics.jsonl``, a progress line on screen.
 
-At the end the global model is saved with LoRA merged in ``<out>/model/``.
+After every round the global weights, the strategy's state and the metrics
+are checkpointed atomically in ``<out>/checkpoint/`` (:mod:`server.checkpoint`).
+A deployed server restarted with the same config resumes after the last
+completed round; a simulation starts afresh. At the end the global model is
+saved with LoRA merged in ``<out>/model/``.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -26,32 +31,51 @@ from flwr.app import Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from common.batches import encode, evaluate
+from common.cli_args import setup_logging
 from common.config import ConfigError, FedConfig, from_mapping
 from common.data import read_examples
 from common.model import (build_model, count_parameters, load_tokenizer, load_trainable,
                           pick_device, save_merged, trainable_state)
-from common.records import config_to_record, state_to_record, to_numpy_state
+from common.durable import atomic_write
+from common.records import (JOB_KEY, ROUND_KEY, RecordError, config_to_record, record_to_state,
+                            state_to_record, to_numpy_state)
 from server.aggregate import RoundSums, send, site_of, sum_plain
+from server.checkpoint import (GROWABLE_KEYS, CheckpointError, check_resume_config,
+                               load_checkpoint, save_checkpoint)
 from server.metrics import NON_PRIVATE, MetricsLog, progress_line
-from server.strategy import make_strategy
+from server.strategy import Strategy, make_strategy
 
 log = logging.getLogger("fedseal")
 
-ROUND_KEY = "server-round"
+CHECKPOINT_DIR = "checkpoint"
+JOB_FILE = "job.json"
 
 
-def wait_for_sites(grid: Grid, cfg: FedConfig) -> list[int]:
-    """Block until ``cfg.min_clients`` sites are connected (or ``cfg.timeout`` passes)."""
+def wait_for_sites(grid: Grid, cfg: FedConfig, want: int | None = None) -> list[int]:
+    """Connected sites, once ``want`` (default ``min_clients``) are there.
+
+    Waits up to ``cfg.timeout``; then goes on with whoever is connected if that
+    is at least ``min_clients``, else raises TimeoutError.
+    """
+    want = max(cfg.min_clients, want or cfg.min_clients)
     deadline = time.monotonic() + cfg.timeout
+    announced = False
     while True:
         nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= cfg.min_clients:
+        if len(nodes) >= want:
             return nodes
         if time.monotonic() > deadline:
+            if len(nodes) >= cfg.min_clients:
+                log.warning("%d of %d site(s) connected after %.0fs; going on without the rest",
+                            len(nodes), want, cfg.timeout)
+                return nodes
             raise TimeoutError(
                 f"only {len(nodes)} site(s) connected after {cfg.timeout:.0f}s, "
                 f"{cfg.min_clients} needed (min-clients); start more client agents"
             )
+        if not announced:
+            log.info("waiting for sites: %d of %d connected", len(nodes), want)
+            announced = True
         time.sleep(1.0)
 
 
@@ -63,8 +87,56 @@ def sample_sites(nodes: list[int], cfg: FedConfig, server_round: int) -> list[in
     return sorted(nodes[i] for i in rng.choice(len(nodes), size=k, replace=False))
 
 
-def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0) -> dict:
-    """Run all rounds; return the summary that is also written to ``<out>/summary.json``."""
+def job_id(out: Path, resume: bool) -> str:
+    """The job's id: kept in ``<out>/checkpoint/job.json`` so a resumed run keeps it.
+
+    Sites key their ledger entries by it, so the steps a site took before a
+    server restart count towards the same run's budget afterwards.
+    """
+    path = out / CHECKPOINT_DIR / JOB_FILE
+    if resume and path.is_file():
+        try:
+            return str(json.loads(path.read_text(encoding="utf-8"))["job_id"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise CheckpointError(f"{path} is unreadable; restore it or delete {path.parent} "
+                                  "to start the run afresh") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    job = uuid.uuid4().hex[:16]
+    atomic_write(path, json.dumps({"job_id": job}).encode("utf-8"))
+    return job
+
+
+def resume_state(out: Path, cfg: FedConfig, weights: dict[str, np.ndarray], strategy: Strategy,
+                 metrics: MetricsLog) -> tuple[int, dict[str, np.ndarray]]:
+    """Load ``<out>/checkpoint`` if any; return the last completed round and the weights.
+
+    Under DP the number of rounds may not change on resume: every site
+    calibrated its noise for the planned rounds.
+    """
+    ckpt = load_checkpoint(out / CHECKPOINT_DIR)
+    if ckpt is None:
+        metrics.rewrite([])
+        return 0, weights
+    check_resume_config(ckpt.config, cfg.to_dict(), growable=() if cfg.dp else GROWABLE_KEYS)
+    # safetensors returns names sorted; put them back in the model's order.
+    ordered = {k: ckpt.weights[k] for k in weights if k in ckpt.weights}
+    ordered.update({k: v for k, v in ckpt.weights.items() if k not in ordered})
+    try:
+        restored = record_to_state(state_to_record(ordered), weights, what="checkpoint weights")
+    except RecordError as exc:
+        raise CheckpointError(f"{out / CHECKPOINT_DIR} does not fit this model: {exc}") from None
+    strategy.load_state_dict(ckpt.strategy_state)
+    metrics.rewrite(ckpt.metrics)  # drops any row of a round that never completed
+    log.info("resuming after round %d of %d from %s", ckpt.round, cfg.rounds, out / CHECKPOINT_DIR)
+    return ckpt.round, dict(restored)
+
+
+def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = False) -> dict:
+    """Run all rounds; return the summary that is also written to ``<out>/summary.json``.
+
+    With ``resume``, continue after the last round checkpointed in
+    ``<out>/checkpoint`` (same settings required); otherwise start afresh.
+    """
     if not cfg.eval:
         raise ConfigError("the server needs a held-out file for central evaluation: set --eval")
     out = Path(cfg.out)
@@ -82,6 +154,12 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0) -> dict:
     weights = to_numpy_state(trainable_state(model))
     strategy = make_strategy(cfg)
     metrics = MetricsLog(out / "metrics.jsonl")
+    done = 0
+    if resume:
+        done, weights = resume_state(out, cfg, weights, strategy, metrics)
+    else:
+        metrics.rewrite([])
+    job = job_id(out, resume=resume)
     trainable, total = count_parameters(model)
     log.info("model %s: %d of %d parameters trainable (%s); labels %s", cfg.model, trainable,
              total, cfg.finetune, list(cfg.labels))
@@ -91,12 +169,18 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0) -> dict:
         log.warning("secure aggregation is OFF (--no-secagg): the server sees each site's update")
     log.info("watch progress in %s", metrics.path)
 
-    for server_round in range(1, cfg.rounds + 1):
+    if done >= cfg.rounds:
+        log.info("all %d rounds were already completed; saving the model", cfg.rounds)
+    for server_round in range(done + 1, cfg.rounds + 1):
         started = time.monotonic()
-        nodes = sample_sites(wait_for_sites(grid, cfg), cfg, server_round)
+        # The first round of this process waits for every expected site (up to
+        # the timeout); later rounds go on with whoever is connected.
+        want = cfg.clients if server_round == done + 1 else cfg.min_clients
+        nodes = sample_sites(wait_for_sites(grid, cfg, want), cfg, server_round)
         log.info("round %d/%d: %d site(s) training", server_round, cfg.rounds, len(nodes))
         content = RecordDict({"global": state_to_record(weights),
-                              "config": config_to_record(cfg, **{ROUND_KEY: server_round})})
+                              "config": config_to_record(cfg, **{ROUND_KEY: server_round,
+                                                                 JOB_KEY: job})})
         if cfg.secagg:
             from server.secagg import secure_round
 
@@ -132,6 +216,8 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0) -> dict:
         if cfg.federated_eval:
             row["federated_eval"] = federated_evaluate(grid, nodes, weights, cfg)
         metrics.append(row)
+        save_checkpoint(out / CHECKPOINT_DIR, server_round, weights, strategy.state_dict(),
+                        metrics.rows(), cfg.to_dict())
         log.info(progress_line(row, cfg.rounds, cfg.epsilon, cfg.dp))
 
     model_dir = save_merged(model, tokenizer, out / "model")
@@ -177,8 +263,12 @@ def make_server_app(cfg: FedConfig | None = None) -> ServerApp:
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_cfg = cfg or from_mapping(context.run_config, source="the Flower run config")
-        run_federation(grid, run_cfg, run_id=context.run_id)
+        if cfg is not None:  # a simulation: always a fresh run
+            run_federation(grid, cfg, run_id=context.run_id)
+        else:  # a deployment: a restarted server resumes its checkpoint
+            setup_logging()  # the ServerApp process: show fedseal's progress in `flwr log`
+            run_cfg = from_mapping(context.run_config, source="the Flower run config")
+            run_federation(grid, run_cfg, run_id=context.run_id, resume=True)
 
     return server_app
 

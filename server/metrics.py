@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from common.durable import atomic_write
+
 log = logging.getLogger("fedseal")
 
 NON_PRIVATE = "NON-PRIVATE (--no-dp): these results carry no differential-privacy guarantee"
@@ -26,6 +28,15 @@ class MetricsLog:
             fh.write(json.dumps(row, sort_keys=True) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+
+    def rewrite(self, rows: list[dict[str, Any]]) -> None:
+        """Replace the file by ``rows`` atomically; an older file is kept as ``.prev``.
+
+        A fresh run starts from ``[]``; a resumed one from its checkpoint's rows.
+        """
+        if self.path.exists() and self.rows() != rows:
+            os.replace(self.path, self.path.with_name(self.path.name + ".prev"))
+        atomic_write(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
 
     def rows(self) -> list[dict[str, Any]]:
         """All rows written so far."""

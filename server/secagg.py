@@ -38,11 +38,12 @@ from server.aggregate import RoundSums, message_bytes, send, site_of, triage
 log = logging.getLogger("fedseal")
 
 
-def _answered(replies: list[Message], sums: RoundSums, stage: str) -> list[Message]:
+def _answered(replies: list[Message], sums: RoundSums, stage: str,
+              names: Mapping[int, str]) -> list[Message]:
     good = []
     for reply in replies:
         if reply.has_error():
-            site = site_of(reply)
+            site = names.get(reply.metadata.src_node_id, site_of(reply))
             sums.failed[site] = f"dropped at {stage}"
             log.warning("site %s dropped out at %s", site, stage)
             continue
@@ -85,7 +86,7 @@ def secure_round(grid: Grid, nodes: list[int], content: RecordDict,
         }, f"train.{SHARE_KEYS}", cfg.timeout)
         sums.bytes_sent += sent
         shares = {}
-        for reply in _answered(replies, sums, "share-keys"):
+        for reply in _answered(replies, sums, "share-keys", names):
             try:
                 shares[reply.metadata.src_node_id] = unpack_table(reply.content["secagg"]["shares"])
             except (WireError, KeyError) as exc:
@@ -98,7 +99,7 @@ def secure_round(grid: Grid, nodes: list[int], content: RecordDict,
             i: _stage_content(server_round, shares=pack_table(cts)) for i, cts in routed.items()
         }, f"train.{MASKED_INPUT}", cfg.timeout)
         sums.bytes_sent += sent
-        for reply in _answered(replies, sums, "masked-input"):
+        for reply in _answered(replies, sums, "masked-input", names):
             node = reply.metadata.src_node_id
             try:
                 server.add_masked_input(node, reply.content["masked"]["y"].numpy())
@@ -113,7 +114,7 @@ def secure_round(grid: Grid, nodes: list[int], content: RecordDict,
         replies, sent = send(grid, survivors, request, f"train.{UNMASK}", cfg.timeout)
         sums.bytes_sent += sent
         unmask_replies = {}
-        for reply in _answered(replies, sums, "unmask"):
+        for reply in _answered(replies, sums, "unmask", names):
             try:
                 rec = reply.content["secagg"]
                 unmask_replies[reply.metadata.src_node_id] = {

@@ -4,7 +4,9 @@ Used by tests and benchmarks to run a federation without Ray or network.
 
 It stands in for the SuperLink only: messages, records, the ClientApp and its
 per-node Context are Flower's own. ``drop`` makes a node vanish (no reply, as
-after a timeout) from a given message type on, to exercise dropout paths.
+after a timeout) from a given message type on, to exercise dropout paths;
+``node_configs`` gives nodes a deployed site's node config (data and ledger
+paths) instead of a simulation partition id.
 """
 
 from __future__ import annotations
@@ -22,12 +24,15 @@ RUN_ID = 4242
 class LocalGrid:
     """Minimal Grid: ``get_node_ids`` and ``send_and_receive``."""
 
-    def __init__(self, num_nodes: int, drop: dict[int, str] | None = None) -> None:
+    def __init__(self, num_nodes: int, drop: dict[int, str] | None = None,
+                 node_configs: list[dict] | None = None) -> None:
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, RUN_ID, 1
         # Node ids above 2**63, as Flower's are: the wire must keep all 64 bits.
         self.nodes = [2**63 + 7919 * (i + 1) for i in range(num_nodes)]
+        configs = node_configs or [{"partition-id": i, "num-partitions": num_nodes}
+                                   for i in range(num_nodes)]
         self.contexts = {
-            n: Context(run_id=RUN_ID, node_id=n, node_config={"partition-id": i, "num-partitions": num_nodes},
+            n: Context(run_id=RUN_ID, node_id=n, node_config=dict(configs[i]),
                        state=RecordDict(), run_config={})
             for i, n in enumerate(self.nodes)
         }

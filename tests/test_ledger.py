@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from client import ledger as ledger_mod
+from common import durable
 from client.ledger import LedgerError, PrivacyLedger, checksum
 
 
@@ -91,7 +91,7 @@ def test_atomic_write_leaves_no_temp_file(path, monkeypatch):
     def crash(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ledger_mod.os, "replace", crash)
+    monkeypatch.setattr(durable.os, "replace", crash)
     with pytest.raises(OSError, match="disk full"):
         led.record("r", 2, 40, 2.0)
     assert path.read_bytes() == before  # the old ledger is intact
@@ -102,7 +102,7 @@ def test_atomic_write_leaves_no_temp_file(path, monkeypatch):
 def test_fsync_is_called(path, monkeypatch):
     calls = []
     real = os.fsync
-    monkeypatch.setattr(ledger_mod.os, "fsync", lambda fd: (calls.append(fd), real(fd)))
+    monkeypatch.setattr(durable.os, "fsync", lambda fd: (calls.append(fd), real(fd)))
     PrivacyLedger.open(path, "s", 8.0, 1e-5).record("r", 1, 1, 0.1)
     assert len(calls) >= 4  # file and folder, at creation and at the record
 
@@ -114,9 +114,19 @@ def test_duplicate_round_is_not_double_counted(path):
     led.record("r", 1, 20, 1.5)  # identical: a no-op
     assert path.stat().st_mtime_ns == mtime
     assert len(PrivacyLedger.open(path, "s", 8.0, 1e-5).entries) == 1
-    with pytest.raises(LedgerError, match="already in the ledger.*do not train it again"):
-        led.record("r", 1, 40, 3.0)
+    with pytest.raises(LedgerError, match="already in the ledger.*cannot rewrite"):
+        led.record("r", 1, 20, 1.7)
     assert led.epsilon_spent() == 1.5
+
+
+def test_retried_round_counts_its_extra_spend(path):
+    led = PrivacyLedger.open(path, "s", 8.0, 1e-5)
+    led.record("r", 1, 20, 1.5, noise_multiplier=0.9, sample_rate=0.01)
+    led.record("r", 1, 40, 2.1, noise_multiplier=0.9, sample_rate=0.01)  # the server asked again
+    reopened = PrivacyLedger.open(path, "s", 8.0, 1e-5)
+    assert [(e.round, e.steps) for e in reopened.entries] == [(1, 20), (1, 40)]
+    assert reopened.steps_done("r") == 40 and reopened.epsilon_spent() == 2.1
+    assert reopened.plan_of("r") == (0.9, 0.01) and reopened.plan_of("other") is None
 
 
 def test_cumulative_values_cannot_go_down(path):
