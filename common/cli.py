@@ -15,6 +15,8 @@ from common.config import ConfigError
 COMMANDS = {
     "simulate": ("simulations.simulate", "run the whole federation on this machine"),
     "keys": ("server.keys_cli", "create the CA, server certificate and site keys for a deployment"),
+    "server": ("server.launch", "run the aggregation server (SuperLink) and one federated run"),
+    "client": ("client.agent", "run the client agent (SuperNode) at a data site"),
 }
 
 

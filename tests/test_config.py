@@ -30,9 +30,11 @@ def test_bad_values(key, value, match):
         from_mapping({key: value})
 
 
-def test_train_without_eval_is_an_error():
+def test_simulation_needs_train_and_eval_together(tmp_path):
+    from simulations.simulate import prepare_sites
+
     with pytest.raises(ConfigError, match="give both --train and --eval"):
-        FedConfig(train="x.tsv")
+        prepare_sites(FedConfig(train="x.tsv", out=str(tmp_path)))
 
 
 def test_run_config_round_trip():

@@ -1,0 +1,59 @@
+"""Starting Flower's own processes (SuperLink, SuperNode, CLI) from fedseal's commands."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+
+class ProcessError(RuntimeError):
+    """A Flower executable is missing from this environment."""
+
+
+def flwr_bin(name: str) -> str:
+    """An executable of this environment (the flwr CLIs live beside our Python)."""
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        found = shutil.which(name)
+        if not found:
+            raise ProcessError(f"{name} not found beside {sys.executable} or on PATH; install "
+                              "fedseal in this environment (pip install fedseal)")
+        return found
+    return str(path)
+
+
+def child_env(flwr_home: Path) -> dict[str, str]:
+    """Environment of Flower's processes: our bin folder first (it starts `flower-superexec`)."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["FLWR_HOME"] = str(flwr_home)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+def die_with_parent() -> None:
+    """In the child: private files (umask 077), and SIGTERM when the parent dies (Linux)."""
+    os.umask(0o077)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
+def stop_process(proc: subprocess.Popen | None, grace: float = 10.0) -> None:
+    """SIGTERM, wait up to ``grace`` seconds, then SIGKILL."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

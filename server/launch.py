@@ -1,0 +1,484 @@
+"""``fedseal server --config FILE``: the SuperLink and one federated run, over TLS.
+
+What it does, in order (each step fails with a message naming what to change):
+
+1. reads the config file: a ``[server]`` table (below) and a ``[federation]``
+   table with the run's settings (same names as ``fedseal simulate``); unknown
+   tables or keys are errors;
+2. checks the keys folder made by ``fedseal keys init`` (CA, server certificate
+   not expired and covering the listen address, site public keys);
+3. starts ``flower-superlink`` with TLS, SuperNode authentication and a
+   persistent database in the state folder (``--insecure`` turns both off, with
+   a warning, for a trial on one machine);
+4. registers every site's public key (Flower 1.41 takes the allowed list through
+   its Control API, not at start-up);
+5. writes the Flower app (fedseal's ``server``, ``client`` and ``common``
+   packages plus a ``pyproject.toml`` holding the run's settings) and submits it
+   with ``flwr run``; a run left over from before a restart is stopped first and
+   the new one resumes from the checkpoint in ``<out>/checkpoint``;
+6. streams the ServerApp's log, waits for the run to finish, stops the SuperLink
+   and exits 0 if the run completed, 1 if it failed.
+
+``[server]`` settings::
+
+    address  = "0.0.0.0:9093"    # where the SuperLink listens (sites connect here)
+    keys     = "keys"            # folder written by `fedseal keys init`
+    state    = "fedseal-server"  # database, logs and the app bundle (mode 0700)
+    sites    = []                # site names to admit; empty: every key in <keys>/sites
+    insecure = false             # true: no TLS, no authentication (trials only)
+
+Relative paths (here and in ``[federation]``: ``eval``, ``out``, a local
+``model`` folder) are relative to the config file's folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from common.config import ConfigError, FedConfig, from_mapping, read_toml, unknown_key
+from common.durable import atomic_write
+from common.processes import ProcessError, child_env, die_with_parent, flwr_bin, stop_process
+
+log = logging.getLogger("fedseal.server")
+
+CONNECTION = "fedseal"  # the name of the Flower CLI connection to our own SuperLink
+APP_PACKAGES = ("common", "server", "client")
+READY_TIMEOUT_S = 60.0
+STATUS_POLL_S = 30.0
+ALREADY_REGISTERED = "[code: 23]"  # flwr 1.41: "Public key already in use."
+
+
+class LaunchError(RuntimeError):
+    """The server cannot start or the run cannot be submitted; the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerSettings:
+    """The ``[server]`` table of the config file, paths resolved."""
+
+    address: str = "0.0.0.0:9093"
+    keys: Path = Path("keys")
+    state: Path = Path("fedseal-server")
+    sites: tuple[str, ...] = ()
+    insecure: bool = False
+
+    @property
+    def host(self) -> str:
+        return split_address(self.address)[0]
+
+    @property
+    def port(self) -> int:
+        return split_address(self.address)[1]
+
+    @property
+    def admin_address(self) -> str:
+        """Where the CLI on this machine reaches the SuperLink (loopback when listening on all)."""
+        host = self.host
+        if host in ("0.0.0.0", "::", "", "localhost"):
+            host = "127.0.0.1"
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+
+SERVER_FIELDS = {f.name for f in dataclasses.fields(ServerSettings)}
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` (or ``[v6]:port``) into its parts; ConfigError if malformed."""
+    host, sep, port = str(address).rpartition(":")
+    host = host.strip("[]")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+        raise ConfigError(f"address {address!r} must be HOST:PORT, e.g. 0.0.0.0:9093")
+    return host, int(port)
+
+
+def _resolve(base: Path, value: str) -> str:
+    return str((base / value).resolve()) if value and not Path(value).is_absolute() else value
+
+
+def load_server_config(path: str | Path, *, insecure: bool = False) -> tuple[ServerSettings, FedConfig]:
+    """Read and validate ``[server]`` and ``[federation]``; resolve relative paths.
+
+    Raises
+    ------
+    ConfigError
+        On a missing file, invalid TOML, an unknown table or key, a bad value,
+        or a federation without a held-out ``eval`` file.
+    """
+    path = Path(path)
+    data = read_toml(path, what="server config")
+    for table in data:
+        if table not in ("server", "federation"):
+            raise unknown_key(table, ("server", "federation"), f"unknown table [{table}] in {path}")
+        if not isinstance(data[table], dict):
+            raise ConfigError(f"{path}: {table!r} must be a table ([{table}])")
+    base = path.resolve().parent
+    raw_server = dict(data.get("server", {}))
+    for key in raw_server:
+        if key.replace("-", "_") not in SERVER_FIELDS:
+            raise unknown_key(key, sorted(SERVER_FIELDS), f"unknown key {key!r} in {path} [server]")
+    raw_server = {k.replace("-", "_"): v for k, v in raw_server.items()}
+    sites = raw_server.get("sites", ())
+    if isinstance(sites, str) or not all(isinstance(s, str) for s in sites):
+        raise ConfigError(f"{path} [server]: sites must be a list of site names, e.g. [\"alpha\"]")
+    if not isinstance(raw_server.get("insecure", False), bool):
+        raise ConfigError(f"{path} [server]: insecure must be true or false")
+    settings = ServerSettings(
+        address=str(raw_server.get("address", ServerSettings.address)),
+        keys=Path(_resolve(base, str(raw_server.get("keys", "keys")))),
+        state=Path(_resolve(base, str(raw_server.get("state", "fedseal-server")))),
+        sites=tuple(sites),
+        insecure=bool(raw_server.get("insecure", False)) or insecure,
+    )
+    split_address(settings.address)
+    fed = dict(data.get("federation", {}))
+    cfg = from_mapping(fed, source=f"{path} [federation]")
+    model = cfg.model
+    if model != "default" and (base / model).exists():
+        model = str((base / model).resolve())
+    cfg = cfg.replace(eval=_resolve(base, cfg.eval), train=_resolve(base, cfg.train),
+                      out=_resolve(base, cfg.out), model=model)
+    if not cfg.eval:
+        raise ConfigError(f"{path} [federation]: set eval = \"FILE\", the held-out file the "
+                          "server scores the global model on each round")
+    if not Path(cfg.eval).is_file():
+        raise ConfigError(f"{path} [federation]: eval file {cfg.eval} does not exist")
+    return settings, cfg
+
+
+# -- keys -------------------------------------------------------------------------------------
+
+def check_keys(settings: ServerSettings) -> list[tuple[str, Path]]:
+    """Check the keys folder; return ``(site, public key file)`` for every site to admit."""
+    from cryptography import x509
+
+    from server.keys import CA_CERT, SERVER_CERT, SERVER_KEY, SITES_DIR, server_hosts
+
+    keys = settings.keys
+    if not keys.is_dir():
+        raise LaunchError(f"keys folder {keys} does not exist: create it with `fedseal keys init "
+                          f"--out {keys} --server-host HOST --sites a,b,c`")
+    if not settings.insecure:
+        for name in (CA_CERT, SERVER_CERT, SERVER_KEY):
+            if not (keys / name).is_file():
+                raise LaunchError(f"{keys / name} is missing; rerun `fedseal keys init --out {keys}`")
+        cert = x509.load_pem_x509_certificate((keys / SERVER_CERT).read_bytes())
+        now = dt.datetime.now(dt.timezone.utc)
+        if cert.not_valid_after_utc < now:
+            raise LaunchError(f"the server certificate {keys / SERVER_CERT} expired on "
+                              f"{cert.not_valid_after_utc:%Y-%m-%d}; issue a new one with "
+                              f"`fedseal keys init --out {keys} --force ...`")
+        host = settings.host
+        covered = server_hosts(cert)
+        if host not in ("0.0.0.0", "::", "") and host not in covered:
+            raise LaunchError(f"the server certificate covers {sorted(covered)}, not {host!r}; "
+                              "listen on one of those or re-issue the certificate")
+    pubs = {p.stem: p for p in sorted((keys / SITES_DIR).glob("*.pub"))}
+    wanted = list(settings.sites) or sorted(pubs)
+    missing = [s for s in wanted if s not in pubs]
+    if missing:
+        raise LaunchError(f"no public key for site(s) {missing} in {keys / SITES_DIR}; create "
+                          f"them with `fedseal keys init --out {keys} --sites {','.join(missing)}`")
+    if not wanted and not settings.insecure:
+        raise LaunchError(f"no site keys in {keys / SITES_DIR}: no site could connect")
+    return [(s, pubs[s]) for s in wanted]
+
+
+# -- processes --------------------------------------------------------------------------------
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+class Flwr:
+    """The ``flwr`` CLI against our SuperLink, with JSON output checked (it exits 0 on failure)."""
+
+    def __init__(self, flwr_home: Path, cwd: Path) -> None:
+        self.env = child_env(flwr_home)
+        self.cwd = cwd  # never a folder with a pyproject.toml that flwr would migrate
+
+    def call(self, *args: str, timeout: float = 120.0) -> dict[str, Any]:
+        cmd = [flwr_bin("flwr"), *args, "--format", "json"]
+        try:
+            done = subprocess.run(cmd, env=self.env, cwd=self.cwd, capture_output=True, text=True,
+                                  timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"success": False, "error-message": f"`flwr {args[0]}` timed out"}
+        start = done.stdout.find("{")
+        if start >= 0:
+            try:
+                out, _ = json.JSONDecoder().raw_decode(done.stdout[start:])
+            except json.JSONDecodeError:
+                out = None
+            if isinstance(out, dict):
+                return out
+        return {"success": False,
+                "error-message": (done.stderr or done.stdout).strip()[-500:] or f"rc {done.returncode}"}
+
+
+def write_flwr_config(flwr_home: Path, settings: ServerSettings) -> None:
+    """The Flower CLI's connection to our SuperLink (``$FLWR_HOME/config.toml``)."""
+    from server.keys import CA_CERT
+
+    flwr_home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    conn: dict[str, Any] = {"address": settings.admin_address}
+    if settings.insecure:
+        conn["insecure"] = True
+    else:
+        conn["root-certificates"] = str((settings.keys / CA_CERT).resolve())
+    text = tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: conn}})
+    atomic_write(flwr_home / "config.toml", text.encode("utf-8"))
+
+
+def write_app(app_dir: Path, cfg: FedConfig) -> Path:
+    """The Flower app ``flwr run`` packs: fedseal's packages and the run's settings."""
+    if app_dir.exists():
+        shutil.rmtree(app_dir)
+    app_dir.mkdir(parents=True)
+    for package in APP_PACKAGES:
+        source = Path(__import__(package).__file__).resolve().parent
+        shutil.copytree(source, app_dir / package,
+                        ignore=lambda d, names: [n for n in names if n == "__pycache__"
+                                                 or (not n.endswith(".py") and not (Path(d) / n).is_dir())])
+    try:
+        version = importlib.metadata.version("fedseal")
+    except importlib.metadata.PackageNotFoundError:
+        version = "0.0.0"
+    pyproject = {
+        "project": {"name": "fedseal", "version": version, "dependencies": [],
+                    "description": "fedseal federated run (dependencies are installed at every site)"},
+        "tool": {"flwr": {"app": {
+            "publisher": "fedseal",
+            "components": {"serverapp": "server.app:app", "clientapp": "client.app:app"},
+            "config": cfg.to_run_config(),
+        }}},
+    }
+    (app_dir / "pyproject.toml").write_text(tomli_w.dumps(pyproject), encoding="utf-8")
+    return app_dir
+
+
+class Server:
+    """The SuperLink process and the run submitted to it."""
+
+    def __init__(self, settings: ServerSettings, cfg: FedConfig) -> None:
+        self.settings, self.cfg = settings, cfg
+        self.state = settings.state
+        self.flwr_home = self.state / "flwr"
+        self.flwr = Flwr(self.flwr_home, self.state)
+        self.superlink: subprocess.Popen | None = None
+        self.log_stream: subprocess.Popen | None = None
+
+    # -- SuperLink ---------------------------------------------------------------------------
+
+    def start_superlink(self) -> None:
+        from server.keys import CA_CERT, SERVER_CERT, SERVER_KEY
+
+        self.state.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.state, 0o700)
+        write_flwr_config(self.flwr_home, self.settings)
+        s = self.settings
+        cmd = [flwr_bin("flower-superlink"), "--database", str(self.state / "state.db"),
+               "--host", s.host, "--port", str(s.port),
+               "--disable-runtime-dependency-installation"]
+        if s.insecure:
+            cmd.append("--insecure")
+        else:
+            keys = s.keys.resolve()
+            cmd += ["--ssl-ca-certfile", str(keys / CA_CERT), "--ssl-certfile", str(keys / SERVER_CERT),
+                    "--ssl-keyfile", str(keys / SERVER_KEY), "--enable-supernode-auth"]
+        if _port_open(s.admin_address):
+            raise LaunchError(f"something already listens on {s.admin_address}: another SuperLink? "
+                              "Stop it or choose another [server] address")
+        self.superlink_log = self.state / "superlink.log"
+        with self.superlink_log.open("ab") as out:
+            self.superlink = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                              env=child_env(self.flwr_home), cwd=self.state,
+                                              preexec_fn=die_with_parent)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not _port_open(s.admin_address):
+            if self.superlink.poll() is not None:
+                raise LaunchError(f"flower-superlink exited with code {self.superlink.returncode}; "
+                                  f"last lines of {self.superlink_log}:\n{_tail(self.superlink_log)}")
+            if time.monotonic() > deadline:
+                raise LaunchError(f"flower-superlink did not open {s.address} within "
+                                  f"{READY_TIMEOUT_S:.0f}s; see {self.superlink_log}")
+            time.sleep(0.5)
+        log.info("SuperLink listening on %s (%s); its log: %s", s.address,
+                 "INSECURE: no TLS, no site authentication" if s.insecure
+                 else "TLS, SuperNode authentication", self.superlink_log)
+
+    def register_sites(self, sites: list[tuple[str, Path]]) -> dict[str, str]:
+        """Admit each site's public key; a key admitted before is fine."""
+        if self.settings.insecure:
+            return {}
+        registered = {}
+        for name, pub in sites:
+            out = self.flwr.call("supernode", "register", str(pub.resolve()), CONNECTION, "--name", name)
+            if out.get("success"):
+                registered[name] = str(out.get("node-id"))
+                log.info("site %s admitted (node %s)", name, registered[name])
+            elif ALREADY_REGISTERED in str(out.get("error-message", "")):
+                registered[name] = "registered before"
+            else:
+                raise LaunchError(f"could not register site {name!r} ({pub}): "
+                                  f"{out.get('error-message')}")
+        atomic_write(self.state / "sites.json", json.dumps(registered, indent=2).encode())
+        return registered
+
+    # -- the run -----------------------------------------------------------------------------
+
+    def submit(self) -> str:
+        previous = self.state / "run.json"
+        if previous.is_file():
+            try:
+                old = str(json.loads(previous.read_text(encoding="utf-8"))["run_id"])
+            except (OSError, ValueError, KeyError, TypeError):
+                old = ""
+            if old:
+                out = self.flwr.call("stop", old, CONNECTION)
+                if out.get("success"):
+                    log.info("stopped run %s left over from before the restart", old)
+        app_dir = write_app(self.state / "app", self.cfg)
+        out = self.flwr.call("run", str(app_dir), CONNECTION, timeout=300)
+        if not out.get("success"):
+            raise LaunchError(f"submitting the run failed: {out.get('error-message')}")
+        run_id = str(out["run-id"])
+        atomic_write(previous, json.dumps({"run_id": run_id, "submitted": time.time()}).encode())
+        return run_id
+
+    def stream_log(self, run_id: str) -> None:
+        """Show the ServerApp's log here while the run goes on."""
+        self.log_stream = subprocess.Popen(
+            [flwr_bin("flwr"), "log", run_id, CONNECTION, "--stream"], env=self.flwr.env,
+            cwd=self.state, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+
+    def wait(self, run_id: str) -> tuple[str, str]:
+        """Block until the run finishes; return its status and details.
+
+        The log stream ends when the run does, so the status is asked (a CLI
+        call, about a second of CPU) then, and otherwise only every
+        ``STATUS_POLL_S`` seconds.
+        """
+        last = time.monotonic()
+        while True:
+            if self.superlink is not None and self.superlink.poll() is not None:
+                return "superlink-exited", (f"flower-superlink exited with code "
+                                            f"{self.superlink.returncode}; see {self.superlink_log}")
+            stream_ended = self.log_stream is not None and self.log_stream.poll() is not None
+            if stream_ended or time.monotonic() - last > STATUS_POLL_S:
+                last = time.monotonic()
+                out = self.flwr.call("ls", CONNECTION, "--run-id", run_id)
+                runs = out.get("runs") or []
+                if out.get("success") and runs:
+                    status = str(runs[0].get("status", ""))
+                    if status.startswith("finished"):
+                        return status, str(runs[0].get("status-details", ""))
+                if stream_ended:
+                    self.stream_log(run_id)  # the stream broke early: follow the run again
+            time.sleep(1.0)
+
+    def close(self) -> None:
+        stop_process(self.log_stream, grace=2.0)
+        stop_process(self.superlink)
+
+
+def _port_open(address: str) -> bool:
+    host, port = split_address(address)
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def serve(settings: ServerSettings, cfg: FedConfig) -> int:
+    """Start the SuperLink, submit the run, wait for it; the process exit code."""
+    sites = check_keys(settings)
+    if settings.insecure:
+        log.warning("INSECURE MODE: no TLS and no site authentication; anyone who can reach %s "
+                    "can join or read the traffic. Use it only for a trial on one machine.",
+                    settings.address)
+    server = Server(settings, cfg)
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        server.start_superlink()
+        server.register_sites(sites)
+        run_id = server.submit()
+        out = Path(cfg.out)
+        print(f"fedseal server: run {run_id} submitted ({len(sites)} site(s) admitted)\n"
+              f"  progress        {out / 'metrics.jsonl'} (one JSON line per round)\n"
+              f"  checkpoints     {out / 'checkpoint'} (a restart resumes from here)\n"
+              f"  final model     {out / 'model'}\n"
+              f"  ServerApp log   follows below; again with: FLWR_HOME={server.flwr_home} "
+              f"flwr log {run_id} {CONNECTION}\n"
+              f"  SuperLink log   {server.superlink_log}", flush=True)
+        server.stream_log(run_id)
+        status, details = server.wait(run_id)
+        if server.log_stream is not None:
+            try:
+                server.log_stream.wait(timeout=5.0)  # let it print its last lines
+            except subprocess.TimeoutExpired:
+                pass
+        if status != "finished:completed":
+            print(f"fedseal server: run {run_id} ended as {status}: {details}", file=sys.stderr)
+            return 1
+        summary_path = out / "summary.json"
+        if summary_path.is_file():
+            summary = json.loads(summary_path.read_text(encoding="utf-8"))
+            eps = summary.get("epsilon_max")
+            print(f"fedseal server: run {run_id} completed: accuracy {summary['final_accuracy']:.4f}, "
+                  f"epsilon max {eps if eps is None else round(eps, 3)}; model in "
+                  f"{summary['model_dir']}")
+        return 0
+    except KeyboardInterrupt:
+        print("fedseal server: stopping (restart with the same config to resume)", file=sys.stderr)
+        return 130
+    finally:
+        server.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``fedseal server``."""
+    parser = argparse.ArgumentParser(prog="fedseal server", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, metavar="FILE",
+                        help="TOML file with [server] and [federation] tables")
+    parser.add_argument("--insecure", action="store_true",
+                        help="no TLS and no site authentication (trials on one machine only)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    from common.cli_args import setup_logging
+
+    setup_logging(args.verbose)
+    settings, cfg = load_server_config(args.config, insecure=args.insecure)
+    try:
+        return serve(settings, cfg)
+    except (LaunchError, ProcessError) as exc:
+        print(f"fedseal server: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""``fedseal server``'s config file and ``fedseal client``'s checks, without processes."""
+
+from __future__ import annotations
+
+import datetime as dt
+import socket
+import tomllib
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from client.agent import AgentError, check_files, probe_server, write_node_config
+from common.config import ConfigError
+from server.launch import LaunchError, ServerSettings, check_keys, load_server_config, write_app
+
+
+def _config(tmp_path, text: str):
+    (tmp_path / "eval.jsonl").write_text('{"sentence": "x", "label": "a"}\n')
+    path = tmp_path / "server.toml"
+    path.write_text(text)
+    return path
+
+
+def test_server_config_resolves_paths_and_builds_the_run(tmp_path):
+    path = _config(tmp_path, '[server]\naddress = "127.0.0.1:9100"\n[federation]\n'
+                             'eval = "eval.jsonl"\nrounds = 4\nout = "runs/a"\n')
+    settings, cfg = load_server_config(path)
+    assert settings.port == 9100 and settings.keys == tmp_path / "keys"
+    assert settings.state == tmp_path / "fedseal-server" and not settings.insecure
+    assert cfg.rounds == 4 and cfg.eval == str(tmp_path / "eval.jsonl")
+    assert cfg.out == str(tmp_path / "runs" / "a")
+    app = write_app(tmp_path / "app", cfg)
+    project = tomllib.loads((app / "pyproject.toml").read_text())
+    assert project["tool"]["flwr"]["app"]["config"]["rounds"] == 4
+    assert project["tool"]["flwr"]["app"]["components"]["serverapp"] == "server.app:app"
+    assert "federations" not in project["tool"]["flwr"]
+    assert (app / "client" / "app.py").is_file() and not list(app.rglob("__pycache__"))
+
+
+@pytest.mark.parametrize("text, match", [
+    ('[server]\nadress = "0.0.0.0:1"\n[federation]\neval = "eval.jsonl"\n', "did you mean 'address'"),
+    ('[sever]\n[federation]\neval = "eval.jsonl"\n', "did you mean 'server'"),
+    ('[federation]\neval = "eval.jsonl"\nrounds = 3\nepsillon = 2\n', "did you mean 'epsilon'"),
+    ('[federation]\nrounds = 3\n', "set eval"),
+    ('[federation]\neval = "missing.tsv"\n', "does not exist"),
+    ('[server]\naddress = "nohost"\n[federation]\neval = "eval.jsonl"\n', "HOST:PORT"),
+    ('[server]\nsites = "alpha"\n[federation]\neval = "eval.jsonl"\n', "list of site names"),
+    ('[federation\n', "not valid TOML"),
+])
+def test_server_config_errors_say_what_to_change(tmp_path, text, match):
+    with pytest.raises(ConfigError, match=match):
+        load_server_config(_config(tmp_path, text))
+
+
+def test_keys_folder_problems_are_named(tmp_path):
+    from server.keys import init_keys, parse_hosts
+
+    with pytest.raises(LaunchError, match="fedseal keys init"):
+        check_keys(ServerSettings(keys=tmp_path / "nokeys"))
+    init_keys(tmp_path / "keys", ["alpha"], parse_hosts(["fl.example.org"]))
+    assert [s for s, _ in check_keys(ServerSettings(keys=tmp_path / "keys"))] == ["alpha"]
+    with pytest.raises(LaunchError, match=r"no public key for site\(s\) \['beta'\]"):
+        check_keys(ServerSettings(keys=tmp_path / "keys", sites=("alpha", "beta")))
+    with pytest.raises(LaunchError, match="covers"):
+        check_keys(ServerSettings(address="10.9.9.9:9093", keys=tmp_path / "keys"))
+
+
+def _expired_ca(path):
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "old ca")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1)
+            .not_valid_before(now - dt.timedelta(days=30)).not_valid_after(now - dt.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def test_agent_checks_name_the_bad_input(tmp_path):
+    from server.keys import init_keys, parse_hosts
+
+    init_keys(tmp_path / "keys", ["alpha"], parse_hosts(["localhost"]))
+    data = tmp_path / "d.csv"
+    data.write_text("sentence,label\nx,a\n")
+    key, ca = tmp_path / "keys" / "sites" / "alpha.key", tmp_path / "keys" / "ca.pem"
+    check_files(data, key, ca)
+    with pytest.raises(AgentError, match="--data .* does not exist"):
+        check_files(tmp_path / "none.csv", key, ca)
+    with pytest.raises(AgentError, match="not the .pub file"):
+        check_files(data, key.with_suffix(".pub"), ca)
+    with pytest.raises(AgentError, match="expired"):
+        check_files(data, key, _expired_ca(tmp_path / "old.pem"))
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(AgentError, match="cannot reach the server"):
+        probe_server("127.0.0.1", port, ca, wait=0)
+
+
+def test_node_config_reaches_the_client_app_intact(tmp_path):
+    from flwr.common.config import parse_config_args  # what flower-supernode uses
+
+    from client.site import site_settings
+    from common.config import FedConfig
+
+    data = tmp_path / 'site "a" data.csv'
+    path = write_node_config(tmp_path / "node.toml", data, "alpha", 7.5, 1e-6,
+                             tmp_path / "ledger.json", "cpu")
+    parsed = parse_config_args([str(path)])
+    site = site_settings(parsed, FedConfig())
+    assert (site.data_path, site.name, site.epsilon, site.delta) == (data, "alpha", 7.5, 1e-6)
+    assert site.ledger_path == tmp_path / "ledger.json" and site.device == "cpu"
