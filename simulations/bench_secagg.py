@@ -48,6 +48,7 @@ import numpy as np
 
 from common.secagg import ClientState, ServerState, default_k, default_threshold
 from common.secagg.protocol import SHARE_CIPHERTEXT_BYTES
+from simulations.report import emit_report, setup_bench_logging
 
 log = logging.getLogger("fedseal.bench_secagg")
 
@@ -480,8 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="skip server measurements estimated above this many seconds")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_bench_logging(args.log_level)
     sizes, ns = (QUICK_SIZES, QUICK_NS) if args.quick else (FULL_SIZES, FULL_NS)
     report = run_benchmark(sizes, ns, server_budget_s=args.server_budget, quick=args.quick)
     if args.quick:
@@ -489,10 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report["notes"].append("round_overhead: skipped in --quick (it trains a real model).")
     else:
         report["round_overhead"] = round_overhead()
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(report, indent=2)
-    args.json.write_text(text + "\n", encoding="utf-8")
-    print(text)
+    emit_report(report, args.json)
     return 0
 
 
