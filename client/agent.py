@@ -37,7 +37,8 @@ from pathlib import Path
 from client.ledger import LedgerError, PrivacyLedger
 from common.config import ConfigError
 from common.durable import atomic_write
-from common.processes import ProcessError, child_env, die_with_parent, flwr_bin, stop_process
+from common.processes import (ProcessError, child_env, die_with_parent, flwr_bin, split_address,
+                              stop_process)
 
 log = logging.getLogger("fedseal.client")
 
@@ -47,14 +48,6 @@ EXIT_KEY_REFUSED = 3
 
 class AgentError(RuntimeError):
     """The agent cannot start; the message says what to change."""
-
-
-def parse_server(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise AgentError(f"--server {address!r} must be HOST:PORT, e.g. fl.example.org:9093")
-    return host, int(port)
 
 
 def check_files(data: Path, key: Path | None, ca: Path | None) -> None:
@@ -237,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    host, port = parse_server(args.server)
+    host, port = split_address(args.server, "--server", "fl.example.org:9093")
     if not args.insecure and (args.ca is None or args.key is None):
         raise AgentError("--ca and --key are required (the federation's ca.pem and this site's "
                          "key from `fedseal keys init`); --insecure only for a trial server")

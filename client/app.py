@@ -152,7 +152,7 @@ def _plan(context: Context, cfg: FedConfig, site: SiteSettings, n: int,
     """This job's DP plan and the epsilon other jobs already spent on this site's data."""
     from common.privacy import PrivacyError, epsilon_spent
 
-    other = ledger.epsilon_spent() - ledger.epsilon_spent(job) if ledger else 0.0
+    other = _other(ledger, job) if ledger else 0.0
     budget = site.epsilon - other
     if budget <= 0:
         raise Refusal(f"earlier runs spent epsilon {other:.3f} of the site's budget "
@@ -249,6 +249,7 @@ def _train(msg: Message, context: Context) -> Message:
 
 
 def _other(ledger: PrivacyLedger, job: str) -> float:
+    """Epsilon other jobs spent on this site's data (sequential composition)."""
     return ledger.epsilon_spent() - ledger.epsilon_spent(job)
 
 

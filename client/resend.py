@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import load_file, save
+from safetensors.numpy import save
 
 from common.durable import atomic_write
 
@@ -65,7 +65,7 @@ def load_update(path: Path, job: str, round: int, global_digest: str) -> SavedUp
     try:
         with safe_open(str(path), framework="np") as fh:
             meta = json.loads(fh.metadata()["fedseal"])
-        tensors = load_file(str(path))
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
         saved = SavedUpdate(job=str(meta["job"]), round=int(meta["round"]),
                             global_digest=str(meta["global_digest"]), update=dict(tensors),
                             weight=float(meta["weight"]), steps=int(meta["steps"]),

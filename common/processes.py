@@ -9,9 +9,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+from common.config import ConfigError
+
 
 class ProcessError(RuntimeError):
     """A Flower executable is missing from this environment."""
+
+
+def split_address(address: str, what: str = "address", example: str = "0.0.0.0:9093") -> tuple[str, int]:
+    """``host:port`` (or ``[v6]:port``) into its parts; ConfigError naming ``what`` if malformed."""
+    host, sep, port = str(address).rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{what} {address!r} must be HOST:PORT, e.g. {example}")
+    return host, int(port)
 
 
 def flwr_bin(name: str) -> str:

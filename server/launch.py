@@ -53,7 +53,8 @@ import tomli_w
 
 from common.config import ConfigError, FedConfig, from_mapping, read_toml, unknown_key
 from common.durable import atomic_write
-from common.processes import ProcessError, child_env, die_with_parent, flwr_bin, stop_process
+from common.processes import (ProcessError, child_env, die_with_parent, flwr_bin, split_address,
+                              stop_process)
 
 log = logging.getLogger("fedseal.server")
 
@@ -96,15 +97,6 @@ class ServerSettings:
 
 
 SERVER_FIELDS = {f.name for f in dataclasses.fields(ServerSettings)}
-
-
-def split_address(address: str) -> tuple[str, int]:
-    """``host:port`` (or ``[v6]:port``) into its parts; ConfigError if malformed."""
-    host, sep, port = str(address).rpartition(":")
-    host = host.strip("[]")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
-        raise ConfigError(f"address {address!r} must be HOST:PORT, e.g. 0.0.0.0:9093")
-    return host, int(port)
 
 
 def _resolve(base: Path, value: str) -> str:
@@ -256,8 +248,7 @@ def write_app(app_dir: Path, cfg: FedConfig) -> Path:
     for package in APP_PACKAGES:
         source = Path(__import__(package).__file__).resolve().parent
         shutil.copytree(source, app_dir / package,
-                        ignore=lambda d, names: [n for n in names if n == "__pycache__"
-                                                 or (not n.endswith(".py") and not (Path(d) / n).is_dir())])
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     try:
         version = importlib.metadata.version("fedseal")
     except importlib.metadata.PackageNotFoundError:
@@ -427,13 +418,14 @@ def serve(settings: ServerSettings, cfg: FedConfig) -> int:
         server.register_sites(sites)
         run_id = server.submit()
         out = Path(cfg.out)
-        print(f"fedseal server: run {run_id} submitted ({len(sites)} site(s) admitted)\n"
-              f"  progress        {out / 'metrics.jsonl'} (one JSON line per round)\n"
-              f"  checkpoints     {out / 'checkpoint'} (a restart resumes from here)\n"
-              f"  final model     {out / 'model'}\n"
-              f"  ServerApp log   follows below; again with: FLWR_HOME={server.flwr_home} "
-              f"flwr log {run_id} {CONNECTION}\n"
-              f"  SuperLink log   {server.superlink_log}", flush=True)
+        log.info("run %s submitted (%d site(s) admitted)\n"
+                 "  progress        %s (one JSON line per round)\n"
+                 "  checkpoints     %s (a restart resumes from here)\n"
+                 "  final model     %s\n"
+                 "  ServerApp log   follows below; again with: FLWR_HOME=%s flwr log %s %s\n"
+                 "  SuperLink log   %s", run_id, len(sites), out / "metrics.jsonl",
+                 out / "checkpoint", out / "model", server.flwr_home, run_id, CONNECTION,
+                 server.superlink_log)
         server.stream_log(run_id)
         status, details = server.wait(run_id)
         if server.log_stream is not None:
@@ -442,18 +434,18 @@ def serve(settings: ServerSettings, cfg: FedConfig) -> int:
             except subprocess.TimeoutExpired:
                 pass
         if status != "finished:completed":
-            print(f"fedseal server: run {run_id} ended as {status}: {details}", file=sys.stderr)
+            log.error("run %s ended as %s: %s", run_id, status, details)
             return 1
         summary_path = out / "summary.json"
         if summary_path.is_file():
             summary = json.loads(summary_path.read_text(encoding="utf-8"))
             eps = summary.get("epsilon_max")
-            print(f"fedseal server: run {run_id} completed: accuracy {summary['final_accuracy']:.4f}, "
-                  f"epsilon max {eps if eps is None else round(eps, 3)}; model in "
-                  f"{summary['model_dir']}")
+            log.info("run %s completed: accuracy %.4f, epsilon max %s; model in %s", run_id,
+                     summary["final_accuracy"], eps if eps is None else round(eps, 3),
+                     summary["model_dir"])
         return 0
     except KeyboardInterrupt:
-        print("fedseal server: stopping (restart with the same config to resume)", file=sys.stderr)
+        log.warning("stopping (restart with the same config to resume)")
         return 130
     finally:
         server.close()
@@ -476,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return serve(settings, cfg)
     except (LaunchError, ProcessError) as exc:
-        print(f"fedseal server: error: {exc}", file=sys.stderr)
+        log.error("%s", exc)
         return 2
 
 
