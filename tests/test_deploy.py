@@ -162,8 +162,13 @@ def _ledger(root: Path, site: str) -> dict:
     return json.loads((root / "ledgers" / f"{site}.json").read_text())
 
 
-def test_tls_federation_survives_a_server_restart(federation):
-    """Two DP + SecAgg+ rounds over TLS; the server is killed after round 1 and resumes."""
+def test_tls_federation_survives_a_server_restart_and_a_dead_site(federation):
+    """One deployment's life: two DP + SecAgg+ rounds over TLS, the server killed after
+    round 1 and resumed, and one site killed in round 2 (SecAgg+ recovers without it).
+
+    One scenario rather than two tests: every deployment costs a SuperLink, three
+    SuperNodes and a round of start-up, and the suite has a time budget.
+    """
     root, port, procs = federation
     out = root / "out"
     procs.start("server-1", "server", "--config", str(root / "server.toml"))
@@ -194,21 +199,33 @@ def test_tls_federation_survives_a_server_restart(federation):
     assert _checkpoint_round(out) == 1
 
     procs.start("server-2", "server", "--config", str(root / "server.toml"))
-    assert procs.wait("server-2", 420) == 0, procs.output("server-2")[-4000:]
+    # The agents reconnect on their own. Kill one once it has trained round 2 and
+    # recorded the spend, after its reply (public keys) has had time to upload: a node
+    # killed in the middle of an upload leaves a half-stored reply that Flower 1.41
+    # only gives up on at the timeout.
+    victim, survivors = SITES[0], SITES[1:]
+    _wait_for(lambda: len(_ledger(root, victim)["entries"]) >= 2, 300,
+              f"{victim} to train round 2", procs, "server-2")
+    time.sleep(5)
+    procs.kill(victim)  # gone before share-keys: the SuperLink answers for it within ~60 s
+    assert procs.wait("server-2", 600) == 0, procs.output("server-2")[-4000:]
     assert "resuming after round 1" in procs.output("server-2")
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
     for row in rows:
-        assert row["private"] and row["secagg"]
-        assert sorted(row["contributors"]) == sorted(SITES)
-        assert set(row["epsilon"]) == set(SITES)
+        assert row["private"] and row["secagg"] and not row["abandoned"]
         assert all(0 < eps <= EPSILON for eps in row["epsilon"].values())
+    assert sorted(rows[0]["contributors"]) == sorted(SITES)
+    assert set(rows[0]["epsilon"]) == set(SITES)
+    # SecAgg+ recovered the survivors' sum without the victim (k=2, threshold 2 of 3).
+    assert sorted(rows[1]["contributors"]) == sorted(survivors)
+    assert list(rows[1]["failed"]) == [victim]  # named, though the SuperLink answered for it
     job = json.loads((out / "checkpoint" / "job.json").read_text())["job_id"]
     for site in SITES:
-        ledger = _ledger(root, site)
-        entries = ledger["entries"]
-        # Each round counted exactly once, across the restart, under one job.
+        entries = _ledger(root, site)["entries"]
+        # Each round counted exactly once, across the restart, under one job; the
+        # victim's round 2 too: it trained and reported before dying.
         assert [(e["run"], e["round"]) for e in entries] == [(job, 1), (job, 2)]
         assert entries[1]["steps"] == 2 * entries[0]["steps"] == 6
         assert entries[1]["epsilon"] == pytest.approx(rows[1]["epsilon"][site])
@@ -219,30 +236,3 @@ def test_tls_federation_survives_a_server_restart(federation):
     tok = AutoTokenizer.from_pretrained(out / "model")
     logits = model(**tok(["a great film", "a dull film"], return_tensors="pt", padding=True)).logits
     assert tuple(logits.shape) == (2, 2)
-
-
-def test_a_site_killed_mid_round_drops_out_and_the_run_finishes(federation):
-    """SIGKILL one SuperNode after it trained round 1: SecAgg+ recovers without it."""
-    root, port, procs = federation
-    out = root / "out"
-    procs.start("server", "server", "--config", str(root / "server.toml"))
-    # Agents started before the keys are admitted retry (see the restart test for a refusal).
-    for site in SITES:
-        procs.start(site, *_client_args(root, port, site))
-    victim = SITES[0]
-    _wait_for(lambda: (root / "ledgers" / f"{victim}.json").exists()
-              and _ledger(root, victim)["entries"], 300, f"{victim} to train round 1", procs, "server")
-    # Let its reply (public keys) finish uploading: a node killed in the middle of an
-    # upload leaves a half-stored reply that Flower 1.41 only gives up on at the timeout.
-    time.sleep(5)
-    procs.kill(victim)  # gone before share-keys: the SuperLink answers for it within ~60 s
-    assert procs.wait("server", 600) == 0, procs.output("server")[-4000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [1, 2]
-    first = rows[0]
-    # SecAgg+ recovered the survivors' sum without the victim (k=2, threshold 2 of 3).
-    assert not first["abandoned"] and sorted(first["contributors"]) == sorted(SITES[1:])
-    assert list(first["failed"]) == [victim]  # named, though the SuperLink answered for it
-    assert first["epsilon"][victim] <= EPSILON  # it trained and reported before dying
-    assert sorted(rows[1]["contributors"]) == sorted(SITES[1:])
-    assert (out / "model" / "config.json").exists()

@@ -104,7 +104,7 @@ def test_minilm_on_a_slice_of_sst2(sst2, tmp_path):
     dev_file = write_examples(dev.subset(range(0, 872, 3)), tmp_path / "dev.jsonl")
     out = tmp_path / "run"
     cfg = prepare_sites(FedConfig(train=str(train_file), eval=str(dev_file), clients=3, rounds=2,
-                                  local_steps=8, max_length=48, out=str(out)))
+                                  local_steps=4, max_length=32, accountant="rdp", out=str(out)))
     summary = run_federation(LocalGrid(3), cfg, run_id=RUN_ID)
     rows = _rows(out)
     assert [r["round"] for r in rows] == [1, 2]
