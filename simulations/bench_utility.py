@@ -41,7 +41,7 @@ import torch
 
 from common.batches import encode, evaluate, model_inputs
 from common.config import FedConfig
-from common.data import read_examples, write_examples
+from common.data import Examples, read_examples, write_examples
 from common.model import build_model, load_tokenizer, pick_device
 from common.privacy import plan_site
 from simulations.report import emit_report, setup_bench_logging
@@ -52,7 +52,8 @@ TARGETS = {"fed_dp_acc_min": 0.83, "dp_gap_max": 0.04, "dp_step_ratio_max": 1.25
 STEP_REPS = 7
 
 
-def _read_split(data: Path, name: str):
+def read_split(data: Path, name: str) -> Examples:
+    """``<data>/<name>.tsv`` in the GLUE layout; SystemExit naming the folder if it is absent."""
     path = data / f"{name}.tsv"
     if not path.exists():
         raise SystemExit(f"{path} not found: --data must be the SST-2 folder holding "
@@ -62,9 +63,9 @@ def _read_split(data: Path, name: str):
 
 def prepare(data: Path, work: Path, train_size: int, seed: int) -> tuple[Path, Path, int]:
     """Write a seeded random subset of SST-2 train; return it, the dev file and its size."""
-    train = _read_split(data, "train")
+    train = read_split(data, "train")
     dev = data / "dev.tsv"
-    _read_split(data, "dev")  # fail early on a broken dev file
+    read_split(data, "dev")  # fail early on a broken dev file
     size = min(train_size, len(train))
     idx = np.random.default_rng(seed).permutation(len(train))[:size]
     subset = write_examples(train.subset(sorted(int(i) for i in idx)), work / "train-subset.jsonl",
