@@ -12,12 +12,11 @@ Usage::
    features: what the classifier sees (``head_input``), the first token's state
    (``cls``) and the mean of the token states (``mean``). This is the most that
    training the head alone can reach.
-3. ``noise_sweep``: one site's dev accuracy after its planned number of local
-   DP-SGD steps (one round of the utility benchmark's DP arm, all rounds'
-   steps at once), at noise multiplier 0 (clipping only), at small multipliers,
-   and at the one its epsilon needs. Where accuracy falls between 0 and a
-   multiplier far below the planned one, noise, not clipping, is what stops
-   learning.
+3. ``noise_sweep``: one site's dev accuracy after all the DP-SGD steps it takes
+   in the utility benchmark's DP arm (25: 5 rounds x 5), taken in one go, at
+   noise multiplier 0 (clipping only), at small multipliers, and at the one its
+   epsilon needs. Where accuracy falls between 0 and a multiplier far below
+   the planned one, noise, not clipping, is what stops learning.
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ from torch import nn
 from common.batches import encode, evaluate, model_inputs
 from common.config import FedConfig
 from common.data import Examples
-from common.model import build_model, load_tokenizer
+from common.model import build_model, load_tokenizer, pick_device
 from common.privacy import plan_site
 from simulations.bench_utility import read_split
 from simulations.report import emit_report, setup_bench_logging
@@ -45,14 +44,14 @@ from simulations.report import emit_report, setup_bench_logging
 HEAD_NAMES = ("classifier", "score")
 
 
-def grad_norms(model: nn.Module, data, samples: int) -> dict[str, float]:
+def grad_norms(model: nn.Module, data, samples: int, device: torch.device) -> dict[str, float]:
     """Median per-sample gradient norm of the head, the other trainable parameters, and all."""
     model.train()
     parts: dict[str, list[float]] = {"head": [], "adapters": [], "total": []}
     for i in range(min(samples, len(data))):
         ids, mask, label = (t[i:i + 1] for t in data.tensors)
         model.zero_grad(set_to_none=True)
-        model(**model_inputs(model, ids, mask, torch.device("cpu")), labels=label).loss.backward()
+        model(**model_inputs(model, ids, mask, device), labels=label.to(device)).loss.backward()
         sq = {"head": 0.0, "adapters": 0.0}
         for name, p in model.named_parameters():
             if p.grad is not None:
@@ -66,7 +65,8 @@ def grad_norms(model: nn.Module, data, samples: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def features(model: nn.Module, data, batch_size: int = 128) -> dict[str, torch.Tensor]:
+def features(model: nn.Module, data, device: torch.device,
+             batch_size: int = 128) -> dict[str, torch.Tensor]:
     """Frozen features per example: the head's input, the first token's state, the token mean."""
     model.eval()
     head = next((m for n, m in model.named_modules() if n.split(".")[-1] in HEAD_NAMES), None)
@@ -76,14 +76,14 @@ def features(model: nn.Module, data, batch_size: int = 128) -> dict[str, torch.T
     try:
         for start in range(0, len(data), batch_size):
             ids, mask, _ = (t[start:start + batch_size] for t in data.tensors)
-            inputs = model_inputs(model, ids, mask, torch.device("cpu"))
+            inputs = model_inputs(model, ids, mask, device)
             states = model(**inputs, output_hidden_states=True).hidden_states[-1]
             keep = inputs["attention_mask"].unsqueeze(-1).to(states.dtype)
-            out["cls"].append(states[:, 0])
-            out["mean"].append((states * keep).sum(1) / keep.sum(1))
+            out["cls"].append(states[:, 0].cpu())
+            out["mean"].append(((states * keep).sum(1) / keep.sum(1)).cpu())
             if seen:
                 x = seen.pop()
-                out["head_input"].append(x[:, 0] if x.dim() == 3 else x)
+                out["head_input"].append((x[:, 0] if x.dim() == 3 else x).cpu())
     finally:
         if hook is not None:
             hook.remove()
@@ -111,7 +111,7 @@ def probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, dev_x: torch.Te
 
 
 def noise_sweep(cfg: FedConfig, train, dev, sigmas: Sequence[float], planned: float,
-                steps: int, num_labels: int) -> list[dict[str, float]]:
+                steps: int, num_labels: int, device: torch.device) -> list[dict[str, float]]:
     """Dev accuracy of one site after ``steps`` DP-SGD steps at each noise multiplier."""
     from client.trainer import train_local
 
@@ -122,9 +122,9 @@ def noise_sweep(cfg: FedConfig, train, dev, sigmas: Sequence[float], planned: fl
         model = build_model(cfg, cfg.labels)
         started = time.monotonic()
         train_local(model, train, cfg.replace(local_steps=steps),
-                    dataclasses.replace(plan, noise_multiplier=sigma), torch.device("cpu"))
+                    dataclasses.replace(plan, noise_multiplier=sigma), device)
         scores = evaluate(model, dev, batch_size=cfg.eval_batch_size, num_labels=num_labels,
-                          device=torch.device("cpu"))
+                          device=device)
         rows.append({"noise_multiplier": round(sigma, 4), "accuracy": round(scores["accuracy"], 4),
                      "seconds": round(time.monotonic() - started, 1)})
     return rows
@@ -166,10 +166,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     site = encoded(train_all, args.site_examples)
     dev = encode(tokenizer, dev_ex, cfg.max_length)
     num_labels = len(cfg.labels)
-    model = build_model(cfg, cfg.labels)
-    report: dict[str, Any] = {"grad_norms": grad_norms(model, site, samples=64)}
+    device = pick_device(cfg.device)
+    model = build_model(cfg, cfg.labels).to(device)
+    report: dict[str, Any] = {"grad_norms": grad_norms(model, site, samples=64, device=device)}
     probe_train = encoded(train_all, args.probe_examples)
-    train_f, dev_f = features(model, probe_train), features(model, dev)
+    train_f, dev_f = features(model, probe_train, device), features(model, dev, device)
     report["linear_probe"] = {
         name: round(probe_accuracy(train_f[name], probe_train.tensors[2], dev_f[name],
                                    dev.tensors[2], num_labels), 4)
@@ -179,10 +180,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     planned = plan_site(len(site), batch_size=cfg.batch_size, steps_per_round=args.steps, rounds=1,
                         epsilon=cfg.epsilon, delta=cfg.delta, accountant=cfg.accountant)
     report["noise_sweep"] = noise_sweep(cfg, site, dev, args.sigmas, planned.noise_multiplier,
-                                        args.steps, num_labels)
+                                        args.steps, num_labels, device)
     report["settings"] = {**{k: v for k, v in vars(args).items() if k not in ("data", "json")},
                           "epsilon": cfg.epsilon, "delta": cfg.delta, "accountant": cfg.accountant,
-                          "sample_rate": planned.sample_rate,
+                          "sample_rate": planned.sample_rate, "device": str(device),
                           "planned_noise_multiplier": round(planned.noise_multiplier, 4)}
     report["wall_seconds"] = round(time.monotonic() - started, 1)
     emit_report(report, args.json)

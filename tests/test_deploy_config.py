@@ -114,3 +114,72 @@ def test_node_config_reaches_the_client_app_intact(tmp_path):
     site = site_settings(parsed, FedConfig())
     assert (site.data_path, site.name, site.epsilon, site.delta) == (data, "alpha", 7.5, 1e-6)
     assert site.ledger_path == tmp_path / "ledger.json" and site.device == "cpu"
+
+
+def _issue(path, ca_key, ca_name, host: str, *, days_left: int):
+    """A server certificate for ``host`` signed by the CA, ``days_left`` from expiry."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=30))
+            .not_valid_after(now + dt.timedelta(days=days_left))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    cert_path, key_path = path.with_suffix(".pem"), path.with_suffix(".key")
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def _serve_once(tls: tuple | None) -> int:
+    """A one-connection server on 127.0.0.1: TLS with ``(cert, key)``, or plaintext bytes."""
+    import ssl
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def serve() -> None:
+        with listener:
+            conn, _ = listener.accept()
+            with conn:
+                if tls is None:
+                    conn.sendall(b"HTTP/1.1 400 plaintext here\r\n\r\n")
+                    return
+                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                ctx.load_cert_chain(*tls)
+                try:
+                    ctx.wrap_socket(conn, server_side=True).close()
+                except (ssl.SSLError, OSError):
+                    pass  # the client gave up on the handshake, as it should
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener.getsockname()[1]
+
+
+def test_agent_probe_names_each_tls_problem_of_a_real_server(tmp_path):
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test ca")])
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_cert = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+               .public_key(ca_key.public_key()).serial_number(1)
+               .not_valid_before(now - dt.timedelta(days=60)).not_valid_after(now + dt.timedelta(days=60))
+               .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+               .sign(ca_key, hashes.SHA256()))
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+
+    good = _issue(tmp_path / "good", ca_key, ca_name, "localhost", days_left=30)
+    probe_server("localhost", _serve_once(good), ca, wait=0)  # the control: no error
+    expired = _issue(tmp_path / "expired", ca_key, ca_name, "localhost", days_left=-1)
+    with pytest.raises(AgentError, match="server's certificate has expired"):
+        probe_server("localhost", _serve_once(expired), ca, wait=0)
+    elsewhere = _issue(tmp_path / "elsewhere", ca_key, ca_name, "fl.example.org", days_left=30)
+    with pytest.raises(AgentError, match="does not cover 'localhost'"):
+        probe_server("localhost", _serve_once(elsewhere), ca, wait=0)
+    with pytest.raises(AgentError, match="--insecure"):
+        probe_server("localhost", _serve_once(None), ca, wait=0)
