@@ -232,24 +232,29 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point: run the benchmark, write and print the JSON."""
-    parser = argparse.ArgumentParser(prog="python -m simulations.bench_utility",
-                                     description=__doc__.split("\n\n")[0])
+def add_site_arguments(parser: argparse.ArgumentParser) -> None:
+    """Data, output, model and one site's training settings, with this benchmark's defaults."""
     parser.add_argument("--data", type=Path, required=True, help="SST-2 folder (train.tsv, dev.tsv)")
     parser.add_argument("--json", type=Path, required=True, help="where to write the JSON")
     parser.add_argument("--model", default="default")
-    parser.add_argument("--train-size", type=int, default=16_000)
-    parser.add_argument("--sites", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--local-steps", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--max-grad-norm", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point: run the benchmark, write and print the JSON."""
+    parser = argparse.ArgumentParser(prog="python -m simulations.bench_utility",
+                                     description=__doc__.split("\n\n")[0])
+    add_site_arguments(parser)
+    parser.add_argument("--train-size", type=int, default=16_000)
+    parser.add_argument("--sites", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--local-steps", type=int, default=5)
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--delta", type=float, default=1e-5)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--arms", type=lambda v: set(v.split(",")), default={"central", "fed", "fed_dp"},
                         help="comma-separated subset of central,fed,fed_dp (default: all three)")
     parser.add_argument("--log-level", default="INFO")

@@ -26,7 +26,6 @@ import dataclasses
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -37,8 +36,8 @@ from common.batches import encode, evaluate, model_inputs
 from common.config import FedConfig
 from common.data import Examples
 from common.model import build_model, load_tokenizer, pick_device
-from common.privacy import plan_site
-from simulations.bench_utility import read_split
+from common.privacy import DPPlan, plan_site
+from simulations.bench_utility import add_site_arguments, read_split
 from simulations.report import emit_report, setup_bench_logging
 
 HEAD_NAMES = ("classifier", "score")
@@ -110,18 +109,16 @@ def probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, dev_x: torch.Te
         return float((linear((dev_x - mu) / sd).argmax(1) == dev_y).float().mean())
 
 
-def noise_sweep(cfg: FedConfig, train, dev, sigmas: Sequence[float], planned: float,
-                steps: int, num_labels: int, device: torch.device) -> list[dict[str, float]]:
-    """Dev accuracy of one site after ``steps`` DP-SGD steps at each noise multiplier."""
+def noise_sweep(cfg: FedConfig, train, dev, sigmas: Sequence[float], plan: DPPlan,
+                num_labels: int, device: torch.device) -> list[dict[str, float]]:
+    """Dev accuracy of one site after the plan's steps at each of ``sigmas`` and the plan's own."""
     from client.trainer import train_local
 
-    plan = plan_site(len(train), batch_size=cfg.batch_size, steps_per_round=steps, rounds=1,
-                     epsilon=cfg.epsilon, delta=cfg.delta, accountant=cfg.accountant)
     rows = []
-    for sigma in [*sigmas, planned]:
+    for sigma in [*sigmas, plan.noise_multiplier]:
         model = build_model(cfg, cfg.labels)
         started = time.monotonic()
-        train_local(model, train, cfg.replace(local_steps=steps),
+        train_local(model, train, cfg.replace(local_steps=plan.planned_steps),
                     dataclasses.replace(plan, noise_multiplier=sigma), device)
         scores = evaluate(model, dev, batch_size=cfg.eval_batch_size, num_labels=num_labels,
                           device=device)
@@ -134,20 +131,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: run the three measurements, write and print the JSON."""
     parser = argparse.ArgumentParser(prog="python -m simulations.diagnose_dp",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, required=True, help="SST-2 folder (train.tsv, dev.tsv)")
-    parser.add_argument("--json", type=Path, required=True, help="where to write the JSON")
-    parser.add_argument("--model", default="default")
+    add_site_arguments(parser)  # the utility benchmark's defaults, so both stay in step
     parser.add_argument("--site-examples", type=int, default=1600,
                         help="one site's share (the utility benchmark: 16,000 over 10 sites)")
     parser.add_argument("--probe-examples", type=int, default=4000)
     parser.add_argument("--steps", type=int, default=25, help="the DP arm's steps per site")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=5e-3)
-    parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--max-grad-norm", type=float, default=0.1)
     parser.add_argument("--sigmas", type=lambda v: [float(s) for s in v.split(",")],
                         default=[0.0, 0.01, 0.1], help="noise multipliers besides the planned one")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
     setup_bench_logging(args.log_level)
@@ -179,8 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["feature_std"] = {name: round(float(f.std(0).mean()), 4) for name, f in train_f.items()}
     planned = plan_site(len(site), batch_size=cfg.batch_size, steps_per_round=args.steps, rounds=1,
                         epsilon=cfg.epsilon, delta=cfg.delta, accountant=cfg.accountant)
-    report["noise_sweep"] = noise_sweep(cfg, site, dev, args.sigmas, planned.noise_multiplier,
-                                        args.steps, num_labels, device)
+    report["noise_sweep"] = noise_sweep(cfg, site, dev, args.sigmas, planned, num_labels, device)
     report["settings"] = {**{k: v for k, v in vars(args).items() if k not in ("data", "json")},
                           "epsilon": cfg.epsilon, "delta": cfg.delta, "accountant": cfg.accountant,
                           "sample_rate": planned.sample_rate, "device": str(device),

@@ -68,16 +68,19 @@ def test_keys_folder_problems_are_named(tmp_path):
         check_keys(ServerSettings(address="10.9.9.9:9093", keys=tmp_path / "keys"))
 
 
-def _expired_ca(path):
+def _ca(path, *, days_left: int):
+    """A self-signed CA certificate written to ``path``, ``days_left`` from expiry; (key, name)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "old ca")])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test ca")])
     now = dt.datetime.now(dt.timezone.utc)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
             .public_key(key.public_key()).serial_number(1)
-            .not_valid_before(now - dt.timedelta(days=30)).not_valid_after(now - dt.timedelta(days=1))
+            .not_valid_before(now - dt.timedelta(days=60))
+            .not_valid_after(now + dt.timedelta(days=days_left))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .sign(key, hashes.SHA256()))
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return path
+    return key, name
 
 
 def test_agent_checks_name_the_bad_input(tmp_path):
@@ -93,7 +96,8 @@ def test_agent_checks_name_the_bad_input(tmp_path):
     with pytest.raises(AgentError, match="not the .pub file"):
         check_files(data, key.with_suffix(".pub"), ca)
     with pytest.raises(AgentError, match="expired"):
-        check_files(data, key, _expired_ca(tmp_path / "old.pem"))
+        _ca(tmp_path / "old.pem", days_left=-1)
+        check_files(data, key, tmp_path / "old.pem")
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -162,16 +166,8 @@ def _serve_once(tls: tuple | None) -> int:
 
 
 def test_agent_probe_names_each_tls_problem_of_a_real_server(tmp_path):
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test ca")])
-    now = dt.datetime.now(dt.timezone.utc)
-    ca_cert = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-               .public_key(ca_key.public_key()).serial_number(1)
-               .not_valid_before(now - dt.timedelta(days=60)).not_valid_after(now + dt.timedelta(days=60))
-               .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-               .sign(ca_key, hashes.SHA256()))
     ca = tmp_path / "ca.pem"
-    ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    ca_key, ca_name = _ca(ca, days_left=60)
 
     good = _issue(tmp_path / "good", ca_key, ca_name, "localhost", days_left=30)
     probe_server("localhost", _serve_once(good), ca, wait=0)  # the control: no error
