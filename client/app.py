@@ -2,24 +2,29 @@
 
 One round, seen from a site:
 
-1. ``train``: load the server's global trainable weights into the local model,
-   run DP-SGD on the site's own file, record the epsilon this round spends in
-   the site's ledger (:mod:`client.ledger`) *before* anything leaves the site,
-   and reply with the weighted update ``w * (local - global)`` and ``w`` (plain
-   path), or, with secure aggregation, keep the encoded update and reply with
-   fresh public keys. A site that cannot or may not train (budget exhausted,
-   ledger tampered with, data or model not matching the run) replies with a
-   refusal and its reason instead; the server logs it and goes on.
+1. ``train``: first check the run against the site's own policy
+   (:mod:`client.policy`: DP, secure aggregation, cohort, SecAgg+ k and t,
+   update clip; refused before anything else happens), then load the
+   server's global trainable weights into the local model, run DP-SGD on the
+   site's own file, commit the epsilon this round spends to the site's ledger
+   (:mod:`client.spend`), and build the reply from that committed round
+   (:mod:`client.reply`): fresh public keys with secure aggregation (the
+   encoded update stays here), or the weighted update ``w * (local - global)``
+   and ``w`` on the plain path. A site that cannot or may not train replies
+   with a refusal and its reason; the server logs it and goes on.
 2. ``train.secagg_*``: the later SecAgg+ stages (:mod:`client.secagg`): share
-   keys, send the masked update, help unmask.
-3. ``evaluate`` (optional): accuracy and loss of the global weights on the site's data.
+   keys, send the masked update, help unmask. Just before the masked update
+   leaves, the site forgets the round's pending update (:mod:`client.pending`).
+3. ``evaluate``: refused unless the site turned federated evaluation on;
+   then accuracy and loss of a global model this site trained on in this run.
 
-A round the server asks for again (it crashed before completing it) is
-answered with the update already computed (:mod:`client.resend`), so it is
-counted once in the ledger.
+A round the server asks for again (it crashed in between) is answered with the
+pending update if it never left the site, and otherwise trained afresh with
+new, recorded spend (or refused when the budget cannot cover it): never with
+the same update twice.
 
 The configuration of the run arrives with every message from the server; the
-site's own settings (data, budget, ledger) come from its node config
+site's own settings (data, budget, ledger, policy) come from its node config
 (:mod:`client.site`).
 """
 
@@ -30,18 +35,21 @@ import time
 from typing import TYPE_CHECKING
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from client import secagg
 from client.ledger import LedgerError, PrivacyLedger
-from client.resend import SavedUpdate, load_update, resend_path, save_update
-from client.site import SiteSettings, site_settings
+from client.pending import PendingUpdate, held, hold, pending_path, release
+from client.policy import check_evaluate, check_train
+from client.reply import Refusal, evaluate_reply, refusal, train_reply
+from client.site import SiteSettings, ledger_path, site_name, site_settings
+from client.spend import commit_round, other_jobs_epsilon, steps_done
 from common import secagg_wire
 from common.config import ConfigError, FedConfig
 from common.data import DataError, Examples, read_examples
-from common.records import (JOB_KEY, ROUND_KEY, RecordError, flatten, record_to_config,
-                            record_to_state, state_digest, state_to_record, to_numpy_state)
+from common.records import (JOB_KEY, ROUND_KEY, RecordError, record_to_config, record_to_state,
+                            state_digest, to_numpy_state)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -49,31 +57,23 @@ if TYPE_CHECKING:
     from common.privacy import DPPlan
 
 # torch, transformers and opacus are imported inside the handlers that train or
-# evaluate: each message starts a fresh ClientApp process in a deployment, and
-# the secure-aggregation stages need none of them.
+# evaluate: the secure-aggregation stages need none of them.
 
 log = logging.getLogger(__name__)
 
-PROGRESS = "fedseal.progress"  # context.state record: DP steps taken so far
 PLAN = "fedseal.plan"  # context.state record: the run's calibrated DP plan
+TRAINED = "fedseal.trained-globals"  # context.state record: digests of global weights trained on
 
 app = ClientApp()
 
 
-class Refusal(Exception):
-    """The site declines this round; the reason goes back to the server."""
-
-
-def _load(msg: Message, context: Context) -> tuple[FedConfig, SiteSettings, Examples]:
-    cfg = record_to_config(msg.content["config"])
-    site = site_settings(context.node_config, cfg)
+def _examples(cfg: FedConfig, site: SiteSettings) -> Examples:
     try:
-        examples = read_examples(site.data_path, text_column=cfg.text_column,
-                                 label_column=cfg.label_column, label_names=cfg.labels)
+        return read_examples(site.data_path, text_column=cfg.text_column,
+                             label_column=cfg.label_column, label_names=cfg.labels)
     except DataError as exc:
         raise Refusal(f"the site's data does not fit this run ({exc}); the server's labels are "
                       f"{list(cfg.labels)}, its columns {cfg.text_column!r}/{cfg.label_column!r}") from None
-    return cfg, site, examples
 
 
 def _global_model(msg: Message, cfg: FedConfig) -> tuple["nn.Module", object, dict[str, np.ndarray]]:
@@ -92,38 +92,29 @@ def _global_model(msg: Message, cfg: FedConfig) -> tuple["nn.Module", object, di
     return model, tokenizer, global_state
 
 
-def _steps_done(context: Context) -> int:
-    if PROGRESS in context.state:
-        return int(context.state[PROGRESS]["steps"])
-    return 0
-
-
-def _refuse(msg: Message, site_name: str, reason: str) -> Message:
-    log.warning("site %s refuses to train: %s", site_name, reason)
-    return Message(RecordDict({"status": ConfigRecord({"site": site_name, "refused": reason})}),
-                   reply_to=msg)
-
-
 def _deployment_logging(context: Context) -> None:
-    """At a real site, show this app's log lines in the SuperNode's output."""
+    """At a real site, show this app's log lines in the agent's output."""
     if "data-path" in context.node_config:
         from common.cli_args import setup_logging
 
         setup_logging()
 
 
-def _site_name(context: Context) -> str:
-    return str(context.node_config.get("site-name", context.node_id))
+def _open_ledger(site: SiteSettings) -> PrivacyLedger | None:
+    if site.ledger_path is None:
+        return None
+    return PrivacyLedger.open(site.ledger_path, site.name, site.epsilon, site.delta,
+                              key_path=site.ledger_key)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train locally with DP-SGD and reply with the weighted update (or refuse, saying why)."""
+    """Train locally with DP-SGD and reply from the committed round (or refuse, saying why)."""
     _deployment_logging(context)
     try:
         return _train(msg, context)
     except (Refusal, LedgerError, DataError, ConfigError) as exc:
-        return _refuse(msg, _site_name(context), str(exc))
+        return refusal(msg, site_name(context.node_config, context.node_id), str(exc))
 
 
 def _calibrated(context: Context, cfg: FedConfig, n: int, budget: float, delta: float) -> "DPPlan":
@@ -152,7 +143,7 @@ def _plan(context: Context, cfg: FedConfig, site: SiteSettings, n: int,
     """This job's DP plan and the epsilon other jobs already spent on this site's data."""
     from common.privacy import PrivacyError, epsilon_spent
 
-    other = _other(ledger, job) if ledger else 0.0
+    other = other_jobs_epsilon(ledger, job)
     budget = site.epsilon - other
     if budget <= 0:
         raise Refusal(f"earlier runs spent epsilon {other:.3f} of the site's budget "
@@ -183,92 +174,107 @@ def _train(msg: Message, context: Context) -> Message:
     from common.privacy import epsilon_spent
 
     started = time.monotonic()
-    cfg, site, examples = _load(msg, context)
+    cfg = record_to_config(msg.content["config"])
+    site = site_settings(context.node_config, cfg)
+    check_train(site.policy, cfg, msg.content.config_records.get("secagg"))
+    examples = _examples(cfg, site)
     job = str(msg.content["config"].get(JOB_KEY, context.run_id))
     server_round = int(msg.content["config"].get(ROUND_KEY, 0))
-    ledger = (PrivacyLedger.open(site.ledger_path, site.name, site.epsilon, site.delta)
-              if cfg.dp and site.ledger_path else None)
+    ledger = _open_ledger(site) if cfg.dp else None
     model, tokenizer, global_state = _global_model(msg, cfg)
     digest = state_digest(global_state)
     weight = (min(len(examples), cfg.max_site_examples) / cfg.max_site_examples
               if cfg.weighting == "examples" else 1.0)
-    saved = load_update(resend_path(ledger.path), job, server_round, digest) if ledger else None
-    plan: DPPlan | None = None
-    other = 0.0
-    if saved is not None:
-        # The server asks again for a round this site already trained: answer with
-        # the same update (no new spend) and make sure the ledger holds it.
-        log.info("site %s: round %d of job %s was trained before; resending that update",
-                 site.name, server_round, job)
-        ledger.record(job, server_round, saved.steps, saved.epsilon,
-                      noise_multiplier=saved.noise_multiplier, sample_rate=saved.sample_rate)
-        update, steps, loss = saved.update, saved.steps, float("nan")
-        epsilon = _other(ledger, job) + saved.epsilon
-        noise_multiplier = saved.noise_multiplier
+    pending_file = pending_path(ledger.path) if ledger is not None and cfg.secagg else None
+    pending = held(pending_file, job, server_round, digest) if pending_file else None
+    if pending is not None and set(pending.update) != set(global_state):
+        pending = None  # not an update of this model: train afresh
+    if pending is not None:
+        # The server asks again for a round whose update never left this site:
+        # answer with it under fresh keys and masks (no new spend).
+        log.info("site %s: round %d of job %s was trained before and never sent; answering "
+                 "with that update", site.name, server_round, job)
+        committed = commit_round(site.name, ledger, context, job, server_round, pending.steps,
+                                 pending.epsilon, noise_multiplier=pending.noise_multiplier,
+                                 sample_rate=pending.sample_rate)
+        update, loss = {k: pending.update[k] for k in global_state}, float("nan")
     else:
-        done = ledger.steps_done(job) if ledger else _steps_done(context)
-        if cfg.dp:
-            plan, other = _plan(context, cfg, site, len(examples), ledger, job, done)
+        done = steps_done(ledger, context, job)
+        try:
+            plan = _plan(context, cfg, site, len(examples), ledger, job, done)[0] if cfg.dp else None
+        except Refusal as exc:
+            if ledger is not None and ledger.has_round(job, server_round):
+                raise Refusal(f"round {server_round} of job {job} was trained before and its "
+                              "update has left this site, so it is never sent again; training "
+                              f"it afresh is refused: {exc}") from None
+            raise
         device = pick_device(site.device)
         result = train_local(model, encode(tokenizer, examples, cfg.max_length), cfg, plan, device)
-        steps = done + result.steps
-        loss = result.mean_loss
-        context.state[PROGRESS] = MetricRecord({"steps": steps})
-        job_epsilon = (epsilon_spent(plan.noise_multiplier, plan.sample_rate, steps, site.delta,
-                                     plan.accountant) if plan else float("inf"))
-        epsilon = other + job_epsilon
-        noise_multiplier = plan.noise_multiplier if plan else 0.0
+        steps, loss = done + result.steps, result.mean_loss
         local_state = to_numpy_state(trainable_state(model))
         update = {k: weight * (local_state[k] - global_state[k]) for k in global_state}
-        if ledger is not None:
-            # Spend is recorded before anything trained leaves this function.
-            save_update(resend_path(ledger.path), SavedUpdate(job, server_round, digest, update,
-                                                              weight, steps, job_epsilon,
-                                                              plan.noise_multiplier,
-                                                              plan.sample_rate))
-            ledger.record(job, server_round, steps, job_epsilon,
-                          noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
+        job_epsilon = (epsilon_spent(plan.noise_multiplier, plan.sample_rate, steps, site.delta,
+                                     plan.accountant) if plan else None)
+        noise, rate = (plan.noise_multiplier, plan.sample_rate) if plan else (0.0, 0.0)
+        if pending_file is not None:
+            hold(pending_file, PendingUpdate(job, server_round, digest, update, weight, steps,
+                                             job_epsilon, noise, rate))
+        committed = commit_round(site.name, ledger, context, job, server_round, steps,
+                                 job_epsilon, noise_multiplier=noise, sample_rate=rate)
     if not all(np.isfinite(v).all() for v in update.values()):
         raise Refusal("local training diverged (NaN/inf in the update); lower --lr or "
                       "--max-grad-norm")
-    log.info("site %s: round %d, %d steps in this run, loss %.4f, epsilon %.3f / %s, %.1fs",
-             site.name, server_round, steps, loss, epsilon,
-             site.epsilon if cfg.dp else "inf (no DP)", time.monotonic() - started)
-    status = ConfigRecord({"site": site.name, "private": cfg.dp})
-    metrics = {"epsilon": epsilon if cfg.dp else -1.0, "steps": steps,
-               "noise-multiplier": noise_multiplier}
-    if cfg.secagg:
-        # Only public keys leave now; the update leaves masked, in stage 2. The
-        # weight and the training loss stay private to the site.
-        keys = secagg.begin_round(msg, context, cfg, flatten(update), weight)
-        return Message(RecordDict({"secagg": keys, "metrics": MetricRecord(metrics),
-                                   "status": status}), reply_to=msg)
-    metrics.update({"weight": weight, "train-loss": loss})
-    return Message(RecordDict({"update": state_to_record(update), "metrics": MetricRecord(metrics),
-                               "status": status}), reply_to=msg)
-
-
-def _other(ledger: PrivacyLedger, job: str) -> float:
-    """Epsilon other jobs spent on this site's data (sequential composition)."""
-    return ledger.epsilon_spent() - ledger.epsilon_spent(job)
+    trained = dict(context.state[TRAINED].items()) if TRAINED in context.state else {}
+    context.state[TRAINED] = ConfigRecord({**trained, digest: server_round})
+    log.info("site %s: round %d, %d steps in this run, loss %.4f, epsilon %s / %s, %.1fs",
+             site.name, server_round, committed.steps, loss,
+             f"{committed.epsilon:.3f}" if committed.private else "inf (no DP)", site.epsilon,
+             time.monotonic() - started)
+    return train_reply(msg, context, cfg, committed, update, weight, loss)
 
 
 app.train(secagg_wire.SHARE_KEYS)(secagg.share_keys)
-app.train(secagg_wire.MASKED_INPUT)(secagg.masked_input)
+
+
+@app.train(secagg_wire.MASKED_INPUT)
+def masked_input(msg: Message, context: Context) -> Message:
+    """SecAgg+ stage 2: forget the pending update durably, then send it masked."""
+    ledger = ledger_path(context.node_config)
+    if ledger is not None:
+        release(pending_path(ledger))
+    return secagg.masked_input(msg, context)
+
+
 app.train(secagg_wire.UNMASK)(secagg.unmask)
 
 
 @app.evaluate()
 def evaluate_site(msg: Message, context: Context) -> Message:
-    """Evaluate the global weights on the site's own data (not differentially private)."""
-    from common.batches import encode, evaluate
-    from common.model import pick_device
+    """Score a global model this site trained on, if the site allows federated evaluation.
 
-    cfg, site, examples = _load(msg, context)
-    device = pick_device(site.device)
-    model, tokenizer, _ = _global_model(msg, cfg)
-    model.to(device)
-    scores = evaluate(model, encode(tokenizer, examples, cfg.max_length),
-                      batch_size=cfg.eval_batch_size, num_labels=len(cfg.labels), device=device)
-    return Message(RecordDict({"metrics": MetricRecord({**scores, "num-examples": len(examples)}),
-                               "status": ConfigRecord({"site": site.name})}), reply_to=msg)
+    Refused unless the site's policy has ``federated-eval = on``; then only
+    weights whose digest matches the global weights of a ``train`` message
+    this site answered in this run are scored, and only accuracy and loss
+    return (not differentially private: see the README's threat model).
+    """
+    _deployment_logging(context)
+    try:
+        from common.batches import encode, evaluate
+        from common.model import pick_device
+
+        cfg = record_to_config(msg.content["config"])
+        site = site_settings(context.node_config, cfg)
+        check_evaluate(site.policy)
+        examples = _examples(cfg, site)
+        model, tokenizer, global_state = _global_model(msg, cfg)
+        trained = context.state[TRAINED] if TRAINED in context.state else {}
+        if state_digest(global_state) not in trained:
+            raise Refusal("these weights are not a global model this site trained on in this "
+                          "run; a site scores only those")
+        device = pick_device(site.device)
+        model.to(device)
+        scores = evaluate(model, encode(tokenizer, examples, cfg.max_length),
+                          batch_size=cfg.eval_batch_size, num_labels=len(cfg.labels), device=device)
+        return evaluate_reply(msg, site.name, scores)
+    except (Refusal, DataError, ConfigError) as exc:
+        return refusal(msg, site_name(context.node_config, context.node_id), str(exc))

@@ -5,6 +5,8 @@ In a deployment these come from the SuperNode's node config, written by
 
 ``data-path``, ``site-name``, ``epsilon``, ``delta``, ``ledger-path``, ``device``
     the site's data file, name, total budget, ledger and device;
+``ledger-key``
+    the site's ledger key, kept apart from the ledger (:mod:`client.ledger_seal`);
 ``identity-key``
     the site's own private key (OpenSSH, made at the site); it authenticates
     the SuperNode and signs what the site says in secure aggregation;
@@ -17,7 +19,8 @@ In a deployment these come from the SuperNode's node config, written by
 
 In a simulation every virtual site reads the file the simulation wrote for its
 partition, and its keys and roster from the same folder; the simulation's user
-plays every site, so the run's own settings are the sites' policy there.
+plays every site, so the run's own settings are the sites' policy there
+(:meth:`SitePolicy.of_run`).
 """
 
 from __future__ import annotations
@@ -42,8 +45,9 @@ class SitePolicy:
     require_secagg : bool
         Send updates only masked by secure aggregation.
     min_cohort : int
-        Fewest sites a round may have for this site to take part (a sum over
-        fewer sites says too much about each).
+        Fewest sites a secure round may have for this site to take part (a
+        sum over fewer sites says too much about each); the run's
+        ``clients`` and ``min-clients`` must reach it too. Never below 2.
     min_secagg_k : int
         Fewest SecAgg+ neighbours this site accepts.
     min_secagg_threshold : int
@@ -75,6 +79,13 @@ class SitePolicy:
             raise ConfigError(f"federated-eval must be one of {', '.join(FEDERATED_EVAL_MODES)}, "
                               f"got {self.federated_eval!r}")
 
+    @classmethod
+    def of_run(cls, cfg: FedConfig) -> "SitePolicy":
+        """A simulated site's policy: the run's own settings (its user plays every site)."""
+        return cls(require_dp=cfg.dp, require_secagg=cfg.secagg, min_cohort=2, min_secagg_k=1,
+                   min_secagg_threshold=2, max_update_clip=cfg.update_clip,
+                   federated_eval="on" if cfg.federated_eval else "off")
+
 
 @dataclass(frozen=True)
 class SiteSettings:
@@ -87,6 +98,7 @@ class SiteSettings:
     device: str
     ledger_path: Path | None
     policy: SitePolicy = field(default_factory=SitePolicy)
+    ledger_key: Path | None = None
     identity_key: Path | None = None
     peers: Path | None = None
 
@@ -94,6 +106,23 @@ class SiteSettings:
 def simulation_site_file(out_dir: str | Path, partition_id: int) -> Path:
     """Where the simulation writes partition ``partition_id``'s data file."""
     return Path(out_dir) / "sites" / f"site-{partition_id}.jsonl"
+
+
+def site_name(node_config: Mapping[str, object], node_id: int | None = None) -> str:
+    """The site's name: the node config's ``site-name``, else its data file's or partition's."""
+    if "site-name" in node_config:
+        return str(node_config["site-name"])
+    if "data-path" in node_config:
+        return Path(str(node_config["data-path"])).stem
+    if "partition-id" in node_config:
+        return f"site-{node_config['partition-id']}"
+    return str(node_id) if node_id is not None else "unnamed site"
+
+
+def ledger_path(node_config: Mapping[str, object]) -> Path | None:
+    """The site's ledger file (node config ``ledger-path``), if it keeps one."""
+    value = node_config.get("ledger-path")
+    return Path(str(value)) if value else None
 
 
 def _policy(node_config: Mapping[str, object]) -> SitePolicy:
@@ -111,6 +140,8 @@ def _policy(node_config: Mapping[str, object]) -> SitePolicy:
                     raise ValueError(raw)
                 values[name] = raw
             elif isinstance(default, int):
+                if isinstance(raw, bool) or float(raw) != int(raw):  # type: ignore[arg-type]
+                    raise ValueError(raw)
                 values[name] = int(raw)  # type: ignore[arg-type]
             elif isinstance(default, float):
                 values[name] = float(raw)  # type: ignore[arg-type]
@@ -126,11 +157,10 @@ def site_settings(node_config: Mapping[str, object], cfg: FedConfig) -> SiteSett
     """Resolve a site's own settings from its node config (deployment) or partition id."""
     if "data-path" in node_config:
         data_path = Path(str(node_config["data-path"]))
-        name = str(node_config.get("site-name", data_path.stem))
+        policy = _policy(node_config)
     elif "partition-id" in node_config:
-        pid = int(node_config["partition-id"])
-        data_path = simulation_site_file(cfg.out, pid)
-        name = f"site-{pid}"
+        data_path = simulation_site_file(cfg.out, int(node_config["partition-id"]))
+        policy = SitePolicy.of_run(cfg)
     else:
         raise ConfigError(
             "this client agent has no data: start it with --data FILE "
@@ -143,17 +173,22 @@ def site_settings(node_config: Mapping[str, object], cfg: FedConfig) -> SiteSett
         raise ConfigError("the site's epsilon and delta must be numbers") from None
     if epsilon <= 0 or not 0 < delta < 1:
         raise ConfigError(f"site budget epsilon={epsilon}, delta={delta} is invalid")
-    ledger = node_config.get("ledger-path")
+    ledger = ledger_path(node_config)
+    ledger_key = node_config.get("ledger-key")
+    if ledger and not ledger_key:
+        raise ConfigError("the site's node config has a ledger-path but no ledger-key: start "
+                          "the agent with --ledger-key FILE (kept apart from the ledger)")
     identity = node_config.get("identity-key")
     peers = node_config.get("peers")
     return SiteSettings(
-        name=name,
+        name=site_name(node_config),
         data_path=data_path,
         epsilon=epsilon,
         delta=delta,
         device=str(node_config.get("device", cfg.device)),
-        ledger_path=Path(str(ledger)) if ledger else None,
-        policy=_policy(node_config),
+        ledger_path=ledger,
+        policy=policy,
+        ledger_key=Path(str(ledger_key)) if ledger_key else None,
         identity_key=Path(str(identity)) if identity else None,
         peers=Path(str(peers)) if peers else None,
     )

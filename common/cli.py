@@ -14,9 +14,10 @@ from common.config import ConfigError
 
 COMMANDS = {
     "simulate": ("simulations.simulate", "run the whole federation on this machine"),
-    "keys": ("server.keys_cli", "create the CA, server certificate and site keys for a deployment"),
+    "keys": ("server.keys_cli", "create the federation's certificates (server) or a site's key (site)"),
     "server": ("server.launch", "run the aggregation server (SuperLink) and one federated run"),
     "client": ("client.agent", "run the client agent (SuperNode) at a data site"),
+    "ledger": ("client.ledger_cli", "show a site's privacy ledger, or recover it deliberately"),
 }
 
 

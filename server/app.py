@@ -241,20 +241,24 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
 
 
 def federated_evaluate(grid: Grid, nodes: list[int], weights, cfg: FedConfig) -> dict:
-    """Ask sites to score the global weights on their own data; example-weighted mean."""
+    """Ask sites to score the global weights on their own data; the mean over sites that answer.
+
+    Sites answer only if they turned federated evaluation on, and then with
+    accuracy and loss alone (no example count); refusals are logged.
+    """
     content = RecordDict({"global": state_to_record(weights), "config": config_to_record(cfg)})
     replies, _ = send(grid, nodes, content, "evaluate", cfg.timeout)
-    totals, count = {"accuracy": 0.0, "loss": 0.0}, 0
+    scores = []
     for reply in replies:
-        if reply.has_error():
-            log.warning("federated evaluation failed at site %s", site_of(reply))
+        status = (reply.content["status"] if reply.has_content()
+                  and "status" in reply.content.config_records else {})
+        if reply.has_error() or "refused" in status or "metrics" not in reply.content.metric_records:
+            log.warning("site %s gave no federated evaluation: %s", site_of(reply),
+                        status.get("refused") or (reply.error.reason if reply.has_error() else "no metrics"))
             continue
-        m = reply.content["metrics"]
-        n = int(m["num-examples"])
-        for k in totals:
-            totals[k] += float(m[k]) * n
-        count += n
-    return {k: v / count for k, v in totals.items()} if count else {}
+        scores.append(reply.content["metrics"])
+    return ({k: float(np.mean([float(m[k]) for m in scores])) for k in ("accuracy", "loss")}
+            if scores else {})
 
 
 def make_server_app(cfg: FedConfig | None = None) -> ServerApp:

@@ -1,7 +1,8 @@
-"""The ClientApp with a site's ledger: spend recorded once, refusals with reasons, resume.
+"""The ClientApp with a site's ledger and policy: spend recorded once, never the same update
+twice, refusals with reasons (named in the server's metrics), resume.
 
 Real ClientApp and ServerApp over the in-process grid, tiny BERT, site node
-configs as a deployed agent sets them (data path, ledger path, budget).
+configs as a deployed agent sets them (data path, ledger path and key, budget, policy).
 """
 
 from __future__ import annotations
@@ -10,16 +11,17 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 
 from client.ledger import PrivacyLedger
-from client.resend import resend_path
+from client.pending import pending_path, release
 from common import synthetic
 from common.config import FedConfig
 from common.data import Examples, write_examples
 from common.model import build_model, trainable_state
 from common.records import (JOB_KEY, ROUND_KEY, config_to_record, record_to_state,
                             state_to_record, to_numpy_state)
+from common.secagg_wire import pack_ids
 from server.app import run_federation
 from server.checkpoint import CheckpointError
 from simulations.local_grid import RUN_ID, LocalGrid
@@ -34,17 +36,27 @@ def site(tmp_path, tiny_bert):
     cfg = FedConfig(model=tiny_bert, finetune="full", labels=LABELS, clients=1, min_clients=1,
                     rounds=2, local_steps=2, batch_size=16, max_length=16, secagg=False,
                     eval=str(tmp_path / "eval.jsonl"), out=str(tmp_path / "out"))
+    (tmp_path / "secrets").mkdir()
     node = {"data-path": str(data), "site-name": "alpha", "epsilon": 8.0, "delta": 1e-5,
-            "ledger-path": str(tmp_path / "ledger.json"), "device": "cpu"}
+            "ledger-path": str(tmp_path / "ledger.json"), "device": "cpu",
+            "ledger-key": str(tmp_path / "secrets" / "ledger.key"),
+            "require-secagg": False}  # this site allows plain rounds; its policy says so
     return cfg, node, tmp_path
 
 
+def _ledger(tmp) -> PrivacyLedger:
+    return PrivacyLedger.open(tmp / "ledger.json", "alpha", 8.0, 1e-5,
+                              key_path=tmp / "secrets" / "ledger.key")
+
+
 def _train(grid: LocalGrid, cfg: FedConfig, server_round: int, job: str = "job-1",
-           weights=None) -> Message:
+           weights=None, secagg: dict | None = None) -> Message:
     if weights is None:
         weights = to_numpy_state(trainable_state(build_model(cfg, cfg.labels)))
     content = RecordDict({"global": state_to_record(weights),
                           "config": config_to_record(cfg, **{ROUND_KEY: server_round, JOB_KEY: job})})
+    if secagg is not None:
+        content["secagg"] = ConfigRecord(secagg)
     msg = Message(content, dst_node_id=grid.nodes[0], message_type="train")
     [reply] = grid.send_and_receive([msg])
     return reply
@@ -55,31 +67,55 @@ def _refusal(reply: Message) -> str:
     return str(reply.content["status"].get("refused", ""))
 
 
-def test_spend_is_recorded_and_a_repeated_round_is_resent_not_retrained(site):
+def test_spend_is_recorded_and_a_repeated_plain_round_is_trained_afresh(site):
     cfg, node, tmp = site
     grid = LocalGrid(1, node_configs=[node])
     first = _train(grid, cfg, 1)
     assert _refusal(first) == ""
-    ledger = PrivacyLedger.open(tmp / "ledger.json", "alpha", 8.0, 1e-5)
-    [entry] = ledger.entries
+    [entry] = _ledger(tmp).entries
     assert (entry.run, entry.round, entry.steps) == ("job-1", 1, 2)
     assert entry.epsilon == pytest.approx(float(first.content["metrics"]["epsilon"]))
-    assert resend_path(tmp / "ledger.json").exists()
+    assert not pending_path(tmp / "ledger.json").exists()  # a plain update left at once
 
-    # The server crashed before completing round 1 and asks again, same weights:
-    # same update, nothing new in the ledger (a fresh agent: empty Context.state).
+    # The server crashed before completing round 1 and asks again, same weights: the
+    # update already left, so it is never sent again; the site trains afresh, and the
+    # extra spend is recorded (a fresh agent: empty Context.state).
     again = _train(LocalGrid(1, node_configs=[node]), cfg, 1)
     assert _refusal(again) == ""
     one = record_to_state(first.content["update"])
     two = record_to_state(again.content["update"])
-    assert all(np.array_equal(one[k], two[k]) for k in one)
-    assert len(PrivacyLedger.open(tmp / "ledger.json", "alpha", 8.0, 1e-5).entries) == 1
+    assert not all(np.array_equal(one[k], two[k]) for k in one)
+    assert [(e.round, e.steps) for e in _ledger(tmp).entries] == [(1, 2), (1, 4)]
 
-    # Round 2 continues from the ledger's steps, not from zero.
-    second = _train(LocalGrid(1, node_configs=[node]), cfg, 2)
-    assert int(second.content["metrics"]["steps"]) == 4
-    eps = [e.epsilon for e in PrivacyLedger.open(tmp / "ledger.json", "alpha", 8.0, 1e-5).entries]
-    assert eps[0] < eps[1] <= 8.0
+    # Round 2 continues from the ledger's steps; it would exceed the plan: refused,
+    # saying that the round was trained before and is never sent again.
+    assert "over the site's budget" in _refusal(_train(LocalGrid(1, node_configs=[node]), cfg, 2))
+    reason = _refusal(_train(LocalGrid(1, node_configs=[node]), cfg, 1))
+    assert "trained before" in reason and "never sent again" in reason
+
+
+def test_a_secure_round_asked_again_reuses_the_update_only_while_it_never_left(site):
+    cfg, node, tmp = site
+    cfg = cfg.replace(secagg=True, clients=2, min_clients=2)
+    node = {**node, "require-secagg": True, "min-cohort": 2, "min-secagg-k": 1}
+    grid = LocalGrid(1, node_configs=[node])
+    params = {"nodes": pack_ids([grid.nodes[0], grid.nodes[0] + 1]), "k": 1, "threshold": 2,
+              "round": 1}
+    weights = to_numpy_state(trainable_state(build_model(cfg, cfg.labels)))
+    assert _refusal(_train(grid, cfg, 1, weights=weights, secagg=params)) == ""
+    x1 = grid.contexts[grid.nodes[0]].state["fedseal.secagg.input"]["x"].numpy().copy()
+    assert pending_path(tmp / "ledger.json").exists()
+    # Asked again before any masked input left: the same encoded update, no new spend.
+    fresh = LocalGrid(1, node_configs=[node])
+    assert _refusal(_train(fresh, cfg, 1, weights=weights, secagg=params)) == ""
+    x2 = fresh.contexts[fresh.nodes[0]].state["fedseal.secagg.input"]["x"].numpy()
+    assert np.array_equal(x1, x2) and len(_ledger(tmp).entries) == 1
+    # Once it left (the masked-input stage releases it), asking again trains afresh.
+    release(pending_path(tmp / "ledger.json"))
+    fresh = LocalGrid(1, node_configs=[node])
+    assert _refusal(_train(fresh, cfg, 1, weights=weights, secagg=params)) == ""
+    assert not np.array_equal(x1, fresh.contexts[fresh.nodes[0]].state["fedseal.secagg.input"]["x"].numpy())
+    assert [e.steps for e in _ledger(tmp).entries] == [2, 4]
 
 
 def test_a_third_round_beyond_the_plan_is_refused(site):
@@ -114,7 +150,8 @@ def test_unknown_label_and_foreign_model_are_refused_with_reasons(site, tmp_path
     cfg, node, tmp = site
     odd = Examples(["a fine film"] * 20, [0] * 20, ("meh",), "odd")
     node_bad = {**node, "data-path": str(write_examples(odd, tmp / "odd.jsonl")),
-                "ledger-path": str(tmp / "other-ledger.json")}
+                "ledger-path": str(tmp / "other-ledger.json"),
+                "ledger-key": str(tmp / "secrets" / "other.key")}
     reason = _refusal(_train(LocalGrid(1, node_configs=[node_bad]), cfg, 1))
     assert "does not fit this run" in reason and "negative" in reason
     wrong = {k: np.zeros((3, 3), np.float32) for k in ("not.a.parameter",)}
@@ -156,8 +193,62 @@ def test_server_resumes_after_the_last_checkpointed_round(site):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert summary["rounds"] == 2 and [r["round"] for r in rows] == [1, 2]
     job = json.loads((out / "checkpoint" / "job.json").read_text())["job_id"]
-    entries = PrivacyLedger.open(tmp / "ledger.json", "alpha", 8.0, 1e-5).entries
+    entries = _ledger(tmp).entries
     assert [(e.run, e.round) for e in entries] == [(job, 1), (job, 2)]
     # A finished run restarted again trains nothing.
     run_federation(LocalGrid(1, node_configs=[node]), cfg, RUN_ID, resume=True)
-    assert len(PrivacyLedger.open(tmp / "ledger.json", "alpha", 8.0, 1e-5).entries) == 2
+    assert len(_ledger(tmp).entries) == 2
+
+
+@pytest.mark.parametrize("run, policy, named", [
+    ({"dp": False}, {}, "dp = false"),
+    ({"secagg": False}, {}, "secagg = false"),
+    ({"clients": 2, "min_clients": 2}, {}, "clients = 2"),
+    ({"clients": 4, "min_clients": 2}, {}, "min-clients = 2"),
+    ({"secagg_k": 1}, {"min-secagg-k": 2}, "secagg-k = 1"),
+    ({"secagg_threshold": 2}, {"min-secagg-threshold": 3}, "secagg-threshold = 2"),
+    ({"update_clip": 20.0}, {}, "update-clip = 20.0"),
+    ({"clients": 4, "min_clients": 3}, {"_cohort": 2}, "cohort of this round = 2"),
+    ({"clients": 4, "min_clients": 3}, {"_k": 1, "min-secagg-k": 2}, "k of this round = 1"),
+])
+def test_a_run_asking_for_less_than_the_site_policy_is_refused_before_anything(site, run, policy,
+                                                                                named):
+    cfg, node, tmp = site
+    cfg = cfg.replace(**{"secagg": True, "clients": 3, "min_clients": 3, **run})
+    node = {k: v for k, v in node.items() if k != "require-secagg"}  # the safe defaults
+    node.update({k: v for k, v in policy.items() if not k.startswith("_")})
+    grid = LocalGrid(1, node_configs=[node])
+    n = policy.get("_cohort", 3)
+    params = {"nodes": pack_ids([grid.nodes[0] + i for i in range(n)]), "round": 1,
+              "k": policy.get("_k", 2), "threshold": 2}
+    reason = _refusal(_train(grid, cfg, 1, secagg=params))
+    assert named in reason and "policy" in reason
+    assert not (tmp / "ledger.json").exists()  # refused before the ledger, the model, the data
+
+
+def test_refusals_are_named_in_the_server_metrics(site, tmp_path):
+    """The real ServerApp over three sites whose policy wants a cohort of 3: a run that
+    may go on with 2 is refused by each, and metrics.jsonl names the setting."""
+    cfg, node, tmp = site
+    cfg = cfg.replace(secagg=True, clients=3, min_clients=2, rounds=1)
+    nodes = [{**{k: v for k, v in node.items() if k != "require-secagg"}, "site-name": name}
+             for name in ("alpha", "beta", "gamma")]
+    run_federation(LocalGrid(3, node_configs=nodes), cfg, RUN_ID)
+    [row] = [json.loads(line) for line in (tmp / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(row["refused"]) == ["alpha", "beta", "gamma"] and row["abandoned"]
+    assert all("min-clients = 2" in why and "min-cohort = 3" in why for why in row["refused"].values())
+    assert not (tmp / "ledger.json").exists()
+
+
+def test_federated_evaluation_is_off_unless_the_site_turns_it_on(site):
+    from server.app import federated_evaluate
+
+    cfg, node, _ = site
+    weights = to_numpy_state(trainable_state(build_model(cfg, cfg.labels)))
+    off = LocalGrid(1, node_configs=[node])
+    assert federated_evaluate(off, off.nodes, weights, cfg) == {}  # refused: off by default
+    on = LocalGrid(1, node_configs=[{**node, "federated-eval": "on"}])
+    assert federated_evaluate(on, on.nodes, weights, cfg) == {}  # not a model it trained on
+    assert _refusal(_train(on, cfg, 1, weights=weights)) == ""
+    scores = federated_evaluate(on, on.nodes, weights, cfg)
+    assert set(scores) == {"accuracy", "loss"} and 0 <= scores["accuracy"] <= 1

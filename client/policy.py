@@ -1,0 +1,128 @@
+"""The site's policy, enforced: what a run must promise before this site trains or evaluates.
+
+The server's config arrives with every message and is written by an
+adversary as far as the site is concerned. :func:`check_train` compares it
+with the site's own :class:`~client.site.SitePolicy` (from its node config,
+set by ``fedseal client`` flags) *before* any model is built or any record
+is read, and raises :class:`PolicyRefusal` naming the setting the server
+must change. :func:`check_evaluate` does the same for federated evaluation.
+
+What is checked, and why:
+
+``dp``
+    a run without differential privacy trains without noise and records
+    nothing in the ledger: refused when the site requires DP;
+``secagg``
+    a run without secure aggregation sends the raw update: refused when the
+    site requires it;
+cohort, ``clients``, ``min-clients``
+    a secure round's sum over few sites says too much about each one; the
+    round's actual cohort (the node list of the SecAgg+ parameters), the run's
+    ``clients`` and its ``min-clients`` must all reach ``min-cohort``;
+``secagg-k``, ``secagg-threshold``
+    fewer neighbours or a lower threshold than the site accepts weakens the
+    collusion bound; both the run's settings (when set) and the round's
+    actual ``k`` and ``t`` are checked;
+``update-clip``
+    no larger than ``max-update-clip``.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from client.reply import Refusal
+from client.site import SitePolicy
+from common.config import FedConfig
+from common.secagg_wire import WireError, unpack_ids
+
+# The node-config flag that lowers each minimum, named in every refusal.
+_FLAG = {"dp": "require-dp", "secagg": "require-secagg", "cohort": "min-cohort",
+         "k": "min-secagg-k", "threshold": "min-secagg-threshold", "clip": "max-update-clip",
+         "eval": "federated-eval"}
+
+
+class PolicyRefusal(Refusal):
+    """The run asks for less than the site's policy allows; the message names the setting."""
+
+
+def _refuse(setting: str, asked: object, policy_value: object, flag: str) -> PolicyRefusal:
+    return PolicyRefusal(
+        f"the run's {setting} = {asked} is below this site's policy ({flag} = {policy_value}); "
+        f"the server must change {setting}, or the site operator must change its {flag} flag")
+
+
+def _round_parameters(secagg: Mapping[str, object] | None) -> tuple[int, int, int] | None:
+    """``(cohort, k, threshold)`` of the round's SecAgg+ parameters, if the message has them."""
+    if secagg is None:
+        return None
+    try:
+        cohort = len(unpack_ids(secagg["nodes"]))  # type: ignore[arg-type]
+        return cohort, int(secagg["k"]), int(secagg["threshold"])  # type: ignore[call-overload]
+    except (KeyError, TypeError, ValueError, WireError):
+        raise PolicyRefusal("the server's secure-aggregation parameters (nodes, k, threshold) "
+                            "are missing or malformed") from None
+
+
+def check_train(policy: SitePolicy, cfg: FedConfig,
+                secagg: Mapping[str, object] | None) -> None:
+    """Refuse a ``train`` message whose run or round asks for less than ``policy``.
+
+    Parameters
+    ----------
+    policy
+        The site's own policy.
+    cfg
+        The run's config, as the server sent it.
+    secagg
+        The ``secagg`` record of the message (SecAgg+ parameters of this
+        round), or None when the message has none.
+
+    Raises
+    ------
+    PolicyRefusal
+        Naming the first setting that falls short.
+    """
+    if policy.require_dp and not cfg.dp:
+        raise _refuse("dp", "false", "true", _FLAG["dp"])
+    if policy.require_secagg and not cfg.secagg:
+        raise _refuse("secagg", "false", "true", _FLAG["secagg"])
+    if cfg.update_clip > policy.max_update_clip:
+        raise PolicyRefusal(
+            f"the run's update-clip = {cfg.update_clip} is above this site's policy "
+            f"({_FLAG['clip']} = {policy.max_update_clip}); the server must lower update-clip")
+    if not cfg.secagg:
+        return  # a plain round: the site agreed to show its (DP) update; no sum to protect
+    if cfg.clients < policy.min_cohort:
+        raise _refuse("clients", cfg.clients, policy.min_cohort, _FLAG["cohort"])
+    if cfg.min_clients < policy.min_cohort:
+        raise _refuse("min-clients", cfg.min_clients, policy.min_cohort, _FLAG["cohort"])
+    if cfg.secagg_k and cfg.secagg_k < policy.min_secagg_k:
+        raise _refuse("secagg-k", cfg.secagg_k, policy.min_secagg_k, _FLAG["k"])
+    if cfg.secagg_threshold and cfg.secagg_threshold < policy.min_secagg_threshold:
+        raise _refuse("secagg-threshold", cfg.secagg_threshold, policy.min_secagg_threshold,
+                      _FLAG["threshold"])
+    actual = _round_parameters(secagg)
+    if actual is None:
+        raise PolicyRefusal("the run asks for secure aggregation but the message carries no "
+                            "secure-aggregation parameters")
+    cohort, k, threshold = actual
+    if cohort < policy.min_cohort:
+        raise _refuse("cohort of this round", cohort, policy.min_cohort, _FLAG["cohort"])
+    if k < policy.min_secagg_k:
+        raise _refuse("SecAgg+ k of this round", k, policy.min_secagg_k, _FLAG["k"])
+    if threshold < policy.min_secagg_threshold:
+        raise _refuse("SecAgg+ threshold of this round", threshold, policy.min_secagg_threshold,
+                      _FLAG["threshold"])
+
+
+def check_evaluate(policy: SitePolicy) -> None:
+    """Refuse federated evaluation unless the site turned it on."""
+    if policy.federated_eval != "on":
+        raise PolicyRefusal(
+            "federated evaluation is off at this site (federated-eval = off): it would score "
+            "the server's weights on the site's private data; the site operator can turn it on "
+            "with --federated-eval on")
+
+
+__all__ = ["PolicyRefusal", "check_evaluate", "check_train"]

@@ -1,0 +1,72 @@
+"""What a site answers to ``train`` and ``evaluate``: refusals, and replies built from committed spend.
+
+A train reply can only be built from a :class:`~client.spend.CommittedRound`,
+which only :func:`client.spend.commit_round` makes, after the round's spend is
+in the ledger: "spend recorded before anything leaves" is a matter of types,
+not of statement order. Every number the reply carries about privacy (epsilon,
+steps, noise multiplier) is read from that one object.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Mapping
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from client import secagg
+from client.spend import CommittedRound
+from common.config import FedConfig
+from common.records import flatten, state_to_record
+
+log = logging.getLogger(__name__)
+
+STATUS = "status"  # the reply's ConfigRecord: site name, private, or refused + reason
+REFUSED = "refused"
+
+
+class Refusal(Exception):
+    """The site declines this message; the reason goes back to the server."""
+
+
+def refusal(msg: Message, site_name: str, reason: str) -> Message:
+    """A reply that declines ``msg``, saying why (the server logs it and records it in metrics)."""
+    log.warning("site %s refuses %s: %s", site_name, msg.metadata.message_type, reason)
+    return Message(RecordDict({STATUS: ConfigRecord({"site": site_name, REFUSED: reason})}),
+                   reply_to=msg)
+
+
+def train_reply(msg: Message, context: Context, cfg: FedConfig, committed: CommittedRound,
+                update: Mapping[str, np.ndarray], weight: float, loss: float) -> Message:
+    """The reply to ``train``: public keys (secure aggregation) or the weighted update (plain).
+
+    Raises
+    ------
+    TypeError
+        If ``committed`` is not a round committed by :func:`client.spend.commit_round`.
+    """
+    if not isinstance(committed, CommittedRound):
+        raise TypeError("a train reply is built only from a committed round (client.spend)")
+    status = ConfigRecord({"site": committed.site, "private": committed.private})
+    metrics = {"epsilon": committed.epsilon if committed.private else -1.0,
+               "steps": committed.steps, "noise-multiplier": committed.noise_multiplier}
+    if cfg.secagg:
+        # Only public keys leave now; the update leaves masked, in a later stage. The
+        # weight and the training loss stay private to the site.
+        keys = secagg.begin_round(msg, context, cfg, flatten(update), weight)
+        return Message(RecordDict({"secagg": keys, "metrics": MetricRecord(metrics),
+                                   STATUS: status}), reply_to=msg)
+    metrics.update({"weight": weight, "train-loss": loss})
+    return Message(RecordDict({"update": state_to_record(update), "metrics": MetricRecord(metrics),
+                               STATUS: status}), reply_to=msg)
+
+
+def evaluate_reply(msg: Message, site_name: str, scores: Mapping[str, float]) -> Message:
+    """The reply to ``evaluate``: accuracy and loss only (see the README's threat model)."""
+    return Message(RecordDict({"metrics": MetricRecord({k: float(scores[k]) for k in
+                                                        ("accuracy", "loss")}),
+                               STATUS: ConfigRecord({"site": site_name})}), reply_to=msg)
+
+
+__all__ = ["REFUSED", "Refusal", "STATUS", "evaluate_reply", "refusal", "train_reply"]

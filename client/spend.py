@@ -1,0 +1,96 @@
+"""Committing a round's privacy spend: the one step every train reply depends on.
+
+:func:`commit_round` records the round in the site's ledger (or, in a
+simulation without a ledger, in the run's ``Context.state``) and returns a
+:class:`CommittedRound`; :func:`client.reply.train_reply` accepts nothing
+else. A ``CommittedRound`` cannot be made any other way (its constructor
+checks a module-private token), so a reply cannot be built before the spend
+is on disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from flwr.app import Context, MetricRecord
+
+from client.ledger import PrivacyLedger
+
+PROGRESS = "fedseal.progress"  # context.state record: DP steps taken so far (no ledger)
+_COMMITTED = object()
+
+
+@dataclass(frozen=True)
+class CommittedRound:
+    """A round whose spend is recorded; the only source of a train reply's privacy numbers.
+
+    Attributes
+    ----------
+    site, job, round
+        Who trained what.
+    steps
+        DP-SGD steps taken in the job so far, this round included.
+    epsilon
+        The site's total epsilon after this round (every job); meaningless
+        when ``private`` is false.
+    noise_multiplier
+        The job's noise multiplier (0 without DP).
+    private
+        Whether the round was trained with differential privacy.
+    """
+
+    site: str
+    job: str
+    round: int
+    steps: int
+    epsilon: float
+    noise_multiplier: float
+    private: bool
+    _token: object = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        """Refuse to exist unless :func:`commit_round` made it."""
+        if self._token is not _COMMITTED:
+            raise TypeError("a CommittedRound is made only by client.spend.commit_round, "
+                            "after the spend is recorded")
+
+
+def steps_done(ledger: PrivacyLedger | None, context: Context, job: str) -> int:
+    """DP-SGD steps this site took in ``job`` so far: the ledger's count, or the run's state."""
+    if ledger is not None:
+        return ledger.steps_done(job)
+    if PROGRESS in context.state:
+        return int(context.state[PROGRESS]["steps"])
+    return 0
+
+
+def other_jobs_epsilon(ledger: PrivacyLedger | None, job: str) -> float:
+    """Epsilon other jobs spent on this site's data (sequential composition)."""
+    return ledger.epsilon_spent() - ledger.epsilon_spent(job) if ledger is not None else 0.0
+
+
+def commit_round(site: str, ledger: PrivacyLedger | None, context: Context, job: str,
+                 round: int, steps: int, job_epsilon: float | None, *,
+                 noise_multiplier: float = 0.0, sample_rate: float = 0.0) -> CommittedRound:
+    """Record the round's spend (ledger first, durably) and return the committed round.
+
+    ``job_epsilon`` is the job's cumulative epsilon after ``steps`` steps, or
+    None for a round trained without differential privacy (nothing to record
+    in the ledger; the reply then says the round was not private).
+
+    Raises
+    ------
+    client.ledger.LedgerError
+        If the ledger refuses the entry; nothing is committed then.
+    """
+    private = job_epsilon is not None
+    if private and ledger is not None:
+        ledger.record(job, round, steps, job_epsilon, noise_multiplier=noise_multiplier,
+                      sample_rate=sample_rate)
+    context.state[PROGRESS] = MetricRecord({"steps": steps})
+    epsilon = other_jobs_epsilon(ledger, job) + job_epsilon if private else float("inf")
+    return CommittedRound(site, str(job), int(round), int(steps), float(epsilon),
+                          float(noise_multiplier), private, _COMMITTED)
+
+
+__all__ = ["CommittedRound", "PROGRESS", "commit_round", "other_jobs_epsilon", "steps_done"]
