@@ -1,20 +1,32 @@
-"""``fedseal client``: the client agent at one data site (a Flower SuperNode).
+"""``fedseal client``: the client agent at one data site (a Flower SuperNode and its runner).
 
 ::
 
-    fedseal client --server HOST:PORT --ca ca.pem --key sites/alpha.key \\
+    fedseal client --server HOST:PORT --ca ca.pem --key keys/alpha.key --peers peers.txt \\
         --data /data/alpha.csv --ledger /var/lib/fedseal/alpha-ledger.json \\
-        [--epsilon 8 --delta 1e-5] [--device cuda|cpu]
+        --ledger-key /etc/fedseal/alpha-ledger.key \\
+        [--epsilon 8 --delta 1e-5] [--device cuda|cpu] [policy flags]
 
-Before starting the SuperNode it checks, and stops with a message saying what
-to change: the data file is readable; the key is an OpenSSH private key (as
-``fedseal keys init`` writes); the CA certificate is valid; the privacy ledger
-opens (created on first use; a corrupted or hand-edited one is refused, never
+Before starting anything it checks, and stops with a message saying what to
+change: the data file is readable; the key is an OpenSSH private key (as
+``fedseal keys site`` writes); the peers roster holds OpenSSH public keys; the
+CA certificate is valid; the site's policy is coherent; the privacy ledger
+opens (created on first use; an edited, older or deleted one is refused, never
 reset); the server is reachable and its certificate verifies against the CA.
-Then it runs ``flower-supernode`` with the site's data path, budget, ledger
-path and device in the node config, where the ClientApp reads them
-(:mod:`client.site`). The data never leaves this machine; only masked updates
-do, and no log line prints a training example.
+
+Then it runs ``flower-supernode --isolation process`` with the site's data
+path, budget, ledger, keys and policy in the node config, where the ClientApp
+reads them (:mod:`client.site`), and beside it the site's ClientApp runner
+(:mod:`client.runner`), which runs only the fedseal installed here. The
+SuperNode's Runtime API listens on 127.0.0.1 only, and the runner's task
+requests are signed with a secret made for each start. The data never leaves
+this machine; only masked updates do, and no log line prints a training
+example.
+
+Policy flags (what every run must promise; the server cannot lower them):
+``--no-require-dp``, ``--no-require-secagg``, ``--min-cohort N`` (3),
+``--min-secagg-k K`` (2), ``--min-secagg-threshold T`` (2),
+``--max-update-clip C`` (10), ``--federated-eval off|on`` (off).
 
 If the server keeps refusing the site's key (for ``--wait`` seconds) the agent
 says so and exits 3.
@@ -25,6 +37,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
+import os
+import secrets
 import signal
 import socket
 import ssl
@@ -35,6 +49,8 @@ import time
 from pathlib import Path
 
 from client.ledger import LedgerError, PrivacyLedger
+from client.pinning import installed_manifest, manifest_digest
+from client.site import FEDERATED_EVAL_MODES, SitePolicy
 from common.config import ConfigError
 from common.durable import atomic_write
 from common.processes import (ProcessError, child_env, die_with_parent, flwr_bin, split_address,
@@ -64,13 +80,13 @@ def check_files(data: Path, key: Path | None, ca: Path | None) -> None:
         raise AgentError(f"--data {data} cannot be read: {exc.strerror}") from None
     if key is not None:
         if not key.is_file():
-            raise AgentError(f"--key {key} does not exist; use the site key from "
-                             "`fedseal keys init` (DIR/sites/NAME.key)")
+            raise AgentError(f"--key {key} does not exist; make this site's key with "
+                             "`fedseal keys site --name NAME --out DIR` (DIR/NAME.key)")
         try:
             load_ssh_private_key(key.read_bytes(), password=None)
         except (ValueError, TypeError, OSError) as exc:
             raise AgentError(f"--key {key} is not an unencrypted OpenSSH private key ({exc}); use "
-                             "DIR/sites/NAME.key from `fedseal keys init`, not the .pub file") from None
+                             "DIR/NAME.key from `fedseal keys site`, not the .pub file") from None
     if ca is not None:
         if not ca.is_file():
             raise AgentError(f"--ca {ca} does not exist; copy ca.pem from the server's keys folder")
@@ -81,6 +97,34 @@ def check_files(data: Path, key: Path | None, ca: Path | None) -> None:
         if cert.not_valid_after_utc < dt.datetime.now(dt.timezone.utc):
             raise AgentError(f"the CA certificate {ca} expired on {cert.not_valid_after_utc:%Y-%m-%d}; "
                              "ask the server operator for the federation's current ca.pem")
+
+
+def check_peers(peers: Path) -> int:
+    """The roster holds one OpenSSH public key per line (blank lines and ``#`` comments aside).
+
+    Returns the number of keys. Raises :class:`AgentError` naming the bad line.
+    """
+    from cryptography.hazmat.primitives.serialization import load_ssh_public_key
+
+    try:
+        lines = peers.read_text(encoding="ascii").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AgentError(f"--peers {peers} cannot be read ({exc}); it lists the fellow sites' "
+                         "public keys (their NAME.pub lines)") from None
+    count = 0
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            load_ssh_public_key(line.strip().encode("ascii"))
+        except (ValueError, TypeError) as exc:
+            raise AgentError(f"--peers {peers} line {number} is not an OpenSSH public key ({exc}); "
+                             "put one site's NAME.pub line per line") from None
+        count += 1
+    if count == 0:
+        raise AgentError(f"--peers {peers} holds no public key: list the sites this site accepts "
+                         "as fellow members (their NAME.pub files, one per line)")
+    return count
 
 
 def probe_server(host: str, port: int, ca: Path | None, wait: float) -> None:
@@ -118,17 +162,34 @@ def probe_server(host: str, port: int, ca: Path | None, wait: float) -> None:
             time.sleep(2.0)
 
 
-def write_node_config(path: Path, data: Path, name: str, epsilon: float, delta: float,
-                      ledger: Path, device: str) -> Path:
-    """The SuperNode's ``--node-config`` file: what the ClientApp reads in :mod:`client.site`.
+def node_config(data: Path, name: str, epsilon: float, delta: float, ledger: Path,
+                ledger_key: Path, device: str, policy: SitePolicy, identity_key: Path | None,
+                peers: Path | None) -> dict[str, object]:
+    """What the ClientApp reads in :mod:`client.site`: the site's own settings and policy."""
+    values: dict[str, object] = {
+        "data-path": str(data), "site-name": name, "epsilon": float(epsilon),
+        "delta": float(delta), "ledger-path": str(ledger), "ledger-key": str(ledger_key),
+        "device": device,
+        "require-dp": policy.require_dp, "require-secagg": policy.require_secagg,
+        "min-cohort": policy.min_cohort, "min-secagg-k": policy.min_secagg_k,
+        "min-secagg-threshold": policy.min_secagg_threshold,
+        "max-update-clip": float(policy.max_update_clip), "federated-eval": policy.federated_eval,
+    }
+    if identity_key is not None:
+        values["identity-key"] = str(identity_key)
+    if peers is not None:
+        values["peers"] = str(peers)
+    return values
+
+
+def write_node_config(path: Path, values: dict[str, object]) -> Path:
+    """The SuperNode's ``--node-config`` file.
 
     A TOML file rather than ``key=value`` text: Flower 1.41 splits that text
     with a regular expression that breaks on quotes inside a path.
     """
     import tomli_w
 
-    values = {"data-path": str(data), "site-name": name, "epsilon": float(epsilon),
-              "delta": float(delta), "ledger-path": str(ledger), "device": device}
     atomic_write(path, tomli_w.dumps(values).encode("utf-8"))
     return path
 
@@ -196,21 +257,64 @@ def _supernode_once(cmd: list[str], env: dict[str, str]) -> int:
     return EXIT_KEY_REFUSED if refused.is_set() else int(proc.returncode or 0)
 
 
+def start_runner(home: Path, runtime_address: str, env: dict[str, str]) -> subprocess.Popen:
+    """The site's ClientApp runner (:mod:`client.runner`), with a fresh task-signing secret."""
+    secret = home / "runtime.secret"
+    atomic_write(secret, secrets.token_bytes(32))
+    os.chmod(secret, 0o600)
+    return subprocess.Popen([sys.executable, "-m", "client.runner", "--runtime-api-address",
+                             runtime_address, "--auth-secret-file", str(secret)],
+                            env=env, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+
+
+def _policy(args: argparse.Namespace) -> SitePolicy:
+    return SitePolicy(require_dp=args.require_dp, require_secagg=args.require_secagg,
+                      min_cohort=args.min_cohort, min_secagg_k=args.min_secagg_k,
+                      min_secagg_threshold=args.min_secagg_threshold,
+                      max_update_clip=args.max_update_clip, federated_eval=args.federated_eval)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fedseal client``."""
+    defaults = SitePolicy()
     parser = argparse.ArgumentParser(prog="fedseal client", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--server", required=True, metavar="HOST:PORT")
     parser.add_argument("--ca", type=Path, metavar="FILE", help="the federation's ca.pem")
-    parser.add_argument("--key", type=Path, metavar="FILE", help="this site's key (sites/NAME.key)")
+    parser.add_argument("--key", type=Path, metavar="FILE",
+                        help="this site's private key (from `fedseal keys site`)")
+    parser.add_argument("--peers", type=Path, metavar="FILE",
+                        help="the public keys (NAME.pub lines) of the sites this site accepts "
+                             "as fellow members, one per line")
     parser.add_argument("--data", type=Path, required=True, metavar="FILE",
                         help="this site's CSV, TSV or JSONL file (never leaves the machine)")
     parser.add_argument("--ledger", type=Path, required=True, metavar="FILE",
                         help="this site's privacy ledger (created on first use; keep it)")
+    parser.add_argument("--ledger-key", type=Path, required=True, metavar="FILE",
+                        help="the ledger's key and counter (made on first use); keep it in "
+                             "another folder than the ledger, outside the ledger's backups")
     parser.add_argument("--epsilon", type=float, default=8.0, help="the site's total budget (default 8)")
     parser.add_argument("--delta", type=float, default=1e-5, help="default 1e-5")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--name", help="site name in logs and the ledger (default: the key's name)")
+    policy = parser.add_argument_group("the site's policy (what every run must promise)")
+    policy.add_argument("--require-dp", action=argparse.BooleanOptionalAction,
+                        default=defaults.require_dp, help="train only with DP (default: yes)")
+    policy.add_argument("--require-secagg", action=argparse.BooleanOptionalAction,
+                        default=defaults.require_secagg,
+                        help="send updates only under secure aggregation (default: yes)")
+    policy.add_argument("--min-cohort", type=int, default=defaults.min_cohort, metavar="N",
+                        help=f"fewest sites in a secure round (default {defaults.min_cohort})")
+    policy.add_argument("--min-secagg-k", type=int, default=defaults.min_secagg_k, metavar="K",
+                        help=f"fewest SecAgg+ neighbours (default {defaults.min_secagg_k})")
+    policy.add_argument("--min-secagg-threshold", type=int, default=defaults.min_secagg_threshold,
+                        metavar="T", help="smallest SecAgg+ threshold (default "
+                                          f"{defaults.min_secagg_threshold})")
+    policy.add_argument("--max-update-clip", type=float, default=defaults.max_update_clip,
+                        metavar="C", help=f"largest update clip (default {defaults.max_update_clip})")
+    policy.add_argument("--federated-eval", choices=FEDERATED_EVAL_MODES,
+                        default=defaults.federated_eval,
+                        help="answer federated evaluation (default: off)")
     parser.add_argument("--runtime-port", type=int, default=0,
                         help="local port of the SuperNode's runtime API (default: a free one)")
     parser.add_argument("--home", type=Path,
@@ -233,31 +337,48 @@ def _run(args: argparse.Namespace) -> int:
     host, port = split_address(args.server, "--server", "fl.example.org:9093")
     if not args.insecure and (args.ca is None or args.key is None):
         raise AgentError("--ca and --key are required (the federation's ca.pem and this site's "
-                         "key from `fedseal keys init`); --insecure only for a trial server")
+                         "key from `fedseal keys site`); --insecure only for a trial server")
     if args.insecure:
         log.warning("INSECURE: no TLS, no authentication; never use this with real data")
+    policy = _policy(args)
     data, ledger_path = args.data.resolve(), args.ledger.resolve()
-    check_files(data, None if args.insecure else args.key, None if args.insecure else args.ca)
+    check_files(data, args.key if args.key is not None else None,
+                None if args.insecure else args.ca)
+    if args.peers is not None:
+        log.info("peers roster %s: %d site key(s)", args.peers, check_peers(args.peers))
     name = args.name or (args.key.stem if args.key else data.stem)
     if not ledger_path.parent.is_dir():
         raise AgentError(f"--ledger {args.ledger}: folder {ledger_path.parent} does not exist")
-    ledger = PrivacyLedger.open(ledger_path, name, args.epsilon, args.delta)
-    log.info("site %s: ledger %s, epsilon spent %.3f of %g (delta %g)", name, ledger_path,
-             ledger.epsilon_spent(), args.epsilon, args.delta)
+    ledger_key = args.ledger_key.resolve()
+    ledger = PrivacyLedger.open(ledger_path, name, args.epsilon, args.delta, key_path=ledger_key)
+    log.info("site %s: ledger %s, spent epsilon %.3f of %g and delta %.3g over %d job(s) (target "
+             "delta %g per job)", name, ledger_path, ledger.epsilon_spent(), args.epsilon,
+             ledger.delta_spent(), len({e.run for e in ledger.entries}), args.delta)
+    log.info("site %s: policy %s; runs only fedseal code %s", name, policy,
+             manifest_digest(installed_manifest())[:16])
     probe_server(host, port, None if args.insecure else args.ca.resolve(), args.wait)
     home = (args.home or ledger_path.parent / f".fedseal-{name}").resolve()
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    runtime_port = args.runtime_port or free_port()
+    values = node_config(data, name, args.epsilon, args.delta, ledger_path, ledger_key,
+                         args.device, policy, args.key.resolve() if args.key else None,
+                         args.peers.resolve() if args.peers else None)
     cmd = [flwr_bin("flower-supernode"), "--superlink", f"{host}:{port}" if ":" not in host else f"[{host}]:{port}",
-           "--node-config", str(write_node_config(home / "node-config.toml", data, name, args.epsilon,
-                                                  args.delta, ledger_path, args.device)),
-           "--port", str(args.runtime_port or free_port())]
+           "--node-config", str(write_node_config(home / "node-config.toml", values)),
+           "--isolation", "process", "--host", "127.0.0.1", "--port", str(runtime_port),
+           "--superexec-auth-secret-file", str(home / "runtime.secret")]
     if args.insecure:
         cmd.append("--insecure")
     else:
         cmd += ["--root-certificates", str(args.ca.resolve()),
                 "--auth-supernode-private-key", str(args.key.resolve())]
+    env = child_env(home)
+    runner = start_runner(home, f"127.0.0.1:{runtime_port}", env)
     log.info("site %s: connecting to %s:%d (data %s stays here)", name, host, port, data)
-    return run_supernode(cmd, child_env(home), args.wait)
+    try:
+        return run_supernode(cmd, env, args.wait)
+    finally:
+        stop_process(runner, grace=5.0)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,16 @@ def split_address(address: str, what: str = "address", example: str = "0.0.0.0:9
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"{what} {address!r} must be HOST:PORT, e.g. {example}")
     return host, int(port)
+
+
+def port_open(address: str) -> bool:
+    """Whether something accepts TCP connections at ``host:port`` (1 s timeout)."""
+    host, port = split_address(address)
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
 
 
 def flwr_bin(name: str) -> str:

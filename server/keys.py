@@ -1,27 +1,23 @@
-"""``fedseal keys init``: the certificates and keys of one federation.
+"""``fedseal keys``: the federation's certificates (on the server) and each site's key (at the site).
 
-One command, run once by the federation's operator, writes everything the
-SuperLink and the SuperNodes need to talk over TLS with SuperNode
-authentication (Flower 1.41)::
+Sites make their own keys; only public keys travel. Three commands:
 
-    DIR/ca.pem              the federation's root certificate: give it to every site
-    DIR/ca.key              the CA's private key (0600): keep it offline once done
-    DIR/server.pem          the SuperLink's TLS certificate, signed by the CA
-    DIR/server.key          its private key (0600), stays on the server
-    DIR/sites/NAME.key      a site's SuperNode authentication key (0600, OpenSSH format)
-    DIR/sites/NAME.pub      its public key (OpenSSH format), registered on the SuperLink
-    DIR/supernodes.csv      every site's name and public key, one row each
+``fedseal keys site --name NAME --out DIR`` (at the site)
+    ``DIR/NAME.key`` (0600, OpenSSH ECDSA P-384) and ``DIR/NAME.pub``. The
+    private key never leaves the site: it authenticates the site's SuperNode
+    and signs what the site says in secure aggregation. Send ``NAME.pub`` to
+    the operator (and to the other sites, for their ``--peers`` roster).
+``fedseal keys init --out DIR --server-host HOST,...`` (on the server)
+    ``DIR/ca.pem`` (give it to every site), ``DIR/ca.key`` (0600, keep it
+    offline), ``DIR/server.pem`` + ``DIR/server.key`` (the TLS certificate the
+    reverse proxy and the SuperLink present);
+``fedseal keys add-site --out DIR --name NAME --pub FILE`` (on the server)
+    checks a site's public key and files it as ``DIR/sites/NAME.pub``;
+    ``DIR/supernodes.csv`` lists every admitted site's name and key.
+    ``fedseal server`` registers each of them with the SuperLink.
 
-Flower 1.41 no longer reads a list of allowed public keys at start-up
-(``flower-superlink --auth-list-public-keys`` is refused): the SuperLink runs
-with ``--enable-supernode-auth`` and each public key is registered through the
-Control API with ``flwr supernode register DIR/sites/NAME.pub <connection>``.
-``supernodes.csv`` is the operator's record of which keys to register.
-
-Running ``init`` again never overwrites a key silently. Naming sites that have
-no key yet creates only their keys (the CA and the server key are kept);
-anything that would replace an existing key or certificate is refused unless
-``--force`` is given.
+Nothing is overwritten silently: anything that would replace an existing key
+or certificate is refused unless ``--force`` is given.
 """
 
 from __future__ import annotations
@@ -35,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -114,23 +110,6 @@ def validate_site_name(name: str) -> str:
             "(it becomes a file name and the SuperNode's registered name)"
         )
     return name
-
-
-def parse_sites(values: list[str]) -> list[str]:
-    """Split comma-separated site lists, validate each name and refuse duplicates."""
-    names = [v.strip() for value in values for v in value.split(",") if v.strip()]
-    if not names:
-        raise KeysError("no site named: give --sites a,b,c")
-    seen: dict[str, str] = {}
-    for name in names:
-        validate_site_name(name)
-        if name.lower() in seen:
-            raise KeysError(
-                f"site {name!r} is named twice (as {seen[name.lower()]!r} and {name!r}); "
-                "site names must differ, ignoring case"
-            )
-        seen[name.lower()] = name
-    return names
 
 
 def parse_hosts(values: list[str]) -> Hosts:
@@ -340,7 +319,7 @@ def _write_csv(out: Path, overwrite: bool = True) -> list[str]:
     return names
 
 
-def init_keys(out: str | Path, sites: list[str], hosts: Hosts | None, *, force: bool = False,
+def init_keys(out: str | Path, hosts: Hosts | None, *, force: bool = False,
               days: int = 365, ca_days: int = 3650) -> KeysResult:
     """Create (or complete) a federation's keys in ``out``; see the module docstring.
 
@@ -348,16 +327,13 @@ def init_keys(out: str | Path, sites: list[str], hosts: Hosts | None, *, force: 
     ----------
     out
         The folder to write to; created (mode 0700) if missing.
-    sites
-        Site names (validated); a site that already has a key keeps it.
     hosts
         Names and addresses of the SuperLink. Required when there is no server
         certificate yet; when there is one it must cover exactly these hosts.
         ``127.0.0.1`` and ``::1`` are always added (see :meth:`Hosts.with_loopback`).
     force
-        Replace the CA, the server certificate and key, and the named sites' keys
-        instead of refusing. Every site then needs the new ``ca.pem`` and each
-        new public key must be registered again.
+        Replace the CA, the server certificate and key instead of refusing.
+        Every site then needs the new ``ca.pem``.
     days, ca_days
         Validity of the server certificate and of the CA certificate.
 
@@ -368,8 +344,6 @@ def init_keys(out: str | Path, sites: list[str], hosts: Hosts | None, *, force: 
     """
     if days < 1 or ca_days < 1:
         raise KeysError("--days and --ca-days must be at least 1")
-    for name in sites:
-        validate_site_name(name)
     out = Path(out)
     hosts = hosts.with_loopback() if hosts is not None else None
     result = KeysResult(out=out)
@@ -408,20 +382,11 @@ def init_keys(out: str | Path, sites: list[str], hosts: Hosts | None, *, force: 
     if new_server and hosts is None:
         raise KeysError("--server-host is required to create the server certificate: give "
                         "the names and addresses sites use to reach the SuperLink")
-    site_paths = {n: (out / SITES_DIR / f"{n}.key", out / SITES_DIR / f"{n}.pub") for n in sites}
-    new_sites = []
-    for name, (key_p, pub_p) in site_paths.items():
-        if force or not (key_p.exists() or pub_p.exists()):
-            new_sites.append(name)
-        elif not (key_p.exists() and pub_p.exists()):
-            missing = pub_p if key_p.exists() else key_p
-            raise KeysError(f"site {name!r} is incomplete: {missing} is missing; restore it, or "
-                            "delete the other file and rerun to create a new key")
-    if not (new_ca or new_server or new_sites):
+    if not (new_ca or new_server):
         raise KeysError(
-            f"nothing to create: {ca_key_p}, {srv_key_p} and the keys of "
-            f"{', '.join(sites)} already exist and were not overwritten. To add sites, "
-            "name new ones in --sites; to replace every key, add --force"
+            f"nothing to create: {ca_key_p} and {srv_key_p} already exist and were not "
+            "overwritten. To admit a site, use `fedseal keys add-site`; to replace the "
+            "certificates, add --force"
         )
 
     if new_ca:
@@ -445,14 +410,81 @@ def init_keys(out: str | Path, sites: list[str], hosts: Hosts | None, *, force: 
         result.created += [srv_cert_p, srv_key_p]
     else:
         result.kept += [srv_cert_p, srv_key_p]
-    for name, (key_p, pub_p) in site_paths.items():
-        if name in new_sites:
-            private, public = site_key_files(name)
-            _write(key_p, private, private=True, overwrite=force)
-            _write(pub_p, public, private=False, overwrite=force)
-            result.created += [key_p, pub_p]
-        else:
-            result.kept += [key_p, pub_p]
     result.sites = _write_csv(out)
     result.created.append(out / SUPERNODES_CSV)
     return result
+
+
+def create_site_key(out: str | Path, name: str, *, force: bool = False) -> tuple[Path, Path]:
+    """At a site: a new key pair ``out/NAME.key`` (0600) and ``out/NAME.pub``; their paths.
+
+    Raises
+    ------
+    KeysError
+        On a bad name, or a key that exists already (unless ``force``).
+    """
+    validate_site_name(name)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise KeysError(f"--out {out} exists and is not a folder")
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key_p, pub_p = out / f"{name}.key", out / f"{name}.pub"
+    if not force and (key_p.exists() or pub_p.exists()):
+        raise KeysError(f"{key_p if key_p.exists() else pub_p} already exists; it was not "
+                        "overwritten (a new key must be admitted again: add --force to replace it)")
+    private, public = site_key_files(name)
+    _write(key_p, private, private=True, overwrite=force)
+    _write(pub_p, public, private=False, overwrite=force)
+    return key_p, pub_p
+
+
+def read_site_public_key(path: str | Path) -> bytes:
+    """The OpenSSH public-key line of ``path``, checked to be an ECDSA key on a NIST curve.
+
+    Raises
+    ------
+    KeysError
+        If the file is missing, is a private key, or is not such a public key.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise KeysError(f"cannot read the site's public key {path}: {exc.strerror}") from None
+    if b"PRIVATE KEY" in data:
+        raise KeysError(f"{path} is a PRIVATE key: a site sends only its .pub file; this site "
+                        "should make a new key pair (`fedseal keys site --force`)")
+    try:
+        key = serialization.load_ssh_public_key(data.strip())
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise KeysError(f"{path} is not an OpenSSH public key (the .pub file that "
+                        "`fedseal keys site` writes)") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise KeysError(f"{path} is not an ECDSA key; Flower's SuperNode authentication needs "
+                        "one (`fedseal keys site` makes it)")
+    return data.strip() + b"\n"
+
+
+def add_site(out: str | Path, name: str, pub: str | Path, *, force: bool = False) -> Path:
+    """On the server: file a site's public key as ``out/sites/NAME.pub``; its path.
+
+    Raises
+    ------
+    KeysError
+        On a bad name or key, or a different key already filed for ``name``.
+    """
+    validate_site_name(name)
+    out = Path(out)
+    if not out.is_dir():
+        raise KeysError(f"keys folder {out} does not exist: run `fedseal keys init` first")
+    line = read_site_public_key(pub)
+    (out / SITES_DIR).mkdir(mode=0o700, exist_ok=True)
+    target = out / SITES_DIR / f"{name}.pub"
+    if target.exists() and target.read_bytes().split()[:2] == line.split()[:2]:
+        return target
+    if target.exists() and not force:
+        raise KeysError(f"{target} holds a different key for site {name!r}; it was not "
+                        "replaced (add --force if the site really made a new key)")
+    _write(target, line, private=False, overwrite=True)
+    _write_csv(out)
+    return target

@@ -1,28 +1,34 @@
-"""``fedseal server --config FILE``: the SuperLink and one federated run, over TLS.
+"""``fedseal server --config FILE``: the SuperLink, its reverse proxy, and one federated run.
 
 What it does, in order (each step fails with a message naming what to change):
 
 1. reads the config file: a ``[server]`` table (below) and a ``[federation]``
    table with the run's settings (same names as ``fedseal simulate``); unknown
    tables or keys are errors;
-2. checks the keys folder made by ``fedseal keys init`` (CA, server certificate
-   not expired and covering the listen address, site public keys);
-3. starts ``flower-superlink`` with TLS, SuperNode authentication and a
-   persistent database in the state folder (``--insecure`` turns both off, with
-   a warning, for a trial on one machine);
-4. registers every site's public key (Flower 1.41 takes the allowed list through
+2. checks the keys folder made by ``fedseal keys init`` and ``add-site`` (CA,
+   server certificate not expired and covering the listen address, site
+   public keys);
+3. starts ``flower-superlink`` on ``127.0.0.1:<local-port>`` only, with TLS,
+   SuperNode authentication and a persistent database in the state folder
+   (``--insecure`` turns both off, with a warning, for a trial on one machine):
+   its Control API (admit nodes, submit and stop runs) and Runtime API are
+   reachable from this machine alone;
+4. starts the reverse proxy (:mod:`server.proxy`, Caddy) on ``address``: TLS
+   with the server certificate, and only Flower's Fleet API paths forwarded;
+5. registers every site's public key (Flower 1.41 takes the allowed list through
    its Control API, not at start-up);
-5. writes the Flower app (fedseal's ``server``, ``client`` and ``common``
+6. writes the Flower app (fedseal's ``server``, ``client`` and ``common``
    packages plus a ``pyproject.toml`` holding the run's settings) and submits it
    with ``flwr run``; a run left over from before a restart is stopped first and
    the new one resumes from the checkpoint in ``<out>/checkpoint``;
-6. streams the ServerApp's log, waits for the run to finish, stops the SuperLink
-   and exits 0 if the run completed, 1 if it failed.
+7. streams the ServerApp's log, waits for the run to finish, stops the proxy and
+   the SuperLink and exits 0 if the run completed, 1 if it failed.
 
 ``[server]`` settings::
 
-    address  = "0.0.0.0:9093"    # where the SuperLink listens (sites connect here)
-    keys     = "keys"            # folder written by `fedseal keys init`
+    address  = "0.0.0.0:9093"    # the reverse proxy: where sites connect (Fleet API only)
+    local-port = 9094            # the SuperLink's own port, on 127.0.0.1 (default: port + 1)
+    keys     = "keys"            # folder written by `fedseal keys init` and `add-site`
     state    = "fedseal-server"  # database, logs and the app bundle (mode 0700)
     sites    = []                # site names to admit; empty: every key in <keys>/sites
     insecure = false             # true: no TLS, no authentication (trials only)
@@ -42,7 +48,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -53,12 +58,14 @@ import tomli_w
 
 from common.config import ConfigError, FedConfig, from_mapping, read_toml, unknown_key
 from common.durable import atomic_write
-from common.processes import (ProcessError, child_env, die_with_parent, flwr_bin, split_address,
-                              stop_process)
+from common.processes import (ProcessError, child_env, die_with_parent, flwr_bin, port_open,
+                              split_address, stop_process)
+from server.proxy import FleetProxy
 
 log = logging.getLogger("fedseal.server")
 
 CONNECTION = "fedseal"  # the name of the Flower CLI connection to our own SuperLink
+LOOPBACK = "127.0.0.1"  # the only address the SuperLink listens on
 APP_PACKAGES = ("common", "server", "client")
 READY_TIMEOUT_S = 60.0
 STATUS_POLL_S = 30.0
@@ -74,6 +81,7 @@ class ServerSettings:
     """The ``[server]`` table of the config file, paths resolved."""
 
     address: str = "0.0.0.0:9093"
+    local_port: int = 0  # 0: the public port + 1
     keys: Path = Path("keys")
     state: Path = Path("fedseal-server")
     sites: tuple[str, ...] = ()
@@ -88,11 +96,21 @@ class ServerSettings:
         return split_address(self.address)[1]
 
     @property
+    def superlink_port(self) -> int:
+        """The SuperLink's own port on 127.0.0.1."""
+        return self.local_port or self.port + 1
+
+    @property
     def admin_address(self) -> str:
-        """Where the CLI on this machine reaches the SuperLink (loopback when listening on all)."""
+        """The SuperLink itself, on loopback: its Control and Runtime APIs are reachable only here."""
+        return f"{LOOPBACK}:{self.superlink_port}"
+
+    @property
+    def probe_address(self) -> str:
+        """Where this machine reaches the reverse proxy (loopback when it listens on all)."""
         host = self.host
         if host in ("0.0.0.0", "::", "", "localhost"):
-            host = "127.0.0.1"
+            host = LOOPBACK
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
 
@@ -130,14 +148,21 @@ def load_server_config(path: str | Path, *, insecure: bool = False) -> tuple[Ser
         raise ConfigError(f"{path} [server]: sites must be a list of site names, e.g. [\"alpha\"]")
     if not isinstance(raw_server.get("insecure", False), bool):
         raise ConfigError(f"{path} [server]: insecure must be true or false")
+    local_port = raw_server.get("local_port", 0)
+    if isinstance(local_port, bool) or not isinstance(local_port, int) or not 0 <= local_port < 65536:
+        raise ConfigError(f"{path} [server]: local-port must be a port number (or 0 for the "
+                          "public port + 1)")
     settings = ServerSettings(
         address=str(raw_server.get("address", ServerSettings.address)),
+        local_port=local_port,
         keys=Path(_resolve(base, str(raw_server.get("keys", "keys")))),
         state=Path(_resolve(base, str(raw_server.get("state", "fedseal-server")))),
         sites=tuple(sites),
         insecure=bool(raw_server.get("insecure", False)) or insecure,
     )
     split_address(settings.address)
+    if settings.superlink_port == settings.port:
+        raise ConfigError(f"{path} [server]: local-port must differ from the address's port")
     fed = dict(data.get("federation", {}))
     cfg = from_mapping(fed, source=f"{path} [federation]")
     model = cfg.model
@@ -164,7 +189,7 @@ def check_keys(settings: ServerSettings) -> list[tuple[str, Path]]:
     keys = settings.keys
     if not keys.is_dir():
         raise LaunchError(f"keys folder {keys} does not exist: create it with `fedseal keys init "
-                          f"--out {keys} --server-host HOST --sites a,b,c`")
+                          f"--out {keys} --server-host HOST`")
     if not settings.insecure:
         for name in (CA_CERT, SERVER_CERT, SERVER_KEY):
             if not (keys / name).is_file():
@@ -184,8 +209,9 @@ def check_keys(settings: ServerSettings) -> list[tuple[str, Path]]:
     wanted = list(settings.sites) or sorted(pubs)
     missing = [s for s in wanted if s not in pubs]
     if missing:
-        raise LaunchError(f"no public key for site(s) {missing} in {keys / SITES_DIR}; create "
-                          f"them with `fedseal keys init --out {keys} --sites {','.join(missing)}`")
+        raise LaunchError(f"no public key for site(s) {missing} in {keys / SITES_DIR}; each site "
+                          "makes its key (`fedseal keys site`) and sends NAME.pub; admit it with "
+                          f"`fedseal keys add-site --out {keys} --name NAME --pub NAME.pub`")
     if not wanted and not settings.insecure:
         raise LaunchError(f"no site keys in {keys / SITES_DIR}: no site could connect")
     return [(s, pubs[s]) for s in wanted]
@@ -275,6 +301,7 @@ class Server:
         self.flwr_home = self.state / "flwr"
         self.flwr = Flwr(self.flwr_home, self.state)
         self.superlink: subprocess.Popen | None = None
+        self.proxy: FleetProxy | None = None
         self.log_stream: subprocess.Popen | None = None
 
     # -- SuperLink ---------------------------------------------------------------------------
@@ -287,7 +314,7 @@ class Server:
         write_flwr_config(self.flwr_home, self.settings)
         s = self.settings
         cmd = [flwr_bin("flower-superlink"), "--database", str(self.state / "state.db"),
-               "--host", s.host, "--port", str(s.port),
+               "--host", LOOPBACK, "--port", str(s.superlink_port),
                "--disable-runtime-dependency-installation"]
         if s.insecure:
             cmd.append("--insecure")
@@ -295,26 +322,40 @@ class Server:
             keys = s.keys.resolve()
             cmd += ["--ssl-ca-certfile", str(keys / CA_CERT), "--ssl-certfile", str(keys / SERVER_CERT),
                     "--ssl-keyfile", str(keys / SERVER_KEY), "--enable-supernode-auth"]
-        if _port_open(s.admin_address):
-            raise LaunchError(f"something already listens on {s.admin_address}: another SuperLink? "
-                              "Stop it or choose another [server] address")
+        for address, key in ((s.admin_address, "local-port"), (s.probe_address, "address")):
+            if port_open(address):
+                raise LaunchError(f"something already listens on {address}: another SuperLink? "
+                                  f"Stop it or choose another [server] {key}")
         self.superlink_log = self.state / "superlink.log"
         with self.superlink_log.open("ab") as out:
             self.superlink = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
                                               env=child_env(self.flwr_home), cwd=self.state,
                                               preexec_fn=die_with_parent)
         deadline = time.monotonic() + READY_TIMEOUT_S
-        while not _port_open(s.admin_address):
+        while not port_open(s.admin_address):
             if self.superlink.poll() is not None:
                 raise LaunchError(f"flower-superlink exited with code {self.superlink.returncode}; "
                                   f"last lines of {self.superlink_log}:\n{_tail(self.superlink_log)}")
             if time.monotonic() > deadline:
-                raise LaunchError(f"flower-superlink did not open {s.address} within "
+                raise LaunchError(f"flower-superlink did not open {s.admin_address} within "
                                   f"{READY_TIMEOUT_S:.0f}s; see {self.superlink_log}")
             time.sleep(0.5)
-        log.info("SuperLink listening on %s (%s); its log: %s", s.address,
+        log.info("SuperLink on %s, this machine only (%s); its log: %s", s.admin_address,
                  "INSECURE: no TLS, no site authentication" if s.insecure
                  else "TLS, SuperNode authentication", self.superlink_log)
+
+    def start_proxy(self) -> None:
+        """The reverse proxy on the public address: TLS, Fleet API only (:mod:`server.proxy`)."""
+        from server.keys import CA_CERT, SERVER_CERT, SERVER_KEY
+
+        s = self.settings
+        keys = s.keys.resolve()
+        tls = None if s.insecure else (keys / SERVER_CERT, keys / SERVER_KEY, keys / CA_CERT)
+        self.proxy = FleetProxy(self.state, s.address, s.admin_address, tls)
+        try:
+            self.proxy.start(s.probe_address)
+        except ProcessError as exc:
+            raise LaunchError(str(exc)) from None
 
     def register_sites(self, sites: list[tuple[str, Path]]) -> dict[str, str]:
         """Admit each site's public key; a key admitted before is fine."""
@@ -387,17 +428,11 @@ class Server:
             time.sleep(1.0)
 
     def close(self) -> None:
+        """Stop the log stream, the proxy and the SuperLink."""
         stop_process(self.log_stream, grace=2.0)
+        if self.proxy is not None:
+            self.proxy.stop()
         stop_process(self.superlink)
-
-
-def _port_open(address: str) -> bool:
-    host, port = split_address(address)
-    try:
-        with socket.create_connection((host, port), timeout=1.0):
-            return True
-    except OSError:
-        return False
 
 
 def serve(settings: ServerSettings, cfg: FedConfig) -> int:
@@ -415,6 +450,7 @@ def serve(settings: ServerSettings, cfg: FedConfig) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         server.start_superlink()
+        server.start_proxy()
         server.register_sites(sites)
         run_id = server.submit()
         out = Path(cfg.out)

@@ -1,27 +1,38 @@
-"""Deployment end to end: real SuperLink and SuperNode processes on 127.0.0.1.
+"""Deployment end to end: real SuperLink, reverse proxy and SuperNode processes on 127.0.0.1.
 
-Each test provisions keys with ``fedseal keys init``, starts ``fedseal server``
-(SuperLink with TLS, SuperNode authentication and a database, plus the run) and
-``fedseal client`` agents as separate processes, each in its own process group,
-and stops every one of them at the end, pass or fail.
+The test provisions keys as the README says (the server's certificates with
+``fedseal keys init``; each site its own key with ``fedseal keys site``; the
+operator admits the public keys), starts ``fedseal server`` (Caddy on the public
+port, the SuperLink on loopback with TLS, SuperNode authentication and a
+database, plus the run) and ``fedseal client`` agents as separate processes,
+each in its own process group, and stops every one of them at the end, pass or
+fail. It plays an outsider, a curious operator and a crash in one deployment:
+every deployment costs a SuperLink, three SuperNodes and their start-up, and
+the suite has a time budget.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
+import tomli_w
 
 from common import synthetic
 from common.data import write_examples
+from common.processes import child_env, flwr_bin
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,19 +100,13 @@ class Procs:
                 pass
 
 
-@pytest.fixture
-def federation(tmp_path, tiny_bert):
-    """Keys for three sites and an intruder, site data, and a server config; the processes."""
-    from server.keys import init_keys, parse_hosts
-
-    init_keys(tmp_path / "keys", [*SITES, "intruder"], parse_hosts(["localhost"]))
-    for i, site in enumerate(SITES):
-        write_examples(synthetic.synthetic_examples(96, seed=i), tmp_path / f"{site}.jsonl")
-    write_examples(synthetic.synthetic_examples(64, seed=99), tmp_path / "eval.jsonl")
-    port = _free_port()
-    (tmp_path / "server.toml").write_text(f"""
+def _server_config(root: Path, name: str, port: int, local_port: int, tiny_bert: str,
+                   **federation: object) -> Path:
+    path = root / f"{name}.toml"
+    path.write_text(f"""
 [server]
 address = "127.0.0.1:{port}"
+local-port = {local_port}
 keys = "keys"
 state = "state"
 sites = {json.dumps(list(SITES))}
@@ -111,17 +116,40 @@ model = "{tiny_bert}"
 finetune = "full"
 eval = "eval.jsonl"
 labels = ["negative", "positive"]
-rounds = 2
-clients = 3
-min_clients = 2
 local_steps = 3
 batch_size = 16
 max_length = 16
-timeout = 120
 accountant = "rdp"              # a real Opacus accountant, faster to calibrate than PRV
-out = "out"
-""", encoding="utf-8")
+""" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in federation.items()), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def federation(tmp_path, tiny_bert):
+    """The server's certificates, each site's own key (and an intruder's), a peers roster,
+    site data and server configs; the processes."""
+    from server.keys import add_site, create_site_key, init_keys, parse_hosts
+
+    init_keys(tmp_path / "keys", parse_hosts(["localhost"]))
+    roster = []
+    for site in (*SITES, "intruder"):  # each makes its key at its own place
+        _, pub = create_site_key(tmp_path / "at" / site, site)
+        if site != "intruder":
+            add_site(tmp_path / "keys", site, pub)  # only the public key reaches the operator
+            roster.append(pub.read_text())
+    (tmp_path / "peers.txt").write_text("".join(roster))
+    for i, site in enumerate(SITES):
+        write_examples(synthetic.synthetic_examples(96, seed=i), tmp_path / f"{site}.jsonl")
+    write_examples(synthetic.synthetic_examples(64, seed=99), tmp_path / "eval.jsonl")
+    port, local_port = _free_port(), _free_port()
+    _server_config(tmp_path, "server", port, local_port, tiny_bert, rounds=2, clients=3,
+                   min_clients=2, timeout=120, out="out")
+    # A run asking for less than the sites allow (no DP), and what a curious operator
+    # would ship instead of fedseal's ClientApp: both refused by the sites.
+    _server_config(tmp_path, "no-dp", port, local_port, tiny_bert, rounds=1, clients=2,
+                   min_clients=2, timeout=60, dp=False, out="out-no-dp")
     (tmp_path / "ledgers").mkdir()
+    (tmp_path / "secrets").mkdir()  # the ledger keys, apart from the ledgers
     (tmp_path / "logs").mkdir()
     procs = Procs(tmp_path / "logs")
     try:
@@ -130,13 +158,63 @@ out = "out"
         procs.stop_all()
 
 
+def _foreign_app(root: Path, tiny_bert: str) -> Path:
+    """fedseal's app with a ClientApp and ServerApp that leave marker files when they run."""
+    from common.config import FedConfig
+    from server.launch import write_app
+
+    cfg = FedConfig(model=tiny_bert, finetune="full", eval=str(root / "eval.jsonl"),
+                    labels=("negative", "positive"), rounds=1, clients=2, min_clients=2,
+                    local_steps=3, batch_size=16, max_length=16, accountant="rdp", timeout=60,
+                    out=str(root / "out-foreign"))
+    app = write_app(root / "foreign", cfg)
+    for side in ("client", "server"):
+        with (app / side / "app.py").open("a", encoding="utf-8") as fh:
+            fh.write(f"\nopen({str(root / f'{side}-code-ran')!r}, 'w').write('ran')\n")
+    return app
+
+
+def _flwr(home: Path, *args: str, cwd: Path) -> dict:
+    """The Flower CLI as a user on some machine would call it; its JSON answer."""
+    done = subprocess.run([flwr_bin("flwr"), *args, "--format", "json"], env=child_env(home),
+                          cwd=cwd, capture_output=True, text=True, timeout=120)
+    start = done.stdout.find("{")
+    return json.loads(done.stdout[start:]) if start >= 0 else {"success": False,
+                                                              "error-message": done.stderr}
+
+
+def _post(url: str, ca: Path) -> int:
+    """HTTP status of a bare POST through the proxy (TLS verified against ``ca``)."""
+    request = urllib.request.Request(url, data=b"", method="POST")
+    try:
+        with urllib.request.urlopen(request, context=ssl.create_default_context(cafile=str(ca)),
+                                    timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def _listening(port: int) -> set[str]:
+    """Local IPv4 addresses with a socket listening on ``port`` (from /proc/net/tcp)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:
+            found.add(socket.inet_ntoa(bytes.fromhex(address)[::-1]))
+    return found
+
+
 def _client_args(root: Path, port: int, site: str, *, key: str | None = None,
                  wait: float = 90) -> list[str]:
+    name = key or site
     return ["client", "--server", f"localhost:{port}", "--ca", str(root / "keys" / "ca.pem"),
-            "--key", str(root / "keys" / "sites" / f"{key or site}.key"),
+            "--key", str(root / "at" / name / f"{name}.key"), "--peers", str(root / "peers.txt"),
             "--data", str(root / f"{site}.jsonl"),
-            "--ledger", str(root / "ledgers" / f"{key or site}.json"),
-            "--epsilon", str(EPSILON), "--device", "cpu", "--wait", str(wait)]
+            "--ledger", str(root / "ledgers" / f"{name}.json"),
+            "--ledger-key", str(root / "secrets" / f"{name}.key"),
+            "--epsilon", str(EPSILON), "--device", "cpu", "--wait", str(wait),
+            "--min-cohort", "2"]  # a round may go on with the two sites left after one dies
 
 
 def _wait_for(predicate, timeout: float, what: str, procs: Procs, log: str) -> None:
@@ -162,40 +240,75 @@ def _ledger(root: Path, site: str) -> dict:
     return json.loads((root / "ledgers" / f"{site}.json").read_text())
 
 
-def test_tls_federation_survives_a_server_restart_and_a_dead_site(federation):
-    """One deployment's life: two DP + SecAgg+ rounds over TLS, the server killed after
-    round 1 and resumed, and one site killed in round 2 (SecAgg+ recovers without it).
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
-    One scenario rather than two tests: every deployment costs a SuperLink, three
-    SuperNodes and a round of start-up, and the suite has a time budget.
+
+def _outsider_is_locked_out(root: Path, port: int, procs: Procs, tiny_bert: str) -> None:
+    """Holding ca.pem, the public address and a key of its own, an outsider can neither
+    admit a node, submit or list runs, nor reach the Control or Runtime API; only the
+    Fleet API is forwarded, and the SuperLink itself listens on loopback only."""
+    ca = root / "keys" / "ca.pem"
+    # A plaintext client cannot even complete a connection to the TLS port.
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    with pytest.raises(grpc.FutureTimeoutError):
+        grpc.channel_ready_future(channel).result(timeout=5)
+    channel.close()
+    # The agent's pre-flight check names a wrong CA against the real TLS proxy.
+    from client.agent import AgentError, probe_server
+    from server.keys import init_keys, parse_hosts
+
+    init_keys(root / "other-keys", parse_hosts(["localhost"]))
+    with pytest.raises(AgentError, match="does not verify against --ca"):
+        probe_server("localhost", port, root / "other-keys" / "ca.pem", wait=0)
+    # The Flower CLI pointed at the public address, as in the attack that opened issue 10.
+    home = root / "outsider"
+    home.mkdir()
+    (home / "config.toml").write_text(tomli_w.dumps({"superlink": {
+        "default": "public", "public": {"address": f"localhost:{port}",
+                                        "root-certificates": str(ca)}}}))
+    out = _flwr(home, "supernode", "register", str(root / "at" / "intruder" / "intruder.pub"),
+                "public", cwd=home)
+    assert out["success"] is False and "404" in out["error-message"], out
+    out = _flwr(home, "run", str(_foreign_app(root, tiny_bert)), "public", cwd=home)
+    assert out["success"] is False and "404" in out["error-message"], out
+    assert _flwr(home, "ls", "public", cwd=home)["success"] is False
+    # Control, Runtime and anything else stop at the proxy, path tricks included.
+    base = f"https://localhost:{port}"
+    for path in ("/v1/control/start-run", "/v1/control/register-node", "/v1/runtime/pull-messages",
+                 "/v1/fleet/../control/list-runs", "/v1/fleet/%2e%2e/control/list-runs", "/docs"):
+        assert _post(base + path, ca) == 404, path
+    assert _post(base + "/v1/fleet/get-run", ca) != 404  # the Fleet API does pass
+    local_port = int(next(line.split("=")[1] for line in (root / "server.toml").read_text()
+                          .splitlines() if line.startswith("local-port")))
+    assert _listening(local_port) == {"127.0.0.1"}  # the SuperLink: loopback only
+    # A key the server did not admit is refused.
+    procs.start("intruder", *_client_args(root, port, "alpha", key="intruder", wait=5))
+    assert procs.wait("intruder", 120) == 3
+    assert "refused this site's key" in procs.output("intruder")
+
+
+def test_deployment_holds_against_outsiders_the_operator_and_crashes(federation, tiny_bert):
+    """One deployment's life over TLS behind the reverse proxy:
+
+    - an outsider is locked out (above);
+    - two DP + SecAgg+ rounds, the server killed after round 1 and resumed, one site
+      killed in round 2 (SecAgg+ recovers without it);
+    - then the operator asks the two survivors for a run without DP, and ships a
+      modified ClientApp from the server machine: both refused by the sites, named in
+      the server's metrics, and none of the foreign code runs at a site.
     """
     root, port, procs = federation
     out = root / "out"
     procs.start("server-1", "server", "--config", str(root / "server.toml"))
     _wait_for(lambda: (root / "state" / "run.json").exists(), 120, "the run to be submitted",
               procs, "server-1")
-
-    # A plaintext client cannot even complete a connection to the TLS port.
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    with pytest.raises(grpc.FutureTimeoutError):
-        grpc.channel_ready_future(channel).result(timeout=5)
-    channel.close()
-    # The agent's pre-flight check names a wrong CA against the real TLS server.
-    from client.agent import AgentError, probe_server
-    from server.keys import init_keys, parse_hosts
-
-    init_keys(root / "other-keys", [], parse_hosts(["localhost"]))
-    with pytest.raises(AgentError, match="does not verify against --ca"):
-        probe_server("localhost", port, root / "other-keys" / "ca.pem", wait=0)
-    # A key the server did not admit is refused.
-    procs.start("intruder", *_client_args(root, port, "alpha", key="intruder", wait=5))
-    assert procs.wait("intruder", 120) == 3
-    assert "refused this site's key" in procs.output("intruder")
+    _outsider_is_locked_out(root, port, procs, tiny_bert)
 
     for site in SITES:
         procs.start(site, *_client_args(root, port, site))
     _wait_for(lambda: _checkpoint_round(out) >= 1, 300, "round 1", procs, "server-1")
-    procs.kill("server-1")  # SuperLink, ServerApp and all, mid-run
+    procs.kill("server-1")  # proxy, SuperLink, ServerApp and all, mid-run
     assert _checkpoint_round(out) == 1
 
     procs.start("server-2", "server", "--config", str(root / "server.toml"))
@@ -211,7 +324,7 @@ def test_tls_federation_survives_a_server_restart_and_a_dead_site(federation):
     assert procs.wait("server-2", 600) == 0, procs.output("server-2")[-4000:]
     assert "resuming after round 1" in procs.output("server-2")
 
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = _rows(out / "metrics.jsonl")
     assert [r["round"] for r in rows] == [1, 2]
     for row in rows:
         assert row["private"] and row["secagg"] and not row["abandoned"]
@@ -236,3 +349,29 @@ def test_tls_federation_survives_a_server_restart_and_a_dead_site(federation):
     tok = AutoTokenizer.from_pretrained(out / "model")
     logits = model(**tok(["a great film", "a dull film"], return_tensors="pt", padding=True)).logits
     assert tuple(logits.shape) == (2, 2)
+
+    # The operator asks the survivors for a run without DP, and, from the server
+    # machine (its own Flower CLI connection), ships a modified ClientApp.
+    ledgers_before = {s: _ledger(root, s) for s in survivors}
+    submitted = (root / "state" / "run.json").read_text()
+    procs.start("server-3", "server", "--config", str(root / "no-dp.toml"))
+    _wait_for(lambda: (root / "state" / "run.json").read_text() != submitted, 120,
+              "the run without DP to be submitted", procs, "server-3")
+    foreign = _flwr(root / "state" / "flwr", "run", str(root / "foreign"), "fedseal",
+                    cwd=root / "state")
+    assert foreign["success"], foreign
+    _wait_for(lambda: len(_rows(root / "out-foreign" / "metrics.jsonl")) >= 1
+              and len(_rows(root / "out-no-dp" / "metrics.jsonl")) >= 1, 300,
+              "both runs to be refused", procs, "server-3")
+    [no_dp] = _rows(root / "out-no-dp" / "metrics.jsonl")
+    assert sorted(no_dp["refused"]) == sorted(survivors) and not no_dp["contributors"]
+    assert all("dp = false" in why and "require-dp" in why for why in no_dp["refused"].values())
+    [foreign_row] = _rows(root / "out-foreign" / "metrics.jsonl")
+    assert sorted(foreign_row["refused"]) == sorted(survivors)
+    assert all("runs only the fedseal it installed" in why and "client/app.py" in why
+               for why in foreign_row["refused"].values())
+    assert (root / "server-code-ran").exists()  # the operator's own ServerApp did run...
+    assert not (root / "client-code-ran").exists()  # ...but none of its ClientApp at a site
+    for site in survivors:
+        assert "refused run" in procs.output(site)
+        assert _ledger(root, site) == ledgers_before[site]  # nothing trained, nothing spent

@@ -1,0 +1,168 @@
+"""The site's ClientApp runner: one long-lived process that runs only the installed fedseal.
+
+``fedseal client`` starts the SuperNode with ``--isolation process`` (it then
+starts no ClientApp processes of its own) and this runner beside it. The
+runner asks the SuperNode's Runtime API (on 127.0.0.1, its task requests
+signed with a secret only the agent holds) for each message the site
+received, and for each one:
+
+1. checks the run's app bundle against the code this site installed
+   (:mod:`client.pinning`); a run that ships anything else is refused with a
+   reply the server logs, and none of its code is imported or run;
+2. otherwise hands the message and the run's context to the installed
+   ``client.app:app``, imported once when the runner starts;
+3. pushes the reply and the updated context back to the SuperNode.
+
+Besides pinning the code, a long-lived process pays torch's, transformers'
+and Opacus's import cost once, not once per message as Flower's default
+subprocess isolation does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from typing import Callable
+
+import httpx
+from flwr.app import Context, Error, Message
+from flwr.common.constant import ErrorCode, SubStatus
+from flwr.proto.runtime_pb2 import (AcquireTaskRequest,  # pylint: disable=E0611
+                                    SendTaskHeartbeatRequest)
+from flwr.supercore.constant import TaskType
+from flwr.supercore.heartbeat import HeartbeatSender
+from flwr.supercore.interceptors import (RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor,
+                                         SuperExecAuthHttpInterceptor)
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+from client.pinning import CodePinError, check_fab, installed_manifest, manifest_digest
+from client.reply import refusal
+from client.site import site_name
+
+log = logging.getLogger("fedseal.client")
+
+POLL_S = 0.5
+_ACQUIRE = "/flwr.proto.Runtime/AcquireTask"  # the call Flower signs with the SuperExec secret
+
+
+def _client(address: str, *interceptors) -> RuntimeHttpClient:
+    return RuntimeHttpClient.from_server_address(
+        server_address=address, insecure=True, root_certificates=None,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                      *interceptors],
+        retry_invoker=make_simple_http_retry_invoker())
+
+
+def _heartbeat(client: RuntimeHttpClient) -> Callable[[], bool]:
+    """Keep the task alive at the SuperNode; a failure never stops the runner."""
+    request = SendTaskHeartbeatRequest()
+
+    def beat() -> bool:
+        try:
+            return bool(client.SendTaskHeartbeat(request).success)
+        except httpx.HTTPError:
+            return False
+
+    return beat
+
+
+class Runner:
+    """Runs the installed ClientApp for every task the SuperNode hands out."""
+
+    def __init__(self, address: str, secret: bytes) -> None:
+        from client.app import app  # the installed app, imported once (torch and all)
+
+        self.address, self.app = address, app
+        self.tasks = _client(address, SuperExecAuthHttpInterceptor(
+            master_secret=secret, protected_methods={_ACQUIRE}))
+        self.verdicts: dict[str, str] = {}  # FAB hash -> "" (pinned) or the refusal reason
+
+    def serve(self) -> None:
+        """Poll the SuperNode for tasks until stopped."""
+        log.info("ClientApp runner: installed fedseal code %s; serving %s",
+                 manifest_digest(installed_manifest())[:16], self.address)
+        while True:
+            try:
+                res = self.tasks.AcquireTask(AcquireTaskRequest(
+                    supported_task_types=[TaskType.CLIENT_APP], agentapp_fab_hashes=[]))
+            except httpx.HTTPError as exc:
+                log.debug("SuperNode not ready (%s)", exc)
+                time.sleep(POLL_S)
+                continue
+            if res.HasField("task") and res.token:
+                self.run_task(res.token)
+            else:
+                time.sleep(POLL_S)
+
+    def _verdict(self, fab_hash: str, content: bytes) -> str:
+        if fab_hash not in self.verdicts:
+            try:
+                check_fab(content)
+                self.verdicts[fab_hash] = ""
+            except CodePinError as exc:
+                self.verdicts[fab_hash] = str(exc)
+        return self.verdicts[fab_hash]
+
+    def run_task(self, token: str) -> None:
+        """Pull one message, answer it (or refuse the run's code), push the reply and context."""
+        client = _client(self.address, RuntimeTokenHttpInterceptor(token))
+        heartbeat = HeartbeatSender(_heartbeat(client))
+        heartbeat.start()
+        context: Context | None = None
+        status, details = SubStatus.FAILED, "ClientApp task failed"
+        try:
+            message, context, run, fab = pull_task_input(client)
+            reason = self._verdict(fab.hash_str, fab.content)
+            if reason:
+                log.error("refused run %s: %s", run.run_id, reason)
+                reply = refusal(message, site_name(context.node_config, context.node_id),
+                                f"this site runs only the fedseal it installed: {reason}")
+            else:
+                reply = self._call(message, context)
+            push_message(client, reply, context)
+            status, details = SubStatus.COMPLETED, ""
+        except Exception as exc:  # pylint: disable=broad-exception-caught
+            log.error("a ClientApp task failed: %s", exc, exc_info=exc)
+            details = f"{type(exc).__name__}: {exc}"
+        finally:
+            push_task_output(client=client, context=context, sub_status=status, details=details)
+            heartbeat.stop()
+            client.close()
+
+    def _call(self, message: Message, context: Context) -> Message:
+        """The installed app's reply, or an error reply as Flower's runner would make it."""
+        TaskIdentity.run_id, TaskIdentity.node_id = context.run_id, context.node_id
+        try:
+            return self.app(message=message, context=context)
+        except Exception as exc:  # pylint: disable=broad-exception-caught
+            log.error("the ClientApp raised: %s", exc, exc_info=exc)
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                 reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m client.runner``: started by ``fedseal client``, not by hand."""
+    parser = argparse.ArgumentParser(prog="python -m client.runner", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runtime-api-address", required=True, metavar="127.0.0.1:PORT")
+    parser.add_argument("--auth-secret-file", required=True, metavar="FILE")
+    args = parser.parse_args(argv)
+    from common.cli_args import setup_logging
+
+    setup_logging()
+    with open(args.auth_secret_file, "rb") as fh:
+        secret = fh.read()
+    try:
+        Runner(args.runtime_api_address, secret).serve()
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
