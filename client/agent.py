@@ -104,6 +104,7 @@ def check_peers(peers: Path) -> int:
 
     Returns the number of keys. Raises :class:`AgentError` naming the bad line.
     """
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
     try:
@@ -117,7 +118,7 @@ def check_peers(peers: Path) -> int:
             continue
         try:
             load_ssh_public_key(line.strip().encode("ascii"))
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
             raise AgentError(f"--peers {peers} line {number} is not an OpenSSH public key ({exc}); "
                              "put one site's NAME.pub line per line") from None
         count += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import socket
+import subprocess
 import tomllib
 
 import pytest
@@ -12,8 +13,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from client.agent import AgentError, check_files, probe_server, write_node_config
+from client.agent import (AgentError, check_files, check_peers, node_config, probe_server,
+                          write_node_config)
 from common.config import ConfigError
+from client.site import SitePolicy
 from server.launch import LaunchError, ServerSettings, check_keys, load_server_config, write_app
 
 
@@ -25,10 +28,12 @@ def _config(tmp_path, text: str):
 
 
 def test_server_config_resolves_paths_and_builds_the_run(tmp_path):
-    path = _config(tmp_path, '[server]\naddress = "127.0.0.1:9100"\n[federation]\n'
+    path = _config(tmp_path, '[server]\naddress = "0.0.0.0:9100"\n[federation]\n'
                              'eval = "eval.jsonl"\nrounds = 4\nout = "runs/a"\n')
     settings, cfg = load_server_config(path)
     assert settings.port == 9100 and settings.keys == tmp_path / "keys"
+    # The SuperLink itself (Control, Runtime API) only ever on loopback; the proxy public.
+    assert settings.admin_address == "127.0.0.1:9101" and settings.probe_address == "127.0.0.1:9100"
     assert settings.state == tmp_path / "fedseal-server" and not settings.insecure
     assert cfg.rounds == 4 and cfg.eval == str(tmp_path / "eval.jsonl")
     assert cfg.out == str(tmp_path / "runs" / "a")
@@ -48,6 +53,8 @@ def test_server_config_resolves_paths_and_builds_the_run(tmp_path):
     ('[federation]\neval = "missing.tsv"\n', "does not exist"),
     ('[server]\naddress = "nohost"\n[federation]\neval = "eval.jsonl"\n', "HOST:PORT"),
     ('[server]\nsites = "alpha"\n[federation]\neval = "eval.jsonl"\n', "list of site names"),
+    ('[server]\naddress = "0.0.0.0:9100"\nlocal-port = 9100\n[federation]\neval = "eval.jsonl"\n',
+     "must differ"),
     ('[federation\n', "not valid TOML"),
 ])
 def test_server_config_errors_say_what_to_change(tmp_path, text, match):
@@ -58,11 +65,14 @@ def test_server_config_errors_say_what_to_change(tmp_path, text, match):
 def test_keys_folder_problems_are_named(tmp_path):
     from server.keys import init_keys, parse_hosts
 
+    from server.keys import add_site, create_site_key
+
     with pytest.raises(LaunchError, match="fedseal keys init"):
         check_keys(ServerSettings(keys=tmp_path / "nokeys"))
-    init_keys(tmp_path / "keys", ["alpha"], parse_hosts(["fl.example.org"]))
+    init_keys(tmp_path / "keys", parse_hosts(["fl.example.org"]))
+    add_site(tmp_path / "keys", "alpha", create_site_key(tmp_path / "site", "alpha")[1])
     assert [s for s, _ in check_keys(ServerSettings(keys=tmp_path / "keys"))] == ["alpha"]
-    with pytest.raises(LaunchError, match=r"no public key for site\(s\) \['beta'\]"):
+    with pytest.raises(LaunchError, match=r"no public key for site\(s\) \['beta'\].*add-site"):
         check_keys(ServerSettings(keys=tmp_path / "keys", sites=("alpha", "beta")))
     with pytest.raises(LaunchError, match="covers"):
         check_keys(ServerSettings(address="10.9.9.9:9093", keys=tmp_path / "keys"))
@@ -84,17 +94,23 @@ def _ca(path, *, days_left: int):
 
 
 def test_agent_checks_name_the_bad_input(tmp_path):
-    from server.keys import init_keys, parse_hosts
+    from server.keys import create_site_key, init_keys, parse_hosts
 
-    init_keys(tmp_path / "keys", ["alpha"], parse_hosts(["localhost"]))
+    init_keys(tmp_path / "keys", parse_hosts(["localhost"]))
+    key, pub = create_site_key(tmp_path / "site", "alpha")
     data = tmp_path / "d.csv"
     data.write_text("sentence,label\nx,a\n")
-    key, ca = tmp_path / "keys" / "sites" / "alpha.key", tmp_path / "keys" / "ca.pem"
+    ca = tmp_path / "keys" / "ca.pem"
     check_files(data, key, ca)
     with pytest.raises(AgentError, match="--data .* does not exist"):
         check_files(tmp_path / "none.csv", key, ca)
     with pytest.raises(AgentError, match="not the .pub file"):
-        check_files(data, key.with_suffix(".pub"), ca)
+        check_files(data, pub, ca)
+    (tmp_path / "peers.txt").write_text(f"# fellow sites\n{pub.read_text()}\n")
+    assert check_peers(tmp_path / "peers.txt") == 1
+    (tmp_path / "bad-peers.txt").write_text(pub.read_text() + "not a key\n")
+    with pytest.raises(AgentError, match="line 2 is not an OpenSSH public key"):
+        check_peers(tmp_path / "bad-peers.txt")
     with pytest.raises(AgentError, match="expired"):
         _ca(tmp_path / "old.pem", days_left=-1)
         check_files(data, key, tmp_path / "old.pem")
@@ -112,12 +128,56 @@ def test_node_config_reaches_the_client_app_intact(tmp_path):
     from common.config import FedConfig
 
     data = tmp_path / 'site "a" data.csv'
-    path = write_node_config(tmp_path / "node.toml", data, "alpha", 7.5, 1e-6,
-                             tmp_path / "ledger.json", "cpu")
-    parsed = parse_config_args([str(path)])
+    policy = SitePolicy(require_secagg=False, min_cohort=4, min_secagg_k=3,
+                        min_secagg_threshold=3, max_update_clip=2.5, federated_eval="on")
+    values = node_config(data, "alpha", 7.5, 1e-6, tmp_path / "ledger.json",
+                         tmp_path / "keys" / "ledger.key", "cpu", policy,
+                         tmp_path / "alpha.key", tmp_path / "peers.txt")
+    parsed = parse_config_args([str(write_node_config(tmp_path / "node.toml", values))])
     site = site_settings(parsed, FedConfig())
     assert (site.data_path, site.name, site.epsilon, site.delta) == (data, "alpha", 7.5, 1e-6)
     assert site.ledger_path == tmp_path / "ledger.json" and site.device == "cpu"
+    assert site.ledger_key == tmp_path / "keys" / "ledger.key"
+    assert site.policy == policy
+    assert (site.identity_key, site.peers) == (tmp_path / "alpha.key", tmp_path / "peers.txt")
+
+
+@pytest.mark.parametrize("entry, match", [
+    ({"min-cohort": 1}, "min-cohort must be at least 2"),
+    ({"min-cohort": 2.5}, "min-cohort = 2.5, which is not a int"),
+    ({"require-dp": "no"}, "require-dp = 'no'"),
+    ({"federated-eval": "maybe"}, "federated-eval must be one of off, on"),
+    ({"max-update-clip": 0}, "max-update-clip must be positive"),
+])
+def test_a_bad_site_policy_is_named(tmp_path, entry, match):
+    from client.site import site_settings
+    from common.config import FedConfig
+
+    node = {"data-path": str(tmp_path / "d.csv"), **entry}
+    with pytest.raises(ConfigError, match=match):
+        site_settings(node, FedConfig())
+
+
+def test_proxy_config_forwards_only_the_fleet_api(tmp_path):
+    from flwr.supernode.fleet_http_client import FleetHttpClient
+
+    from server.proxy import FLEET_PATHS, caddy_bin, caddy_config
+
+    # Every path a SuperNode calls, and only Fleet paths.
+    called = {line.split('"')[1] for line in
+              open(__import__("inspect").getsourcefile(FleetHttpClient)).read().splitlines()
+              if "path=" in line}
+    assert called == set(FLEET_PATHS) and all(p.startswith("/v1/fleet/") for p in FLEET_PATHS)
+    config = caddy_config("0.0.0.0:9093", "127.0.0.1:9094",
+                          (tmp_path / "s.pem", tmp_path / "s.key", tmp_path / "ca.pem"), tmp_path)
+    assert config["admin"]["disabled"] is True
+    server = config["apps"]["http"]["servers"]["fleet"]
+    forward, refuse = server["routes"]
+    assert forward["match"] == [{"method": ["POST"], "path": list(FLEET_PATHS)}]
+    assert forward["handle"][0]["upstreams"] == [{"dial": "127.0.0.1:9094"}]
+    assert forward["handle"][0]["transport"]["tls"]["ca"]["pem_files"] == [str(tmp_path / "ca.pem")]
+    assert "match" not in refuse and refuse["handle"][0]["status_code"] == 404
+    assert subprocess.run([caddy_bin(), "version"], capture_output=True).returncode == 0
 
 
 def _issue(path, ca_key, ca_name, host: str, *, days_left: int):
