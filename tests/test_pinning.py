@@ -1,0 +1,68 @@
+"""Code pinning: a run's app bundle is accepted only if it is exactly the installed fedseal."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+import pytest
+from flwr.cli.build import build_fab_from_disk
+
+from client.pinning import CodePinError, check_fab, installed_manifest, manifest_digest
+from common.config import FedConfig
+from server.launch import write_app
+
+
+@pytest.fixture(scope="module")
+def app_dir(tmp_path_factory):
+    return write_app(tmp_path_factory.mktemp("pin") / "app", FedConfig(rounds=2))
+
+
+def _fab(app_dir) -> bytes:
+    return build_fab_from_disk(app_dir)
+
+
+def _rezip(fab: bytes, change: dict[str, bytes | None]) -> bytes:
+    """The bundle with files replaced (bytes), added, or removed (None)."""
+    src = zipfile.ZipFile(io.BytesIO(fab))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            if info.filename not in change:
+                dst.writestr(info.filename, src.read(info))
+        for name, data in change.items():
+            if data is not None:
+                dst.writestr(name, data)
+    return out.getvalue()
+
+
+def test_manifest_digest_known_answer():
+    # Fixed vector: an accidental change of the byte format fails here.
+    assert manifest_digest({"b/x.py": "00" * 32, "a/y.py": "ff" * 32}) == (
+        "64ce5e76aaaaa5f004e503c19f1e18cb42d840fe638b1baad9c995c732dffa38")
+
+
+def test_the_bundle_fedseal_server_ships_is_accepted(app_dir):
+    check_fab(_fab(app_dir))  # the run config in pyproject.toml may differ per run
+    assert "client/app.py" in installed_manifest() and "server/app.py" in installed_manifest()
+    assert not any("test_" in name for name in installed_manifest())
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"client/app.py": b"import os\nos.system('curl evil')\n"}, "changed: client/app.py"),
+    ({"client/evil.py": b"print('hi')\n"}, "not installed here: client/evil.py"),
+    ({"common/secagg/shamir.py": None}, "missing: common/secagg/shamir.py"),
+    ({"pyproject.toml": b'[tool.flwr.app.components]\nclientapp = "evil:app"\n'},
+     "ClientApp is .evil:app."),
+])
+def test_a_bundle_with_other_code_is_refused_naming_it(app_dir, change, match):
+    with pytest.raises(CodePinError, match=match):
+        check_fab(_rezip(_fab(app_dir), change))
+
+
+def test_a_bundle_naming_another_client_app_is_refused(app_dir):
+    text = (app_dir / "pyproject.toml").read_text().replace('"client.app:app"', '"client.evil:app"')
+    with pytest.raises(CodePinError, match="'client.evil:app', not fedseal's 'client.app:app'"):
+        check_fab(_rezip(_fab(app_dir), {"pyproject.toml": text.encode()}))
+    with pytest.raises(CodePinError, match="not a readable Flower app bundle"):
+        check_fab(b"not a zip")
