@@ -16,7 +16,7 @@ One round, seen from a site:
    keys, send the masked update, help unmask. Just before the masked update
    leaves, the site forgets the round's pending update (:mod:`client.pending`).
 3. ``evaluate``: refused unless the site turned federated evaluation on;
-   then accuracy and loss of a global model this site trained on in this run.
+   then accuracy and loss only, once per round this site trained in.
 
 A round the server asks for again (it crashed in between) is answered with the
 pending update if it never left the site, and otherwise trained afresh with
@@ -62,7 +62,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PLAN = "fedseal.plan"  # context.state record: the run's calibrated DP plan
-TRAINED = "fedseal.trained-globals"  # context.state record: digests of global weights trained on
+TRAINED = "fedseal.trained-rounds"  # context.state record: "job/round" keys this site trained
+EVALUATED = "fedseal.evaluated-rounds"  # context.state record: "job/round" keys it evaluated
 
 app = ClientApp()
 
@@ -105,6 +106,15 @@ def _open_ledger(site: SiteSettings) -> PrivacyLedger | None:
         return None
     return PrivacyLedger.open(site.ledger_path, site.name, site.epsilon, site.delta,
                               key_path=site.ledger_key)
+
+
+def _remember(context: Context, record: str, job: str, server_round: int) -> None:
+    seen = dict(context.state[record].items()) if record in context.state else {}
+    context.state[record] = ConfigRecord({**seen, f"{job}/{server_round}": True})
+
+
+def _seen(context: Context, record: str, job: str, server_round: int) -> bool:
+    return record in context.state and f"{job}/{server_round}" in context.state[record]
 
 
 @app.train()
@@ -224,8 +234,7 @@ def _train(msg: Message, context: Context) -> Message:
     if not all(np.isfinite(v).all() for v in update.values()):
         raise Refusal("local training diverged (NaN/inf in the update); lower --lr or "
                       "--max-grad-norm")
-    trained = dict(context.state[TRAINED].items()) if TRAINED in context.state else {}
-    context.state[TRAINED] = ConfigRecord({**trained, digest: server_round})
+    _remember(context, TRAINED, job, server_round)
     log.info("site %s: round %d, %d steps in this run, loss %.4f, epsilon %s / %s, %.1fs",
              site.name, server_round, committed.steps, loss,
              f"{committed.epsilon:.3f}" if committed.private else "inf (no DP)", site.epsilon,
@@ -250,11 +259,10 @@ app.train(secagg_wire.UNMASK)(secagg.unmask)
 
 @app.evaluate()
 def evaluate_site(msg: Message, context: Context) -> Message:
-    """Score a global model this site trained on, if the site allows federated evaluation.
+    """Score the server's weights on the site's data, if the site allows federated evaluation.
 
-    Refused unless the site's policy has ``federated-eval = on``; then only
-    weights whose digest matches the global weights of a ``train`` message
-    this site answered in this run are scored, and only accuracy and loss
+    Refused unless the site's policy has ``federated-eval = on``; then at most
+    once per round of a job this site trained in, and only accuracy and loss
     return (not differentially private: see the README's threat model).
     """
     _deployment_logging(context)
@@ -265,12 +273,17 @@ def evaluate_site(msg: Message, context: Context) -> Message:
         cfg = record_to_config(msg.content["config"])
         site = site_settings(context.node_config, cfg)
         check_evaluate(site.policy)
+        job = str(msg.content["config"].get(JOB_KEY, context.run_id))
+        server_round = int(msg.content["config"].get(ROUND_KEY, 0))
+        if not _seen(context, TRAINED, job, server_round):
+            raise Refusal(f"this site did not train round {server_round} of job {job}; it scores "
+                          "only rounds it took part in")
+        if _seen(context, EVALUATED, job, server_round):
+            raise Refusal(f"round {server_round} of job {job} was already evaluated here; a site "
+                          "answers once per round")
+        _remember(context, EVALUATED, job, server_round)
         examples = _examples(cfg, site)
-        model, tokenizer, global_state = _global_model(msg, cfg)
-        trained = context.state[TRAINED] if TRAINED in context.state else {}
-        if state_digest(global_state) not in trained:
-            raise Refusal("these weights are not a global model this site trained on in this "
-                          "run; a site scores only those")
+        model, tokenizer, _ = _global_model(msg, cfg)
         device = pick_device(site.device)
         model.to(device)
         scores = evaluate(model, encode(tokenizer, examples, cfg.max_length),

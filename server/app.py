@@ -214,7 +214,7 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
         if not cfg.dp:
             row["privacy"] = NON_PRIVATE
         if cfg.federated_eval:
-            row["federated_eval"] = federated_evaluate(grid, nodes, weights, cfg)
+            row["federated_eval"] = federated_evaluate(grid, nodes, weights, cfg, job, server_round)
         metrics.append(row)
         save_checkpoint(out / CHECKPOINT_DIR, server_round, weights, strategy.state_dict(),
                         metrics.rows(), cfg.to_dict())
@@ -240,13 +240,16 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
     return summary
 
 
-def federated_evaluate(grid: Grid, nodes: list[int], weights, cfg: FedConfig) -> dict:
+def federated_evaluate(grid: Grid, nodes: list[int], weights, cfg: FedConfig, job: str,
+                       server_round: int) -> dict:
     """Ask sites to score the global weights on their own data; the mean over sites that answer.
 
-    Sites answer only if they turned federated evaluation on, and then with
-    accuracy and loss alone (no example count); refusals are logged.
+    Sites answer only if they turned federated evaluation on, once per round
+    they trained in, with accuracy and loss alone (no example count);
+    refusals are logged.
     """
-    content = RecordDict({"global": state_to_record(weights), "config": config_to_record(cfg)})
+    content = RecordDict({"global": state_to_record(weights),
+                          "config": config_to_record(cfg, **{ROUND_KEY: server_round, JOB_KEY: job})})
     replies, _ = send(grid, nodes, content, "evaluate", cfg.timeout)
     scores = []
     for reply in replies:

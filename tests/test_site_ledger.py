@@ -246,9 +246,13 @@ def test_federated_evaluation_is_off_unless_the_site_turns_it_on(site):
     cfg, node, _ = site
     weights = to_numpy_state(trainable_state(build_model(cfg, cfg.labels)))
     off = LocalGrid(1, node_configs=[node])
-    assert federated_evaluate(off, off.nodes, weights, cfg) == {}  # refused: off by default
-    on = LocalGrid(1, node_configs=[{**node, "federated-eval": "on"}])
-    assert federated_evaluate(on, on.nodes, weights, cfg) == {}  # not a model it trained on
+    assert _refusal(_train(off, cfg, 1, weights=weights)) == ""
+    assert federated_evaluate(off, off.nodes, weights, cfg, "job-1", 1) == {}  # off by default
+    on = LocalGrid(1, node_configs=[{**node, "federated-eval": "on",
+                                     "ledger-path": str(node["ledger-path"]) + ".on",
+                                     "ledger-key": str(node["ledger-key"]) + ".on"}])
+    assert federated_evaluate(on, on.nodes, weights, cfg, "job-1", 1) == {}  # did not train it
     assert _refusal(_train(on, cfg, 1, weights=weights)) == ""
-    scores = federated_evaluate(on, on.nodes, weights, cfg)
+    scores = federated_evaluate(on, on.nodes, weights, cfg, "job-1", 1)
     assert set(scores) == {"accuracy", "loss"} and 0 <= scores["accuracy"] <= 1
+    assert federated_evaluate(on, on.nodes, weights, cfg, "job-1", 1) == {}  # once per round
