@@ -280,6 +280,8 @@ def _outsider_is_locked_out(root: Path, port: int, procs: Procs, tiny_bert: str)
     out = _flwr(home, "run", str(_foreign_app(root, tiny_bert)), "public", cwd=home)
     assert out["success"] is False and "404" in out["error-message"], out
     assert _flwr(home, "ls", "public", cwd=home)["success"] is False
+    time.sleep(2)  # had anything been submitted, its ServerApp would be starting now
+    assert not (root / "server-code-ran").exists() and not (root / "client-code-ran").exists()
     # Control, Runtime and anything else stop at the proxy, path tricks included.
     base = f"https://localhost:{port}"
     for path in ("/v1/control/start-run", "/v1/control/register-node", "/v1/runtime/pull-messages",
