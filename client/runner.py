@@ -6,12 +6,16 @@ runner asks the SuperNode's Runtime API (on 127.0.0.1, its task requests
 signed with a secret only the agent holds) for each message the site
 received, and for each one:
 
-1. checks the run's app bundle against the code this site installed
+1. pulls the message, the run's context and its app bundle (a thread per
+   task: a task whose message can never arrive, such as one of a run stopped
+   while the site was receiving it, must not hold up the others);
+2. checks the run's app bundle against the code this site installed
    (:mod:`client.pinning`); a run that ships anything else is refused with a
    reply the server logs, and none of its code is imported or run;
-2. otherwise hands the message and the run's context to the installed
-   ``client.app:app``, imported once when the runner starts;
-3. pushes the reply and the updated context back to the SuperNode.
+3. otherwise hands the message and the run's context to the installed
+   ``client.app:app``, imported once when the runner starts; messages are
+   answered one at a time, in the order they arrived;
+4. pushes the reply and the updated context back to the SuperNode.
 
 Besides pinning the code, a long-lived process pays torch's, transformers'
 and Opacus's import cost once, not once per message as Flower's default
@@ -22,8 +26,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import queue
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import httpx
@@ -37,6 +44,8 @@ from flwr.supercore.interceptors import (RuntimeTokenHttpInterceptor, RuntimeVer
                                          SuperExecAuthHttpInterceptor)
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supercore.fab import Fab
+from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
@@ -71,6 +80,18 @@ def _heartbeat(client: RuntimeHttpClient) -> Callable[[], bool]:
     return beat
 
 
+@dataclass
+class _Task:
+    """One acquired task whose input has arrived, waiting for its turn."""
+
+    client: RuntimeHttpClient
+    heartbeat: HeartbeatSender
+    message: Message
+    context: Context
+    run: Run
+    fab: Fab
+
+
 class Runner:
     """Runs the installed ClientApp for every task the SuperNode hands out."""
 
@@ -81,11 +102,13 @@ class Runner:
         self.tasks = _client(address, SuperExecAuthHttpInterceptor(
             master_secret=secret, protected_methods={_ACQUIRE}))
         self.verdicts: dict[str, str] = {}  # FAB hash -> "" (pinned) or the refusal reason
+        self.ready: queue.Queue[_Task] = queue.Queue()
 
     def serve(self) -> None:
-        """Poll the SuperNode for tasks until stopped."""
+        """Poll the SuperNode for tasks until stopped; answer them one at a time."""
         log.info("ClientApp runner: installed fedseal code %s; serving %s",
                  manifest_digest(installed_manifest())[:16], self.address)
+        threading.Thread(target=self._answer_forever, name="answer", daemon=True).start()
         while True:
             try:
                 res = self.tasks.AcquireTask(AcquireTaskRequest(
@@ -95,9 +118,26 @@ class Runner:
                 time.sleep(POLL_S)
                 continue
             if res.HasField("task") and res.token:
-                self.run_task(res.token)
+                threading.Thread(target=self.receive, args=(res.token,), daemon=True).start()
             else:
                 time.sleep(POLL_S)
+
+    def receive(self, token: str) -> None:
+        """Pull one task's input; queue it for :meth:`answer`, or report the task failed."""
+        client = _client(self.address, RuntimeTokenHttpInterceptor(token))
+        heartbeat = HeartbeatSender(_heartbeat(client))
+        heartbeat.start()
+        try:
+            message, context, run, fab = pull_task_input(client)
+        except Exception as exc:  # pylint: disable=broad-exception-caught
+            log.warning("a task's message could not be received (%s); it is dropped", exc)
+            _finish(client, heartbeat, None, SubStatus.FAILED, f"{type(exc).__name__}: {exc}")
+            return
+        self.ready.put(_Task(client, heartbeat, message, context, run, fab))
+
+    def _answer_forever(self) -> None:
+        while True:
+            self.answer(self.ready.get())
 
     def _verdict(self, fab_hash: str, content: bytes) -> str:
         if fab_hash not in self.verdicts:
@@ -108,31 +148,25 @@ class Runner:
                 self.verdicts[fab_hash] = str(exc)
         return self.verdicts[fab_hash]
 
-    def run_task(self, token: str) -> None:
-        """Pull one message, answer it (or refuse the run's code), push the reply and context."""
-        client = _client(self.address, RuntimeTokenHttpInterceptor(token))
-        heartbeat = HeartbeatSender(_heartbeat(client))
-        heartbeat.start()
-        context: Context | None = None
+    def answer(self, task: _Task) -> None:
+        """Answer one message (or refuse the run's code); push the reply and the context."""
         status, details = SubStatus.FAILED, "ClientApp task failed"
         try:
-            message, context, run, fab = pull_task_input(client)
-            reason = self._verdict(fab.hash_str, fab.content)
+            reason = self._verdict(task.fab.hash_str, task.fab.content)
             if reason:
-                log.error("refused run %s: %s", run.run_id, reason)
-                reply = refusal(message, site_name(context.node_config, context.node_id),
+                log.error("refused run %s: %s", task.run.run_id, reason)
+                reply = refusal(task.message,
+                                site_name(task.context.node_config, task.context.node_id),
                                 f"this site runs only the fedseal it installed: {reason}")
             else:
-                reply = self._call(message, context)
-            push_message(client, reply, context)
+                reply = self._call(task.message, task.context)
+            push_message(task.client, reply, task.context)
             status, details = SubStatus.COMPLETED, ""
         except Exception as exc:  # pylint: disable=broad-exception-caught
             log.error("a ClientApp task failed: %s", exc, exc_info=exc)
             details = f"{type(exc).__name__}: {exc}"
         finally:
-            push_task_output(client=client, context=context, sub_status=status, details=details)
-            heartbeat.stop()
-            client.close()
+            _finish(task.client, task.heartbeat, task.context, status, details)
 
     def _call(self, message: Message, context: Context) -> Message:
         """The installed app's reply, or an error reply as Flower's runner would make it."""
@@ -143,6 +177,13 @@ class Runner:
             log.error("the ClientApp raised: %s", exc, exc_info=exc)
             return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
                                  reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
+
+
+def _finish(client: RuntimeHttpClient, heartbeat: HeartbeatSender, context: Context | None,
+            status: str, details: str) -> None:
+    push_task_output(client=client, context=context, sub_status=status, details=details)
+    heartbeat.stop()
+    client.close()
 
 
 def main(argv: list[str] | None = None) -> int:
