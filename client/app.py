@@ -205,7 +205,8 @@ def _train(msg: Message, context: Context) -> Message:
         log.info("site %s: round %d of job %s was trained before and never sent; answering "
                  "with that update", site.name, server_round, job)
         committed = commit_round(site.name, ledger, context, job, server_round, pending.steps,
-                                 pending.epsilon, noise_multiplier=pending.noise_multiplier,
+                                 pending.epsilon, site.delta,
+                                 noise_multiplier=pending.noise_multiplier,
                                  sample_rate=pending.sample_rate)
         update, loss = {k: pending.update[k] for k in global_state}, float("nan")
     else:
@@ -230,15 +231,16 @@ def _train(msg: Message, context: Context) -> Message:
             hold(pending_file, PendingUpdate(job, server_round, digest, update, weight, steps,
                                              job_epsilon, noise, rate))
         committed = commit_round(site.name, ledger, context, job, server_round, steps,
-                                 job_epsilon, noise_multiplier=noise, sample_rate=rate)
+                                 job_epsilon, site.delta, noise_multiplier=noise,
+                                 sample_rate=rate)
     if not all(np.isfinite(v).all() for v in update.values()):
         raise Refusal("local training diverged (NaN/inf in the update); lower --lr or "
                       "--max-grad-norm")
     _remember(context, TRAINED, job, server_round)
-    log.info("site %s: round %d, %d steps in this run, loss %.4f, epsilon %s / %s, %.1fs",
-             site.name, server_round, committed.steps, loss,
+    log.info("site %s: round %d, %d steps in this run, loss %.4f, epsilon %s / %s (delta %s "
+             "over all jobs), %.1fs", site.name, server_round, committed.steps, loss,
              f"{committed.epsilon:.3f}" if committed.private else "inf (no DP)", site.epsilon,
-             time.monotonic() - started)
+             f"{committed.delta:.3g}" if committed.private else "-", time.monotonic() - started)
     return train_reply(msg, context, cfg, committed, update, weight, loss)
 
 

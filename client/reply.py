@@ -50,6 +50,7 @@ def train_reply(msg: Message, context: Context, cfg: FedConfig, committed: Commi
         raise TypeError("a train reply is built only from a committed round (client.spend)")
     status = ConfigRecord({"site": committed.site, "private": committed.private})
     metrics = {"epsilon": committed.epsilon if committed.private else -1.0,
+               "delta": committed.delta if committed.private else -1.0,
                "steps": committed.steps, "noise-multiplier": committed.noise_multiplier}
     if cfg.secagg:
         # Only public keys leave now; the update leaves masked, in a later stage. The

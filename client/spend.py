@@ -30,9 +30,9 @@ class CommittedRound:
         Who trained what.
     steps
         DP-SGD steps taken in the job so far, this round included.
-    epsilon
-        The site's total epsilon after this round (every job); meaningless
-        when ``private`` is false.
+    epsilon, delta
+        The site's total epsilon and delta after this round (every job,
+        basic composition); meaningless when ``private`` is false.
     noise_multiplier
         The job's noise multiplier (0 without DP).
     private
@@ -44,6 +44,7 @@ class CommittedRound:
     round: int
     steps: int
     epsilon: float
+    delta: float
     noise_multiplier: float
     private: bool
     _token: object = field(default=None, repr=False, compare=False)
@@ -70,13 +71,14 @@ def other_jobs_epsilon(ledger: PrivacyLedger | None, job: str) -> float:
 
 
 def commit_round(site: str, ledger: PrivacyLedger | None, context: Context, job: str,
-                 round: int, steps: int, job_epsilon: float | None, *,
+                 round: int, steps: int, job_epsilon: float | None, job_delta: float, *,
                  noise_multiplier: float = 0.0, sample_rate: float = 0.0) -> CommittedRound:
     """Record the round's spend (ledger first, durably) and return the committed round.
 
     ``job_epsilon`` is the job's cumulative epsilon after ``steps`` steps, or
     None for a round trained without differential privacy (nothing to record
-    in the ledger; the reply then says the round was not private).
+    in the ledger; the reply then says the round was not private);
+    ``job_delta`` is the job's delta.
 
     Raises
     ------
@@ -86,10 +88,11 @@ def commit_round(site: str, ledger: PrivacyLedger | None, context: Context, job:
     private = job_epsilon is not None
     if private and ledger is not None:
         ledger.record(job, round, steps, job_epsilon, noise_multiplier=noise_multiplier,
-                      sample_rate=sample_rate)
+                      sample_rate=sample_rate, delta=job_delta)
     context.state[PROGRESS] = MetricRecord({"steps": steps})
     epsilon = other_jobs_epsilon(ledger, job) + job_epsilon if private else float("inf")
-    return CommittedRound(site, str(job), int(round), int(steps), float(epsilon),
+    delta = ledger.delta_spent() if private and ledger is not None else job_delta
+    return CommittedRound(site, str(job), int(round), int(steps), float(epsilon), float(delta),
                           float(noise_multiplier), private, _COMMITTED)
 
 

@@ -75,6 +75,7 @@ def test_spend_is_recorded_and_a_repeated_plain_round_is_trained_afresh(site):
     [entry] = _ledger(tmp).entries
     assert (entry.run, entry.round, entry.steps) == ("job-1", 1, 2)
     assert entry.epsilon == pytest.approx(float(first.content["metrics"]["epsilon"]))
+    assert float(first.content["metrics"]["delta"]) == pytest.approx(1e-5)  # the site's total
     assert not pending_path(tmp / "ledger.json").exists()  # a plain update left at once
 
     # The server crashed before completing round 1 and asks again, same weights: the
