@@ -178,6 +178,9 @@ def test_proxy_config_forwards_only_the_fleet_api(tmp_path):
     assert forward["handle"][0]["transport"]["tls"]["ca"]["pem_files"] == [str(tmp_path / "ca.pem")]
     assert "match" not in refuse and refuse["handle"][0]["status_code"] == 404
     assert subprocess.run([caddy_bin(), "version"], capture_output=True).returncode == 0
+    plain = caddy_config("127.0.0.1:9093", "127.0.0.1:9094", None, tmp_path)  # --insecure trials
+    assert "tls" not in plain["apps"] and "transport" not in (
+        plain["apps"]["http"]["servers"]["fleet"]["routes"][0]["handle"][0])
 
 
 def _issue(path, ca_key, ca_name, host: str, *, days_left: int):
