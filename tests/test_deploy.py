@@ -318,11 +318,9 @@ def test_deployment_holds_against_outsiders_the_operator_and_crashes(federation,
     for site in SITES:
         procs.start(site, *_client_args(root, port, site))
     # Kill the server once every site has trained round 1 and answered with its public
-    # keys, before any masked update left: proxy, SuperLink, ServerApp and all. (Killed
-    # later, after a checkpoint, it would leave the next round's messages queued for a
-    # run that no longer runs; Flower 1.41's SuperNode then preregisters their objects
-    # without ever filling them, and the resumed run's identical weights are never
-    # pulled: see docs/deployment-notes.md.)
+    # keys, before any masked update left: proxy, SuperLink, ServerApp and all. The
+    # restarted server asks for round 1 again, and each site answers with the update
+    # that never left (no new spend).
     pending = [root / "ledgers" / f"{site}.json.pending" for site in SITES]
     _wait_for(lambda: all(len(_entries(root, s)) >= 1 for s in SITES) and all(
         p.exists() for p in pending), 300, "every site to train round 1", procs, "server-1")
@@ -331,8 +329,7 @@ def test_deployment_holds_against_outsiders_the_operator_and_crashes(federation,
     assert all(p.exists() for p in pending), "a masked update left before the kill"
 
     procs.start("server-2", "server", "--config", str(root / "server.toml"))
-    # The agents reconnect on their own and answer the repeated round 1 with the update
-    # that never left (no new spend). Kill one once it has trained round 2 and
+    # The agents reconnect on their own. Kill one once it has trained round 2 and
     # recorded the spend, after its reply (public keys) has had time to upload: a node
     # killed in the middle of an upload leaves a half-stored reply that Flower 1.41
     # only gives up on at the timeout.
