@@ -42,6 +42,7 @@ from common.config import ConfigError, FedConfig
 from common.data import DataError, Examples, read_examples
 from common.records import (JOB_KEY, ROUND_KEY, RecordError, flatten, record_to_config,
                             record_to_state, state_digest, state_to_record, to_numpy_state)
+from common.weights import site_weight
 
 if TYPE_CHECKING:
     from torch import nn
@@ -184,14 +185,15 @@ def _train(msg: Message, context: Context) -> Message:
 
     started = time.monotonic()
     cfg, site, examples = _load(msg, context)
+    if cfg.secagg:  # before any training: a round below the site's policy costs no budget
+        secagg.check_round(msg, context, cfg, site)
     job = str(msg.content["config"].get(JOB_KEY, context.run_id))
     server_round = int(msg.content["config"].get(ROUND_KEY, 0))
     ledger = (PrivacyLedger.open(site.ledger_path, site.name, site.epsilon, site.delta)
               if cfg.dp and site.ledger_path else None)
     model, tokenizer, global_state = _global_model(msg, cfg)
     digest = state_digest(global_state)
-    weight = (min(len(examples), cfg.max_site_examples) / cfg.max_site_examples
-              if cfg.weighting == "examples" else 1.0)
+    weight = site_weight(len(examples), cfg)
     saved = load_update(resend_path(ledger.path), job, server_round, digest) if ledger else None
     plan: DPPlan | None = None
     other = 0.0
@@ -240,7 +242,7 @@ def _train(msg: Message, context: Context) -> Message:
     if cfg.secagg:
         # Only public keys leave now; the update leaves masked, in stage 2. The
         # weight and the training loss stay private to the site.
-        keys = secagg.begin_round(msg, context, cfg, flatten(update), weight)
+        keys = secagg.begin_round(msg, context, cfg, site, flatten(update), weight)
         return Message(RecordDict({"secagg": keys, "metrics": MetricRecord(metrics),
                                    "status": status}), reply_to=msg)
     metrics.update({"weight": weight, "train-loss": loss})
@@ -255,6 +257,7 @@ def _other(ledger: PrivacyLedger, job: str) -> float:
 
 app.train(secagg_wire.SHARE_KEYS)(secagg.share_keys)
 app.train(secagg_wire.MASKED_INPUT)(secagg.masked_input)
+app.train(secagg_wire.CONSISTENCY)(secagg.consistency)
 app.train(secagg_wire.UNMASK)(secagg.unmask)
 
 

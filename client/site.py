@@ -96,6 +96,16 @@ def simulation_site_file(out_dir: str | Path, partition_id: int) -> Path:
     return Path(out_dir) / "sites" / f"site-{partition_id}.jsonl"
 
 
+def simulation_key_file(out_dir: str | Path, partition_id: int) -> Path:
+    """Where the simulation writes partition ``partition_id``'s signing key (``.pub`` beside it)."""
+    return Path(out_dir) / "sites" / f"site-{partition_id}.key"
+
+
+def simulation_roster_file(out_dir: str | Path) -> Path:
+    """Where the simulation writes the roster of all its virtual sites."""
+    return Path(out_dir) / "sites" / "peers.pub"
+
+
 def _policy(node_config: Mapping[str, object]) -> SitePolicy:
     """The site's policy from its node config; unset entries keep the safe defaults."""
     defaults = SitePolicy()
@@ -131,6 +141,8 @@ def site_settings(node_config: Mapping[str, object], cfg: FedConfig) -> SiteSett
         pid = int(node_config["partition-id"])
         data_path = simulation_site_file(cfg.out, pid)
         name = f"site-{pid}"
+        node_config = {"identity-key": str(simulation_key_file(cfg.out, pid)),
+                       "peers": str(simulation_roster_file(cfg.out)), **node_config}
     else:
         raise ConfigError(
             "this client agent has no data: start it with --data FILE "
