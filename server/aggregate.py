@@ -71,7 +71,8 @@ def send(grid: Grid, nodes: Iterable[int], contents: Mapping[int, RecordDict] | 
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     # The SuperLink answers for a node that went offline with an error reply of
     # its own (source node 1): attribute it to the node it was meant for.
-    dst_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    dst_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages
+              if m.metadata.message_id}
     for reply in replies:
         dst = dst_of.get(reply.metadata.reply_to_message_id)
         if reply.has_error() and dst is not None and reply.metadata.src_node_id != dst:

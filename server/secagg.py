@@ -148,7 +148,8 @@ def secure_round(grid: Grid, nodes: list[int], content: RecordDict,
         adverts = {}
         for reply in triage(replies, sums):
             node = reply.metadata.src_node_id
-            rnd.names[node] = site_of(reply)
+            name = site_of(reply)  # what the site calls itself; two may not share a name
+            rnd.names[node] = name if name not in rnd.names.values() else f"{name} (node {node})"
             sums.bytes_received += message_bytes(reply.content)
             try:
                 adverts[node] = field(_record(reply), ADVERT, bytes)
