@@ -385,16 +385,23 @@ class ServerState:
         self._require(ServerStage.COLLECT_MASKED, "collect masked inputs")
         rejected: Rejected = {}
         good: dict[int, tuple[np.ndarray, dict[int, bytes]]] = {}
+        # One pass adds every well-formed vector (the replies may be produced one at a
+        # time); a site left out afterwards has its vector subtracted again.
+        acc = np.zeros(self.vector_length, dtype=MASK_DTYPE)
+        good: dict[int, dict[int, bytes]] = {}
         for raw_id, reply in replies.items():
             try:
                 node = self._participant(raw_id)
                 if node not in self._routed_from:
                     raise InvalidMessageError("it sent a masked input without completing key sharing")
-                good[node] = self._check_masked(node, reply)
+                y, good[node] = self._check_masked(node, reply)
             except SecAggError as exc:
                 rejected[raw_id] = f"bad masked input: {exc}"
+                continue
+            np.add(acc, y, out=acc)
+            del y
         guilty: Rejected = {}
-        for receiver, (_, complaints) in sorted(good.items()):
+        for receiver, complaints in sorted(good.items()):
             for sender, key in sorted(complaints.items()):
                 if self._share_is_valid(sender, receiver, key):
                     guilty[receiver] = (f"complained about node {sender}'s share, which is valid "
@@ -403,12 +410,11 @@ class ServerState:
                     guilty.setdefault(sender, f"its share for node {receiver} does not open to "
                                               "what it committed to")
         rejected.update(guilty)
-        self._complained = {r: frozenset(c) for r, (_, c) in good.items()}
+        self._complained = {r: frozenset(c) for r, c in good.items()}
         u3 = self._prune(set(good) - set(guilty), self._bundles, "masked-input", rejected)
         self._check_alive(len(u3), "masked-input", len(good))
-        acc = np.zeros(self.vector_length, dtype=MASK_DTYPE)
-        for node in sorted(u3):
-            np.add(acc, good[node][0], out=acc)
+        for node in sorted(set(good) - u3):
+            np.subtract(acc, replies[node][0], out=acc)  # type: ignore[index]
         self._acc = acc
         self.survivors = sorted(u3)
         self.dropped = sorted(set(self._routed_from) - u3)
