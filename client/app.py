@@ -273,5 +273,7 @@ def evaluate_site(msg: Message, context: Context) -> Message:
     model.to(device)
     scores = evaluate(model, encode(tokenizer, examples, cfg.max_length),
                       batch_size=cfg.eval_batch_size, num_labels=len(cfg.labels), device=device)
-    return Message(RecordDict({"metrics": MetricRecord({**scores, "num-examples": len(examples)}),
+    # A coarse weight, never the exact count (see common.weights).
+    return Message(RecordDict({"metrics": MetricRecord({**scores,
+                                                        "weight": site_weight(len(examples), cfg)}),
                                "status": ConfigRecord({"site": site.name})}), reply_to=msg)

@@ -241,19 +241,20 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
 
 
 def federated_evaluate(grid: Grid, nodes: list[int], weights, cfg: FedConfig) -> dict:
-    """Ask sites to score the global weights on their own data; example-weighted mean."""
+    """Ask sites to score the global weights on their own data; the mean under the run's
+    weighting (sites report a coarse weight, never their example count)."""
     content = RecordDict({"global": state_to_record(weights), "config": config_to_record(cfg)})
     replies, _ = send(grid, nodes, content, "evaluate", cfg.timeout)
-    totals, count = {"accuracy": 0.0, "loss": 0.0}, 0
+    totals, count = {"accuracy": 0.0, "loss": 0.0}, 0.0
     for reply in replies:
         if reply.has_error():
             log.warning("federated evaluation failed at site %s", site_of(reply))
             continue
         m = reply.content["metrics"]
-        n = int(m["num-examples"])
+        w = float(m["weight"])
         for k in totals:
-            totals[k] += float(m[k]) * n
-        count += n
+            totals[k] += float(m[k]) * w
+        count += w
     return {k: v / count for k, v in totals.items()} if count else {}
 
 

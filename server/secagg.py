@@ -37,6 +37,7 @@ from common.config import FedConfig
 from common.records import unflatten
 from common.secagg import ProtocolAbort, RoundContext, SecAggError, ServerState, generate_key_pair
 from common.secagg import ConfigError as SecAggConfigError
+from common.secagg.crypto import KEY_BYTES
 from common.secagg.messages import pack_var_table
 from common.secagg_wire import (ADVERT, B_SHARES, BUNDLE, CHALLENGE, CIPHERTEXTS, COMPLAINTS,
                                 CONSISTENCY, K, MASKED, MASKED_INPUT, NODES, RECORD, ROUND,
@@ -49,7 +50,6 @@ from server.aggregate import RoundSums, message_bytes, send, site_of, triage
 
 log = logging.getLogger("fedseal")
 
-KEY_BYTES = 32
 _MALFORMED = (WireError, SecAggError, KeyError, TypeError, ValueError, AttributeError, OSError,
               EOFError)
 

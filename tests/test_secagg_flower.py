@@ -488,3 +488,25 @@ def test_simulations_give_every_site_a_key_and_the_roster(setup):
         assert identity.fingerprint in load_roster(site.peers)
         fingerprints.add(identity.fingerprint)
     assert len(fingerprints) == N == len(load_roster(site.peers))
+
+
+def test_federated_evaluation_reports_a_weight_not_a_count(setup):
+    from server.app import federated_evaluate
+
+    cfg, weights = setup
+    grid = LocalGrid(2)
+    seen = []
+    real = grid.send_and_receive
+
+    def spy(messages, *, timeout=None):
+        replies = real(messages, timeout=timeout)
+        seen.extend(replies)
+        return replies
+
+    grid.send_and_receive = spy
+    result = federated_evaluate(grid, grid.nodes, weights, cfg)
+    assert set(result) == {"accuracy", "loss"}
+    for reply in seen:
+        metrics = reply.content["metrics"]
+        assert metrics["weight"] == 1.0 and "num-examples" not in metrics
+        assert set(metrics) == {"accuracy", "loss", "macro_f1", "weight"}

@@ -63,7 +63,6 @@ _EC_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "secp384r1": hashes.SHA384,
     "secp521r1": hashes.SHA512,
 }
-_PUBLIC = (ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey)
 PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
 PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -440,13 +440,3 @@ def unpack_var_table(data: object, what: str = "table") -> dict[int, bytes]:
         out[node] = r.var32(1 << 28)
     r.done()
     return out
-
-
-def sorted_pairs(mapping: Mapping[int, bytes]) -> tuple[tuple[int, bytes], ...]:
-    """``mapping`` as a tuple of ``(id, value)`` pairs in ascending id order."""
-    return tuple((i, mapping[i]) for i in sorted(mapping))
-
-
-def check_ids(values: Sequence[int], what: str) -> tuple[int, ...]:
-    """Sorted distinct unsigned 64-bit ids (raises InvalidMessageError)."""
-    return _ids(values, what)
