@@ -141,8 +141,11 @@ def site_settings(node_config: Mapping[str, object], cfg: FedConfig) -> SiteSett
         pid = int(node_config["partition-id"])
         data_path = simulation_site_file(cfg.out, pid)
         name = f"site-{pid}"
+        # The simulation's user plays every site: its keys and roster are the ones the
+        # simulation wrote, and the run's own cohort settings are the sites' minimums.
         node_config = {"identity-key": str(simulation_key_file(cfg.out, pid)),
-                       "peers": str(simulation_roster_file(cfg.out)), **node_config}
+                       "peers": str(simulation_roster_file(cfg.out)),
+                       "min-cohort": max(2, cfg.min_clients), "min-secagg-k": 1, **node_config}
     else:
         raise ConfigError(
             "this client agent has no data: start it with --data FILE "
