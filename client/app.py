@@ -50,6 +50,7 @@ from common.config import ConfigError, FedConfig
 from common.data import DataError, Examples, read_examples
 from common.records import (JOB_KEY, ROUND_KEY, RecordError, record_to_config, record_to_state,
                             state_digest, to_numpy_state)
+from common.weights import site_weight
 
 if TYPE_CHECKING:
     from torch import nn
@@ -187,14 +188,15 @@ def _train(msg: Message, context: Context) -> Message:
     cfg = record_to_config(msg.content["config"])
     site = site_settings(context.node_config, cfg)
     check_train(site.policy, cfg, msg.content.config_records.get("secagg"))
+    if cfg.secagg:  # before any training: a round this site cannot join costs no budget
+        secagg.check_round(msg, context, site)
     examples = _examples(cfg, site)
     job = str(msg.content["config"].get(JOB_KEY, context.run_id))
     server_round = int(msg.content["config"].get(ROUND_KEY, 0))
     ledger = _open_ledger(site) if cfg.dp else None
     model, tokenizer, global_state = _global_model(msg, cfg)
     digest = state_digest(global_state)
-    weight = (min(len(examples), cfg.max_site_examples) / cfg.max_site_examples
-              if cfg.weighting == "examples" else 1.0)
+    weight = site_weight(len(examples), cfg)
     pending_file = pending_path(ledger.path) if ledger is not None and cfg.secagg else None
     pending = held(pending_file, job, server_round, digest) if pending_file else None
     if pending is not None and set(pending.update) != set(global_state):
@@ -241,10 +243,11 @@ def _train(msg: Message, context: Context) -> Message:
              "over all jobs), %.1fs", site.name, server_round, committed.steps, loss,
              f"{committed.epsilon:.3f}" if committed.private else "inf (no DP)", site.epsilon,
              f"{committed.delta:.3g}" if committed.private else "-", time.monotonic() - started)
-    return train_reply(msg, context, cfg, committed, update, weight, loss)
+    return train_reply(msg, context, cfg, site, committed, update, weight, loss)
 
 
 app.train(secagg_wire.SHARE_KEYS)(secagg.share_keys)
+app.train(secagg_wire.CONSISTENCY)(secagg.consistency)
 
 
 @app.train(secagg_wire.MASKED_INPUT)

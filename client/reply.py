@@ -16,6 +16,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client import secagg
+from client.site import SiteSettings
 from client.spend import CommittedRound
 from common.config import FedConfig
 from common.records import flatten, state_to_record
@@ -37,8 +38,9 @@ def refusal(msg: Message, site_name: str, reason: str) -> Message:
                    reply_to=msg)
 
 
-def train_reply(msg: Message, context: Context, cfg: FedConfig, committed: CommittedRound,
-                update: Mapping[str, np.ndarray], weight: float, loss: float) -> Message:
+def train_reply(msg: Message, context: Context, cfg: FedConfig, site: SiteSettings,
+                committed: CommittedRound, update: Mapping[str, np.ndarray], weight: float,
+                loss: float) -> Message:
     """The reply to ``train``: public keys (secure aggregation) or the weighted update (plain).
 
     Raises
@@ -55,7 +57,7 @@ def train_reply(msg: Message, context: Context, cfg: FedConfig, committed: Commi
     if cfg.secagg:
         # Only public keys leave now; the update leaves masked, in a later stage. The
         # weight and the training loss stay private to the site.
-        keys = secagg.begin_round(msg, context, cfg, flatten(update), weight)
+        keys = secagg.begin_round(msg, context, cfg, site, flatten(update), weight)
         return Message(RecordDict({"secagg": keys, "metrics": MetricRecord(metrics),
                                    STATUS: status}), reply_to=msg)
     metrics.update({"weight": weight, "train-loss": loss})

@@ -1,41 +1,129 @@
-"""The site's side of SecAgg+: keep the encoded update and secrets in the node's
-``Context.state`` between messages, and answer each stage.
+"""The site's side of SecAgg+: check it belongs in the round, keep the
+encoded update and the protocol state in the node's ``Context.state`` between
+messages, and answer each stage.
 
-Stage 0 (advertise keys) rides on the ``train`` reply; then ``train.<stage>``
-messages carry the key bundle, the routed shares, and the unmask request.
+The site's signing key (``identity-key``) and roster (``peers``) come from its
+own settings, never from the server. :func:`check_round` runs before training,
+so a round the site would refuse costs it no privacy budget. Stage 0 (advertise
+keys) rides on the ``train`` reply; then ``train.<stage>`` messages carry the key
+bundle, the routed shares, the survivor view to sign, and the unmask request.
 Nothing here ever sends the update itself: only ``x + masks`` leaves the site.
+
+At most one unmask per (job, round): before it answers, the site records the
+pair durably (a small file beside its ledger, or ``Context.state`` without
+one), and refuses any later unmask request for the same pair, so two
+aggregates over different survivor sets can never be subtracted.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from common.config import FedConfig
-from common.secagg import ClientState
-from common.secagg_wire import (encode_update, pack_shares, pack_table, unpack_ids,
-                                unpack_key_bundle, unpack_table)
+from client.site import SiteSettings
+from common.config import ConfigError, FedConfig
+from common.durable import atomic_write
+from common.records import JOB_KEY
+from common.secagg import (ClientState, Identity, Roster, RoundContext, SecAggError,
+                           UnmaskRefusedError)
+from common.secagg.messages import Advert, ShareMessage
+from common.secagg_wire import (ADVERT, BUNDLE, CHALLENGE, CIPHERTEXTS, COMPLAINTS, B_SHARES, K,
+                                MASKED, NODES, RECORD, ROUND, ROUTED, SEEDS, SHARES, SIGNATURE,
+                                SIGNATURES, SK_SHARES, THRESHOLD, VIEW, Y, WireError,
+                                encode_update, field, pack_shares, pack_table, unpack_ids,
+                                unpack_routed, var_table)
 
 log = logging.getLogger(__name__)
 
-STATE = "fedseal.secagg.state"
-INPUT = "fedseal.secagg.input"
+STATE = "fedseal.secagg.state"  # the protocol state (this site's secrets)
+INPUT = "fedseal.secagg.input"  # the encoded update, until it leaves masked
+SITE = "fedseal.secagg.site"  # the site's own paths and policy for this round
+UNMASKED = "fedseal.secagg.unmasked"  # (job, round) pairs unmasked, without a ledger
+RECORD_FORMAT = "fedseal.secagg.unmasked"
+RECORD_SUFFIX = ".secagg-unmasked.json"
 
 
-def _check_round(msg: Message, state: ClientState) -> None:
-    rnd = int(msg.content["secagg"]["round"])
-    if rnd != state.round_id:
-        raise ValueError(f"secure-aggregation message for round {rnd}, but this site is in "
-                         f"round {state.round_id}; the message is stale and is refused")
+def unmask_record_path(ledger_path: Path) -> Path:
+    """The durable record of unmasked rounds, beside the site's ledger."""
+    return ledger_path.with_name(ledger_path.name + RECORD_SUFFIX)
+
+
+def _round_context(msg: Message, context: Context) -> RoundContext:
+    params = msg.content[RECORD] if RECORD in msg.content.config_records else None
+    if params is None:
+        raise ConfigError("the server sent no secure-aggregation parameters with secure "
+                          "aggregation on; this site will not train")
+    try:
+        nodes = unpack_ids(field(params, NODES, bytes))
+        return RoundContext(context.run_id, field(params, ROUND, int), nodes, field(params, K, int),
+                            field(params, THRESHOLD, int), field(params, CHALLENGE, bytes))
+    except (WireError, SecAggError) as exc:
+        raise ConfigError(f"the server's secure-aggregation parameters are invalid ({exc})") from None
+
+
+def _read(path: Path | None, what: str, flag: str) -> bytes:
+    if path is None:
+        raise ConfigError(f"secure aggregation needs this site's {what} ({flag}); a site without "
+                          "it cannot tell real fellow sites from ones a server invents")
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read this site's {what} {path} ({exc.strerror}); fix {flag}") from None
+
+
+def load_identity(path: Path | None) -> Identity:
+    """The site's signing key from its ``identity-key`` file."""
+    return Identity.from_private_bytes(_read(path, "signing key", "identity-key"))
+
+
+def load_roster(path: Path | None) -> Roster:
+    """The roster of accepted sites from the site's ``peers`` file."""
+    try:
+        return Roster.from_text(_read(path, "roster of accepted sites", "peers").decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"the peers file {path} is not text (OpenSSH .pub lines)") from None
+
+
+def check_round(msg: Message, context: Context, site: SiteSettings) -> RoundContext:
+    """Before any training: the round's parameters parse, this site is in its cohort, and the
+    site's signing key and roster can be read.
+
+    The cohort size, ``k``, ``t`` and the update clip are held against the
+    site's policy by :func:`client.policy.check_train`, which runs first.
+
+    Raises
+    ------
+    ConfigError
+        Saying what is wrong and what to change.
+    """
+    ctx = _round_context(msg, context)
+    if context.node_id not in ctx.participants:
+        raise ConfigError("this site is not in the round's cohort the server sent")
+    load_identity(site.identity_key)
+    load_roster(site.peers)
+    return ctx
+
+
+def _site(context: Context) -> ConfigRecord:
+    if SITE not in context.state:
+        raise ValueError("no secure-aggregation round in progress at this site "
+                         "(it restarted, or the stage arrived out of order)")
+    return context.state[SITE]
 
 
 def _load(context: Context) -> ClientState:
+    info = _site(context)
     if STATE not in context.state:
         raise ValueError("no secure-aggregation round in progress at this site "
                          "(it restarted, or the stage arrived out of order)")
-    return ClientState.restore_state(dict(context.state[STATE].items()))
+    return ClientState.restore_state(
+        dict(context.state[STATE].items()),
+        identity=load_identity(Path(str(info["identity-key"]))),
+        roster=load_roster(Path(str(info["peers"]))))
 
 
 def _save(context: Context, state: ClientState) -> None:
@@ -43,56 +131,127 @@ def _save(context: Context, state: ClientState) -> None:
 
 
 def _clear(context: Context) -> None:
-    for key in (STATE, INPUT):
+    for key in (STATE, INPUT, SITE):
         if key in context.state:
             del context.state[key]
 
 
-def begin_round(msg: Message, context: Context, cfg: FedConfig,
+def _params(msg: Message, state: ClientState) -> ConfigRecord:
+    if RECORD not in msg.content.config_records:
+        raise WireError(f"the message carries no '{RECORD}' record")
+    params = msg.content[RECORD]
+    rnd = field(params, ROUND, int)
+    if rnd != state.ctx.round_id:
+        raise ValueError(f"secure-aggregation message for round {rnd}, but this site is in "
+                         f"round {state.ctx.round_id}; the message is stale and is refused")
+    return params
+
+
+def _reply(msg: Message, **values: bytes) -> Message:
+    return Message(RecordDict({RECORD: ConfigRecord(dict(values))}), reply_to=msg)
+
+
+def begin_round(msg: Message, context: Context, cfg: FedConfig, site: SiteSettings,
                 flat_weighted_update: np.ndarray, weight: float) -> ConfigRecord:
-    """Encode the update, start this round's protocol state, and return the public keys."""
+    """Encode the update, start this round's protocol state, and return the signed keys."""
     _clear(context)
-    params = msg.content["secagg"]
-    nodes = unpack_ids(params["nodes"])
-    server_round = int(params["round"])
-    x = encode_update(flat_weighted_update, weight, cfg, len(nodes))
-    state = ClientState(context.node_id, nodes, threshold=int(params["threshold"]),
-                        k=int(params["k"]), run_id=context.run_id, round_id=server_round)
-    keys = state.advertise_keys()
-    context.state[INPUT] = ArrayRecord({"x": Array(x)})
+    ctx = check_round(msg, context, site)
+    identity, roster = load_identity(site.identity_key), load_roster(site.peers)
+    x = encode_update(flat_weighted_update, weight, cfg, len(ctx.participants))
+    state = ClientState(context.node_id, ctx, identity=identity, roster=roster,
+                        min_survivors=site.policy.min_cohort)
+    advert = state.advertise_keys()
+    job = str(msg.content["config"].get(JOB_KEY, context.run_id))
+    context.state[INPUT] = ArrayRecord({Y: Array(x)})
+    context.state[SITE] = ConfigRecord({
+        "job": job, "identity-key": str(site.identity_key), "peers": str(site.peers),
+        "record": str(unmask_record_path(site.ledger_path)) if site.ledger_path else ""})
     _save(context, state)
-    return ConfigRecord({"c_pk": keys["c_pk"], "s_pk": keys["s_pk"]})
+    return ConfigRecord({ADVERT: advert.encode(ctx.digest)})
 
 
 def share_keys(msg: Message, context: Context) -> Message:
-    """Stage 1: Shamir-share the self-mask seed and mask key, encrypted per neighbour."""
+    """Stage 1: check the neighbours' signed keys; deal, commit to and encrypt shares."""
     state = _load(context)
-    _check_round(msg, state)
-    ciphertexts = state.share_keys(unpack_key_bundle(msg.content["secagg"]["bundle"]))
+    table = var_table(field(_params(msg, state), BUNDLE, bytes), "key bundle")
+    bundle: dict[int, Advert] = {}
+    for node, data in table.items():
+        bundle[node], _ = Advert.decode(data)
+    message, ciphertexts = state.share_keys(bundle)
     _save(context, state)
-    return Message(RecordDict({"secagg": ConfigRecord({"shares": pack_table(ciphertexts)})}),
-                   reply_to=msg)
+    return _reply(msg, **{SHARES: message.encode(state.ctx.digest),
+                          CIPHERTEXTS: pack_table(ciphertexts)})
 
 
 def masked_input(msg: Message, context: Context) -> Message:
-    """Stage 2: send ``x + masks``; the plain ``x`` is deleted afterwards."""
+    """Stage 2: send ``x + masks`` (and complaints about bad shares); ``x`` is deleted."""
     state = _load(context)
-    _check_round(msg, state)
-    x = context.state[INPUT]["x"].numpy()
-    y = state.masked_input(unpack_table(msg.content["secagg"]["shares"]), x)
+    routed = unpack_routed(field(_params(msg, state), ROUTED, bytes))
+    opened = {s: (ShareMessage.decode(m)[0], ct) for s, (m, ct) in routed.items()}
+    x = context.state[INPUT][Y].numpy()
+    y, complaints = state.masked_input(opened, x)
     del context.state[INPUT]
     _save(context, state)
-    return Message(RecordDict({"masked": ArrayRecord({"y": Array(y)})}), reply_to=msg)
+    return Message(RecordDict({MASKED: ArrayRecord({Y: Array(y)}),
+                               RECORD: ConfigRecord({COMPLAINTS: pack_table(complaints)})}),
+                   reply_to=msg)
+
+
+def consistency(msg: Message, context: Context) -> Message:
+    """Stage 3: check the server's survivor view against what this site saw, and sign it."""
+    state = _load(context)
+    signature = state.sign_view(field(_params(msg, state), VIEW, bytes))
+    _save(context, state)
+    return _reply(msg, **{SIGNATURE: signature})
+
+
+def _unmasked_before(context: Context, info: ConfigRecord) -> set[tuple[str, int]]:
+    path = str(info["record"])
+    if not path:
+        rec = context.state[UNMASKED] if UNMASKED in context.state else {}
+        return {(str(j), int(r)) for j, r in (json.loads(v) for v in rec.values())}
+    if not Path(path).exists():
+        return set()
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        if data.get("format") != RECORD_FORMAT:
+            raise ValueError(data.get("format"))
+        return {(str(j), int(r)) for j, r in data["rounds"]}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UnmaskRefusedError(f"this site's record of unmasked rounds {path} is unreadable "
+                                 f"({exc}); it will not unmask anything until the file is "
+                                 "restored") from None
+
+
+def _remember(context: Context, info: ConfigRecord, done: set[tuple[str, int]]) -> None:
+    path = str(info["record"])
+    if not path:
+        context.state[UNMASKED] = ConfigRecord({f"{j}/{r}": json.dumps([j, r]) for j, r in done})
+        return
+    atomic_write(Path(path), json.dumps({"format": RECORD_FORMAT, "version": 1,
+                                         "rounds": sorted([j, r] for j, r in done)}).encode())
 
 
 def unmask(msg: Message, context: Context) -> Message:
-    """Stage 3: reveal seed shares of survivors and key shares of dropped sites."""
+    """Stage 4: reveal the shares the view needs, once per (job, round), recorded first."""
     state = _load(context)
-    _check_round(msg, state)
-    params = msg.content["secagg"]
-    reply = state.unmask(unpack_ids(params["survivors"]), unpack_ids(params["dropped"]))
+    info = _site(context)
+    params = _params(msg, state)
+    signatures = var_table(field(params, SIGNATURES, bytes), "view signatures")
+    reply = state.unmask(field(params, VIEW, bytes), signatures)
+    key = (str(info["job"]), state.ctx.round_id)
+    done = _unmasked_before(context, info)
+    if key in done:
+        _clear(context)
+        raise UnmaskRefusedError(
+            f"this site already helped unmask round {key[1]} of job {key[0]}; a second unmask "
+            "could let the server subtract two sums and learn one site's update, so it refuses")
+    _remember(context, info, done | {key})
     _clear(context)
-    return Message(RecordDict({"secagg": ConfigRecord({
-        "b_shares": pack_shares(reply["b_shares"]),
-        "sk_shares": pack_shares(reply["sk_shares"]),
-    })}), reply_to=msg)
+    return _reply(msg, **{B_SHARES: pack_shares(reply[B_SHARES]),
+                          SK_SHARES: pack_shares(reply[SK_SHARES]),
+                          SEEDS: pack_table(reply[SEEDS])})
+
+
+__all__ = ["begin_round", "check_round", "consistency", "load_identity", "load_roster",
+           "masked_input", "share_keys", "unmask", "unmask_record_path"]

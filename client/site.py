@@ -25,7 +25,7 @@ plays every site, so the run's own settings are the sites' policy there
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
 
@@ -125,9 +125,18 @@ def ledger_path(node_config: Mapping[str, object]) -> Path | None:
     return Path(str(value)) if value else None
 
 
-def _policy(node_config: Mapping[str, object]) -> SitePolicy:
-    """The site's policy from its node config; unset entries keep the safe defaults."""
-    defaults = SitePolicy()
+def simulation_key_file(out_dir: str | Path, partition_id: int) -> Path:
+    """Where the simulation writes partition ``partition_id``'s signing key (``.pub`` beside it)."""
+    return Path(out_dir) / "sites" / f"site-{partition_id}.key"
+
+
+def simulation_roster_file(out_dir: str | Path) -> Path:
+    """Where the simulation writes the roster of all its virtual sites."""
+    return Path(out_dir) / "sites" / "peers.pub"
+
+
+def _policy(node_config: Mapping[str, object], defaults: SitePolicy = SitePolicy()) -> SitePolicy:
+    """The site's policy from its node config; unset entries keep ``defaults`` (the safe ones)."""
     values: dict[str, object] = {}
     for name in SitePolicy.__dataclass_fields__:
         key = name.replace("_", "-")
@@ -150,7 +159,7 @@ def _policy(node_config: Mapping[str, object]) -> SitePolicy:
         except (TypeError, ValueError):
             raise ConfigError(f"the site's node config has {key} = {raw!r}, which is not a "
                               f"{type(default).__name__}") from None
-    return SitePolicy(**values)  # type: ignore[arg-type]
+    return replace(defaults, **values)  # type: ignore[arg-type]
 
 
 def site_settings(node_config: Mapping[str, object], cfg: FedConfig) -> SiteSettings:
@@ -159,8 +168,14 @@ def site_settings(node_config: Mapping[str, object], cfg: FedConfig) -> SiteSett
         data_path = Path(str(node_config["data-path"]))
         policy = _policy(node_config)
     elif "partition-id" in node_config:
-        data_path = simulation_site_file(cfg.out, int(node_config["partition-id"]))
-        policy = SitePolicy.of_run(cfg)
+        pid = int(node_config["partition-id"])
+        data_path = simulation_site_file(cfg.out, pid)
+        # The simulation's user plays every site: its keys and roster are the ones the
+        # simulation wrote, and the run's own settings are the sites' policy unless a
+        # node config entry says otherwise.
+        node_config = {"identity-key": str(simulation_key_file(cfg.out, pid)),
+                       "peers": str(simulation_roster_file(cfg.out)), **node_config}
+        policy = _policy(node_config, SitePolicy.of_run(cfg))
     else:
         raise ConfigError(
             "this client agent has no data: start it with --data FILE "

@@ -59,7 +59,7 @@ class FedConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.99
     adam_tau: float = 1e-3
-    weighting: str = "examples"  # "examples" or "equal"
+    weighting: str = "equal"  # "equal" or "bucket" (see common.weights); never exact counts
     federated_eval: bool = False
     timeout: float = 600.0  # seconds to wait for sites to connect and to reply
     # Local training
@@ -79,7 +79,7 @@ class FedConfig:
     secagg_k: int = 0  # 0: chosen from the number of sites (O(log n))
     secagg_threshold: int = 0  # 0: chosen from k
     update_clip: float = 1.0  # per-coordinate bound of an update before quantising
-    max_site_examples: int = 100_000  # public cap that normalises example weights
+    max_site_examples: int = 100_000  # public cap that the weight buckets are relative to
     # Output
     out: str = "fedseal-out"
     eval_batch_size: int = 128
@@ -90,7 +90,11 @@ class FedConfig:
         _choice("finetune", self.finetune, ("lora", "full"))
         _choice("partition", self.partition, ("iid", "dirichlet"))
         _choice("strategy", self.strategy, ("fedavg", "fedadam"))
-        _choice("weighting", self.weighting, ("examples", "equal"))
+        if self.weighting == "examples":
+            raise ConfigError("weighting 'examples' is gone: an exact example count would leave "
+                              "each site; use 'equal' (default) or 'bucket' (a coarse power-of-two "
+                              "bucket of the count)")
+        _choice("weighting", self.weighting, ("equal", "bucket"))
         _choice("device", self.device, ("auto", "cpu", "cuda"))
         _choice("accountant", self.accountant, ("prv", "rdp"))
         for name in ("lora_r", "lora_alpha", "max_length", "clients", "rounds",
@@ -123,6 +127,10 @@ class FedConfig:
             raise ConfigError("lora-targets is empty: name the modules LoRA adapts, e.g. query,value")
         if self.secagg_k < 0 or self.secagg_threshold < 0 or self.eval_max_examples < 0:
             raise ConfigError("secagg-k, secagg-threshold and eval-max-examples cannot be negative")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        if self.secagg:
+            _check_secagg(self)
 
     @property
     def effective_server_lr(self) -> float:
@@ -154,6 +162,38 @@ class FedConfig:
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(FedConfig)}
+
+
+def _check_secagg(cfg: FedConfig) -> None:
+    """Check the SecAgg+ settings against every cohort size the run may meet.
+
+    Rounds have between ``min-clients`` and ``clients`` sites; ``k``, the
+    threshold and the fixed-point encoding of ``update-clip`` must work for each,
+    so that no round fails after the sites have trained and spent budget.
+    """
+    from common.secagg import ConfigError as SecAggConfigError
+    from common.secagg_wire import quant_config, round_parameters
+
+    if cfg.min_clients < 2:
+        raise ConfigError("secure aggregation needs rounds of at least 2 sites (a sum over one "
+                          "site is its update): raise min-clients to 2 or more")
+    if cfg.secagg_k and cfg.secagg_k % 2 and cfg.secagg_k < cfg.clients - 1:
+        raise ConfigError(f"secagg-k={cfg.secagg_k} is odd: below clients-1 each site needs k/2 "
+                          f"neighbours on each side of the ring; use {cfg.secagg_k + 1} (or 0 for "
+                          "the O(log n) default)")
+    for n in range(cfg.min_clients, cfg.clients + 1):
+        try:
+            round_parameters(cfg, n)
+        except SecAggConfigError as exc:
+            raise ConfigError(f"secagg-k={cfg.secagg_k}, secagg-threshold={cfg.secagg_threshold} "
+                              f"do not work for a round of {n} sites, which this run may meet "
+                              f"(min-clients {cfg.min_clients} to clients {cfg.clients}): {exc}; "
+                              "use 0 to pick them from the cohort size") from None
+    try:
+        quant_config(cfg, cfg.clients)
+    except SecAggConfigError as exc:
+        raise ConfigError(f"update-clip={cfg.update_clip} is too large to encode {cfg.clients} "
+                          f"sites' updates in 32 bits ({exc}); lower update-clip") from None
 
 
 def _key(name: str) -> str:

@@ -1,33 +1,72 @@
-"""How secure-aggregation messages travel in Flower records.
+"""How secure-aggregation messages travel in Flower records, and the update encoding.
 
-The protocol in :mod:`common.secagg` speaks dicts keyed by node id. Flower
-records key by string and store integers as signed 64-bit, while node ids use
-all 64 unsigned bits, so ids travel packed big-endian inside ``bytes`` values.
-Every decoder checks lengths and raises :class:`WireError` on malformed input.
+One vocabulary of record keys and message types, shared by the server
+(:mod:`server.secagg`) and the sites (:mod:`client.secagg`). The protocol in
+:mod:`common.secagg` speaks canonical ``bytes`` encodings and dicts keyed by
+node id; node ids use all 64 unsigned bits, so they travel packed big-endian
+inside ``bytes`` values. Every reader checks types and lengths and raises
+:class:`WireError` on malformed input.
 """
 
 from __future__ import annotations
 
 import struct
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
 from common.config import FedConfig
-from common.secagg import QuantConfig, default_k, default_threshold, dequantize_sum, quantize
+from common.secagg import (QuantConfig, default_k, default_threshold, dequantize_sum, quantize,
+                           validate_parameters)
+from common.secagg.messages import pack_var_table, unpack_var_table
+from common.secagg.errors import SecAggError
+from common.secagg.protocol import SHARE_CIPHERTEXT_BYTES
+
+# Message types of the stages after "train" (ClientApp actions "train.<name>").
+SHARE_KEYS = "secagg_share_keys"
+MASKED_INPUT = "secagg_masked_input"
+CONSISTENCY = "secagg_consistency"
+UNMASK = "secagg_unmask"
+STAGES = (SHARE_KEYS, MASKED_INPUT, CONSISTENCY, UNMASK)
+
+# Record names and keys.
+RECORD = "secagg"  # ConfigRecord carrying the protocol's fields, both directions
+MASKED = "masked"  # ArrayRecord of the masked vector (site -> server, stage 2)
+Y = "y"
+NODES, K, THRESHOLD, ROUND, CHALLENGE = "nodes", "k", "threshold", "round", "challenge"
+ADVERT = "advert"
+BUNDLE = "bundle"
+SHARES, CIPHERTEXTS = "shares", "ciphertexts"
+ROUTED = "routed"
+COMPLAINTS = "complaints"
+VIEW, SIGNATURE, SIGNATURES = "view", "signature", "signatures"
+B_SHARES, SK_SHARES, SEEDS = "b_shares", "sk_shares", "seeds"
+
+SUM_HEADROOM = 2
+"""The fixed-point scale leaves room for ``SUM_HEADROOM * n`` clipped vectors, so
+a sum that a site garbled (e.g. with a masked vector the protocol cannot
+produce) falls outside the honest range with overwhelming probability."""
 
 _ID = struct.Struct(">Q")
 _LEN = struct.Struct(">I")
 _IDX = struct.Struct(">H")
 
-# Message types of the stages after "train" (ClientApp actions "train.<name>").
-SHARE_KEYS = "secagg_share_keys"
-MASKED_INPUT = "secagg_masked_input"
-UNMASK = "secagg_unmask"
-
 
 class WireError(ValueError):
     """A secure-aggregation message is malformed."""
+
+
+def field(record: object, key: str, kind: type) -> object:
+    """``record[key]``, required to be of ``kind`` (``bytes`` or ``int``)."""
+    try:
+        value = record[key]  # type: ignore[index]
+    except (KeyError, TypeError):
+        raise WireError(f"'{key}' is missing") from None
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise WireError(f"'{key}' must be an integer, got {type(value).__name__}")
+    if kind is bytes and not isinstance(value, bytes):
+        raise WireError(f"'{key}' must be bytes, got {type(value).__name__}")
+    return value
 
 
 def pack_ids(ids: list[int]) -> bytes:
@@ -35,7 +74,7 @@ def pack_ids(ids: list[int]) -> bytes:
     return b"".join(_ID.pack(i) for i in ids)
 
 
-def unpack_ids(data: bytes) -> list[int]:
+def unpack_ids(data: object) -> list[int]:
     """Inverse of :func:`pack_ids`."""
     if not isinstance(data, (bytes, bytearray)) or len(data) % _ID.size:
         raise WireError("node-id list has a length that is not a multiple of 8 bytes")
@@ -51,13 +90,15 @@ def pack_table(table: Mapping[int, bytes]) -> bytes:
     return _LEN.pack(width) + b"".join(_ID.pack(k) + bytes(table[k]) for k in sorted(table))
 
 
-def unpack_table(data: bytes) -> dict[int, bytes]:
-    """Inverse of :func:`pack_table`."""
+def unpack_table(data: object, width: int | None = None) -> dict[int, bytes]:
+    """Inverse of :func:`pack_table`; with ``width``, every payload must have that length."""
     if not isinstance(data, (bytes, bytearray)) or len(data) < _LEN.size:
         raise WireError("table is too short to hold its header")
-    (width,) = _LEN.unpack_from(data)
+    (got,) = _LEN.unpack_from(data)
     body = memoryview(data)[_LEN.size:]
-    entry = _ID.size + width
+    if width is not None and body and got != width:
+        raise WireError(f"table entries are {got} bytes, expected {width}")
+    entry = _ID.size + got
     if len(body) % entry:
         raise WireError(f"table body of {len(body)} bytes is not a multiple of {entry}")
     out: dict[int, bytes] = {}
@@ -69,17 +110,12 @@ def unpack_table(data: bytes) -> dict[int, bytes]:
     return out
 
 
-def pack_key_bundle(bundle: Mapping[int, tuple[bytes, bytes]]) -> bytes:
-    """``{node: (c_pk, s_pk)}`` as a table of 64-byte entries."""
-    return pack_table({k: c + s for k, (c, s) in bundle.items()})
-
-
-def unpack_key_bundle(data: bytes) -> dict[int, tuple[bytes, bytes]]:
-    """Inverse of :func:`pack_key_bundle`."""
-    table = unpack_table(data)
-    if any(len(v) != 64 for v in table.values()):
-        raise WireError("each key-bundle entry must hold two 32-byte public keys")
-    return {k: (v[:32], v[32:]) for k, v in table.items()}
+def var_table(data: object, what: str) -> dict[int, bytes]:
+    """:func:`common.secagg.messages.unpack_var_table`, raising :class:`WireError`."""
+    try:
+        return unpack_var_table(data, what)
+    except SecAggError as exc:
+        raise WireError(str(exc)) from None
 
 
 def pack_shares(shares: Mapping[int, tuple[int, bytes]]) -> bytes:
@@ -87,7 +123,7 @@ def pack_shares(shares: Mapping[int, tuple[int, bytes]]) -> bytes:
     return pack_table({k: _IDX.pack(i) + s for k, (i, s) in shares.items()})
 
 
-def unpack_shares(data: bytes) -> dict[int, tuple[int, bytes]]:
+def unpack_shares(data: object) -> dict[int, tuple[int, bytes]]:
     """Inverse of :func:`pack_shares`."""
     table = unpack_table(data)
     if any(len(v) <= _IDX.size for v in table.values()):
@@ -95,11 +131,30 @@ def unpack_shares(data: bytes) -> dict[int, tuple[int, bytes]]:
     return {k: (_IDX.unpack_from(v)[0], v[_IDX.size:]) for k, v in table.items()}
 
 
+def pack_routed(routed: Mapping[int, tuple[bytes, bytes]]) -> bytes:
+    """``{sender: (share message, ciphertext)}`` as a variable-length table."""
+    return pack_var_table({s: m + ct for s, (m, ct) in routed.items()})
+
+
+def unpack_routed(data: object) -> dict[int, tuple[bytes, bytes]]:
+    """Inverse of :func:`pack_routed`."""
+    table = var_table(data, "routed shares")
+    if any(len(v) <= SHARE_CIPHERTEXT_BYTES for v in table.values()):
+        raise WireError("a routed share entry is too short to hold a ciphertext")
+    return {s: (v[:-SHARE_CIPHERTEXT_BYTES], v[-SHARE_CIPHERTEXT_BYTES:]) for s, v in table.items()}
+
+
 def round_parameters(cfg: FedConfig, n: int) -> tuple[int, int]:
-    """(k, threshold) for a round of ``n`` sites: configured, or O(log n) defaults."""
-    k = cfg.secagg_k or default_k(n)
-    k = min(k, max(n - 1, 1))
+    """(k, threshold) for a round of ``n`` sites: configured, or O(log n) defaults.
+
+    Raises
+    ------
+    common.secagg.ConfigError
+        If the configured values break the SecAgg+ rules for ``n`` sites.
+    """
+    k = min(cfg.secagg_k or default_k(n), max(n - 1, 1))
     threshold = cfg.secagg_threshold or default_threshold(k)
+    validate_parameters(n, k, threshold)
     return k, threshold
 
 
@@ -107,10 +162,11 @@ def quant_config(cfg: FedConfig, n: int) -> QuantConfig:
     """Fixed-point encoding for a round of ``n`` sites.
 
     Entries of ``w * update`` are clipped to ``[-update_clip, update_clip]``;
-    the scale leaves ``ceil(log2 n)`` bits of headroom in Z_2^32 so the sum of
-    ``n`` encodings never wraps (see :class:`common.secagg.QuantConfig`).
+    the scale leaves ``ceil(log2(SUM_HEADROOM * n))`` bits of headroom in
+    Z_2^32, so the sum of ``n`` honest encodings never wraps and fills at most
+    half of the range (see :data:`SUM_HEADROOM`).
     """
-    return QuantConfig(clip=cfg.update_clip, max_clients=n)
+    return QuantConfig(clip=cfg.update_clip, max_clients=SUM_HEADROOM * n)
 
 
 def encode_update(flat_weighted_update: np.ndarray, weight: float, cfg: FedConfig,
@@ -119,13 +175,57 @@ def encode_update(flat_weighted_update: np.ndarray, weight: float, cfg: FedConfi
 
     The weight rides inside the masked vector (scaled by the clip bound so it
     uses the same fixed-point grid), so the server learns only the sum of the
-    weights, never one site's example count.
+    weights, never one site's weight.
     """
     vector = np.append(np.asarray(flat_weighted_update, dtype=np.float64), weight * cfg.update_clip)
     return quantize(vector, quant_config(cfg, n))
 
 
-def decode_sum(total: np.ndarray, cfg: FedConfig, n: int) -> tuple[np.ndarray, float]:
-    """Inverse of :func:`encode_update` applied to a sum: (sum of w*update, sum of w)."""
-    values = dequantize_sum(total, quant_config(cfg, n))
+class SumRangeError(ValueError):
+    """An unmasked sum that honest sites cannot have produced."""
+
+
+def decode_sum(total: np.ndarray, cfg: FedConfig, n: int, survivors: int,
+               weights: tuple[float, float]) -> tuple[np.ndarray, float]:
+    """Decode a recovered sum and check it against what ``survivors`` sites can have sent.
+
+    Parameters
+    ----------
+    total : numpy.ndarray
+        The uint32 ring sum of ``survivors`` outputs of :func:`encode_update`.
+    cfg : FedConfig
+        The run's configuration.
+    n : int
+        The round's cohort size (fixes the quantisation).
+    survivors : int
+        Number of sites whose vectors are in ``total``.
+    weights : tuple[float, float]
+        Smallest and largest weight one site can have
+        (:func:`common.weights.weight_range`).
+
+    Returns
+    -------
+    tuple[numpy.ndarray, float]
+        ``(sum of w * update, sum of w)``.
+
+    Raises
+    ------
+    SumRangeError
+        If an entry lies beyond ``survivors`` clipped values, or the weight sum
+        beyond what ``survivors`` sites can have sent: some site sent a vector
+        the protocol cannot produce (the server cannot tell which).
+    """
+    quant = quant_config(cfg, n)
+    values = dequantize_sum(total, quant)
+    levels = np.rint(values * quant.scale)
+    bound = survivors * quant.max_level
+    outside = int(np.count_nonzero(np.abs(levels[:-1]) > bound))
+    if outside:
+        raise SumRangeError(f"{outside} entries of the sum lie beyond {survivors} sites' clipped "
+                            "updates: a site sent a masked vector the protocol cannot produce")
+    lo, hi = (int(np.rint(w * quant.max_level)) for w in weights)
+    w_level = int(levels[-1])
+    if not survivors * lo <= w_level <= survivors * hi:
+        raise SumRangeError(f"the weights sum to {w_level / quant.max_level:.6g}, which "
+                            f"{survivors} sites cannot have sent: a site tampered with its weight")
     return values[:-1], float(values[-1] / cfg.update_clip)

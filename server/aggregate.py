@@ -36,12 +36,21 @@ class RoundSums:
     bytes_sent: int = 0
     bytes_received: int = 0
     abandoned: str = ""  # why the round produced no sum, if it did not
+    clip: float | None = None  # per-coordinate bound of every site's update, if enforced
 
     def mean_update(self) -> "dict[str, np.ndarray] | None":
-        """The weighted mean update, or None if nobody contributed."""
-        if self.update_sum is None or self.weight_sum <= 0:
+        """The weighted mean update, or None if nobody contributed.
+
+        With :attr:`clip` set (secure aggregation), every coordinate of the mean
+        is bounded by it, whatever one site sent: a malicious site can move the
+        mean only within the bound honest updates have.
+        """
+        if self.update_sum is None or not self.weight_sum > 0:
             return None
-        return {k: v / self.weight_sum for k, v in self.update_sum.items()}
+        mean = {k: v / self.weight_sum for k, v in self.update_sum.items()}
+        if self.clip is not None:
+            mean = {k: np.clip(v, -self.clip, self.clip) for k, v in mean.items()}
+        return mean
 
 
 def message_bytes(content: RecordDict) -> int:
@@ -62,7 +71,8 @@ def send(grid: Grid, nodes: Iterable[int], contents: Mapping[int, RecordDict] | 
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     # The SuperLink answers for a node that went offline with an error reply of
     # its own (source node 1): attribute it to the node it was meant for.
-    dst_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    dst_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages
+              if m.metadata.message_id}
     for reply in replies:
         dst = dst_of.get(reply.metadata.reply_to_message_id)
         if reply.has_error() and dst is not None and reply.metadata.src_node_id != dst:
@@ -77,8 +87,19 @@ def site_of(reply: Message) -> str:
     return str(reply.metadata.src_node_id)
 
 
+def _metric(metrics: object, key: str) -> float:
+    value = metrics[key]  # type: ignore[index]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"metric '{key}' is a {type(value).__name__}, not a number")
+    return float(value)
+
+
 def triage(replies: Iterable[Message], sums: RoundSums) -> list[Message]:
-    """Record failures and refusals in ``sums``; return the replies that trained."""
+    """Record failures and refusals in ``sums``; return the replies that trained.
+
+    Each reply is checked on its own: one without a metrics record or with a
+    malformed one is recorded as failed, never taken down the round.
+    """
     good = []
     for reply in replies:
         site = site_of(reply)
@@ -88,13 +109,22 @@ def triage(replies: Iterable[Message], sums: RoundSums) -> list[Message]:
             continue
         status = reply.content["status"] if "status" in reply.content.config_records else {}
         if "refused" in status:
-            sums.refused[site] = str(status["refused"])
+            sums.refused[site] = str(status["refused"])[:300]
             log.warning("site %s refused to train: %s", site, sums.refused[site])
             continue
-        metrics = reply.content["metrics"]
-        sums.epsilons[site] = float(metrics["epsilon"])
-        if "train-loss" in metrics:  # reported only without secure aggregation
-            sums.train_losses[site] = float(metrics["train-loss"])
+        try:
+            if "metrics" not in reply.content.metric_records:
+                raise KeyError("the reply has no 'metrics' record")
+            metrics = reply.content["metrics"]
+            epsilon = _metric(metrics, "epsilon")
+            loss = _metric(metrics, "train-loss") if "train-loss" in metrics else None
+        except (KeyError, TypeError) as exc:
+            sums.failed[site] = f"malformed reply: {exc}"[:300]
+            log.warning("site %s failed this round: %s", site, sums.failed[site])
+            continue
+        sums.epsilons[site] = epsilon
+        if loss is not None:  # reported only without secure aggregation
+            sums.train_losses[site] = loss
         good.append(reply)
     return good
 

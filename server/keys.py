@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.durable import fsync_path
+from common.secagg import generate_identity
 
 CA_CERT = "ca.pem"
 CA_KEY = "ca.key"
@@ -50,7 +51,6 @@ _DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
 CA_CURVE = ec.SECP384R1()
 SERVER_CURVE = ec.SECP256R1()
-SITE_CURVE = ec.SECP384R1()  # Flower asks for a NIST curve; its docs use P-384
 CLOCK_SKEW = dt.timedelta(minutes=5)
 LOOPBACK = (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))
 
@@ -197,15 +197,12 @@ def site_key_files(name: str) -> tuple[bytes, bytes]:
 
     ``flower-supernode --auth-supernode-private-key`` reads the private key with
     ``load_ssh_private_key`` and ``flwr supernode register`` the public key with
-    ``load_ssh_public_key``, so both are in OpenSSH format.
+    ``load_ssh_public_key``, so both are in OpenSSH format (P-384, the curve Flower's
+    docs use). The same key signs the site's SecAgg+ messages (:mod:`common.secagg.identity`).
     """
     validate_site_name(name)
-    key = ec.generate_private_key(SITE_CURVE)
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                serialization.NoEncryption())
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                           serialization.PublicFormat.OpenSSH)
-    return private, public + f" fedseal-{name}\n".encode()
+    private, public = generate_identity(f"fedseal-{name}")
+    return private, f"{public}\n".encode()
 
 
 def _make_ca(days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:

@@ -6,13 +6,20 @@ Usage::
 
 For every vector size and cohort size ``n`` it runs one real in-memory SecAgg+
 round (:class:`~common.secagg.ClientState` / :class:`~common.secagg.ServerState`)
-and measures:
+with the active-adversary protection on: P-384 site signatures checked against a
+roster, share commitments, the consistency round, and measures:
 
 * ``client_mask_s``: one client's stage-2 cost, i.e. the real
-  :meth:`ClientState.masked_input` (decrypt ``k`` share ciphertexts, ``k``
-  X25519 + HKDF agreements, ``k + 1`` AES-CTR mask expansions via
-  :func:`~common.secagg.prg.expand_mask`, ``uint32`` additions). The client
-  state is exported after stage 1 and restored before each repetition.
+  :meth:`ClientState.masked_input` (decrypt ``k`` share ciphertexts and check
+  them against their commitments, ``k`` X25519 + HKDF agreements, ``k + 1``
+  AES-CTR mask expansions via :func:`~common.secagg.prg.expand_mask`, ``uint32``
+  additions). The client state is exported after stage 1 and restored before
+  each repetition.
+* ``client_round_s``: the same client's whole protocol cost in the round, all
+  five stages (making and signing keys, checking ``k`` neighbours' signed keys,
+  dealing and committing shares, masking, checking and signing the survivor
+  view, checking the view signatures of its neighbourhoods and revealing);
+  the per-stage times are in ``client_stage_s``.
 * ``flower_mask_s``: the same stage of Flower's ``secaggplus_mod``
   (``_collect_masked_vectors``, flwr 1.41): decrypt ``k`` Fernet share
   ciphertexts, ``k`` ECDH (P-384) + HKDF shared keys, ``k + 1`` calls of
@@ -21,11 +28,12 @@ and measures:
   Flower's ``parameters_addition`` / ``parameters_subtraction`` /
   ``parameters_mod`` exactly as Flower does. Quantization is excluded on both
   sides.
-* ``server_unmask_s``: :meth:`ServerState.unmask_request` +
+* ``server_unmask_s``: :meth:`ServerState.collect_signatures` +
   :meth:`ServerState.finalize` for the same round with 10% of the nodes dropped
   after sharing keys, so dropped pairwise masks are regenerated. Skipped
   (``null`` with a reason) when its estimated cost exceeds the budget.
-* bytes one client uploads, compared with sending the plain float32 update.
+* bytes one client uploads (every encoded message, as sent), compared with
+  sending the plain float32 update, and the key material it downloads.
 
 Client timings are the median of 3 repetitions; server timings are single runs.
 """
@@ -40,14 +48,17 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from common.secagg import ClientState, ServerState, default_k, default_threshold
-from common.secagg.protocol import SHARE_CIPHERTEXT_BYTES
+from common.secagg import (ClientState, RoundContext, ServerState, ShareMessage, default_k,
+                           default_threshold, generate_key_pair, make_identities)
+from common.secagg.messages import pack_var_table
+from common.secagg.protocol import B_SHARES, SEEDS, SK_SHARES
+from common.secagg_wire import pack_ids, pack_routed, pack_shares, pack_table
 from simulations.report import emit_report, setup_bench_logging
 
 log = logging.getLogger("fedseal.bench_secagg")
@@ -68,19 +79,14 @@ DROP_FRACTION = 0.10
 SERVER_BUDGET_S = 60.0
 """Skip a server measurement whose estimated unmask time exceeds this."""
 
-PUBLIC_KEY_BYTES = 32
-NODE_ID_BYTES = 8
-SHARE_INDEX_BYTES = 2
-SHARE_BYTES = 32
-UNMASK_ENTRY_BYTES = NODE_ID_BYTES + SHARE_INDEX_BYTES + SHARE_BYTES
-"""One revealed share on the wire: owner id, Shamir index, 32-byte share."""
 FLOWER_MOD_RANGE = 2**32
 """Flower's default ``modulus_range`` of ``SecAggPlusWorkflow``."""
 
 CLIENT_METHOD = (
     "real ClientState.masked_input on a real round (state exported after stage 1 and "
-    "restored before each repetition); includes decrypting k share ciphertexts, k "
-    "X25519+HKDF agreements and k+1 expand_mask (AES-256-CTR) expansions"
+    "restored before each repetition); includes decrypting k share ciphertexts and "
+    "checking their commitments, k X25519+HKDF agreements and k+1 expand_mask "
+    "(AES-256-CTR) expansions"
 )
 FLOWER_METHOD = (
     "flwr 1.41 secaggplus_mod._collect_masked_vectors masking steps with Flower's own "
@@ -122,21 +128,42 @@ class _Round:
         self.length = length
         self.k = min(default_k(n), n - 1)
         self.threshold = default_threshold(self.k)
-        self.server = ServerState(
-            self.ids, threshold=self.threshold, k=self.k, vector_length=length,
-            run_id=2**63 + 1, round_id=1,
-        )
-        clients = {
-            i: ClientState(i, self.ids, threshold=self.threshold, k=self.k,
-                           run_id=2**63 + 1, round_id=1)
-            for i in self.ids
-        }
-        adverts = {i: c.advertise_keys() for i, c in clients.items()}
-        bundles = self.server.broadcast_keys(adverts)
-        self.shares = {i: clients[i].share_keys(b) for i, b in bundles.items()}
-        self.routed = self.server.route_shares(self.shares)
+        self.identities, self.roster = make_identities(self.ids, "p384")
+        challenge_sk, challenge_pk = generate_key_pair()
+        self.ctx = RoundContext(2**63 + 1, 1, self.ids, self.k, self.threshold, challenge_pk)
+        self.server = ServerState(self.ctx, challenge_private=challenge_sk, vector_length=length)
+        self.clients = {i: ClientState(i, self.ctx, identity=self.identities[i], roster=self.roster)
+                        for i in self.ids}
+        self.stage_s: dict[str, float] = {}
+        target = self.ids[0]
+        adverts = {}
+        for i, client in self.clients.items():
+            start = time.perf_counter()
+            adverts[i] = client.advertise_keys().encode(self.ctx.digest)
+            if i == target:
+                self.stage_s["advertise"] = time.perf_counter() - start
+        self.adverts = adverts
+        self.bundles, rejected = self.server.collect_adverts(adverts)
+        assert not rejected, rejected
+        self.shares = {}
+        for i in self.bundles:
+            start = time.perf_counter()
+            message, cts = self.clients[i].share_keys(self.bundles[i])
+            if i == target:
+                self.stage_s["share_keys"] = time.perf_counter() - start
+            self.shares[i] = (message.encode(self.ctx.digest), cts)
+        self.routed, rejected = self.server.collect_shares(self.shares)
+        assert not rejected, rejected
         # Stored exactly as a Flower ClientApp would keep them in Context.state.
-        self.saved = {i: c.export_state() for i, c in clients.items()}
+        self.saved = {i: c.export_state() for i, c in self.clients.items()}
+        del self.clients
+
+    def restore(self, node: int) -> ClientState:
+        return ClientState.restore_state(self.saved[node], identity=self.identities[node],
+                                         roster=self.roster)
+
+    def opened(self, node: int) -> dict[int, tuple[ShareMessage, bytes]]:
+        return {s: (ShareMessage.decode(m)[0], ct) for s, (m, ct) in self.routed[node].items()}
 
     def vector(self) -> np.ndarray:
         return self.rng.integers(0, 2**32, size=self.length, dtype=np.uint32)
@@ -150,11 +177,13 @@ def _time_client(rnd: _Round, node: int, x: np.ndarray, reps: int) -> tuple[floa
     times: list[float] = []
     y: np.ndarray | None = None
     state: ClientState | None = None
+    opened = rnd.opened(node)
     for _ in range(reps):
-        state = ClientState.restore_state(rnd.saved[node])
+        state = rnd.restore(node)
         start = time.perf_counter()
-        y = state.masked_input(rnd.routed[node], x)
+        y, complaints = state.masked_input(opened, x)
         times.append(time.perf_counter() - start)
+        assert not complaints
     assert y is not None and state is not None
     rnd.saved[node] = state.export_state()
     return statistics.median(times), y
@@ -242,43 +271,79 @@ def _time_flower(length: int, k: int, reps: int, seed: int) -> tuple[float, int]
     return elapsed, upload
 
 
+class _MaskedInputs(Mapping):
+    """Every surviving client's masked input, computed when the server reads it (so a
+    full-size round never holds them all), with the plain sum kept on the side."""
+
+    def __init__(self, rnd: _Round, nodes: list[int], done: dict[int, np.ndarray]) -> None:
+        self.rnd, self.nodes, self.done = rnd, nodes, done
+        self.expected = np.zeros(rnd.length, dtype=np.uint32)
+
+    def __getitem__(self, node: int) -> tuple[np.ndarray, dict[int, bytes]]:
+        if node in self.done:
+            return self.done.pop(node), {}
+        x = self.rnd.vector()
+        np.add(self.expected, x, out=self.expected)
+        state = self.rnd.restore(node)
+        y, complaints = state.masked_input(self.rnd.opened(node), x)
+        self.rnd.saved[node] = state.export_state()
+        return y, complaints
+
+    def __iter__(self):
+        return iter(self.nodes)
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+
 def _server_round(
     rnd: _Round, target: int, target_x: np.ndarray, target_y: np.ndarray,
     dropped: list[int],
 ) -> dict[str, Any]:
-    """Mask every other client's input, then time unmask_request + finalize."""
+    """Mask every other client's input; time the target's view signing and unmasking and
+    the server's signature check and unmasking."""
     start = time.perf_counter()
-    expected = target_x.copy()
-    rnd.server.add_masked_input(target, target_y)
-    for i in rnd.ids:
-        if i == target or i in dropped:
-            continue
-        x = rnd.vector()
-        np.add(expected, x, out=expected)
-        state = ClientState.restore_state(rnd.saved[i])
-        y = state.masked_input(rnd.routed[i], x)
+    survivors = [i for i in rnd.ids if i not in dropped]
+    masked = _MaskedInputs(rnd, survivors, {target: target_y})
+    np.add(masked.expected, target_x, out=masked.expected)
+    view, rejected = rnd.server.collect_masked(masked)
+    assert not rejected, rejected
+    signatures, stage_s = {}, {}
+    for i in rnd.server.survivors:
+        state = rnd.restore(i)
+        begin = time.perf_counter()
+        signatures[i] = state.sign_view(view)
+        if i == target:
+            stage_s["sign_view"] = time.perf_counter() - begin
         rnd.saved[i] = state.export_state()
-        rnd.server.add_masked_input(i, y)
-        del x, y
     setup = time.perf_counter() - start
 
     start = time.perf_counter()
-    survivors, dropped_seen = rnd.server.unmask_request()
-    request_s = time.perf_counter() - start
-    replies = {
-        i: ClientState.restore_state(rnd.saved[i]).unmask(survivors, dropped_seen)
-        for i in survivors
-    }
+    relays, rejected = rnd.server.collect_signatures(signatures)
+    signatures_s = time.perf_counter() - start
+    assert not rejected, rejected
+    replies = {}
+    for i in relays:
+        state = rnd.restore(i)
+        begin = time.perf_counter()
+        replies[i] = state.unmask(view, relays[i])
+        if i == target:
+            stage_s["unmask"] = time.perf_counter() - begin
     start = time.perf_counter()
-    total = rnd.server.finalize(replies)
+    total, rejected = rnd.server.finalize(replies)
     finalize_s = time.perf_counter() - start
-    target_reply = replies[target]
+    assert not rejected, rejected
+    reply = replies[target]
     return {
-        "server_unmask_s": request_s + finalize_s,
-        "server_exact": bool(np.array_equal(total, expected)),
-        "server_dropped": len(dropped_seen),
+        "server_unmask_s": signatures_s + finalize_s,
+        "server_exact": bool(np.array_equal(total, masked.expected)),
+        "server_dropped": len(rnd.server.dropped),
         "server_round_setup_s": setup,
-        "target_unmask_entries": sum(len(v) for v in target_reply.values()),
+        "stage_s": stage_s,
+        "upload": {"view_signature": len(signatures[target]),
+                   "unmask": len(pack_shares(reply[B_SHARES])) + len(pack_shares(reply[SK_SHARES]))
+                   + len(pack_table(reply[SEEDS]))},
+        "download": {"view": len(view), "view_signatures": len(pack_var_table(relays[target]))},
     }
 
 
@@ -306,9 +371,15 @@ def bench_case(
     flower_s, flower_upload = _time_flower(vector_length, rnd.k, reps, seed)
     log.info("  flower client mask:  %.4f s", flower_s)
 
-    masked_bytes = 4 * vector_length
-    n_cts = len(rnd.shares[target])
-    share_bytes = n_cts * (NODE_ID_BYTES + SHARE_CIPHERTEXT_BYTES)
+    message, cts = rnd.shares[target]
+    upload = {"advert": len(rnd.adverts[target]), "share_message": len(message),
+              "ciphertexts": len(pack_table(cts)), "complaints": len(pack_table({}))}
+    download = {
+        "round_parameters": len(pack_ids(rnd.ids)) + 32 + 12,
+        "bundle": len(pack_var_table({j: a.encode(rnd.ctx.digest)
+                                      for j, a in rnd.bundles[target].items()})),
+        "routed_shares": len(pack_routed(rnd.routed[target])),
+    }
     row: dict[str, Any] = {
         "size_name": size_name,
         "length": length,
@@ -320,13 +391,13 @@ def bench_case(
         "client_mask_method": "ClientState.masked_input",
         "flower_mask_s": flower_s,
         "speedup": flower_s / client_s,
+        "client_round_s": None,
+        "client_stage_s": {**rnd.stage_s, "masked_input": client_s},
         "server_unmask_s": None,
         "server_unmask_reason": None,
     }
-
     per_mask = client_s / (rnd.k + 1)
     estimate = _estimate_server_s(rnd, dropped, per_mask)
-    unmask_entries: int | None = None
     if estimate > server_budget_s:
         row["server_unmask_reason"] = (
             f"skipped: estimated {estimate:.0f} s (> {server_budget_s:.0f} s budget) from "
@@ -335,27 +406,29 @@ def bench_case(
         log.info("  server: %s", row["server_unmask_reason"])
     else:
         server = _server_round(rnd, target, x, y, dropped)
-        unmask_entries = server.pop("target_unmask_entries")
+        row["client_stage_s"].update(server.pop("stage_s"))
+        row["client_round_s"] = sum(row["client_stage_s"].values())
+        upload.update(server.pop("upload"))
+        download.update(server.pop("download"))
         row.update(server)
         row["server_unmask_reason"] = (
             f"measured once: {server['server_dropped']} of {n} nodes dropped after "
             "sharing keys"
         )
-        log.info("  server unmask: %.3f s (exact=%s)", server["server_unmask_s"],
-                 server["server_exact"])
-    if unmask_entries is None:
-        # Without dropouts a survivor reveals one self-mask-seed share per holder
-        # set it belongs to: its own and each masking neighbour's.
-        unmask_entries = n_cts + 1
-    key_material = 2 * PUBLIC_KEY_BYTES + share_bytes + unmask_entries * UNMASK_ENTRY_BYTES
+        log.info("  client round: %.4f s; server unmask: %.3f s (exact=%s)",
+                 row["client_round_s"], server["server_unmask_s"], server["server_exact"])
+    masked_bytes = 4 * vector_length
+    key_material = sum(upload.values())
     plain = 4 * length + 4
     bytes_per_client = masked_bytes + key_material
     row.update({
         "bytes_per_client": bytes_per_client,
         "masked_vector_bytes": masked_bytes,
         "key_material_bytes": key_material,
-        "share_ciphertexts": n_cts,
-        "unmask_shares_returned": unmask_entries,
+        "key_material_upload": upload,
+        "key_material_download": download,
+        "download_key_material_bytes": sum(download.values()),
+        "share_ciphertexts": len(cts),
         "plain_update_bytes": plain,
         "bytes_ratio": bytes_per_client / (plain + key_material),
         "bytes_ratio_vs_plain": bytes_per_client / plain,
@@ -413,17 +486,23 @@ def run_benchmark(
         "default_threshold(k).",
         "The masked vector has length+1 uint32 entries (the weight rides inside); "
         "Flower's update is [(1,) weight factor, (length,) params].",
-        f"server_unmask_s: ServerState.unmask_request + finalize, one run, "
+        "client_round_s: the target client's whole protocol cost in the round, the sum of "
+        "client_stage_s (advertise, share_keys, masked_input, sign_view, unmask; P-384 "
+        "signatures); null when the server part is skipped.",
+        f"server_unmask_s: ServerState.collect_signatures + finalize, one run, "
         f"{DROP_FRACTION:.0%} of nodes (evenly spread, min 1) drop after sharing keys; "
         f"null when estimated above {server_budget_s:.0f} s. server_round_setup_s (not "
-        "part of server_unmask_s) is the time to mask all other clients' inputs.",
-        "bytes_per_client = masked vector (4 B/entry) + key material: 2 x 32 B public "
-        f"keys + per neighbour (8 B id + {SHARE_CIPHERTEXT_BYTES} B share ciphertext) + "
-        f"per returned unmask share ({UNMASK_ENTRY_BYTES} B: 8 B owner id, 2 B index, "
-        "32 B share); transport framing excluded. plain_update_bytes = 4 B/entry float32 "
-        "+ 4 B weight. bytes_ratio = bytes_per_client / (plain_update_bytes + key "
-        "material), i.e. 1.0 because the uint32 masked vector is exactly as large as the "
-        "float32 update + weight; bytes_ratio_vs_plain is the real overhead.",
+        "part of server_unmask_s) is the time to mask all other clients' inputs and have "
+        "them sign the survivor view.",
+        "bytes_per_client = masked vector (4 B/entry) + key material the client uploads, "
+        "every message as encoded on the wire (key_material_upload: signed advert, signed "
+        "share message with commitments, share ciphertexts, complaints, view signature, "
+        "revealed shares and seeds); Flower record framing excluded. plain_update_bytes = "
+        "4 B/entry float32 + 4 B weight. bytes_ratio = bytes_per_client / "
+        "(plain_update_bytes + key material), i.e. 1.0 because the uint32 masked vector is "
+        "exactly as large as the float32 update + weight; bytes_ratio_vs_plain is the real "
+        "overhead. download_key_material_bytes: what the client receives besides the "
+        "global model (key_material_download).",
         "flower_masked_upload_bytes: serialised size (ndarray_to_bytes) of Flower's masked "
         "int64 arrays for the same update, without its key material.",
         "Flower's pseudo_rand_gen folds each seed to 32 bits and uses numpy's MT19937 "

@@ -12,6 +12,7 @@ paths) instead of a simulation partition id.
 from __future__ import annotations
 
 from typing import Iterable
+from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
@@ -46,6 +47,8 @@ class LocalGrid:
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         replies = []
         for msg in messages:
+            if not msg.metadata.message_id:  # as Flower's grids do, so replies name their request
+                msg.metadata.__dict__["_message_id"] = str(uuid4())
             node = msg.metadata.dst_node_id
             self.sent.append(msg.metadata.message_type)
             if self.drop.get(node) == msg.metadata.message_type:

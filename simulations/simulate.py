@@ -16,11 +16,12 @@ import sys
 import time
 from pathlib import Path
 
-from client.site import simulation_site_file
+from client.site import simulation_key_file, simulation_roster_file, simulation_site_file
 from common.cli_args import add_config_options, config_from_args, setup_logging
 from common.config import ConfigError, FedConfig
 from common.data import Examples, label_sort_key, read_examples, write_examples
 from common.partition import dirichlet_partition, iid_partition, label_mix
+from common.secagg import generate_identity
 from common.synthetic import synthetic_examples
 
 log = logging.getLogger("fedseal")
@@ -69,7 +70,32 @@ def prepare_sites(cfg: FedConfig) -> FedConfig:
                        text_column=cfg.text_column, label_column=cfg.label_column)
         log.info("  site-%d: %5d examples  %s", pid, len(part),
                  "  ".join(f"{name}={c}" for name, c in zip(cfg.labels, counts)))
+    write_site_keys(cfg.out, cfg.clients)
     return cfg
+
+
+def write_site_keys(out: str | Path, clients: int) -> Path:
+    """A fresh signing key per virtual site, and the roster of all of them.
+
+    Each site's key is ``<out>/sites/site-N.key`` (0600, OpenSSH, P-384 like the
+    keys ``fedseal keys`` makes) with its ``.pub`` beside it; the roster
+    ``<out>/sites/peers.pub`` is the concatenation of the ``.pub`` lines, so the
+    simulation runs SecAgg+ against a lying server exactly as a deployment does.
+    """
+    lines = []
+    for pid in range(clients):
+        private, public = generate_identity(f"site-{pid}")
+        path = simulation_key_file(out, pid)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(private)
+        path.with_suffix(".pub").write_text(public + "\n", encoding="ascii")
+        lines.append(public)
+    roster = simulation_roster_file(out)
+    roster.write_text("".join(line + "\n" for line in lines), encoding="ascii")
+    return roster
 
 
 def simulate(cfg: FedConfig) -> dict:

@@ -11,8 +11,11 @@ ROW_KEYS = {
     "size_name", "length", "n", "k", "threshold", "client_mask_s", "client_mask_method",
     "flower_mask_s", "speedup", "server_unmask_s", "server_unmask_reason", "server_exact",
     "bytes_per_client", "key_material_bytes", "plain_update_bytes", "bytes_ratio",
-    "bytes_ratio_vs_plain",
+    "bytes_ratio_vs_plain", "client_round_s", "client_stage_s", "key_material_upload",
+    "download_key_material_bytes",
 }
+STAGES = {"advertise", "share_keys", "masked_input", "sign_view", "unmask"}
+UPLOADS = {"advert", "share_message", "ciphertexts", "complaints", "view_signature", "unmask"}
 
 
 def test_quick_benchmark_report(tmp_path, capsys):
@@ -42,3 +45,10 @@ def test_quick_benchmark_report(tmp_path, capsys):
         assert row["bytes_per_client"] == row["plain_update_bytes"] + row["key_material_bytes"]
         assert row["bytes_ratio_vs_plain"] > 1
         assert abs(row["bytes_ratio"] - 1) < 1e-12
+        # the whole round's client cost, stage by stage, with signatures and the view check
+        assert set(row["client_stage_s"]) == STAGES
+        assert row["client_round_s"] == sum(row["client_stage_s"].values())
+        assert row["client_stage_s"]["masked_input"] == row["client_mask_s"]
+        assert set(row["key_material_upload"]) == UPLOADS
+        assert row["key_material_bytes"] == sum(row["key_material_upload"].values())
+        assert row["download_key_material_bytes"] > row["key_material_upload"]["advert"]

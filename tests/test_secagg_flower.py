@@ -1,98 +1,492 @@
-"""SecAgg+ over real Flower messages and the real ClientApp (in-process grid).
+"""SecAgg+ over real Flower messages, the real ClientApp and the real coordinator.
 
 Each site's encoded vector is recorded as it is produced, so the server's
 recovered sum can be checked *exactly* against the plain sum over the sites
-whose masked input arrived, with sites vanishing at every stage.
+whose masked input arrived: with sites vanishing at every stage, and with one
+site sending something malformed at every stage (it is named, the others'
+sum stays exact). Most tests use :class:`QuickGrid`, whose sites skip local
+training (an update drawn at random goes through the site's real policy check
+and ``begin_round``); the rest of every stage is the real ClientApp.
 """
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
-from flwr.app import RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import client.secagg as client_secagg
+from client.site import simulation_site_file, site_settings
 from common.config import FedConfig
 from common.model import build_model, trainable_state
-from common.records import config_to_record, flatten, state_to_record, to_numpy_state
-from common.secagg_wire import decode_sum
+from common.records import (config_to_record, flatten, record_to_config, state_to_record,
+                            to_numpy_state)
+from common.secagg import generate_identity
+from common.secagg_wire import (ADVERT, B_SHARES, CIPHERTEXTS, COMPLAINTS, MASKED, RECORD, SHARES,
+                                SIGNATURE, STAGES, Y, decode_sum, pack_shares, unpack_shares,
+                                unpack_table)
+from common.weights import weight_range
 from server.secagg import secure_round
-from simulations.simulate import prepare_sites
 from simulations.local_grid import RUN_ID, LocalGrid
+from simulations.simulate import prepare_sites
 
-STAGES = ["train", "train.secagg_share_keys", "train.secagg_masked_input", "train.secagg_unmask"]
+TRAIN = "train"
+ALL_STAGES = [TRAIN, *(f"train.{s}" for s in STAGES)]
+N = 5
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_bert, tmp_path_factory):
-    cfg = prepare_sites(FedConfig(model=tiny_bert, finetune="full", dp=False, clients=5,
+    cfg = prepare_sites(FedConfig(model=tiny_bert, finetune="full", dp=False, clients=N,
                                   rounds=1, local_steps=2, batch_size=16, max_length=24,
                                   out=str(tmp_path_factory.mktemp("secagg-flower"))))
     weights = to_numpy_state(trainable_state(build_model(cfg, cfg.labels)))
     return cfg, weights
 
 
-def _run(setup, monkeypatch, drop=None, n=5):
-    cfg, weights = setup
-    recorded: dict[int, np.ndarray] = {}
-    real = client_secagg.encode_update
+class Recorder:
+    """Spies on ``encode_update`` so the test knows every site's exact encoding."""
 
-    def spy(update, weight, cfg_, n_):
-        x = real(update, weight, cfg_, n_)
-        recorded[len(recorded)] = (update, weight, x)
-        return x
+    def __init__(self, monkeypatch) -> None:
+        self.by_node: dict[int, np.ndarray] = {}
+        real = client_secagg.encode_update
+        self.pending: list[np.ndarray] = []
+        self.updates: list[np.ndarray] = []
 
-    monkeypatch.setattr(client_secagg, "encode_update", spy)
-    grid = LocalGrid(n, drop=drop)
-    content = RecordDict({"global": state_to_record(weights),
-                          "config": config_to_record(cfg, **{"server-round": 1})})
-    sums = secure_round(grid, grid.nodes, content, weights, cfg, RUN_ID, 1)
-    # Sites train in node order, so recorded[i] belongs to grid.nodes[i] (minus
-    # those that vanished before encoding).
-    trained = [node for node in grid.nodes if not (grid.drop.get(node) == "train")]
-    by_node = dict(zip(trained, recorded.values()))
-    return cfg, grid, sums, by_node
+        def spy(update, weight, cfg_, n_):
+            x = real(update, weight, cfg_, n_)
+            self.pending.append(x)
+            self.updates.append(np.asarray(update, dtype=np.float64) * 1.0)
+            return x
+
+        monkeypatch.setattr(client_secagg, "encode_update", spy)
 
 
+class QuickGrid(LocalGrid):
+    """LocalGrid whose sites answer ``train`` without training; ``mutate(node, type, reply)``
+    may corrupt one reply as it comes back."""
+
+    def __init__(self, n, recorder, *, mutate=None, seed=0, **kw) -> None:
+        super().__init__(n, **kw)
+        self.recorder, self.mutate = recorder, mutate
+        self.rng = np.random.default_rng(seed)
+
+    def _train(self, msg: Message) -> Message:
+        context = self.contexts[msg.metadata.dst_node_id]
+        cfg = record_to_config(msg.content["config"])
+        site = site_settings(context.node_config, cfg)
+        client_secagg.check_round(msg, context, site)
+        length = sum(a.numpy().size for a in msg.content["global"].values())
+        update = self.rng.normal(0, 0.3, size=length)
+        keys = client_secagg.begin_round(msg, context, cfg, site, update, 1.0)
+        self.recorder.by_node[context.node_id] = self.recorder.pending.pop()
+        return Message(RecordDict({RECORD: keys, "metrics": MetricRecord({"epsilon": -1.0}),
+                                   "status": ConfigRecord({"site": site.name})}), reply_to=msg)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        train = [m for m in messages if m.metadata.message_type == TRAIN]
+        replies = super().send_and_receive([m for m in messages if m not in train], timeout=timeout)
+        for msg in train:
+            node = msg.metadata.dst_node_id
+            self.sent.append(TRAIN)
+            if self.drop.get(node) == TRAIN:
+                self.gone.add(node)
+            if node in self.gone:
+                continue
+            replies.append(self._train(msg))
+        if self.mutate:
+            for reply in replies:
+                if not reply.has_error():
+                    self.mutate(reply.metadata.src_node_id, messages[0].metadata.message_type,
+                                reply)
+        return replies
+
+
+def _content(cfg, weights, server_round=1, job="job-1"):
+    return RecordDict({"global": state_to_record(weights),
+                       "config": config_to_record(cfg, **{"server-round": server_round,
+                                                          "job-id": job})})
+
+
+def _expected(cfg, xs, nodes, n=N):
+    total = np.zeros_like(next(iter(xs.values())))
+    for node in nodes:
+        total += xs[node]  # uint32 arithmetic wraps mod 2**32, as the protocol does
+    return decode_sum(total, cfg, n, len(nodes), weight_range(cfg))
+
+
+def _check_exact(cfg, grid, sums, xs, nodes):
+    expected, expected_w = _expected(cfg, xs, nodes)
+    np.testing.assert_array_equal(flatten(sums.update_sum), expected.astype(np.float32))
+    assert sums.weight_sum == expected_w == len(nodes)  # equal weights: exactly the count
+    assert sorted(sums.contributors) == sorted(f"site-{grid.nodes.index(i)}" for i in nodes)
+
+
+# ------------------------------------------------------ with real training
 def test_recovered_sum_is_exact_and_close_to_the_float_sum(setup, monkeypatch):
-    cfg, grid, sums, by_node = _run(setup, monkeypatch)
-    assert len(sums.contributors) == 5 and not sums.abandoned
-    plain_q = np.zeros_like(next(iter(by_node.values()))[2])
-    for _, _, x in by_node.values():
-        plain_q += x  # uint32 arithmetic wraps mod 2**32, as the protocol does
-    expected, expected_w = decode_sum(plain_q, cfg, 5)
-    np.testing.assert_array_equal(flatten(sums.update_sum), expected.astype(np.float32))
-    assert sums.weight_sum == expected_w
-    # Against the unquantised float sum: off by at most half a grid step per site.
-    float_sum = sum(u for u, _, _ in by_node.values())
-    step = cfg.update_clip / ((2**31 - 1) // 5)
-    assert np.max(np.abs(flatten(sums.update_sum) - float_sum)) <= 5 * 0.5 * step + 1e-12
-    assert abs(sums.weight_sum - sum(w for _, w, _ in by_node.values())) < 1e-6
+    cfg, weights = setup
+    rec = Recorder(monkeypatch)
+    grid = LocalGrid(N)
+    sums = secure_round(grid, grid.nodes, _content(cfg, weights), weights, cfg, RUN_ID, 1)
+    assert not sums.abandoned and not sums.failed and len(sums.contributors) == N
+    xs = dict(zip(grid.nodes, rec.pending))  # sites train in node order
+    _check_exact(cfg, grid, sums, xs, grid.nodes)
+    # against the unquantised float sum: off by at most half a grid step per site
+    step = cfg.update_clip / ((2**31 - 1) // (2 * N))
+    float_sum = np.sum(rec.updates, axis=0)
+    assert np.max(np.abs(flatten(sums.update_sum) - float_sum)) <= N * 0.5 * step + 1e-6
+    state = grid.contexts[grid.nodes[0]].state
+    assert "fedseal.secagg.input" not in state and "fedseal.secagg.state" not in state
 
 
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", ALL_STAGES)
 def test_dropout_at_each_stage_still_gives_the_survivors_exact_sum(setup, monkeypatch, stage):
-    cfg, grid, sums, by_node = _run(setup, monkeypatch, drop={1: stage})
+    cfg, weights = setup
+    rec = Recorder(monkeypatch)
+    grid = QuickGrid(N, rec, drop={1: stage})
+    sums = secure_round(grid, grid.nodes, _content(cfg, weights), weights, cfg, RUN_ID, 1)
     dropped = grid.nodes[1]
-    contributed_input = stage == "train.secagg_unmask"  # its masked input had arrived
-    included = [n for n in grid.nodes if n != dropped or contributed_input]
-    assert len(sums.contributors) == len(included)
-    total = np.zeros_like(next(iter(by_node.values()))[2])
-    for node in included:
-        total += by_node[node][2]
-    expected, _ = decode_sum(total, cfg, 5)
-    np.testing.assert_array_equal(flatten(sums.update_sum), expected.astype(np.float32))
+    contributed = stage in ("train.secagg_consistency", "train.secagg_unmask")
+    included = [n for n in grid.nodes if n != dropped or contributed]
+    assert not sums.abandoned
+    _check_exact(cfg, grid, sums, rec.by_node, included)
 
 
 def test_too_few_survivors_abandons_the_round(setup, monkeypatch):
-    cfg, grid, sums, _ = _run(setup, monkeypatch, drop={0: STAGES[1], 1: STAGES[1], 2: STAGES[1]})
+    cfg, weights = setup
+    rec = Recorder(monkeypatch)
+    stage = "train.secagg_share_keys"
+    grid = QuickGrid(N, rec, drop={0: stage, 1: stage, 2: stage})
+    sums = secure_round(grid, grid.nodes, _content(cfg, weights), weights, cfg, RUN_ID, 1)
     assert sums.update_sum is None and sums.mean_update() is None
-    assert "share" in sums.abandoned or "threshold" in sums.abandoned or sums.abandoned
+    assert "threshold" in sums.abandoned
 
 
-def test_no_site_update_reaches_the_server_in_the_clear(setup, monkeypatch):
-    """The only update-sized thing a site sends is its masked vector."""
-    cfg, grid, sums, by_node = _run(setup, monkeypatch)
-    node = grid.nodes[0]
-    state = grid.contexts[node].state
-    assert "fedseal.secagg.input" not in state and "fedseal.secagg.state" not in state
+# --------------------------------------------- one malformed reply, one site
+BAD = 3  # the misbehaving site's position
+
+
+def _record_dropped(name):
+    def change(node, reply, grid):
+        if node == grid.nodes[BAD]:
+            del reply.content[name]
+    return change
+
+
+def _field(key, fn):
+    def change(node, reply, grid):
+        if node == grid.nodes[BAD]:
+            rec = reply.content[RECORD]
+            rec[key] = fn(rec[key])
+    return change
+
+
+def _field_dropped(key):
+    def change(node, reply, grid):
+        if node == grid.nodes[BAD]:
+            del reply.content[RECORD][key]
+    return change
+
+
+def _short_cts(data: bytes) -> bytes:
+    table = unpack_table(data)
+    width = len(next(iter(table.values()))) - 1
+    return width.to_bytes(4, "big") + b"".join(
+        node.to_bytes(8, "big") + ct[:-1] for node, ct in sorted(table.items()))
+
+
+def _drop_one(data: bytes) -> bytes:
+    table = unpack_table(data)
+    first = sorted(table)[0]
+    return data[:4] + b"".join(node.to_bytes(8, "big") + ct for node, ct in sorted(table.items())
+                               if node != first)
+
+
+def _dup_share(data: bytes) -> bytes:
+    width = int.from_bytes(data[:4], "big")
+    return data + data[4:4 + 8 + width]  # the first owner's entry twice
+
+
+def _index0(data: bytes) -> bytes:
+    shares = unpack_shares(data)
+    owner = sorted(shares)[0]
+    return pack_shares({**shares, owner: (0, shares[owner][1])})
+
+
+def _extra_share(data: bytes) -> bytes:
+    shares = unpack_shares(data)
+    return pack_shares({**shares, 12345: next(iter(shares.values()))})
+
+
+def _masked_as_config(node, reply, grid):
+    if node == grid.nodes[BAD]:
+        y = reply.content[MASKED][Y].numpy()
+        del reply.content[MASKED]
+        reply.content[MASKED] = ConfigRecord({Y: y.tobytes()})
+
+
+def _copied_advert(node, reply, grid):
+    if node == grid.nodes[BAD - 1]:
+        grid.copied = reply.content[RECORD][ADVERT]
+    elif node == grid.nodes[BAD]:
+        reply.content[RECORD][ADVERT] = grid.copied
+
+
+def _flip_last(b: bytes) -> bytes:
+    return b[:-1] + bytes([b[-1] ^ 1])
+
+
+CASES = {
+    "no secagg record": (TRAIN, _record_dropped(RECORD), "no 'secagg'"),
+    "no metrics": (TRAIN, _record_dropped("metrics"), "metrics"),
+    "31-byte key": (TRAIN, _field(ADVERT, lambda a: a[:80] + a[81:]), "bad keys"),
+    "all-zero key": (TRAIN, _field(ADVERT, lambda a: a[:80] + bytes(32) + a[112:]), "bad keys"),
+    "copy of another site's keys": (TRAIN, _copied_advert, "bad keys"),
+    "short ciphertexts": ("train.secagg_share_keys", _field(CIPHERTEXTS, _short_cts), "bytes"),
+    "missing receiver": ("train.secagg_share_keys", _field(CIPHERTEXTS, _drop_one),
+                         "addressed shares"),
+    "shares as an integer": ("train.secagg_share_keys", _field(SHARES, lambda s: 5),
+                             "must be bytes"),
+    "masked as a ConfigRecord": ("train.secagg_masked_input", _masked_as_config,
+                                 "no 'masked' array record"),
+    "no complaints field": ("train.secagg_masked_input", _field_dropped(COMPLAINTS),
+                            "'complaints' is missing"),
+    "bad view signature": ("train.secagg_consistency", _field(SIGNATURE, _flip_last),
+                           "does not verify"),
+    "extra share": ("train.secagg_unmask", _field(B_SHARES, _extra_share), "does not hold"),
+    "duplicate share": ("train.secagg_unmask", _field(B_SHARES, _dup_share), "twice"),
+    "index-0 share": ("train.secagg_unmask", _field(B_SHARES, _index0), "does not match"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_one_malformed_reply_drops_one_site(setup, monkeypatch, case):
+    cfg, weights = setup
+    stage, change, reason = CASES[case]
+    rec = Recorder(monkeypatch)
+    grid = QuickGrid(N, rec, mutate=lambda node, kind, reply: change(node, reply, grid)
+                     if kind == stage else None)
+    sums = secure_round(grid, grid.nodes, _content(cfg, weights), weights, cfg, RUN_ID, 1)
+    assert not sums.abandoned, sums.abandoned
+    assert set(sums.failed) == {f"site-{BAD}"}, sums.failed
+    assert reason in sums.failed[f"site-{BAD}"], sums.failed
+    still_in = stage in ("train.secagg_consistency", "train.secagg_unmask")
+    included = [n for n in grid.nodes if n != grid.nodes[BAD] or still_in]
+    _check_exact(cfg, grid, sums, rec.by_node, included)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                HealthCheck.function_scoped_fixture])
+@given(stage=st.sampled_from(ALL_STAGES), who=st.integers(0, N - 1), data=st.data())
+def test_any_mutated_record_field_drops_at_most_its_sender(setup, monkeypatch, stage, who, data):
+    """Any field of any record of one site's reply, deleted, retyped, truncated, extended
+    or flipped: the coordinator never raises, names only that site, keeps the sum exact."""
+    cfg, weights = setup
+    rec = Recorder(monkeypatch)
+
+    def mutate(node, kind, reply):
+        if kind != stage or node != grid.nodes[who]:
+            return
+        records = sorted(reply.content.keys())
+        name = data.draw(st.sampled_from(records), label="record")
+        record = reply.content[name]
+        action = data.draw(st.sampled_from(["delete-record", "retype-record", "field"]))
+        if action == "delete-record":
+            del reply.content[name]
+        elif action == "retype-record":
+            del reply.content[name]
+            reply.content[name] = (MetricRecord({"x": 1.0}) if isinstance(record, ConfigRecord)
+                                   else ConfigRecord({"x": b"1"}))
+        elif isinstance(record, ArrayRecord):
+            arr = record[Y].numpy()
+            record[Y] = Array(data.draw(st.sampled_from([arr[:-1], arr.astype(np.int64),
+                                                         arr.reshape(1, -1), arr[:0]])))
+        elif isinstance(record, ConfigRecord) and record:
+            key = data.draw(st.sampled_from(sorted(record.keys())), label="field")
+            value = record[key]
+            how = data.draw(st.integers(0, 4), label="how")
+            if how == 0 or not isinstance(value, bytes) or not value:
+                del record[key]
+            elif how == 1:
+                record[key] = 7
+            else:
+                pos = data.draw(st.integers(0, len(value) - 1), label="pos")
+                record[key] = [value[:pos], value + b"\0",
+                               value[:pos] + bytes([value[pos] ^ 0x41]) + value[pos + 1:]][how - 2]
+
+    grid = QuickGrid(N, rec, mutate=mutate, seed=who)
+    sums = secure_round(grid, grid.nodes, _content(cfg, weights), weights, cfg, RUN_ID, 1)
+    assert not sums.abandoned, sums.abandoned
+    names = {f"site-{who}", str(grid.nodes[who])}  # without its status record it has no name
+    assert set(sums.failed) <= names, sums.failed
+    node_of = {**{f"site-{i}": n for i, n in enumerate(grid.nodes)},
+               **{str(n): n for n in grid.nodes}}
+    contributors = [node_of[name] for name in sums.contributors]
+    expected, expected_w = _expected(cfg, rec.by_node, contributors)
+    np.testing.assert_array_equal(flatten(sums.update_sum), expected.astype(np.float32))
+    assert sums.weight_sum == expected_w == len(contributors)
+
+
+# ----------------------------------------------- sums no honest sites send
+def test_a_garbled_masked_vector_abandons_the_round(setup, monkeypatch):
+    cfg, weights = setup
+    rec = Recorder(monkeypatch)
+
+    def garble(node, kind, reply):
+        if kind == "train.secagg_masked_input" and node == grid.nodes[0]:
+            y = reply.content[MASKED][Y].numpy()
+            reply.content[MASKED][Y] = Array(y ^ np.uint32(0x5A5A5A5A))
+
+    grid = QuickGrid(N, rec, mutate=garble)
+    sums = secure_round(grid, grid.nodes, _content(cfg, weights), weights, cfg, RUN_ID, 1)
+    assert sums.update_sum is None and "cannot produce" in sums.abandoned
+
+
+def test_a_site_claiming_a_larger_weight_abandons_the_round(setup, monkeypatch):
+    """A malicious encoder puts three times the largest weight in its weight slot."""
+    cfg, weights = setup
+    rec = Recorder(monkeypatch)
+    real = client_secagg.encode_update
+
+    def greedy(u, w, c, n):
+        x = real(u, w, c, n)
+        x[-1] = np.uint32(3 * int(x[-1]))
+        rec.pending.append(x)
+        return x
+
+    monkeypatch.setattr(client_secagg, "encode_update", greedy)
+    grid = QuickGrid(N, rec)
+    sums = secure_round(grid, grid.nodes, _content(cfg, weights), weights, cfg, RUN_ID, 1)
+    assert sums.update_sum is None and "weights sum" in sums.abandoned
+
+
+def test_the_largest_updates_sites_can_send_keep_the_mean_within_the_clip(setup, monkeypatch):
+    """Every site sends the largest update the encoding allows: the mean is the clip."""
+    cfg, weights = setup
+    rec = Recorder(monkeypatch)
+    real = client_secagg.encode_update
+    monkeypatch.setattr(client_secagg, "encode_update",
+                        lambda u, w, c, n: rec.pending.append(real(np.full_like(u, 1e6), w, c, n))
+                        or rec.pending[-1])
+    grid = QuickGrid(N, rec)
+    sums = secure_round(grid, grid.nodes, _content(cfg, weights), weights, cfg, RUN_ID, 1)
+    mean = flatten(sums.mean_update())
+    assert sums.clip == cfg.update_clip and np.max(np.abs(mean)) <= cfg.update_clip
+
+
+# ------------------------------------------------- one unmask per (job, round)
+def test_a_round_asked_again_is_not_unmasked_again(setup, monkeypatch):
+    """A server that crashed after unmasking (or simply asks again) gets a refusal from
+    every site for the same (job, round), even with fresh keys and a fresh update."""
+    cfg, weights = setup
+    rec = Recorder(monkeypatch)
+    grid = QuickGrid(N, rec)
+    first = secure_round(grid, grid.nodes, _content(cfg, weights), weights, cfg, RUN_ID, 1)
+    assert not first.abandoned
+    again = secure_round(grid, grid.nodes, _content(cfg, weights), weights, cfg, RUN_ID, 1)
+    assert again.update_sum is None and again.abandoned
+    assert all("already helped unmask round 1" in why for why in again.failed.values())
+    assert len(again.failed) == N
+    other_job = secure_round(grid, grid.nodes, _content(cfg, weights, job="job-2"), weights, cfg,
+                             RUN_ID, 1)
+    assert not other_job.abandoned  # another job's round 1 is another round
+
+
+def _deployed(tmp_path, cfg, n=N):
+    """Node configs of deployed sites: the data file, a ledger, a key and a roster each."""
+    lines, configs = [], []
+    (tmp_path / "ledger-keys").mkdir()
+    for i in range(n):
+        private, public = generate_identity(f"d{i}")
+        key = tmp_path / f"d{i}.key"
+        key.write_bytes(private)
+        lines.append(public)
+        configs.append({"data-path": str(simulation_site_file(cfg.out, i)),
+                        "site-name": f"site-{i}", "ledger-path": str(tmp_path / f"d{i}.ledger"),
+                        "ledger-key": str(tmp_path / "ledger-keys" / f"d{i}.key"),
+                        "identity-key": str(key), "peers": str(tmp_path / "peers.pub")})
+    (tmp_path / "peers.pub").write_text("\n".join(lines) + "\n")
+    return configs
+
+
+def test_the_unmask_record_is_durable_beside_the_ledger(setup, monkeypatch, tmp_path):
+    cfg, weights = setup
+    rec = Recorder(monkeypatch)
+    configs = _deployed(tmp_path, cfg)
+    grid = QuickGrid(N, rec, node_configs=configs)
+    sums = secure_round(grid, grid.nodes, _content(cfg, weights, job="job-d"), weights, cfg,
+                        RUN_ID, 4)
+    assert not sums.abandoned
+    for i in range(N):
+        record = json.loads((tmp_path / f"d{i}.ledger.secagg-unmasked.json").read_text())
+        assert record["rounds"] == [["job-d", 4]]
+    # a restarted site (fresh Context.state) still refuses: the record is on disk
+    again = QuickGrid(N, rec, node_configs=configs)
+    sums = secure_round(again, again.nodes, _content(cfg, weights, job="job-d"), weights, cfg,
+                        RUN_ID, 4)
+    assert sums.abandoned and all("already helped unmask" in v for v in sums.failed.values())
+    # a corrupted record makes the site refuse rather than guess
+    (tmp_path / "d0.ledger.secagg-unmasked.json").write_text("{not json")
+    third = QuickGrid(N, rec, node_configs=configs)
+    sums = secure_round(third, third.nodes, _content(cfg, weights, job="job-d"), weights, cfg,
+                        RUN_ID, 5)
+    assert "unreadable" in sums.failed["site-0"] and len(sums.contributors) == N
+
+
+def test_no_answer_leaves_a_site_whose_record_cannot_be_written(setup, monkeypatch, tmp_path):
+    """The record is written before the shares leave: if it cannot be, nothing leaves."""
+    cfg, weights = setup
+    rec = Recorder(monkeypatch)
+    configs = _deployed(tmp_path, cfg)
+    (tmp_path / "d1.ledger.secagg-unmasked.json").mkdir()  # not a writable file
+    grid = QuickGrid(N, rec, node_configs=configs)
+    sums = secure_round(grid, grid.nodes, _content(cfg, weights), weights, cfg, RUN_ID, 1)
+    assert "dropped at secagg_unmask" in sums.failed["site-1"]
+    assert not sums.abandoned  # the others finish without it
+
+
+# ---------------------------------------------- the site's policy, first
+@pytest.mark.parametrize("policy,secagg,reason", [
+    ({"min-cohort": N + 1}, {}, "min-cohort"),
+    ({"min-secagg-k": 4}, {"secagg_k": 2}, "min-secagg-k"),
+    ({"min-secagg-threshold": 4}, {"secagg_k": 2, "secagg_threshold": 2}, "min-secagg-threshold"),
+    ({"max-update-clip": 0.5}, {}, "max-update-clip"),
+    ({"peers": "/nonexistent/peers.pub"}, {}, "cannot read"),
+    (None, {}, "signing key"),
+])
+def test_a_round_below_the_sites_policy_is_refused_before_training(setup, monkeypatch, policy,
+                                                                    secagg, reason):
+    cfg, weights = setup
+    cfg = cfg.replace(**secagg)
+    import client.trainer
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the site trained a round it refuses")
+
+    monkeypatch.setattr(client.trainer, "train_local", no_training)
+    first = ({"data-path": str(simulation_site_file(cfg.out, 0)), "site-name": "site-0",
+              "require-dp": cfg.dp, "min-cohort": 2}
+             if policy is None else {"partition-id": 0, **policy})  # None: no key configured
+    configs = [first, *({"partition-id": i} for i in range(1, N))]
+    grid = LocalGrid(N, node_configs=configs, drop={i: TRAIN for i in range(1, N)})
+    sums = secure_round(grid, grid.nodes, _content(cfg, weights), weights, cfg, RUN_ID, 1)
+    assert reason in sums.refused.get("site-0", ""), sums.refused
+
+
+# ------------------------------------------------------------- simulations
+def test_simulations_give_every_site_a_key_and_the_roster(setup):
+    cfg, _ = setup
+    from client.secagg import load_identity, load_roster
+    fingerprints = set()
+    for i in range(N):
+        site = site_settings({"partition-id": i}, cfg)
+        identity = load_identity(site.identity_key)
+        assert oct(site.identity_key.stat().st_mode & 0o777) == "0o600"
+        assert identity.fingerprint in load_roster(site.peers)
+        fingerprints.add(identity.fingerprint)
+    assert len(fingerprints) == N == len(load_roster(site.peers))

@@ -21,6 +21,7 @@ from common.data import Examples, write_examples
 from common.model import build_model, trainable_state
 from common.records import (JOB_KEY, ROUND_KEY, config_to_record, record_to_state,
                             state_to_record, to_numpy_state)
+from common.secagg import generate_identity
 from common.secagg_wire import pack_ids
 from server.app import run_federation
 from server.checkpoint import CheckpointError
@@ -98,24 +99,28 @@ def test_spend_is_recorded_and_a_repeated_plain_round_is_trained_afresh(site):
 def test_a_secure_round_asked_again_reuses_the_update_only_while_it_never_left(site):
     cfg, node, tmp = site
     cfg = cfg.replace(secagg=True, clients=2, min_clients=2)
-    node = {**node, "require-secagg": True, "min-cohort": 2, "min-secagg-k": 1}
+    private, public = generate_identity("alpha")
+    (tmp / "secrets" / "alpha.key").write_bytes(private)
+    (tmp / "peers.pub").write_text(public + "\n")
+    node = {**node, "require-secagg": True, "min-cohort": 2, "min-secagg-k": 1,
+            "identity-key": str(tmp / "secrets" / "alpha.key"), "peers": str(tmp / "peers.pub")}
     grid = LocalGrid(1, node_configs=[node])
     params = {"nodes": pack_ids([grid.nodes[0], grid.nodes[0] + 1]), "k": 1, "threshold": 2,
-              "round": 1}
+              "round": 1, "challenge": bytes(range(32))}
     weights = to_numpy_state(trainable_state(build_model(cfg, cfg.labels)))
     assert _refusal(_train(grid, cfg, 1, weights=weights, secagg=params)) == ""
-    x1 = grid.contexts[grid.nodes[0]].state["fedseal.secagg.input"]["x"].numpy().copy()
+    x1 = grid.contexts[grid.nodes[0]].state["fedseal.secagg.input"]["y"].numpy().copy()
     assert pending_path(tmp / "ledger.json").exists()
     # Asked again before any masked input left: the same encoded update, no new spend.
     fresh = LocalGrid(1, node_configs=[node])
     assert _refusal(_train(fresh, cfg, 1, weights=weights, secagg=params)) == ""
-    x2 = fresh.contexts[fresh.nodes[0]].state["fedseal.secagg.input"]["x"].numpy()
+    x2 = fresh.contexts[fresh.nodes[0]].state["fedseal.secagg.input"]["y"].numpy()
     assert np.array_equal(x1, x2) and len(_ledger(tmp).entries) == 1
     # Once it left (the masked-input stage releases it), asking again trains afresh.
     release(pending_path(tmp / "ledger.json"))
     fresh = LocalGrid(1, node_configs=[node])
     assert _refusal(_train(fresh, cfg, 1, weights=weights, secagg=params)) == ""
-    assert not np.array_equal(x1, fresh.contexts[fresh.nodes[0]].state["fedseal.secagg.input"]["x"].numpy())
+    assert not np.array_equal(x1, fresh.contexts[fresh.nodes[0]].state["fedseal.secagg.input"]["y"].numpy())
     assert [e.steps for e in _ledger(tmp).entries] == [2, 4]
 
 
@@ -206,7 +211,7 @@ def test_server_resumes_after_the_last_checkpointed_round(site):
     ({"secagg": False}, {}, "secagg = false"),
     ({"clients": 2, "min_clients": 2}, {}, "clients = 2"),
     ({"clients": 4, "min_clients": 2}, {}, "min-clients = 2"),
-    ({"secagg_k": 1}, {"min-secagg-k": 2}, "secagg-k = 1"),
+    ({"secagg_k": 2}, {"min-secagg-k": 3}, "secagg-k = 2"),
     ({"secagg_threshold": 2}, {"min-secagg-threshold": 3}, "secagg-threshold = 2"),
     ({"update_clip": 20.0}, {}, "update-clip = 20.0"),
     ({"clients": 4, "min_clients": 3}, {"_cohort": 2}, "cohort of this round = 2"),

@@ -29,15 +29,23 @@ from .errors import (
     UnmaskRefusedError,
 )
 from .graph import default_k, default_threshold, neighbours, validate_parameters
+from .identity import Identity, Roster, generate_identity
+from .messages import Advert, RoundContext, ShareMessage, View
 from .prg import expand_mask
 from .quantize import QuantConfig, dequantize_sum, quantize, to_fixed_point
 from .server import ServerState
 from .shamir import combine_shares, split_secret
-from .simulate import DROP_STAGES, RoundResult, run_round, simulate_round
+from .simulate import DROP_STAGES, RoundResult, make_identities, run_round, simulate_round
 
 __all__ = [
+    "Advert",
     "ClientState",
+    "Identity",
+    "Roster",
+    "RoundContext",
     "ServerState",
+    "ShareMessage",
+    "View",
     "QuantConfig",
     "RoundResult",
     "DROP_STAGES",
@@ -57,7 +65,9 @@ __all__ = [
     "dequantize_sum",
     "encrypt_share",
     "expand_mask",
+    "generate_identity",
     "generate_key_pair",
+    "make_identities",
     "neighbours",
     "public_key_from_private",
     "quantize",

@@ -1,12 +1,27 @@
-"""Client side of SecAgg+ as a pure state machine (one instance per node per round)."""
+"""Client side of SecAgg+ as a pure state machine (one instance per node per round).
+
+The site trusts only its own signing key and its roster; everything the server
+relays is checked against them. What the site refuses, and why:
+
+* a key bundle entry not signed by a roster key for this round (a Sybil or a
+  substituted key), or routed shares whose signed digests do not match;
+* a survivor view (stage 3) that lists it as dropped, lists a site twice,
+  names a neighbour that never sent it shares, omits one that did, leaves fewer
+  than ``t`` of its own share holders alive, names a key outside its roster or
+  one key for two sites, or has fewer survivors than its minimum cohort;
+* an unmask request for a view other than the one it signed, or without ``t``
+  valid signatures on that view from the neighbourhood of every site whose
+  secret it would help reveal; and a second request (the state allows one).
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
-import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -17,23 +32,39 @@ from .crypto import (
     decrypt_share,
     encrypt_share,
     generate_key_pair,
+    proof_of_possession,
     public_key_from_private,
+    validate_public_key,
 )
 from .errors import (
     ConfigError,
     InvalidMessageError,
     ProtocolAbort,
+    SecAggError,
     StageError,
     UnmaskRefusedError,
 )
-from .graph import neighbours, validate_parameters
+from .identity import Identity, Roster, fingerprint_text
+from .messages import (
+    NO_CIPHERTEXT,
+    PURPOSE_ADVERT,
+    PURPOSE_SHARES,
+    PURPOSE_VIEW,
+    Advert,
+    RoundContext,
+    ShareEntry,
+    ShareMessage,
+    View,
+    ciphertext_digest,
+    seed_commitment,
+    share_commitment,
+)
 from .prg import MASK_DTYPE, expand_mask
 from .protocol import (
     B_SHARES,
-    C_PK,
     PURPOSE_MASK,
     PURPOSE_SHARE,
-    S_PK,
+    SEEDS,
     SK_SHARES,
     ClientStage,
     decode_share_payload,
@@ -41,757 +72,675 @@ from .protocol import (
 )
 from .shamir import SECRET_BYTES, split_secret
 
-__all__ = ["ClientState", "StateFormatError", "STATE_FORMAT", "STATE_VERSION"]
+__all__ = ["ClientState", "StateFormatError", "STATE_FORMAT", "STATE_VERSION", "state_digest"]
 
 logger = logging.getLogger(__name__)
 
 STATE_FORMAT = "fedseal.secagg.client-state"
 """Value of the ``"format"`` entry of :meth:`ClientState.export_state`."""
-STATE_VERSION = 1
+STATE_VERSION = 2
 """Value of the ``"version"`` entry of :meth:`ClientState.export_state`."""
+STATE_LABEL = b"fedseal-secagg-v2 client-state\x00"
+"""Domain label of the exported state's digest."""
 
-_U64 = struct.Struct(">Q")
-_IDX = struct.Struct(">H")
-_INT64_MAX = 2**63 - 1
-_OWN_SHARE_BYTES = _IDX.size + 2 * SECRET_BYTES
-_PEER_KEY_BYTES = _U64.size + 2 * KEY_BYTES
-_RECEIVED_BYTES = _U64.size + _IDX.size + 2 * SECRET_BYTES
-_SECRET_FIELDS = ("c_sk", "c_pk", "s_sk", "s_pk", "b")
-# Schema of an exported state: key -> expected Python type.
-_STATE_SCHEMA: dict[str, type] = {
-    "format": str,
-    "version": int,
-    "stage": str,
-    "node_id": bytes,
-    "run_id": bytes,
-    "round_id": bytes,
-    "threshold": int,
-    "k": int,
-    "participants": bytes,
-    "neighbours": bytes,
-    "c_sk": bytes,
-    "c_pk": bytes,
-    "s_sk": bytes,
-    "s_pk": bytes,
-    "b": bytes,
-    "own_share": bytes,
-    "peer_keys": bytes,
-    "received": bytes,
-    "digest": bytes,
-}
-# Which optional secrets must be present (True) or absent (False) in each stage.
-_PRESENT: dict[ClientStage, dict[str, bool]] = {
-    ClientStage.INIT: {
-        "c_sk": False, "c_pk": False, "s_sk": False, "s_pk": False, "b": False,
-        "own_share": False,
-    },
-    ClientStage.ADVERTISED: {
-        "c_sk": True, "c_pk": True, "s_sk": True, "s_pk": True, "b": False,
-        "own_share": False,
-    },
-    ClientStage.SHARED: {
-        "c_sk": True, "c_pk": True, "s_sk": True, "s_pk": True, "b": True,
-        "own_share": True,
-    },
-    ClientStage.MASKED: {
-        "c_sk": False, "c_pk": True, "s_sk": False, "s_pk": True, "b": False,
-        "own_share": True,
-    },
-    ClientStage.DONE: {
-        "c_sk": False, "c_pk": True, "s_sk": False, "s_pk": True, "b": False,
-        "own_share": False,
-    },
-}
+UnmaskReply = dict[str, dict[int, Any]]
 
 
 class StateFormatError(InvalidMessageError):
     """An exported :class:`ClientState` is malformed, corrupted or of another version.
 
     Raised by :meth:`ClientState.restore_state`. The node cannot continue the
-    round from that record; it should drop out of the round (the protocol
-    tolerates dropouts) rather than guess.
+    round from that record; it should drop out (the protocol tolerates it).
     """
 
 
-def _pack_ids(ids: Sequence[int]) -> bytes:
-    return b"".join(_U64.pack(i) for i in ids)
+def state_digest(state: bytes) -> bytes:
+    """``SHA-256(STATE_LABEL || state)``: detects accidental corruption of a stored state."""
+    return hashlib.sha256(STATE_LABEL + state).digest()
 
 
-def _state_digest(data: Mapping[str, object]) -> bytes:
-    """SHA-256 over a canonical encoding of every entry except ``"digest"``."""
-    h = hashlib.sha256(STATE_FORMAT.encode())
-    for key in sorted(_STATE_SCHEMA):
-        if key == "digest":
-            continue
-        value = data[key]
-        if isinstance(value, str):
-            raw = b"s" + value.encode("utf-8")
-        elif isinstance(value, int):
-            raw = b"i" + str(value).encode("ascii")
-        else:
-            raw = b"b" + bytes(value)  # type: ignore[arg-type]
-        h.update(key.encode("ascii"))
-        h.update(_U64.pack(len(raw)))
-        h.update(raw)
-    return h.digest()
-
-
-def _check_public_key_pair(node: int, value: object) -> tuple[bytes, bytes]:
-    try:
-        c_pk, s_pk = value  # type: ignore[misc]
-    except (TypeError, ValueError):
-        raise InvalidMessageError(
-            f"public keys of node {node} must be a (c_pk, s_pk) pair; node {node} "
-            "cannot be used as a neighbour in this round"
-        ) from None
-    for name, key in (("c_pk", c_pk), ("s_pk", s_pk)):
-        if not isinstance(key, (bytes, bytearray)) or len(key) != KEY_BYTES:
-            raise InvalidMessageError(
-                f"{name} of node {node} must be {KEY_BYTES} bytes; node {node} cannot "
-                "be used as a neighbour in this round"
-            )
-    return bytes(c_pk), bytes(s_pk)
-
-
-def _check_id_list(values: Sequence[int], known: set[int], what: str) -> list[int]:
-    ids = [check_uint64(v, f"{what} node id") for v in values]
-    if len(set(ids)) != len(ids):
-        raise InvalidMessageError(
-            f"{what} list contains duplicate node ids; the unmask request is malformed "
-            "and will not be answered"
-        )
-    unknown = sorted(set(ids) - known)
-    if unknown:
-        raise InvalidMessageError(
-            f"{what} list names nodes {unknown} that are not participants of this "
-            "round; the unmask request is malformed and will not be answered"
-        )
-    return ids
+def _refuse(node: int, why: str) -> UnmaskRefusedError:
+    return UnmaskRefusedError(f"node {node} refuses to reveal any share: {why}; the server "
+                              "is misbehaving (or the round is broken) and this site will not "
+                              "help finish it")
 
 
 class ClientState:
-    """Per-round SecAgg+ state of one client.
+    """Per-round SecAgg+ state of one site.
 
-    Methods must be called in order: :meth:`advertise_keys`,
-    :meth:`share_keys`, :meth:`masked_input`, :meth:`unmask`. Each may be
-    called once; calling out of order raises :class:`StageError`. A method that
-    raises leaves the state unchanged.
+    Methods must be called in order: :meth:`advertise_keys`, :meth:`share_keys`,
+    :meth:`masked_input`, :meth:`sign_view`, :meth:`unmask`; each once. A call
+    out of order raises :class:`StageError`; a call that raises leaves the
+    state unchanged.
 
     Parameters
     ----------
     node_id : int
         This node's id (unsigned 64-bit).
-    node_ids : Sequence[int]
-        All node ids selected for the round (including ``node_id``); the
-        neighbour graph is derived from this list, exactly as on the server.
-    threshold : int
-        Shamir threshold ``t`` (see :func:`~common.secagg.graph.validate_parameters`).
-    k : int
-        Neighbour count (``>= n - 1`` means plain SecAgg).
-    run_id : int
-        Flower run id (unsigned 64-bit).
-    round_id : int
-        Server round (non-negative).
+    ctx : RoundContext
+        The round's public parameters (participants, ``k``, ``t``, challenge).
+    identity : Identity
+        This site's long-term signing key.
+    roster : Roster
+        The signing keys of the sites this site accepts as fellow members.
+    min_survivors : int, optional
+        Fewest survivors a sum may cover for this site to help unmask it (its
+        minimum cohort), default 1.
 
     Raises
     ------
     ConfigError
-        If the parameters violate the SecAgg+ rules or ``node_id`` is not listed.
+        If ``node_id`` is not a participant or ``min_survivors`` is not positive.
     """
 
-    def __init__(
-        self,
-        node_id: int,
-        node_ids: Sequence[int],
-        *,
-        threshold: int,
-        k: int,
-        run_id: int,
-        round_id: int,
-    ) -> None:
+    def __init__(self, node_id: int, ctx: RoundContext, *, identity: Identity, roster: Roster,
+                 min_survivors: int = 1) -> None:
         self.node_id = check_uint64(node_id, "node_id")
-        self.run_id = check_uint64(run_id, "run_id")
-        self.round_id = check_uint64(round_id, "round_id")
-        graph = neighbours(node_ids, k)
-        if self.node_id not in graph:
-            raise ConfigError(
-                f"node {self.node_id} is not in the round's participant list; it cannot "
-                "take part in this round"
-            )
-        self.k = validate_parameters(len(graph), k, threshold)
-        self.threshold = threshold
-        self.participants: frozenset[int] = frozenset(graph)
-        self.neighbours: tuple[int, ...] = tuple(graph[self.node_id])
+        if self.node_id not in ctx.graph:
+            raise ConfigError(f"node {self.node_id} is not in the round's participant list; it "
+                              "cannot take part in this round")
+        if isinstance(min_survivors, bool) or not isinstance(min_survivors, int) or min_survivors < 1:
+            raise ConfigError(f"min_survivors must be a positive integer, got {min_survivors!r}")
+        self.ctx = ctx
+        self.identity = identity
+        self.roster = roster
+        self.min_survivors = min_survivors
+        self.threshold = ctx.threshold
+        self.k = ctx.k
+        self.participants = frozenset(ctx.participants)
+        self.neighbours: tuple[int, ...] = tuple(ctx.graph[self.node_id])
         self.stage = ClientStage.INIT
-        self._c_sk: bytes | None = None
-        self._c_pk: bytes | None = None
+        self._c_send_sk: bytes | None = None
         self._s_sk: bytes | None = None
-        self._s_pk: bytes | None = None
+        self._recv_sk: dict[int, bytes] = {}
         self._b: bytes | None = None
-        self._peer_keys: dict[int, tuple[bytes, bytes]] = {}
         self._own_share: tuple[int, bytes, bytes] | None = None
-        self._received: dict[int, tuple[int, bytes, bytes]] = {}
+        self._bundle: dict[int, Advert] = {}
+        self._received: dict[int, tuple[int, bytes, bytes] | None] = {}
+        self._seeds: dict[int, bytes] = {}
+        self._view_digest: bytes = b""
 
     # ------------------------------------------------------------------ helpers
     def _require(self, stage: ClientStage, action: str) -> None:
         if self.stage is not stage:
             raise StageError(
-                f"node {self.node_id} cannot {action} in stage '{self.stage.value}' "
-                f"(expected '{stage.value}'); the call is ignored and the round "
-                "state is unchanged"
-            )
+                f"node {self.node_id} cannot {action} in stage '{self.stage.value}' (expected "
+                f"'{stage.value}'); the call is ignored and the round state is unchanged")
 
-    def _agree(self, private: bytes | None, peer_pk: bytes, peer: int, purpose: bytes) -> bytes:
-        assert private is not None
-        return agree(
-            private,
-            peer_pk,
-            run_id=self.run_id,
-            round_id=self.round_id,
-            node_a=self.node_id,
-            node_b=peer,
-            purpose=purpose,
-        )
+    def _agree(self, private: bytes, peer_pk: bytes, peer: int, purpose: bytes) -> bytes:
+        return agree(private, peer_pk, run_id=self.ctx.run_id, round_id=self.ctx.round_id,
+                     node_a=self.node_id, node_b=peer, purpose=purpose)
+
+    def _check_advert(self, node: int, advert: object) -> Advert:
+        """Verify one relayed advert against this site's roster; raise if it is not acceptable."""
+        if not isinstance(advert, Advert) or advert.node != node:
+            raise InvalidMessageError(f"the key bundle's entry for node {node} is not that node's "
+                                      "advertisement; this site will not share its secrets")
+        fp = hashlib.sha256(advert.signer).digest()
+        if fp not in self.roster or self.roster.blob(fp) != advert.signer:
+            raise InvalidMessageError(
+                f"node {node}'s keys are signed by {fingerprint_text(fp)}, which is not in "
+                "this site's roster of accepted sites: the server relayed a site this site "
+                "does not accept (add its .pub line to the peers file if it should be a member)")
+        if not self.roster.verify(fp, PURPOSE_ADVERT, advert.body(self.ctx.digest), advert.signature):
+            raise InvalidMessageError(
+                f"the signature on node {node}'s keys does not verify for this round: the server "
+                "altered or replayed them; this site will not share its secrets")
+        if [n for n, _ in advert.recv] != sorted(self.ctx.graph[node]):
+            raise InvalidMessageError(f"node {node} advertised receive keys for sites other than "
+                                      "its neighbours")
+        # The keys this site will use with that neighbour (the server checked them all).
+        for name, key in (("c_send", advert.c_send), ("s_pk", advert.s_pk),
+                          ("receive key", advert.recv_key(self.node_id))):
+            validate_public_key(key, owner=node, name=name)
+        return advert
+
+    def _share_message_signed(self, sender: int, message: ShareMessage) -> bool:
+        fp = hashlib.sha256(self._bundle[sender].signer).digest()
+        return self.roster.verify(fp, PURPOSE_SHARES, message.body(self.ctx.digest),
+                                  message.signature)
 
     # ------------------------------------------------------------------- stages
-    def advertise_keys(self) -> dict[str, bytes]:
-        """Stage 0: create the round's two X25519 key pairs and publish them.
+    def advertise_keys(self) -> Advert:
+        """Stage 0: make the round's X25519 keys and sign them.
 
         Returns
         -------
-        dict[str, bytes]
-            ``{"c_pk": ..., "s_pk": ...}``: the share-encryption and the
-            mask-agreement public keys (32 bytes each).
-
-        Raises
-        ------
-        StageError
-            If called twice.
+        Advert
+            The send key, the mask key (with its proof of possession for the
+            server's challenge), one receive key per neighbour, signed.
         """
         self._require(ClientStage.INIT, "advertise keys")
-        self._c_sk, self._c_pk = generate_key_pair()
-        self._s_sk, self._s_pk = generate_key_pair()
+        c_send_sk, c_send_pk = generate_key_pair()
+        s_sk, s_pk = generate_key_pair()
+        recv_sk, recv = {}, []
+        for nbr in self.neighbours:
+            recv_sk[nbr], pk = generate_key_pair()
+            recv.append((nbr, pk))
+        pop = proof_of_possession(s_sk, self.ctx.challenge, ctx_digest=self.ctx.digest,
+                                  node=self.node_id)
+        unsigned = Advert(self.node_id, self.identity.blob, c_send_pk, s_pk, tuple(recv), pop)
+        advert = Advert(self.node_id, self.identity.blob, c_send_pk, s_pk, tuple(recv), pop,
+                        self.identity.sign(PURPOSE_ADVERT, unsigned.body(self.ctx.digest)))
+        self._c_send_sk, self._s_sk, self._recv_sk = c_send_sk, s_sk, recv_sk
         self.stage = ClientStage.ADVERTISED
-        return {C_PK: self._c_pk, S_PK: self._s_pk}
+        return advert
 
-    def share_keys(self, public_keys: Mapping[int, tuple[bytes, bytes]]) -> dict[int, bytes]:
-        """Stage 1: secret-share the self-mask seed and mask key among the neighbourhood.
+    def share_keys(self, bundle: Mapping[int, Advert]) -> tuple[ShareMessage, dict[int, bytes]]:
+        """Stage 1: Shamir-share the self-mask seed and mask key, commit, encrypt.
 
-        A fresh 32-byte self-mask seed ``b`` is drawn from ``os.urandom``. ``b`` and
-        the mask private key ``s_sk`` are each split ``t``-of-``h`` among the
-        ``h`` holders = this node plus every neighbour present in
-        ``public_keys``; holder ``p`` (in sorted id order) gets Shamir index
-        ``p + 1``. Each neighbour's pair of shares is encrypted under
-        ``agree(c_sk, c_pk_neighbour, purpose=b"share-enc")``; this node keeps
-        its own pair.
+        A fresh seed ``b`` and the mask key are each split ``t``-of-``(k+1)``
+        among :meth:`RoundContext.holders` (holder ``p`` gets index ``p + 1``).
+        Each neighbour present in ``bundle`` gets its pair of shares encrypted
+        under ``agree(c_send_sk, its receive key for this site)``; the message
+        signs every share's commitment and every ciphertext's digest, so a
+        holder that receives a bad share can prove who made it.
 
         Parameters
         ----------
-        public_keys : Mapping[int, tuple[bytes, bytes]]
-            ``node_id -> (c_pk, s_pk)`` as relayed by the server (entries of
-            non-neighbours are ignored; this node's own entry, if present, must
-            match what it advertised).
+        bundle : Mapping[int, Advert]
+            The live neighbours' adverts as relayed by the server. Each must be
+            signed for this round by a key in this site's roster.
 
         Returns
         -------
-        dict[int, bytes]
-            ``receiver_id -> ciphertext`` for every neighbour present.
+        tuple[ShareMessage, dict[int, bytes]]
+            The signed share message and ``receiver -> ciphertext``.
 
         Raises
         ------
         InvalidMessageError
-            If an entry names an unknown node, is malformed, or misstates this
-            node's own keys.
+            An entry is not a neighbour's valid advert signed by a roster key,
+            or two entries share a signing key (one key, one site).
         ProtocolAbort
-            If fewer than ``t`` holders are available (too many neighbours
-            dropped before advertising keys).
+            Fewer than ``t`` holders are alive.
         StageError
             If called out of order.
         """
         self._require(ClientStage.ADVERTISED, "share keys")
-        peers: dict[int, tuple[bytes, bytes]] = {}
-        for raw_id, value in public_keys.items():
+        peers: dict[int, Advert] = {}
+        signers = {self.identity.fingerprint: self.node_id}
+        for raw_id, advert in bundle.items():
             node = check_uint64(raw_id, "node id in key bundle")
-            if node not in self.participants:
+            if node not in self.neighbours:
                 raise InvalidMessageError(
-                    f"key bundle contains node {node}, which is not a participant of "
-                    f"this round; node {self.node_id} will not share keys with it"
-                )
-            pair = _check_public_key_pair(node, value)
-            if node == self.node_id:
-                if pair != (self._c_pk, self._s_pk):
-                    raise InvalidMessageError(
-                        f"key bundle misstates node {self.node_id}'s own public keys; "
-                        "the server relayed inconsistent keys and this node will not "
-                        "share its secrets"
-                    )
-                continue
-            if node in self.neighbours:
-                peers[node] = pair
-        holders = sorted([self.node_id, *peers])
-        if len(holders) < self.threshold:
+                    f"key bundle contains node {node}, which is not a neighbour of node "
+                    f"{self.node_id} in this round; this site will not share its secrets")
+            peers[node] = self._check_advert(node, advert)
+            fp = hashlib.sha256(advert.signer).digest()
+            if fp in signers:
+                raise InvalidMessageError(
+                    f"nodes {signers[fp]} and {node} are signed by the same key "
+                    f"{fingerprint_text(fp)}: one key may stand for one site only (a Sybil)")
+            signers[fp] = node
+        holders = self.ctx.holders(self.node_id)
+        if len(peers) + 1 < self.threshold:
             raise ProtocolAbort(
-                f"share-keys stage: node {self.node_id} has {len(holders)} share "
-                f"holders (itself + {len(peers)} live neighbours) but threshold is "
-                f"{self.threshold}; its masks could never be removed, so it drops out "
-                "of this round"
-            )
-        assert self._c_sk is not None and self._s_sk is not None
+                f"share-keys stage: node {self.node_id} has {len(peers) + 1} live share holders "
+                f"but the threshold is {self.threshold}; its masks could never be removed, so "
+                "it drops out of this round")
+        assert self._c_send_sk is not None and self._s_sk is not None
         b = os.urandom(KEY_BYTES)
         b_shares = split_secret(b, self.threshold, len(holders))
         sk_shares = split_secret(self._s_sk, self.threshold, len(holders))
-        out: dict[int, bytes] = {}
+        entries, out = [], {}
         own: tuple[int, bytes, bytes] | None = None
-        for holder, (idx, b_sh), (idx2, sk_sh) in zip(holders, b_shares, sk_shares, strict=True):
-            assert idx == idx2
+        for holder, (idx, b_sh), (_, sk_sh) in zip(holders, b_shares, sk_shares, strict=True):
+            digest = NO_CIPHERTEXT
             if holder == self.node_id:
                 own = (idx, b_sh, sk_sh)
-                continue
-            key = self._agree(self._c_sk, peers[holder][0], holder, PURPOSE_SHARE)
-            out[holder] = encrypt_share(
-                key,
-                encode_share_payload(self.node_id, holder, idx, b_sh, sk_sh),
-                sender=self.node_id,
-                receiver=holder,
-                run_id=self.run_id,
-                round_id=self.round_id,
-            )
-        self._b = b
-        self._own_share = own
-        self._peer_keys = peers
+            elif holder in peers:
+                recv_pk = peers[holder].recv_key(self.node_id)
+                assert recv_pk is not None  # checked in _check_advert
+                key = self._agree(self._c_send_sk, recv_pk, holder, PURPOSE_SHARE)
+                out[holder] = encrypt_share(
+                    key, encode_share_payload(self.node_id, holder, idx, b_sh, sk_sh),
+                    sender=self.node_id, receiver=holder, run_id=self.ctx.run_id,
+                    round_id=self.ctx.round_id)
+                digest = ciphertext_digest(out[holder])
+            entries.append(ShareEntry(
+                holder, idx, share_commitment(self.ctx, self.node_id, idx, b"b", b_sh),
+                share_commitment(self.ctx, self.node_id, idx, b"s", sk_sh), digest))
+        seed = seed_commitment(self.ctx, self.node_id, b)
+        unsigned = ShareMessage(self.node_id, seed, tuple(entries))
+        message = ShareMessage(self.node_id, seed, tuple(entries),
+                               self.identity.sign(PURPOSE_SHARES, unsigned.body(self.ctx.digest)))
+        self._b, self._own_share, self._bundle = b, own, peers
+        self._c_send_sk = None
         self.stage = ClientStage.SHARED
-        logger.debug(
-            "node %d shared keys with %d neighbours (t=%d)", self.node_id, len(out), self.threshold
-        )
-        return out
+        return message, out
 
-    def masked_input(self, ciphertexts: Mapping[int, bytes], vector: np.ndarray) -> np.ndarray:
-        """Stage 2: store received shares and mask the (quantized) input.
+    def _open_share(self, sender: int, message: object, ciphertext: object) -> tuple[int, bytes, bytes]:
+        """Decrypt and check one routed share; raise ShareDecryptionError/InvalidMessageError."""
+        if not isinstance(message, ShareMessage) or message.owner != sender:
+            raise InvalidMessageError(f"the share message routed as node {sender}'s is not its own")
+        entry = message.entry(self.node_id)
+        expected = self.ctx.index_of(sender, self.node_id)
+        if entry is None or entry.index != expected:
+            raise InvalidMessageError(f"node {sender}'s share message has no entry with index "
+                                      f"{expected} for node {self.node_id}")
+        if not isinstance(ciphertext, (bytes, bytearray)) or entry.ciphertext != ciphertext_digest(ciphertext):
+            raise UnmaskRefusedError(
+                f"the ciphertext routed to node {self.node_id} as node {sender}'s is not the one "
+                f"node {sender} signed: the server altered it; this site leaves the round")
+        key = self._agree(self._recv_sk[sender], self._bundle[sender].c_send, sender, PURPOSE_SHARE)
+        payload = decrypt_share(key, bytes(ciphertext), sender=sender, receiver=self.node_id,
+                                run_id=self.ctx.run_id, round_id=self.ctx.round_id)
+        idx, b_sh, sk_sh = decode_share_payload(payload, sender=sender, receiver=self.node_id)
+        if idx != expected:
+            raise InvalidMessageError(f"node {sender}'s share for node {self.node_id} carries "
+                                      f"index {idx}, expected {expected}")
+        if (share_commitment(self.ctx, sender, idx, b"b", b_sh) != entry.commit_b
+                or share_commitment(self.ctx, sender, idx, b"s", sk_sh) != entry.commit_sk):
+            raise InvalidMessageError(f"node {sender}'s shares for node {self.node_id} do not "
+                                      "match the commitments it signed")
+        return idx, b_sh, sk_sh
 
-        The neighbours that sent shares (the keys of ``ciphertexts``) form this
-        node's masking set, fixed from now on. The result is::
+    def masked_input(self, routed: Mapping[int, tuple[ShareMessage, bytes]],
+                     vector: np.ndarray) -> tuple[np.ndarray, dict[int, bytes]]:
+        """Stage 2: open the received shares and mask the (quantised) input.
 
-            y = x + PRG(b) + sum_{j > i} PRG(s_ij) - sum_{j < i} PRG(s_ij)  (mod 2**32)
-
-        with ``s_ij = agree(s_sk_i, s_pk_j, purpose=b"mask")``.
+        Every neighbour that sent shares is a masking neighbour, whether its
+        share was good or not. A share that fails to decrypt or to match its
+        signed commitment, under a valid signature of its sender, is answered
+        with a *complaint*: the private receive key for that sender, with which
+        the server can check the ciphertext itself and blame whoever lied
+        (the sender, or this site if the share was good). The key opens only
+        that one ciphertext.
 
         Parameters
         ----------
-        ciphertexts : Mapping[int, bytes]
-            ``sender_id -> ciphertext`` routed by the server.
+        routed : Mapping[int, tuple[ShareMessage, bytes]]
+            ``sender -> (its signed share message, the ciphertext for this site)``.
         vector : numpy.ndarray
-            1-D ``uint32`` input (e.g. from :func:`~common.secagg.quantize.quantize`).
+            1-D ``uint32`` input.
 
         Returns
         -------
-        numpy.ndarray
-            The masked 1-D ``uint32`` vector, same length as ``vector``.
+        tuple[numpy.ndarray, dict[int, bytes]]
+            The masked vector and ``sender -> receive private key`` complaints.
 
         Raises
         ------
-        ShareDecryptionError
-            If a ciphertext fails authentication (tampered, replayed from another
-            round/run, or meant for another node); this node cannot continue.
+        UnmaskRefusedError
+            A ciphertext or share message was altered by the server (its
+            signature or signed digest does not match).
         InvalidMessageError
-            If a sender is not a neighbour with known keys, a payload is
-            malformed, or ``vector`` is not a 1-D ``uint32`` array.
+            A sender is not a neighbour in this site's bundle, or ``vector`` is
+            not a 1-D ``uint32`` array.
         ProtocolAbort
-            If fewer than ``t - 1`` neighbours sent shares (this node's
-            self-mask could never be reconstructed).
+            Fewer than ``t - 1`` neighbours sent shares.
         StageError
             If called out of order.
         """
         self._require(ClientStage.SHARED, "compute its masked input")
         if not isinstance(vector, np.ndarray) or vector.dtype != np.uint32 or vector.ndim != 1:
-            desc = (
-                f"dtype {vector.dtype}, shape {vector.shape}"
-                if isinstance(vector, np.ndarray)
-                else type(vector).__name__
-            )
-            raise InvalidMessageError(
-                f"input of node {self.node_id} must be a 1-D uint32 array, got {desc}; "
-                "quantize the update first"
-            )
-        received: dict[int, tuple[int, bytes, bytes]] = {}
-        for raw_id, ct in ciphertexts.items():
+            desc = (f"dtype {vector.dtype}, shape {vector.shape}"
+                    if isinstance(vector, np.ndarray) else type(vector).__name__)
+            raise InvalidMessageError(f"input of node {self.node_id} must be a 1-D uint32 array, "
+                                      f"got {desc}; quantize the update first")
+        received: dict[int, tuple[int, bytes, bytes] | None] = {}
+        complaints: dict[int, bytes] = {}
+        for raw_id, item in routed.items():
             sender = check_uint64(raw_id, "sender id")
-            if sender not in self._peer_keys:
+            if sender not in self._bundle:
                 raise InvalidMessageError(
-                    f"node {self.node_id} received shares from node {sender}, which is "
-                    "not a neighbour whose keys it received; the routed shares are "
-                    "inconsistent and this node cannot continue the round"
-                )
-            key = self._agree(self._c_sk, self._peer_keys[sender][0], sender, PURPOSE_SHARE)
-            payload = decrypt_share(
-                key,
-                ct,
-                sender=sender,
-                receiver=self.node_id,
-                run_id=self.run_id,
-                round_id=self.round_id,
-            )
-            received[sender] = decode_share_payload(payload, sender=sender, receiver=self.node_id)
+                    f"node {self.node_id} received shares from node {sender}, which is not a "
+                    "neighbour in its key bundle; the routing is inconsistent and this node "
+                    "cannot continue the round")
+            try:
+                message, ciphertext = item
+            except (TypeError, ValueError):
+                raise InvalidMessageError(f"routed shares of node {sender} are not a "
+                                          "(message, ciphertext) pair") from None
+            try:
+                received[sender] = self._open_share(sender, message, ciphertext)
+            except UnmaskRefusedError:
+                raise
+            except SecAggError as exc:
+                if not isinstance(message, ShareMessage) or not self._share_message_signed(sender, message):
+                    raise UnmaskRefusedError(
+                        f"node {sender}'s share message routed to node {self.node_id} is not "
+                        f"signed by node {sender}: the server altered it; this site leaves the "
+                        "round") from None
+                logger.warning("node %d: share from node %d is bad (%s); complaining",
+                               self.node_id, sender, exc)
+                received[sender] = None
+                complaints[sender] = self._recv_sk[sender]
         if len(received) + 1 < self.threshold:
             raise ProtocolAbort(
-                f"masked-input stage: node {self.node_id} got shares from only "
-                f"{len(received)} neighbours; with threshold {self.threshold} its "
-                "self-mask could never be reconstructed, so it drops out of this round"
-            )
-        assert self._b is not None
+                f"masked-input stage: node {self.node_id} got shares from only {len(received)} "
+                f"neighbours; with threshold {self.threshold} its self-mask could never be "
+                "reconstructed, so it drops out of this round")
+        assert self._b is not None and self._s_sk is not None
         length = vector.shape[0]
         y = np.array(vector, dtype=MASK_DTYPE, copy=True)
         np.add(y, expand_mask(self._b, length), out=y)
+        seeds: dict[int, bytes] = {}
         for peer in sorted(received):
-            seed = self._agree(self._s_sk, self._peer_keys[peer][1], peer, PURPOSE_MASK)
-            mask = expand_mask(seed, length)
+            seeds[peer] = self._agree(self._s_sk, self._bundle[peer].s_pk, peer, PURPOSE_MASK)
+            mask = expand_mask(seeds[peer], length)
             if peer > self.node_id:
                 np.add(y, mask, out=y)
             else:
                 np.subtract(y, mask, out=y)
             del mask
-        self._received = received
-        # Secrets no longer needed after masking (the shares are kept for stage 3).
-        self._b = None
-        self._s_sk = None
-        self._c_sk = None
+        self._received, self._seeds = received, seeds
+        self._b = self._s_sk = None
+        self._recv_sk = {}
         self.stage = ClientStage.MASKED
-        return y
+        return y, complaints
 
-    def unmask(
-        self, survivors: Sequence[int], dropped: Sequence[int]
-    ) -> dict[str, dict[int, tuple[int, bytes]]]:
-        """Stage 3: reveal the shares the server needs to remove the masks.
+    def _decode_view(self, view_body: bytes) -> View:
+        view, ctx_digest = View.decode(view_body)
+        if ctx_digest != self.ctx.digest:
+            raise _refuse(self.node_id, "the survivor view is for another round or cohort")
+        return view
 
-        For every node in ``survivors`` whose shares this node holds (its
-        masking neighbours and itself) it reveals the self-mask seed share; for
-        every node in ``dropped`` whose shares it holds it reveals the mask
-        private-key share. It never reveals both kinds for one node and never
-        reveals its own mask-key share.
+    def sign_view(self, view_body: bytes) -> bytes:
+        """Stage 3 (consistency check): check the server's survivor view and sign it.
 
         Parameters
         ----------
-        survivors : Sequence[int]
-            Nodes whose masked input reached the server (``U3``).
-        dropped : Sequence[int]
-            Nodes that shared keys but whose masked input did not arrive
-            (``U2 \\ U3``).
+        view_body : bytes
+            :meth:`View.body` as sent by the server.
 
         Returns
         -------
-        dict[str, dict[int, tuple[int, bytes]]]
-            ``{"b_shares": {owner: (index, share)}, "sk_shares": {owner: (index, share)}}``.
+        bytes
+            This site's signature of the view (purpose ``b"view"``).
 
         Raises
         ------
         UnmaskRefusedError
-            If a node is listed both as survivor and as dropped: answering would
-            give the server both the self-mask and the mask key of that node,
-            i.e. its individual input.
-        InvalidMessageError
-            If the lists contain duplicates or unknown node ids.
-        ProtocolAbort
-            If fewer than ``t`` survivors are listed.
+            If the view lists this site as dropped, lists a site twice or outside
+            the round, names a neighbour that never sent shares or omits one that
+            did, leaves fewer than ``t`` of this site's share holders alive,
+            names a key outside the roster or one key for two sites, or lists
+            fewer survivors than this site's minimum.
         StageError
-            If called out of order or a second time.
+            If called out of order or twice.
         """
-        self._require(ClientStage.MASKED, "answer an unmask request")
-        surv = _check_id_list(survivors, set(self.participants), "survivors")
-        drop = _check_id_list(dropped, set(self.participants), "dropped")
-        both = sorted(set(surv) & set(drop))
-        if both:
-            raise UnmaskRefusedError(
-                f"node {self.node_id} refuses to unmask: nodes {both} are listed as both "
-                "survivor and dropped, which would reveal both the self-mask and the "
-                "mask key (hence the individual input) of those nodes; the server is "
-                "misbehaving and this node will not help finish the round"
-            )
-        if len(surv) < self.threshold:
-            raise ProtocolAbort(
-                f"unmask stage: only {len(surv)} survivors listed but threshold is "
-                f"{self.threshold}; node {self.node_id} will not reveal shares for a "
-                "round that cannot be completed securely"
-            )
-        if self.node_id not in surv:
-            logger.warning(
-                "node %d: server reports that its masked input did not arrive",
-                self.node_id,
-            )
-        assert self._own_share is not None
-        b_out: dict[int, tuple[int, bytes]] = {}
-        sk_out: dict[int, tuple[int, bytes]] = {}
-        for owner in surv:
-            if owner == self.node_id:
-                b_out[owner] = (self._own_share[0], self._own_share[1])
-            elif owner in self._received:
-                idx, b_sh, _ = self._received[owner]
-                b_out[owner] = (idx, b_sh)
-        for owner in drop:
-            if owner in self._received:  # never its own s_sk share
-                idx, _, sk_sh = self._received[owner]
-                sk_out[owner] = (idx, sk_sh)
-        unlisted = sorted(set(self._received) - set(surv) - set(drop))
-        if unlisted:
-            logger.warning(
-                "node %d: masking neighbours %s are neither survivors nor dropped; the "
-                "server's aggregate will be wrong",
-                self.node_id,
-                unlisted,
-            )
-        self._received = {}
-        self._own_share = None
-        self._peer_keys = {}
-        self.stage = ClientStage.DONE
-        return {B_SHARES: b_out, SK_SHARES: sk_out}
+        self._require(ClientStage.MASKED, "sign a survivor view")
+        me = self.node_id
+        try:
+            view = self._decode_view(view_body)
+        except InvalidMessageError as exc:
+            raise _refuse(me, f"the survivor view is malformed ({exc})") from None
+        surv, drop = set(view.survivors), set(view.dropped)
+        if me not in surv:
+            raise _refuse(me, "it is listed as dropped although it sent its masked input")
+        if surv & drop:
+            raise _refuse(me, f"nodes {sorted(surv & drop)} are listed both as survivors and as "
+                              "dropped, which would reveal both secrets of those sites")
+        if (surv | drop) - self.participants:
+            raise _refuse(me, f"nodes {sorted((surv | drop) - self.participants)[:5]} are not "
+                              "participants of this round")
+        fps = {**view.survivors, **view.dropped}
+        known = {me: self.identity.fingerprint,
+                 **{n: hashlib.sha256(a.signer).digest() for n, a in self._bundle.items()}}
+        for node, fp in fps.items():
+            if node in known and fp != known[node]:
+                raise _refuse(me, f"the view names another signing key for node {node} than the "
+                                  "one that signed its keys")
+            if fp not in self.roster:
+                raise _refuse(me, f"node {node}'s key {fingerprint_text(fp)} is not in this "
+                                  "site's roster")
+        if len(set(fps.values())) != len(fps):
+            raise _refuse(me, "one signing key stands for two sites in the view (a Sybil)")
+        listed = set(self.neighbours) & (surv | drop)
+        masking = set(self._received)
+        if listed != masking:
+            missing, extra = sorted(masking - listed), sorted(listed - masking)
+            why = (f"its neighbours {missing} are in neither list" if missing else
+                   f"neighbours {extra} are listed but never sent it shares")
+            raise _refuse(me, why)
+        holders_alive = len(({me} | set(self._bundle)) & surv)
+        if holders_alive < self.threshold:
+            raise _refuse(me, f"only {holders_alive} of its own share holders survived, fewer than "
+                              f"the threshold {self.threshold}")
+        if len(surv) < self.min_survivors:
+            raise _refuse(me, f"only {len(surv)} sites survived, below this site's minimum cohort "
+                              f"of {self.min_survivors}")
+        signature = self.identity.sign(PURPOSE_VIEW, view.body(self.ctx.digest))
+        self._view_digest = hashlib.sha256(bytes(view_body)).digest()
+        self.stage = ClientStage.SIGNED
+        return signature
 
-    # ------------------------------------------------------------ persistence
-    def export_state(self) -> dict[str, bytes | int | str]:
-        """Serialise the whole state into a flat mapping of ``bytes`` / ``int`` / ``str``.
+    def unmask(self, view_body: bytes, signatures: Mapping[int, bytes]) -> UnmaskReply:
+        """Stage 4: reveal the shares the server needs, once, for the view this site signed.
 
-        The result can be stored in a Flower ``ConfigRecord`` (e.g. in
-        ``Context.state`` between the per-message invocations of a ClientApp)
-        and turned back into an equivalent object with :meth:`restore_state`,
-        at any stage. Every ``int`` value fits a signed 64-bit integer; node,
-        run and round ids (unsigned 64-bit) are stored as big-endian 8-byte
-        strings. Absent secrets are stored as empty ``bytes``.
+        For every site ``w`` whose secret it would help reveal (itself and its
+        masking neighbours) the request must carry valid signatures on the same
+        view from at least ``t`` distinct sites of ``w``'s neighbourhood
+        ``{w} | N(w)`` (from roster keys, listed as survivors). Two different
+        views can then never both reach that quorum (``2t > k + 1`` and each
+        honest site signs one view), so everything ever revealed about ``w``
+        comes from one view, which lists ``w`` either as survivor or as dropped.
 
-        Entries (``format`` / ``version`` identify the layout):
-
-        * ``format`` (str) = :data:`STATE_FORMAT`, ``version`` (int) = :data:`STATE_VERSION`;
-        * ``stage`` (str): the :class:`~common.secagg.protocol.ClientStage` value;
-        * ``node_id``, ``run_id``, ``round_id`` (8 bytes each, ``>u8``);
-        * ``threshold``, ``k`` (int; ``k`` is the effective neighbour count);
-        * ``participants``, ``neighbours`` (bytes): sorted ids, packed ``>u8``;
-        * ``c_sk``, ``c_pk``, ``s_sk``, ``s_pk``, ``b`` (32 bytes or empty):
-          key pairs and self-mask seed;
-        * ``own_share`` (66 bytes or empty): ``>u2`` index, seed share, key share;
-        * ``peer_keys`` (72 bytes per neighbour): ``>u8`` id, ``c_pk``, ``s_pk``;
-        * ``received`` (74 bytes per sender): ``>u8`` id, ``>u2`` index, seed
-          share, key share;
-        * ``digest`` (32 bytes): SHA-256 over all other entries, so accidental
-          corruption is detected on restore.
-
-        The mapping contains this node's private keys and shares: store it
-        only where the node's own secrets may live (it must never be sent).
-
-        Returns
-        -------
-        dict[str, bytes | int | str]
-            The flat state mapping.
-        """
-        own = b""
-        if self._own_share is not None:
-            idx, b_sh, sk_sh = self._own_share
-            own = _IDX.pack(idx) + b_sh + sk_sh
-        data: dict[str, bytes | int | str] = {
-            "format": STATE_FORMAT,
-            "version": STATE_VERSION,
-            "stage": self.stage.value,
-            "node_id": _U64.pack(self.node_id),
-            "run_id": _U64.pack(self.run_id),
-            "round_id": _U64.pack(self.round_id),
-            "threshold": int(self.threshold),
-            "k": int(self.k),
-            "participants": _pack_ids(sorted(self.participants)),
-            "neighbours": _pack_ids(sorted(self.neighbours)),
-            "c_sk": self._c_sk or b"",
-            "c_pk": self._c_pk or b"",
-            "s_sk": self._s_sk or b"",
-            "s_pk": self._s_pk or b"",
-            "b": self._b or b"",
-            "own_share": own,
-            "peer_keys": b"".join(
-                _U64.pack(node) + c_pk + s_pk
-                for node, (c_pk, s_pk) in sorted(self._peer_keys.items())
-            ),
-            "received": b"".join(
-                _U64.pack(node) + _IDX.pack(idx) + b_sh + sk_sh
-                for node, (idx, b_sh, sk_sh) in sorted(self._received.items())
-            ),
-        }
-        data["digest"] = _state_digest(data)
-        return data
-
-    @classmethod
-    def restore_state(cls, data: Mapping[str, object]) -> ClientState:
-        """Rebuild a :class:`ClientState` from the output of :meth:`export_state`.
-
-        The record is fully validated (entry names, types, lengths, version,
-        digest, SecAgg+ parameters, the neighbour graph, key pairs and the
-        entries required by the recorded stage) before an object is built.
+        Revealed: self-mask shares of itself and its surviving masking
+        neighbours; for dropped masking neighbours, the mask-key share and the
+        pairwise mask seed (which only undoes this site's own mask with that
+        neighbour). Never both kinds for one site, never its own mask key.
 
         Parameters
         ----------
-        data : Mapping[str, object]
-            The mapping produced by :meth:`export_state` (for instance
-            ``dict(config_record.items())``); ``bytearray`` values are accepted.
+        view_body : bytes
+            The view, byte for byte the one this site signed.
+        signatures : Mapping[int, bytes]
+            ``signer -> signature`` of the view, relayed by the server.
 
         Returns
         -------
-        ClientState
-            A state that continues the protocol exactly where the exported one
-            stood.
+        dict
+            ``{"b_shares": {owner: (index, share)}, "sk_shares": {owner: (index,
+            share)}, "seeds": {owner: seed}}``.
+
+        Raises
+        ------
+        UnmaskRefusedError
+            The view is not the one it signed, or a quorum is missing.
+        StageError
+            If called out of order or a second time.
+        """
+        self._require(ClientStage.SIGNED, "answer an unmask request")
+        me = self.node_id
+        if hashlib.sha256(bytes(view_body)).digest() != self._view_digest:
+            raise _refuse(me, "the unmask request carries a different view than the one it signed")
+        view = self._decode_view(view_body)
+        body = view.body(self.ctx.digest)
+        valid = {me}
+        for raw_id, sig in signatures.items():
+            signer = check_uint64(raw_id, "signer id")
+            if signer in view.survivors and signer not in valid and self.roster.verify(
+                    view.survivors[signer], PURPOSE_VIEW, body, sig):
+                valid.add(signer)
+        for owner in sorted({me} | set(self._received)):
+            quorum = len(valid & self.ctx.neighbourhood(owner))
+            if quorum < self.threshold:
+                raise _refuse(me, f"only {quorum} valid signatures on its view come from node "
+                                  f"{owner}'s neighbourhood, fewer than the threshold "
+                                  f"{self.threshold}: another view may exist for that site")
+        assert self._own_share is not None
+        b_out: dict[int, tuple[int, bytes]] = {me: (self._own_share[0], self._own_share[1])}
+        sk_out: dict[int, tuple[int, bytes]] = {}
+        seeds: dict[int, bytes] = {}
+        for owner, share in sorted(self._received.items()):
+            if owner in view.survivors:
+                if share is not None:
+                    b_out[owner] = (share[0], share[1])
+            else:
+                seeds[owner] = self._seeds[owner]
+                if share is not None:
+                    sk_out[owner] = (share[0], share[2])
+        self._own_share = None
+        self._received, self._seeds, self._bundle = {}, {}, {}
+        self._view_digest = b""
+        self.stage = ClientStage.DONE
+        return {B_SHARES: b_out, SK_SHARES: sk_out, SEEDS: seeds}
+
+    # ------------------------------------------------------------ persistence
+    def export_state(self) -> dict[str, bytes | int | str]:
+        """Serialise the state for the node's own storage (e.g. Flower's ``Context.state``).
+
+        Returns ``{"format": STATE_FORMAT, "version": STATE_VERSION, "state":
+        bytes, "digest": bytes}``: ``state`` is canonical JSON (sorted keys,
+        bytes as hex) of the stage, the round context, the key material and
+        shares the stage needs; ``digest`` is :func:`state_digest` of it. The
+        signing identity and roster are not included: pass them again to
+        :meth:`restore_state`. The record holds this node's secrets: store it
+        only where they may live; it must never be sent.
+        """
+        def hx(b: bytes | None) -> str:
+            return b.hex() if b else ""
+
+        ctx = self.ctx
+        data = {
+            "stage": self.stage.value,
+            "node": str(self.node_id),
+            "run": str(ctx.run_id),
+            "round": str(ctx.round_id),
+            "k": ctx.k,
+            "t": ctx.threshold,
+            "participants": [str(i) for i in ctx.participants],
+            "challenge": ctx.challenge.hex(),
+            "min_survivors": self.min_survivors,
+            "identity": self.identity.fingerprint.hex(),
+            "c_send_sk": hx(self._c_send_sk),
+            "s_sk": hx(self._s_sk),
+            "recv_sk": {str(n): k.hex() for n, k in sorted(self._recv_sk.items())},
+            "b": hx(self._b),
+            "own_share": ([self._own_share[0], self._own_share[1].hex(), self._own_share[2].hex()]
+                          if self._own_share else None),
+            "bundle": {str(n): a.encode(ctx.digest).hex() for n, a in sorted(self._bundle.items())},
+            "received": {str(n): ([s[0], s[1].hex(), s[2].hex()] if s else None)
+                         for n, s in sorted(self._received.items())},
+            "seeds": {str(n): s.hex() for n, s in sorted(self._seeds.items())},
+            "view": self._view_digest.hex(),
+        }
+        state = json.dumps(data, sort_keys=True, separators=(",", ":")).encode("ascii")
+        return {"format": STATE_FORMAT, "version": STATE_VERSION, "state": state,
+                "digest": state_digest(state)}
+
+    @classmethod
+    def restore_state(cls, data: Mapping[str, object], *, identity: Identity,
+                      roster: Roster) -> ClientState:
+        """Rebuild a :class:`ClientState` from :meth:`export_state`'s output.
+
+        The record is fully validated (format, version, digest, JSON schema,
+        the round's parameters, key lengths and pairs, and which entries the
+        recorded stage must or must not hold) before an object is built.
 
         Raises
         ------
         StateFormatError
-            (a subclass of :class:`InvalidMessageError`) if the record is not a
-            mapping, lacks or adds entries, has a wrong type, length, version or
-            digest, or is internally inconsistent.
+            If anything is missing, extra, of the wrong type or length, or
+            inconsistent.
         """
-
         def fail(why: str) -> StateFormatError:
-            return StateFormatError(
-                f"cannot restore the secure-aggregation client state: {why}; the "
-                "record is corrupted or from another version, so this node cannot "
-                "continue the round"
-            )
+            return StateFormatError(f"cannot restore the secure-aggregation client state: {why}; "
+                                    "the record is corrupted or from another version, so this "
+                                    "node cannot continue the round")
 
-        if not isinstance(data, Mapping):
-            raise fail(f"expected a mapping, got {type(data).__name__}")
-        keys = set(data)
-        missing = sorted(set(_STATE_SCHEMA) - keys)
-        extra = sorted(str(k) for k in keys - set(_STATE_SCHEMA))
-        if missing or extra:
-            raise fail(f"missing entries {missing}, unexpected entries {extra}")
-        clean: dict[str, bytes | int | str] = {}
-        for key, kind in _STATE_SCHEMA.items():
-            value = data[key]
-            if kind is bytes and isinstance(value, (bytes, bytearray)):
-                clean[key] = bytes(value)
-            elif kind is int and isinstance(value, int) and not isinstance(value, bool):
-                if not 0 <= value <= _INT64_MAX:
-                    raise fail(f"entry '{key}'={value} is outside [0, 2**63 - 1]")
-                clean[key] = int(value)
-            elif kind is str and isinstance(value, str):
-                clean[key] = value
-            else:
-                raise fail(
-                    f"entry '{key}' must be {kind.__name__}, got {type(value).__name__}"
-                )
-        if clean["format"] != STATE_FORMAT:
-            raise fail(f"format is {clean['format']!r}, expected {STATE_FORMAT!r}")
-        if clean["version"] != STATE_VERSION:
-            raise fail(f"version is {clean['version']}, this code reads version {STATE_VERSION}")
+        if not isinstance(data, Mapping) or set(data) != {"format", "version", "state", "digest"}:
+            raise fail("expected exactly the entries format, version, state, digest")
+        if data["format"] != STATE_FORMAT or data["version"] != STATE_VERSION:
+            raise fail(f"format/version is {data['format']!r}/{data['version']!r}, this code "
+                       f"reads {STATE_FORMAT!r}/{STATE_VERSION}")
+        state, digest = data["state"], data["digest"]
+        if not isinstance(state, (bytes, bytearray)) or not isinstance(digest, (bytes, bytearray)):
+            raise fail("state and digest must be bytes")
+        if state_digest(bytes(state)) != bytes(digest):
+            raise fail("the digest does not match the content")
         try:
-            stage = ClientStage(clean["stage"])
-        except ValueError:
-            raise fail(f"unknown stage {clean['stage']!r}") from None
+            return cls._from_json(json.loads(bytes(state)), identity, roster)
+        except (ValueError, TypeError, KeyError, AttributeError, SecAggError) as exc:
+            raise fail(str(exc) or type(exc).__name__) from None
 
-        def raw(key: str) -> bytes:
-            value = clean[key]
-            assert isinstance(value, bytes)
+    @classmethod
+    def _from_json(cls, d: dict[str, Any], identity: Identity, roster: Roster) -> ClientState:
+        keys = {"stage", "node", "run", "round", "k", "t", "participants", "challenge",
+                "min_survivors", "identity", "c_send_sk", "s_sk", "recv_sk", "b", "own_share", "bundle",
+                "received", "seeds", "view"}
+        if set(d) != keys:
+            raise ValueError(f"entries {sorted(set(d) ^ keys)} are missing or unexpected")
+
+        def raw(text: str, sizes: tuple[int, ...] = (0, KEY_BYTES)) -> bytes:
+            value = bytes.fromhex(text)
+            if len(value) not in sizes:
+                raise ValueError(f"a {len(value)}-byte field where {sizes} bytes are allowed")
             return value
 
-        def records(key: str, width: int) -> list[bytes]:
-            value = raw(key)
-            if len(value) % width:
-                raise fail(f"entry '{key}' has {len(value)} bytes, not a multiple of {width}")
-            return [value[off : off + width] for off in range(0, len(value), width)]
+        def node(text: str) -> int:
+            if not isinstance(text, str) or not text.isdigit():
+                raise ValueError(f"node id {text!r} is not a decimal string")
+            return check_uint64(int(text), "node id")
 
-        def ids(key: str) -> list[int]:
-            out = [_U64.unpack(r)[0] for r in records(key, _U64.size)]
-            if out != sorted(set(out)):
-                raise fail(f"ids in entry '{key}' are not sorted and distinct")
-            return out
+        def share(item: list) -> tuple[int, bytes, bytes]:
+            idx, b_sh, sk_sh = item
+            if not isinstance(idx, int) or not 1 <= idx <= 0xFFFF:
+                raise ValueError(f"Shamir index {idx!r} is out of range")
+            return idx, raw(b_sh, (SECRET_BYTES,)), raw(sk_sh, (SECRET_BYTES,))
 
-        for key in ("node_id", "run_id", "round_id"):
-            if len(raw(key)) != _U64.size:
-                raise fail(f"entry '{key}' must be {_U64.size} bytes, got {len(raw(key))}")
-        node_id = _U64.unpack(raw("node_id"))[0]
-        run_id = _U64.unpack(raw("run_id"))[0]
-        round_id = _U64.unpack(raw("round_id"))[0]
-        participants = ids("participants")
-        neighbour_ids = ids("neighbours")
-        for key in _SECRET_FIELDS:
-            if len(raw(key)) not in (0, KEY_BYTES):
-                raise fail(f"entry '{key}' must be {KEY_BYTES} bytes or empty, got {len(raw(key))}")
-        if len(raw("own_share")) not in (0, _OWN_SHARE_BYTES):
-            raise fail(
-                f"entry 'own_share' must be {_OWN_SHARE_BYTES} bytes or empty, got "
-                f"{len(raw('own_share'))}"
-            )
-        peer_records = records("peer_keys", _PEER_KEY_BYTES)
-        received_records = records("received", _RECEIVED_BYTES)
-        if len(raw("digest")) != hashlib.sha256().digest_size:
-            raise fail(f"entry 'digest' must be 32 bytes, got {len(raw('digest'))}")
-        if _state_digest(clean) != raw("digest"):
-            raise fail("the digest does not match the content")
-
-        try:
-            state = cls(
-                node_id,
-                participants,
-                threshold=int(clean["threshold"]),
-                k=int(clean["k"]),
-                run_id=run_id,
-                round_id=round_id,
-            )
-        except (ConfigError, InvalidMessageError) as exc:
-            raise fail(f"the recorded round parameters are invalid ({exc})") from None
-        if state.k != clean["k"]:
-            raise fail(f"k={clean['k']} is not the effective neighbour count {state.k}")
-        if list(state.neighbours) != neighbour_ids:
-            raise fail("the recorded neighbours differ from the round's neighbour graph")
-
-        for key, present in _PRESENT[stage].items():
-            if bool(raw(key)) != present:
-                raise fail(
-                    f"entry '{key}' must be {'set' if present else 'empty'} in stage "
-                    f"'{stage.value}'"
-                )
-        for sk_key, pk_key in (("c_sk", "c_pk"), ("s_sk", "s_pk")):
-            if raw(sk_key) and public_key_from_private(raw(sk_key)) != raw(pk_key):
-                raise fail(f"'{pk_key}' does not belong to '{sk_key}'")
-        max_index = state.k + 1
-
-        def share_index(data_: bytes, what: str) -> int:
-            (idx,) = _IDX.unpack_from(data_)
-            if not 1 <= idx <= max_index:
-                raise fail(f"Shamir index {idx} of {what} is outside 1..{max_index}")
-            return int(idx)
-
-        own_share: tuple[int, bytes, bytes] | None = None
-        if raw("own_share"):
-            own = raw("own_share")
-            off = _IDX.size
-            own_share = (
-                share_index(own, "the own share"),
-                own[off : off + SECRET_BYTES],
-                own[off + SECRET_BYTES :],
-            )
-        peer_keys: dict[int, tuple[bytes, bytes]] = {}
-        for rec in peer_records:
-            (peer,) = _U64.unpack_from(rec)
-            if peer not in state.neighbours or peer in peer_keys:
-                raise fail(f"peer key entry for node {peer}, which is not a distinct neighbour")
-            off = _U64.size
-            peer_keys[peer] = (rec[off : off + KEY_BYTES], rec[off + KEY_BYTES :])
-        received: dict[int, tuple[int, bytes, bytes]] = {}
-        for rec in received_records:
-            (sender,) = _U64.unpack_from(rec)
-            if sender not in peer_keys or sender in received:
-                raise fail(
-                    f"received shares from node {sender}, which is not a distinct "
-                    "neighbour with recorded keys"
-                )
-            off = _U64.size + _IDX.size
-            received[sender] = (
-                share_index(rec[_U64.size :], f"the share from node {sender}"),
-                rec[off : off + SECRET_BYTES],
-                rec[off + SECRET_BYTES :],
-            )
-        if peer_keys and stage not in (ClientStage.SHARED, ClientStage.MASKED):
-            raise fail(f"peer keys are recorded in stage '{stage.value}'")
-        if received and stage is not ClientStage.MASKED:
-            raise fail(f"received shares are recorded in stage '{stage.value}'")
-
+        ctx = RoundContext(node(d["run"]), node(d["round"]), [node(i) for i in d["participants"]],
+                           d["k"], d["t"], raw(d["challenge"], (KEY_BYTES,)))
+        if ctx.k != d["k"]:
+            raise ValueError(f"k={d['k']} is not the effective neighbour count {ctx.k}")
+        if raw(d["identity"], (32,)) != identity.fingerprint:
+            raise ValueError("the state was made with another signing key than this site's")
+        state = cls(node(d["node"]), ctx, identity=identity, roster=roster,
+                    min_survivors=d["min_survivors"])
+        stage = ClientStage(d["stage"])
+        state._c_send_sk = raw(d["c_send_sk"]) or None
+        state._s_sk = raw(d["s_sk"]) or None
+        state._recv_sk = {node(n): raw(k, (KEY_BYTES,)) for n, k in d["recv_sk"].items()}
+        state._b = raw(d["b"]) or None
+        state._own_share = share(d["own_share"]) if d["own_share"] is not None else None
+        for n, enc in d["bundle"].items():
+            advert, ctx_digest = Advert.decode(bytes.fromhex(enc))
+            if ctx_digest != ctx.digest or advert.node != node(n) or node(n) not in state.neighbours:
+                raise ValueError(f"the recorded key bundle entry for node {n} is inconsistent")
+            state._bundle[node(n)] = advert
+        state._received = {node(n): (share(s) if s is not None else None)
+                           for n, s in d["received"].items()}
+        state._seeds = {node(n): raw(s, (KEY_BYTES,)) for n, s in d["seeds"].items()}
+        state._view_digest = raw(d["view"], (0, 32))
+        present = {
+            "c_send_sk": state._c_send_sk is not None, "s_sk": state._s_sk is not None,
+            "recv_sk": bool(state._recv_sk), "b": state._b is not None,
+            "own_share": state._own_share is not None, "bundle": bool(state._bundle),
+            "received": bool(state._received), "seeds": bool(state._seeds),
+            "view": bool(state._view_digest),
+        }
+        allowed = {
+            ClientStage.INIT: set(),
+            ClientStage.ADVERTISED: {"c_send_sk", "s_sk", "recv_sk"},
+            ClientStage.SHARED: {"s_sk", "recv_sk", "b", "own_share", "bundle"},
+            ClientStage.MASKED: {"own_share", "bundle", "received", "seeds"},
+            ClientStage.SIGNED: {"own_share", "bundle", "received", "seeds", "view"},
+            ClientStage.DONE: set(),
+        }[stage]
+        must = {
+            ClientStage.ADVERTISED: {"c_send_sk", "s_sk"},
+            ClientStage.SHARED: {"s_sk", "b", "own_share"},
+            ClientStage.MASKED: {"own_share"},
+            ClientStage.SIGNED: {"own_share", "view"},
+        }.get(stage, set())
+        held = {name for name, is_set in present.items() if is_set}
+        if held - allowed or must - held:
+            raise ValueError(f"stage '{stage.value}' holds {sorted(held)}; it may hold "
+                             f"{sorted(allowed)} and must hold {sorted(must)}")
+        if state._recv_sk and set(state._recv_sk) != set(state.neighbours):
+            raise ValueError("the recorded receive keys are not one per neighbour")
+        if set(state._received) - set(state._bundle) or set(state._seeds) != set(state._received):
+            raise ValueError("the recorded shares or seeds name sites outside the key bundle")
+        if state._own_share and state._own_share[0] != ctx.index_of(state.node_id, state.node_id):
+            raise ValueError("the recorded own share has the wrong Shamir index")
+        for sender, item in state._received.items():
+            if item is not None and item[0] != ctx.index_of(sender, state.node_id):
+                raise ValueError(f"the recorded share from node {sender} has the wrong index")
+        for secret in (state._c_send_sk, state._s_sk, *state._recv_sk.values()):
+            if secret is not None:
+                public_key_from_private(secret)
         state.stage = stage
-        state._c_sk = raw("c_sk") or None
-        state._c_pk = raw("c_pk") or None
-        state._s_sk = raw("s_sk") or None
-        state._s_pk = raw("s_pk") or None
-        state._b = raw("b") or None
-        state._own_share = own_share
-        state._peer_keys = peer_keys
-        state._received = received
         return state

@@ -16,6 +16,7 @@ also what ``cryptography`` uses internally for key generation).
 
 from __future__ import annotations
 
+import hmac
 import operator
 import os
 import struct
@@ -44,6 +45,9 @@ __all__ = [
     "encrypt_share",
     "decrypt_share",
     "check_uint64",
+    "POP_LABEL",
+    "proof_of_possession",
+    "check_proof_of_possession",
 ]
 
 KEY_BYTES = 32
@@ -58,6 +62,8 @@ MAX_UINT64 = 2**64 - 1
 _TAG_BYTES = 16
 _KDF_LABEL = b"fedseal-secagg-v1"
 _AD_LABEL = b"FSSA"
+POP_LABEL = b"fedseal-secagg-v2 pop\x00"
+"""Domain label of :func:`proof_of_possession`'s HKDF info."""
 
 
 def check_uint64(value: int, what: str) -> int:
@@ -391,3 +397,51 @@ def decrypt_share(
             f"round {round_id}), or delivered to the wrong receiver; node "
             f"{receiver} cannot continue this round"
         ) from None
+
+
+def _exchange(private_key: bytes, public_key: bytes) -> bytes:
+    """X25519; ValueError for a low-order peer key (all-zero shared secret)."""
+    return X25519PrivateKey.from_private_bytes(private_key).exchange(
+        X25519PublicKey.from_public_bytes(public_key))
+
+
+def _pop_from_shared(shared: bytes, ctx_digest: bytes, node: int, public_key: bytes) -> bytes:
+    info = POP_LABEL + bytes(ctx_digest) + struct.pack(">Q", check_uint64(node, "node id")) + public_key
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(shared)
+
+
+def proof_of_possession(private_key: bytes, challenge: bytes, *, ctx_digest: bytes,
+                        node: int) -> bytes:
+    """Prove knowledge of an X25519 private key to the holder of the round's challenge key.
+
+    ``HKDF-SHA256(X25519(private_key, challenge), info = POP_LABEL || ctx_digest
+    || node (u64) || public_key)``, 32 bytes. Only someone holding
+    ``private_key`` (or the challenge's private key) can compute it, so a site
+    that copies another site's public key cannot produce the proof. The output is
+    an HKDF expansion under a label no other key derivation uses, so it reveals
+    nothing about any pairwise secret of ``private_key``.
+
+    Raises
+    ------
+    InvalidMessageError
+        If a key has the wrong length or the challenge is a low-order point.
+    """
+    private_key = _check_key_bytes(private_key, "private key")
+    try:
+        shared = _exchange(private_key, _check_key_bytes(challenge, "challenge key"))
+    except ValueError:
+        raise InvalidMessageError("the round's challenge key is a low-order point; the "
+                                  "server is misbehaving and this round cannot go on") from None
+    return _pop_from_shared(shared, ctx_digest, node, public_key_from_private(private_key))
+
+
+def check_proof_of_possession(challenge_private: bytes, public_key: bytes, proof: bytes, *,
+                              ctx_digest: bytes, node: int) -> bool:
+    """Server side of :func:`proof_of_possession`: whether ``proof`` is right for ``public_key``."""
+    public_key = _check_key_bytes(public_key, "public key")
+    try:
+        shared = _exchange(_check_key_bytes(challenge_private, "challenge private key"), public_key)
+    except ValueError:
+        return False
+    expected = _pop_from_shared(shared, ctx_digest, node, public_key)
+    return isinstance(proof, (bytes, bytearray)) and hmac.compare_digest(expected, bytes(proof))

@@ -51,8 +51,9 @@ class ShareDecryptionError(SecAggError):
     """An encrypted secret share failed authentication.
 
     The ciphertext was tampered with, replayed from another round or run, or
-    delivered to the wrong receiver. The receiving client cannot continue the
-    round, because its pairwise masks would no longer match the server's view.
+    delivered to the wrong receiver. A site that gets one under its sender's
+    valid signature complains (and keeps going); the server then blames the
+    sender.
     """
 
 
@@ -68,9 +69,10 @@ class StageError(SecAggError):
 
 
 class UnmaskRefusedError(SecAggError):
-    """A client refused an unmasking request that would break privacy.
+    """A site refused to go on because the server's request could break privacy.
 
-    Raised when the server asks for both the self-mask share and the
-    mask-key share of the same node, which would let it unmask that node's
-    individual input.
+    Raised when the survivor view or the unmask request contradicts what the
+    site saw or lacks the signatures it needs (a server lying about who dropped
+    out), when routed shares were altered, and when a round was already
+    unmasked once.
     """

@@ -1,31 +1,35 @@
-"""Shared definitions of the SecAgg+ message flow.
+"""Shared definitions of the SecAgg+ message flow (active-adversary variant).
 
 Round structure (one :class:`~common.secagg.client.ClientState` per node and
-one :class:`~common.secagg.server.ServerState` per round; all pure state
-transitions, no I/O)::
+one :class:`~common.secagg.server.ServerState` per round; pure state
+transitions, no I/O). ``ctx`` is the :class:`~common.secagg.messages.RoundContext`
+(run, round, participants, k, t, the server's challenge key) that every
+signature binds::
 
-    stage 0  client.advertise_keys()            -> {"c_pk", "s_pk"}
-             server.broadcast_keys(adverts)     -> per-node bundle of neighbour keys   (U1)
-    stage 1  client.share_keys(bundle)          -> {receiver: ciphertext}
-             server.route_shares(shares)        -> {receiver: {sender: ciphertext}}  (U2)
-    stage 2  client.masked_input(cts, x)        -> y (uint32 vector)
-             server.add_masked_input(i, y)      (one call per arriving vector)       (U3)
-             server.unmask_request()            -> (survivors, dropped)
-    stage 3  client.unmask(survivors, dropped)  -> {"b_shares", "sk_shares"}
-             server.finalize(replies)           -> sum of x_i over U3 (mod 2**32)  (U4)
+    stage 0  client.advertise_keys()          -> Advert (signed: c_send, s_pk, one
+                                                 receive key per neighbour; proof of
+                                                 possession of s_pk)
+             server.collect_adverts(adverts)  -> per node: its neighbours' adverts   (U1)
+    stage 1  client.share_keys(bundle)        -> ShareMessage (signed commitments and
+                                                 ciphertext digests) + ciphertexts
+             server.collect_shares(replies)   -> per node: {sender: (message, ct)}   (U2)
+    stage 2  client.masked_input(routed, x)   -> y, complaints
+             server.collect_masked(replies)   -> View (survivors, dropped)          (U3)
+    stage 3  client.sign_view(view)           -> signature of the view
+             server.collect_signatures(sigs)  -> per signer: the signatures it needs
+    stage 4  client.unmask(view, signatures)  -> {"b_shares", "sk_shares", "seeds"}
+             server.finalize(replies)         -> sum of x_i over the survivors (mod 2**32)
 
-Masking: ``y_i = x_i + PRG(b_i) + sum_{j in N(i) cap U2, j > i} PRG(s_ij)
-- sum_{j in N(i) cap U2, j < i} PRG(s_ij)  (mod 2**32)`` where ``b_i`` is a
-fresh random seed and ``s_ij = agree(s_sk_i, s_pk_j, purpose=b"mask")``.
+Masking: ``y_i = x_i + PRG(b_i) + sum_{j in M(i), j > i} PRG(s_ij)
+- sum_{j in M(i), j < i} PRG(s_ij)  (mod 2**32)`` where ``b_i`` is a fresh
+random seed, ``s_ij = agree(s_sk_i, s_pk_j, purpose=b"mask")`` and ``M(i)``
+the neighbours whose share ciphertexts reached ``i``.
 
-Messages are plain dicts of ``bytes``, ``int`` and ``numpy.ndarray`` (see the
-constants below) so a transport layer can serialise them directly.
-
-Threat model: honest-but-curious server and clients, plus a server that may
-lie about who dropped out (defeated by the majority threshold and by clients
-refusing contradictory unmask requests). Public keys are not signed (no PKI
-and no consistency-check round), so an actively malicious server that
-substitutes public keys is out of scope.
+Threat model: a server that lies (about keys, routing, who dropped out, or by
+asking twice), honest sites that refuse whatever would let it unmask one
+input, and malicious sites that can send any well-formed message: each reply
+is checked on its own and a bad one drops its sender only (see the README's
+"Secure aggregation" section for the argument and what remains).
 """
 
 from __future__ import annotations
@@ -38,10 +42,9 @@ from .errors import InvalidMessageError
 from .shamir import SECRET_BYTES
 
 __all__ = [
-    "C_PK",
-    "S_PK",
     "B_SHARES",
     "SK_SHARES",
+    "SEEDS",
     "PURPOSE_SHARE",
     "PURPOSE_MASK",
     "SHARE_PLAINTEXT_BYTES",
@@ -52,14 +55,12 @@ __all__ = [
     "decode_share_payload",
 ]
 
-C_PK = "c_pk"
-"""Key of the share-encryption public key in an advertise message."""
-S_PK = "s_pk"
-"""Key of the mask-agreement public key in an advertise message."""
 B_SHARES = "b_shares"
 """Key of the self-mask seed shares in an unmask reply."""
 SK_SHARES = "sk_shares"
 """Key of the mask private-key shares in an unmask reply."""
+SEEDS = "seeds"
+"""Key of the pairwise mask seeds with dropped neighbours in an unmask reply."""
 
 PURPOSE_SHARE = b"share-enc"
 """HKDF purpose label of the share-encryption key."""
@@ -80,6 +81,7 @@ class ClientStage(enum.Enum):
     ADVERTISED = "advertised"
     SHARED = "shared"
     MASKED = "masked"
+    SIGNED = "signed"
     DONE = "done"
 
 
@@ -89,6 +91,7 @@ class ServerStage(enum.Enum):
     COLLECT_KEYS = "collect_keys"
     COLLECT_SHARES = "collect_shares"
     COLLECT_MASKED = "collect_masked"
+    COLLECT_SIGNATURES = "collect_signatures"
     COLLECT_UNMASK = "collect_unmask"
     DONE = "done"
 

@@ -1,31 +1,60 @@
 """In-memory driver wiring :class:`ClientState` s and a :class:`ServerState` together.
 
-Used by tests and benchmarks; it performs no I/O and no networking.
+Used by tests and benchmarks; it performs no I/O and no networking. Every site
+gets a fresh signing identity and all of them form the roster, unless the
+caller passes its own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from .client import ClientState
-from .errors import ConfigError
+from .crypto import generate_key_pair
+from .errors import ConfigError, ProtocolAbort, UnmaskRefusedError
 from .graph import default_k, default_threshold
+from .identity import Identity, Roster
+from .messages import RoundContext, ShareMessage
 from .server import ServerState
 
-__all__ = ["DROP_STAGES", "RoundResult", "run_round", "simulate_round"]
+__all__ = ["DROP_STAGES", "RoundResult", "make_identities", "run_round", "simulate_round"]
 
-DROP_STAGES = ("advertise", "share", "masked", "unmask")
+DROP_STAGES = ("advertise", "share", "masked", "consistency", "unmask")
 """Stages at which a simulated client can drop out.
 
 * ``"advertise"``: never answers ``advertise_keys``;
 * ``"share"``: advertised keys but never sends its shares;
 * ``"masked"``: shared keys but never sends its masked input;
-* ``"unmask"``: sent its masked input but never answers the unmask request
-  (its input is still included; its self-mask is rebuilt from others' shares).
+* ``"consistency"``: sent its masked input but never signs the survivor view
+  (its input is still included);
+* ``"unmask"``: signed the view but never answers the unmask request (its
+  input is still included; its self-mask is rebuilt from others' shares).
 """
+
+
+def make_identities(ids: Sequence[int], kind: str = "p384") -> tuple[dict[int, Identity], Roster]:
+    """A fresh signing identity per node and the roster of all of them.
+
+    ``kind`` is ``"p384"`` (what ``fedseal keys`` makes) or ``"ed25519"`` (faster).
+    """
+    if kind not in ("p384", "ed25519"):
+        raise ConfigError(f"identity kind must be p384 or ed25519, got {kind!r}")
+    identities = {
+        i: Identity(ec.generate_private_key(ec.SECP384R1()) if kind == "p384"
+                    else ed25519.Ed25519PrivateKey.generate())
+        for i in ids
+    }
+    lines = []
+    for i, ident in identities.items():
+        key = ident.public_key.public_bytes(serialization.Encoding.OpenSSH,
+                                            serialization.PublicFormat.OpenSSH)
+        lines.append(f"{key.decode()} node-{i}")
+    return identities, Roster.from_text("\n".join(lines))
 
 
 @dataclass(frozen=True)
@@ -39,11 +68,14 @@ class RoundResult:
     survivors : list[int]
         Nodes whose masked input was included (``U3``).
     dropped : list[int]
-        Nodes that shared keys but whose masked input was missing (``U2 \\ U3``).
+        Nodes that shared keys but whose masked input was missing or discarded
+        (``U2 \\ U3``).
     threshold : int
         Threshold used.
     k : int
         Effective neighbour count used.
+    rejected : dict[int, str]
+        ``node -> reason`` for every reply the server discarded, all stages.
     """
 
     aggregate: np.ndarray
@@ -51,6 +83,7 @@ class RoundResult:
     dropped: list[int]
     threshold: int
     k: int
+    rejected: dict[int, str]
 
 
 def run_round(
@@ -60,6 +93,8 @@ def run_round(
     drop_at: Mapping[int, str] | None = None,
     run_id: int = 0,
     round_id: int = 0,
+    identities: Mapping[int, Identity] | None = None,
+    roster: Roster | None = None,
 ) -> RoundResult:
     """Run one full SecAgg+ round in memory and report who was included.
 
@@ -75,7 +110,10 @@ def run_round(
     drop_at : Mapping[int, str], optional
         ``node_id -> stage`` (one of :data:`DROP_STAGES`) for simulated dropouts.
     run_id, round_id : int
-        Identifiers bound into every key and ciphertext.
+        Identifiers bound into every key, ciphertext and signature.
+    identities, roster : optional
+        Each node's signing identity and the roster every node uses; fresh
+        Ed25519 identities when omitted.
 
     Returns
     -------
@@ -108,27 +146,48 @@ def run_round(
                 f"drop_at entry {node!r}: {stage!r} is invalid; node must be a participant "
                 f"and stage one of {DROP_STAGES}"
             )
+    if identities is None or roster is None:
+        identities, roster = make_identities(ids, "ed25519")
+    challenge_sk, challenge_pk = generate_key_pair()
+    ctx = RoundContext(run_id, round_id, ids, k, threshold, challenge_pk)
+    server = ServerState(ctx, challenge_private=challenge_sk, vector_length=length)
+    clients = {i: ClientState(i, ctx, identity=identities[i], roster=roster) for i in ids}
+    rejected: dict[int, str] = {}
 
-    server = ServerState(
-        ids, threshold=threshold, k=k, vector_length=length, run_id=run_id, round_id=round_id
-    )
-    clients = {
-        i: ClientState(i, ids, threshold=threshold, k=k, run_id=run_id, round_id=round_id)
-        for i in ids
-    }
-    adverts = {i: c.advertise_keys() for i, c in clients.items() if drops.get(i) != "advertise"}
-    bundles = server.broadcast_keys(adverts)
-    shares = {i: clients[i].share_keys(b) for i, b in bundles.items() if drops.get(i) != "share"}
-    routed = server.route_shares(shares)
-    for i, cts in routed.items():
-        if drops.get(i) != "masked":
-            server.add_masked_input(i, clients[i].masked_input(cts, vectors[i]))
-    survivors, dropped = server.unmask_request()
-    replies = {
-        i: clients[i].unmask(survivors, dropped) for i in survivors if drops.get(i) != "unmask"
-    }
-    aggregate = server.finalize(replies)
-    return RoundResult(aggregate, survivors, dropped, threshold, server.k)
+    def answers(nodes: Iterable[int], stage: str, call: Callable[[int], object]) -> dict[int, object]:
+        """Each live node's answer; a node that refuses (or aborts) answers nothing."""
+        out = {}
+        for i in nodes:
+            if drops.get(i) == stage:
+                continue
+            try:
+                out[i] = call(i)
+            except (ProtocolAbort, UnmaskRefusedError) as exc:
+                rejected[i] = f"refused at {stage}: {exc}"
+        return out
+
+    def opened(i: int) -> dict[int, tuple[ShareMessage, bytes]]:
+        return {s: (ShareMessage.decode(m)[0], ct) for s, (m, ct) in routed[i].items()}
+
+    def shared(i: int) -> tuple[bytes, dict[int, bytes]]:
+        message, cts = clients[i].share_keys(bundles[i])
+        return message.encode(ctx.digest), cts
+
+    adverts = answers(ids, "advertise", lambda i: clients[i].advertise_keys().encode(ctx.digest))
+    bundles, bad = server.collect_adverts(adverts)
+    rejected.update(bad)
+    routed, bad = server.collect_shares(answers(bundles, "share", shared))
+    rejected.update(bad)
+    masked = answers(routed, "masked", lambda i: clients[i].masked_input(opened(i), vectors[i]))
+    view, bad = server.collect_masked(masked)
+    rejected.update(bad)
+    signatures = answers(server.survivors, "consistency", lambda i: clients[i].sign_view(view))
+    relays, bad = server.collect_signatures(signatures)
+    rejected.update(bad)
+    replies = answers(relays, "unmask", lambda i: clients[i].unmask(view, relays[i]))
+    aggregate, bad = server.finalize(replies)
+    rejected.update(bad)
+    return RoundResult(aggregate, server.survivors, server.dropped, threshold, server.k, rejected)
 
 
 def simulate_round(

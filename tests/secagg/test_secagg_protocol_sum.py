@@ -35,27 +35,43 @@ def _plain_sum(vectors: dict[int, np.ndarray], nodes: list[int]) -> np.ndarray:
 
 
 def _oracle(ids: list[int], k: int, t: int, drops: dict[int, str]) -> list[int] | None:
-    """Independent model of who survives; None if the round must abort."""
+    """Independent model of who survives; None if the round must abort.
+
+    Mirrors the protocol's rules: a site stays in only while ``t`` of its share
+    holders (itself and the neighbours it dealt to) are in; a site reveals only
+    if ``t`` sites of each affected neighbourhood signed the survivor view; a
+    dropped site's masks go with its rebuilt key or the survivors' own seeds.
+    """
     graph = neighbours(ids, k)
 
-    def prune(alive: set[int]) -> set[int]:
+    def prune(alive: set[int], holders) -> set[int]:
         while True:
-            bad = {i for i in alive if sum(j in alive for j in graph[i]) + 1 < t}
+            bad = {i for i in alive if len(({i} | holders(i)) & alive) < t}
             if not bad:
                 return alive
             alive -= bad
 
-    u1 = prune({i for i in ids if drops.get(i) != "advertise"})
-    u2 = prune({i for i in u1 if drops.get(i) != "share"})
-    u3 = {i for i in u2 if drops.get(i) != "masked"}
-    u4 = {i for i in u3 if drops.get(i) != "unmask"}
-    if min(len(u1), len(u2), len(u3), len(u4)) < t:
+    u1 = prune({i for i in ids if drops.get(i) != "advertise"}, lambda i: set(graph[i]))
+    dealt = {i: set(graph[i]) & u1 for i in u1}
+    u2 = prune({i for i in u1 if drops.get(i) != "share"}, dealt.__getitem__)
+    u3 = prune({i for i in u2 if drops.get(i) != "masked"}, dealt.__getitem__)
+    drop = u2 - u3
+    signers = {i for i in u3 if drops.get(i) != "consistency"}
+    if min(len(u1), len(u2), len(u3), len(signers)) < t:
         return None
-    for i in u3:
-        if len(({i} | set(graph[i])) & u4) < t:
+
+    def quorum(w: int) -> bool:
+        return len(signers & ({w} | set(graph[w]))) >= t
+
+    masking = {i: set(graph[i]) & u2 for i in u2}
+    answer = {i for i in signers if drops.get(i) != "unmask"
+              and all(quorum(w) for w in {i} | masking[i])}
+    for i in u3:  # self-mask seeds: t answering holders
+        if len(answer & ({i} | masking[i])) < t:
             return None
-    for j in u2 - u3:
-        if len(set(graph[j]) & u4) < t:
+    for j in drop:  # masks with dropped sites: rebuilt key, or the survivor's own seed
+        key = len(answer & masking[j]) >= t
+        if not key and any(i not in answer for i in masking[j] & u3):
             return None
     return sorted(u3)
 
@@ -87,6 +103,8 @@ def test_exact_sum_without_dropouts(n: int, k: int, t: int) -> None:
         (10, 9, 6, {1: "masked", 4: "masked", 7: "unmask"}),
         (20, 6, 5, {0: "masked", 5: "unmask", 10: "share", 15: "advertise"}),
         (20, 10, 7, {0: "masked", 1: "masked", 2: "unmask"}),
+        (10, 9, 6, {1: "consistency", 4: "unmask"}),
+        (20, 6, 5, {0: "consistency", 10: "masked"}),
     ],
 )
 def test_exact_sum_with_dropouts(n: int, k: int, t: int, drops: dict[int, str]) -> None:
@@ -98,8 +116,8 @@ def test_exact_sum_with_dropouts(n: int, k: int, t: int, drops: dict[int, str]) 
     result = run_round(vectors, threshold=t, k=k, drop_at=drop_at)
     assert result.survivors == expected
     assert set(result.dropped) == {i for i, s in drop_at.items() if s == "masked"}
-    # nodes dropping during unmask are still included: their masks are rebuilt
-    assert {i for i, s in drop_at.items() if s == "unmask"} <= set(result.survivors)
+    # nodes dropping during the consistency check or unmask are still included
+    assert {i for i, s in drop_at.items() if s in ("consistency", "unmask")} <= set(result.survivors)
     assert np.array_equal(result.aggregate, _plain_sum(vectors, expected))
 
 
