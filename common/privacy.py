@@ -1,10 +1,14 @@
 """Privacy accounting for one site's DP-SGD, on Opacus's accountants.
 
 A site's plan is fixed before its first round: with Poisson sampling rate ``q``
-and ``rounds * local_steps`` planned steps, the noise multiplier is the
-smallest one (found by Opacus's calibration) whose total spend stays within the
-site's target (epsilon, delta). Spend so far is recomputed from the number of
-steps actually taken, so it never depends on trusting anyone else's count.
+and the run's planned number of steps, the noise multiplier is the smallest one
+(found by Opacus's calibration) whose total spend stays within the site's
+target (epsilon, delta). Every phase of training (the probe's feature-mean
+release and its DP-SGD steps, see :mod:`common.dp_rule`) is the same mechanism,
+a Poisson-sampled Gaussian sum at ``q`` and that noise, so all of them compose
+in one accountant history and one integer, the steps taken, gives the spend.
+Spend so far is recomputed from that count, so it never depends on trusting
+anyone else's.
 """
 
 from __future__ import annotations
@@ -28,16 +32,10 @@ class DPPlan:
 
     noise_multiplier: float
     sample_rate: float
-    steps_per_round: int
-    planned_rounds: int
+    planned_steps: int  # steps (of every phase) the budget was calibrated for
     target_epsilon: float
     delta: float
     accountant: str
-
-    @property
-    def planned_steps(self) -> int:
-        """Steps the budget was calibrated for."""
-        return self.steps_per_round * self.planned_rounds
 
 
 def sample_rate_for(num_examples: int, batch_size: int) -> float:
@@ -47,6 +45,7 @@ def sample_rate_for(num_examples: int, batch_size: int) -> float:
     return 1.0 / math.ceil(num_examples / batch_size)
 
 
+@lru_cache(maxsize=1024)  # pure; the PRV accountant takes seconds, and sites of one size repeat
 def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
                   accountant: str = "prv") -> float:
     """Epsilon after ``steps`` DP-SGD steps (0 for no steps)."""
@@ -60,8 +59,8 @@ def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta
 
 
 @lru_cache(maxsize=64)  # pure in its arguments; calibration takes seconds
-def plan_site(num_examples: int, *, batch_size: int, steps_per_round: int, rounds: int,
-              epsilon: float, delta: float, accountant: str = "prv") -> DPPlan:
+def plan_site(num_examples: int, *, batch_size: int, steps: int, epsilon: float, delta: float,
+              accountant: str = "prv") -> DPPlan:
     """Calibrate the noise so the site's whole planned run spends at most ``epsilon``.
 
     Raises
@@ -82,7 +81,6 @@ def plan_site(num_examples: int, *, batch_size: int, steps_per_round: int, round
             f"batch size {batch_size} covers all {num_examples} examples of the site; "
             "lower --batch-size so that Poisson sampling can amplify privacy"
         )
-    steps = steps_per_round * rounds
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -97,4 +95,4 @@ def plan_site(num_examples: int, *, batch_size: int, steps_per_round: int, round
     # Opacus's calibration targets epsilon within a tolerance; never exceed it.
     while epsilon_spent(noise, q, steps, delta, accountant) > epsilon:
         noise *= 1.01
-    return DPPlan(noise, q, steps_per_round, rounds, epsilon, delta, accountant)
+    return DPPlan(noise, q, steps, epsilon, delta, accountant)

@@ -10,6 +10,7 @@ from torch.utils.data import TensorDataset
 from client.trainer import train_local
 from common.batches import encode
 from common.config import FedConfig
+from common.dp_rule import recipe
 from common.model import ModelError, build_model, load_tokenizer, load_trainable, trainable_state
 from common.privacy import plan_site
 from common.records import (RecordError, flatten, record_to_state, state_to_record, to_numpy_state,
@@ -18,7 +19,7 @@ from common.synthetic import LABEL_NAMES, synthetic_examples
 
 
 def test_lora_trains_only_adapters_and_head(tiny_bert):
-    model = build_model(FedConfig(model=tiny_bert), LABEL_NAMES)
+    model = build_model(FedConfig(model=tiny_bert, finetune="lora"), LABEL_NAMES)
     names = list(trainable_state(model))
     assert names and all("lora_" in n or "classifier" in n or "pooler" in n for n in names)
     full = build_model(FedConfig(model=tiny_bert, finetune="full"), LABEL_NAMES)
@@ -26,7 +27,7 @@ def test_lora_trains_only_adapters_and_head(tiny_bert):
 
 
 def test_state_round_trip_through_records(tiny_bert):
-    model = build_model(FedConfig(model=tiny_bert), LABEL_NAMES)
+    model = build_model(FedConfig(model=tiny_bert, finetune="lora"), LABEL_NAMES)
     state = to_numpy_state(trainable_state(model))
     again = record_to_state(state_to_record(state), state)
     assert all(np.array_equal(state[k], again[k]) for k in state)
@@ -37,7 +38,7 @@ def test_state_round_trip_through_records(tiny_bert):
 
 
 def test_wrong_shape_nan_and_foreign_weights_are_refused(tiny_bert):
-    model = build_model(FedConfig(model=tiny_bert), LABEL_NAMES)
+    model = build_model(FedConfig(model=tiny_bert, finetune="lora"), LABEL_NAMES)
     state = to_numpy_state(trainable_state(model))
     key = next(iter(state))
     bad_shape = dict(state, **{key: np.zeros((3, 3), np.float32)})
@@ -52,7 +53,8 @@ def test_wrong_shape_nan_and_foreign_weights_are_refused(tiny_bert):
 
 def test_unknown_lora_target_lists_real_layer_names(tiny_bert):
     with pytest.raises(ModelError, match="match no linear layer.*'query'"):
-        build_model(FedConfig(model=tiny_bert, lora_targets=("q_proj",)), LABEL_NAMES)
+        build_model(FedConfig(model=tiny_bert, finetune="lora", lora_targets=("q_proj",)),
+                    LABEL_NAMES)
 
 
 @pytest.mark.parametrize("finetune", ["lora", "full"])
@@ -62,8 +64,8 @@ def test_dp_sgd_step_changes_weights(tiny_bert, finetune):
     model = build_model(cfg, LABEL_NAMES)
     before = to_numpy_state(trainable_state(model))
     data: TensorDataset = encode(load_tokenizer(cfg), synthetic_examples(64, seed=0), 32)
-    plan = plan_site(64, batch_size=8, steps_per_round=2, rounds=1, epsilon=8, delta=1e-3, accountant="rdp")
-    result = train_local(model, data, cfg, plan, torch.device("cpu"))
+    plan = plan_site(64, batch_size=8, steps=2, epsilon=8, delta=1e-3, accountant="rdp")
+    result = train_local(model, data, cfg, recipe(cfg, 64), plan, torch.device("cpu"))
     after = to_numpy_state(trainable_state(model))
     assert result.steps == 2
     assert any(not np.allclose(before[k], after[k]) for k in before)

@@ -1,0 +1,136 @@
+"""The rule that turns a site's size, the rounds and the budget into training settings.
+
+A user gives only their files, the number of sites and a budget; every other
+setting is ``auto`` and follows from this rule (any of them can be set by hand:
+``--lr``, ``--local-steps``, ``--batch-size``, ``--max-grad-norm``).
+
+**Probe** (``finetune = probe``, the default): the encoder stays as the site
+installed it; the federation trains a linear head on pooled sentence features
+(see :mod:`common.modeling_fedseal`). Round 1 is the *statistics* round: each
+site releases the mean of its feature vectors with Gaussian noise: one
+step of the same mechanism as a DP-SGD step (a Poisson sample at the same rate,
+each row clipped to norm 1, which a unit-norm feature vector already is, the
+sum plus Gaussian noise of the same multiplier, divided by the expected sample
+size), so both phases compose in one accountant as plain steps. The server
+averages the means; the noise in the mean only shifts every feature by the same
+vector, which the head's bias absorbs. Rounds 2 and on are *training* rounds: DP-SGD with momentum on
+the head over the centred, scaled features. Where each setting comes from:
+
+* ``sample_rate``: ``SAMPLE_RATE`` (1/4). At a fixed number of steps, the noise
+  per example in a DP-SGD step (sigma / expected batch) hardly depends on the
+  sampling rate, so a large rate costs little privacy and gives long,
+  well-averaged steps; the expected batch is capped at ``MAX_BATCH`` examples to
+  bound the work per step on large sites.
+* ``steps_per_round``: ``TRAINING_STEPS`` over all training rounds, spread evenly
+  (at least ``MIN_STEPS_PER_ROUND`` a round). The head is convex; a few hundred
+  noisy steps reach the optimum that the noise allows, and more steps only add
+  noise per step at the same budget.
+* ``clip``: ``PROBE_CLIP`` (1). The centred, scaled features have unit mean
+  squared norm, so with the bias input a per-example gradient of the
+  cross-entropy is ``|p - y| * sqrt(|x|^2 + 1)``, of order 1 for any encoder and
+  any number of classes.
+* ``lr`` and ``momentum``: ``PROBE_LR`` (16) with heavy-ball momentum 0.9 on
+  the mean clipped gradient, and the head averaged over the second half of each
+  round's steps (iterate averaging takes out most of the noise of the last
+  steps). Unit-scale features make one learning rate fit every encoder.
+* the noise multiplier is not part of the rule's choices: it is calibrated (in
+  :mod:`common.privacy`) so the whole planned run, ``steps_through(rounds)``
+  steps of both phases, spends the site's epsilon.
+
+**LoRA** and **full** fine-tuning keep one phase of DP-SGD on the encoder with
+AdamW, and the settings that earlier measurements chose (see the README):
+batch 64, 20 steps a round, lr 5e-3, clip 0.1 for LoRA and 1.0 for full.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from common.config import AUTO, ConfigError, FedConfig
+
+SAMPLE_RATE = 0.25
+MAX_BATCH = 8192
+TRAINING_STEPS = 300
+MIN_STEPS_PER_ROUND = 20
+PROBE_CLIP = 1.0
+PROBE_LR = 16.0
+PROBE_MOMENTUM = 0.9
+FINETUNE_SETTINGS = {  # mode: (batch size, steps a round, lr, clip)
+    "lora": (64, 20, 5e-3, 0.1),
+    "full": (64, 20, 5e-3, 1.0),
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A site's training settings for one run, as the rule (or the user) set them.
+
+    ``stats_rounds`` is 1 when round 1 is the statistics round (probe), else 0;
+    ``source`` says, per setting, ``rule`` or ``set by the user``. A step is one
+    invocation of the sampled Gaussian mechanism, in either phase.
+    """
+
+    mode: str
+    batch_size: int
+    steps_per_round: int
+    lr: float
+    momentum: float
+    clip: float
+    stats_rounds: int
+    source: dict[str, str]
+
+    def is_stats_round(self, server_round: int) -> bool:
+        """Whether ``server_round`` is the statistics round."""
+        return server_round <= self.stats_rounds
+
+    def steps_in_round(self, server_round: int) -> int:
+        """Steps in round ``server_round`` (1 in the statistics round)."""
+        return 1 if self.is_stats_round(server_round) else self.steps_per_round
+
+    def steps_through(self, server_round: int) -> int:
+        """Steps in rounds 1 .. ``server_round``: a site's most, if it took part in every one."""
+        stats = min(server_round, self.stats_rounds)
+        return stats + max(0, server_round - self.stats_rounds) * self.steps_per_round
+
+
+def stats_rounds(cfg: FedConfig) -> int:
+    """Rounds at the start of the run that are statistics rounds (1 for the probe)."""
+    return 1 if cfg.finetune == "probe" else 0
+
+
+def _given(value: object) -> bool:
+    return value != AUTO
+
+
+def recipe(cfg: FedConfig, num_examples: int) -> Recipe:
+    """The settings a site with ``num_examples`` examples trains with in run ``cfg``.
+
+    Raises
+    ------
+    ConfigError
+        If the site has no examples.
+    """
+    if num_examples < 1:
+        raise ConfigError("a site with no examples cannot train")
+    source: dict[str, str] = {}
+
+    def pick(name: str, rule_value: float) -> float:
+        value = getattr(cfg, name)
+        source[name] = "set by the user" if _given(value) else "rule"
+        return value if _given(value) else rule_value
+
+    if cfg.finetune == "probe":
+        training_rounds = cfg.rounds - 1  # at least 1: FedConfig checks rounds >= 2
+        batch = min(MAX_BATCH, max(1, math.ceil(SAMPLE_RATE * num_examples)))
+        steps = max(MIN_STEPS_PER_ROUND, math.ceil(TRAINING_STEPS / training_rounds))
+        return Recipe("probe", int(pick("batch_size", batch)), int(pick("local_steps", steps)),
+                      float(pick("lr", PROBE_LR)), PROBE_MOMENTUM,
+                      float(pick("max_grad_norm", PROBE_CLIP)), stats_rounds(cfg), source)
+    batch, steps, lr, clip = FINETUNE_SETTINGS[cfg.finetune]
+    return Recipe(cfg.finetune, int(pick("batch_size", batch)), int(pick("local_steps", steps)),
+                  float(pick("lr", lr)), 0.0, float(pick("max_grad_norm", clip)), stats_rounds(cfg),
+                  source)
+
+
+__all__ = ["Recipe", "recipe", "stats_rounds"]
