@@ -43,7 +43,7 @@ from client.ledger import LedgerError, PrivacyLedger
 from client.pending import PendingUpdate, held, hold, pending_path, release
 from client.policy import check_evaluate, check_train
 from client.reply import Refusal, evaluate_reply, refusal, train_reply
-from client.site import SiteSettings, ledger_path, site_name, site_settings
+from client.site import SiteSettings, feature_cache, ledger_path, site_name, site_settings
 from client.spend import commit_round, other_jobs_epsilon, steps_done
 from common import secagg_wire
 from common.config import ConfigError, FedConfig
@@ -53,6 +53,7 @@ from common.records import (JOB_KEY, ROUND_KEY, RecordError, record_to_config, r
 from common.weights import site_weight
 
 if TYPE_CHECKING:
+    from common.dp_rule import Recipe
     from torch import nn
 
     from common.privacy import DPPlan
@@ -128,7 +129,8 @@ def train(msg: Message, context: Context) -> Message:
         return refusal(msg, site_name(context.node_config, context.node_id), str(exc))
 
 
-def _calibrated(context: Context, cfg: FedConfig, n: int, budget: float, delta: float) -> "DPPlan":
+def _calibrated(context: Context, cfg: FedConfig, rec: "Recipe", n: int, budget: float,
+                delta: float) -> "DPPlan":
     """``plan_site``, remembered in the run's Context.state.
 
     Each message runs in a fresh process in a deployment, so the in-process
@@ -137,21 +139,22 @@ def _calibrated(context: Context, cfg: FedConfig, n: int, budget: float, delta: 
     """
     from common.privacy import DPPlan, plan_site
 
-    key = repr((n, cfg.batch_size, cfg.local_steps, cfg.rounds, budget, delta, cfg.accountant))
+    steps = rec.steps_through(cfg.rounds)
+    key = repr((n, rec.batch_size, steps, budget, delta, cfg.accountant))
     if PLAN in context.state and context.state[PLAN].get("key") == key:
         saved = context.state[PLAN]
-        return DPPlan(float(saved["noise-multiplier"]), float(saved["sample-rate"]),
-                      cfg.local_steps, cfg.rounds, budget, delta, cfg.accountant)
-    plan = plan_site(n, batch_size=cfg.batch_size, steps_per_round=cfg.local_steps,
-                     rounds=cfg.rounds, epsilon=budget, delta=delta, accountant=cfg.accountant)
+        return DPPlan(float(saved["noise-multiplier"]), float(saved["sample-rate"]), steps,
+                      budget, delta, cfg.accountant)
+    plan = plan_site(n, batch_size=rec.batch_size, steps=steps, epsilon=budget, delta=delta,
+                     accountant=cfg.accountant)
     context.state[PLAN] = ConfigRecord({"key": key, "noise-multiplier": plan.noise_multiplier,
                                         "sample-rate": plan.sample_rate})
     return plan
 
 
-def _plan(context: Context, cfg: FedConfig, site: SiteSettings, n: int,
-          ledger: PrivacyLedger | None, job: str, done: int) -> tuple["DPPlan", float]:
-    """This job's DP plan and the epsilon other jobs already spent on this site's data."""
+def _plan(context: Context, cfg: FedConfig, rec: "Recipe", site: SiteSettings, n: int,
+          ledger: PrivacyLedger | None, job: str, done: int, server_round: int) -> "DPPlan":
+    """This job's DP plan, checked to cover this round within the site's budget."""
     from common.privacy import PrivacyError, epsilon_spent
 
     other = other_jobs_epsilon(ledger, job)
@@ -160,7 +163,7 @@ def _plan(context: Context, cfg: FedConfig, site: SiteSettings, n: int,
         raise Refusal(f"earlier runs spent epsilon {other:.3f} of the site's budget "
                       f"{site.epsilon}; nothing is left for this run")
     try:
-        plan = _calibrated(context, cfg, n, budget, site.delta)
+        plan = _calibrated(context, cfg, rec, n, budget, site.delta)
     except PrivacyError as exc:  # e.g. delta not below 1/n, or the batch covers all data
         raise Refusal(str(exc)) from None
     recorded = ledger.plan_of(job) if ledger else None
@@ -170,17 +173,19 @@ def _plan(context: Context, cfg: FedConfig, site: SiteSettings, n: int,
                       f"rate {recorded[1]:.5f}, now {plan.noise_multiplier:.4f} and "
                       f"{plan.sample_rate:.5f} (rounds, local steps, batch size or the data "
                       "changed): the calibration cannot change mid-run; start a new run")
-    after = epsilon_spent(plan.noise_multiplier, plan.sample_rate, done + cfg.local_steps,
-                          site.delta, plan.accountant)
+    after = epsilon_spent(plan.noise_multiplier, plan.sample_rate,
+                          done + rec.steps_in_round(server_round), site.delta, plan.accountant)
     if other + after > site.epsilon * (1 + 1e-9):
         raise Refusal(f"this round would bring epsilon to {other + after:.3f}, over the site's "
                       f"budget of {site.epsilon}")
-    return plan, other
+    return plan
 
 
 def _train(msg: Message, context: Context) -> Message:
+    from client.probe import probe_round
     from client.trainer import train_local
     from common.batches import encode
+    from common.dp_rule import recipe
     from common.model import pick_device, trainable_state
     from common.privacy import epsilon_spent
 
@@ -213,8 +218,10 @@ def _train(msg: Message, context: Context) -> Message:
         update, loss = {k: pending.update[k] for k in global_state}, float("nan")
     else:
         done = steps_done(ledger, context, job)
+        rec = recipe(cfg, len(examples))
         try:
-            plan = _plan(context, cfg, site, len(examples), ledger, job, done)[0] if cfg.dp else None
+            plan = (_plan(context, cfg, rec, site, len(examples), ledger, job, done, server_round)
+                    if cfg.dp else None)
         except Refusal as exc:
             if ledger is not None and ledger.has_round(job, server_round):
                 raise Refusal(f"round {server_round} of job {job} was trained before and its "
@@ -222,7 +229,12 @@ def _train(msg: Message, context: Context) -> Message:
                               f"it afresh is refused: {exc}") from None
             raise
         device = pick_device(site.device)
-        result = train_local(model, encode(tokenizer, examples, cfg.max_length), cfg, plan, device)
+        data = encode(tokenizer, examples, cfg.max_length)
+        if rec.mode == "probe":
+            result = probe_round(model, data, rec, plan, server_round, device,
+                                 feature_cache(site))
+        else:
+            result = train_local(model, data, cfg, rec, plan, device)
         steps, loss = done + result.steps, result.mean_loss
         local_state = to_numpy_state(trainable_state(model))
         update = {k: weight * (local_state[k] - global_state[k]) for k in global_state}

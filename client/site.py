@@ -125,6 +125,12 @@ def ledger_path(node_config: Mapping[str, object]) -> Path | None:
     return Path(str(value)) if value else None
 
 
+def feature_cache(site: "SiteSettings") -> Path | None:
+    """Where the site caches its pooled features (:mod:`common.features`): a folder in its
+    state folder, beside its ledger; None (memory only) for a site without a ledger."""
+    return site.ledger_path.parent / "feature-cache" if site.ledger_path else None
+
+
 def simulation_key_file(out_dir: str | Path, partition_id: int) -> Path:
     """Where the simulation writes partition ``partition_id``'s signing key (``.pub`` beside it)."""
     return Path(out_dir) / "sites" / f"site-{partition_id}.key"

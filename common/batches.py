@@ -64,17 +64,20 @@ def evaluate(model: nn.Module, data: TensorDataset, *, batch_size: int,
              num_labels: int, device: torch.device) -> dict[str, float]:
     """Accuracy, mean cross-entropy loss and macro-F1 of ``model`` on ``data``."""
     model.eval()
-    total_loss, preds, golds = 0.0, [], []
+    logits, golds = [], []
     for input_ids, attention_mask, labels in DataLoader(data, batch_size=batch_size):
-        logits = model(**model_inputs(model, input_ids, attention_mask, device)).logits
-        labels = labels.to(device)
-        total_loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
-        preds.append(logits.argmax(dim=-1).cpu().numpy())
-        golds.append(labels.cpu().numpy())
-    pred, gold = np.concatenate(preds), np.concatenate(golds)
+        logits.append(model(**model_inputs(model, input_ids, attention_mask, device)).logits)
+        golds.append(labels.to(device))
+    return scores_of(torch.cat(logits), torch.cat(golds), num_labels)
+
+
+@torch.no_grad()
+def scores_of(logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> dict[str, float]:
+    """Accuracy, mean cross-entropy loss and macro-F1 of ``logits`` against ``labels``."""
+    pred, gold = logits.argmax(dim=-1).cpu().numpy(), labels.cpu().numpy()
     return {
         "accuracy": float((pred == gold).mean()),
-        "loss": total_loss / len(gold),
+        "loss": float(nn.functional.cross_entropy(logits.float(), labels)),
         "macro_f1": macro_f1(gold, pred, num_labels),
     }
 

@@ -1,11 +1,15 @@
-"""Hugging Face model factory: any sequence classifier by hub name or local path.
+"""Hugging Face model factory: any encoder by hub name or local path.
 
-Only the *trainable* parameters (LoRA adapters plus the classification head by
-default; everything under full fine-tuning) travel between server and sites.
+Only the *trainable* parameters travel between server and sites: under
+``probe`` (the default) the feature mean and the linear head of
+:class:`~common.modeling_fedseal.FedsealForSequenceClassification` (the encoder
+stays as each party installed it); under ``lora`` the adapters and the
+classification head; under ``full`` everything.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 from collections import OrderedDict
@@ -79,6 +83,8 @@ def build_model(cfg: FedConfig, label_names: Sequence[str]) -> nn.Module:
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
+    if cfg.finetune == "probe":
+        return _probe_model(cfg, label_names)
     path = resolve_model_path(cfg.model)
     torch.manual_seed(cfg.seed)
     verbosity = hf_logging.get_verbosity()
@@ -103,6 +109,35 @@ def build_model(cfg: FedConfig, label_names: Sequence[str]) -> nn.Module:
         return model
     fresh = {k for k in info.get("missing_keys", [])} | {k[0] for k in info.get("mismatched_keys", [])}
     return _add_lora(model, cfg, fresh)
+
+
+def _probe_model(cfg: FedConfig, label_names: Sequence[str]) -> nn.Module:
+    """The site's encoder, frozen, under fedseal's pooled-feature head (zero-initialised)."""
+    from transformers import AutoModel
+
+    from common.modeling_fedseal import FedsealForSequenceClassification
+
+    path = resolve_model_path(cfg.model)
+    try:
+        backbone = AutoModel.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load model {cfg.model!r} ({path}) as an encoder: {exc}. Pass a "
+                         "local directory holding config.json and weights, or a hub name") from None
+    config = copy.deepcopy(backbone.config)
+    layers = getattr(config, "num_hidden_layers", None)
+    if not isinstance(layers, int) or layers < 1 or not hasattr(config, "hidden_size"):
+        raise ModelError(f"model {cfg.model!r} has no num_hidden_layers/hidden_size in its config; "
+                         "finetune=probe needs a Transformer encoder (or use --finetune lora)")
+    config.num_labels = len(label_names)
+    config.id2label = dict(enumerate(label_names))
+    config.label2id = {n: i for i, n in enumerate(label_names)}
+    config.fedseal_layers = list(range(1, layers + 1))
+    config.architectures = [FedsealForSequenceClassification.__name__]
+    torch.manual_seed(cfg.seed)
+    model = FedsealForSequenceClassification(config)
+    model.backbone = backbone
+    model.backbone.requires_grad_(False)
+    return model
 
 
 def _add_lora(model: nn.Module, cfg: FedConfig, fresh: set[str]) -> nn.Module:
@@ -174,13 +209,21 @@ def load_trainable(model: nn.Module, state: "OrderedDict[str, torch.Tensor] | di
 def save_merged(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
     """Save a standalone model (LoRA merged in) plus tokenizer with ``save_pretrained``.
 
-    ``AutoModelForSequenceClassification.from_pretrained(out_dir)`` loads it.
+    ``AutoModelForSequenceClassification.from_pretrained(out_dir)`` loads it
+    (with ``trust_remote_code=True`` for the probe's head, whose modelling file
+    is saved beside the weights).
     The write goes to a temporary folder first and is renamed into place, so a
     crash never leaves half a model where a good one was.
     """
+    from common.modeling_fedseal import FedsealForSequenceClassification
+
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     plain = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    if isinstance(plain, FedsealForSequenceClassification):
+        # config.json names the class and modeling_fedseal.py is copied beside the
+        # weights: AutoModelForSequenceClassification loads it (trust_remote_code=True).
+        plain.register_for_auto_class("AutoModelForSequenceClassification")
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if out_dir.exists():

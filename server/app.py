@@ -30,7 +30,8 @@ import numpy as np
 from flwr.app import Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from common.batches import encode, evaluate
+from common.batches import encode, evaluate, scores_of
+from common.dp_rule import stats_rounds
 from common.cli_args import setup_logging
 from common.config import ConfigError, FedConfig, from_mapping
 from common.data import read_examples
@@ -43,7 +44,7 @@ from server.aggregate import RoundSums, send, site_of, sum_plain
 from server.checkpoint import (GROWABLE_KEYS, CheckpointError, check_resume_config,
                                load_checkpoint, save_checkpoint)
 from server.metrics import NON_PRIVATE, MetricsLog, progress_line
-from server.strategy import Strategy, make_strategy
+from server.strategy import FedAvg, Strategy, make_strategy
 
 log = logging.getLogger("fedseal")
 
@@ -191,12 +192,15 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
         mean = sums.mean_update()
         if mean is None:
             log.warning("round %d: no site contributed; the global model is unchanged", server_round)
+        elif server_round <= stats_rounds(cfg):
+            # The sites' feature means: their plain average, whatever the strategy
+            # (a server optimiser's state is for training rounds only).
+            weights = FedAvg(1.0).step(weights, mean)
         else:
             weights = strategy.step(weights, mean)
         load_trainable(model, weights)
         model.to(device)
-        scores = evaluate(model, eval_data, batch_size=cfg.eval_batch_size,
-                          num_labels=len(cfg.labels), device=device)
+        scores = score(model, eval_data, cfg, device)
         row = {
             "round": server_round,
             **scores,
@@ -238,6 +242,24 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     log.info("done: model in %s, metrics in %s", model_dir, metrics.path)
     return summary
+
+
+def score(model, data, cfg: FedConfig, device) -> dict[str, float]:
+    """Accuracy, loss and macro-F1 of the global model on the server's held-out data.
+
+    Under the probe the encoder never changes, so the held-out features are
+    computed once (:mod:`common.features`) and each round only applies the head.
+    """
+    if cfg.finetune != "probe":
+        return evaluate(model, data, batch_size=cfg.eval_batch_size,
+                        num_labels=len(cfg.labels), device=device)
+    import torch
+
+    from common.features import features
+
+    with torch.no_grad():
+        logits = model.head(features(model, data, device).to(device))
+    return scores_of(logits, data.tensors[2].to(device), len(cfg.labels))
 
 
 def federated_evaluate(grid: Grid, nodes: list[int], weights, cfg: FedConfig, job: str,

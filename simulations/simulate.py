@@ -18,7 +18,7 @@ from pathlib import Path
 
 from client.site import simulation_key_file, simulation_roster_file, simulation_site_file
 from common.cli_args import add_config_options, config_from_args, setup_logging
-from common.config import ConfigError, FedConfig
+from common.config import AUTO, ConfigError, FedConfig
 from common.data import Examples, label_sort_key, read_examples, write_examples
 from common.partition import dirichlet_partition, iid_partition, label_mix
 from common.secagg import generate_identity
@@ -27,6 +27,7 @@ from common.synthetic import synthetic_examples
 log = logging.getLogger("fedseal")
 
 SYNTHETIC_TRAIN, SYNTHETIC_EVAL = 6000, 400
+MIN_SITE_EXAMPLES = 16  # a Dirichlet site smaller than this is redrawn (Poisson needs room)
 
 
 def prepare_sites(cfg: FedConfig) -> FedConfig:
@@ -62,7 +63,8 @@ def prepare_sites(cfg: FedConfig) -> FedConfig:
         parts = iid_partition(len(train), cfg.clients, cfg.seed)
     else:
         parts = dirichlet_partition(train.labels, cfg.clients, cfg.alpha, cfg.seed,
-                                    min_size=cfg.batch_size + 1)
+                                    min_size=MIN_SITE_EXAMPLES if cfg.batch_size == AUTO
+                                    else int(cfg.batch_size) + 1)
     mix = label_mix(train.labels, parts, len(cfg.labels))
     log.info("%d training examples over %d sites (%s):", len(train), cfg.clients, cfg.partition)
     for pid, (part, counts) in enumerate(zip(parts, mix)):

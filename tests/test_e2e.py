@@ -18,7 +18,6 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from common.config import FedConfig
-from common.data import read_examples, write_examples
 from server.app import run_federation
 from simulations.simulate import prepare_sites
 from simulations.local_grid import RUN_ID, LocalGrid
@@ -88,28 +87,9 @@ def test_tiny_bert_learns_with_and_without_secagg_alike(tiny_bert, tmp_path):
 
 def test_minilm_learns_under_dp_and_secagg(tmp_path):
     """The default job's setting: packaged MiniLM, epsilon 8 per site, SecAgg+."""
-    cfg = prepare_sites(FedConfig(clients=3, rounds=3, local_steps=20, max_length=32,
-                                  out=str(tmp_path)))
+    cfg = prepare_sites(FedConfig(clients=3, rounds=3, max_length=32, out=str(tmp_path)))
     summary = run_federation(LocalGrid(3), cfg, run_id=RUN_ID)
     rows = _rows(tmp_path)
     assert summary["final_accuracy"] > 0.7, [(r["accuracy"], r["loss"]) for r in rows]
     assert all(0 < eps <= 8.0 for row in rows for eps in row["epsilon"].values())
     assert all(eps > 0.8 * 8.0 for eps in rows[-1]["epsilon"].values())
-
-
-def test_minilm_on_a_slice_of_sst2(sst2, tmp_path):
-    train = read_examples(sst2 / "train.tsv")
-    dev = read_examples(sst2 / "dev.tsv", label_names=train.label_names)
-    train_file = write_examples(train.subset(range(0, 60000, 25)), tmp_path / "train.jsonl")
-    dev_file = write_examples(dev.subset(range(0, 872, 3)), tmp_path / "dev.jsonl")
-    out = tmp_path / "run"
-    cfg = prepare_sites(FedConfig(train=str(train_file), eval=str(dev_file), clients=3, rounds=2,
-                                  local_steps=4, max_length=32, accountant="rdp", out=str(out)))
-    summary = run_federation(LocalGrid(3), cfg, run_id=RUN_ID)
-    rows = _rows(out)
-    assert [r["round"] for r in rows] == [1, 2]
-    assert all(len(r["contributors"]) == 3 and r["secagg"] and r["private"] for r in rows)
-    # Every site's spend is positive, within budget, and the plan uses most of it.
-    assert all(6.4 < eps <= 8.0 for eps in rows[-1]["epsilon"].values())
-    assert 0.0 <= summary["final_accuracy"] <= 1.0 and 0.0 <= summary["final_macro_f1"] <= 1.0
-    assert set(_predicts(out / "model", ["a gorgeous , witty film", "a tedious mess"])) <= {"0", "1"}

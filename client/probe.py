@@ -1,0 +1,111 @@
+"""The probe's two phases at a site, on its cached features (see :mod:`common.dp_rule`).
+
+* :func:`release_mean` (the statistics round): a Poisson sample of the site's
+  feature vectors, each of norm at most 1, summed, plus Gaussian noise of the
+  plan's multiplier, divided by the expected sample size: one step of the
+  sampled Gaussian mechanism, accounted like a DP-SGD step.
+* :func:`train_head` (every later round): Opacus DP-SGD with heavy-ball momentum
+  on the linear head over the standardised features; the head returned is the
+  average of the iterates over the second half of the round's steps.
+
+Without a plan both run without noise (not private), with the same sampling
+and steps, so the non-private arm does the same work.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from client.trainer import LocalResult, fresh_generator
+from common.dp_rule import Recipe
+from common.features import features
+from common.privacy import DPPlan
+
+
+def release_mean(features: torch.Tensor, plan: DPPlan | None) -> np.ndarray:
+    """The statistics round's estimate of the site's mean feature vector (one step)."""
+    gen = fresh_generator(torch.device("cpu"))
+    rows = features / features.norm(dim=1, keepdim=True).clamp(min=1.0)  # sensitivity 1
+    if plan is None:
+        return rows.mean(dim=0).numpy()
+    keep = torch.rand(len(rows), generator=gen) < plan.sample_rate
+    total = rows[keep].sum(dim=0)
+    total += plan.noise_multiplier * torch.randn(total.shape, generator=gen)
+    return (total / (plan.sample_rate * len(rows))).numpy()
+
+
+def train_head(model, feats: torch.Tensor, labels: torch.Tensor, recipe: Recipe,
+               plan: DPPlan | None) -> LocalResult:
+    """``recipe.steps_per_round`` steps on ``model.classifier`` in place; mean loss and steps."""
+    with torch.no_grad():
+        x = model.standardise(feats)
+    head = nn.Linear(x.shape[1], model.classifier.out_features)
+    head.load_state_dict(model.classifier.state_dict())
+    loader = DataLoader(TensorDataset(x, labels), batch_size=recipe.batch_size, shuffle=True,
+                        generator=fresh_generator(torch.device("cpu")))
+    if plan is None:
+        optimizer = torch.optim.SGD(head.parameters(), lr=recipe.lr, momentum=recipe.momentum)
+        module, reduction = head, "mean"
+    else:
+        from opacus import PrivacyEngine
+
+        # Summed loss: Opacus adds noise to the sum of clipped per-example
+        # gradients; dividing the learning rate by the expected batch makes the
+        # step the mean's. An empty Poisson batch is still a (noise-only) step.
+        optimizer = torch.optim.SGD(head.parameters(), lr=recipe.lr / recipe.batch_size,
+                                    momentum=recipe.momentum)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Secure RNG turned off")
+            module, optimizer, loader = PrivacyEngine(accountant=plan.accountant).make_private(
+                module=head, optimizer=optimizer, data_loader=loader,
+                noise_multiplier=plan.noise_multiplier, max_grad_norm=recipe.clip,
+                poisson_sampling=True, loss_reduction="sum", noise_generator=fresh_generator(torch.device("cpu")))
+        if abs(loader.sample_rate - plan.sample_rate) > 1e-12:
+            raise RuntimeError(f"Opacus sampled at {loader.sample_rate}, the privacy plan "
+                               f"assumed {plan.sample_rate}")
+        reduction = "sum"
+    steps, losses, seen = 0, [], 0
+    average = {k: torch.zeros_like(v) for k, v in head.state_dict().items()}
+    start_average = recipe.steps_per_round // 2
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        while steps < recipe.steps_per_round:
+            for xb, yb in loader:
+                if steps >= recipe.steps_per_round:
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                loss = nn.functional.cross_entropy(module(xb), yb, reduction=reduction)
+                loss.backward()
+                optimizer.step()
+                steps += 1
+                if len(yb):
+                    losses.append(float(loss) / (len(yb) if reduction == "sum" else 1))
+                if steps > start_average:
+                    for k, v in head.state_dict().items():
+                        average[k] += v.detach()
+                    seen += 1
+    if plan is not None and hasattr(module, "remove_hooks"):
+        module.remove_hooks()
+    with torch.no_grad():
+        model.classifier.weight.copy_(average["weight"] / seen)
+        model.classifier.bias.copy_(average["bias"] / seen)
+    return LocalResult(mean_loss=float(np.mean(losses)) if losses else float("nan"), steps=steps)
+
+
+def probe_round(model, data: TensorDataset, recipe: Recipe, plan: DPPlan | None,
+                server_round: int, device: torch.device, cache_dir=None) -> LocalResult:
+    """One round of the probe at a site: the statistics release or head training, in place."""
+    feats = features(model, data, device, cache_dir)
+    if recipe.is_stats_round(server_round):
+        with torch.no_grad():
+            model.feature_mean.copy_(torch.from_numpy(release_mean(feats, plan)))
+        return LocalResult(mean_loss=float("nan"), steps=1)
+    return train_head(model, feats, data.tensors[2], recipe, plan)
+
+
+__all__ = ["probe_round", "release_mean", "train_head"]
