@@ -5,8 +5,10 @@ One round, seen from a site:
 1. ``train``: first check the run against the site's own policy
    (:mod:`client.policy`: DP, secure aggregation, cohort, SecAgg+ k and t,
    update clip; refused before anything else happens), then load the
-   server's global trainable weights into the local model, run DP-SGD on the
-   site's own file, commit the epsilon this round spends to the site's ledger
+   server's global trainable weights into the local model, train on the
+   site's own file with the settings of :mod:`common.dp_rule` (the probe's
+   statistics or head round, :mod:`client.probe`; or DP-SGD of the encoder,
+   :mod:`client.trainer`), commit the epsilon this round spends to the site's ledger
    (:mod:`client.spend`), and build the reply from that committed round
    (:mod:`client.reply`): fresh public keys with secure aggregation (the
    encoded update stays here), or the weighted update ``w * (local - global)``
