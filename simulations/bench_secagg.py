@@ -538,7 +538,8 @@ def round_overhead(n: int = 10, local_steps: int = 5, model: str = "default") ->
     seconds = {}
     with tempfile.TemporaryDirectory() as tmp:
         for secagg in (False, True):
-            cfg = prepare_sites(FedConfig(model=model, clients=n, min_clients=n, rounds=2,
+            cfg = prepare_sites(FedConfig(model=model, finetune="lora", clients=n, min_clients=n,
+                                          rounds=2,
                                           local_steps=local_steps, max_length=32, secagg=secagg,
                                           out=f"{tmp}/secagg-{secagg}"))
             run_federation(LocalGrid(n), cfg, run_id=RUN_ID)

@@ -26,6 +26,7 @@ import dataclasses
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -34,10 +35,11 @@ from torch import nn
 
 from common.batches import encode, evaluate, model_inputs
 from common.config import FedConfig
+from common.dp_rule import recipe
 from common.data import Examples
 from common.model import build_model, load_tokenizer, pick_device
 from common.privacy import DPPlan, plan_site
-from simulations.bench_utility import add_site_arguments, read_split
+from simulations.bench_utility import read_split
 from simulations.report import emit_report, setup_bench_logging
 
 HEAD_NAMES = ("classifier", "score")
@@ -118,7 +120,8 @@ def noise_sweep(cfg: FedConfig, train, dev, sigmas: Sequence[float], plan: DPPla
     for sigma in [*sigmas, plan.noise_multiplier]:
         model = build_model(cfg, cfg.labels)
         started = time.monotonic()
-        train_local(model, train, cfg.replace(local_steps=plan.planned_steps),
+        train_local(model, train, cfg, recipe(cfg.replace(local_steps=plan.planned_steps),
+                                              len(train)),
                     dataclasses.replace(plan, noise_multiplier=sigma), device)
         scores = evaluate(model, dev, batch_size=cfg.eval_batch_size, num_labels=num_labels,
                           device=device)
@@ -131,7 +134,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: run the three measurements, write and print the JSON."""
     parser = argparse.ArgumentParser(prog="python -m simulations.diagnose_dp",
                                      description=__doc__.split("\n\n")[0])
-    add_site_arguments(parser)  # the utility benchmark's defaults, so both stay in step
+    parser.add_argument("--data", type=Path, required=True, help="SST-2 folder (train.tsv, dev.tsv)")
+    parser.add_argument("--json", type=Path, required=True, help="where to write the JSON")
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--max-grad-norm", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--site-examples", type=int, default=1600,
                         help="one site's share (the utility benchmark: 16,000 over 10 sites)")
     parser.add_argument("--probe-examples", type=int, default=4000)
@@ -145,7 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     train_all, dev_ex = read_split(args.data, "train"), read_split(args.data, "dev")
     order = np.random.default_rng(args.seed).permutation(len(train_all))
-    cfg = FedConfig(model=args.model, labels=train_all.label_names, batch_size=args.batch_size,
+    cfg = FedConfig(model=args.model, finetune="lora", labels=train_all.label_names,
+                    batch_size=args.batch_size,
                     lr=args.lr, max_length=args.max_length, max_grad_norm=args.max_grad_norm,
                     accountant="rdp", seed=args.seed)
     tokenizer = load_tokenizer(cfg)
@@ -167,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in train_f
     }
     report["feature_std"] = {name: round(float(f.std(0).mean()), 4) for name, f in train_f.items()}
-    planned = plan_site(len(site), batch_size=cfg.batch_size, steps_per_round=args.steps, rounds=1,
+    planned = plan_site(len(site), batch_size=cfg.batch_size, steps=args.steps,
                         epsilon=cfg.epsilon, delta=cfg.delta, accountant=cfg.accountant)
     report["noise_sweep"] = noise_sweep(cfg, site, dev, args.sigmas, planned, num_labels, device)
     report["settings"] = {**{k: v for k, v in vars(args).items() if k not in ("data", "json")},

@@ -14,9 +14,10 @@ def setup_bench_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def emit_report(report: dict[str, Any], path: Path) -> None:
-    """Write ``report`` as indented JSON to ``path`` and print it."""
+def emit_report(report: dict[str, Any], path: Path, *, quiet: bool = False) -> None:
+    """Write ``report`` as indented JSON to ``path`` and print it (unless ``quiet``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(report, indent=2)
     path.write_text(text + "\n", encoding="utf-8")
-    print(text)
+    if not quiet:
+        print(text)

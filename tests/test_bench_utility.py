@@ -1,4 +1,4 @@
-"""The utility benchmark runs end to end on a tiny budget and reports every key."""
+"""The utility benchmark runs end to end on a tiny budget and writes its JSON and its plot."""
 
 from __future__ import annotations
 
@@ -11,19 +11,25 @@ from simulations import bench_utility
 pytestmark = pytest.mark.slow
 
 
-def test_tiny_utility_benchmark_report(tmp_path, tiny_bert, sst2):
-    out = tmp_path / "utility.json"
-    bench_utility.main(["--data", str(sst2), "--json", str(out), "--model", tiny_bert,
-                        "--train-size", "120", "--sites", "2", "--rounds", "1",
-                        "--local-steps", "2", "--batch-size", "16", "--max-length", "16",
+def test_tiny_utility_benchmark_report_and_plot(tmp_path, tiny_bert, sst2):
+    out, png = tmp_path / "utility.json", tmp_path / "curve.png"
+    bench_utility.main(["--data", str(sst2), "--json", str(out), "--plot", str(png),
+                        "--model", tiny_bert, "--train-size", "240", "--sites", "2",
+                        "--rounds", "2", "--epsilons", "2,8", "--accountant", "rdp",
                         "--log-level", "WARNING"])
     report = json.loads(out.read_text())
-    for key in ("central_acc", "fed_acc", "fed_dp_acc"):
-        assert 0.0 <= report[key] <= 1.0
-    assert 0 < report["epsilon_max"] <= 8.0
-    assert report["seconds_per_round"] > 0 and report["dp_step_ratio"] > 0
-    assert report["settings"]["steps_per_arm"] == 4 and report["arms"]["central"]["steps"] == 4
-    assert set(report["targets"]) >= {"fed_dp_acc_met", "dp_gap_met", "dp_step_ratio_met"}
+    assert set(report["curve"]) == {"iid", "dirichlet"}
+    for partition in ("iid", "dirichlet"):
+        arms = report["arms"][partition]
+        assert set(arms) == {"fed", "fed_dp_eps2", "fed_dp_eps8"}
+        assert arms["fed"]["epsilon_max"] is None  # the non-private arm spends nothing
+        for eps in (2, 8):
+            arm = arms[f"fed_dp_eps{eps}"]
+            assert 0.9 * eps < arm["epsilon_max"] <= eps  # the whole budget, never more
+            assert len(arm["accuracy_per_round"]) == 2
+    assert report["fed_dp_acc"] == report["arms"]["iid"]["fed_dp_eps8"]["accuracy"]
+    assert set(report["targets"]) >= {"fed_dp_acc_met", "dp_gap_met", "dp_gap"}
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and report["plot"] == str(png)
 
 
 def test_missing_data_folder_is_a_clear_error(tmp_path):
