@@ -12,8 +12,8 @@ Usage::
    features: what the classifier sees (``head_input``), the first token's state
    (``cls``) and the mean of the token states (``mean``). This is the most that
    training the head alone can reach.
-3. ``noise_sweep``: one site's dev accuracy after all the DP-SGD steps it takes
-   in the utility benchmark's DP arm (25: 5 rounds x 5), taken in one go, at
+3. ``noise_sweep``: one site's dev accuracy after all the DP-SGD steps it took
+   in the earlier LoRA utility benchmark's DP arm (25: 5 rounds x 5), in one go, at
    noise multiplier 0 (clipping only), at small multipliers, and at the one its
    epsilon needs. Where accuracy falls between 0 and a multiplier far below
    the planned one, noise, not clipping, is what stops learning.
