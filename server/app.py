@@ -32,6 +32,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.batches import encode, evaluate, scores_of
 from common.dp_rule import stats_rounds
+from common.features import features
 from common.cli_args import setup_logging
 from common.config import ConfigError, FedConfig, from_mapping
 from common.data import read_examples
@@ -152,6 +153,8 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
     tokenizer = load_tokenizer(cfg)
     model = build_model(cfg, cfg.labels)
     eval_data = encode(tokenizer, eval_examples, cfg.max_length)
+    # Under the probe the encoder never changes: the held-out features once, the head each round.
+    eval_features = features(model, eval_data, device) if cfg.finetune == "probe" else None
     weights = to_numpy_state(trainable_state(model))
     strategy = make_strategy(cfg)
     metrics = MetricsLog(out / "metrics.jsonl")
@@ -200,7 +203,7 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
             weights = strategy.step(weights, mean)
         load_trainable(model, weights)
         model.to(device)
-        scores = score(model, eval_data, cfg, device)
+        scores = score(model, eval_data, eval_features, cfg, device)
         row = {
             "round": server_round,
             **scores,
@@ -244,21 +247,19 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
     return summary
 
 
-def score(model, data, cfg: FedConfig, device) -> dict[str, float]:
+def score(model, data, data_features, cfg: FedConfig, device) -> dict[str, float]:
     """Accuracy, loss and macro-F1 of the global model on the server's held-out data.
 
-    Under the probe the encoder never changes, so the held-out features are
-    computed once (:mod:`common.features`) and each round only applies the head.
+    With ``data_features`` (the probe's pooled features of ``data``, computed
+    once), only the head runs; otherwise the whole model.
     """
-    if cfg.finetune != "probe":
+    if data_features is None:
         return evaluate(model, data, batch_size=cfg.eval_batch_size,
                         num_labels=len(cfg.labels), device=device)
     import torch
 
-    from common.features import features
-
     with torch.no_grad():
-        logits = model.head(features(model, data, device).to(device))
+        logits = model.head(data_features.to(device))
     return scores_of(logits, data.tensors[2].to(device), len(cfg.labels))
 
 
