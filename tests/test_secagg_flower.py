@@ -315,7 +315,9 @@ def test_any_mutated_record_field_drops_at_most_its_sender(setup, monkeypatch, s
             elif how == 1:
                 record[key] = 7
             else:
-                pos = data.draw(st.integers(0, len(value) - 1), label="pos")
+                # Drawn independently of the length: a signature's DER length varies
+                # between replays, and hypothesis needs the same draws to replay a case.
+                pos = data.draw(st.integers(0, 2**16), label="pos") % len(value)
                 record[key] = [value[:pos], value + b"\0",
                                value[:pos] + bytes([value[pos] ^ 0x41]) + value[pos + 1:]][how - 2]
 
