@@ -31,7 +31,7 @@ from .errors import (
 from .graph import default_k, default_threshold, neighbours, validate_parameters
 from .identity import Identity, Roster, generate_identity
 from .messages import Advert, RoundContext, ShareMessage, View
-from .prg import expand_mask
+from .prg import apply_masks, expand_mask
 from .quantize import QuantConfig, dequantize_sum, quantize, to_fixed_point
 from .server import ServerState
 from .shamir import combine_shares, split_secret
@@ -64,6 +64,7 @@ __all__ = [
     "default_threshold",
     "dequantize_sum",
     "encrypt_share",
+    "apply_masks",
     "expand_mask",
     "generate_identity",
     "generate_key_pair",

@@ -59,7 +59,7 @@ from .messages import (
     seed_commitment,
     share_commitment,
 )
-from .prg import MASK_DTYPE, expand_mask
+from .prg import MASK_DTYPE, apply_masks
 from .protocol import (
     B_SHARES,
     PURPOSE_MASK,
@@ -413,18 +413,12 @@ class ClientState:
                 f"neighbours; with threshold {self.threshold} its self-mask could never be "
                 "reconstructed, so it drops out of this round")
         assert self._b is not None and self._s_sk is not None
-        length = vector.shape[0]
         y = np.array(vector, dtype=MASK_DTYPE, copy=True)
-        np.add(y, expand_mask(self._b, length), out=y)
-        seeds: dict[int, bytes] = {}
-        for peer in sorted(received):
-            seeds[peer] = self._agree(self._s_sk, self._bundle[peer].s_pk, peer, PURPOSE_MASK)
-            mask = expand_mask(seeds[peer], length)
-            if peer > self.node_id:
-                np.add(y, mask, out=y)
-            else:
-                np.subtract(y, mask, out=y)
-            del mask
+        seeds = {peer: self._agree(self._s_sk, self._bundle[peer].s_pk, peer, PURPOSE_MASK)
+                 for peer in sorted(received)}
+        # + PRG(b), + PRG(s_ij) for a higher neighbour j, - PRG(s_ij) for a lower one.
+        apply_masks(y, [(self._b, 1)] + [(seed, 1 if peer > self.node_id else -1)
+                                         for peer, seed in seeds.items()])
         self._received, self._seeds = received, seeds
         self._b = self._s_sk = None
         self._recv_sk = {}

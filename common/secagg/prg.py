@@ -4,6 +4,11 @@ A 32-byte seed is used as an AES-256 key in CTR mode with a fixed all-zero
 initial counter block; the keystream (the encryption of zero bytes) is read as
 little-endian ``uint32`` words. Masks are added and subtracted with ordinary
 ``uint32`` numpy arithmetic, which wraps modulo ``2**32``.
+
+:func:`apply_masks` adds and subtracts many masks in one pass over the vector,
+a cache-sized block at a time, without ever holding a whole mask: masking is
+memory-bound, and k + 1 full-length masks would cost k + 1 extra passes over
+memory (and page faults for k + 1 fresh allocations).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from .crypto import KEY_BYTES
 from .errors import InvalidMessageError
 
-__all__ = ["expand_mask", "MASK_DTYPE"]
+__all__ = ["apply_masks", "expand_mask", "MASK_DTYPE"]
 
 MASK_DTYPE = np.dtype("<u4")
 """Dtype of masks and masked vectors: little-endian unsigned 32-bit."""
@@ -22,6 +27,57 @@ MASK_DTYPE = np.dtype("<u4")
 _ZERO_IV = bytes(16)
 _CHUNK_BYTES = 1 << 20
 _ZERO_CHUNK = bytes(_CHUNK_BYTES)
+_BLOCK_WORDS = 1 << 17  # apply_masks' block: 512 KiB, within a core's L2 cache
+
+
+def _check_seed(seed: object) -> bytes:
+    if not isinstance(seed, (bytes, bytearray)) or len(seed) != KEY_BYTES:
+        raise InvalidMessageError(
+            f"mask seed must be {KEY_BYTES} bytes; a mask cannot be derived from it"
+        )
+    return bytes(seed)
+
+
+def _keystream(seed: bytes):
+    return Cipher(algorithms.AES(seed), modes.CTR(_ZERO_IV)).encryptor()
+
+
+def apply_masks(vector: np.ndarray, masks: "list[tuple[bytes, int]]") -> None:
+    """Add ``sign * expand_mask(seed, len(vector))`` for every ``(seed, sign)``, in place.
+
+    The result equals adding and subtracting the expanded masks one after the
+    other (mod ``2**32``), but the keystreams are generated block by block into
+    one small buffer and folded into the vector while it is in cache.
+
+    Parameters
+    ----------
+    vector : numpy.ndarray
+        Writable 1-D ``uint32`` array.
+    masks : list[tuple[bytes, int]]
+        ``(32-byte seed, +1 or -1)`` pairs.
+
+    Raises
+    ------
+    InvalidMessageError
+        If a seed is not 32 bytes, a sign is not +1 or -1, or ``vector`` is not
+        a 1-D ``uint32`` array.
+    """
+    if not isinstance(vector, np.ndarray) or vector.dtype != MASK_DTYPE or vector.ndim != 1:
+        raise InvalidMessageError("masks apply only to a 1-D uint32 vector")
+    streams = []
+    for seed, sign in masks:
+        if sign not in (1, -1):
+            raise InvalidMessageError(f"a mask is added (+1) or subtracted (-1), not {sign!r}")
+        streams.append((_keystream(_check_seed(seed)), np.add if sign == 1 else np.subtract))
+    buf = np.empty(4 * _BLOCK_WORDS + 15, dtype=np.uint8)  # update_into's block_size - 1 slack
+    out, words = memoryview(buf), buf[:4 * _BLOCK_WORDS].view(MASK_DTYPE)
+    zeros = memoryview(_ZERO_CHUNK)
+    for start in range(0, vector.shape[0], _BLOCK_WORDS):
+        block = vector[start:start + _BLOCK_WORDS]
+        count = block.shape[0]
+        for stream, op in streams:
+            stream.update_into(zeros[:4 * count], out)
+            op(block, words[:count], out=block)
 
 
 def expand_mask(seed: bytes, length: int) -> np.ndarray:
@@ -53,10 +109,7 @@ def expand_mask(seed: bytes, length: int) -> np.ndarray:
     InvalidMessageError
         If ``seed`` is not 32 bytes or ``length`` is negative.
     """
-    if not isinstance(seed, (bytes, bytearray)) or len(seed) != KEY_BYTES:
-        raise InvalidMessageError(
-            f"mask seed must be {KEY_BYTES} bytes; a mask cannot be derived from it"
-        )
+    seed = _check_seed(seed)
     length = int(length)
     if length < 0:
         raise InvalidMessageError(
@@ -66,7 +119,7 @@ def expand_mask(seed: bytes, length: int) -> np.ndarray:
     # update_into requires len(out) >= len(data) + block_size - 1.
     buf = np.empty(nbytes + 15, dtype=np.uint8)
     out = memoryview(buf)
-    encryptor = Cipher(algorithms.AES(bytes(seed)), modes.CTR(_ZERO_IV)).encryptor()
+    encryptor = _keystream(seed)
     zeros = memoryview(_ZERO_CHUNK)
     offset = 0
     while offset < nbytes:

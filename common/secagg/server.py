@@ -41,7 +41,7 @@ from .messages import (
     seed_commitment,
     share_commitment,
 )
-from .prg import MASK_DTYPE, expand_mask
+from .prg import MASK_DTYPE, apply_masks
 from .protocol import (
     B_SHARES,
     PURPOSE_MASK,
@@ -594,9 +594,7 @@ class ServerState:
                 logger.info("dropped node %d: %s; using the survivors' seeds instead", j, exc)
         assert self._acc is not None
         total = self._acc.copy()
-        length = self.vector_length
-        for i in self.survivors:
-            np.subtract(total, expand_mask(seeds_b[i], length), out=total)
+        masks = [(seeds_b[i], -1) for i in self.survivors]
         for j in self.dropped:
             for i in self.survivors:
                 if j not in self._routed_from[i]:
@@ -615,12 +613,9 @@ class ServerState:
                         f"unmask stage: the mask between survivor {i} and dropped node {j} cannot "
                         f"be removed (node {i} did not reveal it and node {j}'s mask key cannot "
                         "be rebuilt); the round is abandoned")
-                mask = expand_mask(seed, length)
                 # Survivor i added +PRG(s_ij) if j > i and subtracted it if j < i.
-                if j > i:
-                    np.subtract(total, mask, out=total)
-                else:
-                    np.add(total, mask, out=total)
+                masks.append((seed, -1 if j > i else 1))
+        apply_masks(total, masks)
         self.stage = ServerStage.DONE
         self._acc = None
         logger.info("unmask stage: recovered the sum of %d inputs (%d dropouts corrected)",

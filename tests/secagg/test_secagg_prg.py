@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from Crypto.Cipher import AES
 
-from common.secagg import InvalidMessageError, expand_mask
+from common.secagg import InvalidMessageError, apply_masks, expand_mask
 
 
 def test_deterministic_dtype_length() -> None:
@@ -51,3 +51,28 @@ def test_output_looks_uniform() -> None:
     assert abs(m.mean() - 0.5) < 0.01
     hist, _ = np.histogram(m, bins=16, range=(0.0, 1.0))
     assert hist.min() > 100_000 / 16 * 0.9
+
+
+def test_apply_masks_equals_adding_and_subtracting_each_expanded_mask():
+    length = 2 * (1 << 17) + 12_345  # three blocks, the last one partial
+    x = np.random.default_rng(0).integers(0, 2**32, length, dtype=np.uint32)
+    masks = [(os.urandom(32), 1), (os.urandom(32), -1), (os.urandom(32), 1)]
+    expected = x.copy()
+    for seed, sign in masks:
+        (np.add if sign == 1 else np.subtract)(expected, expand_mask(seed, length), out=expected)
+    y = x.copy()
+    apply_masks(y, masks)
+    assert np.array_equal(y, expected)
+    apply_masks(y, [(seed, -sign) for seed, sign in masks])  # and they come off again
+    assert np.array_equal(y, x)
+
+
+def test_apply_masks_refuses_a_bad_seed_sign_or_vector():
+    y = np.zeros(10, dtype=np.uint32)
+    with pytest.raises(InvalidMessageError, match="32 bytes"):
+        apply_masks(y, [(b"short", 1)])
+    with pytest.raises(InvalidMessageError, match="not 0"):
+        apply_masks(y, [(os.urandom(32), 0)])
+    with pytest.raises(InvalidMessageError, match="uint32"):
+        apply_masks(np.zeros(10, dtype=np.int64), [(os.urandom(32), 1)])
+    assert not y.any()  # nothing applied before the checks passed
