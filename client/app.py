@@ -52,7 +52,7 @@ from common.config import ConfigError, FedConfig
 from common.data import DataError, Examples, read_examples
 from common.records import (JOB_KEY, ROUND_KEY, RecordError, record_to_config, record_to_state,
                             state_digest, to_numpy_state)
-from common.weights import site_weight
+from common.weights import site_weight, stats_weight
 
 if TYPE_CHECKING:
     from common.dp_rule import Recipe
@@ -218,6 +218,7 @@ def _train(msg: Message, context: Context) -> Message:
                                  noise_multiplier=pending.noise_multiplier,
                                  sample_rate=pending.sample_rate)
         update, loss = {k: pending.update[k] for k in global_state}, float("nan")
+        weight = pending.weight
     else:
         done = steps_done(ledger, context, job)
         rec = recipe(cfg, len(examples))
@@ -238,6 +239,8 @@ def _train(msg: Message, context: Context) -> Message:
         else:
             result = train_local(model, data, cfg, rec, plan, device)
         steps, loss = done + result.steps, result.mean_loss
+        if result.count is not None:  # the statistics round: weighted by its (DP) count
+            weight = stats_weight(result.count, cfg)
         local_state = to_numpy_state(trainable_state(model))
         update = {k: weight * (local_state[k] - global_state[k]) for k in global_state}
         job_epsilon = (epsilon_spent(plan.noise_multiplier, plan.sample_rate, steps, site.delta,

@@ -1,9 +1,12 @@
 """The probe's two phases at a site, on its cached features (see :mod:`common.dp_rule`).
 
-* :func:`release_mean` (the statistics round): a Poisson sample of the site's
-  feature vectors, each of norm at most 1, summed, plus Gaussian noise of the
-  plan's multiplier, divided by the expected sample size: one step of the
-  sampled Gaussian mechanism, accounted like a DP-SGD step.
+* :func:`release_statistics` (the statistics round): a Poisson sample of the
+  site's feature vectors, each of norm at most 1 and extended by a constant 1
+  (so the sum also counts the sample), scaled to norm at most 1, summed, plus
+  Gaussian noise of the plan's multiplier: one step of the sampled Gaussian
+  mechanism, accounted like a DP-SGD step. It gives the site's mean feature
+  vector and its example count, both from the one noisy sum; the count becomes
+  the site's weight in the round (:func:`common.weights.stats_weight`).
 * :func:`train_head` (every later round): Opacus DP-SGD with heavy-ball momentum
   on the linear head over the standardised features; the head returned is the
   average of the iterates over the second half of the round's steps.
@@ -14,6 +17,7 @@ and steps, so the non-private arm does the same work.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -27,16 +31,24 @@ from common.features import features
 from common.privacy import DPPlan
 
 
-def release_mean(features: torch.Tensor, plan: DPPlan | None) -> np.ndarray:
-    """The statistics round's estimate of the site's mean feature vector (one step)."""
-    gen = fresh_generator(torch.device("cpu"))
-    rows = features / features.norm(dim=1, keepdim=True).clamp(min=1.0)  # sensitivity 1
+def release_statistics(features: torch.Tensor, plan: DPPlan | None) -> tuple[np.ndarray, float]:
+    """The statistics round's estimates of the site's mean feature vector and example count.
+
+    One step: every row ``[x / max(|x|, 1), 1] / sqrt(2)`` has norm at most 1
+    (sensitivity 1), the Poisson sample's rows are summed with Gaussian noise,
+    and the mean is the noisy sum over the noisy count (at least 1), the count
+    the noisy count over the sampling rate. Without a plan, both exactly.
+    """
+    rows = features / features.norm(dim=1, keepdim=True).clamp(min=1.0)
     if plan is None:
-        return rows.mean(dim=0).numpy()
+        return rows.mean(dim=0).numpy(), float(len(rows))
+    gen = fresh_generator(torch.device("cpu"))
     keep = torch.rand(len(rows), generator=gen) < plan.sample_rate
-    total = rows[keep].sum(dim=0)
-    total += plan.noise_multiplier * torch.randn(total.shape, generator=gen)
-    return (total / (plan.sample_rate * len(rows))).numpy()
+    sample = torch.cat([rows[keep], torch.ones(int(keep.sum()), 1)], dim=1) / math.sqrt(2)
+    total = sample.sum(dim=0) + plan.noise_multiplier * torch.randn(sample.shape[1], generator=gen)
+    total *= math.sqrt(2)
+    sampled = max(float(total[-1]), 1.0)
+    return (total[:-1] / sampled).numpy(), sampled / plan.sample_rate
 
 
 def train_head(model, feats: torch.Tensor, labels: torch.Tensor, recipe: Recipe,
@@ -102,10 +114,11 @@ def probe_round(model, data: TensorDataset, recipe: Recipe, plan: DPPlan | None,
     """One round of the probe at a site: the statistics release or head training, in place."""
     feats = features(model, data, device, cache_dir)
     if recipe.is_stats_round(server_round):
+        mean, count = release_statistics(feats, plan)
         with torch.no_grad():
-            model.feature_mean.copy_(torch.from_numpy(release_mean(feats, plan)))
-        return LocalResult(mean_loss=float("nan"), steps=1)
+            model.feature_mean.copy_(torch.from_numpy(mean))
+        return LocalResult(mean_loss=float("nan"), steps=1, count=count)
     return train_head(model, feats, data.tensors[2], recipe, plan)
 
 
-__all__ = ["probe_round", "release_mean", "train_head"]
+__all__ = ["probe_round", "release_statistics", "train_head"]

@@ -25,6 +25,7 @@ class LocalResult:
 
     mean_loss: float
     steps: int
+    count: float | None = None  # the statistics round's (DP) estimate of the site's examples
 
 
 def _optimizer(model: nn.Module, cfg: FedConfig, recipe: Recipe) -> torch.optim.Optimizer:

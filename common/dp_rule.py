@@ -7,13 +7,14 @@ setting is ``auto`` and follows from this rule (any of them can be set by hand:
 **Probe** (``finetune = probe``, the default): the encoder stays as the site
 installed it; the federation trains a linear head on pooled sentence features
 (see :mod:`common.modeling_fedseal`). Round 1 is the *statistics* round: each
-site releases the mean of its feature vectors with Gaussian noise: one
-step of the same mechanism as a DP-SGD step (a Poisson sample at the same rate,
-each row clipped to norm 1, which a unit-norm feature vector already is, the
-sum plus Gaussian noise of the same multiplier, divided by the expected sample
-size), so both phases compose in one accountant as plain steps. The server
-averages the means; the noise in the mean only shifts every feature by the same
-vector, which the head's bias absorbs. Rounds 2 and on are *training* rounds: DP-SGD with momentum on
+site releases the sum and the count of its feature vectors with Gaussian noise:
+one step of the same mechanism as a DP-SGD step (a Poisson sample at the same
+rate, each row extended by a count entry and clipped to norm 1, the sum plus
+Gaussian noise of the same multiplier), so both phases compose in one
+accountant as plain steps. The server pools them (each site weighted by its
+noisy count, see :mod:`common.weights`): the federation's mean over all its
+examples. The noise left in it only shifts every feature by the same vector,
+which the head's bias absorbs. Rounds 2 and on are *training* rounds: DP-SGD with momentum on
 the head over the centred, scaled features. Where each setting comes from:
 
 * ``sample_rate``: ``SAMPLE_RATE`` (1/4). At a fixed number of steps, the noise

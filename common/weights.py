@@ -10,6 +10,15 @@ rounds and recover each site's count. So a weight is either
   with ``c = min(count, cap)`` and ``cap = max-site-examples``, floored at
   ``1/16``: five buckets (1, 1/2, 1/4, 1/8, 1/16), each a factor of two wide,
   so differencing reveals at most which bucket a site is in.
+
+The probe's statistics round (round 1, see :mod:`common.dp_rule`) is the one
+exception: there a site's weight is its *differentially private* estimate of
+its example count over the same public cap, drawn from the very Gaussian
+release that carries its feature mean (:func:`client.probe.release_statistics`),
+so it costs no privacy beyond that release. The weighted mean is then the
+pooled mean, sum of noisy sums over sum of noisy counts, in which a small
+site's noise weighs as little as its data (an equal-weight average of the
+sites' noisy means lets a small site's noise swamp it).
 """
 
 from __future__ import annotations
@@ -31,6 +40,17 @@ def site_weight(count: int, cfg: FedConfig) -> float:
     return max(SMALLEST_BUCKET, 2.0 ** math.floor(math.log2(ratio)))
 
 
-def weight_range(cfg: FedConfig) -> tuple[float, float]:
-    """Smallest and largest weight one site can have under ``cfg.weighting``."""
+def stats_weight(count: float, cfg: FedConfig) -> float:
+    """The statistics round's weight of a site whose (DP) count estimate is ``count``.
+
+    ``count / max-site-examples``, within ``[1 / max-site-examples, 1]``: a
+    site above the cap counts as the cap.
+    """
+    return min(1.0, max(1.0, count) / cfg.max_site_examples)
+
+
+def weight_range(cfg: FedConfig, stats_round: bool = False) -> tuple[float, float]:
+    """Smallest and largest weight one site can have in a round of run ``cfg``."""
+    if stats_round:
+        return (1.0 / cfg.max_site_examples, 1.0)
     return (1.0, 1.0) if cfg.weighting == "equal" else (SMALLEST_BUCKET, 1.0)
