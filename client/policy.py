@@ -21,7 +21,7 @@ cohort, ``clients``, ``min-clients``
     ``clients`` and its ``min-clients`` must all reach ``min-cohort``;
 ``secagg-k``, ``secagg-threshold``
     fewer neighbours or a lower threshold than the site accepts weakens the
-    collusion bound; both the run's settings (when set) and the round's
+    collusion bound; both the run's settings (unless auto) and the round's
     actual ``k`` and ``t`` are checked;
 ``update-clip``
     no larger than ``max-update-clip``.
@@ -33,7 +33,7 @@ from typing import Mapping
 
 from client.reply import Refusal
 from client.site import SitePolicy
-from common.config import FedConfig
+from common.config import AUTO, FedConfig
 from common.secagg_wire import WireError, unpack_ids
 
 # The node-config flag that lowers each minimum, named in every refusal.
@@ -97,9 +97,9 @@ def check_train(policy: SitePolicy, cfg: FedConfig,
         raise _refuse("clients", cfg.clients, policy.min_cohort, _FLAG["cohort"])
     if cfg.min_clients < policy.min_cohort:
         raise _refuse("min-clients", cfg.min_clients, policy.min_cohort, _FLAG["cohort"])
-    if cfg.secagg_k and cfg.secagg_k < policy.min_secagg_k:
+    if cfg.secagg_k != AUTO and cfg.secagg_k < policy.min_secagg_k:
         raise _refuse("secagg-k", cfg.secagg_k, policy.min_secagg_k, _FLAG["k"])
-    if cfg.secagg_threshold and cfg.secagg_threshold < policy.min_secagg_threshold:
+    if cfg.secagg_threshold != AUTO and cfg.secagg_threshold < policy.min_secagg_threshold:
         raise _refuse("secagg-threshold", cfg.secagg_threshold, policy.min_secagg_threshold,
                       _FLAG["threshold"])
     actual = _round_parameters(secagg)

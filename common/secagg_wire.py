@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from common.config import FedConfig
+from common.config import AUTO, FedConfig
 from common.secagg import (QuantConfig, default_k, default_threshold, dequantize_sum, quantize,
                            validate_parameters)
 from common.secagg.messages import pack_var_table, unpack_var_table
@@ -152,8 +152,8 @@ def round_parameters(cfg: FedConfig, n: int) -> tuple[int, int]:
     common.secagg.ConfigError
         If the configured values break the SecAgg+ rules for ``n`` sites.
     """
-    k = min(cfg.secagg_k or default_k(n), max(n - 1, 1))
-    threshold = cfg.secagg_threshold or default_threshold(k)
+    k = min(default_k(n) if cfg.secagg_k == AUTO else cfg.secagg_k, max(n - 1, 1))
+    threshold = default_threshold(k) if cfg.secagg_threshold == AUTO else cfg.secagg_threshold
     validate_parameters(n, k, threshold)
     return k, threshold
 

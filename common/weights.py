@@ -27,7 +27,6 @@ import math
 
 from common.config import FedConfig
 
-WEIGHTINGS = ("equal", "bucket")
 SMALLEST_BUCKET = 1 / 16
 BUCKETS = tuple(2.0 ** -j for j in range(5))  # 1, 1/2, 1/4, 1/8, 1/16
 

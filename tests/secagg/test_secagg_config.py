@@ -65,3 +65,16 @@ def test_the_mean_update_never_leaves_the_clip() -> None:
     sums = RoundSums(update_sum={"a": np.array([10.0, -10.0, 0.5])}, weight_sum=1e-6, clip=1.0)
     np.testing.assert_array_equal(sums.mean_update()["a"], [1.0, -1.0, 1.0])
     assert RoundSums(update_sum={"a": np.ones(1)}, weight_sum=float("nan")).mean_update() is None
+
+
+def test_auto_k_and_threshold_follow_each_rounds_cohort() -> None:
+    from common.secagg import default_k, default_threshold
+    from common.secagg_wire import round_parameters
+
+    cfg = FedConfig(clients=20, min_clients=5)
+    assert cfg.secagg_k == cfg.secagg_threshold == "auto"
+    for n in (5, 8, 20):
+        k = min(default_k(n), n - 1)
+        assert round_parameters(cfg, n) == (k, default_threshold(k))
+    fixed = FedConfig(clients=20, min_clients=5, secagg_k=4)  # a number is kept; t still auto
+    assert round_parameters(fixed, 20) == (4, default_threshold(4))
