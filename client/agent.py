@@ -49,9 +49,10 @@ import time
 from pathlib import Path
 
 from client.ledger import LedgerError, PrivacyLedger
+from client.ledger_cli import add_ledger_files
 from client.pinning import installed_manifest, manifest_digest
 from client.site import FEDERATED_EVAL_MODES, SitePolicy
-from common.config import ConfigError
+from common.config import AUTO, CHOICES, ConfigError
 from common.durable import atomic_write
 from common.processes import (ProcessError, child_env, die_with_parent, flwr_bin, split_address,
                               stop_process)
@@ -275,12 +276,20 @@ def _policy(args: argparse.Namespace) -> SitePolicy:
                       max_update_clip=args.max_update_clip, federated_eval=args.federated_eval)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``fedseal client``."""
+def _port_or_auto(text: str) -> int | str:
+    """``--runtime-port``: ``auto`` or a TCP port number."""
+    if text.strip().lower() == AUTO:
+        return AUTO
+    if not text.strip().isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"must be auto or a port number 1-65535, got {text!r}")
+    return int(text)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``fedseal client``: files, budget, the site's policy, start-up."""
     defaults = SitePolicy()
-    parser = argparse.ArgumentParser(prog="fedseal client", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--server", required=True, metavar="HOST:PORT")
+    parser.add_argument("--server", required=True, metavar="HOST:PORT",
+                        help="where the federation's server listens (its `address`)")
     parser.add_argument("--ca", type=Path, metavar="FILE", help="the federation's ca.pem")
     parser.add_argument("--key", type=Path, metavar="FILE",
                         help="this site's private key (from `fedseal keys site`)")
@@ -289,43 +298,59 @@ def main(argv: list[str] | None = None) -> int:
                              "as fellow members, one per line")
     parser.add_argument("--data", type=Path, required=True, metavar="FILE",
                         help="this site's CSV, TSV or JSONL file (never leaves the machine)")
-    parser.add_argument("--ledger", type=Path, required=True, metavar="FILE",
-                        help="this site's privacy ledger (created on first use; keep it)")
-    parser.add_argument("--ledger-key", type=Path, required=True, metavar="FILE",
-                        help="the ledger's key and counter (made on first use); keep it in "
-                             "another folder than the ledger, outside the ledger's backups")
-    parser.add_argument("--epsilon", type=float, default=8.0, help="the site's total budget (default 8)")
-    parser.add_argument("--delta", type=float, default=1e-5, help="default 1e-5")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add_ledger_files(parser)
+    parser.add_argument("--epsilon", type=float, default=8.0,
+                        help="the site's total privacy budget epsilon over all runs, record level "
+                             "(positive; default: %(default)s)")
+    parser.add_argument("--delta", type=float, default=1e-5,
+                        help="the site's privacy budget delta, in (0, 1) (default: %(default)s)")
+    parser.add_argument("--device", choices=CHOICES["device"], default="auto",
+                        help="where this site trains: auto (CUDA when present, else CPU), cpu or "
+                             "cuda (default: %(default)s)")
     parser.add_argument("--name", help="site name in logs and the ledger (default: the key's name)")
     policy = parser.add_argument_group("the site's policy (what every run must promise)")
     policy.add_argument("--require-dp", action=argparse.BooleanOptionalAction,
-                        default=defaults.require_dp, help="train only with DP (default: yes)")
+                        default=defaults.require_dp,
+                        help="train only with DP (--no-require-dp allows runs without it)")
     policy.add_argument("--require-secagg", action=argparse.BooleanOptionalAction,
                         default=defaults.require_secagg,
-                        help="send updates only under secure aggregation (default: yes)")
+                        help="send updates only under secure aggregation (--no-require-secagg "
+                             "allows plain rounds)")
     policy.add_argument("--min-cohort", type=int, default=defaults.min_cohort, metavar="N",
-                        help=f"fewest sites in a secure round (default {defaults.min_cohort})")
+                        help="fewest sites in a secure round, and in the run's clients and "
+                             "min-clients (integer >= 2; default: %(default)s)")
     policy.add_argument("--min-secagg-k", type=int, default=defaults.min_secagg_k, metavar="K",
-                        help=f"fewest SecAgg+ neighbours (default {defaults.min_secagg_k})")
+                        help="fewest SecAgg+ neighbours per site the run may set and a round may "
+                             "have (integer >= 1; default: %(default)s)")
     policy.add_argument("--min-secagg-threshold", type=int, default=defaults.min_secagg_threshold,
-                        metavar="T", help="smallest SecAgg+ threshold (default "
-                                          f"{defaults.min_secagg_threshold})")
+                        metavar="T", help="smallest SecAgg+ Shamir threshold the run may set and a "
+                                          "round may have (integer >= 2; default: %(default)s)")
     policy.add_argument("--max-update-clip", type=float, default=defaults.max_update_clip,
-                        metavar="C", help=f"largest update clip (default {defaults.max_update_clip})")
+                        metavar="C", help="largest per-coordinate update clip (the run's "
+                                          "update-clip) the site accepts (positive; default: "
+                                          "%(default)s)")
     policy.add_argument("--federated-eval", choices=FEDERATED_EVAL_MODES,
                         default=defaults.federated_eval,
-                        help="answer federated evaluation (default: off)")
-    parser.add_argument("--runtime-port", type=int, default=0,
-                        help="local port of the SuperNode's runtime API (default: a free one)")
+                        help="on: score the server's model on this site's data when a run asks; "
+                             "off: refuse (default: off)")
+    parser.add_argument("--runtime-port", type=_port_or_auto, default=AUTO, metavar="auto|PORT",
+                        help="local port (on 127.0.0.1) of the SuperNode's runtime API, 1-65535, "
+                             "or auto: a free one (default: auto)")
     parser.add_argument("--home", type=Path,
                         help="Flower's working folder (default: beside the ledger)")
     parser.add_argument("--wait", type=float, default=90.0,
                         help="seconds to keep trying at start while the server is unreachable or "
-                             "has not admitted this site's key yet (default 90)")
+                             "has not admitted this site's key yet (default: %(default)s)")
     parser.add_argument("--insecure", action="store_true",
-                        help="no TLS and no authentication (only against `fedseal server --insecure`)")
-    args = parser.parse_args(argv)
+                        help="no TLS and no authentication (only against `fedseal server "
+                             "--insecure`; default: off)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``fedseal client``."""
+    from common.cli import command_parser
+
+    args = command_parser("client").parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return _run(args)
@@ -360,7 +385,7 @@ def _run(args: argparse.Namespace) -> int:
     probe_server(host, port, None if args.insecure else args.ca.resolve(), args.wait)
     home = (args.home or ledger_path.parent / f".fedseal-{name}").resolve()
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
-    runtime_port = args.runtime_port or free_port()
+    runtime_port = free_port() if args.runtime_port == AUTO else args.runtime_port
     values = node_config(data, name, args.epsilon, args.delta, ledger_path, ledger_key,
                          args.device, policy, args.key.resolve() if args.key else None,
                          args.peers.resolve() if args.peers else None)

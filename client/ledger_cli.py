@@ -34,17 +34,37 @@ def summary(ledger: PrivacyLedger) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``fedseal ledger``; 2 on a refused ledger."""
-    parser = argparse.ArgumentParser(prog="fedseal ledger", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=("show", "recover"))
-    parser.add_argument("--ledger", type=Path, required=True, metavar="FILE")
-    parser.add_argument("--ledger-key", type=Path, required=True, metavar="FILE")
+def add_ledger_files(parser: argparse.ArgumentParser) -> None:
+    """``--ledger`` and ``--ledger-key``, shared by ``fedseal client`` and ``fedseal ledger``."""
+    parser.add_argument("--ledger", type=Path, required=True, metavar="FILE",
+                        help="this site's privacy ledger (created by fedseal client on first "
+                             "use; keep it)")
+    parser.add_argument("--ledger-key", type=Path, required=True, metavar="FILE",
+                        help="the ledger's key and counter (made with the ledger); keep it in "
+                             "another folder than the ledger, outside the ledger's backups")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The action and options of ``fedseal ledger``."""
+    parser.add_argument("action", choices=("show", "recover"),
+                        help="show: verify the ledger and print its spend; recover: accept the "
+                             "ledger there is (or start an empty one) after a refusal")
+    add_ledger_files(parser)
     parser.add_argument("--site", help="the site's name (required by show; by recover when the "
                                        "ledger is gone)")
-    parser.add_argument("--epsilon", type=float, help="the site's budget, as given to fedseal client")
-    parser.add_argument("--delta", type=float)
+    parser.add_argument("--epsilon", type=float,
+                        help="the site's total budget epsilon, as given to fedseal client "
+                             "(required by show; by recover when the ledger is gone)")
+    parser.add_argument("--delta", type=float,
+                        help="the site's budget delta, in (0, 1), as given to fedseal client "
+                             "(required by show; by recover when the ledger is gone)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``fedseal ledger``; 2 on a refused ledger."""
+    from common.cli import command_parser
+
+    parser = command_parser("ledger")
     args = parser.parse_args(argv)
     try:
         if args.action == "recover":
@@ -63,4 +83,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["main", "summary"]
+__all__ = ["add_arguments", "add_ledger_files", "main", "summary"]

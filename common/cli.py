@@ -2,11 +2,14 @@
 
 The subcommands live with the role they belong to (``simulations``, ``server``,
 ``client``); this dispatcher imports the chosen one by name only when it runs,
-so ``common`` keeps no import-time dependency on them.
+so ``common`` keeps no import-time dependency on them. Each command module
+defines ``add_arguments(parser)``; :func:`command_parser` builds its parser from
+it, and :func:`build_parser` the whole tree (every command imported).
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 
@@ -19,6 +22,28 @@ COMMANDS = {
     "client": ("client.agent", "run the client agent (SuperNode) at a data site"),
     "ledger": ("client.ledger_cli", "show a site's privacy ledger, or recover it deliberately"),
 }
+
+
+def _describe(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    module = importlib.import_module(COMMANDS[name][0])
+    parser.description = module.__doc__
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    module.add_arguments(parser)
+    return parser
+
+
+def command_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of ``fedseal <name>``, as that command's ``main`` uses it."""
+    return _describe(argparse.ArgumentParser(prog=f"fedseal {name}"), name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole ``fedseal`` parser: one subparser per command, with all its options."""
+    parser = argparse.ArgumentParser(prog="fedseal")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
+    for name, (_, text) in COMMANDS.items():
+        _describe(sub.add_parser(name, help=text), name)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

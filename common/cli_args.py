@@ -2,36 +2,70 @@
 
 Every config field becomes an option (``lora_r`` -> ``--lora-r``; booleans get
 ``--dp/--no-dp``), so the CLI, TOML files and Flower's run config can never
-drift apart. Precedence: defaults < ``--config FILE`` < explicit options.
+drift apart. Each option's help is the field's entry in :data:`common.config.HELP`
+plus its default; choice-valued fields take argparse ``choices`` from
+:data:`common.config.CHOICES`. Precedence: defaults < ``--config FILE`` <
+explicit options.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from common.config import FIELDS, FedConfig, from_mapping, load_toml
+from common.config import (AUTO, AUTO_SETTINGS, CHOICES, FIELDS, HELP, ConfigError, FedConfig,
+                           from_mapping, load_toml, parse_setting)
 
 
 def add_config_options(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
     """Add ``--config`` and one option per config field (except ``skip``)."""
-    parser.add_argument("--config", metavar="FILE", help="TOML file with settings (same names as the options)")
-    group = parser.add_argument_group("run settings (defaults shown)")
+    parser.add_argument("--config", metavar="FILE",
+                        help="TOML file with settings, same names as the options (lora_r = 16 or "
+                             "lora-r = 16); options given on the command line win")
+    group = parser.add_argument_group("run settings")
     for name, fld in FIELDS.items():
         if name in skip:
             continue
         flag = "--" + name.replace("_", "-")
         default = fld.default
+        text = f"{HELP[name]} (default: {_shown(default)})".replace("%", "%%")
         if isinstance(default, bool):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                               help=f"default: {default}")
-        elif isinstance(default, tuple):
-            group.add_argument(flag, metavar="A,B,...", default=None,
-                               help=f"comma-separated; default: {','.join(default) or '(none)'}")
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif name in CHOICES:
+            group.add_argument(flag, choices=CHOICES[name], default=None, help=text)
         else:
-            group.add_argument(flag, metavar=type(default).__name__.upper(), default=None,
-                               help=f"default: {default!r}")
+            group.add_argument(flag, metavar=_metavar(name, default), type=_setting_type(name),
+                               default=None, help=text)
+
+
+def _shown(default: Any) -> str:
+    """A default as the help shows it."""
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, tuple):
+        return ",".join(default) or "empty"
+    return str(default) if default != "" else "empty"
+
+
+def _metavar(name: str, default: Any) -> str:
+    if isinstance(default, tuple):
+        return "A,B,..."
+    if name in AUTO_SETTINGS:
+        return f"{AUTO}|{AUTO_SETTINGS[name].__name__.upper()}"
+    return type(default).__name__.upper()
+
+
+def _setting_type(name: str) -> Callable[[str], Any]:
+    """An argparse ``type`` that checks a value as :func:`common.config.parse_setting` does."""
+    def parse(text: str) -> Any:
+        try:
+            return parse_setting(name, text)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = name.replace("_", "-")
+    return parse
 
 
 def config_from_args(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> FedConfig:

@@ -45,18 +45,19 @@ def _add_site(args: argparse.Namespace) -> None:
           "fedseal server registers it with the SuperLink at its next start")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``fedseal keys init|site|add-site ...``; returns the process exit code (2 on a user error)."""
-    parser = argparse.ArgumentParser(prog="fedseal keys", description=keys_lib.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The subcommands of ``fedseal keys`` (init, site, add-site) and their options."""
+    parser.description = keys_lib.__doc__  # the library's docstring explains the key files
     sub = parser.add_subparsers(dest="command", required=True, metavar="init|site|add-site")
     init = sub.add_parser("init", help="on the server: the CA and the server certificate")
     init.add_argument("--out", required=True, metavar="DIR", help="folder for the keys")
     init.add_argument("--server-host", action="append", metavar="HOST[,IP...]",
                       help="names and IP addresses sites use to reach the server, "
                            "comma-separated (required the first time)")
-    init.add_argument("--days", type=int, default=365, help="server certificate validity (days)")
-    init.add_argument("--ca-days", type=int, default=3650, help="CA certificate validity (days)")
+    init.add_argument("--days", type=int, default=365,
+                      help="server certificate validity, in days (default: %(default)s)")
+    init.add_argument("--ca-days", type=int, default=3650,
+                      help="CA certificate validity, in days (default: %(default)s)")
     init.add_argument("--force", action="store_true",
                       help="replace the existing CA and certificate instead of refusing")
     init.set_defaults(run=_init)
@@ -71,7 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     add.add_argument("--pub", required=True, metavar="FILE", help="the NAME.pub the site sent")
     add.add_argument("--force", action="store_true", help="replace a different key filed for NAME")
     add.set_defaults(run=_add_site)
-    args = parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``fedseal keys init|site|add-site ...``; returns the process exit code (2 on a user error)."""
+    from common.cli import command_parser
+
+    args = command_parser("keys").parse_args(argv)
     try:
         args.run(args)
     except (KeysError, OSError) as exc:
@@ -80,4 +87,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["main"]
+__all__ = ["add_arguments", "main"]

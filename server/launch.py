@@ -487,17 +487,23 @@ def serve(settings: ServerSettings, cfg: FedConfig) -> int:
         server.close()
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``fedseal server``."""
+    parser.add_argument("--config", required=True, metavar="FILE",
+                        help="TOML file with a [server] table (above) and a [federation] table "
+                             "of run settings (the names `fedseal simulate --help` lists)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="no TLS and no site authentication (trials on one machine only; "
+                             "default: off)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug-level log lines")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fedseal server``."""
-    parser = argparse.ArgumentParser(prog="fedseal server", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, metavar="FILE",
-                        help="TOML file with [server] and [federation] tables")
-    parser.add_argument("--insecure", action="store_true",
-                        help="no TLS and no site authentication (trials on one machine only)")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
+    from common.cli import command_parser
     from common.cli_args import setup_logging
+
+    args = command_parser("server").parse_args(argv)
 
     setup_logging(args.verbose)
     settings, cfg = load_server_config(args.config, insecure=args.insecure)

@@ -132,13 +132,17 @@ def simulate(cfg: FedConfig) -> dict:
     return summary
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``fedseal simulate``: every run setting, and ``--verbose``."""
+    add_config_options(parser)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug-level log lines")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fedseal simulate``."""
-    parser = argparse.ArgumentParser(prog="fedseal simulate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_options(parser)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
+    from common.cli import command_parser
+
+    args = command_parser("simulate").parse_args(argv)
     setup_logging(args.verbose)
     cfg = config_from_args(args)
     summary = simulate(cfg)
