@@ -14,7 +14,7 @@ import argparse
 import logging
 from typing import Any, Callable, Sequence
 
-from common.config import (AUTO, AUTO_SETTINGS, CHOICES, FIELDS, HELP, ConfigError, FedConfig,
+from common.config import (CHOICES, FIELDS, HELP, WORD_SETTINGS, ConfigError, FedConfig,
                            from_mapping, load_toml, parse_setting)
 
 
@@ -51,8 +51,9 @@ def _shown(default: Any) -> str:
 def _metavar(name: str, default: Any) -> str:
     if isinstance(default, tuple):
         return "A,B,..."
-    if name in AUTO_SETTINGS:
-        return f"{AUTO}|{AUTO_SETTINGS[name].__name__.upper()}"
+    if name in WORD_SETTINGS:
+        word, kind = WORD_SETTINGS[name]
+        return f"{word}|{kind.__name__.upper()}"
     return type(default).__name__.upper()
 
 

@@ -23,6 +23,12 @@ AUTO = "auto"
 AUTO_SETTINGS = {"local_steps": int, "batch_size": int, "lr": float, "max_grad_norm": float,
                  "server_lr": float, "secagg_k": int, "secagg_threshold": int}
 """Settings that take ``auto`` or a positive number of the given type."""
+ALL = "all"
+"""``eval-max-examples = all``: no limit, the whole evaluation file."""
+WORD_SETTINGS: dict[str, tuple[str, type]] = {
+    **{name: (AUTO, kind) for name, kind in AUTO_SETTINGS.items()}, "eval_max_examples": (ALL, int)}
+"""Settings that take a word (``auto``, ``all``) or a positive number of the given type."""
+_WORD_MEANS = {AUTO: "the automatic choice", ALL: "no limit"}
 CHOICES: dict[str, tuple[str, ...]] = {
     "finetune": ("probe", "lora", "full"),
     "partition": ("iid", "dirichlet"),
@@ -100,12 +106,12 @@ class FedConfig:
     # Output
     out: str = "fedseal-out"
     eval_batch_size: int = 128
-    eval_max_examples: int = 0
+    eval_max_examples: int | str = ALL
 
     def __post_init__(self) -> None:
         """Check every value; raise :class:`ConfigError` naming what to change."""
-        for name, kind in AUTO_SETTINGS.items():
-            object.__setattr__(self, name, _auto_or_positive(name, getattr(self, name), kind))
+        for name, (word, kind) in WORD_SETTINGS.items():
+            object.__setattr__(self, name, _word_or_positive(name, getattr(self, name), word, kind))
         if self.weighting == "examples":
             raise ConfigError("weighting 'examples' is gone: an exact example count would leave "
                               "each site; use 'equal' (default) or 'bucket' (a coarse power-of-two "
@@ -141,9 +147,6 @@ class FedConfig:
                               "feature statistics, later rounds train the head): raise rounds")
         if self.finetune == "lora" and not self.lora_targets:
             raise ConfigError("lora-targets is empty: name the modules LoRA adapts, e.g. query,value")
-        if self.eval_max_examples < 0:
-            raise ConfigError(f"eval-max-examples cannot be negative (0 scores the whole file), "
-                              f"got {self.eval_max_examples}")
         if self.seed < 0:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
         if self.secagg:
@@ -249,7 +252,8 @@ HELP: dict[str, str] = {
     # Output
     "out": "output folder: metrics, checkpoints, the final model and the summary",
     "eval_batch_size": "examples per batch when the server evaluates (integer >= 1)",
-    "eval_max_examples": "score at most this many examples of --eval (integer >= 0; 0: all of them)",
+    "eval_max_examples": "score at most this many examples of --eval (integer >= 1) or all: "
+                         "the whole file",
 }
 """One help text per setting: what it does, its allowed values and unit (the CLI shows these)."""
 
@@ -291,10 +295,11 @@ _NOUN = {bool: "true or false", int: "integer", float: "number", str: "text",
 """How error messages name the type of a setting."""
 
 
-def _auto_or_positive(name: str, value: Any, kind: type) -> int | float | str:
-    """``auto``, or ``value`` as a positive ``kind``; ConfigError naming the setting otherwise."""
-    if isinstance(value, str) and value.strip().lower() == AUTO:
-        return AUTO
+def _word_or_positive(name: str, value: Any, word: str, kind: type) -> int | float | str:
+    """``word`` (auto, all), or ``value`` as a positive ``kind``; ConfigError naming the setting."""
+    if isinstance(value, str) and value.strip().lower() == word:
+        return word
+    wanted = f"{_key(name)} must be '{word}' or a positive {_NOUN[kind]}, got {value!r}"
     try:
         if isinstance(value, bool):
             raise ValueError(value)
@@ -302,12 +307,10 @@ def _auto_or_positive(name: str, value: Any, kind: type) -> int | float | str:
         if kind is int and not number.is_integer():
             raise ValueError(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{_key(name)} must be 'auto' or a positive {_NOUN[kind]}, "
-                          f"got {value!r}") from None
+        raise ConfigError(wanted) from None
     if not (math.isfinite(number) and number > 0):
-        hint = "; for the automatic choice write auto" if number == 0 else ""
-        raise ConfigError(f"{_key(name)} must be 'auto' or a positive {_NOUN[kind]}, "
-                          f"got {value!r}{hint}")
+        hint = f"; for {_WORD_MEANS[word]} write {word}" if number == 0 else ""
+        raise ConfigError(wanted + hint)
     return int(number) if kind is int else number
 
 
@@ -351,7 +354,7 @@ def _coerce(name: str, value: Any) -> Any:
 
 
 def parse_setting(name: str, value: Any) -> Any:
-    """``value`` (text, or a TOML value) as setting ``name`` takes it, ``auto`` kept as is.
+    """``value`` (text, or a TOML value) as setting ``name`` takes it (``auto``, ``all`` kept).
 
     Raises
     ------
@@ -359,8 +362,8 @@ def parse_setting(name: str, value: Any) -> Any:
         Naming the setting and the values it takes.
     """
     value = _coerce(name, value)
-    if name in AUTO_SETTINGS:
-        return _auto_or_positive(name, value, AUTO_SETTINGS[name])
+    if name in WORD_SETTINGS:
+        return _word_or_positive(name, value, *WORD_SETTINGS[name])
     return value
 
 
@@ -411,5 +414,5 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-__all__ = ["AUTO", "AUTO_SETTINGS", "CHOICES", "ConfigError", "DEFAULT_MODEL", "FedConfig", "HELP",
-           "STRATEGY_SERVER_LR", "from_mapping", "parse_setting", "load_toml", "read_toml", "unknown_key"]
+__all__ = ["ALL", "AUTO", "AUTO_SETTINGS", "CHOICES", "ConfigError", "DEFAULT_MODEL", "FedConfig", "HELP",
+           "STRATEGY_SERVER_LR", "WORD_SETTINGS", "from_mapping", "parse_setting", "load_toml", "read_toml", "unknown_key"]

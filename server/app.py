@@ -34,7 +34,7 @@ from common.batches import encode, evaluate, scores_of
 from common.dp_rule import stats_rounds
 from common.features import features
 from common.cli_args import setup_logging
-from common.config import ConfigError, FedConfig, from_mapping
+from common.config import ALL, ConfigError, FedConfig, from_mapping
 from common.data import read_examples
 from common.model import (build_model, count_parameters, load_tokenizer, load_trainable,
                           pick_device, save_merged, trainable_state)
@@ -147,7 +147,7 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
                                   label_column=cfg.label_column, label_names=cfg.labels or None)
     if not cfg.labels:
         cfg = cfg.replace(labels=list(eval_examples.label_names))
-    if cfg.eval_max_examples:
+    if cfg.eval_max_examples != ALL:
         eval_examples = eval_examples.subset(range(min(cfg.eval_max_examples, len(eval_examples))))
     device = pick_device(cfg.device)
     tokenizer = load_tokenizer(cfg)

@@ -67,6 +67,7 @@ def test_simulate_help_shows_auto_for_every_automatic_setting(capsys):
         flag = "--" + name.replace("_", "-")
         assert f"{flag} auto|" in out, f"{flag} does not show that it takes auto"
     assert out.count("(default: auto)") >= len(AUTO_SETTINGS)
+    assert "--eval-max-examples all|INT" in out and "or all: the whole file (default: all)" in out
     assert "server-lr auto|FLOAT server learning rate (positive number) or auto: 1.0 for " \
            "fedavg, 0.01 for fedadam (default: auto)" in out
 

@@ -69,6 +69,14 @@ def test_automatic_settings_say_auto_and_zero_is_refused(tmp_path, key):
         from_mapping(load_toml(path))
 
 
+def test_eval_max_examples_is_all_or_a_positive_count():
+    assert FedConfig().eval_max_examples == "all"
+    assert from_mapping({"eval-max-examples": "200"}).eval_max_examples == 200
+    with pytest.raises(ConfigError, match="eval-max-examples must be 'all' or a positive integer, "
+                                          "got 0; for no limit write all"):
+        FedConfig(eval_max_examples=0)
+
+
 def test_server_lr_auto_is_the_strategys_and_a_number_wins():
     assert FedConfig(strategy="fedavg").effective_server_lr == 1.0
     assert FedConfig(strategy="fedadam").effective_server_lr == 0.01
