@@ -219,7 +219,8 @@ HELP: dict[str, str] = {
     "adam_beta2": "FedAdam second-moment decay, in [0, 1) (strategy=fedadam only)",
     "adam_tau": "FedAdam adaptivity epsilon (positive; strategy=fedadam only)",
     "weighting": "each site's weight in the mean: equal, or bucket (a coarse power-of-two bucket "
-                 "of its example count relative to --max-site-examples); never exact counts",
+                 "of its example count relative to --max-site-examples); never exact counts "
+                 "(the probe's statistics round weighs each site by its DP count estimate)",
     "federated_eval": "also ask the sites to score the model on their own data each round "
                       "(sites answer only if their policy allows it)",
     "timeout": "seconds to wait for sites to connect and to reply in each round (positive)",
@@ -247,8 +248,9 @@ HELP: dict[str, str] = {
                         "(integer >= 1, a strict majority of k+1) or auto: about two thirds of k+1",
     "update_clip": "per-coordinate bound of an update before it is quantised for SecAgg+ "
                    "(positive; a site's policy caps it)",
-    "max_site_examples": "public cap on a site's example count that --weighting bucket is "
-                         "relative to, in examples (integer >= 1)",
+    "max_site_examples": "public cap on a site's example count that --weighting bucket and the "
+                         "probe's statistics-round weights are relative to, in examples "
+                         "(integer >= 1)",
     # Output
     "out": "output folder: metrics, checkpoints, the final model and the summary",
     "eval_batch_size": "examples per batch when the server evaluates (integer >= 1)",
