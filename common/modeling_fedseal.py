@@ -20,7 +20,10 @@ each layer):
    privacy) and divided by ``sqrt(1 - |feature_mean|^2)``: since every feature
    vector has unit norm, that is the root of the mean squared distance to the
    mean, so the centred features have unit mean squared norm and gradient
-   descent on the head is well conditioned whatever the encoder;
+   descent on the head is well conditioned whatever the encoder. The mean is
+   first projected onto the unit ball, where the mean of unit vectors lies: the
+   projection only brings a noisy estimate closer to the true mean, and a
+   mean sent by a hostile server (say of norm 1e30) cannot blow the features up;
 4. ``classifier``: a linear layer, zero-initialised.
 """
 
@@ -86,6 +89,8 @@ class FedsealForSequenceClassification(PreTrainedModel):
     def standardise(self, features: torch.Tensor) -> torch.Tensor:
         """Centred and scaled features (step 3)."""
         mean = self.feature_mean.detach()
+        mean = mean / mean.abs().amax().clamp(min=1.0)  # |mean|^2 must not overflow
+        mean = mean / mean.norm().clamp(min=1.0)  # the projection onto the unit ball
         variance = (1.0 - mean.square().sum()).clamp(min=VARIANCE_FLOOR)
         return (features - mean) / variance.sqrt()
 

@@ -147,3 +147,22 @@ def test_the_statistics_weight_stays_within_the_range_secure_aggregation_decodes
     low, high = weight_range(cfg, stats_round=True)
     assert [stats_weight(c, cfg) for c in (-50.0, 0.0, 1.0, 500.0, 1_000.0, 10**9)] == \
         [low, low, low, 0.5, high, high]
+
+
+def test_a_hostile_feature_mean_is_projected_onto_the_unit_ball(tiny_bert):
+    """A server that sends a feature mean of norm 1e30 (finite, so it passes the record
+    checks) gets the features a unit-norm mean in that direction gives: bounded, and
+    the site's DP training over them is the usual one."""
+    cfg, model = _tiny_probe(tiny_bert)
+    feats = torch.nn.functional.normalize(torch.randn(8, model.feature_mean.shape[0]), dim=1)
+    direction = torch.nn.functional.normalize(torch.randn(model.feature_mean.shape[0]), dim=0)
+    with torch.no_grad():
+        model.feature_mean.copy_(1e30 * direction)
+    hostile = model.standardise(feats)
+    with torch.no_grad():
+        model.feature_mean.copy_(direction)
+    assert torch.allclose(hostile, model.standardise(feats), atol=1e-5)
+    assert hostile.norm(dim=1).max() <= 2 / 0.05 ** 0.5  # |x - mu| <= 2, variance floor
+    with torch.no_grad():  # a mean inside the ball is left as it is
+        model.feature_mean.copy_(0.5 * direction)
+    assert torch.allclose(model.standardise(feats), (feats - 0.5 * direction) / 0.75 ** 0.5)
