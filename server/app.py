@@ -45,6 +45,7 @@ from server.aggregate import RoundSums, send, site_of, sum_plain
 from server.checkpoint import (GROWABLE_KEYS, CheckpointError, check_resume_config,
                                load_checkpoint, save_checkpoint)
 from server.metrics import NON_PRIVATE, MetricsLog, progress_line
+from server.report import write_report
 from server.strategy import FedAvg, Strategy, make_strategy
 
 log = logging.getLogger("fedseal")
@@ -248,6 +249,11 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
         summary["privacy"] = NON_PRIVATE
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     log.info("done: model in %s, metrics in %s", model_dir, metrics.path)
+    try:
+        log.info("report: %s", write_report(out))
+    except Exception as exc:  # noqa: BLE001 - the finished run must not fail over its report
+        log.warning("could not write %s (%s: %s); the run's outputs are complete, retry with: "
+                    "fedseal report %s", out / "report.html", type(exc).__name__, exc, out)
     return summary
 
 
