@@ -31,7 +31,7 @@ def add_config_options(parser: argparse.ArgumentParser, skip: Sequence[str] = ()
                                help=f"comma-separated; default: {','.join(default) or '(none)'}")
         else:
             group.add_argument(flag, metavar=type(default).__name__.upper(), default=None,
-                               help=f"default: {default!r}")
+                               help=fld.metadata.get("help", f"default: {default!r}"))
 
 
 def config_from_args(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> FedConfig:

@@ -88,6 +88,9 @@ class FedConfig:
     out: str = "fedseal-out"
     eval_batch_size: int = 128
     eval_max_examples: int = 0  # 0: the whole evaluation file
+    tensorboard: str = dataclasses.field(default="", metadata={"help": (
+        "folder for TensorBoard event files of the per-round scalars "
+        "(tensorboard --logdir DIR); default: off")})
 
     def __post_init__(self) -> None:
         """Check every value; raise :class:`ConfigError` naming what to change."""

@@ -44,7 +44,7 @@ from common.records import (JOB_KEY, ROUND_KEY, RecordError, config_to_record, r
 from server.aggregate import RoundSums, send, site_of, sum_plain
 from server.checkpoint import (GROWABLE_KEYS, CheckpointError, check_resume_config,
                                load_checkpoint, save_checkpoint)
-from server.metrics import NON_PRIVATE, MetricsLog, progress_line
+from server.metrics import NON_PRIVATE, MetricsLog, TensorBoardLog, progress_line
 from server.report import write_report
 from server.strategy import FedAvg, Strategy, make_strategy
 
@@ -174,6 +174,8 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
         log.warning("secure aggregation is OFF (--no-secagg): the server sees each site's update")
     log.info("watch progress in %s", metrics.path)
 
+    board = (TensorBoardLog(cfg.tensorboard, first_round=done + 1, private=cfg.dp,
+                            settings=cfg.to_dict()) if cfg.tensorboard else None)
     logits = None  # the last round's, for the confusion matrix
     if done >= cfg.rounds:
         log.info("all %d rounds were already completed; saving the model", cfg.rounds)
@@ -228,7 +230,11 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
         metrics.append(row)
         save_checkpoint(out / CHECKPOINT_DIR, server_round, weights, strategy.state_dict(),
                         metrics.rows(), cfg.to_dict())
+        if board is not None:
+            board.append(row)
         log.info(progress_line(row, cfg.rounds, cfg.epsilon, cfg.dp))
+    if board is not None:
+        board.close()
 
     final_confusion = confusion(model, eval_data, eval_features, cfg, device, logits)
     model_dir = save_merged(model, tokenizer, out / "model")

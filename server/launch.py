@@ -170,7 +170,8 @@ def load_server_config(path: str | Path, *, insecure: bool = False) -> tuple[Ser
     if model != "default" and (base / model).exists():
         model = str((base / model).resolve())
     cfg = cfg.replace(eval=_resolve(base, cfg.eval), train=_resolve(base, cfg.train),
-                      out=_resolve(base, cfg.out), model=model)
+                      out=_resolve(base, cfg.out), model=model,
+                      tensorboard=_resolve(base, cfg.tensorboard))
     if not cfg.eval:
         raise ConfigError(f"{path} [federation]: set eval = \"FILE\", the held-out file the "
                           "server scores the global model on each round")

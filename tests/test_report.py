@@ -1,4 +1,4 @@
-"""The run report page.
+"""The run report page and the TensorBoard scalars.
 
 The report is written from small run folders made here (a DP run, a
 non-private run, a run whose remote parties chose hostile names), checked as
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from common.cli import main as cli_main
-from server.metrics import NON_PRIVATE
+from server.metrics import NON_PRIVATE, TensorBoardLog, round_scalars
 from server.report import REPORT_FILE, ReportError, load_run, render, write_report
 
 CHROMIUM_MISSING = ("chromium not found on PATH: the report test needs Debian's chromium "
@@ -227,11 +227,51 @@ def test_chromium_renders_every_plot(dp_run, open_run, tmp_path):
     assert _pixels_near(img, TAB["green"]) > 3000
 
 
+# -- TensorBoard ----------------------------------------------------------------------------------
+
+
+def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: [(e.step, round(e.value, 5)) for e in acc.Scalars(tag)]
+            for tag in acc.Tags()["scalars"]}
+
+
+def test_round_scalars_name_every_number():
+    row = _row(2, refused={"gamma": "no"}, contributors=["alpha", "beta"])
+    assert round_scalars(row) == {
+        "eval/accuracy": pytest.approx(0.7), "eval/loss": pytest.approx(0.5),
+        "eval/macro_f1": pytest.approx(0.65), "privacy/epsilon_max": pytest.approx(4.2),
+        "privacy/epsilon/alpha": 4.0, "privacy/epsilon/beta": pytest.approx(4.1),
+        "privacy/epsilon/gamma": pytest.approx(4.2), "sites/contributors": 2.0,
+        "sites/refused": 1.0, "sites/failed": 0.0}
+    assert not any(k.startswith("privacy/") for k in round_scalars(_row(1, private=False)))
+
+
+def test_tensorboard_events_read_back_and_a_resume_replaces_its_rounds(tmp_path):
+    board = TensorBoardLog(tmp_path, first_round=1, private=True, settings={"epsilon": 8.0})
+    for rnd in (1, 2, 3):
+        board.append(_row(rnd))
+    board.close()
+    # A server that crashed after logging round 3 but before checkpointing it resumes at 3.
+    board = TensorBoardLog(tmp_path, first_round=3, private=True, settings={"epsilon": 8.0})
+    for rnd in (3, 4):
+        board.append(_row(rnd, accuracy=0.25))
+    board.close()
+    scalars = _scalars(tmp_path)
+    assert scalars["eval/accuracy"] == [(1, 0.6), (2, 0.7), (3, 0.25), (4, 0.25)]
+    assert [s for s, _ in scalars["privacy/epsilon/beta"]] == [1, 2, 3, 4]
+    assert scalars["privacy/epsilon_max"][0] == (1, 2.2)
+    assert scalars["sites/contributors"][-1] == (4, 3.0)
+
+
 # -- a real run -------------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
-def test_a_tiny_run_writes_its_report(tiny_bert, tmp_path):
+def test_a_tiny_run_writes_its_report_and_tensorboard(tiny_bert, tmp_path):
     from common.config import FedConfig
     from common.data import write_examples
     from common.synthetic import synthetic_examples
@@ -239,13 +279,13 @@ def test_a_tiny_run_writes_its_report(tiny_bert, tmp_path):
     from simulations.local_grid import RUN_ID, LocalGrid
     from simulations.simulate import prepare_sites
 
-    out = tmp_path / "run"
+    out, board = tmp_path / "run", tmp_path / "tb"
     train = write_examples(synthetic_examples(240, seed=1), tmp_path / "train.jsonl")
     held_out = write_examples(synthetic_examples(100, seed=2), tmp_path / "eval.jsonl")
     cfg = prepare_sites(FedConfig(model=tiny_bert, clients=2, rounds=2, secagg=False,
                                   train=str(train), eval=str(held_out), local_steps=2,
                                   batch_size=16, max_length=16, epsilon=4.0, accountant="rdp",
-                                  out=str(out)))
+                                  out=str(out), tensorboard=str(board)))
     summary = run_federation(LocalGrid(2), cfg, run_id=RUN_ID)
     matrix = summary["confusion"]["matrix"]
     assert summary["confusion"]["labels"] == list(cfg.labels)
@@ -254,3 +294,7 @@ def test_a_tiny_run_writes_its_report(tiny_bert, tmp_path):
     page = (out / REPORT_FILE).read_text(encoding="utf-8")
     assert len(_images(page)) == 4 and "NON-PRIVATE" not in page
     assert "site-0" in page and "site-1" in page
+    scalars = _scalars(board)
+    assert [s for s, _ in scalars["eval/accuracy"]] == [1, 2]
+    assert scalars["eval/accuracy"][-1][1] == pytest.approx(summary["final_accuracy"], abs=1e-5)
+    assert {"privacy/epsilon/site-0", "privacy/epsilon/site-1"} <= set(scalars)
