@@ -60,15 +60,20 @@ def model_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
 
 
 @torch.no_grad()
+def predict(model: nn.Module, data: TensorDataset, *, batch_size: int,
+            device: torch.device) -> torch.Tensor:
+    """Logits of ``model`` on every example of ``data``, in order, on ``device``."""
+    model.eval()
+    logits = [model(**model_inputs(model, input_ids, attention_mask, device)).logits
+              for input_ids, attention_mask, _ in DataLoader(data, batch_size=batch_size)]
+    return torch.cat(logits)
+
+
 def evaluate(model: nn.Module, data: TensorDataset, *, batch_size: int,
              num_labels: int, device: torch.device) -> dict[str, float]:
     """Accuracy, mean cross-entropy loss and macro-F1 of ``model`` on ``data``."""
-    model.eval()
-    logits, golds = [], []
-    for input_ids, attention_mask, labels in DataLoader(data, batch_size=batch_size):
-        logits.append(model(**model_inputs(model, input_ids, attention_mask, device)).logits)
-        golds.append(labels.to(device))
-    return scores_of(torch.cat(logits), torch.cat(golds), num_labels)
+    logits = predict(model, data, batch_size=batch_size, device=device)
+    return scores_of(logits, data.tensors[2].to(device), num_labels)
 
 
 @torch.no_grad()
@@ -91,3 +96,10 @@ def macro_f1(gold: np.ndarray, pred: np.ndarray, num_labels: int) -> float:
         fn = float(np.sum((pred != c) & (gold == c)))
         scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
     return float(np.mean(scores))
+
+
+def confusion_matrix(gold: np.ndarray, pred: np.ndarray, num_labels: int) -> list[list[int]]:
+    """Counts ``m[g][p]`` of examples with gold label ``g`` predicted as ``p``."""
+    matrix = np.zeros((num_labels, num_labels), dtype=np.int64)
+    np.add.at(matrix, (np.asarray(gold, dtype=np.int64), np.asarray(pred, dtype=np.int64)), 1)
+    return matrix.tolist()

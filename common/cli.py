@@ -21,6 +21,7 @@ COMMANDS = {
     "server": ("server.launch", "run the aggregation server (SuperLink) and one federated run"),
     "client": ("client.agent", "run the client agent (SuperNode) at a data site"),
     "ledger": ("client.ledger_cli", "show a site's privacy ledger, or recover it deliberately"),
+    "report": ("server.report_cli", "write a run's report page (RUN_DIR/report.html)"),
 }
 
 

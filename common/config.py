@@ -107,6 +107,7 @@ class FedConfig:
     out: str = "fedseal-out"
     eval_batch_size: int = 128
     eval_max_examples: int | str = ALL
+    tensorboard: str = ""  # folder for TensorBoard event files; empty: off
 
     def __post_init__(self) -> None:
         """Check every value; raise :class:`ConfigError` naming what to change."""
@@ -256,6 +257,8 @@ HELP: dict[str, str] = {
     "eval_batch_size": "examples per batch when the server evaluates (integer >= 1)",
     "eval_max_examples": "score at most this many examples of --eval (integer >= 1) or all: "
                          "the whole file",
+    "tensorboard": "folder for TensorBoard event files of the per-round scalars "
+                   "(tensorboard --logdir DIR); empty: off",
 }
 """One help text per setting: what it does, its allowed values and unit (the CLI shows these)."""
 

@@ -30,7 +30,7 @@ import numpy as np
 from flwr.app import Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from common.batches import encode, evaluate, scores_of
+from common.batches import confusion_matrix, encode, predict, scores_of
 from common.dp_rule import stats_rounds
 from common.features import features
 from common.cli_args import setup_logging
@@ -44,7 +44,8 @@ from common.records import (JOB_KEY, ROUND_KEY, RecordError, config_to_record, r
 from server.aggregate import RoundSums, send, site_of, sum_plain
 from server.checkpoint import (GROWABLE_KEYS, CheckpointError, check_resume_config,
                                load_checkpoint, save_checkpoint)
-from server.metrics import NON_PRIVATE, MetricsLog, progress_line
+from server.metrics import NON_PRIVATE, MetricsLog, TensorBoardLog, progress_line
+from server.report import write_report
 from server.strategy import FedAvg, Strategy, make_strategy
 
 log = logging.getLogger("fedseal")
@@ -173,6 +174,9 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
         log.warning("secure aggregation is OFF (--no-secagg): the server sees each site's update")
     log.info("watch progress in %s", metrics.path)
 
+    board = (TensorBoardLog(cfg.tensorboard, first_round=done + 1, private=cfg.dp,
+                            settings=cfg.to_dict()) if cfg.tensorboard else None)
+    logits = None  # the last round's, for the confusion matrix
     if done >= cfg.rounds:
         log.info("all %d rounds were already completed; saving the model", cfg.rounds)
     for server_round in range(done + 1, cfg.rounds + 1):
@@ -203,7 +207,8 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
             weights = strategy.step(weights, mean)
         load_trainable(model, weights)
         model.to(device)
-        scores = score(model, eval_data, eval_features, cfg, device)
+        logits = held_out_logits(model, eval_data, eval_features, cfg, device)
+        scores = scores_of(logits, eval_data.tensors[2].to(device), len(cfg.labels))
         row = {
             "round": server_round,
             **scores,
@@ -225,8 +230,13 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
         metrics.append(row)
         save_checkpoint(out / CHECKPOINT_DIR, server_round, weights, strategy.state_dict(),
                         metrics.rows(), cfg.to_dict())
+        if board is not None:
+            board.append(row)
         log.info(progress_line(row, cfg.rounds, cfg.epsilon, cfg.dp))
+    if board is not None:
+        board.close()
 
+    final_confusion = confusion(model, eval_data, eval_features, cfg, device, logits)
     model_dir = save_merged(model, tokenizer, out / "model")
     rows = metrics.rows()
     summary = {
@@ -239,28 +249,45 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
         "model_dir": str(model_dir),
         "metrics": str(metrics.path),
         "config": cfg.to_dict(),
+        "confusion": final_confusion,
     }
     if not cfg.dp:
         summary["privacy"] = NON_PRIVATE
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     log.info("done: model in %s, metrics in %s", model_dir, metrics.path)
+    try:
+        log.info("report: %s", write_report(out))
+    except Exception as exc:  # noqa: BLE001 - the finished run must not fail over its report
+        log.warning("could not write %s (%s: %s); the run's outputs are complete, retry with: "
+                    "fedseal report %s", out / "report.html", type(exc).__name__, exc, out)
     return summary
 
 
-def score(model, data, data_features, cfg: FedConfig, device) -> dict[str, float]:
-    """Accuracy, loss and macro-F1 of the global model on the server's held-out data.
+def held_out_logits(model, data, data_features, cfg: FedConfig, device):
+    """The global model's logits on the server's held-out data.
 
     With ``data_features`` (the probe's pooled features of ``data``, computed
     once), only the head runs; otherwise the whole model.
     """
     if data_features is None:
-        return evaluate(model, data, batch_size=cfg.eval_batch_size,
-                        num_labels=len(cfg.labels), device=device)
+        return predict(model, data, batch_size=cfg.eval_batch_size, device=device)
     import torch
 
     with torch.no_grad():
-        logits = model.head(data_features.to(device))
-    return scores_of(logits, data.tensors[2].to(device), len(cfg.labels))
+        return model.head(data_features.to(device))
+
+
+def confusion(model, data, data_features, cfg: FedConfig, device, logits=None) -> dict:
+    """The final model's confusion matrix on the held-out data, for the report.
+
+    ``matrix[g][p]`` counts examples of gold label ``labels[g]`` predicted as
+    ``labels[p]``. ``logits`` are the last round's, when this process ran one.
+    """
+    if logits is None:
+        logits = held_out_logits(model, data, data_features, cfg, device)
+    pred = logits.argmax(dim=-1).cpu().numpy()
+    return {"labels": list(cfg.labels),
+            "matrix": confusion_matrix(data.tensors[2].numpy(), pred, len(cfg.labels))}
 
 
 def federated_evaluate(grid: Grid, nodes: list[int], weights, cfg: FedConfig, job: str,

@@ -44,7 +44,7 @@ STATE_PREFIX = "s/"
 _TENSORS = re.compile(r"^weights-round-\d{4,}-[0-9a-f]{12}\.safetensors$")
 
 # Settings that may change between a run and its resumption.
-IGNORED_KEYS = ("out", "timeout", "device", "eval_batch_size")
+IGNORED_KEYS = ("out", "timeout", "device", "eval_batch_size", "tensorboard")
 # Settings that may grow (a run can be extended by more rounds).
 GROWABLE_KEYS = ("rounds",)
 

@@ -61,6 +61,7 @@ from common.durable import atomic_write
 from common.processes import (ProcessError, child_env, die_with_parent, flwr_bin, port_open,
                               split_address, stop_process)
 from server.proxy import FleetProxy
+from server.report import REPORT_FILE
 
 log = logging.getLogger("fedseal.server")
 
@@ -169,7 +170,8 @@ def load_server_config(path: str | Path, *, insecure: bool = False) -> tuple[Ser
     if model != "default" and (base / model).exists():
         model = str((base / model).resolve())
     cfg = cfg.replace(eval=_resolve(base, cfg.eval), train=_resolve(base, cfg.train),
-                      out=_resolve(base, cfg.out), model=model)
+                      out=_resolve(base, cfg.out), model=model,
+                      tensorboard=_resolve(base, cfg.tensorboard))
     if not cfg.eval:
         raise ConfigError(f"{path} [federation]: set eval = \"FILE\", the held-out file the "
                           "server scores the global model on each round")
@@ -476,9 +478,9 @@ def serve(settings: ServerSettings, cfg: FedConfig) -> int:
         if summary_path.is_file():
             summary = json.loads(summary_path.read_text(encoding="utf-8"))
             eps = summary.get("epsilon_max")
-            log.info("run %s completed: accuracy %.4f, epsilon max %s; model in %s", run_id,
-                     summary["final_accuracy"], eps if eps is None else round(eps, 3),
-                     summary["model_dir"])
+            log.info("run %s completed: accuracy %.4f, epsilon max %s; model in %s; report %s",
+                     run_id, summary["final_accuracy"], eps if eps is None else round(eps, 3),
+                     summary["model_dir"], out / REPORT_FILE)
         return 0
     except KeyboardInterrupt:
         log.warning("stopping (restart with the same config to resume)")

@@ -57,3 +57,50 @@ def progress_line(row: dict[str, Any], rounds: int, epsilon_target: float, priva
     acc_txt = f"acc {acc:.3f}" if acc is not None else "acc -"
     return (f"[{bar}] round {row['round']}/{rounds} | {acc_txt} | loss {row.get('loss', float('nan')):.4f} "
             f"| {eps_txt} | sites {len(row.get('contributors', []))} | {row['seconds']:.1f}s")
+
+
+def round_scalars(row: dict[str, Any]) -> dict[str, float]:
+    """The per-round numbers of a metrics row, by TensorBoard tag.
+
+    ``eval/*`` scores on the held-out file, ``privacy/*`` epsilon (the maximum
+    and each site's), ``sites/*`` how many sites contributed, refused, failed.
+    """
+    scalars = {f"eval/{key}": float(row[key]) for key in ("accuracy", "loss", "macro_f1")
+               if isinstance(row.get(key), (int, float))}
+    eps = row.get("epsilon") or {}
+    if eps:
+        scalars["privacy/epsilon_max"] = float(max(eps.values()))
+        scalars.update({f"privacy/epsilon/{site}": float(value) for site, value in eps.items()})
+    for key in ("contributors", "refused", "failed"):
+        scalars[f"sites/{key}"] = float(len(row.get(key) or ()))
+    return scalars
+
+
+class TensorBoardLog:
+    """The per-round scalars of ``metrics.jsonl``, also as TensorBoard events.
+
+    Events go to ``directory`` (``tensorboard --logdir DIR`` shows them), one
+    step per round. ``first_round`` is the first round this process logs: a
+    resumed run hides whatever an interrupted process logged from that round on,
+    so each round appears once.
+    """
+
+    def __init__(self, directory: str | Path, *, first_round: int, private: bool,
+                 settings: dict[str, Any]) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # tensorboard only when asked for
+
+        self.writer = SummaryWriter(log_dir=str(directory), purge_step=first_round)
+        if not private:
+            self.writer.add_text("privacy", NON_PRIVATE, global_step=first_round)
+        self.writer.add_text("settings", "```\n" + json.dumps(settings, indent=2) + "\n```",
+                             global_step=first_round)
+
+    def append(self, row: dict[str, Any]) -> None:
+        """Log ``row``'s scalars at step ``row["round"]`` and flush them to disk."""
+        for tag, value in round_scalars(row).items():
+            self.writer.add_scalar(tag, value, global_step=row["round"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the event file."""
+        self.writer.close()

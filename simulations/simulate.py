@@ -23,6 +23,7 @@ from common.data import Examples, label_sort_key, read_examples, write_examples
 from common.partition import dirichlet_partition, iid_partition, label_mix
 from common.secagg import generate_identity
 from common.synthetic import synthetic_examples
+from server.report import REPORT_FILE
 
 log = logging.getLogger("fedseal")
 
@@ -155,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  metrics          {summary['metrics']}")
     print(f"  model            {summary['model_dir']}  (AutoModelForSequenceClassification.from_pretrained)")
     print(f"  summary          {Path(cfg.out) / 'summary.json'}")
+    if (Path(cfg.out) / REPORT_FILE).is_file():
+        print(f"  report           {Path(cfg.out) / REPORT_FILE}  (open in a browser)")
     return 0
 
 

@@ -127,7 +127,8 @@ def test_non_numeric_or_unserialisable_input_is_refused_before_writing(tmp_path)
 def test_check_resume_config():
     saved = FedConfig(rounds=5, lr=0.005).to_dict()
     check_resume_config(saved, FedConfig(rounds=5, lr=0.005).to_dict())
-    check_resume_config(saved, FedConfig(rounds=8, lr=0.005, out="elsewhere", timeout=5.0).to_dict())
+    check_resume_config(saved, FedConfig(rounds=8, lr=0.005, out="elsewhere", timeout=5.0,
+                                         tensorboard="tb").to_dict())
     dashed = {k.replace("_", "-"): v for k, v in FedConfig(rounds=5, lr=0.005).to_dict().items()}
     check_resume_config(saved, dashed)
     with pytest.raises(CheckpointError, match=r"lr: saved 0.005, now 0.01.*strategy: saved 'fedavg'"):

@@ -29,7 +29,8 @@ def _config(tmp_path, text: str):
 
 def test_server_config_resolves_paths_and_builds_the_run(tmp_path):
     path = _config(tmp_path, '[server]\naddress = "0.0.0.0:9100"\n[federation]\n'
-                             'eval = "eval.jsonl"\nrounds = 4\nout = "runs/a"\n')
+                             'eval = "eval.jsonl"\nrounds = 4\nout = "runs/a"\n'
+                             'tensorboard = "runs/tb"\n')
     settings, cfg = load_server_config(path)
     assert settings.port == 9100 and settings.keys == tmp_path / "keys"
     # The SuperLink itself (Control, Runtime API) only ever on loopback; the proxy public.
@@ -37,6 +38,7 @@ def test_server_config_resolves_paths_and_builds_the_run(tmp_path):
     assert settings.state == tmp_path / "fedseal-server" and not settings.insecure
     assert cfg.rounds == 4 and cfg.eval == str(tmp_path / "eval.jsonl")
     assert cfg.out == str(tmp_path / "runs" / "a")
+    assert cfg.tensorboard == str(tmp_path / "runs" / "tb")  # beside the config, not the cwd
     app = write_app(tmp_path / "app", cfg)
     project = tomllib.loads((app / "pyproject.toml").read_text())
     assert project["tool"]["flwr"]["app"]["config"]["rounds"] == 4
