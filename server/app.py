@@ -44,7 +44,7 @@ from common.records import (JOB_KEY, ROUND_KEY, RecordError, config_to_record, r
 from server.aggregate import RoundSums, send, site_of, sum_plain
 from server.checkpoint import (GROWABLE_KEYS, CheckpointError, check_resume_config,
                                load_checkpoint, save_checkpoint)
-from server.metrics import NON_PRIVATE, MetricsLog, progress_line
+from server.metrics import NON_PRIVATE, MetricsLog, eta_seconds, progress_line
 from server.strategy import FedAvg, Strategy, make_strategy
 
 log = logging.getLogger("fedseal")
@@ -225,7 +225,8 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
         metrics.append(row)
         save_checkpoint(out / CHECKPOINT_DIR, server_round, weights, strategy.state_dict(),
                         metrics.rows(), cfg.to_dict())
-        log.info(progress_line(row, cfg.rounds, cfg.epsilon, cfg.dp))
+        log.info(progress_line(row, cfg.rounds, cfg.epsilon, cfg.dp,
+                               eta=eta_seconds(metrics.rows(), cfg.rounds)))
 
     model_dir = save_merged(model, tokenizer, out / "model")
     rows = metrics.rows()
