@@ -8,7 +8,7 @@ Python ``warnings``), goes to the log file. ``verbose`` puts everything back on
 the console at debug level.
 
 The routing uses handlers and each library's own switches, never filtering
-printed text: Flower's and transformers' loggers lose their own console
+printed text: Flower's, Ray's and transformers' loggers lose their own console
 handlers and propagate to the root logger; Python warnings are captured into
 logging. Child processes (Ray's actors, which inherit the environment of the
 process that starts Ray) are kept quiet by :func:`quiet_child_environment`.
@@ -79,6 +79,7 @@ def setup_run_logging(log_file: Path, verbose: bool = False) -> Path:
     for noisy in ("urllib3", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _route_flwr()
+    _route_ray()
     _route_transformers(verbose)
     return log_file
 
@@ -89,6 +90,21 @@ def _route_flwr() -> None:
 
     FLOWER_LOGGER.removeHandler(console_handler)
     FLOWER_LOGGER.propagate = True
+
+
+def _route_ray() -> None:
+    """Ray's logger (given its own stderr handler by ``import ray``) writes through the root.
+
+    Ray sets its level from ``ray.init(logging_level=...)`` and keeps this
+    logger's handlers otherwise, so its warnings (a small /dev/shm, say) land in
+    the log file.
+    """
+    import ray  # noqa: F401  (installs Ray's handler, which is replaced here)
+
+    ray_logger = logging.getLogger("ray")
+    for handler in list(ray_logger.handlers):
+        ray_logger.removeHandler(handler)
+    ray_logger.propagate = True
 
 
 def _route_transformers(verbose: bool) -> None:

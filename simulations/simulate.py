@@ -202,8 +202,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``fedseal simulate``: every run setting, and ``--verbose``."""
     add_config_options(parser)
     parser.add_argument("-v", "--verbose", action="store_true",
-                        help="show every log line (Flower, Ray, the sites) on the console, at debug level; "
-                             "without it they go to <out>/fedseal.log only")
+                        help="show every log line (Flower, Ray, the sites) on the console, at "
+                             "debug level; without it they go to <out>/fedseal.log only")
 
 
 def main(argv: list[str] | None = None) -> int:
