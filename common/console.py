@@ -26,9 +26,9 @@ FEDSEAL_PACKAGES = ("fedseal", "common", "server", "client", "simulations")
 LOG_FILE = "fedseal.log"
 DETAIL_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-# Read by transformers and huggingface_hub when they are imported: no download
-# or "Loading weights" bars, errors only.
-QUIET_ENVIRONMENT = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+# Read by huggingface_hub and transformers when they are imported: no download,
+# "Loading weights" or "Writing model shards" bars (they are not log lines).
+QUIET_ENVIRONMENT = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
 class ConsoleFilter(logging.Filter):
@@ -114,7 +114,6 @@ def _route_transformers(verbose: bool) -> None:
     hf_logging.disable_default_handler()
     hf_logging.enable_propagation()
     if not verbose:
-        hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
 
 
