@@ -96,7 +96,7 @@ def train_head(model, feats: torch.Tensor, labels: torch.Tensor, recipe: Recipe,
                 optimizer.step()
                 steps += 1
                 if len(yb):
-                    losses.append(float(loss) / (len(yb) if reduction == "sum" else 1))
+                    losses.append(loss.item() / (len(yb) if reduction == "sum" else 1))
                 if steps > start_average:
                     for k, v in head.state_dict().items():
                         average[k] += v.detach()

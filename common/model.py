@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import shutil
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
@@ -170,7 +171,12 @@ def _add_lora(model: nn.Module, cfg: FedConfig, fresh: set[str]) -> nn.Module:
         target_modules=targets,
         modules_to_save=heads,
     )
-    return get_peft_model(model, lora)
+    with warnings.catch_warnings():
+        # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing`
+        # (PeftModel.__init__); the FutureWarning is theirs to fix, not a user's.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                category=FutureWarning)
+        return get_peft_model(model, lora)
 
 
 def trainable_state(model: nn.Module) -> "OrderedDict[str, torch.Tensor]":

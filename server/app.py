@@ -44,11 +44,12 @@ from common.records import (JOB_KEY, ROUND_KEY, RecordError, config_to_record, r
 from server.aggregate import RoundSums, send, site_of, sum_plain
 from server.checkpoint import (GROWABLE_KEYS, CheckpointError, check_resume_config,
                                load_checkpoint, save_checkpoint)
-from server.metrics import NON_PRIVATE, MetricsLog, TensorBoardLog, progress_line
+from server.metrics import NON_PRIVATE, MetricsLog, TensorBoardLog, eta_seconds, progress_line
 from server.report import write_report
 from server.strategy import FedAvg, Strategy, make_strategy
 
-log = logging.getLogger("fedseal")
+log = logging.getLogger("fedseal")  # progress lines and warnings: what a console shows
+detail = logging.getLogger("fedseal.run")  # the rest: a simulation's log file, a server's log
 
 CHECKPOINT_DIR = "checkpoint"
 JOB_FILE = "job.json"
@@ -77,7 +78,7 @@ def wait_for_sites(grid: Grid, cfg: FedConfig, want: int | None = None) -> list[
                 f"{cfg.min_clients} needed (min-clients); start more client agents"
             )
         if not announced:
-            log.info("waiting for sites: %d of %d connected", len(nodes), want)
+            detail.info("waiting for sites: %d of %d connected", len(nodes), want)
             announced = True
         time.sleep(1.0)
 
@@ -130,7 +131,7 @@ def resume_state(out: Path, cfg: FedConfig, weights: dict[str, np.ndarray], stra
         raise CheckpointError(f"{out / CHECKPOINT_DIR} does not fit this model: {exc}") from None
     strategy.load_state_dict(ckpt.strategy_state)
     metrics.rewrite(ckpt.metrics)  # drops any row of a round that never completed
-    log.info("resuming after round %d of %d from %s", ckpt.round, cfg.rounds, out / CHECKPOINT_DIR)
+    detail.info("resuming after round %d of %d from %s", ckpt.round, cfg.rounds, out / CHECKPOINT_DIR)
     return ckpt.round, dict(restored)
 
 
@@ -166,26 +167,26 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
         metrics.rewrite([])
     job = job_id(out, resume=resume)
     trainable, total = count_parameters(model)
-    log.info("model %s: %d of %d parameters trainable (%s); labels %s", cfg.model, trainable,
+    detail.info("model %s: %d of %d parameters trainable (%s); labels %s", cfg.model, trainable,
              total, cfg.finetune, list(cfg.labels))
     if not cfg.dp:
         log.warning(NON_PRIVATE)
     if not cfg.secagg:
         log.warning("secure aggregation is OFF (--no-secagg): the server sees each site's update")
-    log.info("watch progress in %s", metrics.path)
+    detail.info("watch progress in %s", metrics.path)
 
     board = (TensorBoardLog(cfg.tensorboard, first_round=done + 1, private=cfg.dp,
                             settings=cfg.to_dict()) if cfg.tensorboard else None)
     logits = None  # the last round's, for the confusion matrix
     if done >= cfg.rounds:
-        log.info("all %d rounds were already completed; saving the model", cfg.rounds)
+        detail.info("all %d rounds were already completed; saving the model", cfg.rounds)
     for server_round in range(done + 1, cfg.rounds + 1):
         started = time.monotonic()
         # The first round of this process waits for every expected site (up to
         # the timeout); later rounds go on with whoever is connected.
         want = cfg.clients if server_round == done + 1 else cfg.min_clients
         nodes = sample_sites(wait_for_sites(grid, cfg, want), cfg, server_round)
-        log.info("round %d/%d: %d site(s) training", server_round, cfg.rounds, len(nodes))
+        detail.info("round %d/%d: %d site(s) training", server_round, cfg.rounds, len(nodes))
         content = RecordDict({"global": state_to_record(weights),
                               "config": config_to_record(cfg, **{ROUND_KEY: server_round,
                                                                  JOB_KEY: job})})
@@ -232,7 +233,8 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
                         metrics.rows(), cfg.to_dict())
         if board is not None:
             board.append(row)
-        log.info(progress_line(row, cfg.rounds, cfg.epsilon, cfg.dp))
+        log.info(progress_line(row, cfg.rounds, cfg.epsilon, cfg.dp,
+                               eta=eta_seconds(metrics.rows(), cfg.rounds)))
     if board is not None:
         board.close()
 
@@ -254,9 +256,9 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
     if not cfg.dp:
         summary["privacy"] = NON_PRIVATE
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    log.info("done: model in %s, metrics in %s", model_dir, metrics.path)
+    detail.info("done: model in %s, metrics in %s", model_dir, metrics.path)
     try:
-        log.info("report: %s", write_report(out))
+        detail.info("report: %s", write_report(out))
     except Exception as exc:  # noqa: BLE001 - the finished run must not fail over its report
         log.warning("could not write %s (%s: %s); the run's outputs are complete, retry with: "
                     "fedseal report %s", out / "report.html", type(exc).__name__, exc, out)

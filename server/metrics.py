@@ -45,8 +45,16 @@ class MetricsLog:
         return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line]
 
 
-def progress_line(row: dict[str, Any], rounds: int, epsilon_target: float, private: bool) -> str:
-    """A compact human summary of one round."""
+def eta_seconds(rows: list[dict[str, Any]], rounds: int) -> float:
+    """Seconds left: the mean round time of ``rows`` times the rounds still to run."""
+    if not rows:
+        return float("nan")
+    return sum(r["seconds"] for r in rows) / len(rows) * max(0, rounds - rows[-1]["round"])
+
+
+def progress_line(row: dict[str, Any], rounds: int, epsilon_target: float, private: bool,
+                  eta: float | None = None) -> str:
+    """A compact human summary of one round; ``eta`` (seconds left) is shown when given."""
     bar_len = 20
     done = int(bar_len * row["round"] / rounds)
     bar = "#" * done + "." * (bar_len - done)
@@ -55,8 +63,9 @@ def progress_line(row: dict[str, Any], rounds: int, epsilon_target: float, priva
                else ("eps n/a" if private else "NON-PRIVATE"))
     acc = row.get("accuracy")
     acc_txt = f"acc {acc:.3f}" if acc is not None else "acc -"
+    eta_txt = "" if eta is None or eta != eta else f" | ETA {_duration(eta)}"
     return (f"[{bar}] round {row['round']}/{rounds} | {acc_txt} | loss {row.get('loss', float('nan')):.4f} "
-            f"| {eps_txt} | sites {len(row.get('contributors', []))} | {row['seconds']:.1f}s")
+            f"| {eps_txt} | sites {len(row.get('contributors', []))} | {row['seconds']:.1f}s{eta_txt}")
 
 
 def round_scalars(row: dict[str, Any]) -> dict[str, float]:
@@ -104,3 +113,13 @@ class TensorBoardLog:
     def close(self) -> None:
         """Flush and close the event file."""
         self.writer.close()
+
+
+def _duration(seconds: float) -> str:
+    """``42s``, ``3m05s`` or ``1h02m``."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"

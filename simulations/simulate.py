@@ -4,6 +4,40 @@ The simulation does what real sites would: it splits one labelled file (or the
 embedded synthetic task) into one file per site under ``<out>/sites/``, and the
 virtual sites read those files exactly as a deployed client agent reads its
 own. Flower's Simulation Engine (Ray) runs the ServerApp and the ClientApps.
+
+The console shows a short header, one progress line per round and the
+warnings a user can act on; every log line (fedseal's, Flower's, Ray's,
+alembic's, transformers', Python warnings) goes to ``<out>/fedseal.log``, and
+``-v`` puts all of it back on the console (:mod:`common.console`).
+
+Why ``flwr.simulation.run_simulation`` and not ``flwr run``: Flower 1.41
+deprecates ``run_simulation`` in favour of ``flwr run`` against a local
+simulation federation, but both end in the same Simulation Engine
+(``flwr.simulation.app`` calls the same ``_run_simulation``); what ``flwr run``
+adds does not fit a one-shot command:
+
+* a local-simulation connection (``address = ":local:"``) makes the CLI start
+  ``flower-superlink --simulation`` *detached* (``start_new_session``, output to
+  ``/dev/null``) on the fixed ports 39091/39093 under ``$FLWR_HOME``, and leave it
+  running after the run (``flwr/cli/local_superlink.py``): ``fedseal simulate``
+  would leave a process behind, and two simulations at once (tests beside a
+  benchmark) would share or fight over that one SuperLink;
+* the run is submitted asynchronously; the ServerApp and ClientApps run in a
+  ``flwr-simulation`` child of the SuperLink whose stdout and stderr (Ray's
+  included) are mirrored into the SuperLink's log store; the console would
+  only ever get that merged text back through ``flwr log``, so a quiet console
+  would mean filtering printed text, and the log file could not be written
+  with logging handlers;
+* the federation config (``SimulationConfig``) carries only the number of
+  SuperNodes, the resources and two Ray init args: no environment for the
+  actors, and the app must be built into a FAB and installed under
+  ``$FLWR_HOME`` on every run; ``flwr-simulation`` also logs a fixed
+  warning about the default federation size on every run.
+
+So this command keeps ``run_simulation`` (in-process, every process stopped
+when it returns) and routes Flower's deprecation notice, like every other
+library line, to the log file with handlers. A deployment (``fedseal server``)
+already goes through the SuperLink and ``flwr run``.
 """
 
 from __future__ import annotations
@@ -17,15 +51,17 @@ import time
 from pathlib import Path
 
 from client.site import simulation_key_file, simulation_roster_file, simulation_site_file
-from common.cli_args import add_config_options, config_from_args, setup_logging
+from common.cli_args import add_config_options, config_from_args
 from common.config import AUTO, ConfigError, FedConfig
+from common.console import LOG_FILE, quiet_child_environment, setup_run_logging
 from common.data import Examples, label_sort_key, read_examples, write_examples
 from common.partition import dirichlet_partition, iid_partition, label_mix
 from common.secagg import generate_identity
 from common.synthetic import synthetic_examples
 from server.report import REPORT_FILE
 
-log = logging.getLogger("fedseal")
+log = logging.getLogger("fedseal")  # the console
+detail = logging.getLogger("fedseal.simulate")  # the log file (-v: the console too)
 
 SYNTHETIC_TRAIN, SYNTHETIC_EVAL = 6000, 400
 MIN_SITE_EXAMPLES = 16  # a Dirichlet site smaller than this is redrawn (Poisson needs room)
@@ -34,8 +70,9 @@ MIN_SITE_EXAMPLES = 16  # a Dirichlet site smaller than this is redrawn (Poisson
 def prepare_sites(cfg: FedConfig) -> FedConfig:
     """Write one data file per site (and the synthetic task if no data was given).
 
-    Returns the config with ``train``/``eval``/``labels`` filled in. Prints the
-    label mix of every site so skew is visible before training starts.
+    Returns the config with ``train``/``eval``/``labels`` filled in. Logs the
+    label mix of every site (to ``<out>/fedseal.log``; ``-v``: on the console)
+    so skew is visible before training starts.
     """
     if bool(cfg.train) != bool(cfg.eval):
         raise ConfigError(
@@ -67,11 +104,11 @@ def prepare_sites(cfg: FedConfig) -> FedConfig:
                                     min_size=MIN_SITE_EXAMPLES if cfg.batch_size == AUTO
                                     else int(cfg.batch_size) + 1)
     mix = label_mix(train.labels, parts, len(cfg.labels))
-    log.info("%d training examples over %d sites (%s):", len(train), cfg.clients, cfg.partition)
+    detail.info("%d training examples over %d sites (%s):", len(train), cfg.clients, cfg.partition)
     for pid, (part, counts) in enumerate(zip(parts, mix)):
         write_examples(train.subset(part), simulation_site_file(cfg.out, pid),
                        text_column=cfg.text_column, label_column=cfg.label_column)
-        log.info("  site-%d: %5d examples  %s", pid, len(part),
+        detail.info("  site-%d: %5d examples  %s", pid, len(part),
                  "  ".join(f"{name}={c}" for name, c in zip(cfg.labels, counts)))
     write_site_keys(cfg.out, cfg.clients)
     return cfg
@@ -101,8 +138,30 @@ def write_site_keys(out: str | Path, clients: int) -> Path:
     return roster
 
 
-def simulate(cfg: FedConfig) -> dict:
-    """Run a whole simulated federation; return the run summary."""
+def header(cfg: FedConfig, log_file: Path) -> list[str]:
+    """The console's first lines: what runs, under which privacy, where outputs go."""
+    from server.metrics import NON_PRIVATE
+
+    data = cfg.train or "the embedded synthetic task"
+    privacy = (f"DP-SGD at every site, epsilon {cfg.epsilon:g}, delta {cfg.delta:g} per site"
+               if cfg.dp else NON_PRIVATE)
+    secagg = ("secure aggregation (SecAgg+) on" if cfg.secagg
+              else "secure aggregation OFF (--no-secagg): the server sees each site's update")
+    return [
+        f"fedseal simulate: {cfg.model} ({cfg.finetune}), {cfg.clients} sites, {cfg.rounds} rounds, "
+        f"data {data} ({cfg.partition})",
+        f"  privacy  {privacy}; {secagg}",
+        f"  outputs  {cfg.out}  (log: {log_file}; -v shows it here)",
+    ]
+
+
+def simulate(cfg: FedConfig, verbose: bool = False) -> dict:
+    """Run a whole simulated federation; return the run summary.
+
+    ``verbose`` forwards the virtual sites' (Ray actors') own output to the
+    console; otherwise it stays in Ray's session logs, and the sites' libraries
+    are kept quiet (:func:`common.console.quiet_child_environment`).
+    """
     from flwr.simulation import run_simulation
 
     from client.app import app as client_app
@@ -119,14 +178,21 @@ def simulate(cfg: FedConfig) -> dict:
         # faster than several sites fighting over two cores.
         "client_resources": {"num_cpus": cpus, "num_gpus": gpu},
         "init_args": {"num_cpus": cpus, "num_gpus": int(gpu), "include_dashboard": False,
-                      "logging_level": logging.WARNING, "log_to_driver": True},
+                      "logging_level": logging.WARNING, "log_to_driver": verbose},
     }
+    # Ray's actors inherit this process's environment (Flower passes its own
+    # runtime_env, so the variables are set here, before Ray starts).
+    quiet_child_environment(verbose)
+    # Opt in to Ray's coming default (it warns otherwise): an actor given no
+    # GPU keeps CUDA_VISIBLE_DEVICES; fedseal's --device decides the device.
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     started = time.monotonic()
     run_simulation(server_app=make_server_app(cfg), client_app=client_app,
                    num_supernodes=cfg.clients, backend_config=backend)
     summary_path = Path(cfg.out) / "summary.json"
     if not summary_path.exists():
-        raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log above")
+        raise RuntimeError(f"the simulation ended without writing {summary_path}; "
+                           f"see {Path(cfg.out) / LOG_FILE}")
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
     summary["wall_seconds"] = round(time.monotonic() - started, 1)
     summary_path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
@@ -136,7 +202,9 @@ def simulate(cfg: FedConfig) -> dict:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``fedseal simulate``: every run setting, and ``--verbose``."""
     add_config_options(parser)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug-level log lines")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show every log line (Flower, Ray, the sites) on the console, at "
+                             "debug level; without it they go to <out>/fedseal.log only")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,9 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     from common.cli import command_parser
 
     args = command_parser("simulate").parse_args(argv)
-    setup_logging(args.verbose)
     cfg = config_from_args(args)
-    summary = simulate(cfg)
+    log_file = setup_run_logging(Path(cfg.out) / LOG_FILE, args.verbose)
+    for line in header(cfg, log_file):
+        log.info(line)
+    summary = simulate(cfg, verbose=args.verbose)
     print(f"\nfedseal simulate finished in {summary['wall_seconds']}s")
     if not summary["private"]:
         print("WARNING: " + summary["privacy"])
