@@ -26,7 +26,7 @@ example.
 Policy flags (what every run must promise; the server cannot lower them):
 ``--no-require-dp``, ``--no-require-secagg``, ``--min-cohort N`` (3),
 ``--min-secagg-k K`` (2), ``--min-secagg-threshold T`` (2),
-``--max-update-clip C`` (10), ``--federated-eval off|on`` (off).
+``--max-update-clip C`` (64), ``--federated-eval off|on`` (off).
 
 If the server keeps refusing the site's key (for ``--wait`` seconds) the agent
 says so and exits 3.

@@ -63,7 +63,7 @@ class SitePolicy:
     min_cohort: int = 3
     min_secagg_k: int = 2
     min_secagg_threshold: int = 2
-    max_update_clip: float = 10.0
+    max_update_clip: float = 64.0
     federated_eval: str = "off"
 
     def __post_init__(self) -> None:

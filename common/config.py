@@ -101,7 +101,7 @@ class FedConfig:
     secagg: bool = True
     secagg_k: int | str = AUTO
     secagg_threshold: int | str = AUTO
-    update_clip: float = 1.0
+    update_clip: float = 64.0  # a probe head moves by tens per coordinate in a run
     max_site_examples: int = 100_000
     # Output
     out: str = "fedseal-out"
@@ -248,7 +248,10 @@ HELP: dict[str, str] = {
     "secagg_threshold": "SecAgg+ Shamir threshold, shares needed to unmask a dropped site "
                         "(integer >= 1, a strict majority of k+1) or auto: about two thirds of k+1",
     "update_clip": "per-coordinate bound of an update before it is quantised for SecAgg+ "
-                   "(positive; a site's policy caps it)",
+                   "(positive; a site's policy caps it). A probe's head moves by tens per "
+                   "coordinate in a round (up to 45 measured), so a bound of 1 would cut its "
+                   "update to little more than a sign; the quantisation step is "
+                   "update-clip / floor((2^31-1) / (2 * sites))",
     "max_site_examples": "public cap on a site's example count that --weighting bucket and the "
                          "probe's statistics-round weights are relative to, in examples "
                          "(integer >= 1)",

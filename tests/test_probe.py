@@ -166,3 +166,23 @@ def test_a_hostile_feature_mean_is_projected_onto_the_unit_ball(tiny_bert):
     with torch.no_grad():  # a mean inside the ball is left as it is
         model.feature_mean.copy_(0.5 * direction)
     assert torch.allclose(model.standardise(feats), (feats - 0.5 * direction) / 0.75 ** 0.5)
+
+
+def test_the_default_update_clip_carries_a_probe_heads_update():
+    """A probe head moves by tens per coordinate in a round (up to 45 measured on the
+    synthetic task); with the default update clip that update crosses secure
+    aggregation intact, where a clip of 1 cut it to little more than its sign."""
+    import numpy as np
+
+    from common.secagg_wire import decode_sum, encode_update, quant_config
+
+    cfg = FedConfig()
+    update = np.array([45.0, -38.5, 0.25, -1e-3])
+    n = 10
+    total = np.zeros(len(update) + 1, dtype=np.uint32)
+    for _ in range(3):  # three sites sent the same update
+        total += encode_update(update, 1.0, cfg, n)
+    summed, weight = decode_sum(total, cfg, n, 3, (1.0, 1.0))
+    step = cfg.update_clip / quant_config(cfg, n).max_level
+    assert weight == pytest.approx(3.0)
+    assert np.allclose(summed, 3 * update, atol=3 * step + 1e-9)

@@ -213,7 +213,7 @@ def test_server_resumes_after_the_last_checkpointed_round(site):
     ({"clients": 4, "min_clients": 2}, {}, "min-clients = 2"),
     ({"secagg_k": 2}, {"min-secagg-k": 3}, "secagg-k = 2"),
     ({"secagg_threshold": 2}, {"min-secagg-threshold": 3}, "secagg-threshold = 2"),
-    ({"update_clip": 20.0}, {}, "update-clip = 20.0"),
+    ({"update_clip": 100.0}, {}, "update-clip = 100.0"),
     ({"clients": 4, "min_clients": 3}, {"_cohort": 2}, "cohort of this round = 2"),
     ({"clients": 4, "min_clients": 3}, {"_k": 1, "min-secagg-k": 2}, "k of this round = 1"),
 ])
