@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 
 from common.config import FedConfig
+from common.dp_rule import stats_rounds
 
 SMALLEST_BUCKET = 1 / 16
 BUCKETS = tuple(2.0 ** -j for j in range(5))  # 1, 1/2, 1/4, 1/8, 1/16
@@ -48,8 +49,12 @@ def stats_weight(count: float, cfg: FedConfig) -> float:
     return min(1.0, max(1.0, count) / cfg.max_site_examples)
 
 
-def weight_range(cfg: FedConfig, stats_round: bool = False) -> tuple[float, float]:
-    """Smallest and largest weight one site can have in a round of run ``cfg``."""
-    if stats_round:
+def weight_range(cfg: FedConfig, server_round: int) -> tuple[float, float]:
+    """Smallest and largest weight one site can have in round ``server_round`` of run ``cfg``.
+
+    The server holds every round's weights to it, whether it sees them one by
+    one (secure aggregation off) or only their sum.
+    """
+    if server_round <= stats_rounds(cfg):
         return (1.0 / cfg.max_site_examples, 1.0)
     return (1.0, 1.0) if cfg.weighting == "equal" else (SMALLEST_BUCKET, 1.0)

@@ -130,16 +130,22 @@ def triage(replies: Iterable[Message], sums: RoundSums) -> list[Message]:
 
 
 def sum_plain(replies: Iterable[Message], template: Mapping[str, np.ndarray],
-              sums: RoundSums) -> RoundSums:
-    """Add each reply's weighted update in the clear (secure aggregation off)."""
+              sums: RoundSums, weights: tuple[float, float]) -> RoundSums:
+    """Add each reply's weighted update in the clear (secure aggregation off).
+
+    A reply whose weight lies outside ``weights`` (the round's
+    :func:`common.weights.weight_range`) is dropped: no honest site sends it,
+    and one site claiming a weight of 1e9 would make the mean its own update.
+    """
     total = {k: np.zeros(v.shape, dtype=np.float64) for k, v in template.items()}
     for reply in triage(replies, sums):
         site = site_of(reply)
         try:
             update = record_to_state(reply.content["update"], template, what=f"update from {site}")
             weight = float(reply.content["metrics"]["weight"])
-            if not (np.isfinite(weight) and weight > 0):
-                raise RecordError(f"update from {site}: weight {weight} is not a positive number")
+            if not weights[0] <= weight <= weights[1]:  # NaN fails too
+                raise RecordError(f"update from {site}: weight {weight} is outside "
+                                  f"[{weights[0]:g}, {weights[1]:g}], the weights this round allows")
         except (RecordError, KeyError) as exc:
             sums.failed[site] = str(exc)
             sums.epsilons.pop(site, None)

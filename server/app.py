@@ -41,6 +41,7 @@ from common.model import (build_model, count_parameters, load_tokenizer, load_tr
 from common.durable import atomic_write
 from common.records import (JOB_KEY, ROUND_KEY, RecordError, config_to_record, record_to_state,
                             state_to_record, to_numpy_state)
+from common.weights import weight_range
 from server.aggregate import RoundSums, send, site_of, sum_plain
 from server.checkpoint import (GROWABLE_KEYS, CheckpointError, check_resume_config,
                                load_checkpoint, save_checkpoint)
@@ -196,7 +197,8 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
             sums = secure_round(grid, nodes, content, weights, cfg, run_id, server_round)
         else:
             replies, sent = send(grid, nodes, content, "train", cfg.timeout)
-            sums = sum_plain(replies, weights, RoundSums(bytes_sent=sent))
+            sums = sum_plain(replies, weights, RoundSums(bytes_sent=sent),
+                             weight_range(cfg, server_round))
         mean = sums.mean_update()
         if mean is None:
             log.warning("round %d: no site contributed; the global model is unchanged", server_round)

@@ -45,7 +45,6 @@ from common.secagg_wire import (ADVERT, B_SHARES, BUNDLE, CHALLENGE, CIPHERTEXTS
                                 SK_SHARES, THRESHOLD, UNMASK, VIEW, Y, SumRangeError, WireError,
                                 decode_sum, field, pack_ids, pack_routed, quant_config,
                                 round_parameters, unpack_shares, unpack_table)
-from common.dp_rule import stats_rounds
 from common.weights import weight_range
 from server.aggregate import RoundSums, message_bytes, send, site_of, triage
 
@@ -187,7 +186,7 @@ def secure_round(grid: Grid, nodes: list[int], content: RecordDict,
         total, rejected = server.finalize(unmask)
         rnd.rejected(rejected)
         flat, weight_sum = decode_sum(total, cfg, n, len(server.survivors),
-                                      weight_range(cfg, server_round <= stats_rounds(cfg)))
+                                      weight_range(cfg, server_round))
     except (ProtocolAbort, SumRangeError) as exc:
         log.warning("round %d abandoned, the global model stays as it was: %s", server_round, exc)
         sums.abandoned = str(exc)

@@ -117,7 +117,7 @@ def _expected(cfg, xs, nodes, n=N):
     total = np.zeros_like(next(iter(xs.values())))
     for node in nodes:
         total += xs[node]  # uint32 arithmetic wraps mod 2**32, as the protocol does
-    return decode_sum(total, cfg, n, len(nodes), weight_range(cfg))
+    return decode_sum(total, cfg, n, len(nodes), weight_range(cfg, 1))
 
 
 def _check_exact(cfg, grid, sums, xs, nodes):

@@ -262,3 +262,23 @@ def test_federated_evaluation_is_off_unless_the_site_turns_it_on(site):
     scores = federated_evaluate(on, on.nodes, weights, cfg, "job-1", 1)
     assert set(scores) == {"accuracy", "loss"} and 0 <= scores["accuracy"] <= 1
     assert federated_evaluate(on, on.nodes, weights, cfg, "job-1", 1) == {}  # once per round
+
+
+@pytest.mark.parametrize("claimed", [1e9, 0.0, -1.0, float("nan"), float("inf")])
+def test_a_plain_reply_claiming_a_weight_no_honest_site_sends_is_dropped(site, claimed):
+    """Without secure aggregation the server sees each weight; a site claiming 1e9 would
+    make the mean its own update. It is dropped and named, like any malformed reply."""
+    from common.weights import weight_range
+    from server.aggregate import RoundSums, sum_plain
+
+    cfg, node, tmp = site
+    grid = LocalGrid(1, node_configs=[node])
+    weights = to_numpy_state(trainable_state(build_model(cfg, cfg.labels)))
+    reply = _train(grid, cfg, 1, weights=weights)
+    assert _refusal(reply) == ""
+    honest = sum_plain([reply], weights, RoundSums(), weight_range(cfg, 1))
+    assert honest.contributors == ["alpha"] and honest.weight_sum == 1.0
+    reply.content["metrics"]["weight"] = claimed
+    sums = sum_plain([reply], weights, RoundSums(), weight_range(cfg, 1))
+    assert sums.contributors == [] and sums.update_sum is None and sums.weight_sum == 0.0
+    assert "outside [1, 1]" in sums.failed["alpha"]

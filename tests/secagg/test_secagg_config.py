@@ -45,7 +45,8 @@ def test_equal_weights_by_default_and_only_coarse_buckets_otherwise() -> None:
     assert site_weight(50_000, bucket) == site_weight(99_999, bucket) == 0.5
     assert site_weight(10**9, bucket) == 1.0 and site_weight(0, bucket) == 1 / 16
     assert {site_weight(c, bucket) for c in range(1, 200_000, 997)} <= set(BUCKETS)
-    assert weight_range(cfg) == (1.0, 1.0) and weight_range(bucket) == (1 / 16, 1.0)
+    # round 2: a training round (round 1 is the probe's statistics round)
+    assert weight_range(cfg, 2) == (1.0, 1.0) and weight_range(bucket, 2) == (1 / 16, 1.0)
 
 
 def test_the_weight_sum_is_exact_and_checked_against_the_survivors() -> None:
@@ -53,10 +54,10 @@ def test_the_weight_sum_is_exact_and_checked_against_the_survivors() -> None:
     q = quant_config(cfg, 5)
     xs = [encode_update(np.zeros(3), w, cfg, 5) for w in (1.0, 0.5, 1 / 16)]
     total = np.sum(xs, axis=0, dtype=np.uint32)
-    _, weight_sum = decode_sum(total, cfg, 5, 3, weight_range(cfg))
+    _, weight_sum = decode_sum(total, cfg, 5, 3, weight_range(cfg, 2))
     assert weight_sum == pytest.approx(1.5625, abs=1 / q.scale)
     with pytest.raises(SumRangeError, match="weights sum"):
-        decode_sum(total, cfg, 5, 1, weight_range(cfg))  # one site cannot have sent that
+        decode_sum(total, cfg, 5, 1, weight_range(cfg, 2))  # one site cannot have sent that
     with pytest.raises(SumRangeError, match="weights sum"):
         decode_sum(total, cfg.replace(weighting="equal"), 5, 3, (1.0, 1.0))
 
