@@ -16,8 +16,8 @@ reset); the server is reachable and its certificate verifies against the CA.
 
 Then it runs ``flower-supernode --isolation process`` with the site's data
 path, budget, ledger, keys and policy in the node config, where the ClientApp
-reads them (:mod:`client.site`), and beside it the site's ClientApp runner
-(:mod:`client.runner`), which runs only the fedseal installed here. The
+reads them (:mod:`fedseal.client.site`), and beside it the site's ClientApp runner
+(:mod:`fedseal.client.runner`), which runs only the fedseal installed here. The
 SuperNode's Runtime API listens on 127.0.0.1 only, and the runner's task
 requests are signed with a secret made for each start. The data never leaves
 this machine; only masked updates do, and no log line prints a training
@@ -48,13 +48,13 @@ import threading
 import time
 from pathlib import Path
 
-from client.ledger import LedgerError, PrivacyLedger
-from client.ledger_cli import add_ledger_files
-from client.pinning import installed_manifest, manifest_digest
-from client.site import FEDERATED_EVAL_MODES, SitePolicy
-from common.config import AUTO, CHOICES, ConfigError
-from common.durable import atomic_write
-from common.processes import (ProcessError, child_env, die_with_parent, flwr_bin, split_address,
+from fedseal.client.ledger import LedgerError, PrivacyLedger
+from fedseal.client.ledger_cli import add_ledger_files
+from fedseal.client.pinning import installed_manifest, manifest_digest
+from fedseal.client.site import FEDERATED_EVAL_MODES, SitePolicy
+from fedseal.common.config import AUTO, CHOICES, ConfigError
+from fedseal.common.durable import atomic_write
+from fedseal.common.processes import (ProcessError, child_env, die_with_parent, flwr_bin, split_address,
                               stop_process)
 
 log = logging.getLogger("fedseal.client")
@@ -167,7 +167,7 @@ def probe_server(host: str, port: int, ca: Path | None, wait: float) -> None:
 def node_config(data: Path, name: str, epsilon: float, delta: float, ledger: Path,
                 ledger_key: Path, device: str, policy: SitePolicy, identity_key: Path | None,
                 peers: Path | None) -> dict[str, object]:
-    """What the ClientApp reads in :mod:`client.site`: the site's own settings and policy."""
+    """What the ClientApp reads in :mod:`fedseal.client.site`: the site's own settings and policy."""
     values: dict[str, object] = {
         "data-path": str(data), "site-name": name, "epsilon": float(epsilon),
         "delta": float(delta), "ledger-path": str(ledger), "ledger-key": str(ledger_key),
@@ -260,11 +260,11 @@ def _supernode_once(cmd: list[str], env: dict[str, str]) -> int:
 
 
 def start_runner(home: Path, runtime_address: str, env: dict[str, str]) -> subprocess.Popen:
-    """The site's ClientApp runner (:mod:`client.runner`), with a fresh task-signing secret."""
+    """The site's ClientApp runner (:mod:`fedseal.client.runner`), with a fresh task-signing secret."""
     secret = home / "runtime.secret"
     atomic_write(secret, secrets.token_bytes(32))
     os.chmod(secret, 0o600)
-    return subprocess.Popen([sys.executable, "-m", "client.runner", "--runtime-api-address",
+    return subprocess.Popen([sys.executable, "-m", "fedseal.client.runner", "--runtime-api-address",
                              runtime_address, "--auth-secret-file", str(secret)],
                             env=env, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
 
@@ -348,7 +348,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fedseal client``."""
-    from common.cli import command_parser
+    from fedseal.common.cli import command_parser
 
     args = command_parser("client").parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

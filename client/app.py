@@ -3,20 +3,20 @@
 One round, seen from a site:
 
 1. ``train``: first check the run against the site's own policy
-   (:mod:`client.policy`: DP, secure aggregation, cohort, SecAgg+ k and t,
+   (:mod:`fedseal.client.policy`: DP, secure aggregation, cohort, SecAgg+ k and t,
    update clip; refused before anything else happens), then load the
    server's global trainable weights into the local model, train on the
-   site's own file with the settings of :mod:`common.dp_rule` (the probe's
-   statistics or head round, :mod:`client.probe`; or DP-SGD of the encoder,
-   :mod:`client.trainer`), commit the epsilon this round spends to the site's ledger
-   (:mod:`client.spend`), and build the reply from that committed round
-   (:mod:`client.reply`): fresh public keys with secure aggregation (the
+   site's own file with the settings of :mod:`fedseal.common.dp_rule` (the probe's
+   statistics or head round, :mod:`fedseal.client.probe`; or DP-SGD of the encoder,
+   :mod:`fedseal.client.trainer`), commit the epsilon this round spends to the site's ledger
+   (:mod:`fedseal.client.spend`), and build the reply from that committed round
+   (:mod:`fedseal.client.reply`): fresh public keys with secure aggregation (the
    encoded update stays here), or the weighted update ``w * (local - global)``
    and ``w`` on the plain path. A site that cannot or may not train replies
    with a refusal and its reason; the server logs it and goes on.
-2. ``train.secagg_*``: the later SecAgg+ stages (:mod:`client.secagg`): share
+2. ``train.secagg_*``: the later SecAgg+ stages (:mod:`fedseal.client.secagg`): share
    keys, send the masked update, help unmask. Just before the masked update
-   leaves, the site forgets the round's pending update (:mod:`client.pending`).
+   leaves, the site forgets the round's pending update (:mod:`fedseal.client.pending`).
 3. ``evaluate``: refused unless the site turned federated evaluation on;
    then accuracy and loss only, once per round this site trained in.
 
@@ -27,7 +27,7 @@ the same update twice.
 
 The configuration of the run arrives with every message from the server; the
 site's own settings (data, budget, ledger, policy) come from its node config
-(:mod:`client.site`).
+(:mod:`fedseal.client.site`).
 """
 
 from __future__ import annotations
@@ -40,25 +40,25 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from client import secagg
-from client.ledger import LedgerError, PrivacyLedger
-from client.pending import PendingUpdate, held, hold, pending_path, release
-from client.policy import check_evaluate, check_train
-from client.reply import Refusal, evaluate_reply, refusal, train_reply
-from client.site import SiteSettings, feature_cache, ledger_path, site_name, site_settings
-from client.spend import commit_round, other_jobs_epsilon, steps_done
-from common import secagg_wire
-from common.config import ConfigError, FedConfig
-from common.data import DataError, Examples, read_examples
-from common.records import (JOB_KEY, ROUND_KEY, RecordError, record_to_config, record_to_state,
+from fedseal.client import secagg
+from fedseal.client.ledger import LedgerError, PrivacyLedger
+from fedseal.client.pending import PendingUpdate, held, hold, pending_path, release
+from fedseal.client.policy import check_evaluate, check_train
+from fedseal.client.reply import Refusal, evaluate_reply, refusal, train_reply
+from fedseal.client.site import SiteSettings, feature_cache, ledger_path, site_name, site_settings
+from fedseal.client.spend import commit_round, other_jobs_epsilon, steps_done
+from fedseal.common import secagg_wire
+from fedseal.common.config import ConfigError, FedConfig
+from fedseal.common.data import DataError, Examples, read_examples
+from fedseal.common.records import (JOB_KEY, ROUND_KEY, RecordError, record_to_config, record_to_state,
                             state_digest, to_numpy_state)
-from common.weights import site_weight, stats_weight
+from fedseal.common.weights import site_weight, stats_weight
 
 if TYPE_CHECKING:
-    from common.dp_rule import Recipe
+    from fedseal.common.dp_rule import Recipe
     from torch import nn
 
-    from common.privacy import DPPlan
+    from fedseal.common.privacy import DPPlan
 
 # torch, transformers and opacus are imported inside the handlers that train or
 # evaluate: the secure-aggregation stages need none of them.
@@ -83,7 +83,7 @@ def _examples(cfg: FedConfig, site: SiteSettings) -> Examples:
 
 def _global_model(msg: Message, cfg: FedConfig) -> tuple["nn.Module", object, dict[str, np.ndarray]]:
     """The local model holding the server's global weights, its tokenizer, and those weights."""
-    from common.model import build_model, load_tokenizer, load_trainable, trainable_state
+    from fedseal.common.model import build_model, load_tokenizer, load_trainable, trainable_state
 
     tokenizer = load_tokenizer(cfg)
     model = build_model(cfg, cfg.labels)
@@ -100,7 +100,7 @@ def _global_model(msg: Message, cfg: FedConfig) -> tuple["nn.Module", object, di
 def _deployment_logging(context: Context) -> None:
     """At a real site, show this app's log lines in the agent's output."""
     if "data-path" in context.node_config:
-        from common.cli_args import setup_logging
+        from fedseal.common.cli_args import setup_logging
 
         setup_logging()
 
@@ -139,7 +139,7 @@ def _calibrated(context: Context, cfg: FedConfig, rec: "Recipe", n: int, budget:
     cache of :func:`plan_site` is empty every round; calibrating again (seconds
     with the PRV accountant) would give the same numbers.
     """
-    from common.privacy import DPPlan, plan_site
+    from fedseal.common.privacy import DPPlan, plan_site
 
     steps = rec.steps_through(cfg.rounds)
     key = repr((n, rec.batch_size, steps, budget, delta, cfg.accountant))
@@ -157,7 +157,7 @@ def _calibrated(context: Context, cfg: FedConfig, rec: "Recipe", n: int, budget:
 def _plan(context: Context, cfg: FedConfig, rec: "Recipe", site: SiteSettings, n: int,
           ledger: PrivacyLedger | None, job: str, done: int, server_round: int) -> "DPPlan":
     """This job's DP plan, checked to cover this round within the site's budget."""
-    from common.privacy import PrivacyError, epsilon_spent
+    from fedseal.common.privacy import PrivacyError, epsilon_spent
 
     other = other_jobs_epsilon(ledger, job)
     budget = site.epsilon - other
@@ -184,12 +184,12 @@ def _plan(context: Context, cfg: FedConfig, rec: "Recipe", site: SiteSettings, n
 
 
 def _train(msg: Message, context: Context) -> Message:
-    from client.probe import probe_round
-    from client.trainer import train_local
-    from common.batches import encode
-    from common.dp_rule import recipe
-    from common.model import pick_device, trainable_state
-    from common.privacy import epsilon_spent
+    from fedseal.client.probe import probe_round
+    from fedseal.client.trainer import train_local
+    from fedseal.common.batches import encode
+    from fedseal.common.dp_rule import recipe
+    from fedseal.common.model import pick_device, trainable_state
+    from fedseal.common.privacy import epsilon_spent
 
     started = time.monotonic()
     cfg = record_to_config(msg.content["config"])
@@ -289,8 +289,8 @@ def evaluate_site(msg: Message, context: Context) -> Message:
     """
     _deployment_logging(context)
     try:
-        from common.batches import encode, evaluate
-        from common.model import pick_device
+        from fedseal.common.batches import encode, evaluate
+        from fedseal.common.model import pick_device
 
         cfg = record_to_config(msg.content["config"])
         site = site_settings(context.node_config, cfg)

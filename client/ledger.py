@@ -19,7 +19,7 @@ total is the sum over runs of each run's latest epsilon, and likewise of
 deltas (:meth:`PrivacyLedger.epsilon_spent`, :meth:`PrivacyLedger.delta_spent`).
 
 The MAC and the write counter ``seq`` are checked against the site's ledger
-key and counter, kept apart from the ledger (:mod:`client.ledger_seal`): an
+key and counter, kept apart from the ledger (:mod:`fedseal.client.ledger_seal`): an
 edited entry, an older copy and a deleted ledger are each refused, never
 reset; :func:`recover` is the deliberate way back. Every change is written
 atomically (temporary file, fsync, ``os.replace``, fsync of the folder).
@@ -36,9 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.ledger_seal import (LEDGER_CONTEXT, Counter, SealError, counter_path, create_key,
+from fedseal.client.ledger_seal import (LEDGER_CONTEXT, Counter, SealError, counter_path, create_key,
                                 mac, read_counter, read_key, write_counter)
-from common.durable import atomic_write
+from fedseal.common.durable import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -375,7 +375,7 @@ class PrivacyLedger:
                 "delta": self.delta, "seq": seq, "entries": [e.to_json() for e in self._entries]}
 
     def _write(self, create: bool = False) -> None:
-        """Ledger first (one write ahead), then the counter: see :mod:`client.ledger_seal`."""
+        """Ledger first (one write ahead), then the counter: see :mod:`fedseal.client.ledger_seal`."""
         seq = self.seq + 1
         body = self._body(seq)
         body["mac"] = mac(self._key, LEDGER_CONTEXT, self._body(seq))

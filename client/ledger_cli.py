@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from client.ledger import LedgerError, PrivacyLedger, recover
+from fedseal.client.ledger import LedgerError, PrivacyLedger, recover
 
 
 def summary(ledger: PrivacyLedger) -> dict:
@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fedseal ledger``; 2 on a refused ledger."""
-    from common.cli import command_parser
+    from fedseal.common.cli import command_parser
 
     parser = command_parser("ledger")
     args = parser.parse_args(argv)

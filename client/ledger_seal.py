@@ -1,6 +1,6 @@
 """What makes a site's privacy ledger trustworthy: a keyed MAC and a monotonic counter.
 
-The ledger (:mod:`client.ledger`) lives with the site's data and its
+The ledger (:mod:`fedseal.client.ledger`) lives with the site's data and its
 backups. Two things kept *apart* from it, by default in the site's own
 secrets folder, make edits, old copies and deletions detectable:
 
@@ -37,7 +37,7 @@ from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
-from common.durable import atomic_write, fsync_path
+from fedseal.common.durable import atomic_write, fsync_path
 
 LEDGER_CONTEXT = b"fedseal ledger v2\x00"
 COUNTER_CONTEXT = b"fedseal ledger counter v1\x00"

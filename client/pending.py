@@ -30,7 +30,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save
 
-from common.durable import atomic_write, fsync_path
+from fedseal.common.durable import atomic_write, fsync_path
 
 log = logging.getLogger(__name__)
 

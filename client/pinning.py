@@ -2,15 +2,15 @@
 
 Flower sends every run's app (a FAB: a zip of the app's files) to the sites,
 and Flower's own ClientApp process would import and run it. A fedseal site
-never does: its ClientApp runner (:mod:`client.runner`) always runs the
-installed ``client.app:app``, and before that compares the run's FAB with the
+never does: its ClientApp runner (:mod:`fedseal.client.runner`) always runs the
+installed ``fedseal.client.app:app``, and before that compares the run's FAB with the
 installed code, offline:
 
 - every file of the FAB other than ``pyproject.toml`` and Flower's ``.info/``
   metadata must be one of the installed fedseal Python files
   (``client/``, ``common/``, ``server/``), byte for byte, and every installed
   file must be there;
-- the FAB's ``pyproject.toml`` must name ``client.app:app`` as its ClientApp.
+- the FAB's ``pyproject.toml`` must name ``fedseal.client.app:app`` as its ClientApp.
 
 A run that fails either check is refused before any of it executes, with a
 message naming the files that differ. The installed code is summarised by
@@ -28,8 +28,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Mapping
 
-PACKAGES = ("client", "common", "server")  # what `fedseal server` ships in every run
-CLIENT_APP = "client.app:app"
+from fedseal.common.bundle import CLIENT_APP, PACKAGES, package_dir
+
 MANIFEST_CONTEXT = b"fedseal code manifest v1\n"
 _FAB_METADATA = (".info/",)
 _FAB_CONFIG = "pyproject.toml"
@@ -49,7 +49,7 @@ def installed_manifest() -> Mapping[str, str]:
     """``{relative path: sha256 hex}`` of the installed fedseal Python files."""
     files: dict[str, str] = {}
     for package in PACKAGES:
-        root = Path(__import__(package).__file__).resolve().parent
+        root = package_dir(package)
         for path in sorted(root.rglob("*.py")):
             if "__pycache__" in path.parts or not _shipped(path.name):
                 continue
@@ -105,4 +105,4 @@ def check_fab(fab: bytes, installed: Mapping[str, str] | None = None) -> None:
             "fedseal, install the same version here")
 
 
-__all__ = ["CLIENT_APP", "CodePinError", "check_fab", "installed_manifest", "manifest_digest"]
+__all__ = ["CodePinError", "check_fab", "installed_manifest", "manifest_digest"]

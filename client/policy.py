@@ -2,7 +2,7 @@
 
 The server's config arrives with every message and is written by an
 adversary as far as the site is concerned. :func:`check_train` compares it
-with the site's own :class:`~client.site.SitePolicy` (from its node config,
+with the site's own :class:`~fedseal.client.site.SitePolicy` (from its node config,
 set by ``fedseal client`` flags) *before* any model is built or any record
 is read, and raises :class:`PolicyRefusal` naming the setting the server
 must change. :func:`check_evaluate` does the same for federated evaluation.
@@ -31,10 +31,10 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from client.reply import Refusal
-from client.site import SitePolicy
-from common.config import AUTO, FedConfig
-from common.secagg_wire import WireError, unpack_ids
+from fedseal.client.reply import Refusal
+from fedseal.client.site import SitePolicy
+from fedseal.common.config import AUTO, FedConfig
+from fedseal.common.secagg_wire import WireError, unpack_ids
 
 # The node-config flag that lowers each minimum, named in every refusal.
 _FLAG = {"dp": "require-dp", "secagg": "require-secagg", "cohort": "min-cohort",

@@ -1,4 +1,4 @@
-"""The probe's two phases at a site, on its cached features (see :mod:`common.dp_rule`).
+"""The probe's two phases at a site, on its cached features (see :mod:`fedseal.common.dp_rule`).
 
 * :func:`release_statistics` (the statistics round): a Poisson sample of the
   site's feature vectors, each of norm at most 1 and extended by a constant 1
@@ -6,7 +6,7 @@
   Gaussian noise of the plan's multiplier: one step of the sampled Gaussian
   mechanism, accounted like a DP-SGD step. It gives the site's mean feature
   vector and its example count, both from the one noisy sum; the count becomes
-  the site's weight in the round (:func:`common.weights.stats_weight`).
+  the site's weight in the round (:func:`fedseal.common.weights.stats_weight`).
 * :func:`train_head` (every later round): Opacus DP-SGD with heavy-ball momentum
   on the linear head over the standardised features; the head returned is the
   average of the iterates over the second half of the round's steps.
@@ -25,10 +25,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from client.trainer import LocalResult, fresh_generator
-from common.dp_rule import Recipe
-from common.features import features
-from common.privacy import DPPlan
+from fedseal.client.trainer import LocalResult, fresh_generator
+from fedseal.common.dp_rule import Recipe
+from fedseal.common.features import features
+from fedseal.common.privacy import DPPlan
 
 
 def release_statistics(features: torch.Tensor, plan: DPPlan | None) -> tuple[np.ndarray, float]:

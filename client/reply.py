@@ -1,7 +1,7 @@
 """What a site answers to ``train`` and ``evaluate``: refusals, and replies built from committed spend.
 
-A train reply can only be built from a :class:`~client.spend.CommittedRound`,
-which only :func:`client.spend.commit_round` makes, after the round's spend is
+A train reply can only be built from a :class:`~fedseal.client.spend.CommittedRound`,
+which only :func:`fedseal.client.spend.commit_round` makes, after the round's spend is
 in the ledger: "spend recorded before anything leaves" is a matter of types,
 not of statement order. Every number the reply carries about privacy (epsilon,
 steps, noise multiplier) is read from that one object.
@@ -15,11 +15,11 @@ from typing import Mapping
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from client import secagg
-from client.site import SiteSettings
-from client.spend import CommittedRound
-from common.config import FedConfig
-from common.records import flatten, state_to_record
+from fedseal.client import secagg
+from fedseal.client.site import SiteSettings
+from fedseal.client.spend import CommittedRound
+from fedseal.common.config import FedConfig
+from fedseal.common.records import flatten, state_to_record
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,10 @@ def train_reply(msg: Message, context: Context, cfg: FedConfig, site: SiteSettin
     Raises
     ------
     TypeError
-        If ``committed`` is not a round committed by :func:`client.spend.commit_round`.
+        If ``committed`` is not a round committed by :func:`fedseal.client.spend.commit_round`.
     """
     if not isinstance(committed, CommittedRound):
-        raise TypeError("a train reply is built only from a committed round (client.spend)")
+        raise TypeError("a train reply is built only from a committed round (fedseal.client.spend)")
     status = ConfigRecord({"site": committed.site, "private": committed.private})
     metrics = {"epsilon": committed.epsilon if committed.private else -1.0,
                "delta": committed.delta if committed.private else -1.0,

@@ -10,10 +10,10 @@ received, and for each one:
    task: a task whose message can never arrive, such as one of a run stopped
    while the site was receiving it, must not hold up the others);
 2. checks the run's app bundle against the code this site installed
-   (:mod:`client.pinning`); a run that ships anything else is refused with a
+   (:mod:`fedseal.client.pinning`); a run that ships anything else is refused with a
    reply the server logs, and none of its code is imported or run;
 3. otherwise hands the message and the run's context to the installed
-   ``client.app:app``, imported once when the runner starts; messages are
+   ``fedseal.client.app:app``, imported once when the runner starts; messages are
    answered one at a time, in the order they arrived;
 4. pushes the reply and the updated context back to the SuperNode.
 
@@ -49,9 +49,9 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
-from client.pinning import CodePinError, check_fab, installed_manifest, manifest_digest
-from client.reply import refusal
-from client.site import site_name
+from fedseal.client.pinning import CodePinError, check_fab, installed_manifest, manifest_digest
+from fedseal.client.reply import refusal
+from fedseal.client.site import site_name
 
 log = logging.getLogger("fedseal.client")
 
@@ -96,7 +96,7 @@ class Runner:
     """Runs the installed ClientApp for every task the SuperNode hands out."""
 
     def __init__(self, address: str, secret: bytes) -> None:
-        from client.app import app  # the installed app, imported once (torch and all)
+        from fedseal.client.app import app  # the installed app, imported once (torch and all)
 
         self.address, self.app = address, app
         self.tasks = _client(address, SuperExecAuthHttpInterceptor(
@@ -187,13 +187,13 @@ def _finish(client: RuntimeHttpClient, heartbeat: HeartbeatSender, context: Cont
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m client.runner``: started by ``fedseal client``, not by hand."""
-    parser = argparse.ArgumentParser(prog="python -m client.runner", description=__doc__,
+    """``python -m fedseal.client.runner``: started by ``fedseal client``, not by hand."""
+    parser = argparse.ArgumentParser(prog="python -m fedseal.client.runner", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runtime-api-address", required=True, metavar="127.0.0.1:PORT")
     parser.add_argument("--auth-secret-file", required=True, metavar="FILE")
     args = parser.parse_args(argv)
-    from common.cli_args import setup_logging
+    from fedseal.common.cli_args import setup_logging
 
     setup_logging()
     with open(args.auth_secret_file, "rb") as fh:

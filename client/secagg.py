@@ -24,14 +24,14 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from client.site import SiteSettings
-from common.config import ConfigError, FedConfig
-from common.durable import atomic_write
-from common.records import JOB_KEY
-from common.secagg import (ClientState, Identity, Roster, RoundContext, SecAggError,
+from fedseal.client.site import SiteSettings
+from fedseal.common.config import ConfigError, FedConfig
+from fedseal.common.durable import atomic_write
+from fedseal.common.records import JOB_KEY
+from fedseal.common.secagg import (ClientState, Identity, Roster, RoundContext, SecAggError,
                            UnmaskRefusedError)
-from common.secagg.messages import Advert, ShareMessage
-from common.secagg_wire import (ADVERT, BUNDLE, CHALLENGE, CIPHERTEXTS, COMPLAINTS, B_SHARES, K,
+from fedseal.common.secagg.messages import Advert, ShareMessage
+from fedseal.common.secagg_wire import (ADVERT, BUNDLE, CHALLENGE, CIPHERTEXTS, COMPLAINTS, B_SHARES, K,
                                 MASKED, NODES, RECORD, ROUND, ROUTED, SEEDS, SHARES, SIGNATURE,
                                 SIGNATURES, SK_SHARES, THRESHOLD, VIEW, Y, WireError,
                                 encode_update, field, pack_shares, pack_table, unpack_ids,
@@ -93,7 +93,7 @@ def check_round(msg: Message, context: Context, site: SiteSettings) -> RoundCont
     site's signing key and roster can be read.
 
     The cohort size, ``k``, ``t`` and the update clip are held against the
-    site's policy by :func:`client.policy.check_train`, which runs first.
+    site's policy by :func:`fedseal.client.policy.check_train`, which runs first.
 
     Raises
     ------

@@ -6,7 +6,7 @@ In a deployment these come from the SuperNode's node config, written by
 ``data-path``, ``site-name``, ``epsilon``, ``delta``, ``ledger-path``, ``device``
     the site's data file, name, total budget, ledger and device;
 ``ledger-key``
-    the site's ledger key, kept apart from the ledger (:mod:`client.ledger_seal`);
+    the site's ledger key, kept apart from the ledger (:mod:`fedseal.client.ledger_seal`);
 ``identity-key``
     the site's own private key (OpenSSH, made at the site); it authenticates
     the SuperNode and signs what the site says in secure aggregation;
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
 
-from common.config import ConfigError, FedConfig
+from fedseal.common.config import ConfigError, FedConfig
 
 FEDERATED_EVAL_MODES = ("off", "on")
 
@@ -126,7 +126,7 @@ def ledger_path(node_config: Mapping[str, object]) -> Path | None:
 
 
 def feature_cache(site: "SiteSettings") -> Path | None:
-    """Where the site caches its pooled features (:mod:`common.features`): a folder in its
+    """Where the site caches its pooled features (:mod:`fedseal.common.features`): a folder in its
     state folder, beside its ledger; None (memory only) for a site without a ledger."""
     return site.ledger_path.parent / "feature-cache" if site.ledger_path else None
 

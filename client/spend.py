@@ -2,7 +2,7 @@
 
 :func:`commit_round` records the round in the site's ledger (or, in a
 simulation without a ledger, in the run's ``Context.state``) and returns a
-:class:`CommittedRound`; :func:`client.reply.train_reply` accepts nothing
+:class:`CommittedRound`; :func:`fedseal.client.reply.train_reply` accepts nothing
 else. A ``CommittedRound`` cannot be made any other way (its constructor
 checks a module-private token), so a reply cannot be built before the spend
 is on disk.
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from flwr.app import Context, MetricRecord
 
-from client.ledger import PrivacyLedger
+from fedseal.client.ledger import PrivacyLedger
 
 PROGRESS = "fedseal.progress"  # context.state record: DP steps taken so far (no ledger)
 _COMMITTED = object()
@@ -52,7 +52,7 @@ class CommittedRound:
     def __post_init__(self) -> None:
         """Refuse to exist unless :func:`commit_round` made it."""
         if self._token is not _COMMITTED:
-            raise TypeError("a CommittedRound is made only by client.spend.commit_round, "
+            raise TypeError("a CommittedRound is made only by fedseal.client.spend.commit_round, "
                             "after the spend is recorded")
 
 
@@ -82,7 +82,7 @@ def commit_round(site: str, ledger: PrivacyLedger | None, context: Context, job:
 
     Raises
     ------
-    client.ledger.LedgerError
+    fedseal.client.ledger.LedgerError
         If the ledger refuses the entry; nothing is committed then.
     """
     private = job_epsilon is not None

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.batches import model_inputs
-from common.config import FedConfig
-from common.dp_rule import Recipe
-from common.privacy import DPPlan
+from fedseal.common.batches import model_inputs
+from fedseal.common.config import FedConfig
+from fedseal.common.dp_rule import Recipe
+from fedseal.common.privacy import DPPlan
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def train_local(model: nn.Module, data: TensorDataset, cfg: FedConfig, recipe: R
     With a ``plan``, Opacus makes the model private: Poisson sampling at
     ``plan.sample_rate``, per-sample clipping to ``recipe.clip`` and
     Gaussian noise of ``plan.noise_multiplier``. The caller accounts the steps
-    (see :mod:`common.privacy`) so spend is known before anything leaves the site.
+    (see :mod:`fedseal.common.privacy`) so spend is known before anything leaves the site.
     Without a plan it is plain minibatch AdamW, which is not private.
     """
     model.to(device)

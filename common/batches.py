@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.data import Examples
+from fedseal.common.data import Examples
 
 
 def encode(tokenizer, examples: Examples, max_length: int) -> TensorDataset:

@@ -13,15 +13,15 @@ import argparse
 import importlib
 import sys
 
-from common.config import ConfigError
+from fedseal.common.config import ConfigError
 
 COMMANDS = {
-    "simulate": ("simulations.simulate", "run the whole federation on this machine"),
-    "keys": ("server.keys_cli", "create the federation's certificates (server) or a site's key (site)"),
-    "server": ("server.launch", "run the aggregation server (SuperLink) and one federated run"),
-    "client": ("client.agent", "run the client agent (SuperNode) at a data site"),
-    "ledger": ("client.ledger_cli", "show a site's privacy ledger, or recover it deliberately"),
-    "report": ("server.report_cli", "write a run's report page (RUN_DIR/report.html)"),
+    "simulate": ("fedseal.simulations.simulate", "run the whole federation on this machine"),
+    "keys": ("fedseal.server.keys_cli", "create the federation's certificates (server) or a site's key (site)"),
+    "server": ("fedseal.server.launch", "run the aggregation server (SuperLink) and one federated run"),
+    "client": ("fedseal.client.agent", "run the client agent (SuperNode) at a data site"),
+    "ledger": ("fedseal.client.ledger_cli", "show a site's privacy ledger, or recover it deliberately"),
+    "report": ("fedseal.server.report_cli", "write a run's report page (RUN_DIR/report.html)"),
 }
 
 

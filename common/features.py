@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from common.batches import model_inputs
-from common.durable import atomic_write
+from fedseal.common.batches import model_inputs
+from fedseal.common.durable import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Only the *trainable* parameters travel between server and sites: under
 ``probe`` (the default) the feature mean and the linear head of
-:class:`~common.modeling_fedseal.FedsealForSequenceClassification` (the encoder
+:class:`~fedseal.common.modeling_fedseal.FedsealForSequenceClassification` (the encoder
 stays as each party installed it); under ``lora`` the adapters and the
 classification head; under ``full`` everything.
 """
@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from common.config import DEFAULT_MODEL, FedConfig
+from fedseal.common.config import DEFAULT_MODEL, FedConfig
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def _probe_model(cfg: FedConfig, label_names: Sequence[str]) -> nn.Module:
     """The site's encoder, frozen, under fedseal's pooled-feature head (zero-initialised)."""
     from transformers import AutoModel
 
-    from common.modeling_fedseal import FedsealForSequenceClassification
+    from fedseal.common.modeling_fedseal import FedsealForSequenceClassification
 
     path = resolve_model_path(cfg.model)
     try:
@@ -221,7 +221,7 @@ def save_merged(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
     The write goes to a temporary folder first and is renamed into place, so a
     crash never leaves half a model where a good one was.
     """
-    from common.modeling_fedseal import FedsealForSequenceClassification
+    from fedseal.common.modeling_fedseal import FedsealForSequenceClassification
 
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")

@@ -4,7 +4,7 @@ A site's plan is fixed before its first round: with Poisson sampling rate ``q``
 and the run's planned number of steps, the noise multiplier is the smallest one
 (found by Opacus's calibration) whose total spend stays within the site's
 target (epsilon, delta). Every phase of training (the probe's feature-mean
-release and its DP-SGD steps, see :mod:`common.dp_rule`) is the same mechanism,
+release and its DP-SGD steps, see :mod:`fedseal.common.dp_rule`) is the same mechanism,
 a Poisson-sampled Gaussian sum at ``q`` and that noise, so all of them compose
 in one accountant history and one integer, the steps taken, gives the spend.
 Spend so far is recomputed from that count, so it never depends on trusting

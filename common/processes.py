@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common.config import ConfigError
+from fedseal.common.config import ConfigError
 
 
 class ProcessError(RuntimeError):

@@ -13,7 +13,7 @@ from typing import Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from common.config import FedConfig, from_mapping
+from fedseal.common.config import FedConfig, from_mapping
 
 # Per-message values the server adds to the run's config record.
 ROUND_KEY = "server-round"

@@ -1,8 +1,8 @@
 """How secure-aggregation messages travel in Flower records, and the update encoding.
 
 One vocabulary of record keys and message types, shared by the server
-(:mod:`server.secagg`) and the sites (:mod:`client.secagg`). The protocol in
-:mod:`common.secagg` speaks canonical ``bytes`` encodings and dicts keyed by
+(:mod:`fedseal.server.secagg`) and the sites (:mod:`fedseal.client.secagg`). The protocol in
+:mod:`fedseal.common.secagg` speaks canonical ``bytes`` encodings and dicts keyed by
 node id; node ids use all 64 unsigned bits, so they travel packed big-endian
 inside ``bytes`` values. Every reader checks types and lengths and raises
 :class:`WireError` on malformed input.
@@ -15,12 +15,12 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from common.config import AUTO, FedConfig
-from common.secagg import (QuantConfig, default_k, default_threshold, dequantize_sum, quantize,
+from fedseal.common.config import AUTO, FedConfig
+from fedseal.common.secagg import (QuantConfig, default_k, default_threshold, dequantize_sum, quantize,
                            validate_parameters)
-from common.secagg.messages import pack_var_table, unpack_var_table
-from common.secagg.errors import SecAggError
-from common.secagg.protocol import SHARE_CIPHERTEXT_BYTES
+from fedseal.common.secagg.messages import pack_var_table, unpack_var_table
+from fedseal.common.secagg.errors import SecAggError
+from fedseal.common.secagg.protocol import SHARE_CIPHERTEXT_BYTES
 
 # Message types of the stages after "train" (ClientApp actions "train.<name>").
 SHARE_KEYS = "secagg_share_keys"
@@ -111,7 +111,7 @@ def unpack_table(data: object, width: int | None = None) -> dict[int, bytes]:
 
 
 def var_table(data: object, what: str) -> dict[int, bytes]:
-    """:func:`common.secagg.messages.unpack_var_table`, raising :class:`WireError`."""
+    """:func:`fedseal.common.secagg.messages.unpack_var_table`, raising :class:`WireError`."""
     try:
         return unpack_var_table(data, what)
     except SecAggError as exc:
@@ -149,7 +149,7 @@ def round_parameters(cfg: FedConfig, n: int) -> tuple[int, int]:
 
     Raises
     ------
-    common.secagg.ConfigError
+    fedseal.common.secagg.ConfigError
         If the configured values break the SecAgg+ rules for ``n`` sites.
     """
     k = min(default_k(n) if cfg.secagg_k == AUTO else cfg.secagg_k, max(n - 1, 1))
@@ -201,7 +201,7 @@ def decode_sum(total: np.ndarray, cfg: FedConfig, n: int, survivors: int,
         Number of sites whose vectors are in ``total``.
     weights : tuple[float, float]
         Smallest and largest weight one site can have
-        (:func:`common.weights.weight_range`).
+        (:func:`fedseal.common.weights.weight_range`).
 
     Returns
     -------

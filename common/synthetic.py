@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.data import Examples
+from fedseal.common.data import Examples
 
 POSITIVE = ("good", "great", "wonderful", "delightful", "moving", "brilliant", "charming",
             "funny", "warm", "superb", "fresh", "smart", "beautiful", "gripping", "lovely")

@@ -11,10 +11,10 @@ rounds and recover each site's count. So a weight is either
   ``1/16``: five buckets (1, 1/2, 1/4, 1/8, 1/16), each a factor of two wide,
   so differencing reveals at most which bucket a site is in.
 
-The probe's statistics round (round 1, see :mod:`common.dp_rule`) is the one
+The probe's statistics round (round 1, see :mod:`fedseal.common.dp_rule`) is the one
 exception: there a site's weight is its *differentially private* estimate of
 its example count over the same public cap, drawn from the very Gaussian
-release that carries its feature mean (:func:`client.probe.release_statistics`),
+release that carries its feature mean (:func:`fedseal.client.probe.release_statistics`),
 so it costs no privacy beyond that release. The weighted mean is then the
 pooled mean, sum of noisy sums over sum of noisy counts, in which a small
 site's noise weighs as little as its data (an equal-weight average of the
@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import math
 
-from common.config import FedConfig
-from common.dp_rule import stats_rounds
+from fedseal.common.config import FedConfig
+from fedseal.common.dp_rule import stats_rounds
 
 SMALLEST_BUCKET = 1 / 16
 BUCKETS = tuple(2.0 ** -j for j in range(5))  # 1, 1/2, 1/4, 1/8, 1/16

@@ -3,7 +3,7 @@
 The result of a round, whichever path produced it, is a :class:`RoundSums`:
 ``sum_i w_i * update_i`` and ``sum_i w_i`` over the sites that contributed,
 plus per-site metadata the sites chose to report (epsilon spent, status).
-With secure aggregation (:mod:`server.secagg`) the same object is built from
+With secure aggregation (:mod:`fedseal.server.secagg`) the same object is built from
 the unmasked sum, and no per-site update ever exists on the server.
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from common.records import RecordError, payload_bytes, record_to_state
+from fedseal.common.records import RecordError, payload_bytes, record_to_state
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def sum_plain(replies: Iterable[Message], template: Mapping[str, np.ndarray],
     """Add each reply's weighted update in the clear (secure aggregation off).
 
     A reply whose weight lies outside ``weights`` (the round's
-    :func:`common.weights.weight_range`) is dropped: no honest site sends it,
+    :func:`fedseal.common.weights.weight_range`) is dropped: no honest site sends it,
     and one site claiming a weight of 1e9 would make the mean its own update.
     """
     total = {k: np.zeros(v.shape, dtype=np.float64) for k, v in template.items()}

@@ -5,14 +5,14 @@ One round, seen from the server:
 1. sample sites and send each the global trainable weights and the run's config;
 2. sites train with DP-SGD and answer; with secure aggregation (default) the
    server only ever recovers ``sum_i w_i * update_i`` and ``sum_i w_i``
-   (:mod:`server.secagg`), otherwise it adds plain replies (:mod:`server.aggregate`);
-3. the strategy (FedAvg or FedAdam, :mod:`server.strategy`) turns the weighted
+   (:mod:`fedseal.server.secagg`), otherwise it adds plain replies (:mod:`fedseal.server.aggregate`);
+3. the strategy (FedAvg or FedAdam, :mod:`fedseal.server.strategy`) turns the weighted
    mean update into the next global weights;
 4. central evaluation on the held-out file, one JSON line in
    ``<out>/metrics.jsonl``, a progress line on screen.
 
 After every round the global weights, the strategy's state and the metrics
-are checkpointed atomically in ``<out>/checkpoint/`` (:mod:`server.checkpoint`).
+are checkpointed atomically in ``<out>/checkpoint/`` (:mod:`fedseal.server.checkpoint`).
 A deployed server restarted with the same config resumes after the last
 completed round; a simulation starts afresh. At the end the global model is
 saved with LoRA merged in ``<out>/model/``.
@@ -30,24 +30,24 @@ import numpy as np
 from flwr.app import Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from common.batches import confusion_matrix, encode, predict, scores_of
-from common.dp_rule import stats_rounds
-from common.features import features
-from common.cli_args import setup_logging
-from common.config import ALL, ConfigError, FedConfig, from_mapping
-from common.data import read_examples
-from common.model import (build_model, count_parameters, load_tokenizer, load_trainable,
+from fedseal.common.batches import confusion_matrix, encode, predict, scores_of
+from fedseal.common.dp_rule import stats_rounds
+from fedseal.common.features import features
+from fedseal.common.cli_args import setup_logging
+from fedseal.common.config import ALL, ConfigError, FedConfig, from_mapping
+from fedseal.common.data import read_examples
+from fedseal.common.model import (build_model, count_parameters, load_tokenizer, load_trainable,
                           pick_device, save_merged, trainable_state)
-from common.durable import atomic_write
-from common.records import (JOB_KEY, ROUND_KEY, RecordError, config_to_record, record_to_state,
+from fedseal.common.durable import atomic_write
+from fedseal.common.records import (JOB_KEY, ROUND_KEY, RecordError, config_to_record, record_to_state,
                             state_to_record, to_numpy_state)
-from common.weights import weight_range
-from server.aggregate import RoundSums, send, site_of, sum_plain
-from server.checkpoint import (GROWABLE_KEYS, CheckpointError, check_resume_config,
+from fedseal.common.weights import weight_range
+from fedseal.server.aggregate import RoundSums, send, site_of, sum_plain
+from fedseal.server.checkpoint import (GROWABLE_KEYS, CheckpointError, check_resume_config,
                                load_checkpoint, save_checkpoint)
-from server.metrics import NON_PRIVATE, MetricsLog, TensorBoardLog, eta_seconds, progress_line
-from server.report import write_report
-from server.strategy import FedAvg, Strategy, make_strategy
+from fedseal.server.metrics import NON_PRIVATE, MetricsLog, TensorBoardLog, eta_seconds, progress_line
+from fedseal.server.report import write_report
+from fedseal.server.strategy import FedAvg, Strategy, make_strategy
 
 log = logging.getLogger("fedseal")  # progress lines and warnings: what a console shows
 detail = logging.getLogger("fedseal.run")  # the rest: a simulation's log file, a server's log
@@ -192,7 +192,7 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
                               "config": config_to_record(cfg, **{ROUND_KEY: server_round,
                                                                  JOB_KEY: job})})
         if cfg.secagg:
-            from server.secagg import secure_round
+            from fedseal.server.secagg import secure_round
 
             sums = secure_round(grid, nodes, content, weights, cfg, run_id, server_round)
         else:

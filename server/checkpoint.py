@@ -33,7 +33,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from common.durable import fsync_path
+from fedseal.common.durable import fsync_path
 
 log = logging.getLogger("fedseal")
 

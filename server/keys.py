@@ -36,8 +36,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.durable import fsync_path
-from common.secagg import generate_identity
+from fedseal.common.durable import fsync_path
+from fedseal.common.secagg import generate_identity
 
 CA_CERT = "ca.pem"
 CA_KEY = "ca.key"
@@ -198,7 +198,7 @@ def site_key_files(name: str) -> tuple[bytes, bytes]:
     ``flower-supernode --auth-supernode-private-key`` reads the private key with
     ``load_ssh_private_key`` and ``flwr supernode register`` the public key with
     ``load_ssh_public_key``, so both are in OpenSSH format (P-384, the curve Flower's
-    docs use). The same key signs the site's SecAgg+ messages (:mod:`common.secagg.identity`).
+    docs use). The same key signs the site's SecAgg+ messages (:mod:`fedseal.common.secagg.identity`).
     """
     validate_site_name(name)
     private, public = generate_identity(f"fedseal-{name}")

@@ -1,12 +1,12 @@
-"""``fedseal keys``: the command-line face of :mod:`server.keys`."""
+"""``fedseal keys``: the command-line face of :mod:`fedseal.server.keys`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from server import keys as keys_lib
-from server.keys import (CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, KeysError, add_site,
+from fedseal.server import keys as keys_lib
+from fedseal.server.keys import (CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, KeysError, add_site,
                          create_site_key, init_keys, parse_hosts)
 
 
@@ -76,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``fedseal keys init|site|add-site ...``; returns the process exit code (2 on a user error)."""
-    from common.cli import command_parser
+    from fedseal.common.cli import command_parser
 
     args = command_parser("keys").parse_args(argv)
     try:

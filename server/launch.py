@@ -13,7 +13,7 @@ What it does, in order (each step fails with a message naming what to change):
    (``--insecure`` turns both off, with a warning, for a trial on one machine):
    its Control API (admit nodes, submit and stop runs) and Runtime API are
    reachable from this machine alone;
-4. starts the reverse proxy (:mod:`server.proxy`, Caddy) on ``address``: TLS
+4. starts the reverse proxy (:mod:`fedseal.server.proxy`, Caddy) on ``address``: TLS
    with the server certificate, and only Flower's Fleet API paths forwarded;
 5. registers every site's public key (Flower 1.41 takes the allowed list through
    its Control API, not at start-up);
@@ -56,18 +56,18 @@ from typing import Any
 
 import tomli_w
 
-from common.config import ConfigError, FedConfig, from_mapping, read_toml, unknown_key
-from common.durable import atomic_write
-from common.processes import (ProcessError, child_env, die_with_parent, flwr_bin, port_open,
+from fedseal.common.bundle import CLIENT_APP, PACKAGES, SERVER_APP, package_dir
+from fedseal.common.config import ConfigError, FedConfig, from_mapping, read_toml, unknown_key
+from fedseal.common.durable import atomic_write
+from fedseal.common.processes import (ProcessError, child_env, die_with_parent, flwr_bin, port_open,
                               split_address, stop_process)
-from server.proxy import FleetProxy
-from server.report import REPORT_FILE
+from fedseal.server.proxy import FleetProxy
+from fedseal.server.report import REPORT_FILE
 
 log = logging.getLogger("fedseal.server")
 
 CONNECTION = "fedseal"  # the name of the Flower CLI connection to our own SuperLink
 LOOPBACK = "127.0.0.1"  # the only address the SuperLink listens on
-APP_PACKAGES = ("common", "server", "client")
 READY_TIMEOUT_S = 60.0
 STATUS_POLL_S = 30.0
 ALREADY_REGISTERED = "[code: 23]"  # flwr 1.41: "Public key already in use."
@@ -186,7 +186,7 @@ def check_keys(settings: ServerSettings) -> list[tuple[str, Path]]:
     """Check the keys folder; return ``(site, public key file)`` for every site to admit."""
     from cryptography import x509
 
-    from server.keys import CA_CERT, SERVER_CERT, SERVER_KEY, SITES_DIR, server_hosts
+    from fedseal.server.keys import CA_CERT, SERVER_CERT, SERVER_KEY, SITES_DIR, server_hosts
 
     keys = settings.keys
     if not keys.is_dir():
@@ -256,7 +256,7 @@ class Flwr:
 
 def write_flwr_config(flwr_home: Path, settings: ServerSettings) -> None:
     """The Flower CLI's connection to our SuperLink (``$FLWR_HOME/config.toml``)."""
-    from server.keys import CA_CERT
+    from fedseal.server.keys import CA_CERT
 
     flwr_home.mkdir(mode=0o700, parents=True, exist_ok=True)
     conn: dict[str, Any] = {"address": settings.admin_address}
@@ -273,9 +273,8 @@ def write_app(app_dir: Path, cfg: FedConfig) -> Path:
     if app_dir.exists():
         shutil.rmtree(app_dir)
     app_dir.mkdir(parents=True)
-    for package in APP_PACKAGES:
-        source = Path(__import__(package).__file__).resolve().parent
-        shutil.copytree(source, app_dir / package,
+    for package in PACKAGES:
+        shutil.copytree(package_dir(package), app_dir / package,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     try:
         version = importlib.metadata.version("fedseal")
@@ -286,7 +285,7 @@ def write_app(app_dir: Path, cfg: FedConfig) -> Path:
                     "description": "fedseal federated run (dependencies are installed at every site)"},
         "tool": {"flwr": {"app": {
             "publisher": "fedseal",
-            "components": {"serverapp": "server.app:app", "clientapp": "client.app:app"},
+            "components": {"serverapp": SERVER_APP, "clientapp": CLIENT_APP},
             "config": cfg.to_run_config(),
         }}},
     }
@@ -309,7 +308,7 @@ class Server:
     # -- SuperLink ---------------------------------------------------------------------------
 
     def start_superlink(self) -> None:
-        from server.keys import CA_CERT, SERVER_CERT, SERVER_KEY
+        from fedseal.server.keys import CA_CERT, SERVER_CERT, SERVER_KEY
 
         self.state.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.state, 0o700)
@@ -347,8 +346,8 @@ class Server:
                  else "TLS, SuperNode authentication", self.superlink_log)
 
     def start_proxy(self) -> None:
-        """The reverse proxy on the public address: TLS, Fleet API only (:mod:`server.proxy`)."""
-        from server.keys import CA_CERT, SERVER_CERT, SERVER_KEY
+        """The reverse proxy on the public address: TLS, Fleet API only (:mod:`fedseal.server.proxy`)."""
+        from fedseal.server.keys import CA_CERT, SERVER_CERT, SERVER_KEY
 
         s = self.settings
         keys = s.keys.resolve()
@@ -502,8 +501,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fedseal server``."""
-    from common.cli import command_parser
-    from common.cli_args import setup_logging
+    from fedseal.common.cli import command_parser
+    from fedseal.common.cli_args import setup_logging
 
     args = command_parser("server").parse_args(argv)
 

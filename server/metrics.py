@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from common.durable import atomic_write
+from fedseal.common.durable import atomic_write
 
 log = logging.getLogger("fedseal")
 

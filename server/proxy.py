@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common.durable import atomic_write
-from common.processes import ProcessError, child_env, die_with_parent, port_open, stop_process
+from fedseal.common.durable import atomic_write
+from fedseal.common.processes import ProcessError, child_env, die_with_parent, port_open, stop_process
 
 log = logging.getLogger("fedseal.server")
 

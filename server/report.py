@@ -26,8 +26,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from common.durable import atomic_write
-from server.metrics import NON_PRIVATE
+from fedseal.common.durable import atomic_write
+from fedseal.server.metrics import NON_PRIVATE
 
 REPORT_FILE = "report.html"
 MAX_LEGEND_SITES = 12  # more sites than this: lines without a legend

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from server.report import REPORT_FILE, write_report
+from fedseal.server.report import REPORT_FILE, write_report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fedseal report``."""
-    from common.cli import command_parser
+    from fedseal.common.cli import command_parser
 
     args = command_parser("report").parse_args(argv)
     print(write_report(args.run_dir, args.output))

@@ -33,20 +33,20 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from common.config import FedConfig
-from common.records import unflatten
-from common.secagg import ProtocolAbort, RoundContext, SecAggError, ServerState, generate_key_pair
-from common.secagg import ConfigError as SecAggConfigError
-from common.secagg.crypto import KEY_BYTES
-from common.secagg.messages import pack_var_table
-from common.secagg_wire import (ADVERT, B_SHARES, BUNDLE, CHALLENGE, CIPHERTEXTS, COMPLAINTS,
+from fedseal.common.config import FedConfig
+from fedseal.common.records import unflatten
+from fedseal.common.secagg import ProtocolAbort, RoundContext, SecAggError, ServerState, generate_key_pair
+from fedseal.common.secagg import ConfigError as SecAggConfigError
+from fedseal.common.secagg.crypto import KEY_BYTES
+from fedseal.common.secagg.messages import pack_var_table
+from fedseal.common.secagg_wire import (ADVERT, B_SHARES, BUNDLE, CHALLENGE, CIPHERTEXTS, COMPLAINTS,
                                 CONSISTENCY, K, MASKED, MASKED_INPUT, NODES, RECORD, ROUND,
                                 ROUTED, SEEDS, SHARE_KEYS, SHARES, SIGNATURE, SIGNATURES,
                                 SK_SHARES, THRESHOLD, UNMASK, VIEW, Y, SumRangeError, WireError,
                                 decode_sum, field, pack_ids, pack_routed, quant_config,
                                 round_parameters, unpack_shares, unpack_table)
-from common.weights import weight_range
-from server.aggregate import RoundSums, message_bytes, send, site_of, triage
+from fedseal.common.weights import weight_range
+from fedseal.server.aggregate import RoundSums, message_bytes, send, site_of, triage
 
 log = logging.getLogger("fedseal")
 

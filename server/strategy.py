@@ -14,7 +14,7 @@ from typing import Mapping, Protocol
 
 import numpy as np
 
-from common.config import FedConfig
+from fedseal.common.config import FedConfig
 
 Weights = Mapping[str, np.ndarray]
 

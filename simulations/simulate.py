@@ -8,7 +8,7 @@ own. Flower's Simulation Engine (Ray) runs the ServerApp and the ClientApps.
 The console shows a short header, one progress line per round and the
 warnings a user can act on; every log line (fedseal's, Flower's, Ray's,
 alembic's, transformers', Python warnings) goes to ``<out>/fedseal.log``, and
-``-v`` puts all of it back on the console (:mod:`common.console`).
+``-v`` puts all of it back on the console (:mod:`fedseal.common.console`).
 
 Why ``flwr.simulation.run_simulation`` and not ``flwr run``: Flower 1.41
 deprecates ``run_simulation`` in favour of ``flwr run`` against a local
@@ -50,15 +50,15 @@ import sys
 import time
 from pathlib import Path
 
-from client.site import simulation_key_file, simulation_roster_file, simulation_site_file
-from common.cli_args import add_config_options, config_from_args
-from common.config import AUTO, ConfigError, FedConfig
-from common.console import LOG_FILE, quiet_child_environment, setup_run_logging
-from common.data import Examples, label_sort_key, read_examples, write_examples
-from common.partition import dirichlet_partition, iid_partition, label_mix
-from common.secagg import generate_identity
-from common.synthetic import synthetic_examples
-from server.report import REPORT_FILE
+from fedseal.client.site import simulation_key_file, simulation_roster_file, simulation_site_file
+from fedseal.common.cli_args import add_config_options, config_from_args
+from fedseal.common.config import AUTO, ConfigError, FedConfig
+from fedseal.common.console import LOG_FILE, quiet_child_environment, setup_run_logging
+from fedseal.common.data import Examples, label_sort_key, read_examples, write_examples
+from fedseal.common.partition import dirichlet_partition, iid_partition, label_mix
+from fedseal.common.secagg import generate_identity
+from fedseal.common.synthetic import synthetic_examples
+from fedseal.server.report import REPORT_FILE
 
 log = logging.getLogger("fedseal")  # the console
 detail = logging.getLogger("fedseal.simulate")  # the log file (-v: the console too)
@@ -140,7 +140,7 @@ def write_site_keys(out: str | Path, clients: int) -> Path:
 
 def header(cfg: FedConfig, log_file: Path) -> list[str]:
     """The console's first lines: what runs, under which privacy, where outputs go."""
-    from server.metrics import NON_PRIVATE
+    from fedseal.server.metrics import NON_PRIVATE
 
     data = cfg.train or "the embedded synthetic task"
     privacy = (f"DP-SGD at every site, epsilon {cfg.epsilon:g}, delta {cfg.delta:g} per site"
@@ -160,12 +160,12 @@ def simulate(cfg: FedConfig, verbose: bool = False) -> dict:
 
     ``verbose`` forwards the virtual sites' (Ray actors') own output to the
     console; otherwise it stays in Ray's session logs, and the sites' libraries
-    are kept quiet (:func:`common.console.quiet_child_environment`).
+    are kept quiet (:func:`fedseal.common.console.quiet_child_environment`).
     """
     from flwr.simulation import run_simulation
 
-    from client.app import app as client_app
-    from server.app import make_server_app
+    from fedseal.client.app import app as client_app
+    from fedseal.server.app import make_server_app
 
     cfg = prepare_sites(cfg)
     Path(cfg.out, "config.json").write_text(json.dumps(cfg.to_dict(), indent=2), encoding="utf-8")
@@ -209,7 +209,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fedseal simulate``."""
-    from common.cli import command_parser
+    from fedseal.common.cli import command_parser
 
     args = command_parser("simulate").parse_args(argv)
     cfg = config_from_args(args)

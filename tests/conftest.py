@@ -23,7 +23,7 @@ def make_tiny_bert(path: Path) -> Path:
     import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
-    from common import synthetic
+    from fedseal.common import synthetic
 
     path.mkdir(parents=True, exist_ok=True)
     words = sorted(set(synthetic.POSITIVE + synthetic.NEGATIVE + synthetic.FILLER))

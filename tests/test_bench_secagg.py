@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from common.secagg import default_k
-from simulations.bench_secagg import QUICK_NS, QUICK_SIZES, main
+from fedseal.common.secagg import default_k
+from simulations.bench.secagg import QUICK_NS, QUICK_SIZES, main
 
 ROW_KEYS = {
     "size_name", "length", "n", "k", "threshold", "client_mask_s", "client_mask_method",

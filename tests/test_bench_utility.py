@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from simulations import bench_utility
+from simulations.bench import utility as bench_utility
 
 pytestmark = pytest.mark.slow
 

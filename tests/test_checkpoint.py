@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from common.config import FedConfig
-from server import checkpoint as ckpt_mod
-from server.checkpoint import CheckpointError, check_resume_config, load_checkpoint, save_checkpoint
+from fedseal.common.config import FedConfig
+from fedseal.server import checkpoint as ckpt_mod
+from fedseal.server.checkpoint import CheckpointError, check_resume_config, load_checkpoint, save_checkpoint
 
 
 def _weights(seed: int) -> dict[str, np.ndarray]:

@@ -1,6 +1,6 @@
 """Every option of every ``fedseal`` command explains itself in ``--help``.
 
-The walk goes over the real parser tree (:func:`common.cli.build_parser`, the same
+The walk goes over the real parser tree (:func:`fedseal.common.cli.build_parser`, the same
 ``add_arguments`` each command's ``main`` uses), so an option added without a help
 text, or a choice-valued option whose help does not name its choices, fails here.
 """
@@ -12,8 +12,8 @@ import re
 
 import pytest
 
-from common.cli import COMMANDS, build_parser, command_parser
-from common.config import AUTO, AUTO_SETTINGS, CHOICES, FIELDS, HELP
+from fedseal.common.cli import COMMANDS, build_parser, command_parser
+from fedseal.common.config import AUTO, AUTO_SETTINGS, CHOICES, FIELDS, HELP
 
 
 def _walk(parser: argparse.ArgumentParser, path: str):
@@ -73,7 +73,7 @@ def test_simulate_help_shows_auto_for_every_automatic_setting(capsys):
 
 
 def test_auto_and_numbers_parse_on_the_command_line():
-    from common.cli_args import config_from_args
+    from fedseal.common.cli_args import config_from_args
 
     parser = command_parser("simulate")
     args = parser.parse_args(["--secagg-k", "auto", "--server-lr", "auto"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.config import ConfigError, FedConfig, from_mapping, load_toml
+from fedseal.common.config import ConfigError, FedConfig, from_mapping, load_toml
 
 
 def test_defaults_are_valid_and_private():
@@ -33,7 +33,7 @@ def test_bad_values(key, value, match):
 
 
 def test_simulation_needs_train_and_eval_together(tmp_path):
-    from simulations.simulate import prepare_sites
+    from fedseal.simulations.simulate import prepare_sites
 
     with pytest.raises(ConfigError, match="give both --train and --eval"):
         prepare_sites(FedConfig(train="x.tsv", out=str(tmp_path)))

@@ -19,10 +19,10 @@ import logging
 
 import pytest
 
-from common.console import ConsoleFilter
-from common.data import write_examples
-from common.synthetic import synthetic_examples
-from server.metrics import eta_seconds, progress_line
+from fedseal.common.console import ConsoleFilter
+from fedseal.common.data import write_examples
+from fedseal.common.synthetic import synthetic_examples
+from fedseal.server.metrics import eta_seconds, progress_line
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUNDS = 2
@@ -53,8 +53,8 @@ def test_eta_is_the_mean_round_time_times_the_rounds_left():
     ("fedseal", logging.DEBUG, False),
     ("fedseal.run", logging.INFO, False),  # per-round detail: the log file
     ("fedseal.run", logging.WARNING, True),
-    ("client.app", logging.WARNING, True),
-    ("common.secagg.server", logging.INFO, False),
+    ("fedseal.client.app", logging.WARNING, True),
+    ("fedseal.common.secagg.server", logging.INFO, False),
     ("flwr", logging.WARNING, False),  # Flower's deprecation notice
     ("py.warnings", logging.WARNING, False),  # libraries' FutureWarnings
     ("alembic.runtime.plugins", logging.INFO, False),
@@ -74,7 +74,7 @@ def _simulate(tiny_bert: str, out: Path, *extra: str) -> str:
            if k not in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")}
     env["HF_HUB_OFFLINE"] = "1"
     proc = subprocess.run(
-        [sys.executable, "-m", "common.cli", "simulate", "--model", tiny_bert, "--finetune", "probe",
+        [sys.executable, "-m", "fedseal.common.cli", "simulate", "--model", tiny_bert, "--finetune", "probe",
          "--clients", "2", "--rounds", str(ROUNDS), "--max-length", "16", "--train", str(train),
          "--eval", str(held_out), "--out", str(out), *extra],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
@@ -100,7 +100,7 @@ def test_default_console_is_header_progress_and_nothing_else(tiny_bert, tmp_path
     assert "DEPRECATED FEATURE" in detail  # Flower's notice, kept, in the file
     assert "fedseal.simulate:   site-1:" in detail  # each site's label mix
     assert f"fedseal.run: round {ROUNDS}/{ROUNDS}: 2 site(s) training" in detail
-    assert "common.secagg.server: unmask stage" in detail
+    assert "fedseal.common.secagg.server: unmask stage" in detail
     assert len(re.findall(r"INFO fedseal: \[[#.]+\] round", detail)) == ROUNDS
 
 
@@ -109,7 +109,7 @@ def test_default_console_is_header_progress_and_nothing_else(tiny_bert, tmp_path
 LIBRARY_LINES = """
 import logging, sys, warnings
 from pathlib import Path
-from common.console import setup_run_logging
+from fedseal.common.console import setup_run_logging
 setup_run_logging(Path(sys.argv[1]), verbose=sys.argv[2] == "-v")
 from flwr.supercore.logger import warn_deprecated_feature
 from transformers.utils import logging as hf_logging

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from common.data import DataError, read_examples, write_examples
+from fedseal.common.data import DataError, read_examples, write_examples
 
 
 def _write(path, text, mode="w"):

@@ -30,9 +30,9 @@ import grpc
 import pytest
 import tomli_w
 
-from common import synthetic
-from common.data import write_examples
-from common.processes import child_env, flwr_bin
+from fedseal.common import synthetic
+from fedseal.common.data import write_examples
+from fedseal.common.processes import child_env, flwr_bin
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ class Procs:
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
         log = (self.logs / f"{name}.log").open("ab")
-        proc = subprocess.Popen([sys.executable, "-m", "common.cli", *args], cwd=ROOT,
+        proc = subprocess.Popen([sys.executable, "-m", "fedseal.common.cli", *args], cwd=ROOT,
                                 env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         self.procs[name] = proc
@@ -128,7 +128,7 @@ accountant = "rdp"              # a real Opacus accountant, faster to calibrate 
 def federation(tmp_path, tiny_bert):
     """The server's certificates, each site's own key (and an intruder's), a peers roster,
     site data and server configs; the processes."""
-    from server.keys import add_site, create_site_key, init_keys, parse_hosts
+    from fedseal.server.keys import add_site, create_site_key, init_keys, parse_hosts
 
     init_keys(tmp_path / "keys", parse_hosts(["localhost"]))
     roster = []
@@ -162,8 +162,8 @@ def federation(tmp_path, tiny_bert):
 
 def _foreign_app(root: Path, tiny_bert: str) -> Path:
     """fedseal's app with a ClientApp and ServerApp that leave marker files when they run."""
-    from common.config import FedConfig
-    from server.launch import write_app
+    from fedseal.common.config import FedConfig
+    from fedseal.server.launch import write_app
 
     cfg = FedConfig(model=tiny_bert, finetune="full", eval=str(root / "eval.jsonl"),
                     labels=("negative", "positive"), rounds=1, clients=2, min_clients=2,
@@ -264,8 +264,8 @@ def _outsider_is_locked_out(root: Path, port: int, procs: Procs, tiny_bert: str)
         grpc.channel_ready_future(channel).result(timeout=5)
     channel.close()
     # The agent's pre-flight check names a wrong CA against the real TLS proxy.
-    from client.agent import AgentError, probe_server
-    from server.keys import init_keys, parse_hosts
+    from fedseal.client.agent import AgentError, probe_server
+    from fedseal.server.keys import init_keys, parse_hosts
 
     init_keys(root / "other-keys", parse_hosts(["localhost"]))
     with pytest.raises(AgentError, match="does not verify against --ca"):

@@ -13,11 +13,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from client.agent import (AgentError, check_files, check_peers, node_config, probe_server,
+from fedseal.client.agent import (AgentError, check_files, check_peers, node_config, probe_server,
                           write_node_config)
-from common.config import ConfigError
-from client.site import SitePolicy
-from server.launch import LaunchError, ServerSettings, check_keys, load_server_config, write_app
+from fedseal.common.config import ConfigError
+from fedseal.client.site import SitePolicy
+from fedseal.server.launch import LaunchError, ServerSettings, check_keys, load_server_config, write_app
 
 
 def _config(tmp_path, text: str):
@@ -42,7 +42,7 @@ def test_server_config_resolves_paths_and_builds_the_run(tmp_path):
     app = write_app(tmp_path / "app", cfg)
     project = tomllib.loads((app / "pyproject.toml").read_text())
     assert project["tool"]["flwr"]["app"]["config"]["rounds"] == 4
-    assert project["tool"]["flwr"]["app"]["components"]["serverapp"] == "server.app:app"
+    assert project["tool"]["flwr"]["app"]["components"]["serverapp"] == "fedseal.server.app:app"
     assert "federations" not in project["tool"]["flwr"]
     assert (app / "client" / "app.py").is_file() and not list(app.rglob("__pycache__"))
 
@@ -65,9 +65,9 @@ def test_server_config_errors_say_what_to_change(tmp_path, text, match):
 
 
 def test_keys_folder_problems_are_named(tmp_path):
-    from server.keys import init_keys, parse_hosts
+    from fedseal.server.keys import init_keys, parse_hosts
 
-    from server.keys import add_site, create_site_key
+    from fedseal.server.keys import add_site, create_site_key
 
     with pytest.raises(LaunchError, match="fedseal keys init"):
         check_keys(ServerSettings(keys=tmp_path / "nokeys"))
@@ -96,7 +96,7 @@ def _ca(path, *, days_left: int):
 
 
 def test_agent_checks_name_the_bad_input(tmp_path):
-    from server.keys import create_site_key, init_keys, parse_hosts
+    from fedseal.server.keys import create_site_key, init_keys, parse_hosts
 
     init_keys(tmp_path / "keys", parse_hosts(["localhost"]))
     key, pub = create_site_key(tmp_path / "site", "alpha")
@@ -126,8 +126,8 @@ def test_agent_checks_name_the_bad_input(tmp_path):
 def test_node_config_reaches_the_client_app_intact(tmp_path):
     from flwr.common.config import parse_config_args  # what flower-supernode uses
 
-    from client.site import site_settings
-    from common.config import FedConfig
+    from fedseal.client.site import site_settings
+    from fedseal.common.config import FedConfig
 
     data = tmp_path / 'site "a" data.csv'
     policy = SitePolicy(require_secagg=False, min_cohort=4, min_secagg_k=3,
@@ -152,8 +152,8 @@ def test_node_config_reaches_the_client_app_intact(tmp_path):
     ({"max-update-clip": 0}, "max-update-clip must be positive"),
 ])
 def test_a_bad_site_policy_is_named(tmp_path, entry, match):
-    from client.site import site_settings
-    from common.config import FedConfig
+    from fedseal.client.site import site_settings
+    from fedseal.common.config import FedConfig
 
     node = {"data-path": str(tmp_path / "d.csv"), **entry}
     with pytest.raises(ConfigError, match=match):
@@ -163,7 +163,7 @@ def test_a_bad_site_policy_is_named(tmp_path, entry, match):
 def test_proxy_config_forwards_only_the_fleet_api(tmp_path):
     from flwr.supernode.fleet_http_client import FleetHttpClient
 
-    from server.proxy import FLEET_PATHS, caddy_bin, caddy_config
+    from fedseal.server.proxy import FLEET_PATHS, caddy_bin, caddy_config
 
     # Every path a SuperNode calls, and only Fleet paths.
     called = {line.split('"')[1] for line in

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from simulations import diagnose_dp
+from simulations.bench import diagnose_dp
 
 
 def test_probe_reads_a_separable_feature_and_not_noise():

@@ -8,10 +8,10 @@ import itertools
 import pytest
 import torch
 
-from common.config import ConfigError, FedConfig
-from common.dp_rule import (MAX_BATCH, MIN_STEPS_PER_ROUND, PROBE_CLIP, PROBE_LR, SAMPLE_RATE,
+from fedseal.common.config import ConfigError, FedConfig
+from fedseal.common.dp_rule import (MAX_BATCH, MIN_STEPS_PER_ROUND, PROBE_CLIP, PROBE_LR, SAMPLE_RATE,
                             TRAINING_STEPS, recipe)
-from common.privacy import epsilon_spent, plan_site
+from fedseal.common.privacy import epsilon_spent, plan_site
 
 
 def test_probe_settings_follow_from_size_and_rounds():
@@ -79,8 +79,8 @@ def test_the_prv_plan_of_the_default_run_is_within_budget():
 
 def test_an_empty_poisson_batch_is_a_noise_only_step():
     """A tiny site samples empty batches often: each still counts as a step and adds noise."""
-    from client.probe import train_head
-    from common.privacy import DPPlan
+    from fedseal.client.probe import train_head
+    from fedseal.common.privacy import DPPlan
 
     class Model(torch.nn.Module):
         def __init__(self):

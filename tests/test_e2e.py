@@ -17,10 +17,10 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from common.config import FedConfig
-from server.app import run_federation
-from simulations.simulate import prepare_sites
-from simulations.local_grid import RUN_ID, LocalGrid
+from fedseal.common.config import FedConfig
+from fedseal.server.app import run_federation
+from fedseal.simulations.simulate import prepare_sites
+from simulations.bench.local_grid import RUN_ID, LocalGrid
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def test_simulate_cli_on_ray_with_dp_and_secagg(tiny_bert, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"}
     proc = subprocess.run(
-        [sys.executable, "-m", "common.cli", "simulate", "--model", tiny_bert, "--finetune", "full",
+        [sys.executable, "-m", "fedseal.common.cli", "simulate", "--model", tiny_bert, "--finetune", "full",
          "--clients", "3", "--rounds", "2", "--local-steps", "4", "--batch-size", "16",
          "--max-length", "24", "--epsilon", "4", "--delta", "1e-4", "--out", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,

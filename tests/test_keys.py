@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from server.keys import KeysError, add_site, create_site_key, init_keys, parse_hosts
-from server.keys_cli import main
+from fedseal.server.keys import KeysError, add_site, create_site_key, init_keys, parse_hosts
+from fedseal.server.keys_cli import main
 
 
 def _init(out: Path, *extra: str) -> int:

@@ -10,11 +10,11 @@ import stat
 
 import pytest
 
-from client import ledger_cli
-from client.ledger import LedgerError, PrivacyLedger, recover
-from client.ledger_seal import (COUNTER_CONTEXT, LEDGER_CONTEXT, Counter, canonical, counter_path,
+from fedseal.client import ledger_cli
+from fedseal.client.ledger import LedgerError, PrivacyLedger, recover
+from fedseal.client.ledger_seal import (COUNTER_CONTEXT, LEDGER_CONTEXT, Counter, canonical, counter_path,
                                 mac)
-from common import durable
+from fedseal.common import durable
 
 
 @pytest.fixture

@@ -7,15 +7,15 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from client.trainer import train_local
-from common.batches import encode
-from common.config import FedConfig
-from common.dp_rule import recipe
-from common.model import ModelError, build_model, load_tokenizer, load_trainable, trainable_state
-from common.privacy import plan_site
-from common.records import (RecordError, flatten, record_to_state, state_to_record, to_numpy_state,
+from fedseal.client.trainer import train_local
+from fedseal.common.batches import encode
+from fedseal.common.config import FedConfig
+from fedseal.common.dp_rule import recipe
+from fedseal.common.model import ModelError, build_model, load_tokenizer, load_trainable, trainable_state
+from fedseal.common.privacy import plan_site
+from fedseal.common.records import (RecordError, flatten, record_to_state, state_to_record, to_numpy_state,
                             unflatten)
-from common.synthetic import LABEL_NAMES, synthetic_examples
+from fedseal.common.synthetic import LABEL_NAMES, synthetic_examples
 
 
 def test_lora_trains_only_adapters_and_head(tiny_bert):

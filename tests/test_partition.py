@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.partition import PartitionError, dirichlet_partition, iid_partition, label_mix
+from fedseal.common.partition import PartitionError, dirichlet_partition, iid_partition, label_mix
 
 
 def _check_exact_cover(parts, n):

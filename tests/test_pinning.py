@@ -8,9 +8,9 @@ import zipfile
 import pytest
 from flwr.cli.build import build_fab_from_disk
 
-from client.pinning import CodePinError, check_fab, installed_manifest, manifest_digest
-from common.config import FedConfig
-from server.launch import write_app
+from fedseal.client.pinning import CodePinError, check_fab, installed_manifest, manifest_digest
+from fedseal.common.config import FedConfig
+from fedseal.server.launch import write_app
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +61,8 @@ def test_a_bundle_with_other_code_is_refused_naming_it(app_dir, change, match):
 
 
 def test_a_bundle_naming_another_client_app_is_refused(app_dir):
-    text = (app_dir / "pyproject.toml").read_text().replace('"client.app:app"', '"client.evil:app"')
-    with pytest.raises(CodePinError, match="'client.evil:app', not fedseal's 'client.app:app'"):
+    text = (app_dir / "pyproject.toml").read_text().replace('"fedseal.client.app:app"', '"client.evil:app"')
+    with pytest.raises(CodePinError, match="'client.evil:app', not fedseal's 'fedseal.client.app:app'"):
         check_fab(_rezip(_fab(app_dir), {"pyproject.toml": text.encode()}))
     with pytest.raises(CodePinError, match="not a readable Flower app bundle"):
         check_fab(b"not a zip")

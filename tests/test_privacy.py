@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.privacy import PrivacyError, epsilon_spent, plan_site, sample_rate_for
+from fedseal.common.privacy import PrivacyError, epsilon_spent, plan_site, sample_rate_for
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])

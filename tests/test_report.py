@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.cli import main as cli_main
-from server.metrics import NON_PRIVATE, TensorBoardLog, round_scalars
-from server.report import REPORT_FILE, ReportError, load_run, render, write_report
+from fedseal.common.cli import main as cli_main
+from fedseal.server.metrics import NON_PRIVATE, TensorBoardLog, round_scalars
+from fedseal.server.report import REPORT_FILE, ReportError, load_run, render, write_report
 
 CHROMIUM_MISSING = ("chromium not found on PATH: the report test needs Debian's chromium "
                     "package; install it with `apt-get install chromium` (`make test` does, as root)")
@@ -163,7 +163,7 @@ def test_report_command(dp_run, tmp_path, capsys):
 
 
 def test_confusion_matrix_counts_true_by_predicted():
-    from common.batches import confusion_matrix
+    from fedseal.common.batches import confusion_matrix
 
     gold = np.array([0, 0, 0, 1, 1, 2])
     pred = np.array([0, 1, 0, 1, 2, 2])
@@ -272,12 +272,12 @@ def test_tensorboard_events_read_back_and_a_resume_replaces_its_rounds(tmp_path)
 
 @pytest.mark.slow
 def test_a_tiny_run_writes_its_report_and_tensorboard(tiny_bert, tmp_path):
-    from common.config import FedConfig
-    from common.data import write_examples
-    from common.synthetic import synthetic_examples
-    from server.app import run_federation
-    from simulations.local_grid import RUN_ID, LocalGrid
-    from simulations.simulate import prepare_sites
+    from fedseal.common.config import FedConfig
+    from fedseal.common.data import write_examples
+    from fedseal.common.synthetic import synthetic_examples
+    from fedseal.server.app import run_federation
+    from simulations.bench.local_grid import RUN_ID, LocalGrid
+    from fedseal.simulations.simulate import prepare_sites
 
     out, board = tmp_path / "run", tmp_path / "tb"
     train = write_examples(synthetic_examples(240, seed=1), tmp_path / "train.jsonl")

@@ -19,20 +19,20 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import client.secagg as client_secagg
-from client.site import simulation_site_file, site_settings
-from common.config import FedConfig
-from common.model import build_model, trainable_state
-from common.records import (config_to_record, flatten, record_to_config, state_to_record,
+import fedseal.client.secagg as client_secagg
+from fedseal.client.site import simulation_site_file, site_settings
+from fedseal.common.config import FedConfig
+from fedseal.common.model import build_model, trainable_state
+from fedseal.common.records import (config_to_record, flatten, record_to_config, state_to_record,
                             to_numpy_state)
-from common.secagg import generate_identity
-from common.secagg_wire import (ADVERT, B_SHARES, CIPHERTEXTS, COMPLAINTS, MASKED, RECORD, SHARES,
+from fedseal.common.secagg import generate_identity
+from fedseal.common.secagg_wire import (ADVERT, B_SHARES, CIPHERTEXTS, COMPLAINTS, MASKED, RECORD, SHARES,
                                 SIGNATURE, STAGES, Y, decode_sum, pack_shares, unpack_shares,
                                 unpack_table)
-from common.weights import weight_range
-from server.secagg import secure_round
-from simulations.local_grid import RUN_ID, LocalGrid
-from simulations.simulate import prepare_sites
+from fedseal.common.weights import weight_range
+from fedseal.server.secagg import secure_round
+from simulations.bench.local_grid import RUN_ID, LocalGrid
+from fedseal.simulations.simulate import prepare_sites
 
 TRAIN = "train"
 ALL_STAGES = [TRAIN, *(f"train.{s}" for s in STAGES)]
@@ -465,12 +465,12 @@ def test_a_round_below_the_sites_policy_is_refused_before_training(setup, monkey
                                                                     secagg, reason):
     cfg, weights = setup
     cfg = cfg.replace(**secagg)
-    import client.trainer
+    import fedseal.client.trainer
 
     def no_training(*args, **kwargs):
         raise AssertionError("the site trained a round it refuses")
 
-    monkeypatch.setattr(client.trainer, "train_local", no_training)
+    monkeypatch.setattr(fedseal.client.trainer, "train_local", no_training)
     first = ({"data-path": str(simulation_site_file(cfg.out, 0)), "site-name": "site-0",
               "require-dp": cfg.dp, "min-cohort": 2}
              if policy is None else {"partition-id": 0, **policy})  # None: no key configured
@@ -483,7 +483,7 @@ def test_a_round_below_the_sites_policy_is_refused_before_training(setup, monkey
 # ------------------------------------------------------------- simulations
 def test_simulations_give_every_site_a_key_and_the_roster(setup):
     cfg, _ = setup
-    from client.secagg import load_identity, load_roster
+    from fedseal.client.secagg import load_identity, load_roster
     fingerprints = set()
     for i in range(N):
         site = site_settings({"partition-id": i}, cfg)

@@ -13,19 +13,19 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from client.ledger import PrivacyLedger
-from client.pending import pending_path, release
-from common import synthetic
-from common.config import FedConfig
-from common.data import Examples, write_examples
-from common.model import build_model, trainable_state
-from common.records import (JOB_KEY, ROUND_KEY, config_to_record, record_to_state,
+from fedseal.client.ledger import PrivacyLedger
+from fedseal.client.pending import pending_path, release
+from fedseal.common import synthetic
+from fedseal.common.config import FedConfig
+from fedseal.common.data import Examples, write_examples
+from fedseal.common.model import build_model, trainable_state
+from fedseal.common.records import (JOB_KEY, ROUND_KEY, config_to_record, record_to_state,
                             state_to_record, to_numpy_state)
-from common.secagg import generate_identity
-from common.secagg_wire import pack_ids
-from server.app import run_federation
-from server.checkpoint import CheckpointError
-from simulations.local_grid import RUN_ID, LocalGrid
+from fedseal.common.secagg import generate_identity
+from fedseal.common.secagg_wire import pack_ids
+from fedseal.server.app import run_federation
+from fedseal.server.checkpoint import CheckpointError
+from simulations.bench.local_grid import RUN_ID, LocalGrid
 
 LABELS = ("negative", "positive")
 
@@ -182,7 +182,7 @@ class CrashingGrid(LocalGrid):
 
 
 def test_server_resumes_after_the_last_checkpointed_round(site):
-    from server.checkpoint import load_checkpoint
+    from fedseal.server.checkpoint import load_checkpoint
 
     cfg, node, tmp = site
     cfg = cfg.replace(strategy="fedadam")
@@ -247,7 +247,7 @@ def test_refusals_are_named_in_the_server_metrics(site, tmp_path):
 
 
 def test_federated_evaluation_is_off_unless_the_site_turns_it_on(site):
-    from server.app import federated_evaluate
+    from fedseal.server.app import federated_evaluate
 
     cfg, node, _ = site
     weights = to_numpy_state(trainable_state(build_model(cfg, cfg.labels)))
@@ -268,8 +268,8 @@ def test_federated_evaluation_is_off_unless_the_site_turns_it_on(site):
 def test_a_plain_reply_claiming_a_weight_no_honest_site_sends_is_dropped(site, claimed):
     """Without secure aggregation the server sees each weight; a site claiming 1e9 would
     make the mean its own update. It is dropped and named, like any malformed reply."""
-    from common.weights import weight_range
-    from server.aggregate import RoundSums, sum_plain
+    from fedseal.common.weights import weight_range
+    from fedseal.server.aggregate import RoundSums, sum_plain
 
     cfg, node, tmp = site
     grid = LocalGrid(1, node_configs=[node])

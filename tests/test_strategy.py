@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from server.strategy import FedAdam, FedAvg
+from fedseal.server.strategy import FedAdam, FedAvg
 
 
 def test_fedavg_adds_scaled_mean():

@@ -1,6 +1,6 @@
 """Exception hierarchy for the SecAgg+ package.
 
-Every exception raised on purpose by :mod:`common.secagg` derives from
+Every exception raised on purpose by :mod:`fedseal.common.secagg` derives from
 :class:`SecAggError`, so a caller driving a round can catch one base class and
 decide whether the round is lost (:class:`ProtocolAbort`) or whether a single
 participant's message should simply be discarded (:class:`InvalidMessageError`,

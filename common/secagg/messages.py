@@ -2,7 +2,7 @@
 
 Every integer is big-endian and fixed width; every variable-length field carries
 its length; a decoder consumes its input exactly and raises
-:class:`~common.secagg.errors.InvalidMessageError` otherwise. The same bytes are
+:class:`~fedseal.common.secagg.errors.InvalidMessageError` otherwise. The same bytes are
 signed and sent, so there is one encoding per message, pinned by known-answer
 tests.
 
@@ -270,7 +270,7 @@ class Advert:
         prove a complaint exposes nothing else).
     pop : bytes
         Proof that the site holds the private half of ``s_pk`` (see
-        :func:`~common.secagg.crypto.proof_of_possession`); not signed.
+        :func:`~fedseal.common.secagg.crypto.proof_of_possession`); not signed.
     signature : bytes
         Signature of :meth:`body` with purpose ``b"advert"``.
     """

@@ -1,8 +1,8 @@
 """Shared definitions of the SecAgg+ message flow (active-adversary variant).
 
-Round structure (one :class:`~common.secagg.client.ClientState` per node and
-one :class:`~common.secagg.server.ServerState` per round; pure state
-transitions, no I/O). ``ctx`` is the :class:`~common.secagg.messages.RoundContext`
+Round structure (one :class:`~fedseal.common.secagg.client.ClientState` per node and
+one :class:`~fedseal.common.secagg.server.ServerState` per round; pure state
+transitions, no I/O). ``ctx`` is the :class:`~fedseal.common.secagg.messages.RoundContext`
 (run, round, participants, k, t, the server's challenge key) that every
 signature binds::
 
@@ -75,7 +75,7 @@ SHARE_CIPHERTEXT_BYTES = NONCE_BYTES + SHARE_PLAINTEXT_BYTES + 16
 
 
 class ClientStage(enum.Enum):
-    """Progress of a :class:`~common.secagg.client.ClientState`."""
+    """Progress of a :class:`~fedseal.common.secagg.client.ClientState`."""
 
     INIT = "init"
     ADVERTISED = "advertised"
@@ -86,7 +86,7 @@ class ClientStage(enum.Enum):
 
 
 class ServerStage(enum.Enum):
-    """Progress of a :class:`~common.secagg.server.ServerState`."""
+    """Progress of a :class:`~fedseal.common.secagg.server.ServerState`."""
 
     COLLECT_KEYS = "collect_keys"
     COLLECT_SHARES = "collect_shares"
@@ -134,7 +134,7 @@ def decode_share_payload(
     Parameters
     ----------
     payload : bytes
-        Output of :func:`~common.secagg.crypto.decrypt_share`.
+        Output of :func:`~fedseal.common.secagg.crypto.decrypt_share`.
     sender, receiver : int
         The ids the payload must name.
 

@@ -205,9 +205,9 @@ def simulate_round(
     vectors : Mapping[int, numpy.ndarray]
         ``node_id -> 1-D uint32 input``.
     threshold : int, optional
-        Shamir threshold (default :func:`~common.secagg.graph.default_threshold`).
+        Shamir threshold (default :func:`~fedseal.common.secagg.graph.default_threshold`).
     k : int, optional
-        Neighbour count (default :func:`~common.secagg.graph.default_k`).
+        Neighbour count (default :func:`~fedseal.common.secagg.graph.default_k`).
     drop_at : Mapping[int, str], optional
         ``node_id -> stage`` for simulated dropouts (see :data:`DROP_STAGES`).
     run_id, round_id : int

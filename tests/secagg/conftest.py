@@ -19,7 +19,7 @@ _ROOT = Path(__file__).resolve().parents[2]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from common.secagg import (  # noqa: E402
+from fedseal.common.secagg import (  # noqa: E402
     ClientState,
     RoundContext,
     ServerState,

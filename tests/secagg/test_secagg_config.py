@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.config import ConfigError, FedConfig
-from common.secagg_wire import SumRangeError, decode_sum, encode_update, quant_config
-from common.weights import BUCKETS, site_weight, weight_range
-from server.aggregate import RoundSums
+from fedseal.common.config import ConfigError, FedConfig
+from fedseal.common.secagg_wire import SumRangeError, decode_sum, encode_update, quant_config
+from fedseal.common.weights import BUCKETS, site_weight, weight_range
+from fedseal.server.aggregate import RoundSums
 
 
 @pytest.mark.parametrize("settings,match", [
@@ -69,8 +69,8 @@ def test_the_mean_update_never_leaves_the_clip() -> None:
 
 
 def test_auto_k_and_threshold_follow_each_rounds_cohort() -> None:
-    from common.secagg import default_k, default_threshold
-    from common.secagg_wire import round_parameters
+    from fedseal.common.secagg import default_k, default_threshold
+    from fedseal.common.secagg_wire import round_parameters
 
     cfg = FedConfig(clients=20, min_clients=5)
     assert cfg.secagg_k == cfg.secagg_threshold == "auto"

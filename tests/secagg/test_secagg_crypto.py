@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.secagg import (
+from fedseal.common.secagg import (
     InvalidMessageError,
     ShareDecryptionError,
     agree,

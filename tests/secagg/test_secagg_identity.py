@@ -8,8 +8,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from common.secagg import ConfigError, Identity, Roster, generate_identity
-from common.secagg.identity import load_public_blob, verify_signature
+from fedseal.common.secagg import ConfigError, Identity, Roster, generate_identity
+from fedseal.common.secagg.identity import load_public_blob, verify_signature
 
 
 def _line(key) -> str:

@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 from conftest import make_round, staged
 
-from common.secagg import (Advert, ClientState, InvalidMessageError, ProtocolAbort, RoundContext,
+from fedseal.common.secagg import (Advert, ClientState, InvalidMessageError, ProtocolAbort, RoundContext,
                            ShareMessage, StageError, UnmaskRefusedError, View, agree,
                            combine_shares, default_k, default_threshold, expand_mask,
                            generate_key_pair, make_identities)
-from common.secagg.crypto import public_key_from_private
-from common.secagg.messages import PURPOSE_VIEW, ShareEntry, ciphertext_digest
-from common.secagg.protocol import PURPOSE_MASK
+from fedseal.common.secagg.crypto import public_key_from_private
+from fedseal.common.secagg.messages import PURPOSE_VIEW, ShareEntry, ciphertext_digest
+from fedseal.common.secagg.protocol import PURPOSE_MASK
 
 
 # ------------------------------------------------------------- the adversary

@@ -16,10 +16,10 @@ from conftest import make_round, staged
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.secagg import Advert, ProtocolAbort, ShareMessage, agree, generate_key_pair
-from common.secagg.crypto import encrypt_share, proof_of_possession
-from common.secagg.messages import PURPOSE_ADVERT, PURPOSE_SHARES, ShareEntry, ciphertext_digest
-from common.secagg.protocol import (B_SHARES, PURPOSE_SHARE, SEEDS, SK_SHARES,
+from fedseal.common.secagg import Advert, ProtocolAbort, ShareMessage, agree, generate_key_pair
+from fedseal.common.secagg.crypto import encrypt_share, proof_of_possession
+from fedseal.common.secagg.messages import PURPOSE_ADVERT, PURPOSE_SHARES, ShareEntry, ciphertext_digest
+from fedseal.common.secagg.protocol import (B_SHARES, PURPOSE_SHARE, SEEDS, SK_SHARES,
                                     encode_share_payload)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from Crypto.Cipher import AES
 
-from common.secagg import InvalidMessageError, apply_masks, expand_mask
+from fedseal.common.secagg import InvalidMessageError, apply_masks, expand_mask
 
 
 def test_deterministic_dtype_length() -> None:

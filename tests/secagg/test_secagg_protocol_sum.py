@@ -7,7 +7,7 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from common.secagg import (
+from fedseal.common.secagg import (
     DROP_STAGES,
     ProtocolAbort,
     QuantConfig,

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from conftest import make_round
 
-from common.secagg import InvalidMessageError, StageError
-from common.secagg.client import (STATE_FORMAT, STATE_VERSION, ClientState, StateFormatError,
+from fedseal.common.secagg import InvalidMessageError, StageError
+from fedseal.common.secagg.client import (STATE_FORMAT, STATE_VERSION, ClientState, StateFormatError,
                                   state_digest)
-from common.secagg.protocol import ClientStage
+from fedseal.common.secagg.protocol import ClientStage
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 

@@ -9,15 +9,15 @@ import hashlib
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from common.secagg.client import state_digest
-from common.secagg.crypto import (_associated_data, agree, check_proof_of_possession,
+from fedseal.common.secagg.client import state_digest
+from fedseal.common.secagg.crypto import (_associated_data, agree, check_proof_of_possession,
                                   proof_of_possession, public_key_from_private)
-from common.secagg.identity import (SIGNATURE_PREFIX, Identity, Roster, fingerprint_text,
+from fedseal.common.secagg.identity import (SIGNATURE_PREFIX, Identity, Roster, fingerprint_text,
                                     signed_bytes)
-from common.secagg.messages import (NO_CIPHERTEXT, Advert, RoundContext, ShareEntry, ShareMessage,
+from fedseal.common.secagg.messages import (NO_CIPHERTEXT, Advert, RoundContext, ShareEntry, ShareMessage,
                                     View, ciphertext_digest, pack_var_table, seed_commitment,
                                     share_commitment, unpack_var_table)
-from common.secagg.protocol import encode_share_payload
+from fedseal.common.secagg.protocol import encode_share_payload
 
 SK1, SK2 = bytes([1] * 32), bytes([2] * 32)
 PK1 = bytes.fromhex("a4e09292b651c278b9772c569f5fa9bb13d906b46ab68c9df9dc2b4409f8a209")
@@ -130,7 +130,7 @@ def test_tables_and_state_digest() -> None:
 
 
 def test_keys_written_for_simulations_are_openssh_p384() -> None:
-    from common.secagg import generate_identity
+    from fedseal.common.secagg import generate_identity
     private, public = generate_identity("site-0")
     assert private.startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")
     assert public.startswith("ecdsa-sha2-nistp384 ") and public.endswith(" site-0")

@@ -2,12 +2,12 @@
 
 Usage::
 
-    python -m simulations.bench_utility --data ../shared/data/sst2 --json OUT.json --plot OUT.png
+    python -m simulations.bench.utility --data ../shared/data/sst2 --json OUT.json --plot OUT.png
 
 Every arm is 10 sites sharing the whole SST-2 train split, the default settings
 (``finetune = probe``, every training setting ``auto``: see
-:mod:`common.dp_rule`), secure aggregation on, the real ClientApp and ServerApp
-over the in-process grid (:mod:`simulations.local_grid`; only the transport is
+:mod:`fedseal.common.dp_rule`), secure aggregation on, the real ClientApp and ServerApp
+over the in-process grid (:mod:`simulations.bench.local_grid`; only the transport is
 missing), scored on the whole dev set. Arms, for each partition (``iid`` and
 ``dirichlet`` with alpha 0.5):
 
@@ -34,10 +34,10 @@ from typing import Any, Sequence
 
 import torch
 
-from common.config import FedConfig
-from common.data import Examples, read_examples, write_examples
-from common.model import pick_device
-from simulations.report import emit_report, setup_bench_logging
+from fedseal.common.config import FedConfig
+from fedseal.common.data import Examples, read_examples, write_examples
+from fedseal.common.model import pick_device
+from simulations.bench.report import emit_report, setup_bench_logging
 
 log = logging.getLogger("fedseal.bench_utility")
 
@@ -67,9 +67,9 @@ def prepare(data: Path, work: Path, train_size: int | None) -> tuple[Path, Path,
 
 def run_federated(cfg: FedConfig) -> dict[str, Any]:
     """One federated run over the in-process grid; accuracy curve and timings."""
-    from server.app import run_federation
-    from simulations.local_grid import RUN_ID, LocalGrid
-    from simulations.simulate import prepare_sites
+    from fedseal.server.app import run_federation
+    from simulations.bench.local_grid import RUN_ID, LocalGrid
+    from fedseal.simulations.simulate import prepare_sites
 
     cfg = prepare_sites(cfg)
     started = time.monotonic()
@@ -137,7 +137,7 @@ def summarise(arms: dict[str, dict[str, Any]], args: argparse.Namespace, size: i
         "model": args.model, "train_examples": size, "dev_examples": 872, "sites": args.sites,
         "rounds": args.rounds, "partitions": list(args.partitions), "dirichlet_alpha": args.alpha,
         "epsilons": list(args.epsilons), "delta": args.delta, "accountant": args.accountant,
-        "finetune": base.finetune, "training_settings": "auto (common.dp_rule)",
+        "finetune": base.finetune, "training_settings": "auto (fedseal.common.dp_rule)",
         "secagg": base.secagg, "seed": args.seed,
     }
     report["machine"] = {"platform": platform.platform(), "torch_threads": torch.get_num_threads(),
@@ -175,7 +175,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: run the benchmark, write the JSON (and plot), print the JSON."""
-    parser = argparse.ArgumentParser(prog="python -m simulations.bench_utility",
+    parser = argparse.ArgumentParser(prog="python -m simulations.bench.utility",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="SST-2 folder (train.tsv, dev.tsv)")
     parser.add_argument("--json", type=Path, required=True, help="where to write the JSON")

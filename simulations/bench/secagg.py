@@ -1,18 +1,18 @@
-"""Benchmark of fedseal's SecAgg+ (``common.secagg``) against Flower's mask generation.
+"""Benchmark of fedseal's SecAgg+ (``fedseal.common.secagg``) against Flower's mask generation.
 
 Usage::
 
-    python -m simulations.bench_secagg --json OUT [--quick]
+    python -m simulations.bench.secagg --json OUT [--quick]
 
 For every vector size and cohort size ``n`` it runs one real in-memory SecAgg+
-round (:class:`~common.secagg.ClientState` / :class:`~common.secagg.ServerState`)
+round (:class:`~fedseal.common.secagg.ClientState` / :class:`~fedseal.common.secagg.ServerState`)
 with the active-adversary protection on: P-384 site signatures checked against a
 roster, share commitments, the consistency round, and measures:
 
 * ``client_mask_s``: one client's stage-2 cost, i.e. the real
   :meth:`ClientState.masked_input` (decrypt ``k`` share ciphertexts and check
   them against their commitments, ``k`` X25519 + HKDF agreements, ``k + 1``
-  AES-CTR mask expansions via :func:`~common.secagg.prg.expand_mask`, ``uint32``
+  AES-CTR mask expansions via :func:`~fedseal.common.secagg.prg.expand_mask`, ``uint32``
   additions). The client state is exported after stage 1 and restored before
   each repetition.
 * ``client_round_s``: the same client's whole protocol cost in the round, all
@@ -54,12 +54,12 @@ from typing import Any
 
 import numpy as np
 
-from common.secagg import (ClientState, RoundContext, ServerState, ShareMessage, default_k,
+from fedseal.common.secagg import (ClientState, RoundContext, ServerState, ShareMessage, default_k,
                            default_threshold, generate_key_pair, make_identities)
-from common.secagg.messages import pack_var_table
-from common.secagg.protocol import B_SHARES, SEEDS, SK_SHARES
-from common.secagg_wire import pack_ids, pack_routed, pack_shares, pack_table
-from simulations.report import emit_report, setup_bench_logging
+from fedseal.common.secagg.messages import pack_var_table
+from fedseal.common.secagg.protocol import B_SHARES, SEEDS, SK_SHARES
+from fedseal.common.secagg_wire import pack_ids, pack_routed, pack_shares, pack_table
+from simulations.bench.report import emit_report, setup_bench_logging
 
 log = logging.getLogger("fedseal.bench_secagg")
 
@@ -525,7 +525,7 @@ def round_overhead(n: int = 10, local_steps: int = 5, model: str = "default",
     """Round time with secure aggregation over without, same simulated federation.
 
     Both runs use the real ClientApp and ServerApp over the in-process grid
-    (:mod:`simulations.local_grid`), MiniLM with LoRA and DP on, ``n`` sites.
+    (:mod:`simulations.bench.local_grid`), MiniLM with LoRA and DP on, ``n`` sites.
     The median of rounds 2 .. ``rounds`` of each run is timed, so one-off costs
     (model load, noise calibration) do not count, and one slow round of DP
     training (its time varies from round to round by more than the protocol
@@ -533,10 +533,10 @@ def round_overhead(n: int = 10, local_steps: int = 5, model: str = "default",
     """
     import tempfile
 
-    from common.config import FedConfig
-    from server.app import run_federation
-    from simulations.local_grid import RUN_ID, LocalGrid
-    from simulations.simulate import prepare_sites
+    from fedseal.common.config import FedConfig
+    from fedseal.server.app import run_federation
+    from simulations.bench.local_grid import RUN_ID, LocalGrid
+    from fedseal.simulations.simulate import prepare_sites
 
     seconds, rounds_s = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -559,7 +559,7 @@ def round_overhead(n: int = 10, local_steps: int = 5, model: str = "default",
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: run the benchmark, write and print the JSON."""
     parser = argparse.ArgumentParser(
-        prog="python -m simulations.bench_secagg", description=__doc__.split("\n\n")[0]
+        prog="python -m simulations.bench.secagg", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--json", type=Path, required=True, help="where to write the JSON")
     parser.add_argument("--quick", action="store_true",

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m simulations.diagnose_dp --data ../shared/data/sst2 --json OUT
+    python -m simulations.bench.diagnose_dp --data ../shared/data/sst2 --json OUT
 
 1. ``grad_norms``: median per-sample gradient norm of the head and of the
    adapters at the starting point, before clipping. Clipping bounds the norm of
@@ -33,14 +33,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.batches import encode, evaluate, model_inputs
-from common.config import FedConfig
-from common.dp_rule import recipe
-from common.data import Examples
-from common.model import build_model, load_tokenizer, pick_device
-from common.privacy import DPPlan, plan_site
-from simulations.bench_utility import read_split
-from simulations.report import emit_report, setup_bench_logging
+from fedseal.common.batches import encode, evaluate, model_inputs
+from fedseal.common.config import FedConfig
+from fedseal.common.dp_rule import recipe
+from fedseal.common.data import Examples
+from fedseal.common.model import build_model, load_tokenizer, pick_device
+from fedseal.common.privacy import DPPlan, plan_site
+from simulations.bench.utility import read_split
+from simulations.bench.report import emit_report, setup_bench_logging
 
 HEAD_NAMES = ("classifier", "score")
 
@@ -114,7 +114,7 @@ def probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, dev_x: torch.Te
 def noise_sweep(cfg: FedConfig, train, dev, sigmas: Sequence[float], plan: DPPlan,
                 num_labels: int, device: torch.device) -> list[dict[str, float]]:
     """Dev accuracy of one site after the plan's steps at each of ``sigmas`` and the plan's own."""
-    from client.trainer import train_local
+    from fedseal.client.trainer import train_local
 
     rows = []
     for sigma in [*sigmas, plan.noise_multiplier]:
@@ -132,7 +132,7 @@ def noise_sweep(cfg: FedConfig, train, dev, sigmas: Sequence[float], plan: DPPla
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: run the three measurements, write and print the JSON."""
-    parser = argparse.ArgumentParser(prog="python -m simulations.diagnose_dp",
+    parser = argparse.ArgumentParser(prog="python -m simulations.bench.diagnose_dp",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="SST-2 folder (train.tsv, dev.tsv)")
     parser.add_argument("--json", type=Path, required=True, help="where to write the JSON")

@@ -17,7 +17,7 @@ from uuid import uuid4
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.app import app as client_app
+from fedseal.client.app import app as client_app
 
 RUN_ID = 4242
 

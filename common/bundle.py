@@ -1,0 +1,24 @@
+"""What every fedseal run ships as its Flower app bundle (FAB).
+
+One vocabulary for the server, which writes the bundle (:func:`fedseal.server.launch.write_app`),
+and the site, which refuses any bundle that is not its own installed code
+(:mod:`fedseal.client.pinning`). The bundle's folders are the repository's
+``client/``, ``common/`` and ``server/``, whatever the installed layout.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+PACKAGES = ("client", "common", "server")  # the folders of every run's bundle
+SERVER_APP = "fedseal.server.app:app"
+CLIENT_APP = "fedseal.client.app:app"
+
+
+def package_dir(name: str) -> Path:
+    """The installed folder of ``fedseal.<name>`` (``name`` one of :data:`PACKAGES`)."""
+    return Path(importlib.import_module(f"fedseal.{name}").__file__).resolve().parent
+
+
+__all__ = ["CLIENT_APP", "PACKAGES", "SERVER_APP", "package_dir"]

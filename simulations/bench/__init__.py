@@ -1,0 +1,1 @@
+"""Benchmarks, diagnosis scripts and their harness: run from the checkout, never installed."""
