@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import make_round, staged
+from source_imports import absolute_imports
 
-from common.secagg import (ClientState, ConfigError, InvalidMessageError, RoundContext,
+from fedseal.common.secagg import (ClientState, ConfigError, InvalidMessageError, RoundContext,
                            ServerState, StageError, UnmaskRefusedError, generate_key_pair,
                            make_identities)
-from common.secagg.protocol import B_SHARES, SEEDS, SK_SHARES
+from fedseal.common.secagg.protocol import B_SHARES, SEEDS, SK_SHARES
 
 
 # ------------------------------------------------------------------ privacy
@@ -129,20 +130,13 @@ _PKG = Path(__file__).resolve().parents[2] / "common" / "secagg"
 
 def test_package_imports_only_allowed_modules() -> None:
     for path in sorted(_PKG.glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and not node.level:
-                names = [node.module or ""]
+        for _, name in absolute_imports(path):
+            top = name.split(".")[0]
+            if top == "Crypto":
+                assert name == "Crypto.Protocol.SecretSharing", (path.name, name)
             else:
-                continue
-            for name in names:
-                top = name.split(".")[0]
-                if top == "Crypto":
-                    assert name == "Crypto.Protocol.SecretSharing", (path.name, name)
-                else:
-                    assert top in {"numpy", "cryptography"} or top in sys.stdlib_module_names
-                assert top != "random" and not name.startswith("numpy." + "random"), name
+                assert top in {"numpy", "cryptography"} or top in sys.stdlib_module_names
+            assert top != "random" and not name.startswith("numpy." + "random"), name
 
 
 def test_no_forbidden_words_or_prints() -> None:
