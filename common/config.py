@@ -246,7 +246,9 @@ HELP: dict[str, str] = {
     "secagg_k": "SecAgg+ neighbours per site (integer >= 1; even unless >= clients-1) or auto: "
                 "2*ceil(log2 n), at most n-1, for a round of n sites",
     "secagg_threshold": "SecAgg+ Shamir threshold, shares needed to unmask a dropped site "
-                        "(integer >= 1, a strict majority of k+1) or auto: about two thirds of k+1",
+                        "(integer >= 1, a strict majority of k+1) or auto: about two thirds of "
+                        "k+1, and at least k/2+2 (at most k+1) so that a round withstands one "
+                        "colluding site, what sites' --max-colluders demands by default",
     "update_clip": "per-coordinate bound of an update before it is quantised for SecAgg+ "
                    "(positive; a site's policy caps it). A probe's head moves by tens per "
                    "coordinate in a round (up to 45 measured), so a bound of 1 would cut its "

@@ -142,8 +142,10 @@ def federation(tmp_path, tiny_bert):
         write_examples(synthetic.synthetic_examples(96, seed=i), tmp_path / f"{site}.jsonl")
     write_examples(synthetic.synthetic_examples(64, seed=99), tmp_path / "eval.jsonl")
     port, local_port = _free_port(), _free_port()
+    # Threshold 2 of 3 (k = 2), not the auto 3: the round must recover without the site
+    # killed in round 2.
     _server_config(tmp_path, "server", port, local_port, tiny_bert, rounds=2, clients=3,
-                   min_clients=2, timeout=120, out="out")
+                   min_clients=2, secagg_threshold=2, timeout=120, out="out")
     # A run asking for less than the sites allow (no DP), and what a curious operator
     # would ship instead of fedseal's ClientApp: both refused by the sites.
     # The no-DP run has rounds to spare: its server hosts the SuperLink, and exits when

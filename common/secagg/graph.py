@@ -21,6 +21,10 @@ Each node's secrets are split among ``k + 1`` holders (the node itself and its
   answering "s_sk" for a node are disjoint; with a strict-majority threshold a
   server that lies about who dropped cannot reach ``t`` shares of both kinds
   from two disjoint halves.
+* Collusion: ``c`` sites of a node's neighbourhood that collude with the server
+  answer both kinds, so a lying server reaches ``t`` of each once
+  ``2 t - k - 1 <= c``; a node withstands ``c`` colluders only while
+  ``2 t - k - 1 > c`` (which also implies ``t > c``).
 * Robustness: a node's self-mask (if it survived) or mask key (if it dropped)
   can be reconstructed as long as at most ``k + 1 - t`` of its holders drop out.
 * ``k`` should grow like ``O(log n)`` so that the graph stays connected and no
@@ -144,11 +148,15 @@ def default_k(n: int) -> int:
 def default_threshold(k: int) -> int:
     """Recommended Shamir threshold for ``k`` neighbours (``k + 1`` holders).
 
-    ``t = max(floor(2k/3) + 1, floor((k+1)/2) + 1)``, capped at ``k + 1``. The
+    ``t = max(floor(2k/3) + 1, floor(k/2) + 2)``, capped at ``k + 1``. The
     first term keeps roughly two thirds of the neighbourhood necessary (so up to
     about a third of it may collude with the server or drop out); the second
-    enforces the privacy rule ``2t > k + 1`` (hence ``t > k/2``) for tiny ``k``.
-    Examples: ``k=2 -> 2``, ``k=4 -> 3``, ``k=8 -> 6``, ``k=10 -> 7``.
+    gives ``2t - k - 1 >= 2`` for small ``k``, so that the round withstands one
+    colluding site (a site's default policy, ``max-colluders = 1``), which also
+    implies the privacy rule ``2t > k + 1``. The cost is robustness in small
+    cohorts: with ``k = 2`` (three sites) ``t = 3``, and a site that drops after
+    sharing its keys cannot be recovered. Examples: ``k=1 -> 2``, ``k=2 -> 3``,
+    ``k=3 -> 3``, ``k=4 -> 4``, ``k=6 -> 5``, ``k=8 -> 6``, ``k=10 -> 7``.
 
     Parameters
     ----------
@@ -170,7 +178,7 @@ def default_threshold(k: int) -> int:
             f"k must be a non-negative integer, got {k!r}; the round cannot be configured"
         )
     k = int(k)
-    return min(k + 1, max((2 * k) // 3 + 1, (k + 1) // 2 + 1))
+    return min(k + 1, max((2 * k) // 3 + 1, k // 2 + 2))
 
 
 def validate_parameters(n: int, k: int, threshold: int) -> int:

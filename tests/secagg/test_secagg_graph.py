@@ -58,7 +58,8 @@ def test_default_k(n: int, k: int) -> None:
     assert default_k(n) == k
 
 
-@pytest.mark.parametrize("k,t", [(0, 1), (1, 2), (2, 2), (4, 3), (6, 5), (8, 6), (10, 7), (14, 10)])
+@pytest.mark.parametrize("k,t", [(0, 1), (1, 2), (2, 3), (3, 3), (4, 4), (5, 4), (6, 5), (8, 6),
+                                 (10, 7), (14, 10)])
 def test_default_threshold(k: int, t: int) -> None:
     assert default_threshold(k) == t
 
@@ -69,6 +70,8 @@ def test_defaults_satisfy_rules(n: int) -> None:
     t = default_threshold(min(k, n - 1))
     assert validate_parameters(n, k, t) == min(k, n - 1)
     assert 2 * t > min(k, n - 1) + 1
+    if n > 1:  # one colluding site, a site's default max-colluders, cannot unmask anyone
+        assert 2 * t - min(k, n - 1) - 1 >= 2
 
 
 def test_validate_parameters_rejects_insecure_threshold() -> None:
