@@ -25,7 +25,7 @@ example.
 
 Policy flags (what every run must promise; the server cannot lower them):
 ``--no-require-dp``, ``--no-require-secagg``, ``--min-cohort N`` (3),
-``--min-secagg-k K`` (2), ``--min-secagg-threshold T`` (2),
+``--min-secagg-k K`` (2), ``--min-secagg-threshold T`` (2), ``--max-colluders C`` (1),
 ``--max-update-clip C`` (64), ``--federated-eval off|on`` (off).
 
 If the server keeps refusing the site's key (for ``--wait`` seconds) the agent
@@ -175,6 +175,7 @@ def node_config(data: Path, name: str, epsilon: float, delta: float, ledger: Pat
         "require-dp": policy.require_dp, "require-secagg": policy.require_secagg,
         "min-cohort": policy.min_cohort, "min-secagg-k": policy.min_secagg_k,
         "min-secagg-threshold": policy.min_secagg_threshold,
+        "max-colluders": policy.max_colluders,
         "max-update-clip": float(policy.max_update_clip), "federated-eval": policy.federated_eval,
     }
     if identity_key is not None:
@@ -273,7 +274,8 @@ def _policy(args: argparse.Namespace) -> SitePolicy:
     return SitePolicy(require_dp=args.require_dp, require_secagg=args.require_secagg,
                       min_cohort=args.min_cohort, min_secagg_k=args.min_secagg_k,
                       min_secagg_threshold=args.min_secagg_threshold,
-                      max_update_clip=args.max_update_clip, federated_eval=args.federated_eval)
+                      max_colluders=args.max_colluders, max_update_clip=args.max_update_clip,
+                      federated_eval=args.federated_eval)
 
 
 def _port_or_auto(text: str) -> int | str:
@@ -325,6 +327,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     policy.add_argument("--min-secagg-threshold", type=int, default=defaults.min_secagg_threshold,
                         metavar="T", help="smallest SecAgg+ Shamir threshold the run may set and a "
                                           "round may have (integer >= 2; default: %(default)s)")
+    policy.add_argument("--max-colluders", type=int, default=defaults.max_colluders, metavar="C",
+                        help="sites colluding with the server that a secure round must withstand: "
+                             "refuse a round whose k and t give 2t-k-1 <= C (integer >= 0, at "
+                             "most min-cohort - 2; default: %(default)s)")
     policy.add_argument("--max-update-clip", type=float, default=defaults.max_update_clip,
                         metavar="C", help="largest per-coordinate update clip (the run's "
                                           "update-clip) the site accepts (positive; default: "

@@ -23,6 +23,11 @@ cohort, ``clients``, ``min-clients``
     fewer neighbours or a lower threshold than the site accepts weakens the
     collusion bound; both the run's settings (unless auto) and the round's
     actual ``k`` and ``t`` are checked;
+``max-colluders``
+    the server with ``2t - k - 1`` colluding sites of one neighbourhood can get
+    two views signed there and unmask a site: the round's actual ``k`` (its
+    neighbour count, at most cohort - 1) and ``t`` must give ``2t - k - 1``
+    above the site's ``max-colluders``;
 ``update-clip``
     no larger than ``max-update-clip``.
 """
@@ -39,7 +44,7 @@ from fedseal.common.secagg_wire import WireError, unpack_ids
 # The node-config flag that lowers each minimum, named in every refusal.
 _FLAG = {"dp": "require-dp", "secagg": "require-secagg", "cohort": "min-cohort",
          "k": "min-secagg-k", "threshold": "min-secagg-threshold", "clip": "max-update-clip",
-         "eval": "federated-eval"}
+         "colluders": "max-colluders", "eval": "federated-eval"}
 
 
 class PolicyRefusal(Refusal):
@@ -114,6 +119,15 @@ def check_train(policy: SitePolicy, cfg: FedConfig,
     if threshold < policy.min_secagg_threshold:
         raise _refuse("SecAgg+ threshold of this round", threshold, policy.min_secagg_threshold,
                       _FLAG["threshold"])
+    neighbours = min(k, cohort - 1)
+    bound = 2 * threshold - neighbours - 1
+    if bound <= policy.max_colluders:
+        raise PolicyRefusal(
+            f"this round's SecAgg+ k = {neighbours} and threshold = {threshold} give 2t-k-1 = "
+            f"{bound}, not above this site's policy ({_FLAG['colluders']} = "
+            f"{policy.max_colluders}): the server and {max(bound, 0)} colluding sites of one "
+            f"neighbourhood could unmask a site; the server must raise secagg-threshold, or the "
+            f"site operator must lower its {_FLAG['colluders']} flag")
 
 
 def check_evaluate(policy: SitePolicy) -> None:

@@ -14,7 +14,7 @@ In a deployment these come from the SuperNode's node config, written by
     a file of OpenSSH public keys, one line per site this site accepts as a
     fellow member of the federation (its own line may be included);
 ``require-dp``, ``require-secagg``, ``min-cohort``, ``min-secagg-k``,
-``min-secagg-threshold``, ``max-update-clip``, ``federated-eval``
+``min-secagg-threshold``, ``max-colluders``, ``max-update-clip``, ``federated-eval``
     the site's :class:`SitePolicy`: what it demands of any run before it trains.
 
 In a simulation every virtual site reads the file the simulation wrote for its
@@ -52,6 +52,12 @@ class SitePolicy:
         Fewest SecAgg+ neighbours this site accepts.
     min_secagg_threshold : int
         Smallest Shamir threshold ``t`` this site accepts.
+    max_colluders : int
+        How many sites colluding with the server (beside it) a secure round must
+        withstand: a round's ``k`` and ``t`` must give ``2t - k - 1`` above it
+        (that many colluders in one neighbourhood can get two views signed and
+        unmask one site), and ``min_cohort`` must be at least ``max_colluders + 2``
+        (the sum minus the colluders' inputs must cover two honest sites).
     max_update_clip : float
         Largest per-coordinate update bound the server may ask for.
     federated_eval : str
@@ -63,6 +69,7 @@ class SitePolicy:
     min_cohort: int = 3
     min_secagg_k: int = 2
     min_secagg_threshold: int = 2
+    max_colluders: int = 1
     max_update_clip: float = 64.0
     federated_eval: str = "off"
 
@@ -73,6 +80,14 @@ class SitePolicy:
                               "over one site is that site's update")
         if self.min_secagg_k < 1 or self.min_secagg_threshold < 2:
             raise ConfigError("min-secagg-k must be at least 1 and min-secagg-threshold at least 2")
+        if self.max_colluders < 0:
+            raise ConfigError(f"max-colluders must be at least 0, got {self.max_colluders}")
+        if self.min_cohort < self.max_colluders + 2:
+            raise ConfigError(
+                f"min-cohort = {self.min_cohort} is below max-colluders + 2 = "
+                f"{self.max_colluders + 2}: a sum over {self.min_cohort} sites less the inputs "
+                f"of {self.max_colluders} colluding sites can be one honest site's input; "
+                "raise --min-cohort or lower --max-colluders")
         if not self.max_update_clip > 0:
             raise ConfigError(f"max-update-clip must be positive, got {self.max_update_clip}")
         if self.federated_eval not in FEDERATED_EVAL_MODES:
@@ -81,9 +96,10 @@ class SitePolicy:
 
     @classmethod
     def of_run(cls, cfg: FedConfig) -> "SitePolicy":
-        """A simulated site's policy: the run's own settings (its user plays every site)."""
+        """A simulated site's policy: the run's own settings (its user plays every site, so
+        there is nobody to collude with)."""
         return cls(require_dp=cfg.dp, require_secagg=cfg.secagg, min_cohort=2, min_secagg_k=1,
-                   min_secagg_threshold=2, max_update_clip=cfg.update_clip,
+                   min_secagg_threshold=2, max_colluders=0, max_update_clip=cfg.update_clip,
                    federated_eval="on" if cfg.federated_eval else "off")
 
 

@@ -143,7 +143,7 @@ def federation(tmp_path, tiny_bert):
     write_examples(synthetic.synthetic_examples(64, seed=99), tmp_path / "eval.jsonl")
     port, local_port = _free_port(), _free_port()
     # Threshold 2 of 3 (k = 2), not the auto 3: the round must recover without the site
-    # killed in round 2.
+    # killed in round 2. 2t-k-1 = 1, so the sites run with --max-colluders 0 (_client_args).
     _server_config(tmp_path, "server", port, local_port, tiny_bert, rounds=2, clients=3,
                    min_clients=2, secagg_threshold=2, timeout=120, out="out")
     # A run asking for less than the sites allow (no DP), and what a curious operator
@@ -218,7 +218,10 @@ def _client_args(root: Path, port: int, site: str, *, key: str | None = None,
             "--ledger", str(root / "ledgers" / f"{name}.json"),
             "--ledger-key", str(root / "secrets" / f"{name}.key"),
             "--epsilon", str(EPSILON), "--device", "cpu", "--wait", str(wait),
-            "--min-cohort", "2"]  # a round may go on with the two sites left after one dies
+            # a round may go on with the two sites left after one dies, so its sum may be
+            # one colluder's and one honest input: the sites accept no colluders, which
+            # also lets them take the server's threshold 2 of 3 (2t-k-1 = 1)
+            "--min-cohort", "2", "--max-colluders", "0"]
 
 
 def _wait_for(predicate, timeout: float, what: str, procs: Procs, log: str) -> None:

@@ -131,7 +131,8 @@ def test_node_config_reaches_the_client_app_intact(tmp_path):
 
     data = tmp_path / 'site "a" data.csv'
     policy = SitePolicy(require_secagg=False, min_cohort=4, min_secagg_k=3,
-                        min_secagg_threshold=3, max_update_clip=2.5, federated_eval="on")
+                        min_secagg_threshold=3, max_colluders=2, max_update_clip=2.5,
+                        federated_eval="on")
     values = node_config(data, "alpha", 7.5, 1e-6, tmp_path / "ledger.json",
                          tmp_path / "keys" / "ledger.key", "cpu", policy,
                          tmp_path / "alpha.key", tmp_path / "peers.txt")
@@ -150,6 +151,9 @@ def test_node_config_reaches_the_client_app_intact(tmp_path):
     ({"require-dp": "no"}, "require-dp = 'no'"),
     ({"federated-eval": "maybe"}, "federated-eval must be one of off, on"),
     ({"max-update-clip": 0}, "max-update-clip must be positive"),
+    ({"max-colluders": -1}, "max-colluders must be at least 0"),
+    ({"min-cohort": 2}, r"min-cohort = 2 is below max-colluders \+ 2 = 3.*--min-cohort.*--max-colluders"),
+    ({"min-cohort": 3, "max-colluders": 2}, r"min-cohort = 3 is below max-colluders \+ 2 = 4"),
 ])
 def test_a_bad_site_policy_is_named(tmp_path, entry, match):
     from fedseal.client.site import site_settings

@@ -457,6 +457,11 @@ def test_no_answer_leaves_a_site_whose_record_cannot_be_written(setup, monkeypat
     ({"min-cohort": N + 1}, {}, "min-cohort"),
     ({"min-secagg-k": 4}, {"secagg_k": 2}, "min-secagg-k"),
     ({"min-secagg-threshold": 4}, {"secagg_k": 2, "secagg_threshold": 2}, "min-secagg-threshold"),
+    ({"min-secagg-threshold": 5}, {}, "threshold of this round = 4"),  # auto: k = 4, t = 4
+    ({"max-colluders": 1, "min-cohort": 3}, {"secagg_k": 2, "secagg_threshold": 2, "min_clients": N},
+     "max-colluders = 1"),  # 2t-k-1 = 1: one colluding site suffices
+    ({"max-colluders": 3, "min-cohort": N}, {"min_clients": N},
+     "max-colluders = 3"),  # auto: k = 4, t = 4, 2t-k-1 = 3
     ({"max-update-clip": 0.5}, {}, "max-update-clip"),
     ({"peers": "/nonexistent/peers.pub"}, {}, "cannot read"),
     (None, {}, "signing key"),
@@ -472,7 +477,7 @@ def test_a_round_below_the_sites_policy_is_refused_before_training(setup, monkey
 
     monkeypatch.setattr(fedseal.client.trainer, "train_local", no_training)
     first = ({"data-path": str(simulation_site_file(cfg.out, 0)), "site-name": "site-0",
-              "require-dp": cfg.dp, "min-cohort": 2}
+              "require-dp": cfg.dp, "min-cohort": 2, "max-colluders": 0}
              if policy is None else {"partition-id": 0, **policy})  # None: no key configured
     configs = [first, *({"partition-id": i} for i in range(1, N))]
     grid = LocalGrid(N, node_configs=configs, drop={i: TRAIN for i in range(1, N)})

@@ -102,7 +102,9 @@ def test_a_secure_round_asked_again_reuses_the_update_only_while_it_never_left(s
     private, public = generate_identity("alpha")
     (tmp / "secrets" / "alpha.key").write_bytes(private)
     (tmp / "peers.pub").write_text(public + "\n")
-    node = {**node, "require-secagg": True, "min-cohort": 2, "min-secagg-k": 1,
+    # Two sites (k = 1, t = 2): with one colluder the sum is the other's input, so this
+    # site must allow a cohort of 2 and, with it, no colluders.
+    node = {**node, "require-secagg": True, "min-cohort": 2, "min-secagg-k": 1, "max-colluders": 0,
             "identity-key": str(tmp / "secrets" / "alpha.key"), "peers": str(tmp / "peers.pub")}
     grid = LocalGrid(1, node_configs=[node])
     params = {"nodes": pack_ids([grid.nodes[0], grid.nodes[0] + 1]), "k": 1, "threshold": 2,
@@ -216,6 +218,12 @@ def test_server_resumes_after_the_last_checkpointed_round(site):
     ({"update_clip": 100.0}, {}, "update-clip = 100.0"),
     ({"clients": 4, "min_clients": 3}, {"_cohort": 2}, "cohort of this round = 2"),
     ({"clients": 4, "min_clients": 3}, {"_k": 1, "min-secagg-k": 2}, "k of this round = 1"),
+    ({"clients": 4, "min_clients": 3}, {"_t": 2, "min-secagg-threshold": 3},
+     "threshold of this round = 2"),
+    # k = 2, t = 2: the server and one colluding site can unmask a site (2t-k-1 = 1).
+    ({"clients": 4, "min_clients": 3}, {"_t": 2}, "(max-colluders = 1)"),
+    ({"clients": 4, "min_clients": 4}, {"_cohort": 4, "_k": 3, "_t": 3, "min-cohort": 4,
+                                        "max-colluders": 2}, "(max-colluders = 2)"),
 ])
 def test_a_run_asking_for_less_than_the_site_policy_is_refused_before_anything(site, run, policy,
                                                                                 named):
@@ -226,7 +234,7 @@ def test_a_run_asking_for_less_than_the_site_policy_is_refused_before_anything(s
     grid = LocalGrid(1, node_configs=[node])
     n = policy.get("_cohort", 3)
     params = {"nodes": pack_ids([grid.nodes[0] + i for i in range(n)]), "round": 1,
-              "k": policy.get("_k", 2), "threshold": 2}
+              "k": policy.get("_k", 2), "threshold": policy.get("_t", 3)}
     reason = _refusal(_train(grid, cfg, 1, secagg=params))
     assert named in reason and "policy" in reason
     assert not (tmp / "ledger.json").exists()  # refused before the ledger, the model, the data

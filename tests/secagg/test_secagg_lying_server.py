@@ -166,7 +166,7 @@ def test_a_personal_list_for_every_neighbour_reveals_nothing(n: int, k: int, t: 
 
 
 def test_lies_at_k2_t2_with_five_sites_reveal_nothing() -> None:
-    """k = 2, t = 2 (the smallest a site's default policy accepts) at n = 5: every split of
+    """k = 2, t = 2 (the smallest a site accepts, with --max-colluders 0) at n = 5: every split of
     the five sites into two views, for every target."""
     r = staged(5, k=2, threshold=2, seed=7)
     ys = masked_all(r)
