@@ -7,14 +7,19 @@ configs as a deployed agent sets them (data path, ledger path and key, budget, p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from fedseal.client.ledger import PrivacyLedger
+from fedseal.client import ledger as ledger_module
+from fedseal.client.ledger import LedgerError, PrivacyLedger
 from fedseal.client.pending import pending_path, release
+from fedseal.client.reply import train_reply
+from fedseal.client.site import site_settings
+from fedseal.client.spend import CommittedRound, commit_round
 from fedseal.common import synthetic
 from fedseal.common.config import FedConfig
 from fedseal.common.data import Examples, write_examples
@@ -122,6 +127,55 @@ def test_a_secure_round_asked_again_reuses_the_update_only_while_it_never_left(s
     assert _refusal(_train(fresh, cfg, 1, weights=weights, secagg=params)) == ""
     assert not np.array_equal(x1, fresh.contexts[fresh.nodes[0]].state["fedseal.secagg.input"]["y"].numpy())
     assert [e.steps for e in _ledger(tmp).entries] == [2, 4]
+
+
+@pytest.mark.parametrize("broken, error, said", [
+    ("record", LedgerError("the ledger's folder is read-only"), "folder is read-only"),
+    ("atomic_write", OSError(28, "No space left on device"), "No space left on device"),
+])
+def test_a_round_whose_spend_cannot_be_recorded_sends_nothing(site, monkeypatch, broken, error,
+                                                              said):
+    """The ledger cannot take the round (a refusal of its own, or the disk write failing):
+    the reply carries no update, no keys, no metrics, and the ledger is as it was."""
+    cfg, node, tmp = site
+    grid = LocalGrid(1, node_configs=[node])
+    assert _refusal(_train(grid, cfg, 1)) == ""
+    before = (tmp / "ledger.json").read_bytes()
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(PrivacyLedger if broken == "record" else ledger_module, broken, fail)
+    reply = _train(grid, cfg, 2)
+    assert not reply.has_content() or not (set(reply.content) - {"status"})
+    reason = _refusal(reply) if reply.has_content() else reply.error.reason
+    assert said in reason
+    assert (tmp / "ledger.json").read_bytes() == before
+    monkeypatch.undo()  # the disk is back: the round trains and is recorded
+    assert _refusal(_train(grid, cfg, 2)) == "" and len(_ledger(tmp).entries) == 2
+
+
+def test_a_reply_is_built_only_from_the_round_committed_for_its_update(site):
+    cfg, node, _ = site
+    settings = site_settings(node, cfg)
+    context = Context(run_id=RUN_ID, node_id=1, node_config=node, state=RecordDict(),
+                      run_config={})
+    update = {"w": np.ones((2, 2), np.float32)}
+    committed = commit_round("alpha", None, context, "job-1", 1, 2, 1.5, 1e-5, update, 1.0)
+    with pytest.raises(TypeError, match="made only by fedseal.client.spend.commit_round"):
+        CommittedRound(**{**dataclasses.asdict(committed), "_token": object()})
+
+    def message(server_round: int, job: str = "job-1") -> Message:
+        return Message(RecordDict({"config": config_to_record(
+            cfg, **{ROUND_KEY: server_round, JOB_KEY: job})}), dst_node_id=1, message_type="train")
+
+    reply = train_reply(message(1), context, cfg, settings, committed, update, 0.5)
+    assert np.array_equal(record_to_state(reply.content["update"])["w"], update["w"])
+    with pytest.raises(ValueError, match="not the one whose spend was committed"):
+        train_reply(message(1), context, cfg, settings, committed, {"w": 2 * update["w"]}, 0.5)
+    for other in (message(2), message(1, job="job-2")):
+        with pytest.raises(ValueError, match="the committed round is round 1 of job job-1"):
+            train_reply(other, context, cfg, settings, committed, update, 0.5)
 
 
 def test_a_third_round_beyond_the_plan_is_refused(site):
