@@ -7,6 +7,10 @@ else. A ``CommittedRound`` cannot be made any other way (its constructor
 checks a module-private token), so a reply cannot be built before the spend
 is on disk. It carries the digest of the update and the weight it was
 committed for, so the reply can send only that update, for that job and round.
+
+Where a ledger exists it is the one record of the steps taken; the run's
+``Context.state`` keeps them only when there is none (a simulation, or a
+round trained without differential privacy, which has no spend to record).
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ class CommittedRound:
 
 
 def steps_done(ledger: PrivacyLedger | None, context: Context, job: str) -> int:
-    """DP-SGD steps this site took in ``job`` so far: the ledger's count, or the run's state."""
+    """DP-SGD steps this site took in ``job`` so far: the ledger's count, or (none) the run's state."""
     if ledger is not None:
         return ledger.steps_done(job)
     if PROGRESS in context.state:
@@ -89,7 +93,8 @@ def commit_round(site: str, ledger: PrivacyLedger | None, context: Context, job:
     None for a round trained without differential privacy (nothing to record
     in the ledger; the reply then says the round was not private);
     ``job_delta`` is the job's delta. ``update`` and ``weight`` are what the
-    reply may send.
+    reply may send; the steps go to the run's ``Context.state`` only when
+    there is no ledger.
 
     Raises
     ------
@@ -100,7 +105,8 @@ def commit_round(site: str, ledger: PrivacyLedger | None, context: Context, job:
     if private and ledger is not None:
         ledger.record(job, round, steps, job_epsilon, noise_multiplier=noise_multiplier,
                       sample_rate=sample_rate, delta=job_delta)
-    context.state[PROGRESS] = MetricRecord({"steps": steps})
+    if ledger is None:
+        context.state[PROGRESS] = MetricRecord({"steps": steps})
     epsilon = other_jobs_epsilon(ledger, job) + job_epsilon if private else float("inf")
     delta = ledger.delta_spent() if private and ledger is not None else job_delta
     return CommittedRound(site, str(job), int(round), int(steps), float(epsilon), float(delta),

@@ -19,7 +19,7 @@ from fedseal.client.ledger import LedgerError, PrivacyLedger
 from fedseal.client.pending import pending_path, release
 from fedseal.client.reply import train_reply
 from fedseal.client.site import site_settings
-from fedseal.client.spend import CommittedRound, commit_round
+from fedseal.client.spend import PROGRESS, CommittedRound, commit_round
 from fedseal.common import synthetic
 from fedseal.common.config import FedConfig
 from fedseal.common.data import Examples, write_examples
@@ -153,6 +153,18 @@ def test_a_round_whose_spend_cannot_be_recorded_sends_nothing(site, monkeypatch,
     assert (tmp / "ledger.json").read_bytes() == before
     monkeypatch.undo()  # the disk is back: the round trains and is recorded
     assert _refusal(_train(grid, cfg, 2)) == "" and len(_ledger(tmp).entries) == 2
+
+
+def test_the_ledger_alone_counts_the_steps_where_there_is_one(site):
+    """Steps live in one place: the ledger when the site has one, else the run's state."""
+    cfg, node, _ = site
+    for config, kept in ((node, False),
+                         ({k: v for k, v in node.items() if not k.startswith("ledger-")}, True)):
+        grid = LocalGrid(1, node_configs=[config])
+        for server_round, steps in ((1, 2), (2, 4)):
+            reply = _train(grid, cfg, server_round)
+            assert _refusal(reply) == "" and reply.content["metrics"]["steps"] == steps
+            assert (PROGRESS in grid.contexts[grid.nodes[0]].state) is kept
 
 
 def test_a_reply_is_built_only_from_the_round_committed_for_its_update(site):
