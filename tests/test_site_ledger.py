@@ -264,6 +264,9 @@ def test_server_resumes_after_the_last_checkpointed_round(site):
     summary = run_federation(LocalGrid(1, node_configs=[node]), cfg, RUN_ID, resume=True)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert summary["rounds"] == 2 and [r["round"] for r in rows] == [1, 2]
+    # Each site's delta beside its epsilon: the site's total over every job it trained in.
+    assert all(set(r["delta"]) == set(r["epsilon"]) == {"alpha"} for r in rows)
+    assert all(r["delta"]["alpha"] == pytest.approx(1e-5) for r in rows)
     job = json.loads((out / "checkpoint" / "job.json").read_text())["job_id"]
     entries = _ledger(tmp).entries
     assert [(e.run, e.round) for e in entries] == [(job, 1), (job, 2)]
