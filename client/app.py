@@ -44,14 +44,14 @@ from fedseal.client import secagg
 from fedseal.client.ledger import LedgerError, PrivacyLedger
 from fedseal.client.pending import PendingUpdate, held, hold, pending_path, release
 from fedseal.client.policy import check_evaluate, check_train
-from fedseal.client.reply import Refusal, evaluate_reply, refusal, train_reply
+from fedseal.client.reply import Refusal, evaluate_reply, message_round, refusal, train_reply
 from fedseal.client.site import SiteSettings, feature_cache, ledger_path, site_name, site_settings
 from fedseal.client.spend import commit_round, other_jobs_epsilon, steps_done
 from fedseal.common import secagg_wire
 from fedseal.common.config import ConfigError, FedConfig
 from fedseal.common.data import DataError, Examples, read_examples
-from fedseal.common.records import (JOB_KEY, ROUND_KEY, RecordError, record_to_config, record_to_state,
-                            state_digest, to_numpy_state)
+from fedseal.common.records import (RecordError, record_to_config, record_to_state, state_digest,
+                                    to_numpy_state)
 from fedseal.common.weights import site_weight, stats_weight
 
 if TYPE_CHECKING:
@@ -198,8 +198,7 @@ def _train(msg: Message, context: Context) -> Message:
     if cfg.secagg:  # before any training: a round this site cannot join costs no budget
         secagg.check_round(msg, context, site)
     examples = _examples(cfg, site)
-    job = str(msg.content["config"].get(JOB_KEY, context.run_id))
-    server_round = int(msg.content["config"].get(ROUND_KEY, 0))
+    job, server_round = message_round(msg, context)
     ledger = _open_ledger(site) if cfg.dp else None
     model, tokenizer, global_state = _global_model(msg, cfg)
     digest = state_digest(global_state)
@@ -213,12 +212,11 @@ def _train(msg: Message, context: Context) -> Message:
         # answer with it under fresh keys and masks (no new spend).
         log.info("site %s: round %d of job %s was trained before and never sent; answering "
                  "with that update", site.name, server_round, job)
+        update, loss = {k: pending.update[k] for k in global_state}, float("nan")
         committed = commit_round(site.name, ledger, context, job, server_round, pending.steps,
-                                 pending.epsilon, site.delta,
+                                 pending.epsilon, site.delta, update, pending.weight,
                                  noise_multiplier=pending.noise_multiplier,
                                  sample_rate=pending.sample_rate)
-        update, loss = {k: pending.update[k] for k in global_state}, float("nan")
-        weight = pending.weight
     else:
         done = steps_done(ledger, context, job)
         rec = recipe(cfg, len(examples))
@@ -250,8 +248,8 @@ def _train(msg: Message, context: Context) -> Message:
             hold(pending_file, PendingUpdate(job, server_round, digest, update, weight, steps,
                                              job_epsilon, noise, rate))
         committed = commit_round(site.name, ledger, context, job, server_round, steps,
-                                 job_epsilon, site.delta, noise_multiplier=noise,
-                                 sample_rate=rate)
+                                 job_epsilon, site.delta, update, weight,
+                                 noise_multiplier=noise, sample_rate=rate)
     if not all(np.isfinite(v).all() for v in update.values()):
         raise Refusal("local training diverged (NaN/inf in the update); lower --lr or "
                       "--max-grad-norm")
@@ -260,7 +258,7 @@ def _train(msg: Message, context: Context) -> Message:
              "over all jobs), %.1fs", site.name, server_round, committed.steps, loss,
              f"{committed.epsilon:.3f}" if committed.private else "inf (no DP)", site.epsilon,
              f"{committed.delta:.3g}" if committed.private else "-", time.monotonic() - started)
-    return train_reply(msg, context, cfg, site, committed, update, weight, loss)
+    return train_reply(msg, context, cfg, site, committed, update, loss)
 
 
 app.train(secagg_wire.SHARE_KEYS)(secagg.share_keys)
@@ -295,8 +293,7 @@ def evaluate_site(msg: Message, context: Context) -> Message:
         cfg = record_to_config(msg.content["config"])
         site = site_settings(context.node_config, cfg)
         check_evaluate(site.policy)
-        job = str(msg.content["config"].get(JOB_KEY, context.run_id))
-        server_round = int(msg.content["config"].get(ROUND_KEY, 0))
+        job, server_round = message_round(msg, context)
         if not _seen(context, TRAINED, job, server_round):
             raise Refusal(f"this site did not train round {server_round} of job {job}; it scores "
                           "only rounds it took part in")

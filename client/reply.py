@@ -4,7 +4,8 @@ A train reply can only be built from a :class:`~fedseal.client.spend.CommittedRo
 which only :func:`fedseal.client.spend.commit_round` makes, after the round's spend is
 in the ledger: "spend recorded before anything leaves" is a matter of types,
 not of statement order. Every number the reply carries about privacy (epsilon,
-steps, noise multiplier) is read from that one object.
+steps, noise multiplier) and the weight are read from that one object, and the
+update, the job and the round must be the ones it was committed for.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from fedseal.client import secagg
 from fedseal.client.site import SiteSettings
 from fedseal.client.spend import CommittedRound
 from fedseal.common.config import FedConfig
-from fedseal.common.records import flatten, state_to_record
+from fedseal.common.records import JOB_KEY, ROUND_KEY, flatten, state_digest, state_to_record
 
 log = logging.getLogger(__name__)
 
@@ -38,18 +39,36 @@ def refusal(msg: Message, site_name: str, reason: str) -> Message:
                    reply_to=msg)
 
 
+def message_round(msg: Message, context: Context) -> tuple[str, int]:
+    """The job and round a server message is about (the run id and 0 when it names none)."""
+    config = msg.content["config"]
+    return str(config.get(JOB_KEY, context.run_id)), int(config.get(ROUND_KEY, 0))
+
+
 def train_reply(msg: Message, context: Context, cfg: FedConfig, site: SiteSettings,
-                committed: CommittedRound, update: Mapping[str, np.ndarray], weight: float,
+                committed: CommittedRound, update: Mapping[str, np.ndarray],
                 loss: float) -> Message:
     """The reply to ``train``: public keys (secure aggregation) or the weighted update (plain).
+
+    The weight is the committed round's.
 
     Raises
     ------
     TypeError
         If ``committed`` is not a round committed by :func:`fedseal.client.spend.commit_round`.
+    ValueError
+        If ``update`` is not the update ``committed`` was committed for, or ``msg``
+        asks about another job or round.
     """
     if not isinstance(committed, CommittedRound):
         raise TypeError("a train reply is built only from a committed round (fedseal.client.spend)")
+    job, server_round = message_round(msg, context)
+    if (job, server_round) != (committed.job, committed.round):
+        raise ValueError(f"the committed round is round {committed.round} of job {committed.job}, "
+                         f"the message asks for round {server_round} of job {job}")
+    if state_digest(update) != committed.update_digest:
+        raise ValueError("the update is not the one whose spend was committed")
+    weight = committed.weight
     status = ConfigRecord({"site": committed.site, "private": committed.private})
     metrics = {"epsilon": committed.epsilon if committed.private else -1.0,
                "delta": committed.delta if committed.private else -1.0,
@@ -72,4 +91,5 @@ def evaluate_reply(msg: Message, site_name: str, scores: Mapping[str, float]) ->
                                STATUS: ConfigRecord({"site": site_name})}), reply_to=msg)
 
 
-__all__ = ["REFUSED", "Refusal", "STATUS", "evaluate_reply", "refusal", "train_reply"]
+__all__ = ["REFUSED", "Refusal", "STATUS", "evaluate_reply", "message_round", "refusal",
+           "train_reply"]

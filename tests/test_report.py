@@ -34,6 +34,7 @@ def _row(rnd: int, *, private: bool = True, sites=("alpha", "beta", "gamma"), **
     row = {"round": rnd, "accuracy": 0.5 + 0.1 * rnd, "macro_f1": 0.45 + 0.1 * rnd,
            "loss": 0.7 - 0.1 * rnd, "private": private, "secagg": True,
            "epsilon": {s: 2.0 * rnd + 0.1 * i for i, s in enumerate(sites)} if private else {},
+           "delta": {s: 1e-5 * (1 + i) for i, s in enumerate(sites)} if private else {},
            "contributors": list(sites), "refused": {}, "failed": {}, "abandoned": "",
            "bytes_sent": 1000, "bytes_received": 900, "seconds": 1.5}
     if not private:
@@ -99,7 +100,8 @@ def test_dp_report_has_every_section_embedded(dp_run):
     # No external resource at all: every src/href is a data: URI.
     assert not re.search(r"""(src|href)\s*=\s*["'](?!data:)""", page)
     for text in ("budget exhausted", "timeout", "too few survivors", "ε max 6.200 of budget 8",
-                 "Confusion matrix", "Settings", "alpha, beta"):
+                 "Confusion matrix", "Settings", "alpha, beta", "<th>max δ</th>",
+                 "<td>6.200</td><td>3e-05</td>"):
         assert text in page, text
 
 
@@ -145,6 +147,7 @@ def test_a_run_still_going_on_gets_a_page_of_its_rounds(tmp_path):
     ("{not json\n", "line 1 is not JSON"),
     ('{"accuracy": 0.5}\n', "has no integer 'round'"),
     ('{"round": 1, "epsilon": [1, 2]}\n', "'epsilon' must be an object"),
+    ('{"round": 1, "delta": "1e-5"}\n', "'delta' must be an object"),
 ])
 def test_bad_run_folders_give_clear_errors(tmp_path, content, message):
     if content is not None:

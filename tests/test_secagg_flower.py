@@ -84,7 +84,8 @@ class QuickGrid(LocalGrid):
         update = self.rng.normal(0, 0.3, size=length)
         keys = client_secagg.begin_round(msg, context, cfg, site, update, 1.0)
         self.recorder.by_node[context.node_id] = self.recorder.pending.pop()
-        return Message(RecordDict({RECORD: keys, "metrics": MetricRecord({"epsilon": -1.0}),
+        metrics = MetricRecord({"epsilon": -1.0, "delta": -1.0})
+        return Message(RecordDict({RECORD: keys, "metrics": metrics,
                                    "status": ConfigRecord({"site": site.name})}), reply_to=msg)
 
     def send_and_receive(self, messages, *, timeout=None):
@@ -275,6 +276,7 @@ def test_one_malformed_reply_drops_one_site(setup, monkeypatch, case):
     assert not sums.abandoned, sums.abandoned
     assert set(sums.failed) == {f"site-{BAD}"}, sums.failed
     assert reason in sums.failed[f"site-{BAD}"], sums.failed
+    assert set(sums.deltas) == set(sums.epsilons)  # what a dropped site spent goes with it
     still_in = stage in ("train.secagg_consistency", "train.secagg_unmask")
     included = [n for n in grid.nodes if n != grid.nodes[BAD] or still_in]
     _check_exact(cfg, grid, sums, rec.by_node, included)

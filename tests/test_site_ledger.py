@@ -7,14 +7,19 @@ configs as a deployed agent sets them (data path, ledger path and key, budget, p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from fedseal.client.ledger import PrivacyLedger
+from fedseal.client import ledger as ledger_module
+from fedseal.client.ledger import LedgerError, PrivacyLedger
 from fedseal.client.pending import pending_path, release
+from fedseal.client.reply import train_reply
+from fedseal.client.site import site_settings
+from fedseal.client.spend import PROGRESS, CommittedRound, commit_round
 from fedseal.common import synthetic
 from fedseal.common.config import FedConfig
 from fedseal.common.data import Examples, write_examples
@@ -126,6 +131,67 @@ def test_a_secure_round_asked_again_reuses_the_update_only_while_it_never_left(s
     assert [e.steps for e in _ledger(tmp).entries] == [2, 4]
 
 
+@pytest.mark.parametrize("broken, error, said", [
+    ("record", LedgerError("the ledger's folder is read-only"), "folder is read-only"),
+    ("atomic_write", OSError(28, "No space left on device"), "No space left on device"),
+])
+def test_a_round_whose_spend_cannot_be_recorded_sends_nothing(site, monkeypatch, broken, error,
+                                                              said):
+    """The ledger cannot take the round (a refusal of its own, or the disk write failing):
+    the reply carries no update, no keys, no metrics, and the ledger is as it was."""
+    cfg, node, tmp = site
+    grid = LocalGrid(1, node_configs=[node])
+    assert _refusal(_train(grid, cfg, 1)) == ""
+    before = (tmp / "ledger.json").read_bytes()
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(PrivacyLedger if broken == "record" else ledger_module, broken, fail)
+    reply = _train(grid, cfg, 2)
+    assert not reply.has_content() or not (set(reply.content) - {"status"})
+    reason = _refusal(reply) if reply.has_content() else reply.error.reason
+    assert said in reason
+    assert (tmp / "ledger.json").read_bytes() == before
+    monkeypatch.undo()  # the disk is back: the round trains and is recorded
+    assert _refusal(_train(grid, cfg, 2)) == "" and len(_ledger(tmp).entries) == 2
+
+
+def test_the_ledger_alone_counts_the_steps_where_there_is_one(site):
+    """Steps live in one place: the ledger when the site has one, else the run's state."""
+    cfg, node, _ = site
+    for config, kept in ((node, False),
+                         ({k: v for k, v in node.items() if not k.startswith("ledger-")}, True)):
+        grid = LocalGrid(1, node_configs=[config])
+        for server_round, steps in ((1, 2), (2, 4)):
+            reply = _train(grid, cfg, server_round)
+            assert _refusal(reply) == "" and reply.content["metrics"]["steps"] == steps
+            assert (PROGRESS in grid.contexts[grid.nodes[0]].state) is kept
+
+
+def test_a_reply_is_built_only_from_the_round_committed_for_its_update(site):
+    cfg, node, _ = site
+    settings = site_settings(node, cfg)
+    context = Context(run_id=RUN_ID, node_id=1, node_config=node, state=RecordDict(),
+                      run_config={})
+    update = {"w": np.ones((2, 2), np.float32)}
+    committed = commit_round("alpha", None, context, "job-1", 1, 2, 1.5, 1e-5, update, 1.0)
+    with pytest.raises(TypeError, match="made only by fedseal.client.spend.commit_round"):
+        CommittedRound(**{**dataclasses.asdict(committed), "_token": object()})
+
+    def message(server_round: int, job: str = "job-1") -> Message:
+        return Message(RecordDict({"config": config_to_record(
+            cfg, **{ROUND_KEY: server_round, JOB_KEY: job})}), dst_node_id=1, message_type="train")
+
+    reply = train_reply(message(1), context, cfg, settings, committed, update, 0.5)
+    assert np.array_equal(record_to_state(reply.content["update"])["w"], update["w"])
+    with pytest.raises(ValueError, match="not the one whose spend was committed"):
+        train_reply(message(1), context, cfg, settings, committed, {"w": 2 * update["w"]}, 0.5)
+    for other in (message(2), message(1, job="job-2")):
+        with pytest.raises(ValueError, match="the committed round is round 1 of job job-1"):
+            train_reply(other, context, cfg, settings, committed, update, 0.5)
+
+
 def test_a_third_round_beyond_the_plan_is_refused(site):
     cfg, node, _ = site
     grid = LocalGrid(1, node_configs=[node])
@@ -200,6 +266,9 @@ def test_server_resumes_after_the_last_checkpointed_round(site):
     summary = run_federation(LocalGrid(1, node_configs=[node]), cfg, RUN_ID, resume=True)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert summary["rounds"] == 2 and [r["round"] for r in rows] == [1, 2]
+    # Each site's delta beside its epsilon: the site's total over every job it trained in.
+    assert all(set(r["delta"]) == set(r["epsilon"]) == {"alpha"} for r in rows)
+    assert all(r["delta"]["alpha"] == pytest.approx(1e-5) for r in rows)
     job = json.loads((out / "checkpoint" / "job.json").read_text())["job_id"]
     entries = _ledger(tmp).entries
     assert [(e.run, e.round) for e in entries] == [(job, 1), (job, 2)]
@@ -240,17 +309,25 @@ def test_a_run_asking_for_less_than_the_site_policy_is_refused_before_anything(s
     assert not (tmp / "ledger.json").exists()  # refused before the ledger, the model, the data
 
 
-def test_refusals_are_named_in_the_server_metrics(site, tmp_path):
-    """The real ServerApp over three sites whose policy wants a cohort of 3: a run that
-    may go on with 2 is refused by each, and metrics.jsonl names the setting."""
+@pytest.mark.parametrize("run, policy, named", [
+    ({"min_clients": 2}, {}, ("min-clients = 2", "min-cohort = 3")),
+    ({"dp": False}, {}, ("dp = false",)),
+    ({"secagg": False}, {}, ("secagg = false",)),
+    ({"secagg_k": 2}, {"min-secagg-k": 3}, ("secagg-k = 2", "min-secagg-k = 3")),
+    ({"secagg_threshold": 2}, {"min-secagg-threshold": 3},
+     ("secagg-threshold = 2", "min-secagg-threshold = 3")),
+])
+def test_refusals_are_named_in_the_server_metrics(site, run, policy, named):
+    """The real ServerApp over three sites with the safe default policy (a cohort of 3):
+    a run asking for less is refused by each, and metrics.jsonl names the setting."""
     cfg, node, tmp = site
-    cfg = cfg.replace(secagg=True, clients=3, min_clients=2, rounds=1)
-    nodes = [{**{k: v for k, v in node.items() if k != "require-secagg"}, "site-name": name}
-             for name in ("alpha", "beta", "gamma")]
+    cfg = cfg.replace(**{"secagg": True, "clients": 3, "min_clients": 3, "rounds": 1, **run})
+    nodes = [{**{k: v for k, v in node.items() if k != "require-secagg"}, **policy,
+              "site-name": name} for name in ("alpha", "beta", "gamma")]
     run_federation(LocalGrid(3, node_configs=nodes), cfg, RUN_ID)
     [row] = [json.loads(line) for line in (tmp / "out" / "metrics.jsonl").read_text().splitlines()]
-    assert sorted(row["refused"]) == ["alpha", "beta", "gamma"] and row["abandoned"]
-    assert all("min-clients = 2" in why and "min-cohort = 3" in why for why in row["refused"].values())
+    assert sorted(row["refused"]) == ["alpha", "beta", "gamma"] and not row["contributors"]
+    assert all(all(n in why for n in named) for why in row["refused"].values()), row["refused"]
     assert not (tmp / "ledger.json").exists()
 
 
