@@ -40,7 +40,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from fedseal.client import secagg
+from fedseal.client import once, secagg
 from fedseal.client.ledger import LedgerError, PrivacyLedger
 from fedseal.client.pending import PendingUpdate, held, hold, pending_path, release
 from fedseal.client.policy import check_evaluate, check_train
@@ -67,7 +67,8 @@ log = logging.getLogger(__name__)
 
 PLAN = "fedseal.plan"  # context.state record: the run's calibrated DP plan
 TRAINED = "fedseal.trained-rounds"  # context.state record: "job/round" keys this site trained
-EVALUATED = "fedseal.evaluated-rounds"  # context.state record: "job/round" keys it evaluated
+EVALUATED = "fedseal.evaluated-rounds"  # the once-per-round record of evaluated (job, round) pairs
+EVALUATED_SUFFIX = ".evaluated.json"  # its file, beside the ledger
 
 app = ClientApp()
 
@@ -297,10 +298,12 @@ def evaluate_site(msg: Message, context: Context) -> Message:
         if not _seen(context, TRAINED, job, server_round):
             raise Refusal(f"this site did not train round {server_round} of job {job}; it scores "
                           "only rounds it took part in")
-        if _seen(context, EVALUATED, job, server_round):
+        path = once.record_path(site.ledger_path, EVALUATED_SUFFIX) if site.ledger_path else None
+        evaluated = once.done(context, EVALUATED, path)
+        if (job, server_round) in evaluated:
             raise Refusal(f"round {server_round} of job {job} was already evaluated here; a site "
                           "answers once per round")
-        _remember(context, EVALUATED, job, server_round)
+        once.remember(context, EVALUATED, path, evaluated | {(job, server_round)})
         examples = _examples(cfg, site)
         model, tokenizer, _ = _global_model(msg, cfg)
         device = pick_device(site.device)
@@ -308,5 +311,5 @@ def evaluate_site(msg: Message, context: Context) -> Message:
         scores = evaluate(model, encode(tokenizer, examples, cfg.max_length),
                           batch_size=cfg.eval_batch_size, num_labels=len(cfg.labels), device=device)
         return evaluate_reply(msg, site.name, scores)
-    except (Refusal, DataError, ConfigError) as exc:
+    except (Refusal, DataError, ConfigError, once.OnceError) as exc:
         return refusal(msg, site_name(context.node_config, context.node_id), str(exc))

@@ -84,10 +84,17 @@ def train_reply(msg: Message, context: Context, cfg: FedConfig, site: SiteSettin
                                STATUS: status}), reply_to=msg)
 
 
+EVAL_DECIMALS = 2  # what federated evaluation reveals: scores to 0.01, never exact fractions
+
+
 def evaluate_reply(msg: Message, site_name: str, scores: Mapping[str, float]) -> Message:
-    """The reply to ``evaluate``: accuracy and loss only (see the README's threat model)."""
-    return Message(RecordDict({"metrics": MetricRecord({k: float(scores[k]) for k in
-                                                        ("accuracy", "loss")}),
+    """The reply to ``evaluate``: accuracy and loss only, rounded to :data:`EVAL_DECIMALS`.
+
+    An exact accuracy is a fraction ``correct / n`` whose denominator can name the
+    site's example count; rounded to 0.01 it cannot (see the README's threat model).
+    """
+    return Message(RecordDict({"metrics": MetricRecord({k: round(float(scores[k]), EVAL_DECIMALS)
+                                                        for k in ("accuracy", "loss")}),
                                STATUS: ConfigRecord({"site": site_name})}), reply_to=msg)
 
 

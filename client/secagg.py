@@ -17,16 +17,15 @@ aggregates over different survivor sets can never be subtracted.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
+from fedseal.client import once
 from fedseal.client.site import SiteSettings
 from fedseal.common.config import ConfigError, FedConfig
-from fedseal.common.durable import atomic_write
 from fedseal.common.records import JOB_KEY
 from fedseal.common.secagg import (ClientState, Identity, Roster, RoundContext, SecAggError,
                            UnmaskRefusedError)
@@ -42,14 +41,13 @@ log = logging.getLogger(__name__)
 STATE = "fedseal.secagg.state"  # the protocol state (this site's secrets)
 INPUT = "fedseal.secagg.input"  # the encoded update, until it leaves masked
 SITE = "fedseal.secagg.site"  # the site's own paths and policy for this round
-UNMASKED = "fedseal.secagg.unmasked"  # (job, round) pairs unmasked, without a ledger
-RECORD_FORMAT = "fedseal.secagg.unmasked"
-RECORD_SUFFIX = ".secagg-unmasked.json"
+UNMASKED = "fedseal.secagg.unmasked"  # the once-per-round record of unmasked (job, round) pairs
+UNMASKED_SUFFIX = ".secagg-unmasked.json"  # its file, beside the ledger
 
 
 def unmask_record_path(ledger_path: Path) -> Path:
     """The durable record of unmasked rounds, beside the site's ledger."""
-    return ledger_path.with_name(ledger_path.name + RECORD_SUFFIX)
+    return once.record_path(ledger_path, UNMASKED_SUFFIX)
 
 
 def _round_context(msg: Message, context: Context) -> RoundContext:
@@ -205,33 +203,6 @@ def consistency(msg: Message, context: Context) -> Message:
     return _reply(msg, **{SIGNATURE: signature})
 
 
-def _unmasked_before(context: Context, info: ConfigRecord) -> set[tuple[str, int]]:
-    path = str(info["record"])
-    if not path:
-        rec = context.state[UNMASKED] if UNMASKED in context.state else {}
-        return {(str(j), int(r)) for j, r in (json.loads(v) for v in rec.values())}
-    if not Path(path).exists():
-        return set()
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        if data.get("format") != RECORD_FORMAT:
-            raise ValueError(data.get("format"))
-        return {(str(j), int(r)) for j, r in data["rounds"]}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UnmaskRefusedError(f"this site's record of unmasked rounds {path} is unreadable "
-                                 f"({exc}); it will not unmask anything until the file is "
-                                 "restored") from None
-
-
-def _remember(context: Context, info: ConfigRecord, done: set[tuple[str, int]]) -> None:
-    path = str(info["record"])
-    if not path:
-        context.state[UNMASKED] = ConfigRecord({f"{j}/{r}": json.dumps([j, r]) for j, r in done})
-        return
-    atomic_write(Path(path), json.dumps({"format": RECORD_FORMAT, "version": 1,
-                                         "rounds": sorted([j, r] for j, r in done)}).encode())
-
-
 def unmask(msg: Message, context: Context) -> Message:
     """Stage 4: reveal the shares the view needs, once per (job, round), recorded first."""
     state = _load(context)
@@ -240,13 +211,17 @@ def unmask(msg: Message, context: Context) -> Message:
     signatures = var_table(field(params, SIGNATURES, bytes), "view signatures")
     reply = state.unmask(field(params, VIEW, bytes), signatures)
     key = (str(info["job"]), state.ctx.round_id)
-    done = _unmasked_before(context, info)
+    path = Path(str(info["record"])) if str(info["record"]) else None
+    try:
+        done = once.done(context, UNMASKED, path)
+    except once.OnceError as exc:
+        raise UnmaskRefusedError(f"{exc}; it will not unmask anything until then") from None
     if key in done:
         _clear(context)
         raise UnmaskRefusedError(
             f"this site already helped unmask round {key[1]} of job {key[0]}; a second unmask "
             "could let the server subtract two sums and learn one site's update, so it refuses")
-    _remember(context, info, done | {key})
+    once.remember(context, UNMASKED, path, done | {key})
     _clear(context)
     return _reply(msg, **{B_SHARES: pack_shares(reply[B_SHARES]),
                           SK_SHARES: pack_shares(reply[SK_SHARES]),

@@ -198,6 +198,36 @@ def _post(url: str, ca: Path) -> int:
         return exc.code
 
 
+def _fleet_post(url: str, ca: Path, request, key_file: Path | None) -> int:
+    """HTTP status of a Fleet protobuf call through the proxy, signed as Flower's SuperNode
+    signs it (its own key, a fresh timestamp) when ``key_file`` is given."""
+    from base64 import b64encode
+
+    from cryptography.hazmat.primitives import serialization
+    from flwr.common.constant import TIMESTAMP_HEADER
+    from flwr.supercore.constant import FLEET_HTTP_PUBLIC_KEY_HEADER, FLEET_HTTP_SIGNATURE_HEADER
+    from flwr.supercore.date import now
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes, sign_message
+    from flwr.supercore.protobuf.constants import PROTOBUF_MEDIA_TYPE
+
+    headers = {"Content-Type": PROTOBUF_MEDIA_TYPE, "Accept": PROTOBUF_MEDIA_TYPE}
+    if key_file is not None:
+        key = serialization.load_pem_private_key(key_file.read_bytes(), None)
+        stamp = now().isoformat()
+        headers.update({
+            FLEET_HTTP_PUBLIC_KEY_HEADER: b64encode(public_key_to_bytes(key.public_key())).decode(),
+            TIMESTAMP_HEADER: stamp,
+            FLEET_HTTP_SIGNATURE_HEADER: b64encode(sign_message(key, stamp.encode())).decode()})
+    http = urllib.request.Request(url, data=request.SerializeToString(), method="POST",
+                                  headers=headers)
+    try:
+        with urllib.request.urlopen(http, context=ssl.create_default_context(cafile=str(ca)),
+                                    timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
 def _listening(port: int) -> set[str]:
     """Local IPv4 addresses with a socket listening on ``port`` (from /proc/net/tcp)."""
     found = set()
@@ -294,7 +324,27 @@ def _outsider_is_locked_out(root: Path, port: int, procs: Procs, tiny_bert: str)
     for path in ("/v1/control/start-run", "/v1/control/register-node", "/v1/runtime/pull-messages",
                  "/v1/fleet/../control/list-runs", "/v1/fleet/%2e%2e/control/list-runs", "/docs"):
         assert _post(base + path, ca) == 404, path
-    assert _post(base + "/v1/fleet/get-run", ca) != 404  # the Fleet API does pass
+    # The Fleet API does pass, and the SuperLink authenticates every call: the outsider's own
+    # key signs correctly but admits it nowhere, and self-registration is off.
+    from cryptography.hazmat.primitives import serialization
+    from flwr.proto.fleet_pb2 import PullMessagesRequest, RegisterNodeFleetRequest
+    from flwr.proto.node_pb2 import Node
+    from flwr.proto.run_pb2 import GetRunRequest
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+    intruder_key = root / "at" / "intruder" / "intruder.key"
+    intruder_pub = serialization.load_pem_private_key(intruder_key.read_bytes(), None).public_key()
+    fleet = {
+        "unsigned get-run": _fleet_post(base + "/v1/fleet/get-run", ca,
+                                        GetRunRequest(node=Node(node_id=1), run_id=1), None),
+        "signed pull-messages": _fleet_post(base + "/v1/fleet/pull-messages", ca,
+                                            PullMessagesRequest(node=Node(node_id=1)), intruder_key),
+        "signed register-node": _fleet_post(
+            base + "/v1/fleet/register-node", ca,
+            RegisterNodeFleetRequest(public_key=public_key_to_bytes(intruder_pub)), intruder_key),
+    }
+    assert fleet == {"unsigned get-run": 401, "signed pull-messages": 401,
+                     "signed register-node": 412}, fleet  # 412: registration only by the CLI
     local_port = int(next(line.split("=")[1] for line in (root / "server.toml").read_text()
                           .splitlines() if line.startswith("local-port")))
     assert _listening(local_port) == {"127.0.0.1"}  # the SuperLink: loopback only

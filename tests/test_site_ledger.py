@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedseal.client import ledger as ledger_module
+from fedseal.client.app import EVALUATED_SUFFIX
 from fedseal.client.ledger import LedgerError, PrivacyLedger
 from fedseal.client.pending import pending_path, release
-from fedseal.client.reply import train_reply
+from fedseal.client.reply import EVAL_DECIMALS, train_reply
 from fedseal.client.site import site_settings
 from fedseal.client.spend import PROGRESS, CommittedRound, commit_round
 from fedseal.common import synthetic
@@ -345,8 +347,17 @@ def test_federated_evaluation_is_off_unless_the_site_turns_it_on(site):
     assert federated_evaluate(on, on.nodes, weights, cfg, "job-1", 1) == {}  # did not train it
     assert _refusal(_train(on, cfg, 1, weights=weights)) == ""
     scores = federated_evaluate(on, on.nodes, weights, cfg, "job-1", 1)
-    assert set(scores) == {"accuracy", "loss"} and 0 <= scores["accuracy"] <= 1
+    assert set(scores) == {"accuracy", "loss"}
+    # rounded to 0.01: an exact correct/n fraction could name the site's example count
+    assert all(v == round(v, EVAL_DECIMALS) for v in scores.values()) and scores["loss"] > 0
     assert federated_evaluate(on, on.nodes, weights, cfg, "job-1", 1) == {}  # once per round
+    # a restarted site (fresh Context) that trains the round again still answers only once:
+    # the record is on disk beside the ledger
+    restarted = LocalGrid(1, node_configs=[on.contexts[on.nodes[0]].node_config])
+    assert _refusal(_train(restarted, cfg, 1, weights=weights)) == ""
+    assert federated_evaluate(restarted, restarted.nodes, weights, cfg, "job-1", 1) == {}
+    record = Path(str(node["ledger-path"]) + ".on" + EVALUATED_SUFFIX)
+    assert json.loads(record.read_text())["rounds"] == [["job-1", 1]]
 
 
 @pytest.mark.parametrize("claimed", [1e9, 0.0, -1.0, float("nan"), float("inf")])
