@@ -164,6 +164,7 @@ def federation(tmp_path, tiny_bert):
 
 def _foreign_app(root: Path, tiny_bert: str) -> Path:
     """fedseal's app with a ClientApp and ServerApp that leave marker files when they run."""
+    from fedseal.common.bundle import SERVER_APP
     from fedseal.common.config import FedConfig
     from fedseal.server.launch import write_app
 
@@ -175,6 +176,11 @@ def _foreign_app(root: Path, tiny_bert: str) -> Path:
     for side in ("client", "server"):
         with (app / side / "app.py").open("a", encoding="utf-8") as fh:
             fh.write(f"\nopen({str(root / f'{side}-code-ran')!r}, 'w').write('ran')\n")
+    # The operator's ServerApp is the bundle's own server/app.py (top-level module `server`,
+    # found in the bundle's folder), not the installed fedseal.server.app; the ClientApp
+    # keeps fedseal's name, so only the sites' pinning stands between it and the data.
+    project = app / "pyproject.toml"
+    project.write_text(project.read_text().replace(f'"{SERVER_APP}"', '"server.app:app"'))
     return app
 
 
