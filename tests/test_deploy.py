@@ -218,7 +218,7 @@ def _fleet_post(url: str, ca: Path, request, key_file: Path | None) -> int:
 
     headers = {"Content-Type": PROTOBUF_MEDIA_TYPE, "Accept": PROTOBUF_MEDIA_TYPE}
     if key_file is not None:
-        key = serialization.load_pem_private_key(key_file.read_bytes(), None)
+        key = serialization.load_ssh_private_key(key_file.read_bytes(), None)  # as `keys site` writes it
         stamp = now().isoformat()
         headers.update({
             FLEET_HTTP_PUBLIC_KEY_HEADER: b64encode(public_key_to_bytes(key.public_key())).decode(),
@@ -339,7 +339,7 @@ def _outsider_is_locked_out(root: Path, port: int, procs: Procs, tiny_bert: str)
     from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
     intruder_key = root / "at" / "intruder" / "intruder.key"
-    intruder_pub = serialization.load_pem_private_key(intruder_key.read_bytes(), None).public_key()
+    intruder_pub = serialization.load_ssh_private_key(intruder_key.read_bytes(), None).public_key()
     fleet = {
         "unsigned get-run": _fleet_post(base + "/v1/fleet/get-run", ca,
                                         GetRunRequest(node=Node(node_id=1), run_id=1), None),
