@@ -50,6 +50,8 @@ import sys
 import time
 from pathlib import Path
 
+import tomli_w
+
 from fedseal.client.site import simulation_key_file, simulation_roster_file, simulation_site_file
 from fedseal.common.cli_args import add_config_options, config_from_args
 from fedseal.common.config import AUTO, ConfigError, FedConfig
@@ -199,12 +201,41 @@ def simulate(cfg: FedConfig, verbose: bool = False) -> dict:
     return summary
 
 
+# The settings `flwr run .` can take from a prepared folder: exactly the keys of
+# pyproject.toml's [tool.flwr.app.config] (Flower refuses any other override).
+FLWR_RUN_KEYS = ("train", "eval", "out", "rounds", "clients", "epsilon", "delta")
+FLWR_RUN_CONFIG = "flwr-run-config.toml"
+
+
+def prepare_flwr_run(cfg: FedConfig) -> list[str]:
+    """Prepare ``cfg.out`` for ``flwr run .`` and return the commands that run it.
+
+    Writes what :func:`simulate` writes before it starts the federation (each
+    site's data file, the sites' signing keys and roster) and
+    ``<out>/flwr-run-config.toml`` with the run's :data:`FLWR_RUN_KEYS`, paths
+    absolute, so Flower's own simulation runs the same federation.
+    """
+    cfg = prepare_sites(cfg.replace(out=str(Path(cfg.out).resolve())))
+    settings = {key: value for key, value in cfg.to_run_config().items() if key in FLWR_RUN_KEYS}
+    settings.update({key: str(Path(settings[key]).resolve()) for key in ("train", "eval")})
+    path = Path(cfg.out) / FLWR_RUN_CONFIG
+    path.write_text(tomli_w.dumps(settings), encoding="utf-8")
+    return [f"flwr run . local --run-config {path} --federation-config "
+            f"'num-supernodes={cfg.clients}' --stream"]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``fedseal simulate``: every run setting, and ``--verbose``."""
+    """The options of ``fedseal simulate``: every run setting, ``--verbose`` and ``--prepare-only``."""
     add_config_options(parser)
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show every log line (Flower, Ray, the sites) on the console, at "
                              "debug level; without it they go to <out>/fedseal.log only")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="write the sites' data files, keys and roster and "
+                             f"<out>/{FLWR_RUN_CONFIG}, print the `flwr run .` command that runs "
+                             "this federation with Flower's own simulation (from the checkout), "
+                             "and stop; only the settings in pyproject.toml's "
+                             "[tool.flwr.app.config] carry over")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     args = command_parser("simulate").parse_args(argv)
     cfg = config_from_args(args)
     log_file = setup_run_logging(Path(cfg.out) / LOG_FILE, args.verbose)
+    if args.prepare_only:
+        for command in prepare_flwr_run(cfg):
+            print(command)
+        return 0
     for line in header(cfg, log_file):
         log.info(line)
     summary = simulate(cfg, verbose=args.verbose)
