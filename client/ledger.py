@@ -382,9 +382,14 @@ class PrivacyLedger:
         data = (json.dumps(body, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
         if create and self.path.exists():
             raise LedgerError(f"{self.path} appeared while the ledger was being created; reopen it")
-        atomic_write(self.path, data)
-        self.seq, self._mac = seq, body["mac"]
-        self._advance_counter()
+        try:
+            atomic_write(self.path, data)
+            self.seq, self._mac = seq, body["mac"]
+            self._advance_counter()
+        except OSError as exc:
+            raise LedgerError(f"cannot write the privacy ledger or its counter ({exc}); nothing "
+                              "of this round left the site: free disk space or fix the "
+                              "permissions of the ledger's and the key's folders") from None
 
     def _advance_counter(self) -> None:
         write_counter(counter_path(self.key_path), self._key,
