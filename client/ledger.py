@@ -231,7 +231,7 @@ class PrivacyLedger:
         if self.seq == counter.seq and hmac.compare_digest(self._mac, counter.ledger_mac):
             return
         if self.seq == counter.seq + 1:  # the last write crashed before the counter caught up
-            self._advance_counter()
+            self._advance_counter(self.seq, self._mac)
             return
         if self.seq < counter.seq:
             raise LedgerError(
@@ -384,16 +384,18 @@ class PrivacyLedger:
             raise LedgerError(f"{self.path} appeared while the ledger was being created; reopen it")
         try:
             atomic_write(self.path, data)
-            self.seq, self._mac = seq, body["mac"]
-            self._advance_counter()
+            self._advance_counter(seq, body["mac"])
         except OSError as exc:
-            raise LedgerError(f"cannot write the privacy ledger or its counter ({exc}); nothing "
-                              "of this round left the site: free disk space or fix the "
-                              "permissions of the ledger's and the key's folders") from None
+            # seq and mac stay as they were: if only the counter failed, the file is one
+            # write ahead (which a reopen accepts) and this object refuses to write over it.
+            raise LedgerError(f"cannot write the privacy ledger {self.path} or its counter "
+                              f"({exc}): free disk space or fix the permissions of the ledger's "
+                              "and the key's folders") from None
+        self.seq, self._mac = seq, body["mac"]
 
-    def _advance_counter(self) -> None:
+    def _advance_counter(self, seq: int, ledger_mac: str) -> None:
         write_counter(counter_path(self.key_path), self._key,
-                      Counter(self.site, self.seq, self._mac, float(self.epsilon_spent()),
+                      Counter(self.site, seq, ledger_mac, float(self.epsilon_spent()),
                               float(self.delta_spent())))
 
 

@@ -25,9 +25,10 @@ cohort, ``clients``, ``min-clients``
     actual ``k`` and ``t`` are checked;
 ``max-colluders``
     the server with ``2t - k - 1`` colluding sites of one neighbourhood can get
-    two views signed there and unmask a site: the round's actual ``k`` (its
-    neighbour count, at most cohort - 1) and ``t`` must give ``2t - k - 1``
-    above the site's ``max-colluders``;
+    two views signed there and unmask a site, and ``t - 1`` colluding neighbours
+    plus the site's own share rebuild its self-mask: the round's actual ``k``
+    (its neighbour count, at most cohort - 1) and ``t`` must give ``2t - k - 1``
+    and ``t - 1`` both above the site's ``max-colluders``;
 ``update-clip``
     no larger than ``max-update-clip``.
 """
@@ -121,6 +122,13 @@ def check_train(policy: SitePolicy, cfg: FedConfig,
                       _FLAG["threshold"])
     neighbours = min(k, cohort - 1)
     bound = 2 * threshold - neighbours - 1
+    if threshold <= policy.max_colluders + 1:
+        raise PolicyRefusal(
+            f"this round's SecAgg+ threshold = {threshold} (k = {neighbours}) is not above this "
+            f"site's policy ({_FLAG['colluders']} = {policy.max_colluders}) + 1: that many "
+            "colluding neighbours know their pairwise masks with this site and, with its own "
+            "share, hold enough shares of its self-mask; the server must raise secagg-k and "
+            f"secagg-threshold, or the site operator must lower its {_FLAG['colluders']} flag")
     if bound <= policy.max_colluders:
         raise PolicyRefusal(
             f"this round's SecAgg+ k = {neighbours} and threshold = {threshold} give 2t-k-1 = "

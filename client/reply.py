@@ -40,9 +40,18 @@ def refusal(msg: Message, site_name: str, reason: str) -> Message:
 
 
 def message_round(msg: Message, context: Context) -> tuple[str, int]:
-    """The job and round a server message is about (the run id and 0 when it names none)."""
+    """The job and round a server message is about (the run id and 0 when it names none).
+
+    Raises
+    ------
+    Refusal
+        If the round is not a non-negative integer.
+    """
     config = msg.content["config"]
-    return str(config.get(JOB_KEY, context.run_id)), int(config.get(ROUND_KEY, 0))
+    server_round = config.get(ROUND_KEY, 0)
+    if isinstance(server_round, bool) or not isinstance(server_round, int) or server_round < 0:
+        raise Refusal(f"the server's {ROUND_KEY!r} is {server_round!r}, not a round number")
+    return str(config.get(JOB_KEY, context.run_id)), server_round
 
 
 def train_reply(msg: Message, context: Context, cfg: FedConfig, site: SiteSettings,
@@ -76,7 +85,7 @@ def train_reply(msg: Message, context: Context, cfg: FedConfig, site: SiteSettin
     if cfg.secagg:
         # Only public keys leave now; the update leaves masked, in a later stage. The
         # weight and the training loss stay private to the site.
-        keys = secagg.begin_round(msg, context, cfg, site, flatten(update), weight)
+        keys = secagg.begin_round(msg, context, cfg, site, committed.job, flatten(update), weight)
         return Message(RecordDict({"secagg": keys, "metrics": MetricRecord(metrics),
                                    STATUS: status}), reply_to=msg)
     metrics.update({"weight": weight, "train-loss": loss})
@@ -91,7 +100,8 @@ def evaluate_reply(msg: Message, site_name: str, scores: Mapping[str, float]) ->
     """The reply to ``evaluate``: accuracy and loss only, rounded to :data:`EVAL_DECIMALS`.
 
     An exact accuracy is a fraction ``correct / n`` whose denominator can name the
-    site's example count; rounded to 0.01 it cannot (see the README's threat model).
+    site's example count; rounded to 0.01 it no longer does, though on a small file it
+    still narrows the count (see the README's threat model).
     """
     return Message(RecordDict({"metrics": MetricRecord({k: round(float(scores[k]), EVAL_DECIMALS)
                                                         for k in ("accuracy", "loss")}),

@@ -26,7 +26,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from fedseal.client import once
 from fedseal.client.site import SiteSettings
 from fedseal.common.config import ConfigError, FedConfig
-from fedseal.common.records import JOB_KEY
 from fedseal.common.secagg import (ClientState, Identity, Roster, RoundContext, SecAggError,
                            UnmaskRefusedError)
 from fedseal.common.secagg.messages import Advert, ShareMessage
@@ -149,9 +148,10 @@ def _reply(msg: Message, **values: bytes) -> Message:
     return Message(RecordDict({RECORD: ConfigRecord(dict(values))}), reply_to=msg)
 
 
-def begin_round(msg: Message, context: Context, cfg: FedConfig, site: SiteSettings,
+def begin_round(msg: Message, context: Context, cfg: FedConfig, site: SiteSettings, job: str,
                 flat_weighted_update: np.ndarray, weight: float) -> ConfigRecord:
-    """Encode the update, start this round's protocol state, and return the signed keys."""
+    """Encode the update, start this round's protocol state (for ``job``), and return the
+    signed keys."""
     _clear(context)
     ctx = check_round(msg, context, site)
     identity, roster = load_identity(site.identity_key), load_roster(site.peers)
@@ -159,7 +159,6 @@ def begin_round(msg: Message, context: Context, cfg: FedConfig, site: SiteSettin
     state = ClientState(context.node_id, ctx, identity=identity, roster=roster,
                         min_survivors=site.policy.min_cohort)
     advert = state.advertise_keys()
-    job = str(msg.content["config"].get(JOB_KEY, context.run_id))
     context.state[INPUT] = ArrayRecord({Y: Array(x)})
     context.state[SITE] = ConfigRecord({
         "job": job, "identity-key": str(site.identity_key), "peers": str(site.peers),
@@ -221,7 +220,11 @@ def unmask(msg: Message, context: Context) -> Message:
         raise UnmaskRefusedError(
             f"this site already helped unmask round {key[1]} of job {key[0]}; a second unmask "
             "could let the server subtract two sums and learn one site's update, so it refuses")
-    once.remember(context, UNMASKED, path, done | {key})
+    try:
+        once.remember(context, UNMASKED, path, done | {key})
+    except once.OnceError as exc:
+        _clear(context)
+        raise UnmaskRefusedError(f"{exc}; it reveals nothing it could not record") from None
     _clear(context)
     return _reply(msg, **{B_SHARES: pack_shares(reply[B_SHARES]),
                           SK_SHARES: pack_shares(reply[SK_SHARES]),

@@ -56,7 +56,9 @@ class SitePolicy:
         How many sites colluding with the server (beside it) a secure round must
         withstand: a round's ``k`` and ``t`` must give ``2t - k - 1`` above it
         (that many colluders in one neighbourhood can get two views signed and
-        unmask one site), and ``min_cohort`` must be at least ``max_colluders + 2``
+        unmask one site) and ``t - 1`` above it (that many colluding neighbours
+        and the site's own share rebuild its self-mask), and ``min_cohort`` must
+        be at least ``max_colluders + 2``
         (the sum minus the colluders' inputs must cover two honest sites).
     max_update_clip : float
         Largest per-coordinate update bound the server may ask for.

@@ -8,7 +8,7 @@ and the site, which refuses any bundle that is not its own installed code
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 from pathlib import Path
 
 PACKAGES = ("client", "common", "server")  # the folders of every run's bundle
@@ -17,8 +17,12 @@ CLIENT_APP = "fedseal.client.app:app"
 
 
 def package_dir(name: str) -> Path:
-    """The installed folder of ``fedseal.<name>`` (``name`` one of :data:`PACKAGES`)."""
-    return Path(importlib.import_module(f"fedseal.{name}").__file__).resolve().parent
+    """The installed folder of ``fedseal.<name>`` (``name`` one of :data:`PACKAGES`), found
+    without importing it (common/ imports neither client/ nor server/)."""
+    spec = importlib.util.find_spec(f"fedseal.{name}")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"fedseal.{name} is not installed")
+    return Path(spec.submodule_search_locations[0]).resolve()
 
 
 __all__ = ["CLIENT_APP", "PACKAGES", "SERVER_APP", "package_dir"]

@@ -214,7 +214,20 @@ def prepare_flwr_run(cfg: FedConfig) -> list[str]:
     site's data file, the sites' signing keys and roster) and
     ``<out>/flwr-run-config.toml`` with the run's :data:`FLWR_RUN_KEYS`, paths
     absolute, so Flower's own simulation runs the same federation.
+
+    Raises
+    ------
+    ConfigError
+        If a setting other than :data:`FLWR_RUN_KEYS` differs from its default:
+        ``flwr run .`` would silently run without it.
     """
+    defaults = FedConfig().to_dict()
+    lost = sorted(key.replace("_", "-") for key, value in cfg.to_dict().items()
+                  if key not in FLWR_RUN_KEYS and value != defaults[key])
+    if lost:
+        raise ConfigError(f"flwr run . takes only {', '.join(FLWR_RUN_KEYS)} from a prepared "
+                          f"folder (pyproject.toml's app config), not {', '.join(lost)}: run "
+                          "those settings with fedseal simulate, or drop them here")
     cfg = prepare_sites(cfg.replace(out=str(Path(cfg.out).resolve())))
     settings = {key: value for key, value in cfg.to_run_config().items() if key in FLWR_RUN_KEYS}
     settings.update({key: str(Path(settings[key]).resolve()) for key in ("train", "eval")})

@@ -9,7 +9,11 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from fedseal.client.site import simulation_key_file, simulation_roster_file, simulation_site_file
+from fedseal.common.bundle import CLIENT_APP, SERVER_APP
+from fedseal.common.config import ConfigError
 from fedseal.simulations.simulate import FLWR_RUN_CONFIG, FLWR_RUN_KEYS, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,8 +21,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_the_prepared_config_overrides_only_keys_flower_accepts() -> None:
     """Flower refuses a --run-config key that pyproject.toml's app config does not have."""
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-    assert set(FLWR_RUN_KEYS) <= set(project["tool"]["flwr"]["app"]["config"])
+    app = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["flwr"]["app"]
+    assert set(FLWR_RUN_KEYS) == set(app["config"])
+    assert app["components"] == {"serverapp": SERVER_APP, "clientapp": CLIENT_APP}
+
+
+def test_a_setting_flwr_run_would_drop_is_refused(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="not model, text-column"):
+        main(["--prepare-only", "--out", str(tmp_path / "out"), "--text-column", "text",
+              "--model", "other"])
+    assert not (tmp_path / "out" / FLWR_RUN_CONFIG).exists()
 
 
 def test_prepare_only_writes_the_sites_and_prints_the_flwr_command(tmp_path, monkeypatch,

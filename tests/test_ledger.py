@@ -191,7 +191,8 @@ def test_atomic_write_leaves_no_temp_file(path, key, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(durable.os, "replace", crash)
-    with pytest.raises(LedgerError, match="disk full.*nothing of this round left"):
+    with pytest.raises(LedgerError,
+                       match=r"cannot write the privacy ledger .* or its counter \(disk full\)"):
         led.record("r", 2, 40, 2.0)
     assert path.read_bytes() == before  # the old ledger is intact
     assert sorted(p.name for p in path.parent.iterdir()) == ["ledger.json"]

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fedseal.client.secagg as client_secagg
+from fedseal.client.reply import message_round
 from fedseal.client.site import simulation_site_file, site_settings
 from fedseal.common.config import FedConfig
 from fedseal.common.model import build_model, trainable_state
@@ -82,7 +83,8 @@ class QuickGrid(LocalGrid):
         client_secagg.check_round(msg, context, site)
         length = sum(a.numpy().size for a in msg.content["global"].values())
         update = self.rng.normal(0, 0.3, size=length)
-        keys = client_secagg.begin_round(msg, context, cfg, site, update, 1.0)
+        job, _ = message_round(msg, context)
+        keys = client_secagg.begin_round(msg, context, cfg, site, job, update, 1.0)
         self.recorder.by_node[context.node_id] = self.recorder.pending.pop()
         metrics = MetricRecord({"epsilon": -1.0, "delta": -1.0})
         return Message(RecordDict({RECORD: keys, "metrics": metrics,
@@ -451,6 +453,7 @@ def test_no_answer_leaves_a_site_whose_record_cannot_be_written(setup, monkeypat
     grid = QuickGrid(N, rec, node_configs=configs)
     sums = secure_round(grid, grid.nodes, _content(cfg, weights), weights, cfg, RUN_ID, 1)
     assert "dropped at secagg_unmask" in sums.failed["site-1"]
+    assert "Is a directory" in sums.failed["site-1"]  # the site says why it revealed nothing
     assert not sums.abandoned  # the others finish without it
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from fedseal.client import ledger as ledger_module
 from fedseal.client.app import EVALUATED_SUFFIX
 from fedseal.client.ledger import LedgerError, PrivacyLedger
 from fedseal.client.pending import pending_path, release
-from fedseal.client.reply import EVAL_DECIMALS, train_reply
+from fedseal.client.reply import EVAL_DECIMALS, evaluate_reply, train_reply
 from fedseal.client.site import site_settings
 from fedseal.client.spend import PROGRESS, CommittedRound, commit_round
 from fedseal.common import synthetic
@@ -294,6 +295,10 @@ def test_server_resumes_after_the_last_checkpointed_round(site):
     ({"clients": 4, "min_clients": 3}, {"_t": 2}, "(max-colluders = 1)"),
     ({"clients": 4, "min_clients": 4}, {"_cohort": 4, "_k": 3, "_t": 3, "min-cohort": 4,
                                         "max-colluders": 2}, "(max-colluders = 2)"),
+    # k = 2, t = 3 passes 2t-k-1 = 3 > 2, but two colluding neighbours know their pairwise
+    # masks with the site and, with its own share, hold t = 3 shares of its self-mask.
+    ({"clients": 6, "min_clients": 4}, {"_cohort": 6, "_k": 2, "_t": 3, "min-cohort": 4,
+                                        "max-colluders": 2}, "threshold = 3 (k = 2) is not above"),
 ])
 def test_a_run_asking_for_less_than_the_site_policy_is_refused_before_anything(site, run, policy,
                                                                                 named):
@@ -332,31 +337,43 @@ def test_refusals_are_named_in_the_server_metrics(site, run, policy, named):
     assert not (tmp / "ledger.json").exists()
 
 
-def test_federated_evaluation_is_off_unless_the_site_turns_it_on(site):
+def test_federated_evaluation_is_off_unless_the_site_turns_it_on(site, caplog):
     from fedseal.server.app import federated_evaluate
+
+    def refused_because(grid: LocalGrid, why: str) -> bool:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            empty = federated_evaluate(grid, grid.nodes, weights, cfg, "job-1", 1) == {}
+        return empty and why in caplog.text
 
     cfg, node, _ = site
     weights = to_numpy_state(trainable_state(build_model(cfg, cfg.labels)))
     off = LocalGrid(1, node_configs=[node])
     assert _refusal(_train(off, cfg, 1, weights=weights)) == ""
-    assert federated_evaluate(off, off.nodes, weights, cfg, "job-1", 1) == {}  # off by default
+    assert refused_because(off, "federated-eval")  # off by default
     on = LocalGrid(1, node_configs=[{**node, "federated-eval": "on",
                                      "ledger-path": str(node["ledger-path"]) + ".on",
                                      "ledger-key": str(node["ledger-key"]) + ".on"}])
-    assert federated_evaluate(on, on.nodes, weights, cfg, "job-1", 1) == {}  # did not train it
+    assert refused_because(on, "did not train round 1")
     assert _refusal(_train(on, cfg, 1, weights=weights)) == ""
     scores = federated_evaluate(on, on.nodes, weights, cfg, "job-1", 1)
-    assert set(scores) == {"accuracy", "loss"}
-    # rounded to 0.01: an exact correct/n fraction could name the site's example count
-    assert all(v == round(v, EVAL_DECIMALS) for v in scores.values()) and scores["loss"] > 0
-    assert federated_evaluate(on, on.nodes, weights, cfg, "job-1", 1) == {}  # once per round
+    assert set(scores) == {"accuracy", "loss"} and scores["loss"] > 0
+    assert refused_because(on, "already evaluated here")  # once per round
     # a restarted site (fresh Context) that trains the round again still answers only once:
     # the record is on disk beside the ledger
     restarted = LocalGrid(1, node_configs=[on.contexts[on.nodes[0]].node_config])
     assert _refusal(_train(restarted, cfg, 1, weights=weights)) == ""
-    assert federated_evaluate(restarted, restarted.nodes, weights, cfg, "job-1", 1) == {}
+    assert refused_because(restarted, "already evaluated here")
     record = Path(str(node["ledger-path"]) + ".on" + EVALUATED_SUFFIX)
     assert json.loads(record.read_text())["rounds"] == [["job-1", 1]]
+
+
+def test_federated_evaluation_scores_leave_rounded():
+    """An exact correct/n could name the site's example count; two decimals leave."""
+    reply = evaluate_reply(Message(RecordDict(), dst_node_id=1, message_type="evaluate"),
+                           "alpha", {"accuracy": 57 / 113, "loss": 0.987654, "macro_f1": 0.4})
+    assert dict(reply.content["metrics"]) == {"accuracy": 0.5, "loss": 0.99}
+    assert EVAL_DECIMALS == 2
 
 
 @pytest.mark.parametrize("claimed", [1e9, 0.0, -1.0, float("nan"), float("inf")])

@@ -23,8 +23,10 @@ Each node's secrets are split among ``k + 1`` holders (the node itself and its
   from two disjoint halves.
 * Collusion: ``c`` sites of a node's neighbourhood that collude with the server
   answer both kinds, so a lying server reaches ``t`` of each once
-  ``2 t - k - 1 <= c``; a node withstands ``c`` colluders only while
-  ``2 t - k - 1 > c`` (which also implies ``t > c``).
+  ``2 t - k - 1 <= c``; and ``c`` colluding neighbours know their pairwise
+  masks with the node, so with the node's own self-mask share they rebuild its
+  input once ``t <= c + 1``. A node withstands ``c`` colluders only while
+  ``2 t - k - 1 > c`` and ``t > c + 1``.
 * Robustness: a node's self-mask (if it survived) or mask key (if it dropped)
   can be reconstructed as long as at most ``k + 1 - t`` of its holders drop out.
 * ``k`` should grow like ``O(log n)`` so that the graph stays connected and no

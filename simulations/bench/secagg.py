@@ -61,7 +61,7 @@ from fedseal.common.secagg.protocol import B_SHARES, SEEDS, SK_SHARES
 from fedseal.common.secagg_wire import pack_ids, pack_routed, pack_shares, pack_table
 from simulations.bench.report import emit_report, setup_bench_logging
 
-log = logging.getLogger("fedseal.bench_secagg")
+log = logging.getLogger("fedseal.bench.secagg")
 
 FULL_LENGTH = 22_713_216
 """Trainable parameters of all-MiniLM-L6-v2 fine-tuned in full."""

@@ -39,7 +39,7 @@ from fedseal.common.data import Examples, read_examples, write_examples
 from fedseal.common.model import pick_device
 from simulations.bench.report import emit_report, setup_bench_logging
 
-log = logging.getLogger("fedseal.bench_utility")
+log = logging.getLogger("fedseal.bench.utility")
 
 TARGETS = {"fed_dp_acc_min": 0.83, "dp_gap_max": 0.03}
 EPSILONS = (1.0, 2.0, 4.0, 8.0)
