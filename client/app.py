@@ -66,7 +66,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PLAN = "fedseal.plan"  # context.state record: the run's calibrated DP plan
-TRAINED = "fedseal.trained-rounds"  # context.state record: "job/round" keys this site trained
+TRAINED = "fedseal.trained-rounds"  # (job, round) pairs trained in this run (context only)
 EVALUATED = "fedseal.evaluated-rounds"  # the once-per-round record of evaluated (job, round) pairs
 EVALUATED_SUFFIX = ".evaluated.json"  # its file, beside the ledger
 
@@ -111,15 +111,6 @@ def _open_ledger(site: SiteSettings) -> PrivacyLedger | None:
         return None
     return PrivacyLedger.open(site.ledger_path, site.name, site.epsilon, site.delta,
                               key_path=site.ledger_key)
-
-
-def _remember(context: Context, record: str, job: str, server_round: int) -> None:
-    seen = dict(context.state[record].items()) if record in context.state else {}
-    context.state[record] = ConfigRecord({**seen, f"{job}/{server_round}": True})
-
-
-def _seen(context: Context, record: str, job: str, server_round: int) -> bool:
-    return record in context.state and f"{job}/{server_round}" in context.state[record]
 
 
 @app.train()
@@ -254,7 +245,7 @@ def _train(msg: Message, context: Context) -> Message:
     if not all(np.isfinite(v).all() for v in update.values()):
         raise Refusal("local training diverged (NaN/inf in the update); lower --lr or "
                       "--max-grad-norm")
-    _remember(context, TRAINED, job, server_round)
+    once.remember(context, TRAINED, None, once.done(context, TRAINED, None) | {(job, server_round)})
     log.info("site %s: round %d, %d steps in this run, loss %.4f, epsilon %s / %s (delta %s "
              "over all jobs), %.1fs", site.name, server_round, committed.steps, loss,
              f"{committed.epsilon:.3f}" if committed.private else "inf (no DP)", site.epsilon,
@@ -295,7 +286,7 @@ def evaluate_site(msg: Message, context: Context) -> Message:
         site = site_settings(context.node_config, cfg)
         check_evaluate(site.policy)
         job, server_round = message_round(msg, context)
-        if not _seen(context, TRAINED, job, server_round):
+        if (job, server_round) not in once.done(context, TRAINED, None):
             raise Refusal(f"this site did not train round {server_round} of job {job}; it scores "
                           "only rounds it took part in")
         path = once.record_path(site.ledger_path, EVALUATED_SUFFIX) if site.ledger_path else None

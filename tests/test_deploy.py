@@ -193,9 +193,9 @@ def _flwr(home: Path, *args: str, cwd: Path) -> dict:
                                                               "error-message": done.stderr}
 
 
-def _post(url: str, ca: Path) -> int:
-    """HTTP status of a bare POST through the proxy (TLS verified against ``ca``)."""
-    request = urllib.request.Request(url, data=b"", method="POST")
+def _post(url: str, ca: Path, data: bytes = b"", headers: dict[str, str] | None = None) -> int:
+    """HTTP status of a POST through the proxy (TLS verified against ``ca``)."""
+    request = urllib.request.Request(url, data=data, method="POST", headers=headers or {})
     try:
         with urllib.request.urlopen(request, context=ssl.create_default_context(cafile=str(ca)),
                                     timeout=10) as response:
@@ -218,20 +218,14 @@ def _fleet_post(url: str, ca: Path, request, key_file: Path | None) -> int:
 
     headers = {"Content-Type": PROTOBUF_MEDIA_TYPE, "Accept": PROTOBUF_MEDIA_TYPE}
     if key_file is not None:
-        key = serialization.load_ssh_private_key(key_file.read_bytes(), None)  # as `keys site` writes it
+        # OpenSSH format, as `fedseal keys site` writes it
+        key = serialization.load_ssh_private_key(key_file.read_bytes(), None)
         stamp = now().isoformat()
         headers.update({
             FLEET_HTTP_PUBLIC_KEY_HEADER: b64encode(public_key_to_bytes(key.public_key())).decode(),
             TIMESTAMP_HEADER: stamp,
             FLEET_HTTP_SIGNATURE_HEADER: b64encode(sign_message(key, stamp.encode())).decode()})
-    http = urllib.request.Request(url, data=request.SerializeToString(), method="POST",
-                                  headers=headers)
-    try:
-        with urllib.request.urlopen(http, context=ssl.create_default_context(cafile=str(ca)),
-                                    timeout=10) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
+    return _post(url, ca, request.SerializeToString(), headers)
 
 
 def _listening(port: int) -> set[str]:
@@ -343,8 +337,9 @@ def _outsider_is_locked_out(root: Path, port: int, procs: Procs, tiny_bert: str)
     fleet = {
         "unsigned get-run": _fleet_post(base + "/v1/fleet/get-run", ca,
                                         GetRunRequest(node=Node(node_id=1), run_id=1), None),
-        "signed pull-messages": _fleet_post(base + "/v1/fleet/pull-messages", ca,
-                                            PullMessagesRequest(node=Node(node_id=1)), intruder_key),
+        "signed pull-messages": _fleet_post(
+            base + "/v1/fleet/pull-messages", ca, PullMessagesRequest(node=Node(node_id=1)),
+            intruder_key),
         "signed register-node": _fleet_post(
             base + "/v1/fleet/register-node", ca,
             RegisterNodeFleetRequest(public_key=public_key_to_bytes(intruder_pub)), intruder_key),

@@ -76,6 +76,15 @@ def _refusal(reply: Message) -> str:
     return str(reply.content["status"].get("refused", ""))
 
 
+@pytest.mark.parametrize("bad", ["abc", -1, True, 1.5])
+def test_a_round_number_no_honest_server_sends_is_refused(site, bad):
+    """A hostile server's round field: a refusal naming it, no crash, nothing recorded."""
+    cfg, node, tmp = site
+    reason = _refusal(_train(LocalGrid(1, node_configs=[node]), cfg, bad))
+    assert "not a round number" in reason and repr(bad) in reason
+    assert not (tmp / "ledger.json").exists()
+
+
 def test_spend_is_recorded_and_a_repeated_plain_round_is_trained_afresh(site):
     cfg, node, tmp = site
     grid = LocalGrid(1, node_configs=[node])
