@@ -52,6 +52,7 @@ from fedseal.common.config import ConfigError, FedConfig
 from fedseal.common.data import DataError, Examples, read_examples
 from fedseal.common.records import (RecordError, record_to_config, record_to_state, state_digest,
                                     to_numpy_state)
+from fedseal.common.vote import is_vote_round, to_votes, update_template
 from fedseal.common.weights import site_weight, stats_weight
 
 if TYPE_CHECKING:
@@ -194,17 +195,18 @@ def _train(msg: Message, context: Context) -> Message:
     ledger = _open_ledger(site) if cfg.dp else None
     model, tokenizer, global_state = _global_model(msg, cfg)
     digest = state_digest(global_state)
+    template = update_template(global_state, cfg, server_round)
     weight = site_weight(len(examples), cfg)
     pending_file = pending_path(ledger.path) if ledger is not None and cfg.secagg else None
     pending = held(pending_file, job, server_round, digest) if pending_file else None
-    if pending is not None and set(pending.update) != set(global_state):
+    if pending is not None and set(pending.update) != set(template):
         pending = None  # not an update of this model: train afresh
     if pending is not None:
         # The server asks again for a round whose update never left this site:
         # answer with it under fresh keys and masks (no new spend).
         log.info("site %s: round %d of job %s was trained before and never sent; answering "
                  "with that update", site.name, server_round, job)
-        update, loss = {k: pending.update[k] for k in global_state}, float("nan")
+        update, loss = {k: pending.update[k] for k in template}, float("nan")
         committed = commit_round(site.name, ledger, context, job, server_round, pending.steps,
                                  pending.epsilon, site.delta, update, pending.weight,
                                  noise_multiplier=pending.noise_multiplier,
@@ -232,7 +234,10 @@ def _train(msg: Message, context: Context) -> Message:
         if result.count is not None:  # the statistics round: weighted by its (DP) count
             weight = stats_weight(result.count, cfg)
         local_state = to_numpy_state(trainable_state(model))
-        update = {k: weight * (local_state[k] - global_state[k]) for k in global_state}
+        update = {k: local_state[k] - global_state[k] for k in global_state}
+        if is_vote_round(cfg, server_round):
+            update = to_votes(update)
+        update = {k: weight * v for k, v in update.items()}
         job_epsilon = (epsilon_spent(plan.noise_multiplier, plan.sample_rate, steps, site.delta,
                                      plan.accountant) if plan else None)
         noise, rate = (plan.noise_multiplier, plan.sample_rate) if plan else (0.0, 0.0)

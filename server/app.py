@@ -41,6 +41,7 @@ from fedseal.common.model import (build_model, count_parameters, load_tokenizer,
 from fedseal.common.durable import atomic_write
 from fedseal.common.records import (JOB_KEY, ROUND_KEY, RecordError, config_to_record, record_to_state,
                             state_to_record, to_numpy_state)
+from fedseal.common.vote import from_votes, is_vote_round, update_template
 from fedseal.common.weights import weight_range
 from fedseal.server.aggregate import RoundSums, send, site_of, sum_plain
 from fedseal.server.checkpoint import (GROWABLE_KEYS, CheckpointError, check_resume_config,
@@ -191,15 +192,18 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
         content = RecordDict({"global": state_to_record(weights),
                               "config": config_to_record(cfg, **{ROUND_KEY: server_round,
                                                                  JOB_KEY: job})})
+        template = update_template(weights, cfg, server_round)
         if cfg.secagg:
             from fedseal.server.secagg import secure_round
 
-            sums = secure_round(grid, nodes, content, weights, cfg, run_id, server_round)
+            sums = secure_round(grid, nodes, content, template, cfg, run_id, server_round)
         else:
             replies, sent = send(grid, nodes, content, "train", cfg.timeout)
-            sums = sum_plain(replies, weights, RoundSums(bytes_sent=sent),
+            sums = sum_plain(replies, template, RoundSums(bytes_sent=sent),
                              weight_range(cfg, server_round))
-        mean = sums.mean_update()
+        mean, vote_scale = sums.mean_update(), None
+        if mean is not None and is_vote_round(cfg, server_round):
+            mean, vote_scale = from_votes(mean, cfg.update_clip)
         if mean is None:
             log.warning("round %d: no site contributed; the global model is unchanged", server_round)
         elif server_round <= stats_rounds(cfg):
@@ -227,6 +231,8 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
             "bytes_received": sums.bytes_received,
             "seconds": round(time.monotonic() - started, 3),
         }
+        if vote_scale is not None:
+            row["vote_scale"] = vote_scale
         if not cfg.dp:
             row["privacy"] = NON_PRIVATE
         if cfg.federated_eval:

@@ -122,11 +122,14 @@ def _unmask_reply(reply: Message) -> dict[str, dict]:
 
 
 def secure_round(grid: Grid, nodes: list[int], content: RecordDict,
-                 weights: Mapping[str, np.ndarray], cfg: FedConfig, run_id: int,
+                 template: Mapping[str, np.ndarray], cfg: FedConfig, run_id: int,
                  server_round: int) -> RoundSums:
-    """Run one round's training and SecAgg+; return only the recovered sums."""
+    """Run one round's training and SecAgg+; return only the recovered sums.
+
+    ``template`` names the update's arrays and shapes (:func:`fedseal.common.vote.update_template`).
+    """
     n = len(nodes)
-    length = sum(v.size for v in weights.values()) + 1  # + the weight entry
+    length = sum(v.size for v in template.values()) + 1  # + the weight entry
     sums = RoundSums()
     try:
         k, threshold = round_parameters(cfg, n)
@@ -192,7 +195,7 @@ def secure_round(grid: Grid, nodes: list[int], content: RecordDict,
         sums.abandoned = str(exc)
         sums.update_sum, sums.weight_sum = None, 0.0
         return sums
-    sums.update_sum = dict(unflatten(flat, weights))
+    sums.update_sum = dict(unflatten(flat, template))
     sums.weight_sum = weight_sum
     sums.clip = cfg.update_clip
     sums.contributors = [rnd.name(node) for node in server.survivors]
