@@ -34,6 +34,7 @@ from fedseal.common.secagg_wire import (ADVERT, BUNDLE, CHALLENGE, CIPHERTEXTS, 
                                 SIGNATURES, SK_SHARES, THRESHOLD, VIEW, Y, WireError,
                                 encode_update, field, pack_shares, pack_table, unpack_ids,
                                 unpack_routed, var_table)
+from fedseal.common.vote import round_clip
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,8 @@ def begin_round(msg: Message, context: Context, cfg: FedConfig, site: SiteSettin
     _clear(context)
     ctx = check_round(msg, context, site)
     identity, roster = load_identity(site.identity_key), load_roster(site.peers)
-    x = encode_update(flat_weighted_update, weight, cfg, len(ctx.participants))
+    x = encode_update(flat_weighted_update, weight, cfg, len(ctx.participants),
+                      round_clip(cfg, ctx.round_id))
     state = ClientState(context.node_id, ctx, identity=identity, roster=roster,
                         min_survivors=site.policy.min_cohort)
     advert = state.advertise_keys()

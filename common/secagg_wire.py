@@ -158,27 +158,30 @@ def round_parameters(cfg: FedConfig, n: int) -> tuple[int, int]:
     return k, threshold
 
 
-def quant_config(cfg: FedConfig, n: int) -> QuantConfig:
+def quant_config(cfg: FedConfig, n: int, clip: float | None = None) -> QuantConfig:
     """Fixed-point encoding for a round of ``n`` sites.
 
-    Entries of ``w * update`` are clipped to ``[-update_clip, update_clip]``;
+    Entries of ``w * update`` are clipped to ``[-clip, clip]``, the round's bound
+    (:func:`fedseal.common.vote.round_clip`; ``update-clip`` when not given);
     the scale leaves ``ceil(log2(SUM_HEADROOM * n))`` bits of headroom in
     Z_2^32, so the sum of ``n`` honest encodings never wraps and fills at most
     half of the range (see :data:`SUM_HEADROOM`).
     """
-    return QuantConfig(clip=cfg.update_clip, max_clients=SUM_HEADROOM * n)
+    return QuantConfig(clip=cfg.update_clip if clip is None else clip,
+                       max_clients=SUM_HEADROOM * n)
 
 
 def encode_update(flat_weighted_update: np.ndarray, weight: float, cfg: FedConfig,
-                  n: int) -> np.ndarray:
+                  n: int, clip: float | None = None) -> np.ndarray:
     """Quantise ``[w * update..., w * clip]`` into one uint32 vector.
 
     The weight rides inside the masked vector (scaled by the clip bound so it
     uses the same fixed-point grid), so the server learns only the sum of the
     weights, never one site's weight.
     """
-    vector = np.append(np.asarray(flat_weighted_update, dtype=np.float64), weight * cfg.update_clip)
-    return quantize(vector, quant_config(cfg, n))
+    quant = quant_config(cfg, n, clip)
+    vector = np.append(np.asarray(flat_weighted_update, dtype=np.float64), weight * quant.clip)
+    return quantize(vector, quant)
 
 
 class SumRangeError(ValueError):
@@ -186,7 +189,7 @@ class SumRangeError(ValueError):
 
 
 def decode_sum(total: np.ndarray, cfg: FedConfig, n: int, survivors: int,
-               weights: tuple[float, float]) -> tuple[np.ndarray, float]:
+               weights: tuple[float, float], clip: float | None = None) -> tuple[np.ndarray, float]:
     """Decode a recovered sum and check it against what ``survivors`` sites can have sent.
 
     Parameters
@@ -202,6 +205,8 @@ def decode_sum(total: np.ndarray, cfg: FedConfig, n: int, survivors: int,
     weights : tuple[float, float]
         Smallest and largest weight one site can have
         (:func:`fedseal.common.weights.weight_range`).
+    clip : float, optional
+        The round's bound, as the sites encoded with (``update-clip`` when not given).
 
     Returns
     -------
@@ -215,7 +220,7 @@ def decode_sum(total: np.ndarray, cfg: FedConfig, n: int, survivors: int,
         beyond what ``survivors`` sites can have sent: some site sent a vector
         the protocol cannot produce (the server cannot tell which).
     """
-    quant = quant_config(cfg, n)
+    quant = quant_config(cfg, n, clip)
     values = dequantize_sum(total, quant)
     levels = np.rint(values * quant.scale)
     bound = survivors * quant.max_level
@@ -228,4 +233,4 @@ def decode_sum(total: np.ndarray, cfg: FedConfig, n: int, survivors: int,
     if not survivors * lo <= w_level <= survivors * hi:
         raise SumRangeError(f"the weights sum to {w_level / quant.max_level:.6g}, which "
                             f"{survivors} sites cannot have sent: a site tampered with its weight")
-    return values[:-1], float(values[-1] / cfg.update_clip)
+    return values[:-1], float(values[-1] / quant.clip)

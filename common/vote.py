@@ -17,16 +17,21 @@ travels beside it:
 * its votes are ``clip(update / tau, -1, 1)``: an entry up to its typical move
   keeps its size, a larger one counts as one full vote, so no site decides a
   coordinate alone however far it drifted or however loud its noise;
-* it also sends ``log(tau)``, as one more entry of the (masked) update, so the
-  server learns only the sum over sites;
+* it also sends ``log(tau) / LOG_SPAN`` (clipped to [-1, 1]: ``tau`` from
+  ``e^-LOG_SPAN`` to ``e^LOG_SPAN``), as one more entry of the (masked) update,
+  so the server learns only the sum over sites;
 * the server's step is the weighted mean vote times ``exp`` of the weighted
   mean ``log(tau)`` (the sites' geometric mean scale, which one loud site moves
   only by its share), at most ``update-clip`` per coordinate.
 
-Everything a site computes here is post-processing of its differentially
-private update: it costs no privacy. A hostile site can move each coordinate of
-the mean vote by at most ``2 / n`` and the scale by its share of ``log``;
-the step per coordinate stays within ``update-clip`` whatever it sends.
+Every entry a site sends in a vote round lies in [-1, 1], so the round's bound
+(:func:`round_clip`) is 1 instead of ``update-clip``: secure aggregation clips
+every entry of every site's vector to it (and so does the server for each
+plain update), and a hostile site moves each coordinate of the mean vote, and
+the mean ``log(tau)``, by at most its share (``2 / n`` of the range with equal
+weights), where under the plain mean one site could move a coordinate by
+``update-clip / n``, more than any honest move. Everything a site computes here
+is post-processing of its differentially private update: it costs no privacy.
 ``aggregation = mean`` sends the plain update instead (the earlier behaviour).
 """
 
@@ -42,7 +47,11 @@ from fedseal.common.config import FedConfig
 from fedseal.common.dp_rule import stats_rounds
 
 SCALE_KEY = "fedseal.vote.log_scale"
-"""The update entry that carries ``log(tau)``; no model parameter has this name."""
+"""The update entry that carries ``log(tau) / LOG_SPAN``; no model parameter has this name."""
+LOG_SPAN = math.log(1e6)
+"""``log(tau)`` is sent over this span: a site's typical move between 1e-6 and 1e6."""
+VOTE_CLIP = 1.0
+"""The bound of every entry in a vote round (votes, the scale entry, the weight)."""
 
 
 def is_vote_round(cfg: FedConfig, server_round: int) -> bool:
@@ -56,6 +65,11 @@ def is_vote_round(cfg: FedConfig, server_round: int) -> bool:
     if cfg.aggregation == "auto":
         return cfg.finetune == "probe"
     return cfg.aggregation == "vote"
+
+
+def round_clip(cfg: FedConfig, server_round: int) -> float:
+    """The bound every entry of a site's weighted update is clipped to in this round."""
+    return VOTE_CLIP if is_vote_round(cfg, server_round) else cfg.update_clip
 
 
 def update_template(weights: Mapping[str, np.ndarray], cfg: FedConfig,
@@ -76,22 +90,22 @@ def site_scale(update: Mapping[str, np.ndarray]) -> float:
 
 
 def to_votes(update: Mapping[str, np.ndarray]) -> "OrderedDict[str, np.ndarray]":
-    """A site's update as votes in ``[-1, 1]`` plus its ``log(tau)`` under :data:`SCALE_KEY`."""
+    """A site's update as votes in ``[-1, 1]`` plus its scale entry under :data:`SCALE_KEY`."""
     tau = site_scale(update)
     votes = OrderedDict((k, np.clip(np.asarray(v, dtype=np.float64) / tau, -1.0, 1.0))
                         for k, v in update.items())
-    votes[SCALE_KEY] = np.array([math.log(tau)])
+    votes[SCALE_KEY] = np.array([min(max(math.log(tau) / LOG_SPAN, -1.0), 1.0)])
     return votes
 
 
 def from_votes(mean: Mapping[str, np.ndarray], clip: float) -> tuple["OrderedDict[str, np.ndarray]", float]:
     """The server's step from the mean votes, and the scale it used.
 
-    The scale is ``exp`` of the mean ``log(tau)``, at most ``clip``; the mean
+    The scale is ``exp`` of the mean ``log(tau)``, at most ``clip`` (``update-clip``); the mean
     votes are clipped to ``[-1, 1]`` (honest sites' are), so every coordinate of
     the step lies within ``clip``.
     """
-    log_scale = float(np.asarray(mean[SCALE_KEY], dtype=np.float64).reshape(-1)[0])
+    log_scale = LOG_SPAN * float(np.asarray(mean[SCALE_KEY], dtype=np.float64).reshape(-1)[0])
     if not math.isfinite(log_scale):
         scale = 0.0
     else:
@@ -101,4 +115,5 @@ def from_votes(mean: Mapping[str, np.ndarray], clip: float) -> tuple["OrderedDic
     return step, scale
 
 
-__all__ = ["SCALE_KEY", "from_votes", "is_vote_round", "site_scale", "to_votes", "update_template"]
+__all__ = ["LOG_SPAN", "SCALE_KEY", "VOTE_CLIP", "from_votes", "is_vote_round", "round_clip",
+           "site_scale", "to_votes", "update_template"]

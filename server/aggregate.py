@@ -47,9 +47,9 @@ class RoundSums:
     def mean_update(self) -> "dict[str, np.ndarray] | None":
         """The weighted mean update, or None if nobody contributed.
 
-        With :attr:`clip` set (secure aggregation), every coordinate of the mean
-        is bounded by it, whatever one site sent: a malicious site can move the
-        mean only within the bound honest updates have.
+        With :attr:`clip` set, every coordinate of the mean is bounded by it,
+        whatever one site sent: a malicious site can move the mean only within
+        the bound honest updates have.
         """
         if self.update_sum is None or not self.weight_sum > 0:
             return None
@@ -136,12 +136,14 @@ def triage(replies: Iterable[Message], sums: RoundSums) -> list[Message]:
 
 
 def sum_plain(replies: Iterable[Message], template: Mapping[str, np.ndarray],
-              sums: RoundSums, weights: tuple[float, float]) -> RoundSums:
+              sums: RoundSums, weights: tuple[float, float], clip: float) -> RoundSums:
     """Add each reply's weighted update in the clear (secure aggregation off).
 
     A reply whose weight lies outside ``weights`` (the round's
     :func:`fedseal.common.weights.weight_range`) is dropped: no honest site sends it,
     and one site claiming a weight of 1e9 would make the mean its own update.
+    Every entry is clipped to ``[-clip, clip]`` (the round's bound,
+    :func:`fedseal.common.vote.round_clip`), as secure aggregation's encoding does.
     """
     total = {k: np.zeros(v.shape, dtype=np.float64) for k, v in template.items()}
     for reply in triage(replies, sums):
@@ -159,8 +161,9 @@ def sum_plain(replies: Iterable[Message], template: Mapping[str, np.ndarray],
             continue
         sums.bytes_received += message_bytes(reply.content)
         for k in total:
-            total[k] += update[k]
+            total[k] += np.clip(update[k], -clip, clip)
         sums.weight_sum += weight
         sums.contributors.append(site)
     sums.update_sum = total if sums.contributors else None
+    sums.clip = clip
     return sums

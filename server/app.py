@@ -41,7 +41,7 @@ from fedseal.common.model import (build_model, count_parameters, load_tokenizer,
 from fedseal.common.durable import atomic_write
 from fedseal.common.records import (JOB_KEY, ROUND_KEY, RecordError, config_to_record, record_to_state,
                             state_to_record, to_numpy_state)
-from fedseal.common.vote import from_votes, is_vote_round, update_template
+from fedseal.common.vote import from_votes, is_vote_round, round_clip, update_template
 from fedseal.common.weights import weight_range
 from fedseal.server.aggregate import RoundSums, send, site_of, sum_plain
 from fedseal.server.checkpoint import (GROWABLE_KEYS, CheckpointError, check_resume_config,
@@ -200,7 +200,7 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
         else:
             replies, sent = send(grid, nodes, content, "train", cfg.timeout)
             sums = sum_plain(replies, template, RoundSums(bytes_sent=sent),
-                             weight_range(cfg, server_round))
+                             weight_range(cfg, server_round), round_clip(cfg, server_round))
         mean, vote_scale = sums.mean_update(), None
         if mean is not None and is_vote_round(cfg, server_round):
             mean, vote_scale = from_votes(mean, cfg.update_clip)

@@ -45,6 +45,7 @@ from fedseal.common.secagg_wire import (ADVERT, B_SHARES, BUNDLE, CHALLENGE, CIP
                                 SK_SHARES, THRESHOLD, UNMASK, VIEW, Y, SumRangeError, WireError,
                                 decode_sum, field, pack_ids, pack_routed, quant_config,
                                 round_parameters, unpack_shares, unpack_table)
+from fedseal.common.vote import round_clip
 from fedseal.common.weights import weight_range
 from fedseal.server.aggregate import RoundSums, message_bytes, send, site_of, triage
 
@@ -133,7 +134,8 @@ def secure_round(grid: Grid, nodes: list[int], content: RecordDict,
     sums = RoundSums()
     try:
         k, threshold = round_parameters(cfg, n)
-        quant_config(cfg, n)
+        clip = round_clip(cfg, server_round)
+        quant_config(cfg, n, clip)
     except SecAggConfigError as exc:
         sums.abandoned = f"secure aggregation cannot run with {n} sites: {exc}"
         log.warning("round %d not started: %s", server_round, sums.abandoned)
@@ -189,7 +191,7 @@ def secure_round(grid: Grid, nodes: list[int], content: RecordDict,
         total, rejected = server.finalize(unmask)
         rnd.rejected(rejected)
         flat, weight_sum = decode_sum(total, cfg, n, len(server.survivors),
-                                      weight_range(cfg, server_round))
+                                      weight_range(cfg, server_round), clip)
     except (ProtocolAbort, SumRangeError) as exc:
         log.warning("round %d abandoned, the global model stays as it was: %s", server_round, exc)
         sums.abandoned = str(exc)
@@ -197,6 +199,6 @@ def secure_round(grid: Grid, nodes: list[int], content: RecordDict,
         return sums
     sums.update_sum = dict(unflatten(flat, template))
     sums.weight_sum = weight_sum
-    sums.clip = cfg.update_clip
+    sums.clip = clip
     sums.contributors = [rnd.name(node) for node in server.survivors]
     return sums

@@ -58,8 +58,8 @@ class Recorder:
         self.pending: list[np.ndarray] = []
         self.updates: list[np.ndarray] = []
 
-        def spy(update, weight, cfg_, n_):
-            x = real(update, weight, cfg_, n_)
+        def spy(update, weight, cfg_, n_, clip_=None):
+            x = real(update, weight, cfg_, n_, clip_)
             self.pending.append(x)
             self.updates.append(np.asarray(update, dtype=np.float64) * 1.0)
             return x
@@ -359,8 +359,8 @@ def test_a_site_claiming_a_larger_weight_abandons_the_round(setup, monkeypatch):
     rec = Recorder(monkeypatch)
     real = client_secagg.encode_update
 
-    def greedy(u, w, c, n):
-        x = real(u, w, c, n)
+    def greedy(u, w, c, n, clip=None):
+        x = real(u, w, c, n, clip)
         x[-1] = np.uint32(3 * int(x[-1]))
         rec.pending.append(x)
         return x
@@ -377,7 +377,8 @@ def test_the_largest_updates_sites_can_send_keep_the_mean_within_the_clip(setup,
     rec = Recorder(monkeypatch)
     real = client_secagg.encode_update
     monkeypatch.setattr(client_secagg, "encode_update",
-                        lambda u, w, c, n: rec.pending.append(real(np.full_like(u, 1e6), w, c, n))
+                        lambda u, w, c, n, clip=None: rec.pending.append(
+                            real(np.full_like(u, 1e6), w, c, n, clip))
                         or rec.pending[-1])
     grid = QuickGrid(N, rec)
     sums = secure_round(grid, grid.nodes, _content(cfg, weights), weights, cfg, RUN_ID, 1)

@@ -397,9 +397,55 @@ def test_a_plain_reply_claiming_a_weight_no_honest_site_sends_is_dropped(site, c
     weights = to_numpy_state(trainable_state(build_model(cfg, cfg.labels)))
     reply = _train(grid, cfg, 1, weights=weights)
     assert _refusal(reply) == ""
-    honest = sum_plain([reply], weights, RoundSums(), weight_range(cfg, 1))
+    honest = sum_plain([reply], weights, RoundSums(), weight_range(cfg, 1), cfg.update_clip)
     assert honest.contributors == ["alpha"] and honest.weight_sum == 1.0
     reply.content["metrics"]["weight"] = claimed
-    sums = sum_plain([reply], weights, RoundSums(), weight_range(cfg, 1))
+    sums = sum_plain([reply], weights, RoundSums(), weight_range(cfg, 1), cfg.update_clip)
     assert sums.contributors == [] and sums.update_sum is None and sums.weight_sum == 0.0
     assert "outside [1, 1]" in sums.failed["alpha"]
+
+
+def test_a_vote_round_sends_bounded_votes_and_a_forged_vote_moves_the_mean_by_its_share(site):
+    """A real ClientApp in a vote round sends votes in [-1, 1] and its scale entry; a
+    site that forges votes of 1e9 (plain rounds show the server each update) is
+    clipped to the round's bound of 1, so beside one honest site it moves each
+    coordinate of the mean vote by at most 1, not 1e9; one that leaves out its
+    scale entry is dropped and named."""
+    import numpy as np
+
+    from fedseal.common.records import record_to_state
+    from fedseal.common.vote import SCALE_KEY, from_votes, round_clip, update_template
+    from fedseal.common.weights import weight_range
+    from fedseal.server.aggregate import RoundSums, sum_plain
+
+    cfg, node, tmp = site
+    cfg = cfg.replace(aggregation="vote")
+    grid = LocalGrid(1, node_configs=[node])
+    weights = to_numpy_state(trainable_state(build_model(cfg, cfg.labels)))
+    template = update_template(weights, cfg, 1)
+    reply = _train(grid, cfg, 1, weights=weights)
+    assert _refusal(reply) == ""
+    votes = record_to_state(reply.content["update"], template)
+    assert list(votes)[-1] == SCALE_KEY and round_clip(cfg, 1) == 1.0
+    assert max(float(np.abs(v).max()) for v in votes.values()) <= 1.0
+    assert sum(int((np.abs(v) == 1.0).sum()) for v in votes.values()) > 0  # some entries saturate
+
+    def other(name):  # another site on the same data, with its own ledger
+        return LocalGrid(1, node_configs=[{**node, "site-name": name,
+                                           "ledger-path": str(tmp / f"{name}.json"),
+                                           "ledger-key": str(tmp / "secrets" / f"{name}.key")}])
+
+    forged = _train(other("beta"), cfg, 1, weights=weights)
+    forged.content["update"] = state_to_record({k: np.full_like(v, 1e9) for k, v in votes.items()})
+    sums = sum_plain([reply, forged], template, RoundSums(), weight_range(cfg, 1), round_clip(cfg, 1))
+    assert sorted(sums.contributors) == ["alpha", "beta"], (sums.failed, sums.refused)
+    mean = sums.mean_update()
+    honest = {k: np.asarray(v, dtype=np.float64) for k, v in votes.items()}
+    assert all(np.allclose(mean[k], (honest[k] + 1.0) / 2) for k in mean)
+    step, scale = from_votes(mean, cfg.update_clip)
+    assert scale <= cfg.update_clip and max(float(np.abs(v).max()) for v in step.values()) <= scale
+
+    short = _train(other("gamma"), cfg, 1, weights=weights)
+    short.content["update"] = state_to_record({k: v for k, v in votes.items() if k != SCALE_KEY})
+    sums = sum_plain([short], template, RoundSums(), weight_range(cfg, 1), round_clip(cfg, 1))
+    assert sums.contributors == [] and SCALE_KEY in sums.failed["gamma"]

@@ -9,8 +9,8 @@ import pytest
 
 from fedseal.common.config import FedConfig
 from fedseal.common.records import flatten
-from fedseal.common.vote import (SCALE_KEY, from_votes, is_vote_round, site_scale, to_votes,
-                                 update_template)
+from fedseal.common.vote import (LOG_SPAN, SCALE_KEY, from_votes, is_vote_round, round_clip,
+                                 site_scale, to_votes, update_template)
 
 
 def test_known_answer_votes_and_their_order_in_the_masked_vector():
@@ -25,7 +25,8 @@ def test_known_answer_votes_and_their_order_in_the_masked_vector():
     assert flatten(votes).tolist() == [0.5, -1.0, 0.0, 1.0, -0.25, 1.0, 0.0]
     scaled = to_votes({k: 8 * v for k, v in update.items()})
     assert flatten(scaled)[:-1].tolist() == flatten(votes)[:-1].tolist()  # votes are scale-free
-    assert flatten(scaled)[-1] == pytest.approx(math.log(8))
+    assert flatten(scaled)[-1] == pytest.approx(math.log(8) / LOG_SPAN)
+    assert LOG_SPAN == pytest.approx(13.815510557964274)  # the span is part of the format
 
 
 def test_an_update_that_did_not_move_sends_no_votes_and_a_neutral_scale():
@@ -44,9 +45,9 @@ def test_the_step_is_the_mean_vote_times_the_geometric_mean_scale():
 
 
 def test_a_forged_scale_cannot_push_the_step_past_the_update_clip():
-    """A hostile site (or server-side bug) sending log(tau) = 1e9, or NaN: the step
-    per coordinate stays within update-clip, or is no step at all."""
-    huge, scale = from_votes({"w": np.array([1.0, -5.0]), SCALE_KEY: np.array([1e9])}, clip=64.0)
+    """A mean scale entry at its bound (every site claiming tau = 1e6), or NaN: the
+    step per coordinate stays within update-clip, or is no step at all."""
+    huge, scale = from_votes({"w": np.array([1.0, -5.0]), SCALE_KEY: np.array([1.0])}, clip=64.0)
     assert scale == 64.0 and huge["w"].tolist() == [64.0, -64.0]
     nan, scale = from_votes({"w": np.array([1.0]), SCALE_KEY: np.array([np.nan])}, clip=64.0)
     assert scale == 0.0 and nan["w"].tolist() == [0.0]
@@ -93,3 +94,21 @@ def test_a_typo_in_aggregation_names_the_choices():
 
     with pytest.raises(ConfigError, match="aggregation.*vote"):
         FedConfig(aggregation="votes")
+
+
+def test_a_vote_round_is_encoded_on_the_bound_of_one_for_secure_aggregation():
+    """Every entry of a vote round lies in [-1, 1], so the masked vector's grid is 64
+    times finer than at update-clip, and a site's entry of 1e9 counts as 1."""
+    from fedseal.common.secagg_wire import decode_sum, encode_update, quant_config
+
+    cfg = FedConfig()
+    assert round_clip(cfg, 1) == cfg.update_clip and round_clip(cfg, 2) == 1.0
+    votes = to_votes({"w": np.array([3.0, -0.5, 1.0, 0.0])})
+    flat = flatten(votes)
+    n = 10
+    total = encode_update(flat, 1.0, cfg, n, 1.0) + encode_update(np.full(5, 1e9), 1.0, cfg, n, 1.0)
+    summed, weight = decode_sum(total, cfg, n, 2, (1.0, 1.0), 1.0)
+    grid = 1.0 / quant_config(cfg, n, 1.0).max_level
+    assert weight == pytest.approx(2.0)
+    assert np.allclose(summed, flat + 1.0, atol=2 * grid)
+    assert grid * 64 == pytest.approx(cfg.update_clip / quant_config(cfg, n).max_level)
