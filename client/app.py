@@ -188,10 +188,10 @@ def _train(msg: Message, context: Context) -> Message:
     cfg = record_to_config(msg.content["config"])
     site = site_settings(context.node_config, cfg)
     check_train(site.policy, cfg, msg.content.config_records.get("secagg"))
-    if cfg.secagg:  # before any training: a round this site cannot join costs no budget
-        secagg.check_round(msg, context, site)
-    examples = _examples(cfg, site)
     job, server_round = message_round(msg, context)
+    if cfg.secagg:  # before any training: a round this site cannot join costs no budget
+        secagg.check_round(msg, context, site, server_round)
+    examples = _examples(cfg, site)
     ledger = _open_ledger(site) if cfg.dp else None
     model, tokenizer, global_state = _global_model(msg, cfg)
     digest = state_digest(global_state)

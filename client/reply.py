@@ -85,7 +85,8 @@ def train_reply(msg: Message, context: Context, cfg: FedConfig, site: SiteSettin
     if cfg.secagg:
         # Only public keys leave now; the update leaves masked, in a later stage. The
         # weight and the training loss stay private to the site.
-        keys = secagg.begin_round(msg, context, cfg, site, committed.job, flatten(update), weight)
+        keys = secagg.begin_round(msg, context, cfg, site, committed.job, committed.round,
+                                  flatten(update), weight)
         return Message(RecordDict({"secagg": keys, "metrics": MetricRecord(metrics),
                                    STATUS: status}), reply_to=msg)
     metrics.update({"weight": weight, "train-loss": loss})

@@ -86,9 +86,11 @@ def load_roster(path: Path | None) -> Roster:
         raise ConfigError(f"the peers file {path} is not text (OpenSSH .pub lines)") from None
 
 
-def check_round(msg: Message, context: Context, site: SiteSettings) -> RoundContext:
-    """Before any training: the round's parameters parse, this site is in its cohort, and the
-    site's signing key and roster can be read.
+def check_round(msg: Message, context: Context, site: SiteSettings,
+                server_round: int) -> RoundContext:
+    """Before any training: the round's parameters parse, name the training message's round
+    ``server_round`` (which decides the update's form and bound), this site is in its
+    cohort, and the site's signing key and roster can be read.
 
     The cohort size, ``k``, ``t`` and the update clip are held against the
     site's policy by :func:`fedseal.client.policy.check_train`, which runs first.
@@ -99,6 +101,9 @@ def check_round(msg: Message, context: Context, site: SiteSettings) -> RoundCont
         Saying what is wrong and what to change.
     """
     ctx = _round_context(msg, context)
+    if ctx.round_id != server_round:
+        raise ConfigError(f"the secure-aggregation parameters are for round {ctx.round_id}, the "
+                          f"training message for round {server_round}")
     if context.node_id not in ctx.participants:
         raise ConfigError("this site is not in the round's cohort the server sent")
     load_identity(site.identity_key)
@@ -150,14 +155,15 @@ def _reply(msg: Message, **values: bytes) -> Message:
 
 
 def begin_round(msg: Message, context: Context, cfg: FedConfig, site: SiteSettings, job: str,
-                flat_weighted_update: np.ndarray, weight: float) -> ConfigRecord:
-    """Encode the update, start this round's protocol state (for ``job``), and return the
-    signed keys."""
+                server_round: int, flat_weighted_update: np.ndarray,
+                weight: float) -> ConfigRecord:
+    """Encode the update, start this round's protocol state (for round ``server_round``
+    of ``job``), and return the signed keys."""
     _clear(context)
-    ctx = check_round(msg, context, site)
+    ctx = check_round(msg, context, site, server_round)
     identity, roster = load_identity(site.identity_key), load_roster(site.peers)
-    x = encode_update(flat_weighted_update, weight, cfg, len(ctx.participants),
-                      round_clip(cfg, ctx.round_id))
+    x = encode_update(flat_weighted_update, weight, len(ctx.participants),
+                      round_clip(cfg, server_round))
     state = ClientState(context.node_id, ctx, identity=identity, roster=roster,
                         min_survivors=site.policy.min_cohort)
     advert = state.advertise_keys()

@@ -61,7 +61,8 @@ class SitePolicy:
         be at least ``max_colluders + 2``
         (the sum minus the colluders' inputs must cover two honest sites).
     max_update_clip : float
-        Largest per-coordinate update bound the server may ask for.
+        Largest ``update-clip`` the server may ask for: the per-coordinate bound of
+        this site's plain updates (vote rounds send entries bounded by 1).
     federated_eval : str
         ``off``: refuse evaluation requests; ``on``: answer them.
     """

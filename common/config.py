@@ -103,7 +103,7 @@ class FedConfig:
     secagg: bool = True
     secagg_k: int | str = AUTO
     secagg_threshold: int | str = AUTO
-    update_clip: float = 64.0  # a probe head moves by tens per coordinate in a run
+    update_clip: float = 64.0  # a probe head moves by tens per coordinate in a round
     max_site_examples: int = 100_000
     # Output
     out: str = "fedseal-out"
@@ -255,11 +255,12 @@ HELP: dict[str, str] = {
                         "(integer >= 1, a strict majority of k+1) or auto: about two thirds of "
                         "k+1, and at least k/2+2 (at most k+1) so that a round withstands one "
                         "colluding site, what sites' --max-colluders demands by default",
-    "update_clip": "per-coordinate bound of an update before it is quantised for SecAgg+ "
-                   "(positive; a site's policy caps it). A probe's head moves by tens per "
-                   "coordinate in a round (up to 45 measured), so a bound of 1 would cut its "
-                   "update to little more than a sign; the quantisation step is "
-                   "update-clip / floor((2^31-1) / (2 * sites))",
+    "update_clip": "per-coordinate bound of a site's update before it is quantised for "
+                   "SecAgg+ in rounds that send plain updates, and of the server's step in "
+                   "vote rounds (whose entries are bounded by 1); positive, a site's policy "
+                   "caps it. A probe's head moves by tens per coordinate in a round (up to "
+                   "45 measured); the quantisation step is update-clip / floor((2^31-1) / "
+                   "(2 * sites))",
     "max_site_examples": "public cap on a site's example count that --weighting bucket and the "
                          "probe's statistics-round weights are relative to, in examples "
                          "(integer >= 1)",
@@ -300,7 +301,7 @@ def _check_secagg(cfg: FedConfig) -> None:
                               f"(min-clients {cfg.min_clients} to clients {cfg.clients}): {exc}; "
                               "use auto to pick them from the cohort size") from None
     try:
-        quant_config(cfg, cfg.clients)
+        quant_config(cfg.clients, cfg.update_clip)
     except SecAggConfigError as exc:
         raise ConfigError(f"update-clip={cfg.update_clip} is too large to encode {cfg.clients} "
                           f"sites' updates in 32 bits ({exc}); lower update-clip") from None

@@ -158,28 +158,27 @@ def round_parameters(cfg: FedConfig, n: int) -> tuple[int, int]:
     return k, threshold
 
 
-def quant_config(cfg: FedConfig, n: int, clip: float | None = None) -> QuantConfig:
+def quant_config(n: int, clip: float) -> QuantConfig:
     """Fixed-point encoding for a round of ``n`` sites.
 
     Entries of ``w * update`` are clipped to ``[-clip, clip]``, the round's bound
-    (:func:`fedseal.common.vote.round_clip`; ``update-clip`` when not given);
+    (:func:`fedseal.common.vote.round_clip`);
     the scale leaves ``ceil(log2(SUM_HEADROOM * n))`` bits of headroom in
     Z_2^32, so the sum of ``n`` honest encodings never wraps and fills at most
     half of the range (see :data:`SUM_HEADROOM`).
     """
-    return QuantConfig(clip=cfg.update_clip if clip is None else clip,
-                       max_clients=SUM_HEADROOM * n)
+    return QuantConfig(clip=clip, max_clients=SUM_HEADROOM * n)
 
 
-def encode_update(flat_weighted_update: np.ndarray, weight: float, cfg: FedConfig,
-                  n: int, clip: float | None = None) -> np.ndarray:
+def encode_update(flat_weighted_update: np.ndarray, weight: float, n: int,
+                  clip: float) -> np.ndarray:
     """Quantise ``[w * update..., w * clip]`` into one uint32 vector.
 
     The weight rides inside the masked vector (scaled by the clip bound so it
     uses the same fixed-point grid), so the server learns only the sum of the
     weights, never one site's weight.
     """
-    quant = quant_config(cfg, n, clip)
+    quant = quant_config(n, clip)
     vector = np.append(np.asarray(flat_weighted_update, dtype=np.float64), weight * quant.clip)
     return quantize(vector, quant)
 
@@ -188,16 +187,14 @@ class SumRangeError(ValueError):
     """An unmasked sum that honest sites cannot have produced."""
 
 
-def decode_sum(total: np.ndarray, cfg: FedConfig, n: int, survivors: int,
-               weights: tuple[float, float], clip: float | None = None) -> tuple[np.ndarray, float]:
+def decode_sum(total: np.ndarray, n: int, survivors: int, weights: tuple[float, float],
+               clip: float) -> tuple[np.ndarray, float]:
     """Decode a recovered sum and check it against what ``survivors`` sites can have sent.
 
     Parameters
     ----------
     total : numpy.ndarray
         The uint32 ring sum of ``survivors`` outputs of :func:`encode_update`.
-    cfg : FedConfig
-        The run's configuration.
     n : int
         The round's cohort size (fixes the quantisation).
     survivors : int
@@ -205,8 +202,8 @@ def decode_sum(total: np.ndarray, cfg: FedConfig, n: int, survivors: int,
     weights : tuple[float, float]
         Smallest and largest weight one site can have
         (:func:`fedseal.common.weights.weight_range`).
-    clip : float, optional
-        The round's bound, as the sites encoded with (``update-clip`` when not given).
+    clip : float
+        The round's bound, as the sites encoded with (:func:`fedseal.common.vote.round_clip`).
 
     Returns
     -------
@@ -220,7 +217,7 @@ def decode_sum(total: np.ndarray, cfg: FedConfig, n: int, survivors: int,
         beyond what ``survivors`` sites can have sent: some site sent a vector
         the protocol cannot produce (the server cannot tell which).
     """
-    quant = quant_config(cfg, n, clip)
+    quant = quant_config(n, clip)
     values = dequantize_sum(total, quant)
     levels = np.rint(values * quant.scale)
     bound = survivors * quant.max_level

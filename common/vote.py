@@ -25,14 +25,24 @@ travels beside it:
   only by its share), at most ``update-clip`` per coordinate.
 
 Every entry a site sends in a vote round lies in [-1, 1], so the round's bound
-(:func:`round_clip`) is 1 instead of ``update-clip``: secure aggregation clips
-every entry of every site's vector to it (and so does the server for each
-plain update), and a hostile site moves each coordinate of the mean vote, and
-the mean ``log(tau)``, by at most its share (``2 / n`` of the range with equal
-weights), where under the plain mean one site could move a coordinate by
-``update-clip / n``, more than any honest move. Everything a site computes here
-is post-processing of its differentially private update: it costs no privacy.
-``aggregation = mean`` sends the plain update instead (the earlier behaviour).
+(:func:`round_clip`) is 1 instead of ``update-clip``: an honest site's encoder
+clips to it (on a grid 64 times finer at the default clip), and the server
+clips each *plain* update to it times the site's weight. What this bounds is
+honest drift and noise. A malicious site is bounded differently:
+
+* in plain rounds, by the server's clip: it moves each coordinate of the mean
+  vote by at most ``2 w / sum(w)`` and the mean ``log(tau)`` by its share of
+  ``2 * LOG_SPAN`` (so with 3 sites it can multiply the step by up to
+  ``e^(2 * LOG_SPAN / 3)``, until the step reaches ``update-clip``);
+* under secure aggregation the server sees only the sum, which it checks only
+  against the range honest sites can produce, so a site that departs from the
+  protocol can still outweigh the others, as it could under the plain mean.
+  Only the last bound holds for it: the step moves each coordinate by at most
+  ``update-clip``.
+
+Everything a site computes here is post-processing of its differentially
+private update: it costs no privacy. ``aggregation = mean`` sends the plain
+update instead (the earlier behaviour).
 """
 
 from __future__ import annotations
@@ -43,7 +53,7 @@ from typing import Mapping
 
 import numpy as np
 
-from fedseal.common.config import FedConfig
+from fedseal.common.config import AUTO, FedConfig
 from fedseal.common.dp_rule import stats_rounds
 
 SCALE_KEY = "fedseal.vote.log_scale"
@@ -62,7 +72,7 @@ def is_vote_round(cfg: FedConfig, server_round: int) -> bool:
     """
     if server_round <= stats_rounds(cfg):
         return False  # the statistics round's means are averaged as they are
-    if cfg.aggregation == "auto":
+    if cfg.aggregation == AUTO:
         return cfg.finetune == "probe"
     return cfg.aggregation == "vote"
 
@@ -82,7 +92,11 @@ def update_template(weights: Mapping[str, np.ndarray], cfg: FedConfig,
 
 
 def site_scale(update: Mapping[str, np.ndarray]) -> float:
-    """``tau``: the median absolute non-zero entry of ``update`` (1 if it has none)."""
+    """``tau``: the median absolute non-zero entry of ``update``.
+
+    An update with no non-zero entry (no step moved anything) gets 1: its votes
+    are all 0, but its ``log(tau)`` of 0 still counts in the mean scale.
+    """
     moved = np.concatenate([np.abs(np.asarray(v, dtype=np.float64)).ravel()
                             for v in update.values()])
     moved = moved[moved > 0]
@@ -92,9 +106,9 @@ def site_scale(update: Mapping[str, np.ndarray]) -> float:
 def to_votes(update: Mapping[str, np.ndarray]) -> "OrderedDict[str, np.ndarray]":
     """A site's update as votes in ``[-1, 1]`` plus its scale entry under :data:`SCALE_KEY`."""
     tau = site_scale(update)
-    votes = OrderedDict((k, np.clip(np.asarray(v, dtype=np.float64) / tau, -1.0, 1.0))
-                        for k, v in update.items())
-    votes[SCALE_KEY] = np.array([min(max(math.log(tau) / LOG_SPAN, -1.0), 1.0)])
+    votes = OrderedDict((k, np.clip(np.asarray(v, dtype=np.float64) / tau, -1.0, 1.0)
+                         .astype(np.float32)) for k, v in update.items())
+    votes[SCALE_KEY] = np.array([min(max(math.log(tau) / LOG_SPAN, -1.0), 1.0)], dtype=np.float32)
     return votes
 
 

@@ -142,8 +142,10 @@ def sum_plain(replies: Iterable[Message], template: Mapping[str, np.ndarray],
     A reply whose weight lies outside ``weights`` (the round's
     :func:`fedseal.common.weights.weight_range`) is dropped: no honest site sends it,
     and one site claiming a weight of 1e9 would make the mean its own update.
-    Every entry is clipped to ``[-clip, clip]`` (the round's bound,
-    :func:`fedseal.common.vote.round_clip`), as secure aggregation's encoding does.
+    Every entry is clipped to ``[-w * clip, w * clip]`` for the reply's weight
+    ``w`` (``clip`` is the round's bound, :func:`fedseal.common.vote.round_clip`):
+    an honest site's entries are ``w`` times an update within the bound, so a site
+    claiming a small weight gets no more say than that weight gives it.
     """
     total = {k: np.zeros(v.shape, dtype=np.float64) for k, v in template.items()}
     for reply in triage(replies, sums):
@@ -161,7 +163,7 @@ def sum_plain(replies: Iterable[Message], template: Mapping[str, np.ndarray],
             continue
         sums.bytes_received += message_bytes(reply.content)
         for k in total:
-            total[k] += np.clip(update[k], -clip, clip)
+            total[k] += np.clip(update[k], -weight * clip, weight * clip)
         sums.weight_sum += weight
         sums.contributors.append(site)
     sums.update_sum = total if sums.contributors else None

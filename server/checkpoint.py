@@ -47,6 +47,9 @@ _TENSORS = re.compile(r"^weights-round-\d{4,}-[0-9a-f]{12}\.safetensors$")
 IGNORED_KEYS = ("out", "timeout", "device", "eval_batch_size", "tensorboard")
 # Settings that may grow (a run can be extended by more rounds).
 GROWABLE_KEYS = ("rounds",)
+# Settings added after checkpoints were first written, with the value that
+# reproduces what a checkpoint without them did: a run resumes with it set so.
+INTRODUCED_KEYS = {"aggregation": "mean"}
 
 
 class CheckpointError(RuntimeError):
@@ -244,7 +247,7 @@ def check_resume_config(saved: Mapping[str, Any], current: Mapping[str, Any],
     CheckpointError
         Listing every differing key with its saved and current value.
     """
-    old, new = _normalise(saved), _normalise(current)
+    old, new = {**INTRODUCED_KEYS, **_normalise(saved)}, _normalise(current)
     ignored = {k.replace("-", "_") for k in ignore}
     grows = {k.replace("-", "_") for k in growable}
     names = ([k.replace("-", "_") for k in keys] if keys is not None

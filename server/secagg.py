@@ -135,7 +135,7 @@ def secure_round(grid: Grid, nodes: list[int], content: RecordDict,
     try:
         k, threshold = round_parameters(cfg, n)
         clip = round_clip(cfg, server_round)
-        quant_config(cfg, n, clip)
+        quant_config(n, clip)
     except SecAggConfigError as exc:
         sums.abandoned = f"secure aggregation cannot run with {n} sites: {exc}"
         log.warning("round %d not started: %s", server_round, sums.abandoned)
@@ -190,7 +190,7 @@ def secure_round(grid: Grid, nodes: list[int], content: RecordDict,
                                     for i, sigs in relays.items()}, _unmask_reply)
         total, rejected = server.finalize(unmask)
         rnd.rejected(rejected)
-        flat, weight_sum = decode_sum(total, cfg, n, len(server.survivors),
+        flat, weight_sum = decode_sum(total, n, len(server.survivors),
                                       weight_range(cfg, server_round), clip)
     except (ProtocolAbort, SumRangeError) as exc:
         log.warning("round %d abandoned, the global model stays as it was: %s", server_round, exc)

@@ -138,3 +138,12 @@ def test_check_resume_config():
     with pytest.raises(CheckpointError, match="epsilon: saved 8.0, now <absent>"):
         check_resume_config({"epsilon": 8.0}, {})
     check_resume_config({"epsilon": 8.0, "lr": 1.0}, {"epsilon": 8.0, "lr": 2.0}, keys=("epsilon",))
+
+
+def test_a_checkpoint_from_before_the_vote_resumes_as_the_plain_mean_it_ran():
+    """A checkpoint saved before ``aggregation`` existed ran the plain mean: resuming it
+    names that value (one the user can set), and resumes with it."""
+    saved = {k: v for k, v in FedConfig(rounds=5).to_dict().items() if k != "aggregation"}
+    with pytest.raises(CheckpointError, match="aggregation: saved 'mean', now 'auto'"):
+        check_resume_config(saved, FedConfig(rounds=5).to_dict())
+    check_resume_config(saved, FedConfig(rounds=5, aggregation="mean").to_dict())

@@ -189,8 +189,8 @@ def test_the_default_update_clip_carries_a_probe_heads_update():
     n = 10
     total = np.zeros(len(update) + 1, dtype=np.uint32)
     for _ in range(3):  # three sites sent the same update
-        total += encode_update(update, 1.0, cfg, n)
-    summed, weight = decode_sum(total, cfg, n, 3, (1.0, 1.0))
-    step = cfg.update_clip / quant_config(cfg, n).max_level
+        total += encode_update(update, 1.0, n, cfg.update_clip)
+    summed, weight = decode_sum(total, n, 3, (1.0, 1.0), cfg.update_clip)
+    step = cfg.update_clip / quant_config(n, cfg.update_clip).max_level
     assert weight == pytest.approx(3.0)
     assert np.allclose(summed, 3 * update, atol=3 * step + 1e-9)

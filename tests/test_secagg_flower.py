@@ -58,8 +58,8 @@ class Recorder:
         self.pending: list[np.ndarray] = []
         self.updates: list[np.ndarray] = []
 
-        def spy(update, weight, cfg_, n_, clip_=None):
-            x = real(update, weight, cfg_, n_, clip_)
+        def spy(update, weight, n_, clip_):
+            x = real(update, weight, n_, clip_)
             self.pending.append(x)
             self.updates.append(np.asarray(update, dtype=np.float64) * 1.0)
             return x
@@ -80,11 +80,11 @@ class QuickGrid(LocalGrid):
         context = self.contexts[msg.metadata.dst_node_id]
         cfg = record_to_config(msg.content["config"])
         site = site_settings(context.node_config, cfg)
-        client_secagg.check_round(msg, context, site)
+        job, server_round = message_round(msg, context)
+        client_secagg.check_round(msg, context, site, server_round)
         length = sum(a.numpy().size for a in msg.content["global"].values())
         update = self.rng.normal(0, 0.3, size=length)
-        job, _ = message_round(msg, context)
-        keys = client_secagg.begin_round(msg, context, cfg, site, job, update, 1.0)
+        keys = client_secagg.begin_round(msg, context, cfg, site, job, server_round, update, 1.0)
         self.recorder.by_node[context.node_id] = self.recorder.pending.pop()
         metrics = MetricRecord({"epsilon": -1.0, "delta": -1.0})
         return Message(RecordDict({RECORD: keys, "metrics": metrics,
@@ -120,7 +120,7 @@ def _expected(cfg, xs, nodes, n=N):
     total = np.zeros_like(next(iter(xs.values())))
     for node in nodes:
         total += xs[node]  # uint32 arithmetic wraps mod 2**32, as the protocol does
-    return decode_sum(total, cfg, n, len(nodes), weight_range(cfg, 1))
+    return decode_sum(total, n, len(nodes), weight_range(cfg, 1), cfg.update_clip)
 
 
 def _check_exact(cfg, grid, sums, xs, nodes):
@@ -359,8 +359,8 @@ def test_a_site_claiming_a_larger_weight_abandons_the_round(setup, monkeypatch):
     rec = Recorder(monkeypatch)
     real = client_secagg.encode_update
 
-    def greedy(u, w, c, n, clip=None):
-        x = real(u, w, c, n, clip)
+    def greedy(u, w, n, clip):
+        x = real(u, w, n, clip)
         x[-1] = np.uint32(3 * int(x[-1]))
         rec.pending.append(x)
         return x
@@ -377,8 +377,8 @@ def test_the_largest_updates_sites_can_send_keep_the_mean_within_the_clip(setup,
     rec = Recorder(monkeypatch)
     real = client_secagg.encode_update
     monkeypatch.setattr(client_secagg, "encode_update",
-                        lambda u, w, c, n, clip=None: rec.pending.append(
-                            real(np.full_like(u, 1e6), w, c, n, clip))
+                        lambda u, w, n, clip: rec.pending.append(
+                            real(np.full_like(u, 1e6), w, n, clip))
                         or rec.pending[-1])
     grid = QuickGrid(N, rec)
     sums = secure_round(grid, grid.nodes, _content(cfg, weights), weights, cfg, RUN_ID, 1)
@@ -426,7 +426,7 @@ def test_the_unmask_record_is_durable_beside_the_ledger(setup, monkeypatch, tmp_
     rec = Recorder(monkeypatch)
     configs = _deployed(tmp_path, cfg)
     grid = QuickGrid(N, rec, node_configs=configs)
-    sums = secure_round(grid, grid.nodes, _content(cfg, weights, job="job-d"), weights, cfg,
+    sums = secure_round(grid, grid.nodes, _content(cfg, weights, 4, job="job-d"), weights, cfg,
                         RUN_ID, 4)
     assert not sums.abandoned
     for i in range(N):
@@ -434,14 +434,14 @@ def test_the_unmask_record_is_durable_beside_the_ledger(setup, monkeypatch, tmp_
         assert record["rounds"] == [["job-d", 4]]
     # a restarted site (fresh Context.state) still refuses: the record is on disk
     again = QuickGrid(N, rec, node_configs=configs)
-    sums = secure_round(again, again.nodes, _content(cfg, weights, job="job-d"), weights, cfg,
-                        RUN_ID, 4)
+    sums = secure_round(again, again.nodes, _content(cfg, weights, 4, job="job-d"), weights,
+                        cfg, RUN_ID, 4)
     assert sums.abandoned and all("already helped unmask" in v for v in sums.failed.values())
     # a corrupted record makes the site refuse rather than guess
     (tmp_path / "d0.ledger.secagg-unmasked.json").write_text("{not json")
     third = QuickGrid(N, rec, node_configs=configs)
-    sums = secure_round(third, third.nodes, _content(cfg, weights, job="job-d"), weights, cfg,
-                        RUN_ID, 5)
+    sums = secure_round(third, third.nodes, _content(cfg, weights, 5, job="job-d"), weights,
+                        cfg, RUN_ID, 5)
     assert "unreadable" in sums.failed["site-0"] and len(sums.contributors) == N
 
 
@@ -489,6 +489,26 @@ def test_a_round_below_the_sites_policy_is_refused_before_training(setup, monkey
     grid = LocalGrid(N, node_configs=configs, drop={i: TRAIN for i in range(1, N)})
     sums = secure_round(grid, grid.nodes, _content(cfg, weights), weights, cfg, RUN_ID, 1)
     assert reason in sums.refused.get("site-0", ""), sums.refused
+
+
+def test_secure_aggregation_parameters_for_another_round_are_refused_before_training(
+        setup, monkeypatch):
+    """The training message says round 1, the SecAgg+ parameters round 2: the round
+    decides the update's form and its bound (votes on 1, or update-clip), so a site
+    refuses before it trains and spends anything."""
+    cfg, weights = setup
+    import fedseal.client.trainer
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the site trained a round it refuses")
+
+    monkeypatch.setattr(fedseal.client.trainer, "train_local", no_training)
+    grid = LocalGrid(N)
+    sums = secure_round(grid, grid.nodes, _content(cfg, weights, server_round=1), weights, cfg,
+                        RUN_ID, 2)
+    assert len(sums.refused) == N and not sums.contributors
+    assert all("parameters are for round 2, the training message for round 1" in r
+               for r in sums.refused.values()), sums.refused
 
 
 # ------------------------------------------------------------- simulations

@@ -106,9 +106,33 @@ def test_a_vote_round_is_encoded_on_the_bound_of_one_for_secure_aggregation():
     votes = to_votes({"w": np.array([3.0, -0.5, 1.0, 0.0])})
     flat = flatten(votes)
     n = 10
-    total = encode_update(flat, 1.0, cfg, n, 1.0) + encode_update(np.full(5, 1e9), 1.0, cfg, n, 1.0)
-    summed, weight = decode_sum(total, cfg, n, 2, (1.0, 1.0), 1.0)
-    grid = 1.0 / quant_config(cfg, n, 1.0).max_level
+    total = encode_update(flat, 1.0, n, 1.0) + encode_update(np.full(5, 1e9), 1.0, n, 1.0)
+    summed, weight = decode_sum(total, n, 2, (1.0, 1.0), 1.0)
+    grid = 1.0 / quant_config(n, 1.0).max_level
     assert weight == pytest.approx(2.0)
     assert np.allclose(summed, flat + 1.0, atol=2 * grid)
-    assert grid * 64 == pytest.approx(cfg.update_clip / quant_config(cfg, n).max_level)
+    assert grid * cfg.update_clip == pytest.approx(cfg.update_clip / quant_config(n, cfg.update_clip).max_level)
+
+
+def test_a_site_that_departs_from_the_protocol_is_bounded_only_by_the_update_clip():
+    """Under secure aggregation the server checks only the sum's range. Nine honest
+    sites vote [1, -1, 0.5] with a small move; a tenth sends raw levels its encoder
+    would never produce. The sum decodes, the direction is the tenth site's, and the
+    one bound left holds: no coordinate of the step exceeds update-clip. (The README's
+    threat model says so; the vote bounds honest drift and noise, not this.)"""
+    from fedseal.common.secagg import quantize
+    from fedseal.common.secagg_wire import decode_sum, encode_update, quant_config
+
+    cfg, n = FedConfig(), 10
+    honest = flatten(to_votes({"w": np.array([1e-3, -1e-3, 5e-4])}))
+    total = sum(encode_update(honest, 1.0, n, 1.0) for _ in range(n - 1))
+    quant = quant_config(n, 1.0)
+    # as far as the sum's range check lets it: honest sums are 9, -9, 4.5 and -4.5 (scale)
+    forged = np.array([-19.0, 19.0, -14.5, 14.5, 1.0]) * quant.max_level
+    total = total + quantize(np.zeros(5), quant) + (np.rint(forged).astype(np.int64)
+                                                    % 2**32).astype(np.uint32)
+    summed, weight = decode_sum(total, n, n, (1.0, 1.0), 1.0)
+    step, scale = from_votes({"w": summed[:3] / weight, SCALE_KEY: summed[3:4] / weight},
+                             cfg.update_clip)
+    assert np.sign(step["w"]).tolist() == [-1.0, 1.0, -1.0]  # the forger's direction
+    assert scale == cfg.update_clip and np.abs(step["w"]).max() <= cfg.update_clip

@@ -51,15 +51,15 @@ def test_equal_weights_by_default_and_only_coarse_buckets_otherwise() -> None:
 
 def test_the_weight_sum_is_exact_and_checked_against_the_survivors() -> None:
     cfg = FedConfig(clients=5, weighting="bucket")
-    q = quant_config(cfg, 5)
-    xs = [encode_update(np.zeros(3), w, cfg, 5) for w in (1.0, 0.5, 1 / 16)]
+    q = quant_config(5, cfg.update_clip)
+    xs = [encode_update(np.zeros(3), w, 5, cfg.update_clip) for w in (1.0, 0.5, 1 / 16)]
     total = np.sum(xs, axis=0, dtype=np.uint32)
-    _, weight_sum = decode_sum(total, cfg, 5, 3, weight_range(cfg, 2))
+    _, weight_sum = decode_sum(total, 5, 3, weight_range(cfg, 2), cfg.update_clip)
     assert weight_sum == pytest.approx(1.5625, abs=1 / q.scale)
     with pytest.raises(SumRangeError, match="weights sum"):
-        decode_sum(total, cfg, 5, 1, weight_range(cfg, 2))  # one site cannot have sent that
+        decode_sum(total, 5, 1, weight_range(cfg, 2), cfg.update_clip)  # one site cannot have sent that
     with pytest.raises(SumRangeError, match="weights sum"):
-        decode_sum(total, cfg.replace(weighting="equal"), 5, 3, (1.0, 1.0))
+        decode_sum(total, 5, 3, (1.0, 1.0), cfg.update_clip)
 
 
 def test_the_mean_update_never_leaves_the_clip() -> None:
