@@ -449,3 +449,26 @@ def test_a_vote_round_sends_bounded_votes_and_a_forged_vote_moves_the_mean_by_it
     short.content["update"] = state_to_record({k: v for k, v in votes.items() if k != SCALE_KEY})
     sums = sum_plain([short], template, RoundSums(), weight_range(cfg, 1), round_clip(cfg, 1))
     assert sums.contributors == [] and SCALE_KEY in sums.failed["gamma"]
+
+
+def test_a_plain_reply_gets_no_more_say_than_its_weight(site):
+    """With bucket weights a site's entries are its weight times a bounded update: one
+    claiming the smallest weight (1/16) but sending entries of 1e9 is clipped to 1/16,
+    not to the round's bound of 1."""
+    import numpy as np
+
+    from fedseal.common.vote import round_clip, update_template
+    from fedseal.common.weights import SMALLEST_BUCKET, weight_range
+    from fedseal.server.aggregate import RoundSums, sum_plain
+
+    cfg, node, tmp = site
+    cfg = cfg.replace(aggregation="vote", weighting="bucket")
+    grid = LocalGrid(1, node_configs=[node])
+    weights = to_numpy_state(trainable_state(build_model(cfg, cfg.labels)))
+    template = update_template(weights, cfg, 1)
+    reply = _train(grid, cfg, 1, weights=weights)
+    assert _refusal(reply) == "" and reply.content["metrics"]["weight"] == SMALLEST_BUCKET
+    reply.content["update"] = state_to_record({k: np.full_like(v, 1e9) for k, v in template.items()})
+    sums = sum_plain([reply], template, RoundSums(), weight_range(cfg, 1), round_clip(cfg, 1))
+    assert sums.contributors == ["alpha"]
+    assert all(np.all(v == SMALLEST_BUCKET) for v in sums.update_sum.values())
