@@ -427,8 +427,7 @@ def test_a_vote_round_sends_bounded_votes_and_a_forged_vote_moves_the_mean_by_it
     assert _refusal(reply) == ""
     votes = record_to_state(reply.content["update"], template)
     assert list(votes)[-1] == SCALE_KEY and round_clip(cfg, 1) == 1.0
-    assert max(float(np.abs(v).max()) for v in votes.values()) <= 1.0
-    assert sum(int((np.abs(v) == 1.0).sum()) for v in votes.values()) > 0  # some entries saturate
+    assert 0.0 < max(float(np.abs(v).max()) for v in votes.values()) <= 1.0
 
     def other(name):  # another site on the same data, with its own ledger
         return LocalGrid(1, node_configs=[{**node, "site-name": name,

@@ -9,23 +9,24 @@ import pytest
 
 from fedseal.common.config import FedConfig
 from fedseal.common.records import flatten
-from fedseal.common.vote import (LOG_SPAN, SCALE_KEY, from_votes, is_vote_round, round_clip,
-                                 site_scale, to_votes, update_template)
+from fedseal.common.vote import (LOG_SPAN, SCALE_KEY, VOTE_UNIT, from_votes, is_vote_round,
+                                 round_clip, site_scale, to_votes, update_template)
 
 
 def test_known_answer_votes_and_their_order_in_the_masked_vector():
     """A fixed update gives fixed votes, in the model's key order with log(tau) last:
     the layout sites and server agree on inside the masked vector."""
-    update = {"w": np.array([[0.5, -2.0], [0.0, 1.0]]), "b": np.array([-0.25, 4.0])}
+    update = {"w": np.array([[1.5, -6.0], [0.0, 3.0]]), "b": np.array([-0.75, 12.0])}
     votes = to_votes(update)
     assert list(votes) == ["w", "b", SCALE_KEY]
-    assert SCALE_KEY == "fedseal.vote.log_scale"
-    # tau: median of |0.5, 2, 1, 0.25, 4| (the untrained 0 left out) = 1.0
-    assert site_scale(update) == 1.0
-    assert flatten(votes).tolist() == [0.5, -1.0, 0.0, 1.0, -0.25, 1.0, 0.0]
+    assert SCALE_KEY == "fedseal.vote.log_scale" and VOTE_UNIT == 3.0
+    # tau: 3 x the median of |1.5, 6, 3, 0.75, 12| (the untrained 0 left out) = 9
+    assert site_scale(update) == 9.0
+    assert flatten(votes).tolist() == pytest.approx(
+        [1 / 6, -2 / 3, 0.0, 1 / 3, -1 / 12, 1.0, math.log(9.0) / LOG_SPAN], abs=1e-7)
     scaled = to_votes({k: 8 * v for k, v in update.items()})
     assert flatten(scaled)[:-1].tolist() == flatten(votes)[:-1].tolist()  # votes are scale-free
-    assert flatten(scaled)[-1] == pytest.approx(math.log(8) / LOG_SPAN)
+    assert flatten(scaled)[-1] == pytest.approx(math.log(72) / LOG_SPAN)
     assert LOG_SPAN == pytest.approx(13.815510557964274)  # the span is part of the format
 
 
@@ -39,8 +40,8 @@ def test_the_step_is_the_mean_vote_times_the_geometric_mean_scale():
              to_votes({"w": np.array([8.0, 8.0, -8.0])})]
     mean = {k: (sites[0][k] + sites[1][k]) / 2 for k in sites[0]}
     step, scale = from_votes(mean, clip=64.0)
-    assert scale == pytest.approx(math.sqrt(2.0 * 8.0))  # geometric mean of the taus 2 and 8
-    assert step["w"].tolist() == pytest.approx([4.0, 0.0, -1.0])  # votes [1, 0, -0.25]
+    assert scale == pytest.approx(math.sqrt(6.0 * 24.0))  # geometric mean of the taus 6 and 24
+    assert step["w"].tolist() == pytest.approx([4.0, 0.0, -1.0])  # votes [1/3, 0, -1/12]
     assert SCALE_KEY not in step
 
 
@@ -116,7 +117,7 @@ def test_a_vote_round_is_encoded_on_the_bound_of_one_for_secure_aggregation():
 
 def test_a_site_that_departs_from_the_protocol_is_bounded_only_by_the_update_clip():
     """Under secure aggregation the server checks only the sum's range. Nine honest
-    sites vote [1, -1, 0.5] with a small move; a tenth sends raw levels its encoder
+    sites vote [1/3, -1/3, 1/6] with a small move; a tenth sends raw levels its encoder
     would never produce. The sum decodes, the direction is the tenth site's, and the
     one bound left holds: no coordinate of the step exceeds update-clip. (The README's
     threat model says so; the vote bounds honest drift and noise, not this.)"""
@@ -127,8 +128,10 @@ def test_a_site_that_departs_from_the_protocol_is_bounded_only_by_the_update_cli
     honest = flatten(to_votes({"w": np.array([1e-3, -1e-3, 5e-4])}))
     total = sum(encode_update(honest, 1.0, n, 1.0) for _ in range(n - 1))
     quant = quant_config(n, 1.0)
-    # as far as the sum's range check lets it: honest sums are 9, -9, 4.5 and -4.5 (scale)
-    forged = np.array([-19.0, 19.0, -14.5, 14.5, 1.0]) * quant.max_level
+    # as far as the sum's range check lets it: each entry of the sum at -n or +n
+    edge = n - 0.01  # just inside the range, whatever the honest entries' rounding
+    forged = np.append(np.array([-edge, edge, -edge, edge]) - (n - 1) * honest[:4].astype(np.float64),
+                       1.0) * quant.max_level
     total = total + quantize(np.zeros(5), quant) + (np.rint(forged).astype(np.int64)
                                                     % 2**32).astype(np.uint32)
     summed, weight = decode_sum(total, n, n, (1.0, 1.0), 1.0)
