@@ -95,8 +95,9 @@ def test_a_private_run_on_a_real_sst2_slice_learns(sst2, tmp_path, partition):
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert all(len(r["contributors"]) == 4 and r["secagg"] and r["private"] for r in rows)
     assert all(7.5 < eps <= 8.0 for eps in rows[-1]["epsilon"].values())
-    # measured: IID 0.76; Dirichlet 0.675, 0.677 by round (sites of 1,171, 880, 841 and
-    # 1,108 sentences, 45%, 99.5%, 79% and 11% positive; the plain mean 0.627, 0.683)
+    # measured: IID 0.76; Dirichlet 0.675, 0.677 by round with the vote's earlier unit of
+    # one median move (sites of 1,171, 880, 841 and 1,108 sentences, 45%, 99.5%, 79% and
+    # 11% positive; the plain mean 0.627, 0.683)
     floor = 0.70 if partition == "iid" else 0.62
     assert all(r["accuracy"] >= floor for r in rows[1:]), [r["accuracy"] for r in rows]
 
