@@ -222,9 +222,9 @@ HELP: dict[str, str] = {
     "adam_beta2": "FedAdam second-moment decay, in [0, 1) (strategy=fedadam only)",
     "adam_tau": "FedAdam adaptivity epsilon (positive; strategy=fedadam only)",
     "aggregation": "how training-round updates combine: vote (each site's update in units of "
-                   "its own median move, clipped to [-1, 1], times the sites' geometric mean "
-                   "move; robust to label skew and to small sites' noise), mean (the plain "
-                   "mean) or auto (vote for finetune=probe, mean otherwise)",
+                   "three times its own median move, clipped to [-1, 1], times the sites' "
+                   "geometric mean move; robust to label skew and to small sites' noise), mean "
+                   "(the plain mean) or auto (vote for finetune=probe, mean otherwise)",
     "weighting": "each site's weight in the mean: equal, or bucket (a coarse power-of-two bucket "
                  "of its example count relative to --max-site-examples); never exact counts "
                  "(the probe's statistics round weighs each site by its DP count estimate)",
