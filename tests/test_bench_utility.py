@@ -16,7 +16,7 @@ def test_tiny_utility_benchmark_report_and_plot(tmp_path, tiny_bert, sst2):
     bench_utility.main(["--data", str(sst2), "--json", str(out), "--plot", str(png),
                         "--model", tiny_bert, "--train-size", "240", "--sites", "2",
                         "--rounds", "2", "--epsilons", "8", "--accountant", "rdp",
-                        "--log-level", "WARNING"])
+                        "--repeats", "2", "--log-level", "WARNING"])
     report = json.loads(out.read_text())
     assert set(report["curve"]) == {"iid", "dirichlet"}
     for partition in ("iid", "dirichlet"):
@@ -26,9 +26,22 @@ def test_tiny_utility_benchmark_report_and_plot(tmp_path, tiny_bert, sst2):
         arm = arms["fed_dp_eps8"]
         assert 7.2 < arm["epsilon_max"] <= 8  # the whole budget, never more
         assert len(arm["accuracy_per_round"]) == 2
+        # two runs on the same partition, pooled: the means of the runs, each round's range
+        assert [len(r["accuracy_per_round"]) for r in arm["runs"]] == [2, 2]
+        assert arm["accuracy"] == pytest.approx(sum(r["accuracy"] for r in arm["runs"]) / 2, abs=1e-4)
+        for k in range(2):
+            accs = [r["accuracy_per_round"][k] for r in arm["runs"]]
+            assert arm["spread"]["min"][k] == min(accs) and arm["spread"]["max"][k] == max(accs)
     assert report["fed_dp_acc"] == report["arms"]["iid"]["fed_dp_eps8"]["accuracy"]
     assert set(report["targets"]) >= {"fed_dp_acc_met", "dp_gap_met", "dp_gap"}
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and report["plot"] == str(png)
+
+
+def test_repeats_below_one_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench_utility.main(["--data", str(tmp_path), "--json", str(tmp_path / "x.json"),
+                            "--repeats", "0"])
+    assert "--repeats must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_missing_data_folder_is_a_clear_error(tmp_path):
