@@ -20,8 +20,9 @@ largest epsilon and wall time. With ``--repeats N`` each arm runs N times on the
 same partition (the DP noise and the sampling are fresh every run): the arm's
 numbers are the runs' means, its ``runs`` every run, its ``spread`` the least
 and the largest accuracy of each round. The SST-2 slice test's federation is
-``--train-size 4000 --sites 4 --rounds 3 --epsilons 8 --accountant rdp``. The plot is accuracy against epsilon, one line
-per partition, the non-private accuracy as a dashed line of the same colour.
+``--train-size 4000 --sites 4 --rounds 3 --epsilons 8 --accountant rdp``. The
+plot is accuracy against epsilon, one line per partition, the non-private
+accuracy as a dashed line of the same colour.
 """
 
 from __future__ import annotations
