@@ -1,15 +1,20 @@
 """The probe's two phases at a site, on its cached features (see :mod:`fedseal.common.dp_rule`).
 
 * :func:`release_statistics` (the statistics round): a Poisson sample of the
-  site's feature vectors, each of norm at most 1 and extended by a constant 1
-  (so the sum also counts the sample), scaled to norm at most 1, summed, plus
-  Gaussian noise of the plan's multiplier: one step of the sampled Gaussian
-  mechanism, accounted like a DP-SGD step. It gives the site's mean feature
-  vector and its example count, both from the one noisy sum; the count becomes
-  the site's weight in the round (:func:`fedseal.common.weights.stats_weight`).
+  site's feature vectors, each of norm at most 1 and extended by its label's
+  one-hot vector and a constant 1 (so the sum also counts the sample and its
+  labels), scaled to norm at most 1, summed, plus Gaussian noise of the plan's
+  multiplier: one step of the sampled Gaussian mechanism, accounted like a
+  DP-SGD step. It gives the site's mean feature vector, its label proportions
+  and its example count, all from the one noisy sum; the count becomes the
+  site's weight in the round (:func:`fedseal.common.weights.stats_weight`). The
+  site sends the mean in ``feature_mean`` and the proportions in the head's
+  bias, which the server turns into the log of the federation's label prior
+  (:func:`fedseal.common.dp_rule.prior_bias`).
 * :func:`train_head` (every later round): Opacus DP-SGD with heavy-ball momentum
-  on the linear head over the standardised features; the head returned is the
-  average of the iterates over the second half of the round's steps.
+  on the linear head's weights over the standardised features (the bias stays
+  the federation's log prior); the head returned is the average of the iterates
+  over the second half of the round's steps.
 
 Without a plan both run without noise (not private), with the same sampling
 and steps, so the non-private arm does the same work.
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -30,34 +36,57 @@ from fedseal.common.dp_rule import Recipe
 from fedseal.common.features import features
 from fedseal.common.privacy import DPPlan
 
+STATISTICS_PARTS = 3
+"""A statistics row's parts (feature vector, label one-hot, count), each of norm at most 1."""
 
-def release_statistics(features: torch.Tensor, plan: DPPlan | None) -> tuple[np.ndarray, float]:
-    """The statistics round's estimates of the site's mean feature vector and example count.
 
-    One step: every row ``[x / max(|x|, 1), 1] / sqrt(2)`` has norm at most 1
-    (sensitivity 1), the Poisson sample's rows are summed with Gaussian noise,
-    and the mean is the noisy sum over the noisy count (at least 1), the count
-    the noisy count over the sampling rate. Without a plan, both exactly.
+class Statistics(NamedTuple):
+    """A site's statistics release: mean feature vector, label proportions, example count."""
+
+    mean: np.ndarray
+    proportions: np.ndarray
+    count: float
+
+
+def release_statistics(features: torch.Tensor, labels: torch.Tensor, num_labels: int,
+                       plan: DPPlan | None) -> Statistics:
+    """The statistics round's estimates of the site's mean feature vector, label mix and size.
+
+    One step: every row ``[x / max(|x|, 1), onehot(y), 1] / sqrt(3)`` has norm at
+    most 1 (sensitivity 1), the Poisson sample's rows are summed with Gaussian
+    noise, the mean is the noisy feature sum over the noisy count (at least 1),
+    the proportions the noisy label counts (negative ones as 0) over their sum
+    (uniform when none is positive), the count the noisy count over the
+    sampling rate. Without a plan, all exactly.
     """
     rows = features / features.norm(dim=1, keepdim=True).clamp(min=1.0)
+    onehot = nn.functional.one_hot(labels, num_labels).to(rows.dtype)
     if plan is None:
-        return rows.mean(dim=0).numpy(), float(len(rows))
+        return Statistics(rows.mean(dim=0).numpy(), (onehot.sum(dim=0) / len(rows)).numpy(),
+                          float(len(rows)))
     gen = fresh_generator(torch.device("cpu"))
     keep = torch.rand(len(rows), generator=gen) < plan.sample_rate
-    sample = torch.cat([rows[keep], torch.ones(int(keep.sum()), 1)], dim=1) / math.sqrt(2)
+    sample = torch.cat([rows[keep], onehot[keep], torch.ones(int(keep.sum()), 1)], dim=1)
+    sample /= math.sqrt(STATISTICS_PARTS)
     total = sample.sum(dim=0) + plan.noise_multiplier * torch.randn(sample.shape[1], generator=gen)
-    total *= math.sqrt(2)
+    total *= math.sqrt(STATISTICS_PARTS)
+    dim = rows.shape[1]
     sampled = max(float(total[-1]), 1.0)
-    return (total[:-1] / sampled).numpy(), sampled / plan.sample_rate
+    counts = total[dim:dim + num_labels].clamp(min=0.0)
+    proportions = (counts / counts.sum() if counts.sum() > 0
+                   else torch.full((num_labels,), 1.0 / num_labels))
+    return Statistics((total[:dim] / sampled).numpy(), proportions.numpy(),
+                      sampled / plan.sample_rate)
 
 
 def train_head(model, feats: torch.Tensor, labels: torch.Tensor, recipe: Recipe,
                plan: DPPlan | None) -> LocalResult:
-    """``recipe.steps_per_round`` steps on ``model.classifier`` in place; mean loss and steps."""
+    """``recipe.steps_per_round`` steps on ``model.classifier``'s weights in place; mean loss and steps."""
     with torch.no_grad():
         x = model.standardise(feats)
     head = nn.Linear(x.shape[1], model.classifier.out_features)
     head.load_state_dict(model.classifier.state_dict())
+    head.bias.requires_grad_(False)  # the federation's log prior (see the module docstring)
     loader = DataLoader(TensorDataset(x, labels), batch_size=recipe.batch_size, shuffle=True,
                         generator=fresh_generator(torch.device("cpu")))
     if plan is None:
@@ -114,11 +143,12 @@ def probe_round(model, data: TensorDataset, recipe: Recipe, plan: DPPlan | None,
     """One round of the probe at a site: the statistics release or head training, in place."""
     feats = features(model, data, device, cache_dir)
     if recipe.is_stats_round(server_round):
-        mean, count = release_statistics(feats, plan)
+        stats = release_statistics(feats, data.tensors[2], model.classifier.out_features, plan)
         with torch.no_grad():
-            model.feature_mean.copy_(torch.from_numpy(mean))
-        return LocalResult(mean_loss=float("nan"), steps=1, count=count)
+            model.feature_mean.copy_(torch.from_numpy(stats.mean))
+            model.classifier.bias.copy_(torch.from_numpy(stats.proportions))
+        return LocalResult(mean_loss=float("nan"), steps=1, count=stats.count)
     return train_head(model, feats, data.tensors[2], recipe, plan)
 
 
-__all__ = ["probe_round", "release_statistics", "train_head"]
+__all__ = ["STATISTICS_PARTS", "Statistics", "probe_round", "release_statistics", "train_head"]

@@ -9,13 +9,18 @@ installed it; the federation trains a linear head on pooled sentence features
 (see :mod:`fedseal.common.modeling_fedseal`). Round 1 is the *statistics* round: each
 site releases the sum and the count of its feature vectors with Gaussian noise:
 one step of the same mechanism as a DP-SGD step (a Poisson sample at the same
-rate, each row extended by a count entry and clipped to norm 1, the sum plus
-Gaussian noise of the same multiplier), so both phases compose in one
-accountant as plain steps. The server pools them (each site weighted by its
-noisy count, see :mod:`fedseal.common.weights`): the federation's mean over all its
-examples. The noise left in it only shifts every feature by the same vector,
-which the head's bias absorbs. Rounds 2 and on are *training* rounds: DP-SGD with momentum on
-the head over the centred, scaled features. Where each setting comes from:
+rate, each row extended by its label's one-hot vector and a count entry and
+scaled to norm 1, the sum plus Gaussian noise of the same multiplier), so both
+phases compose in one accountant as plain steps. The server pools them (each
+site weighted by its noisy count, see :mod:`fedseal.common.weights`): the
+federation's mean feature vector and label proportions over all its examples.
+The head's bias becomes the log of those proportions (:func:`prior_bias`) and
+stays so: under label skew a bias moved by the sites' updates follows the
+one-sided sites (SST-2 over 4 sites, Dirichlet 0.5, ten runs: the first training
+round read 0.700 without noise and 0.623 at epsilon 8 with the bias trained,
+0.806 and 0.659 with it fixed; README, Benchmarks). Rounds 2 and on are *training* rounds: DP-SGD with
+momentum on the head's weights over the centred, scaled features. Where each
+setting comes from:
 
 * ``sample_rate``: ``SAMPLE_RATE`` (1/4). At a fixed number of steps, the noise
   per example in a DP-SGD step (sigma / expected batch) hardly depends on the
@@ -27,9 +32,8 @@ the head over the centred, scaled features. Where each setting comes from:
   noisy steps reach the optimum that the noise allows, and more steps only add
   noise per step at the same budget.
 * ``clip``: ``PROBE_CLIP`` (1). The centred, scaled features have unit mean
-  squared norm, so with the bias input a per-example gradient of the
-  cross-entropy is ``|p - y| * sqrt(|x|^2 + 1)``, of order 1 for any encoder and
-  any number of classes.
+  squared norm, so a per-example gradient of the cross-entropy on the weights is
+  ``|p - y| * |x|``, of order 1 for any encoder and any number of classes.
 * ``lr`` and ``momentum``: ``PROBE_LR`` (16) with heavy-ball momentum 0.9 on
   the mean clipped gradient, and the head averaged over the second half of each
   round's steps (iterate averaging takes out most of the noise of the last
@@ -48,6 +52,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from fedseal.common.config import AUTO, ConfigError, FedConfig
 
 SAMPLE_RATE = 0.25
@@ -57,6 +63,10 @@ MIN_STEPS_PER_ROUND = 20
 PROBE_CLIP = 1.0
 PROBE_LR = 16.0
 PROBE_MOMENTUM = 0.9
+PRIOR_KEY = "classifier.bias"
+"""The head's bias: a site's label proportions in the statistics round, the log prior after it."""
+PRIOR_FLOOR = 0.1
+"""A label's pooled proportion counts as at least ``PRIOR_FLOOR / labels`` (see :func:`prior_bias`)."""
 FINETUNE_SETTINGS = {  # mode: (batch size, steps a round, lr, clip)
     "lora": (64, 20, 5e-3, 0.1),
     "full": (64, 20, 5e-3, 1.0),
@@ -93,6 +103,20 @@ class Recipe:
         """Steps in rounds 1 .. ``server_round``: a site's most, if it took part in every one."""
         stats = min(server_round, self.stats_rounds)
         return stats + max(0, server_round - self.stats_rounds) * self.steps_per_round
+
+
+def prior_bias(proportions: np.ndarray) -> np.ndarray:
+    """The head's bias from the federation's pooled label proportions: their log.
+
+    The pooled proportions are noisy (and a hostile site can push them), so each
+    is first clipped to ``[PRIOR_FLOOR / k, 1]`` for ``k`` labels and the whole
+    renormalised: no label starts more than ``log(k / PRIOR_FLOOR)`` below another.
+    Anything not finite counts as the floor.
+    """
+    p = np.asarray(proportions, dtype=np.float64)
+    floor = PRIOR_FLOOR / p.size
+    p = np.clip(np.where(np.isfinite(p), p, floor), floor, 1.0)
+    return np.log(p / p.sum()).astype(np.float32)
 
 
 def stats_rounds(cfg: FedConfig) -> int:
@@ -134,4 +158,4 @@ def recipe(cfg: FedConfig, num_examples: int) -> Recipe:
                   source)
 
 
-__all__ = ["Recipe", "recipe", "stats_rounds"]
+__all__ = ["PRIOR_FLOOR", "PRIOR_KEY", "Recipe", "prior_bias", "recipe", "stats_rounds"]

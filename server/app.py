@@ -31,7 +31,7 @@ from flwr.app import Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedseal.common.batches import confusion_matrix, encode, predict, scores_of
-from fedseal.common.dp_rule import stats_rounds
+from fedseal.common.dp_rule import PRIOR_KEY, prior_bias, stats_rounds
 from fedseal.common.features import features
 from fedseal.common.cli_args import setup_logging
 from fedseal.common.config import ALL, ConfigError, FedConfig, from_mapping
@@ -207,9 +207,11 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
         if mean is None:
             log.warning("round %d: no site contributed; the global model is unchanged", server_round)
         elif server_round <= stats_rounds(cfg):
-            # The sites' feature means: their plain average, whatever the strategy
-            # (a server optimiser's state is for training rounds only).
+            # The sites' feature means and label proportions: their plain average,
+            # whatever the strategy (a server optimiser's state is for training
+            # rounds only); the proportions become the head's bias, the log prior.
             weights = FedAvg(1.0).step(weights, mean)
+            weights[PRIOR_KEY] = prior_bias(weights[PRIOR_KEY])
         else:
             weights = strategy.step(weights, mean)
         load_trainable(model, weights)
