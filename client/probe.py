@@ -81,7 +81,7 @@ def release_statistics(features: torch.Tensor, labels: torch.Tensor, num_labels:
 
 def train_head(model, feats: torch.Tensor, labels: torch.Tensor, recipe: Recipe,
                plan: DPPlan | None) -> LocalResult:
-    """``recipe.steps_per_round`` steps on ``model.classifier``'s weights in place; mean loss and steps."""
+    """``recipe.steps_per_round`` steps on the head's weights in place; mean loss and steps."""
     with torch.no_grad():
         x = model.standardise(feats)
     head = nn.Linear(x.shape[1], model.classifier.out_features)

@@ -7,8 +7,8 @@ setting is ``auto`` and follows from this rule (any of them can be set by hand:
 **Probe** (``finetune = probe``, the default): the encoder stays as the site
 installed it; the federation trains a linear head on pooled sentence features
 (see :mod:`fedseal.common.modeling_fedseal`). Round 1 is the *statistics* round: each
-site releases the sum and the count of its feature vectors with Gaussian noise:
-one step of the same mechanism as a DP-SGD step (a Poisson sample at the same
+site releases the sums of its feature vectors and of its labels, and its count,
+with Gaussian noise: one step of the same mechanism as a DP-SGD step (a Poisson sample at the same
 rate, each row extended by its label's one-hot vector and a count entry and
 scaled to norm 1, the sum plus Gaussian noise of the same multiplier), so both
 phases compose in one accountant as plain steps. The server pools them (each
@@ -18,9 +18,9 @@ The head's bias becomes the log of those proportions (:func:`prior_bias`) and
 stays so: under label skew a bias moved by the sites' updates follows the
 one-sided sites (SST-2 over 4 sites, Dirichlet 0.5, ten runs: the first training
 round read 0.700 without noise and 0.623 at epsilon 8 with the bias trained,
-0.806 and 0.659 with it fixed; README, Benchmarks). Rounds 2 and on are *training* rounds: DP-SGD with
-momentum on the head's weights over the centred, scaled features. Where each
-setting comes from:
+0.806 and 0.659 with it fixed; README, Benchmarks). Rounds 2 and on are
+*training* rounds: DP-SGD with momentum on the head's weights over the centred,
+scaled features. Where each setting comes from:
 
 * ``sample_rate``: ``SAMPLE_RATE`` (1/4). At a fixed number of steps, the noise
   per example in a DP-SGD step (sigma / expected batch) hardly depends on the
@@ -66,7 +66,7 @@ PROBE_MOMENTUM = 0.9
 PRIOR_KEY = "classifier.bias"
 """The head's bias: a site's label proportions in the statistics round, the log prior after it."""
 PRIOR_FLOOR = 0.1
-"""A label's pooled proportion counts as at least ``PRIOR_FLOOR / labels`` (see :func:`prior_bias`)."""
+"""A label's pooled proportion counts as at least ``PRIOR_FLOOR / labels`` (:func:`prior_bias`)."""
 FINETUNE_SETTINGS = {  # mode: (batch size, steps a round, lr, clip)
     "lora": (64, 20, 5e-3, 0.1),
     "full": (64, 20, 5e-3, 1.0),
