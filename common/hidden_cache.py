@@ -97,20 +97,26 @@ class HiddenStates:
                 self.lower[index].to(device, dtype))
 
     def chunks(self, index: torch.Tensor, max_tokens: int) -> Iterator[torch.Tensor]:
-        """``index`` sorted by length and cut into runs of at most ``max_tokens`` padded tokens.
+        """:func:`length_chunks` of ``index`` by these examples' lengths."""
+        return length_chunks(self.lengths, index, max_tokens)
 
-        Each example lands in one chunk, so per-example gradients (and their
-        clipping) are the same whatever the chunks; similar lengths share a
-        chunk, so little of the work is padding.
-        """
-        index = torch.as_tensor(index, dtype=torch.long)
-        lengths, order = torch.sort(self.lengths[index].clamp(min=1), stable=True)
-        order, lengths = index[order], lengths.tolist()
-        start = 0
-        for end in range(1, len(order) + 1):  # ascending: the next example is the longest
-            if end == len(order) or (end + 1 - start) * lengths[end] > max_tokens:
-                yield order[start:end]
-                start = end
+
+def length_chunks(lengths: torch.Tensor, index: torch.Tensor, max_tokens: int) -> Iterator[torch.Tensor]:
+    """``index`` sorted by ``lengths[index]`` and cut into runs of at most ``max_tokens`` padded tokens.
+
+    Each example lands in one chunk, so per-example gradients (and their
+    clipping) are the same whatever the chunks; similar lengths share a chunk,
+    so little of the work is padding. A single example longer than
+    ``max_tokens`` is a chunk of its own.
+    """
+    index = torch.as_tensor(index, dtype=torch.long)
+    ordered, order = torch.sort(lengths[index].clamp(min=1), stable=True)
+    order, ordered = index[order], ordered.tolist()
+    start = 0
+    for end in range(1, len(order) + 1):  # ascending: the next example is the longest
+        if end == len(order) or (end + 1 - start) * ordered[end] > max_tokens:
+            yield order[start:end]
+            start = end
 
 
 def frozen_digest(model, cut: int) -> str:
@@ -235,4 +241,4 @@ def _read(path: Path, model, data: TensorDataset, cut: int) -> HiddenStates | No
 
 
 __all__ = ["HiddenStates", "compute_hidden", "frozen_digest", "hidden_key", "hidden_states",
-           "lower_layers"]
+           "length_chunks", "lower_layers"]
