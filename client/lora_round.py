@@ -35,6 +35,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from fedseal.client.dp_adam_bc import DPAdamBC
 from fedseal.client.dp_step import PrivateSteps
 from fedseal.client.trainer import LocalResult, fresh_generator
 from fedseal.common.hidden_cache import HiddenStates
@@ -73,6 +74,18 @@ def _losses(stack: TopStack, hidden: HiddenStates, labels: torch.Tensor, index: 
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         logits = stack(states, mask, lower)
     return nn.functional.cross_entropy(logits.float(), labels[index].to(device), reduction="none")
+
+
+def _optimizer(params: list[nn.Parameter], recipe: LoraRecipe, phase: Phase | None,
+               expected_batch: float) -> torch.optim.Optimizer:
+    """SGD with momentum, or DP-AdamBC told the noise's variance per coordinate."""
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum)
+    if recipe.optimizer != "adam_bc":
+        raise ValueError(f"optimizer {recipe.optimizer!r} is not sgd or adam_bc")
+    sigma = phase.noise_multiplier if phase is not None else 0.0
+    return DPAdamBC(params, lr=recipe.lr, noise_variance=(sigma * recipe.clip / expected_batch) ** 2,
+                    floor=recipe.floor)
 
 
 def check_inputs(model: nn.Module, hidden: HiddenStates, labels: torch.Tensor) -> None:
@@ -114,7 +127,7 @@ def lora_round(model: nn.Module, hidden: HiddenStates, labels: torch.Tensor, rec
                                             steps=recipe.steps_per_round)
     total, count, steps = 0.0, 0, 0
     with only_trained(model, params):
-        optimizer = torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum)
+        optimizer = _optimizer(params, recipe, phase, recipe.expected_batch(len(hidden)))
         with PrivateSteps(stack, params, optimizer,
                           noise_multiplier=phase.noise_multiplier if phase else None,
                           clip=recipe.clip, expected_batch=recipe.expected_batch(len(hidden)),

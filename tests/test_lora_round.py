@@ -183,3 +183,27 @@ def test_the_saved_lpft_model_loads_and_predicts_as_in_memory(tiny_bert, tiny_lp
         mine, theirs = model(**inputs).logits, loaded(**inputs).logits
     assert torch.allclose(mine, theirs, atol=1e-5)
 
+
+
+def test_dp_adam_bc_is_adam_without_noise_and_takes_the_noise_out_of_the_second_moment():
+    from fedseal.client.dp_adam_bc import DPAdamBC
+
+    torch.manual_seed(0)
+    grads = [torch.randn(50) for _ in range(5)]
+    mine, theirs = nn.Parameter(torch.zeros(50)), nn.Parameter(torch.zeros(50))
+    ours = DPAdamBC([mine], lr=0.01, noise_variance=0.0, floor=1e-16)
+    adam = torch.optim.Adam([theirs], lr=0.01, eps=0.0)
+    for g in grads:
+        mine.grad, theirs.grad = g.clone(), g.clone()
+        ours.step()
+        adam.step()
+    assert torch.allclose(mine, theirs, atol=1e-6)
+    # one step on a gradient of pure noise of known variance: plain Adam moves every
+    # coordinate by lr; with the variance taken out, the floor bounds the step instead
+    noisy = nn.Parameter(torch.zeros(50))
+    corrected = DPAdamBC([noisy], lr=0.01, noise_variance=100.0, floor=1.0)  # beyond every g^2
+    noisy.grad = grads[0].clone()
+    corrected.step()
+    assert torch.allclose(noisy.detach(), -0.01 * grads[0], atol=1e-6)  # denominator sqrt(1)
+    with pytest.raises(ValueError, match="floor > 0"):
+        DPAdamBC([noisy], lr=0.01, noise_variance=0.0, floor=0.0)

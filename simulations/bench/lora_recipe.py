@@ -48,7 +48,7 @@ from fedseal.client.probe import release_statistics, train_head
 from fedseal.common.batches import scores_of
 from fedseal.common.config import FedConfig
 from fedseal.common.dp_rule import prior_bias, recipe as probe_rule
-from fedseal.common.hidden_cache import HiddenStates, compute_hidden
+from fedseal.common.hidden_cache import HiddenStates, hidden_states
 from fedseal.common.lora_rule import (LAYERS, LoraRecipe, Phase, calibrate, epsilon_of,
                                       lora_recipe)
 from fedseal.common.model import load_trainable, trainable_state
@@ -83,16 +83,23 @@ def stack_outputs(stack: TopStack, hidden: HiddenStates, logits: bool) -> torch.
     return torch.cat(out)
 
 
-def accuracy(model: nn.Module, dev: Site) -> dict[str, float]:
-    """Accuracy and macro-F1 on the cached dev set."""
-    logits = stack_outputs(TopStack(model, dev.hidden.cut).eval(), dev.hidden, logits=True)
-    scores = scores_of(logits, dev.labels, fedseal_of(model).classifier.out_features)
-    return {k: round(v, 4) for k, v in scores.items() if k != "loss"}
+def scores(model: nn.Module, site: Site) -> dict[str, float]:
+    """Accuracy, loss and macro-F1 on a cached set of examples."""
+    logits = stack_outputs(TopStack(model, site.hidden.cut).eval(), site.hidden, logits=True)
+    return {k: round(v, 4) for k, v in
+            scores_of(logits, site.labels, fedseal_of(model).classifier.out_features).items()}
 
 
-def make_site(model: nn.Module, data: TensorDataset, cut: int) -> Site:
-    """Cache a site's states and compute its probe features from them."""
-    hidden = compute_hidden(model, data, cut, CPU)
+def round_scores(model: nn.Module, dev: Site, train: Site) -> dict[str, float]:
+    """Dev accuracy and macro-F1 after a round, and the training loss of the first site."""
+    dev_scores = scores(model, dev)
+    return {"accuracy": dev_scores["accuracy"], "macro_f1": dev_scores["macro_f1"],
+            "train_loss": scores(model, train)["loss"]}
+
+
+def make_site(model: nn.Module, data: TensorDataset, cut: int, cache_dir: Path | None) -> Site:
+    """Cache a site's states (in ``cache_dir`` too, if given) and its probe features."""
+    hidden = hidden_states(model, data, cut, CPU, cache_dir)
     feats = stack_outputs(TopStack(model, cut).eval(), hidden, logits=False)
     return Site(hidden, data.tensors[2], feats)
 
@@ -135,7 +142,7 @@ def run_probe(model: nn.Module, sites: list[Site], dev: Site, rounds: int,
             heads.append(fedseal.classifier.weight.detach().clone())
         with torch.no_grad():
             fedseal.classifier.weight.copy_(torch.stack(heads).mean(dim=0))
-        curve.append(accuracy(model, dev))
+        curve.append(round_scores(model, dev, sites[0]))
     return curve
 
 
@@ -152,7 +159,7 @@ def run_lora(model: nn.Module, sites: list[Site], dev: Site, recipes: list[LoraR
             lora_round(model, site.hidden, site.labels, rule, phase, CPU)
             results.append(trainable_state(model))
         load_trainable(model, {k: torch.stack([r[k] for r in results]).mean(dim=0) for k in start})
-        curve.append(accuracy(model, dev))
+        curve.append(round_scores(model, dev, sites[0]))
     return curve
 
 
@@ -203,9 +210,11 @@ def arm(model: nn.Module, initial: dict, sites: list[Site], dev: Site, args: arg
         result.update(lora_noise_multiplier=round(lora.noise_multiplier, 4),
                       lora_sample_rate=round(lora_rate, 5), lora_steps=lora_steps)
     result.update(accuracy=curve[-1]["accuracy"], macro_f1=curve[-1]["macro_f1"],
-                  accuracy_per_round=[c["accuracy"] for c in curve], epsilon=spent,
+                  accuracy_per_round=[c["accuracy"] for c in curve],
+                  train_loss_per_round=[c["train_loss"] for c in curve], epsilon=spent,
                   cpu_seconds=round(time.process_time() - started, 1))
-    log.info("%s eps %s: %s", "lpft" if with_lora else "probe", epsilon, result["accuracy_per_round"])
+    log.info("%s eps %s: accuracy %s, training loss %s", "lpft" if with_lora else "probe", epsilon,
+             result["accuracy_per_round"], result["train_loss_per_round"])
     return result
 
 
@@ -230,9 +239,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     parts = (iid_partition(len(train), args.sites, args.seed) if args.partition == "iid" else
              dirichlet_partition(list(train.labels), args.sites, args.alpha, args.seed))
     started = time.process_time()
-    sites = [make_site(model, TensorDataset(*(t[part] for t in data.tensors)), cut)
+    sites = [make_site(model, TensorDataset(*(t[part] for t in data.tensors)), cut, args.cache_dir)
              for part in parts]
-    dev = make_site(model, dev_data, cut)
+    dev = make_site(model, dev_data, cut, args.cache_dir)
     cache_seconds = time.process_time() - started
     initial = copy.deepcopy(trainable_state(model))
     arms: dict[str, Any] = {}
@@ -276,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--site-examples", type=int, default=6735)
     parser.add_argument("--partition", choices=("iid", "dirichlet"), default="iid")
     parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--epsilons", type=lambda v: [float(e) for e in v.split(",")],
+    parser.add_argument("--epsilons", type=lambda v: [float(e) for e in v.split(",") if e],
                         default=[8.0, 1.0])
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--accountant", choices=("prv", "rdp"), default="prv")
@@ -286,18 +295,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lora-rounds", type=int, default=2)
     parser.add_argument("--ratio", type=float, default=1.0,
                         help="the adapter phase's noise multiplier over the probe's")
-    for field in ("steps_per_round", "sample_rate", "clip", "lr", "momentum"):
+    for field in ("steps_per_round", "sample_rate", "clip", "lr", "momentum", "floor"):
         parser.add_argument(f"--{field.replace('_', '-')}", type=float, dest=field,
                             help=f"override the rule's {field}")
+    parser.add_argument("--optimizer", choices=("sgd", "adam_bc"),
+                        help="override the rule's optimiser (adam_bc: DP-AdamBC)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per DP arm")
     parser.add_argument("--grad-sample", type=int, default=128)
+    parser.add_argument("--cache-dir", type=Path, help="keep the cached states here between runs")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     args.overrides = {f: (int(v) if f == "steps_per_round" else v) for f in
-                      ("steps_per_round", "sample_rate", "clip", "lr", "momentum")
-                      if (v := getattr(args, f)) is not None}
+                      ("steps_per_round", "sample_rate", "clip", "lr", "momentum", "floor",
+                       "optimizer") if (v := getattr(args, f)) is not None}
     setup_bench_logging(args.log_level)
     torch.set_num_threads(args.threads)
     emit_report(run(args), args.json)
