@@ -135,7 +135,8 @@ class PrivateSteps:
                     from opacus.utils.fast_gradient_clipping_utils import (
                         DPTensorFastGradientClipping)
 
-                    DPTensorFastGradientClipping(self.hooks, self.optimizer, losses, "sum").backward()
+                    DPTensorFastGradientClipping(self.hooks, self.optimizer, losses,
+                                                 "sum").backward()
                 else:
                     losses.sum().backward()
                 if i < len(chunks) - 1:  # clip and accumulate; noise once, at the last chunk

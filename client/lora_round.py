@@ -84,12 +84,12 @@ def _optimizer(params: list[nn.Parameter], recipe: LoraRecipe, phase: Phase | No
     if recipe.optimizer != "adam_bc":
         raise ValueError(f"optimizer {recipe.optimizer!r} is not sgd or adam_bc")
     sigma = phase.noise_multiplier if phase is not None else 0.0
-    return DPAdamBC(params, lr=recipe.lr, noise_variance=(sigma * recipe.clip / expected_batch) ** 2,
-                    floor=recipe.floor)
+    noise_variance = (sigma * recipe.clip / expected_batch) ** 2
+    return DPAdamBC(params, lr=recipe.lr, noise_variance=noise_variance, floor=recipe.floor)
 
 
 def check_inputs(model: nn.Module, hidden: HiddenStates, labels: torch.Tensor) -> None:
-    """Raise ValueError unless ``hidden`` holds the states below the model's adapters for ``labels``."""
+    """Raise ValueError unless ``hidden`` holds the states below the adapters, one per label."""
     depth = len(encoder_layers(fedseal_of(model).backbone))
     below = depth - adapted_layers(model)
     if hidden.cut != below:

@@ -84,7 +84,8 @@ class HiddenStates:
         return sum(t.numel() * t.element_size() for t in (self.states, self.offsets, self.lower))
 
     def batch(self, index: torch.Tensor, device: torch.device,
-              dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              dtype: torch.dtype = torch.float32
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """States padded on the right to the longest of ``index``, its mask, its lower blocks."""
         index = torch.as_tensor(index, dtype=torch.long)
         lengths = self.lengths[index]
@@ -101,8 +102,9 @@ class HiddenStates:
         return length_chunks(self.lengths, index, max_tokens)
 
 
-def length_chunks(lengths: torch.Tensor, index: torch.Tensor, max_tokens: int) -> Iterator[torch.Tensor]:
-    """``index`` sorted by ``lengths[index]`` and cut into runs of at most ``max_tokens`` padded tokens.
+def length_chunks(lengths: torch.Tensor, index: torch.Tensor,
+                  max_tokens: int) -> Iterator[torch.Tensor]:
+    """``index`` sorted by ``lengths[index]``, cut into runs of at most ``max_tokens`` padded tokens.
 
     Each example lands in one chunk, so per-example gradients (and their
     clipping) are the same whatever the chunks; similar lengths share a chunk,

@@ -98,7 +98,7 @@ class LoraRecipe:
 
 
 def sample_rate(num_examples: int, expected_batch: int = EXPECTED_BATCH) -> float:
-    """The adapter phase's sampling rate: ``expected_batch`` examples, at most a quarter of the site."""
+    """The adapter phase's sampling rate: ``expected_batch`` examples, at most 1/4 of the site."""
     if num_examples < 1:
         raise PrivacyError("a site with no examples cannot train")
     return min(MAX_SAMPLE_RATE, expected_batch / num_examples)

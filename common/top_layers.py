@@ -159,7 +159,8 @@ class TopStack(nn.Module):
                 blocks.append(pooled_block(by_layer[layer], mask))
         return torch.cat(blocks, dim=-1) / math.sqrt(len(self.pooled))
 
-    def forward(self, states: torch.Tensor, mask: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
+    def forward(self, states: torch.Tensor, mask: torch.Tensor,
+                lower: torch.Tensor) -> torch.Tensor:
         """Logits of the model for cached ``states`` (see the class docstring)."""
         feats = self.features(states, mask, lower)
         return self.classifier(feats * self.scale.to(feats.dtype) + self.shift.to(feats.dtype))

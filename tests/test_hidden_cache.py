@@ -59,7 +59,8 @@ def test_the_top_layers_on_cached_states_give_the_whole_models_logits(tiny_lpft,
     index = torch.tensor([6, 0, 5, 2])
     with torch.no_grad():
         mine = stack(*hidden.batch(index, CPU))
-        whole = model(input_ids=data.tensors[0][index], attention_mask=data.tensors[1][index]).logits
+        whole = model(input_ids=data.tensors[0][index],
+                      attention_mask=data.tensors[1][index]).logits
     assert torch.allclose(mine, whole, atol=tolerance), (mine - whole).abs().max()
 
 

@@ -47,7 +47,7 @@ from fedseal.client.lora_round import lora_round, only_trained, trained_paramete
 from fedseal.client.probe import release_statistics, train_head
 from fedseal.common.batches import scores_of
 from fedseal.common.config import FedConfig
-from fedseal.common.dp_rule import prior_bias, recipe as probe_rule
+from fedseal.common.dp_rule import Recipe, prior_bias, recipe as probe_rule
 from fedseal.common.hidden_cache import HiddenStates, hidden_states
 from fedseal.common.lora_rule import (LAYERS, LoraRecipe, Phase, calibrate, epsilon_of,
                                       lora_recipe)
@@ -55,8 +55,9 @@ from fedseal.common.model import load_trainable, trainable_state
 from fedseal.common.partition import dirichlet_partition, iid_partition
 from fedseal.common.privacy import DPPlan, sample_rate_for
 from fedseal.common.top_layers import TopStack, fedseal_of
-from simulations.bench.lora_setup import TASKS, depth, encoded, load_task, lpft_model
-from simulations.bench.report import emit_report, setup_bench_logging
+from simulations.bench.lora_setup import (common_arguments, depth, encoded, load_task,
+                                          lpft_model, run_and_report)
+from simulations.bench.report import emit_report
 
 log = logging.getLogger("fedseal.bench.lora_recipe")
 
@@ -104,19 +105,19 @@ def make_site(model: nn.Module, data: TensorDataset, cut: int, cache_dir: Path |
     return Site(hidden, data.tensors[2], feats)
 
 
-def probe_plans(sites: list[Site], rounds: int, phase: Phase | None) -> list[tuple[Any, DPPlan | None]]:
-    """Each site's probe rule (``dp_rule``) and its DP plan (None: noise-free, clipped)."""
+def probe_plans(sites: list[Site], rounds: int, phase: Phase) -> list[tuple[Recipe, DPPlan]]:
+    """Each site's probe rule (``dp_rule``) and its plan at the phase's noise (0: noise-free)."""
     plans = []
     for site in sites:
         rule = probe_rule(FedConfig(rounds=rounds), len(site.labels))
         q = sample_rate_for(len(site.labels), rule.batch_size)
-        sigma = phase.noise_multiplier if phase is not None else 0.0
-        plans.append((rule, DPPlan(sigma, q, rule.steps_through(rounds), 0.0, 0.0, "rdp")))
+        plans.append((rule, DPPlan(phase.noise_multiplier, q, rule.steps_through(rounds), 0.0,
+                                   0.0, "rdp")))
     return plans
 
 
 def run_probe(model: nn.Module, sites: list[Site], dev: Site, rounds: int,
-              phase: Phase | None) -> list[dict[str, float]]:
+              phase: Phase) -> list[dict[str, float]]:
     """The statistics round and ``rounds - 1`` head rounds; dev scores after each training round."""
     fedseal = fedseal_of(model)
     num_labels = fedseal.classifier.out_features
@@ -148,7 +149,7 @@ def run_probe(model: nn.Module, sites: list[Site], dev: Site, rounds: int,
 
 def run_lora(model: nn.Module, sites: list[Site], dev: Site, recipes: list[LoraRecipe],
              rounds: int, sigma: float) -> list[dict[str, float]]:
-    """``rounds`` adapter rounds from the model's head; each round the mean of the sites' results."""
+    """``rounds`` adapter rounds from the model's head; each round, the mean of the sites'."""
     curve = []
     for _ in range(rounds):
         start = trainable_state(model)
@@ -277,10 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: run the arms, write and print the JSON."""
     parser = argparse.ArgumentParser(prog="python -m simulations.bench.lora_recipe",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, help="SST-2 folder (train.tsv, dev.tsv)")
-    parser.add_argument("--task", choices=TASKS, default="sst2")
-    parser.add_argument("--json", type=Path, required=True)
-    parser.add_argument("--model", default="default")
+    common_arguments(parser)
     parser.add_argument("--sites", type=int, default=1)
     parser.add_argument("--site-examples", type=int, default=6735)
     parser.add_argument("--partition", choices=("iid", "dirichlet"), default="iid")
@@ -303,17 +301,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="runs per DP arm")
     parser.add_argument("--grad-sample", type=int, default=128)
     parser.add_argument("--cache-dir", type=Path, help="keep the cached states here between runs")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     args.overrides = {f: (int(v) if f == "steps_per_round" else v) for f in
                       ("steps_per_round", "sample_rate", "clip", "lr", "momentum", "floor",
                        "optimizer") if (v := getattr(args, f)) is not None}
-    setup_bench_logging(args.log_level)
-    torch.set_num_threads(args.threads)
-    emit_report(run(args), args.json)
-    return 0
+    return run_and_report(args, run)
 
 
 if __name__ == "__main__":

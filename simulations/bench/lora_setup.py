@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -14,6 +16,7 @@ from fedseal.common.data import Examples
 from fedseal.common.lora_rule import ALPHA, RANK, TARGETS
 from fedseal.common.model import build_model, load_tokenizer
 from fedseal.common.top_layers import add_top_lora, encoder_layers, fedseal_of
+from simulations.bench.report import emit_report, setup_bench_logging
 from simulations.bench.topics import topic_examples
 from simulations.bench.utility import read_split
 
@@ -53,3 +56,23 @@ def lpft_model(model_name: str, labels: tuple[str, ...], layers: int) -> torch.n
 def depth(model: torch.nn.Module) -> int:
     """The encoder's number of layers."""
     return len(encoder_layers(fedseal_of(model).backbone))
+
+
+def common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options both LoRA benchmarks take: data, task, output, model, threads, seed, logging."""
+    parser.add_argument("--data", type=Path, help="SST-2 folder (train.tsv, dev.tsv)")
+    parser.add_argument("--task", choices=TASKS, default="sst2")
+    parser.add_argument("--json", type=Path, required=True, help="where to write the JSON")
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-level", default="INFO")
+
+
+def run_and_report(args: argparse.Namespace,
+                   run: Callable[[argparse.Namespace], dict[str, Any]]) -> int:
+    """Set up logging and threads, run, write and print the report; the exit status."""
+    setup_bench_logging(args.log_level)
+    torch.set_num_threads(args.threads)
+    emit_report(run(args), args.json)
+    return 0

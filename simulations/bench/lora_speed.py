@@ -32,7 +32,6 @@ import logging
 import platform
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -44,8 +43,8 @@ from fedseal.common.batches import model_inputs
 from fedseal.common.hidden_cache import HiddenStates, compute_hidden, length_chunks
 from fedseal.common.lora_rule import LAYERS, MAX_TOKENS
 from fedseal.common.top_layers import TopStack
-from simulations.bench.lora_setup import TASKS, depth, encoded, load_task, lpft_model
-from simulations.bench.report import emit_report, setup_bench_logging
+from simulations.bench.lora_setup import (common_arguments, depth, encoded, load_task,
+                                          lpft_model, run_and_report)
 
 log = logging.getLogger("fedseal.bench.lora_speed")
 
@@ -191,27 +190,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: run the arms, write and print the JSON."""
     parser = argparse.ArgumentParser(prog="python -m simulations.bench.lora_speed",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, help="SST-2 folder (train.tsv, dev.tsv)")
-    parser.add_argument("--task", choices=TASKS, default="sst2")
-    parser.add_argument("--json", type=Path, required=True, help="where to write the JSON")
-    parser.add_argument("--model", default="default")
+    common_arguments(parser)
     parser.add_argument("--examples", type=int, default=4096, help="sentences to draw batches from")
     parser.add_argument("--batch", type=int, default=1024, help="examples per step")
     parser.add_argument("--steps", type=int, default=3, help="measured steps per arm")
     parser.add_argument("--layers", type=int, default=LAYERS, help="top layers with adapters")
     parser.add_argument("--modes", type=lambda v: v.split(","), default=list(MODES),
                         help=f"Opacus grad_sample_modes to time, comma-separated ({MODES})")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.modes) - set(MODES))
     if unknown:
         parser.error(f"--modes {unknown} are not among {MODES}")
-    setup_bench_logging(args.log_level)
-    torch.set_num_threads(args.threads)
-    emit_report(run(args), args.json)
-    return 0
+    return run_and_report(args, run)
 
 
 if __name__ == "__main__":
