@@ -41,22 +41,23 @@ from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedseal.client import once, secagg
-from fedseal.client.ledger import LedgerError, PrivacyLedger
+from fedseal.client.ledger import PrivacyLedger
 from fedseal.client.pending import PendingUpdate, held, hold, pending_path, release
 from fedseal.client.policy import check_evaluate, check_train
-from fedseal.client.reply import Refusal, evaluate_reply, message_round, refusal, train_reply
-from fedseal.client.site import SiteSettings, feature_cache, ledger_path, site_name, site_settings
+from fedseal.client.reply import (answered, evaluate_reply, message_config, message_round,
+                                  train_reply)
+from fedseal.client.site import SiteSettings, feature_cache, ledger_path, site_settings
 from fedseal.client.spend import commit_round, other_jobs_epsilon, steps_done
 from fedseal.common import secagg_wire
-from fedseal.common.config import ConfigError, FedConfig
-from fedseal.common.data import DataError, Examples, read_examples
-from fedseal.common.records import (RecordError, record_to_config, record_to_state, state_digest,
-                                    to_numpy_state)
+from fedseal.common.config import FedConfig
+from fedseal.common.data import Examples, read_examples
+from fedseal.common.dp_rule import Recipe, recipe, size_bucket
+from fedseal.common.records import RecordError, record_to_state, state_digest, to_numpy_state
+from fedseal.common.refusals import Code, Refusal
 from fedseal.common.vote import is_vote_round, to_votes, update_template
 from fedseal.common.weights import site_weight, stats_weight
 
 if TYPE_CHECKING:
-    from fedseal.common.dp_rule import Recipe
     from torch import nn
 
     from fedseal.common.privacy import DPPlan
@@ -75,12 +76,14 @@ app = ClientApp()
 
 
 def _examples(cfg: FedConfig, site: SiteSettings) -> Examples:
-    try:
-        return read_examples(site.data_path, text_column=cfg.text_column,
-                             label_column=cfg.label_column, label_names=cfg.labels)
-    except DataError as exc:
-        raise Refusal(f"the site's data does not fit this run ({exc}); the server's labels are "
-                      f"{list(cfg.labels)}, its columns {cfg.text_column!r}/{cfg.label_column!r}") from None
+    """The site's examples, read with its own columns, labelled in the run's label order.
+
+    The run's labels were checked against the site's declared set
+    (:func:`fedseal.client.policy.check_run`); the server's column settings are
+    never used on the site's file.
+    """
+    return read_examples(site.data_path, text_column=site.text_column,
+                         label_column=site.label_column, label_names=cfg.labels)
 
 
 def _global_model(msg: Message, cfg: FedConfig) -> tuple["nn.Module", object, dict[str, np.ndarray]]:
@@ -92,9 +95,9 @@ def _global_model(msg: Message, cfg: FedConfig) -> tuple["nn.Module", object, di
     template = to_numpy_state(trainable_state(model))
     try:
         global_state = record_to_state(msg.content["global"], template, what="global weights")
-    except RecordError as exc:
-        raise Refusal(f"the server's model does not match this site's {cfg.model!r} ({exc}); "
-                      "install the same model at the site") from None
+    except (RecordError, KeyError, TypeError) as exc:
+        raise Refusal(Code.MESSAGE_WEIGHTS, f"the server's weights do not fit this site's "
+                      f"{cfg.model!r} ({exc})") from None
     load_trainable(model, global_state)
     return model, tokenizer, global_state
 
@@ -114,89 +117,99 @@ def _open_ledger(site: SiteSettings) -> PrivacyLedger | None:
                               key_path=site.ledger_key)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """Train locally with DP-SGD and reply from the committed round (or refuse, saying why)."""
-    _deployment_logging(context)
-    try:
-        return _train(msg, context)
-    except (Refusal, LedgerError, DataError, ConfigError) as exc:
-        return refusal(msg, site_name(context.node_config, context.node_id), str(exc))
+def _evaluation_planned(cfg: FedConfig, site: SiteSettings) -> bool:
+    """Whether this job's budget also covers one evaluation step per round."""
+    return cfg.federated_eval and site.policy.federated_eval == "on"
 
 
-def _calibrated(context: Context, cfg: FedConfig, rec: "Recipe", n: int, budget: float,
-                delta: float) -> "DPPlan":
+def _planned_steps(cfg: FedConfig, rec: Recipe, site: SiteSettings) -> int:
+    """Steps the job's noise is calibrated for: training, and evaluation where both sides allow it."""
+    return rec.steps_through(cfg.rounds) + (cfg.rounds if _evaluation_planned(cfg, site) else 0)
+
+
+def _calibrated(context: Context, cfg: FedConfig, rec: Recipe, steps: int, bucket: int,
+                budget: float, delta: float) -> "DPPlan":
     """``plan_site``, remembered in the run's Context.state.
 
     Each message runs in a fresh process in a deployment, so the in-process
     cache of :func:`plan_site` is empty every round; calibrating again (seconds
     with the PRV accountant) would give the same numbers.
     """
-    from fedseal.common.privacy import DPPlan, plan_site
+    from fedseal.common.privacy import DPPlan, PrivacyError, plan_site
 
-    steps = rec.steps_through(cfg.rounds)
-    key = repr((n, rec.batch_size, steps, budget, delta, cfg.accountant))
+    key = repr((bucket, rec.batch_size, steps, budget, delta, cfg.accountant))
     if PLAN in context.state and context.state[PLAN].get("key") == key:
         saved = context.state[PLAN]
         return DPPlan(float(saved["noise-multiplier"]), float(saved["sample-rate"]), steps,
                       budget, delta, cfg.accountant)
-    plan = plan_site(n, batch_size=rec.batch_size, steps=steps, epsilon=budget, delta=delta,
-                     accountant=cfg.accountant)
+    try:
+        plan = plan_site(bucket, batch_size=rec.batch_size, steps=steps, epsilon=budget,
+                         delta=delta, accountant=cfg.accountant)
+    except PrivacyError as exc:  # e.g. delta not below 1/n, or the batch covers all data
+        raise Refusal(Code.PLAN_INFEASIBLE, str(exc), setting="epsilon", asked=cfg.epsilon) from None
     context.state[PLAN] = ConfigRecord({"key": key, "noise-multiplier": plan.noise_multiplier,
                                         "sample-rate": plan.sample_rate})
     return plan
 
 
-def _plan(context: Context, cfg: FedConfig, rec: "Recipe", site: SiteSettings, n: int,
-          ledger: PrivacyLedger | None, job: str, done: int, server_round: int) -> "DPPlan":
-    """This job's DP plan, checked to cover this round within the site's budget."""
-    from fedseal.common.privacy import PrivacyError, epsilon_spent
+def _plan(context: Context, cfg: FedConfig, rec: Recipe, site: SiteSettings, bucket: int,
+          ledger: PrivacyLedger | None, job: str, after_steps: int) -> "DPPlan":
+    """This job's DP plan, checked to cover ``after_steps`` steps within the site's budget."""
+    from fedseal.common.privacy import epsilon_spent
 
     other = other_jobs_epsilon(ledger, job)
     budget = site.epsilon - other
     if budget <= 0:
-        raise Refusal(f"earlier runs spent epsilon {other:.3f} of the site's budget "
-                      f"{site.epsilon}; nothing is left for this run")
-    try:
-        plan = _calibrated(context, cfg, rec, n, budget, site.delta)
-    except PrivacyError as exc:  # e.g. delta not below 1/n, or the batch covers all data
-        raise Refusal(str(exc)) from None
+        raise Refusal(Code.BUDGET_EXHAUSTED, f"earlier runs spent epsilon {other:.3f} of the "
+                      f"site's budget {site.epsilon}; nothing is left for this run",
+                      remaining=max(budget, 0.0))
+    plan = _calibrated(context, cfg, rec, _planned_steps(cfg, rec, site), bucket, budget,
+                       site.delta)
     recorded = ledger.plan_of(job) if ledger else None
     if recorded and not np.allclose(recorded, (plan.noise_multiplier, plan.sample_rate),
                                     rtol=1e-9, atol=0):
-        raise Refusal(f"this run started with noise multiplier {recorded[0]:.4f} and sample "
+        raise Refusal(Code.PLAN_CHANGED,
+                      f"this run started with noise multiplier {recorded[0]:.4f} and sample "
                       f"rate {recorded[1]:.5f}, now {plan.noise_multiplier:.4f} and "
                       f"{plan.sample_rate:.5f} (rounds, local steps, batch size or the data "
                       "changed): the calibration cannot change mid-run; start a new run")
-    after = epsilon_spent(plan.noise_multiplier, plan.sample_rate,
-                          done + rec.steps_in_round(server_round), site.delta, plan.accountant)
+    after = epsilon_spent(plan.noise_multiplier, plan.sample_rate, after_steps, site.delta,
+                          plan.accountant)
     if other + after > site.epsilon * (1 + 1e-9):
-        raise Refusal(f"this round would bring epsilon to {other + after:.3f}, over the site's "
-                      f"budget of {site.epsilon}")
+        raise Refusal(Code.BUDGET_ROUND, f"this step would bring epsilon to {other + after:.3f}, "
+                      f"over the site's budget of {site.epsilon}", remaining=max(budget, 0.0))
     return plan
+
+
+@app.train()
+@answered()
+def train(msg: Message, context: Context) -> Message:
+    """Train locally with DP-SGD and reply from the committed round (or refuse with a code)."""
+    _deployment_logging(context)
+    return _train(msg, context)
 
 
 def _train(msg: Message, context: Context) -> Message:
     from fedseal.client.probe import probe_round
     from fedseal.client.trainer import train_local
     from fedseal.common.batches import encode
-    from fedseal.common.dp_rule import recipe
     from fedseal.common.model import pick_device, trainable_state
     from fedseal.common.privacy import epsilon_spent
 
     started = time.monotonic()
-    cfg = record_to_config(msg.content["config"])
+    cfg = message_config(msg)
     site = site_settings(context.node_config, cfg)
     check_train(site.policy, cfg, msg.content.config_records.get("secagg"))
     job, server_round = message_round(msg, context)
     if cfg.secagg:  # before any training: a round this site cannot join costs no budget
         secagg.check_round(msg, context, site, server_round)
     examples = _examples(cfg, site)
+    bucket = size_bucket(len(examples))
     ledger = _open_ledger(site) if cfg.dp else None
     model, tokenizer, global_state = _global_model(msg, cfg)
     digest = state_digest(global_state)
     template = update_template(global_state, cfg, server_round)
-    weight = site_weight(len(examples), cfg)
+    weight = site_weight(bucket, cfg)
     pending_file = pending_path(ledger.path) if ledger is not None and cfg.secagg else None
     pending = held(pending_file, job, server_round, digest) if pending_file else None
     if pending is not None and set(pending.update) != set(template):
@@ -213,15 +226,16 @@ def _train(msg: Message, context: Context) -> Message:
                                  sample_rate=pending.sample_rate)
     else:
         done = steps_done(ledger, context, job)
-        rec = recipe(cfg, len(examples))
+        rec = recipe(cfg, bucket)
         try:
-            plan = (_plan(context, cfg, rec, site, len(examples), ledger, job, done, server_round)
-                    if cfg.dp else None)
+            plan = (_plan(context, cfg, rec, site, bucket, ledger, job,
+                          done + rec.steps_in_round(server_round)) if cfg.dp else None)
         except Refusal as exc:
             if ledger is not None and ledger.has_round(job, server_round):
-                raise Refusal(f"round {server_round} of job {job} was trained before and its "
-                              "update has left this site, so it is never sent again; training "
-                              f"it afresh is refused: {exc}") from None
+                raise Refusal(Code.ROUND_SENT, f"round {server_round} of job {job} was trained "
+                              "before and its update has left this site, so it is never sent "
+                              f"again; training it afresh is refused: {exc.detail}",
+                              round=server_round) from None
             raise
         device = pick_device(site.device)
         data = encode(tokenizer, examples, cfg.max_length)
@@ -235,6 +249,9 @@ def _train(msg: Message, context: Context) -> Message:
             weight = stats_weight(result.count, cfg)
         local_state = to_numpy_state(trainable_state(model))
         update = {k: local_state[k] - global_state[k] for k in global_state}
+        if not all(np.isfinite(v).all() for v in update.values()):
+            raise Refusal(Code.TRAIN_DIVERGED, "local training diverged (NaN/inf in the "
+                          "update); lower --lr or --max-grad-norm")
         if is_vote_round(cfg, server_round):
             update = to_votes(update)
         update = {k: weight * v for k, v in update.items()}
@@ -247,22 +264,21 @@ def _train(msg: Message, context: Context) -> Message:
         committed = commit_round(site.name, ledger, context, job, server_round, steps,
                                  job_epsilon, site.delta, update, weight,
                                  noise_multiplier=noise, sample_rate=rate)
-    if not all(np.isfinite(v).all() for v in update.values()):
-        raise Refusal("local training diverged (NaN/inf in the update); lower --lr or "
-                      "--max-grad-norm")
     once.remember(context, TRAINED, None, once.done(context, TRAINED, None) | {(job, server_round)})
+    # The training loss stays here: it is computed from the records without noise.
     log.info("site %s: round %d, %d steps in this run, loss %.4f, epsilon %s / %s (delta %s "
              "over all jobs), %.1fs", site.name, server_round, committed.steps, loss,
              f"{committed.epsilon:.3f}" if committed.private else "inf (no DP)", site.epsilon,
              f"{committed.delta:.3g}" if committed.private else "-", time.monotonic() - started)
-    return train_reply(msg, context, cfg, site, committed, update, loss)
+    return train_reply(msg, context, cfg, site, committed, update)
 
 
-app.train(secagg_wire.SHARE_KEYS)(secagg.share_keys)
-app.train(secagg_wire.CONSISTENCY)(secagg.consistency)
+app.train(secagg_wire.SHARE_KEYS)(answered(stage=True)(secagg.share_keys))
+app.train(secagg_wire.CONSISTENCY)(answered(stage=True)(secagg.consistency))
 
 
 @app.train(secagg_wire.MASKED_INPUT)
+@answered(stage=True)
 def masked_input(msg: Message, context: Context) -> Message:
     """SecAgg+ stage 2: forget the pending update durably, then send it masked."""
     ledger = ledger_path(context.node_config)
@@ -271,41 +287,55 @@ def masked_input(msg: Message, context: Context) -> Message:
     return secagg.masked_input(msg, context)
 
 
-app.train(secagg_wire.UNMASK)(secagg.unmask)
+app.train(secagg_wire.UNMASK)(answered(stage=True)(secagg.unmask))
 
 
 @app.evaluate()
+@answered()
 def evaluate_site(msg: Message, context: Context) -> Message:
     """Score the server's weights on the site's data, if the site allows federated evaluation.
 
     Refused unless the site's policy has ``federated-eval = on``; then at most
-    once per round of a job this site trained in, and only accuracy and loss
-    return (not differentially private: see the README's threat model).
+    once per round of a job this site trained in. The answer is a DP release
+    (:mod:`fedseal.client.evaluation`), its step committed to the budget first.
     """
     _deployment_logging(context)
-    try:
-        from fedseal.common.batches import encode, evaluate
-        from fedseal.common.model import pick_device
+    from fedseal.client.evaluation import example_scores, release_scores
+    from fedseal.common.batches import encode
+    from fedseal.common.features import features
+    from fedseal.common.model import pick_device
+    from fedseal.common.privacy import epsilon_spent
 
-        cfg = record_to_config(msg.content["config"])
-        site = site_settings(context.node_config, cfg)
-        check_evaluate(site.policy)
-        job, server_round = message_round(msg, context)
-        if (job, server_round) not in once.done(context, TRAINED, None):
-            raise Refusal(f"this site did not train round {server_round} of job {job}; it scores "
-                          "only rounds it took part in")
-        path = once.record_path(site.ledger_path, EVALUATED_SUFFIX) if site.ledger_path else None
-        evaluated = once.done(context, EVALUATED, path)
-        if (job, server_round) in evaluated:
-            raise Refusal(f"round {server_round} of job {job} was already evaluated here; a site "
-                          "answers once per round")
-        once.remember(context, EVALUATED, path, evaluated | {(job, server_round)})
-        examples = _examples(cfg, site)
-        model, tokenizer, _ = _global_model(msg, cfg)
-        device = pick_device(site.device)
-        model.to(device)
-        scores = evaluate(model, encode(tokenizer, examples, cfg.max_length),
-                          batch_size=cfg.eval_batch_size, num_labels=len(cfg.labels), device=device)
-        return evaluate_reply(msg, site.name, scores)
-    except (Refusal, DataError, ConfigError, once.OnceError) as exc:
-        return refusal(msg, site_name(context.node_config, context.node_id), str(exc))
+    cfg = message_config(msg)
+    site = site_settings(context.node_config, cfg)
+    check_evaluate(site.policy, cfg)
+    job, server_round = message_round(msg, context)
+    if (job, server_round) not in once.done(context, TRAINED, None):
+        raise Refusal(Code.ROUND_NOT_TRAINED, f"this site did not train round {server_round} of "
+                      f"job {job}; it scores only rounds it took part in", round=server_round)
+    path = once.record_path(site.ledger_path, EVALUATED_SUFFIX) if site.ledger_path else None
+    evaluated = once.done(context, EVALUATED, path)
+    if (job, server_round) in evaluated:
+        raise Refusal(Code.ROUND_EVALUATED, f"round {server_round} of job {job} was already "
+                      "evaluated here; a site answers once per round", round=server_round)
+    examples = _examples(cfg, site)
+    bucket = size_bucket(len(examples))
+    ledger = _open_ledger(site) if cfg.dp else None
+    steps = steps_done(ledger, context, job) + 1
+    rec = recipe(cfg, bucket)
+    plan = _plan(context, cfg, rec, site, bucket, ledger, job, steps) if cfg.dp else None
+    once.remember(context, EVALUATED, path, evaluated | {(job, server_round)})
+    model, tokenizer, _ = _global_model(msg, cfg)
+    device = pick_device(site.device)
+    model.to(device)
+    data = encode(tokenizer, examples, cfg.max_length)
+    feats = (features(model, data, device, feature_cache(site)) if cfg.finetune == "probe"
+             else None)
+    scores = release_scores(*example_scores(model, data, cfg.eval_batch_size, device, feats),
+                            plan)
+    job_epsilon = (epsilon_spent(plan.noise_multiplier, plan.sample_rate, steps, site.delta,
+                                 plan.accountant) if plan else None)
+    noise, rate = (plan.noise_multiplier, plan.sample_rate) if plan else (0.0, 0.0)
+    committed = commit_round(site.name, ledger, context, job, server_round, steps, job_epsilon,
+                             site.delta, {}, 0.0, noise_multiplier=noise, sample_rate=rate)
+    return evaluate_reply(msg, site, committed, scores)

@@ -25,7 +25,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 
 from fedseal.client import once
 from fedseal.client.site import SiteSettings
-from fedseal.common.config import ConfigError, FedConfig
+from fedseal.common import egress
+from fedseal.common.config import FedConfig
+from fedseal.common.refusals import Code, Refusal
 from fedseal.common.secagg import (ClientState, Identity, Roster, RoundContext, SecAggError,
                            UnmaskRefusedError)
 from fedseal.common.secagg.messages import Advert, ShareMessage
@@ -53,24 +55,26 @@ def unmask_record_path(ledger_path: Path) -> Path:
 def _round_context(msg: Message, context: Context) -> RoundContext:
     params = msg.content[RECORD] if RECORD in msg.content.config_records else None
     if params is None:
-        raise ConfigError("the server sent no secure-aggregation parameters with secure "
+        raise Refusal(Code.MESSAGE_SECAGG, "the server sent no secure-aggregation parameters with secure "
                           "aggregation on; this site will not train")
     try:
         nodes = unpack_ids(field(params, NODES, bytes))
         return RoundContext(context.run_id, field(params, ROUND, int), nodes, field(params, K, int),
                             field(params, THRESHOLD, int), field(params, CHALLENGE, bytes))
     except (WireError, SecAggError) as exc:
-        raise ConfigError(f"the server's secure-aggregation parameters are invalid ({exc})") from None
+        raise Refusal(Code.MESSAGE_SECAGG,
+                      f"the server's secure-aggregation parameters are invalid ({exc})") from None
 
 
 def _read(path: Path | None, what: str, flag: str) -> bytes:
     if path is None:
-        raise ConfigError(f"secure aggregation needs this site's {what} ({flag}); a site without "
+        raise Refusal(Code.SITE_KEYS, f"secure aggregation needs this site's {what} ({flag}); a site without "
                           "it cannot tell real fellow sites from ones a server invents")
     try:
         return Path(path).read_bytes()
     except OSError as exc:
-        raise ConfigError(f"cannot read this site's {what} {path} ({exc.strerror}); fix {flag}") from None
+        raise Refusal(Code.SITE_KEYS,
+                      f"cannot read this site's {what} {path} ({exc.strerror}); fix {flag}") from None
 
 
 def load_identity(path: Path | None) -> Identity:
@@ -83,7 +87,8 @@ def load_roster(path: Path | None) -> Roster:
     try:
         return Roster.from_text(_read(path, "roster of accepted sites", "peers").decode("utf-8"))
     except UnicodeDecodeError:
-        raise ConfigError(f"the peers file {path} is not text (OpenSSH .pub lines)") from None
+        raise Refusal(Code.SITE_KEYS,
+                      f"the peers file {path} is not text (OpenSSH .pub lines)") from None
 
 
 def check_round(msg: Message, context: Context, site: SiteSettings,
@@ -97,15 +102,15 @@ def check_round(msg: Message, context: Context, site: SiteSettings,
 
     Raises
     ------
-    ConfigError
-        Saying what is wrong and what to change.
+    fedseal.common.refusals.Refusal
+        Saying what is wrong (in its detail) and why (its code).
     """
     ctx = _round_context(msg, context)
     if ctx.round_id != server_round:
-        raise ConfigError(f"the secure-aggregation parameters are for round {ctx.round_id}, the "
+        raise Refusal(Code.MESSAGE_SECAGG, f"the secure-aggregation parameters are for round {ctx.round_id}, the "
                           f"training message for round {server_round}")
     if context.node_id not in ctx.participants:
-        raise ConfigError("this site is not in the round's cohort the server sent")
+        raise Refusal(Code.MESSAGE_SECAGG, "this site is not in the round's cohort the server sent")
     load_identity(site.identity_key)
     load_roster(site.peers)
     return ctx
@@ -150,8 +155,8 @@ def _params(msg: Message, state: ClientState) -> ConfigRecord:
     return params
 
 
-def _reply(msg: Message, **values: bytes) -> Message:
-    return Message(RecordDict({RECORD: ConfigRecord(dict(values))}), reply_to=msg)
+def _reply(reply_type: egress.ReplyType, msg: Message, **values: bytes) -> Message:
+    return egress.build(reply_type, msg, {RECORD: values})
 
 
 def begin_round(msg: Message, context: Context, cfg: FedConfig, site: SiteSettings, job: str,
@@ -184,7 +189,7 @@ def share_keys(msg: Message, context: Context) -> Message:
         bundle[node], _ = Advert.decode(data)
     message, ciphertexts = state.share_keys(bundle)
     _save(context, state)
-    return _reply(msg, **{SHARES: message.encode(state.ctx.digest),
+    return _reply(egress.SECAGG_SHARE_KEYS, msg, **{SHARES: message.encode(state.ctx.digest),
                           CIPHERTEXTS: pack_table(ciphertexts)})
 
 
@@ -197,9 +202,8 @@ def masked_input(msg: Message, context: Context) -> Message:
     y, complaints = state.masked_input(opened, x)
     del context.state[INPUT]
     _save(context, state)
-    return Message(RecordDict({MASKED: ArrayRecord({Y: Array(y)}),
-                               RECORD: ConfigRecord({COMPLAINTS: pack_table(complaints)})}),
-                   reply_to=msg)
+    return egress.build(egress.SECAGG_MASKED_INPUT, msg,
+                        {MASKED: {Y: y}, RECORD: {COMPLAINTS: pack_table(complaints)}})
 
 
 def consistency(msg: Message, context: Context) -> Message:
@@ -207,7 +211,7 @@ def consistency(msg: Message, context: Context) -> Message:
     state = _load(context)
     signature = state.sign_view(field(_params(msg, state), VIEW, bytes))
     _save(context, state)
-    return _reply(msg, **{SIGNATURE: signature})
+    return _reply(egress.SECAGG_CONSISTENCY, msg, **{SIGNATURE: signature})
 
 
 def unmask(msg: Message, context: Context) -> Message:
@@ -234,7 +238,7 @@ def unmask(msg: Message, context: Context) -> Message:
         _clear(context)
         raise UnmaskRefusedError(f"{exc}; it reveals nothing it could not record") from None
     _clear(context)
-    return _reply(msg, **{B_SHARES: pack_shares(reply[B_SHARES]),
+    return _reply(egress.SECAGG_UNMASK, msg, **{B_SHARES: pack_shares(reply[B_SHARES]),
                           SK_SHARES: pack_shares(reply[SK_SHARES]),
                           SEEDS: pack_table(reply[SEEDS])})
 

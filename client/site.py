@@ -13,8 +13,12 @@ In a deployment these come from the SuperNode's node config, written by
 ``peers``
     a file of OpenSSH public keys, one line per site this site accepts as a
     fellow member of the federation (its own line may be included);
+``text-column``, ``label-column``
+    the columns of the site's own file (the server's settings of these name
+    only its own files: a site never reads its data with columns a server chose);
 ``require-dp``, ``require-secagg``, ``min-cohort``, ``min-secagg-k``,
-``min-secagg-threshold``, ``max-colluders``, ``max-update-clip``, ``federated-eval``
+``min-secagg-threshold``, ``max-colluders``, ``max-update-clip``, ``federated-eval``,
+``allow-model``, ``labels``
     the site's :class:`SitePolicy`: what it demands of any run before it trains.
 
 In a simulation every virtual site reads the file the simulation wrote for its
@@ -32,6 +36,7 @@ from typing import Mapping
 from fedseal.common.config import ConfigError, FedConfig
 
 FEDERATED_EVAL_MODES = ("off", "on")
+DEFAULT_TEXT_COLUMN, DEFAULT_LABEL_COLUMN = "sentence", "label"
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,17 @@ class SitePolicy:
         Largest ``update-clip`` the server may ask for: the per-coordinate bound of
         this site's plain updates (vote rounds send entries bounded by 1).
     federated_eval : str
-        ``off``: refuse evaluation requests; ``on``: answer them.
+        ``off``: refuse evaluation requests; ``on``: answer them (each answer is
+        one more step of the site's DP mechanism, counted in its budget).
+    allowed_models : tuple[str, ...]
+        The models (hub names or folders, exactly as the server names them) this
+        site runs; anything else is refused before any file is touched, so a
+        server cannot probe the site's file system with model paths.
+    labels : tuple[str, ...]
+        The label set the site declared for its data (``--labels``); a run's
+        labels must be this set. Empty: not declared (a deployed site declares
+        it at start; :func:`fedseal.client.agent` refuses to start otherwise).
+        A refusal says only that the sets differ, never which label the site has.
     """
 
     require_dp: bool = True
@@ -75,6 +90,8 @@ class SitePolicy:
     max_colluders: int = 1
     max_update_clip: float = 64.0
     federated_eval: str = "off"
+    allowed_models: tuple[str, ...] = ("default",)
+    labels: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         """Reject a policy that cannot protect anything."""
@@ -103,7 +120,8 @@ class SitePolicy:
         there is nobody to collude with)."""
         return cls(require_dp=cfg.dp, require_secagg=cfg.secagg, min_cohort=2, min_secagg_k=1,
                    min_secagg_threshold=2, max_colluders=0, max_update_clip=cfg.update_clip,
-                   federated_eval="on" if cfg.federated_eval else "off")
+                   federated_eval="on" if cfg.federated_eval else "off",
+                   allowed_models=(cfg.model,), labels=tuple(cfg.labels))
 
 
 @dataclass(frozen=True)
@@ -120,6 +138,8 @@ class SiteSettings:
     ledger_key: Path | None = None
     identity_key: Path | None = None
     peers: Path | None = None
+    text_column: str = DEFAULT_TEXT_COLUMN
+    label_column: str = DEFAULT_LABEL_COLUMN
 
 
 def simulation_site_file(out_dir: str | Path, partition_id: int) -> Path:
@@ -160,16 +180,28 @@ def simulation_roster_file(out_dir: str | Path) -> Path:
     return Path(out_dir) / "sites" / "peers.pub"
 
 
+_NODE_KEYS = {"allowed_models": "allow-model"}  # node-config keys that are not the field's name
+
+
+def split_list(value: object) -> tuple[str, ...]:
+    """A node-config list: a comma-separated string (Flower's node config holds scalars)."""
+    if not isinstance(value, str):
+        raise ValueError(value)
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
 def _policy(node_config: Mapping[str, object], defaults: SitePolicy = SitePolicy()) -> SitePolicy:
     """The site's policy from its node config; unset entries keep ``defaults`` (the safe ones)."""
     values: dict[str, object] = {}
     for name in SitePolicy.__dataclass_fields__:
-        key = name.replace("_", "-")
+        key = _NODE_KEYS.get(name, name.replace("_", "-"))
         if key not in node_config:
             continue
         raw, default = node_config[key], getattr(defaults, name)
         try:
-            if isinstance(default, bool):
+            if isinstance(default, tuple):
+                values[name] = split_list(raw)
+            elif isinstance(default, bool):
                 if not isinstance(raw, bool):
                     raise ValueError(raw)
                 values[name] = raw
@@ -189,9 +221,12 @@ def _policy(node_config: Mapping[str, object], defaults: SitePolicy = SitePolicy
 
 def site_settings(node_config: Mapping[str, object], cfg: FedConfig) -> SiteSettings:
     """Resolve a site's own settings from its node config (deployment) or partition id."""
+    columns = (DEFAULT_TEXT_COLUMN, DEFAULT_LABEL_COLUMN)
     if "data-path" in node_config:
         data_path = Path(str(node_config["data-path"]))
         policy = _policy(node_config)
+        columns = (str(node_config.get("text-column", columns[0])),
+                   str(node_config.get("label-column", columns[1])))
     elif "partition-id" in node_config:
         pid = int(node_config["partition-id"])
         data_path = simulation_site_file(cfg.out, pid)
@@ -201,6 +236,7 @@ def site_settings(node_config: Mapping[str, object], cfg: FedConfig) -> SiteSett
         node_config = {"identity-key": str(simulation_key_file(cfg.out, pid)),
                        "peers": str(simulation_roster_file(cfg.out)), **node_config}
         policy = _policy(node_config, SitePolicy.of_run(cfg))
+        columns = (cfg.text_column, cfg.label_column)  # what the simulation wrote the file with
     else:
         raise ConfigError(
             "this client agent has no data: start it with --data FILE "
@@ -231,4 +267,6 @@ def site_settings(node_config: Mapping[str, object], cfg: FedConfig) -> SiteSett
         ledger_key=Path(str(ledger_key)) if ledger_key else None,
         identity_key=Path(str(identity)) if identity else None,
         peers=Path(str(peers)) if peers else None,
+        text_column=columns[0],
+        label_column=columns[1],
     )

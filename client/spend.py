@@ -44,8 +44,8 @@ class CommittedRound:
     epsilon, delta
         The site's total epsilon and delta after this round (every job,
         basic composition); meaningless when ``private`` is false.
-    noise_multiplier
-        The job's noise multiplier (0 without DP).
+    noise_multiplier, sample_rate
+        The job's noise multiplier and Poisson rate (0 without DP).
     private
         Whether the round was trained with differential privacy.
     """
@@ -57,6 +57,7 @@ class CommittedRound:
     epsilon: float
     delta: float
     noise_multiplier: float
+    sample_rate: float
     private: bool
     update_digest: str
     weight: float
@@ -110,8 +111,8 @@ def commit_round(site: str, ledger: PrivacyLedger | None, context: Context, job:
     epsilon = other_jobs_epsilon(ledger, job) + job_epsilon if private else float("inf")
     delta = ledger.delta_spent() if private and ledger is not None else job_delta
     return CommittedRound(site, str(job), int(round), int(steps), float(epsilon), float(delta),
-                          float(noise_multiplier), private, state_digest(update), float(weight),
-                          _COMMITTED)
+                          float(noise_multiplier), float(sample_rate), private,
+                          state_digest(update), float(weight), _COMMITTED)
 
 
 __all__ = ["CommittedRound", "PROGRESS", "commit_round", "other_jobs_epsilon", "steps_done"]

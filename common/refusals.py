@@ -17,6 +17,7 @@ known-answer test in ``tests/test_refusals.py`` fails).
 from __future__ import annotations
 
 import math
+import re
 from enum import StrEnum
 from typing import Mapping
 
@@ -38,6 +39,7 @@ class Code(StrEnum):
     POLICY_MODEL = "policy.model"
     POLICY_LABELS = "policy.labels"
     POLICY_RUN_EPSILON = "policy.run_epsilon"
+    POLICY_SIZE = "policy.size"
     # The site's privacy budget.
     BUDGET_EXHAUSTED = "budget.exhausted"
     BUDGET_ROUND = "budget.round"
@@ -61,6 +63,7 @@ class Code(StrEnum):
     SITE_KEYS = "site.keys"
     SITE_MODEL = "site.model"
     SITE_CODE = "site.code"
+    SITE_CONFIG = "site.config"
     SITE_INTERNAL = "site.internal"
     # Training.
     TRAIN_DIVERGED = "train.diverged"
@@ -83,6 +86,8 @@ DESCRIPTIONS: Mapping[Code, str] = {
     Code.POLICY_LABELS: "the run's labels are not the label set the site declared",
     Code.POLICY_RUN_EPSILON: "the run asks for more epsilon than the site grants one run "
                              "(its --max-run-epsilon); lower epsilon",
+    Code.POLICY_SIZE: "a size the run asks for (max-length, lora-r, local-steps, batch-size, "
+                      "eval-batch-size) is beyond what the site runs; lower it",
     Code.BUDGET_EXHAUSTED: "the site's privacy budget left cannot cover this run; lower "
                            "epsilon, or the site operator raises its total (fedseal ledger raise)",
     Code.BUDGET_ROUND: "this round would spend more than the run's grant at this site",
@@ -106,6 +111,7 @@ DESCRIPTIONS: Mapping[Code, str] = {
     Code.SITE_KEYS: "the site's signing key or roster cannot be read",
     Code.SITE_MODEL: "the site cannot load this model",
     Code.SITE_CODE: "the site runs only the fedseal it installed; this run's code differs",
+    Code.SITE_CONFIG: "the site's own settings are invalid; the site operator sees why in its log",
     Code.SITE_INTERNAL: "an unexpected error at the site; the site operator sees it in its log",
     Code.TRAIN_DIVERGED: "local training diverged (NaN or infinity); lower lr or max-grad-norm",
 }
@@ -114,18 +120,23 @@ PUBLIC_VALUES = ("setting", "asked", "limit", "remaining", "round")
 """The only values a refusal may carry beside its code:
 
 ``setting``
-    the name of the run setting or policy flag involved (a fixed word);
+    the name of the run setting or policy flag involved: a word of lower-case
+    letters, digits and dashes (:data:`SETTING_PATTERN`);
 ``asked``
-    the value the server itself sent for it;
+    the number (or flag) the server itself sent for it;
 ``limit``
     the site's own policy value for it (the site operator's choice);
 ``remaining``
     the epsilon the site has left for runs (the ledger's arithmetic);
 ``round``
     the round the refusal is about.
+
+Only ``setting`` is text, and only a setting's name: no other text, not even
+one the server sent (a refusal that echoed a server-chosen string could carry
+back whatever the server planted in it, or whatever a site put there).
 """
-MAX_TEXT = 200
-"""A public text value is cut to this many characters."""
+SETTING_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
+"""What a refusal's ``setting`` may look like."""
 
 Public = str | int | float | bool
 
@@ -162,25 +173,28 @@ class Refusal(FedsealError):
 
 
 def public_values(values: Mapping[str, object]) -> dict[str, Public]:
-    """``values`` checked to be :data:`PUBLIC_VALUES` holding finite scalars (text cut short).
+    """``values`` checked to be :data:`PUBLIC_VALUES`: a setting's name, finite numbers or flags.
 
     Raises
     ------
     ValueError
-        If a name is not a public value's, or a value is not a finite scalar.
+        If a name is not a public value's, ``setting`` is not a setting's name,
+        or another value is not a finite number or a flag.
     """
     out: dict[str, Public] = {}
     for name, value in values.items():
         if name not in PUBLIC_VALUES:
             raise ValueError(f"a refusal carries only {PUBLIC_VALUES}, not {name!r}")
-        if isinstance(value, str):
-            out[name] = value[:MAX_TEXT]
+        if name == "setting":
+            if not isinstance(value, str) or not SETTING_PATTERN.fullmatch(value):
+                raise ValueError(f"a refusal's setting must be a setting's name, not {value!r}")
+            out[name] = value
         elif isinstance(value, bool) or isinstance(value, int):
             out[name] = value
         elif isinstance(value, float) and math.isfinite(value):
             out[name] = value
         else:
-            raise ValueError(f"refusal value {name!r} must be a finite scalar, not "
+            raise ValueError(f"refusal value {name!r} must be a finite number or a flag, not "
                              f"{type(value).__name__}")
     return out
 
@@ -195,5 +209,5 @@ def describe(code: str, values: Mapping[str, Public]) -> str:
     return f"{code}: {text}" + (f" ({extra})" if extra else "")
 
 
-__all__ = ["Code", "DESCRIPTIONS", "MAX_TEXT", "PUBLIC_VALUES", "Public", "Refusal", "describe",
+__all__ = ["Code", "DESCRIPTIONS", "PUBLIC_VALUES", "SETTING_PATTERN", "Public", "Refusal", "describe",
            "public_values"]

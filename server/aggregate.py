@@ -17,7 +17,12 @@ import numpy as np
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedseal.common.records import RecordError, payload_bytes, record_to_state
+from flwr.common.constant import ErrorCode
+
+from fedseal.common import egress
+from fedseal.common.records import payload_bytes
+from fedseal.common.refusals import describe
+from fedseal.server.identity import SiteNames
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +35,6 @@ class RoundSums:
     weight_sum: float = 0.0
     epsilons: dict[str, float] = field(default_factory=dict)
     deltas: dict[str, float] = field(default_factory=dict)  # beside each site's epsilon
-    train_losses: dict[str, float] = field(default_factory=dict)
     contributors: list[str] = field(default_factory=list)
     refused: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
@@ -86,78 +90,79 @@ def send(grid: Grid, nodes: Iterable[int], contents: Mapping[int, RecordDict] | 
     return replies, sent
 
 
-def site_of(reply: Message) -> str:
-    """The name a site reports for itself (falls back to its node id)."""
-    if reply.has_content() and "status" in reply.content.config_records:
-        return str(reply.content["status"].get("site", reply.metadata.src_node_id))
-    return str(reply.metadata.src_node_id)
+def error_reason(reply: Message) -> str:
+    """The reason code of an error reply: Flower's error code by name, never its text.
+
+    An error reply's text can come from a site (an exception at the site), so
+    only the number travels into the metrics.
+    """
+    names = {v: k for k, v in vars(ErrorCode).items() if isinstance(v, int)}
+    code = reply.error.code
+    return f"{egress.REPLY_ERROR}: {names.get(code, 'code')} ({code})"
 
 
-def _metric(metrics: object, key: str) -> float:
-    value = metrics[key]  # type: ignore[index]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"metric '{key}' is a {type(value).__name__}, not a number")
-    return float(value)
-
-
-def triage(replies: Iterable[Message], sums: RoundSums) -> list[Message]:
+def triage(replies: Iterable[Message], sums: RoundSums, reply_type: egress.ReplyType,
+           names: SiteNames) -> list[Message]:
     """Record failures and refusals in ``sums``; return the replies that trained.
 
-    Each reply is checked on its own: one without a metrics record or with a
-    malformed one is recorded as failed, never taken down the round.
+    Each reply is checked on its own against ``reply_type``'s declared
+    metadata and its sender's identity (:class:`~fedseal.server.identity.SiteNames`):
+    one that departs from either is recorded as failed under its sender, with a
+    reason code, never taken down the round. A refusal is recorded as its code
+    and public values, in the server's own words
+    (:func:`fedseal.common.refusals.describe`).
     """
     good = []
     for reply in replies:
-        site = site_of(reply)
+        site = names.of(reply)
         if reply.has_error():
-            sums.failed[site] = reply.error.reason.splitlines()[-1][:300] if reply.error.reason else "error"
+            sums.failed[site] = error_reason(reply)
             log.warning("site %s failed this round: %s", site, sums.failed[site])
-            continue
-        status = reply.content["status"] if "status" in reply.content.config_records else {}
-        if "refused" in status:
-            sums.refused[site] = str(status["refused"])[:300]
-            log.warning("site %s refused to train: %s", site, sums.refused[site])
             continue
         try:
-            if "metrics" not in reply.content.metric_records:
-                raise KeyError("the reply has no 'metrics' record")
-            metrics = reply.content["metrics"]
-            epsilon, delta = _metric(metrics, "epsilon"), _metric(metrics, "delta")
-            loss = _metric(metrics, "train-loss") if "train-loss" in metrics else None
-        except (KeyError, TypeError) as exc:
-            sums.failed[site] = f"malformed reply: {exc}"[:300]
+            site = names.claim(reply)
+            refused = egress.refusal_of(reply)
+            if refused is not None:
+                sums.refused[site] = describe(*refused)
+                log.warning("site %s refused to train: %s", site, sums.refused[site])
+                continue
+            metrics = egress.parse(reply_type, reply, only=(egress.METRICS,))[egress.METRICS]
+        except egress.ReplyError as exc:
+            sums.failed[site] = str(exc)[:300]
             log.warning("site %s failed this round: %s", site, sums.failed[site])
             continue
-        sums.epsilons[site], sums.deltas[site] = epsilon, delta
-        if loss is not None:  # reported only without secure aggregation
-            sums.train_losses[site] = loss
+        sums.epsilons[site], sums.deltas[site] = metrics["epsilon"], metrics["delta"]
         good.append(reply)
     return good
 
 
 def sum_plain(replies: Iterable[Message], template: Mapping[str, np.ndarray],
-              sums: RoundSums, weights: tuple[float, float], clip: float) -> RoundSums:
+              sums: RoundSums, reply_type: egress.ReplyType, names: SiteNames,
+              weights: tuple[float, float], clip: float) -> RoundSums:
     """Add each reply's weighted update in the clear (secure aggregation off).
 
-    A reply whose weight lies outside ``weights`` (the round's
-    :func:`fedseal.common.weights.weight_range`) is dropped: no honest site sends it,
-    and one site claiming a weight of 1e9 would make the mean its own update.
-    Every entry is clipped to ``[-w * clip, w * clip]`` for the reply's weight
-    ``w`` (``clip`` is the round's bound, :func:`fedseal.common.vote.round_clip`):
-    an honest site's entries are ``w`` times an update within the bound, so a site
-    claiming a small weight gets no more say than that weight gives it.
+    Every reply is parsed against ``reply_type`` and ``template`` first
+    (:func:`fedseal.common.egress.parse`). A reply whose weight lies outside
+    ``weights`` (the round's :func:`fedseal.common.weights.weight_range`) is
+    dropped: no honest site sends it, and one site claiming a weight of 1e9
+    would make the mean its own update. Every entry is clipped to
+    ``[-w * clip, w * clip]`` for the reply's weight ``w`` (``clip`` is the
+    round's bound, :func:`fedseal.common.vote.round_clip`): an honest site's
+    entries are ``w`` times an update within the bound, so a site claiming a
+    small weight gets no more say than that weight gives it.
     """
     total = {k: np.zeros(v.shape, dtype=np.float64) for k, v in template.items()}
-    for reply in triage(replies, sums):
-        site = site_of(reply)
+    for reply in triage(replies, sums, reply_type, names):
+        site = names.of(reply)
         try:
-            update = record_to_state(reply.content["update"], template, what=f"update from {site}")
-            weight = float(reply.content["metrics"]["weight"])
-            if not weights[0] <= weight <= weights[1]:  # NaN fails too
-                raise RecordError(f"update from {site}: weight {weight} is outside "
-                                  f"[{weights[0]:g}, {weights[1]:g}], the weights this round allows")
-        except (RecordError, KeyError) as exc:
-            sums.failed[site] = str(exc)
+            values = egress.parse(reply_type, reply, template=template)
+            update, weight = values[egress.UPDATE]["*"], values[egress.METRICS]["weight"]
+            if not weights[0] <= weight <= weights[1]:
+                raise egress.ReplyError(egress.REPLY_RANGE, f"weight {weight} is outside "
+                                        f"[{weights[0]:g}, {weights[1]:g}], the weights this "
+                                        "round allows")
+        except egress.ReplyError as exc:
+            sums.failed[site] = str(exc)[:300]
             sums.drop_spend(site)
             log.warning("dropping the reply of site %s: %s", site, exc)
             continue

@@ -43,7 +43,11 @@ from fedseal.common.records import (JOB_KEY, ROUND_KEY, RecordError, config_to_r
                             state_to_record, to_numpy_state)
 from fedseal.common.vote import from_votes, is_vote_round, round_clip, update_template
 from fedseal.common.weights import weight_range
-from fedseal.server.aggregate import RoundSums, send, site_of, sum_plain
+from fedseal.common import egress
+from fedseal.common.egress import train_reply_type
+from fedseal.common.refusals import describe
+from fedseal.server.aggregate import RoundSums, error_reason, send, sum_plain
+from fedseal.server.identity import SiteNames
 from fedseal.server.checkpoint import (GROWABLE_KEYS, CheckpointError, check_resume_config,
                                load_checkpoint, save_checkpoint)
 from fedseal.server.metrics import NON_PRIVATE, MetricsLog, TensorBoardLog, eta_seconds, progress_line
@@ -180,6 +184,7 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
     board = (TensorBoardLog(cfg.tensorboard, first_round=done + 1, private=cfg.dp,
                             settings=cfg.to_dict()) if cfg.tensorboard else None)
     logits = None  # the last round's, for the confusion matrix
+    names = SiteNames()
     if done >= cfg.rounds:
         detail.info("all %d rounds were already completed; saving the model", cfg.rounds)
     for server_round in range(done + 1, cfg.rounds + 1):
@@ -196,10 +201,11 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
         if cfg.secagg:
             from fedseal.server.secagg import secure_round
 
-            sums = secure_round(grid, nodes, content, template, cfg, run_id, server_round)
+            sums = secure_round(grid, nodes, content, template, cfg, run_id, server_round, names)
         else:
             replies, sent = send(grid, nodes, content, "train", cfg.timeout)
             sums = sum_plain(replies, template, RoundSums(bytes_sent=sent),
+                             train_reply_type(cfg, server_round), names,
                              weight_range(cfg, server_round), round_clip(cfg, server_round))
         mean, vote_scale = sums.mean_update(), None
         if mean is not None and is_vote_round(cfg, server_round):
@@ -238,7 +244,8 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
         if not cfg.dp:
             row["privacy"] = NON_PRIVATE
         if cfg.federated_eval:
-            row["federated_eval"] = federated_evaluate(grid, nodes, weights, cfg, job, server_round)
+            row["federated_eval"] = federated_evaluate(grid, nodes, weights, cfg, job, server_round,
+                                                       names)
         metrics.append(row)
         save_checkpoint(out / CHECKPOINT_DIR, server_round, weights, strategy.state_dict(),
                         metrics.rows(), cfg.to_dict())
@@ -304,26 +311,31 @@ def confusion(model, data, data_features, cfg: FedConfig, device, logits=None) -
 
 
 def federated_evaluate(grid: Grid, nodes: list[int], weights, cfg: FedConfig, job: str,
-                       server_round: int) -> dict:
+                       server_round: int, names: SiteNames) -> dict:
     """Ask sites to score the global weights on their own data; the mean over sites that answer.
 
     Sites answer only if they turned federated evaluation on, once per round
-    they trained in, with accuracy and loss alone (no example count);
-    refusals are logged.
+    they trained in, with a DP release of accuracy and loss (no example count);
+    refusals and malformed replies are logged.
     """
     content = RecordDict({"global": state_to_record(weights),
                           "config": config_to_record(cfg, **{ROUND_KEY: server_round, JOB_KEY: job})})
     replies, _ = send(grid, nodes, content, "evaluate", cfg.timeout)
     scores = []
     for reply in replies:
-        status = (reply.content["status"] if reply.has_content()
-                  and "status" in reply.content.config_records else {})
-        if reply.has_error() or "refused" in status or "metrics" not in reply.content.metric_records:
-            log.warning("site %s gave no federated evaluation: %s", site_of(reply),
-                        status.get("refused") or (reply.error.reason if reply.has_error() else "no metrics"))
-            continue
-        scores.append(reply.content["metrics"])
-    return ({k: float(np.mean([float(m[k]) for m in scores])) for k in ("accuracy", "loss")}
+        site = names.of(reply)
+        try:
+            if reply.has_error():
+                raise egress.ReplyError(egress.REPLY_ERROR, error_reason(reply))
+            site = names.claim(reply)
+            refused = egress.refusal_of(reply)
+            if refused is not None:
+                log.warning("site %s gave no federated evaluation: %s", site, describe(*refused))
+                continue
+            scores.append(egress.parse(egress.EVALUATION, reply)[egress.METRICS])
+        except egress.ReplyError as exc:
+            log.warning("site %s gave no federated evaluation: %s", site, exc)
+    return ({k: float(np.mean([m[k] for m in scores])) for k in ("accuracy", "loss")}
             if scores else {})
 
 
