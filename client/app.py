@@ -41,17 +41,20 @@ from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedseal.client import once, secagg
-from fedseal.client.ledger import LedgerError, PrivacyLedger
+from fedseal.client.budget import grant
+from fedseal.client.ledger import Budget, LedgerError, PrivacyLedger
 from fedseal.client.pending import PendingUpdate, held, hold, pending_path, release
 from fedseal.client.policy import check_evaluate, check_train
 from fedseal.client.reply import Refusal, evaluate_reply, message_round, refusal, train_reply
 from fedseal.client.site import SiteSettings, feature_cache, ledger_path, site_name, site_settings
-from fedseal.client.spend import commit_round, other_jobs_epsilon, steps_done
+from fedseal.client.spend import commit_round, steps_done
 from fedseal.common import secagg_wire
 from fedseal.common.config import ConfigError, FedConfig
 from fedseal.common.data import DataError, Examples, read_examples
 from fedseal.common.records import (RecordError, record_to_config, record_to_state, state_digest,
                                     to_numpy_state)
+from fedseal.common.refusals import Refusal as CodedRefusal
+from fedseal.common.refusals import describe
 from fedseal.common.vote import is_vote_round, to_votes, update_template
 from fedseal.common.weights import site_weight, stats_weight
 
@@ -122,6 +125,10 @@ def train(msg: Message, context: Context) -> Message:
         return _train(msg, context)
     except (Refusal, LedgerError, DataError, ConfigError) as exc:
         return refusal(msg, site_name(context.node_config, context.node_id), str(exc))
+    except CodedRefusal as exc:  # the code and public values leave; the detail stays here
+        log.warning("%s", exc.detail)
+        return refusal(msg, site_name(context.node_config, context.node_id),
+                       describe(exc.code, exc.public))
 
 
 def _calibrated(context: Context, cfg: FedConfig, rec: "Recipe", n: int, budget: float,
@@ -149,18 +156,19 @@ def _calibrated(context: Context, cfg: FedConfig, rec: "Recipe", n: int, budget:
 
 def _plan(context: Context, cfg: FedConfig, rec: "Recipe", site: SiteSettings, n: int,
           ledger: PrivacyLedger | None, job: str, done: int, server_round: int) -> "DPPlan":
-    """This job's DP plan, checked to cover this round within the site's budget."""
+    """This job's DP plan, calibrated to its grant (:func:`fedseal.client.budget.grant`) and
+    checked to cover this round; the plan's ``delta`` is the grant's."""
     from fedseal.common.privacy import PrivacyError, epsilon_spent
 
-    other = other_jobs_epsilon(ledger, job)
-    budget = site.epsilon - other
-    if budget <= 0:
-        raise Refusal(f"earlier runs spent epsilon {other:.3f} of the site's budget "
-                      f"{site.epsilon}; nothing is left for this run")
-    try:
-        plan = _calibrated(context, cfg, rec, n, budget, site.delta)
-    except PrivacyError as exc:  # e.g. delta not below 1/n, or the batch covers all data
-        raise Refusal(str(exc)) from None
+    def calibrate(epsilon: float, delta: float) -> "DPPlan":
+        try:
+            return _calibrated(context, cfg, rec, n, epsilon, delta)
+        except PrivacyError as exc:  # e.g. delta not below 1/n, or the batch covers all data
+            raise Refusal(str(exc)) from None
+
+    granted = grant(ledger, job, cfg.epsilon, cfg.delta, site.policy,
+                    Budget(site.epsilon, site.delta), check=calibrate)
+    plan = calibrate(granted.epsilon, granted.delta)
     recorded = ledger.plan_of(job) if ledger else None
     if recorded and not np.allclose(recorded, (plan.noise_multiplier, plan.sample_rate),
                                     rtol=1e-9, atol=0):
@@ -169,10 +177,10 @@ def _plan(context: Context, cfg: FedConfig, rec: "Recipe", site: SiteSettings, n
                       f"{plan.sample_rate:.5f} (rounds, local steps, batch size or the data "
                       "changed): the calibration cannot change mid-run; start a new run")
     after = epsilon_spent(plan.noise_multiplier, plan.sample_rate,
-                          done + rec.steps_in_round(server_round), site.delta, plan.accountant)
-    if other + after > site.epsilon * (1 + 1e-9):
-        raise Refusal(f"this round would bring epsilon to {other + after:.3f}, over the site's "
-                      f"budget of {site.epsilon}")
+                          done + rec.steps_in_round(server_round), granted.delta, plan.accountant)
+    if after > granted.epsilon * (1 + 1e-9):
+        raise Refusal(f"this round would bring job {job}'s epsilon to {after:.3f}, over its "
+                      f"grant of {granted.epsilon:g} at this site")
     return plan
 
 
@@ -238,7 +246,7 @@ def _train(msg: Message, context: Context) -> Message:
         if is_vote_round(cfg, server_round):
             update = to_votes(update)
         update = {k: weight * v for k, v in update.items()}
-        job_epsilon = (epsilon_spent(plan.noise_multiplier, plan.sample_rate, steps, site.delta,
+        job_epsilon = (epsilon_spent(plan.noise_multiplier, plan.sample_rate, steps, plan.delta,
                                      plan.accountant) if plan else None)
         noise, rate = (plan.noise_multiplier, plan.sample_rate) if plan else (0.0, 0.0)
         if pending_file is not None:

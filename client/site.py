@@ -4,7 +4,8 @@ In a deployment these come from the SuperNode's node config, written by
 ``fedseal client`` from the site operator's own flags, never from the server:
 
 ``data-path``, ``site-name``, ``epsilon``, ``delta``, ``ledger-path``, ``device``
-    the site's data file, name, total budget, ledger and device;
+    the site's data file, name, total budget over all jobs (the ledger holds
+    it; ``fedseal ledger raise`` changes it), ledger and device;
 ``ledger-key``
     the site's ledger key, kept apart from the ledger (:mod:`fedseal.client.ledger_seal`);
 ``identity-key``
@@ -14,7 +15,8 @@ In a deployment these come from the SuperNode's node config, written by
     a file of OpenSSH public keys, one line per site this site accepts as a
     fellow member of the federation (its own line may be included);
 ``require-dp``, ``require-secagg``, ``min-cohort``, ``min-secagg-k``,
-``min-secagg-threshold``, ``max-colluders``, ``max-update-clip``, ``federated-eval``
+``min-secagg-threshold``, ``max-colluders``, ``max-update-clip``, ``federated-eval``,
+``max-run-epsilon``
     the site's :class:`SitePolicy`: what it demands of any run before it trains.
 
 In a simulation every virtual site reads the file the simulation wrote for its
@@ -25,6 +27,7 @@ plays every site, so the run's own settings are the sites' policy there
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
@@ -65,6 +68,13 @@ class SitePolicy:
         this site's plain updates (vote rounds send entries bounded by 1).
     federated_eval : str
         ``off``: refuse evaluation requests; ``on``: answer them.
+    max_run_epsilon : float
+        Most epsilon one run may ask for (its config's ``epsilon``) out of the
+        site's total. The default, infinity, caps a run at what is left of the
+        total and no lower: the stock run asks for epsilon 8, the stock total
+        is 8, and a lower default would refuse it at every site that kept the
+        defaults. A site that wants its total to last several runs sets it
+        lower (``--max-run-epsilon``).
     """
 
     require_dp: bool = True
@@ -75,6 +85,7 @@ class SitePolicy:
     max_colluders: int = 1
     max_update_clip: float = 64.0
     federated_eval: str = "off"
+    max_run_epsilon: float = math.inf
 
     def __post_init__(self) -> None:
         """Reject a policy that cannot protect anything."""
@@ -93,6 +104,8 @@ class SitePolicy:
                 "raise --min-cohort or lower --max-colluders")
         if not self.max_update_clip > 0:
             raise ConfigError(f"max-update-clip must be positive, got {self.max_update_clip}")
+        if not self.max_run_epsilon > 0:
+            raise ConfigError(f"max-run-epsilon must be positive, got {self.max_run_epsilon}")
         if self.federated_eval not in FEDERATED_EVAL_MODES:
             raise ConfigError(f"federated-eval must be one of {', '.join(FEDERATED_EVAL_MODES)}, "
                               f"got {self.federated_eval!r}")
