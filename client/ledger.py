@@ -57,7 +57,7 @@ import json
 import logging
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -115,10 +115,6 @@ class Budget:
         return (math.isclose(self.epsilon, other.epsilon, rel_tol=_REL_TOL)
                 and math.isclose(self.delta, other.delta, rel_tol=_REL_TOL))
 
-    def to_json(self) -> dict[str, float]:
-        """The pair as stored in the file."""
-        return {"epsilon": self.epsilon, "delta": self.delta}
-
 
 @dataclass(frozen=True)
 class LedgerEntry:
@@ -132,12 +128,6 @@ class LedgerEntry:
     noise_multiplier: float = 0.0  # the run's DP plan (0.0: not recorded)
     sample_rate: float = 0.0
     delta: float = 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        """The entry as stored in the file."""
-        return {"run": self.run, "round": self.round, "steps": self.steps,
-                "epsilon": self.epsilon, "delta": self.delta, "time": self.time,
-                "noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate}
 
 
 @dataclass(frozen=True)
@@ -154,11 +144,6 @@ class Grant:
     asked_delta: float
     time: str
 
-    def to_json(self) -> dict[str, Any]:
-        """The grant as stored in the file."""
-        return {"job": self.job, "epsilon": self.epsilon, "delta": self.delta,
-                "asked_delta": self.asked_delta, "time": self.time}
-
 
 @dataclass(frozen=True)
 class Raise:
@@ -169,11 +154,6 @@ class Raise:
     reason: str
     old: Budget
     new: Budget
-
-    def to_json(self) -> dict[str, Any]:
-        """The raise as stored in the file."""
-        return {"time": self.time, "by": self.by, "reason": self.reason,
-                "old": self.old.to_json(), "new": self.new.to_json()}
 
 
 def _recover_hint(path: Path, key_path: Path) -> str:
@@ -256,11 +236,7 @@ class PrivacyLedger:
             reason but its site or total.
         """
         path, key_path = Path(path), Path(key_path)
-        try:
-            key = read_key(key_path)
-            counter = read_counter(counter_path(key_path), key)
-        except SealError as exc:
-            raise LedgerError(str(exc)) from None
+        key, counter = _read_seal(key_path)
         counter = _require_counter(path, key_path, counter)
         if not path.exists():
             _refuse_gone(path, key_path, counter)
@@ -674,10 +650,10 @@ class PrivacyLedger:
             raise
 
     def _body(self, seq: int) -> dict[str, Any]:
-        return {"version": VERSION, "site": self.site, "total": self.total.to_json(), "seq": seq,
-                "raises": [r.to_json() for r in self._raises],
-                "grants": [g.to_json() for g in self._grants],
-                "entries": [e.to_json() for e in self._entries]}
+        return {"version": VERSION, "site": self.site, "total": asdict(self.total), "seq": seq,
+                "raises": [asdict(r) for r in self._raises],
+                "grants": [asdict(g) for g in self._grants],
+                "entries": [asdict(e) for e in self._entries]}
 
     def encode(self, seq: int) -> tuple[bytes, str]:
         """The file's bytes as write ``seq`` (the body and its MAC, sorted keys, indented), and the MAC."""
@@ -712,6 +688,15 @@ class PrivacyLedger:
 def _corrupt(path: Path, why: str) -> LedgerError:
     return LedgerError(f"the ledger at {path} was modified or corrupted ({why}); restore it from "
                        "backup; it is never reset automatically")
+
+
+def _read_seal(key_path: Path) -> tuple[bytes, Counter | None]:
+    """The ledger key and its counter (None if missing), as a :class:`LedgerError` if unreadable."""
+    try:
+        key = read_key(key_path)
+        return key, read_counter(counter_path(key_path), key)
+    except SealError as exc:
+        raise LedgerError(str(exc)) from None
 
 
 def _require_counter(path: Path, key_path: Path, counter: Counter | None) -> Counter:
@@ -765,11 +750,7 @@ def recover(path: str | Path, key_path: str | Path, site: str | None = None,
         first), or a lost ledger's site and total are not given.
     """
     path, key_path = Path(path), Path(key_path)
-    try:
-        key = read_key(key_path)
-        counter = read_counter(counter_path(key_path), key)
-    except SealError as exc:
-        raise LedgerError(str(exc)) from None
+    key, counter = _read_seal(key_path)
     if path.exists():
         ledger = PrivacyLedger._read(path, key_path, key)
     else:

@@ -24,16 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from fedseal.client.ledger import LedgerError, PrivacyLedger, recover
+from fedseal.client.ledger import Budget, LedgerError, PrivacyLedger, recover
 
 ACTIONS = ("show", "raise", "recover")
-
-
-def _budget(epsilon: float, delta: float) -> dict[str, float]:
-    return {"epsilon": epsilon, "delta": delta}
 
 
 def summary(ledger: PrivacyLedger) -> dict[str, Any]:
@@ -42,23 +39,19 @@ def summary(ledger: PrivacyLedger) -> dict[str, Any]:
     for job in ledger.jobs():
         entries = [e for e in ledger.entries if e.run == job]
         granted = ledger.grant_of(job)
-        spent = ledger.spent(job)
         jobs.append({
             "job": job, "rounds": len({e.round for e in entries}),
             "steps": ledger.steps_done(job),
-            "granted": _budget(granted.epsilon, granted.delta) if granted else None,
-            "spent": _budget(spent.epsilon, spent.delta),
+            "granted": asdict(Budget(granted.epsilon, granted.delta)) if granted else None,
+            "spent": asdict(ledger.spent(job)),
             "last": max([e.time for e in entries] + ([granted.time] if granted else [])),
         })
-    spent, held, left = ledger.spent(), ledger.held(), ledger.remaining()
+    left = ledger.remaining()
     return {
         "site": ledger.site, "ledger": str(ledger.path), "writes": ledger.seq,
-        "total": _budget(ledger.total.epsilon, ledger.total.delta),
-        "jobs": jobs,
-        "raises": [r.to_json() for r in ledger.raises],
-        "spent": _budget(spent.epsilon, spent.delta),
-        "held": _budget(held.epsilon, held.delta),
-        "remaining": _budget(max(left.epsilon, 0.0), max(left.delta, 0.0)),
+        "total": asdict(ledger.total), "jobs": jobs, "raises": [asdict(r) for r in ledger.raises],
+        "spent": asdict(ledger.spent()), "held": asdict(ledger.held()),
+        "remaining": asdict(Budget(max(left.epsilon, 0.0), max(left.delta, 0.0))),
     }
 
 

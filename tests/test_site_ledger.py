@@ -17,6 +17,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedseal.client import ledger as ledger_module
+from fedseal.client import ledger_cli
 from fedseal.client.app import EVALUATED_SUFFIX
 from fedseal.client.ledger import LedgerError, PrivacyLedger
 from fedseal.client.pending import pending_path, release
@@ -108,7 +109,7 @@ def test_spend_is_recorded_and_a_repeated_plain_round_is_trained_afresh(site):
 
     # Round 2 continues from the ledger's steps; it would exceed the plan: refused,
     # saying that the round was trained before and is never sent again.
-    assert "over the site's budget" in _refusal(_train(LocalGrid(1, node_configs=[node]), cfg, 2))
+    assert "over its grant of 8 at this site" in _refusal(_train(LocalGrid(1, node_configs=[node]), cfg, 2))
     reason = _refusal(_train(LocalGrid(1, node_configs=[node]), cfg, 1))
     assert "trained before" in reason and "never sent again" in reason
 
@@ -208,7 +209,77 @@ def test_a_third_round_beyond_the_plan_is_refused(site):
     grid = LocalGrid(1, node_configs=[node])
     for r in (1, 2):
         assert _refusal(_train(grid, cfg, r)) == ""
-    assert "over the site's budget" in _refusal(_train(grid, cfg, 3))
+    assert "over its grant of 8 at this site" in _refusal(_train(grid, cfg, 3))
+
+
+def test_jobs_share_the_sites_total_and_are_refused_once_the_next_would_pass_it(site, caplog):
+    """Real ClientApp, real accounting: a site whose total is epsilon 1, delta 1e-5 and a server
+    starting one-round jobs that each ask for epsilon 0.3 and the whole delta. Three are granted
+    0.3 and 3e-6 each; the fourth is refused (budget.exhausted, with what is left), the site's
+    log saying what to do; a job asking for the 0.1 left takes the rest of both; after a raise of
+    epsilon alone the next is refused for delta. Delta spent stays within the total."""
+    from fedseal.common.privacy import epsilon_spent
+
+    cfg, node, tmp = site
+    cfg, node = cfg.replace(rounds=1, epsilon=0.3), {**node, "epsilon": 1.0}
+
+    def ledger(total: float = 1.0) -> PrivacyLedger:
+        return PrivacyLedger.open(tmp / "ledger.json", "alpha", total, 1e-5,
+                                  key_path=tmp / "secrets" / "ledger.key")
+
+    for job in ("job-1", "job-2", "job-3"):
+        reply = _train(LocalGrid(1, node_configs=[node]), cfg, 1, job=job)
+        assert _refusal(reply) == ""
+        granted, [entry] = ledger().grant_of(job), [e for e in ledger().entries if e.run == job]
+        assert (granted.epsilon, granted.delta) == (0.3, pytest.approx(3e-6))
+        assert entry.delta == granted.delta and 0 < entry.epsilon <= 0.3
+        assert entry.epsilon == pytest.approx(epsilon_spent(
+            entry.noise_multiplier, entry.sample_rate, entry.steps, granted.delta))
+    with caplog.at_level(logging.WARNING):
+        reason = _refusal(_train(LocalGrid(1, node_configs=[node]), cfg, 1, job="job-4"))
+    assert reason.startswith("budget.exhausted: ") and "asked 0.3, remaining 0.1" in reason
+    assert "fedseal ledger raise --ledger" in caplog.text and "job-4" not in reason
+    assert ledger().grant_of("job-4") is None
+    assert _refusal(_train(LocalGrid(1, node_configs=[node]), cfg.replace(epsilon=0.1), 1,
+                           job="job-5")) == ""
+    assert ledger().remaining().epsilon == pytest.approx(0.0, abs=1e-12)
+    assert 0 <= ledger().remaining().delta <= 1e-20
+    assert ledger().delta_spent() <= 1e-5 and ledger().epsilon_spent() <= 1.0
+    assert ledger_cli.main(["raise", "--ledger", str(tmp / "ledger.json"), "--ledger-key",
+                            str(tmp / "secrets" / "ledger.key"), "--epsilon", "2", "--by",
+                            "dana", "--reason", "more epsilon"]) == 0
+    reason = _refusal(_train(LocalGrid(1, node_configs=[{**node, "epsilon": 2.0}]),
+                             cfg.replace(epsilon=0.1), 1, job="job-6"))
+    assert reason.startswith("budget.exhausted: ") and ledger(2.0).grant_of("job-6") is None
+
+
+def test_a_run_asking_more_than_the_sites_max_run_epsilon_is_refused(site):
+    cfg, node, tmp = site
+    reason = _refusal(_train(LocalGrid(1, node_configs=[{**node, "max-run-epsilon": 2.0}]), cfg, 1))
+    assert reason.startswith("policy.run_epsilon: ")
+    assert "setting epsilon, asked 8.0, limit 2.0" in reason
+    assert _ledger(tmp).grants == () and _ledger(tmp).entries == ()
+
+
+def test_a_raise_mid_job_leaves_the_jobs_grant_and_calibration(site):
+    """A job granted epsilon 4 of the site's 8 goes on after the total is raised to 16 with the
+    grant, noise and delta it started with: the grant is never recomputed."""
+    cfg, node, tmp = site
+    cfg = cfg.replace(epsilon=4.0)
+    assert _refusal(_train(LocalGrid(1, node_configs=[node]), cfg, 1)) == ""
+    assert ledger_cli.main(["raise", "--ledger", str(tmp / "ledger.json"), "--ledger-key",
+                            str(tmp / "secrets" / "ledger.key"), "--epsilon", "16", "--by",
+                            "dana", "--reason", "second study"]) == 0
+    raised = {**node, "epsilon": 16.0}
+    # the agent must be restarted with the new total; until then the site refuses
+    assert "Start it with --epsilon 16" in _refusal(_train(LocalGrid(1, node_configs=[node]), cfg, 2))
+    assert _refusal(_train(LocalGrid(1, node_configs=[raised]), cfg, 2)) == ""
+    led = PrivacyLedger.open(tmp / "ledger.json", "alpha", 16.0, 1e-5,
+                             key_path=tmp / "secrets" / "ledger.key")
+    [first, second] = led.entries
+    assert (led.grant_of("job-1").epsilon, led.grant_of("job-1").delta) == (4.0, 5e-6)
+    assert (first.noise_multiplier, first.delta) == (second.noise_multiplier, 5e-6)
+    assert 3.9 < second.epsilon <= 4.0  # the two rounds spend the grant, not the raised total
 
 
 def test_tampered_ledger_is_refused_not_reset(site):
