@@ -178,7 +178,7 @@ def _plan(context: Context, cfg: FedConfig, rec: "Recipe", site: SiteSettings, n
                       "changed): the calibration cannot change mid-run; start a new run")
     after = epsilon_spent(plan.noise_multiplier, plan.sample_rate,
                           done + rec.steps_in_round(server_round), granted.delta, plan.accountant)
-    if after > granted.epsilon * (1 + 1e-9):
+    if after > granted.epsilon:
         raise Refusal(f"this round would bring job {job}'s epsilon to {after:.3f}, over its "
                       f"grant of {granted.epsilon:g} at this site")
     return plan

@@ -31,7 +31,6 @@ job is granted all of it.
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Callable
 
@@ -39,9 +38,7 @@ from fedseal.client.ledger import Budget, Grant, PrivacyLedger
 from fedseal.client.site import SitePolicy
 from fedseal.common.refusals import Code, Refusal
 
-log = logging.getLogger(__name__)
-
-_SLACK = 1e-9  # relative slack for numbers that went through a JSON round trip or a sum
+_SLACK = 1e-9  # a run may ask for what `fedseal ledger show` printed as left (a sum's rounding)
 
 
 def _num(value: float) -> str:
@@ -87,7 +84,7 @@ def grant(ledger: PrivacyLedger | None, job: str, asked_epsilon: float, asked_de
         If the ledger refuses the grant or cannot write it.
     """
     asked_epsilon, asked_delta = float(asked_epsilon), float(asked_delta)
-    if asked_epsilon > policy.max_run_epsilon * (1 + _SLACK):
+    if asked_epsilon > policy.max_run_epsilon:
         raise Refusal(Code.POLICY_RUN_EPSILON,
                       f"the run asks for epsilon {_num(asked_epsilon)}, but this site grants one "
                       f"run at most {_num(policy.max_run_epsilon)} (--max-run-epsilon); the "

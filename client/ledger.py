@@ -71,7 +71,6 @@ log = logging.getLogger(__name__)
 VERSION = 3
 CARRIED_FORWARD = "carried-forward"  # run name prefix of the entries `recover` adds
 _REL_TOL = 1e-12  # budgets are compared after a JSON round trip, which is exact; be lenient anyway
-_SLACK = 1e-9  # relative slack of the budget checks (the accountant's own rounding)
 _JOB_ID = re.compile(r"[\x21-\x7e]{1,64}")  # what the server may name a job: printable, no spaces
 
 
@@ -572,12 +571,12 @@ class PrivacyLedger:
                 f"steps={steps}, epsilon={epsilon}, which are cumulative and cannot go down: "
                 "start from ledger.steps_done(run)"
             )
-        if epsilon > grant.epsilon * (1 + _SLACK):
+        if epsilon > grant.epsilon:
             raise LedgerError(f"round {round} of job {run} would bring its epsilon to "
                               f"{_num(epsilon)}, over its grant of {_num(grant.epsilon)}")
-        spent, mine = self.spent(), self.spent(run)
-        self._check_total(spent.epsilon - mine.epsilon + epsilon,
-                          spent.delta - mine.delta + grant.delta,
+        after = {**self._spends(), run: Budget(epsilon, grant.delta)}
+        self._check_total(sum(b.epsilon for b in after.values()),
+                          sum(b.delta for b in after.values()),
                           f"recording round {round} of job {run}")
         self._check_unchanged()
         entry = LedgerEntry(run, round, steps, epsilon, _now(), float(noise_multiplier),
@@ -625,7 +624,7 @@ class PrivacyLedger:
 
     def _check_total(self, epsilon: float, delta: float, what: str) -> None:
         """Refuse a change that takes ``epsilon`` or ``delta`` over the total."""
-        if epsilon > self.total.epsilon * (1 + _SLACK) or delta > self.total.delta * (1 + _SLACK):
+        if epsilon > self.total.epsilon or delta > self.total.delta:
             raise LedgerError(
                 f"{what} would take this site to epsilon {_num(epsilon)}, delta {_num(delta)}, "
                 f"over its total epsilon {_num(self.total.epsilon)}, delta "
