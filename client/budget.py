@@ -116,7 +116,7 @@ def grant(ledger: PrivacyLedger | None, job: str, asked_epsilon: float, asked_de
 
 
 def _fit(held: float, share: float, total: float) -> float:
-    """``share``, lowered by float rounding's last digits if ``held + share`` would pass ``total``."""
+    """``share``, less float rounding's last digits if ``held + share`` would pass ``total``."""
     share = min(share, total - held)
     while share > 0 and held + share > total:
         share = math.nextafter(share, 0.0)

@@ -434,7 +434,7 @@ class PrivacyLedger:
         return self.spent(run).delta
 
     def held(self, run: str | None = None) -> Budget:
-        """What ``run`` holds of the total (every job's, if None): its grant, or its spend if larger.
+        """What ``run`` holds of the total (every job's, if None): its grant, or a larger spend.
 
         A granted job holds its grant whether or not it spent it; a job without
         a grant (from a version-2 ledger, or carried forward by :func:`recover`)
@@ -655,7 +655,7 @@ class PrivacyLedger:
                 "entries": [asdict(e) for e in self._entries]}
 
     def encode(self, seq: int) -> tuple[bytes, str]:
-        """The file's bytes as write ``seq`` (the body and its MAC, sorted keys, indented), and the MAC."""
+        """The file's bytes as write ``seq`` (body and MAC, sorted keys, indented), and the MAC."""
         body = self._body(seq)
         body["mac"] = mac(self._key, LEDGER_CONTEXT, self._body(seq))
         data = json.dumps(body, indent=2, sort_keys=True, allow_nan=False) + "\n"

@@ -116,16 +116,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_ledger_files(parser)
     parser.add_argument("--json", action="store_true",
                         help="show: print JSON instead of the table (default: the table)")
-    parser.add_argument("--site", help="recover: the site's name, when the ledger is gone")
+    parser.add_argument("--site", metavar="NAME",
+                        help="recover: the site's name, when the ledger is gone")
     parser.add_argument("--epsilon", type=float,
                         help="raise: the new total epsilon over all runs (required); recover: "
                              "the site's total epsilon, when the ledger is gone")
     parser.add_argument("--delta", type=float,
                         help="raise: the new total delta, in (0, 1) (default: unchanged); "
                              "recover: the site's total delta, when the ledger is gone")
-    parser.add_argument("--by", help="raise: who raises the total (a name the site knows; "
-                                     "required)")
-    parser.add_argument("--reason", help="raise: why (recorded in the ledger; required)")
+    parser.add_argument("--by", metavar="NAME",
+                        help="raise: who raises the total (a name the site knows; required)")
+    parser.add_argument("--reason", metavar="TEXT",
+                        help="raise: why (recorded in the ledger; required)")
 
 
 def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

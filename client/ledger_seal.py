@@ -167,6 +167,6 @@ def write_counter(path: Path, key: bytes, counter: Counter) -> None:
     atomic_write(path, (json.dumps(body, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
-__all__ = ["COUNTER_CONTEXT", "Counter", "KEY_HEADER", "LEDGER_CONTEXT", "LEDGER_CONTEXTS", "SealError",
-           "canonical", "counter_path", "create_seal", "mac", "read_counter", "read_key",
-           "write_counter"]
+__all__ = ["COUNTER_CONTEXT", "Counter", "KEY_HEADER", "LEDGER_CONTEXT", "LEDGER_CONTEXTS",
+           "SealError", "canonical", "counter_path", "create_seal", "mac", "read_counter",
+           "read_key", "write_counter"]

@@ -150,7 +150,8 @@ def test_the_agent_started_with_another_total_says_to_raise_it(ledger, tmp_path,
     data = tmp_path / "data.csv"
     data.write_text("text,label\na fine film,positive\n")
     argv = ["--server", "127.0.0.1:1", "--insecure", "--data", str(data), "--ledger",
-            str(ledger.path), "--ledger-key", str(ledger.key_path), "--name", "alpha", "--wait", "0"]
+            str(ledger.path), "--ledger-key", str(ledger.key_path), "--name", "alpha",
+            "--wait", "0"]
     assert agent.main([*argv, "--epsilon", "16"]) == 2
     said = " ".join(capsys.readouterr().err.split())
     assert "fedseal ledger raise --ledger" in said and "--epsilon 16 --delta 1e-05" in said

@@ -14,8 +14,9 @@ import pytest
 from fedseal.client import ledger as ledger_module
 from fedseal.client import ledger_cli
 from fedseal.client.ledger import Budget, LedgerError, PrivacyLedger, recover
-from fedseal.client.ledger_seal import (COUNTER_CONTEXT, KEY_HEADER, LEDGER_CONTEXT, LEDGER_CONTEXTS,
-                                        Counter, canonical, counter_path, mac, write_counter)
+from fedseal.client.ledger_seal import (COUNTER_CONTEXT, KEY_HEADER, LEDGER_CONTEXT,
+                                        LEDGER_CONTEXTS, Counter, canonical, counter_path, mac,
+                                        write_counter)
 from fedseal.common import durable
 
 
@@ -179,7 +180,8 @@ def test_create_record_reopen(path, key):
     assert led.steps_done("run-1") == 0 and not led.has_round("run-1", 1)
     led.record_grant("run-1", 3.0, 4e-6, 1e-5)
     entry = led.record("run-1", 1, 20, 1.5)
-    assert (entry.run, entry.round, entry.steps, entry.epsilon, entry.delta) == ("run-1", 1, 20, 1.5, 4e-6)
+    assert (entry.run, entry.round, entry.steps, entry.epsilon, entry.delta) == (
+        "run-1", 1, 20, 1.5, 4e-6)
     led.record("run-1", 2, 40, 2.25)
     again = _open(path, key)
     assert again.steps_done("run-1") == 40 and again.epsilon_spent("run-1") == 2.25
@@ -215,7 +217,8 @@ def test_grants_and_records_never_pass_the_total_or_the_grant(path, key):
         led.record_grant("b", 3.0, 1e-6, 1e-5)  # epsilon over
     with pytest.raises(LedgerError, match="granting job b .*delta 6e-06.*over its total"):
         led.record_grant("b", 1.0, 6e-6, 1e-5)  # delta over
-    with pytest.raises(LedgerError, match="job a already has a grant in .*; a grant is never recomputed"):
+    with pytest.raises(LedgerError, match="job a already has a grant in .*; a grant is never "
+                                          "recomputed"):
         led.record_grant("a", 1.0, 1e-6, 1e-5)
     with pytest.raises(LedgerError, match="job c has no grant"):
         led.record("c", 1, 10, 0.5)

@@ -109,7 +109,8 @@ def test_spend_is_recorded_and_a_repeated_plain_round_is_trained_afresh(site):
 
     # Round 2 continues from the ledger's steps; it would exceed the plan: refused,
     # saying that the round was trained before and is never sent again.
-    assert "over its grant of 8 at this site" in _refusal(_train(LocalGrid(1, node_configs=[node]), cfg, 2))
+    reason = _refusal(_train(LocalGrid(1, node_configs=[node]), cfg, 2))
+    assert "over its grant of 8 at this site" in reason
     reason = _refusal(_train(LocalGrid(1, node_configs=[node]), cfg, 1))
     assert "trained before" in reason and "never sent again" in reason
 
@@ -272,7 +273,8 @@ def test_a_raise_mid_job_leaves_the_jobs_grant_and_calibration(site):
                             "dana", "--reason", "second study"]) == 0
     raised = {**node, "epsilon": 16.0}
     # the agent must be restarted with the new total; until then the site refuses
-    assert "Start it with --epsilon 16" in _refusal(_train(LocalGrid(1, node_configs=[node]), cfg, 2))
+    reason = _refusal(_train(LocalGrid(1, node_configs=[node]), cfg, 2))
+    assert "Start it with --epsilon 16" in reason
     assert _refusal(_train(LocalGrid(1, node_configs=[raised]), cfg, 2)) == ""
     led = PrivacyLedger.open(tmp / "ledger.json", "alpha", 16.0, 1e-5,
                              key_path=tmp / "secrets" / "ledger.key")
