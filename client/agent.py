@@ -14,7 +14,9 @@ labels the site declared (``--labels``, required; the same reader the rounds use
 ``fedseal keys site`` writes); the peers roster holds OpenSSH public keys; the
 CA certificate is valid; the site's policy is coherent; the privacy ledger
 opens (created on first use; an edited, older or deleted one is refused, never
-reset); the server is reachable and its certificate verifies against the CA.
+reset) and holds the total given by ``--epsilon`` and ``--delta`` (``fedseal
+ledger raise`` changes it); the server is reachable and its certificate
+verifies against the CA.
 
 Then it runs ``flower-supernode --isolation process`` with the site's data
 path, budget, ledger, keys and policy in the node config, where the ClientApp
@@ -29,7 +31,8 @@ Policy flags (what every run must promise; the server cannot lower them):
 ``--no-require-dp``, ``--no-require-secagg``, ``--min-cohort N`` (3),
 ``--min-secagg-k K`` (2), ``--min-secagg-threshold T`` (2), ``--max-colluders C`` (1),
 ``--max-update-clip C`` (64), ``--federated-eval off|on`` (off), ``--allow-model NAME``
-(default: the packaged model; repeatable).
+(default: the packaged model; repeatable), ``--max-run-epsilon E`` (the total: a run
+may ask for all that is left).
 
 If the server keeps refusing the site's key (for ``--wait`` seconds) the agent
 says so and exits 3.
@@ -40,6 +43,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
+import math
 import os
 import secrets
 import signal
@@ -215,6 +219,8 @@ def node_config(data: Path, name: str, epsilon: float, delta: float, ledger: Pat
         "max-colluders": policy.max_colluders,
         "max-update-clip": float(policy.max_update_clip), "federated-eval": policy.federated_eval,
     }
+    if math.isfinite(policy.max_run_epsilon):  # unset: the site's total caps a run
+        values["max-run-epsilon"] = float(policy.max_run_epsilon)
     if identity_key is not None:
         values["identity-key"] = str(identity_key)
     if peers is not None:
@@ -314,7 +320,9 @@ def _policy(args: argparse.Namespace, labels: tuple[str, ...]) -> SitePolicy:
                       max_colluders=args.max_colluders, max_update_clip=args.max_update_clip,
                       federated_eval=args.federated_eval,
                       allowed_models=tuple(args.allow_model or SitePolicy().allowed_models),
-                      labels=labels)
+                      labels=labels,
+                      max_run_epsilon=(math.inf if args.max_run_epsilon is None
+                                       else args.max_run_epsilon))
 
 
 def _labels(text: str) -> tuple[str, ...]:
@@ -361,9 +369,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_ledger_files(parser)
     parser.add_argument("--epsilon", type=float, default=8.0,
                         help="the site's total privacy budget epsilon over all runs, record level "
-                             "(positive; default: %(default)s)")
+                             "(positive; default: %(default)s). Each run asks for its share (its "
+                             "config's epsilon) and is refused when less is left. Fixed in the "
+                             "ledger when it is made; raise it on purpose with `fedseal ledger "
+                             "raise`, then start the agent with the new value")
     parser.add_argument("--delta", type=float, default=1e-5,
-                        help="the site's privacy budget delta, in (0, 1) (default: %(default)s)")
+                        help="the site's total privacy budget delta over all runs, in (0, 1) "
+                             "(default: %(default)s). Each run gets at most its epsilon's share "
+                             "of the delta left, so the runs' deltas add up to no more; raised "
+                             "like --epsilon")
     parser.add_argument("--device", choices=CHOICES["device"], default="auto",
                         help="where this site trains: auto (CUDA when present, else CPU), cpu or "
                              "cuda (default: %(default)s)")
@@ -398,6 +412,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "folder of this machine); repeat for several (default: default, the "
                              "packaged all-MiniLM-L6-v2). Any other model is refused before any "
                              "file is touched")
+    policy.add_argument("--max-run-epsilon", type=float, metavar="E",
+                        help="most epsilon one run may ask for out of the site's total; a run "
+                             "asking more is refused (positive; default: the total, so a run "
+                             "may ask for all that is left: the stock run asks for 8 of the "
+                             "stock total 8; set it lower to make the total last several runs)")
     policy.add_argument("--federated-eval", choices=FEDERATED_EVAL_MODES,
                         default=defaults.federated_eval,
                         help="on: score the server's model on this site's data when a run asks; "
@@ -446,9 +465,15 @@ def _run(args: argparse.Namespace) -> int:
         raise AgentError(f"--ledger {args.ledger}: folder {ledger_path.parent} does not exist")
     ledger_key = args.ledger_key.resolve()
     ledger = PrivacyLedger.open(ledger_path, name, args.epsilon, args.delta, key_path=ledger_key)
-    log.info("site %s: ledger %s, spent epsilon %.3f of %g and delta %.3g over %d job(s) (target "
-             "delta %g per job)", name, ledger_path, ledger.epsilon_spent(), args.epsilon,
-             ledger.delta_spent(), len({e.run for e in ledger.entries}), args.delta)
+    left = ledger.remaining()
+    log.info("site %s: ledger %s, total epsilon %g, delta %g; %d job(s) spent epsilon %.4g, "
+             "delta %.3g; left for new runs: epsilon %.4g, delta %.3g (fedseal ledger show)",
+             name, ledger_path, args.epsilon, args.delta, len(ledger.jobs()),
+             ledger.epsilon_spent(), ledger.delta_spent(), max(left.epsilon, 0.0),
+             max(left.delta, 0.0))
+    if left.epsilon <= 0 or left.delta <= 0:
+        log.warning("site %s: nothing is left of its budget: it will refuse every new run "
+                    "until the total is raised (fedseal ledger raise)", name)
     log.info("site %s: policy %s; runs only fedseal code %s", name, policy,
              manifest_digest(installed_manifest())[:16])
     probe_server(host, port, None if args.insecure else args.ca.resolve(), args.wait)

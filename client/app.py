@@ -41,13 +41,14 @@ from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedseal.client import once, secagg
-from fedseal.client.ledger import PrivacyLedger
+from fedseal.client.budget import grant
+from fedseal.client.ledger import Budget, PrivacyLedger
 from fedseal.client.pending import PendingUpdate, held, hold, pending_path, release
 from fedseal.client.policy import check_evaluate, check_train
 from fedseal.client.reply import (answered, evaluate_reply, message_config, message_round,
                                   train_reply)
 from fedseal.client.site import SiteSettings, feature_cache, ledger_path, site_settings
-from fedseal.client.spend import commit_round, other_jobs_epsilon, steps_done
+from fedseal.client.spend import commit_round, steps_done
 from fedseal.common import secagg_wire
 from fedseal.common.config import FedConfig
 from fedseal.common.data import Examples, read_examples
@@ -154,17 +155,18 @@ def _calibrated(context: Context, cfg: FedConfig, rec: Recipe, steps: int, bucke
 
 def _plan(context: Context, cfg: FedConfig, rec: Recipe, site: SiteSettings, bucket: int,
           ledger: PrivacyLedger | None, job: str, after_steps: int) -> "DPPlan":
-    """This job's DP plan, checked to cover ``after_steps`` steps within the site's budget."""
+    """This job's DP plan, calibrated to its grant (:func:`fedseal.client.budget.grant`) and
+    checked to cover ``after_steps`` steps; the plan's ``delta`` is the grant's."""
     from fedseal.common.privacy import epsilon_spent
 
-    other = other_jobs_epsilon(ledger, job)
-    budget = site.epsilon - other
-    if budget <= 0:
-        raise Refusal(Code.BUDGET_EXHAUSTED, f"earlier runs spent epsilon {other:.3f} of the "
-                      f"site's budget {site.epsilon}; nothing is left for this run",
-                      remaining=max(budget, 0.0))
-    plan = _calibrated(context, cfg, rec, _planned_steps(cfg, rec, site), bucket, budget,
-                       site.delta)
+    planned = _planned_steps(cfg, rec, site)
+
+    def calibrate(epsilon: float, delta: float) -> "DPPlan":
+        return _calibrated(context, cfg, rec, planned, bucket, epsilon, delta)
+
+    granted = grant(ledger, job, cfg.epsilon, cfg.delta, site.policy,
+                    Budget(site.epsilon, site.delta), check=calibrate)
+    plan = calibrate(granted.epsilon, granted.delta)
     recorded = ledger.plan_of(job) if ledger else None
     if recorded and not np.allclose(recorded, (plan.noise_multiplier, plan.sample_rate),
                                     rtol=1e-9, atol=0):
@@ -173,11 +175,11 @@ def _plan(context: Context, cfg: FedConfig, rec: Recipe, site: SiteSettings, buc
                       f"rate {recorded[1]:.5f}, now {plan.noise_multiplier:.4f} and "
                       f"{plan.sample_rate:.5f} (rounds, local steps, batch size or the data "
                       "changed): the calibration cannot change mid-run; start a new run")
-    after = epsilon_spent(plan.noise_multiplier, plan.sample_rate, after_steps, site.delta,
+    after = epsilon_spent(plan.noise_multiplier, plan.sample_rate, after_steps, granted.delta,
                           plan.accountant)
-    if other + after > site.epsilon * (1 + 1e-9):
-        raise Refusal(Code.BUDGET_ROUND, f"this step would bring epsilon to {other + after:.3f}, "
-                      f"over the site's budget of {site.epsilon}", remaining=max(budget, 0.0))
+    if after > granted.epsilon:
+        raise Refusal(Code.BUDGET_ROUND, f"this step would bring job {job}'s epsilon to "
+                      f"{after:.3f}, over its grant of {granted.epsilon:g} at this site")
     return plan
 
 
@@ -255,14 +257,14 @@ def _train(msg: Message, context: Context) -> Message:
         if is_vote_round(cfg, server_round):
             update = to_votes(update)
         update = {k: weight * v for k, v in update.items()}
-        job_epsilon = (epsilon_spent(plan.noise_multiplier, plan.sample_rate, steps, site.delta,
+        job_epsilon = (epsilon_spent(plan.noise_multiplier, plan.sample_rate, steps, plan.delta,
                                      plan.accountant) if plan else None)
         noise, rate = (plan.noise_multiplier, plan.sample_rate) if plan else (0.0, 0.0)
         if pending_file is not None:
             hold(pending_file, PendingUpdate(job, server_round, digest, update, weight, steps,
                                              job_epsilon, noise, rate))
         committed = commit_round(site.name, ledger, context, job, server_round, steps,
-                                 job_epsilon, site.delta, update, weight,
+                                 job_epsilon, plan.delta if plan else site.delta, update, weight,
                                  noise_multiplier=noise, sample_rate=rate)
     once.remember(context, TRAINED, None, once.done(context, TRAINED, None) | {(job, server_round)})
     # The training loss stays here: it is computed from the records without noise.
@@ -333,9 +335,10 @@ def evaluate_site(msg: Message, context: Context) -> Message:
              else None)
     scores = release_scores(*example_scores(model, data, cfg.eval_batch_size, device, feats),
                             plan)
-    job_epsilon = (epsilon_spent(plan.noise_multiplier, plan.sample_rate, steps, site.delta,
+    job_epsilon = (epsilon_spent(plan.noise_multiplier, plan.sample_rate, steps, plan.delta,
                                  plan.accountant) if plan else None)
     noise, rate = (plan.noise_multiplier, plan.sample_rate) if plan else (0.0, 0.0)
     committed = commit_round(site.name, ledger, context, job, server_round, steps, job_epsilon,
-                             site.delta, {}, 0.0, noise_multiplier=noise, sample_rate=rate)
+                             plan.delta if plan else site.delta, {}, 0.0,
+                             noise_multiplier=noise, sample_rate=rate)
     return evaluate_reply(msg, site, committed, scores)

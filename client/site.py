@@ -4,7 +4,8 @@ In a deployment these come from the SuperNode's node config, written by
 ``fedseal client`` from the site operator's own flags, never from the server:
 
 ``data-path``, ``site-name``, ``epsilon``, ``delta``, ``ledger-path``, ``device``
-    the site's data file, name, total budget, ledger and device;
+    the site's data file, name, total budget over all jobs (the ledger holds
+    it; ``fedseal ledger raise`` changes it), ledger and device;
 ``ledger-key``
     the site's ledger key, kept apart from the ledger (:mod:`fedseal.client.ledger_seal`);
 ``identity-key``
@@ -18,7 +19,7 @@ In a deployment these come from the SuperNode's node config, written by
     only its own files: a site never reads its data with columns a server chose);
 ``require-dp``, ``require-secagg``, ``min-cohort``, ``min-secagg-k``,
 ``min-secagg-threshold``, ``max-colluders``, ``max-update-clip``, ``federated-eval``,
-``allow-model``, ``labels``
+``allow-model``, ``labels``, ``max-run-epsilon``
     the site's :class:`SitePolicy`: what it demands of any run before it trains.
 
 In a simulation every virtual site reads the file the simulation wrote for its
@@ -29,6 +30,7 @@ plays every site, so the run's own settings are the sites' policy there
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
@@ -80,6 +82,13 @@ class SitePolicy:
         labels must be this set. Empty: not declared (a deployed site declares
         it at start; :func:`fedseal.client.agent` refuses to start otherwise).
         A refusal says only that the sets differ, never which label the site has.
+    max_run_epsilon : float
+        Most epsilon one run may ask for (its config's ``epsilon``) out of the
+        site's total. The default, infinity, caps a run at what is left of the
+        total and no lower: the stock run asks for epsilon 8, the stock total
+        is 8, and a lower default would refuse it at every site that kept the
+        defaults. A site that wants its total to last several runs sets it
+        lower (``--max-run-epsilon``).
     """
 
     require_dp: bool = True
@@ -92,6 +101,7 @@ class SitePolicy:
     federated_eval: str = "off"
     allowed_models: tuple[str, ...] = ("default",)
     labels: tuple[str, ...] = ()
+    max_run_epsilon: float = math.inf
 
     def __post_init__(self) -> None:
         """Reject a policy that cannot protect anything."""
@@ -110,6 +120,8 @@ class SitePolicy:
                 "raise --min-cohort or lower --max-colluders")
         if not self.max_update_clip > 0:
             raise ConfigError(f"max-update-clip must be positive, got {self.max_update_clip}")
+        if not self.max_run_epsilon > 0:
+            raise ConfigError(f"max-run-epsilon must be positive, got {self.max_run_epsilon}")
         if self.federated_eval not in FEDERATED_EVAL_MODES:
             raise ConfigError(f"federated-eval must be one of {', '.join(FEDERATED_EVAL_MODES)}, "
                               f"got {self.federated_eval!r}")

@@ -93,9 +93,10 @@ def commit_round(site: str, ledger: PrivacyLedger | None, context: Context, job:
     ``job_epsilon`` is the job's cumulative epsilon after ``steps`` steps, or
     None for a round trained without differential privacy (nothing to record
     in the ledger; the reply then says the round was not private);
-    ``job_delta`` is the job's delta. ``update`` and ``weight`` are what the
-    reply may send; the steps go to the run's ``Context.state`` only when
-    there is no ledger.
+    ``job_delta`` is the job's delta where there is no ledger (with one, the
+    ledger records the job's granted delta). ``update`` and ``weight`` are
+    what the reply may send; the steps go to the run's ``Context.state`` only
+    when there is no ledger.
 
     Raises
     ------
@@ -105,7 +106,7 @@ def commit_round(site: str, ledger: PrivacyLedger | None, context: Context, job:
     private = job_epsilon is not None
     if private and ledger is not None:
         ledger.record(job, round, steps, job_epsilon, noise_multiplier=noise_multiplier,
-                      sample_rate=sample_rate, delta=job_delta)
+                      sample_rate=sample_rate)
     if ledger is None:
         context.state[PROGRESS] = MetricRecord({"steps": steps})
     epsilon = other_jobs_epsilon(ledger, job) + job_epsilon if private else float("inf")

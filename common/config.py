@@ -241,7 +241,8 @@ HELP: dict[str, str] = {
     "device": "where sites train: auto (CUDA when present, else CPU), cpu or cuda",
     # Differential privacy
     "dp": "train with DP-SGD (--no-dp: no privacy, for baselines; every output says NON-PRIVATE)",
-    "epsilon": "privacy budget epsilon per site, record level, for the whole run (positive)",
+    "epsilon": "privacy budget epsilon per site, record level, for the whole run (positive); a "
+               "deployed site grants it out of its own total (fedseal client --epsilon)",
     "delta": "privacy budget delta per site, in (0, 1); 1e-5 is usual",
     "max_grad_norm": "per-example gradient clip, an L2 norm (positive number) or auto: from the "
                      "rule in common/dp_rule.py",

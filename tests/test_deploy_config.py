@@ -132,7 +132,7 @@ def test_node_config_reaches_the_client_app_intact(tmp_path):
     data = tmp_path / 'site "a" data.csv'
     policy = SitePolicy(require_secagg=False, min_cohort=4, min_secagg_k=3,
                         min_secagg_threshold=3, max_colluders=2, max_update_clip=2.5,
-                        federated_eval="on")
+                        federated_eval="on", max_run_epsilon=2.0)
     values = node_config(data, "alpha", 7.5, 1e-6, tmp_path / "ledger.json",
                          tmp_path / "keys" / "ledger.key", "cpu", policy,
                          tmp_path / "alpha.key", tmp_path / "peers.txt")

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 import fedseal.client.secagg as client_secagg
 from fedseal.client.reply import message_round
 from fedseal.client.site import simulation_site_file, site_settings
+from fedseal.common import egress
 from fedseal.common.config import FedConfig
 from fedseal.common.model import build_model, trainable_state
 from fedseal.common.records import (config_to_record, flatten, record_to_config, state_to_record,
@@ -86,9 +87,11 @@ class QuickGrid(LocalGrid):
         update = self.rng.normal(0, 0.3, size=length)
         keys = client_secagg.begin_round(msg, context, cfg, site, job, server_round, update, 1.0)
         self.recorder.by_node[context.node_id] = self.recorder.pending.pop()
-        metrics = MetricRecord({"epsilon": -1.0, "delta": -1.0})
-        return Message(RecordDict({RECORD: keys, "metrics": metrics,
-                                   "status": ConfigRecord({"site": site.name})}), reply_to=msg)
+        metrics = {"epsilon": -1.0, "delta": -1.0, "steps": 0, "noise-multiplier": 0.0,
+                   "sample-rate": 0.0}
+        return egress.build(egress.SECAGG_ADVERT, msg, {RECORD: keys, "metrics": metrics,
+                                                        "status": {"site": site.name,
+                                                                   "private": False}})
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
