@@ -250,7 +250,7 @@ def _train(msg: Message, context: Context) -> Message:
         if result.count is not None:  # the statistics round: weighted by its (DP) count
             weight = stats_weight(result.count, cfg)
         local_state = to_numpy_state(trainable_state(model))
-        update = {k: local_state[k] - global_state[k] for k in global_state}
+        update = {k: local_state[k] - global_state[k] for k in template if k in global_state}
         if not all(np.isfinite(v).all() for v in update.values()):
             raise Refusal(Code.TRAIN_DIVERGED, "local training diverged (NaN/inf in the "
                           "update); lower --lr or --max-grad-norm")

@@ -28,9 +28,10 @@ from torch.utils.data import TensorDataset
 
 from fedseal.client.trainer import fresh_generator
 from fedseal.common.batches import predict
+from fedseal.common.egress import EVAL_LOSS_CLIP
 from fedseal.common.privacy import DPPlan
 
-LOSS_CLIP = 5.0
+LOSS_CLIP = EVAL_LOSS_CLIP
 """A single example's cross-entropy counts as at most this (a confident mistake)."""
 ROW_PARTS = 3
 

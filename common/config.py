@@ -110,6 +110,7 @@ class FedConfig:
     eval_batch_size: int = 128
     eval_max_examples: int | str = ALL
     tensorboard: str = ""  # folder for TensorBoard event files; empty: off
+    roster: str = ""  # the admitted sites' public keys (NAME.pub); set by fedseal server
 
     def __post_init__(self) -> None:
         """Check every value; raise :class:`ConfigError` naming what to change."""
@@ -272,6 +273,9 @@ HELP: dict[str, str] = {
                          "the whole file",
     "tensorboard": "folder for TensorBoard event files of the per-round scalars "
                    "(tensorboard --logdir DIR); empty: off",
+    "roster": "folder of the admitted sites' public keys (NAME.pub): the server names each site "
+              "by the key it authenticated with (fedseal server sets it); empty: each site's "
+              "first reply names it (a simulation)",
 }
 """One help text per setting: what it does, its allowed values and unit (the CLI shows these)."""
 

@@ -73,6 +73,10 @@ MIN_STEPS_PER_ROUND = 20
 PROBE_CLIP = 1.0
 PROBE_LR = 16.0
 PROBE_MOMENTUM = 0.9
+FEATURE_MEAN_KEY = "feature_mean"
+"""The probe's feature mean: set by the statistics round, never trained."""
+HEAD_WEIGHT_KEY = "classifier.weight"
+"""The probe's head weights: what its training rounds train."""
 PRIOR_KEY = "classifier.bias"
 """The head's bias: a site's label proportions in the statistics round, the log prior after it."""
 PRIOR_FLOOR = 0.1
@@ -193,5 +197,5 @@ def recipe(cfg: FedConfig, bucket: int) -> Recipe:
                   source)
 
 
-__all__ = ["PRIOR_FLOOR", "PRIOR_KEY", "Recipe", "check_bucket", "prior_bias", "recipe",
+__all__ = ["FEATURE_MEAN_KEY", "HEAD_WEIGHT_KEY", "PRIOR_FLOOR", "PRIOR_KEY", "Recipe", "check_bucket", "prior_bias", "recipe",
            "size_bucket", "stats_rounds"]

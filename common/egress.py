@@ -65,6 +65,9 @@ class Form(StrEnum):
 
 _RECORD_OF = {Form.FLOAT: "metric", Form.COUNT: "metric", Form.FLAG: "config", Form.TEXT: "config",
               Form.BYTES: "config", Form.ARRAYS: "array", Form.RING: "array"}
+EVAL_LOSS_CLIP = 5.0
+"""Federated evaluation counts one example's cross-entropy as at most this (a confident
+mistake), so its loss lies in ``[0, EVAL_LOSS_CLIP]`` (:mod:`fedseal.client.evaluation`)."""
 MAX_TEXT = 200
 """The longest text a reply field may hold."""
 MAX_BYTES = 1 << 26
@@ -81,6 +84,7 @@ class Field:
     kind: Kind
     why: str
     required: bool = True
+    bounds: tuple[float, float] | None = None  # a number outside is a reply no honest site sends
 
 
 @dataclass(frozen=True)
@@ -141,14 +145,17 @@ _PLAN = (
     Field(METRICS, "epsilon", Form.FLOAT, Kind.PUBLIC,
           "the site's total epsilon after this round: the accountant applied to the plan's "
           "(noise, rate, steps), which depend on the data only through its size bucket, plus "
-          "other jobs' recorded spend"),
-    Field(METRICS, "delta", Form.FLOAT, Kind.PUBLIC, "the site's total delta: the ledger's grants"),
+          "other jobs' recorded spend (-1: the run is not private)", bounds=(-1.0, math.inf)),
+    Field(METRICS, "delta", Form.FLOAT, Kind.PUBLIC, "the site's total delta: the ledger's grants",
+          bounds=(-1.0, 1.0)),
     Field(METRICS, "steps", Form.COUNT, Kind.PUBLIC,
           "DP steps this job has taken at the site: set by the rule from rounds, not data"),
     Field(METRICS, "noise-multiplier", Form.FLOAT, Kind.PUBLIC,
-          "the job's calibrated noise: a function of the budget, steps and sampling rate"),
+          "the job's calibrated noise: a function of the budget, steps and sampling rate",
+          bounds=(0.0, math.inf)),
     Field(METRICS, "sample-rate", Form.FLOAT, Kind.PUBLIC,
-          "the job's Poisson rate: set from the site's size bucket, not its exact count"),
+          "the job's Poisson rate: set from the site's size bucket, not its exact count",
+          bounds=(0.0, 1.0)),
 )
 
 
@@ -205,8 +212,11 @@ SECAGG_UNMASK = ReplyType("secagg.unmask", (
 ))
 EVALUATION = ReplyType("evaluation", (
     Field(METRICS, "accuracy", Form.FLOAT, Kind.RELEASE,
-          "noisy correct count over noisy count: one step of the sampled Gaussian mechanism"),
-    Field(METRICS, "loss", Form.FLOAT, Kind.RELEASE, "noisy clipped loss sum of the same step"),
+          "noisy correct count over noisy count: one step of the sampled Gaussian mechanism",
+          bounds=(0.0, 1.0)),
+    Field(METRICS, "loss", Form.FLOAT, Kind.RELEASE,
+          "noisy clipped loss sum of the same step over the noisy count",
+          bounds=(0.0, EVAL_LOSS_CLIP)),
     *_PLAN, _SITE, _PRIVATE,
 ))
 def train_reply_type(cfg: FedConfig, server_round: int) -> ReplyType:
@@ -324,8 +334,8 @@ def parse(reply_type: ReplyType, reply: Message, *,
     ------
     ReplyError
         With a reason code (:data:`REPLY_MISSING`, :data:`REPLY_EXTRA`,
-        :data:`REPLY_FORM`, :data:`REPLY_NONFINITE`, :data:`REPLY_ERROR`) on the
-        first departure; the server drops the reply and names the code.
+        :data:`REPLY_FORM`, :data:`REPLY_NONFINITE`, :data:`REPLY_RANGE`,
+        :data:`REPLY_ERROR`) on the first departure; the server drops the reply and names the code.
     """
     if reply.has_error():
         raise ReplyError(REPLY_ERROR, f"error reply (code {reply.error.code})")
@@ -379,6 +389,9 @@ def _scalar_in(fld: Field, value: Any) -> Any:
             raise ReplyError(REPLY_FORM, f"{where} is a {type(value).__name__}, not a number")
         if not math.isfinite(value):
             raise ReplyError(REPLY_NONFINITE, f"{where} is not finite")
+        if fld.bounds is not None and not fld.bounds[0] <= value <= fld.bounds[1]:
+            raise ReplyError(REPLY_RANGE, f"{where} = {value:g} is outside "
+                                          f"[{fld.bounds[0]:g}, {fld.bounds[1]:g}]")
         return float(value)
     if fld.form is Form.COUNT:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -139,19 +139,18 @@ def triage(replies: Iterable[Message], sums: RoundSums, reply_type: egress.Reply
 def sum_plain(replies: Iterable[Message], template: Mapping[str, np.ndarray],
               sums: RoundSums, reply_type: egress.ReplyType, names: SiteNames,
               weights: tuple[float, float], clip: float) -> RoundSums:
-    """Add each reply's weighted update in the clear (secure aggregation off).
+    """Add the replies' weighted updates in the clear (secure aggregation off), robustly.
 
     Every reply is parsed against ``reply_type`` and ``template`` first
-    (:func:`fedseal.common.egress.parse`). A reply whose weight lies outside
+    (:func:`fedseal.common.egress.parse`); one whose weight lies outside
     ``weights`` (the round's :func:`fedseal.common.weights.weight_range`) is
-    dropped: no honest site sends it, and one site claiming a weight of 1e9
-    would make the mean its own update. Every entry is clipped to
-    ``[-w * clip, w * clip]`` for the reply's weight ``w`` (``clip`` is the
-    round's bound, :func:`fedseal.common.vote.round_clip`): an honest site's
-    entries are ``w`` times an update within the bound, so a site claiming a
-    small weight gets no more say than that weight gives it.
+    dropped and named. The server sees each site here, so it bounds what one
+    site can do (:func:`robust_sum`): weights count at most the round's median
+    weight, entries are clipped to the weight times ``clip`` (the round's
+    bound, :func:`fedseal.common.vote.round_clip`), and a vote round's scale
+    entry is the sites' median.
     """
-    total = {k: np.zeros(v.shape, dtype=np.float64) for k, v in template.items()}
+    parsed: list[tuple[str, dict[str, np.ndarray], float]] = []
     for reply in triage(replies, sums, reply_type, names):
         site = names.of(reply)
         try:
@@ -167,10 +166,48 @@ def sum_plain(replies: Iterable[Message], template: Mapping[str, np.ndarray],
             log.warning("dropping the reply of site %s: %s", site, exc)
             continue
         sums.bytes_received += message_bytes(reply.content)
-        for k in total:
-            total[k] += np.clip(update[k], -weight * clip, weight * clip)
-        sums.weight_sum += weight
-        sums.contributors.append(site)
-    sums.update_sum = total if sums.contributors else None
+        parsed.append((site, update, weight))
+    if parsed:
+        sums.update_sum, sums.weight_sum = robust_sum([(u, w) for _, u, w in parsed], clip)
+        sums.contributors = [site for site, _, _ in parsed]
     sums.clip = clip
     return sums
+
+
+def robust_sum(updates: list[tuple[Mapping[str, np.ndarray], float]],
+               clip: float) -> tuple[dict[str, np.ndarray], float]:
+    """``(sum of w' * update, sum of w')`` over sites' weighted updates ``w * update``.
+
+    What one site of ``m`` can do to the mean is bounded, whatever it sends:
+
+    * its weight counts as at most the median weight ``med`` of the round
+      (``w' = min(w, med)``, its entries scaled by ``w' / w``): a site claiming
+      the largest weight gets no more say than the median site;
+    * each entry is clipped to ``[-w' * clip, w' * clip]``: a mean coordinate
+      moves by at most ``2 * clip * w' / sum(w')``, that is ``2 * clip / m`` with
+      equal weights and ``2 * clip / ceil(m / 2)`` whatever the weights (at
+      least ``ceil(m / 2) - 1`` other sites count ``med`` each);
+    * a vote round's scale entry (:data:`fedseal.common.vote.SCALE_KEY`) is the
+      median of the sites' entries (each over its own weight), not their mean: with
+      ``m >= 3`` one site cannot move the step's scale outside the range of the
+      other sites' scales.
+    """
+    from fedseal.common.vote import SCALE_KEY
+
+    med = float(np.median([w for _, w in updates]))
+    total: dict[str, np.ndarray] = {}
+    weight_sum = 0.0
+    scales = []
+    for update, weight in updates:
+        counted = min(weight, med)
+        for k, v in update.items():
+            entry = np.clip(np.asarray(v, dtype=np.float64) * (counted / weight),
+                            -counted * clip, counted * clip)
+            total[k] = total.get(k, 0.0) + entry
+        if SCALE_KEY in update:
+            scales.append(float(np.clip(np.asarray(update[SCALE_KEY]).reshape(-1)[0] / weight,
+                                        -clip, clip)))
+        weight_sum += counted
+    if scales:
+        total[SCALE_KEY] = np.array([float(np.median(scales)) * weight_sum])
+    return total, weight_sum

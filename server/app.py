@@ -47,7 +47,7 @@ from fedseal.common import egress
 from fedseal.common.egress import train_reply_type
 from fedseal.common.refusals import describe
 from fedseal.server.aggregate import RoundSums, error_reason, send, sum_plain
-from fedseal.server.identity import SiteNames
+from fedseal.server.identity import SiteNames, admitted_keys, names_from_nodes
 from fedseal.server.checkpoint import (GROWABLE_KEYS, CheckpointError, check_resume_config,
                                load_checkpoint, save_checkpoint)
 from fedseal.server.metrics import NON_PRIVATE, MetricsLog, TensorBoardLog, eta_seconds, progress_line
@@ -185,6 +185,7 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
                             settings=cfg.to_dict()) if cfg.tensorboard else None)
     logits = None  # the last round's, for the confusion matrix
     names = SiteNames()
+    admitted = admitted_keys(cfg.roster) if cfg.roster else {}
     if done >= cfg.rounds:
         detail.info("all %d rounds were already completed; saving the model", cfg.rounds)
     for server_round in range(done + 1, cfg.rounds + 1):
@@ -193,6 +194,8 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
         # the timeout); later rounds go on with whoever is connected.
         want = cfg.clients if server_round == done + 1 else cfg.min_clients
         nodes = sample_sites(wait_for_sites(grid, cfg, want), cfg, server_round)
+        if admitted:
+            names.authenticate(names_from_nodes(grid.get_nodes(), admitted))
         detail.info("round %d/%d: %d site(s) training", server_round, cfg.rounds, len(nodes))
         content = RecordDict({"global": state_to_record(weights),
                               "config": config_to_record(cfg, **{ROUND_KEY: server_round,

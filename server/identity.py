@@ -20,6 +20,7 @@ So no site can write its records under another's name.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Iterable, Mapping
 
 from flwr.app import Message
@@ -39,8 +40,15 @@ class SiteNames:
     """
 
     def __init__(self, authenticated: Mapping[int, str] | None = None) -> None:
-        self._names: dict[int, str] = dict(authenticated or {})
-        self._fixed = set(self._names)
+        self._names: dict[int, str] = {}
+        self.authenticate(authenticated or {})
+
+    def authenticate(self, names: Mapping[int, str]) -> None:
+        """Bind ``node id -> name`` as the transport vouches for it (overrides any claim)."""
+        for node, name in names.items():
+            for other in [n for n, v in self._names.items() if v == name and n != node]:
+                del self._names[other]  # a claim of an authenticated name was a lie
+            self._names[node] = name
 
     def name(self, node: int) -> str:
         """The node's label: its bound name, else ``node <id>``."""
@@ -85,18 +93,45 @@ def _claimed(reply: Message) -> str | None:
     return name if isinstance(name, str) and 0 < len(name) <= egress.MAX_TEXT else None
 
 
-def names_from_nodes(nodes: Iterable[object], admitted: Mapping[bytes, str]) -> dict[int, str]:
-    """``node id -> name`` for the nodes whose authenticated public key is an admitted one.
+def admitted_keys(roster: str | Path) -> dict[bytes, str]:
+    """``DER public key -> site name`` for every ``NAME.pub`` (OpenSSH) in the roster folder."""
+    from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
-    ``nodes`` are Flower ``NodeInfo`` records (``node_id``, ``public_key``);
-    ``admitted`` maps a public key's bytes to the site name it was admitted under.
-    """
     out = {}
-    for info in nodes:
-        key = bytes(getattr(info, "public_key", b"") or b"")
-        if key in admitted:
-            out[int(getattr(info, "node_id"))] = admitted[key]
+    for path in sorted(Path(roster).glob("*.pub")):
+        try:
+            key = load_ssh_public_key(path.read_bytes().strip())
+        except (ValueError, OSError) as exc:
+            log.warning("ignoring the unreadable site key %s (%s)", path, exc)
+            continue
+        out[_der(key)] = path.stem
     return out
 
 
-__all__ = ["SiteNames", "names_from_nodes"]
+def names_from_nodes(nodes: Iterable[object], admitted: Mapping[bytes, str]) -> dict[int, str]:
+    """``node id -> name`` for the nodes whose authenticated public key is an admitted one.
+
+    ``nodes`` are Flower ``NodeInfo`` records (``node_id``, ``public_key`` as PEM,
+    as the SuperLink stores it); ``admitted`` is :func:`admitted_keys`.
+    """
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    out = {}
+    for info in nodes:
+        pem = bytes(getattr(info, "public_key", b"") or b"")
+        try:
+            der = _der(load_pem_public_key(pem)) if pem else b""
+        except ValueError:
+            continue
+        if der in admitted:
+            out[int(getattr(info, "node_id"))] = admitted[der]
+    return out
+
+
+def _der(key: object) -> bytes:
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    return key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)  # type: ignore[attr-defined]
+
+
+__all__ = ["SiteNames", "admitted_keys", "names_from_nodes"]
