@@ -152,19 +152,21 @@ def test_composition_and_empty_histories() -> None:
 
 
 def test_calibration_finds_the_smallest_noise() -> None:
-    q, steps, target = 0.25, 60, 3.0
+    q, steps, target = 0.25, 20, 3.0
     z = calibrate_noise_multiplier(target, DELTA, q, steps)
     assert epsilon_spent([DdgSteps(_large(z), q, steps)], DELTA) <= target
     assert epsilon_spent([DdgSteps(_large(z - 0.01), q, steps)], DELTA) > target
     # after a history, the remaining steps need more noise for the same total
-    earlier = [DdgSteps(_large(z), q, 20)]
+    earlier = [DdgSteps(_large(z), q, 5)]
     assert calibrate_noise_multiplier(target, DELTA, q, steps, earlier) > z
 
 
 def test_unreachable_targets_and_degenerate_mechanisms_are_refused() -> None:
     spent = [DdgSteps(_large(1.0), 1.0, 50)]  # epsilon about 40 already
-    with pytest.raises(DdpError, match="noise multiplier"):
+    with pytest.raises(DdpError, match="already spends"):
         calibrate_noise_multiplier(1.0, DELTA, 0.25, 10, spent)
+    with pytest.raises(DdpError, match="almost no noise"):
+        calibrate_noise_multiplier(1e4, DELTA, 0.25, 10)
     with pytest.raises(DdpError, match="r\\^2"):
         DdgMechanism(1.0, 4, 10.0, 8)  # 4 shares of scale 1 carry variance 4 < 9
     with pytest.raises(DdpError, match="honest_shares"):

@@ -68,6 +68,8 @@ from .errors import DdpError
 KERNEL_SCALE = 3.0
 """``r`` of fact B: costs ``r^2 = 9`` of the honest variance (ring units, where it is
 at least ``10^4`` in any usable encoding) and contributes ``omega(3) < 1e-77`` to ``kappa``."""
+MIN_NOISE_MULTIPLIER = 0.3
+"""Calibration does not go below this noise multiplier (see :func:`calibrate_noise_multiplier`)."""
 _OMEGA_TERMS = 64
 
 
@@ -218,13 +220,17 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate:
     Raises
     ------
     DdpError
-        If the inputs are out of range, or the noise multiplier would lie outside
-        ``[0.01, 10^6]`` (``history`` alone may already spend the target).
+        If the inputs are out of range, ``history`` alone already spends the target,
+        or the noise multiplier would lie outside ``[MIN_NOISE_MULTIPLIER, 10^6]``.
     """
     _check_delta(delta)
     if not (target_epsilon > 0 and steps >= 1 and 0.0 < sample_rate <= 1.0):
         raise DdpError(f"need a positive target epsilon, at least one step and a sampling "
                        f"rate in (0, 1], got {target_epsilon}, {steps} and {sample_rate}")
+    already = epsilon_spent(history, delta)
+    if already >= target_epsilon:
+        raise DdpError(f"the history already spends epsilon {already:.4g}, not below the target "
+                       f"{target_epsilon}: no noise multiplier reaches it")
     before = _events(history)
     shift = math.fsum(h.steps * h.mechanism.kappa for h in history if h.steps and h.sample_rate)
     target, at_delta = target_epsilon - 2.0 * shift, delta * math.exp(-shift)
@@ -235,19 +241,19 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate:
     def spent(z: float) -> float:
         return PLDAccountant().compose(event(z)).get_epsilon(at_delta)
 
-    # Bracket from z = 1 by doubling: the PLD of a tiny multiplier takes minutes.
+    # Bracket from z = 1 by doubling and halving; the PLD of a multiplier below
+    # MIN_NOISE_MULTIPLIER takes minutes, and no useful run needs one.
     low, high = 1.0, 1.0
     while spent(high) > target:
         low, high = high, 2.0 * high
         if high > 1e6:
             raise DdpError(f"epsilon {target_epsilon} at delta {delta} needs a noise multiplier "
-                           f"above 10^6 over {steps} steps at sampling rate {sample_rate} (the "
-                           "history may already spend it)")
+                           f"above 10^6 over {steps} steps at sampling rate {sample_rate}")
     while low == high or spent(low) <= target:
         low, high = low / 2.0, low
-        if low < 1e-2:
-            raise DdpError(f"epsilon {target_epsilon} is reached with almost no noise; "
-                           "calibration below a noise multiplier of 0.01 is not supported")
+        if low < MIN_NOISE_MULTIPLIER:
+            raise DdpError(f"epsilon {target_epsilon} is reached with a noise multiplier below "
+                           f"{MIN_NOISE_MULTIPLIER}, almost no noise; lower the target")
     z = calibrate_dp_mechanism(PLDAccountant, event, target, at_delta,
                                bracket_interval=ExplicitBracketInterval(low, high), tol=tolerance)
     return float(z)
