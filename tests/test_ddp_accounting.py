@@ -53,7 +53,7 @@ def test_a_sum_of_shares_is_within_the_bound_of_one_discrete_gaussian(sigma, sha
 
 @pytest.mark.parametrize("variance,r", [(4.0, 0.5), (9.0, 0.6), (3.0, 0.7)])
 def test_a_discrete_gaussian_is_a_noisy_rounding_of_a_continuous_one(variance, r) -> None:
-    """``K(y) = N_Z(y, r^2)`` applied to ``N(0, S^2 - r^2)`` is within exp(±theta') of ``N_Z(0, S^2)``."""
+    """``K(y) = N_Z(y, r^2)`` of ``N(0, S^2 - r^2)`` is within exp(±theta') of ``N_Z(0, S^2)``."""
     inner = math.sqrt(variance - r * r)
     lattice = np.arange(-60, 61)
 
@@ -134,7 +134,8 @@ def test_without_sampling_it_is_the_gaussian_closed_form(z, steps) -> None:
     mu = math.sqrt(steps) / z
 
     def gap(eps: float) -> float:
-        return stats.norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * stats.norm.cdf(-eps / mu - mu / 2) - DELTA
+        upper = stats.norm.cdf(-eps / mu + mu / 2)
+        return upper - math.exp(eps) * stats.norm.cdf(-eps / mu - mu / 2) - DELTA
 
     exact = optimize.brentq(gap, 0.0, 100.0, xtol=1e-12)
     ours = epsilon_spent([DdgSteps(_large(z), 1.0, steps)], DELTA)

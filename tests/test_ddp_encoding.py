@@ -234,7 +234,8 @@ def test_m_sites_sum_decodes_to_the_clipped_sum_plus_the_planned_noise() -> None
         records = rng.normal(size=(50, dim))
         records /= np.maximum(np.linalg.norm(records, axis=1, keepdims=True) / clip, 1.0)
         sums.append(records.sum(axis=0))
-    shares = [encode_share(s, enc, SEED, NoiseRandom(bytes([10 + i]) * 32)) for i, s in enumerate(sums)]
+    shares = [encode_share(s, enc, SEED, NoiseRandom(bytes([10 + i]) * 32))
+              for i, s in enumerate(sums)]
     noise = decode_sum(_ring_sum(shares), enc, SEED, m) - sum(sums)
     var = m * enc.share_sigma ** 2 / enc.scale ** 2  # rotation keeps the per-coordinate variance
     rounding = m / 4 / enc.scale ** 2

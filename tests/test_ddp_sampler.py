@@ -102,7 +102,8 @@ def _chi_square(draws: np.ndarray, pmf) -> tuple[float, int]:
     expected = n * pmf(support)
     observed = np.array([np.count_nonzero(draws == k) for k in support], dtype=float)
     tail_exp = (n - expected.sum()) / 2
-    observed = np.append(observed, [np.count_nonzero(draws < -half), np.count_nonzero(draws > half)])
+    tails = [np.count_nonzero(draws < -half), np.count_nonzero(draws > half)]
+    observed = np.append(observed, tails)
     expected = np.append(expected, [tail_exp, tail_exp])
     return float(((observed - expected) ** 2 / expected).sum()), len(expected) - 1
 

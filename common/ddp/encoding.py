@@ -66,9 +66,13 @@ RING_BITS = 32
 RING_MAX = (1 << (RING_BITS - 1)) - 1
 """Largest signed value of the ring's two's-complement reading."""
 MAX_INFLATION = 1.01
-"""Most that rounding may inflate a record's sensitivity, ``(scale*clip + sqrt(d)) / (scale*clip)``."""
+"""Most rounding may add to a record's sensitivity: ``(scale*clip + sqrt(d)) / (scale*clip)``."""
 DEFAULT_WRAP_PROBABILITY = 2.0 ** -40
 _ROTATION_DOMAIN = b"fedseal ddp rotation v1\x00"
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def padded_dim(dim: int) -> int:
@@ -125,19 +129,17 @@ class Encoding:
     l2_sensitivity: float = field(init=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.dim, bool) or not isinstance(self.dim, (int, np.integer)) or self.dim < 1:
+        if not _is_int(self.dim) or self.dim < 1:
             raise DdpError(f"dim must be a positive integer, got {self.dim!r}")
         for name in ("clip", "sum_bound", "scale"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float, np.floating)) and math.isfinite(value)
                     and value > 0):
                 raise DdpError(f"{name} must be positive and finite, got {value!r}")
-        if isinstance(self.share_sigma, bool) or not isinstance(self.share_sigma, (int, np.integer)) \
-                or not 0 <= self.share_sigma <= MAX_SIGMA:
+        if not _is_int(self.share_sigma) or not 0 <= self.share_sigma <= MAX_SIGMA:
             raise DdpError(f"share_sigma must be an integer in [0, {MAX_SIGMA}], "
                            f"got {self.share_sigma!r}")
-        if isinstance(self.max_sites, bool) or not isinstance(self.max_sites, (int, np.integer)) \
-                or self.max_sites < 1:
+        if not _is_int(self.max_sites) or self.max_sites < 1:
             raise DdpError(f"max_sites must be a positive integer, got {self.max_sites!r}")
         if not 0.0 < self.wrap_probability < 1.0:
             raise DdpError(f"wrap_probability must lie in (0, 1), got {self.wrap_probability!r}")
@@ -147,9 +149,9 @@ class Encoding:
         object.__setattr__(self, "l2_sensitivity", l2)
         if self.ring_bound(int(self.max_sites)) > RING_MAX:
             raise DdpError(
-                f"the sum of {self.max_sites} shares can reach {self.ring_bound(self.max_sites):.3g}, "
-                f"beyond the ring's {RING_MAX}: lower scale or share_sigma (plan_encoding "
-                "picks a scale that fits)")
+                f"the sum of {self.max_sites} shares can reach "
+                f"{self.ring_bound(self.max_sites):.3g}, beyond the ring's {RING_MAX}: lower scale "
+                "or share_sigma (plan_encoding picks a scale that fits)")
 
     def ring_bound(self, sites: int) -> float:
         """Largest coordinate of an honest sum of ``sites`` shares, except with

@@ -201,7 +201,7 @@ def sample_discrete_laplace(t: int, size: int, rng: NoiseRandom) -> np.ndarray:
 
 
 def _accept(y: np.ndarray, sigma: int, rng: NoiseRandom) -> np.ndarray:
-    """CKS Algorithm 3's test with ``t = sigma``: ``Bernoulli(exp(-(|y| - sigma)^2 / (2 sigma^2)))``."""
+    """CKS Algorithm 3's test, ``t = sigma``: ``Bernoulli(exp(-(|y| - sigma)^2 / (2 sigma^2)))``."""
     den = 2 * sigma * sigma
     a = np.abs(y) - sigma
     small = np.abs(a) < _SMALL
@@ -241,8 +241,8 @@ def sample_discrete_gaussian(sigma: int, size: int, rng: NoiseRandom) -> np.ndar
     DdpError
         If ``sigma`` is not an integer in range or ``size`` is negative.
     """
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, np.integer)) \
-            or not 1 <= sigma <= MAX_SIGMA:
+    integral = isinstance(sigma, (int, np.integer)) and not isinstance(sigma, bool)
+    if not integral or not 1 <= sigma <= MAX_SIGMA:
         raise DdpError(f"the discrete Gaussian's scale must be an integer in [1, {MAX_SIGMA}], "
                        f"got {sigma!r}")
     if size < 0:
