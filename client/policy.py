@@ -187,14 +187,23 @@ def check_run(policy: SitePolicy, cfg: FedConfig) -> None:
 
 
 def check_evaluate(policy: SitePolicy, cfg: FedConfig) -> None:
-    """Refuse federated evaluation unless the site turned it on (and accepts the run)."""
+    """Refuse federated evaluation unless the site turned it on and the run planned it.
+
+    An answer is a step of the site's DP mechanism, budgeted only when the run's
+    config asks for federated evaluation (``federated-eval = true``); a run that
+    did not ask cannot spend the site's budget on it.
+    """
     check_run(policy, cfg)
+    if not cfg.federated_eval:
+        raise Refusal(Code.POLICY_FEDERATED_EVAL, "the run's config did not plan federated "
+                      "evaluation, so no step of this job's budget is set aside for it",
+                      setting="federated-eval", asked=False)
     if policy.federated_eval != "on":
         raise Refusal(
             Code.POLICY_FEDERATED_EVAL,
             "federated evaluation is off at this site (federated-eval = off): it would score "
             "the server's weights on the site's private data; the site operator can turn it on "
-            "with --federated-eval on", setting="federated-eval", limit="off")
+            "with --federated-eval on", setting="federated-eval", limit=False)
 
 
 __all__ = ["SIZE_LIMITS", "check_evaluate", "check_run", "check_train"]

@@ -142,7 +142,7 @@ def test_max_run_epsilon_must_be_positive_and_defaults_to_no_cap_below_the_total
     with pytest.raises(ConfigError, match="max-run-epsilon must be positive"):
         SitePolicy(max_run_epsilon=0.0)
     values = agent.node_config(Path("d"), "alpha", 8.0, 1e-5, Path("l"), Path("k"), "cpu",
-                               SitePolicy(), None, None)
+                               SitePolicy(), None, None, ("text", "label"))
     assert "max-run-epsilon" not in values  # unset: the total caps a run
 
 
@@ -151,7 +151,7 @@ def test_the_agent_started_with_another_total_says_to_raise_it(ledger, tmp_path,
     data.write_text("text,label\na fine film,positive\n")
     argv = ["--server", "127.0.0.1:1", "--insecure", "--data", str(data), "--ledger",
             str(ledger.path), "--ledger-key", str(ledger.key_path), "--name", "alpha",
-            "--wait", "0"]
+            "--wait", "0", "--text-column", "text", "--labels", "positive"]
     assert agent.main([*argv, "--epsilon", "16"]) == 2
     said = " ".join(capsys.readouterr().err.split())
     assert "fedseal ledger raise --ledger" in said and "--epsilon 16 --delta 1e-05" in said

@@ -313,7 +313,8 @@ def test_every_field_says_why_it_may_leave():
 KNOWN_TYPES = {  # name: sorted "record/key:form:kind" -- a change of the wire format fails here
     "refusal": ["refusal/asked:text:public", "refusal/code:text:public",
                 "refusal/limit:text:public", "refusal/remaining:text:public",
-                "refusal/round:text:public", "refusal/setting:text:public"],
+                "refusal/round:text:public", "refusal/setting:text:public",
+                "status/site:text:public"],
     "secagg.consistency": ["secagg/signature:bytes:protocol"],
     "secagg.masked_input": ["masked/y:ring:protocol", "secagg/complaints:bytes:protocol"],
 }

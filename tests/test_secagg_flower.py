@@ -248,7 +248,7 @@ def _flip_last(b: bytes) -> bytes:
 
 
 CASES = {
-    "no secagg record": (TRAIN, _record_dropped(RECORD), "no 'secagg'"),
+    "no secagg record": (TRAIN, _record_dropped(RECORD), "reply.missing"),
     "no metrics": (TRAIN, _record_dropped("metrics"), "metrics"),
     "31-byte key": (TRAIN, _field(ADVERT, lambda a: a[:80] + a[81:]), "bad keys"),
     "all-zero key": (TRAIN, _field(ADVERT, lambda a: a[:80] + bytes(32) + a[112:]), "bad keys"),
@@ -257,11 +257,11 @@ CASES = {
     "missing receiver": ("train.secagg_share_keys", _field(CIPHERTEXTS, _drop_one),
                          "addressed shares"),
     "shares as an integer": ("train.secagg_share_keys", _field(SHARES, lambda s: 5),
-                             "must be bytes"),
+                             "reply.form"),
     "masked as a ConfigRecord": ("train.secagg_masked_input", _masked_as_config,
-                                 "no 'masked' array record"),
+                                 "reply.form"),
     "no complaints field": ("train.secagg_masked_input", _field_dropped(COMPLAINTS),
-                            "'complaints' is missing"),
+                            "reply.missing"),
     "bad view signature": ("train.secagg_consistency", _field(SIGNATURE, _flip_last),
                            "does not verify"),
     "extra share": ("train.secagg_unmask", _field(B_SHARES, _extra_share), "does not hold"),
@@ -331,10 +331,10 @@ def test_any_mutated_record_field_drops_at_most_its_sender(setup, monkeypatch, s
     grid = QuickGrid(N, rec, mutate=mutate, seed=who)
     sums = secure_round(grid, grid.nodes, _content(cfg, weights), weights, cfg, RUN_ID, 1)
     assert not sums.abandoned, sums.abandoned
-    names = {f"site-{who}", str(grid.nodes[who])}  # without its status record it has no name
+    names = {f"site-{who}", f"node {grid.nodes[who]}"}  # without its status record: its node
     assert set(sums.failed) <= names, sums.failed
     node_of = {**{f"site-{i}": n for i, n in enumerate(grid.nodes)},
-               **{str(n): n for n in grid.nodes}}
+               **{f"node {n}": n for n in grid.nodes}}
     contributors = [node_of[name] for name in sums.contributors]
     expected, expected_w = _expected(cfg, rec.by_node, contributors)
     np.testing.assert_array_equal(flatten(sums.update_sum), expected.astype(np.float32))
@@ -400,7 +400,7 @@ def test_a_round_asked_again_is_not_unmasked_again(setup, monkeypatch):
     assert not first.abandoned
     again = secure_round(grid, grid.nodes, _content(cfg, weights), weights, cfg, RUN_ID, 1)
     assert again.update_sum is None and again.abandoned
-    assert all("already helped unmask round 1" in why for why in again.failed.values())
+    assert all("round.unmasked" in why for why in again.failed.values())
     assert len(again.failed) == N
     other_job = secure_round(grid, grid.nodes, _content(cfg, weights, job="job-2"), weights, cfg,
                              RUN_ID, 1)
@@ -439,41 +439,45 @@ def test_the_unmask_record_is_durable_beside_the_ledger(setup, monkeypatch, tmp_
     again = QuickGrid(N, rec, node_configs=configs)
     sums = secure_round(again, again.nodes, _content(cfg, weights, 4, job="job-d"), weights,
                         cfg, RUN_ID, 4)
-    assert sums.abandoned and all("already helped unmask" in v for v in sums.failed.values())
+    assert sums.abandoned and all("round.unmasked" in v for v in sums.failed.values())
     # a corrupted record makes the site refuse rather than guess
     (tmp_path / "d0.ledger.secagg-unmasked.json").write_text("{not json")
     third = QuickGrid(N, rec, node_configs=configs)
     sums = secure_round(third, third.nodes, _content(cfg, weights, 5, job="job-d"), weights,
                         cfg, RUN_ID, 5)
-    assert "unreadable" in sums.failed["site-0"] and len(sums.contributors) == N
+    assert "round.unmasked" in sums.failed["site-0"] and len(sums.contributors) == N
 
 
-def test_no_answer_leaves_a_site_whose_record_cannot_be_written(setup, monkeypatch, tmp_path):
+def test_no_answer_leaves_a_site_whose_record_cannot_be_written(setup, monkeypatch, tmp_path,
+                                                                caplog):
     """The record is written before the shares leave: if it cannot be, nothing leaves."""
     cfg, weights = setup
     rec = Recorder(monkeypatch)
     configs = _deployed(tmp_path, cfg)
     (tmp_path / "d1.ledger.secagg-unmasked.json").mkdir()  # not a writable file
     grid = QuickGrid(N, rec, node_configs=configs)
-    sums = secure_round(grid, grid.nodes, _content(cfg, weights), weights, cfg, RUN_ID, 1)
-    assert "dropped at secagg_unmask" in sums.failed["site-1"]
-    assert "Is a directory" in sums.failed["site-1"]  # the site says why it revealed nothing
+    with caplog.at_level("WARNING"):
+        sums = secure_round(grid, grid.nodes, _content(cfg, weights), weights, cfg, RUN_ID, 1)
+    assert "refused at secagg_unmask: round.unmasked" in sums.failed["site-1"]
+    assert "Is a directory" not in sums.failed["site-1"]  # the why stays at the site...
+    assert "Is a directory" in caplog.text  # ...in its own log
     assert not sums.abandoned  # the others finish without it
 
 
 # ---------------------------------------------- the site's policy, first
 @pytest.mark.parametrize("policy,secagg,reason", [
-    ({"min-cohort": N + 1}, {}, "min-cohort"),
-    ({"min-secagg-k": 4}, {"secagg_k": 2}, "min-secagg-k"),
-    ({"min-secagg-threshold": 4}, {"secagg_k": 2, "secagg_threshold": 2}, "min-secagg-threshold"),
-    ({"min-secagg-threshold": 5}, {}, "threshold of this round = 4"),  # auto: k = 4, t = 4
+    ({"min-cohort": N + 1}, {}, "policy.cohort: "),
+    ({"min-secagg-k": 4}, {"secagg_k": 2}, "policy.secagg_k: "),
+    ({"min-secagg-threshold": 4}, {"secagg_k": 2, "secagg_threshold": 2},
+     "policy.secagg_threshold: "),
+    ({"min-secagg-threshold": 5}, {}, "asked 4, limit 5"),  # auto: k = 4, t = 4
     ({"max-colluders": 1, "min-cohort": 3}, {"secagg_k": 2, "secagg_threshold": 2, "min_clients": N},
-     "max-colluders = 1"),  # 2t-k-1 = 1: one colluding site suffices
+     "policy.colluders: "),  # 2t-k-1 = 1: one colluding site suffices
     ({"max-colluders": 3, "min-cohort": N}, {"min_clients": N},
-     "max-colluders = 3"),  # auto: k = 4, t = 4, 2t-k-1 = 3
-    ({"max-update-clip": 0.5}, {}, "max-update-clip"),
-    ({"peers": "/nonexistent/peers.pub"}, {}, "cannot read"),
-    (None, {}, "signing key"),
+     "asked 4, limit 3"),  # auto: k = 4, t = 4, 2t-k-1 = 3
+    ({"max-update-clip": 0.5}, {}, "policy.update_clip: "),
+    ({"peers": "/nonexistent/peers.pub"}, {}, "site.keys: "),
+    (None, {}, "site.keys: "),
 ])
 def test_a_round_below_the_sites_policy_is_refused_before_training(setup, monkeypatch, policy,
                                                                     secagg, reason):
@@ -486,7 +490,8 @@ def test_a_round_below_the_sites_policy_is_refused_before_training(setup, monkey
 
     monkeypatch.setattr(fedseal.client.trainer, "train_local", no_training)
     first = ({"data-path": str(simulation_site_file(cfg.out, 0)), "site-name": "site-0",
-              "require-dp": cfg.dp, "min-cohort": 2, "max-colluders": 0}
+              "require-dp": cfg.dp, "min-cohort": 2, "max-colluders": 0, "allow-model": cfg.model,
+              "labels": ",".join(cfg.labels)}
              if policy is None else {"partition-id": 0, **policy})  # None: no key configured
     configs = [first, *({"partition-id": i} for i in range(1, N))]
     grid = LocalGrid(N, node_configs=configs, drop={i: TRAIN for i in range(1, N)})
@@ -510,8 +515,7 @@ def test_secure_aggregation_parameters_for_another_round_are_refused_before_trai
     sums = secure_round(grid, grid.nodes, _content(cfg, weights, server_round=1), weights, cfg,
                         RUN_ID, 2)
     assert len(sums.refused) == N and not sums.contributors
-    assert all("parameters are for round 2, the training message for round 1" in r
-               for r in sums.refused.values()), sums.refused
+    assert all(r.startswith("message.secagg: ") for r in sums.refused.values()), sums.refused
 
 
 # ------------------------------------------------------------- simulations
