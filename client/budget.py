@@ -47,7 +47,7 @@ def _num(value: float) -> str:
 
 def grant(ledger: PrivacyLedger | None, job: str, asked_epsilon: float, asked_delta: float,
           policy: SitePolicy, total: Budget, *,
-          check: Callable[[float, float], object] | None = None) -> Grant:
+          check: Callable[[float, float], object] | None = None, record: bool = True) -> Grant:
     """The job's grant: the recorded one, or (first round) a new one, recorded before any spend.
 
     Parameters
@@ -68,6 +68,9 @@ def grant(ledger: PrivacyLedger | None, job: str, asked_epsilon: float, asked_de
         Called with a new grant's ``(epsilon, delta)`` before it is recorded;
         it raises to refuse the grant (no noise level meets it, say), and
         nothing is recorded then.
+    record
+        Whether a new grant is written to the ledger; false: computed and
+        checked only (what the job would get), the ledger untouched.
 
     Returns
     -------
@@ -110,7 +113,7 @@ def grant(ledger: PrivacyLedger | None, job: str, asked_epsilon: float, asked_de
     delta = _fit(held.delta, min(asked_delta, left.delta * epsilon / left.epsilon), total.delta)
     if check is not None:
         check(epsilon, delta)
-    if ledger is None:
+    if ledger is None or not record:
         return Grant(str(job), epsilon, delta, asked_delta, "")
     return ledger.record_grant(job, epsilon, delta, asked_delta)
 

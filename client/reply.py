@@ -25,7 +25,7 @@ import logging
 from typing import Callable, Mapping
 
 import numpy as np
-from flwr.app import Context, Message
+from flwr.app import Context, Message, RecordDict
 
 from fedseal.client import secagg
 from fedseal.client.ledger import LedgerError
@@ -39,7 +39,7 @@ from fedseal.common.model import ModelError
 from fedseal.common.records import JOB_KEY, ROUND_KEY, RecordError, flatten, record_to_config, state_digest
 from fedseal.common.refusals import Code, Refusal
 from fedseal.common.secagg import SecAggError, UnmaskRefusedError
-from fedseal.common.secagg_wire import WireError
+from fedseal.common.secagg_wire import COMPLAINTS, Y, WireError
 
 log = logging.getLogger(__name__)
 
@@ -94,23 +94,23 @@ def as_refusal(exc: BaseException, stage: bool = False) -> Refusal:
     return Refusal(Code.SITE_INTERNAL, f"{type(exc).__name__}: {exc}")
 
 
-def message_config(msg: Message) -> FedConfig:
-    """The run's config from the server's message, or a refusal naming its invalidity."""
+def message_config(content: RecordDict) -> FedConfig:
+    """The run's config from the server's message content, or a refusal saying it is invalid."""
     try:
-        return record_to_config(msg.content["config"])
+        return record_to_config(content["config"])
     except (ConfigError, KeyError, TypeError) as exc:
         raise Refusal(Code.MESSAGE_CONFIG, f"the server's run config is invalid: {exc}") from None
 
 
-def message_round(msg: Message, context: Context) -> tuple[str, int]:
-    """The job and round a server message is about (the run id and 0 when it names none).
+def message_round(content: RecordDict, context: Context) -> tuple[str, int]:
+    """The job and round a server message's content is about (the run id and 0 when it names none).
 
     Raises
     ------
     Refusal
         If the round is not a non-negative integer.
     """
-    config = msg.content["config"]
+    config = content["config"]
     server_round = config.get(ROUND_KEY, 0)
     if isinstance(server_round, bool) or not isinstance(server_round, int) or server_round < 0:
         raise Refusal(Code.MESSAGE_ROUND, f"the server's {ROUND_KEY!r} is {server_round!r}, not "
@@ -127,53 +127,73 @@ def plan_metrics(committed: CommittedRound) -> dict[str, float | int]:
             "sample-rate": committed.sample_rate}
 
 
-def status(site: SiteSettings, committed: CommittedRound) -> dict[str, str | bool]:
+def status(committed: CommittedRound) -> dict[str, str | bool]:
     """The reply's status record: the site's configured name and whether the round was private."""
-    return {"site": site.name, "private": committed.private}
+    return {"site": committed.site, "private": committed.private}
+
+
+def _check_committed(committed: CommittedRound, job: str, server_round: int,
+                     update: Mapping[str, np.ndarray]) -> None:
+    if not isinstance(committed, CommittedRound):
+        raise TypeError("a train reply is built only from a committed round (fedseal.client.spend)")
+    if (job, server_round) != (committed.job, committed.round):
+        raise ValueError(f"the committed round is round {committed.round} of job {committed.job}, "
+                         f"the message asks for round {server_round} of job {job}")
+    if state_digest(update) != committed.update_digest:
+        raise ValueError("the update is not the one whose spend was committed")
 
 
 def train_reply(msg: Message, context: Context, cfg: FedConfig, site: SiteSettings,
                 committed: CommittedRound, update: Mapping[str, np.ndarray]) -> Message:
-    """The reply to ``train``: signed public keys (secure aggregation) or the weighted update.
+    """The reply to a plain ``train``: the weighted update, its weight and the committed spend.
 
     Raises
     ------
     TypeError
         If ``committed`` is not a round committed by :func:`fedseal.client.spend.commit_round`.
     ValueError
-        If ``update`` is not the update ``committed`` was committed for, or ``msg``
-        asks about another job or round.
+        If ``update`` is not the update ``committed`` was committed for, ``msg``
+        asks about another job or round, or the run is a secure one.
     """
-    if not isinstance(committed, CommittedRound):
-        raise TypeError("a train reply is built only from a committed round (fedseal.client.spend)")
-    job, server_round = message_round(msg, context)
-    if (job, server_round) != (committed.job, committed.round):
-        raise ValueError(f"the committed round is round {committed.round} of job {committed.job}, "
-                         f"the message asks for round {server_round} of job {job}")
-    if state_digest(update) != committed.update_digest:
-        raise ValueError("the update is not the one whose spend was committed")
-    metrics, state = plan_metrics(committed), status(site, committed)
     if cfg.secagg:
-        # Only public keys leave now; the update leaves masked, in a later stage.
-        keys = secagg.begin_round(msg, context, cfg, site, committed.job, committed.round,
-                                  flatten(update), committed.weight)
-        return egress.build(egress.SECAGG_ADVERT, msg, {egress.SECAGG: keys,
-                                                        egress.METRICS: metrics,
-                                                        egress.STATUS: state})
+        raise ValueError("a secure round's update leaves only masked (masked_reply)")
+    job, server_round = message_round(msg.content, context)
+    _check_committed(committed, job, server_round, update)
     return egress.build(egress.train_reply_type(cfg, server_round), msg, {
         egress.UPDATE: {"*": dict(update)},
-        egress.METRICS: {**metrics, "weight": committed.weight},
-        egress.STATUS: state})
+        egress.METRICS: {**plan_metrics(committed), "weight": committed.weight},
+        egress.STATUS: status(committed)})
 
 
-def evaluate_reply(msg: Message, site: SiteSettings, committed: CommittedRound,
-                   scores: Mapping[str, float]) -> Message:
+def advert_reply(msg: Message, cfg: FedConfig, site: SiteSettings,
+                 keys: Mapping[str, bytes]) -> Message:
+    """The reply to a secure round's ``train``: fresh signed keys; nothing is trained yet."""
+    return egress.build(egress.SECAGG_ADVERT, msg, {
+        egress.SECAGG: dict(keys), egress.STATUS: {"site": site.name, "private": cfg.dp}})
+
+
+def masked_reply(msg: Message, context: Context, cfg: FedConfig, site: SiteSettings,
+                 committed: CommittedRound, update: Mapping[str, np.ndarray]) -> Message:
+    """The reply to a secure round's masked-input stage: ``x + masks`` and the committed spend.
+
+    The update leaves only here, encoded and masked (:func:`fedseal.client.secagg.masked_input`),
+    and only as the one committed for this round.
+    """
+    job, server_round = secagg.round_of(context)
+    _check_committed(committed, job, server_round, update)
+    y, complaints = secagg.masked_input(msg, context, cfg, flatten(update), committed.weight)
+    return egress.build(egress.SECAGG_MASKED_INPUT, msg, {
+        egress.MASKED: {Y: y}, egress.SECAGG: {COMPLAINTS: complaints},
+        egress.METRICS: plan_metrics(committed), egress.STATUS: status(committed)})
+
+
+def evaluate_reply(msg: Message, committed: CommittedRound, scores: Mapping[str, float]) -> Message:
     """The reply to ``evaluate``: the DP accuracy and loss, and the committed spend."""
     return egress.build(egress.EVALUATION, msg, {
         egress.METRICS: {"accuracy": float(scores["accuracy"]), "loss": float(scores["loss"]),
                          **plan_metrics(committed)},
-        egress.STATUS: status(site, committed)})
+        egress.STATUS: status(committed)})
 
 
-__all__ = ["answered", "as_refusal", "evaluate_reply", "message_config", "message_round",
-           "plan_metrics", "refusal", "train_reply"]
+__all__ = ["advert_reply", "answered", "as_refusal", "evaluate_reply", "masked_reply",
+           "message_config", "message_round", "plan_metrics", "refusal", "train_reply"]

@@ -1,13 +1,14 @@
-"""The site's side of SecAgg+: check it belongs in the round, keep the
-encoded update and the protocol state in the node's ``Context.state`` between
-messages, and answer each stage.
+"""The site's side of SecAgg+: check it belongs in the round, keep the protocol state in the
+node's ``Context.state`` between messages, and answer each stage.
 
 The site's signing key (``identity-key``) and roster (``peers``) come from its
-own settings, never from the server. :func:`check_round` runs before training,
-so a round the site would refuse costs it no privacy budget. Stage 0 (advertise
-keys) rides on the ``train`` reply; then ``train.<stage>`` messages carry the key
-bundle, the routed shares, the survivor view to sign, and the unmask request.
-Nothing here ever sends the update itself: only ``x + masks`` leaves the site.
+own settings, never from the server. :func:`check_round` runs before anything
+else. Stage 0 (advertise keys) rides on the ``train`` reply, before any
+training; stage 1 shares keys; the site trains only at stage 2, when the server
+asks for its masked input (the cohort has then shown it can complete the
+round), and sends ``x + masks`` with the committed spend; then it signs the
+survivor view and helps unmask. Nothing here ever sends the update itself:
+only ``x + masks`` leaves the site.
 
 At most one unmask per (job, round): before it answers, the site records the
 pair durably (a small file beside its ledger, or ``Context.state`` without
@@ -21,7 +22,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedseal.client import once
 from fedseal.client.site import SiteSettings
@@ -41,7 +42,6 @@ from fedseal.common.vote import round_clip
 log = logging.getLogger(__name__)
 
 STATE = "fedseal.secagg.state"  # the protocol state (this site's secrets)
-INPUT = "fedseal.secagg.input"  # the encoded update, until it leaves masked
 SITE = "fedseal.secagg.site"  # the site's own paths and policy for this round
 UNMASKED = "fedseal.secagg.unmasked"  # the once-per-round record of unmasked (job, round) pairs
 UNMASKED_SUFFIX = ".secagg-unmasked.json"  # its file, beside the ledger
@@ -52,8 +52,8 @@ def unmask_record_path(ledger_path: Path) -> Path:
     return once.record_path(ledger_path, UNMASKED_SUFFIX)
 
 
-def _round_context(msg: Message, context: Context) -> RoundContext:
-    params = msg.content[RECORD] if RECORD in msg.content.config_records else None
+def _round_context(content: RecordDict, context: Context) -> RoundContext:
+    params = content[RECORD] if RECORD in content.config_records else None
     if params is None:
         raise Refusal(Code.MESSAGE_SECAGG, "the server sent no secure-aggregation parameters with secure "
                           "aggregation on; this site will not train")
@@ -91,7 +91,7 @@ def load_roster(path: Path | None) -> Roster:
                       f"the peers file {path} is not text (OpenSSH .pub lines)") from None
 
 
-def check_round(msg: Message, context: Context, site: SiteSettings,
+def check_round(content: RecordDict, context: Context, site: SiteSettings,
                 server_round: int) -> RoundContext:
     """Before any training: the round's parameters parse, name the training message's round
     ``server_round`` (which decides the update's form and bound), this site is in its
@@ -105,7 +105,7 @@ def check_round(msg: Message, context: Context, site: SiteSettings,
     fedseal.common.refusals.Refusal
         Saying what is wrong (in its detail) and why (its code).
     """
-    ctx = _round_context(msg, context)
+    ctx = _round_context(content, context)
     if ctx.round_id != server_round:
         raise Refusal(Code.MESSAGE_SECAGG, f"the secure-aggregation parameters are for round {ctx.round_id}, the "
                           f"training message for round {server_round}")
@@ -139,7 +139,7 @@ def _save(context: Context, state: ClientState) -> None:
 
 
 def _clear(context: Context) -> None:
-    for key in (STATE, INPUT, SITE):
+    for key in (STATE, SITE):
         if key in context.state:
             del context.state[key]
 
@@ -159,25 +159,30 @@ def _reply(reply_type: egress.ReplyType, msg: Message, **values: bytes) -> Messa
     return egress.build(reply_type, msg, {RECORD: values})
 
 
-def begin_round(msg: Message, context: Context, cfg: FedConfig, site: SiteSettings, job: str,
-                server_round: int, flat_weighted_update: np.ndarray,
-                weight: float) -> ConfigRecord:
-    """Encode the update, start this round's protocol state (for round ``server_round``
-    of ``job``), and return the signed keys."""
+def begin_round(msg: Message, context: Context, site: SiteSettings, job: str,
+                server_round: int) -> dict[str, bytes]:
+    """Start this round's protocol state (round ``server_round`` of ``job``); return the signed keys.
+
+    Nothing is trained or encoded yet: the site trains only when the server asks
+    for its masked input, after the cohort has shared its keys.
+    """
     _clear(context)
-    ctx = check_round(msg, context, site, server_round)
+    ctx = check_round(msg.content, context, site, server_round)
     identity, roster = load_identity(site.identity_key), load_roster(site.peers)
-    x = encode_update(flat_weighted_update, weight, len(ctx.participants),
-                      round_clip(cfg, server_round))
     state = ClientState(context.node_id, ctx, identity=identity, roster=roster,
                         min_survivors=site.policy.min_cohort)
     advert = state.advertise_keys()
-    context.state[INPUT] = ArrayRecord({Y: Array(x)})
     context.state[SITE] = ConfigRecord({
         "job": job, "identity-key": str(site.identity_key), "peers": str(site.peers),
         "record": str(unmask_record_path(site.ledger_path)) if site.ledger_path else ""})
     _save(context, state)
-    return ConfigRecord({ADVERT: advert.encode(ctx.digest)})
+    return {ADVERT: advert.encode(ctx.digest)}
+
+
+def round_of(context: Context) -> tuple[str, int]:
+    """The job and round of the secure round in progress at this site."""
+    info, state = _site(context), _load(context)
+    return str(info["job"]), state.ctx.round_id
 
 
 def share_keys(msg: Message, context: Context) -> Message:
@@ -193,17 +198,20 @@ def share_keys(msg: Message, context: Context) -> Message:
                           CIPHERTEXTS: pack_table(ciphertexts)})
 
 
-def masked_input(msg: Message, context: Context) -> Message:
-    """Stage 2: send ``x + masks`` (and complaints about bad shares); ``x`` is deleted."""
+def masked_input(msg: Message, context: Context, cfg: FedConfig, flat_weighted_update: np.ndarray,
+                 weight: float) -> tuple[np.ndarray, bytes]:
+    """Stage 2: encode the committed update and return ``x + masks`` and the complaints.
+
+    ``x`` exists only inside this call: what leaves is the masked vector.
+    """
     state = _load(context)
     routed = unpack_routed(field(_params(msg, state), ROUTED, bytes))
     opened = {s: (ShareMessage.decode(m)[0], ct) for s, (m, ct) in routed.items()}
-    x = context.state[INPUT][Y].numpy()
+    x = encode_update(flat_weighted_update, weight, len(state.ctx.participants),
+                      round_clip(cfg, state.ctx.round_id))
     y, complaints = state.masked_input(opened, x)
-    del context.state[INPUT]
     _save(context, state)
-    return egress.build(egress.SECAGG_MASKED_INPUT, msg,
-                        {MASKED: {Y: y}, RECORD: {COMPLAINTS: pack_table(complaints)}})
+    return y, pack_table(complaints)
 
 
 def consistency(msg: Message, context: Context) -> Message:

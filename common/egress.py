@@ -191,7 +191,7 @@ VOTE = ReplyType("vote", (
 ))
 SECAGG_ADVERT = ReplyType("secagg.advert", (
     Field(SECAGG, wire.ADVERT, Form.BYTES, Kind.PROTOCOL, "fresh public keys, signed"),
-    *_PLAN, _SITE, _PRIVATE,
+    _SITE, _PRIVATE,
 ))
 SECAGG_SHARE_KEYS = ReplyType("secagg.share_keys", (
     Field(SECAGG, wire.SHARES, Form.BYTES, Kind.PROTOCOL, "commitments to the dealt shares, signed"),
@@ -201,6 +201,7 @@ SECAGG_MASKED_INPUT = ReplyType("secagg.masked_input", (
     Field(MASKED, wire.Y, Form.RING, Kind.PROTOCOL,
           "the encoded update plus pairwise and self masks (uniform on the ring alone)"),
     Field(SECAGG, wire.COMPLAINTS, Form.BYTES, Kind.PROTOCOL, "proof against a neighbour's bad share"),
+    *_PLAN, _SITE, _PRIVATE,
 ))
 SECAGG_CONSISTENCY = ReplyType("secagg.consistency", (
     Field(SECAGG, wire.SIGNATURE, Form.BYTES, Kind.PROTOCOL, "the site's signature on the view"),

@@ -126,12 +126,14 @@ def triage(replies: Iterable[Message], sums: RoundSums, reply_type: egress.Reply
                 sums.refused[site] = describe(*refused)
                 log.warning("site %s refused to train: %s", site, sums.refused[site])
                 continue
-            metrics = egress.parse(reply_type, reply, only=(egress.METRICS,))[egress.METRICS]
+            scalars = tuple(r for r, kind in reply_type.records().items() if kind != "array")
+            metrics = egress.parse(reply_type, reply, only=scalars).get(egress.METRICS)
         except egress.ReplyError as exc:
             sums.failed[site] = str(exc)[:300]
             log.warning("site %s failed this round: %s", site, sums.failed[site])
             continue
-        sums.epsilons[site], sums.deltas[site] = metrics["epsilon"], metrics["delta"]
+        if metrics is not None:  # a secure round's keys come before any spend
+            sums.epsilons[site], sums.deltas[site] = metrics["epsilon"], metrics["delta"]
         good.append(reply)
     return good
 

@@ -2,13 +2,14 @@
 
 Stages (each a send-and-receive over the Grid):
 
-0. ``train``: sites check the round against their own policy, train, record
-   their privacy spend, and answer with signed public keys (the encoded update
-   stays at the site);
+0. ``train``: sites check the round against their own policy and their budget,
+   and answer with signed public keys; nothing is trained yet;
 1. ``train.secagg_share_keys``: each site gets its neighbours' signed keys and
    returns committed, encrypted Shamir shares, which the server routes;
-2. ``train.secagg_masked_input``: each site gets the shares addressed to it and
-   returns ``x + masks`` (and proof against any neighbour whose share was bad);
+2. ``train.secagg_masked_input``: each site gets the shares addressed to it, trains
+   now, records its privacy spend, and returns ``x + masks`` (and proof against
+   any neighbour whose share was bad). A round with too few sites left after
+   stage 1 is abandoned before any site trains, so it costs no budget;
 3. ``train.secagg_consistency``: each survivor gets the survivor view and signs
    it if it matches what the site saw;
 4. ``train.secagg_unmask``: the signers get the view and the signatures they
@@ -118,9 +119,10 @@ def _shares(reply: Message) -> tuple[bytes, dict[int, bytes]]:
     return values[SHARES], unpack_table(values[CIPHERTEXTS])
 
 
-def _masked(reply: Message, length: int) -> tuple[np.ndarray, dict[int, bytes]]:
+def _masked(reply: Message, length: int) -> tuple[np.ndarray, dict[int, bytes], float, float]:
     values = _values(egress.SECAGG_MASKED_INPUT, reply, ring_length=length)
-    return values[Y], unpack_table(values[COMPLAINTS], KEY_BYTES)
+    return (values[Y], unpack_table(values[COMPLAINTS], KEY_BYTES), values["epsilon"],
+            values["delta"])
 
 
 def _unmask_reply(reply: Message) -> dict[str, dict]:
@@ -162,7 +164,10 @@ def secure_round(grid: Grid, nodes: list[int], content: RecordDict,
         for reply in triage(replies, sums, egress.SECAGG_ADVERT, names):
             node = reply.metadata.src_node_id
             sums.bytes_received += message_bytes(reply.content)
-            adverts[node] = _values(egress.SECAGG_ADVERT, reply)[ADVERT]
+            try:
+                adverts[node] = _values(egress.SECAGG_ADVERT, reply)[ADVERT]
+            except egress.ReplyError as exc:
+                rnd.fail(node, f"malformed reply at train: {exc}")
         bundles, rejected = server.collect_adverts(adverts)
         rnd.rejected(rejected)
 
@@ -174,10 +179,12 @@ def secure_round(grid: Grid, nodes: list[int], content: RecordDict,
         routed, rejected = server.collect_shares(shares)
         rnd.rejected(rejected)
 
-        # Stage 2: masked input (and complaints).
+        # Stage 2: the sites train now, and send their masked input (and complaints).
         masked = rnd.stage(MASKED_INPUT, {i: {ROUTED: pack_routed(r)} for i, r in routed.items()},
                            lambda r: _masked(r, length))
-        view, rejected = server.collect_masked(masked)
+        for node, (_, _, epsilon, delta) in masked.items():
+            sums.epsilons[rnd.name(node)], sums.deltas[rnd.name(node)] = epsilon, delta
+        view, rejected = server.collect_masked({n: v[:2] for n, v in masked.items()})
         rnd.rejected(rejected)
 
         # Stage 3: consistency check.

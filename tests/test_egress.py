@@ -233,15 +233,14 @@ ALL_MODES = (("probe", 1), ("probe", 2), ("lora", 1), ("full", 1))
 PROBE = (("probe", 1), ("probe", 2))
 
 
-@pytest.mark.parametrize("n, secagg, modes", [
-    (100, False, ALL_MODES), (100, True, ALL_MODES), (1000, False, ALL_MODES),
-    (70_000, False, PROBE),  # above 32,768 the probe's rate is capped by its batch of 8,192
+@pytest.mark.parametrize("n, modes", [
+    (100, ALL_MODES), (1000, ALL_MODES),
+    (70_000, PROBE),  # above 32,768 the probe's rate is capped by its batch of 8,192
 ])
-def test_sites_of_n_and_n_plus_one_examples_send_identical_metadata(tmp_path, tiny_bert, n, secagg,
-                                                                    modes):
+def test_sites_of_n_and_n_plus_one_examples_send_identical_metadata(tmp_path, tiny_bert, n, modes):
     """Everything public in a reply depends on the size bucket only (n and n + 1 share it)."""
     base = FedConfig(model=tiny_bert, labels=LABELS, clients=2, min_clients=2, rounds=2,
-                     max_length=8, local_steps=2, secagg=secagg, delta=1e-6,
+                     max_length=8, local_steps=2, secagg=False, delta=1e-6,
                      out=str(tmp_path / "out"))
     prepare_sites(base)  # the sites' keys and roster (the data files are replaced below)
     for mode, server_round in modes:
@@ -252,18 +251,22 @@ def test_sites_of_n_and_n_plus_one_examples_send_identical_metadata(tmp_path, ti
         grid = LocalGrid(2)
         weights = to_numpy_state(trainable_state(build_model(cfg, cfg.labels)))
         content = _content(cfg, weights, server_round, job=f"{mode}-{server_round}")
-        if secagg:
-            from fedseal.common.secagg_wire import pack_ids
-
-            content["secagg"] = ConfigRecord({"nodes": pack_ids(sorted(grid.nodes)), "k": 1,
-                                              "threshold": 2, "round": server_round,
-                                              "challenge": b"\x01" * 32})
         messages = [Message(content, dst_node_id=node, message_type="train") for node in grid.nodes]
         replies = grid.send_and_receive(messages)
         reply_type = egress.train_reply_type(cfg, server_round)
         small, large = (_public(reply_type, r) for r in replies)
         assert small == large, (mode, server_round)
         assert small[(egress.METRICS, "sample-rate")] > 0
+
+
+def test_a_secure_round_sends_the_same_public_metadata_as_a_plain_one():
+    """Under SecAgg+ the keys carry none; the masked input carries exactly the plain reply's
+    public numbers (the same committed round's), so the n/n+1 test above covers it too."""
+    def public(reply_type):
+        return {(f.record, f.key) for f in reply_type.fields if f.kind is egress.Kind.PUBLIC}
+
+    assert public(egress.SECAGG_ADVERT) == {(egress.STATUS, "site"), (egress.STATUS, "private")}
+    assert public(egress.SECAGG_MASKED_INPUT) == public(egress.TRAINING) - {(egress.METRICS, "weight")}
 
 
 def test_a_reply_with_an_undeclared_field_cannot_be_built():
@@ -316,7 +319,13 @@ KNOWN_TYPES = {  # name: sorted "record/key:form:kind" -- a change of the wire f
                 "refusal/round:text:public", "refusal/setting:text:public",
                 "status/site:text:public"],
     "secagg.consistency": ["secagg/signature:bytes:protocol"],
-    "secagg.masked_input": ["masked/y:ring:protocol", "secagg/complaints:bytes:protocol"],
+    "secagg.masked_input": ["masked/y:ring:protocol", "metrics/delta:float:public",
+                            "metrics/epsilon:float:public", "metrics/noise-multiplier:float:public",
+                            "metrics/sample-rate:float:public", "metrics/steps:count:public",
+                            "secagg/complaints:bytes:protocol", "status/private:flag:public",
+                            "status/site:text:public"],
+    "secagg.advert": ["secagg/advert:bytes:protocol", "status/private:flag:public",
+                      "status/site:text:public"],
 }
 
 

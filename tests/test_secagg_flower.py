@@ -12,6 +12,7 @@ and ``begin_round``); the rest of every stage is the real ClientApp.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,42 +70,62 @@ class Recorder:
 
 
 class QuickGrid(LocalGrid):
-    """LocalGrid whose sites answer ``train`` without training; ``mutate(node, type, reply)``
-    may corrupt one reply as it comes back."""
+    """LocalGrid whose sites skip local training: at the masked-input stage each sends an
+    update drawn at random (through the site's real encoding and masking); every other
+    step is the real ClientApp. ``mutate(node, type, reply)`` may corrupt one reply as it
+    comes back."""
+
+    QUICK = (TRAIN, f"train.{STAGES[1]}")  # the two stages whose site-side work is skipped
 
     def __init__(self, n, recorder, *, mutate=None, seed=0, **kw) -> None:
         super().__init__(n, **kw)
         self.recorder, self.mutate = recorder, mutate
         self.rng = np.random.default_rng(seed)
+        self.asked: dict[int, tuple] = {}
 
     def _train(self, msg: Message) -> Message:
         context = self.contexts[msg.metadata.dst_node_id]
         cfg = record_to_config(msg.content["config"])
         site = site_settings(context.node_config, cfg)
-        job, server_round = message_round(msg, context)
-        client_secagg.check_round(msg, context, site, server_round)
+        job, server_round = message_round(msg.content, context)
+        client_secagg.check_round(msg.content, context, site, server_round)
         length = sum(a.numpy().size for a in msg.content["global"].values())
+        self.asked[context.node_id] = (cfg, site, length)
+        keys = client_secagg.begin_round(msg, context, site, job, server_round)
+        return egress.build(egress.SECAGG_ADVERT, msg, {RECORD: keys, "status": {
+            "site": site.name, "private": False}})
+
+    def _masked(self, msg: Message) -> Message:
+        context = self.contexts[msg.metadata.dst_node_id]
+        cfg, site, length = self.asked[context.node_id]
         update = self.rng.normal(0, 0.3, size=length)
-        keys = client_secagg.begin_round(msg, context, cfg, site, job, server_round, update, 1.0)
+        y, complaints = client_secagg.masked_input(msg, context, cfg, update, 1.0)
         self.recorder.by_node[context.node_id] = self.recorder.pending.pop()
         metrics = {"epsilon": -1.0, "delta": -1.0, "steps": 0, "noise-multiplier": 0.0,
                    "sample-rate": 0.0}
-        return egress.build(egress.SECAGG_ADVERT, msg, {RECORD: keys, "metrics": metrics,
-                                                        "status": {"site": site.name,
-                                                                   "private": False}})
+        return egress.build(egress.SECAGG_MASKED_INPUT, msg, {
+            MASKED: {Y: y}, RECORD: {COMPLAINTS: complaints}, "metrics": metrics,
+            "status": {"site": site.name, "private": False}})
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
-        train = [m for m in messages if m.metadata.message_type == TRAIN]
-        replies = super().send_and_receive([m for m in messages if m not in train], timeout=timeout)
-        for msg in train:
-            node = msg.metadata.dst_node_id
-            self.sent.append(TRAIN)
-            if self.drop.get(node) == TRAIN:
+        quick = [m for m in messages if m.metadata.message_type in self.QUICK]
+        replies = super().send_and_receive([m for m in messages if m not in quick], timeout=timeout)
+        for msg in quick:
+            node, kind = msg.metadata.dst_node_id, msg.metadata.message_type
+            self.sent.append(kind)
+            if self.drop.get(node) == kind:
                 self.gone.add(node)
             if node in self.gone:
                 continue
-            replies.append(self._train(msg))
+            if not msg.metadata.message_id:
+                msg.metadata.__dict__["_message_id"] = f"quick-{node}-{len(self.sent)}"
+            try:
+                replies.append(self._train(msg) if kind == TRAIN else self._masked(msg))
+            except Exception as exc:  # what the real handler answers: a refusal with a code
+                from fedseal.client.reply import as_refusal, refusal
+
+                replies.append(refusal(msg, self.contexts[node], as_refusal(exc, stage=True)))
         if self.mutate:
             for reply in replies:
                 if not reply.has_error():
@@ -249,7 +270,7 @@ def _flip_last(b: bytes) -> bytes:
 
 CASES = {
     "no secagg record": (TRAIN, _record_dropped(RECORD), "reply.missing"),
-    "no metrics": (TRAIN, _record_dropped("metrics"), "metrics"),
+    "no metrics": ("train.secagg_masked_input", _record_dropped("metrics"), "reply.missing"),
     "31-byte key": (TRAIN, _field(ADVERT, lambda a: a[:80] + a[81:]), "bad keys"),
     "all-zero key": (TRAIN, _field(ADVERT, lambda a: a[:80] + bytes(32) + a[112:]), "bad keys"),
     "copy of another site's keys": (TRAIN, _copied_advert, "bad keys"),
@@ -530,3 +551,105 @@ def test_simulations_give_every_site_a_key_and_the_roster(setup):
         assert identity.fingerprint in load_roster(site.peers)
         fingerprints.add(identity.fingerprint)
     assert len(fingerprints) == N == len(load_roster(site.peers))
+
+
+# ------------------------------------------- no spend for a round that cannot complete
+def _deployed_dp(tmp_path, cfg, n=N):
+    """Deployed sites with ledgers, each opened once (as the agent does at start)."""
+    from fedseal.client.ledger import PrivacyLedger
+
+    configs = _deployed(tmp_path, cfg, n)
+    for c in configs:
+        c.update({"epsilon": cfg.epsilon, "delta": cfg.delta, "allow-model": cfg.model,
+                  "labels": ",".join(cfg.labels), "min-cohort": 2, "max-colluders": 0})
+        PrivacyLedger.open(c["ledger-path"], c["site-name"], cfg.epsilon, cfg.delta,
+                           key_path=c["ledger-key"])
+    return configs
+
+
+def _ledgers(configs) -> list[bytes]:
+    return [Path(c["ledger-path"]).read_bytes() for c in configs]
+
+
+def test_a_round_too_small_to_complete_costs_no_site_any_budget(setup, tmp_path):
+    """Three of five sites vanish before sharing keys: fewer than the threshold remain, the
+    round is abandoned before the masked-input stage, and no site trained or spent."""
+    cfg, weights = setup
+    cfg = cfg.replace(dp=True, epsilon=8.0)
+    configs = _deployed_dp(tmp_path, cfg)
+    before = _ledgers(configs)
+    grid = LocalGrid(N, node_configs=configs,
+                     drop={i: "train.secagg_share_keys" for i in (0, 1, 2)})
+    sums = secure_round(grid, grid.nodes, _content(cfg, weights), weights, cfg, RUN_ID, 1)
+    assert sums.abandoned and "train.secagg_masked_input" not in grid.sent
+    assert _ledgers(configs) == before
+
+
+def test_a_site_that_vanishes_after_training_costs_only_its_own_spend(setup, tmp_path):
+    """Site 0 trains and then never answers: its spend is its own; the others complete."""
+    from fedseal.client.ledger import PrivacyLedger
+
+    cfg, weights = setup
+    cfg = cfg.replace(dp=True, epsilon=8.0)
+    configs = _deployed_dp(tmp_path, cfg)
+
+    class LostReply(LocalGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            replies = super().send_and_receive(messages, timeout=timeout)
+            return [r for r in replies if not (r.metadata.src_node_id == self.nodes[0]
+                    and r.metadata.message_type == "train.secagg_masked_input")]
+
+    grid = LostReply(N, node_configs=configs)
+    sums = secure_round(grid, grid.nodes, _content(cfg, weights), weights, cfg, RUN_ID, 1)
+    assert not sums.abandoned and len(sums.contributors) == N - 1
+    spent = [PrivacyLedger.open(c["ledger-path"], c["site-name"], cfg.epsilon, cfg.delta,
+                                key_path=c["ledger-key"]).epsilon_spent() for c in configs]
+    assert all(e > 0 for e in spent)  # site 0 trained too; the round completed without it
+    assert "site-0" not in sums.epsilons and set(sums.epsilons) == set(sums.contributors)
+
+
+def test_a_secure_round_asked_again_reuses_the_update_only_while_it_never_left(setup, tmp_path,
+                                                                              monkeypatch):
+    """Site 0 trains at the masked-input stage and dies before its masked vector leaves: the
+    update it committed is kept (pending). Asked the same round again, it answers with that
+    very update and spends nothing more; once it left, a third ask trains afresh."""
+    from fedseal.client.ledger import PrivacyLedger
+
+    cfg, weights = setup
+    cfg = cfg.replace(dp=True, epsilon=8.0, rounds=3)  # budget for the others to retry round 1
+    configs = _deployed_dp(tmp_path, cfg, n=3)
+    rec = Recorder(monkeypatch)
+    real = client_secagg.masked_input
+    killed = []
+
+    def dies_once(msg, context, *args):
+        out = real(msg, context, *args)  # encoded and masked: the update existed
+        if context.node_id == 2**63 + 7919 and not killed:
+            killed.append(rec.updates[-1])
+            raise RuntimeError("killed before the masked input left")
+        return out
+
+    monkeypatch.setattr(client_secagg, "masked_input", dies_once)
+
+    def entries():
+        c = configs[0]
+        return PrivacyLedger.open(c["ledger-path"], c["site-name"], cfg.epsilon, cfg.delta,
+                                  key_path=c["ledger-key"]).entries
+
+    def run() -> list[np.ndarray]:
+        grid = LocalGrid(3, node_configs=configs)
+        start = len(rec.updates)
+        secure_round(grid, grid.nodes, _content(cfg, weights, 1, job="job-r"), weights, cfg,
+                     RUN_ID, 1)
+        return rec.updates[start:]
+
+    run()
+    assert killed and len(entries()) == 1
+    assert (tmp_path / "d0.ledger.pending").exists()
+    again = run()
+    same = [np.allclose(u, killed[0], rtol=1e-6, atol=1e-7) for u in again]  # kept as float32
+    assert any(same) and len(entries()) == 1
+    assert not (tmp_path / "d0.ledger.pending").exists()  # it left this time
+    third = run()
+    assert not any(np.allclose(u, killed[0], rtol=1e-6, atol=1e-7) for u in third)
+    assert [e.steps for e in entries()][-1] > entries()[0].steps  # trained afresh, spent again

@@ -18,7 +18,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedseal.client import ledger as ledger_module
 from fedseal.client import ledger_cli
-from fedseal.client.app import EVALUATED_SUFFIX
+from fedseal.client.evaluation import EVALUATED_SUFFIX
 from fedseal.client.ledger import LedgerError, PrivacyLedger
 from fedseal.client.pending import pending_path, release
 from fedseal.client.reply import train_reply
@@ -124,36 +124,6 @@ def test_spend_is_recorded_and_a_repeated_plain_round_is_trained_afresh(site):
     assert reason.startswith("budget.round: ")
     reason = _refusal(_train(LocalGrid(1, node_configs=[node]), cfg, 1))
     assert reason.startswith("round.sent: ") and "round 1" in reason
-
-
-def test_a_secure_round_asked_again_reuses_the_update_only_while_it_never_left(site):
-    cfg, node, tmp = site
-    cfg = cfg.replace(secagg=True, clients=2, min_clients=2)
-    private, public = generate_identity("alpha")
-    (tmp / "secrets" / "alpha.key").write_bytes(private)
-    (tmp / "peers.pub").write_text(public + "\n")
-    # Two sites (k = 1, t = 2): with one colluder the sum is the other's input, so this
-    # site must allow a cohort of 2 and, with it, no colluders.
-    node = {**node, "require-secagg": True, "min-cohort": 2, "min-secagg-k": 1, "max-colluders": 0,
-            "identity-key": str(tmp / "secrets" / "alpha.key"), "peers": str(tmp / "peers.pub")}
-    grid = LocalGrid(1, node_configs=[node])
-    params = {"nodes": pack_ids([grid.nodes[0], grid.nodes[0] + 1]), "k": 1, "threshold": 2,
-              "round": 1, "challenge": bytes(range(32))}
-    weights = to_numpy_state(trainable_state(build_model(cfg, cfg.labels)))
-    assert _refusal(_train(grid, cfg, 1, weights=weights, secagg=params)) == ""
-    x1 = grid.contexts[grid.nodes[0]].state["fedseal.secagg.input"]["y"].numpy().copy()
-    assert pending_path(tmp / "ledger.json").exists()
-    # Asked again before any masked input left: the same encoded update, no new spend.
-    fresh = LocalGrid(1, node_configs=[node])
-    assert _refusal(_train(fresh, cfg, 1, weights=weights, secagg=params)) == ""
-    x2 = fresh.contexts[fresh.nodes[0]].state["fedseal.secagg.input"]["y"].numpy()
-    assert np.array_equal(x1, x2) and len(_ledger(tmp).entries) == 1
-    # Once it left (the masked-input stage releases it), asking again trains afresh.
-    release(pending_path(tmp / "ledger.json"))
-    fresh = LocalGrid(1, node_configs=[node])
-    assert _refusal(_train(fresh, cfg, 1, weights=weights, secagg=params)) == ""
-    assert not np.array_equal(x1, fresh.contexts[fresh.nodes[0]].state["fedseal.secagg.input"]["y"].numpy())
-    assert [e.steps for e in _ledger(tmp).entries] == [2, 4]
 
 
 @pytest.mark.parametrize("broken, error, said", [
