@@ -1,6 +1,6 @@
 """An in-process Grid that delivers real Flower messages to the real ClientApp.
 
-Used by tests and benchmarks to run a federation without Ray or network.
+Used by tests, benchmarks and ``fedseal audit`` to run a federation without Ray or network.
 
 It stands in for the SuperLink only: messages, records, the ClientApp and its
 per-node Context are Flower's own. ``drop`` makes a node vanish (no reply, as
