@@ -276,3 +276,35 @@ def test_the_command_line_writes_json_and_exits_by_the_verdict(monkeypatch, tmp_
     assert (seen["runs"], len(seen["examples"]), seen["canary"].label) == (6, 50, "positive")
     assert seen["canary"].text.startswith(audit.CANARY_MARK)
     assert json.loads(out.read_text()) == json.loads(capsys.readouterr().out)
+
+
+def test_the_run_report_shows_an_audit_flagged_fields_first_and_escaped(tmp_path, capsys):
+    """``fedseal report RUN_DIR --audit FILE``: the verdict, the flagged field before larger
+    bounds, every text escaped; a file that is not an audit result is refused."""
+    from fedseal.common.cli import main as cli_main
+    from fedseal.server.report import ReportError, load_audit
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps(
+        {"round": 1, "accuracy": 0.8, "epsilon": {"a": 0.5}, "private": True}) + "\n")
+    fields = [{"field": "train r2 update[*]", "kind": "dp-release", "attack": "projection",
+               "epsilon_lower_bound": 0.05, "flagged": False},
+              {"field": "evaluate r1 metrics[<script>x</script>]", "kind": "public",
+               "attack": "value", "epsilon_lower_bound": 0.0, "flagged": True},
+              {"field": "train r2 metrics[weight]", "kind": "public", "attack": "value",
+               "epsilon_lower_bound": 0.2, "flagged": False}]
+    result = tmp_path / "audit.json"
+    result.write_text(json.dumps({"fields": fields, "accounted": {"epsilon": 0.5},
+                                  "resolution": 1.5, "runs_per_arm": 40}))
+    assert cli_main(["report", str(run), "--audit", str(result)]) == 0
+    page = Path(capsys.readouterr().out.strip()).read_text()
+    section = page[page.index("<h2>Privacy audit</h2>"):]
+    assert "&lt;script&gt;x&lt;/script&gt;" in section and "<script>" not in page
+    assert "1 field(s) reveal more than the accounted ε" in section
+    order = [section.index(name) for name in ("&lt;script&gt;", "metrics[weight]", "update[*]")]
+    assert order == sorted(order)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"fields": [{"field": "x"}], "accounted": {}}))
+    with pytest.raises(ReportError, match="no numeric epsilon_lower_bound"):
+        load_audit(bad)
