@@ -392,18 +392,23 @@ def field_scores(values_in: Sequence[Any], values_out: Sequence[Any],
 
 def choose_threshold(scores_in: np.ndarray, scores_out: np.ndarray, delta: float,
                      confidence: float) -> tuple[float, float]:
-    """``(sign, cut)``: guess "canary in" when ``sign * score > cut``; the pair with the best
-    :func:`epsilon_bound` on these (calibration) scores, the first of equals."""
-    best, choice = -1.0, (1.0, math.inf)
+    """``(sign, cut)``: guess "canary in" when ``sign * score > cut``.
+
+    The pair with the best :func:`epsilon_bound` on these (calibration) scores;
+    among equals (all 0 where nothing separates), the one with the largest
+    ``TPR - FPR``, then the first.
+    """
+    best, choice = (-1.0, -1.0), (1.0, math.inf)
     for sign in (1.0, -1.0):
         signed_in, signed_out = sign * scores_in, sign * scores_out
         values = np.unique(np.concatenate([signed_in, signed_out]))
         for cut in np.concatenate([[values[0] - 1.0], (values[:-1] + values[1:]) / 2]):
-            bound = epsilon_bound(int(np.sum(signed_in > cut)), len(signed_in),
-                                  int(np.sum(signed_out > cut)), len(signed_out), delta,
-                                  confidence).epsilon
-            if bound > best:
-                best, choice = bound, (sign, float(cut))
+            true_pos, false_pos = int(np.sum(signed_in > cut)), int(np.sum(signed_out > cut))
+            merit = (epsilon_bound(true_pos, len(signed_in), false_pos, len(signed_out), delta,
+                                   confidence).epsilon,
+                     true_pos / len(signed_in) - false_pos / len(signed_out))
+            if merit > best:
+                best, choice = merit, (sign, float(cut))
     return choice
 
 
