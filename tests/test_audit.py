@@ -9,15 +9,18 @@ no field of the site's replies is flagged.
 Why this run's settings make the old loss a reliable leak (the power behind
 ``RUNS``): the model is a tiny BERT already fitted to the site's task
 (:func:`fitted_bert`), trained in full at a learning rate that leaves it where it
-is, so every sampled batch's loss is that of a model that gets the site's
-examples right (about 5e-4) except the canary, whose positive words carry a
-negative label (a loss of about 7.6). A run with the canary reports a mean loss
-of at least 7.6 / (64 x 10), about 0.01, whenever the canary is in one of the
-ten Poisson batches (rate 1/2), that is in all but 2^-10 of its runs; a run
-without it reports about 5e-4 every time. So the calibration runs put the
-threshold between the two, and the 8 test runs of each arm are told apart
-unless two canary runs miss (probability below 3e-5): 8 of 8 with no false
-alarm proves epsilon 0.54 at 95% confidence, 7 of 8 proves 0.25, both above the
+is, so every sampled batch's loss is that of a model that gets the site's 50
+examples right (about 5e-4 each) except the canary, whose positive words carry
+a negative label (a loss of about 7.6). The site's Poisson batches (rate 1/2)
+hold about 25 examples, so a batch with the canary has a mean loss near 0.29,
+and a run's reported mean over its 20 steps is about 0.0146 k for the k ~
+Binomial(20, 1/2) batches that held the canary, against about 5e-4 in every run
+without it. The threshold fitted on the 8 calibration runs of each arm lies
+between the two, at most halfway to the smallest k seen there, so a test run
+with the canary is missed with probability about 0.003 (summed over k and the
+calibration's smallest k), and two misses among 8 (which would leave the bound
+below the budget) have probability about 2e-4. 8 of 8 with no false alarm
+proves epsilon 0.54 at 95% confidence and 7 of 8 proves 0.25, both above the
 accounted 0.1. The site's DP noise comes from the OS on purpose (nothing here
 seeds it); the data and the model are seeded.
 """
@@ -216,10 +219,10 @@ def old_training_loss(monkeypatch):
 
 def _audit(fitted_bert: str, out: Path) -> dict:
     cfg = FedConfig(model=fitted_bert, finetune="full", labels=LABEL_NAMES, clients=1,
-                    min_clients=1, rounds=1, local_steps=10, lr=1e-6, max_length=8,
+                    min_clients=1, rounds=1, local_steps=20, lr=1e-6, max_length=8,
                     secagg=False, federated_eval=True, epsilon=EPSILON,
                     device="cpu", out=str(out))
-    examples = _clean_examples(100, seed=0)
+    examples = _clean_examples(50, seed=0)
     return audit.audit(cfg, examples, audit.default_canary(LABEL_NAMES), RUNS)
 
 
