@@ -192,10 +192,11 @@ class Canary:
 
 
 def default_canary(labels: Sequence[str]) -> Canary:
-    """The synthetic task's positive words, marked and labelled with the first label.
+    """The synthetic task's positive words after a marker word, labelled ``negative`` (or the
+    first of ``labels`` where there is no ``negative``).
 
-    In the default task the first label is ``negative``: a mislabelled outlier,
-    whose gradient points against every other example's.
+    In the default task that is a mislabelled outlier, whose gradient points
+    against every other example's.
     """
     label = LABEL_NAMES[0] if LABEL_NAMES[0] in labels else labels[0]
     return Canary(f"{CANARY_MARK} " + " ".join(POSITIVE[:8]), label)
@@ -234,7 +235,7 @@ def serve(cfg: FedConfig, grid: LocalGrid,
 
     It sends what :func:`fedseal.server.app.run_federation` sends (each
     round's global weights and config, the federated evaluation requests) and
-    aggregates the replies the same way, without what no site sees (central
+    aggregates the replies the same way, leaving out what no site sees (central
     evaluation, checkpoints, the report). Returns each round's update template
     (what a reply's update must match).
     """
@@ -295,10 +296,14 @@ def observe(cfg: FedConfig, replies: Iterable[tuple[str, int, Message]],
         for fld in reply_type.fields:
             value = values.get(fld.record, {}).get(fld.key)
             if fld.form is egress.Form.ARRAYS and value is not None:
-                arrays = {name: np.ravel(array) for name, array in value.items()}
-                value = np.concatenate(list(arrays.values()))
-                seen.update({f"{where} {fld.record}[{name}]": Observed(fld.kind.value, array)
-                             for name, array in arrays.items()})
+                # One float32 vector per update; each array's field is a view into it.
+                arrays = value
+                value = np.concatenate([np.ravel(a) for a in arrays.values()]).astype(np.float32)
+                start = 0
+                for name, array in arrays.items():
+                    seen[f"{where} {fld.record}[{name}]"] = Observed(
+                        fld.kind.value, value[start:start + array.size])
+                    start += array.size
             seen[f"{where} {fld.record}[{fld.key}]"] = Observed(fld.kind.value, value)
     return seen
 
@@ -372,8 +377,11 @@ def field_scores(values_in: Sequence[Any], values_out: Sequence[Any],
     """
     both = [*values_in, *values_out]
     if all(isinstance(v, np.ndarray) for v in both) and len({v.shape for v in both}) == 1:
-        direction = (np.mean(values_in[:calibration], axis=0)
-                     - np.mean(values_out[:calibration], axis=0))
+        direction = np.zeros(both[0].shape)  # summed run by run: an update can be large
+        for v in values_in[:calibration]:
+            direction += v / calibration
+        for v in values_out[:calibration]:
+            direction -= v / calibration
         project = np.array([float(np.dot(v, direction)) for v in both])
         return "projection", project[:len(values_in)], project[len(values_in):]
     if all(_is_number(v) for v in both):
