@@ -23,6 +23,8 @@ COMMANDS = {
     "ledger": ("fedseal.client.ledger_cli",
                "show a site's privacy ledger, raise its total, or recover it deliberately"),
     "report": ("fedseal.server.report_cli", "write a run's report page (RUN_DIR/report.html)"),
+    "audit": ("fedseal.simulations.audit",
+              "measure what one site's replies reveal about a planted record, against its budget"),
 }
 
 

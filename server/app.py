@@ -197,9 +197,7 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
         if admitted:
             names.authenticate(names_from_nodes(grid.get_nodes(), admitted))
         detail.info("round %d/%d: %d site(s) training", server_round, cfg.rounds, len(nodes))
-        content = RecordDict({"global": state_to_record(weights),
-                              "config": config_to_record(cfg, **{ROUND_KEY: server_round,
-                                                                 JOB_KEY: job})})
+        content = round_content(weights, cfg, job, server_round)
         template = update_template(weights, cfg, server_round)
         if cfg.secagg:
             from fedseal.server.secagg import secure_round
@@ -210,19 +208,7 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
             sums = sum_plain(replies, template, RoundSums(bytes_sent=sent),
                              train_reply_type(cfg, server_round), names,
                              weight_range(cfg, server_round), round_clip(cfg, server_round))
-        mean, vote_scale = sums.mean_update(), None
-        if mean is not None and is_vote_round(cfg, server_round):
-            mean, vote_scale = from_votes(mean, cfg.update_clip)
-        if mean is None:
-            log.warning("round %d: no site contributed; the global model is unchanged", server_round)
-        elif server_round <= stats_rounds(cfg):
-            # The sites' feature means and label proportions: their plain average,
-            # whatever the strategy (a server optimiser's state is for training
-            # rounds only); the proportions become the head's bias, the log prior.
-            weights = FedAvg(1.0).step(weights, mean)
-            weights[PRIOR_KEY] = prior_bias(weights[PRIOR_KEY])
-        else:
-            weights = strategy.step(weights, mean)
+        weights, vote_scale = next_weights(weights, sums, cfg, strategy, server_round)
         load_trainable(model, weights)
         model.to(device)
         logits = held_out_logits(model, eval_data, eval_features, cfg, device)
@@ -286,6 +272,37 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
     return summary
 
 
+def round_content(weights: dict[str, np.ndarray], cfg: FedConfig, job: str,
+                  server_round: int) -> RecordDict:
+    """What the server sends every site in round ``server_round``: the global weights and the
+    run's config, naming the job and the round."""
+    return RecordDict({"global": state_to_record(weights),
+                       "config": config_to_record(cfg, **{ROUND_KEY: server_round, JOB_KEY: job})})
+
+
+def next_weights(weights: dict[str, np.ndarray], sums: RoundSums, cfg: FedConfig,
+                 strategy: Strategy,
+                 server_round: int) -> tuple[dict[str, np.ndarray], float | None]:
+    """The global weights after round ``server_round``, and the vote round's scale (else None).
+
+    Unchanged when no site contributed.
+    """
+    mean, vote_scale = sums.mean_update(), None
+    if mean is not None and is_vote_round(cfg, server_round):
+        mean, vote_scale = from_votes(mean, cfg.update_clip)
+    if mean is None:
+        log.warning("round %d: no site contributed; the global model is unchanged", server_round)
+    elif server_round <= stats_rounds(cfg):
+        # The sites' feature means and label proportions: their plain average,
+        # whatever the strategy (a server optimiser's state is for training
+        # rounds only); the proportions become the head's bias, the log prior.
+        weights = FedAvg(1.0).step(weights, mean)
+        weights[PRIOR_KEY] = prior_bias(weights[PRIOR_KEY])
+    else:
+        weights = strategy.step(weights, mean)
+    return weights, vote_scale
+
+
 def held_out_logits(model, data, data_features, cfg: FedConfig, device):
     """The global model's logits on the server's held-out data.
 
@@ -321,9 +338,8 @@ def federated_evaluate(grid: Grid, nodes: list[int], weights, cfg: FedConfig, jo
     they trained in, with a DP release of accuracy and loss (no example count);
     refusals and malformed replies are logged.
     """
-    content = RecordDict({"global": state_to_record(weights),
-                          "config": config_to_record(cfg, **{ROUND_KEY: server_round, JOB_KEY: job})})
-    replies, _ = send(grid, nodes, content, "evaluate", cfg.timeout)
+    replies, _ = send(grid, nodes, round_content(weights, cfg, job, server_round), "evaluate",
+                      cfg.timeout)
     scores = []
     for reply in replies:
         site = names.of(reply)
@@ -360,4 +376,5 @@ def make_server_app(cfg: FedConfig | None = None) -> ServerApp:
 
 app = make_server_app()
 
-__all__ = ["app", "make_server_app", "run_federation"]
+__all__ = ["app", "federated_evaluate", "make_server_app", "next_weights", "round_content",
+           "run_federation"]
