@@ -126,7 +126,7 @@ def evaluate_round(content: RecordDict, context: Context) -> tuple[CommittedRoun
     noise, rate = (plan.noise_multiplier, plan.sample_rate) if plan else (0.0, 0.0)
     committed = commit_round(site.name, ledger, context, job, server_round, steps, job_epsilon,
                              plan.delta if plan else site.delta, {}, 0.0,
-                             noise_multiplier=noise, sample_rate=rate)
+                             noise_multiplier=noise, sample_rate=rate, evaluation=True)
     return committed, scores
 
 

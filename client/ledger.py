@@ -514,7 +514,8 @@ class PrivacyLedger:
         return grant
 
     def record(self, run: str, round: int, steps: int, epsilon: float, *,
-               noise_multiplier: float = 0.0, sample_rate: float = 0.0) -> LedgerEntry:
+               noise_multiplier: float = 0.0, sample_rate: float = 0.0,
+               evaluation: bool = False) -> LedgerEntry:
         """Record that after ``round`` of ``run`` the site has taken ``steps`` steps, spending ``epsilon``.
 
         Both numbers are cumulative within the job, whose grant
@@ -523,7 +524,8 @@ class PrivacyLedger:
         site. Recording the same round twice with the same numbers is a no-op.
         A round trained again (the server lost its result and asked again) is
         recorded as a second entry with more steps: its spend is real and
-        counts.
+        counts. So is an evaluation step after a round (``evaluation``: the
+        same kind of entry, one step more, without the warning a retrain gets).
 
         Returns
         -------
@@ -561,7 +563,7 @@ class PrivacyLedger:
                         f"with steps={e.steps}, epsilon={e.epsilon}, not steps={steps}, "
                         f"epsilon={epsilon}; a retried round adds steps, it cannot rewrite them"
                     )
-        if self.has_round(run, round):
+        if self.has_round(run, round) and not evaluation:
             log.warning("round %d of run %s is trained again (the server lost its result); "
                         "the extra spend counts", round, run)
         if steps < self.steps_done(run) or epsilon < self.epsilon_spent(run) * (1 - 1e-9):

@@ -87,7 +87,8 @@ def other_jobs_epsilon(ledger: PrivacyLedger | None, job: str) -> float:
 def commit_round(site: str, ledger: PrivacyLedger | None, context: Context, job: str,
                  round: int, steps: int, job_epsilon: float | None, job_delta: float,
                  update: Mapping[str, np.ndarray], weight: float, *,
-                 noise_multiplier: float = 0.0, sample_rate: float = 0.0) -> CommittedRound:
+                 noise_multiplier: float = 0.0, sample_rate: float = 0.0,
+                 evaluation: bool = False) -> CommittedRound:
     """Record the round's spend (ledger first, durably) and return the committed round.
 
     ``job_epsilon`` is the job's cumulative epsilon after ``steps`` steps, or
@@ -106,7 +107,7 @@ def commit_round(site: str, ledger: PrivacyLedger | None, context: Context, job:
     private = job_epsilon is not None
     if private and ledger is not None:
         ledger.record(job, round, steps, job_epsilon, noise_multiplier=noise_multiplier,
-                      sample_rate=sample_rate)
+                      sample_rate=sample_rate, evaluation=evaluation)
     if ledger is None:
         context.state[PROGRESS] = MetricRecord({"steps": steps})
     epsilon = other_jobs_epsilon(ledger, job) + job_epsilon if private else float("inf")
