@@ -49,6 +49,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import tomli_w
 
@@ -61,6 +62,9 @@ from fedseal.common.partition import dirichlet_partition, iid_partition, label_m
 from fedseal.common.secagg import generate_identity
 from fedseal.common.synthetic import synthetic_examples
 from fedseal.server.report import REPORT_FILE
+
+if TYPE_CHECKING:
+    from flwr.clientapp import ClientApp
 
 log = logging.getLogger("fedseal")  # the console
 detail = logging.getLogger("fedseal.simulate")  # the log file (-v: the console too)
@@ -157,16 +161,17 @@ def header(cfg: FedConfig, log_file: Path) -> list[str]:
     ]
 
 
-def simulate(cfg: FedConfig, verbose: bool = False) -> dict:
+def simulate(cfg: FedConfig, verbose: bool = False, client_app: "ClientApp | None" = None) -> dict:
     """Run a whole simulated federation; return the run summary.
 
     ``verbose`` forwards the virtual sites' (Ray actors') own output to the
     console; otherwise it stays in Ray's session logs, and the sites' libraries
     are kept quiet (:func:`fedseal.common.console.quiet_child_environment`).
+    ``client_app`` replaces fedseal's ClientApp (a benchmark's instrumented one).
     """
     from flwr.simulation import run_simulation
 
-    from fedseal.client.app import app as client_app
+    from fedseal.client.app import app as fedseal_client_app
     from fedseal.server.app import make_server_app
 
     cfg = prepare_sites(cfg)
@@ -189,7 +194,7 @@ def simulate(cfg: FedConfig, verbose: bool = False) -> dict:
     # GPU keeps CUDA_VISIBLE_DEVICES; fedseal's --device decides the device.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     started = time.monotonic()
-    run_simulation(server_app=make_server_app(cfg), client_app=client_app,
+    run_simulation(server_app=make_server_app(cfg), client_app=client_app or fedseal_client_app,
                    num_supernodes=cfg.clients, backend_config=backend)
     summary_path = Path(cfg.out) / "summary.json"
     if not summary_path.exists():
