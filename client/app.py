@@ -40,7 +40,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from fedseal.client import once, secagg
+from fedseal.client import cache, once, secagg
 from fedseal.client.ledger import LedgerError, PrivacyLedger
 from fedseal.client.pending import PendingUpdate, held, hold, pending_path, release
 from fedseal.client.policy import check_evaluate, check_train
@@ -85,10 +85,9 @@ def _examples(cfg: FedConfig, site: SiteSettings) -> Examples:
 
 def _global_model(msg: Message, cfg: FedConfig) -> tuple["nn.Module", object, dict[str, np.ndarray]]:
     """The local model holding the server's global weights, its tokenizer, and those weights."""
-    from fedseal.common.model import build_model, load_tokenizer, load_trainable, trainable_state
+    from fedseal.common.model import load_trainable, trainable_state
 
-    tokenizer = load_tokenizer(cfg)
-    model = build_model(cfg, cfg.labels)
+    model, tokenizer = cache.model_and_tokenizer(cfg)  # a working copy, built once per process
     template = to_numpy_state(trainable_state(model))
     try:
         global_state = record_to_state(msg.content["global"], template, what="global weights")
@@ -179,7 +178,6 @@ def _plan(context: Context, cfg: FedConfig, rec: "Recipe", site: SiteSettings, n
 def _train(msg: Message, context: Context) -> Message:
     from fedseal.client.probe import probe_round
     from fedseal.client.trainer import train_local
-    from fedseal.common.batches import encode
     from fedseal.common.dp_rule import recipe
     from fedseal.common.model import pick_device, trainable_state
     from fedseal.common.privacy import epsilon_spent
@@ -224,7 +222,7 @@ def _train(msg: Message, context: Context) -> Message:
                               f"it afresh is refused: {exc}") from None
             raise
         device = pick_device(site.device)
-        data = encode(tokenizer, examples, cfg.max_length)
+        data = cache.encoded(tokenizer, examples, cfg.max_length)
         if rec.mode == "probe":
             result = probe_round(model, data, rec, plan, server_round, device,
                                  feature_cache(site))
@@ -284,7 +282,7 @@ def evaluate_site(msg: Message, context: Context) -> Message:
     """
     _deployment_logging(context)
     try:
-        from fedseal.common.batches import encode, evaluate
+        from fedseal.common.batches import evaluate
         from fedseal.common.model import pick_device
 
         cfg = record_to_config(msg.content["config"])
@@ -304,7 +302,7 @@ def evaluate_site(msg: Message, context: Context) -> Message:
         model, tokenizer, _ = _global_model(msg, cfg)
         device = pick_device(site.device)
         model.to(device)
-        scores = evaluate(model, encode(tokenizer, examples, cfg.max_length),
+        scores = evaluate(model, cache.encoded(tokenizer, examples, cfg.max_length),
                           batch_size=cfg.eval_batch_size, num_labels=len(cfg.labels), device=device)
         return evaluate_reply(msg, site.name, scores)
     except (Refusal, DataError, ConfigError, once.OnceError) as exc:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from fedseal.client import once
+from fedseal.client import cache, once
 from fedseal.client.site import SiteSettings
 from fedseal.common.config import ConfigError, FedConfig
 from fedseal.common.secagg import (ClientState, Identity, Roster, RoundContext, SecAggError,
@@ -75,13 +75,14 @@ def _read(path: Path | None, what: str, flag: str) -> bytes:
 
 def load_identity(path: Path | None) -> Identity:
     """The site's signing key from its ``identity-key`` file."""
-    return Identity.from_private_bytes(_read(path, "signing key", "identity-key"))
+    return cache.parsed(_read(path, "signing key", "identity-key"), Identity.from_private_bytes)
 
 
 def load_roster(path: Path | None) -> Roster:
     """The roster of accepted sites from the site's ``peers`` file."""
     try:
-        return Roster.from_text(_read(path, "roster of accepted sites", "peers").decode("utf-8"))
+        return cache.parsed(_read(path, "roster of accepted sites", "peers"),
+                            lambda data: Roster.from_text(data.decode("utf-8")))
     except UnicodeDecodeError:
         raise ConfigError(f"the peers file {path} is not text (OpenSSH .pub lines)") from None
 

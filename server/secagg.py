@@ -47,7 +47,7 @@ from fedseal.common.secagg_wire import (ADVERT, B_SHARES, BUNDLE, CHALLENGE, CIP
                                 round_parameters, unpack_shares, unpack_table)
 from fedseal.common.vote import round_clip
 from fedseal.common.weights import weight_range
-from fedseal.server.aggregate import RoundSums, message_bytes, send, site_of, triage
+from fedseal.server.aggregate import RoundSums, is_timed_out, message_bytes, send, site_of, triage
 
 log = logging.getLogger("fedseal")
 
@@ -89,6 +89,8 @@ class _Round:
             if reply.has_error():
                 reason = reply.error.reason.splitlines()[-1] if reply.error.reason else "error"
                 self.fail(node, f"dropped at {stage}: {reason}")
+                if is_timed_out(reply):
+                    self.sums.timed_out.append(self.name(node))
                 continue
             self.sums.bytes_received += message_bytes(reply.content)
             try:
@@ -193,8 +195,10 @@ def secure_round(grid: Grid, nodes: list[int], content: RecordDict,
         flat, weight_sum = decode_sum(total, n, len(server.survivors),
                                       weight_range(cfg, server_round), clip)
     except (ProtocolAbort, SumRangeError) as exc:
-        log.warning("round %d abandoned, the global model stays as it was: %s", server_round, exc)
-        sums.abandoned = str(exc)
+        sums.abandoned = str(exc) + (f" ({len(sums.timed_out)} site(s) timed out: raise --timeout "
+                                     "if they are slow rather than gone)" if sums.timed_out else "")
+        log.warning("round %d abandoned, the global model stays as it was: %s", server_round,
+                    sums.abandoned)
         sums.update_sum, sums.weight_sum = None, 0.0
         return sums
     sums.update_sum = dict(unflatten(flat, template))

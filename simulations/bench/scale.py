@@ -102,11 +102,18 @@ SECAGG_STAGES = ("train.secagg_share_keys", "train.secagg_masked_input",
 
 
 class PhaseTimer:
-    """Exclusive wall time per phase, per thread's call stack."""
+    """Exclusive wall and CPU seconds per phase, per thread's call stack.
 
-    def __init__(self) -> None:
-        self.totals: dict[str, float] = defaultdict(float)
-        self.calls: dict[str, int] = defaultdict(int)
+    ``cpu`` is the CPU clock: ``time.process_time`` for a site's process (its torch
+    threads included), ``time.thread_time`` for the server's thread (the driver's
+    other threads, Flower's and Ray's, are counted apart). CPU seconds hardly
+    depend on what else the shared machine runs; wall seconds do.
+    """
+
+    def __init__(self, cpu: Callable[[], float] = time.process_time) -> None:
+        self.cpu = cpu
+        self.wall: dict[str, float] = defaultdict(float)
+        self.cpu_seconds: dict[str, float] = defaultdict(float)
         self._local = threading.local()
         self._lock = threading.Lock()
 
@@ -116,40 +123,41 @@ class PhaseTimer:
 
         def timed(*args, **kwargs):
             stack = timer._stack()
-            stack.append(0.0)  # time spent in nested phases
-            started = time.perf_counter()
+            stack.append([0.0, 0.0])  # wall and CPU seconds spent in nested phases
+            wall, cpu = time.perf_counter(), timer.cpu()
             try:
                 return fn(*args, **kwargs)
             finally:
-                elapsed = time.perf_counter() - started
+                wall, cpu = time.perf_counter() - wall, timer.cpu() - cpu
                 nested = stack.pop()
                 with timer._lock:
-                    timer.totals[phase] += elapsed - nested
-                    timer.calls[phase] += 1
-                if stack:
-                    stack[-1] += elapsed
+                    timer.wall[phase] += wall - nested[0]
+                    timer.cpu_seconds[phase] += cpu - nested[1]
+                timer.add_nested(wall, cpu)
 
         timed.__wrapped__ = fn  # type: ignore[attr-defined]
         timed.__name__ = getattr(fn, "__name__", phase)
         return timed
 
-    def _stack(self) -> list[float]:
+    def _stack(self) -> list[list[float]]:
         if not hasattr(self._local, "stack"):
             self._local.stack = []
         return self._local.stack
 
-    def add_nested(self, seconds: float) -> None:
-        """Count ``seconds`` spent elsewhere (a site's message) as nested in the current phase."""
+    def add_nested(self, wall: float, cpu: float) -> None:
+        """Count seconds spent elsewhere (a site's message) as nested in the current phase."""
         stack = self._stack()
         if stack:
-            stack[-1] += seconds
+            stack[-1][0] += wall
+            stack[-1][1] += cpu
 
-    def take(self) -> dict[str, float]:
-        """The totals so far, then zero."""
+    def take(self) -> dict[str, dict[str, float]]:
+        """``{"wall": {phase: s}, "cpu": {phase: s}}`` so far, then zero."""
         with self._lock:
-            out = {k: round(v, 6) for k, v in self.totals.items() if v}
-            self.totals.clear()
-            self.calls.clear()
+            out = {"wall": {k: round(v, 6) for k, v in self.wall.items() if v},
+                   "cpu": {k: round(v, 6) for k, v in self.cpu_seconds.items() if v}}
+            self.wall.clear()
+            self.cpu_seconds.clear()
         return out
 
 
@@ -179,7 +187,7 @@ def install(timer: PhaseTimer, phases: Sequence[tuple[str, str, str]]) -> None:
 
 _CLIENT_TIMER: PhaseTimer | None = None
 _SERVER_TIMER: PhaseTimer | None = None
-_SERVER_ROUNDS: list[dict[str, float]] = []
+_SERVER_ROUNDS: list[dict[str, dict[str, float]]] = []
 
 
 def _client_timer() -> PhaseTimer:
@@ -197,7 +205,7 @@ def _server_timer() -> PhaseTimer:
     if _SERVER_TIMER is None:
         import fedseal.server.app as server_app
 
-        _SERVER_TIMER = timer = PhaseTimer()
+        _SERVER_TIMER = timer = PhaseTimer(cpu=time.thread_time)
         install(timer, SERVER_PHASES)
         timed_checkpoint = server_app.save_checkpoint
 
@@ -238,54 +246,74 @@ class ProfiledClientApp(ClientApp):
 
         timer = _client_timer()
         timer.take()
-        started = time.perf_counter()
+        wall, cpu, own = time.perf_counter(), time.process_time(), time.thread_time()
         reply = app(message, context)
-        seconds = time.perf_counter() - started
-        if _SERVER_TIMER is not None:  # the local engine: the server waited for this
-            _SERVER_TIMER.add_nested(seconds)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        if _SERVER_TIMER is not None:  # the local engine: the server's thread waited for this
+            _SERVER_TIMER.add_nested(wall, time.thread_time() - own)
+        phases = timer.take()
         row = {"pid": os.getpid(), "type": message.metadata.message_type,
                "round": _message_round(message), "node": context.node_id,
-               "seconds": round(seconds, 6), "phases": timer.take(),
+               "seconds": round(wall, 6), "cpu_seconds": round(cpu, 6),
+               "phases": phases["wall"], "phases_cpu": phases["cpu"],
                "threads": torch.get_num_threads()}
         with open(Path(self.log_dir) / f"client-{os.getpid()}.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
         return reply
 
 
-class MemoryPeak:
-    """Peak resident memory of this process and all its descendants, sampled every 0.5 s."""
+class ProcessTree:
+    """Peak resident memory and CPU seconds of this process and all its descendants.
+
+    Sampled every 0.5 s (a process's CPU is its last sample's; shared pages count
+    once per process, so memory is overstated). ``driver_cpu`` is this process's
+    own, its threads all together (the server's, Flower's engine and Ray's client).
+    """
 
     def __init__(self) -> None:
         import psutil
 
         self._me = psutil.Process()
         self.peak = 0
+        self._cpu: dict[int, float] = {}
+        self._start = sum(self._me.cpu_times()[:2])
+        self.driver_cpu = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self) -> int:
+    def _sample(self) -> None:
         import psutil
 
         total = 0
         for proc in [self._me, *self._me.children(recursive=True)]:
             try:
-                total += proc.memory_info().rss
+                with proc.oneshot():
+                    total += proc.memory_info().rss
+                    times = proc.cpu_times()
+                self._cpu[proc.pid] = times.user + times.system
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
-        return total
+        self.peak = max(self.peak, total)
+
+    @property
+    def cpu(self) -> float:
+        """CPU seconds of the whole tree while it was watched."""
+        return sum(self._cpu.values()) - self._start
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._sample())
+            self._sample()
             self._stop.wait(0.5)
 
-    def __enter__(self) -> "MemoryPeak":
+    def __enter__(self) -> "ProcessTree":
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self._sample()
+        self.driver_cpu = sum(self._me.cpu_times()[:2]) - self._start
 
 
 def _synthetic_task(work: Path, examples: int, seed: int) -> tuple[str, str]:
@@ -323,7 +351,7 @@ def run_one(engine: str, sites: int, work: Path, rounds: int, examples_per_site:
     _SERVER_ROUNDS.clear()
     load_before = os.getloadavg()
     started = time.monotonic()
-    with MemoryPeak() as memory:
+    with ProcessTree() as tree:
         if engine == "local":
             import torch
 
@@ -336,14 +364,30 @@ def run_one(engine: str, sites: int, work: Path, rounds: int, examples_per_site:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     client = [json.loads(line) for path in sorted(logs.glob("client-*.jsonl"))
               for line in path.read_text().splitlines()]
-    return summarise_run(engine, sites, rows, client, list(_SERVER_ROUNDS), wall=wall,
-                         memory=memory.peak, load=(load_before, os.getloadavg()))
+    run = summarise_run(engine, sites, rows, client, list(_SERVER_ROUNDS))
+    run.update(wall_seconds=round(wall, 1), cpu_seconds=round(tree.cpu, 1),
+               driver_cpu_seconds=round(tree.driver_cpu, 1), peak_rss_mib=round(tree.peak / 2**20),
+               load_before=[round(x, 2) for x in load_before],
+               load_after=[round(x, 2) for x in os.getloadavg()])
+    return run
+
+
+def _per_site(messages: list[dict], key: str, count: int) -> dict[str, float]:
+    """Each phase's seconds (``phases`` or ``phases_cpu``) summed over ``messages``, per site;
+    what the handlers spent outside every named phase is ``other``."""
+    total_key = "seconds" if key == "phases" else "cpu_seconds"
+    phases: dict[str, float] = defaultdict(float)
+    for m in messages:
+        for name, seconds in m[key].items():
+            phases[name] += seconds
+        phases["other"] += m[total_key] - sum(m[key].values())
+    return {k: round(v / count, 5) for k, v in sorted(phases.items())}
 
 
 def summarise_run(engine: str, sites: int, rows: list[dict], client: list[dict],
-                  server: list[dict[str, float]], *, wall: float, memory: int,
-                  load: tuple[tuple[float, ...], tuple[float, ...]]) -> dict[str, Any]:
-    """One run's report: rounds, per-site-round client phases, server phases, SecAgg+ per site."""
+                  server: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
+    """Per round: the metrics line's time, a site's phases (wall and CPU), SecAgg+ per site,
+    and the server's phases."""
     from fedseal.common.secagg import default_k
 
     by_round: dict[int, list[dict]] = defaultdict(list)
@@ -353,44 +397,40 @@ def summarise_run(engine: str, sites: int, rows: list[dict], client: list[dict],
     for row, server_phases in zip(rows, server):
         messages = by_round.get(row["round"], [])
         train = [m for m in messages if m["type"] == "train"]
-        phases: dict[str, float] = defaultdict(float)
-        for m in train:
-            for name, seconds in m["phases"].items():
-                phases[name] += seconds
-            phases["other (train handler)"] += m["seconds"] - sum(m["phases"].values())
-        stages = {t: sum(m["seconds"] for m in messages if m["type"] == t) for t in SECAGG_STAGES}
-        advert = sum(m["phases"].get("secagg keys and encoding", 0.0) for m in train)
-        n_train = max(len(train), 1)
-        handled = sum(m["seconds"] for m in messages)
+        count = max(len(train), 1)
+        secagg = {}
+        for clock, total, phases in (("wall", "seconds", "phases"), ("cpu", "cpu_seconds", "phases_cpu")):
+            stages = {t.split(".")[-1]: sum(m[total] for m in messages if m["type"] == t) / count
+                      for t in SECAGG_STAGES}
+            stages["advert (in train)"] = sum(m[phases].get("secagg keys and encoding", 0.0)
+                                              for m in train) / count
+            secagg[clock] = {"per_site": round(sum(stages.values()), 5),
+                             "stages": {k: round(v, 5) for k, v in stages.items()}}
+        own = {clock: round(sum(v for k, v in server_phases[clock].items() if k != "send and wait"), 3)
+               for clock in ("wall", "cpu")}
         rounds.append({
             "round": row["round"],
             "seconds": row["seconds"],
             "contributors": len(row["contributors"]),
             "failed": len(row["failed"]),
+            "timed_out": len(row.get("timed_out", [])),
             "abandoned": row["abandoned"],
             "accuracy": row["accuracy"],
-            "client_seconds_total": round(handled, 3),
-            "client_train_per_site": {k: round(v / n_train, 5) for k, v in sorted(phases.items())},
-            "client_train_seconds_per_site": round(sum(m["seconds"] for m in train) / n_train, 5),
-            "secagg_seconds_per_site": round((sum(stages.values()) + advert) / n_train, 5),
-            "secagg_stage_seconds_per_site": {k.split(".")[-1]: round(v / n_train, 5)
-                                              for k, v in stages.items()},
-            "server_phases": server_phases,
-            "server_own_seconds": round(sum(v for k, v in server_phases.items()
-                                            if k != "send and wait"), 3),
-            "engine_and_wait_seconds": round(server_phases.get("send and wait", 0.0), 3),
+            "site_messages": len(messages),
+            "site_seconds": {"wall": round(sum(m["seconds"] for m in messages), 3),
+                             "cpu": round(sum(m["cpu_seconds"] for m in messages), 3)},
+            "train_per_site": {"wall": _per_site(train, "phases", count),
+                               "cpu": _per_site(train, "phases_cpu", count)},
+            "secagg": secagg,
+            "server": {**server_phases, "own": own,
+                       "send and wait": round(server_phases["wall"].get("send and wait", 0.0), 3)},
         })
-    processes = sorted({m["pid"] for m in client})
     return {
         "engine": engine,
         "sites": sites,
         "k": default_k(sites),
-        "wall_seconds": round(wall, 1),
         "round_seconds": [r["seconds"] for r in rounds],
-        "peak_rss_mib": round(memory / 2**20),
-        "load_before": [round(x, 2) for x in load[0]],
-        "load_after": [round(x, 2) for x in load[1]],
-        "client_processes": len(processes),
+        "client_processes": len({m["pid"] for m in client}),
         "torch_threads_in_clients": sorted({m["threads"] for m in client}),
         "final_accuracy": rounds[-1]["accuracy"] if rounds else None,
         "rounds": rounds,
@@ -398,26 +438,31 @@ def summarise_run(engine: str, sites: int, rows: list[dict], client: list[dict],
 
 
 def secagg_fit(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """SecAgg+ seconds per site against ``k`` (= 2 ceil(log2 n)): least squares ``a + b k`` per engine."""
+    """SecAgg+ CPU seconds per site and round against ``k`` (= 2 ceil(log2 n)), per engine.
+
+    Each run's point is the median over its rounds; with two ``k`` or more, the
+    least-squares line ``a + b k`` and, between the smallest and the largest
+    federation, how much the cost per site grew beside how much ``log2 n`` and
+    ``n`` grew.
+    """
     import numpy as np
 
     fits = {}
     for engine in sorted({r["engine"] for r in runs}):
-        points = sorted((r["sites"], r["k"], float(np.median([x["secagg_seconds_per_site"]
-                                                                for x in r["rounds"]])))
+        points = sorted((r["sites"], r["k"],
+                         float(np.median([x["secagg"]["cpu"]["per_site"] for x in r["rounds"]])))
                         for r in runs if r["engine"] == engine and r["rounds"])
-        entry: dict[str, Any] = {"points": [{"sites": n, "k": k, "seconds_per_site": round(s, 5)}
-                                            for n, k, s in points]}
+        entry: dict[str, Any] = {"points": [{"sites": n, "k": k, "cpu_seconds_per_site": round(y, 5)}
+                                            for n, k, y in points]}
         if len({k for _, k, _ in points}) >= 2:
             ks = np.array([k for _, k, _ in points], dtype=float)
-            ys = np.array([s for _, _, s in points])
+            ys = np.array([y for _, _, y in points])
             b, a = np.polyfit(ks, ys, 1)
+            (n0, _, y0), (n1, _, y1) = points[0], points[-1]
             entry.update(a=round(float(a), 6), b_per_neighbour=round(float(b), 6),
-                         residuals=[round(float(y - (a + b * k)), 6) for k, y in zip(ks, ys)])
-            if len(points) >= 2:
-                (n0, _, s0), (n1, _, s1) = points[0], points[-1]
-                entry["growth"] = {"sites_ratio": n1 / n0, "seconds_per_site_ratio": round(s1 / s0, 3),
-                                   "log2_sites_ratio": round(np.log2(n1) / np.log2(n0), 3)}
+                         residuals=[round(float(y - (a + b * k)), 6) for k, y in zip(ks, ys)],
+                         growth={"sites": n1 / n0, "log2_sites": round(np.log2(n1) / np.log2(n0), 3),
+                                 "cpu_seconds_per_site": round(y1 / y0, 3)})
         fits[engine] = entry
     return fits
 
@@ -452,35 +497,36 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     ax = axes[1]
     labels, stacks = [], defaultdict(list)
-    names = sorted({p for r in runs for x in r["rounds"][-1:] for p in x["client_train_per_site"]})
+    names = sorted({p for r in runs for x in r["rounds"][-1:] for p in x["train_per_site"]["cpu"]})
     for r in sorted(runs, key=lambda r: (r["engine"], r["sites"])):
         if not r["rounds"]:
             continue
         last = r["rounds"][-1]
         labels.append(f"{r['engine']}\n{r['sites']}")
         for name in names:
-            stacks[name].append(last["client_train_per_site"].get(name, 0.0))
-        stacks["secagg stages"].append(sum(last["secagg_stage_seconds_per_site"].values()))
+            stacks[name].append(last["train_per_site"]["cpu"].get(name, 0.0))
+        stages = last["secagg"]["cpu"]["stages"]
+        stacks["secagg stages"].append(sum(v for k, v in stages.items() if not k.startswith("advert")))
     bottom = np.zeros(len(labels))
     cmap = plt.get_cmap("tab20")
     for i, (name, values) in enumerate(stacks.items()):
         ax.bar(labels, values, bottom=bottom, label=name, color=cmap(i % 20))
         bottom += np.array(values)
-    ax.set_ylabel("seconds per site, last round")
-    ax.set_title("a site's round, phase by phase (in its process)")
+    ax.set_ylabel("CPU seconds per site, last round")
+    ax.set_title("a site's round, phase by phase")
     ax.legend(fontsize=6, ncol=2)
 
     ax = axes[2]
     for engine, fit in report["secagg_per_site"].items():
         ks = [p["k"] for p in fit["points"]]
-        ax.plot(ks, [p["seconds_per_site"] * 1e3 for p in fit["points"]], "o", label=engine)
+        ax.plot(ks, [p["cpu_seconds_per_site"] * 1e3 for p in fit["points"]], "o", label=engine)
         for p in fit["points"]:
-            ax.annotate(f"n={p['sites']}", (p["k"], p["seconds_per_site"] * 1e3), fontsize=7)
+            ax.annotate(f"n={p['sites']}", (p["k"], p["cpu_seconds_per_site"] * 1e3), fontsize=7)
         if "a" in fit:
             grid = np.linspace(min(ks), max(ks), 20)
             ax.plot(grid, (fit["a"] + fit["b_per_neighbour"] * grid) * 1e3, "--")
     ax.set_xlabel("k = 2 ceil(log2 n) neighbours")
-    ax.set_ylabel("ms per site and round")
+    ax.set_ylabel("CPU ms per site and round")
     ax.set_title("SecAgg+ cost per site (advert + 4 stages)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -527,8 +573,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             for engine in engines:
                 log.warning("%s engine, %d sites ...", engine, n)
                 run = run_one(engine, n, work, args.rounds, args.examples_per_site, args.timeout)
-                log.warning("%s engine, %d sites: rounds %s s, wall %.1f s, peak %d MiB",
-                            engine, n, run["round_seconds"], run["wall_seconds"], run["peak_rss_mib"])
+                log.warning("%s engine, %d sites: rounds %s s, wall %.1f s, CPU %.1f s, peak %d MiB, "
+                            "load %s", engine, n, run["round_seconds"], run["wall_seconds"],
+                            run["cpu_seconds"], run["peak_rss_mib"], run["load_before"])
                 report["runs"].append(run)
                 report["secagg_per_site"] = secagg_fit(report["runs"])
                 emit_report(report, args.json.with_name(args.json.name + ".partial"), quiet=True)
