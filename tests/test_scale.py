@@ -393,3 +393,30 @@ def test_simulate_joins_a_running_ray_cluster(tiny_bert, tmp_path, ray_head, mon
     actors = [path.read_text(errors="replace") for path in (temp / "session_latest" / "logs").glob(
         "worker-*.out")]
     assert sum(":actor_name:ClientAppActor" in text for text in actors) == 2  # 2 CPUs, 1 each
+
+
+def test_the_console_names_timed_out_sites_and_fails_a_run_that_never_trained(tmp_path, capsys):
+    from fedseal.simulations.simulate import run_problems
+
+    cfg = FedConfig(timeout=30, out=str(tmp_path))
+    metrics = tmp_path / "metrics.jsonl"
+
+    def write(*rows):
+        metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    stats = {"round": 1, "abandoned": "", "timed_out": []}
+    late = {"round": 2, "abandoned": "", "timed_out": ["site-7", "1234"]}
+    write(stats, late)
+    assert run_problems(cfg, metrics) == 0
+    said = capsys.readouterr().out
+    assert "2 site(s) timed out (no answer within 30s" in said and "1234, site-7;" in said
+    assert "raise --timeout" in said
+    lost = {"round": 2, "abandoned": "too few sites", "timed_out": ["1234"]}
+    write(stats, lost, {**lost, "round": 3})
+    assert run_problems(cfg, metrics) == 1
+    said = capsys.readouterr().out
+    assert "round 3 was abandoned, the model unchanged by it: too few sites" in said
+    assert "every training round was abandoned" in said
+    write({**stats, "abandoned": "no site"}, late)  # a lost statistics round is warned about
+    assert run_problems(cfg, metrics) == 0
+    assert "round 1 was abandoned" in capsys.readouterr().out
