@@ -51,8 +51,9 @@ MODELS = 2
 """Pristine models kept per process (a simulation has one; a test may switch)."""
 DATA_BYTES = 512 * 2**20
 """Tokenised tensors kept per process, in bytes (the default task's 6,000 examples take 6 MiB)."""
-PARSED = 64
-"""Parsed key files and rosters kept per process."""
+PARSED = 10_000
+"""Parsed key files and rosters kept per process (a simulation's process parses one key per
+virtual site it serves, and the roster)."""
 
 _lock = threading.Lock()
 _models: "OrderedDict[tuple, tuple[nn.Module, object, tuple]]" = OrderedDict()

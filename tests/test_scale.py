@@ -420,3 +420,14 @@ def test_the_console_names_timed_out_sites_and_fails_a_run_that_never_trained(tm
     write({**stats, "abandoned": "no site"}, late)  # a lost statistics round is warned about
     assert run_problems(cfg, metrics) == 0
     assert "round 1 was abandoned" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("n, k", [(5, 4), (12, 4), (40, 12), (9, 8)])
+def test_a_rounds_graph_is_the_ring_of_neighbours(n, k):
+    from fedseal.common.secagg import RoundContext, neighbours
+
+    ids = [2**63 + 7919 * (i + 1) for i in range(n)][::-1]
+    ctx = RoundContext(7, 1, ids, k, k // 2 + 2, b"\x01" * 32)
+    assert set(ctx.graph) == set(ids) and len(ctx.graph) == n
+    assert {node: ctx.graph[node] for node in ids} == neighbours(ids, k)
+    assert 2**63 not in ctx.graph
