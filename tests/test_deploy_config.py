@@ -179,7 +179,8 @@ def test_proxy_config_forwards_only_the_fleet_api(tmp_path):
     assert config["admin"]["disabled"] is True
     server = config["apps"]["http"]["servers"]["fleet"]
     forward, refuse = server["routes"]
-    assert forward["match"] == [{"method": ["POST"], "path": list(FLEET_PATHS)}]
+    assert forward["match"] == [{"method": ["POST"],
+                                 "vars": {"{http.request.orig_uri}": list(FLEET_PATHS)}}]
     assert forward["handle"][0]["upstreams"] == [{"dial": "127.0.0.1:9094"}]
     assert forward["handle"][0]["transport"]["tls"]["ca"]["pem_files"] == [str(tmp_path / "ca.pem")]
     assert "match" not in refuse and refuse["handle"][0]["status_code"] == 404
