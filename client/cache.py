@@ -21,7 +21,11 @@ kept here is keyed by everything it is derived from, never by who asks:
   maximum length (:func:`encoded`): a site gets back the tensors of exactly the
   examples it holds, whoever tokenised the same examples first;
 * **parsed keys and rosters** by the digest of the file's bytes (:func:`parsed`):
-  a site gets the parse of exactly the bytes it read from its own file.
+  a site gets the parse of exactly the bytes it read from its own file;
+* **objects one message hands to the next** (:func:`keep`, :func:`take`), such as
+  a site's SecAgg+ state, by a key the caller derives from the object's own
+  exported record (which holds the site's secrets): a kept object is taken
+  once, by the message that presents that very record.
 
 Memory is bounded (:data:`DATA_BYTES` for tokenised data, :data:`MODELS`
 models); the oldest entries go first.
@@ -34,7 +38,7 @@ import hashlib
 import logging
 import threading
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, Hashable, TypeVar
 
 if TYPE_CHECKING:
     from torch import nn
@@ -54,11 +58,14 @@ DATA_BYTES = 512 * 2**20
 PARSED = 10_000
 """Parsed key files and rosters kept per process (a simulation's process parses one key per
 virtual site it serves, and the roster)."""
+LIVE = 10_000
+"""Objects handed from one message to the next (:func:`keep`, :func:`take`) per process."""
 
 _lock = threading.Lock()
 _models: "OrderedDict[tuple, tuple[nn.Module, object, tuple]]" = OrderedDict()
 _data: "OrderedDict[tuple, TensorDataset]" = OrderedDict()
 _parsed: "OrderedDict[tuple, object]" = OrderedDict()
+_live: "OrderedDict[Hashable, object]" = OrderedDict()
 
 
 def model_key(cfg: "FedConfig") -> tuple:
@@ -163,13 +170,29 @@ def parsed(data: bytes, parse: Callable[[bytes], T]) -> T:
     return value
 
 
+def keep(key: Hashable, value: object) -> None:
+    """Hand ``value`` on to the next message that asks for ``key`` (:func:`take`)."""
+    with _lock:
+        _live[key] = value
+        _live.move_to_end(key)
+        while len(_live) > LIVE:
+            _live.popitem(last=False)
+
+
+def take(key: Hashable) -> object | None:
+    """The value kept under ``key``, now no longer kept (None if there is none)."""
+    with _lock:
+        return _live.pop(key, None)
+
+
 def clear() -> None:
     """Forget everything kept (tests; a long-lived process that wants its memory back)."""
     with _lock:
         _models.clear()
         _data.clear()
         _parsed.clear()
+        _live.clear()
 
 
-__all__ = ["DATA_BYTES", "MODELS", "PARSED", "clear", "encoded", "model_and_tokenizer",
-           "model_key", "parsed"]
+__all__ = ["DATA_BYTES", "LIVE", "MODELS", "PARSED", "clear", "encoded", "keep",
+           "model_and_tokenizer", "model_key", "parsed", "take"]

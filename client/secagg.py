@@ -28,6 +28,7 @@ from fedseal.client.site import SiteSettings
 from fedseal.common.config import ConfigError, FedConfig
 from fedseal.common.secagg import (ClientState, Identity, Roster, RoundContext, SecAggError,
                            UnmaskRefusedError)
+from fedseal.common.secagg.client import state_digest
 from fedseal.common.secagg.messages import Advert, ShareMessage
 from fedseal.common.secagg_wire import (ADVERT, BUNDLE, CHALLENGE, CIPHERTEXTS, COMPLAINTS, B_SHARES, K,
                                 MASKED, NODES, RECORD, ROUND, ROUTED, SEEDS, SHARES, SIGNATURE,
@@ -120,18 +121,32 @@ def _site(context: Context) -> ConfigRecord:
 
 
 def _load(context: Context) -> ClientState:
+    """The protocol state the last stage saved: the live object this process kept for exactly
+    that record, else rebuilt (and fully checked) from the record."""
     info = _site(context)
     if STATE not in context.state:
         raise ValueError("no secure-aggregation round in progress at this site "
                          "(it restarted, or the stage arrived out of order)")
-    return ClientState.restore_state(
-        dict(context.state[STATE].items()),
-        identity=load_identity(Path(str(info["identity-key"]))),
-        roster=load_roster(Path(str(info["peers"]))))
+    data = dict(context.state[STATE].items())
+    identity = load_identity(Path(str(info["identity-key"])))
+    roster = load_roster(Path(str(info["peers"])))
+    live = cache.take(_live_key(context, data))
+    if isinstance(live, ClientState) and live.identity is identity and live.roster is roster:
+        return live
+    return ClientState.restore_state(data, identity=identity, roster=roster)
 
 
 def _save(context: Context, state: ClientState) -> None:
-    context.state[STATE] = ConfigRecord(state.export_state())
+    data = state.export_state()
+    context.state[STATE] = ConfigRecord(data)
+    cache.keep(_live_key(context, data), state)
+
+
+def _live_key(context: Context, data: dict) -> tuple:
+    """Names a saved state by its node and the digest of its record (which holds its secrets)."""
+    record = data.get("state")
+    digest = state_digest(bytes(record)) if isinstance(record, (bytes, bytearray)) else b""
+    return (STATE, context.node_id, digest)
 
 
 def _clear(context: Context) -> None:
