@@ -431,3 +431,31 @@ def test_a_rounds_graph_is_the_ring_of_neighbours(n, k):
     assert set(ctx.graph) == set(ids) and len(ctx.graph) == n
     assert {node: ctx.graph[node] for node in ids} == neighbours(ids, k)
     assert 2**63 not in ctx.graph
+
+
+def test_a_sites_secagg_state_is_handed_on_once_and_else_rebuilt_from_its_record(tmp_path):
+    from flwr.app import ConfigRecord, Context, RecordDict
+
+    from fedseal.client import secagg as site_secagg
+    from fedseal.client.site import simulation_key_file, simulation_roster_file
+    from fedseal.common.secagg import ClientState, RoundContext
+    from fedseal.simulations.simulate import write_site_keys
+
+    write_site_keys(tmp_path, 3)
+    key, peers = simulation_key_file(tmp_path, 0), simulation_roster_file(tmp_path)
+
+    def context(node: int, state: RecordDict) -> Context:
+        state[site_secagg.SITE] = ConfigRecord({"job": "j", "identity-key": str(key),
+                                                "peers": str(peers), "record": ""})
+        return Context(run_id=7, node_id=node, node_config={}, state=state, run_config={})
+
+    mine = context(11, RecordDict())
+    state = ClientState(11, RoundContext(7, 1, [11, 12, 13], 2, 2, b"\x01" * 32),
+                        identity=site_secagg.load_identity(key), roster=site_secagg.load_roster(peers))
+    state.advertise_keys()
+    site_secagg._save(mine, state)
+    assert site_secagg._load(mine) is state  # the next stage gets the live object ...
+    rebuilt = site_secagg._load(mine)  # ... once: a second load rebuilds it from the record
+    assert rebuilt is not state and rebuilt.export_state() == state.export_state()
+    site_secagg._save(mine, state)
+    assert site_secagg._load(context(12, mine.state)) is not state  # another node's record
