@@ -120,6 +120,7 @@ class SiteSettings:
     ledger_key: Path | None = None
     identity_key: Path | None = None
     peers: Path | None = None
+    feature_dir: Path | None = None  # where it caches pooled features (:func:`feature_cache`)
 
 
 def simulation_site_file(out_dir: str | Path, partition_id: int) -> Path:
@@ -146,8 +147,15 @@ def ledger_path(node_config: Mapping[str, object]) -> Path | None:
 
 def feature_cache(site: "SiteSettings") -> Path | None:
     """Where the site caches its pooled features (:mod:`fedseal.common.features`): a folder in its
-    state folder, beside its ledger; None (memory only) for a site without a ledger."""
-    return site.ledger_path.parent / "feature-cache" if site.ledger_path else None
+    state folder, beside its ledger; a simulated site's beside its data file in the simulation's
+    ``sites`` folder (:func:`simulation_feature_dir`), so that the simulation's processes share
+    what one computed; None (memory only) for a deployed site without a ledger."""
+    return site.feature_dir
+
+
+def simulation_feature_dir(out_dir: str | Path, partition_id: int) -> Path:
+    """Where simulated site ``partition_id`` caches its pooled features."""
+    return Path(out_dir) / "sites" / f"site-{partition_id}.features"
 
 
 def simulation_key_file(out_dir: str | Path, partition_id: int) -> Path:
@@ -189,12 +197,14 @@ def _policy(node_config: Mapping[str, object], defaults: SitePolicy = SitePolicy
 
 def site_settings(node_config: Mapping[str, object], cfg: FedConfig) -> SiteSettings:
     """Resolve a site's own settings from its node config (deployment) or partition id."""
+    features = None
     if "data-path" in node_config:
         data_path = Path(str(node_config["data-path"]))
         policy = _policy(node_config)
     elif "partition-id" in node_config:
         pid = int(node_config["partition-id"])
         data_path = simulation_site_file(cfg.out, pid)
+        features = simulation_feature_dir(cfg.out, pid)
         # The simulation's user plays every site: its keys and roster are the ones the
         # simulation wrote, and the run's own settings are the sites' policy unless a
         # node config entry says otherwise.
@@ -231,4 +241,5 @@ def site_settings(node_config: Mapping[str, object], cfg: FedConfig) -> SiteSett
         ledger_key=Path(str(ledger_key)) if ledger_key else None,
         identity_key=Path(str(identity)) if identity else None,
         peers=Path(str(peers)) if peers else None,
+        feature_dir=ledger.parent / "feature-cache" if ledger else features,
     )

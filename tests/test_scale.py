@@ -459,3 +459,17 @@ def test_a_sites_secagg_state_is_handed_on_once_and_else_rebuilt_from_its_record
     assert rebuilt is not state and rebuilt.export_state() == state.export_state()
     site_secagg._save(mine, state)
     assert site_secagg._load(context(12, mine.state)) is not state  # another node's record
+
+
+def test_simulated_sites_share_their_computed_features_through_the_sites_folder(tmp_path):
+    from fedseal.client.site import feature_cache, site_settings
+
+    cfg = FedConfig(out=str(tmp_path / "out"))
+    simulated = site_settings({"partition-id": 4}, cfg)
+    assert feature_cache(simulated) == tmp_path / "out" / "sites" / "site-4.features"
+    deployed = site_settings({"data-path": str(tmp_path / "mine.csv")}, cfg)
+    assert feature_cache(deployed) is None  # no state folder: memory only, as before
+    ledgered = site_settings({"data-path": str(tmp_path / "mine.csv"),
+                              "ledger-path": str(tmp_path / "state" / "ledger.json"),
+                              "ledger-key": str(tmp_path / "ledger.key")}, cfg)
+    assert feature_cache(ledgered) == tmp_path / "state" / "feature-cache"
