@@ -23,16 +23,18 @@ The instrumentation wraps module attributes in the process that runs them (the
 driver, or each Ray worker on its first message); fedseal's code is unchanged.
 
 The report holds, per (engine, sites): every round's seconds (the metrics
-line's), the wall time, the peak resident memory of the process tree (the
-driver and every process it started, Ray's included; shared pages count once
-per process, so it overstates), the machine's load average before and after,
-the client's per-site-round phase breakdown by round and the server's per
-round, and the SecAgg+ cost per site (its four stages plus the key advert in
-the train reply) with the round's ``k``: under SecAgg+ it grows with ``k``,
-which is ``2 ceil(log2 n)`` (:func:`fedseal.common.secagg.default_k`), and the
-report fits ``seconds = a + b * k`` over the runs. With ``--examples-per-site``
-the synthetic task grows so every site holds that many examples (the default
-task gives 1,000 sites 6 each).
+line's), the wall time, the CPU seconds of the whole process tree (the driver
+and every process it started, Ray's included) and of the driver alone, the peak
+resident memory of that tree (shared pages count once per process, so it
+overstates), the machine's load average before and after (the machine may be
+shared: wall seconds follow the load, CPU seconds hardly do), and per round a
+site's ``train`` phase by phase in wall and CPU seconds, the SecAgg+ cost per
+site (its four stages plus the key advert in the ``train`` reply) and the
+server's phases. Under SecAgg+ a site's cost grows with ``k``, which is
+``2 ceil(log2 n)`` (:func:`fedseal.common.secagg.default_k`): ``secagg_per_site``
+fits ``cpu seconds = a + b k`` over the runs and compares the growth with that
+of ``log2 n``. The default task gives 1,000 sites 6 examples each, which the DP
+rule accepts (a batch of 2, sampling rate 1/3).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from typing import Any, Callable, Sequence
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from simulations.bench.report import emit_report, setup_bench_logging
+from simulations.bench.report import emit_report, finish, setup_bench_logging
 
 log = logging.getLogger("fedseal.bench.scale")
 
@@ -183,8 +185,19 @@ def install(timer: PhaseTimer, phases: Sequence[tuple[str, str, str]]) -> None:
         wrapped = timer.wrap(phase, fn)
         wrapped._fedseal_phase = phase  # type: ignore[attr-defined]
         setattr(owner, attribute, wrapped)
+        _INSTALLED.append((owner, attribute, fn))
 
 
+def uninstall() -> None:
+    """Put back everything :func:`install` wrapped in this process, and forget the timers."""
+    global _CLIENT_TIMER, _SERVER_TIMER
+    while _INSTALLED:
+        owner, attribute, original = _INSTALLED.pop()
+        setattr(owner, attribute, original)
+    _CLIENT_TIMER = _SERVER_TIMER = None
+
+
+_INSTALLED: list[tuple[object, str, Callable]] = []
 _CLIENT_TIMER: PhaseTimer | None = None
 _SERVER_TIMER: PhaseTimer | None = None
 _SERVER_ROUNDS: list[dict[str, dict[str, float]]] = []
@@ -216,6 +229,7 @@ def _server_timer() -> PhaseTimer:
                 _SERVER_ROUNDS.append(timer.take())
 
         server_app.save_checkpoint = checkpoint_then_cut
+        _INSTALLED.append((server_app, "save_checkpoint", timed_checkpoint))
     return _SERVER_TIMER
 
 
@@ -316,19 +330,8 @@ class ProcessTree:
         self.driver_cpu = sum(self._me.cpu_times()[:2]) - self._start
 
 
-def _synthetic_task(work: Path, examples: int, seed: int) -> tuple[str, str]:
-    from fedseal.common.data import write_examples
-    from fedseal.common.synthetic import synthetic_examples
-    from fedseal.simulations.simulate import SYNTHETIC_EVAL
-
-    train = write_examples(synthetic_examples(examples, seed=seed), work / "train.jsonl")
-    held_out = write_examples(synthetic_examples(SYNTHETIC_EVAL, seed=seed + 10_000),
-                              work / "eval.jsonl")
-    return str(train), str(held_out)
-
-
-def run_one(engine: str, sites: int, work: Path, rounds: int, examples_per_site: int,
-            timeout: float | None) -> dict[str, Any]:
+def run_one(engine: str, sites: int, work: Path, rounds: int, timeout: float | None,
+            model: str = "default") -> dict[str, Any]:
     """One federation of ``sites`` sites through ``engine``; its timings."""
     from fedseal.common.config import FedConfig
     from fedseal.server.app import run_federation
@@ -339,10 +342,7 @@ def run_one(engine: str, sites: int, work: Path, rounds: int, examples_per_site:
     logs = out / "timings"
     logs.mkdir(parents=True, exist_ok=True)
     settings: dict[str, Any] = {"clients": sites, "min_clients": sites, "rounds": rounds,
-                                "out": str(out)}
-    if examples_per_site:
-        settings["train"], settings["eval"] = _synthetic_task(out / "task", examples_per_site * sites,
-                                                              seed=0)
+                                "model": model, "out": str(out)}
     if timeout:
         settings["timeout"] = timeout
     cfg = FedConfig(**settings)
@@ -545,9 +545,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--engines", default=",".join(ENGINES),
                         help="comma-separated subset of local,ray (default both)")
     parser.add_argument("--rounds", type=int, default=ROUNDS)
-    parser.add_argument("--examples-per-site", type=int, default=0,
-                        help="grow the synthetic task to this many examples per site "
-                             "(default: the default task of 6,000)")
+    parser.add_argument("--model", default="default",
+                        help="model path or hub name (default: the packaged all-MiniLM-L6-v2)")
     parser.add_argument("--timeout", type=float, default=0.0,
                         help="the run's --timeout (default: fedseal's default)")
     parser.add_argument("--json", type=Path, required=True, help="where to write the JSON")
@@ -563,29 +562,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_bench_logging(args.log_level)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     report: dict[str, Any] = {"settings": {"sites": sites, "engines": engines, "rounds": args.rounds,
-                                           "examples_per_site": args.examples_per_site or None,
+                                           "model": args.model,
                                            "cpus": os.cpu_count()},
                               "runs": []}
     started = time.monotonic()
+    try:
+        _run_all(report, sites, engines, args)
+    finally:
+        uninstall()
+    report["secagg_per_site"] = secagg_fit(report["runs"])
+    return finish(report, started, args.json, args.plot, plot)
+
+
+def _run_all(report: dict[str, Any], sites: list[int], engines: list[str],
+             args: argparse.Namespace) -> None:
+    """Every (sites, engine) run, in order, each added to ``report`` (and its partial JSON)."""
     with tempfile.TemporaryDirectory(prefix="fedseal-bench-scale-") as tmp:
         work = args.keep or Path(tmp)
         for n in sites:
             for engine in engines:
                 log.warning("%s engine, %d sites ...", engine, n)
-                run = run_one(engine, n, work, args.rounds, args.examples_per_site, args.timeout)
+                run = run_one(engine, n, work, args.rounds, args.timeout, args.model)
                 log.warning("%s engine, %d sites: rounds %s s, wall %.1f s, CPU %.1f s, peak %d MiB, "
                             "load %s", engine, n, run["round_seconds"], run["wall_seconds"],
                             run["cpu_seconds"], run["peak_rss_mib"], run["load_before"])
                 report["runs"].append(run)
                 report["secagg_per_site"] = secagg_fit(report["runs"])
                 emit_report(report, args.json.with_name(args.json.name + ".partial"), quiet=True)
-    report["secagg_per_site"] = secagg_fit(report["runs"])
-    report["wall_seconds"] = round(time.monotonic() - started, 1)
-    if args.plot:
-        plot(report, args.plot)
-        report["plot"] = str(args.plot)
-    emit_report(report, args.json)
-    return 0
 
 
 if __name__ == "__main__":
