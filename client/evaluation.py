@@ -27,7 +27,7 @@ from flwr.app import Context, RecordDict
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fedseal.client import once
+from fedseal.client import cache, once
 from fedseal.client.plan import job_plan
 from fedseal.client.policy import check_evaluate
 from fedseal.client.reply import message_config, message_round
@@ -35,7 +35,7 @@ from fedseal.client.site import feature_cache, site_settings
 from fedseal.client.spend import CommittedRound, commit_round, steps_done
 from fedseal.client.trainer import fresh_generator
 from fedseal.client.training import TRAINED, examples_of, global_model, open_ledger
-from fedseal.common.batches import encode, predict
+from fedseal.common.batches import predict
 from fedseal.common.dp_rule import recipe, size_bucket
 from fedseal.common.egress import EVAL_LOSS_CLIP
 from fedseal.common.privacy import DPPlan, epsilon_spent
@@ -116,7 +116,7 @@ def evaluate_round(content: RecordDict, context: Context) -> tuple[CommittedRoun
     model, tokenizer, _ = global_model(content, cfg)
     device = pick_device(site.device)
     model.to(device)
-    data = encode(tokenizer, examples, cfg.max_length)
+    data = cache.encoded(tokenizer, examples, cfg.max_length)
     feats = (features(model, data, device, feature_cache(site)) if cfg.finetune == "probe"
              else None)
     scores = release_scores(*example_scores(model, data, cfg.eval_batch_size, device, feats),

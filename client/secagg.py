@@ -24,13 +24,14 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from fedseal.client import once
+from fedseal.client import cache, once
 from fedseal.client.site import SiteSettings
 from fedseal.common import egress
 from fedseal.common.config import FedConfig
 from fedseal.common.refusals import Code, Refusal
 from fedseal.common.secagg import (ClientState, Identity, Roster, RoundContext, SecAggError,
                            UnmaskRefusedError)
+from fedseal.common.secagg.client import state_digest
 from fedseal.common.secagg.messages import Advert, ShareMessage
 from fedseal.common.secagg_wire import (ADVERT, BUNDLE, CHALLENGE, CIPHERTEXTS, COMPLAINTS, B_SHARES, K,
                                 MASKED, NODES, RECORD, ROUND, ROUTED, SEEDS, SHARES, SIGNATURE,
@@ -79,13 +80,14 @@ def _read(path: Path | None, what: str, flag: str) -> bytes:
 
 def load_identity(path: Path | None) -> Identity:
     """The site's signing key from its ``identity-key`` file."""
-    return Identity.from_private_bytes(_read(path, "signing key", "identity-key"))
+    return cache.parsed(_read(path, "signing key", "identity-key"), Identity.from_private_bytes)
 
 
 def load_roster(path: Path | None) -> Roster:
     """The roster of accepted sites from the site's ``peers`` file."""
     try:
-        return Roster.from_text(_read(path, "roster of accepted sites", "peers").decode("utf-8"))
+        return cache.parsed(_read(path, "roster of accepted sites", "peers"),
+                            lambda data: Roster.from_text(data.decode("utf-8")))
     except UnicodeDecodeError:
         raise Refusal(Code.SITE_KEYS,
                       f"the peers file {path} is not text (OpenSSH .pub lines)") from None
@@ -124,18 +126,32 @@ def _site(context: Context) -> ConfigRecord:
 
 
 def _load(context: Context) -> ClientState:
+    """The protocol state the last stage saved: the live object this process kept for exactly
+    that record, else rebuilt (and fully checked) from the record."""
     info = _site(context)
     if STATE not in context.state:
         raise ValueError("no secure-aggregation round in progress at this site "
                          "(it restarted, or the stage arrived out of order)")
-    return ClientState.restore_state(
-        dict(context.state[STATE].items()),
-        identity=load_identity(Path(str(info["identity-key"]))),
-        roster=load_roster(Path(str(info["peers"]))))
+    data = dict(context.state[STATE].items())
+    identity = load_identity(Path(str(info["identity-key"])))
+    roster = load_roster(Path(str(info["peers"])))
+    live = cache.take(_live_key(context, data))
+    if isinstance(live, ClientState) and live.identity is identity and live.roster is roster:
+        return live
+    return ClientState.restore_state(data, identity=identity, roster=roster)
 
 
 def _save(context: Context, state: ClientState) -> None:
-    context.state[STATE] = ConfigRecord(state.export_state())
+    data = state.export_state()
+    context.state[STATE] = ConfigRecord(data)
+    cache.keep(_live_key(context, data), state)
+
+
+def _live_key(context: Context, data: dict) -> tuple:
+    """Names a saved state by its node and the digest of its record (which holds its secrets)."""
+    record = data.get("state")
+    digest = state_digest(bytes(record)) if isinstance(record, (bytes, bytearray)) else b""
+    return (STATE, context.node_id, digest)
 
 
 def _clear(context: Context) -> None:

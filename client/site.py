@@ -152,6 +152,7 @@ class SiteSettings:
     peers: Path | None = None
     text_column: str = DEFAULT_TEXT_COLUMN
     label_column: str = DEFAULT_LABEL_COLUMN
+    feature_dir: Path | None = None  # where it caches pooled features (:func:`feature_cache`)
 
 
 def simulation_site_file(out_dir: str | Path, partition_id: int) -> Path:
@@ -178,8 +179,15 @@ def ledger_path(node_config: Mapping[str, object]) -> Path | None:
 
 def feature_cache(site: "SiteSettings") -> Path | None:
     """Where the site caches its pooled features (:mod:`fedseal.common.features`): a folder in its
-    state folder, beside its ledger; None (memory only) for a site without a ledger."""
-    return site.ledger_path.parent / "feature-cache" if site.ledger_path else None
+    state folder, beside its ledger; a simulated site's beside its data file in the simulation's
+    ``sites`` folder (:func:`simulation_feature_dir`), so that the simulation's processes share
+    what one computed; None (memory only) for a deployed site without a ledger."""
+    return site.feature_dir
+
+
+def simulation_feature_dir(out_dir: str | Path, partition_id: int) -> Path:
+    """Where simulated site ``partition_id`` caches its pooled features."""
+    return Path(out_dir) / "sites" / f"site-{partition_id}.features"
 
 
 def simulation_key_file(out_dir: str | Path, partition_id: int) -> Path:
@@ -234,6 +242,7 @@ def _policy(node_config: Mapping[str, object], defaults: SitePolicy = SitePolicy
 def site_settings(node_config: Mapping[str, object], cfg: FedConfig) -> SiteSettings:
     """Resolve a site's own settings from its node config (deployment) or partition id."""
     columns = (DEFAULT_TEXT_COLUMN, DEFAULT_LABEL_COLUMN)
+    features = None
     if "data-path" in node_config:
         data_path = Path(str(node_config["data-path"]))
         policy = _policy(node_config)
@@ -242,6 +251,7 @@ def site_settings(node_config: Mapping[str, object], cfg: FedConfig) -> SiteSett
     elif "partition-id" in node_config:
         pid = int(node_config["partition-id"])
         data_path = simulation_site_file(cfg.out, pid)
+        features = simulation_feature_dir(cfg.out, pid)
         # The simulation's user plays every site: its keys and roster are the ones the
         # simulation wrote, and the run's own settings are the sites' policy unless a
         # node config entry says otherwise.
@@ -281,4 +291,5 @@ def site_settings(node_config: Mapping[str, object], cfg: FedConfig) -> SiteSett
         peers=Path(str(peers)) if peers else None,
         text_column=columns[0],
         label_column=columns[1],
+        feature_dir=ledger.parent / "feature-cache" if ledger else features,
     )

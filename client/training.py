@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from flwr.app import Context, RecordDict
 
-from fedseal.client import once, secagg
+from fedseal.client import cache, once, secagg
 from fedseal.client.ledger import PrivacyLedger
 from fedseal.client.pending import PendingUpdate, held, hold, pending_path
 from fedseal.client.plan import job_plan
@@ -102,10 +102,9 @@ def examples_of(cfg: FedConfig, site: SiteSettings) -> Examples:
 
 def global_model(content: RecordDict, cfg: FedConfig) -> tuple["nn.Module", Any, dict[str, np.ndarray]]:
     """The local model holding the server's global weights, its tokenizer, and those weights."""
-    from fedseal.common.model import build_model, load_tokenizer, load_trainable, trainable_state
+    from fedseal.common.model import load_trainable, trainable_state
 
-    tokenizer = load_tokenizer(cfg)
-    model = build_model(cfg, cfg.labels)
+    model, tokenizer = cache.model_and_tokenizer(cfg)  # a working copy, built once per process
     template = to_numpy_state(trainable_state(model))
     try:
         global_state = record_to_state(content["global"], template, what="global weights")
@@ -209,7 +208,6 @@ def _train_afresh(asked: Asked, prepared: Prepared, context: Context
                   ) -> tuple[CommittedRound, dict[str, np.ndarray]]:
     from fedseal.client.probe import probe_round
     from fedseal.client.trainer import train_local
-    from fedseal.common.batches import encode
     from fedseal.common.model import pick_device, trainable_state
     from fedseal.common.privacy import epsilon_spent
 
@@ -217,7 +215,7 @@ def _train_afresh(asked: Asked, prepared: Prepared, context: Context
     done = steps_done(prepared.ledger, context, asked.job)
     plan = _plan(asked, prepared, context, record=True) if cfg.dp else None
     device = pick_device(site.device)
-    data = encode(prepared.tokenizer, prepared.examples, cfg.max_length)
+    data = cache.encoded(prepared.tokenizer, prepared.examples, cfg.max_length)
     if rec.mode == "probe":
         result = probe_round(prepared.model, data, rec, plan, asked.round, device,
                              feature_cache(site))

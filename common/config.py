@@ -231,7 +231,10 @@ HELP: dict[str, str] = {
                  "(the probe's statistics round weighs each site by its DP count estimate)",
     "federated_eval": "also ask the sites to score the model on their own data each round "
                       "(sites answer only if their policy allows it)",
-    "timeout": "seconds to wait for sites to connect and to reply in each round (positive)",
+    "timeout": "seconds a round's stage waits for the next site's answer, and for sites to "
+               "connect (positive): a stage ends once every site has answered or none has for "
+               "this long, so it lasts as long as sites keep answering however many there are; "
+               "a site that never answers is named as timed out",
     # Local training
     "local_steps": "DP-SGD steps per site per round (integer >= 1) or auto: from the rule in "
                    "common/dp_rule.py (site size, rounds, mode)",

@@ -10,11 +10,12 @@ the unmasked sum, and no per-site update ever exists on the server.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 import numpy as np
-from flwr.app import Message, RecordDict
+from flwr.app import Error, Message, RecordDict
 from flwr.serverapp import Grid
 
 from flwr.common.constant import ErrorCode
@@ -25,6 +26,11 @@ from fedseal.common.refusals import describe
 from fedseal.server.identity import SiteNames
 
 log = logging.getLogger(__name__)
+
+TIMED_OUT = 4080
+"""Error code of the reply :func:`send` makes for a site that did not answer in time."""
+POLL_SECONDS = (0.1, 1.0)
+"""Shortest and longest pause between two pulls for replies (doubling while none come)."""
 
 
 @dataclass
@@ -38,6 +44,7 @@ class RoundSums:
     contributors: list[str] = field(default_factory=list)
     refused: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+    timed_out: list[str] = field(default_factory=list)  # of ``failed``: those that never answered
     bytes_sent: int = 0
     bytes_received: int = 0
     abandoned: str = ""  # why the round produced no sum, if it did not
@@ -73,12 +80,23 @@ def message_bytes(content: RecordDict) -> int:
 
 def send(grid: Grid, nodes: Iterable[int], contents: Mapping[int, RecordDict] | RecordDict,
          message_type: str, timeout: float) -> tuple[list[Message], int]:
-    """Send one message per node and wait for the replies; return them and the bytes sent."""
+    """Send one message per node and wait for the replies; return them and the bytes sent.
+
+    The wait ends when every node has answered, or when ``timeout`` seconds pass
+    without a new answer (:func:`exchange`): a stage of many sites takes as long
+    as they keep answering, and a site that vanished costs ``timeout`` after the
+    last answer. Each node that did not answer gets a reply made here, an error
+    of code :data:`TIMED_OUT` that says so and how to wait longer, so every caller
+    names it like any site that failed.
+    """
     nodes = list(nodes)
     per_node = {n: contents for n in nodes} if isinstance(contents, RecordDict) else contents
     messages = [Message(per_node[n], dst_node_id=n, message_type=message_type) for n in nodes]
     sent = sum(message_bytes(m.content) for m in messages)
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    if hasattr(grid, "push_messages"):  # a Flower Grid
+        replies = exchange(grid, messages, timeout)
+    else:  # an in-process grid (tests, benchmarks): every answer is in when it returns
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
     # The SuperLink answers for a node that went offline with an error reply of
     # its own (source node 1): attribute it to the node it was meant for.
     dst_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages
@@ -87,6 +105,15 @@ def send(grid: Grid, nodes: Iterable[int], contents: Mapping[int, RecordDict] | 
         dst = dst_of.get(reply.metadata.reply_to_message_id)
         if reply.has_error() and dst is not None and reply.metadata.src_node_id != dst:
             reply.metadata.__dict__["_src_node_id"] = dst
+    answered = {reply.metadata.src_node_id for reply in replies}
+    silent = [m for m in messages if m.metadata.dst_node_id not in answered]
+    if silent:
+        log.warning("%d of %d site(s) did not answer %s within %gs of the last answer, dropped "
+                    "as timed out: node %s; if they are slow rather than gone, raise --timeout",
+                    len(silent), len(messages), message_type, timeout,
+                    ", ".join(str(m.metadata.dst_node_id) for m in silent[:20])
+                    + (", ..." if len(silent) > 20 else ""))
+        replies += [timed_out(m, timeout) for m in silent]
     return replies, sent
 
 
@@ -99,6 +126,37 @@ def error_reason(reply: Message) -> str:
     names = {v: k for k, v in vars(ErrorCode).items() if isinstance(v, int)}
     code = reply.error.code
     return f"{egress.REPLY_ERROR}: {names.get(code, 'code')} ({code})"
+
+
+def exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+    """Push ``messages``, then pull replies until all are in or none came for ``timeout`` seconds."""
+    waiting = {i for i in grid.push_messages(messages) if i}
+    replies: list[Message] = []
+    last, pause = time.monotonic(), POLL_SECONDS[0]
+    while waiting:
+        got = list(grid.pull_messages(waiting))
+        if got:
+            replies += got
+            waiting -= {reply.metadata.reply_to_message_id for reply in got}
+            last, pause = time.monotonic(), POLL_SECONDS[0]
+        left = timeout - (time.monotonic() - last)
+        if not waiting or left <= 0:
+            break
+        time.sleep(min(pause, left))
+        pause = min(2 * pause, POLL_SECONDS[1])
+    return replies
+
+
+def timed_out(msg: Message, timeout: float) -> Message:
+    """The error reply :func:`send` makes for ``msg``'s node, which did not answer in time."""
+    reason = (f"timed out: no answer to {msg.metadata.message_type} within {timeout:g}s of the "
+              "stage's last answer; raise --timeout if the site is slow rather than gone")
+    return Message(Error(code=TIMED_OUT, reason=reason), reply_to=msg)  # from msg's node
+
+
+def is_timed_out(reply: Message) -> bool:
+    """Whether ``reply`` is :func:`send`'s for a node that did not answer in time."""
+    return reply.has_error() and reply.error.code == TIMED_OUT
 
 
 def triage(replies: Iterable[Message], sums: RoundSums, reply_type: egress.ReplyType,
@@ -116,7 +174,11 @@ def triage(replies: Iterable[Message], sums: RoundSums, reply_type: egress.Reply
     for reply in replies:
         site = names.of(reply)
         if reply.has_error():
-            sums.failed[site] = error_reason(reply)
+            if is_timed_out(reply):  # the server's own reply for a silent node
+                sums.failed[site] = f"{egress.REPLY_TIMEOUT}: {reply.error.reason}"
+                sums.timed_out.append(site)
+            else:
+                sums.failed[site] = error_reason(reply)
             log.warning("site %s failed this round: %s", site, sums.failed[site])
             continue
         try:

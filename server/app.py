@@ -223,6 +223,7 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
             "contributors": sums.contributors,
             "refused": sums.refused,
             "failed": sums.failed,
+            "timed_out": sums.timed_out,
             "abandoned": sums.abandoned,
             "bytes_sent": sums.bytes_sent,
             "bytes_received": sums.bytes_received,

@@ -24,7 +24,7 @@ import html
 import io
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,7 @@ class RoundRow:
     failed: dict[str, str]
     abandoned: str
     private: bool
+    timed_out: list[str] = field(default_factory=list)  # of ``failed``: never answered in time
 
 
 @dataclass(frozen=True)
@@ -131,8 +132,10 @@ def parse_row(data: Any, where: str) -> RoundRow:
     if isinstance(rnd, bool) or not isinstance(rnd, int):
         raise ReportError(f"{where} has no integer 'round'")
     contributors = data.get("contributors") or []
-    if not isinstance(contributors, list):
-        raise ReportError(f"{where}: 'contributors' must be a list of site names")
+    late = data.get("timed_out") or []
+    for key, value in (("contributors", contributors), ("timed_out", late)):
+        if not isinstance(value, list):
+            raise ReportError(f"{where}: '{key}' must be a list of site names")
     return RoundRow(
         round=rnd, accuracy=_number(data.get("accuracy")), macro_f1=_number(data.get("macro_f1")),
         loss=_number(data.get("loss")),
@@ -141,7 +144,8 @@ def parse_row(data: Any, where: str) -> RoundRow:
         contributors=[str(c) for c in contributors],
         refused=_texts(data.get("refused"), f"{where}: 'refused'"),
         failed=_texts(data.get("failed"), f"{where}: 'failed'"),
-        abandoned=str(data.get("abandoned") or ""), private=data.get("private") is not False)
+        abandoned=str(data.get("abandoned") or ""), private=data.get("private") is not False,
+        timed_out=[str(site) for site in late])
 
 
 def load_run(folder: str | Path) -> Run:
@@ -384,6 +388,12 @@ def render(run: Run, audit: dict[str, Any] | None = None) -> str:
     if not summary:
         parts.append('<div class="warn">No summary.json: the run has not finished (or failed); '
                      "this page shows the rounds completed so far.</div>")
+    late = [r for r in rows if r.timed_out]
+    if late:
+        parts.append('<div class="warn">Sites timed out (no answer within --timeout seconds of '
+                     "a stage's last answer) in "
+                     + "; ".join(f"round {r.round}: {_e(', '.join(r.timed_out))}" for r in late)
+                     + ". Raise --timeout if they are slow rather than gone.</div>")
 
     last = rows[-1] if rows else None
     eps_max = max((max(r.epsilon.values()) for r in rows if r.epsilon), default=None)

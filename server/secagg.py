@@ -50,7 +50,7 @@ from fedseal.common.vote import round_clip
 from fedseal.common.weights import weight_range
 from fedseal.common import egress
 from fedseal.common.refusals import describe
-from fedseal.server.aggregate import RoundSums, error_reason, message_bytes, send, triage
+from fedseal.server.aggregate import RoundSums, error_reason, is_timed_out, message_bytes, send, triage
 from fedseal.server.identity import SiteNames
 
 log = logging.getLogger("fedseal")
@@ -92,7 +92,11 @@ class _Round:
             if node not in contents or node in out:
                 continue
             if reply.has_error():
-                self.fail(node, f"dropped at {stage}: {error_reason(reply)}")
+                if is_timed_out(reply):  # the server's own reply for a silent node
+                    self.fail(node, f"dropped at {stage}: {egress.REPLY_TIMEOUT}: {reply.error.reason}")
+                    self.sums.timed_out.append(self.name(node))
+                else:
+                    self.fail(node, f"dropped at {stage}: {error_reason(reply)}")
                 continue
             self.sums.bytes_received += message_bytes(reply.content)
             try:
@@ -201,8 +205,10 @@ def secure_round(grid: Grid, nodes: list[int], content: RecordDict,
         flat, weight_sum = decode_sum(total, n, len(server.survivors),
                                       weight_range(cfg, server_round), clip)
     except (ProtocolAbort, SumRangeError) as exc:
-        log.warning("round %d abandoned, the global model stays as it was: %s", server_round, exc)
-        sums.abandoned = str(exc)
+        sums.abandoned = str(exc) + (f" ({len(sums.timed_out)} site(s) timed out: raise --timeout "
+                                     "if they are slow rather than gone)" if sums.timed_out else "")
+        log.warning("round %d abandoned, the global model stays as it was: %s", server_round,
+                    sums.abandoned)
         sums.update_sum, sums.weight_sum = None, 0.0
         return sums
     sums.update_sum = dict(unflatten(flat, template))

@@ -6,7 +6,8 @@ It stands in for the SuperLink only: messages, records, the ClientApp and its
 per-node Context are Flower's own. ``drop`` makes a node vanish (no reply, as
 after a timeout) from a given message type on, to exercise dropout paths;
 ``node_configs`` gives nodes a deployed site's node config (data and ledger
-paths) instead of a simulation partition id.
+paths) instead of a simulation partition id; ``app`` replaces fedseal's
+ClientApp (a benchmark's instrumented one).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Iterable
 from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedseal.client.app import app as client_app
@@ -26,7 +28,7 @@ class LocalGrid:
     """Minimal Grid: ``get_node_ids`` and ``send_and_receive``."""
 
     def __init__(self, num_nodes: int, drop: dict[int, str] | None = None,
-                 node_configs: list[dict] | None = None) -> None:
+                 node_configs: list[dict] | None = None, app: ClientApp | None = None) -> None:
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, RUN_ID, 1
         # Node ids above 2**63, as Flower's are: the wire must keep all 64 bits.
         self.nodes = [2**63 + 7919 * (i + 1) for i in range(num_nodes)]
@@ -40,6 +42,7 @@ class LocalGrid:
         self.drop = {self.nodes[i]: stage for i, stage in (drop or {}).items()}
         self.gone: set[int] = set()
         self.sent: list[str] = []
+        self.app = app or client_app
 
     def get_node_ids(self) -> list[int]:
         return list(self.nodes)
@@ -56,7 +59,7 @@ class LocalGrid:
             if node in self.gone:
                 continue  # vanished: no reply before the timeout
             try:
-                replies.append(client_app(msg, self.contexts[node]))
+                replies.append(self.app(msg, self.contexts[node]))
             except Exception as exc:  # what Flower turns into an error reply
                 replies.append(Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg))
         return replies
