@@ -4,15 +4,19 @@
 
     fedseal client --server HOST:PORT --ca ca.pem --key keys/alpha.key --peers peers.txt \\
         --data /data/alpha.csv --ledger /var/lib/fedseal/alpha-ledger.json \\
-        --ledger-key /etc/fedseal/alpha-ledger.key \\
-        [--epsilon 8 --delta 1e-5] [--device cuda|cpu] [policy flags]
+        --ledger-key /etc/fedseal/alpha-ledger.key --labels negative,positive \\
+        [--text-column sentence --label-column label] [--epsilon 8 --delta 1e-5] \\
+        [--device cuda|cpu] [policy flags]
 
 Before starting anything it checks, and stops with a message saying what to
-change: the data file is readable; the key is an OpenSSH private key (as
+change: the data file reads with the site's own columns and holds only the
+labels the site declared (``--labels``, required; the same reader the rounds use); the key is an OpenSSH private key (as
 ``fedseal keys site`` writes); the peers roster holds OpenSSH public keys; the
 CA certificate is valid; the site's policy is coherent; the privacy ledger
 opens (created on first use; an edited, older or deleted one is refused, never
-reset); the server is reachable and its certificate verifies against the CA.
+reset) and holds the total given by ``--epsilon`` and ``--delta`` (``fedseal
+ledger raise`` changes it); the server is reachable and its certificate
+verifies against the CA.
 
 Then it runs ``flower-supernode --isolation process`` with the site's data
 path, budget, ledger, keys and policy in the node config, where the ClientApp
@@ -26,7 +30,9 @@ example.
 Policy flags (what every run must promise; the server cannot lower them):
 ``--no-require-dp``, ``--no-require-secagg``, ``--min-cohort N`` (3),
 ``--min-secagg-k K`` (2), ``--min-secagg-threshold T`` (2), ``--max-colluders C`` (1),
-``--max-update-clip C`` (64), ``--federated-eval off|on`` (off).
+``--max-update-clip C`` (64), ``--federated-eval off|on`` (off), ``--allow-model NAME``
+(default: the packaged model; repeatable), ``--max-run-epsilon E`` (the total: a run
+may ask for all that is left).
 
 If the server keeps refusing the site's key (for ``--wait`` seconds) the agent
 says so and exits 3.
@@ -37,6 +43,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
+import math
 import os
 import secrets
 import signal
@@ -51,7 +58,8 @@ from pathlib import Path
 from fedseal.client.ledger import LedgerError, PrivacyLedger
 from fedseal.client.ledger_cli import add_ledger_files
 from fedseal.client.pinning import installed_manifest, manifest_digest
-from fedseal.client.site import FEDERATED_EVAL_MODES, SitePolicy
+from fedseal.client.site import (DEFAULT_LABEL_COLUMN, DEFAULT_TEXT_COLUMN, FEDERATED_EVAL_MODES,
+                                 SitePolicy)
 from fedseal.common.config import AUTO, CHOICES, ConfigError
 from fedseal.common.durable import atomic_write
 from fedseal.common.processes import (ProcessError, child_env, die_with_parent, flwr_bin, split_address,
@@ -164,20 +172,55 @@ def probe_server(host: str, port: int, ca: Path | None, wait: float) -> None:
             time.sleep(2.0)
 
 
+def check_data(data: Path, text_column: str, label_column: str,
+               labels: tuple[str, ...] | None) -> tuple[str, ...]:
+    """Read the site's file at start with the reader the rounds use; return its declared labels.
+
+    Without ``labels`` (``--labels``) the agent refuses to start, showing the
+    labels the file holds: the site declares its label set itself, so a server
+    can never learn it by asking (a run's labels are compared with the
+    declaration, never with the file).
+
+    Raises
+    ------
+    AgentError
+        Saying what to fix in the file or which flag to give.
+    """
+    from fedseal.common.data import DataError, read_examples
+
+    hint = (f" (read with --text-column {text_column!r} and --label-column {label_column!r}; "
+            "change them to match the file's header or keys)")
+    try:
+        examples = read_examples(data, text_column=text_column, label_column=label_column,
+                                 label_names=labels or None)
+    except DataError as exc:
+        message = str(exc).replace("Set --text-column / --label-column", "").rstrip(". ")
+        message = message.replace("fix the file or set --labels", "fix the file or --labels")
+        raise AgentError(f"--data: {message}{hint}") from None
+    if not labels:
+        raise AgentError(f"--labels is required: declare the label set of this site's data (the "
+                         f"file {data} holds {list(examples.label_names)}); a run is accepted only "
+                         "with exactly these labels")
+    return tuple(labels)
+
+
 def node_config(data: Path, name: str, epsilon: float, delta: float, ledger: Path,
                 ledger_key: Path, device: str, policy: SitePolicy, identity_key: Path | None,
-                peers: Path | None) -> dict[str, object]:
+                peers: Path | None, columns: tuple[str, str]) -> dict[str, object]:
     """What the ClientApp reads in :mod:`fedseal.client.site`: the site's own settings and policy."""
     values: dict[str, object] = {
         "data-path": str(data), "site-name": name, "epsilon": float(epsilon),
         "delta": float(delta), "ledger-path": str(ledger), "ledger-key": str(ledger_key),
-        "device": device,
+        "device": device, "text-column": columns[0], "label-column": columns[1],
+        "allow-model": ",".join(policy.allowed_models), "labels": ",".join(policy.labels),
         "require-dp": policy.require_dp, "require-secagg": policy.require_secagg,
         "min-cohort": policy.min_cohort, "min-secagg-k": policy.min_secagg_k,
         "min-secagg-threshold": policy.min_secagg_threshold,
         "max-colluders": policy.max_colluders,
         "max-update-clip": float(policy.max_update_clip), "federated-eval": policy.federated_eval,
     }
+    if math.isfinite(policy.max_run_epsilon):  # unset: the site's total caps a run
+        values["max-run-epsilon"] = float(policy.max_run_epsilon)
     if identity_key is not None:
         values["identity-key"] = str(identity_key)
     if peers is not None:
@@ -270,12 +313,25 @@ def start_runner(home: Path, runtime_address: str, env: dict[str, str]) -> subpr
                             env=env, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
 
 
-def _policy(args: argparse.Namespace) -> SitePolicy:
+def _policy(args: argparse.Namespace, labels: tuple[str, ...]) -> SitePolicy:
     return SitePolicy(require_dp=args.require_dp, require_secagg=args.require_secagg,
                       min_cohort=args.min_cohort, min_secagg_k=args.min_secagg_k,
                       min_secagg_threshold=args.min_secagg_threshold,
                       max_colluders=args.max_colluders, max_update_clip=args.max_update_clip,
-                      federated_eval=args.federated_eval)
+                      federated_eval=args.federated_eval,
+                      allowed_models=tuple(args.allow_model or SitePolicy().allowed_models),
+                      labels=labels,
+                      max_run_epsilon=(math.inf if args.max_run_epsilon is None
+                                       else args.max_run_epsilon))
+
+
+def _labels(text: str) -> tuple[str, ...]:
+    """``--labels``: comma-separated label names."""
+    labels = tuple(item.strip() for item in text.split(",") if item.strip())
+    if not labels or len(set(labels)) != len(labels):
+        raise argparse.ArgumentTypeError(f"must be distinct label names separated by commas, got "
+                                         f"{text!r}")
+    return labels
 
 
 def _port_or_auto(text: str) -> int | str:
@@ -300,12 +356,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "as fellow members, one per line")
     parser.add_argument("--data", type=Path, required=True, metavar="FILE",
                         help="this site's CSV, TSV or JSONL file (never leaves the machine)")
+    parser.add_argument("--text-column", default=DEFAULT_TEXT_COLUMN, metavar="NAME",
+                        help="the column (or JSONL key) of --data holding the text (default: "
+                             "%(default)s); the server's column settings are never used here")
+    parser.add_argument("--label-column", default=DEFAULT_LABEL_COLUMN, metavar="NAME",
+                        help="the column (or JSONL key) of --data holding the label (default: "
+                             "%(default)s)")
+    parser.add_argument("--labels", type=_labels, metavar="A,B,...",
+                        help="the label set of --data, declared by the site (required): a run is "
+                             "accepted only with exactly these labels, and a file holding another "
+                             "label is refused at start")
     add_ledger_files(parser)
     parser.add_argument("--epsilon", type=float, default=8.0,
                         help="the site's total privacy budget epsilon over all runs, record level "
-                             "(positive; default: %(default)s)")
+                             "(positive; default: %(default)s). Each run asks for its share (its "
+                             "config's epsilon) and is refused when less is left. Fixed in the "
+                             "ledger when it is made; raise it on purpose with `fedseal ledger "
+                             "raise`, then start the agent with the new value")
     parser.add_argument("--delta", type=float, default=1e-5,
-                        help="the site's privacy budget delta, in (0, 1) (default: %(default)s)")
+                        help="the site's total privacy budget delta over all runs, in (0, 1) "
+                             "(default: %(default)s). Each run gets at most its epsilon's share "
+                             "of the delta left, so the runs' deltas add up to no more; raised "
+                             "like --epsilon")
     parser.add_argument("--device", choices=CHOICES["device"], default="auto",
                         help="where this site trains: auto (CUDA when present, else CPU), cpu or "
                              "cuda (default: %(default)s)")
@@ -335,6 +407,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="C", help="largest per-coordinate update clip (the run's "
                                           "update-clip) the site accepts (positive; default: "
                                           "%(default)s)")
+    policy.add_argument("--allow-model", action="append", metavar="NAME",
+                        help="a model this site runs, exactly as a run names it (a hub name or a "
+                             "folder of this machine); repeat for several (default: default, the "
+                             "packaged all-MiniLM-L6-v2). Any other model is refused before any "
+                             "file is touched")
+    policy.add_argument("--max-run-epsilon", type=float, metavar="E",
+                        help="most epsilon one run may ask for out of the site's total; a run "
+                             "asking more is refused (positive; default: the total, so a run "
+                             "may ask for all that is left: the stock run asks for 8 of the "
+                             "stock total 8; set it lower to make the total last several runs)")
     policy.add_argument("--federated-eval", choices=FEDERATED_EVAL_MODES,
                         default=defaults.federated_eval,
                         help="on: score the server's model on this site's data when a run asks; "
@@ -372,10 +454,10 @@ def _run(args: argparse.Namespace) -> int:
                          "key from `fedseal keys site`); --insecure only for a trial server")
     if args.insecure:
         log.warning("INSECURE: no TLS, no authentication; never use this with real data")
-    policy = _policy(args)
     data, ledger_path = args.data.resolve(), args.ledger.resolve()
     check_files(data, args.key if args.key is not None else None,
                 None if args.insecure else args.ca)
+    policy = _policy(args, check_data(data, args.text_column, args.label_column, args.labels))
     if args.peers is not None:
         log.info("peers roster %s: %d site key(s)", args.peers, check_peers(args.peers))
     name = args.name or (args.key.stem if args.key else data.stem)
@@ -383,9 +465,15 @@ def _run(args: argparse.Namespace) -> int:
         raise AgentError(f"--ledger {args.ledger}: folder {ledger_path.parent} does not exist")
     ledger_key = args.ledger_key.resolve()
     ledger = PrivacyLedger.open(ledger_path, name, args.epsilon, args.delta, key_path=ledger_key)
-    log.info("site %s: ledger %s, spent epsilon %.3f of %g and delta %.3g over %d job(s) (target "
-             "delta %g per job)", name, ledger_path, ledger.epsilon_spent(), args.epsilon,
-             ledger.delta_spent(), len({e.run for e in ledger.entries}), args.delta)
+    left = ledger.remaining()
+    log.info("site %s: ledger %s, total epsilon %g, delta %g; %d job(s) spent epsilon %.4g, "
+             "delta %.3g; left for new runs: epsilon %.4g, delta %.3g (fedseal ledger show)",
+             name, ledger_path, args.epsilon, args.delta, len(ledger.jobs()),
+             ledger.epsilon_spent(), ledger.delta_spent(), max(left.epsilon, 0.0),
+             max(left.delta, 0.0))
+    if left.epsilon <= 0 or left.delta <= 0:
+        log.warning("site %s: nothing is left of its budget: it will refuse every new run "
+                    "until the total is raised (fedseal ledger raise)", name)
     log.info("site %s: policy %s; runs only fedseal code %s", name, policy,
              manifest_digest(installed_manifest())[:16])
     probe_server(host, port, None if args.insecure else args.ca.resolve(), args.wait)
@@ -394,7 +482,8 @@ def _run(args: argparse.Namespace) -> int:
     runtime_port = free_port() if args.runtime_port == AUTO else args.runtime_port
     values = node_config(data, name, args.epsilon, args.delta, ledger_path, ledger_key,
                          args.device, policy, args.key.resolve() if args.key else None,
-                         args.peers.resolve() if args.peers else None)
+                         args.peers.resolve() if args.peers else None,
+                         (args.text_column, args.label_column))
     cmd = [flwr_bin("flower-supernode"), "--superlink", f"{host}:{port}" if ":" not in host else f"[{host}]:{port}",
            "--node-config", str(write_node_config(home / "node-config.toml", values)),
            "--isolation", "process", "--host", "127.0.0.1", "--port", str(runtime_port),

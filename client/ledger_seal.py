@@ -9,12 +9,14 @@ the ledger key (``--ledger-key FILE``)
     file carries an HMAC-SHA256 under it, so an edited entry (or a ledger
     written by anyone without the key) fails verification;
 the counter (``FILE.counter`` beside the key)
-    the number of the latest ledger write, the MAC of that ledger and the
-    site's totals at that moment, itself MACed. A ledger older than the
-    counter (a restored backup) or a missing ledger (deleted) is refused,
-    and the error says how to recover deliberately (``fedseal ledger
-    recover``, which carries the counter's totals forward so the recorded
-    spend never goes down).
+    made together with the key (:func:`create_seal`, write 0, no ledger
+    yet), then the number of the latest ledger write, the MAC of that ledger
+    and the site's totals at that moment, itself MACed. A ledger older than
+    the counter (a restored backup), a missing ledger (deleted) and a key
+    without its counter (the ledger and the counter deleted, the key kept)
+    are refused, and the error says how to recover deliberately (``fedseal
+    ledger recover``, which carries the counter's totals forward so the
+    recorded spend never goes down).
 
 Writes go ledger first, counter second, each atomic; a crash between the two
 leaves a ledger exactly one write ahead of its counter, validly MACed, which
@@ -23,7 +25,8 @@ only the key holder can produce: it is accepted and the counter catches up.
 Byte formats (fixed by known-answer tests in ``tests/test_ledger.py``): a MAC
 is ``HMAC-SHA256(key, CONTEXT || canonical JSON)``, where the canonical JSON
 has sorted keys, no spaces, ASCII only and no NaN, and ``CONTEXT`` is
-:data:`LEDGER_CONTEXT` or :data:`COUNTER_CONTEXT`.
+:data:`LEDGER_CONTEXT` (a version-2 ledger: :data:`LEDGER_CONTEXTS`) or
+:data:`COUNTER_CONTEXT`.
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ from typing import Any
 
 from fedseal.common.durable import atomic_write, fsync_path
 
-LEDGER_CONTEXT = b"fedseal ledger v2\x00"
+LEDGER_CONTEXTS = {2: b"fedseal ledger v2\x00", 3: b"fedseal ledger v3\x00"}
+"""The MAC context of each ledger file version this fedseal reads."""
+LEDGER_CONTEXT = LEDGER_CONTEXTS[3]
 COUNTER_CONTEXT = b"fedseal ledger counter v1\x00"
 KEY_HEADER = "fedseal-ledger-key-v1:"
 KEY_BYTES = 32
@@ -91,8 +96,13 @@ def read_key(path: Path) -> bytes:
     return key
 
 
-def create_key(path: Path) -> bytes:
-    """Make a new random ledger key at ``path`` (mode 0600); never overwrites one."""
+def create_seal(path: Path, site: str) -> bytes:
+    """Make a new random ledger key at ``path`` (mode 0600) and its counter; never overwrites one.
+
+    The counter is written right after the key, saying write 0 and no ledger
+    yet, so a key without a counter always means that the counter was lost
+    (deleted, or a crash between the two writes), never a site's first use.
+    """
     if not path.parent.is_dir():
         raise SealError(f"cannot create the ledger key {path}: folder {path.parent} does not exist")
     key = secrets.token_bytes(KEY_BYTES)
@@ -105,12 +115,17 @@ def create_key(path: Path) -> bytes:
         fh.flush()
         os.fsync(fh.fileno())
     fsync_path(path.parent)
+    write_counter(counter_path(path), key, Counter(site, 0, "", 0.0, 0.0))
     return key
 
 
 @dataclass(frozen=True)
 class Counter:
-    """The counter's content: the latest ledger write and the site's totals then."""
+    """The counter's content: the latest ledger write and the site's spend then.
+
+    ``seq`` 0 with an empty ``ledger_mac`` is a counter made with its key,
+    before any ledger was written.
+    """
 
     site: str
     seq: int
@@ -152,5 +167,6 @@ def write_counter(path: Path, key: bytes, counter: Counter) -> None:
     atomic_write(path, (json.dumps(body, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
-__all__ = ["COUNTER_CONTEXT", "Counter", "KEY_HEADER", "LEDGER_CONTEXT", "SealError", "canonical",
-           "counter_path", "create_key", "mac", "read_counter", "read_key", "write_counter"]
+__all__ = ["COUNTER_CONTEXT", "Counter", "KEY_HEADER", "LEDGER_CONTEXT", "LEDGER_CONTEXTS",
+           "SealError", "canonical", "counter_path", "create_seal", "mac", "read_counter",
+           "read_key", "write_counter"]

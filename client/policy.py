@@ -4,7 +4,7 @@ The server's config arrives with every message and is written by an
 adversary as far as the site is concerned. :func:`check_train` compares it
 with the site's own :class:`~fedseal.client.site.SitePolicy` (from its node config,
 set by ``fedseal client`` flags) *before* any model is built or any record
-is read, and raises :class:`PolicyRefusal` naming the setting the server
+is read, and raises :class:`~fedseal.common.refusals.Refusal` naming the setting the server
 must change. :func:`check_evaluate` does the same for federated evaluation.
 
 What is checked, and why:
@@ -30,32 +30,46 @@ cohort, ``clients``, ``min-clients``
     (its neighbour count, at most cohort - 1) and ``t`` must give ``2t - k - 1``
     and ``t - 1`` both above the site's ``max-colluders``;
 ``update-clip``
-    no larger than ``max-update-clip``.
+    no larger than ``max-update-clip``;
+``model``
+    one of the site's ``allow-model`` entries, compared as text before any file
+    is touched (a server cannot learn which paths exist at the site);
+``labels``
+    the label set the site declared (a refusal says only that the sets differ);
+sizes
+    ``max-length``, ``lora-r``, ``local-steps``, ``batch-size`` and
+    ``eval-batch-size`` within :data:`SIZE_LIMITS` (an absurd size would
+    exhaust the site's memory or time).
+
+Every refusal is a :class:`~fedseal.common.refusals.Refusal`: a code, the
+setting, the value the server asked for and the site's own limit, nothing
+read from the site's files.
 """
 
 from __future__ import annotations
 
 from typing import Mapping
 
-from fedseal.client.reply import Refusal
 from fedseal.client.site import SitePolicy
 from fedseal.common.config import AUTO, FedConfig
+from fedseal.common.refusals import Code, Public, Refusal
 from fedseal.common.secagg_wire import WireError, unpack_ids
 
-# The node-config flag that lowers each minimum, named in every refusal.
+# The node-config flag that lowers each minimum, named in every refusal's detail.
 _FLAG = {"dp": "require-dp", "secagg": "require-secagg", "cohort": "min-cohort",
          "k": "min-secagg-k", "threshold": "min-secagg-threshold", "clip": "max-update-clip",
-         "colluders": "max-colluders", "eval": "federated-eval"}
+         "colluders": "max-colluders", "eval": "federated-eval", "model": "allow-model",
+         "labels": "labels"}
+SIZE_LIMITS = {"max_length": 512, "lora_r": 256, "local_steps": 10_000, "batch_size": 1 << 20,
+               "eval_batch_size": 4096}
+"""The largest sizes a site runs, whatever the server asks (memory and time, not privacy)."""
 
 
-class PolicyRefusal(Refusal):
-    """The run asks for less than the site's policy allows; the message names the setting."""
-
-
-def _refuse(setting: str, asked: object, policy_value: object, flag: str) -> PolicyRefusal:
-    return PolicyRefusal(
-        f"the run's {setting} = {asked} is below this site's policy ({flag} = {policy_value}); "
-        f"the server must change {setting}, or the site operator must change its {flag} flag")
+def _refuse(code: Code, setting: str, asked: Public, limit: Public, flag: str) -> Refusal:
+    return Refusal(code,
+                   f"the run's {setting} = {asked} is below this site's policy ({flag} = {limit}); "
+                   f"the server must change {setting}, or the site operator its {flag} flag",
+                   setting=setting, asked=asked, limit=limit)
 
 
 def _round_parameters(secagg: Mapping[str, object] | None) -> tuple[int, int, int] | None:
@@ -66,8 +80,8 @@ def _round_parameters(secagg: Mapping[str, object] | None) -> tuple[int, int, in
         cohort = len(unpack_ids(secagg["nodes"]))  # type: ignore[arg-type]
         return cohort, int(secagg["k"]), int(secagg["threshold"])  # type: ignore[call-overload]
     except (KeyError, TypeError, ValueError, WireError):
-        raise PolicyRefusal("the server's secure-aggregation parameters (nodes, k, threshold) "
-                            "are missing or malformed") from None
+        raise Refusal(Code.MESSAGE_SECAGG, "the server's secure-aggregation parameters (nodes, "
+                      "k, threshold) are missing or malformed") from None
 
 
 def check_train(policy: SitePolicy, cfg: FedConfig,
@@ -86,65 +100,110 @@ def check_train(policy: SitePolicy, cfg: FedConfig,
 
     Raises
     ------
-    PolicyRefusal
+    fedseal.common.refusals.Refusal
         Naming the first setting that falls short.
     """
+    check_run(policy, cfg)
     if policy.require_dp and not cfg.dp:
-        raise _refuse("dp", "false", "true", _FLAG["dp"])
+        raise _refuse(Code.POLICY_DP, "dp", False, True, _FLAG["dp"])
     if policy.require_secagg and not cfg.secagg:
-        raise _refuse("secagg", "false", "true", _FLAG["secagg"])
+        raise _refuse(Code.POLICY_SECAGG, "secagg", False, True, _FLAG["secagg"])
     if cfg.update_clip > policy.max_update_clip:
-        raise PolicyRefusal(
+        raise Refusal(
+            Code.POLICY_UPDATE_CLIP,
             f"the run's update-clip = {cfg.update_clip} is above this site's policy "
-            f"({_FLAG['clip']} = {policy.max_update_clip}); the server must lower update-clip")
+            f"({_FLAG['clip']} = {policy.max_update_clip}); the server must lower update-clip",
+            setting="update-clip", asked=cfg.update_clip, limit=policy.max_update_clip)
     if not cfg.secagg:
         return  # a plain round: the site agreed to show its (DP) update; no sum to protect
+    cohort_code = Code.POLICY_COHORT
     if cfg.clients < policy.min_cohort:
-        raise _refuse("clients", cfg.clients, policy.min_cohort, _FLAG["cohort"])
+        raise _refuse(cohort_code, "clients", cfg.clients, policy.min_cohort, _FLAG["cohort"])
     if cfg.min_clients < policy.min_cohort:
-        raise _refuse("min-clients", cfg.min_clients, policy.min_cohort, _FLAG["cohort"])
+        raise _refuse(cohort_code, "min-clients", cfg.min_clients, policy.min_cohort,
+                      _FLAG["cohort"])
     if cfg.secagg_k != AUTO and cfg.secagg_k < policy.min_secagg_k:
-        raise _refuse("secagg-k", cfg.secagg_k, policy.min_secagg_k, _FLAG["k"])
+        raise _refuse(Code.POLICY_SECAGG_K, "secagg-k", cfg.secagg_k, policy.min_secagg_k,
+                      _FLAG["k"])
     if cfg.secagg_threshold != AUTO and cfg.secagg_threshold < policy.min_secagg_threshold:
-        raise _refuse("secagg-threshold", cfg.secagg_threshold, policy.min_secagg_threshold,
-                      _FLAG["threshold"])
+        raise _refuse(Code.POLICY_SECAGG_THRESHOLD, "secagg-threshold", cfg.secagg_threshold,
+                      policy.min_secagg_threshold, _FLAG["threshold"])
     actual = _round_parameters(secagg)
     if actual is None:
-        raise PolicyRefusal("the run asks for secure aggregation but the message carries no "
-                            "secure-aggregation parameters")
+        raise Refusal(Code.MESSAGE_SECAGG, "the run asks for secure aggregation but the message "
+                      "carries no secure-aggregation parameters")
     cohort, k, threshold = actual
     if cohort < policy.min_cohort:
-        raise _refuse("cohort of this round", cohort, policy.min_cohort, _FLAG["cohort"])
+        raise _refuse(cohort_code, "cohort", cohort, policy.min_cohort, _FLAG["cohort"])
     if k < policy.min_secagg_k:
-        raise _refuse("SecAgg+ k of this round", k, policy.min_secagg_k, _FLAG["k"])
+        raise _refuse(Code.POLICY_SECAGG_K, "secagg-k", k, policy.min_secagg_k, _FLAG["k"])
     if threshold < policy.min_secagg_threshold:
-        raise _refuse("SecAgg+ threshold of this round", threshold, policy.min_secagg_threshold,
-                      _FLAG["threshold"])
+        raise _refuse(Code.POLICY_SECAGG_THRESHOLD, "secagg-threshold", threshold,
+                      policy.min_secagg_threshold, _FLAG["threshold"])
     neighbours = min(k, cohort - 1)
     bound = 2 * threshold - neighbours - 1
     if threshold <= policy.max_colluders + 1:
-        raise PolicyRefusal(
+        raise Refusal(
+            Code.POLICY_COLLUDERS,
             f"this round's SecAgg+ threshold = {threshold} (k = {neighbours}) is not above this "
             f"site's policy ({_FLAG['colluders']} = {policy.max_colluders}) + 1: that many "
             "colluding neighbours know their pairwise masks with this site and, with its own "
             "share, hold enough shares of its self-mask; the server must raise secagg-k and "
-            f"secagg-threshold, or the site operator must lower its {_FLAG['colluders']} flag")
+            f"secagg-threshold, or the site operator must lower its {_FLAG['colluders']} flag",
+            setting="secagg-threshold", asked=threshold, limit=policy.max_colluders)
     if bound <= policy.max_colluders:
-        raise PolicyRefusal(
+        raise Refusal(
+            Code.POLICY_COLLUDERS,
             f"this round's SecAgg+ k = {neighbours} and threshold = {threshold} give 2t-k-1 = "
             f"{bound}, not above this site's policy ({_FLAG['colluders']} = "
             f"{policy.max_colluders}): the server and {max(bound, 0)} colluding sites of one "
             f"neighbourhood could unmask a site; the server must raise secagg-threshold, or the "
-            f"site operator must lower its {_FLAG['colluders']} flag")
+            f"site operator must lower its {_FLAG['colluders']} flag",
+            setting="secagg-threshold", asked=threshold, limit=policy.max_colluders)
 
 
-def check_evaluate(policy: SitePolicy) -> None:
-    """Refuse federated evaluation unless the site turned it on."""
+def check_run(policy: SitePolicy, cfg: FedConfig) -> None:
+    """Refuse a run whose model, labels or sizes this site does not accept.
+
+    Checked before any model is built or any file read, for ``train`` and
+    ``evaluate`` alike.
+    """
+    if cfg.model not in policy.allowed_models:
+        raise Refusal(Code.POLICY_MODEL,
+                      f"the run's model {cfg.model!r} is not one this site runs "
+                      f"({_FLAG['model']}: {list(policy.allowed_models)}); the site operator can "
+                      f"add it with --allow-model", setting="model")
+    if set(cfg.labels) != set(policy.labels) or len(cfg.labels) != len(policy.labels):
+        raise Refusal(Code.POLICY_LABELS,
+                      f"the run's labels {list(cfg.labels)} are not the label set this site "
+                      f"declared ({_FLAG['labels']}: {list(policy.labels)})",
+                      setting="labels")
+    for name, limit in SIZE_LIMITS.items():
+        value = getattr(cfg, name)
+        if value != AUTO and value > limit:
+            key = name.replace("_", "-")
+            raise Refusal(Code.POLICY_SIZE, f"the run's {key} = {value} is above what this site "
+                          f"runs ({limit})", setting=key, asked=value, limit=limit)
+
+
+def check_evaluate(policy: SitePolicy, cfg: FedConfig) -> None:
+    """Refuse federated evaluation unless the site turned it on and the run planned it.
+
+    An answer is a step of the site's DP mechanism, budgeted only when the run's
+    config asks for federated evaluation (``federated-eval = true``); a run that
+    did not ask cannot spend the site's budget on it.
+    """
+    check_run(policy, cfg)
+    if not cfg.federated_eval:
+        raise Refusal(Code.POLICY_FEDERATED_EVAL, "the run's config did not plan federated "
+                      "evaluation, so no step of this job's budget is set aside for it",
+                      setting="federated-eval", asked=False)
     if policy.federated_eval != "on":
-        raise PolicyRefusal(
+        raise Refusal(
+            Code.POLICY_FEDERATED_EVAL,
             "federated evaluation is off at this site (federated-eval = off): it would score "
             "the server's weights on the site's private data; the site operator can turn it on "
-            "with --federated-eval on")
+            "with --federated-eval on", setting="federated-eval", limit=False)
 
 
-__all__ = ["PolicyRefusal", "check_evaluate", "check_train"]
+__all__ = ["SIZE_LIMITS", "check_evaluate", "check_run", "check_train"]

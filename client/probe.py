@@ -87,17 +87,22 @@ def train_head(model, feats: torch.Tensor, labels: torch.Tensor, recipe: Recipe,
     head = nn.Linear(x.shape[1], model.classifier.out_features)
     head.load_state_dict(model.classifier.state_dict())
     head.bias.requires_grad_(False)  # the federation's log prior (see the module docstring)
-    loader = DataLoader(TensorDataset(x, labels), batch_size=recipe.batch_size, shuffle=True,
-                        generator=fresh_generator(torch.device("cpu")))
     if plan is None:
+        loader = DataLoader(TensorDataset(x, labels), batch_size=recipe.batch_size, shuffle=True,
+                            generator=fresh_generator(torch.device("cpu")))
         optimizer = torch.optim.SGD(head.parameters(), lr=recipe.lr, momentum=recipe.momentum)
         module, reduction = head, "mean"
     else:
         from opacus import PrivacyEngine
+        from opacus.data_loader import DPDataLoader
 
-        # Summed loss: Opacus adds noise to the sum of clipped per-example
-        # gradients; dividing the learning rate by the expected batch makes the
-        # step the mean's. An empty Poisson batch is still a (noise-only) step.
+        # Poisson sampling at the plan's rate (set from the site's size bucket,
+        # never its exact count). Summed loss: Opacus adds noise to the sum of
+        # clipped per-example gradients; dividing the learning rate by the
+        # expected batch of the bucket makes the step the mean's. An empty
+        # Poisson batch is still a (noise-only) step.
+        loader = DPDataLoader(TensorDataset(x, labels), sample_rate=plan.sample_rate,
+                              generator=fresh_generator(torch.device("cpu")))
         optimizer = torch.optim.SGD(head.parameters(), lr=recipe.lr / recipe.batch_size,
                                     momentum=recipe.momentum)
         with warnings.catch_warnings():
@@ -105,10 +110,8 @@ def train_head(model, feats: torch.Tensor, labels: torch.Tensor, recipe: Recipe,
             module, optimizer, loader = PrivacyEngine(accountant=plan.accountant).make_private(
                 module=head, optimizer=optimizer, data_loader=loader,
                 noise_multiplier=plan.noise_multiplier, max_grad_norm=recipe.clip,
-                poisson_sampling=True, loss_reduction="sum", noise_generator=fresh_generator(torch.device("cpu")))
-        if abs(loader.sample_rate - plan.sample_rate) > 1e-12:
-            raise RuntimeError(f"Opacus sampled at {loader.sample_rate}, the privacy plan "
-                               f"assumed {plan.sample_rate}")
+                poisson_sampling=False, loss_reduction="sum",
+                noise_generator=fresh_generator(torch.device("cpu")))
         reduction = "sum"
     steps, losses, seen = 0, [], 0
     average = {k: torch.zeros_like(v) for k, v in head.state_dict().items()}

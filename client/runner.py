@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import httpx
-from flwr.app import Context, Error, Message
-from flwr.common.constant import ErrorCode, SubStatus
+from flwr.app import Context, Message
+from flwr.common.constant import SubStatus
 from flwr.proto.runtime_pb2 import (AcquireTaskRequest,  # pylint: disable=E0611
                                     SendTaskHeartbeatRequest)
 from flwr.supercore.constant import TaskType
@@ -51,8 +51,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
 from fedseal.client.pinning import CodePinError, check_fab, installed_manifest, manifest_digest
-from fedseal.client.reply import refusal
-from fedseal.client.site import site_name
+from fedseal.client.reply import as_refusal, refusal
+from fedseal.common.refusals import Code, Refusal
 
 log = logging.getLogger("fedseal.client")
 
@@ -132,7 +132,7 @@ class Runner:
             message, context, run, fab = pull_task_input(client)
         except Exception as exc:  # pylint: disable=broad-exception-caught
             log.warning("a task's message could not be received (%s); it is dropped", exc)
-            _finish(client, heartbeat, None, SubStatus.FAILED, f"{type(exc).__name__}: {exc}")
+            _finish(client, heartbeat, None, SubStatus.FAILED, "the message could not be received")
             return
         self.ready.put(_Task(client, heartbeat, message, context, run, fab))
 
@@ -163,28 +163,26 @@ class Runner:
             reason = self.verdict(task.fab)
             if reason:
                 log.error("refused run %s: %s", task.run.run_id, reason)
-                reply = refusal(task.message,
-                                site_name(task.context.node_config, task.context.node_id),
-                                f"this site runs only the fedseal it installed: {reason}")
+                reply = refusal(task.message, task.context, Refusal(
+                    Code.SITE_CODE, f"this site runs only the fedseal it installed: {reason}"))
             else:
                 reply = self._call(task.message, task.context)
             push_message(task.client, reply, task.context)
             status, details = SubStatus.COMPLETED, ""
         except Exception as exc:  # pylint: disable=broad-exception-caught
+            # The details travel to the SuperNode's status report: a fixed text, never
+            # the exception's, which could name something of the site's.
             log.error("a ClientApp task failed: %s", exc, exc_info=exc)
-            details = f"{type(exc).__name__}: {exc}"
         finally:
             _finish(task.client, task.heartbeat, task.context, status, details)
 
     def _call(self, message: Message, context: Context) -> Message:
-        """The installed app's reply, or an error reply as Flower's runner would make it."""
+        """The installed app's reply; anything it raises becomes a refusal with a code."""
         TaskIdentity.run_id, TaskIdentity.node_id = context.run_id, context.node_id
         try:
             return self.app(message=message, context=context)
         except Exception as exc:  # pylint: disable=broad-exception-caught
-            log.error("the ClientApp raised: %s", exc, exc_info=exc)
-            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
-                                 reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
+            return refusal(message, context, as_refusal(exc))
 
 
 def _finish(client: RuntimeHttpClient, heartbeat: HeartbeatSender, context: Context | None,

@@ -1,13 +1,14 @@
-"""The site's side of SecAgg+: check it belongs in the round, keep the
-encoded update and the protocol state in the node's ``Context.state`` between
-messages, and answer each stage.
+"""The site's side of SecAgg+: check it belongs in the round, keep the protocol state in the
+node's ``Context.state`` between messages, and answer each stage.
 
 The site's signing key (``identity-key``) and roster (``peers``) come from its
-own settings, never from the server. :func:`check_round` runs before training,
-so a round the site would refuse costs it no privacy budget. Stage 0 (advertise
-keys) rides on the ``train`` reply; then ``train.<stage>`` messages carry the key
-bundle, the routed shares, the survivor view to sign, and the unmask request.
-Nothing here ever sends the update itself: only ``x + masks`` leaves the site.
+own settings, never from the server. :func:`check_round` runs before anything
+else. Stage 0 (advertise keys) rides on the ``train`` reply, before any
+training; stage 1 shares keys; the site trains only at stage 2, when the server
+asks for its masked input (the cohort has then shown it can complete the
+round), and sends ``x + masks`` with the committed spend; then it signs the
+survivor view and helps unmask. Nothing here ever sends the update itself:
+only ``x + masks`` leaves the site.
 
 At most one unmask per (job, round): before it answers, the site records the
 pair durably (a small file beside its ledger, or ``Context.state`` without
@@ -21,13 +22,16 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from fedseal.client import once
+from fedseal.client import cache, once
 from fedseal.client.site import SiteSettings
-from fedseal.common.config import ConfigError, FedConfig
+from fedseal.common import egress
+from fedseal.common.config import FedConfig
+from fedseal.common.refusals import Code, Refusal
 from fedseal.common.secagg import (ClientState, Identity, Roster, RoundContext, SecAggError,
                            UnmaskRefusedError)
+from fedseal.common.secagg.client import state_digest
 from fedseal.common.secagg.messages import Advert, ShareMessage
 from fedseal.common.secagg_wire import (ADVERT, BUNDLE, CHALLENGE, CIPHERTEXTS, COMPLAINTS, B_SHARES, K,
                                 MASKED, NODES, RECORD, ROUND, ROUTED, SEEDS, SHARES, SIGNATURE,
@@ -39,7 +43,6 @@ from fedseal.common.vote import round_clip
 log = logging.getLogger(__name__)
 
 STATE = "fedseal.secagg.state"  # the protocol state (this site's secrets)
-INPUT = "fedseal.secagg.input"  # the encoded update, until it leaves masked
 SITE = "fedseal.secagg.site"  # the site's own paths and policy for this round
 UNMASKED = "fedseal.secagg.unmasked"  # the once-per-round record of unmasked (job, round) pairs
 UNMASKED_SUFFIX = ".secagg-unmasked.json"  # its file, beside the ledger
@@ -50,43 +53,47 @@ def unmask_record_path(ledger_path: Path) -> Path:
     return once.record_path(ledger_path, UNMASKED_SUFFIX)
 
 
-def _round_context(msg: Message, context: Context) -> RoundContext:
-    params = msg.content[RECORD] if RECORD in msg.content.config_records else None
+def _round_context(content: RecordDict, context: Context) -> RoundContext:
+    params = content[RECORD] if RECORD in content.config_records else None
     if params is None:
-        raise ConfigError("the server sent no secure-aggregation parameters with secure "
+        raise Refusal(Code.MESSAGE_SECAGG, "the server sent no secure-aggregation parameters with secure "
                           "aggregation on; this site will not train")
     try:
         nodes = unpack_ids(field(params, NODES, bytes))
         return RoundContext(context.run_id, field(params, ROUND, int), nodes, field(params, K, int),
                             field(params, THRESHOLD, int), field(params, CHALLENGE, bytes))
     except (WireError, SecAggError) as exc:
-        raise ConfigError(f"the server's secure-aggregation parameters are invalid ({exc})") from None
+        raise Refusal(Code.MESSAGE_SECAGG,
+                      f"the server's secure-aggregation parameters are invalid ({exc})") from None
 
 
 def _read(path: Path | None, what: str, flag: str) -> bytes:
     if path is None:
-        raise ConfigError(f"secure aggregation needs this site's {what} ({flag}); a site without "
+        raise Refusal(Code.SITE_KEYS, f"secure aggregation needs this site's {what} ({flag}); a site without "
                           "it cannot tell real fellow sites from ones a server invents")
     try:
         return Path(path).read_bytes()
     except OSError as exc:
-        raise ConfigError(f"cannot read this site's {what} {path} ({exc.strerror}); fix {flag}") from None
+        raise Refusal(Code.SITE_KEYS,
+                      f"cannot read this site's {what} {path} ({exc.strerror}); fix {flag}") from None
 
 
 def load_identity(path: Path | None) -> Identity:
     """The site's signing key from its ``identity-key`` file."""
-    return Identity.from_private_bytes(_read(path, "signing key", "identity-key"))
+    return cache.parsed(_read(path, "signing key", "identity-key"), Identity.from_private_bytes)
 
 
 def load_roster(path: Path | None) -> Roster:
     """The roster of accepted sites from the site's ``peers`` file."""
     try:
-        return Roster.from_text(_read(path, "roster of accepted sites", "peers").decode("utf-8"))
+        return cache.parsed(_read(path, "roster of accepted sites", "peers"),
+                            lambda data: Roster.from_text(data.decode("utf-8")))
     except UnicodeDecodeError:
-        raise ConfigError(f"the peers file {path} is not text (OpenSSH .pub lines)") from None
+        raise Refusal(Code.SITE_KEYS,
+                      f"the peers file {path} is not text (OpenSSH .pub lines)") from None
 
 
-def check_round(msg: Message, context: Context, site: SiteSettings,
+def check_round(content: RecordDict, context: Context, site: SiteSettings,
                 server_round: int) -> RoundContext:
     """Before any training: the round's parameters parse, name the training message's round
     ``server_round`` (which decides the update's form and bound), this site is in its
@@ -97,15 +104,15 @@ def check_round(msg: Message, context: Context, site: SiteSettings,
 
     Raises
     ------
-    ConfigError
-        Saying what is wrong and what to change.
+    fedseal.common.refusals.Refusal
+        Saying what is wrong (in its detail) and why (its code).
     """
-    ctx = _round_context(msg, context)
+    ctx = _round_context(content, context)
     if ctx.round_id != server_round:
-        raise ConfigError(f"the secure-aggregation parameters are for round {ctx.round_id}, the "
+        raise Refusal(Code.MESSAGE_SECAGG, f"the secure-aggregation parameters are for round {ctx.round_id}, the "
                           f"training message for round {server_round}")
     if context.node_id not in ctx.participants:
-        raise ConfigError("this site is not in the round's cohort the server sent")
+        raise Refusal(Code.MESSAGE_SECAGG, "this site is not in the round's cohort the server sent")
     load_identity(site.identity_key)
     load_roster(site.peers)
     return ctx
@@ -119,22 +126,36 @@ def _site(context: Context) -> ConfigRecord:
 
 
 def _load(context: Context) -> ClientState:
+    """The protocol state the last stage saved: the live object this process kept for exactly
+    that record, else rebuilt (and fully checked) from the record."""
     info = _site(context)
     if STATE not in context.state:
         raise ValueError("no secure-aggregation round in progress at this site "
                          "(it restarted, or the stage arrived out of order)")
-    return ClientState.restore_state(
-        dict(context.state[STATE].items()),
-        identity=load_identity(Path(str(info["identity-key"]))),
-        roster=load_roster(Path(str(info["peers"]))))
+    data = dict(context.state[STATE].items())
+    identity = load_identity(Path(str(info["identity-key"])))
+    roster = load_roster(Path(str(info["peers"])))
+    live = cache.take(_live_key(context, data))
+    if isinstance(live, ClientState) and live.identity is identity and live.roster is roster:
+        return live
+    return ClientState.restore_state(data, identity=identity, roster=roster)
 
 
 def _save(context: Context, state: ClientState) -> None:
-    context.state[STATE] = ConfigRecord(state.export_state())
+    data = state.export_state()
+    context.state[STATE] = ConfigRecord(data)
+    cache.keep(_live_key(context, data), state)
+
+
+def _live_key(context: Context, data: dict) -> tuple:
+    """Names a saved state by its node and the digest of its record (which holds its secrets)."""
+    record = data.get("state")
+    digest = state_digest(bytes(record)) if isinstance(record, (bytes, bytearray)) else b""
+    return (STATE, context.node_id, digest)
 
 
 def _clear(context: Context) -> None:
-    for key in (STATE, INPUT, SITE):
+    for key in (STATE, SITE):
         if key in context.state:
             del context.state[key]
 
@@ -150,29 +171,34 @@ def _params(msg: Message, state: ClientState) -> ConfigRecord:
     return params
 
 
-def _reply(msg: Message, **values: bytes) -> Message:
-    return Message(RecordDict({RECORD: ConfigRecord(dict(values))}), reply_to=msg)
+def _reply(reply_type: egress.ReplyType, msg: Message, **values: bytes) -> Message:
+    return egress.build(reply_type, msg, {RECORD: values})
 
 
-def begin_round(msg: Message, context: Context, cfg: FedConfig, site: SiteSettings, job: str,
-                server_round: int, flat_weighted_update: np.ndarray,
-                weight: float) -> ConfigRecord:
-    """Encode the update, start this round's protocol state (for round ``server_round``
-    of ``job``), and return the signed keys."""
+def begin_round(msg: Message, context: Context, site: SiteSettings, job: str,
+                server_round: int) -> dict[str, bytes]:
+    """Start this round's protocol state (round ``server_round`` of ``job``); return the signed keys.
+
+    Nothing is trained or encoded yet: the site trains only when the server asks
+    for its masked input, after the cohort has shared its keys.
+    """
     _clear(context)
-    ctx = check_round(msg, context, site, server_round)
+    ctx = check_round(msg.content, context, site, server_round)
     identity, roster = load_identity(site.identity_key), load_roster(site.peers)
-    x = encode_update(flat_weighted_update, weight, len(ctx.participants),
-                      round_clip(cfg, server_round))
     state = ClientState(context.node_id, ctx, identity=identity, roster=roster,
                         min_survivors=site.policy.min_cohort)
     advert = state.advertise_keys()
-    context.state[INPUT] = ArrayRecord({Y: Array(x)})
     context.state[SITE] = ConfigRecord({
         "job": job, "identity-key": str(site.identity_key), "peers": str(site.peers),
         "record": str(unmask_record_path(site.ledger_path)) if site.ledger_path else ""})
     _save(context, state)
-    return ConfigRecord({ADVERT: advert.encode(ctx.digest)})
+    return {ADVERT: advert.encode(ctx.digest)}
+
+
+def round_of(context: Context) -> tuple[str, int]:
+    """The job and round of the secure round in progress at this site."""
+    info, state = _site(context), _load(context)
+    return str(info["job"]), state.ctx.round_id
 
 
 def share_keys(msg: Message, context: Context) -> Message:
@@ -184,22 +210,24 @@ def share_keys(msg: Message, context: Context) -> Message:
         bundle[node], _ = Advert.decode(data)
     message, ciphertexts = state.share_keys(bundle)
     _save(context, state)
-    return _reply(msg, **{SHARES: message.encode(state.ctx.digest),
+    return _reply(egress.SECAGG_SHARE_KEYS, msg, **{SHARES: message.encode(state.ctx.digest),
                           CIPHERTEXTS: pack_table(ciphertexts)})
 
 
-def masked_input(msg: Message, context: Context) -> Message:
-    """Stage 2: send ``x + masks`` (and complaints about bad shares); ``x`` is deleted."""
+def masked_input(msg: Message, context: Context, cfg: FedConfig, flat_weighted_update: np.ndarray,
+                 weight: float) -> tuple[np.ndarray, bytes]:
+    """Stage 2: encode the committed update and return ``x + masks`` and the complaints.
+
+    ``x`` exists only inside this call: what leaves is the masked vector.
+    """
     state = _load(context)
     routed = unpack_routed(field(_params(msg, state), ROUTED, bytes))
     opened = {s: (ShareMessage.decode(m)[0], ct) for s, (m, ct) in routed.items()}
-    x = context.state[INPUT][Y].numpy()
+    x = encode_update(flat_weighted_update, weight, len(state.ctx.participants),
+                      round_clip(cfg, state.ctx.round_id))
     y, complaints = state.masked_input(opened, x)
-    del context.state[INPUT]
     _save(context, state)
-    return Message(RecordDict({MASKED: ArrayRecord({Y: Array(y)}),
-                               RECORD: ConfigRecord({COMPLAINTS: pack_table(complaints)})}),
-                   reply_to=msg)
+    return y, pack_table(complaints)
 
 
 def consistency(msg: Message, context: Context) -> Message:
@@ -207,7 +235,7 @@ def consistency(msg: Message, context: Context) -> Message:
     state = _load(context)
     signature = state.sign_view(field(_params(msg, state), VIEW, bytes))
     _save(context, state)
-    return _reply(msg, **{SIGNATURE: signature})
+    return _reply(egress.SECAGG_CONSISTENCY, msg, **{SIGNATURE: signature})
 
 
 def unmask(msg: Message, context: Context) -> Message:
@@ -234,7 +262,7 @@ def unmask(msg: Message, context: Context) -> Message:
         _clear(context)
         raise UnmaskRefusedError(f"{exc}; it reveals nothing it could not record") from None
     _clear(context)
-    return _reply(msg, **{B_SHARES: pack_shares(reply[B_SHARES]),
+    return _reply(egress.SECAGG_UNMASK, msg, **{B_SHARES: pack_shares(reply[B_SHARES]),
                           SK_SHARES: pack_shares(reply[SK_SHARES]),
                           SEEDS: pack_table(reply[SEEDS])})
 

@@ -4,7 +4,8 @@ In a deployment these come from the SuperNode's node config, written by
 ``fedseal client`` from the site operator's own flags, never from the server:
 
 ``data-path``, ``site-name``, ``epsilon``, ``delta``, ``ledger-path``, ``device``
-    the site's data file, name, total budget, ledger and device;
+    the site's data file, name, total budget over all jobs (the ledger holds
+    it; ``fedseal ledger raise`` changes it), ledger and device;
 ``ledger-key``
     the site's ledger key, kept apart from the ledger (:mod:`fedseal.client.ledger_seal`);
 ``identity-key``
@@ -13,8 +14,12 @@ In a deployment these come from the SuperNode's node config, written by
 ``peers``
     a file of OpenSSH public keys, one line per site this site accepts as a
     fellow member of the federation (its own line may be included);
+``text-column``, ``label-column``
+    the columns of the site's own file (the server's settings of these name
+    only its own files: a site never reads its data with columns a server chose);
 ``require-dp``, ``require-secagg``, ``min-cohort``, ``min-secagg-k``,
-``min-secagg-threshold``, ``max-colluders``, ``max-update-clip``, ``federated-eval``
+``min-secagg-threshold``, ``max-colluders``, ``max-update-clip``, ``federated-eval``,
+``allow-model``, ``labels``, ``max-run-epsilon``
     the site's :class:`SitePolicy`: what it demands of any run before it trains.
 
 In a simulation every virtual site reads the file the simulation wrote for its
@@ -25,6 +30,7 @@ plays every site, so the run's own settings are the sites' policy there
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
@@ -32,6 +38,7 @@ from typing import Mapping
 from fedseal.common.config import ConfigError, FedConfig
 
 FEDERATED_EVAL_MODES = ("off", "on")
+DEFAULT_TEXT_COLUMN, DEFAULT_LABEL_COLUMN = "sentence", "label"
 
 
 @dataclass(frozen=True)
@@ -64,7 +71,24 @@ class SitePolicy:
         Largest ``update-clip`` the server may ask for: the per-coordinate bound of
         this site's plain updates (vote rounds send entries bounded by 1).
     federated_eval : str
-        ``off``: refuse evaluation requests; ``on``: answer them.
+        ``off``: refuse evaluation requests; ``on``: answer them (each answer is
+        one more step of the site's DP mechanism, counted in its budget).
+    allowed_models : tuple[str, ...]
+        The models (hub names or folders, exactly as the server names them) this
+        site runs; anything else is refused before any file is touched, so a
+        server cannot probe the site's file system with model paths.
+    labels : tuple[str, ...]
+        The label set the site declared for its data (``--labels``); a run's
+        labels must be this set. Empty: not declared (a deployed site declares
+        it at start; :func:`fedseal.client.agent` refuses to start otherwise).
+        A refusal says only that the sets differ, never which label the site has.
+    max_run_epsilon : float
+        Most epsilon one run may ask for (its config's ``epsilon``) out of the
+        site's total. The default, infinity, caps a run at what is left of the
+        total and no lower: the stock run asks for epsilon 8, the stock total
+        is 8, and a lower default would refuse it at every site that kept the
+        defaults. A site that wants its total to last several runs sets it
+        lower (``--max-run-epsilon``).
     """
 
     require_dp: bool = True
@@ -75,6 +99,9 @@ class SitePolicy:
     max_colluders: int = 1
     max_update_clip: float = 64.0
     federated_eval: str = "off"
+    allowed_models: tuple[str, ...] = ("default",)
+    labels: tuple[str, ...] = ()
+    max_run_epsilon: float = math.inf
 
     def __post_init__(self) -> None:
         """Reject a policy that cannot protect anything."""
@@ -93,6 +120,8 @@ class SitePolicy:
                 "raise --min-cohort or lower --max-colluders")
         if not self.max_update_clip > 0:
             raise ConfigError(f"max-update-clip must be positive, got {self.max_update_clip}")
+        if not self.max_run_epsilon > 0:
+            raise ConfigError(f"max-run-epsilon must be positive, got {self.max_run_epsilon}")
         if self.federated_eval not in FEDERATED_EVAL_MODES:
             raise ConfigError(f"federated-eval must be one of {', '.join(FEDERATED_EVAL_MODES)}, "
                               f"got {self.federated_eval!r}")
@@ -103,7 +132,8 @@ class SitePolicy:
         there is nobody to collude with)."""
         return cls(require_dp=cfg.dp, require_secagg=cfg.secagg, min_cohort=2, min_secagg_k=1,
                    min_secagg_threshold=2, max_colluders=0, max_update_clip=cfg.update_clip,
-                   federated_eval="on" if cfg.federated_eval else "off")
+                   federated_eval="on" if cfg.federated_eval else "off",
+                   allowed_models=(cfg.model,), labels=tuple(cfg.labels))
 
 
 @dataclass(frozen=True)
@@ -120,6 +150,9 @@ class SiteSettings:
     ledger_key: Path | None = None
     identity_key: Path | None = None
     peers: Path | None = None
+    text_column: str = DEFAULT_TEXT_COLUMN
+    label_column: str = DEFAULT_LABEL_COLUMN
+    feature_dir: Path | None = None  # where it caches pooled features (:func:`feature_cache`)
 
 
 def simulation_site_file(out_dir: str | Path, partition_id: int) -> Path:
@@ -146,8 +179,15 @@ def ledger_path(node_config: Mapping[str, object]) -> Path | None:
 
 def feature_cache(site: "SiteSettings") -> Path | None:
     """Where the site caches its pooled features (:mod:`fedseal.common.features`): a folder in its
-    state folder, beside its ledger; None (memory only) for a site without a ledger."""
-    return site.ledger_path.parent / "feature-cache" if site.ledger_path else None
+    state folder, beside its ledger; a simulated site's beside its data file in the simulation's
+    ``sites`` folder (:func:`simulation_feature_dir`), so that the simulation's processes share
+    what one computed; None (memory only) for a deployed site without a ledger."""
+    return site.feature_dir
+
+
+def simulation_feature_dir(out_dir: str | Path, partition_id: int) -> Path:
+    """Where simulated site ``partition_id`` caches its pooled features."""
+    return Path(out_dir) / "sites" / f"site-{partition_id}.features"
 
 
 def simulation_key_file(out_dir: str | Path, partition_id: int) -> Path:
@@ -160,16 +200,28 @@ def simulation_roster_file(out_dir: str | Path) -> Path:
     return Path(out_dir) / "sites" / "peers.pub"
 
 
+_NODE_KEYS = {"allowed_models": "allow-model"}  # node-config keys that are not the field's name
+
+
+def split_list(value: object) -> tuple[str, ...]:
+    """A node-config list: a comma-separated string (Flower's node config holds scalars)."""
+    if not isinstance(value, str):
+        raise ValueError(value)
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
 def _policy(node_config: Mapping[str, object], defaults: SitePolicy = SitePolicy()) -> SitePolicy:
     """The site's policy from its node config; unset entries keep ``defaults`` (the safe ones)."""
     values: dict[str, object] = {}
     for name in SitePolicy.__dataclass_fields__:
-        key = name.replace("_", "-")
+        key = _NODE_KEYS.get(name, name.replace("_", "-"))
         if key not in node_config:
             continue
         raw, default = node_config[key], getattr(defaults, name)
         try:
-            if isinstance(default, bool):
+            if isinstance(default, tuple):
+                values[name] = split_list(raw)
+            elif isinstance(default, bool):
                 if not isinstance(raw, bool):
                     raise ValueError(raw)
                 values[name] = raw
@@ -189,18 +241,24 @@ def _policy(node_config: Mapping[str, object], defaults: SitePolicy = SitePolicy
 
 def site_settings(node_config: Mapping[str, object], cfg: FedConfig) -> SiteSettings:
     """Resolve a site's own settings from its node config (deployment) or partition id."""
+    columns = (DEFAULT_TEXT_COLUMN, DEFAULT_LABEL_COLUMN)
+    features = None
     if "data-path" in node_config:
         data_path = Path(str(node_config["data-path"]))
         policy = _policy(node_config)
+        columns = (str(node_config.get("text-column", columns[0])),
+                   str(node_config.get("label-column", columns[1])))
     elif "partition-id" in node_config:
         pid = int(node_config["partition-id"])
         data_path = simulation_site_file(cfg.out, pid)
+        features = simulation_feature_dir(cfg.out, pid)
         # The simulation's user plays every site: its keys and roster are the ones the
         # simulation wrote, and the run's own settings are the sites' policy unless a
         # node config entry says otherwise.
         node_config = {"identity-key": str(simulation_key_file(cfg.out, pid)),
                        "peers": str(simulation_roster_file(cfg.out)), **node_config}
         policy = _policy(node_config, SitePolicy.of_run(cfg))
+        columns = (cfg.text_column, cfg.label_column)  # what the simulation wrote the file with
     else:
         raise ConfigError(
             "this client agent has no data: start it with --data FILE "
@@ -231,4 +289,7 @@ def site_settings(node_config: Mapping[str, object], cfg: FedConfig) -> SiteSett
         ledger_key=Path(str(ledger_key)) if ledger_key else None,
         identity_key=Path(str(identity)) if identity else None,
         peers=Path(str(peers)) if peers else None,
+        text_column=columns[0],
+        label_column=columns[1],
+        feature_dir=ledger.parent / "feature-cache" if ledger else features,
     )

@@ -44,8 +44,8 @@ class CommittedRound:
     epsilon, delta
         The site's total epsilon and delta after this round (every job,
         basic composition); meaningless when ``private`` is false.
-    noise_multiplier
-        The job's noise multiplier (0 without DP).
+    noise_multiplier, sample_rate
+        The job's noise multiplier and Poisson rate (0 without DP).
     private
         Whether the round was trained with differential privacy.
     """
@@ -57,6 +57,7 @@ class CommittedRound:
     epsilon: float
     delta: float
     noise_multiplier: float
+    sample_rate: float
     private: bool
     update_digest: str
     weight: float
@@ -86,15 +87,17 @@ def other_jobs_epsilon(ledger: PrivacyLedger | None, job: str) -> float:
 def commit_round(site: str, ledger: PrivacyLedger | None, context: Context, job: str,
                  round: int, steps: int, job_epsilon: float | None, job_delta: float,
                  update: Mapping[str, np.ndarray], weight: float, *,
-                 noise_multiplier: float = 0.0, sample_rate: float = 0.0) -> CommittedRound:
+                 noise_multiplier: float = 0.0, sample_rate: float = 0.0,
+                 evaluation: bool = False) -> CommittedRound:
     """Record the round's spend (ledger first, durably) and return the committed round.
 
     ``job_epsilon`` is the job's cumulative epsilon after ``steps`` steps, or
     None for a round trained without differential privacy (nothing to record
     in the ledger; the reply then says the round was not private);
-    ``job_delta`` is the job's delta. ``update`` and ``weight`` are what the
-    reply may send; the steps go to the run's ``Context.state`` only when
-    there is no ledger.
+    ``job_delta`` is the job's delta where there is no ledger (with one, the
+    ledger records the job's granted delta). ``update`` and ``weight`` are
+    what the reply may send; the steps go to the run's ``Context.state`` only
+    when there is no ledger.
 
     Raises
     ------
@@ -104,14 +107,14 @@ def commit_round(site: str, ledger: PrivacyLedger | None, context: Context, job:
     private = job_epsilon is not None
     if private and ledger is not None:
         ledger.record(job, round, steps, job_epsilon, noise_multiplier=noise_multiplier,
-                      sample_rate=sample_rate, delta=job_delta)
+                      sample_rate=sample_rate, evaluation=evaluation)
     if ledger is None:
         context.state[PROGRESS] = MetricRecord({"steps": steps})
     epsilon = other_jobs_epsilon(ledger, job) + job_epsilon if private else float("inf")
     delta = ledger.delta_spent() if private and ledger is not None else job_delta
     return CommittedRound(site, str(job), int(round), int(steps), float(epsilon), float(delta),
-                          float(noise_multiplier), private, state_digest(update), float(weight),
-                          _COMMITTED)
+                          float(noise_multiplier), float(sample_rate), private,
+                          state_digest(update), float(weight), _COMMITTED)
 
 
 __all__ = ["CommittedRound", "PROGRESS", "commit_round", "other_jobs_epsilon", "steps_done"]

@@ -54,24 +54,27 @@ def train_local(model: nn.Module, data: TensorDataset, cfg: FedConfig, recipe: R
     model.to(device)
     model.train()
     optimizer = _optimizer(model, cfg, recipe)
-    loader = DataLoader(data, batch_size=recipe.batch_size, shuffle=True,
-                        generator=fresh_generator(torch.device("cpu")))
     engine = None
-    if plan is not None:
+    if plan is None:
+        loader = DataLoader(data, batch_size=recipe.batch_size, shuffle=True,
+                            generator=fresh_generator(torch.device("cpu")))
+    else:
         from opacus import PrivacyEngine
+        from opacus.data_loader import DPDataLoader
 
+        # Poisson sampling at the plan's rate, set from the site's size bucket.
+        loader = DPDataLoader(data, sample_rate=plan.sample_rate,
+                              generator=fresh_generator(torch.device("cpu")))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Secure RNG turned off")
             engine = PrivacyEngine(accountant=plan.accountant)
             model, optimizer, loader = engine.make_private(
                 module=model, optimizer=optimizer, data_loader=loader,
                 noise_multiplier=plan.noise_multiplier, max_grad_norm=recipe.clip,
-                poisson_sampling=True, noise_generator=fresh_generator(device),
+                poisson_sampling=False, noise_generator=fresh_generator(device),
             )
-        expected = plan.sample_rate
-        actual = loader.sample_rate if hasattr(loader, "sample_rate") else expected
-        if abs(actual - expected) > 1e-12:
-            raise RuntimeError(f"Opacus sampled at {actual}, the privacy plan assumed {expected}")
+        # The mean's denominator: the bucket's expected batch, never the exact count.
+        optimizer.expected_batch_size = recipe.batch_size
     losses: list[float] = []
     steps = 0
     try:

@@ -20,8 +20,11 @@ COMMANDS = {
     "keys": ("fedseal.server.keys_cli", "create the federation's certificates (server) or a site's key (site)"),
     "server": ("fedseal.server.launch", "run the aggregation server (SuperLink) and one federated run"),
     "client": ("fedseal.client.agent", "run the client agent (SuperNode) at a data site"),
-    "ledger": ("fedseal.client.ledger_cli", "show a site's privacy ledger, or recover it deliberately"),
+    "ledger": ("fedseal.client.ledger_cli",
+               "show a site's privacy ledger, raise its total, or recover it deliberately"),
     "report": ("fedseal.server.report_cli", "write a run's report page (RUN_DIR/report.html)"),
+    "audit": ("fedseal.simulations.audit",
+              "measure what one site's replies reveal about a planted record, against its budget"),
 }
 
 

@@ -110,6 +110,7 @@ class FedConfig:
     eval_batch_size: int = 128
     eval_max_examples: int | str = ALL
     tensorboard: str = ""  # folder for TensorBoard event files; empty: off
+    roster: str = ""  # the admitted sites' public keys (NAME.pub); set by fedseal server
 
     def __post_init__(self) -> None:
         """Check every value; raise :class:`ConfigError` naming what to change."""
@@ -230,7 +231,10 @@ HELP: dict[str, str] = {
                  "(the probe's statistics round weighs each site by its DP count estimate)",
     "federated_eval": "also ask the sites to score the model on their own data each round "
                       "(sites answer only if their policy allows it)",
-    "timeout": "seconds to wait for sites to connect and to reply in each round (positive)",
+    "timeout": "seconds a round's stage waits for the next site's answer, and for sites to "
+               "connect (positive): a stage ends once every site has answered or none has for "
+               "this long, so it lasts as long as sites keep answering however many there are; "
+               "a site that never answers is named as timed out",
     # Local training
     "local_steps": "DP-SGD steps per site per round (integer >= 1) or auto: from the rule in "
                    "common/dp_rule.py (site size, rounds, mode)",
@@ -241,7 +245,8 @@ HELP: dict[str, str] = {
     "device": "where sites train: auto (CUDA when present, else CPU), cpu or cuda",
     # Differential privacy
     "dp": "train with DP-SGD (--no-dp: no privacy, for baselines; every output says NON-PRIVATE)",
-    "epsilon": "privacy budget epsilon per site, record level, for the whole run (positive)",
+    "epsilon": "privacy budget epsilon per site, record level, for the whole run (positive); a "
+               "deployed site grants it out of its own total (fedseal client --epsilon)",
     "delta": "privacy budget delta per site, in (0, 1); 1e-5 is usual",
     "max_grad_norm": "per-example gradient clip, an L2 norm (positive number) or auto: from the "
                      "rule in common/dp_rule.py",
@@ -271,6 +276,9 @@ HELP: dict[str, str] = {
                          "the whole file",
     "tensorboard": "folder for TensorBoard event files of the per-round scalars "
                    "(tensorboard --logdir DIR); empty: off",
+    "roster": "folder of the admitted sites' public keys (NAME.pub): the server names each site "
+              "by the key it authenticated with (fedseal server sets it); empty: each site's "
+              "first reply names it (a simulation)",
 }
 """One help text per setting: what it does, its allowed values and unit (the CLI shows these)."""
 

@@ -42,6 +42,16 @@ scaled features. Where each setting comes from:
   :mod:`fedseal.common.privacy`) so the whole planned run, ``steps_through(rounds)``
   steps of both phases, spends the site's epsilon.
 
+**Site size.** Whatever leaves a site (sampling rate, noise multiplier,
+steps, epsilon, weight, a refusal) may depend on its example count only through
+:func:`size_bucket`, the largest power of two not above it: the server learns
+a site's size within a factor of two, never the count (sites of 1,000 and 1,001
+examples send the same metadata; ``tests/test_egress.py``). So the rule, the
+calibration (:func:`fedseal.common.privacy.plan_site`) and the weights
+(:mod:`fedseal.common.weights`) take the bucket, never the count; each checks
+that it got one. A batch size the server asks for is a request: the site
+samples at ``1 / ceil(bucket / batch)``.
+
 **LoRA** and **full** fine-tuning keep one phase of DP-SGD on the encoder with
 AdamW, and the settings that earlier measurements chose (see the README):
 batch 64, 20 steps a round, lr 5e-3, clip 0.1 for LoRA and 1.0 for full.
@@ -63,6 +73,10 @@ MIN_STEPS_PER_ROUND = 20
 PROBE_CLIP = 1.0
 PROBE_LR = 16.0
 PROBE_MOMENTUM = 0.9
+FEATURE_MEAN_KEY = "feature_mean"
+"""The probe's feature mean: set by the statistics round, never trained."""
+HEAD_WEIGHT_KEY = "classifier.weight"
+"""The probe's head weights: what its training rounds train."""
 PRIOR_KEY = "classifier.bias"
 """The head's bias: a site's label proportions in the statistics round, the log prior after it."""
 PRIOR_FLOOR = 0.1
@@ -119,6 +133,32 @@ def prior_bias(proportions: np.ndarray) -> np.ndarray:
     return np.log(p / p.sum()).astype(np.float32)
 
 
+def size_bucket(num_examples: int) -> int:
+    """The coarse size a site's choices may depend on: the largest power of two <= ``num_examples``.
+
+    Raises
+    ------
+    ConfigError
+        If the site has no examples.
+    """
+    if num_examples < 1:
+        raise ConfigError("a site with no examples cannot train")
+    return 1 << (int(num_examples).bit_length() - 1)
+
+
+def check_bucket(bucket: int) -> int:
+    """``bucket`` itself, if it is a size bucket (a power of two); ValueError otherwise.
+
+    Every function whose result can leave a site takes a bucket, and refuses an
+    exact count here, so a caller that passes ``len(examples)`` fails loudly.
+    """
+    if isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 1 \
+            or bucket & (bucket - 1):
+        raise ValueError(f"expected a size bucket (a power of two), got {bucket!r}: pass "
+                         "size_bucket(n), never an exact count")
+    return bucket
+
+
 def stats_rounds(cfg: FedConfig) -> int:
     """Rounds at the start of the run that are statistics rounds (1 for the probe)."""
     return 1 if cfg.finetune == "probe" else 0
@@ -128,16 +168,15 @@ def _given(value: object) -> bool:
     return value != AUTO
 
 
-def recipe(cfg: FedConfig, num_examples: int) -> Recipe:
-    """The settings a site with ``num_examples`` examples trains with in run ``cfg``.
+def recipe(cfg: FedConfig, bucket: int) -> Recipe:
+    """The settings a site of size bucket ``bucket`` (:func:`size_bucket`) trains with in run ``cfg``.
 
     Raises
     ------
-    ConfigError
-        If the site has no examples.
+    ValueError
+        If ``bucket`` is not a size bucket.
     """
-    if num_examples < 1:
-        raise ConfigError("a site with no examples cannot train")
+    num_examples = check_bucket(bucket)
     source: dict[str, str] = {}
 
     def pick(name: str, rule_value: float) -> float:
@@ -158,4 +197,5 @@ def recipe(cfg: FedConfig, num_examples: int) -> Recipe:
                   source)
 
 
-__all__ = ["PRIOR_FLOOR", "PRIOR_KEY", "Recipe", "prior_bias", "recipe", "stats_rounds"]
+__all__ = ["FEATURE_MEAN_KEY", "HEAD_WEIGHT_KEY", "PRIOR_FLOOR", "PRIOR_KEY", "Recipe", "check_bucket", "prior_bias", "recipe",
+           "size_bucket", "stats_rounds"]

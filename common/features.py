@@ -8,12 +8,19 @@ named by a digest of everything they depend on: the texts, the encoder's
 weights, the pooled layers and the maximum length. A changed input gives a new
 digest, never a stale file. The cache holds features of the site's private
 data: it belongs in the site's own state folder (mode 0700), like its ledger.
+
+The memory cache is bounded in bytes (:data:`MEMORY_BYTES`), not in entries: a
+simulation's process serves every virtual site it is given, and the default
+task's features for all its sites take about 55 MiB. The encoder's digest is
+computed once per encoder object and kept while none of its tensors changes
+(each tensor's storage and in-place version counter are checked on every use).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 
@@ -28,16 +35,31 @@ log = logging.getLogger(__name__)
 
 BATCH = 256
 _MEMORY: "OrderedDict[str, torch.Tensor]" = OrderedDict()
-_MEMORY_ENTRIES = 24  # sites x (train, eval) of a simulation on one machine
+MEMORY_BYTES = 1 << 30
+"""Features kept in a process's memory, in bytes (the oldest go first)."""
+_DIGESTS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, str]]" = weakref.WeakKeyDictionary()
 
 
 def encoder_digest(model) -> str:
-    """sha256 over the encoder's weights, names and shapes (what the features depend on)."""
+    """sha256 over the encoder's weights, names and shapes (what the features depend on).
+
+    Computed once per encoder object while its tensors stay the same ones, unchanged
+    (same storage, same in-place version count).
+    """
+    encoder = model.backbone
+    state = encoder.state_dict()
+    version = tuple((name, t.data_ptr(), t._version, tuple(t.shape), t.dtype)
+                    for name, t in state.items())
+    known = _DIGESTS.get(encoder)
+    if known is not None and known[0] == version:
+        return known[1]
     h = hashlib.sha256()
-    for name, tensor in model.backbone.state_dict().items():
+    for name, tensor in state.items():
         h.update(name.encode() + b"\0" + str(tuple(tensor.shape)).encode() + b"\0")
         h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()
+    digest = h.hexdigest()
+    _DIGESTS[encoder] = (version, digest)
+    return digest
 
 
 def features_key(model, data: TensorDataset) -> str:
@@ -88,7 +110,8 @@ def features(model, data: TensorDataset, device: torch.device,
             buffer = _npy_bytes(result.numpy())
             atomic_write(path, buffer)
     _MEMORY[key] = result
-    while len(_MEMORY) > _MEMORY_ENTRIES:
+    while len(_MEMORY) > 1 and sum(t.nelement() * t.element_size()
+                                   for t in _MEMORY.values()) > MEMORY_BYTES:
         _MEMORY.popitem(last=False)
     return result
 
@@ -101,4 +124,4 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-__all__ = ["compute_features", "encoder_digest", "features", "features_key"]
+__all__ = ["MEMORY_BYTES", "compute_features", "encoder_digest", "features", "features_key"]

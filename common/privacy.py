@@ -21,6 +21,8 @@ from functools import lru_cache
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from fedseal.common.dp_rule import check_bucket
+
 
 class PrivacyError(ValueError):
     """A privacy budget cannot be met or has been used up."""
@@ -38,11 +40,20 @@ class DPPlan:
     accountant: str
 
 
-def sample_rate_for(num_examples: int, batch_size: int) -> float:
-    """Poisson sampling rate, as Opacus derives it from a loader of that batch size."""
-    if num_examples < 1:
-        raise PrivacyError("a site with no examples cannot train")
-    return 1.0 / math.ceil(num_examples / batch_size)
+MAX_SAMPLE_RATE = 0.5
+"""A site samples at most half its examples per step, whatever batch a run asks for."""
+
+
+def sample_rate_for(bucket: int, batch_size: int) -> float:
+    """Poisson sampling rate of a site of size bucket ``bucket`` asked for ``batch_size``.
+
+    ``1 / ceil(bucket / batch_size)``, at most :data:`MAX_SAMPLE_RATE`: a
+    function of the bucket (never the exact count,
+    :func:`fedseal.common.dp_rule.size_bucket`), so the rate, and the noise
+    calibrated for it, say nothing finer about the site's size. A batch the run
+    asks for is a request: the site rounds it to this rate.
+    """
+    return min(MAX_SAMPLE_RATE, 1.0 / math.ceil(check_bucket(bucket) / batch_size))
 
 
 @lru_cache(maxsize=1024)  # pure; the PRV accountant takes seconds, and sites of one size repeat
@@ -59,28 +70,29 @@ def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta
 
 
 @lru_cache(maxsize=64)  # pure in its arguments; calibration takes seconds
-def plan_site(num_examples: int, *, batch_size: int, steps: int, epsilon: float, delta: float,
+def plan_site(bucket: int, *, batch_size: int, steps: int, epsilon: float, delta: float,
               accountant: str = "prv") -> DPPlan:
     """Calibrate the noise so the site's whole planned run spends at most ``epsilon``.
+
+    ``bucket`` is the site's size bucket (:func:`fedseal.common.dp_rule.size_bucket`):
+    the site holds between ``bucket`` and ``2 * bucket - 1`` examples.
 
     Raises
     ------
     PrivacyError
-        If the site's data set is too small for the batch size (sampling every
-        example every step gives no amplification), or delta is not below
-        1/num_examples (a delta that large allows leaking whole records).
+        If delta is not below ``1 / (2 * bucket)``, which bounds ``1/n`` for
+        every size in the bucket (a delta that large allows leaking whole
+        records), or no noise meets the budget.
+    ValueError
+        If ``bucket`` is not a size bucket.
     """
-    if delta >= 1.0 / num_examples:
+    check_bucket(bucket)
+    if delta >= 1.0 / (2 * bucket):
         raise PrivacyError(
-            f"delta={delta} is not below 1/n = {1.0 / num_examples:.2e} for a site with "
-            f"{num_examples} examples; choose delta < 1/n (1e-5 or smaller is usual)"
+            f"delta={delta} is not below 1/n for a site of {bucket} to {2 * bucket - 1} "
+            "examples; choose delta < 1/n (1e-5 or smaller is usual)"
         )
-    q = sample_rate_for(num_examples, batch_size)
-    if q >= 1.0:
-        raise PrivacyError(
-            f"batch size {batch_size} covers all {num_examples} examples of the site; "
-            "lower --batch-size so that Poisson sampling can amplify privacy"
-        )
+    q = sample_rate_for(bucket, batch_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

@@ -54,7 +54,7 @@ from typing import Mapping
 import numpy as np
 
 from fedseal.common.config import AUTO, FedConfig
-from fedseal.common.dp_rule import stats_rounds
+from fedseal.common.dp_rule import FEATURE_MEAN_KEY, HEAD_WEIGHT_KEY, PRIOR_KEY, stats_rounds
 
 SCALE_KEY = "fedseal.vote.log_scale"
 """The update entry that carries ``log(tau) / LOG_SPAN``; no model parameter has this name."""
@@ -67,7 +67,8 @@ run`` read 0.838, 0.878, 0.845 and 0.868; with 3, 0.870, 0.880, 0.885. On cached
 SST-2 features (Dirichlet 0.5, epsilon 8, two seeds) 3 read 0.829 and 0.811, 1
 read 0.814 and 0.796 (README, Benchmarks)."""
 VOTE_CLIP = 1.0
-"""The bound of every entry in a vote round (votes, the scale entry, the weight)."""
+"""The bound of every entry in a vote round (votes, the scale entry, the weight), and in the
+statistics round."""
 
 
 def is_vote_round(cfg: FedConfig, server_round: int) -> bool:
@@ -84,14 +85,37 @@ def is_vote_round(cfg: FedConfig, server_round: int) -> bool:
 
 
 def round_clip(cfg: FedConfig, server_round: int) -> float:
-    """The bound every entry of a site's weighted update is clipped to in this round."""
-    return VOTE_CLIP if is_vote_round(cfg, server_round) else cfg.update_clip
+    """The bound every entry of a site's weighted update is clipped to in this round.
+
+    1 in a vote round (votes and the scale entry lie in [-1, 1]) and in the
+    statistics round (a mean of unit-norm feature vectors and label
+    proportions lie in [-1, 1]); ``update-clip`` otherwise.
+    """
+    if server_round <= stats_rounds(cfg) or is_vote_round(cfg, server_round):
+        return VOTE_CLIP
+    return cfg.update_clip
+
+
+def round_keys(weights: Mapping[str, np.ndarray], cfg: FedConfig, server_round: int) -> list[str]:
+    """The weights round ``server_round`` moves: what a site sends, and all the server steps.
+
+    The probe's statistics round sets the feature mean and the head's bias (the
+    label prior); its training rounds train the head's weights alone, so the
+    bias and the feature mean stay as the statistics round set them whatever a
+    site sends. LoRA and full fine-tuning train every trainable weight.
+    """
+    if cfg.finetune != "probe":
+        return list(weights)
+    if server_round <= stats_rounds(cfg):
+        return [k for k in weights if k in (FEATURE_MEAN_KEY, PRIOR_KEY)]
+    return [k for k in weights if k == HEAD_WEIGHT_KEY]
 
 
 def update_template(weights: Mapping[str, np.ndarray], cfg: FedConfig,
                     server_round: int) -> "OrderedDict[str, np.ndarray]":
-    """The names and shapes a site's update has in round ``server_round``."""
-    template = OrderedDict(weights)
+    """The names and shapes a site's update has in round ``server_round``: the weights the
+    round moves (:func:`round_keys`), and the vote's scale entry in a vote round."""
+    template = OrderedDict((k, weights[k]) for k in round_keys(weights, cfg, server_round))
     if is_vote_round(cfg, server_round):
         template[SCALE_KEY] = np.zeros(1, dtype=np.float32)
     return template
@@ -136,4 +160,4 @@ def from_votes(mean: Mapping[str, np.ndarray], clip: float) -> tuple["OrderedDic
 
 
 __all__ = ["LOG_SPAN", "SCALE_KEY", "VOTE_CLIP", "VOTE_UNIT", "from_votes", "is_vote_round", "round_clip",
-           "site_scale", "to_votes", "update_template"]
+           "round_keys", "site_scale", "to_votes", "update_template"]

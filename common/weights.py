@@ -6,10 +6,11 @@ weights every round. An exact count would let it difference sums across
 rounds and recover each site's count. So a weight is either
 
 * ``equal`` (the default): 1 for every site, the plain mean of the updates; or
-* ``bucket``: a coarse public bucket of the count, ``2**floor(log2(c / cap))``
-  with ``c = min(count, cap)`` and ``cap = max-site-examples``, floored at
-  ``1/16``: five buckets (1, 1/2, 1/4, 1/8, 1/16), each a factor of two wide,
-  so differencing reveals at most which bucket a site is in.
+* ``bucket``: ``2**floor(log2(b / cap))`` for the site's size bucket ``b``
+  (:func:`fedseal.common.dp_rule.size_bucket`, the largest power of two not above
+  its count) and ``cap = max-site-examples``, at most 1 and floored at ``1/16``:
+  five weights (1, 1/2, 1/4, 1/8, 1/16), each a factor of two wide, so
+  differencing reveals at most what the size bucket already says.
 
 The probe's statistics round (round 1, see :mod:`fedseal.common.dp_rule`) is the one
 exception: there a site's weight is its *differentially private* estimate of
@@ -26,17 +27,24 @@ from __future__ import annotations
 import math
 
 from fedseal.common.config import FedConfig
-from fedseal.common.dp_rule import stats_rounds
+from fedseal.common.dp_rule import check_bucket, stats_rounds
 
 SMALLEST_BUCKET = 1 / 16
 BUCKETS = tuple(2.0 ** -j for j in range(5))  # 1, 1/2, 1/4, 1/8, 1/16
 
 
-def site_weight(count: int, cfg: FedConfig) -> float:
-    """The weight of a site with ``count`` training examples under ``cfg.weighting``."""
-    if cfg.weighting == "equal" or count <= 0:
-        return 1.0 if cfg.weighting == "equal" else SMALLEST_BUCKET
-    ratio = min(count, cfg.max_site_examples) / cfg.max_site_examples
+def site_weight(bucket: int, cfg: FedConfig) -> float:
+    """The weight of a site of size bucket ``bucket`` under ``cfg.weighting``.
+
+    Raises
+    ------
+    ValueError
+        If ``bucket`` is not a size bucket (an exact count is refused).
+    """
+    check_bucket(bucket)
+    if cfg.weighting == "equal":
+        return 1.0
+    ratio = min(bucket, cfg.max_site_examples) / cfg.max_site_examples
     return max(SMALLEST_BUCKET, 2.0 ** math.floor(math.log2(ratio)))
 
 

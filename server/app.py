@@ -43,7 +43,11 @@ from fedseal.common.records import (JOB_KEY, ROUND_KEY, RecordError, config_to_r
                             state_to_record, to_numpy_state)
 from fedseal.common.vote import from_votes, is_vote_round, round_clip, update_template
 from fedseal.common.weights import weight_range
-from fedseal.server.aggregate import RoundSums, send, site_of, sum_plain
+from fedseal.common import egress
+from fedseal.common.egress import train_reply_type
+from fedseal.common.refusals import describe
+from fedseal.server.aggregate import RoundSums, error_reason, send, sum_plain
+from fedseal.server.identity import SiteNames, admitted_keys, names_from_nodes
 from fedseal.server.checkpoint import (GROWABLE_KEYS, CheckpointError, check_resume_config,
                                load_checkpoint, save_checkpoint)
 from fedseal.server.metrics import NON_PRIVATE, MetricsLog, TensorBoardLog, eta_seconds, progress_line
@@ -180,6 +184,8 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
     board = (TensorBoardLog(cfg.tensorboard, first_round=done + 1, private=cfg.dp,
                             settings=cfg.to_dict()) if cfg.tensorboard else None)
     logits = None  # the last round's, for the confusion matrix
+    names = SiteNames()
+    admitted = admitted_keys(cfg.roster) if cfg.roster else {}
     if done >= cfg.rounds:
         detail.info("all %d rounds were already completed; saving the model", cfg.rounds)
     for server_round in range(done + 1, cfg.rounds + 1):
@@ -188,32 +194,21 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
         # the timeout); later rounds go on with whoever is connected.
         want = cfg.clients if server_round == done + 1 else cfg.min_clients
         nodes = sample_sites(wait_for_sites(grid, cfg, want), cfg, server_round)
+        if admitted:
+            names.authenticate(names_from_nodes(grid.get_nodes(), admitted))
         detail.info("round %d/%d: %d site(s) training", server_round, cfg.rounds, len(nodes))
-        content = RecordDict({"global": state_to_record(weights),
-                              "config": config_to_record(cfg, **{ROUND_KEY: server_round,
-                                                                 JOB_KEY: job})})
+        content = round_content(weights, cfg, job, server_round)
         template = update_template(weights, cfg, server_round)
         if cfg.secagg:
             from fedseal.server.secagg import secure_round
 
-            sums = secure_round(grid, nodes, content, template, cfg, run_id, server_round)
+            sums = secure_round(grid, nodes, content, template, cfg, run_id, server_round, names)
         else:
             replies, sent = send(grid, nodes, content, "train", cfg.timeout)
             sums = sum_plain(replies, template, RoundSums(bytes_sent=sent),
+                             train_reply_type(cfg, server_round), names,
                              weight_range(cfg, server_round), round_clip(cfg, server_round))
-        mean, vote_scale = sums.mean_update(), None
-        if mean is not None and is_vote_round(cfg, server_round):
-            mean, vote_scale = from_votes(mean, cfg.update_clip)
-        if mean is None:
-            log.warning("round %d: no site contributed; the global model is unchanged", server_round)
-        elif server_round <= stats_rounds(cfg):
-            # The sites' feature means and label proportions: their plain average,
-            # whatever the strategy (a server optimiser's state is for training
-            # rounds only); the proportions become the head's bias, the log prior.
-            weights = FedAvg(1.0).step(weights, mean)
-            weights[PRIOR_KEY] = prior_bias(weights[PRIOR_KEY])
-        else:
-            weights = strategy.step(weights, mean)
+        weights, vote_scale = next_weights(weights, sums, cfg, strategy, server_round)
         load_trainable(model, weights)
         model.to(device)
         logits = held_out_logits(model, eval_data, eval_features, cfg, device)
@@ -228,6 +223,7 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
             "contributors": sums.contributors,
             "refused": sums.refused,
             "failed": sums.failed,
+            "timed_out": sums.timed_out,
             "abandoned": sums.abandoned,
             "bytes_sent": sums.bytes_sent,
             "bytes_received": sums.bytes_received,
@@ -238,7 +234,8 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
         if not cfg.dp:
             row["privacy"] = NON_PRIVATE
         if cfg.federated_eval:
-            row["federated_eval"] = federated_evaluate(grid, nodes, weights, cfg, job, server_round)
+            row["federated_eval"] = federated_evaluate(grid, nodes, weights, cfg, job, server_round,
+                                                       names)
         metrics.append(row)
         save_checkpoint(out / CHECKPOINT_DIR, server_round, weights, strategy.state_dict(),
                         metrics.rows(), cfg.to_dict())
@@ -276,6 +273,37 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
     return summary
 
 
+def round_content(weights: dict[str, np.ndarray], cfg: FedConfig, job: str,
+                  server_round: int) -> RecordDict:
+    """What the server sends every site in round ``server_round``: the global weights and the
+    run's config, naming the job and the round."""
+    return RecordDict({"global": state_to_record(weights),
+                       "config": config_to_record(cfg, **{ROUND_KEY: server_round, JOB_KEY: job})})
+
+
+def next_weights(weights: dict[str, np.ndarray], sums: RoundSums, cfg: FedConfig,
+                 strategy: Strategy,
+                 server_round: int) -> tuple[dict[str, np.ndarray], float | None]:
+    """The global weights after round ``server_round``, and the vote round's scale (else None).
+
+    Unchanged when no site contributed.
+    """
+    mean, vote_scale = sums.mean_update(), None
+    if mean is not None and is_vote_round(cfg, server_round):
+        mean, vote_scale = from_votes(mean, cfg.update_clip)
+    if mean is None:
+        log.warning("round %d: no site contributed; the global model is unchanged", server_round)
+    elif server_round <= stats_rounds(cfg):
+        # The sites' feature means and label proportions: their plain average,
+        # whatever the strategy (a server optimiser's state is for training
+        # rounds only); the proportions become the head's bias, the log prior.
+        weights = FedAvg(1.0).step(weights, mean)
+        weights[PRIOR_KEY] = prior_bias(weights[PRIOR_KEY])
+    else:
+        weights = strategy.step(weights, mean)
+    return weights, vote_scale
+
+
 def held_out_logits(model, data, data_features, cfg: FedConfig, device):
     """The global model's logits on the server's held-out data.
 
@@ -304,26 +332,30 @@ def confusion(model, data, data_features, cfg: FedConfig, device, logits=None) -
 
 
 def federated_evaluate(grid: Grid, nodes: list[int], weights, cfg: FedConfig, job: str,
-                       server_round: int) -> dict:
+                       server_round: int, names: SiteNames) -> dict:
     """Ask sites to score the global weights on their own data; the mean over sites that answer.
 
     Sites answer only if they turned federated evaluation on, once per round
-    they trained in, with accuracy and loss alone (no example count);
-    refusals are logged.
+    they trained in, with a DP release of accuracy and loss (no example count);
+    refusals and malformed replies are logged.
     """
-    content = RecordDict({"global": state_to_record(weights),
-                          "config": config_to_record(cfg, **{ROUND_KEY: server_round, JOB_KEY: job})})
-    replies, _ = send(grid, nodes, content, "evaluate", cfg.timeout)
+    replies, _ = send(grid, nodes, round_content(weights, cfg, job, server_round), "evaluate",
+                      cfg.timeout)
     scores = []
     for reply in replies:
-        status = (reply.content["status"] if reply.has_content()
-                  and "status" in reply.content.config_records else {})
-        if reply.has_error() or "refused" in status or "metrics" not in reply.content.metric_records:
-            log.warning("site %s gave no federated evaluation: %s", site_of(reply),
-                        status.get("refused") or (reply.error.reason if reply.has_error() else "no metrics"))
-            continue
-        scores.append(reply.content["metrics"])
-    return ({k: float(np.mean([float(m[k]) for m in scores])) for k in ("accuracy", "loss")}
+        site = names.of(reply)
+        try:
+            if reply.has_error():
+                raise egress.ReplyError(egress.REPLY_ERROR, error_reason(reply))
+            site = names.claim(reply)
+            refused = egress.refusal_of(reply)
+            if refused is not None:
+                log.warning("site %s gave no federated evaluation: %s", site, describe(*refused))
+                continue
+            scores.append(egress.parse(egress.EVALUATION, reply)[egress.METRICS])
+        except egress.ReplyError as exc:
+            log.warning("site %s gave no federated evaluation: %s", site, exc)
+    return ({k: float(np.mean([m[k] for m in scores])) for k in ("accuracy", "loss")}
             if scores else {})
 
 
@@ -345,4 +377,5 @@ def make_server_app(cfg: FedConfig | None = None) -> ServerApp:
 
 app = make_server_app()
 
-__all__ = ["app", "make_server_app", "run_federation"]
+__all__ = ["app", "federated_evaluate", "make_server_app", "next_weights", "round_content",
+           "run_federation"]

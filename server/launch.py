@@ -379,6 +379,8 @@ class Server:
     # -- the run -----------------------------------------------------------------------------
 
     def submit(self) -> str:
+        from fedseal.server.keys import SITES_DIR
+
         previous = self.state / "run.json"
         if previous.is_file():
             try:
@@ -389,7 +391,8 @@ class Server:
                 out = self.flwr.call("stop", old, CONNECTION)
                 if out.get("success"):
                     log.info("stopped run %s left over from before the restart", old)
-        app_dir = write_app(self.state / "app", self.cfg)
+        app_dir = write_app(self.state / "app", self.cfg.replace(roster=str(
+            (self.settings.keys / SITES_DIR).resolve())))
         out = self.flwr.call("run", str(app_dir), CONNECTION, timeout=300)
         if not out.get("success"):
             raise LaunchError(f"submitting the run failed: {out.get('error-message')}")

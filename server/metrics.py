@@ -64,8 +64,11 @@ def progress_line(row: dict[str, Any], rounds: int, epsilon_target: float, priva
     acc = row.get("accuracy")
     acc_txt = f"acc {acc:.3f}" if acc is not None else "acc -"
     eta_txt = "" if eta is None or eta != eta else f" | ETA {_duration(eta)}"
+    late = len(row.get("timed_out") or ())
+    late_txt = f" | {late} timed out (raise --timeout?)" if late else ""
     return (f"[{bar}] round {row['round']}/{rounds} | {acc_txt} | loss {row.get('loss', float('nan')):.4f} "
-            f"| {eps_txt} | sites {len(row.get('contributors', []))} | {row['seconds']:.1f}s{eta_txt}")
+            f"| {eps_txt} | sites {len(row.get('contributors', []))}{late_txt} | "
+            f"{row['seconds']:.1f}s{eta_txt}")
 
 
 def round_scalars(row: dict[str, Any]) -> dict[str, float]:

@@ -9,9 +9,19 @@ the public address:
 
 - TLS is terminated with the federation's server certificate
   (``keys/server.pem``); only TLS 1.2+ over HTTP/1.1 and HTTP/2;
-- a request is forwarded only if it is a ``POST`` to one of the exact paths of
-  Flower's Fleet router (:data:`FLEET_PATHS`, read from Flower itself); anything
-  else gets a 404 from the proxy and never reaches the SuperLink;
+- a request is forwarded only if it is a ``POST`` whose request target, byte
+  for byte as the client sent it (HTTP/1.1 request line or HTTP/2 ``:path``),
+  is one of the paths of Flower's Fleet router (:data:`FLEET_PATHS`, read from
+  Flower itself). Any other spelling gets a 404 from the proxy and never
+  reaches the SuperLink: other case, ``//``, ``/./``, ``/../``, any
+  percent-encoding (``%2F``, ``%2e``, ``%76`` for ``v``), a trailing slash,
+  backslashes, a query string (even a bare ``?``), ``#``, the absolute form
+  ``http://host/...``, a longer path; a request line too long for Caddy gets
+  Caddy's own 431. Caddy's ``path`` and ``path_regexp`` matchers compare a
+  cleaned, decoded path (``path`` also case-folded) and let
+  ``//v1/FLEET/./get-run?x`` through; the ``vars`` matcher on
+  ``{http.request.orig_uri}`` compares the raw target. A matched target has
+  nothing to decode or clean, so Caddy sends upstream the bytes it matched;
 - upstream, the proxy speaks TLS to the SuperLink on loopback and verifies its
   certificate against the federation's CA;
 - Caddy's admin API is off (nobody can reconfigure the proxy at run time) and
@@ -25,6 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -43,7 +54,9 @@ def _fleet_paths() -> tuple[str, ...]:
     from flwr.superlink.routers.fleet.router import router
 
     paths = tuple(sorted(route.path for route in router.routes))  # type: ignore[attr-defined]
-    if not paths or not all(p.startswith("/v1/fleet/") for p in paths):
+    # The proxy compares request targets byte for byte, so each path must be its own only
+    # canonical spelling: lower-case words joined by hyphens, nothing to clean or decode.
+    if not paths or not all(re.fullmatch(r"/v1/fleet/[a-z]+(-[a-z]+)*", p) for p in paths):
         raise ProcessError(f"unexpected Fleet routes in this Flower version: {paths}")
     return paths
 
@@ -84,7 +97,9 @@ def caddy_config(listen: str, upstream: str, tls: tuple[Path, Path, Path] | None
         "protocols": ["h1", "h2"],
         "automatic_https": {"disable": True},
         "routes": [
-            {"match": [{"method": ["POST"], "path": list(FLEET_PATHS)}],
+            # the raw request target, compared byte for byte (see the module docstring)
+            {"match": [{"method": ["POST"],
+                        "vars": {"{http.request.orig_uri}": list(FLEET_PATHS)}}],
              "handle": [proxy], "terminal": True},
             {"handle": [refuse], "terminal": True},
         ],

@@ -1,18 +1,20 @@
 """``<run>/report.html``: one self-contained page that shows how a run went.
 
 The page reads only the run folder's files (``metrics.jsonl``, ``summary.json``)
-and needs no network: the plots are matplotlib PNGs embedded as ``data:`` URIs,
-the style sheet is inline, and a Content-Security-Policy forbids scripts and
-any other source. Site names and refusal reasons come from remote parties:
-every text taken from the files is HTML-escaped, and kept out of matplotlib's
-mathtext, so a hostile name can neither run in the page nor break a plot.
+and, when given one, a ``fedseal audit`` result; it needs no network: the plots
+are matplotlib PNGs embedded as ``data:`` URIs, the style sheet is inline, and
+a Content-Security-Policy forbids scripts and any other source. Site names and
+refusal reasons come from remote parties: every text taken from the files is
+HTML-escaped, and kept out of matplotlib's mathtext, so a hostile name can
+neither run in the page nor break a plot.
 
 Sections: the NON-PRIVATE banner (when the run was not private), a summary,
 accuracy / macro-F1 / loss per round, each site's epsilon per round against
-the run's budget, the sites that contributed, refused or failed and the
-abandoned rounds, the final model's confusion matrix on the held-out file, a
-per-round table (the largest epsilon and delta a site reported, the reasons
-given), and the settings.
+the run's budget, the privacy audit (``fedseal report --audit FILE``: its
+verdict and the fields with the largest bounds), the sites that contributed,
+refused or failed and the abandoned rounds, the final model's confusion matrix
+on the held-out file, a per-round table (the largest epsilon and delta a site
+reported, the reasons given), and the settings.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import html
 import io
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from fedseal.server.metrics import NON_PRIVATE
 REPORT_FILE = "report.html"
 MAX_LEGEND_SITES = 12  # more sites than this: lines without a legend
 MAX_LABEL_CHARS = 40  # site or label names in plots are cut to this length
+MAX_AUDIT_ROWS = 12  # fields of a privacy audit shown: the flagged ones, then the largest bounds
 
 STYLE = """
 body { font-family: sans-serif; margin: 24px auto; max-width: 1100px; color: #222; }
@@ -68,6 +71,7 @@ class RoundRow:
     failed: dict[str, str]
     abandoned: str
     private: bool
+    timed_out: list[str] = field(default_factory=list)  # of ``failed``: never answered in time
 
 
 @dataclass(frozen=True)
@@ -128,8 +132,10 @@ def parse_row(data: Any, where: str) -> RoundRow:
     if isinstance(rnd, bool) or not isinstance(rnd, int):
         raise ReportError(f"{where} has no integer 'round'")
     contributors = data.get("contributors") or []
-    if not isinstance(contributors, list):
-        raise ReportError(f"{where}: 'contributors' must be a list of site names")
+    late = data.get("timed_out") or []
+    for key, value in (("contributors", contributors), ("timed_out", late)):
+        if not isinstance(value, list):
+            raise ReportError(f"{where}: '{key}' must be a list of site names")
     return RoundRow(
         round=rnd, accuracy=_number(data.get("accuracy")), macro_f1=_number(data.get("macro_f1")),
         loss=_number(data.get("loss")),
@@ -138,7 +144,8 @@ def parse_row(data: Any, where: str) -> RoundRow:
         contributors=[str(c) for c in contributors],
         refused=_texts(data.get("refused"), f"{where}: 'refused'"),
         failed=_texts(data.get("failed"), f"{where}: 'failed'"),
-        abandoned=str(data.get("abandoned") or ""), private=data.get("private") is not False)
+        abandoned=str(data.get("abandoned") or ""), private=data.get("private") is not False,
+        timed_out=[str(site) for site in late])
 
 
 def load_run(folder: str | Path) -> Run:
@@ -166,6 +173,35 @@ def load_run(folder: str | Path) -> Run:
         if not isinstance(summary, dict):
             raise ReportError(f"{summary_path} is not a JSON object")
     return Run(folder=folder, rows=rows, summary=summary)
+
+
+def load_audit(path: str | Path) -> dict[str, Any]:
+    """A ``fedseal audit`` result (its ``--json`` file), checked for what the page shows.
+
+    Raises
+    ------
+    ReportError
+        If the file is not JSON, or not an audit result with a numeric bound per field.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ReportError(f"{path} is not a readable JSON file ({exc})") from None
+    if (not isinstance(data, dict) or not isinstance(data.get("fields"), list)
+            or not isinstance(data.get("accounted"), dict)):
+        raise ReportError(f"{path} is not a result of fedseal audit --json FILE")
+    fields = []
+    for entry in data["fields"]:
+        bound = _number(entry.get("epsilon_lower_bound")) if isinstance(entry, dict) else None
+        if bound is None:
+            raise ReportError(f"{path}: a field has no numeric epsilon_lower_bound")
+        fields.append({"field": str(entry.get("field")), "kind": str(entry.get("kind")),
+                       "attack": str(entry.get("attack")), "bound": bound,
+                       "flagged": entry.get("flagged") is True})
+    return {"accounted": _number(data["accounted"].get("epsilon")),
+            "resolution": _number(data.get("resolution")),
+            "runs": _number(data.get("runs_per_arm")), "fields": fields}
 
 
 # -- plots --------------------------------------------------------------------------------------
@@ -314,8 +350,29 @@ def _confusion(summary: dict[str, Any]) -> tuple[list[str], list[list[int]]] | N
     return [str(label) for label in labels], matrix
 
 
-def render(run: Run) -> str:
-    """The report page of ``run`` as one HTML string."""
+def _audit_section(audit: dict[str, Any]) -> str:
+    """The privacy audit's verdict and its fields with the largest bounds (flagged ones first)."""
+    fields = sorted(audit["fields"], key=lambda f: (not f["flagged"], -f["bound"]))
+    flagged = [f["field"] for f in fields if f["flagged"]]
+    head = (f"ε {_fmt(audit['accounted'], 3)} accounted; {_fmt(audit['runs'], 0)} runs with the "
+            f"canary and as many without; the test runs can show at most ε "
+            f"{_fmt(audit['resolution'], 3)}")
+    verdict = (f'<div class="nonprivate" role="alert">{len(flagged)} field(s) reveal more than '
+               f"the accounted ε<small>{_e(', '.join(flagged))}</small></div>" if flagged else
+               "<p>No field's empirical lower bound exceeds the accounted ε.</p>")
+    rows = "".join(f"<tr><td>{_e(f['field'])}</td><td>{_e(f['kind'])}</td>"
+                   f"<td>{_e(f['attack'])}</td><td>{_fmt(f['bound'], 3)}</td>"
+                   f"<td>{'FLAGGED' if f['flagged'] else '-'}</td></tr>"
+                   for f in fields[:MAX_AUDIT_ROWS])
+    return (f"<p>{_e(head)}</p>{verdict}<table><tr><th>field</th><th>kind</th><th>attack</th>"
+            f"<th>ε lower bound</th><th>flag</th></tr>{rows}</table>"
+            f"<p>{len(fields)} fields attacked; the {min(len(fields), MAX_AUDIT_ROWS)} with the "
+            "largest bounds are shown (docs/audit.md).</p>")
+
+
+def render(run: Run, audit: dict[str, Any] | None = None) -> str:
+    """The report page of ``run`` as one HTML string (with ``audit``, a privacy audit section:
+    :func:`load_audit`)."""
     rows, summary, cfg = run.rows, run.summary, run.config
     parts = []
     title = "fedseal run report" if run.private else "NON-PRIVATE fedseal run report"
@@ -331,6 +388,12 @@ def render(run: Run) -> str:
     if not summary:
         parts.append('<div class="warn">No summary.json: the run has not finished (or failed); '
                      "this page shows the rounds completed so far.</div>")
+    late = [r for r in rows if r.timed_out]
+    if late:
+        parts.append('<div class="warn">Sites timed out (no answer within --timeout seconds of '
+                     "a stage's last answer) in "
+                     + "; ".join(f"round {r.round}: {_e(', '.join(r.timed_out))}" for r in late)
+                     + ". Raise --timeout if they are slow rather than gone.</div>")
 
     last = rows[-1] if rows else None
     eps_max = max((max(r.epsilon.values()) for r in rows if r.epsilon), default=None)
@@ -359,6 +422,8 @@ def render(run: Run) -> str:
             parts.append("<p>No site reported an epsilon.</p>")
         else:
             parts.append("<p><strong>No privacy accounting: this run was NON-PRIVATE.</strong></p>")
+        if audit is not None:
+            parts.append("<h2>Privacy audit</h2>" + _audit_section(audit))
         parts.append("<h2>Sites per round</h2>" + _img(participation_plot(rows),
                                                        "sites that contributed, refused, failed"))
     else:
@@ -401,12 +466,14 @@ def render(run: Run) -> str:
             + "\n".join(parts) + "\n</body></html>\n")
 
 
-def write_report(folder: str | Path, path: str | Path | None = None) -> Path:
-    """Write the report of the run in ``folder`` to ``path`` (default ``folder/report.html``)."""
+def write_report(folder: str | Path, path: str | Path | None = None,
+                 audit: str | Path | None = None) -> Path:
+    """Write the report of the run in ``folder`` to ``path`` (default ``folder/report.html``),
+    with the ``fedseal audit`` result in the file ``audit`` if given."""
     run = load_run(folder)
     target = Path(path) if path is not None else Path(folder) / REPORT_FILE
-    atomic_write(target, render(run).encode("utf-8"))
+    atomic_write(target, render(run, load_audit(audit) if audit else None).encode("utf-8"))
     return target
 
 
-__all__ = ["REPORT_FILE", "ReportError", "Run", "load_run", "render", "write_report"]
+__all__ = ["REPORT_FILE", "ReportError", "Run", "load_audit", "load_run", "render", "write_report"]

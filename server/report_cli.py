@@ -19,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the run's output folder (its --out), holding metrics.jsonl")
     parser.add_argument("-o", "--output", metavar="FILE",
                         help=f"where to write the page (default: RUN_DIR/{REPORT_FILE})")
+    parser.add_argument("--audit", metavar="FILE",
+                        help="a fedseal audit result (its --json FILE) to show in the page")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     from fedseal.common.cli import command_parser
 
     args = command_parser("report").parse_args(argv)
-    print(write_report(args.run_dir, args.output))
+    print(write_report(args.run_dir, args.output, args.audit))
     return 0
 
 if __name__ == "__main__":

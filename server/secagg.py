@@ -2,13 +2,14 @@
 
 Stages (each a send-and-receive over the Grid):
 
-0. ``train``: sites check the round against their own policy, train, record
-   their privacy spend, and answer with signed public keys (the encoded update
-   stays at the site);
+0. ``train``: sites check the round against their own policy and their budget,
+   and answer with signed public keys; nothing is trained yet;
 1. ``train.secagg_share_keys``: each site gets its neighbours' signed keys and
    returns committed, encrypted Shamir shares, which the server routes;
-2. ``train.secagg_masked_input``: each site gets the shares addressed to it and
-   returns ``x + masks`` (and proof against any neighbour whose share was bad);
+2. ``train.secagg_masked_input``: each site gets the shares addressed to it, trains
+   now, records its privacy spend, and returns ``x + masks`` (and proof against
+   any neighbour whose share was bad). A round with too few sites left after
+   stage 1 is abandoned before any site trains, so it costs no budget;
 3. ``train.secagg_consistency``: each survivor gets the survivor view and signs
    it if it matches what the site saw;
 4. ``train.secagg_unmask``: the signers get the view and the signatures they
@@ -47,7 +48,10 @@ from fedseal.common.secagg_wire import (ADVERT, B_SHARES, BUNDLE, CHALLENGE, CIP
                                 round_parameters, unpack_shares, unpack_table)
 from fedseal.common.vote import round_clip
 from fedseal.common.weights import weight_range
-from fedseal.server.aggregate import RoundSums, message_bytes, send, site_of, triage
+from fedseal.common import egress
+from fedseal.common.refusals import describe
+from fedseal.server.aggregate import RoundSums, error_reason, is_timed_out, message_bytes, send, triage
+from fedseal.server.identity import SiteNames
 
 log = logging.getLogger("fedseal")
 
@@ -58,12 +62,13 @@ _MALFORMED = (WireError, SecAggError, KeyError, TypeError, ValueError, Attribute
 class _Round:
     """Sends one stage's messages and turns each reply into protocol input, one by one."""
 
-    def __init__(self, grid: Grid, cfg: FedConfig, server_round: int, sums: RoundSums) -> None:
+    def __init__(self, grid: Grid, cfg: FedConfig, server_round: int, sums: RoundSums,
+                 names: SiteNames) -> None:
         self.grid, self.cfg, self.server_round, self.sums = grid, cfg, server_round, sums
-        self.names: dict[int, str] = {}
+        self.names = names
 
     def name(self, node: int) -> str:
-        return self.names.get(node, str(node))
+        return self.names.name(node)
 
     def fail(self, node: int, reason: str) -> None:
         site = self.name(node)
@@ -87,44 +92,52 @@ class _Round:
             if node not in contents or node in out:
                 continue
             if reply.has_error():
-                reason = reply.error.reason.splitlines()[-1] if reply.error.reason else "error"
-                self.fail(node, f"dropped at {stage}: {reason}")
+                if is_timed_out(reply):  # the server's own reply for a silent node
+                    self.fail(node, f"dropped at {stage}: {egress.REPLY_TIMEOUT}: {reply.error.reason}")
+                    self.sums.timed_out.append(self.name(node))
+                else:
+                    self.fail(node, f"dropped at {stage}: {error_reason(reply)}")
                 continue
             self.sums.bytes_received += message_bytes(reply.content)
             try:
+                self.names.claim(reply)
+                refused = egress.refusal_of(reply)
+                if refused is not None:
+                    self.fail(node, f"refused at {stage}: {describe(*refused)}")
+                    continue
                 out[node] = parse(reply)
-            except _MALFORMED as exc:
+            except egress.ReplyError as exc:
                 self.fail(node, f"malformed reply at {stage}: {exc}")
+            except _MALFORMED as exc:
+                self.fail(node, f"malformed reply at {stage}: {egress.REPLY_PROTOCOL}: {exc}")
         return out
 
 
-def _record(reply: Message) -> ConfigRecord:
-    if RECORD not in reply.content.config_records:
-        raise WireError(f"the reply has no '{RECORD}' config record")
-    return reply.content[RECORD]
+def _values(reply_type: egress.ReplyType, reply: Message, **kwargs: int) -> dict:
+    parsed = egress.parse(reply_type, reply, **kwargs)
+    return {k: v for record in parsed.values() for k, v in record.items()}
 
 
-def _masked(reply: Message, length: int) -> tuple[np.ndarray, dict[int, bytes]]:
-    if MASKED not in reply.content.array_records:
-        raise WireError(f"the reply has no '{MASKED}' array record")
-    array = reply.content[MASKED][Y] if Y in reply.content[MASKED] else None
-    if array is None or array.dtype != "uint32" or tuple(array.shape) != (length,):
-        raise WireError(f"the masked vector must be uint32 of shape ({length},)")
-    y = array.numpy()
-    complaints = unpack_table(field(_record(reply), COMPLAINTS, bytes), KEY_BYTES)
-    return y, complaints
+def _shares(reply: Message) -> tuple[bytes, dict[int, bytes]]:
+    values = _values(egress.SECAGG_SHARE_KEYS, reply)
+    return values[SHARES], unpack_table(values[CIPHERTEXTS])
+
+
+def _masked(reply: Message, length: int) -> tuple[np.ndarray, dict[int, bytes], float, float]:
+    values = _values(egress.SECAGG_MASKED_INPUT, reply, ring_length=length)
+    return (values[Y], unpack_table(values[COMPLAINTS], KEY_BYTES), values["epsilon"],
+            values["delta"])
 
 
 def _unmask_reply(reply: Message) -> dict[str, dict]:
-    rec = _record(reply)
-    return {B_SHARES: unpack_shares(field(rec, B_SHARES, bytes)),
-            SK_SHARES: unpack_shares(field(rec, SK_SHARES, bytes)),
-            SEEDS: unpack_table(field(rec, SEEDS, bytes), KEY_BYTES)}
+    values = _values(egress.SECAGG_UNMASK, reply)
+    return {B_SHARES: unpack_shares(values[B_SHARES]), SK_SHARES: unpack_shares(values[SK_SHARES]),
+            SEEDS: unpack_table(values[SEEDS], KEY_BYTES)}
 
 
 def secure_round(grid: Grid, nodes: list[int], content: RecordDict,
                  template: Mapping[str, np.ndarray], cfg: FedConfig, run_id: int,
-                 server_round: int) -> RoundSums:
+                 server_round: int, names: SiteNames | None = None) -> RoundSums:
     """Run one round's training and SecAgg+; return only the recovered sums.
 
     ``template`` names the update's arrays and shapes (:func:`fedseal.common.vote.update_template`).
@@ -145,21 +158,19 @@ def secure_round(grid: Grid, nodes: list[int], content: RecordDict,
     server = ServerState(ctx, challenge_private=challenge_sk, vector_length=length)
     content[RECORD] = ConfigRecord({NODES: pack_ids(sorted(nodes)), K: k, THRESHOLD: threshold,
                                     ROUND: server_round, CHALLENGE: challenge_pk})
-    rnd = _Round(grid, cfg, server_round, sums)
+    names = names if names is not None else SiteNames()
+    rnd = _Round(grid, cfg, server_round, sums, names)
     try:
         # Stage 0: train + advertise keys.
         replies, sent = send(grid, nodes, content, "train", cfg.timeout)
         sums.bytes_sent += sent
         adverts = {}
-        for reply in triage(replies, sums):
+        for reply in triage(replies, sums, egress.SECAGG_ADVERT, names):
             node = reply.metadata.src_node_id
-            name = site_of(reply)  # what the site calls itself; two may not share a name
-            rnd.names[node] = name if name not in rnd.names.values() else f"{name} (node {node})"
             sums.bytes_received += message_bytes(reply.content)
             try:
-                adverts[node] = field(_record(reply), ADVERT, bytes)
-            except WireError as exc:
-                sums.drop_spend(rnd.name(node))
+                adverts[node] = _values(egress.SECAGG_ADVERT, reply)[ADVERT]
+            except egress.ReplyError as exc:
                 rnd.fail(node, f"malformed reply at train: {exc}")
         bundles, rejected = server.collect_adverts(adverts)
         rnd.rejected(rejected)
@@ -168,20 +179,21 @@ def secure_round(grid: Grid, nodes: list[int], content: RecordDict,
         shares = rnd.stage(SHARE_KEYS, {
             i: {BUNDLE: pack_var_table({j: a.encode(ctx.digest) for j, a in b.items()})}
             for i, b in bundles.items()
-        }, lambda r: (field(_record(r), SHARES, bytes),
-                      unpack_table(field(_record(r), CIPHERTEXTS, bytes))))
+        }, _shares)
         routed, rejected = server.collect_shares(shares)
         rnd.rejected(rejected)
 
-        # Stage 2: masked input (and complaints).
+        # Stage 2: the sites train now, and send their masked input (and complaints).
         masked = rnd.stage(MASKED_INPUT, {i: {ROUTED: pack_routed(r)} for i, r in routed.items()},
                            lambda r: _masked(r, length))
-        view, rejected = server.collect_masked(masked)
+        for node, (_, _, epsilon, delta) in masked.items():
+            sums.epsilons[rnd.name(node)], sums.deltas[rnd.name(node)] = epsilon, delta
+        view, rejected = server.collect_masked({n: v[:2] for n, v in masked.items()})
         rnd.rejected(rejected)
 
         # Stage 3: consistency check.
         signatures = rnd.stage(CONSISTENCY, {i: {VIEW: view} for i in server.survivors},
-                               lambda r: field(_record(r), SIGNATURE, bytes))
+                               lambda r: _values(egress.SECAGG_CONSISTENCY, r)[SIGNATURE])
         relays, rejected = server.collect_signatures(signatures)
         rnd.rejected(rejected)
 
@@ -193,8 +205,10 @@ def secure_round(grid: Grid, nodes: list[int], content: RecordDict,
         flat, weight_sum = decode_sum(total, n, len(server.survivors),
                                       weight_range(cfg, server_round), clip)
     except (ProtocolAbort, SumRangeError) as exc:
-        log.warning("round %d abandoned, the global model stays as it was: %s", server_round, exc)
-        sums.abandoned = str(exc)
+        sums.abandoned = str(exc) + (f" ({len(sums.timed_out)} site(s) timed out: raise --timeout "
+                                     "if they are slow rather than gone)" if sums.timed_out else "")
+        log.warning("round %d abandoned, the global model stays as it was: %s", server_round,
+                    sums.abandoned)
         sums.update_sum, sums.weight_sum = None, 0.0
         return sums
     sums.update_sum = dict(unflatten(flat, template))

@@ -20,7 +20,11 @@ Weights = Mapping[str, np.ndarray]
 
 
 class Strategy(Protocol):
-    """Turns the current global weights and the round's mean update into new ones."""
+    """Turns the current global weights and the round's mean update into new ones.
+
+    ``mean_update`` holds the weights the round moved (:func:`fedseal.common.vote.round_keys`);
+    every other weight is returned as it was.
+    """
 
     def step(self, weights: Weights, mean_update: Weights) -> "OrderedDict[str, np.ndarray]":
         """Return the next global weights."""
@@ -41,7 +45,8 @@ class FedAvg:
     def step(self, weights: Weights, mean_update: Weights) -> "OrderedDict[str, np.ndarray]":
         """Apply the mean update."""
         return OrderedDict(
-            (k, (w + self.server_lr * mean_update[k]).astype(np.float32)) for k, w in weights.items()
+            (k, (w + self.server_lr * mean_update[k]).astype(np.float32) if k in mean_update else w)
+            for k, w in weights.items()
         )
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -64,6 +69,9 @@ class FedAdam:
         """One Adam step; moments start at zero (no bias correction, as in the paper)."""
         out = OrderedDict()
         for k, w in weights.items():
+            if k not in mean_update:
+                out[k] = w
+                continue
             delta = mean_update[k].astype(np.float64)
             m = self.beta1 * self.m.get(k, np.zeros_like(delta)) + (1 - self.beta1) * delta
             v = self.beta2 * self.v.get(k, np.zeros_like(delta)) + (1 - self.beta2) * delta**2

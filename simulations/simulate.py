@@ -49,6 +49,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import tomli_w
 
@@ -60,7 +61,11 @@ from fedseal.common.data import Examples, label_sort_key, read_examples, write_e
 from fedseal.common.partition import dirichlet_partition, iid_partition, label_mix
 from fedseal.common.secagg import generate_identity
 from fedseal.common.synthetic import synthetic_examples
+from fedseal.simulations.engine import backend_config, indexed_sweep
 from fedseal.server.report import REPORT_FILE
+
+if TYPE_CHECKING:
+    from flwr.clientapp import ClientApp
 
 log = logging.getLogger("fedseal")  # the console
 detail = logging.getLogger("fedseal.simulate")  # the log file (-v: the console too)
@@ -157,40 +162,41 @@ def header(cfg: FedConfig, log_file: Path) -> list[str]:
     ]
 
 
-def simulate(cfg: FedConfig, verbose: bool = False) -> dict:
+def simulate(cfg: FedConfig, verbose: bool = False, client_app: "ClientApp | None" = None, *,
+             ray_address: str | None = None, cpus_per_site: float = 1.0) -> dict:
     """Run a whole simulated federation; return the run summary.
 
     ``verbose`` forwards the virtual sites' (Ray actors') own output to the
     console; otherwise it stays in Ray's session logs, and the sites' libraries
     are kept quiet (:func:`fedseal.common.console.quiet_child_environment`).
+    ``client_app`` replaces fedseal's ClientApp (a benchmark's instrumented one).
+    ``ray_address`` joins a running Ray cluster instead of starting Ray here, and
+    ``cpus_per_site`` is what Ray reserves for each virtual site's actor
+    (:func:`fedseal.simulations.engine.backend_config`).
     """
     from flwr.simulation import run_simulation
 
-    from fedseal.client.app import app as client_app
+    from fedseal.client.app import app as fedseal_client_app
     from fedseal.server.app import make_server_app
 
     cfg = prepare_sites(cfg)
     Path(cfg.out, "config.json").write_text(json.dumps(cfg.to_dict(), indent=2), encoding="utf-8")
     import torch
 
-    gpu = 1.0 if (cfg.device != "cpu" and torch.cuda.is_available()) else 0.0
-    cpus = os.cpu_count() or 1
-    backend = {
-        # One virtual site at a time gets every core: on a small machine that is
-        # faster than several sites fighting over two cores.
-        "client_resources": {"num_cpus": cpus, "num_gpus": gpu},
-        "init_args": {"num_cpus": cpus, "num_gpus": int(gpu), "include_dashboard": False,
-                      "logging_level": logging.WARNING, "log_to_driver": verbose},
-    }
+    gpu = cfg.device != "cpu" and torch.cuda.is_available()
+    backend = backend_config(ray_address=ray_address, cpus_per_site=cpus_per_site, gpu=gpu,
+                             verbose=verbose)
     # Ray's actors inherit this process's environment (Flower passes its own
-    # runtime_env, so the variables are set here, before Ray starts).
+    # runtime_env, so the variables are set here, before Ray starts); on a cluster
+    # joined with ray_address they have the environment their node was started with.
     quiet_child_environment(verbose)
     # Opt in to Ray's coming default (it warns otherwise): an actor given no
     # GPU keeps CUDA_VISIBLE_DEVICES; fedseal's --device decides the device.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     started = time.monotonic()
-    run_simulation(server_app=make_server_app(cfg), client_app=client_app,
-                   num_supernodes=cfg.clients, backend_config=backend)
+    with indexed_sweep():
+        run_simulation(server_app=make_server_app(cfg), client_app=client_app or fedseal_client_app,
+                       num_supernodes=cfg.clients, backend_config=backend)
     summary_path = Path(cfg.out) / "summary.json"
     if not summary_path.exists():
         raise RuntimeError(f"the simulation ended without writing {summary_path}; "
@@ -237,12 +243,32 @@ def prepare_flwr_run(cfg: FedConfig) -> list[str]:
             f"'num-supernodes={cfg.clients}' --stream"]
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of CPUs, got {text!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``fedseal simulate``: every run setting, ``--verbose`` and ``--prepare-only``."""
+    """The options of ``fedseal simulate``: every run setting, ``--verbose``, the engine's
+    ``--ray-address`` and ``--cpus-per-site``, and ``--prepare-only``."""
     add_config_options(parser)
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show every log line (Flower, Ray, the sites) on the console, at "
                              "debug level; without it they go to <out>/fedseal.log only")
+    parser.add_argument("--ray-address", metavar="HOST:PORT",
+                        help="join this running Ray cluster (its head's address, or 'auto') "
+                             "instead of starting Ray on this machine: the virtual sites run on "
+                             "every node of the cluster; --out must be a folder every node sees "
+                             "at the same path (see docs/scale.md)")
+    parser.add_argument("--cpus-per-site", type=_positive, default=1.0, metavar="CPUS",
+                        help="CPUs Ray reserves for each virtual site's actor, and the torch "
+                             "threads it gets (default 1): the engine runs cluster CPUs / this "
+                             "many sites at once")
     parser.add_argument("--prepare-only", action="store_true",
                         help="write the sites' data files, keys and roster and "
                              f"<out>/{FLWR_RUN_CONFIG}, print the `flwr run .` command that runs "
@@ -264,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for line in header(cfg, log_file):
         log.info(line)
-    summary = simulate(cfg, verbose=args.verbose)
+    summary = simulate(cfg, verbose=args.verbose, ray_address=args.ray_address,
+                       cpus_per_site=args.cpus_per_site)
     print(f"\nfedseal simulate finished in {summary['wall_seconds']}s")
     if not summary["private"]:
         print("WARNING: " + summary["privacy"])
@@ -276,6 +303,32 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  summary          {Path(cfg.out) / 'summary.json'}")
     if (Path(cfg.out) / REPORT_FILE).is_file():
         print(f"  report           {Path(cfg.out) / REPORT_FILE}  (open in a browser)")
+    return run_problems(cfg, Path(summary["metrics"]))
+
+
+def run_problems(cfg: FedConfig, metrics: Path) -> int:
+    """Print what went wrong in the run's rounds; the exit status (1 if no training round counted).
+
+    Sites that timed out are named with the hint to raise ``--timeout``; abandoned
+    rounds with their reason. A run whose every training round was abandoned ends
+    with the untrained model, and says so with exit status 1.
+    """
+    from fedseal.common.dp_rule import stats_rounds
+
+    rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line]
+    late = sorted({site for row in rows for site in row.get("timed_out", [])})
+    if late:
+        print(f"WARNING: {len(late)} site(s) timed out (no answer within {cfg.timeout:g}s of a "
+              f"stage's last answer): {', '.join(late[:10])}{', ...' if len(late) > 10 else ''}; "
+              "raise --timeout if they are slow rather than gone")
+    lost = [row for row in rows if row["abandoned"]]
+    for row in lost:
+        print(f"WARNING: round {row['round']} was abandoned, the model unchanged by it: "
+              f"{row['abandoned']}")
+    training = [row for row in rows if row["round"] > stats_rounds(cfg)]
+    if training and all(row["abandoned"] for row in training):
+        print("ERROR: every training round was abandoned; the saved model is untrained")
+        return 1
     return 0
 
 

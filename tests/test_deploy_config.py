@@ -132,10 +132,11 @@ def test_node_config_reaches_the_client_app_intact(tmp_path):
     data = tmp_path / 'site "a" data.csv'
     policy = SitePolicy(require_secagg=False, min_cohort=4, min_secagg_k=3,
                         min_secagg_threshold=3, max_colluders=2, max_update_clip=2.5,
-                        federated_eval="on")
+                        federated_eval="on", max_run_epsilon=2.0,
+                        allowed_models=("default", "/models/bert"), labels=("neg", "pos"))
     values = node_config(data, "alpha", 7.5, 1e-6, tmp_path / "ledger.json",
                          tmp_path / "keys" / "ledger.key", "cpu", policy,
-                         tmp_path / "alpha.key", tmp_path / "peers.txt")
+                         tmp_path / "alpha.key", tmp_path / "peers.txt", ("text", "stars"))
     parsed = parse_config_args([str(write_node_config(tmp_path / "node.toml", values))])
     site = site_settings(parsed, FedConfig())
     assert (site.data_path, site.name, site.epsilon, site.delta) == (data, "alpha", 7.5, 1e-6)
@@ -143,6 +144,7 @@ def test_node_config_reaches_the_client_app_intact(tmp_path):
     assert site.ledger_key == tmp_path / "keys" / "ledger.key"
     assert site.policy == policy
     assert (site.identity_key, site.peers) == (tmp_path / "alpha.key", tmp_path / "peers.txt")
+    assert (site.text_column, site.label_column) == ("text", "stars")
 
 
 @pytest.mark.parametrize("entry, match", [
@@ -179,7 +181,8 @@ def test_proxy_config_forwards_only_the_fleet_api(tmp_path):
     assert config["admin"]["disabled"] is True
     server = config["apps"]["http"]["servers"]["fleet"]
     forward, refuse = server["routes"]
-    assert forward["match"] == [{"method": ["POST"], "path": list(FLEET_PATHS)}]
+    assert forward["match"] == [{"method": ["POST"],
+                                 "vars": {"{http.request.orig_uri}": list(FLEET_PATHS)}}]
     assert forward["handle"][0]["upstreams"] == [{"dial": "127.0.0.1:9094"}]
     assert forward["handle"][0]["transport"]["tls"]["ca"]["pem_files"] == [str(tmp_path / "ca.pem")]
     assert "match" not in refuse and refuse["handle"][0]["status_code"] == 404

@@ -64,7 +64,7 @@ def test_dp_sgd_step_changes_weights(tiny_bert, finetune):
     model = build_model(cfg, LABEL_NAMES)
     before = to_numpy_state(trainable_state(model))
     data: TensorDataset = encode(load_tokenizer(cfg), synthetic_examples(64, seed=0), 32)
-    plan = plan_site(64, batch_size=8, steps=2, epsilon=8, delta=1e-3, accountant="rdp")
+    plan = plan_site(64, batch_size=8, steps=2, epsilon=8, delta=1e-3, accountant="rdp")  # a bucket
     result = train_local(model, data, cfg, recipe(cfg, 64), plan, torch.device("cpu"))
     after = to_numpy_state(trainable_state(model))
     assert result.steps == 2

@@ -138,7 +138,7 @@ def test_the_pooled_statistics_round_is_not_swamped_by_a_small_sites_noise():
     their noisy counts, the sites' releases pool to the federation's mean; the plain
     average of their noisy means is dominated by the small site's noise."""
     from fedseal.client.probe import release_statistics
-    from fedseal.common.dp_rule import recipe
+    from fedseal.common.dp_rule import recipe, size_bucket
     from fedseal.common.privacy import plan_site
     from fedseal.common.weights import stats_weight
 
@@ -151,8 +151,8 @@ def test_the_pooled_statistics_round_is_not_swamped_by_a_small_sites_noise():
     for _ in range(5):
         releases = []
         for feats in sites:
-            rec = recipe(cfg, len(feats))
-            plan = plan_site(len(feats), batch_size=rec.batch_size,
+            rec = recipe(cfg, size_bucket(len(feats)))
+            plan = plan_site(size_bucket(len(feats)), batch_size=rec.batch_size,
                              steps=rec.steps_through(cfg.rounds), epsilon=1.0, delta=1e-5,
                              accountant="rdp")
             mean, _, count = release_statistics(feats, torch.zeros(len(feats), dtype=torch.long),
@@ -236,7 +236,7 @@ def test_the_statistics_release_estimates_the_label_mix_privately():
     sqrt(3): measured standard error 0.005 over 200 releases); a 5-example site's are still
     a distribution."""
     from fedseal.client.probe import release_statistics
-    from fedseal.common.dp_rule import recipe
+    from fedseal.common.dp_rule import recipe, size_bucket
     from fedseal.common.privacy import plan_site
 
     cfg = FedConfig(rounds=4, epsilon=1.0)
@@ -244,8 +244,8 @@ def test_the_statistics_release_estimates_the_label_mix_privately():
     for n in (30_000, 5):
         feats = _site_features(n, torch.randn(16, generator=gen), gen)
         labels = (torch.arange(n) % 5 == 4).long()  # 20% label 1
-        rec = recipe(cfg, n)
-        plan = plan_site(n, batch_size=rec.batch_size, steps=rec.steps_through(cfg.rounds),
+        rec = recipe(cfg, size_bucket(n))
+        plan = plan_site(size_bucket(n), batch_size=rec.batch_size, steps=rec.steps_through(cfg.rounds),
                          epsilon=1.0, delta=1e-5, accountant="rdp")
         for _ in range(3):
             _, proportions, _ = release_statistics(feats, labels, 2, plan)

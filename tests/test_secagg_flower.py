@@ -12,6 +12,7 @@ and ``begin_round``); the rest of every stage is the real ClientApp.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 import fedseal.client.secagg as client_secagg
 from fedseal.client.reply import message_round
 from fedseal.client.site import simulation_site_file, site_settings
+from fedseal.common import egress
 from fedseal.common.config import FedConfig
 from fedseal.common.model import build_model, trainable_state
 from fedseal.common.records import (config_to_record, flatten, record_to_config, state_to_record,
@@ -68,40 +70,62 @@ class Recorder:
 
 
 class QuickGrid(LocalGrid):
-    """LocalGrid whose sites answer ``train`` without training; ``mutate(node, type, reply)``
-    may corrupt one reply as it comes back."""
+    """LocalGrid whose sites skip local training: at the masked-input stage each sends an
+    update drawn at random (through the site's real encoding and masking); every other
+    step is the real ClientApp. ``mutate(node, type, reply)`` may corrupt one reply as it
+    comes back."""
+
+    QUICK = (TRAIN, f"train.{STAGES[1]}")  # the two stages whose site-side work is skipped
 
     def __init__(self, n, recorder, *, mutate=None, seed=0, **kw) -> None:
         super().__init__(n, **kw)
         self.recorder, self.mutate = recorder, mutate
         self.rng = np.random.default_rng(seed)
+        self.asked: dict[int, tuple] = {}
 
     def _train(self, msg: Message) -> Message:
         context = self.contexts[msg.metadata.dst_node_id]
         cfg = record_to_config(msg.content["config"])
         site = site_settings(context.node_config, cfg)
-        job, server_round = message_round(msg, context)
-        client_secagg.check_round(msg, context, site, server_round)
+        job, server_round = message_round(msg.content, context)
+        client_secagg.check_round(msg.content, context, site, server_round)
         length = sum(a.numpy().size for a in msg.content["global"].values())
+        self.asked[context.node_id] = (cfg, site, length)
+        keys = client_secagg.begin_round(msg, context, site, job, server_round)
+        return egress.build(egress.SECAGG_ADVERT, msg, {RECORD: keys, "status": {
+            "site": site.name, "private": False}})
+
+    def _masked(self, msg: Message) -> Message:
+        context = self.contexts[msg.metadata.dst_node_id]
+        cfg, site, length = self.asked[context.node_id]
         update = self.rng.normal(0, 0.3, size=length)
-        keys = client_secagg.begin_round(msg, context, cfg, site, job, server_round, update, 1.0)
+        y, complaints = client_secagg.masked_input(msg, context, cfg, update, 1.0)
         self.recorder.by_node[context.node_id] = self.recorder.pending.pop()
-        metrics = MetricRecord({"epsilon": -1.0, "delta": -1.0})
-        return Message(RecordDict({RECORD: keys, "metrics": metrics,
-                                   "status": ConfigRecord({"site": site.name})}), reply_to=msg)
+        metrics = {"epsilon": -1.0, "delta": -1.0, "steps": 0, "noise-multiplier": 0.0,
+                   "sample-rate": 0.0}
+        return egress.build(egress.SECAGG_MASKED_INPUT, msg, {
+            MASKED: {Y: y}, RECORD: {COMPLAINTS: complaints}, "metrics": metrics,
+            "status": {"site": site.name, "private": False}})
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
-        train = [m for m in messages if m.metadata.message_type == TRAIN]
-        replies = super().send_and_receive([m for m in messages if m not in train], timeout=timeout)
-        for msg in train:
-            node = msg.metadata.dst_node_id
-            self.sent.append(TRAIN)
-            if self.drop.get(node) == TRAIN:
+        quick = [m for m in messages if m.metadata.message_type in self.QUICK]
+        replies = super().send_and_receive([m for m in messages if m not in quick], timeout=timeout)
+        for msg in quick:
+            node, kind = msg.metadata.dst_node_id, msg.metadata.message_type
+            self.sent.append(kind)
+            if self.drop.get(node) == kind:
                 self.gone.add(node)
             if node in self.gone:
                 continue
-            replies.append(self._train(msg))
+            if not msg.metadata.message_id:
+                msg.metadata.__dict__["_message_id"] = f"quick-{node}-{len(self.sent)}"
+            try:
+                replies.append(self._train(msg) if kind == TRAIN else self._masked(msg))
+            except Exception as exc:  # what the real handler answers: a refusal with a code
+                from fedseal.client.reply import as_refusal, refusal
+
+                replies.append(refusal(msg, self.contexts[node], as_refusal(exc, stage=True)))
         if self.mutate:
             for reply in replies:
                 if not reply.has_error():
@@ -245,8 +269,8 @@ def _flip_last(b: bytes) -> bytes:
 
 
 CASES = {
-    "no secagg record": (TRAIN, _record_dropped(RECORD), "no 'secagg'"),
-    "no metrics": (TRAIN, _record_dropped("metrics"), "metrics"),
+    "no secagg record": (TRAIN, _record_dropped(RECORD), "reply.missing"),
+    "no metrics": ("train.secagg_masked_input", _record_dropped("metrics"), "reply.missing"),
     "31-byte key": (TRAIN, _field(ADVERT, lambda a: a[:80] + a[81:]), "bad keys"),
     "all-zero key": (TRAIN, _field(ADVERT, lambda a: a[:80] + bytes(32) + a[112:]), "bad keys"),
     "copy of another site's keys": (TRAIN, _copied_advert, "bad keys"),
@@ -254,11 +278,11 @@ CASES = {
     "missing receiver": ("train.secagg_share_keys", _field(CIPHERTEXTS, _drop_one),
                          "addressed shares"),
     "shares as an integer": ("train.secagg_share_keys", _field(SHARES, lambda s: 5),
-                             "must be bytes"),
+                             "reply.form"),
     "masked as a ConfigRecord": ("train.secagg_masked_input", _masked_as_config,
-                                 "no 'masked' array record"),
+                                 "reply.form"),
     "no complaints field": ("train.secagg_masked_input", _field_dropped(COMPLAINTS),
-                            "'complaints' is missing"),
+                            "reply.missing"),
     "bad view signature": ("train.secagg_consistency", _field(SIGNATURE, _flip_last),
                            "does not verify"),
     "extra share": ("train.secagg_unmask", _field(B_SHARES, _extra_share), "does not hold"),
@@ -328,10 +352,10 @@ def test_any_mutated_record_field_drops_at_most_its_sender(setup, monkeypatch, s
     grid = QuickGrid(N, rec, mutate=mutate, seed=who)
     sums = secure_round(grid, grid.nodes, _content(cfg, weights), weights, cfg, RUN_ID, 1)
     assert not sums.abandoned, sums.abandoned
-    names = {f"site-{who}", str(grid.nodes[who])}  # without its status record it has no name
+    names = {f"site-{who}", f"node {grid.nodes[who]}"}  # without its status record: its node
     assert set(sums.failed) <= names, sums.failed
     node_of = {**{f"site-{i}": n for i, n in enumerate(grid.nodes)},
-               **{str(n): n for n in grid.nodes}}
+               **{f"node {n}": n for n in grid.nodes}}
     contributors = [node_of[name] for name in sums.contributors]
     expected, expected_w = _expected(cfg, rec.by_node, contributors)
     np.testing.assert_array_equal(flatten(sums.update_sum), expected.astype(np.float32))
@@ -397,7 +421,7 @@ def test_a_round_asked_again_is_not_unmasked_again(setup, monkeypatch):
     assert not first.abandoned
     again = secure_round(grid, grid.nodes, _content(cfg, weights), weights, cfg, RUN_ID, 1)
     assert again.update_sum is None and again.abandoned
-    assert all("already helped unmask round 1" in why for why in again.failed.values())
+    assert all("round.unmasked" in why for why in again.failed.values())
     assert len(again.failed) == N
     other_job = secure_round(grid, grid.nodes, _content(cfg, weights, job="job-2"), weights, cfg,
                              RUN_ID, 1)
@@ -436,41 +460,45 @@ def test_the_unmask_record_is_durable_beside_the_ledger(setup, monkeypatch, tmp_
     again = QuickGrid(N, rec, node_configs=configs)
     sums = secure_round(again, again.nodes, _content(cfg, weights, 4, job="job-d"), weights,
                         cfg, RUN_ID, 4)
-    assert sums.abandoned and all("already helped unmask" in v for v in sums.failed.values())
+    assert sums.abandoned and all("round.unmasked" in v for v in sums.failed.values())
     # a corrupted record makes the site refuse rather than guess
     (tmp_path / "d0.ledger.secagg-unmasked.json").write_text("{not json")
     third = QuickGrid(N, rec, node_configs=configs)
     sums = secure_round(third, third.nodes, _content(cfg, weights, 5, job="job-d"), weights,
                         cfg, RUN_ID, 5)
-    assert "unreadable" in sums.failed["site-0"] and len(sums.contributors) == N
+    assert "round.unmasked" in sums.failed["site-0"] and len(sums.contributors) == N
 
 
-def test_no_answer_leaves_a_site_whose_record_cannot_be_written(setup, monkeypatch, tmp_path):
+def test_no_answer_leaves_a_site_whose_record_cannot_be_written(setup, monkeypatch, tmp_path,
+                                                                caplog):
     """The record is written before the shares leave: if it cannot be, nothing leaves."""
     cfg, weights = setup
     rec = Recorder(monkeypatch)
     configs = _deployed(tmp_path, cfg)
     (tmp_path / "d1.ledger.secagg-unmasked.json").mkdir()  # not a writable file
     grid = QuickGrid(N, rec, node_configs=configs)
-    sums = secure_round(grid, grid.nodes, _content(cfg, weights), weights, cfg, RUN_ID, 1)
-    assert "dropped at secagg_unmask" in sums.failed["site-1"]
-    assert "Is a directory" in sums.failed["site-1"]  # the site says why it revealed nothing
+    with caplog.at_level("WARNING"):
+        sums = secure_round(grid, grid.nodes, _content(cfg, weights), weights, cfg, RUN_ID, 1)
+    assert "refused at secagg_unmask: round.unmasked" in sums.failed["site-1"]
+    assert "Is a directory" not in sums.failed["site-1"]  # the why stays at the site...
+    assert "Is a directory" in caplog.text  # ...in its own log
     assert not sums.abandoned  # the others finish without it
 
 
 # ---------------------------------------------- the site's policy, first
 @pytest.mark.parametrize("policy,secagg,reason", [
-    ({"min-cohort": N + 1}, {}, "min-cohort"),
-    ({"min-secagg-k": 4}, {"secagg_k": 2}, "min-secagg-k"),
-    ({"min-secagg-threshold": 4}, {"secagg_k": 2, "secagg_threshold": 2}, "min-secagg-threshold"),
-    ({"min-secagg-threshold": 5}, {}, "threshold of this round = 4"),  # auto: k = 4, t = 4
+    ({"min-cohort": N + 1}, {}, "policy.cohort: "),
+    ({"min-secagg-k": 4}, {"secagg_k": 2}, "policy.secagg_k: "),
+    ({"min-secagg-threshold": 4}, {"secagg_k": 2, "secagg_threshold": 2},
+     "policy.secagg_threshold: "),
+    ({"min-secagg-threshold": 5}, {}, "asked 4, limit 5"),  # auto: k = 4, t = 4
     ({"max-colluders": 1, "min-cohort": 3}, {"secagg_k": 2, "secagg_threshold": 2, "min_clients": N},
-     "max-colluders = 1"),  # 2t-k-1 = 1: one colluding site suffices
+     "policy.colluders: "),  # 2t-k-1 = 1: one colluding site suffices
     ({"max-colluders": 3, "min-cohort": N}, {"min_clients": N},
-     "max-colluders = 3"),  # auto: k = 4, t = 4, 2t-k-1 = 3
-    ({"max-update-clip": 0.5}, {}, "max-update-clip"),
-    ({"peers": "/nonexistent/peers.pub"}, {}, "cannot read"),
-    (None, {}, "signing key"),
+     "asked 4, limit 3"),  # auto: k = 4, t = 4, 2t-k-1 = 3
+    ({"max-update-clip": 0.5}, {}, "policy.update_clip: "),
+    ({"peers": "/nonexistent/peers.pub"}, {}, "site.keys: "),
+    (None, {}, "site.keys: "),
 ])
 def test_a_round_below_the_sites_policy_is_refused_before_training(setup, monkeypatch, policy,
                                                                     secagg, reason):
@@ -483,7 +511,8 @@ def test_a_round_below_the_sites_policy_is_refused_before_training(setup, monkey
 
     monkeypatch.setattr(fedseal.client.trainer, "train_local", no_training)
     first = ({"data-path": str(simulation_site_file(cfg.out, 0)), "site-name": "site-0",
-              "require-dp": cfg.dp, "min-cohort": 2, "max-colluders": 0}
+              "require-dp": cfg.dp, "min-cohort": 2, "max-colluders": 0, "allow-model": cfg.model,
+              "labels": ",".join(cfg.labels)}
              if policy is None else {"partition-id": 0, **policy})  # None: no key configured
     configs = [first, *({"partition-id": i} for i in range(1, N))]
     grid = LocalGrid(N, node_configs=configs, drop={i: TRAIN for i in range(1, N)})
@@ -507,8 +536,7 @@ def test_secure_aggregation_parameters_for_another_round_are_refused_before_trai
     sums = secure_round(grid, grid.nodes, _content(cfg, weights, server_round=1), weights, cfg,
                         RUN_ID, 2)
     assert len(sums.refused) == N and not sums.contributors
-    assert all("parameters are for round 2, the training message for round 1" in r
-               for r in sums.refused.values()), sums.refused
+    assert all(r.startswith("message.secagg: ") for r in sums.refused.values()), sums.refused
 
 
 # ------------------------------------------------------------- simulations
@@ -523,3 +551,105 @@ def test_simulations_give_every_site_a_key_and_the_roster(setup):
         assert identity.fingerprint in load_roster(site.peers)
         fingerprints.add(identity.fingerprint)
     assert len(fingerprints) == N == len(load_roster(site.peers))
+
+
+# ------------------------------------------- no spend for a round that cannot complete
+def _deployed_dp(tmp_path, cfg, n=N):
+    """Deployed sites with ledgers, each opened once (as the agent does at start)."""
+    from fedseal.client.ledger import PrivacyLedger
+
+    configs = _deployed(tmp_path, cfg, n)
+    for c in configs:
+        c.update({"epsilon": cfg.epsilon, "delta": cfg.delta, "allow-model": cfg.model,
+                  "labels": ",".join(cfg.labels), "min-cohort": 2, "max-colluders": 0})
+        PrivacyLedger.open(c["ledger-path"], c["site-name"], cfg.epsilon, cfg.delta,
+                           key_path=c["ledger-key"])
+    return configs
+
+
+def _ledgers(configs) -> list[bytes]:
+    return [Path(c["ledger-path"]).read_bytes() for c in configs]
+
+
+def test_a_round_too_small_to_complete_costs_no_site_any_budget(setup, tmp_path):
+    """Three of five sites vanish before sharing keys: fewer than the threshold remain, the
+    round is abandoned before the masked-input stage, and no site trained or spent."""
+    cfg, weights = setup
+    cfg = cfg.replace(dp=True, epsilon=8.0)
+    configs = _deployed_dp(tmp_path, cfg)
+    before = _ledgers(configs)
+    grid = LocalGrid(N, node_configs=configs,
+                     drop={i: "train.secagg_share_keys" for i in (0, 1, 2)})
+    sums = secure_round(grid, grid.nodes, _content(cfg, weights), weights, cfg, RUN_ID, 1)
+    assert sums.abandoned and "train.secagg_masked_input" not in grid.sent
+    assert _ledgers(configs) == before
+
+
+def test_a_site_that_vanishes_after_training_costs_only_its_own_spend(setup, tmp_path):
+    """Site 0 trains and then never answers: its spend is its own; the others complete."""
+    from fedseal.client.ledger import PrivacyLedger
+
+    cfg, weights = setup
+    cfg = cfg.replace(dp=True, epsilon=8.0)
+    configs = _deployed_dp(tmp_path, cfg)
+
+    class LostReply(LocalGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            replies = super().send_and_receive(messages, timeout=timeout)
+            return [r for r in replies if not (r.metadata.src_node_id == self.nodes[0]
+                    and r.metadata.message_type == "train.secagg_masked_input")]
+
+    grid = LostReply(N, node_configs=configs)
+    sums = secure_round(grid, grid.nodes, _content(cfg, weights), weights, cfg, RUN_ID, 1)
+    assert not sums.abandoned and len(sums.contributors) == N - 1
+    spent = [PrivacyLedger.open(c["ledger-path"], c["site-name"], cfg.epsilon, cfg.delta,
+                                key_path=c["ledger-key"]).epsilon_spent() for c in configs]
+    assert all(e > 0 for e in spent)  # site 0 trained too; the round completed without it
+    assert "site-0" not in sums.epsilons and set(sums.epsilons) == set(sums.contributors)
+
+
+def test_a_secure_round_asked_again_reuses_the_update_only_while_it_never_left(setup, tmp_path,
+                                                                              monkeypatch):
+    """Site 0 trains at the masked-input stage and dies before its masked vector leaves: the
+    update it committed is kept (pending). Asked the same round again, it answers with that
+    very update and spends nothing more; once it left, a third ask trains afresh."""
+    from fedseal.client.ledger import PrivacyLedger
+
+    cfg, weights = setup
+    cfg = cfg.replace(dp=True, epsilon=8.0, rounds=3)  # budget for the others to retry round 1
+    configs = _deployed_dp(tmp_path, cfg, n=3)
+    rec = Recorder(monkeypatch)
+    real = client_secagg.masked_input
+    killed = []
+
+    def dies_once(msg, context, *args):
+        out = real(msg, context, *args)  # encoded and masked: the update existed
+        if context.node_id == 2**63 + 7919 and not killed:
+            killed.append(rec.updates[-1])
+            raise RuntimeError("killed before the masked input left")
+        return out
+
+    monkeypatch.setattr(client_secagg, "masked_input", dies_once)
+
+    def entries():
+        c = configs[0]
+        return PrivacyLedger.open(c["ledger-path"], c["site-name"], cfg.epsilon, cfg.delta,
+                                  key_path=c["ledger-key"]).entries
+
+    def run() -> list[np.ndarray]:
+        grid = LocalGrid(3, node_configs=configs)
+        start = len(rec.updates)
+        secure_round(grid, grid.nodes, _content(cfg, weights, 1, job="job-r"), weights, cfg,
+                     RUN_ID, 1)
+        return rec.updates[start:]
+
+    run()
+    assert killed and len(entries()) == 1
+    assert (tmp_path / "d0.ledger.pending").exists()
+    again = run()
+    same = [np.allclose(u, killed[0], rtol=1e-6, atol=1e-7) for u in again]  # kept as float32
+    assert any(same) and len(entries()) == 1
+    assert not (tmp_path / "d0.ledger.pending").exists()  # it left this time
+    third = run()
+    assert not any(np.allclose(u, killed[0], rtol=1e-6, atol=1e-7) for u in third)
+    assert [e.steps for e in entries()][-1] > entries()[0].steps  # trained afresh, spent again

@@ -82,12 +82,17 @@ def test_one_loud_site_no_longer_decides_the_round():
     ({"finetune": "lora", "aggregation": "vote"}, {1, 2, 3}),
 ])
 def test_which_rounds_vote(changes, votes_in):
+    """Which rounds vote, and what each round moves: the probe's statistics round its feature
+    mean and bias, its training rounds its head's weights; LoRA every trainable weight."""
     cfg = FedConfig(rounds=3, **changes)
-    weights = {"w": np.zeros((2, 2), dtype=np.float32)}
+    weights = {k: np.zeros((2, 2), dtype=np.float32)
+               for k in ("feature_mean", "classifier.weight", "classifier.bias")}
     assert {r for r in (1, 2, 3) if is_vote_round(cfg, r)} == votes_in
     for r in (1, 2, 3):
+        moved = (list(weights) if cfg.finetune != "probe"
+                 else ["feature_mean", "classifier.bias"] if r == 1 else ["classifier.weight"])
         template = update_template(weights, cfg, r)
-        assert list(template) == (["w", SCALE_KEY] if r in votes_in else ["w"])
+        assert list(template) == (moved + [SCALE_KEY] if r in votes_in else moved)
 
 
 def test_a_typo_in_aggregation_names_the_choices():
@@ -103,7 +108,8 @@ def test_a_vote_round_is_encoded_on_the_bound_of_one_for_secure_aggregation():
     from fedseal.common.secagg_wire import decode_sum, encode_update, quant_config
 
     cfg = FedConfig()
-    assert round_clip(cfg, 1) == cfg.update_clip and round_clip(cfg, 2) == 1.0
+    assert round_clip(cfg, 1) == 1.0 and round_clip(cfg, 2) == 1.0  # statistics, then votes
+    assert round_clip(cfg.replace(aggregation="mean"), 2) == cfg.update_clip
     votes = to_votes({"w": np.array([3.0, -0.5, 1.0, 0.0])})
     flat = flatten(votes)
     n = 10

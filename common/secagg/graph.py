@@ -38,12 +38,12 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from .crypto import check_uint64
 from .errors import ConfigError, InvalidMessageError
 
-__all__ = ["neighbours", "default_k", "default_threshold", "validate_parameters"]
+__all__ = ["RingGraph", "neighbours", "default_k", "default_threshold", "validate_parameters"]
 
 
 def _is_int(value: object) -> bool:
@@ -94,20 +94,49 @@ def neighbours(node_ids: Sequence[int], k: int) -> dict[int, list[int]]:
             f"k must be a non-negative integer, got {k!r}; the round cannot be configured"
         )
     k = int(k)
-    if k >= n - 1:
-        return {i: [j for j in ids if j != i] for i in ids}
-    if k % 2:
+    if k < n - 1 and k % 2:
         raise ConfigError(
             f"k={k} must be even when smaller than n-1={n - 1} (k/2 neighbours on "
             "each side of the ring); choose an even k"
         )
-    half = k // 2
-    graph: dict[int, list[int]] = {}
-    for pos, node in enumerate(ids):
-        nbrs = {ids[(pos + d) % n] for d in range(1, half + 1)}
-        nbrs |= {ids[(pos - d) % n] for d in range(1, half + 1)}
-        graph[node] = sorted(nbrs)
-    return graph
+    return dict(RingGraph(ids, k))
+
+
+class RingGraph(Mapping[int, list[int]]):
+    """The graph of :func:`neighbours` as a read-only mapping, each node's list made when asked.
+
+    A site needs only its own neighbours: building every node's list is
+    ``O(n k)`` work per use, which a site did at every stage of every round (at
+    1,000 sites about 20,000 set insertions each time). ``ids`` must be sorted and
+    distinct, and ``k`` even or at least ``len(ids) - 1`` (as :func:`neighbours` and
+    :func:`validate_parameters` check).
+    """
+
+    def __init__(self, ids: Sequence[int], k: int) -> None:
+        self._ids = tuple(ids)
+        self._position = {node: pos for pos, node in enumerate(self._ids)}
+        self._half = None if k >= len(self._ids) - 1 else k // 2
+        self._made: dict[int, list[int]] = {}
+
+    def __getitem__(self, node: int) -> list[int]:
+        if node not in self._made:
+            pos, n = self._position[node], len(self._ids)
+            if self._half is None:
+                nbrs = set(self._ids) - {node}
+            else:
+                nbrs = {self._ids[(pos + d) % n] for d in range(1, self._half + 1)}
+                nbrs |= {self._ids[(pos - d) % n] for d in range(1, self._half + 1)}
+            self._made[node] = sorted(nbrs)
+        return list(self._made[node])
+
+    def __contains__(self, node: object) -> bool:
+        return node in self._position
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
 
 
 def default_k(n: int) -> int:

@@ -25,7 +25,7 @@ from functools import cached_property
 
 from .crypto import KEY_BYTES, check_uint64
 from .errors import ConfigError, InvalidMessageError
-from .graph import neighbours, validate_parameters
+from .graph import RingGraph, validate_parameters
 from .identity import FINGERPRINT_BYTES, MAX_BLOB_BYTES, MAX_SIGNATURE_BYTES
 
 __all__ = [
@@ -181,7 +181,7 @@ class RoundContext:
     k: int
     threshold: int
     challenge: bytes
-    graph: dict[int, list[int]] = field(init=False, repr=False, compare=False)
+    graph: RingGraph = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         ids = _ids(self.participants, "participant")
@@ -196,7 +196,7 @@ class RoundContext:
         if not isinstance(self.challenge, (bytes, bytearray)) or len(self.challenge) != KEY_BYTES:
             raise InvalidMessageError(f"the round's challenge key must be {KEY_BYTES} bytes")
         object.__setattr__(self, "challenge", bytes(self.challenge))
-        object.__setattr__(self, "graph", neighbours(ids, k_eff))
+        object.__setattr__(self, "graph", RingGraph(ids, k_eff))  # lists made when asked
 
     @cached_property
     def digest(self) -> bytes:

@@ -35,7 +35,7 @@ from torch import nn
 
 from fedseal.common.batches import encode, evaluate, model_inputs
 from fedseal.common.config import FedConfig
-from fedseal.common.dp_rule import recipe
+from fedseal.common.dp_rule import recipe, size_bucket
 from fedseal.common.data import Examples
 from fedseal.common.model import build_model, load_tokenizer, pick_device
 from fedseal.common.privacy import DPPlan, plan_site
@@ -121,7 +121,7 @@ def noise_sweep(cfg: FedConfig, train, dev, sigmas: Sequence[float], plan: DPPla
         model = build_model(cfg, cfg.labels)
         started = time.monotonic()
         train_local(model, train, cfg, recipe(cfg.replace(local_steps=plan.planned_steps),
-                                              len(train)),
+                                              size_bucket(len(train))),
                     dataclasses.replace(plan, noise_multiplier=sigma), device)
         scores = evaluate(model, dev, batch_size=cfg.eval_batch_size, num_labels=num_labels,
                           device=device)
@@ -178,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in train_f
     }
     report["feature_std"] = {name: round(float(f.std(0).mean()), 4) for name, f in train_f.items()}
-    planned = plan_site(len(site), batch_size=cfg.batch_size, steps=args.steps,
+    planned = plan_site(size_bucket(len(site)), batch_size=cfg.batch_size, steps=args.steps,
                         epsilon=cfg.epsilon, delta=cfg.delta, accountant=cfg.accountant)
     report["noise_sweep"] = noise_sweep(cfg, site, dev, args.sigmas, planned, num_labels, device)
     report["settings"] = {**{k: v for k, v in vars(args).items() if k not in ("data", "json")},

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 def setup_bench_logging(level: str) -> None:
@@ -21,3 +21,17 @@ def emit_report(report: dict[str, Any], path: Path, *, quiet: bool = False) -> N
     path.write_text(text + "\n", encoding="utf-8")
     if not quiet:
         print(text)
+
+
+def finish(report: dict[str, Any], started: float, json_path: Path, plot_path: Path | None,
+           plot: Callable[[dict[str, Any], Path], None]) -> int:
+    """A benchmark's last steps: its wall time since ``started`` (``time.monotonic``), the plot
+    when asked for, the JSON written and printed; the exit status."""
+    import time
+
+    report["wall_seconds"] = round(time.monotonic() - started, 1)
+    if plot_path:
+        plot(report, plot_path)
+        report["plot"] = str(plot_path)
+    emit_report(report, json_path)
+    return 0

@@ -42,7 +42,7 @@ import torch
 from fedseal.common.config import FedConfig
 from fedseal.common.data import Examples, read_examples, write_examples
 from fedseal.common.model import pick_device
-from simulations.bench.report import emit_report, setup_bench_logging
+from simulations.bench.report import emit_report, finish, setup_bench_logging
 
 log = logging.getLogger("fedseal.bench.utility")
 
@@ -228,13 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown partition(s) {sorted(unknown)}; use iid and/or dirichlet")
     setup_bench_logging(args.log_level)
     started = time.monotonic()
-    report = run_benchmark(args)
-    report["wall_seconds"] = round(time.monotonic() - started, 1)
-    if args.plot:
-        plot(report, args.plot)
-        report["plot"] = str(args.plot)
-    emit_report(report, args.json)
-    return 0
+    return finish(run_benchmark(args), started, args.json, args.plot, plot)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import pytest
 
 from fedseal.common.config import ConfigError, FedConfig
 from fedseal.common.secagg_wire import SumRangeError, decode_sum, encode_update, quant_config
+from fedseal.common.dp_rule import size_bucket
 from fedseal.common.weights import BUCKETS, site_weight, weight_range
 from fedseal.server.aggregate import RoundSums
 
@@ -39,12 +40,15 @@ def test_settings_valid_for_every_cohort_size_pass() -> None:
 
 def test_equal_weights_by_default_and_only_coarse_buckets_otherwise() -> None:
     cfg = FedConfig()
-    assert cfg.weighting == "equal" and site_weight(7003, cfg) == 1.0
+    assert cfg.weighting == "equal" and site_weight(size_bucket(7003), cfg) == 1.0
     bucket = cfg.replace(weighting="bucket")
-    assert site_weight(7003, bucket) == site_weight(6000, bucket) == 1 / 16
-    assert site_weight(50_000, bucket) == site_weight(99_999, bucket) == 0.5
-    assert site_weight(10**9, bucket) == 1.0 and site_weight(0, bucket) == 1 / 16
-    assert {site_weight(c, bucket) for c in range(1, 200_000, 997)} <= set(BUCKETS)
+    # the weight depends on the size bucket only (4,096 to 8,191 examples alike)
+    assert site_weight(size_bucket(7003), bucket) == site_weight(size_bucket(4096), bucket) == 1 / 16
+    assert site_weight(size_bucket(99_999), bucket) == site_weight(size_bucket(65_536), bucket) == 0.5
+    assert site_weight(size_bucket(10**9), bucket) == 1.0 and site_weight(1, bucket) == 1 / 16
+    assert {site_weight(size_bucket(c), bucket) for c in range(1, 200_000, 997)} <= set(BUCKETS)
+    with pytest.raises(ValueError, match="size bucket"):
+        site_weight(7003, bucket)  # an exact count is refused
     # round 2: a training round (round 1 is the probe's statistics round)
     assert weight_range(cfg, 2) == (1.0, 1.0) and weight_range(bucket, 2) == (1 / 16, 1.0)
 

@@ -1,0 +1,100 @@
+"""A job's DP plan at a site: its grant, its calibrated noise, and the check that a step fits.
+
+The plan is fixed at a job's first round: the site grants the job a share of its
+total budget (:func:`fedseal.client.budget.grant`) and calibrates the noise so
+that every step the job may take (training, and one evaluation step per round
+where both the run and the site allow federated evaluation) spends at most the
+grant. Every later round recomputes the same plan (remembered in the run's
+``Context.state``) and checks that the ledger recorded it, and that the next
+steps fit the grant.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import ConfigRecord, Context
+
+from fedseal.client.budget import grant
+from fedseal.client.ledger import Budget, PrivacyLedger
+from fedseal.client.site import SiteSettings
+from fedseal.common.config import FedConfig
+from fedseal.common.dp_rule import Recipe
+from fedseal.common.privacy import DPPlan, PrivacyError, epsilon_spent, plan_site
+from fedseal.common.refusals import Code, Refusal
+
+PLAN = "fedseal.plan"  # context.state record: the run's calibrated DP plan
+
+
+def evaluation_planned(cfg: FedConfig, site: SiteSettings) -> bool:
+    """Whether this job's budget also covers one evaluation step per round."""
+    return cfg.federated_eval and site.policy.federated_eval == "on"
+
+
+def planned_steps(cfg: FedConfig, rec: Recipe, site: SiteSettings) -> int:
+    """Steps the job's noise is calibrated for: training, and evaluation where both sides allow it."""
+    return rec.steps_through(cfg.rounds) + (cfg.rounds if evaluation_planned(cfg, site) else 0)
+
+
+def calibrated(context: Context, cfg: FedConfig, rec: Recipe, steps: int, bucket: int,
+               budget: float, delta: float) -> DPPlan:
+    """``plan_site``, remembered in the run's Context.state.
+
+    Each message runs in a fresh process in a deployment, so the in-process
+    cache of :func:`plan_site` is empty every round; calibrating again (seconds
+    with the PRV accountant) would give the same numbers.
+    """
+    key = repr((bucket, rec.batch_size, steps, budget, delta, cfg.accountant))
+    if PLAN in context.state and context.state[PLAN].get("key") == key:
+        saved = context.state[PLAN]
+        return DPPlan(float(saved["noise-multiplier"]), float(saved["sample-rate"]), steps,
+                      budget, delta, cfg.accountant)
+    try:
+        plan = plan_site(bucket, batch_size=rec.batch_size, steps=steps, epsilon=budget,
+                         delta=delta, accountant=cfg.accountant)
+    except PrivacyError as exc:  # e.g. delta not below 1/n for the bucket
+        raise Refusal(Code.PLAN_INFEASIBLE, str(exc), setting="epsilon", asked=cfg.epsilon) from None
+    context.state[PLAN] = ConfigRecord({"key": key, "noise-multiplier": plan.noise_multiplier,
+                                        "sample-rate": plan.sample_rate})
+    return plan
+
+
+def job_plan(context: Context, cfg: FedConfig, rec: Recipe, site: SiteSettings, bucket: int,
+             ledger: PrivacyLedger | None, job: str, after_steps: int, *,
+             record: bool = True) -> DPPlan:
+    """This job's DP plan, calibrated to its grant and checked to cover ``after_steps`` steps.
+
+    The plan's ``delta`` is the grant's. With ``record`` false a new job's
+    grant is computed and checked but not written (a secure round checks that
+    it could train before its cohort is known to hold; it records the grant
+    only when it trains).
+
+    Raises
+    ------
+    fedseal.common.refusals.Refusal
+        If the budget, the policy or the calibration cannot cover the steps.
+    """
+    planned = planned_steps(cfg, rec, site)
+
+    def calibrate(epsilon: float, delta: float) -> DPPlan:
+        return calibrated(context, cfg, rec, planned, bucket, epsilon, delta)
+
+    granted = grant(ledger, job, cfg.epsilon, cfg.delta, site.policy,
+                    Budget(site.epsilon, site.delta), check=calibrate, record=record)
+    plan = calibrate(granted.epsilon, granted.delta)
+    recorded = ledger.plan_of(job) if ledger else None
+    if recorded and not np.allclose(recorded, (plan.noise_multiplier, plan.sample_rate),
+                                    rtol=1e-9, atol=0):
+        raise Refusal(Code.PLAN_CHANGED,
+                      f"this run started with noise multiplier {recorded[0]:.4f} and sample "
+                      f"rate {recorded[1]:.5f}, now {plan.noise_multiplier:.4f} and "
+                      f"{plan.sample_rate:.5f} (rounds, local steps, batch size or the data "
+                      "changed): the calibration cannot change mid-run; start a new run")
+    after = epsilon_spent(plan.noise_multiplier, plan.sample_rate, after_steps, granted.delta,
+                          plan.accountant)
+    if after > granted.epsilon:
+        raise Refusal(Code.BUDGET_ROUND, f"this step would bring job {job}'s epsilon to "
+                      f"{after:.3f}, over its grant of {granted.epsilon:g} at this site")
+    return plan
+
+
+__all__ = ["PLAN", "calibrated", "evaluation_planned", "job_plan", "planned_steps"]

@@ -1,0 +1,18 @@
+"""The root of fedseal's exceptions.
+
+Every error fedseal raises on purpose derives from :class:`FedsealError` and
+carries a stable ``code`` (``area.what``), so a caller can tell errors apart
+without parsing text, and a log line or a test can name the error it means.
+The message says what to change.
+"""
+
+from __future__ import annotations
+
+
+class FedsealError(Exception):
+    """An error fedseal raises on purpose; ``code`` names it stably."""
+
+    code: str = "fedseal.error"
+
+
+__all__ = ["FedsealError"]
