@@ -127,10 +127,10 @@ def lora_round(model: nn.Module, hidden: HiddenStates, labels: torch.Tensor, rec
                                             steps=recipe.steps_per_round)
     total, count, steps = 0.0, 0, 0
     with only_trained(model, params):
-        optimizer = _optimizer(params, recipe, phase, recipe.expected_batch(len(hidden)))
+        optimizer = _optimizer(params, recipe, phase, recipe.expected_batch)
         with PrivateSteps(stack, params, optimizer,
                           noise_multiplier=phase.noise_multiplier if phase else None,
-                          clip=recipe.clip, expected_batch=recipe.expected_batch(len(hidden)),
+                          clip=recipe.clip, expected_batch=recipe.expected_batch,
                           mode=mode, device=device) as runner:
             for indices in sampler:
                 chunks = [functools.partial(_losses, stack, hidden, labels, chunk, device)

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 import numpy as np
-from flwr.app import Context, MetricRecord
+from flwr.app import Context
 
+from fedseal.client.history import PROGRESS, remember
 from fedseal.client.ledger import PrivacyLedger
 from fedseal.common.records import state_digest
 
-PROGRESS = "fedseal.progress"  # context.state record: DP steps taken so far (no ledger)
 _COMMITTED = object()
 
 
@@ -109,7 +109,7 @@ def commit_round(site: str, ledger: PrivacyLedger | None, context: Context, job:
         ledger.record(job, round, steps, job_epsilon, noise_multiplier=noise_multiplier,
                       sample_rate=sample_rate, evaluation=evaluation)
     if ledger is None:
-        context.state[PROGRESS] = MetricRecord({"steps": steps})
+        remember(context, steps, noise_multiplier, sample_rate)
     epsilon = other_jobs_epsilon(ledger, job) + job_epsilon if private else float("inf")
     delta = ledger.delta_spent() if private and ledger is not None else job_delta
     return CommittedRound(site, str(job), int(round), int(steps), float(epsilon), float(delta),

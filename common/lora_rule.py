@@ -37,19 +37,44 @@ Where each setting of the adapter phase comes from (measured on cached states in
   (without noise, Adam at 3e-4 did not lower the training loss and 1e-3 raised it).
 * the budget split (:func:`calibrate`): one noise multiplier for every phase, or
   the adapter phase's at ``ratio`` times the probe's.
+
+**How a run splits its rounds, steps and budget between the phases** (:func:`adapter_rounds`,
+:func:`plan_lpft`):
+
+* rounds: round 1 is the probe's statistics round; the first half of the
+  remaining rounds (rounded up) are the probe's head rounds, the rest (at
+  least one) adapter rounds. LP-FT moves the features only once the head fits
+  them (Kumar et al. 2022: fine-tuning under a head that does not fit distorts
+  the features; it then never starts worse than the probe), and the head is
+  convex: its :data:`~fedseal.common.dp_rule.TRAINING_STEPS` noisy steps reach
+  the optimum the noise allows in any number of rounds, so it needs rounds only
+  to average the sites.
+* steps: the probe keeps its statistics step and head steps; the adapter phase
+  takes :data:`STEPS` steps in all (few long steps of large batches: Li et al. 2022).
+* budget: one accountant over all phases, calibrated so that every planned step
+  of both (and one evaluation step per round where evaluation is planned, at the
+  probe's rate) spends the job's grant, with one noise multiplier for both
+  phases (``ratio = 1``). So each phase's share of epsilon follows its steps and
+  its rate: the adapter phase's 24 steps at a rate of about 1,024 examples raise
+  the probe's multiplier only slightly (one SST-2 site at epsilon 8: 2.74 to 2.78),
+  so the probe loses almost nothing to them. A lower multiplier for the adapters
+  (``ratio < 1``) would buy adapter steps with probe noise; that pays only where
+  the adapters gain, and without noise they gained at most a point
+  (``docs/lora.md``), so the rule does not.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence
+from typing import TYPE_CHECKING
 
-from opacus.accountants import create_accountant
+from fedseal.common.phases import Phase, epsilon_of
+from fedseal.common.privacy import (DPPlan, PrivacyError, check_delta, sample_rate_for)
 
-from fedseal.common.privacy import PrivacyError
+if TYPE_CHECKING:
+    from fedseal.common.dp_rule import Recipe
 
 LAYERS = 2
 RANK = 8
@@ -66,15 +91,6 @@ MAX_TOKENS = 8192
 
 
 @dataclass(frozen=True)
-class Phase:
-    """One phase of a site's DP-SGD: ``steps`` invocations of the sampled Gaussian mechanism."""
-
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-
-
-@dataclass(frozen=True)
 class LoraRecipe:
     """Settings of the adapter phase at one site (see the module docstring for each)."""
 
@@ -83,6 +99,8 @@ class LoraRecipe:
     alpha: int = ALPHA
     targets: tuple[str, ...] = TARGETS
     sample_rate: float = MAX_SAMPLE_RATE
+    expected_batch: float = EXPECTED_BATCH
+    """The Poisson batch's mean size at the site's size bucket: a step divides its noisy sum by it."""
     steps_per_round: int = STEPS
     clip: float = CLIP
     lr: float = LR
@@ -92,42 +110,35 @@ class LoraRecipe:
     floor: float = 1e-16
     """DP-AdamBC's floor under the corrected second moment (``optimizer = "adam_bc"`` only)."""
 
-    def expected_batch(self, num_examples: int) -> float:
-        """Mean size of a Poisson batch at this site."""
-        return self.sample_rate * num_examples
+
+def sample_rate(bucket: int, expected_batch: int = EXPECTED_BATCH) -> float:
+    """The adapter phase's sampling rate at size bucket ``bucket``: about ``expected_batch``
+    examples, at most 1/4 of the site (:func:`fedseal.common.privacy.sample_rate_for`)."""
+    return min(MAX_SAMPLE_RATE, sample_rate_for(bucket, expected_batch))
 
 
-def sample_rate(num_examples: int, expected_batch: int = EXPECTED_BATCH) -> float:
-    """The adapter phase's sampling rate: ``expected_batch`` examples, at most 1/4 of the site."""
-    if num_examples < 1:
-        raise PrivacyError("a site with no examples cannot train")
-    return min(MAX_SAMPLE_RATE, expected_batch / num_examples)
+def lora_recipe(bucket: int, rounds: int, **overrides: float) -> LoraRecipe:
+    """The adapter phase's recipe for a site of size bucket ``bucket`` over ``rounds`` rounds.
 
-
-def lora_recipe(num_examples: int, rounds: int, **overrides: float) -> LoraRecipe:
-    """The adapter phase's recipe for a site of ``num_examples`` over ``rounds`` adapter rounds.
-
-    :data:`STEPS` steps spread evenly over the rounds (at least one a round);
+    :data:`STEPS` steps spread evenly over the rounds (at least one a round); the
+    rate and the expected batch follow the bucket, never the exact count (what
+    leaves the site depends on its size only through the bucket);
     ``overrides`` set any field by hand.
     """
     if rounds < 1:
         raise ValueError(f"the adapter phase needs at least one round, got {rounds}")
-    settings = {"sample_rate": sample_rate(num_examples),
+    q = float(overrides.pop("sample_rate", sample_rate(bucket)))
+    settings = {"sample_rate": q, "expected_batch": q * bucket,
                 "steps_per_round": max(1, math.ceil(STEPS / rounds))}
     settings.update(overrides)
     return LoraRecipe(**settings)
 
 
-def epsilon_of(phases: Sequence[Phase], delta: float, accountant: str = "prv") -> float:
-    """Epsilon of all ``phases`` composed in one accountant (0 for no steps)."""
-    history = [(p.noise_multiplier, p.sample_rate, p.steps) for p in phases if p.steps > 0]
-    if not history:
-        return 0.0
-    acc = create_accountant(accountant)
-    acc.history = history
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return float(acc.get_epsilon(delta=delta))
+def adapter_rounds(rounds: int) -> int:
+    """The adapter rounds of an LP-FT run of ``rounds`` rounds (see the module docstring)."""
+    if rounds < 3:
+        raise ValueError(f"LP-FT needs at least 3 rounds (statistics, head, adapters), got {rounds}")
+    return (rounds - 1) // 2
 
 
 @lru_cache(maxsize=256)
@@ -161,4 +172,40 @@ def calibrate(probe_rate: float, probe_steps: int, lora_rate: float, lora_steps:
     return Phase(high, probe_rate, probe_steps), Phase(high * ratio, lora_rate, lora_steps)
 
 
-__all__ = ["LoraRecipe", "Phase", "calibrate", "epsilon_of", "lora_recipe", "sample_rate"]
+def plan_lpft(bucket: int, rec: "Recipe", probe_steps: int, epsilon: float, delta: float,
+              accountant: str = "prv") -> DPPlan:
+    """An LP-FT job's plan: both phases' noise, calibrated so that all planned steps spend ``epsilon``.
+
+    ``rec`` is the run's recipe (:func:`fedseal.common.dp_rule.recipe`);
+    ``probe_steps`` every step planned at the probe's rate (statistics, head and
+    evaluation steps); the adapter phase's are ``rec.adapter_steps`` in each of
+    its rounds. The plan's own ``(noise_multiplier, sample_rate)`` are the
+    probe's; ``plan.adapter`` the adapter phase's.
+
+    Raises
+    ------
+    PrivacyError
+        If delta is not below ``1 / (2 * bucket)`` or no noise meets the budget.
+    """
+    check_delta(bucket, delta)
+    probe_rate = sample_rate_for(bucket, rec.batch_size)
+    lora_steps = rec.adapter_steps * rec.adapter_rounds
+    probe, adapter = calibrate(probe_rate, probe_steps, sample_rate(bucket), lora_steps,
+                               epsilon, delta, accountant)
+    return DPPlan(probe.noise_multiplier, probe_rate, probe_steps + lora_steps, epsilon, delta,
+                  accountant, adapter=adapter)
+
+
+def round_phase(plan: DPPlan, rec: "Recipe", server_round: int | None, steps: int) -> Phase:
+    """The ``steps`` a site takes in ``server_round`` (None: an evaluation step), as a phase.
+
+    An adapter round of an LP-FT plan steps at the adapter phase's ``(sigma, q)``;
+    every other step (statistics, head, evaluation) at the plan's own.
+    """
+    if plan.adapter is not None and server_round is not None and rec.is_adapter_round(server_round):
+        return Phase(plan.adapter.noise_multiplier, plan.adapter.sample_rate, steps)
+    return Phase(plan.noise_multiplier, plan.sample_rate, steps)
+
+
+__all__ = ["LoraRecipe", "Phase", "adapter_rounds", "calibrate", "epsilon_of", "lora_recipe",
+           "plan_lpft", "round_phase", "sample_rate"]

@@ -33,12 +33,11 @@ TRAVELLING = ("feature_mean", "classifier.weight", "classifier.bias")
 
 
 def fedseal_of(model: nn.Module) -> FedsealForSequenceClassification:
-    """The ``FedsealForSequenceClassification`` inside ``model`` (itself, or under peft)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not isinstance(inner, FedsealForSequenceClassification):
+    """``model``, checked to be a ``FedsealForSequenceClassification`` (adapters or not)."""
+    if not isinstance(model, FedsealForSequenceClassification):
         raise ModelError(f"expected fedseal's probe classifier (finetune=probe's model), got "
-                         f"{type(inner).__name__}: LoRA in the top layers starts from the probe")
-    return inner
+                         f"{type(model).__name__}: LoRA in the top layers starts from the probe")
+    return model
 
 
 def encoder_layers(backbone: nn.Module) -> nn.ModuleList:
@@ -64,11 +63,14 @@ def encoder_layers(backbone: nn.Module) -> nn.ModuleList:
 
 def add_top_lora(model: FedsealForSequenceClassification, layers: int, rank: int, alpha: int,
                  targets: Sequence[str] = ("query", "value")) -> nn.Module:
-    """``model`` with LoRA adapters on ``targets`` in its top ``layers`` layers (a peft model).
+    """``model`` itself, with LoRA adapters on ``targets`` in its top ``layers`` layers.
 
-    The adapters start as the identity: the model computes what it computed
-    before. The probe's parameters (:data:`TRAVELLING`) stay trainable, so they
-    keep travelling with the adapters.
+    The adapters are injected in place (peft's ``inject_adapter_in_model``), so
+    every parameter keeps its name (``classifier.weight``, and
+    ``backbone.encoder.layer.5.attention.self.query.lora_A.default.weight``).
+    They start as the identity: the model computes what it computed before. The
+    probe's parameters (:data:`TRAVELLING`) stay trainable, so they keep
+    travelling with the adapters; :func:`merge_adapters` folds them back.
 
     Raises
     ------
@@ -76,7 +78,7 @@ def add_top_lora(model: FedsealForSequenceClassification, layers: int, rank: int
         If ``layers`` is not between 1 and the encoder's depth, or no layer has
         a module named in ``targets``.
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, inject_adapter_in_model
 
     depth = len(encoder_layers(model.backbone))
     if not 1 <= layers <= depth:
@@ -93,11 +95,29 @@ def add_top_lora(model: FedsealForSequenceClassification, layers: int, rank: int
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
                                 category=FutureWarning)
-        peft_model = get_peft_model(model, config)
+        inject_adapter_in_model(config, model)
     for name, p in model.named_parameters():
-        if name in TRAVELLING:
-            p.requires_grad_(True)
-    return peft_model
+        p.requires_grad_(name in TRAVELLING or "lora_" in name)
+    return model
+
+
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every injected adapter merged into its layer's weight.
+
+    The copy holds plain ``nn.Linear`` layers again, so it saves and loads as
+    the model's own class (``from_pretrained``); ``model`` itself is unchanged.
+    """
+    import copy
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    plain = copy.deepcopy(model)
+    for name, module in list(plain.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(plain.get_submodule(parent), child, module.get_base_layer())
+    return plain
 
 
 def adapted_layers(model: nn.Module) -> int:
@@ -167,4 +187,4 @@ class TopStack(nn.Module):
 
 
 __all__ = ["TRAVELLING", "TopStack", "adapted_layers", "add_top_lora", "encoder_layers",
-           "fedseal_of"]
+           "fedseal_of", "merge_adapters"]

@@ -31,7 +31,7 @@ from flwr.app import Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedseal.common.batches import confusion_matrix, encode, predict, scores_of
-from fedseal.common.dp_rule import PRIOR_KEY, prior_bias, stats_rounds
+from fedseal.common.dp_rule import FULL_UNDER_DP, PRIOR_KEY, prior_bias, stats_rounds
 from fedseal.common.features import features
 from fedseal.common.cli_args import setup_logging
 from fedseal.common.config import ALL, ConfigError, FedConfig, from_mapping
@@ -177,6 +177,8 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
              total, cfg.finetune, list(cfg.labels))
     if not cfg.dp:
         log.warning(NON_PRIVATE)
+    elif cfg.finetune == "full":
+        log.warning(FULL_UNDER_DP)
     if not cfg.secagg:
         log.warning("secure aggregation is OFF (--no-secagg): the server sees each site's update")
     detail.info("watch progress in %s", metrics.path)

@@ -33,7 +33,7 @@ def test_the_adapters_sit_in_the_top_layers_only_and_start_as_the_identity(tiny_
     probe = build_model(FedConfig(model=tiny_bert, labels=LABELS), LABELS).eval()
     with torch.no_grad():
         probe.classifier.weight.normal_()
-        model.get_base_model().classifier.weight.copy_(probe.classifier.weight)
+        model.classifier.weight.copy_(probe.classifier.weight)
         before = probe(input_ids=data.tensors[0], attention_mask=data.tensors[1]).logits
         after = model(input_ids=data.tensors[0], attention_mask=data.tensors[1]).logits
     assert torch.allclose(before, after, atol=1e-6)
@@ -83,7 +83,7 @@ def test_the_cache_is_keyed_by_the_frozen_layers_and_the_texts(tiny_bert, tiny_l
     files = list(tmp_path.glob("hidden-*.npz"))
     assert [f.name for f in files] == [f"hidden-{hidden_key(model, data, 1)}.npz"]
     assert hidden_states(model, data, 1, CPU, tmp_path) is first  # the process's memory
-    backbone = model.get_base_model().backbone
+    backbone = model.backbone
     key = hidden_key(model, data, 1)
     with torch.no_grad():  # the adapted layer and the adapters do not change the cached states
         backbone.encoder.layer[1].output.dense.weight.mul_(2.0)
