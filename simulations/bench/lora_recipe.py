@@ -47,7 +47,7 @@ from fedseal.client.lora_round import lora_round, only_trained, trained_paramete
 from fedseal.client.probe import release_statistics, train_head
 from fedseal.common.batches import scores_of
 from fedseal.common.config import FedConfig
-from fedseal.common.dp_rule import Recipe, prior_bias, recipe as probe_rule
+from fedseal.common.dp_rule import Recipe, prior_bias, recipe as probe_rule, size_bucket
 from fedseal.common.hidden_cache import HiddenStates, hidden_states
 from fedseal.common.lora_rule import (LAYERS, LoraRecipe, Phase, calibrate, epsilon_of,
                                       lora_recipe)
@@ -109,8 +109,8 @@ def probe_plans(sites: list[Site], rounds: int, phase: Phase) -> list[tuple[Reci
     """Each site's probe rule (``dp_rule``) and its plan at the phase's noise (0: noise-free)."""
     plans = []
     for site in sites:
-        rule = probe_rule(FedConfig(rounds=rounds), len(site.labels))
-        q = sample_rate_for(len(site.labels), rule.batch_size)
+        rule = probe_rule(FedConfig(rounds=rounds), size_bucket(len(site.labels)))
+        q = sample_rate_for(size_bucket(len(site.labels)), rule.batch_size)
         plans.append((rule, DPPlan(phase.noise_multiplier, q, rule.steps_through(rounds), 0.0,
                                    0.0, "rdp")))
     return plans
@@ -187,10 +187,11 @@ def arm(model: nn.Module, initial: dict, sites: list[Site], dev: Site, args: arg
     """One arm from the initial weights: its noise, its per-round scores, its epsilon."""
     load_trainable(model, initial)
     n = min(len(s.labels) for s in sites)
-    rule = probe_rule(FedConfig(rounds=args.probe_rounds), n)
-    probe_rate = sample_rate_for(n, rule.batch_size)
+    rule = probe_rule(FedConfig(rounds=args.probe_rounds), size_bucket(n))
+    probe_rate = sample_rate_for(size_bucket(n), rule.batch_size)
     probe_steps = rule.steps_through(args.probe_rounds)
-    recipes = [lora_recipe(len(s.labels), args.lora_rounds, **args.overrides) for s in sites]
+    recipes = [lora_recipe(size_bucket(len(s.labels)), args.lora_rounds, **args.overrides)
+               for s in sites]
     lora_rate = min(r.sample_rate for r in recipes)
     lora_steps = recipes[0].steps_per_round * args.lora_rounds if with_lora else 0
     started = time.process_time()
@@ -263,7 +264,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "site_examples": [len(s.labels) for s in sites], "dev_examples": len(dev.labels),
             "partition": args.partition, "alpha": args.alpha, "layers": args.layers,
             "probe_rounds": args.probe_rounds, "lora_rounds": args.lora_rounds,
-            "lora_recipe": vars(lora_recipe(len(sites[0].labels), args.lora_rounds,
+            "lora_recipe": vars(lora_recipe(size_bucket(len(sites[0].labels)), args.lora_rounds,
                                             **args.overrides)),
             "ratio": args.ratio, "delta": args.delta, "accountant": args.accountant,
             "repeats": args.repeats, "seed": args.seed,
