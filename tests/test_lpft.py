@@ -69,6 +69,21 @@ def test_each_phase_moves_only_its_weights(tiny_bert):
         FedConfig(finetune="lora", rounds=2)
 
 
+@pytest.mark.parametrize("bucket", [64, 8192])
+def test_the_plan_spends_the_budget_over_both_phases_with_one_noise(bucket):
+    from fedseal.common.lora_rule import plan_lpft
+    from fedseal.common.phases import Phase, epsilon_of
+
+    rec = recipe(FedConfig(finetune="lora", rounds=5), bucket)
+    probe_steps = rec.steps_through(5) - rec.adapter_rounds * rec.adapter_steps
+    plan = plan_lpft(bucket, rec, probe_steps, 8.0, 1e-5, "rdp")
+    assert plan.adapter.noise_multiplier == plan.noise_multiplier
+    assert plan.adapter.sample_rate == (0.25 if bucket == 64 else 1 / 8)  # about 1,024 a step
+    spent = epsilon_of([Phase(plan.noise_multiplier, plan.sample_rate, probe_steps),
+                        plan.adapter], 1e-5, "rdp")
+    assert 0.97 * 8.0 <= spent <= 8.0
+
+
 def test_all_phases_compose_in_one_accountant_that_the_ledger_and_replies_carry(lpft_run):
     from opacus.accountants import RDPAccountant
 
