@@ -31,6 +31,8 @@ TIMED_OUT = 4080
 """Error code of the reply :func:`send` makes for a site that did not answer in time."""
 POLL_SECONDS = (0.1, 1.0)
 """Shortest and longest pause between two pulls for replies (doubling while none come)."""
+PROGRESS_SECONDS = 30.0
+"""While sites are still answering a stage, a progress line this often."""
 
 
 @dataclass
@@ -132,13 +134,20 @@ def exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Messag
     """Push ``messages``, then pull replies until all are in or none came for ``timeout`` seconds."""
     waiting = {i for i in grid.push_messages(messages) if i}
     replies: list[Message] = []
-    last, pause = time.monotonic(), POLL_SECONDS[0]
+    started = told = last = time.monotonic()
+    pause = POLL_SECONDS[0]
+    stage = messages[0].metadata.message_type if messages else ""
     while waiting:
         got = list(grid.pull_messages(waiting))
         if got:
             replies += got
             waiting -= {reply.metadata.reply_to_message_id for reply in got}
             last, pause = time.monotonic(), POLL_SECONDS[0]
+        if waiting and time.monotonic() - told >= PROGRESS_SECONDS:  # a long first round
+            told = time.monotonic()
+            log.info("%s: %d of %d site(s) answered after %.0fs (a site's first round also "
+                     "reads its data and computes its features)", stage, len(replies),
+                     len(messages), told - started)
         left = timeout - (time.monotonic() - last)
         if not waiting or left <= 0:
             break
