@@ -48,6 +48,7 @@ import logging
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -97,11 +98,17 @@ def prepare_sites(cfg: FedConfig) -> FedConfig:
     labels = cfg.labels or None
     if labels is None:
         # The label set is the union of both files', fixed before any site reads.
-        names = set(read_examples(cfg.train, text_column=cfg.text_column,
-                                  label_column=cfg.label_column).label_names)
-        names |= set(read_examples(cfg.eval, text_column=cfg.text_column,
-                                   label_column=cfg.label_column).label_names)
-        cfg = cfg.replace(labels=sorted(names, key=label_sort_key))
+        found = [read_examples(path, text_column=cfg.text_column, label_column=cfg.label_column)
+                 for path in (cfg.train, cfg.eval)]
+        counts = Counter(e.label_names[i] for e in found for i in e.labels)
+        stray = stray_labels(counts)
+        if stray:
+            raise ConfigError(
+                f"label(s) {', '.join(repr(s) for s in stray)} appear in only "
+                f"{', '.join(str(counts[s]) for s in stray)} of {sum(counts.values())} examples "
+                "(a typo would make an extra class): fix the file, or give --labels with every "
+                "class in order (examples with other labels are then refused)")
+        cfg = cfg.replace(labels=sorted(counts, key=label_sort_key))
     train: Examples = read_examples(cfg.train, text_column=cfg.text_column,
                                     label_column=cfg.label_column, label_names=cfg.labels)
     if cfg.partition == "iid":
@@ -119,6 +126,19 @@ def prepare_sites(cfg: FedConfig) -> FedConfig:
                  "  ".join(f"{name}={c}" for name, c in zip(cfg.labels, counts)))
     write_site_keys(cfg.out, cfg.clients)
     return cfg
+
+
+STRAY_FRACTION = 0.001
+"""A label found without ``--labels`` on fewer than this fraction of examples (and at most
+:data:`STRAY_MAX` of them) is taken for a typo."""
+STRAY_MAX = 3
+
+
+def stray_labels(counts: Counter) -> list[str]:
+    """Labels of ``counts`` (label -> examples) too rare to be a class the user meant."""
+    total = sum(counts.values())
+    return sorted(label for label, n in counts.items()
+                  if n <= STRAY_MAX and n < STRAY_FRACTION * total)
 
 
 def write_site_keys(out: str | Path, clients: int) -> Path:
