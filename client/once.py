@@ -18,13 +18,16 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, Context
 
+from fedseal.common.errors import FedsealError
 from fedseal.common.durable import atomic_write
 
 Round = tuple[str, int]
 
 
-class OnceError(RuntimeError):
+class OnceError(FedsealError, RuntimeError):
     """The record of what a site did once per round is unreadable or unwritable."""
+
+    code = "once.error"
 
 
 def record_path(ledger_path: Path, suffix: str) -> Path:

@@ -16,13 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from fedseal.common.errors import FedsealError
+
 log = logging.getLogger(__name__)
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}
 
 
-class DataError(ValueError):
+class DataError(FedsealError, ValueError):
     """A data file cannot be used as given."""
+
+    code = "data.error"
 
 
 @dataclass(frozen=True)
