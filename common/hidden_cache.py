@@ -242,5 +242,23 @@ def _read(path: Path, model, data: TensorDataset, cut: int) -> HiddenStates | No
     return None
 
 
-__all__ = ["HiddenStates", "compute_hidden", "frozen_digest", "hidden_key", "hidden_states",
+__all__ = ["HiddenStates", "cached_logits", "compute_hidden", "frozen_digest", "hidden_key",
+           "hidden_states",
            "length_chunks", "lower_layers"]
+
+
+@torch.no_grad()
+def cached_logits(model, hidden: HiddenStates, device: torch.device,
+                  batch: int = 256) -> torch.Tensor:
+    """``model``'s logits of every cached example, in order, running only its layers above the cut.
+
+    What the whole model computes from the token ids (to float32 rounding when
+    ``hidden`` is stored in float32): the server scores an LP-FT model on its
+    held-out data this way each round, having run the frozen layers once.
+    """
+    from fedseal.common.top_layers import TopStack
+
+    stack = TopStack(model, hidden.cut).to(device).eval()  # reads the model's current head
+    out = [stack(*hidden.batch(torch.arange(start, min(start + batch, len(hidden))), device)
+                 ).float().cpu() for start in range(0, len(hidden), batch)]
+    return torch.cat(out)
