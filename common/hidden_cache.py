@@ -243,8 +243,7 @@ def _read(path: Path, model, data: TensorDataset, cut: int) -> HiddenStates | No
 
 
 __all__ = ["HiddenStates", "cached_logits", "compute_hidden", "frozen_digest", "hidden_key",
-           "hidden_states",
-           "length_chunks", "lower_layers"]
+           "hidden_states", "length_chunks", "lower_layers"]
 
 
 @torch.no_grad()
