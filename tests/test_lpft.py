@@ -177,5 +177,12 @@ def test_lpft_on_a_real_sst2_slice_ends_no_lower_than_the_probe_at_the_same_epsi
     runs = {arm: run_arm(arm, sst2, tmp_path, examples=2000, sites=4, rounds=3, epsilon=8.0)
             for arm in ("probe", "lpft")}
     assert all(7.5 < r["epsilon"] <= 8.0 for r in runs.values()), runs
-    # LP-FT_FLOOR_COMMENT
-    assert runs["lpft"]["accuracy"] >= runs["probe"]["accuracy"] - LPFT_MARGIN, runs
+    # Measured, 10 runs of each (docs/bench/2026-12-04-lpft-slice.json, docs/lora.md): the
+    # probe 0.714 to 0.776 (mean 0.745); LP-FT 0.728 to 0.757 (mean 0.741); LP-FT's last
+    # round against its own probe round -0.017 to +0.010 (mean 0.000); LP-FT minus the
+    # probe's run -0.031 to +0.042 (mean -0.004). LP-FT is no better than the probe here;
+    # these floors say it is no worse beyond the run-to-run spread.
+    lpft = runs["lpft"]["accuracy_per_round"]
+    assert lpft[-1] >= 0.70, runs
+    assert lpft[-1] >= lpft[-2] - 0.03, runs  # the adapter round starts from the probe's head
+    assert lpft[-1] >= runs["probe"]["accuracy"] - 0.05, runs
