@@ -15,7 +15,7 @@ import shutil
 import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence, cast
 
 import torch
 from torch import nn
@@ -249,7 +249,8 @@ def save_merged(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
 
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
-    plain = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    plain: Any = (cast(Any, model).merge_and_unload() if hasattr(model, "merge_and_unload")
+                  else model)
     if isinstance(plain, FedsealForSequenceClassification):
         # config.json names the class and modeling_fedseal.py is copied beside the
         # weights: AutoModelForSequenceClassification loads it (trust_remote_code=True).
