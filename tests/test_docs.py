@@ -8,6 +8,7 @@ Checked over ``README.md`` and every ``docs/*.md``:
 * every ``python -m MODULE`` line in a code block names a module of this checkout;
 * every relative Markdown link (and image) outside code blocks names an existing file,
   and its ``#anchor``, if any, a heading of that file;
+* every ``tests/FILE.py::NAME`` they cite (the threat model's claims) is a test of that file;
 * every ``make TARGET`` the README names is a target of the Makefile.
 
 The checkers are also run on bad samples, so that a broken link or a misspelt option
@@ -225,6 +226,25 @@ def test_every_relative_link_resolves(doc):
     assert broken_links(doc, pending=PENDING) == []
 
 
+TEST_REFERENCE = re.compile(r"(tests/[\w/]+\.py)::(\w+)")
+
+
+def missing_tests(text: str, root: Path = ROOT) -> list[str]:
+    """Each ``tests/FILE.py::NAME`` a text names whose file does not define ``NAME``."""
+    missing = []
+    for file, name in TEST_REFERENCE.findall(text):
+        path = root / file
+        if not path.is_file() or not re.search(rf"^\s*(async\s+)?def {name}\(",
+                                                path.read_text(encoding="utf-8"), re.MULTILINE):
+            missing.append(f"{file}::{name}")
+    return missing
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[d.name for d in DOCS])
+def test_every_test_the_docs_name_exists(doc):
+    assert missing_tests(doc.read_text(encoding="utf-8")) == []
+
+
 def test_pending_files_are_not_there_yet():
     """The allow-list holds only files another branch still has to bring."""
     assert [p for p in PENDING if (ROOT / p).exists()] == []
@@ -267,3 +287,8 @@ def test_the_checkers_catch_a_broken_link_a_bad_anchor_and_a_bad_option(tmp_path
     assert check_fedseal_command(["simulate", "--rounds", "many"]) is not None  # a bad value
     assert check_fedseal_command(["simulat"]) is not None
     assert check_fedseal_command(["simulate", "--help"]) is None
+
+    assert missing_tests("`tests/test_docs.py::test_every_test_the_docs_name_exists`, "
+                         "`tests/test_docs.py::test_that_was_renamed`, "
+                         "`tests/nowhere.py::test_x`") == [
+        "tests/test_docs.py::test_that_was_renamed", "tests/nowhere.py::test_x"]
