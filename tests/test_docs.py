@@ -1,6 +1,6 @@
 """The README and docs/ say only what works: commands that parse, links that resolve.
 
-Checked over ``README.md`` and every ``docs/*.md``:
+Checked over ``README.md``, ``CHANGELOG.md`` and every ``docs/*.md``:
 
 * every ``fedseal ...`` line in a fenced code block parses with the real parser
   (:func:`fedseal.common.cli.build_parser`), and every option it names exists, spelled in
@@ -26,10 +26,10 @@ from pathlib import Path
 
 import pytest
 
-from fedseal.common.cli import build_parser
+from fedseal.common.cli import COMMANDS, build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 # Files another branch adds (linked here before that branch is merged). Remove each entry
 # once its file exists on main: an entry whose file exists fails the test below.
@@ -38,34 +38,38 @@ PENDING = {"docs/lora.md"}
 FENCE = re.compile(r"^(\s*)(```|~~~)")
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 SHELL_STOPS = {"|", "||", "&&", ";", ">", ">>", "2>&1", "&"}
+WRAPPERS = {"nice", "time"}
 SHELL_LANGUAGES = {"bash", "sh", "shell", "console"}
 ENV_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 
 
-def split_markdown(text: str) -> tuple[list[str], list[str]]:
-    """``(shell lines, prose lines)`` of a Markdown text.
+def split_markdown(text: str) -> tuple[list[str], list[str], list[str]]:
+    """``(shell lines, prose lines, untagged lines)`` of a Markdown text.
 
     Shell lines are those of fenced blocks tagged ``bash``, ``sh``, ``shell`` or
-    ``console``; other fenced blocks (output, TOML, Python) belong to neither list.
+    ``console``; untagged lines those of fenced blocks without a language (output, or a
+    command someone forgot to tag); other blocks (``text``, TOML, Python) belong to none.
     """
     shell: list[str] = []
     prose: list[str] = []
+    untagged: list[str] = []
     fence: str | None = None
-    is_shell = False
+    kind: list[str] | None = None
     for line in text.splitlines():
         match = FENCE.match(line)
         if match and (fence is None or match.group(2) == fence):
             if fence is None:
                 fence = match.group(2)
-                is_shell = line[match.end():].strip().lower() in SHELL_LANGUAGES
+                language = line[match.end():].strip().lower()
+                kind = shell if language in SHELL_LANGUAGES else untagged if not language else None
             else:
                 fence = None
             continue
         if fence is None:
             prose.append(line)
-        elif is_shell:
-            shell.append(line)
-    return shell, prose
+        elif kind is not None:
+            kind.append(line)
+    return shell, prose, untagged
 
 
 def shell_commands(code: list[str]) -> list[list[str]]:
@@ -103,10 +107,12 @@ def shell_commands(code: list[str]) -> list[list[str]]:
 
 def fedseal_arguments(command: list[str]) -> list[str] | None:
     """The arguments of a ``fedseal`` command (``None`` if it is another program's);
-    leading ``VAR=value`` assignments and a path before ``fedseal`` are allowed."""
+    leading ``VAR=value`` assignments, ``nice [-n N]``, ``time`` and a path before
+    ``fedseal`` are allowed."""
     words = list(command)
-    while words and ENV_ASSIGNMENT.match(words[0]):
-        words.pop(0)
+    while words and (ENV_ASSIGNMENT.match(words[0]) or words[0] in WRAPPERS):
+        if words.pop(0) == "nice" and words[:1] == ["-n"]:
+            del words[:2]
     if not words or Path(words[0]).name != "fedseal":
         return None
     return words[1:]
@@ -188,15 +194,26 @@ def broken_links(doc: Path, root: Path = ROOT, pending: frozenset[str] | set[str
     return problems
 
 
+def fedseal_commands(text: str) -> list[list[str]]:
+    """The arguments of every ``fedseal`` command a Markdown text shows.
+
+    Every one in a shell block; in an untagged block (mostly console output) a line counts
+    only when it names a fedseal command exactly (``fedseal simulate: 3 sites`` is output).
+    """
+    shell, _, untagged = split_markdown(text)
+    found = [a for c in shell_commands(shell) if (a := fedseal_arguments(c)) is not None]
+    return found + [a for c in shell_commands(untagged)
+                    if (a := fedseal_arguments(c)) and a[0] in COMMANDS]
+
+
 def _commands():
     for doc in DOCS:
-        code, _ = split_markdown(doc.read_text(encoding="utf-8"))
-        for command in shell_commands(code):
+        for command in shell_commands(split_markdown(doc.read_text(encoding="utf-8"))[0]):
             yield doc, command
 
 
-FEDSEAL_COMMANDS = [(doc, args) for doc, c in _commands()
-                    if (args := fedseal_arguments(c)) is not None]
+FEDSEAL_COMMANDS = [(doc, args) for doc in DOCS
+                    for args in fedseal_commands(doc.read_text(encoding="utf-8"))]
 MODULES = [(doc, m) for doc, c in _commands() if (m := python_modules(c))]
 
 
@@ -253,7 +270,7 @@ def test_pending_files_are_not_there_yet():
 def test_make_targets_named_in_the_readme_exist():
     makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
     targets = set(re.findall(r"^([A-Za-z0-9_.-]+)\s*:", makefile, flags=re.MULTILINE))
-    shell, prose = split_markdown((ROOT / "README.md").read_text(encoding="utf-8"))
+    shell, prose, _ = split_markdown((ROOT / "README.md").read_text(encoding="utf-8"))
     code = shell + re.findall(r"`([^`\n]*)`", "\n".join(prose))  # code blocks, inline code
     named = {m for line in code for m in re.findall(r"(?<![\w/.-])make\s+([a-z][\w-]*)", line)}
     assert {"run", "test"} <= named
@@ -276,10 +293,14 @@ def test_the_checkers_catch_a_broken_link_a_bad_anchor_and_a_bad_option(tmp_path
     assert any("#absent" in p for p in problems)
     assert any("none.png" in p for p in problems)
 
-    code, _ = split_markdown("```bash\n.venv/bin/fedseal client --server x:1 \\\n"
+    code, _, _ = split_markdown("```bash\n.venv/bin/fedseal client --server x:1 \\\n"
                              "    --epsilonn 8   # typo\nHF_HUB_OFFLINE=1 fedseal simulate --ep 8 "
                              "| head\nfedseal ledger show --ledger L --ledger-key K\n```\n")
     found = [fedseal_arguments(c) for c in shell_commands(code)]
+    assert fedseal_commands("```\nfedseal simulate: 3 sites\nfedseal audit --runz 3\n```\n"
+                            "```text\nfedseal report --bad\n```\n```console\n"
+                            "$ nice -n 10 fedseal report OUT\n```\n") == [
+        ["report", "OUT"], ["audit", "--runz", "3"]]
     assert found[1] == ["simulate", "--ep", "8"] and found[2] is None  # `head` is not fedseal
     assert "--epsilonn" in check_fedseal_command(found[0])
     assert "--ep" in check_fedseal_command(found[1])  # a prefix argparse would accept
