@@ -2,7 +2,8 @@
 
 Checked over ``README.md``, ``CHANGELOG.md`` and every ``docs/*.md``:
 
-* every ``fedseal ...`` line in a fenced code block parses with the real parser
+* every ``fedseal ...`` command in a shell code block (and in an untagged block, where a
+  line names a fedseal command exactly) parses with the real parser
   (:func:`fedseal.common.cli.build_parser`), and every option it names exists, spelled in
   full, on that (sub)command; placeholder values (``L``, ``NAME``, ``<out>``) are fine;
 * every ``python -m MODULE`` line in a code block names a module of this checkout;
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import re
 import shlex
@@ -29,6 +31,7 @@ import pytest
 from fedseal.common.cli import COMMANDS, build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
+PARSER = functools.cache(build_parser)  # the whole fedseal parser tree, built once
 DOCS = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 # Files another branch adds (linked here before that branch is merged). Remove each entry
@@ -123,7 +126,7 @@ def check_fedseal_command(arguments: list[str]) -> str | None:
     if arguments[:1] and arguments[0] in ("-h", "--help", "-V", "--version") \
             and len(arguments) == 1:
         return None  # answered by the dispatcher itself (fedseal.common.cli.main)
-    parser = build_parser()
+    parser = PARSER()
     known: set[str] = set()
     leaf: argparse.ArgumentParser = parser
     for word in arguments:
@@ -163,7 +166,7 @@ def heading_anchors(text: str) -> set[str]:
         match = re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line)
         if not match:
             continue
-        title = re.sub(r"`|\*|_(?=\w)|(?<=\w)_", "", match.group(1))
+        title = re.sub(r"[`*]", "", match.group(1))
         slug = re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
         count = seen.get(slug, 0)
         seen[slug] = count + 1
@@ -277,38 +280,45 @@ def test_make_targets_named_in_the_readme_exist():
     assert named <= targets, f"README names make targets the Makefile lacks: {named - targets}"
 
 
-def test_the_checkers_catch_a_broken_link_a_bad_anchor_and_a_bad_option(tmp_path):
+def test_the_link_checker_catches_a_broken_link_a_bad_anchor_and_a_missing_image(tmp_path):
     (tmp_path / "docs").mkdir()
-    (tmp_path / "docs" / "there.md").write_text("# Present heading\n", encoding="utf-8")
+    (tmp_path / "docs" / "there.md").write_text("# Present `heading`\n## snake_case\n",
+                                                 encoding="utf-8")
     sample = tmp_path / "README.md"
     sample.write_text(
         "See [ok](docs/there.md), [ok too](docs/there.md#present-heading),\n"
-        "[web](https://example.org), [self](#title), `[not a link](nowhere.md)`,\n"
-        "[missing](docs/nowhere.md), [bad anchor](docs/there.md#absent),\n"
-        "![missing image](docs/bench/none.png), [pending](docs/later.md).\n\n# Title\n\n"
-        "```bash\n[in code](nowhere-either.md)\n```\n", encoding="utf-8")
+        "[underscore](docs/there.md#snake_case), [web](https://example.org), [self](#title),\n"
+        "`[not a link](nowhere.md)`, [missing](docs/nowhere.md),\n"
+        "[bad anchor](docs/there.md#absent), ![missing image](docs/bench/none.png),\n"
+        "[pending](docs/later.md).\n\n# Title\n\n```bash\n[in code](nowhere-either.md)\n```\n",
+        encoding="utf-8")
     problems = broken_links(sample, root=tmp_path, pending={"docs/later.md"})
     assert len(problems) == 3, problems
     assert any("docs/nowhere.md" in p for p in problems)
     assert any("#absent" in p for p in problems)
     assert any("none.png" in p for p in problems)
 
+
+def test_the_command_checker_catches_a_misspelt_option_a_prefix_and_a_bad_value():
     code, _, _ = split_markdown("```bash\n.venv/bin/fedseal client --server x:1 \\\n"
-                             "    --epsilonn 8   # typo\nHF_HUB_OFFLINE=1 fedseal simulate --ep 8 "
-                             "| head\nfedseal ledger show --ledger L --ledger-key K\n```\n")
+                                "    --epsilonn 8   # typo\nHF_HUB_OFFLINE=1 fedseal simulate "
+                                "--ep 8 | head\nfedseal ledger show --ledger L --ledger-key K\n"
+                                "```\n")
     found = [fedseal_arguments(c) for c in shell_commands(code)]
-    assert fedseal_commands("```\nfedseal simulate: 3 sites\nfedseal audit --runz 3\n```\n"
-                            "```text\nfedseal report --bad\n```\n```console\n"
-                            "$ nice -n 10 fedseal report OUT\n```\n") == [
-        ["report", "OUT"], ["audit", "--runz", "3"]]
     assert found[1] == ["simulate", "--ep", "8"] and found[2] is None  # `head` is not fedseal
     assert "--epsilonn" in check_fedseal_command(found[0])
     assert "--ep" in check_fedseal_command(found[1])  # a prefix argparse would accept
     assert check_fedseal_command(found[3]) is None
-    assert check_fedseal_command(["simulate", "--rounds", "many"]) is not None  # a bad value
+    assert check_fedseal_command(["simulate", "--rounds", "many"]) is not None
     assert check_fedseal_command(["simulat"]) is not None
     assert check_fedseal_command(["simulate", "--help"]) is None
+    assert fedseal_commands("```\nfedseal simulate: 3 sites\nfedseal audit --runz 3\n```\n"
+                            "```text\nfedseal report --bad\n```\n```console\n"
+                            "$ nice -n 10 fedseal report OUT\n```\n") == [
+        ["report", "OUT"], ["audit", "--runz", "3"]]
 
+
+def test_the_test_reference_checker_catches_a_renamed_test_and_a_missing_file():
     assert missing_tests("`tests/test_docs.py::test_every_test_the_docs_name_exists`, "
                          "`tests/test_docs.py::test_that_was_renamed`, "
                          "`tests/nowhere.py::test_x`") == [
