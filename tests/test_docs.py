@@ -81,9 +81,7 @@ def shell_commands(code: list[str]) -> list[list[str]]:
     joined: list[str] = []
     buffer = ""
     for line in code:
-        stripped = line.strip()
-        if stripped.startswith("$ "):
-            stripped = stripped[2:]
+        stripped = line.strip().removeprefix("$ ")
         if stripped.endswith("\\"):
             buffer += stripped[:-1] + " "
             continue
@@ -98,7 +96,7 @@ def shell_commands(code: list[str]) -> list[list[str]]:
         except ValueError:  # not shell (a TOML string, a Python line): nothing to check
             continue
         current: list[str] = []
-        for word in words + [";"]:
+        for word in [*words, ";"]:
             if word in SHELL_STOPS:
                 if current:
                     commands.append(current)
@@ -227,8 +225,10 @@ def test_the_docs_show_commands_at_all():
     assert any(m.startswith("simulations.bench.") for _, m in MODULES)
 
 
-@pytest.mark.parametrize("doc,arguments", FEDSEAL_COMMANDS,
-                         ids=[f"{d.name}: fedseal {' '.join(a)}"[:120] for d, a in FEDSEAL_COMMANDS])
+COMMAND_IDS = [f"{d.name}: fedseal {' '.join(a)}"[:100] for d, a in FEDSEAL_COMMANDS]
+
+
+@pytest.mark.parametrize("doc,arguments", FEDSEAL_COMMANDS, ids=COMMAND_IDS)
 def test_every_fedseal_command_in_the_docs_parses(doc, arguments):
     problem = check_fedseal_command(arguments)
     assert problem is None, f"{doc.name}: `fedseal {' '.join(arguments)}`: {problem}"
