@@ -6,6 +6,7 @@ Checked over ``README.md``, ``CHANGELOG.md`` and every ``docs/*.md``:
   line names a fedseal command exactly) parses with the real parser
   (:func:`fedseal.common.cli.build_parser`), and every option it names exists, spelled in
   full, on that (sub)command; placeholder values (``L``, ``NAME``, ``<out>``) are fine;
+* every option of a ``fedseal`` command in inline code exists on that (sub)command;
 * every ``python -m MODULE`` line in a code block names a module of this checkout;
 * every relative Markdown link (and image) outside code blocks names an existing file,
   and its ``#anchor``, if any, a heading of that file;
@@ -119,14 +120,11 @@ def fedseal_arguments(command: list[str]) -> list[str] | None:
     return words[1:]
 
 
-def check_fedseal_command(arguments: list[str]) -> str | None:
-    """Why ``fedseal ARGUMENTS`` does not parse or names an unknown option; ``None`` if fine."""
-    if arguments[:1] and arguments[0] in ("-h", "--help", "-V", "--version") \
-            and len(arguments) == 1:
-        return None  # answered by the dispatcher itself (fedseal.common.cli.main)
-    parser = PARSER()
+def unknown_option(arguments: list[str]) -> str | None:
+    """The first option of ``fedseal ARGUMENTS`` its (sub)command lacks, spelled in full
+    (argparse would take a prefix); ``None`` if every one exists."""
     known: set[str] = set()
-    leaf: argparse.ArgumentParser = parser
+    leaf: argparse.ArgumentParser = PARSER()
     for word in arguments:
         known |= set(leaf._option_string_actions)
         sub = [a for a in leaf._actions if isinstance(a, argparse._SubParsersAction)]
@@ -137,11 +135,22 @@ def check_fedseal_command(arguments: list[str]) -> str | None:
         option = word.split("=", 1)[0]
         if option.startswith("-") and not re.fullmatch(r"-[0-9.e+-]+", option) \
                 and option not in known:
-            return f"option {option} does not exist here (prefixes do not count)"
+            return option
+    return None
+
+
+def check_fedseal_command(arguments: list[str]) -> str | None:
+    """Why ``fedseal ARGUMENTS`` does not parse or names an unknown option; ``None`` if fine."""
+    if arguments[:1] and arguments[0] in ("-h", "--help", "-V", "--version") \
+            and len(arguments) == 1:
+        return None  # answered by the dispatcher itself (fedseal.common.cli.main)
+    option = unknown_option(arguments)
+    if option is not None:
+        return f"option {option} does not exist here (prefixes do not count)"
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            parser.parse_args(arguments)
+            PARSER().parse_args(arguments)
     except SystemExit as exc:
         if exc.code not in (0, None):
             return err.getvalue().strip().splitlines()[-1] if err.getvalue() else str(exc)
@@ -207,6 +216,21 @@ def fedseal_commands(text: str) -> list[list[str]]:
                     if (a := fedseal_arguments(c)) and a[0] in COMMANDS]
 
 
+def inline_fedseal_commands(text: str) -> list[list[str]]:
+    """The arguments of every ``fedseal COMMAND ...`` in the inline code of a Markdown text's
+    prose: often a command's name or a fragment, so only its options are checked."""
+    found = []
+    for span in re.findall(r"`([^`]+)`", "\n".join(split_markdown(text)[1])):
+        try:
+            words = shlex.split(" ".join(span.split()))
+        except ValueError:
+            continue
+        arguments = fedseal_arguments(words)
+        if arguments and arguments[0] in COMMANDS:
+            found.append(arguments)
+    return found
+
+
 def _commands():
     for doc in DOCS:
         for command in shell_commands(split_markdown(doc.read_text(encoding="utf-8"))[0]):
@@ -232,6 +256,16 @@ COMMAND_IDS = [f"{d.name}: fedseal {' '.join(a)}"[:100] for d, a in FEDSEAL_COMM
 def test_every_fedseal_command_in_the_docs_parses(doc, arguments):
     problem = check_fedseal_command(arguments)
     assert problem is None, f"{doc.name}: `fedseal {' '.join(arguments)}`: {problem}"
+
+
+INLINE = [(doc, args) for doc in DOCS
+          for args in inline_fedseal_commands(doc.read_text(encoding="utf-8"))]
+
+
+@pytest.mark.parametrize("doc,arguments", INLINE,
+                         ids=[f"{d.name}: fedseal {' '.join(a)}"[:100] for d, a in INLINE])
+def test_every_option_named_in_inline_code_exists(doc, arguments):
+    assert unknown_option(arguments) is None, f"{doc.name}: `fedseal {' '.join(arguments)}`"
 
 
 @pytest.mark.parametrize("doc,module", MODULES, ids=[f"{d.name}: {m}" for d, m in MODULES])
@@ -312,6 +346,11 @@ def test_the_command_checker_catches_a_misspelt_option_a_prefix_and_a_bad_value(
     assert check_fedseal_command(["simulate", "--rounds", "many"]) is not None
     assert check_fedseal_command(["simulat"]) is not None
     assert check_fedseal_command(["simulate", "--help"]) is None
+    assert inline_fedseal_commands("Run `fedseal client --lables A` or `fedseal report`;\n"
+                                   "`fedseal simulate\n--rounds 2` spans lines.") == [
+        ["client", "--lables", "A"], ["report"], ["simulate", "--rounds", "2"]]
+    assert unknown_option(["client", "--lables", "A"]) == "--lables"
+    assert unknown_option(["ledger", "raise", "--by", "X"]) is None
     assert fedseal_commands("```\nfedseal simulate: 3 sites\nfedseal audit --runz 3\n```\n"
                             "```text\nfedseal report --bad\n```\n```console\n"
                             "$ nice -n 10 fedseal report OUT\n```\n") == [
