@@ -43,6 +43,7 @@ FENCE = re.compile(r"^(\s*)(```|~~~)")
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 SHELL_STOPS = {"|", "||", "&&", ";", ">", ">>", "2>&1", "&"}
 WRAPPERS = {"nice", "time"}
+ELLIPSES = {"...", "…"}
 SHELL_LANGUAGES = {"bash", "sh", "shell", "console"}
 ENV_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 
@@ -110,14 +111,14 @@ def shell_commands(code: list[str]) -> list[list[str]]:
 def fedseal_arguments(command: list[str]) -> list[str] | None:
     """The arguments of a ``fedseal`` command (``None`` if it is another program's);
     leading ``VAR=value`` assignments, ``nice [-n N]``, ``time`` and a path before
-    ``fedseal`` are allowed."""
+    ``fedseal`` are allowed, and ``...`` (options left out) is dropped."""
     words = list(command)
     while words and (ENV_ASSIGNMENT.match(words[0]) or words[0] in WRAPPERS):
         if words.pop(0) == "nice" and words[:1] == ["-n"]:
             del words[:2]
     if not words or Path(words[0]).name != "fedseal":
         return None
-    return words[1:]
+    return [w for w in words[1:] if w not in ELLIPSES]
 
 
 def unknown_option(arguments: list[str]) -> str | None:
@@ -340,6 +341,8 @@ def test_the_command_checker_catches_a_misspelt_option_a_prefix_and_a_bad_value(
                                 "```\n")
     found = [fedseal_arguments(c) for c in shell_commands(code)]
     assert found[1] == ["simulate", "--ep", "8"] and found[2] is None  # `head` is not fedseal
+    assert fedseal_arguments(["fedseal", "simulate", "--rounds", "5", "..."]) == [
+        "simulate", "--rounds", "5"]
     assert "--epsilonn" in check_fedseal_command(found[0])
     assert "--ep" in check_fedseal_command(found[1])  # a prefix argparse would accept
     assert check_fedseal_command(found[3]) is None
