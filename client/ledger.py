@@ -313,7 +313,7 @@ class PrivacyLedger:
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise _corrupt(path, "not valid JSON") from None
         if not isinstance(body, dict) or not isinstance(body.get("mac"), str):
-            raise _corrupt(path, "no MAC" + (" (a version-1 ledger: see the README on upgrading)"
+            raise _corrupt(path, "no MAC" + (" (a version-1 ledger, from before ledgers were sealed: recover it with fedseal ledger recover)"
                                              if isinstance(body, dict) and "checksum" in body
                                              else ""))
         version = body.get("version")

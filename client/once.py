@@ -50,8 +50,8 @@ def done(context: Context, fmt: str, path: Path | None) -> set[Round]:
         If the file exists but is not a record of ``fmt``.
     """
     if path is None:
-        rec = context.state[fmt] if fmt in context.state else {}
-        return {(str(j), int(r)) for j, r in (json.loads(v) for v in rec.values())}
+        rec = context.state.config_records[fmt] if fmt in context.state else ConfigRecord()
+        return {(str(j), int(r)) for j, r in (json.loads(str(v)) for v in rec.values())}
     if not path.exists():
         return set()
     try:

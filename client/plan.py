@@ -56,10 +56,10 @@ def calibrated(context: Context, cfg: FedConfig, rec: Recipe, steps: int, bucket
     key = repr((bucket, rec.batch_size, steps, rec.adapter_rounds, rec.adapter_steps, budget,
                 delta, cfg.accountant))
     if PLAN in context.state and context.state[PLAN].get("key") == key:
-        saved = context.state[PLAN]
-        adapter = (Phase(float(saved["adapter-noise"]), float(saved["adapter-rate"]),
-                         int(saved["adapter-steps"])) if "adapter-noise" in saved else None)
-        return DPPlan(float(saved["noise-multiplier"]), float(saved["sample-rate"]),
+        saved = context.state.config_records[PLAN]
+        adapter = (Phase(float(str(saved["adapter-noise"])), float(str(saved["adapter-rate"])),
+                         int(str(saved["adapter-steps"]))) if "adapter-noise" in saved else None)
+        return DPPlan(float(str(saved["noise-multiplier"])), float(str(saved["sample-rate"])),
                       steps + (adapter.steps if adapter else 0), budget, delta, cfg.accountant,
                       adapter=adapter)
     try:

@@ -75,7 +75,8 @@ def steps_done(ledger: PrivacyLedger | None, context: Context, job: str) -> int:
     if ledger is not None:
         return ledger.steps_done(job)
     if PROGRESS in context.state:
-        return int(context.state[PROGRESS]["steps"])
+        steps = context.state.metric_records[PROGRESS]["steps"]
+        return int(steps) if isinstance(steps, (int, float)) else 0
     return 0
 
 

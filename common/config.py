@@ -309,7 +309,7 @@ def _check_secagg(cfg: FedConfig) -> None:
     if cfg.min_clients < 2:
         raise ConfigError("secure aggregation needs rounds of at least 2 sites (a sum over one "
                           "site is its update): raise min-clients to 2 or more")
-    if cfg.secagg_k != AUTO and cfg.secagg_k % 2 and cfg.secagg_k < cfg.clients - 1:
+    if isinstance(cfg.secagg_k, int) and cfg.secagg_k % 2 and cfg.secagg_k < cfg.clients - 1:
         raise ConfigError(f"secagg-k={cfg.secagg_k} is odd: below clients-1 each site needs k/2 "
                           f"neighbours on each side of the ring; use {cfg.secagg_k + 1} (or auto "
                           "for the O(log n) default)")

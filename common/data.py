@@ -73,8 +73,8 @@ def _rows(path: Path, fmt: str) -> Iterable[tuple[int, dict[str, object]]]:
             return
         delimiter = "\t" if fmt == "tsv" else ","
         # TSV in the GLUE layout has no quoting; CSV uses standard quoting.
-        quoting = csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL
-        reader = csv.reader(fh, delimiter=delimiter, quoting=quoting)
+        reader = (csv.reader(fh, delimiter=delimiter, quoting=csv.QUOTE_NONE) if fmt == "tsv"
+                  else csv.reader(fh, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL))
         header = next(reader, None)
         if header is None:
             return

@@ -18,7 +18,7 @@ The head's bias becomes the log of those proportions (:func:`prior_bias`) and
 stays so: under label skew a bias moved by the sites' updates follows the
 one-sided sites (SST-2 over 4 sites, Dirichlet 0.5, ten runs: the first training
 round read 0.700 without noise and 0.623 at epsilon 8 with the bias trained,
-0.806 and 0.659 with it fixed; README, Benchmarks). Rounds 2 and on are
+0.806 and 0.659 with it fixed; docs/benchmarks.md). Rounds 2 and on are
 *training* rounds: DP-SGD with momentum on the head's weights over the centred,
 scaled features. Where each setting comes from:
 

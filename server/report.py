@@ -486,7 +486,8 @@ def render(run: Run, audit: dict[str, Any] | None = None) -> str:
 
     parts.append("<h2>Settings</h2>")
     if cfg:
-        used = summary.get("settings_used") if isinstance(summary.get("settings_used"), dict) else {}
+        raw = summary.get("settings_used")
+        used: dict[str, Any] = raw if isinstance(raw, dict) else {}
         parts.append("<p>As the run was configured; where a setting was auto, the value used "
                      "follows it.</p><table>" + "".join(
             f"<tr><th>{_e(k)}</th><td>{_e(json.dumps(v))}"
