@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, cast
 
 import torch
 from torch import nn
@@ -140,7 +140,7 @@ class PrivateSteps:
                 else:
                     losses.sum().backward()
                 if i < len(chunks) - 1:  # clip and accumulate; noise once, at the last chunk
-                    self.optimizer.signal_skip_step(True)
+                    cast(Any, self.optimizer).signal_skip_step(True)  # Opacus's DPOptimizer
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
         self.optimizer.step()

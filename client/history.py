@@ -14,6 +14,8 @@ already committed for the job, never from the server:
 
 from __future__ import annotations
 
+from typing import cast
+
 from flwr.app import Context, MetricRecord
 
 from fedseal.client.ledger import PrivacyLedger
@@ -23,15 +25,24 @@ from fedseal.common.privacy import DPPlan
 PROGRESS = "fedseal.progress"  # context.state record: DP steps taken so far, and their phases (no ledger)
 
 
+def _marks(context: Context) -> list[tuple[int, float, float]]:
+    """The run's state's ``(cumulative steps, sigma, q)`` after each committed round, in order."""
+    if PROGRESS not in context.state.metric_records:
+        return []
+    record = context.state.metric_records[PROGRESS]
+    if "at" not in record:
+        return []
+    at, noise, rate = (cast(list, record[k]) for k in ("at", "noise", "rate"))
+    return [(int(a), float(n), float(r)) for a, n, r in zip(at, noise, rate, strict=True)]
+
+
 def remember(context: Context, steps: int, noise_multiplier: float, sample_rate: float) -> None:
     """Keep, in the run's state, that the job now has ``steps`` steps, the last at ``(sigma, q)``."""
-    before = context.state[PROGRESS] if PROGRESS in context.state else None
-    at = list(before["at"]) if before is not None and "at" in before else []
-    noise = list(before["noise"]) if before is not None and "noise" in before else []
-    rate = list(before["rate"]) if before is not None and "rate" in before else []
-    context.state[PROGRESS] = MetricRecord({"steps": int(steps), "at": [*at, int(steps)],
-                                            "noise": [*noise, float(noise_multiplier)],
-                                            "rate": [*rate, float(sample_rate)]})
+    marks = [*_marks(context), (int(steps), float(noise_multiplier), float(sample_rate))]
+    context.state[PROGRESS] = MetricRecord({"steps": int(steps),
+                                            "at": [m[0] for m in marks],
+                                            "noise": [m[1] for m in marks],
+                                            "rate": [m[2] for m in marks]})
 
 
 def job_history(ledger: PrivacyLedger | None, context: Context, job: str,
@@ -44,11 +55,8 @@ def job_history(ledger: PrivacyLedger | None, context: Context, job: str,
     if ledger is not None:
         marks = [(e.steps, e.noise_multiplier, e.sample_rate) for e in ledger.entries
                  if e.run == str(job)]
-    elif PROGRESS in context.state and "at" in context.state[PROGRESS]:
-        record = context.state[PROGRESS]
-        marks = list(zip(record["at"], record["noise"], record["rate"]))
     else:
-        marks = []
+        marks = _marks(context)
     history, before = [], 0
     for steps, noise, rate in marks:
         if noise <= 0:

@@ -11,6 +11,8 @@ steps fit the grant.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from flwr.app import ConfigRecord, Context
 
@@ -68,13 +70,13 @@ def calibrated(context: Context, cfg: FedConfig, rec: Recipe, steps: int, bucket
                                delta=delta, accountant=cfg.accountant))
     except PrivacyError as exc:  # e.g. delta not below 1/n for the bucket
         raise Refusal(Code.PLAN_INFEASIBLE, str(exc), setting="epsilon", asked=cfg.epsilon) from None
-    saved = {"key": key, "noise-multiplier": plan.noise_multiplier,
-             "sample-rate": plan.sample_rate}
+    record: dict[str, Any] = {"key": key, "noise-multiplier": plan.noise_multiplier,
+                              "sample-rate": plan.sample_rate}
     if plan.adapter is not None:
-        saved.update({"adapter-noise": plan.adapter.noise_multiplier,
-                      "adapter-rate": plan.adapter.sample_rate,
-                      "adapter-steps": plan.adapter.steps})
-    context.state[PLAN] = ConfigRecord(saved)
+        record.update({"adapter-noise": plan.adapter.noise_multiplier,
+                       "adapter-rate": plan.adapter.sample_rate,
+                       "adapter-steps": plan.adapter.steps})
+    context.state[PLAN] = ConfigRecord(record)
     return plan
 
 

@@ -111,7 +111,8 @@ def commit_round(site: str, ledger: PrivacyLedger | None, context: Context, job:
                       sample_rate=sample_rate, evaluation=evaluation)
     if ledger is None:
         remember(context, steps, noise_multiplier, sample_rate)
-    epsilon = other_jobs_epsilon(ledger, job) + job_epsilon if private else float("inf")
+    epsilon = (other_jobs_epsilon(ledger, job) + job_epsilon if job_epsilon is not None
+               else float("inf"))
     delta = ledger.delta_spent() if private and ledger is not None else job_delta
     return CommittedRound(site, str(job), int(round), int(steps), float(epsilon), float(delta),
                           float(noise_multiplier), float(sample_rate), private,

@@ -112,8 +112,8 @@ def length_chunks(lengths: torch.Tensor, index: torch.Tensor,
     ``max_tokens`` is a chunk of its own.
     """
     index = torch.as_tensor(index, dtype=torch.long)
-    ordered, order = torch.sort(lengths[index].clamp(min=1), stable=True)
-    order, ordered = index[order], ordered.tolist()
+    sorted_lengths, order = torch.sort(lengths[index].clamp(min=1), stable=True)
+    order, ordered = index[order], sorted_lengths.tolist()
     start = 0
     for end in range(1, len(order) + 1):  # ascending: the next example is the longest
         if end == len(order) or (end + 1 - start) * ordered[end] > max_tokens:

@@ -68,7 +68,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fedseal.common.phases import Phase, epsilon_of
 from fedseal.common.privacy import (DPPlan, PrivacyError, check_delta, sample_rate_for)
@@ -128,7 +128,7 @@ def lora_recipe(bucket: int, rounds: int, **overrides: float) -> LoraRecipe:
     if rounds < 1:
         raise ValueError(f"the adapter phase needs at least one round, got {rounds}")
     q = float(overrides.pop("sample_rate", sample_rate(bucket)))
-    settings = {"sample_rate": q, "expected_batch": q * bucket,
+    settings: dict[str, Any] = {"sample_rate": q, "expected_batch": q * bucket,
                 "steps_per_round": max(1, math.ceil(STEPS / rounds))}
     settings.update(overrides)
     return LoraRecipe(**settings)
