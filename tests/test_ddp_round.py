@@ -125,17 +125,6 @@ def test_a_site_whose_policy_the_shares_cannot_meet_refuses_before_spending(tmp_
         assert ledger.entries == ()
 
 
-def test_the_sites_own_check_of_the_share_against_its_policy():
-    encoding = ddp.plan_encoding(dim=10, clip=1.0, sum_bound=100.0, max_sites=4,
-                                 noise_multiplier=2.0, honest_shares=3)
-    assert ddp.check_share(encoding, noise_multiplier=2.0, min_cohort=3, max_colluders=0,
-                           cohort=4).honest_shares == 3
-    with pytest.raises(ddp.ShareRefusal, match="must raise the share scale"):
-        ddp.check_share(encoding, noise_multiplier=2.0, min_cohort=3, max_colluders=1, cohort=4)
-    with pytest.raises(ddp.ShareRefusal, match="below this site's min-cohort"):
-        ddp.check_share(encoding, noise_multiplier=2.0, min_cohort=4, max_colluders=0, cohort=3)
-
-
 HOSTILE = {
     "out of range": lambda share: (share + np.uint32(1 << 30)).astype(np.uint32),
     "wrong length": lambda share: np.concatenate([share, share]),
