@@ -52,6 +52,7 @@ from fedseal.common.refusals import Code, Refusal
 from fedseal.common.secagg_wire import COMPLAINTS, NODES, RECORD as SECAGG_RECORD, Y, unpack_ids
 
 HISTORY = "fedseal.ddp.history"  # context.state: the steps' mechanisms of a site without a ledger
+PLAN = "fedseal.ddp.plan"  # context.state: the job's calibrated noise multiplier
 _MECHANISM_FIELDS = ("share_sigma", "honest_shares", "l2_sensitivity", "dim")
 
 
@@ -66,8 +67,11 @@ class SitePlan:
     delta: float
 
 
-def site_plan(asked: Asked, prepared: Prepared, *, record: bool) -> SitePlan:
+def site_plan(asked: Asked, prepared: Prepared, context: Context, *, record: bool) -> SitePlan:
     """The job's grant and the noise multiplier that spends it over the run's rounds.
+
+    The calibration (seconds of PLD evaluations) is remembered in the run's
+    ``Context.state``: a deployed site answers each message in a fresh process.
 
     Raises
     ------
@@ -84,11 +88,16 @@ def site_plan(asked: Asked, prepared: Prepared, *, record: bool) -> SitePlan:
             raise Refusal(Code.PLAN_INFEASIBLE, f"delta={delta} is not below 1/n for a site of "
                           f"{prepared.bucket} to {2 * prepared.bucket - 1} examples",
                           setting="delta", asked=cfg.delta)
+        key = repr((epsilon, delta, rate, cfg.rounds))
+        if PLAN in context.state and context.state[PLAN].get("key") == key:
+            return float(context.state[PLAN]["noise-multiplier"])
         try:
-            return ddp_wire.noise_multiplier(epsilon, delta, rate, cfg.rounds)
+            z = ddp_wire.noise_multiplier(epsilon, delta, rate, cfg.rounds)
         except ddp.DdpError as exc:
             raise Refusal(Code.PLAN_INFEASIBLE, str(exc), setting="epsilon",
                           asked=cfg.epsilon) from None
+        context.state[PLAN] = ConfigRecord({"key": key, "noise-multiplier": z})
+        return z
 
     granted = grant(prepared.ledger, asked.job, cfg.epsilon, cfg.delta, site.policy,
                     Budget(site.epsilon, site.delta), check=calibrate, record=record)
@@ -194,7 +203,7 @@ def check(asked: Asked, prepared: Prepared, content: RecordDict, context: Contex
     Nothing is recorded. Raises what :func:`site_plan`, :func:`round_mechanism`
     and the budget check of :func:`masked_input` raise.
     """
-    plan = site_plan(asked, prepared, record=False)
+    plan = site_plan(asked, prepared, context, record=False)
     _, _, mechanism = round_mechanism(asked, prepared, content, plan, _cohort(content))
     _check_budget(asked, prepared, context, plan, mechanism)
 
@@ -246,7 +255,7 @@ def masked_input(msg: Message, context: Context, asked: Asked, prepared: Prepare
     from fedseal.common.model import pick_device
 
     cfg, site = asked.cfg, asked.site
-    plan = site_plan(asked, prepared, record=True)
+    plan = site_plan(asked, prepared, context, record=True)
     encoding, seed, mechanism = round_mechanism(asked, prepared, content, plan,
                                                 secagg.cohort_size(context))
     epsilon = _check_budget(asked, prepared, context, plan, mechanism)
