@@ -108,16 +108,21 @@ def test_a_distributed_run_records_each_steps_mechanism_and_the_direct_epsilon(t
     assert np.abs(ckpt.weights["classifier.weight"]).max() > 0  # the head stepped
 
 
-def test_a_site_whose_policy_the_shares_cannot_meet_refuses_before_spending(tmp_path, tiny_bert):
-    """The run sizes shares for 3 honest sites (max-colluders 0); site 2 assumes one colluder,
-    so it needs larger shares: it refuses at the keys stage, with public values only, and the
-    round is abandoned before anyone records a step."""
+@pytest.mark.parametrize("policy, code, setting", [
+    ({"max-colluders": 1}, Code.POLICY_NOISE_SHARE, "max-colluders"),
+    ({"min-cohort": 4}, Code.POLICY_COHORT, "clients"),
+])
+def test_a_site_whose_policy_the_round_cannot_meet_refuses_before_spending(
+        tmp_path, tiny_bert, policy, code, setting):
+    """The run sizes shares for 3 honest sites (max-colluders 0). Site 2 assumes one colluder
+    (so it needs larger shares), or a cohort of 4: it refuses at the keys stage, with public
+    values only, and the round is abandoned before anyone records a step."""
     cfg = _config(tmp_path, tiny_bert, max_colluders=0)
-    nodes = _nodes(tmp_path, {2: {"max-colluders": 1}})
+    nodes = _nodes(tmp_path, {2: policy})
     run_federation(LocalGrid(SITES, node_configs=nodes), cfg, run_id=RUN_ID)
     first = _rows(cfg)[0]
-    assert first["refused"]["site-2"].startswith(Code.POLICY_NOISE_SHARE.value)
-    assert "max-colluders" in first["refused"]["site-2"]
+    assert first["refused"]["site-2"].startswith(code.value)
+    assert setting in first["refused"]["site-2"]
     assert first["abandoned"] and first["contributors"] == []
     for i, node in enumerate(nodes):
         ledger = PrivacyLedger.open(node["ledger-path"], f"site-{i}", cfg.epsilon, cfg.delta,
@@ -175,3 +180,29 @@ def test_distributed_noise_refuses_a_config_it_cannot_serve(change, match):
     with pytest.raises(ConfigError, match=match):
         FedConfig(**{**base, **change})
     assert FedConfig(**{**base, **change, "dp_noise": "local"}).dp_noise == "local"
+
+
+def test_the_servers_optimiser_reads_the_statistics_and_resumes_from_its_state():
+    """The statistics sum gives the mean, the log prior and the step's sample size; a head step
+    divides the gradient sum by that size; a checkpointed state resumes the same momentum."""
+    from fedseal.server.ddp_round import DistributedSgd
+
+    weights = {"feature_mean": np.zeros(3, np.float32),
+               "classifier.weight": np.ones((2, 3), np.float32),
+               "classifier.bias": np.zeros(2, np.float32)}
+    count, labels = 200.0, np.array([50.0, 150.0])
+    feature_sum = np.array([20.0, -40.0, 100.0])
+    noisy = np.concatenate([feature_sum, labels, [count]]) / math.sqrt(ddp_wire.STATISTICS_PARTS)
+    sgd = DistributedSgd(lr=2.0, momentum=0.5)
+    after = sgd.statistics(weights, noisy)
+    np.testing.assert_allclose(after["feature_mean"], feature_sum / count, rtol=1e-6)
+    np.testing.assert_allclose(np.exp(after["classifier.bias"]), [0.25, 0.75], rtol=1e-6)
+    assert sgd.batch == count
+    gradient_sum = np.arange(6.0)
+    first = sgd.step(after, gradient_sum)
+    np.testing.assert_allclose(first["classifier.weight"],
+                               1.0 - 2.0 * gradient_sum.reshape(2, 3) / count, rtol=1e-6)
+    resumed = DistributedSgd(lr=2.0, momentum=0.5)
+    resumed.load_state_dict(sgd.state_dict())
+    np.testing.assert_allclose(resumed.step(first, gradient_sum)["classifier.weight"],
+                               sgd.step(first, gradient_sum)["classifier.weight"])
