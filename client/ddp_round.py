@@ -233,7 +233,8 @@ def clipped_sum(model, feats: torch.Tensor, labels: torch.Tensor, clip: float, r
     num_labels = int(model.classifier.out_features)
     with torch.no_grad():
         if statistics:
-            return statistics_rows(feats[keep], labels[keep], num_labels).sum(dim=0).double().numpy()
+            rows = statistics_rows(feats[keep], labels[keep], num_labels)
+            return rows.sum(dim=0).double().numpy()
         x = model.standardise(feats[keep])
         residual = (torch.softmax(model.classifier(x), dim=1)
                     - torch.nn.functional.one_hot(labels[keep], num_labels).to(x.dtype))

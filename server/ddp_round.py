@@ -31,7 +31,8 @@ from flwr.serverapp import Grid
 
 from fedseal.common import ddp, ddp_wire
 from fedseal.common.config import FedConfig
-from fedseal.common.dp_rule import FEATURE_MEAN_KEY, HEAD_WEIGHT_KEY, PRIOR_KEY, PROBE_MOMENTUM, prior_bias
+from fedseal.common.dp_rule import (FEATURE_MEAN_KEY, HEAD_WEIGHT_KEY, PRIOR_KEY, PROBE_MOMENTUM,
+                                    prior_bias)
 from fedseal.server.aggregate import RoundSums
 from fedseal.server.identity import SiteNames
 from fedseal.server.secagg import abandon, masked_sum
