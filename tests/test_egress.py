@@ -397,10 +397,11 @@ def test_known_reply_formats():
 
 
 KNOWN_CODES = [
-    "budget.exhausted", "budget.round", "message.config", "message.round", "message.secagg",
+    "budget.exhausted", "budget.round", "message.config", "message.ddp", "message.round",
+    "message.secagg",
     "message.stage", "message.weights", "plan.changed", "plan.infeasible", "policy.cohort",
     "policy.colluders", "policy.dp", "policy.federated_eval", "policy.labels", "policy.model",
-    "policy.run_epsilon", "policy.secagg", "policy.secagg_k", "policy.secagg_threshold",
+    "policy.noise_share", "policy.run_epsilon", "policy.secagg", "policy.secagg_k", "policy.secagg_threshold",
     "policy.size", "policy.update_clip", "round.evaluated", "round.not_trained", "round.sent",
     "round.unmasked", "site.code", "site.config", "site.data", "site.internal", "site.keys",
     "site.ledger", "site.model", "site.record", "train.diverged",
