@@ -35,7 +35,10 @@ Policy flags (what every run must promise; the server cannot lower them):
 may ask for all that is left).
 
 If the server keeps refusing the site's key (for ``--wait`` seconds) the agent
-says so and exits 3.
+says so and exits 3. When the server goes away (its run ended) the agent says
+so once, waits ``--linger`` seconds for it to come back (a restarted server
+resumes its run), then stops with exit 0; SIGTERM stops it at once, also with
+exit 0 (Ctrl-C: 130).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import datetime as dt
 import logging
 import math
 import os
+import re
 import secrets
 import signal
 import socket
@@ -54,7 +58,9 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
+from fedseal.common.errors import FedsealError
 from fedseal.client.ledger import LedgerError, PrivacyLedger
 from fedseal.client.ledger_cli import add_ledger_files
 from fedseal.client.pinning import installed_manifest, manifest_digest
@@ -71,8 +77,10 @@ KEY_REFUSED = "Failed to activate SuperNode"  # flwr 1.41 ([code: 2004]): key no
 EXIT_KEY_REFUSED = 3
 
 
-class AgentError(RuntimeError):
+class AgentError(FedsealError, RuntimeError):
     """The agent cannot start; the message says what to change."""
+
+    code = "agent.error"
 
 
 def check_files(data: Path, key: Path | None, ca: Path | None) -> None:
@@ -246,7 +254,48 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_supernode(cmd: list[str], env: dict[str, str], wait: float) -> int:
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+"""Terminal colour codes, which Flower writes even into a log file."""
+RETRYING = "Connection attempt failed"  # flwr 1.41's retry line, once per attempt
+
+
+class ServerWatch:
+    """What the SuperNode's output says about the server: lost since when, back again.
+
+    Flower's SuperNode retries a lost server for ever, one coloured line per
+    attempt. The agent prints the first such line as one plain sentence, drops
+    the rest, and says when the server is back; :meth:`gone_for` tells the agent
+    how long it has been gone, so it can stop once a run has ended.
+    """
+
+    def __init__(self, name: str, linger: float, clock=time.monotonic) -> None:
+        self.name, self.linger, self._clock = name, linger, clock
+        self.lost_since: float | None = None
+        self.refused = False
+
+    def line(self, text: str) -> str | None:
+        """The line to print for one line of SuperNode output (``None``: print nothing)."""
+        text = ANSI.sub("", text)
+        if KEY_REFUSED in text:
+            self.refused = True
+        if RETRYING in text:
+            if self.lost_since is not None:
+                return None
+            self.lost_since = self._clock()
+            return (f"site {self.name}: lost the server (its run ended, or the network is "
+                    f"down); waiting up to {self.linger:g}s for it to come back (--linger), "
+                    "then stopping; SIGTERM or Ctrl-C stops this site now\n")
+        if self.lost_since is not None:
+            self.lost_since = None
+            return f"site {self.name}: the server is back\n{text}"
+        return text
+
+    def gone_for(self) -> float:
+        """Seconds since the server was lost (0 while it answers)."""
+        return 0.0 if self.lost_since is None else self._clock() - self.lost_since
+
+
+def run_supernode(cmd: list[str], env: dict[str, str], wait: float, watch: ServerWatch) -> int:
     """Run the SuperNode; retry a refused key for ``wait`` seconds, then say so clearly.
 
     The SuperLink refuses a key it has not admitted yet (the server may still be
@@ -255,7 +304,8 @@ def run_supernode(cmd: list[str], env: dict[str, str], wait: float) -> int:
     """
     deadline = time.monotonic() + wait
     while True:
-        code = _supernode_once(cmd, env)
+        watch.refused = False
+        code = _supernode_once(cmd, env, watch)
         if code != EXIT_KEY_REFUSED or time.monotonic() > deadline:
             break
         log.warning("the server refused this site's key; trying again in 5s (until --wait "
@@ -269,38 +319,77 @@ def run_supernode(cmd: list[str], env: dict[str, str], wait: float) -> int:
     return code
 
 
-def _supernode_once(cmd: list[str], env: dict[str, str]) -> int:
+class _Stop(BaseException):
+    """A signal asked the agent to stop (``signum``); not an error, so no ``except Exception`` catches it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _supernode_once(cmd: list[str], env: dict[str, str], watch: ServerWatch) -> int:
+    """One SuperNode process, its output through ``watch``.
+
+    Returns 0 when the server stayed away for ``watch.linger`` seconds (a run
+    ended) or SIGTERM stopped the site, 130 on Ctrl-C, :data:`EXIT_KEY_REFUSED`
+    when the server refused the key, else the SuperNode's exit code.
+    """
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, text=True, bufsize=1,
                             preexec_fn=die_with_parent)
-    refused = threading.Event()
+
+    reader = _pump(proc, watch.line)
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        raise _Stop(signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while proc.poll() is None:
+            if watch.refused:
+                stop_process(proc, grace=5.0)
+                break
+            if watch.gone_for() > watch.linger:
+                log.info("site %s: the server has been gone for %.0fs: stopping this site "
+                         "(exit 0); start fedseal client again for the next run", watch.name,
+                         watch.gone_for())
+                stop_process(proc, grace=10.0)
+                return 0
+            time.sleep(0.2)
+    except _Stop as stop:
+        stop_process(proc, grace=10.0)
+        if stop.signum == signal.SIGINT:
+            return 130
+        log.info("site %s: stopped on SIGTERM (exit 0); its ledger is closed and kept",
+                 watch.name)
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    reader.join(timeout=2.0)
+    return EXIT_KEY_REFUSED if watch.refused else int(proc.returncode or 0)
+
+
+def _pump(proc: subprocess.Popen, transform: Callable[[str], str | None]) -> threading.Thread:
+    """Copy ``proc``'s output to this agent's stdout, line by line through ``transform``."""
 
     def pump() -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            if KEY_REFUSED in line:
-                refused.set()
+            shown = transform(line)
+            if shown is not None:
+                sys.stdout.write(shown)
+                sys.stdout.flush()
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
+    return reader
 
-    def on_signal(signum, frame):  # noqa: ARG001
-        raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_signal)
-    try:
-        while proc.poll() is None:
-            if refused.is_set():
-                stop_process(proc, grace=5.0)
-                break
-            time.sleep(0.2)
-    except KeyboardInterrupt:
-        stop_process(proc, grace=10.0)
-        return 130
-    reader.join(timeout=2.0)
-    return EXIT_KEY_REFUSED if refused.is_set() else int(proc.returncode or 0)
+def _runner_line(text: str) -> str | None:
+    """A runner's line, plain; its retries of the local SuperNode are dropped (the SuperNode's
+    own output tells whether the server is there)."""
+    return None if RETRYING in text else ANSI.sub("", text)
 
 
 def start_runner(home: Path, runtime_address: str, env: dict[str, str]) -> subprocess.Popen:
@@ -308,9 +397,14 @@ def start_runner(home: Path, runtime_address: str, env: dict[str, str]) -> subpr
     secret = home / "runtime.secret"
     atomic_write(secret, secrets.token_bytes(32))
     os.chmod(secret, 0o600)
-    return subprocess.Popen([sys.executable, "-m", "fedseal.client.runner", "--runtime-api-address",
-                             runtime_address, "--auth-secret-file", str(secret)],
-                            env=env, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+    proc = subprocess.Popen([sys.executable, "-m", "fedseal.client.runner",
+                             "--runtime-api-address", runtime_address,
+                             "--auth-secret-file", str(secret)],
+                            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            preexec_fn=die_with_parent)
+    _pump(proc, _runner_line)
+    return proc
 
 
 def _policy(args: argparse.Namespace, labels: tuple[str, ...]) -> SitePolicy:
@@ -429,6 +523,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wait", type=float, default=90.0,
                         help="seconds to keep trying at start while the server is unreachable or "
                              "has not admitted this site's key yet (default: %(default)s)")
+    parser.add_argument("--linger", type=float, default=300.0,
+                        help="seconds to wait for a lost server to come back (a restart) "
+                             "before this site stops with exit 0, as it does once a run has "
+                             "ended (default: %(default)s)")
     parser.add_argument("--insecure", action="store_true",
                         help="no TLS and no authentication (only against `fedseal server "
                              "--insecure`; default: off)")
@@ -497,7 +595,7 @@ def _run(args: argparse.Namespace) -> int:
     runner = start_runner(home, f"127.0.0.1:{runtime_port}", env)
     log.info("site %s: connecting to %s:%d (data %s stays here)", name, host, port, data)
     try:
-        return run_supernode(cmd, env, args.wait)
+        return run_supernode(cmd, env, args.wait, ServerWatch(name, args.linger))
     finally:
         stop_process(runner, grace=5.0)
 

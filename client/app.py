@@ -117,8 +117,10 @@ def evaluate_site(msg: Message, context: Context) -> Message:
 
 def _keep(context: Context, content: RecordDict) -> None:
     """Keep the secure round's training message (the server's weights, config, parameters)."""
-    for name, record in (*content.array_records.items(), *content.config_records.items()):
-        context.state[KEPT + name] = record
+    for name, array in content.array_records.items():
+        context.state[KEPT + name] = array
+    for name, config in content.config_records.items():
+        context.state[KEPT + name] = config
 
 
 def _kept(context: Context) -> RecordDict:

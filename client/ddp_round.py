@@ -35,6 +35,8 @@ from functools import lru_cache
 
 import numpy as np
 import torch
+from typing import cast
+
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedseal.client import cache, secagg
@@ -90,7 +92,7 @@ def site_plan(asked: Asked, prepared: Prepared, context: Context, *, record: boo
                           setting="delta", asked=cfg.delta)
         key = repr((epsilon, delta, rate, cfg.rounds))
         if PLAN in context.state and context.state[PLAN].get("key") == key:
-            return float(context.state[PLAN]["noise-multiplier"])
+            return float(str(context.state.config_records[PLAN]["noise-multiplier"]))
         try:
             z = ddp_wire.noise_multiplier(epsilon, delta, rate, cfg.rounds)
         except ddp.DdpError as exc:
@@ -169,11 +171,12 @@ def _history(ledger: PrivacyLedger | None, context: Context, job: str) -> list[d
 
 def _remember(context: Context, mechanism: ddp.DdgMechanism, rate: float) -> None:
     """Add a step to the run's state (a site without a ledger)."""
-    saved = ({k: list(v) for k, v in context.state[HISTORY].items()} if HISTORY in context.state
-             else {k: [] for k in (*_MECHANISM_FIELDS, "rate")})
+    kept = context.state.config_records[HISTORY] if HISTORY in context.state else ConfigRecord()
+    saved: dict[str, list[float]] = {k: [float(x) for x in cast(list, kept.get(k, []))]
+                                     for k in (*_MECHANISM_FIELDS, "rate")}
     for key, value in (*_mechanism_record(mechanism).items(), ("rate", rate)):
         saved[key].append(float(value))
-    context.state[HISTORY] = ConfigRecord(saved)
+    context.state[HISTORY] = ConfigRecord(dict(saved))
 
 
 def job_epsilon(history: list[ddp.DdgSteps], delta: float) -> float:

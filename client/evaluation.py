@@ -20,6 +20,8 @@ Without DP (a non-private run) the scores are exact.
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import math
 
 import torch
@@ -57,7 +59,7 @@ def example_scores(model: nn.Module, data: TensorDataset, batch_size: int, devic
     With ``features`` (the probe's cached pooled features of ``data``), only the head runs.
     """
     if features is not None:
-        logits = model.head(features.to(device))
+        logits = cast(Any, model).head(features.to(device))  # the probe's model
     else:
         logits = predict(model, data, batch_size=batch_size, device=device)
     labels = data.tensors[2].to(logits.device)

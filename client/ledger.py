@@ -61,6 +61,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from fedseal.common.errors import FedsealError
 from fedseal.client.ledger_seal import (LEDGER_CONTEXT, LEDGER_CONTEXTS, Counter, SealError,
                                         counter_path, create_seal, mac, read_counter, read_key,
                                         write_counter)
@@ -74,8 +75,10 @@ _REL_TOL = 1e-12  # budgets are compared after a JSON round trip, which is exact
 _JOB_ID = re.compile(r"[\x21-\x7e]{1,64}")  # what the server may name a job: printable, no spaces
 
 
-class LedgerError(RuntimeError):
+class LedgerError(FedsealError, RuntimeError):
     """The privacy ledger is unreadable, modified, rolled back, deleted, or refuses an entry."""
+
+    code = "ledger.error"
 
 
 def _num(value: float) -> str:
@@ -311,7 +314,7 @@ class PrivacyLedger:
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise _corrupt(path, "not valid JSON") from None
         if not isinstance(body, dict) or not isinstance(body.get("mac"), str):
-            raise _corrupt(path, "no MAC" + (" (a version-1 ledger: see the README on upgrading)"
+            raise _corrupt(path, "no MAC" + (" (a version-1 ledger, from before ledgers were sealed: recover it with fedseal ledger recover)"
                                              if isinstance(body, dict) and "checksum" in body
                                              else ""))
         version = body.get("version")

@@ -40,6 +40,7 @@ from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
+from fedseal.common.errors import FedsealError
 from fedseal.common.durable import atomic_write, fsync_path
 
 LEDGER_CONTEXTS = {2: b"fedseal ledger v2\x00", 3: b"fedseal ledger v3\x00"}
@@ -51,8 +52,10 @@ KEY_BYTES = 32
 COUNTER_SUFFIX = ".counter"
 
 
-class SealError(RuntimeError):
+class SealError(FedsealError, RuntimeError):
     """The ledger key or counter is missing, unreadable or does not match."""
+
+    code = "ledger.seal"
 
 
 def canonical(body: dict[str, Any]) -> bytes:

@@ -18,13 +18,16 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, Context
 
+from fedseal.common.errors import FedsealError
 from fedseal.common.durable import atomic_write
 
 Round = tuple[str, int]
 
 
-class OnceError(RuntimeError):
+class OnceError(FedsealError, RuntimeError):
     """The record of what a site did once per round is unreadable or unwritable."""
+
+    code = "once.error"
 
 
 def record_path(ledger_path: Path, suffix: str) -> Path:
@@ -47,8 +50,8 @@ def done(context: Context, fmt: str, path: Path | None) -> set[Round]:
         If the file exists but is not a record of ``fmt``.
     """
     if path is None:
-        rec = context.state[fmt] if fmt in context.state else {}
-        return {(str(j), int(r)) for j, r in (json.loads(v) for v in rec.values())}
+        rec = context.state.config_records[fmt] if fmt in context.state else ConfigRecord()
+        return {(str(j), int(r)) for j, r in (json.loads(str(v)) for v in rec.values())}
     if not path.exists():
         return set()
     try:

@@ -28,6 +28,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Mapping
 
+from fedseal.common.errors import FedsealError
 from fedseal.common.bundle import CLIENT_APP, PACKAGES, package_dir
 
 MANIFEST_CONTEXT = b"fedseal code manifest v1\n"
@@ -35,8 +36,10 @@ _FAB_METADATA = (".info/",)
 _FAB_CONFIG = "pyproject.toml"
 
 
-class CodePinError(RuntimeError):
+class CodePinError(FedsealError, RuntimeError):
     """A run's app is not the fedseal this site installed; the message says what differs."""
+
+    code = "pinning.error"
 
 
 def _shipped(name: str) -> bool:

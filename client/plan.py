@@ -45,8 +45,8 @@ def calibrated(context: Context, cfg: FedConfig, rec: Recipe, steps: int, bucket
     """
     key = repr((bucket, rec.batch_size, steps, budget, delta, cfg.accountant))
     if PLAN in context.state and context.state[PLAN].get("key") == key:
-        saved = context.state[PLAN]
-        return DPPlan(float(saved["noise-multiplier"]), float(saved["sample-rate"]), steps,
+        saved = context.state.config_records[PLAN]
+        return DPPlan(float(str(saved["noise-multiplier"])), float(str(saved["sample-rate"])), steps,
                       budget, delta, cfg.accountant)
     try:
         plan = plan_site(bucket, batch_size=rec.batch_size, steps=steps, epsilon=budget,

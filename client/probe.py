@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ class Statistics(NamedTuple):
 
     mean: np.ndarray
     proportions: np.ndarray
-    count: float
+    examples: float
 
 
 def statistics_rows(features: torch.Tensor, labels: torch.Tensor, num_labels: int) -> torch.Tensor:
@@ -138,7 +138,7 @@ def train_head(model, feats: torch.Tensor, labels: torch.Tensor, recipe: Recipe,
                         average[k] += v.detach()
                     seen += 1
     if plan is not None and hasattr(module, "remove_hooks"):
-        module.remove_hooks()
+        cast(Any, module).remove_hooks()  # the GradSampleModule Opacus made
     with torch.no_grad():
         model.classifier.weight.copy_(average["weight"] / seen)
         model.classifier.bias.copy_(average["bias"] / seen)
@@ -154,7 +154,7 @@ def probe_round(model, data: TensorDataset, recipe: Recipe, plan: DPPlan | None,
         with torch.no_grad():
             model.feature_mean.copy_(torch.from_numpy(stats.mean))
             model.classifier.bias.copy_(torch.from_numpy(stats.proportions))
-        return LocalResult(mean_loss=float("nan"), steps=1, count=stats.count)
+        return LocalResult(mean_loss=float("nan"), steps=1, count=stats.examples)
     return train_head(model, feats, data.tensors[2], recipe, plan)
 
 

@@ -122,7 +122,7 @@ def _site(context: Context) -> ConfigRecord:
     if SITE not in context.state:
         raise ValueError("no secure-aggregation round in progress at this site "
                          "(it restarted, or the stage arrived out of order)")
-    return context.state[SITE]
+    return context.state.config_records[SITE]
 
 
 def _load(context: Context) -> ClientState:
@@ -164,6 +164,8 @@ def _params(msg: Message, state: ClientState) -> ConfigRecord:
     if RECORD not in msg.content.config_records:
         raise WireError(f"the message carries no '{RECORD}' record")
     params = msg.content[RECORD]
+    if not isinstance(params, ConfigRecord):
+        raise WireError(f"the message's '{RECORD}' record is not a config record")
     rnd = field(params, ROUND, int)
     if rnd != state.ctx.round_id:
         raise ValueError(f"secure-aggregation message for round {rnd}, but this site is in "

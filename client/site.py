@@ -231,11 +231,12 @@ def _policy(node_config: Mapping[str, object], defaults: SitePolicy = SitePolicy
                     raise ValueError(raw)
                 values[name] = raw
             elif isinstance(default, int):
-                if isinstance(raw, bool) or float(raw) != int(raw):  # type: ignore[arg-type]
+                number = float(str(raw))
+                if isinstance(raw, bool) or number != int(number):
                     raise ValueError(raw)
-                values[name] = int(raw)  # type: ignore[arg-type]
+                values[name] = int(number)
             elif isinstance(default, float):
-                values[name] = float(raw)  # type: ignore[arg-type]
+                values[name] = float(str(raw))
             else:
                 values[name] = str(raw)
         except (TypeError, ValueError):
@@ -254,7 +255,7 @@ def site_settings(node_config: Mapping[str, object], cfg: FedConfig) -> SiteSett
         columns = (str(node_config.get("text-column", columns[0])),
                    str(node_config.get("label-column", columns[1])))
     elif "partition-id" in node_config:
-        pid = int(node_config["partition-id"])
+        pid = int(str(node_config["partition-id"]))
         data_path = simulation_site_file(cfg.out, pid)
         features = simulation_feature_dir(cfg.out, pid)
         # The simulation's user plays every site: its keys and roster are the ones the
@@ -270,8 +271,8 @@ def site_settings(node_config: Mapping[str, object], cfg: FedConfig) -> SiteSett
             "(node config 'data-path')"
         )
     try:
-        epsilon = float(node_config.get("epsilon", cfg.epsilon))
-        delta = float(node_config.get("delta", cfg.delta))
+        epsilon = float(str(node_config.get("epsilon", cfg.epsilon)))
+        delta = float(str(node_config.get("delta", cfg.delta)))
     except (TypeError, ValueError):
         raise ConfigError("the site's epsilon and delta must be numbers") from None
     if epsilon <= 0 or not 0 < delta < 1:

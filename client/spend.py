@@ -75,7 +75,8 @@ def steps_done(ledger: PrivacyLedger | None, context: Context, job: str) -> int:
     if ledger is not None:
         return ledger.steps_done(job)
     if PROGRESS in context.state:
-        return int(context.state[PROGRESS]["steps"])
+        steps = context.state.metric_records[PROGRESS]["steps"]
+        return int(steps) if isinstance(steps, (int, float)) else 0
     return 0
 
 
@@ -113,7 +114,8 @@ def commit_round(site: str, ledger: PrivacyLedger | None, context: Context, job:
                       mechanism=dict(mechanism) if mechanism is not None else None)
     if ledger is None:
         context.state[PROGRESS] = MetricRecord({"steps": steps})
-    epsilon = other_jobs_epsilon(ledger, job) + job_epsilon if private else float("inf")
+    epsilon = (other_jobs_epsilon(ledger, job) + job_epsilon if job_epsilon is not None
+               else float("inf"))
     delta = ledger.delta_spent() if private and ledger is not None else job_delta
     return CommittedRound(site, str(job), int(round), int(steps), float(epsilon), float(delta),
                           float(noise_multiplier), float(sample_rate), private,

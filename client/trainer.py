@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import logging
 import os
 import warnings
@@ -97,6 +99,6 @@ def train_local(model: nn.Module, data: TensorDataset, cfg: FedConfig, recipe: R
                     steps += 1
     finally:
         if engine is not None and hasattr(model, "remove_hooks"):
-            model.remove_hooks()
+            cast(Any, model).remove_hooks()  # the GradSampleModule Opacus made
     mean_loss = sum(losses) / len(losses) if losses else float("nan")
     return LocalResult(mean_loss=mean_loss, steps=steps)

@@ -22,7 +22,7 @@ def encode(tokenizer, examples: Examples, max_length: int) -> TensorDataset:
 
 
 @lru_cache(maxsize=32)
-def _accepted(forward_owner: type) -> frozenset[str]:
+def _accepted(forward_owner: type[torch.nn.Module]) -> frozenset[str]:
     return frozenset(inspect.signature(forward_owner.forward).parameters)
 
 

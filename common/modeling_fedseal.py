@@ -71,6 +71,8 @@ class FedsealForSequenceClassification(PreTrainedModel):
         # Travels between server and sites with the head (so it is a parameter),
         # but is set by the federation's statistics round, never by gradients.
         self.feature_mean = nn.Parameter(torch.zeros(dim))
+        if config.num_labels is None:
+            raise ValueError("the model config has no num_labels")
         self.classifier = nn.Linear(dim, config.num_labels)
         nn.init.zeros_(self.classifier.weight)
         nn.init.zeros_(self.classifier.bias)
@@ -102,6 +104,8 @@ class FedsealForSequenceClassification(PreTrainedModel):
                 attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, **kwargs: torch.Tensor) -> SequenceClassifierOutput:
         """Logits (and the cross-entropy loss when ``labels`` are given)."""
+        if input_ids is None:
+            raise ValueError("FedsealForSequenceClassification needs input_ids")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         kwargs.pop("return_dict", None)

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedseal.common.errors import FedsealError
 
-class PartitionError(ValueError):
+
+class PartitionError(FedsealError, ValueError):
     """The data cannot be split as asked."""
+
+    code = "partition.error"
 
 
 def iid_partition(num_examples: int, num_sites: int, seed: int) -> list[list[int]]:

@@ -21,11 +21,14 @@ from functools import lru_cache
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from fedseal.common.errors import FedsealError
 from fedseal.common.dp_rule import check_bucket
 
 
-class PrivacyError(ValueError):
+class PrivacyError(FedsealError, ValueError):
     """A privacy budget cannot be met or has been used up."""
+
+    code = "privacy.error"
 
 
 @dataclass(frozen=True)

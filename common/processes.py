@@ -10,11 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fedseal.common.errors import FedsealError
 from fedseal.common.config import ConfigError
 
 
-class ProcessError(RuntimeError):
+class ProcessError(FedsealError, RuntimeError):
     """A Flower executable is missing from this environment."""
+
+    code = "process.error"
 
 
 def split_address(address: str, what: str = "address", example: str = "0.0.0.0:9093") -> tuple[str, int]:

@@ -13,6 +13,7 @@ from typing import Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
+from fedseal.common.errors import FedsealError
 from fedseal.common.config import FedConfig, from_mapping
 
 # Per-message values the server adds to the run's config record.
@@ -20,8 +21,10 @@ ROUND_KEY = "server-round"
 JOB_KEY = "job-id"  # stable across server restarts: the key of a site's ledger entries
 MESSAGE_KEYS = (ROUND_KEY, JOB_KEY)
 
-class RecordError(ValueError):
+class RecordError(FedsealError, ValueError):
     """A received record is malformed or does not match what was expected."""
+
+    code = "records.error"
 
 
 def to_numpy_state(state: Mapping[str, object]) -> "OrderedDict[str, np.ndarray]":

@@ -11,7 +11,8 @@ the site's own log (:attr:`Refusal.detail`). The server shows the code with
 its own fixed description (:data:`DESCRIPTIONS`): never text a site wrote.
 
 Codes are stable strings ``area.what``; renaming one is a wire change (the
-known-answer test in ``tests/test_refusals.py`` fails).
+known-answer test ``tests/test_egress.py::test_known_refusal_codes_each_with_the_servers_own_words``
+fails).
 """
 
 from __future__ import annotations

@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedseal.common.config import AUTO, FedConfig
+from fedseal.common.errors import FedsealError
 from fedseal.common.secagg import (QuantConfig, default_k, default_threshold, dequantize_sum, quantize,
                            validate_parameters)
 from fedseal.common.secagg.messages import pack_var_table, unpack_var_table
 from fedseal.common.secagg.errors import SecAggError
 from fedseal.common.secagg.protocol import SHARE_CIPHERTEXT_BYTES
+
+if TYPE_CHECKING:  # config checks its SecAgg+ settings with this module: no import back
+    from fedseal.common.config import FedConfig
 
 # Message types of the stages after "train" (ClientApp actions "train.<name>").
 SHARE_KEYS = "secagg_share_keys"
@@ -52,8 +56,10 @@ _LEN = struct.Struct(">I")
 _IDX = struct.Struct(">H")
 
 
-class WireError(ValueError):
+class WireError(FedsealError, ValueError):
     """A secure-aggregation message is malformed."""
+
+    code = "wire.error"
 
 
 def field(record: object, key: str, kind: type) -> object:
@@ -152,8 +158,10 @@ def round_parameters(cfg: FedConfig, n: int) -> tuple[int, int]:
     fedseal.common.secagg.ConfigError
         If the configured values break the SecAgg+ rules for ``n`` sites.
     """
-    k = min(default_k(n) if cfg.secagg_k == AUTO else cfg.secagg_k, max(n - 1, 1))
-    threshold = default_threshold(k) if cfg.secagg_threshold == AUTO else cfg.secagg_threshold
+    # a validated config holds an int or the word auto (config.AUTO), its only text value
+    k = min(default_k(n) if isinstance(cfg.secagg_k, str) else cfg.secagg_k, max(n - 1, 1))
+    threshold = (default_threshold(k) if isinstance(cfg.secagg_threshold, str)
+                 else cfg.secagg_threshold)
     validate_parameters(n, k, threshold)
     return k, threshold
 
@@ -183,8 +191,10 @@ def encode_update(flat_weighted_update: np.ndarray, weight: float, n: int,
     return quantize(vector, quant)
 
 
-class SumRangeError(ValueError):
+class SumRangeError(FedsealError, ValueError):
     """An unmasked sum that honest sites cannot have produced."""
+
+    code = "wire.sum_range"
 
 
 def decode_sum(total: np.ndarray, n: int, survivors: int, weights: tuple[float, float],

@@ -5,7 +5,7 @@ drifts towards it, and a site with few examples adds DP noise far larger than
 its signal. A plain mean of the sites' updates lets whichever drifted or
 noisiest site is largest decide the round: on SST-2 split by Dirichlet(0.5)
 over ten sites, the mean read 0.593 without noise and 0.696 at epsilon 8
-(README, Benchmarks). A per-coordinate clip of 1 had fixed that by turning each
+(docs/benchmarks.md). A per-coordinate clip of 1 had fixed that by turning each
 update into about a sign, but a fixed bound is one scale for every task: a
 head that must move by tens per coordinate (the synthetic default) cannot.
 
@@ -65,7 +65,7 @@ VOTE_UNIT = 3.0
 more than the median (the synthetic default) had them cut to the median: ``make
 run`` read 0.838, 0.878, 0.845 and 0.868; with 3, 0.870, 0.880, 0.885. On cached
 SST-2 features (Dirichlet 0.5, epsilon 8, two seeds) 3 read 0.829 and 0.811, 1
-read 0.814 and 0.796 (README, Benchmarks)."""
+read 0.814 and 0.796 (docs/benchmarks.md)."""
 VOTE_CLIP = 1.0
 """The bound of every entry in a vote round (votes, the scale entry, the weight), and in the
 statistics round."""

@@ -31,6 +31,8 @@ TIMED_OUT = 4080
 """Error code of the reply :func:`send` makes for a site that did not answer in time."""
 POLL_SECONDS = (0.1, 1.0)
 """Shortest and longest pause between two pulls for replies (doubling while none come)."""
+PROGRESS_SECONDS = 30.0
+"""While sites are still answering a stage, a progress line this often."""
 
 
 @dataclass
@@ -109,10 +111,8 @@ def send(grid: Grid, nodes: Iterable[int], contents: Mapping[int, RecordDict] | 
     silent = [m for m in messages if m.metadata.dst_node_id not in answered]
     if silent:
         log.warning("%d of %d site(s) did not answer %s within %gs of the last answer, dropped "
-                    "as timed out: node %s; if they are slow rather than gone, raise --timeout",
-                    len(silent), len(messages), message_type, timeout,
-                    ", ".join(str(m.metadata.dst_node_id) for m in silent[:20])
-                    + (", ..." if len(silent) > 20 else ""))
+                    "as timed out (each named as it is recorded); if they are slow rather than "
+                    "gone, raise --timeout", len(silent), len(messages), message_type, timeout)
         replies += [timed_out(m, timeout) for m in silent]
     return replies, sent
 
@@ -132,13 +132,20 @@ def exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Messag
     """Push ``messages``, then pull replies until all are in or none came for ``timeout`` seconds."""
     waiting = {i for i in grid.push_messages(messages) if i}
     replies: list[Message] = []
-    last, pause = time.monotonic(), POLL_SECONDS[0]
+    started = told = last = time.monotonic()
+    pause = POLL_SECONDS[0]
+    stage = messages[0].metadata.message_type if messages else ""
     while waiting:
         got = list(grid.pull_messages(waiting))
         if got:
             replies += got
             waiting -= {reply.metadata.reply_to_message_id for reply in got}
             last, pause = time.monotonic(), POLL_SECONDS[0]
+        if waiting and time.monotonic() - told >= PROGRESS_SECONDS:  # a long first round
+            told = time.monotonic()
+            log.info("%s: %d of %d site(s) answered after %.0fs (a site's first round also "
+                     "reads its data and computes its features)", stage, len(replies),
+                     len(messages), told - started)
         left = timeout - (time.monotonic() - last)
         if not waiting or left <= 0:
             break

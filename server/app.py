@@ -34,13 +34,14 @@ from fedseal.common.batches import confusion_matrix, encode, predict, scores_of
 from fedseal.common.dp_rule import PRIOR_KEY, prior_bias, stats_rounds
 from fedseal.common.features import features
 from fedseal.common.cli_args import setup_logging
-from fedseal.common.config import ALL, ConfigError, FedConfig, from_mapping
+from fedseal.common.config import ALL, AUTO, ConfigError, FedConfig, from_mapping
 from fedseal.common.data import read_examples
 from fedseal.common.model import (build_model, count_parameters, load_tokenizer, load_trainable,
                           pick_device, save_merged, trainable_state)
 from fedseal.common.durable import atomic_write
 from fedseal.common.records import (JOB_KEY, ROUND_KEY, RecordError, config_to_record, record_to_state,
                             state_to_record, to_numpy_state)
+from fedseal.common.secagg_wire import round_parameters
 from fedseal.common.vote import from_votes, is_vote_round, round_clip, update_template
 from fedseal.common.weights import weight_range
 from fedseal.common import egress
@@ -50,6 +51,7 @@ from fedseal.server.aggregate import RoundSums, error_reason, send, sum_plain
 from fedseal.server.identity import SiteNames, admitted_keys, names_from_nodes
 from fedseal.server.checkpoint import (GROWABLE_KEYS, CheckpointError, check_resume_config,
                                load_checkpoint, save_checkpoint)
+from fedseal.server.outcome import run_failure
 from fedseal.server.metrics import NON_PRIVATE, MetricsLog, TensorBoardLog, eta_seconds, progress_line
 from fedseal.server.report import write_report
 from fedseal.server.strategy import FedAvg, Strategy, make_strategy
@@ -261,6 +263,10 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
         "final_macro_f1": rows[-1]["macro_f1"] if rows else None,
         "rounds": len(rows),
         "epsilon_max": max((max(r["epsilon"].values()) for r in rows if r["epsilon"]), default=None),
+        "failed": run_failure(rows, stats_rounds(cfg)),
+        "settings_used": settings_used(cfg),
+        "run_id": run_id,
+        "seconds": round(sum(r.get("seconds", 0.0) for r in rows), 1),
         "private": cfg.dp,
         "secagg": cfg.secagg,
         "model_dir": str(model_dir),
@@ -271,6 +277,8 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
     if not cfg.dp:
         summary["privacy"] = NON_PRIVATE
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    if summary["failed"]:
+        log.error("the run FAILED: %s", summary["failed"])
     detail.info("done: model in %s, metrics in %s", model_dir, metrics.path)
     try:
         detail.info("report: %s", write_report(out))
@@ -278,6 +286,23 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
         log.warning("could not write %s (%s: %s); the run's outputs are complete, retry with: "
                     "fedseal report %s", out / "report.html", type(exc).__name__, exc, out)
     return summary
+
+
+def settings_used(cfg: FedConfig) -> dict[str, object]:
+    """The values the server used for the run's ``auto`` settings it decides.
+
+    The training settings a site uses under ``auto`` (``lr``, ``batch-size``,
+    ``local-steps``, ``max-grad-norm``) follow each site's size bucket
+    (:func:`fedseal.common.dp_rule.recipe`) and are not the server's to report.
+    """
+    used: dict[str, object] = {}
+    if cfg.server_lr == AUTO:
+        used["server_lr"] = cfg.effective_server_lr
+    if cfg.secagg and AUTO in (cfg.secagg_k, cfg.secagg_threshold):
+        k, threshold = round_parameters(cfg, cfg.clients)
+        used["secagg_k"] = f"{k} for a round of {cfg.clients} sites"
+        used["secagg_threshold"] = f"{threshold} for a round of {cfg.clients} sites"
+    return used
 
 
 def round_content(weights: dict[str, np.ndarray], cfg: FedConfig, job: str,

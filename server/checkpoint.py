@@ -33,6 +33,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from fedseal.common.errors import FedsealError
 from fedseal.common.durable import fsync_path
 
 log = logging.getLogger("fedseal")
@@ -52,8 +53,10 @@ GROWABLE_KEYS = ("rounds",)
 INTRODUCED_KEYS = {"aggregation": "mean"}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(FedsealError, RuntimeError):
     """A checkpoint is corrupt, incomplete, or does not match the run that would resume it."""
+
+    code = "checkpoint.error"
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedseal.common.errors import FedsealError
 from fedseal.common.durable import fsync_path
 from fedseal.common.secagg import generate_identity
 
@@ -55,8 +56,10 @@ CLOCK_SKEW = dt.timedelta(minutes=5)
 LOOPBACK = (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))
 
 
-class KeysError(ValueError):
+class KeysError(FedsealError, ValueError):
     """A key or certificate cannot be created as asked (bad name, existing file, ...)."""
+
+    code = "keys.error"
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,8 @@ What it does, in order (each step fails with a message naming what to change):
    with ``flwr run``; a run left over from before a restart is stopped first and
    the new one resumes from the checkpoint in ``<out>/checkpoint``;
 7. streams the ServerApp's log, waits for the run to finish, stops the proxy and
-   the SuperLink and exits 0 if the run completed, 1 if it failed.
+   the SuperLink and exits 0 if the run completed, 1 if it failed (ended in error, or
+   produced nothing: :mod:`fedseal.server.outcome`).
 
 ``[server]`` settings::
 
@@ -56,6 +57,7 @@ from typing import Any
 
 import tomli_w
 
+from fedseal.common.errors import FedsealError
 from fedseal.common.bundle import CLIENT_APP, PACKAGES, SERVER_APP, package_dir
 from fedseal.common.config import ConfigError, FedConfig, from_mapping, read_toml, unknown_key
 from fedseal.common.durable import atomic_write
@@ -73,8 +75,10 @@ STATUS_POLL_S = 30.0
 ALREADY_REGISTERED = "[code: 23]"  # flwr 1.41: "Public key already in use."
 
 
-class LaunchError(RuntimeError):
+class LaunchError(FedsealError, RuntimeError):
     """The server cannot start or the run cannot be submitted; the message says why."""
+
+    code = "launch.error"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -480,6 +484,10 @@ def serve(settings: ServerSettings, cfg: FedConfig) -> int:
         if summary_path.is_file():
             summary = json.loads(summary_path.read_text(encoding="utf-8"))
             eps = summary.get("epsilon_max")
+            if summary.get("failed"):
+                log.error("run %s FAILED: %s; what the rounds did: %s", run_id,
+                          summary["failed"], out / REPORT_FILE)
+                return 1
             log.info("run %s completed: accuracy %.4f, epsilon max %s; model in %s; report %s",
                      run_id, summary["final_accuracy"], eps if eps is None else round(eps, 3),
                      summary["model_dir"], out / REPORT_FILE)

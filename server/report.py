@@ -29,11 +29,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from fedseal.common.errors import FedsealError
 from fedseal.common.durable import atomic_write
 from fedseal.server.metrics import NON_PRIVATE
 
 REPORT_FILE = "report.html"
-MAX_LEGEND_SITES = 12  # more sites than this: lines without a legend
+MAX_LEGEND_SITES = 12  # more sites than this: the spread over sites, not a line each
 MAX_LABEL_CHARS = 40  # site or label names in plots are cut to this length
 MAX_AUDIT_ROWS = 12  # fields of a privacy audit shown: the flagged ones, then the largest bounds
 
@@ -52,8 +53,10 @@ th { background: #f0f0f0; } img { display: block; margin: 8px 0 20px; }
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 
-class ReportError(ValueError):
+class ReportError(FedsealError, ValueError):
     """A run folder cannot be turned into a report (missing or malformed files)."""
+
+    code = "report.error"
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,9 @@ class RoundRow:
     abandoned: str
     private: bool
     timed_out: list[str] = field(default_factory=list)  # of ``failed``: never answered in time
+    seconds: float | None = None
+    bytes_sent: float | None = None
+    bytes_received: float | None = None
 
 
 @dataclass(frozen=True)
@@ -145,7 +151,9 @@ def parse_row(data: Any, where: str) -> RoundRow:
         refused=_texts(data.get("refused"), f"{where}: 'refused'"),
         failed=_texts(data.get("failed"), f"{where}: 'failed'"),
         abandoned=str(data.get("abandoned") or ""), private=data.get("private") is not False,
-        timed_out=[str(site) for site in late])
+        timed_out=[str(site) for site in late], seconds=_number(data.get("seconds")),
+        bytes_sent=_number(data.get("bytes_sent")),
+        bytes_received=_number(data.get("bytes_received")))
 
 
 def load_run(folder: str | Path) -> Run:
@@ -258,17 +266,24 @@ def epsilon_plot(rows: list[RoundRow], budget: float | None, delta: Any) -> str:
     """Each site's epsilon after each round, and the run's budget as a dashed line."""
     fig, ax = _figure(10.5, 3.8)
     sites = sorted({site for r in rows for site in r.epsilon})
-    for site in sites:
-        points = [(r.round, r.epsilon[site]) for r in rows if site in r.epsilon]
-        ax.plot(*zip(*points), marker="o", linewidth=1.8, label=plot_text(site))
+    if len(sites) <= MAX_LEGEND_SITES:
+        for site in sites:
+            points = [(r.round, r.epsilon[site]) for r in rows if site in r.epsilon]
+            ax.plot(*zip(*points), marker="o", linewidth=1.8, label=plot_text(site))
+    else:  # one line per site would hide each other: the spread over sites instead
+        spent = [(r.round, sorted(r.epsilon.values())) for r in rows if r.epsilon]
+        rounds = [rnd for rnd, _ in spent]
+        ax.fill_between(rounds, [v[0] for _, v in spent], [v[-1] for _, v in spent],
+                        alpha=0.3, label=f"lowest to highest of {len(sites)} sites")
+        ax.plot(rounds, [v[len(v) // 2] for _, v in spent], marker="o", linewidth=1.8,
+                label="median site")
     if budget is not None:
         ax.axhline(budget, color="tab:red", linestyle="--", linewidth=2.5,
                    label=f"budget ε = {budget:g}")
     ax.set_ylabel("ε spent (cumulative)")
     ax.set_title(f"privacy spent per site (δ = {plot_text(str(delta))})")
     _round_axis(ax, [r.round for r in rows])
-    if len(sites) <= MAX_LEGEND_SITES:
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9)
     return _png(fig)
 
 
@@ -379,6 +394,9 @@ def render(run: Run, audit: dict[str, Any] | None = None) -> str:
     parts.append(f"<h1>{_e(title)}</h1>")
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts.append(f'<p class="sub">{_e(run.folder.resolve())} &middot; written {stamp}</p>')
+    if summary.get("failed"):
+        parts.append(f'<div class="nonprivate" role="alert">RUN FAILED'
+                     f'<small>{_e(str(summary["failed"]))}</small></div>')
     if not run.private:
         parts.append(f'<div class="nonprivate" role="alert">NON-PRIVATE RUN'
                      f'<small>{_e(NON_PRIVATE)}</small></div>')
@@ -398,8 +416,19 @@ def render(run: Run, audit: dict[str, Any] | None = None) -> str:
     last = rows[-1] if rows else None
     eps_max = max((max(r.epsilon.values()) for r in rows if r.epsilon), default=None)
     budget = run.budget
+    lost = sum(1 for r in rows if r.abandoned)
+    seconds = [r.seconds for r in rows if r.seconds is not None]
+    traffic = [(r.bytes_sent or 0.0) + (r.bytes_received or 0.0) for r in rows]
     facts = [
-        ("rounds completed", f"{len(rows)}" + (f" of {cfg['rounds']}" if "rounds" in cfg else "")),
+        ("outcome", f"FAILED: {summary['failed']}" if summary.get("failed") else
+         ("completed" if summary else "not finished")),
+        ("run", str(summary.get("run_id", "-"))),
+        ("rounds", f"{len(rows)}" + (f" of {cfg['rounds']}" if "rounds" in cfg else "")
+         + f" run, {lost} abandoned (model unchanged by them)"),
+        ("time", f"{sum(seconds):.1f} s, {sum(seconds) / len(seconds):.1f} s per round"
+         if seconds else "-"),
+        ("traffic", f"{sum(traffic) / 1e6:.2f} MB between the server and the sites"
+         if any(traffic) else "-"),
         ("final accuracy", _fmt(last.accuracy if last else None)),
         ("final macro-F1", _fmt(last.macro_f1 if last else None)),
         ("final loss", _fmt(last.loss if last else None)),
@@ -438,13 +467,16 @@ def render(run: Run, audit: dict[str, Any] | None = None) -> str:
         parts.append(_img(confusion_plot(*confusion), "confusion matrix of the final model"))
 
     if rows:
-        header = ("round", "accuracy", "macro-F1", "loss", "max ε", "max δ", "contributors",
-                  "refused", "failed", "abandoned")
+        header = ("round", "accuracy", "macro-F1", "loss", "max ε", "max δ", "seconds", "MB",
+                  "contributors", "refused", "failed", "abandoned")
         body = []
         for r in rows:
             cells = (str(r.round), _fmt(r.accuracy), _fmt(r.macro_f1), _fmt(r.loss),
                      _fmt(max(r.epsilon.values()) if r.epsilon else None, 3),
-                     f"{max(r.delta.values()):.3g}" if r.delta else "-")
+                     f"{max(r.delta.values()):.3g}" if r.delta else "-",
+                     _fmt(r.seconds, 1),
+                     _fmt(((r.bytes_sent or 0.0) + (r.bytes_received or 0.0)) / 1e6, 2)
+                     if r.bytes_sent is not None else "-")
             body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells)
                         + f"<td>{_e(', '.join(r.contributors)) or '-'}</td>"
                         + f"<td>{_reasons(r.refused) or '-'}</td><td>{_reasons(r.failed) or '-'}</td>"
@@ -454,9 +486,13 @@ def render(run: Run, audit: dict[str, Any] | None = None) -> str:
 
     parts.append("<h2>Settings</h2>")
     if cfg:
-        parts.append("<table>" + "".join(
-            f"<tr><th>{_e(k)}</th><td>{_e(json.dumps(v))}</td></tr>" for k, v in sorted(cfg.items()))
-            + "</table>")
+        raw = summary.get("settings_used")
+        used: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        parts.append("<p>As the run was configured; where a setting was auto, the value used "
+                     "follows it.</p><table>" + "".join(
+            f"<tr><th>{_e(k)}</th><td>{_e(json.dumps(v))}"
+            + (f" &rarr; {_e(json.dumps(used[k]))}" if k in used else "") + "</td></tr>"
+            for k, v in sorted(cfg.items())) + "</table>")
     else:
         parts.append("<p>Not recorded (no summary.json yet).</p>")
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -54,6 +55,7 @@ from fedseal.server.aggregate import RoundSums, error_reason, is_timed_out, mess
 from fedseal.server.identity import SiteNames
 
 log = logging.getLogger("fedseal")
+T = TypeVar("T")
 
 _MALFORMED = (WireError, SecAggError, KeyError, TypeError, ValueError, AttributeError, OSError,
               EOFError)
@@ -80,13 +82,13 @@ class _Round:
             self.fail(node, reason)
 
     def stage(self, stage: str, contents: Mapping[int, Mapping[str, bytes]],
-              parse: Callable[[Message], object]) -> dict[int, object]:
+              parse: Callable[[Message], T]) -> dict[int, T]:
         """Send ``train.<stage>`` to each node with its values; parse each reply on its own."""
         messages = {node: RecordDict({RECORD: ConfigRecord({ROUND: self.server_round, **values})})
                     for node, values in contents.items()}
         replies, sent = send(self.grid, messages, messages, f"train.{stage}", self.cfg.timeout)
         self.sums.bytes_sent += sent
-        out: dict[int, object] = {}
+        out: dict[int, T] = {}
         for reply in replies:
             node = reply.metadata.src_node_id
             if node not in contents or node in out:

@@ -48,6 +48,7 @@ import logging
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -97,11 +98,17 @@ def prepare_sites(cfg: FedConfig) -> FedConfig:
     labels = cfg.labels or None
     if labels is None:
         # The label set is the union of both files', fixed before any site reads.
-        names = set(read_examples(cfg.train, text_column=cfg.text_column,
-                                  label_column=cfg.label_column).label_names)
-        names |= set(read_examples(cfg.eval, text_column=cfg.text_column,
-                                   label_column=cfg.label_column).label_names)
-        cfg = cfg.replace(labels=sorted(names, key=label_sort_key))
+        found = [read_examples(path, text_column=cfg.text_column, label_column=cfg.label_column)
+                 for path in (cfg.train, cfg.eval)]
+        counts = Counter(e.label_names[i] for e in found for i in e.labels)
+        stray = stray_labels(counts)
+        if stray:
+            raise ConfigError(
+                f"label(s) {', '.join(repr(s) for s in stray)} appear in only "
+                f"{', '.join(str(counts[s]) for s in stray)} of {sum(counts.values())} examples "
+                "(a typo would make an extra class): fix the file, or give --labels with every "
+                "class in order (examples with other labels are then refused)")
+        cfg = cfg.replace(labels=sorted(counts, key=label_sort_key))
     train: Examples = read_examples(cfg.train, text_column=cfg.text_column,
                                     label_column=cfg.label_column, label_names=cfg.labels)
     if cfg.partition == "iid":
@@ -119,6 +126,19 @@ def prepare_sites(cfg: FedConfig) -> FedConfig:
                  "  ".join(f"{name}={c}" for name, c in zip(cfg.labels, counts)))
     write_site_keys(cfg.out, cfg.clients)
     return cfg
+
+
+STRAY_FRACTION = 0.001
+"""A label found without ``--labels`` on fewer than this fraction of examples (and at most
+:data:`STRAY_MAX` of them) is taken for a typo."""
+STRAY_MAX = 3
+
+
+def stray_labels(counts: Counter) -> list[str]:
+    """Labels of ``counts`` (label -> examples) too rare to be a class the user meant."""
+    total = sum(counts.values())
+    return sorted(label for label, n in counts.items()
+                  if n <= STRAY_MAX and n < STRAY_FRACTION * total)
 
 
 def write_site_keys(out: str | Path, clients: int) -> Path:
@@ -292,7 +312,10 @@ def main(argv: list[str] | None = None) -> int:
         log.info(line)
     summary = simulate(cfg, verbose=args.verbose, ray_address=args.ray_address,
                        cpus_per_site=args.cpus_per_site)
-    print(f"\nfedseal simulate finished in {summary['wall_seconds']}s")
+    if summary.get("failed"):
+        print(f"\nfedseal simulate: the run FAILED: {summary['failed']}")
+    else:
+        print(f"\nfedseal simulate finished in {summary['wall_seconds']}s")
     if not summary["private"]:
         print("WARNING: " + summary["privacy"])
     print(f"  final accuracy   {summary['final_accuracy']:.4f} (macro-F1 {summary['final_macro_f1']:.4f})")
@@ -303,34 +326,27 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  summary          {Path(cfg.out) / 'summary.json'}")
     if (Path(cfg.out) / REPORT_FILE).is_file():
         print(f"  report           {Path(cfg.out) / REPORT_FILE}  (open in a browser)")
-    return run_problems(cfg, Path(summary["metrics"]))
+    run_problems(cfg, Path(summary["metrics"]))
+    return 1 if summary.get("failed") else 0
 
 
-def run_problems(cfg: FedConfig, metrics: Path) -> int:
-    """Print what went wrong in the run's rounds; the exit status (1 if no training round counted).
+def run_problems(cfg: FedConfig, metrics: Path) -> None:
+    """Print what went wrong in the run's rounds.
 
     Sites that timed out are named with the hint to raise ``--timeout``; abandoned
-    rounds with their reason. A run whose every training round was abandoned ends
-    with the untrained model, and says so with exit status 1.
+    rounds with their reason. (Whether the run failed as a whole is the summary's
+    ``failed``: :func:`fedseal.server.outcome.run_failure`.)
     """
-    from fedseal.common.dp_rule import stats_rounds
-
     rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line]
     late = sorted({site for row in rows for site in row.get("timed_out", [])})
     if late:
         print(f"WARNING: {len(late)} site(s) timed out (no answer within {cfg.timeout:g}s of a "
               f"stage's last answer): {', '.join(late[:10])}{', ...' if len(late) > 10 else ''}; "
               "raise --timeout if they are slow rather than gone")
-    lost = [row for row in rows if row["abandoned"]]
-    for row in lost:
-        print(f"WARNING: round {row['round']} was abandoned, the model unchanged by it: "
-              f"{row['abandoned']}")
-    training = [row for row in rows if row["round"] > stats_rounds(cfg)]
-    if training and all(row["abandoned"] for row in training):
-        print("ERROR: every training round was abandoned; the saved model is untrained")
-        return 1
-    return 0
-
+    for row in rows:
+        if row["abandoned"]:
+            print(f"WARNING: round {row['round']} was abandoned, the model unchanged by it: "
+                  f"{row['abandoned']}")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -105,3 +105,27 @@ def test_reads_real_sst2(sst2):
     assert len(dev) == 872
     assert dev.label_names == ("0", "1")
     assert 400 < dev.label_counts()["1"] < 472
+
+
+def test_a_stray_label_in_the_users_files_is_refused_with_the_way_out(tmp_path):
+    from fedseal.common.config import ConfigError, FedConfig
+    from fedseal.common.data import Examples, write_examples
+    from fedseal.common.synthetic import synthetic_examples
+    from fedseal.simulations.simulate import prepare_sites
+
+    good = synthetic_examples(3000, seed=1)
+    names = (*good.label_names, "postive")  # one line with a typo
+    typo = Examples(texts=[*good.texts, "a fine film"], labels=[*good.labels, len(names) - 1],
+                    label_names=names, source="typo")
+    train = write_examples(typo, tmp_path / "train.jsonl")
+    held_out = write_examples(synthetic_examples(100, seed=2), tmp_path / "eval.jsonl")
+    cfg = FedConfig(train=str(train), eval=str(held_out), clients=2, out=str(tmp_path / "out"))
+    with pytest.raises(ConfigError, match=r"label\(s\) 'postive' appear in only 1 of 3101"):
+        prepare_sites(cfg)
+    # naming the classes settles it: the stray line is then the file's error, not a class
+    cfg = cfg.replace(labels=good.label_names)
+    with pytest.raises(DataError, match="example 3001 has label 'postive', which is not one"):
+        prepare_sites(cfg)
+    # without the typo, the classes are those found
+    clean = write_examples(good, tmp_path / "clean.jsonl")
+    assert prepare_sites(cfg.replace(train=str(clean), labels=())).labels == good.label_names

@@ -248,6 +248,9 @@ def _client_args(root: Path, port: int, site: str, model: str, *, key: str | Non
             "--ledger", str(root / "ledgers" / f"{name}.json"),
             "--ledger-key", str(root / "secrets" / f"{name}.key"),
             "--epsilon", str(EPSILON), "--device", "cpu", "--wait", str(wait),
+            # long enough to ride out the server's restarts below, short enough to see the
+            # agents stop on their own once the last server is gone
+            "--linger", "60",
             # a round may go on with the two sites left after one dies, so its sum may be
             # one colluder's and one honest input: the sites accept no colluders, which
             # also lets them take the server's threshold 2 of 3 (2t-k-1 = 1)
@@ -447,3 +450,9 @@ def test_deployment_holds_against_outsiders_the_operator_and_crashes(federation,
     for site in survivors:
         assert "refused run" in procs.output(site) and "client/app.py" in procs.output(site)
         assert _ledger(root, site) == ledgers_before[site]  # nothing trained, nothing spent
+    # The last server is gone: each agent says so once and stops on its own, exit 0.
+    for site in survivors:
+        assert procs.wait(site, 240) == 0, procs.output(site)[-3000:]
+        said = procs.output(site)
+        assert "has been gone for" in said and "Connection attempt failed" not in said
+        assert "\x1b[" not in said

@@ -67,7 +67,7 @@ def test_simulate_cli_on_ray_with_dp_and_secagg(tiny_bert, tmp_path):
 def test_tiny_bert_learns_with_and_without_secagg_alike(tiny_bert, tmp_path):
     """Secure aggregation changes nothing but quantisation: both runs learn alike.
 
-    Non-private (the tiny random BERT does not learn under DP noise, see README),
+    Non-private (the tiny random BERT does not learn under DP noise),
     and every output says so.
     """
     final = {}

@@ -394,3 +394,24 @@ def test_known_reply_formats():
     assert sorted(by_name) == ["evaluation", "refusal", "secagg.advert", "secagg.consistency",
                                "secagg.masked_input", "secagg.share_keys", "secagg.unmask",
                                "statistics", "training", "vote"]
+
+
+KNOWN_CODES = [
+    "budget.exhausted", "budget.round", "message.config", "message.ddp", "message.round",
+    "message.secagg",
+    "message.stage", "message.weights", "plan.changed", "plan.infeasible", "policy.cohort",
+    "policy.colluders", "policy.dp", "policy.federated_eval", "policy.labels", "policy.model",
+    "policy.noise_share", "policy.run_epsilon", "policy.secagg", "policy.secagg_k", "policy.secagg_threshold",
+    "policy.size", "policy.update_clip", "round.evaluated", "round.not_trained", "round.sent",
+    "round.unmasked", "site.code", "site.config", "site.data", "site.internal", "site.keys",
+    "site.ledger", "site.model", "site.record", "train.diverged",
+]
+"""The refusal codes on the wire: renaming or dropping one is a wire change."""
+
+
+def test_known_refusal_codes_each_with_the_servers_own_words():
+    from fedseal.common.refusals import DESCRIPTIONS, Code
+
+    assert sorted(code.value for code in Code) == KNOWN_CODES
+    assert set(DESCRIPTIONS) == set(Code)
+    assert all(DESCRIPTIONS[code].strip() for code in Code)

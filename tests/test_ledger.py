@@ -365,7 +365,7 @@ def test_missing_key_or_counter_is_refused_never_reset(path, key):
 
 
 def test_ledger_and_counter_deleted_with_the_key_kept_is_refused(path, key, capsys):
-    """The reset the README says is refused: spend 2, delete ledger and counter, keep the key."""
+    """The reset docs/deploy.md says is refused: spend 2, delete ledger and counter, keep the key."""
     _granted(path, key, "r").record("r", 1, 20, 2.0)
     path.unlink()
     counter_path(key).unlink()

@@ -106,14 +106,14 @@ def test_a_private_run_on_a_real_sst2_slice_learns(sst2, tmp_path, partition):
     assert np.exp(bias[1]) / np.exp(bias).sum() == pytest.approx(positive, abs=0.1), bias
     accuracies = [r["accuracy"] for r in rows]
     if partition == "iid":
-        # measured with the bias fixed at the log prior, 10 runs (README, Benchmarks): round 2
+        # measured with the bias fixed at the log prior, 10 runs (docs/benchmarks.md): round 2
         # 0.745 to 0.799, round 3 0.747 to 0.784
         assert all(a >= 0.70 for a in accuracies[1:]), accuracies
         return
     # sites of 1,171, 880, 841 and 1,108 sentences, 45%, 99.5%, 79% and 11% positive. Measured
     # with the bias fixed at the log prior, 10 runs: round 2 0.624 to 0.705, round 3 0.673 to
     # 0.745, macro-F1 at least 0.648 (one class scores 0.33); with the bias trained, 30 runs:
-    # round 2 0.534 to 0.700 (CI read 0.576), round 3 0.654 to 0.763 (README, Benchmarks).
+    # round 2 0.534 to 0.700 (CI read 0.576), round 3 0.654 to 0.763 (docs/benchmarks.md).
     last_f1 = rows[-1]["macro_f1"]
     assert accuracies[-1] >= 0.62 and last_f1 >= 0.58, (accuracies, last_f1)
 

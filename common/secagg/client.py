@@ -319,7 +319,8 @@ class ClientState:
         if entry is None or entry.index != expected:
             raise InvalidMessageError(f"node {sender}'s share message has no entry with index "
                                       f"{expected} for node {self.node_id}")
-        if not isinstance(ciphertext, (bytes, bytearray)) or entry.ciphertext != ciphertext_digest(ciphertext):
+        if (not isinstance(ciphertext, (bytes, bytearray))
+                or entry.ciphertext != ciphertext_digest(bytes(ciphertext))):
             raise UnmaskRefusedError(
                 f"the ciphertext routed to node {self.node_id} as node {sender}'s is not the one "
                 f"node {sender} signed: the server altered it; this site leaves the round")
@@ -676,7 +677,7 @@ class ClientState:
                 raise ValueError(f"Shamir index {idx!r} is out of range")
             return idx, raw(b_sh, (SECRET_BYTES,)), raw(sk_sh, (SECRET_BYTES,))
 
-        ctx = RoundContext(node(d["run"]), node(d["round"]), [node(i) for i in d["participants"]],
+        ctx = RoundContext(node(d["run"]), node(d["round"]), tuple(node(i) for i in d["participants"]),
                            d["k"], d["t"], raw(d["challenge"], (KEY_BYTES,)))
         if ctx.k != d["k"]:
             raise ValueError(f"k={d['k']} is not the effective neighbour count {ctx.k}")

@@ -66,13 +66,13 @@ POP_LABEL = b"fedseal-secagg-v2 pop\x00"
 """Domain label of :func:`proof_of_possession`'s HKDF info."""
 
 
-def check_uint64(value: int, what: str) -> int:
+def check_uint64(value: object, what: str) -> int:
     """Validate that ``value`` is an integer in ``[0, 2**64 - 1]``.
 
     Parameters
     ----------
-    value : int
-        The value to check (node id, run id or round id).
+    value : object
+        The value to check (node id, run id or round id), as received.
     what : str
         Human-readable name used in the error message.
 
@@ -90,7 +90,7 @@ def check_uint64(value: int, what: str) -> int:
         value_int = None
     else:
         try:
-            value_int = operator.index(value)
+            value_int = operator.index(value)  # type: ignore[arg-type]  # TypeError caught below
         except TypeError:
             value_int = None
     if value_int is None:
@@ -107,7 +107,7 @@ def check_uint64(value: int, what: str) -> int:
     return int(value)
 
 
-def _check_key_bytes(key: bytes, what: str) -> bytes:
+def _check_key_bytes(key: object, what: str) -> bytes:
     if not isinstance(key, (bytes, bytearray, memoryview)):
         raise InvalidMessageError(
             f"{what} must be bytes, got {type(key).__name__}; "
@@ -171,7 +171,7 @@ def public_key_from_private(private_key: bytes) -> bytes:
     )
 
 
-def validate_public_key(public_key: bytes, *, owner: int, name: str = "public key") -> bytes:
+def validate_public_key(public_key: object, *, owner: int, name: str = "public key") -> bytes:
     """Check that a raw X25519 public key is usable for key agreement.
 
     Rejects keys of the wrong length and low-order points (for which every

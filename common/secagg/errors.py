@@ -9,6 +9,8 @@ participant's message should simply be discarded (:class:`InvalidMessageError`,
 
 from __future__ import annotations
 
+from fedseal.common.errors import FedsealError
+
 __all__ = [
     "SecAggError",
     "ConfigError",
@@ -21,8 +23,10 @@ __all__ = [
 ]
 
 
-class SecAggError(Exception):
+class SecAggError(FedsealError):
     """Base class of every error raised by the secure-aggregation package."""
+
+    code = "secagg.error"
 
 
 class ConfigError(SecAggError, ValueError):

@@ -138,7 +138,7 @@ def load_public_blob(blob: bytes) -> PublicKey:
     return key  # type: ignore[return-value]
 
 
-def verify_signature(key: PublicKey, purpose: bytes, body: bytes, signature: bytes) -> bool:
+def verify_signature(key: PublicKey, purpose: bytes, body: bytes, signature: object) -> bool:
     """Whether ``signature`` is ``key``'s signature of :func:`signed_bytes` ``(purpose, body)``."""
     if not isinstance(signature, (bytes, bytearray)) or not 0 < len(signature) <= MAX_SIGNATURE_BYTES:
         return False

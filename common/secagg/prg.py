@@ -70,7 +70,7 @@ def apply_masks(vector: np.ndarray, masks: "list[tuple[bytes, int]]") -> None:
             raise InvalidMessageError(f"a mask is added (+1) or subtracted (-1), not {sign!r}")
         streams.append((_keystream(_check_seed(seed)), np.add if sign == 1 else np.subtract))
     buf = np.empty(4 * _BLOCK_WORDS + 15, dtype=np.uint8)  # update_into's block_size - 1 slack
-    out, words = memoryview(buf), buf[:4 * _BLOCK_WORDS].view(MASK_DTYPE)
+    out, words = memoryview(buf), buf[:4 * _BLOCK_WORDS].view(MASK_DTYPE)  # type: ignore[arg-type]  # numpy: a buffer (stub predates PEP 688)
     zeros = memoryview(_ZERO_CHUNK)
     for start in range(0, vector.shape[0], _BLOCK_WORDS):
         block = vector[start:start + _BLOCK_WORDS]
@@ -118,7 +118,7 @@ def expand_mask(seed: bytes, length: int) -> np.ndarray:
     nbytes = 4 * length
     # update_into requires len(out) >= len(data) + block_size - 1.
     buf = np.empty(nbytes + 15, dtype=np.uint8)
-    out = memoryview(buf)
+    out = memoryview(buf)  # type: ignore[arg-type]  # numpy: a buffer (stub predates PEP 688)
     encryptor = _keystream(seed)
     zeros = memoryview(_ZERO_CHUNK)
     offset = 0

@@ -28,8 +28,8 @@ the neighbours whose share ciphertexts reached ``i``.
 Threat model: a server that lies (about keys, routing, who dropped out, or by
 asking twice), honest sites that refuse whatever would let it unmask one
 input, and malicious sites that can send any well-formed message: each reply
-is checked on its own and a bad one drops its sender only (see the README's
-"Secure aggregation" section for the argument and what remains).
+is checked on its own and a bad one drops its sender only (docs/privacy.md,
+"Secure aggregation", for the argument; docs/threat-model.md for what remains).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import itertools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 
@@ -27,7 +28,7 @@ from .crypto import (
     validate_public_key,
 )
 from .errors import ConfigError, InvalidMessageError, ProtocolAbort, SecAggError, StageError
-from .identity import load_public_blob, verify_signature
+from .identity import PublicKey, load_public_blob, verify_signature
 from .messages import (
     NO_CIPHERTEXT,
     PURPOSE_ADVERT,
@@ -65,7 +66,7 @@ Rejected = dict[int, str]
 @dataclass(frozen=True)
 class _Site:
     advert: Advert
-    key: object  # the site's public signing key
+    key: PublicKey  # the site's public signing key
     fingerprint: bytes
 
 
@@ -231,7 +232,7 @@ class ServerState:
     # ------------------------------------------------------------------- stage 1
     def _check_shares(self, sender: int, reply: object) -> tuple[ShareMessage, dict[int, bytes]]:
         try:
-            data, cts = reply  # type: ignore[misc]
+            data, cts = cast("tuple[Any, Any]", reply)
         except (TypeError, ValueError):
             raise InvalidMessageError("its reply is not a (share message, ciphertexts) pair") from None
         message, ctx_digest = ShareMessage.decode(data)
@@ -262,7 +263,7 @@ class ServerState:
             if not isinstance(ct, (bytes, bytearray)) or len(ct) != SHARE_CIPHERTEXT_BYTES:
                 raise InvalidMessageError(f"its ciphertext for node {entry.holder} is not "
                                           f"{SHARE_CIPHERTEXT_BYTES} bytes")
-            if ciphertext_digest(ct) != entry.ciphertext:
+            if ciphertext_digest(bytes(ct)) != entry.ciphertext:
                 raise InvalidMessageError(f"its ciphertext for node {entry.holder} is not the one "
                                           "it signed")
             out[entry.holder] = bytes(ct)
@@ -334,7 +335,7 @@ class ServerState:
 
     def _check_masked(self, node: int, reply: object) -> tuple[np.ndarray, dict[int, bytes]]:
         try:
-            y, complaints = reply  # type: ignore[misc]
+            y, complaints = cast("tuple[Any, Any]", reply)
         except (TypeError, ValueError):
             raise InvalidMessageError("its reply is not a (masked vector, complaints) pair") from None
         if not isinstance(y, np.ndarray) or y.dtype != np.uint32 or y.shape != (self.vector_length,):
@@ -384,7 +385,6 @@ class ServerState:
         """
         self._require(ServerStage.COLLECT_MASKED, "collect masked inputs")
         rejected: Rejected = {}
-        good: dict[int, tuple[np.ndarray, dict[int, bytes]]] = {}
         # One pass adds every well-formed vector (the replies may be produced one at a
         # time); a site left out afterwards has its vector subtracted again.
         acc = np.zeros(self.vector_length, dtype=MASK_DTYPE)
@@ -454,9 +454,11 @@ class ServerState:
                 node = self._participant(raw_id)
                 if node not in self.survivors:
                     raise InvalidMessageError("it is not a survivor")
-                if not verify_signature(self._sites[node].key, PURPOSE_VIEW, self._view_body, sig):  # type: ignore[arg-type]
+                if (not isinstance(sig, (bytes, bytearray))
+                        or not verify_signature(self._sites[node].key, PURPOSE_VIEW,
+                                                self._view_body, sig)):
                     raise InvalidMessageError("its signature on the survivor view does not verify")
-                valid[node] = bytes(sig)  # type: ignore[arg-type]
+                valid[node] = bytes(sig)
             except SecAggError as exc:
                 rejected[raw_id] = f"bad view signature: {exc}"
         self._check_alive(len(valid), "consistency-check")

@@ -57,8 +57,9 @@ def split_secret(secret: bytes, threshold: int, num_shares: int) -> list[tuple[i
             f"{_MAX_SHARES}; the secret cannot be shared with these parameters"
         )
     secret = bytes(secret)
-    lo = Shamir.split(threshold, num_shares, secret[:_HALF])
-    hi = Shamir.split(threshold, num_shares, secret[_HALF:])
+    # pycryptodome's stub marks ``ssss`` as required; it defaults to False (plain Shamir)
+    lo = Shamir.split(threshold, num_shares, secret[:_HALF], ssss=False)
+    hi = Shamir.split(threshold, num_shares, secret[_HALF:], ssss=False)
     return [(i, a + b) for (i, a), (_, b) in zip(lo, hi, strict=True)]
 
 
@@ -129,6 +130,6 @@ def combine_shares(shares: Iterable[tuple[int, bytes]], threshold: int) -> bytes
             "the secret cannot be reconstructed"
         )
     chosen = sorted(seen.items())[:threshold]
-    lo = Shamir.combine([(i, v[:_HALF]) for i, v in chosen])
-    hi = Shamir.combine([(i, v[_HALF:]) for i, v in chosen])
+    lo = Shamir.combine([(i, v[:_HALF]) for i, v in chosen], ssss=False)
+    hi = Shamir.combine([(i, v[_HALF:]) for i, v in chosen], ssss=False)
     return lo + hi

@@ -149,7 +149,7 @@ def run_round(
     if identities is None or roster is None:
         identities, roster = make_identities(ids, "ed25519")
     challenge_sk, challenge_pk = generate_key_pair()
-    ctx = RoundContext(run_id, round_id, ids, k, threshold, challenge_pk)
+    ctx = RoundContext(run_id, round_id, tuple(ids), k, threshold, challenge_pk)
     server = ServerState(ctx, challenge_private=challenge_sk, vector_length=length)
     clients = {i: ClientState(i, ctx, identity=identities[i], roster=roster) for i in ids}
     rejected: dict[int, str] = {}
