@@ -32,11 +32,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from functools import lru_cache
+from typing import cast
 
 import numpy as np
 import torch
-from typing import cast
-
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedseal.client import cache, secagg
@@ -51,7 +50,8 @@ from fedseal.client.training import Asked, Prepared
 from fedseal.common import ddp, ddp_wire, egress
 from fedseal.common.privacy import sample_rate_for
 from fedseal.common.refusals import Code, Refusal
-from fedseal.common.secagg_wire import COMPLAINTS, NODES, RECORD as SECAGG_RECORD, Y, unpack_ids
+from fedseal.common.secagg_wire import COMPLAINTS, NODES, Y, unpack_ids
+from fedseal.common.secagg_wire import RECORD as SECAGG_RECORD
 
 HISTORY = "fedseal.ddp.history"  # context.state: the steps' mechanisms of a site without a ledger
 PLAN = "fedseal.ddp.plan"  # context.state: the job's calibrated noise multiplier

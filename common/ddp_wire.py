@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from functools import lru_cache
-from typing import Mapping
 
 from flwr.app import ConfigRecord
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 from flwr.app import RecordDict
@@ -31,8 +31,7 @@ from flwr.serverapp import Grid
 
 from fedseal.common import ddp, ddp_wire
 from fedseal.common.config import FedConfig
-from fedseal.common.dp_rule import (FEATURE_MEAN_KEY, HEAD_WEIGHT_KEY, PRIOR_KEY, PROBE_MOMENTUM,
-                                    prior_bias)
+from fedseal.common.dp_rule import FEATURE_MEAN_KEY, HEAD_WEIGHT_KEY, PRIOR_KEY, PROBE_MOMENTUM, prior_bias
 from fedseal.server.aggregate import RoundSums
 from fedseal.server.identity import SiteNames
 from fedseal.server.secagg import abandon, masked_sum
@@ -51,7 +50,7 @@ class DistributedSgd:
         self.batch = 0.0  # noisy size of a step's sample, from the statistics round
         self.velocity: np.ndarray | None = None
 
-    def statistics(self, weights: Weights, noisy_sum: np.ndarray) -> "OrderedDict[str, np.ndarray]":
+    def statistics(self, weights: Weights, noisy_sum: np.ndarray) -> OrderedDict[str, np.ndarray]:
         """Feature mean, log prior and sample size from the statistics round's noisy sum."""
         total = noisy_sum * math.sqrt(ddp_wire.STATISTICS_PARTS)
         features, labels = weights[FEATURE_MEAN_KEY].size, weights[PRIOR_KEY].size
@@ -65,7 +64,7 @@ class DistributedSgd:
         self.batch = count
         return out
 
-    def step(self, weights: Weights, noisy_sum: np.ndarray) -> "OrderedDict[str, np.ndarray]":
+    def step(self, weights: Weights, noisy_sum: np.ndarray) -> OrderedDict[str, np.ndarray]:
         """One heavy-ball step of the head's weights on the noisy sum of clipped gradients."""
         head = weights[HEAD_WEIGHT_KEY]
         gradient = noisy_sum.reshape(head.shape) / self.batch
@@ -91,7 +90,7 @@ class DistributedSgd:
 
 def ddp_round(grid: Grid, nodes: list[int], content: RecordDict, weights: Weights,
               cfg: FedConfig, run_id: int, server_round: int, names: SiteNames,
-              optimiser: DistributedSgd) -> tuple["OrderedDict[str, np.ndarray]", RoundSums]:
+              optimiser: DistributedSgd) -> tuple[OrderedDict[str, np.ndarray], RoundSums]:
     """One distributed-noise round; the next global weights and the round's sums (metadata).
 
     The weights are unchanged when the round is abandoned (``sums.abandoned`` says why).

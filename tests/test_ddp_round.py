@@ -15,8 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dp_accounting import (ComposedDpEvent, GaussianDpEvent, PoissonSampledDpEvent,
-                           SelfComposedDpEvent)
+from dp_accounting import ComposedDpEvent, GaussianDpEvent, PoissonSampledDpEvent, SelfComposedDpEvent
 from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
 
 import fedseal.client.ddp_round as site_round
