@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from fedseal.client import cache, once
+from fedseal.client.history import epsilon_after
 from fedseal.client.plan import job_plan
 from fedseal.client.policy import check_evaluate
 from fedseal.client.reply import message_config, message_round
@@ -40,7 +41,8 @@ from fedseal.client.training import TRAINED, examples_of, global_model, open_led
 from fedseal.common.batches import predict
 from fedseal.common.dp_rule import recipe, size_bucket
 from fedseal.common.egress import EVAL_LOSS_CLIP
-from fedseal.common.privacy import DPPlan, epsilon_spent
+from fedseal.common.phases import Phase
+from fedseal.common.privacy import DPPlan
 from fedseal.common.refusals import Code, Refusal
 
 EVALUATED = "fedseal.evaluated-rounds"  # the once-per-round record of evaluated (job, round) pairs
@@ -112,8 +114,8 @@ def evaluate_round(content: RecordDict, context: Context) -> tuple[CommittedRoun
     bucket = size_bucket(len(examples))
     ledger = open_ledger(site) if cfg.dp else None
     steps = steps_done(ledger, context, job) + 1
-    plan = (job_plan(context, cfg, recipe(cfg, bucket), site, bucket, ledger, job, steps)
-            if cfg.dp else None)
+    plan = (job_plan(context, cfg, recipe(cfg, bucket), site, bucket, ledger, job, server_round,
+                     evaluation=True) if cfg.dp else None)
     once.remember(context, EVALUATED, path, evaluated | {(job, server_round)})
     model, tokenizer, _ = global_model(content, cfg)
     device = pick_device(site.device)
@@ -123,8 +125,9 @@ def evaluate_round(content: RecordDict, context: Context) -> tuple[CommittedRoun
              else None)
     scores = release_scores(*example_scores(model, data, cfg.eval_batch_size, device, feats),
                             plan)
-    job_epsilon = (epsilon_spent(plan.noise_multiplier, plan.sample_rate, steps, plan.delta,
-                                 plan.accountant) if plan else None)
+    job_epsilon = (epsilon_after(ledger, context, job, plan,
+                                 Phase(plan.noise_multiplier, plan.sample_rate, 1))
+                   if plan else None)
     noise, rate = (plan.noise_multiplier, plan.sample_rate) if plan else (0.0, 0.0)
     committed = commit_round(site.name, ledger, context, job, server_round, steps, job_epsilon,
                              plan.delta if plan else site.delta, {}, 0.0,

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 import numpy as np
-from flwr.app import Context, MetricRecord
+from flwr.app import Context
 
+from fedseal.client.history import PROGRESS, remember
 from fedseal.client.ledger import PrivacyLedger
 from fedseal.common.records import state_digest
 
-PROGRESS = "fedseal.progress"  # context.state record: DP steps taken so far (no ledger)
 _COMMITTED = object()
 
 
@@ -113,7 +113,7 @@ def commit_round(site: str, ledger: PrivacyLedger | None, context: Context, job:
                       sample_rate=sample_rate, evaluation=evaluation,
                       mechanism=dict(mechanism) if mechanism is not None else None)
     if ledger is None:
-        context.state[PROGRESS] = MetricRecord({"steps": steps})
+        remember(context, steps, noise_multiplier, sample_rate)
     epsilon = (other_jobs_epsilon(ledger, job) + job_epsilon if job_epsilon is not None
                else float("inf"))
     delta = ledger.delta_spent() if private and ledger is not None else job_delta

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedseal.client.dp_step import noise_only_step
 from fedseal.common.batches import model_inputs
 from fedseal.common.config import FedConfig
 from fedseal.common.dp_rule import Recipe
@@ -88,7 +89,7 @@ def train_local(model: nn.Module, data: TensorDataset, cfg: FedConfig, recipe: R
                     optimizer.zero_grad(set_to_none=True)
                     if input_ids.shape[0] == 0:
                         # An empty Poisson batch is still a step: noise alone is added.
-                        optimizer.step()
+                        noise_only_step(optimizer)
                         steps += 1
                         continue
                     out = model(**model_inputs(model, input_ids, attention_mask, device),

@@ -143,11 +143,9 @@ def prepare(asked: Asked, content: RecordDict, context: Context) -> Prepared:
 
 def _plan(asked: Asked, prepared: Prepared, context: Context, *, record: bool) -> "DPPlan":
     """The job's plan for this round; a refusal says so if the round was sent before."""
-    done = steps_done(prepared.ledger, context, asked.job)
     try:
         return job_plan(context, asked.cfg, prepared.recipe, asked.site, prepared.bucket,
-                        prepared.ledger, asked.job, done + prepared.recipe.steps_in_round(asked.round),
-                        record=record)
+                        prepared.ledger, asked.job, asked.round, record=record)
     except Refusal as exc:
         if prepared.ledger is not None and prepared.ledger.has_round(asked.job, asked.round):
             raise Refusal(Code.ROUND_SENT, f"round {asked.round} of job {asked.job} was trained "
@@ -206,10 +204,12 @@ def train_round(asked: Asked, prepared: Prepared, context: Context
 
 def _train_afresh(asked: Asked, prepared: Prepared, context: Context
                   ) -> tuple[CommittedRound, dict[str, np.ndarray]]:
+    from fedseal.client.history import epsilon_after
+    from fedseal.client.lpft import lpft_round
     from fedseal.client.probe import probe_round
     from fedseal.client.trainer import train_local
+    from fedseal.common.lora_rule import round_phase
     from fedseal.common.model import pick_device, trainable_state
-    from fedseal.common.privacy import epsilon_spent
 
     cfg, site, rec = asked.cfg, asked.site, prepared.recipe
     done = steps_done(prepared.ledger, context, asked.job)
@@ -219,6 +219,9 @@ def _train_afresh(asked: Asked, prepared: Prepared, context: Context
     if rec.mode == "probe":
         result = probe_round(prepared.model, data, rec, plan, asked.round, device,
                              feature_cache(site))
+    elif rec.mode == "lora":
+        result = lpft_round(prepared.model, data, rec, plan, asked.round, prepared.bucket, device,
+                            feature_cache(site))
     else:
         result = train_local(prepared.model, data, cfg, rec, plan, device)
     # The training loss stays here: it is computed from the records without noise.
@@ -235,9 +238,9 @@ def _train_afresh(asked: Asked, prepared: Prepared, context: Context
     if is_vote_round(cfg, asked.round):
         update = to_votes(update)
     update = {k: weight * v for k, v in update.items()}
-    job_epsilon = (epsilon_spent(plan.noise_multiplier, plan.sample_rate, steps, plan.delta,
-                                 plan.accountant) if plan else None)
-    noise, rate = (plan.noise_multiplier, plan.sample_rate) if plan else (0.0, 0.0)
+    phase = round_phase(plan, rec, asked.round, result.steps) if plan else None
+    job_epsilon = epsilon_after(prepared.ledger, context, asked.job, plan, phase) if plan else None
+    noise, rate = (phase.noise_multiplier, phase.sample_rate) if phase else (0.0, 0.0)
     pending_file = _pending_file(asked, prepared)
     if pending_file is not None:
         hold(pending_file, PendingUpdate(asked.job, asked.round,

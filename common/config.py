@@ -160,6 +160,9 @@ class FedConfig:
         if self.finetune == "probe" and self.rounds < 2:
             raise ConfigError("finetune=probe needs at least 2 rounds (round 1 estimates the "
                               "feature statistics, later rounds train the head): raise rounds")
+        if self.finetune == "lora" and self.rounds < 3:
+            raise ConfigError("finetune=lora needs at least 3 rounds (the probe's statistics and "
+                              "head rounds, then adapter rounds; docs/lora.md): raise rounds")
         if self.finetune == "lora" and not self.lora_targets:
             raise ConfigError("lora-targets is empty: name the modules LoRA adapts, e.g. query,value")
         if self.seed < 0:
@@ -205,10 +208,12 @@ HELP: dict[str, str] = {
     "model": "model to fine-tune: a Hugging Face hub name or a local folder; 'default' is the "
              "packaged all-MiniLM-L6-v2",
     "finetune": "what trains: probe (a linear head on pooled features of the site's encoder), "
-                "lora (LoRA adapters and the head) or full (every weight)",
+                "lora (LP-FT: the probe, then LoRA adapters in the top layers and the head) or "
+                "full (every weight; not supported under DP, docs/lora.md)",
     "lora_r": "LoRA rank (integer >= 1; finetune=lora only)",
     "lora_alpha": "LoRA scaling alpha (integer >= 1; finetune=lora only)",
-    "lora_dropout": "dropout on the LoRA adapters' input (fraction in [0, 1); finetune=lora only)",
+    "lora_dropout": "ignored since LoRA is LP-FT (its DP steps run without dropout; kept so "
+                    "older configs still parse)",
     "lora_targets": "names of the modules LoRA adapts, comma-separated (finetune=lora only)",
     "max_length": "longest input, in tokens; longer texts are truncated (integer >= 1)",
     "labels": "label names in class order, comma-separated; empty: the labels found in the "
@@ -222,7 +227,7 @@ HELP: dict[str, str] = {
     "label_column": "column (or JSONL key) holding the label",
     # Federation
     "clients": "number of sites in the federation (integer >= 1)",
-    "rounds": "number of federated rounds (integer >= 1; probe needs >= 2)",
+    "rounds": "number of federated rounds (integer >= 1; probe needs >= 2, lora >= 3)",
     "fraction": "fraction of the sites sampled each round, in (0, 1]; at least --min-clients",
     "min_clients": "fewest sites a round goes on with (integer >= 1, <= --clients; "
                    ">= 2 with secure aggregation)",

@@ -52,9 +52,19 @@ calibration (:func:`fedseal.common.privacy.plan_site`) and the weights
 that it got one. A batch size the server asks for is a request: the site
 samples at ``1 / ceil(bucket / batch)``.
 
-**LoRA** and **full** fine-tuning keep one phase of DP-SGD on the encoder with
-AdamW, and the settings that earlier measurements chose (docs/privacy.md, "The training rule"):
-batch 64, 20 steps a round, lr 5e-3, clip 0.1 for LoRA and 1.0 for full.
+**LoRA** (``finetune = lora``) is LP-FT: the probe's rounds first (the
+statistics round, then head rounds, with the probe's settings above), then
+adapter rounds: DP-SGD on LoRA adapters in the encoder's top layers and the
+head's weights, from the federation's head. The adapter phase's settings, the
+split of rounds, steps and budget between the phases, and each choice's source
+are in :mod:`fedseal.common.lora_rule`; a ``Recipe`` here carries the adapter
+rounds (``adapter_from``, ``adapter_rounds``) and their steps (``adapter_steps``).
+
+**Full** fine-tuning keeps one phase of DP-SGD on every weight with AdamW and
+the settings that earlier measurements chose (batch 64, 20 steps a round, lr
+5e-3, clip 1.0). Under DP it learned nothing measurable (SST-2: 0.509, the
+majority class): it runs, with a warning, and is documented as unsupported
+under DP (``docs/lora.md``); use ``lora`` or ``probe``.
 """
 
 from __future__ import annotations
@@ -81,8 +91,10 @@ PRIOR_KEY = "classifier.bias"
 """The head's bias: a site's label proportions in the statistics round, the log prior after it."""
 PRIOR_FLOOR = 0.1
 """A label's pooled proportion counts as at least ``PRIOR_FLOOR / labels`` (:func:`prior_bias`)."""
+FULL_UNDER_DP = ("finetune=full under DP is not supported: its one phase of DP-SGD on every "
+                 "weight learned nothing measurable (SST-2: 0.509, the majority class); it runs "
+                 "as asked, but use --finetune lora (LP-FT) or probe (docs/lora.md)")
 FINETUNE_SETTINGS = {  # mode: (batch size, steps a round, lr, clip)
-    "lora": (64, 20, 5e-3, 0.1),
     "full": (64, 20, 5e-3, 1.0),
 }
 
@@ -104,19 +116,32 @@ class Recipe:
     clip: float
     stats_rounds: int
     source: dict[str, str]
+    adapter_from: int = 0
+    """LP-FT's first adapter round (0: the run has none)."""
+    adapter_rounds: int = 0
+    adapter_steps: int = 0
+    """Steps in each adapter round (:func:`fedseal.common.lora_rule.lora_recipe`)."""
 
     def is_stats_round(self, server_round: int) -> bool:
         """Whether ``server_round`` is the statistics round."""
         return server_round <= self.stats_rounds
 
+    def is_adapter_round(self, server_round: int) -> bool:
+        """Whether ``server_round`` is one of LP-FT's adapter rounds."""
+        return 0 < self.adapter_from <= server_round
+
     def steps_in_round(self, server_round: int) -> int:
         """Steps in round ``server_round`` (1 in the statistics round)."""
-        return 1 if self.is_stats_round(server_round) else self.steps_per_round
+        if self.is_stats_round(server_round):
+            return 1
+        return self.adapter_steps if self.is_adapter_round(server_round) else self.steps_per_round
 
     def steps_through(self, server_round: int) -> int:
         """Steps in rounds 1 .. ``server_round``: a site's most, if it took part in every one."""
         stats = min(server_round, self.stats_rounds)
-        return stats + max(0, server_round - self.stats_rounds) * self.steps_per_round
+        adapter = (max(0, server_round - self.adapter_from + 1) if self.adapter_from else 0)
+        head = max(0, server_round - self.stats_rounds - adapter)
+        return stats + head * self.steps_per_round + adapter * self.adapter_steps
 
 
 def prior_bias(proportions: np.ndarray) -> np.ndarray:
@@ -160,8 +185,8 @@ def check_bucket(bucket: int) -> int:
 
 
 def stats_rounds(cfg: FedConfig) -> int:
-    """Rounds at the start of the run that are statistics rounds (1 for the probe)."""
-    return 1 if cfg.finetune == "probe" else 0
+    """Rounds at the start of the run that are statistics rounds (1 for the probe and LP-FT)."""
+    return 1 if cfg.finetune in ("probe", "lora") else 0
 
 
 def _given(value: object) -> bool:
@@ -184,20 +209,29 @@ def recipe(cfg: FedConfig, bucket: int) -> Recipe:
         source[name] = "set by the user" if _given(value) else "rule"
         return value if _given(value) else rule_value
 
-    if cfg.finetune == "probe":
-        training_rounds = cfg.rounds - 1  # at least 1: FedConfig checks rounds >= 2
+    if cfg.finetune in ("probe", "lora"):
+        adapters = 0
+        if cfg.finetune == "lora":
+            from fedseal.common.lora_rule import adapter_rounds, lora_recipe
+
+            adapters = adapter_rounds(cfg.rounds)
+        training_rounds = cfg.rounds - 1 - adapters  # at least 1: FedConfig checks the rounds
         batch = min(MAX_BATCH, max(1, math.ceil(SAMPLE_RATE * num_examples)))
         steps = max(MIN_STEPS_PER_ROUND, math.ceil(TRAINING_STEPS / training_rounds))
         if cfg.dp_noise == "distributed":
             steps = 1  # each round is one DP-SGD step over all sites (client/ddp_round.py)
-        return Recipe("probe", int(pick("batch_size", batch)), int(pick("local_steps", steps)),
-                      float(pick("lr", PROBE_LR)), PROBE_MOMENTUM,
-                      float(pick("max_grad_norm", PROBE_CLIP)), stats_rounds(cfg), source)
+        return Recipe(cfg.finetune, int(pick("batch_size", batch)),
+                      int(pick("local_steps", steps)), float(pick("lr", PROBE_LR)),
+                      PROBE_MOMENTUM, float(pick("max_grad_norm", PROBE_CLIP)), stats_rounds(cfg),
+                      source, adapter_from=cfg.rounds - adapters + 1 if adapters else 0,
+                      adapter_rounds=adapters,
+                      adapter_steps=(lora_recipe(num_examples, adapters).steps_per_round
+                                     if adapters else 0))
     batch, steps, lr, clip = FINETUNE_SETTINGS[cfg.finetune]
     return Recipe(cfg.finetune, int(pick("batch_size", batch)), int(pick("local_steps", steps)),
                   float(pick("lr", lr)), 0.0, float(pick("max_grad_norm", clip)), stats_rounds(cfg),
                   source)
 
 
-__all__ = ["FEATURE_MEAN_KEY", "HEAD_WEIGHT_KEY", "PRIOR_FLOOR", "PRIOR_KEY", "Recipe", "check_bucket", "prior_bias", "recipe",
+__all__ = ["FEATURE_MEAN_KEY", "FULL_UNDER_DP", "HEAD_WEIGHT_KEY", "PRIOR_FLOOR", "PRIOR_KEY", "Recipe", "check_bucket", "prior_bias", "recipe",
            "size_bucket", "stats_rounds"]

@@ -3,8 +3,9 @@
 Only the *trainable* parameters travel between server and sites: under
 ``probe`` (the default) the feature mean and the linear head of
 :class:`~fedseal.common.modeling_fedseal.FedsealForSequenceClassification` (the encoder
-stays as each party installed it); under ``lora`` the adapters and the
-classification head; under ``full`` everything.
+stays as each party installed it); under ``lora`` (LP-FT) the same, plus the
+LoRA adapters of the top layers (:mod:`fedseal.common.top_layers`); under
+``full`` everything.
 """
 
 from __future__ import annotations
@@ -12,10 +13,9 @@ from __future__ import annotations
 import copy
 import logging
 import shutil
-import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Sequence, cast
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -24,11 +24,6 @@ from fedseal.common.errors import FedsealError
 from fedseal.common.config import DEFAULT_MODEL, FedConfig
 
 log = logging.getLogger(__name__)
-
-# Task heads. Under LoRA a head is trained in full when the checkpoint did not
-# provide it (newly initialised); a pretrained pooler stays frozen, since every
-# trained coordinate costs DP noise.
-HEAD_MODULES = ("classifier", "score", "pooler")
 
 
 class ModelError(FedsealError, ValueError):
@@ -99,7 +94,7 @@ def load_tokenizer(cfg: FedConfig):
 
 
 def build_model(cfg: FedConfig, label_names: Sequence[str]) -> nn.Module:
-    """Create the classifier for ``label_names``, wrapped with LoRA unless full fine-tuning.
+    """Create the classifier for ``label_names``: the probe's, LP-FT's or a full fine-tuning one.
 
     Weights that are not in the checkpoint (the head) are initialised from
     ``cfg.seed``, so every party builds an identical starting point; the server's
@@ -110,18 +105,19 @@ def build_model(cfg: FedConfig, label_names: Sequence[str]) -> nn.Module:
 
     if cfg.finetune == "probe":
         return _probe_model(cfg, label_names)
+    if cfg.finetune == "lora":
+        return _lpft_model(cfg, label_names)
     path = resolve_model_path(cfg.model)
     torch.manual_seed(cfg.seed)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialised head" notice is expected
     try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
+        model = AutoModelForSequenceClassification.from_pretrained(
             path,
             num_labels=len(label_names),
             id2label=dict(enumerate(label_names)),
             label2id={n: i for i, n in enumerate(label_names)},
             ignore_mismatched_sizes=True,
-            output_loading_info=True,
         )
     except (OSError, ValueError) as exc:
         raise ModelError(
@@ -130,10 +126,7 @@ def build_model(cfg: FedConfig, label_names: Sequence[str]) -> nn.Module:
         ) from None
     finally:
         hf_logging.set_verbosity(verbosity)
-    if cfg.finetune == "full":
-        return model
-    fresh = {k for k in info.get("missing_keys", [])} | {k[0] for k in info.get("mismatched_keys", [])}
-    return _add_lora(model, cfg, fresh)
+    return model
 
 
 def _probe_model(cfg: FedConfig, label_names: Sequence[str]) -> nn.Module:
@@ -165,42 +158,17 @@ def _probe_model(cfg: FedConfig, label_names: Sequence[str]) -> nn.Module:
     return model
 
 
-def _add_lora(model: nn.Module, cfg: FedConfig, fresh: set[str]) -> nn.Module:
-    from peft import LoraConfig, TaskType, get_peft_model
+def _lpft_model(cfg: FedConfig, label_names: Sequence[str]) -> nn.Module:
+    """The probe's model with LoRA adapters in its top layers (LP-FT; :mod:`fedseal.common.lora_rule`)."""
+    from fedseal.common.lora_rule import LAYERS
+    from fedseal.common.top_layers import add_top_lora, encoder_layers
 
-    names = {name for name, _ in model.named_modules()}
-    # Module names inside the HF model carry the base prefix ("bert.pooler"); heads
-    # are matched on any path segment.
-    present = {h for h in HEAD_MODULES if any(n.split(".")[-1] == h or f".{h}." in f".{n}." for n in names)}
-    heads = sorted(h for h in present if any(f".{h}." in f".{k}" for k in fresh))
-    # Adapt every module whose name ends in a target, except inside the head
-    # (the head is trained in full).
-    targets = sorted(
-        name for name, module in model.named_modules()
-        if isinstance(module, nn.Linear)
-        and name.split(".")[-1] in cfg.lora_targets
-        and not any(f".{h}." in f".{name}." for h in present)
-    )
-    if not targets:
-        linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ModelError(
-            f"lora-targets {list(cfg.lora_targets)} match no linear layer of {cfg.model!r}; "
-            f"its linear layers are named {linear}"
-        )
-    lora = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=targets,
-        modules_to_save=heads,
-    )
-    with warnings.catch_warnings():
-        # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing`
-        # (PeftModel.__init__); the FutureWarning is theirs to fix, not a user's.
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
-                                category=FutureWarning)
-        return get_peft_model(model, lora)
+    model = _probe_model(cfg, label_names)
+    layers = min(LAYERS, len(encoder_layers(model.backbone)) - 1)  # at least one layer cached
+    if layers < 1:
+        raise ModelError(f"model {cfg.model!r} has one encoder layer: LoRA in the top layers "
+                         "needs at least two (use --finetune probe)")
+    return add_top_lora(model, layers, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
 
 
 def trainable_state(model: nn.Module) -> "OrderedDict[str, torch.Tensor]":
@@ -249,8 +217,9 @@ def save_merged(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
 
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
-    plain: Any = (cast(Any, model).merge_and_unload() if hasattr(model, "merge_and_unload")
-                  else model)
+    from fedseal.common.top_layers import merge_adapters
+
+    plain = merge_adapters(model)
     if isinstance(plain, FedsealForSequenceClassification):
         # config.json names the class and modeling_fedseal.py is copied beside the
         # weights: AutoModelForSequenceClassification loads it (trust_remote_code=True).

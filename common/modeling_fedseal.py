@@ -40,15 +40,17 @@ AUTO_CLASS = "modeling_fedseal.FedsealForSequenceClassification"
 VARIANCE_FLOOR = 0.05  # never divide by less than sqrt of this (a noisy mean can overshoot)
 
 
+def pooled_block(states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """One layer's attention-masked mean over the tokens, scaled to unit norm (step 1)."""
+    mask = attention_mask.unsqueeze(-1).to(states.dtype)
+    mean = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+    return nn.functional.normalize(mean, dim=-1)
+
+
 def pooled_features(hidden_states: tuple[torch.Tensor, ...], attention_mask: torch.Tensor,
                     layers: list[int]) -> torch.Tensor:
     """Unit-norm concatenation of per-layer, unit-norm masked mean pools (steps 1 and 2)."""
-    mask = attention_mask.unsqueeze(-1).to(hidden_states[0].dtype)
-    count = mask.sum(dim=1).clamp(min=1.0)
-    blocks = []
-    for layer in layers:
-        mean = (hidden_states[layer] * mask).sum(dim=1) / count
-        blocks.append(nn.functional.normalize(mean, dim=-1))
+    blocks = [pooled_block(hidden_states[layer], attention_mask) for layer in layers]
     return torch.cat(blocks, dim=-1) / math.sqrt(len(layers))
 
 

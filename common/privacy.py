@@ -23,6 +23,7 @@ from opacus.accountants.utils import get_noise_multiplier
 
 from fedseal.common.errors import FedsealError
 from fedseal.common.dp_rule import check_bucket
+from fedseal.common.phases import Phase
 
 
 class PrivacyError(FedsealError, ValueError):
@@ -41,6 +42,9 @@ class DPPlan:
     target_epsilon: float
     delta: float
     accountant: str
+    adapter: "Phase | None" = None
+    """LP-FT's adapter phase (its noise, rate and planned steps; :mod:`fedseal.common.lora_rule`):
+    rounds of that phase step at its ``(sigma, q)``; the fields above are the probe's phases'."""
 
 
 MAX_SAMPLE_RATE = 0.5
@@ -72,6 +76,16 @@ def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta
         return float(acc.get_epsilon(delta=delta))
 
 
+def check_delta(bucket: int, delta: float) -> None:
+    """Raise PrivacyError unless ``delta`` is below ``1 / (2 * bucket)`` (see :func:`plan_site`)."""
+    check_bucket(bucket)
+    if delta >= 1.0 / (2 * bucket):
+        raise PrivacyError(
+            f"delta={delta} is not below 1/n for a site of {bucket} to {2 * bucket - 1} "
+            "examples; choose delta < 1/n (1e-5 or smaller is usual)"
+        )
+
+
 @lru_cache(maxsize=64)  # pure in its arguments; calibration takes seconds
 def plan_site(bucket: int, *, batch_size: int, steps: int, epsilon: float, delta: float,
               accountant: str = "prv") -> DPPlan:
@@ -89,12 +103,7 @@ def plan_site(bucket: int, *, batch_size: int, steps: int, epsilon: float, delta
     ValueError
         If ``bucket`` is not a size bucket.
     """
-    check_bucket(bucket)
-    if delta >= 1.0 / (2 * bucket):
-        raise PrivacyError(
-            f"delta={delta} is not below 1/n for a site of {bucket} to {2 * bucket - 1} "
-            "examples; choose delta < 1/n (1e-5 or smaller is usual)"
-        )
+    check_delta(bucket, delta)
     q = sample_rate_for(bucket, batch_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -55,6 +55,7 @@ import numpy as np
 
 from fedseal.common.config import AUTO, FedConfig
 from fedseal.common.dp_rule import FEATURE_MEAN_KEY, HEAD_WEIGHT_KEY, PRIOR_KEY, stats_rounds
+from fedseal.common.lora_rule import adapter_rounds
 
 SCALE_KEY = "fedseal.vote.log_scale"
 """The update entry that carries ``log(tau) / LOG_SPAN``; no model parameter has this name."""
@@ -75,13 +76,20 @@ def is_vote_round(cfg: FedConfig, server_round: int) -> bool:
     """Whether round ``server_round`` of run ``cfg`` sends votes instead of updates.
 
     ``aggregation = auto`` votes in the probe's training rounds (where it was
-    measured) and sends plain updates in LoRA and full fine-tuning.
+    measured), also LP-FT's (``lora``), and sends plain updates in LP-FT's
+    adapter rounds and in full fine-tuning.
     """
     if server_round <= stats_rounds(cfg):
         return False  # the statistics round's means are averaged as they are
     if cfg.aggregation == AUTO:
-        return cfg.finetune == "probe"
+        return cfg.finetune == "probe" or (cfg.finetune == "lora"
+                                           and not is_adapter_round(cfg, server_round))
     return cfg.aggregation == "vote"
+
+
+def is_adapter_round(cfg: FedConfig, server_round: int) -> bool:
+    """Whether ``server_round`` is one of LP-FT's adapter rounds (``finetune = lora``)."""
+    return cfg.finetune == "lora" and server_round > cfg.rounds - adapter_rounds(cfg.rounds)
 
 
 def round_clip(cfg: FedConfig, server_round: int) -> float:
@@ -102,12 +110,16 @@ def round_keys(weights: Mapping[str, np.ndarray], cfg: FedConfig, server_round: 
     The probe's statistics round sets the feature mean and the head's bias (the
     label prior); its training rounds train the head's weights alone, so the
     bias and the feature mean stay as the statistics round set them whatever a
-    site sends. LoRA and full fine-tuning train every trainable weight.
+    site sends. LP-FT (``lora``) does the same in its probe rounds, then its
+    adapter rounds move the LoRA adapters and the head's weights. Full
+    fine-tuning trains every trainable weight.
     """
-    if cfg.finetune != "probe":
+    if cfg.finetune == "full":
         return list(weights)
     if server_round <= stats_rounds(cfg):
         return [k for k in weights if k in (FEATURE_MEAN_KEY, PRIOR_KEY)]
+    if is_adapter_round(cfg, server_round):
+        return [k for k in weights if k == HEAD_WEIGHT_KEY or ".lora_" in k]
     return [k for k in weights if k == HEAD_WEIGHT_KEY]
 
 
@@ -159,5 +171,6 @@ def from_votes(mean: Mapping[str, np.ndarray], clip: float) -> tuple["OrderedDic
     return step, scale
 
 
-__all__ = ["LOG_SPAN", "SCALE_KEY", "VOTE_CLIP", "VOTE_UNIT", "from_votes", "is_vote_round", "round_clip",
+__all__ = ["LOG_SPAN", "SCALE_KEY", "VOTE_CLIP", "VOTE_UNIT", "from_votes", "is_adapter_round",
+           "is_vote_round", "round_clip",
            "round_keys", "site_scale", "to_votes", "update_template"]

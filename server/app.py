@@ -31,7 +31,7 @@ from flwr.app import Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedseal.common.batches import confusion_matrix, encode, predict, scores_of
-from fedseal.common.dp_rule import PRIOR_KEY, prior_bias, stats_rounds
+from fedseal.common.dp_rule import FULL_UNDER_DP, PRIOR_KEY, prior_bias, stats_rounds
 from fedseal.common.features import features
 from fedseal.common.cli_args import setup_logging
 from fedseal.common.config import ALL, AUTO, ConfigError, FedConfig, from_mapping
@@ -164,7 +164,7 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
     model = build_model(cfg, cfg.labels)
     eval_data = encode(tokenizer, eval_examples, cfg.max_length)
     # Under the probe the encoder never changes: the held-out features once, the head each round.
-    eval_features = features(model, eval_data, device) if cfg.finetune == "probe" else None
+    eval_features = held_out_cache(model, eval_data, cfg, device)
     weights = to_numpy_state(trainable_state(model))
     strategy = make_strategy(cfg)
     metrics = MetricsLog(out / "metrics.jsonl")
@@ -179,6 +179,8 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
              total, cfg.finetune, list(cfg.labels))
     if not cfg.dp:
         log.warning(NON_PRIVATE)
+    elif cfg.finetune == "full":
+        log.warning(FULL_UNDER_DP)
     if not cfg.secagg:
         log.warning("secure aggregation is OFF (--no-secagg): the server sees each site's update")
     detail.info("watch progress in %s", metrics.path)
@@ -336,15 +338,37 @@ def next_weights(weights: dict[str, np.ndarray], sums: RoundSums, cfg: FedConfig
     return weights, vote_scale
 
 
+def held_out_cache(model, data, cfg: FedConfig, device):
+    """What the held-out data's logits start from each round, computed once: the probe's
+    features, LP-FT's states below its adapters (float32), or None (the whole model runs)."""
+    if cfg.finetune == "probe":
+        return features(model, data, device)
+    if cfg.finetune == "lora":
+        import torch
+
+        from fedseal.common.hidden_cache import hidden_states
+        from fedseal.common.top_layers import adapted_layers, encoder_layers
+
+        cut = len(encoder_layers(model.backbone)) - adapted_layers(model)
+        return hidden_states(model, data, cut, device, storage=torch.float32)
+    return None
+
+
 def held_out_logits(model, data, data_features, cfg: FedConfig, device):
     """The global model's logits on the server's held-out data.
 
-    With ``data_features`` (the probe's pooled features of ``data``, computed
-    once), only the head runs; otherwise the whole model.
+    With ``data_features`` (:func:`held_out_cache`: the probe's pooled features, or
+    LP-FT's cached states), only the head, or the layers above the cut, run;
+    otherwise the whole model.
     """
     if data_features is None:
         return predict(model, data, batch_size=cfg.eval_batch_size, device=device)
     import torch
+
+    from fedseal.common.hidden_cache import HiddenStates, cached_logits
+
+    if isinstance(data_features, HiddenStates):
+        return cached_logits(model, data_features, device, cfg.eval_batch_size)
 
     with torch.no_grad():
         return model.head(data_features.to(device))

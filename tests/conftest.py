@@ -65,6 +65,40 @@ def tiny_bert(tmp_path_factory) -> str:
     return str(make_tiny_bert(tmp_path_factory.mktemp("tiny-bert")))
 
 
+@pytest.fixture
+def tiny_lpft(tiny_bert):
+    """Factory: the tiny probe model with LoRA in its top layer (of 2), in eval mode, and 7
+    encoded texts (3 labels). ``trained=True`` moves the adapters, the head and the feature
+    mean off their initial values, as after some rounds."""
+    import torch
+
+    from fedseal.common.batches import encode
+    from fedseal.common.config import FedConfig
+    from fedseal.common.data import Examples
+    from fedseal.common.model import build_model, load_tokenizer
+    from fedseal.common.top_layers import add_top_lora
+
+    labels = ("negative", "positive", "neutral")
+    texts = ["a good film", "a bad plot and slow", "fine", "great great acting", "dull",
+             "the plot was slow and the acting was bad", "good"]
+
+    def make(trained: bool = True):
+        cfg = FedConfig(model=tiny_bert, labels=labels)
+        torch.manual_seed(0)
+        model = add_top_lora(build_model(cfg, cfg.labels), layers=1, rank=4, alpha=8)
+        if trained:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if "lora_B" in name or "classifier" in name:
+                        p.normal_(0, 0.5)
+                    elif "feature_mean" in name:
+                        p.normal_(0, 0.05)
+        data = encode(load_tokenizer(cfg), Examples(texts, [0, 1, 2, 0, 1, 1, 0], labels, "t"), 16)
+        return model.eval(), data
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def sst2() -> Path:
     """The shared SST-2 folder, or skip when it is not beside the project."""

@@ -35,9 +35,14 @@ def test_every_setting_can_be_overridden_and_says_so():
     r = recipe(cfg, 512)
     assert (r.lr, r.steps_per_round, r.batch_size, r.clip) == (0.5, 7, 33, 2.0)
     assert set(r.source.values()) == {"set by the user"}
-    lora = recipe(FedConfig(finetune="lora"), 512)
-    assert (lora.batch_size, lora.steps_per_round, lora.lr, lora.clip, lora.stats_rounds) == \
-        (64, 20, 5e-3, 0.1, 0)
+    full = recipe(FedConfig(finetune="full"), 512)
+    assert (full.batch_size, full.steps_per_round, full.lr, full.clip, full.stats_rounds) == \
+        (64, 20, 5e-3, 1.0, 0)
+    # LP-FT: the probe's rounds with the probe's settings, then its adapter rounds
+    lpft = recipe(FedConfig(finetune="lora", rounds=3), 512)
+    assert (lpft.batch_size, lpft.steps_per_round, lpft.stats_rounds, lpft.adapter_from,
+            lpft.adapter_steps) == (128, 300, 1, 3, 24)
+    assert [lpft.steps_in_round(k) for k in (1, 2, 3)] == [1, 300, 24]
 
 
 @pytest.mark.parametrize("value", ["fast", -1, 0, float("nan"), True])
@@ -49,12 +54,14 @@ def test_a_bad_override_names_the_setting(value):
 def test_the_probe_needs_a_statistics_round_and_a_training_round():
     with pytest.raises(ConfigError, match="at least 2 rounds"):
         FedConfig(rounds=1)
-    FedConfig(rounds=1, finetune="lora")  # one phase: one round is enough
+    with pytest.raises(ConfigError, match="at least 3 rounds"):
+        FedConfig(rounds=2, finetune="lora")  # statistics, head and adapter rounds
+    FedConfig(rounds=1, finetune="full")  # one phase: one round is enough
 
 
 @pytest.mark.parametrize("mode,rounds,n,epsilon", [
     *itertools.product(["probe"], [2, 5, 12], [300, 60_000], [1.0, 8.0]),
-    ("lora", 1, 6_000, 8.0), ("full", 4, 300, 1.0),
+    ("full", 1, 6_000, 8.0), ("full", 4, 300, 1.0),  # LP-FT's two rates: tests/test_lpft.py
 ])
 def test_the_planned_total_of_every_phase_mix_stays_within_budget(mode, rounds, n, epsilon):
     """Both phases are steps of one mechanism, so the accountant of the whole plan is the

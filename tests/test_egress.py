@@ -264,7 +264,7 @@ def _public(reply_type: egress.ReplyType, reply: Message) -> dict:
             if f.kind is egress.Kind.PUBLIC and f.record != egress.STATUS}
 
 
-ALL_MODES = (("probe", 1), ("probe", 2), ("lora", 1), ("full", 1))
+ALL_MODES = (("probe", 1), ("probe", 2), ("lora", 1), ("lora", 3), ("full", 1))
 PROBE = (("probe", 1), ("probe", 2))
 
 
@@ -279,7 +279,7 @@ def test_sites_of_n_and_n_plus_one_examples_send_identical_metadata(tmp_path, ti
                      out=str(tmp_path / "out"))
     prepare_sites(base)  # the sites' keys and roster (the data files are replaced below)
     for mode, server_round in modes:
-        cfg = base.replace(finetune=mode)
+        cfg = base.replace(finetune=mode, rounds=3 if mode == "lora" else 2)  # 3: an adapter round
         sites = Path(cfg.out) / "sites"
         write_examples(_examples(n), sites / "site-0.jsonl")
         write_examples(_examples(n + 1), sites / "site-1.jsonl")
