@@ -14,7 +14,10 @@ A secure round (SecAgg+, :mod:`fedseal.client.secagg`):
     ``train.secagg_masked_input``: train the kept round now, commit its spend,
     and send ``x + masks``: a round abandoned before this stage (too few sites
     shared keys) costs no site any budget; then ``train.secagg_consistency``
-    and ``train.secagg_unmask``.
+    and ``train.secagg_unmask``. Under ``dp-noise = distributed`` the two
+    training steps are :mod:`fedseal.client.ddp_round`'s: the site checks the
+    round's noise share against its policy at ``train``, and sends its masked
+    noisy share of one DP-SGD step at the masked-input stage.
 
 ``evaluate``: :func:`~fedseal.client.evaluation.evaluate_round`, a DP release
 of the server's model's scores on the site's data, where the site and the run
@@ -36,7 +39,7 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedseal.client import secagg
+from fedseal.client import ddp_round, secagg
 from fedseal.client.evaluation import evaluate_round
 from fedseal.client.pending import pending_path, release
 from fedseal.client.reply import advert_reply, answered, evaluate_reply, masked_reply, train_reply
@@ -66,6 +69,8 @@ def train(msg: Message, context: Context) -> Message:
     asked = admit(msg.content, context)
     prepared = prepare(asked, msg.content, context)
     if asked.cfg.secagg:
+        if asked.cfg.dp_noise == "distributed":
+            ddp_round.check(asked, prepared, msg.content, context)
         _keep(context, msg.content)
         keys = secagg.begin_round(msg, context, asked.site, asked.job, asked.round)
         return advert_reply(msg, asked.cfg, asked.site, keys)
@@ -84,8 +89,12 @@ def masked_input(msg: Message, context: Context) -> Message:
     asked = admit(content, context)
     if (asked.job, asked.round) != secagg.round_of(context):
         raise Refusal(Code.MESSAGE_STAGE, "the kept training message is not this round's")
-    committed, update = train_round(asked, prepare(asked, content, context), context)
-    reply = masked_reply(msg, context, asked.cfg, asked.site, committed, update)
+    prepared = prepare(asked, content, context)
+    if asked.cfg.dp_noise == "distributed":
+        reply = ddp_round.masked_input(msg, context, asked, prepared, content)
+    else:
+        committed, update = train_round(asked, prepared, context)
+        reply = masked_reply(msg, context, asked.cfg, asked.site, committed, update)
     ledger = ledger_path(context.node_config)
     if ledger is not None:
         release(pending_path(ledger))  # forgotten durably before it leaves, masked

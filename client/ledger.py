@@ -130,6 +130,7 @@ class LedgerEntry:
     noise_multiplier: float = 0.0  # the run's DP plan (0.0: not recorded)
     sample_rate: float = 0.0
     delta: float = 0.0
+    mechanism: dict[str, float] | None = None  # under distributed noise: the round's DdgMechanism
 
 
 @dataclass(frozen=True)
@@ -332,7 +333,8 @@ class PrivacyLedger:
                                    steps=int(e["steps"]), epsilon=float(e["epsilon"]),
                                    time=str(e["time"]),
                                    noise_multiplier=float(e["noise_multiplier"]),
-                                   sample_rate=float(e["sample_rate"]), delta=float(e["delta"]))
+                                   sample_rate=float(e["sample_rate"]), delta=float(e["delta"]),
+                                   mechanism=_mechanism(e.get("mechanism")))
                        for e in body["entries"]]
             if version == 2:
                 log.info("the ledger at %s is version 2: read as version %d (each of its jobs "
@@ -518,7 +520,8 @@ class PrivacyLedger:
 
     def record(self, run: str, round: int, steps: int, epsilon: float, *,
                noise_multiplier: float = 0.0, sample_rate: float = 0.0,
-               evaluation: bool = False) -> LedgerEntry:
+               evaluation: bool = False,
+               mechanism: dict[str, float] | None = None) -> LedgerEntry:
         """Record that after ``round`` of ``run`` the site has taken ``steps`` steps, spending ``epsilon``.
 
         Both numbers are cumulative within the job, whose grant
@@ -529,6 +532,9 @@ class PrivacyLedger:
         recorded as a second entry with more steps: its spend is real and
         counts. So is an evaluation step after a round (``evaluation``: the
         same kind of entry, one step more, without the warning a retrain gets).
+        Under distributed noise ``mechanism`` holds the round's mechanism
+        (:class:`fedseal.common.ddp.DdgMechanism`'s fields), from which the
+        job's spend is recomputed (:mod:`fedseal.client.ddp_round`).
 
         Returns
         -------
@@ -585,7 +591,7 @@ class PrivacyLedger:
                           f"recording round {round} of job {run}")
         self._check_unchanged()
         entry = LedgerEntry(run, round, steps, epsilon, _now(), float(noise_multiplier),
-                            float(sample_rate), grant.delta)
+                            float(sample_rate), grant.delta, _mechanism(mechanism))
         self._entries.append(entry)
         self._commit(self._entries.pop)
         return entry
@@ -657,7 +663,7 @@ class PrivacyLedger:
         return {"version": VERSION, "site": self.site, "total": asdict(self.total), "seq": seq,
                 "raises": [asdict(r) for r in self._raises],
                 "grants": [asdict(g) for g in self._grants],
-                "entries": [asdict(e) for e in self._entries]}
+                "entries": [_entry_body(e) for e in self._entries]}
 
     def encode(self, seq: int) -> tuple[bytes, str]:
         """The file's bytes as write ``seq`` (body and MAC, sorted keys, indented), and the MAC."""
@@ -687,6 +693,23 @@ class PrivacyLedger:
         spent = self.spent()
         write_counter(counter_path(self.key_path), self._key,
                       Counter(self.site, seq, ledger_mac, spent.epsilon, spent.delta))
+
+
+def _mechanism(value: Any) -> dict[str, float] | None:
+    """An entry's mechanism: None, or its parameters as numbers (ValueError otherwise)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(value)
+    return {str(k): float(v) for k, v in value.items()}
+
+
+def _entry_body(entry: LedgerEntry) -> dict[str, Any]:
+    """An entry as written: without ``mechanism`` under local noise (the version-3 format)."""
+    body = asdict(entry)
+    if body["mechanism"] is None:
+        del body["mechanism"]
+    return body
 
 
 def _corrupt(path: Path, why: str) -> LedgerError:

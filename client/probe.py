@@ -32,13 +32,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedseal.client.trainer import LocalResult, fresh_generator
+from fedseal.common.ddp_wire import STATISTICS_PARTS
 from fedseal.common.dp_rule import Recipe
 from fedseal.common.features import features
 from fedseal.common.privacy import DPPlan
-
-STATISTICS_PARTS = 3
-"""A statistics row's parts (feature vector, label one-hot, count), each of norm at most 1."""
-
 
 class Statistics(NamedTuple):
     """A site's statistics release: mean feature vector, label proportions, example count."""
@@ -46,6 +43,14 @@ class Statistics(NamedTuple):
     mean: np.ndarray
     proportions: np.ndarray
     examples: float
+
+
+def statistics_rows(features: torch.Tensor, labels: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """Each record's statistics row ``[x / max(|x|, 1), onehot(y), 1] / sqrt(3)``: norm at most 1."""
+    rows = features / features.norm(dim=1, keepdim=True).clamp(min=1.0)
+    onehot = nn.functional.one_hot(labels, num_labels).to(rows.dtype)
+    return (torch.cat([rows, onehot, torch.ones(len(rows), 1, dtype=rows.dtype)], dim=1)
+            / math.sqrt(STATISTICS_PARTS))
 
 
 def release_statistics(features: torch.Tensor, labels: torch.Tensor, num_labels: int,
@@ -59,18 +64,17 @@ def release_statistics(features: torch.Tensor, labels: torch.Tensor, num_labels:
     (uniform when none is positive), the count the noisy count over the
     sampling rate. Without a plan, all exactly.
     """
-    rows = features / features.norm(dim=1, keepdim=True).clamp(min=1.0)
-    onehot = nn.functional.one_hot(labels, num_labels).to(rows.dtype)
+    table = statistics_rows(features, labels, num_labels)
+    dim = features.shape[1]
     if plan is None:
-        return Statistics(rows.mean(dim=0).numpy(), (onehot.sum(dim=0) / len(rows)).numpy(),
-                          float(len(rows)))
+        return Statistics(table[:, :dim].mean(dim=0).numpy() * math.sqrt(STATISTICS_PARTS),
+                          table[:, dim:dim + num_labels].mean(dim=0).numpy()
+                          * math.sqrt(STATISTICS_PARTS), float(len(table)))
     gen = fresh_generator(torch.device("cpu"))
-    keep = torch.rand(len(rows), generator=gen) < plan.sample_rate
-    sample = torch.cat([rows[keep], onehot[keep], torch.ones(int(keep.sum()), 1)], dim=1)
-    sample /= math.sqrt(STATISTICS_PARTS)
-    total = sample.sum(dim=0) + plan.noise_multiplier * torch.randn(sample.shape[1], generator=gen)
+    keep = torch.rand(len(table), generator=gen) < plan.sample_rate
+    total = table[keep].sum(dim=0) + plan.noise_multiplier * torch.randn(table.shape[1],
+                                                                         generator=gen)
     total *= math.sqrt(STATISTICS_PARTS)
-    dim = rows.shape[1]
     sampled = max(float(total[-1]), 1.0)
     counts = total[dim:dim + num_labels].clamp(min=0.0)
     proportions = (counts / counts.sum() if counts.sum() > 0
@@ -154,4 +158,5 @@ def probe_round(model, data: TensorDataset, recipe: Recipe, plan: DPPlan | None,
     return train_head(model, feats, data.tensors[2], recipe, plan)
 
 
-__all__ = ["STATISTICS_PARTS", "Statistics", "probe_round", "release_statistics", "train_head"]
+__all__ = ["STATISTICS_PARTS", "Statistics", "probe_round", "release_statistics",
+           "statistics_rows", "train_head"]

@@ -223,13 +223,29 @@ def masked_input(msg: Message, context: Context, cfg: FedConfig, flat_weighted_u
     ``x`` exists only inside this call: what leaves is the masked vector.
     """
     state = _load(context)
-    routed = unpack_routed(field(_params(msg, state), ROUTED, bytes))
-    opened = {s: (ShareMessage.decode(m)[0], ct) for s, (m, ct) in routed.items()}
     x = encode_update(flat_weighted_update, weight, len(state.ctx.participants),
                       round_clip(cfg, state.ctx.round_id))
+    return masked_vector(msg, context, x, state)
+
+
+def masked_vector(msg: Message, context: Context, x: np.ndarray,
+                  state: ClientState | None = None) -> tuple[np.ndarray, bytes]:
+    """Stage 2 for a vector already in the ring (uint32): ``x + masks`` and the complaints.
+
+    :func:`masked_input` encodes a plain update and calls this; under distributed
+    noise ``x`` is the site's encoded noisy share (:mod:`fedseal.client.ddp_round`).
+    """
+    state = _load(context) if state is None else state
+    routed = unpack_routed(field(_params(msg, state), ROUTED, bytes))
+    opened = {s: (ShareMessage.decode(m)[0], ct) for s, (m, ct) in routed.items()}
     y, complaints = state.masked_input(opened, x)
     _save(context, state)
     return y, pack_table(complaints)
+
+
+def cohort_size(context: Context) -> int:
+    """Sites in the secure round in progress at this site (the server's node list)."""
+    return len(_load(context).ctx.participants)
 
 
 def consistency(msg: Message, context: Context) -> Message:
@@ -269,5 +285,5 @@ def unmask(msg: Message, context: Context) -> Message:
                           SEEDS: pack_table(reply[SEEDS])})
 
 
-__all__ = ["begin_round", "check_round", "consistency", "load_identity", "load_roster",
-           "masked_input", "share_keys", "unmask", "unmask_record_path"]
+__all__ = ["begin_round", "check_round", "cohort_size", "consistency", "load_identity",
+           "load_roster", "masked_input", "masked_vector", "share_keys", "unmask", "unmask_record_path"]

@@ -129,9 +129,14 @@ class SitePolicy:
     @classmethod
     def of_run(cls, cfg: FedConfig) -> "SitePolicy":
         """A simulated site's policy: the run's own settings (its user plays every site, so
-        there is nobody to collude with)."""
-        return cls(require_dp=cfg.dp, require_secagg=cfg.secagg, min_cohort=2, min_secagg_k=1,
-                   min_secagg_threshold=2, max_colluders=0, max_update_clip=cfg.update_clip,
+        there is nobody to collude with). Under distributed noise the sites take the
+        run's own assumption, ``min-clients`` sites of which ``max-colluders``
+        collude, so that their noise shares are what the run planned."""
+        distributed = cfg.dp_noise == "distributed"
+        return cls(require_dp=cfg.dp, require_secagg=cfg.secagg,
+                   min_cohort=cfg.min_clients if distributed else 2, min_secagg_k=1,
+                   min_secagg_threshold=2, max_colluders=cfg.max_colluders if distributed else 0,
+                   max_update_clip=cfg.update_clip,
                    federated_eval="on" if cfg.federated_eval else "off",
                    allowed_models=(cfg.model,), labels=tuple(cfg.labels))
 

@@ -89,7 +89,8 @@ def commit_round(site: str, ledger: PrivacyLedger | None, context: Context, job:
                  round: int, steps: int, job_epsilon: float | None, job_delta: float,
                  update: Mapping[str, np.ndarray], weight: float, *,
                  noise_multiplier: float = 0.0, sample_rate: float = 0.0,
-                 evaluation: bool = False) -> CommittedRound:
+                 evaluation: bool = False,
+                 mechanism: Mapping[str, float] | None = None) -> CommittedRound:
     """Record the round's spend (ledger first, durably) and return the committed round.
 
     ``job_epsilon`` is the job's cumulative epsilon after ``steps`` steps, or
@@ -98,7 +99,8 @@ def commit_round(site: str, ledger: PrivacyLedger | None, context: Context, job:
     ``job_delta`` is the job's delta where there is no ledger (with one, the
     ledger records the job's granted delta). ``update`` and ``weight`` are
     what the reply may send; the steps go to the run's ``Context.state`` only
-    when there is no ledger.
+    when there is no ledger. ``mechanism`` (distributed noise) is recorded with
+    the entry.
 
     Raises
     ------
@@ -108,7 +110,8 @@ def commit_round(site: str, ledger: PrivacyLedger | None, context: Context, job:
     private = job_epsilon is not None
     if private and ledger is not None:
         ledger.record(job, round, steps, job_epsilon, noise_multiplier=noise_multiplier,
-                      sample_rate=sample_rate, evaluation=evaluation)
+                      sample_rate=sample_rate, evaluation=evaluation,
+                      mechanism=dict(mechanism) if mechanism is not None else None)
     if ledger is None:
         remember(context, steps, noise_multiplier, sample_rate)
     epsilon = (other_jobs_epsilon(ledger, job) + job_epsilon if job_epsilon is not None

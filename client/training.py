@@ -136,7 +136,7 @@ def prepare(asked: Asked, content: RecordDict, context: Context) -> Prepared:
     rec = recipe(cfg, bucket)
     prepared = Prepared(examples, bucket, rec, ledger, model, tokenizer, global_state,
                         update_template(global_state, cfg, asked.round))
-    if cfg.dp and _held(asked, prepared) is None:
+    if cfg.dp and cfg.dp_noise == "local" and _held(asked, prepared) is None:
         _plan(asked, prepared, context, record=False)
     return prepared
 

@@ -39,6 +39,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "aggregation": ("auto", "vote", "mean"),
     "device": ("auto", "cpu", "cuda"),
     "accountant": ("prv", "rdp"),
+    "dp_noise": ("local", "distributed"),
 }
 """The allowed values of every setting that takes one of a fixed set of words."""
 STRATEGY_SERVER_LR = {"fedavg": 1.0, "fedadam": 0.01}
@@ -103,6 +104,8 @@ class FedConfig:
     delta: float = 1e-5
     max_grad_norm: float | str = AUTO
     accountant: str = "prv"
+    dp_noise: str = "local"
+    max_colluders: int = 1
     # Secure aggregation
     secagg: bool = True
     secagg_k: int | str = AUTO
@@ -166,6 +169,8 @@ class FedConfig:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
         if self.secagg:
             _check_secagg(self)
+        if self.dp_noise == "distributed":
+            _check_distributed(self)
 
     @property
     def effective_server_lr(self) -> float:
@@ -264,6 +269,14 @@ HELP: dict[str, str] = {
     "max_grad_norm": "per-example gradient clip, an L2 norm (positive number) or auto: from the "
                      "rule in common/dp_rule.py",
     "accountant": "privacy accountant: prv (tighter) or rdp (Renyi DP)",
+    "dp_noise": "where the DP noise is added: local (each site noises its own update; holds "
+                "even if secure aggregation is broken) or distributed (each round is one DP-SGD "
+                "step over all sites' samples; each site adds a share of the noise inside "
+                "SecAgg+, so the sum carries it once; needs dp and secagg, probe only; "
+                "docs/ddp.md)",
+    "max_colluders": "with --dp-noise distributed: sites colluding with the server that the "
+                     "noise shares are sized for; min-clients less this many honest shares "
+                     "carry the whole noise (integer >= 0, at most min-clients - 2)",
     # Secure aggregation
     "secagg": "sum the sites' updates under SecAgg+ so the server sees only the sum "
               "(--no-secagg is logged as a warning)",
@@ -294,6 +307,27 @@ HELP: dict[str, str] = {
               "first reply names it (a simulation)",
 }
 """One help text per setting: what it does, its allowed values and unit (the CLI shows these)."""
+
+
+def _check_distributed(cfg: FedConfig) -> None:
+    """``dp-noise = distributed``: what the mode needs (docs/ddp.md says why)."""
+    if not (cfg.dp and cfg.secagg):
+        raise ConfigError("dp-noise distributed adds the noise inside secure aggregation: it "
+                          "needs both dp and secagg on; turn them on, or use --dp-noise local")
+    if cfg.finetune != "probe":
+        raise ConfigError(f"finetune={cfg.finetune} is not yet supported under --dp-noise "
+                          "distributed; use local (or finetune=probe)")
+    if cfg.federated_eval:
+        raise ConfigError("federated-eval is not yet supported under --dp-noise distributed; "
+                          "turn it off or use --dp-noise local")
+    if cfg.local_steps not in (AUTO, 1):
+        raise ConfigError(f"local-steps={cfg.local_steps}: under --dp-noise distributed every "
+                          "round is one DP-SGD step over all sites; leave local-steps auto")
+    if cfg.max_colluders < 0 or cfg.min_clients < cfg.max_colluders + 2:
+        raise ConfigError(f"max-colluders={cfg.max_colluders} with min-clients="
+                          f"{cfg.min_clients}: the noise must rest on at least two honest "
+                          "sites of the smallest round; raise min-clients to max-colluders + 2 "
+                          "or lower max-colluders (>= 0)")
 
 
 def _check_secagg(cfg: FedConfig) -> None:

@@ -218,6 +218,8 @@ def recipe(cfg: FedConfig, bucket: int) -> Recipe:
         training_rounds = cfg.rounds - 1 - adapters  # at least 1: FedConfig checks the rounds
         batch = min(MAX_BATCH, max(1, math.ceil(SAMPLE_RATE * num_examples)))
         steps = max(MIN_STEPS_PER_ROUND, math.ceil(TRAINING_STEPS / training_rounds))
+        if cfg.dp_noise == "distributed":
+            steps = 1  # each round is one DP-SGD step over all sites (client/ddp_round.py)
         return Recipe(cfg.finetune, int(pick("batch_size", batch)),
                       int(pick("local_steps", steps)), float(pick("lr", PROBE_LR)),
                       PROBE_MOMENTUM, float(pick("max_grad_norm", PROBE_CLIP)), stats_rounds(cfg),

@@ -41,6 +41,7 @@ class Code(StrEnum):
     POLICY_LABELS = "policy.labels"
     POLICY_RUN_EPSILON = "policy.run_epsilon"
     POLICY_SIZE = "policy.size"
+    POLICY_NOISE_SHARE = "policy.noise_share"
     # The site's privacy budget.
     BUDGET_EXHAUSTED = "budget.exhausted"
     BUDGET_ROUND = "budget.round"
@@ -57,6 +58,7 @@ class Code(StrEnum):
     MESSAGE_WEIGHTS = "message.weights"
     MESSAGE_SECAGG = "message.secagg"
     MESSAGE_STAGE = "message.stage"
+    MESSAGE_DDP = "message.ddp"
     # The site's own state.
     SITE_DATA = "site.data"
     SITE_LEDGER = "site.ledger"
@@ -89,6 +91,9 @@ DESCRIPTIONS: Mapping[Code, str] = {
                              "(its --max-run-epsilon); lower epsilon",
     Code.POLICY_SIZE: "a size the run asks for (max-length, lora-r, local-steps, batch-size, "
                       "eval-batch-size) is beyond what the site runs; lower it",
+    Code.POLICY_NOISE_SHARE: "under --dp-noise distributed, this round's noise share (or its "
+                             "cohort) is too small for the site's min-cohort and "
+                             "max-colluders; raise min-clients or lower max-colluders",
     Code.BUDGET_EXHAUSTED: "the site's privacy budget left cannot cover this run; lower "
                            "epsilon, or the site operator raises its total (fedseal ledger raise)",
     Code.BUDGET_ROUND: "this round would spend more than the run's grant at this site",
@@ -105,6 +110,8 @@ DESCRIPTIONS: Mapping[Code, str] = {
     Code.MESSAGE_SECAGG: "the server's secure-aggregation parameters are missing, malformed, "
                          "for another round, or leave this site out",
     Code.MESSAGE_STAGE: "a secure-aggregation stage message is malformed, stale or out of order",
+    Code.MESSAGE_DDP: "the server's distributed-noise encoding is missing, malformed or does "
+                      "not fit this round",
     Code.SITE_DATA: "the site's data cannot be used; the site operator sees why in its log",
     Code.SITE_LEDGER: "the site's privacy ledger cannot be read or written; the site operator "
                       "sees why in its log",

@@ -203,7 +203,13 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
         detail.info("round %d/%d: %d site(s) training", server_round, cfg.rounds, len(nodes))
         content = round_content(weights, cfg, job, server_round)
         template = update_template(weights, cfg, server_round)
-        if cfg.secagg:
+        vote_scale = None
+        if cfg.dp_noise == "distributed":  # one DP-SGD step over all sites (docs/ddp.md)
+            from fedseal.server.ddp_round import ddp_round
+
+            weights, sums = ddp_round(grid, nodes, content, weights, cfg, run_id, server_round,
+                                      names, strategy)
+        elif cfg.secagg:
             from fedseal.server.secagg import secure_round
 
             sums = secure_round(grid, nodes, content, template, cfg, run_id, server_round, names)
@@ -212,7 +218,8 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
             sums = sum_plain(replies, template, RoundSums(bytes_sent=sent),
                              train_reply_type(cfg, server_round), names,
                              weight_range(cfg, server_round), round_clip(cfg, server_round))
-        weights, vote_scale = next_weights(weights, sums, cfg, strategy, server_round)
+        if cfg.dp_noise == "local":
+            weights, vote_scale = next_weights(weights, sums, cfg, strategy, server_round)
         load_trainable(model, weights)
         model.to(device)
         logits = held_out_logits(model, eval_data, eval_features, cfg, device)

@@ -147,14 +147,60 @@ def secure_round(grid: Grid, nodes: list[int], content: RecordDict,
     n = len(nodes)
     length = sum(v.size for v in template.values()) + 1  # + the weight entry
     sums = RoundSums()
+    clip = round_clip(cfg, server_round)
     try:
-        k, threshold = round_parameters(cfg, n)
-        clip = round_clip(cfg, server_round)
         quant_config(n, clip)
     except SecAggConfigError as exc:
         sums.abandoned = f"secure aggregation cannot run with {n} sites: {exc}"
         log.warning("round %d not started: %s", server_round, sums.abandoned)
         return sums
+    summed = masked_sum(grid, nodes, content, length, cfg, run_id, server_round, sums, names)
+    if summed is None:
+        return sums
+    total, survivors = summed
+    try:
+        flat, weight_sum = decode_sum(total, n, len(survivors), weight_range(cfg, server_round),
+                                      clip)
+    except SumRangeError as exc:
+        abandon(sums, server_round, str(exc))
+        return sums
+    sums.update_sum = dict(unflatten(flat, template))
+    sums.weight_sum = weight_sum
+    sums.clip = clip
+    return sums
+
+
+def abandon(sums: RoundSums, server_round: int, reason: str) -> None:
+    """Record in ``sums`` that the round is abandoned (the global model stays as it was)."""
+    sums.abandoned = reason + (f" ({len(sums.timed_out)} site(s) timed out: raise --timeout "
+                               "if they are slow rather than gone)" if sums.timed_out else "")
+    log.warning("round %d abandoned, the global model stays as it was: %s", server_round,
+                sums.abandoned)
+    sums.update_sum, sums.weight_sum, sums.contributors = None, 0.0, []
+
+
+def masked_sum(grid: Grid, nodes: list[int], content: RecordDict, length: int, cfg: FedConfig,
+               run_id: int, server_round: int, sums: RoundSums,
+               names: SiteNames | None = None) -> tuple[np.ndarray, list[int]] | None:
+    """The SecAgg+ stages of one round: the unmasked ring sum of the survivors' vectors.
+
+    Each site's masked vector has ``length`` uint32 entries (its reply is refused
+    otherwise). Failures, refusals, spend and bytes go into ``sums``; the
+    survivors become its ``contributors``.
+
+    Returns
+    -------
+    tuple[numpy.ndarray, list[int]] | None
+        The uint32 sum and the survivors' node ids; None if the round was
+        abandoned (``sums.abandoned`` says why).
+    """
+    n = len(nodes)
+    try:
+        k, threshold = round_parameters(cfg, n)
+    except SecAggConfigError as exc:
+        sums.abandoned = f"secure aggregation cannot run with {n} sites: {exc}"
+        log.warning("round %d not started: %s", server_round, sums.abandoned)
+        return None
     challenge_sk, challenge_pk = generate_key_pair()
     ctx = RoundContext(run_id, server_round, nodes, k, threshold, challenge_pk)
     server = ServerState(ctx, challenge_private=challenge_sk, vector_length=length)
@@ -204,17 +250,8 @@ def secure_round(grid: Grid, nodes: list[int], content: RecordDict,
                                     for i, sigs in relays.items()}, _unmask_reply)
         total, rejected = server.finalize(unmask)
         rnd.rejected(rejected)
-        flat, weight_sum = decode_sum(total, n, len(server.survivors),
-                                      weight_range(cfg, server_round), clip)
-    except (ProtocolAbort, SumRangeError) as exc:
-        sums.abandoned = str(exc) + (f" ({len(sums.timed_out)} site(s) timed out: raise --timeout "
-                                     "if they are slow rather than gone)" if sums.timed_out else "")
-        log.warning("round %d abandoned, the global model stays as it was: %s", server_round,
-                    sums.abandoned)
-        sums.update_sum, sums.weight_sum = None, 0.0
-        return sums
-    sums.update_sum = dict(unflatten(flat, template))
-    sums.weight_sum = weight_sum
-    sums.clip = clip
+    except ProtocolAbort as exc:
+        abandon(sums, server_round, str(exc))
+        return None
     sums.contributors = [rnd.name(node) for node in server.survivors]
-    return sums
+    return total, list(server.survivors)

@@ -175,6 +175,21 @@ def test_an_out_of_range_share_is_caught_by_the_sum_check() -> None:
             decode_sum(_ring_sum(tampered), enc, SEED, 4)
 
 
+def test_a_share_shifted_in_every_coordinate_is_caught_by_the_norm_check() -> None:
+    """The adversary shifts every coordinate by less than the coordinate bound of the planned
+    cohort (which fills the ring): the sum's L2 norm is beyond what honest shares reach."""
+    enc = plan_encoding(dim=100, clip=1.0, sum_bound=10.0, max_sites=4, noise_multiplier=1.0,
+                        honest_shares=2)
+    shares = [encode_share(np.full(enc.dim, 0.1), enc, SEED, NoiseRandom(bytes([i]) * 32))
+              for i in range(4)]
+    shift = 2 * enc.norm_bound(4) / math.sqrt(enc.padded_dim)
+    assert shift + np.abs(_signed(_ring_sum(shares))).max() < enc.ring_bound(4)
+    tampered = [s.copy() for s in shares]
+    tampered[1] += np.uint32(int(shift))
+    with pytest.raises(SumRangeError, match="L2 norm"):
+        decode_sum(_ring_sum(tampered), enc, SEED, 4)
+
+
 # -- noise shares against the site policy ----------------------------------------------
 
 

@@ -160,13 +160,46 @@ def test_no_byte_of_the_sites_data_reaches_a_hostile_server(canary_sites, attack
         assert len(codes) == 1
 
 
-def test_the_stock_server_writes_no_byte_of_the_sites_data(canary_sites):
-    """A whole run against a site whose data is refused: metrics, report, summary, logs."""
+def _secure_canary_sites(cfg: FedConfig, nodes: list[dict], tmp_path: Path
+                         ) -> tuple[FedConfig, list[dict]]:
+    """The canary sites, two more good ones, each with a signing key and the roster, under
+    secure aggregation and distributed noise (a round of four withstands beta's refusal)."""
+    more = []
+    for name in ("gamma", "omega"):
+        node = dict(nodes[0], **{"site-name": name,
+                                 "ledger-path": str(tmp_path / f"{name}-ledger.json"),
+                                 "ledger-key": str(tmp_path / "secrets" / f"{name}.key")})
+        node["data-path"] = str(_write(_examples(96, text=f"{CANARY} {name}"),
+                                       Path(nodes[0]["data-path"]).with_name(f"{CANARY}-{name}.jsonl"),
+                                       *(node[k] for k in ("text-column", "label-column"))))
+        more.append(node)
+    nodes = [*nodes, *more]
+    keys = prepare_sites(FedConfig(model=cfg.model, clients=len(nodes), labels=LABELS,
+                                   out=str(tmp_path / "keys")))
+    sites = Path(keys.out) / "sites"
+    nodes = [dict(node, **{"identity-key": str(sites / f"site-{i}.key"),
+                           "peers": str(sites / "peers.pub")}) for i, node in enumerate(nodes)]
+    return cfg.replace(clients=len(nodes), min_clients=2, secagg=True, dp_noise="distributed",
+                       max_colluders=0, federated_eval=False), nodes
+
+
+@pytest.mark.parametrize("dp_noise", ["local", "distributed"])
+def test_the_stock_server_writes_no_byte_of_the_sites_data(canary_sites, tmp_path, dp_noise):
+    """A whole run against a site whose data is refused: metrics, report, summary, logs, and
+    every reply (under distributed noise: the keys, the masked noisy shares, the unmasking)."""
     cfg, nodes, _ = canary_sites
-    grid = Recording(2, node_configs=nodes)
+    if dp_noise == "distributed":
+        cfg, nodes = _secure_canary_sites(cfg, nodes, tmp_path)
+    grid = Recording(len(nodes), node_configs=nodes)
     run_federation(grid, cfg, run_id=RUN_ID)
     rows = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
     assert all(row["refused"]["beta"].startswith(Code.SITE_DATA.value) for row in rows)
+    if dp_noise == "distributed":
+        assert all(row["contributors"] == ["alpha", "gamma", "omega"] for row in rows)
+    kinds = {kind for kind, _, _ in grid.replies}
+    assert dp_noise == "local" or "train.secagg_masked_input" in kinds
+    for kind, server_round, reply in grid.replies:
+        assert CANARY.encode() not in _reply_bytes(reply), (kind, server_round)
     written = [p for p in Path(cfg.out).rglob("*") if p.is_file()]
     assert any(p.name == "report.html" for p in written)
     for path in written:
@@ -189,11 +222,13 @@ def test_every_reply_the_real_site_sends_is_exactly_its_declared_type(tmp_path, 
     """Plain and secure runs with federated evaluation: every reply type occurs, each parses
     strictly (an undeclared record or field fails), and nothing but the declared types occur."""
     seen = set()
-    runs = [dict(secagg=False), dict(secagg=True), dict(secagg=False, aggregation="mean")]
-    for i, run in enumerate(runs):  # vote rounds, SecAgg+ stages, plain training rounds
-        cfg = prepare_sites(FedConfig(model=tiny_bert, clients=3, min_clients=2, rounds=2,
-                                      max_length=8, local_steps=2, federated_eval=True,
-                                      out=str(tmp_path / f"run-{i}"), **run))
+    runs = [dict(secagg=False), dict(secagg=True), dict(secagg=False, aggregation="mean"),
+            dict(secagg=True, dp_noise="distributed", max_colluders=0, local_steps="auto",
+                 federated_eval=False)]
+    for i, run in enumerate(runs):  # vote rounds, SecAgg+ stages, plain rounds, distributed noise
+        settings = dict(model=tiny_bert, clients=3, min_clients=2, rounds=2, max_length=8,
+                        local_steps=2, federated_eval=True, out=str(tmp_path / f"run-{i}"))
+        cfg = prepare_sites(FedConfig(**{**settings, **run}))
         grid = Recording(3)
         run_federation(grid, cfg, run_id=RUN_ID)
         weights = to_numpy_state(trainable_state(build_model(cfg, cfg.labels)))
@@ -206,7 +241,7 @@ def test_every_reply_the_real_site_sends_is_exactly_its_declared_type(tmp_path, 
             seen.add(reply_type.name)
     # A refusal occurs too: ask a site to score a round it never trained.
     grid = Recording(3)
-    cfg = cfg.replace(secagg=False)
+    cfg = cfg.replace(secagg=False, dp_noise="local", federated_eval=True)
     weights = to_numpy_state(trainable_state(build_model(cfg, cfg.labels)))
     [reply] = grid.send_and_receive([Message(_content(cfg, weights, 9), dst_node_id=grid.nodes[0],
                                              message_type="evaluate")])
@@ -257,6 +292,28 @@ def test_sites_of_n_and_n_plus_one_examples_send_identical_metadata(tmp_path, ti
         small, large = (_public(reply_type, r) for r in replies)
         assert small == large, (mode, server_round)
         assert small[(egress.METRICS, "sample-rate")] > 0
+
+
+@pytest.mark.parametrize("n", [100, 1000])
+def test_sites_of_n_and_n_plus_one_send_identical_metadata_under_distributed_noise(
+        tmp_path, tiny_bert, n):
+    """The masked noisy shares' public numbers (epsilon, steps, the mechanism's noise
+    multiplier, the rate) depend on the size bucket and the round's public encoding only."""
+    cfg = prepare_sites(FedConfig(model=tiny_bert, labels=LABELS, clients=2, min_clients=2,
+                                  rounds=2, max_length=8, dp_noise="distributed",
+                                  max_colluders=0, delta=1e-6, out=str(tmp_path / "out")))
+    sites = Path(cfg.out) / "sites"
+    write_examples(_examples(n), sites / "site-0.jsonl")
+    write_examples(_examples(n + 1), sites / "site-1.jsonl")
+    cfg = cfg.replace(eval=str(write_examples(_examples(32), tmp_path / "eval.jsonl")))
+    grid = Recording(2)
+    run_federation(grid, cfg, run_id=RUN_ID)
+    for server_round in (1, 2):
+        small, large = (_public(egress.SECAGG_MASKED_INPUT, reply)
+                        for kind, r, reply in grid.replies
+                        if kind == "train.secagg_masked_input" and r == server_round)
+        assert small == large, server_round
+        assert small[(egress.METRICS, "steps")] == server_round
 
 
 def test_a_secure_round_sends_the_same_public_metadata_as_a_plain_one():
@@ -340,10 +397,11 @@ def test_known_reply_formats():
 
 
 KNOWN_CODES = [
-    "budget.exhausted", "budget.round", "message.config", "message.round", "message.secagg",
+    "budget.exhausted", "budget.round", "message.config", "message.ddp", "message.round",
+    "message.secagg",
     "message.stage", "message.weights", "plan.changed", "plan.infeasible", "policy.cohort",
     "policy.colluders", "policy.dp", "policy.federated_eval", "policy.labels", "policy.model",
-    "policy.run_epsilon", "policy.secagg", "policy.secagg_k", "policy.secagg_threshold",
+    "policy.noise_share", "policy.run_epsilon", "policy.secagg", "policy.secagg_k", "policy.secagg_threshold",
     "policy.size", "policy.update_clip", "round.evaluated", "round.not_trained", "round.sent",
     "round.unmasked", "site.code", "site.config", "site.data", "site.internal", "site.keys",
     "site.ledger", "site.model", "site.record", "train.diverged",

@@ -41,9 +41,10 @@ where ``epsilon_Gauss`` is the Poisson-subsampled Gaussian's with noise multipli
 ``sigma_c / D2`` at rate ``q`` (mixtures of shifts of norm at most ``D2`` are
 dominated by the shift ``D2``, as in DP-SGD). ``epsilon_Gauss`` comes from
 dp-accounting's PLD accountant (Google; pessimistic discretisation, an upper
-bound). For shares of scale ``s >= 5``, ``kappa`` is below ``1e-100`` for any
-practical ``h`` and ``d``, and the discrete mechanism costs exactly what the
-continuous one does. Extra honest shares, and the shares of colluding sites
+bound). For shares of scale ``s >= 5``, ``kappa`` is about ``d * 1.4e-77`` (the
+kernel's ``omega(3)``; the shares' own terms are below ``1e-100``), under ``1e-70``
+for any ``d`` below ``2^20``, and the discrete mechanism costs what the continuous
+one does to every digit a float holds. Extra honest shares, and the shares of colluding sites
 (known to the server), are independent of the record: post-processing.
 
 Why not Kairouz et al.'s route (their Proposition 14 RDP bound for the sum with
@@ -213,7 +214,7 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate:
     after ``history``, keep epsilon at most ``target_epsilon``.
 
     An encoding planned with it has ``DdgMechanism.noise_multiplier`` at least this
-    (share scales round up), so only ``kappa`` (below 1e-100 for shares of scale 5
+    (share scales round up), so only ``kappa`` (under 1e-70 for shares of scale 5
     and more) separates its epsilon from the target; the site checks the real
     mechanism with :func:`epsilon_spent` before it sends.
 

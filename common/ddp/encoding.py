@@ -153,6 +153,21 @@ class Encoding:
                 f"{self.ring_bound(self.max_sites):.3g}, beyond the ring's {RING_MAX}: lower scale "
                 "or share_sigma (plan_encoding picks a scale that fits)")
 
+    def norm_bound(self, sites: int) -> float:
+        """Largest L2 norm of an honest sum of ``sites`` shares, on the same event as
+        :meth:`ring_bound`: the data part is at most ``scale * sites * sum_bound`` exactly
+        (the rotation keeps norms), the noise at most its coordinate bound in each of the
+        ``padded_dim`` coordinates, the rounding below 1 per site and coordinate.
+
+        Much tighter than :meth:`ring_bound` times ``sqrt(padded_dim)`` for the data part
+        (by the Hoeffding factor), so :func:`decode_sum` checks both: a share far
+        beyond the protocol's range is refused even when the planned cohort fills the ring.
+        """
+        k = _tail_factor(self.padded_dim, self.wrap_probability)
+        root_d = math.sqrt(self.padded_dim)
+        return (self.scale * sites * self.sum_bound
+                + (math.sqrt(sites) * self.share_sigma * k + sites) * root_d)
+
     def ring_bound(self, sites: int) -> float:
         """Largest coordinate of an honest sum of ``sites`` shares, except with
         probability ``wrap_probability`` (see the module docstring)."""
@@ -335,7 +350,8 @@ def decode_sum(ring_sum: np.ndarray, encoding: Encoding, rotation_seed: bytes,
     DdpError
         If ``ring_sum`` is not a uint32 vector of the padded length or ``sites`` is out of range.
     SumRangeError
-        If a coordinate lies beyond what ``sites`` honest shares reach (see the module docstring).
+        If a coordinate, or the sum's L2 norm, lies beyond what ``sites`` honest shares
+        reach (see the module docstring and :meth:`Encoding.norm_bound`).
     """
     arr = np.asarray(ring_sum)
     if arr.dtype != np.uint32 or arr.shape != (encoding.padded_dim,):
@@ -349,6 +365,11 @@ def decode_sum(ring_sum: np.ndarray, encoding: Encoding, rotation_seed: bytes,
     if outside:
         raise SumRangeError(f"{outside} coordinates of the sum lie beyond what {sites} honest "
                             f"shares reach ({bound:.4g}): a site sent a share the protocol "
+                            "cannot produce")
+    norm, norm_bound = float(np.linalg.norm(signed)), encoding.norm_bound(sites)
+    if norm > norm_bound:
+        raise SumRangeError(f"the sum's L2 norm {norm:.4g} lies beyond what {sites} honest "
+                            f"shares reach ({norm_bound:.4g}): a site sent a share the protocol "
                             "cannot produce")
     rotated = hadamard(signed / encoding.scale)
     return (rotation_signs(rotation_seed, encoding.padded_dim) * rotated)[:encoding.dim]

@@ -12,7 +12,11 @@ missing), scored on the whole dev set. Arms, for each partition (``iid`` and
 ``dirichlet`` with alpha 0.5):
 
 * ``fed``: non-private (the same sampling and steps without noise: the same compute);
-* ``fed_dp_eps<E>``: DP at every site with ``(E, 1e-5)`` per site, E in 1, 2, 4, 8.
+* ``fed_dp_eps<E>``: DP at every site with ``(E, 1e-5)`` per site, E in 1, 2, 4, 8;
+* ``fed_ddp_eps<E>`` (with ``--dp-noise local,distributed`` or ``distributed``): the same
+  budget under ``dp-noise = distributed`` (docs/ddp.md), ``--ddp-rounds`` rounds (each
+  one DP-SGD step over all sites; sites' policy: ``min-clients`` = the sites, one
+  colluder).
 
 The JSON holds ``fed_acc`` and ``fed_dp_acc`` (IID, epsilon 8), the targets of
 issue 9 and whether each is met, and every arm's per-round accuracy, macro-F1,
@@ -47,6 +51,10 @@ from simulations.bench.report import emit_report, finish, setup_bench_logging
 log = logging.getLogger("fedseal.bench.utility")
 
 TARGETS = {"fed_dp_acc_min": 0.83, "dp_gap_max": 0.03}
+DDP_TARGETS = {"ddp_gap_max_eps8": 0.01, "ddp_acc_min_eps1": 0.82}
+"""Issue 20's targets for distributed noise (IID): within 0.01 of non-private at epsilon 8,
+at least 0.82 at epsilon 1."""
+NOISE_MODES = ("local", "distributed")
 EPSILONS = (1.0, 2.0, 4.0, 8.0)
 PARTITIONS = ("iid", "dirichlet")
 
@@ -80,13 +88,19 @@ def run_federated(cfg: FedConfig) -> dict[str, Any]:
     started = time.monotonic()
     summary = run_federation(LocalGrid(cfg.clients), cfg, run_id=RUN_ID)
     rows = [json.loads(line) for line in Path(summary["metrics"]).read_text().splitlines()]
+    wall = time.monotonic() - started
     return {
         "accuracy": rows[-1]["accuracy"],
         "macro_f1": rows[-1]["macro_f1"],
         "accuracy_per_round": [round(r["accuracy"], 4) for r in rows],
         "epsilon_max": summary["epsilon_max"],
         "contributors_per_round": [len(r["contributors"]) for r in rows],
-        "wall_seconds": round(time.monotonic() - started, 1),
+        "abandoned_rounds": sum(bool(r["abandoned"]) for r in rows),
+        "rounds": len(rows),
+        "seconds_per_round": round(sum(r["seconds"] for r in rows) / max(len(rows), 1), 3),
+        "bytes_received_per_site_round": round(sum(r["bytes_received"] for r in rows)
+                                               / max(len(rows), 1) / cfg.clients),
+        "wall_seconds": round(wall, 1),
     }
 
 
@@ -152,6 +166,17 @@ def summarise(arms: dict[str, dict[str, Any]], args: argparse.Namespace, size: i
         if report["fed_acc"] is not None:
             gap = report["fed_acc"] - report["fed_dp_acc"]
             report["targets"].update(dp_gap=round(gap, 4), dp_gap_met=gap <= TARGETS["dp_gap_max"])
+    ddp_eps8, ddp_eps1 = (iid.get(f"fed_ddp_eps{e}", {}).get("accuracy") for e in (8, 1))
+    if ddp_eps8 is not None or ddp_eps1 is not None:
+        ddp_targets: dict[str, Any] = dict(DDP_TARGETS)
+        if ddp_eps8 is not None and report["fed_acc"] is not None:
+            gap = report["fed_acc"] - ddp_eps8
+            ddp_targets.update(gap_eps8=round(gap, 4),
+                               gap_eps8_met=gap <= DDP_TARGETS["ddp_gap_max_eps8"])
+        if ddp_eps1 is not None:
+            ddp_targets.update(acc_eps1=ddp_eps1,
+                               acc_eps1_met=ddp_eps1 >= DDP_TARGETS["ddp_acc_min_eps1"])
+        report["ddp_targets"] = ddp_targets
     report["curve"] = {p: {name: a["accuracy"] for name, a in runs.items()}
                        for p, runs in arms.items()}
     report["arms"] = arms
@@ -161,6 +186,7 @@ def summarise(arms: dict[str, dict[str, Any]], args: argparse.Namespace, size: i
         "epsilons": list(args.epsilons), "delta": args.delta, "accountant": args.accountant,
         "finetune": base.finetune, "training_settings": "auto (fedseal.common.dp_rule)",
         "secagg": base.secagg, "seed": args.seed, "repeats": args.repeats,
+        "dp_noise": list(args.dp_noise), "ddp_rounds": args.ddp_rounds,
     }
     report["machine"] = {"platform": platform.platform(), "torch_threads": torch.get_num_threads(),
                          "device": str(pick_device(base.device))}
@@ -182,7 +208,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                  size, args.sites, args.rounds, list(args.epsilons))
         for partition in args.partitions:
             runs = [("fed", base.replace(dp=False))] + [
-                (f"fed_dp_eps{e:g}", base.replace(epsilon=e)) for e in args.epsilons]
+                (f"fed_ddp_eps{e:g}", base.replace(epsilon=e, dp_noise="distributed",
+                                                    rounds=args.ddp_rounds))
+                for e in args.epsilons if "distributed" in args.dp_noise] + [
+                (f"fed_dp_eps{e:g}", base.replace(epsilon=e)) for e in args.epsilons
+                if "local" in args.dp_noise]
             for name, cfg in runs:
                 log.info("%s arm %s ...", partition, name)
                 arms[partition][name] = pool_runs([
@@ -219,6 +249,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs per arm, on the same partition with fresh noise (default 1)")
+    parser.add_argument("--dp-noise", type=lambda v: tuple(v.split(",")), default=("local",),
+                        help="comma-separated subset of local,distributed: the DP arms to run "
+                             "(default local)")
+    parser.add_argument("--ddp-rounds", type=int, default=101,
+                        help="rounds of the distributed arms: 1 statistics round, then one "
+                             "DP-SGD step a round (default 101)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     if args.repeats < 1:
@@ -226,6 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = set(args.partitions) - set(PARTITIONS)
     if unknown:
         parser.error(f"unknown partition(s) {sorted(unknown)}; use iid and/or dirichlet")
+    if set(args.dp_noise) - set(NOISE_MODES):
+        parser.error(f"unknown --dp-noise {sorted(set(args.dp_noise) - set(NOISE_MODES))}; use "
+                     "local and/or distributed")
     setup_bench_logging(args.log_level)
     started = time.monotonic()
     return finish(run_benchmark(args), started, args.json, args.plot, plot)
