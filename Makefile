@@ -1,11 +1,12 @@
 # `make run`: set up .venv if needed and run the default simulation.
-# `make test`: set up .venv (and chromium, for the report test) if needed and run the test suite.
+# `make test`: set up .venv (and chromium, for the report test) if needed, check style and
+# types (`make lint`), and run the test suite.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install browser clean
+.PHONY: run test lint install browser clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,7 +29,14 @@ browser:
 	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }; }; } || \
 	  echo "make: chromium is missing and cannot be installed here: run apt-get install chromium as root"
 
-test: $(STAMP) browser
+# Style (ruff: rules in pyproject.toml) and types (mypy over common/, client/, server/).
+LINTED := common client server simulations tests
+lint: $(STAMP)
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
+	$(BIN)/mypy
+
+test: $(STAMP) browser lint
 	FEDSEAL_REQUIRE_CHROMIUM=1 HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 clean:

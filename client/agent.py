@@ -57,19 +57,24 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from fedseal.common.errors import FedsealError
 from fedseal.client.ledger import LedgerError, PrivacyLedger
 from fedseal.client.ledger_cli import add_ledger_files
 from fedseal.client.pinning import installed_manifest, manifest_digest
-from fedseal.client.site import (DEFAULT_LABEL_COLUMN, DEFAULT_TEXT_COLUMN, FEDERATED_EVAL_MODES,
-                                 SitePolicy)
+from fedseal.client.site import DEFAULT_LABEL_COLUMN, DEFAULT_TEXT_COLUMN, FEDERATED_EVAL_MODES, SitePolicy
 from fedseal.common.config import AUTO, CHOICES, ConfigError
 from fedseal.common.durable import atomic_write
-from fedseal.common.processes import (ProcessError, child_env, die_with_parent, flwr_bin, split_address,
-                              stop_process)
+from fedseal.common.errors import FedsealError
+from fedseal.common.processes import (
+    ProcessError,
+    child_env,
+    die_with_parent,
+    flwr_bin,
+    split_address,
+    stop_process,
+)
 
 log = logging.getLogger("fedseal.client")
 
@@ -97,13 +102,17 @@ def check_files(data: Path, key: Path | None, ca: Path | None) -> None:
         raise AgentError(f"--data {data} cannot be read: {exc.strerror}") from None
     if key is not None:
         if not key.is_file():
-            raise AgentError(f"--key {key} does not exist; make this site's key with "
-                             "`fedseal keys site --name NAME --out DIR` (DIR/NAME.key)")
+            raise AgentError(
+                f"--key {key} does not exist; make this site's key with "
+                "`fedseal keys site --name NAME --out DIR` (DIR/NAME.key)"
+            )
         try:
             load_ssh_private_key(key.read_bytes(), password=None)
         except (ValueError, TypeError, OSError) as exc:
-            raise AgentError(f"--key {key} is not an unencrypted OpenSSH private key ({exc}); use "
-                             "DIR/NAME.key from `fedseal keys site`, not the .pub file") from None
+            raise AgentError(
+                f"--key {key} is not an unencrypted OpenSSH private key ({exc}); use "
+                "DIR/NAME.key from `fedseal keys site`, not the .pub file"
+            ) from None
     if ca is not None:
         if not ca.is_file():
             raise AgentError(f"--ca {ca} does not exist; copy ca.pem from the server's keys folder")
@@ -111,9 +120,11 @@ def check_files(data: Path, key: Path | None, ca: Path | None) -> None:
             cert = x509.load_pem_x509_certificate(ca.read_bytes())
         except ValueError:
             raise AgentError(f"--ca {ca} is not a PEM certificate; use the federation's ca.pem") from None
-        if cert.not_valid_after_utc < dt.datetime.now(dt.timezone.utc):
-            raise AgentError(f"the CA certificate {ca} expired on {cert.not_valid_after_utc:%Y-%m-%d}; "
-                             "ask the server operator for the federation's current ca.pem")
+        if cert.not_valid_after_utc < dt.datetime.now(dt.UTC):
+            raise AgentError(
+                f"the CA certificate {ca} expired on {cert.not_valid_after_utc:%Y-%m-%d}; "
+                "ask the server operator for the federation's current ca.pem"
+            )
 
 
 def check_peers(peers: Path) -> int:
@@ -127,8 +138,10 @@ def check_peers(peers: Path) -> int:
     try:
         lines = peers.read_text(encoding="ascii").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise AgentError(f"--peers {peers} cannot be read ({exc}); it lists the fellow sites' "
-                         "public keys (their NAME.pub lines)") from None
+        raise AgentError(
+            f"--peers {peers} cannot be read ({exc}); it lists the fellow sites' "
+            "public keys (their NAME.pub lines)"
+        ) from None
     count = 0
     for number, line in enumerate(lines, 1):
         if not line.strip() or line.lstrip().startswith("#"):
@@ -136,12 +149,16 @@ def check_peers(peers: Path) -> int:
         try:
             load_ssh_public_key(line.strip().encode("ascii"))
         except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-            raise AgentError(f"--peers {peers} line {number} is not an OpenSSH public key ({exc}); "
-                             "put one site's NAME.pub line per line") from None
+            raise AgentError(
+                f"--peers {peers} line {number} is not an OpenSSH public key ({exc}); "
+                "put one site's NAME.pub line per line"
+            ) from None
         count += 1
     if count == 0:
-        raise AgentError(f"--peers {peers} holds no public key: list the sites this site accepts "
-                         "as fellow members (their NAME.pub files, one per line)")
+        raise AgentError(
+            f"--peers {peers} holds no public key: list the sites this site accepts "
+            "as fellow members (their NAME.pub files, one per line)"
+        )
     return count
 
 
@@ -163,25 +180,36 @@ def probe_server(host: str, port: int, ca: Path | None, wait: float) -> None:
         except ssl.SSLCertVerificationError as exc:
             reason = exc.verify_message or str(exc)
             if "expired" in reason:
-                raise AgentError(f"the server's certificate has expired ({reason}); the server "
-                                 "operator must issue a new one (`fedseal keys init --force`)") from None
+                raise AgentError(
+                    f"the server's certificate has expired ({reason}); the server "
+                    "operator must issue a new one (`fedseal keys init --force`)"
+                ) from None
             if "match" in reason or "mismatch" in reason:
-                raise AgentError(f"the server's certificate does not cover {host!r} ({reason}); "
-                                 "connect with a name or address it was issued for") from None
-            raise AgentError(f"the server's certificate does not verify against --ca {ca} "
-                             f"({reason}): use this federation's ca.pem") from None
+                raise AgentError(
+                    f"the server's certificate does not cover {host!r} ({reason}); "
+                    "connect with a name or address it was issued for"
+                ) from None
+            raise AgentError(
+                f"the server's certificate does not verify against --ca {ca} "
+                f"({reason}): use this federation's ca.pem"
+            ) from None
         except ssl.SSLError as exc:
-            raise AgentError(f"TLS with {host}:{port} failed ({exc.reason or exc}); is the server "
-                             "running without TLS (--insecure)? Then both sides must say so") from None
-        except (ConnectionRefusedError, socket.timeout, TimeoutError, socket.gaierror, OSError) as exc:
+            raise AgentError(
+                f"TLS with {host}:{port} failed ({exc.reason or exc}); is the server "
+                "running without TLS (--insecure)? Then both sides must say so"
+            ) from None
+        except (ConnectionRefusedError, TimeoutError, socket.gaierror, OSError) as exc:
             if time.monotonic() > deadline:
-                raise AgentError(f"cannot reach the server at {host}:{port} ({exc}); check "
-                                 "--server, that `fedseal server` runs there, and the firewall") from None
+                raise AgentError(
+                    f"cannot reach the server at {host}:{port} ({exc}); check "
+                    "--server, that `fedseal server` runs there, and the firewall"
+                ) from None
             time.sleep(2.0)
 
 
-def check_data(data: Path, text_column: str, label_column: str,
-               labels: tuple[str, ...] | None) -> tuple[str, ...]:
+def check_data(
+    data: Path, text_column: str, label_column: str, labels: tuple[str, ...] | None
+) -> tuple[str, ...]:
     """Read the site's file at start with the reader the rounds use; return its declared labels.
 
     Without ``labels`` (``--labels``) the agent refuses to start, showing the
@@ -196,36 +224,61 @@ def check_data(data: Path, text_column: str, label_column: str,
     """
     from fedseal.common.data import DataError, read_examples
 
-    hint = (f" (read with --text-column {text_column!r} and --label-column {label_column!r}; "
-            "change them to match the file's header or keys)")
+    hint = (
+        f" (read with --text-column {text_column!r} and --label-column {label_column!r}; "
+        "change them to match the file's header or keys)"
+    )
     try:
-        examples = read_examples(data, text_column=text_column, label_column=label_column,
-                                 label_names=labels or None)
+        examples = read_examples(
+            data, text_column=text_column, label_column=label_column, label_names=labels or None
+        )
     except DataError as exc:
         message = str(exc).replace("Set --text-column / --label-column", "").rstrip(". ")
         message = message.replace("fix the file or set --labels", "fix the file or --labels")
         raise AgentError(f"--data: {message}{hint}") from None
     if not labels:
-        raise AgentError(f"--labels is required: declare the label set of this site's data (the "
-                         f"file {data} holds {list(examples.label_names)}); a run is accepted only "
-                         "with exactly these labels")
+        raise AgentError(
+            f"--labels is required: declare the label set of this site's data (the "
+            f"file {data} holds {list(examples.label_names)}); a run is accepted only "
+            "with exactly these labels"
+        )
     return tuple(labels)
 
 
-def node_config(data: Path, name: str, epsilon: float, delta: float, ledger: Path,
-                ledger_key: Path, device: str, policy: SitePolicy, identity_key: Path | None,
-                peers: Path | None, columns: tuple[str, str]) -> dict[str, object]:
+def node_config(
+    data: Path,
+    name: str,
+    epsilon: float,
+    delta: float,
+    ledger: Path,
+    ledger_key: Path,
+    device: str,
+    policy: SitePolicy,
+    identity_key: Path | None,
+    peers: Path | None,
+    columns: tuple[str, str],
+) -> dict[str, object]:
     """What the ClientApp reads in :mod:`fedseal.client.site`: the site's own settings and policy."""
     values: dict[str, object] = {
-        "data-path": str(data), "site-name": name, "epsilon": float(epsilon),
-        "delta": float(delta), "ledger-path": str(ledger), "ledger-key": str(ledger_key),
-        "device": device, "text-column": columns[0], "label-column": columns[1],
-        "allow-model": ",".join(policy.allowed_models), "labels": ",".join(policy.labels),
-        "require-dp": policy.require_dp, "require-secagg": policy.require_secagg,
-        "min-cohort": policy.min_cohort, "min-secagg-k": policy.min_secagg_k,
+        "data-path": str(data),
+        "site-name": name,
+        "epsilon": float(epsilon),
+        "delta": float(delta),
+        "ledger-path": str(ledger),
+        "ledger-key": str(ledger_key),
+        "device": device,
+        "text-column": columns[0],
+        "label-column": columns[1],
+        "allow-model": ",".join(policy.allowed_models),
+        "labels": ",".join(policy.labels),
+        "require-dp": policy.require_dp,
+        "require-secagg": policy.require_secagg,
+        "min-cohort": policy.min_cohort,
+        "min-secagg-k": policy.min_secagg_k,
         "min-secagg-threshold": policy.min_secagg_threshold,
         "max-colluders": policy.max_colluders,
-        "max-update-clip": float(policy.max_update_clip), "federated-eval": policy.federated_eval,
+        "max-update-clip": float(policy.max_update_clip),
+        "federated-eval": policy.federated_eval,
     }
     if math.isfinite(policy.max_run_epsilon):  # unset: the site's total caps a run
         values["max-run-epsilon"] = float(policy.max_run_epsilon)
@@ -282,9 +335,11 @@ class ServerWatch:
             if self.lost_since is not None:
                 return None
             self.lost_since = self._clock()
-            return (f"site {self.name}: lost the server (its run ended, or the network is "
-                    f"down); waiting up to {self.linger:g}s for it to come back (--linger), "
-                    "then stopping; SIGTERM or Ctrl-C stops this site now\n")
+            return (
+                f"site {self.name}: lost the server (its run ended, or the network is "
+                f"down); waiting up to {self.linger:g}s for it to come back (--linger), "
+                "then stopping; SIGTERM or Ctrl-C stops this site now\n"
+            )
         if self.lost_since is not None:
             self.lost_since = None
             return f"site {self.name}: the server is back\n{text}"
@@ -308,14 +363,19 @@ def run_supernode(cmd: list[str], env: dict[str, str], wait: float, watch: Serve
         code = _supernode_once(cmd, env, watch)
         if code != EXIT_KEY_REFUSED or time.monotonic() > deadline:
             break
-        log.warning("the server refused this site's key; trying again in 5s (until --wait "
-                    "runs out: the key may not be admitted yet)")
+        log.warning(
+            "the server refused this site's key; trying again in 5s (until --wait "
+            "runs out: the key may not be admitted yet)"
+        )
         time.sleep(5.0)
     if code == EXIT_KEY_REFUSED:
-        print("fedseal client: error: the server refused this site's key: it is not in the "
-              "server's allowed list (or the same key is connected from elsewhere). Ask the "
-              "operator to admit the matching .pub file (list the site in [server] sites and "
-              "restart fedseal server).", file=sys.stderr)
+        print(
+            "fedseal client: error: the server refused this site's key: it is not in the "
+            "server's allowed list (or the same key is connected from elsewhere). Ask the "
+            "operator to admit the matching .pub file (list the site in [server] sites and "
+            "restart fedseal server).",
+            file=sys.stderr,
+        )
     return code
 
 
@@ -334,9 +394,16 @@ def _supernode_once(cmd: list[str], env: dict[str, str], watch: ServerWatch) -> 
     ended) or SIGTERM stopped the site, 130 on Ctrl-C, :data:`EXIT_KEY_REFUSED`
     when the server refused the key, else the SuperNode's exit code.
     """
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, text=True, bufsize=1,
-                            preexec_fn=die_with_parent)
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        bufsize=1,
+        preexec_fn=die_with_parent,
+    )
 
     reader = _pump(proc, watch.line)
 
@@ -350,9 +417,12 @@ def _supernode_once(cmd: list[str], env: dict[str, str], watch: ServerWatch) -> 
                 stop_process(proc, grace=5.0)
                 break
             if watch.gone_for() > watch.linger:
-                log.info("site %s: the server has been gone for %.0fs: stopping this site "
-                         "(exit 0); start fedseal client again for the next run", watch.name,
-                         watch.gone_for())
+                log.info(
+                    "site %s: the server has been gone for %.0fs: stopping this site "
+                    "(exit 0); start fedseal client again for the next run",
+                    watch.name,
+                    watch.gone_for(),
+                )
                 stop_process(proc, grace=10.0)
                 return 0
             time.sleep(0.2)
@@ -360,8 +430,7 @@ def _supernode_once(cmd: list[str], env: dict[str, str], watch: ServerWatch) -> 
         stop_process(proc, grace=10.0)
         if stop.signum == signal.SIGINT:
             return 130
-        log.info("site %s: stopped on SIGTERM (exit 0); its ledger is closed and kept",
-                 watch.name)
+        log.info("site %s: stopped on SIGTERM (exit 0); its ledger is closed and kept", watch.name)
         return 0
     finally:
         for sig, handler in previous.items():
@@ -397,34 +466,49 @@ def start_runner(home: Path, runtime_address: str, env: dict[str, str]) -> subpr
     secret = home / "runtime.secret"
     atomic_write(secret, secrets.token_bytes(32))
     os.chmod(secret, 0o600)
-    proc = subprocess.Popen([sys.executable, "-m", "fedseal.client.runner",
-                             "--runtime-api-address", runtime_address,
-                             "--auth-secret-file", str(secret)],
-                            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1,
-                            preexec_fn=die_with_parent)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fedseal.client.runner",
+            "--runtime-api-address",
+            runtime_address,
+            "--auth-secret-file",
+            str(secret),
+        ],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        preexec_fn=die_with_parent,
+    )
     _pump(proc, _runner_line)
     return proc
 
 
 def _policy(args: argparse.Namespace, labels: tuple[str, ...]) -> SitePolicy:
-    return SitePolicy(require_dp=args.require_dp, require_secagg=args.require_secagg,
-                      min_cohort=args.min_cohort, min_secagg_k=args.min_secagg_k,
-                      min_secagg_threshold=args.min_secagg_threshold,
-                      max_colluders=args.max_colluders, max_update_clip=args.max_update_clip,
-                      federated_eval=args.federated_eval,
-                      allowed_models=tuple(args.allow_model or SitePolicy().allowed_models),
-                      labels=labels,
-                      max_run_epsilon=(math.inf if args.max_run_epsilon is None
-                                       else args.max_run_epsilon))
+    return SitePolicy(
+        require_dp=args.require_dp,
+        require_secagg=args.require_secagg,
+        min_cohort=args.min_cohort,
+        min_secagg_k=args.min_secagg_k,
+        min_secagg_threshold=args.min_secagg_threshold,
+        max_colluders=args.max_colluders,
+        max_update_clip=args.max_update_clip,
+        federated_eval=args.federated_eval,
+        allowed_models=tuple(args.allow_model or SitePolicy().allowed_models),
+        labels=labels,
+        max_run_epsilon=(math.inf if args.max_run_epsilon is None else args.max_run_epsilon),
+    )
 
 
 def _labels(text: str) -> tuple[str, ...]:
     """``--labels``: comma-separated label names."""
     labels = tuple(item.strip() for item in text.split(",") if item.strip())
     if not labels or len(set(labels)) != len(labels):
-        raise argparse.ArgumentTypeError(f"must be distinct label names separated by commas, got "
-                                         f"{text!r}")
+        raise argparse.ArgumentTypeError(f"must be distinct label names separated by commas, got {text!r}")
     return labels
 
 
@@ -440,96 +524,186 @@ def _port_or_auto(text: str) -> int | str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``fedseal client``: files, budget, the site's policy, start-up."""
     defaults = SitePolicy()
-    parser.add_argument("--server", required=True, metavar="HOST:PORT",
-                        help="where the federation's server listens (its `address`)")
+    parser.add_argument(
+        "--server",
+        required=True,
+        metavar="HOST:PORT",
+        help="where the federation's server listens (its `address`)",
+    )
     parser.add_argument("--ca", type=Path, metavar="FILE", help="the federation's ca.pem")
-    parser.add_argument("--key", type=Path, metavar="FILE",
-                        help="this site's private key (from `fedseal keys site`)")
-    parser.add_argument("--peers", type=Path, metavar="FILE",
-                        help="the public keys (NAME.pub lines) of the sites this site accepts "
-                             "as fellow members, one per line")
-    parser.add_argument("--data", type=Path, required=True, metavar="FILE",
-                        help="this site's CSV, TSV or JSONL file (never leaves the machine)")
-    parser.add_argument("--text-column", default=DEFAULT_TEXT_COLUMN, metavar="NAME",
-                        help="the column (or JSONL key) of --data holding the text (default: "
-                             "%(default)s); the server's column settings are never used here")
-    parser.add_argument("--label-column", default=DEFAULT_LABEL_COLUMN, metavar="NAME",
-                        help="the column (or JSONL key) of --data holding the label (default: "
-                             "%(default)s)")
-    parser.add_argument("--labels", type=_labels, metavar="A,B,...",
-                        help="the label set of --data, declared by the site (required): a run is "
-                             "accepted only with exactly these labels, and a file holding another "
-                             "label is refused at start")
+    parser.add_argument(
+        "--key", type=Path, metavar="FILE", help="this site's private key (from `fedseal keys site`)"
+    )
+    parser.add_argument(
+        "--peers",
+        type=Path,
+        metavar="FILE",
+        help="the public keys (NAME.pub lines) of the sites this site accepts "
+        "as fellow members, one per line",
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="this site's CSV, TSV or JSONL file (never leaves the machine)",
+    )
+    parser.add_argument(
+        "--text-column",
+        default=DEFAULT_TEXT_COLUMN,
+        metavar="NAME",
+        help="the column (or JSONL key) of --data holding the text (default: "
+        "%(default)s); the server's column settings are never used here",
+    )
+    parser.add_argument(
+        "--label-column",
+        default=DEFAULT_LABEL_COLUMN,
+        metavar="NAME",
+        help="the column (or JSONL key) of --data holding the label (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--labels",
+        type=_labels,
+        metavar="A,B,...",
+        help="the label set of --data, declared by the site (required): a run is "
+        "accepted only with exactly these labels, and a file holding another "
+        "label is refused at start",
+    )
     add_ledger_files(parser)
-    parser.add_argument("--epsilon", type=float, default=8.0,
-                        help="the site's total privacy budget epsilon over all runs, record level "
-                             "(positive; default: %(default)s). Each run asks for its share (its "
-                             "config's epsilon) and is refused when less is left. Fixed in the "
-                             "ledger when it is made; raise it on purpose with `fedseal ledger "
-                             "raise`, then start the agent with the new value")
-    parser.add_argument("--delta", type=float, default=1e-5,
-                        help="the site's total privacy budget delta over all runs, in (0, 1) "
-                             "(default: %(default)s). Each run gets at most its epsilon's share "
-                             "of the delta left, so the runs' deltas add up to no more; raised "
-                             "like --epsilon")
-    parser.add_argument("--device", choices=CHOICES["device"], default="auto",
-                        help="where this site trains: auto (CUDA when present, else CPU), cpu or "
-                             "cuda (default: %(default)s)")
+    parser.add_argument(
+        "--epsilon",
+        type=float,
+        default=8.0,
+        help="the site's total privacy budget epsilon over all runs, record level "
+        "(positive; default: %(default)s). Each run asks for its share (its "
+        "config's epsilon) and is refused when less is left. Fixed in the "
+        "ledger when it is made; raise it on purpose with `fedseal ledger "
+        "raise`, then start the agent with the new value",
+    )
+    parser.add_argument(
+        "--delta",
+        type=float,
+        default=1e-5,
+        help="the site's total privacy budget delta over all runs, in (0, 1) "
+        "(default: %(default)s). Each run gets at most its epsilon's share "
+        "of the delta left, so the runs' deltas add up to no more; raised "
+        "like --epsilon",
+    )
+    parser.add_argument(
+        "--device",
+        choices=CHOICES["device"],
+        default="auto",
+        help="where this site trains: auto (CUDA when present, else CPU), cpu or cuda (default: %(default)s)",
+    )
     parser.add_argument("--name", help="site name in logs and the ledger (default: the key's name)")
     policy = parser.add_argument_group("the site's policy (what every run must promise)")
-    policy.add_argument("--require-dp", action=argparse.BooleanOptionalAction,
-                        default=defaults.require_dp,
-                        help="train only with DP (--no-require-dp allows runs without it)")
-    policy.add_argument("--require-secagg", action=argparse.BooleanOptionalAction,
-                        default=defaults.require_secagg,
-                        help="send updates only under secure aggregation (--no-require-secagg "
-                             "allows plain rounds)")
-    policy.add_argument("--min-cohort", type=int, default=defaults.min_cohort, metavar="N",
-                        help="fewest sites in a secure round, and in the run's clients and "
-                             "min-clients (integer >= 2; default: %(default)s)")
-    policy.add_argument("--min-secagg-k", type=int, default=defaults.min_secagg_k, metavar="K",
-                        help="fewest SecAgg+ neighbours per site the run may set and a round may "
-                             "have (integer >= 1; default: %(default)s)")
-    policy.add_argument("--min-secagg-threshold", type=int, default=defaults.min_secagg_threshold,
-                        metavar="T", help="smallest SecAgg+ Shamir threshold the run may set and a "
-                                          "round may have (integer >= 2; default: %(default)s)")
-    policy.add_argument("--max-colluders", type=int, default=defaults.max_colluders, metavar="C",
-                        help="sites colluding with the server that a secure round must withstand: "
-                             "refuse a round whose k and t give 2t-k-1 <= C (integer >= 0, at "
-                             "most min-cohort - 2; default: %(default)s)")
-    policy.add_argument("--max-update-clip", type=float, default=defaults.max_update_clip,
-                        metavar="C", help="largest per-coordinate update clip (the run's "
-                                          "update-clip) the site accepts (positive; default: "
-                                          "%(default)s)")
-    policy.add_argument("--allow-model", action="append", metavar="NAME",
-                        help="a model this site runs, exactly as a run names it (a hub name or a "
-                             "folder of this machine); repeat for several (default: default, the "
-                             "packaged all-MiniLM-L6-v2). Any other model is refused before any "
-                             "file is touched")
-    policy.add_argument("--max-run-epsilon", type=float, metavar="E",
-                        help="most epsilon one run may ask for out of the site's total; a run "
-                             "asking more is refused (positive; default: the total, so a run "
-                             "may ask for all that is left: the stock run asks for 8 of the "
-                             "stock total 8; set it lower to make the total last several runs)")
-    policy.add_argument("--federated-eval", choices=FEDERATED_EVAL_MODES,
-                        default=defaults.federated_eval,
-                        help="on: score the server's model on this site's data when a run asks; "
-                             "off: refuse (default: off)")
-    parser.add_argument("--runtime-port", type=_port_or_auto, default=AUTO, metavar="auto|PORT",
-                        help="local port (on 127.0.0.1) of the SuperNode's runtime API, 1-65535, "
-                             "or auto: a free one (default: auto)")
-    parser.add_argument("--home", type=Path,
-                        help="Flower's working folder (default: beside the ledger)")
-    parser.add_argument("--wait", type=float, default=90.0,
-                        help="seconds to keep trying at start while the server is unreachable or "
-                             "has not admitted this site's key yet (default: %(default)s)")
-    parser.add_argument("--linger", type=float, default=300.0,
-                        help="seconds to wait for a lost server to come back (a restart) "
-                             "before this site stops with exit 0, as it does once a run has "
-                             "ended (default: %(default)s)")
-    parser.add_argument("--insecure", action="store_true",
-                        help="no TLS and no authentication (only against `fedseal server "
-                             "--insecure`; default: off)")
+    policy.add_argument(
+        "--require-dp",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.require_dp,
+        help="train only with DP (--no-require-dp allows runs without it)",
+    )
+    policy.add_argument(
+        "--require-secagg",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.require_secagg,
+        help="send updates only under secure aggregation (--no-require-secagg allows plain rounds)",
+    )
+    policy.add_argument(
+        "--min-cohort",
+        type=int,
+        default=defaults.min_cohort,
+        metavar="N",
+        help="fewest sites in a secure round, and in the run's clients and "
+        "min-clients (integer >= 2; default: %(default)s)",
+    )
+    policy.add_argument(
+        "--min-secagg-k",
+        type=int,
+        default=defaults.min_secagg_k,
+        metavar="K",
+        help="fewest SecAgg+ neighbours per site the run may set and a round may "
+        "have (integer >= 1; default: %(default)s)",
+    )
+    policy.add_argument(
+        "--min-secagg-threshold",
+        type=int,
+        default=defaults.min_secagg_threshold,
+        metavar="T",
+        help="smallest SecAgg+ Shamir threshold the run may set and a "
+        "round may have (integer >= 2; default: %(default)s)",
+    )
+    policy.add_argument(
+        "--max-colluders",
+        type=int,
+        default=defaults.max_colluders,
+        metavar="C",
+        help="sites colluding with the server that a secure round must withstand: "
+        "refuse a round whose k and t give 2t-k-1 <= C (integer >= 0, at "
+        "most min-cohort - 2; default: %(default)s)",
+    )
+    policy.add_argument(
+        "--max-update-clip",
+        type=float,
+        default=defaults.max_update_clip,
+        metavar="C",
+        help="largest per-coordinate update clip (the run's "
+        "update-clip) the site accepts (positive; default: "
+        "%(default)s)",
+    )
+    policy.add_argument(
+        "--allow-model",
+        action="append",
+        metavar="NAME",
+        help="a model this site runs, exactly as a run names it (a hub name or a "
+        "folder of this machine); repeat for several (default: default, the "
+        "packaged all-MiniLM-L6-v2). Any other model is refused before any "
+        "file is touched",
+    )
+    policy.add_argument(
+        "--max-run-epsilon",
+        type=float,
+        metavar="E",
+        help="most epsilon one run may ask for out of the site's total; a run "
+        "asking more is refused (positive; default: the total, so a run "
+        "may ask for all that is left: the stock run asks for 8 of the "
+        "stock total 8; set it lower to make the total last several runs)",
+    )
+    policy.add_argument(
+        "--federated-eval",
+        choices=FEDERATED_EVAL_MODES,
+        default=defaults.federated_eval,
+        help="on: score the server's model on this site's data when a run asks; off: refuse (default: off)",
+    )
+    parser.add_argument(
+        "--runtime-port",
+        type=_port_or_auto,
+        default=AUTO,
+        metavar="auto|PORT",
+        help="local port (on 127.0.0.1) of the SuperNode's runtime API, 1-65535, "
+        "or auto: a free one (default: auto)",
+    )
+    parser.add_argument("--home", type=Path, help="Flower's working folder (default: beside the ledger)")
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=90.0,
+        help="seconds to keep trying at start while the server is unreachable or "
+        "has not admitted this site's key yet (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--linger",
+        type=float,
+        default=300.0,
+        help="seconds to wait for a lost server to come back (a restart) "
+        "before this site stops with exit 0, as it does once a run has "
+        "ended (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="no TLS and no authentication (only against `fedseal server --insecure`; default: off)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -548,13 +722,14 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     host, port = split_address(args.server, "--server", "fl.example.org:9093")
     if not args.insecure and (args.ca is None or args.key is None):
-        raise AgentError("--ca and --key are required (the federation's ca.pem and this site's "
-                         "key from `fedseal keys site`); --insecure only for a trial server")
+        raise AgentError(
+            "--ca and --key are required (the federation's ca.pem and this site's "
+            "key from `fedseal keys site`); --insecure only for a trial server"
+        )
     if args.insecure:
         log.warning("INSECURE: no TLS, no authentication; never use this with real data")
     data, ledger_path = args.data.resolve(), args.ledger.resolve()
-    check_files(data, args.key if args.key is not None else None,
-                None if args.insecure else args.ca)
+    check_files(data, args.key if args.key is not None else None, None if args.insecure else args.ca)
     policy = _policy(args, check_data(data, args.text_column, args.label_column, args.labels))
     if args.peers is not None:
         log.info("peers roster %s: %d site key(s)", args.peers, check_peers(args.peers))
@@ -564,33 +739,72 @@ def _run(args: argparse.Namespace) -> int:
     ledger_key = args.ledger_key.resolve()
     ledger = PrivacyLedger.open(ledger_path, name, args.epsilon, args.delta, key_path=ledger_key)
     left = ledger.remaining()
-    log.info("site %s: ledger %s, total epsilon %g, delta %g; %d job(s) spent epsilon %.4g, "
-             "delta %.3g; left for new runs: epsilon %.4g, delta %.3g (fedseal ledger show)",
-             name, ledger_path, args.epsilon, args.delta, len(ledger.jobs()),
-             ledger.epsilon_spent(), ledger.delta_spent(), max(left.epsilon, 0.0),
-             max(left.delta, 0.0))
+    log.info(
+        "site %s: ledger %s, total epsilon %g, delta %g; %d job(s) spent epsilon %.4g, "
+        "delta %.3g; left for new runs: epsilon %.4g, delta %.3g (fedseal ledger show)",
+        name,
+        ledger_path,
+        args.epsilon,
+        args.delta,
+        len(ledger.jobs()),
+        ledger.epsilon_spent(),
+        ledger.delta_spent(),
+        max(left.epsilon, 0.0),
+        max(left.delta, 0.0),
+    )
     if left.epsilon <= 0 or left.delta <= 0:
-        log.warning("site %s: nothing is left of its budget: it will refuse every new run "
-                    "until the total is raised (fedseal ledger raise)", name)
-    log.info("site %s: policy %s; runs only fedseal code %s", name, policy,
-             manifest_digest(installed_manifest())[:16])
+        log.warning(
+            "site %s: nothing is left of its budget: it will refuse every new run "
+            "until the total is raised (fedseal ledger raise)",
+            name,
+        )
+    log.info(
+        "site %s: policy %s; runs only fedseal code %s",
+        name,
+        policy,
+        manifest_digest(installed_manifest())[:16],
+    )
     probe_server(host, port, None if args.insecure else args.ca.resolve(), args.wait)
     home = (args.home or ledger_path.parent / f".fedseal-{name}").resolve()
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
     runtime_port = free_port() if args.runtime_port == AUTO else args.runtime_port
-    values = node_config(data, name, args.epsilon, args.delta, ledger_path, ledger_key,
-                         args.device, policy, args.key.resolve() if args.key else None,
-                         args.peers.resolve() if args.peers else None,
-                         (args.text_column, args.label_column))
-    cmd = [flwr_bin("flower-supernode"), "--superlink", f"{host}:{port}" if ":" not in host else f"[{host}]:{port}",
-           "--node-config", str(write_node_config(home / "node-config.toml", values)),
-           "--isolation", "process", "--host", "127.0.0.1", "--port", str(runtime_port),
-           "--superexec-auth-secret-file", str(home / "runtime.secret")]
+    values = node_config(
+        data,
+        name,
+        args.epsilon,
+        args.delta,
+        ledger_path,
+        ledger_key,
+        args.device,
+        policy,
+        args.key.resolve() if args.key else None,
+        args.peers.resolve() if args.peers else None,
+        (args.text_column, args.label_column),
+    )
+    cmd = [
+        flwr_bin("flower-supernode"),
+        "--superlink",
+        f"{host}:{port}" if ":" not in host else f"[{host}]:{port}",
+        "--node-config",
+        str(write_node_config(home / "node-config.toml", values)),
+        "--isolation",
+        "process",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(runtime_port),
+        "--superexec-auth-secret-file",
+        str(home / "runtime.secret"),
+    ]
     if args.insecure:
         cmd.append("--insecure")
     else:
-        cmd += ["--root-certificates", str(args.ca.resolve()),
-                "--auth-supernode-private-key", str(args.key.resolve())]
+        cmd += [
+            "--root-certificates",
+            str(args.ca.resolve()),
+            "--auth-supernode-private-key",
+            str(args.key.resolve()),
+        ]
     env = child_env(home)
     runner = start_runner(home, f"127.0.0.1:{runtime_port}", env)
     log.info("site %s: connecting to %s:%d (data %s stays here)", name, host, port, data)

@@ -36,7 +36,7 @@ site's own settings (data, budget, ledger, policy) come from its node config
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedseal.client import ddp_round, secagg
@@ -127,9 +127,11 @@ def _kept(context: Context) -> RecordDict:
     """The kept training message, or a refusal if there is none (a restart, a stage out of order)."""
     names = [k for k in context.state.keys() if k.startswith(KEPT)]
     if not names:
-        raise Refusal(Code.MESSAGE_STAGE, "no secure round in progress at this site (it "
-                      "restarted, or the stage arrived out of order)")
-    return RecordDict({k[len(KEPT):]: context.state[k] for k in names})
+        raise Refusal(
+            Code.MESSAGE_STAGE,
+            "no secure round in progress at this site (it restarted, or the stage arrived out of order)",
+        )
+    return RecordDict({k[len(KEPT) :]: context.state[k] for k in names})
 
 
 def _forget(context: Context) -> None:

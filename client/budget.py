@@ -32,7 +32,7 @@ job is granted all of it.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 from fedseal.client.ledger import Budget, Grant, PrivacyLedger
 from fedseal.client.site import SitePolicy
@@ -45,9 +45,17 @@ def _num(value: float) -> str:
     return f"{value:.10g}"
 
 
-def grant(ledger: PrivacyLedger | None, job: str, asked_epsilon: float, asked_delta: float,
-          policy: SitePolicy, total: Budget, *,
-          check: Callable[[float, float], object] | None = None, record: bool = True) -> Grant:
+def grant(
+    ledger: PrivacyLedger | None,
+    job: str,
+    asked_epsilon: float,
+    asked_delta: float,
+    policy: SitePolicy,
+    total: Budget,
+    *,
+    check: Callable[[float, float], object] | None = None,
+    record: bool = True,
+) -> Grant:
     """The job's grant: the recorded one, or (first round) a new one, recorded before any spend.
 
     Parameters
@@ -88,21 +96,27 @@ def grant(ledger: PrivacyLedger | None, job: str, asked_epsilon: float, asked_de
     """
     asked_epsilon, asked_delta = float(asked_epsilon), float(asked_delta)
     if asked_epsilon > policy.max_run_epsilon:
-        raise Refusal(Code.POLICY_RUN_EPSILON,
-                      f"the run asks for epsilon {_num(asked_epsilon)}, but this site grants one "
-                      f"run at most {_num(policy.max_run_epsilon)} (--max-run-epsilon); the "
-                      "server must lower the run's epsilon, or the site operator must raise "
-                      "--max-run-epsilon",
-                      setting="epsilon", asked=asked_epsilon, limit=policy.max_run_epsilon)
+        raise Refusal(
+            Code.POLICY_RUN_EPSILON,
+            f"the run asks for epsilon {_num(asked_epsilon)}, but this site grants one "
+            f"run at most {_num(policy.max_run_epsilon)} (--max-run-epsilon); the "
+            "server must lower the run's epsilon, or the site operator must raise "
+            "--max-run-epsilon",
+            setting="epsilon",
+            asked=asked_epsilon,
+            limit=policy.max_run_epsilon,
+        )
     recorded = ledger.grant_of(job) if ledger is not None else None
     if recorded is not None:
         _check_unchanged_ask(recorded, asked_epsilon, asked_delta)
         return recorded
     if ledger is not None and str(job) in ledger.jobs():  # rounds recorded, no grant
-        raise Refusal(Code.PLAN_CHANGED,
-                      f"job {job} has spend in the ledger at {ledger.path} but no grant (it "
-                      "started under an older fedseal, or was carried forward by a recovery); "
-                      "it cannot go on: start a new run")
+        raise Refusal(
+            Code.PLAN_CHANGED,
+            f"job {job} has spend in the ledger at {ledger.path} but no grant (it "
+            "started under an older fedseal, or was carried forward by a recovery); "
+            "it cannot go on: start a new run",
+        )
     if ledger is not None:  # the ledger's total is the site's: open() checked it
         total, held = ledger.total, ledger.held()
     else:
@@ -128,28 +142,41 @@ def _fit(held: float, share: float, total: float) -> float:
 
 def _check_unchanged_ask(recorded: Grant, asked_epsilon: float, asked_delta: float) -> None:
     """A job's later rounds must ask for what its first did."""
-    for setting, asked, then in (("epsilon", asked_epsilon, recorded.epsilon),
-                                 ("delta", asked_delta, recorded.asked_delta)):
+    for setting, asked, then in (
+        ("epsilon", asked_epsilon, recorded.epsilon),
+        ("delta", asked_delta, recorded.asked_delta),
+    ):
         if not math.isclose(asked, then, rel_tol=_SLACK):
-            raise Refusal(Code.PLAN_CHANGED,
-                          f"job {recorded.job} asked for {setting} {_num(then)} at its first "
-                          f"round and was granted epsilon {_num(recorded.epsilon)}, delta "
-                          f"{_num(recorded.delta)}; it now asks for {_num(asked)}. A job's "
-                          "grant is never recomputed: start a new run",
-                          setting=setting, asked=asked)
+            raise Refusal(
+                Code.PLAN_CHANGED,
+                f"job {recorded.job} asked for {setting} {_num(then)} at its first "
+                f"round and was granted epsilon {_num(recorded.epsilon)}, delta "
+                f"{_num(recorded.delta)}; it now asks for {_num(asked)}. A job's "
+                "grant is never recomputed: start a new run",
+                setting=setting,
+                asked=asked,
+            )
 
 
-def _check_left(ledger: PrivacyLedger | None, left: Budget, total: Budget,
-                asked_epsilon: float) -> None:
+def _check_left(ledger: PrivacyLedger | None, left: Budget, total: Budget, asked_epsilon: float) -> None:
     """Refuse a new job that what is left of the total cannot cover."""
-    if (asked_epsilon <= left.epsilon * (1 + _SLACK) and left.epsilon > total.epsilon * _SLACK
-            and left.delta > total.delta * _SLACK):
+    if (
+        asked_epsilon <= left.epsilon * (1 + _SLACK)
+        and left.epsilon > total.epsilon * _SLACK
+        and left.delta > total.delta * _SLACK
+    ):
         return
     jobs = len(ledger.jobs()) if ledger is not None else 0
-    files = (f"--ledger {ledger.path} --ledger-key {ledger.key_path}" if ledger is not None
-             else "--ledger LEDGER --ledger-key KEY")
-    short = ("no delta is left" if left.delta <= total.delta * _SLACK
-             else f"it asks for epsilon {_num(asked_epsilon)}")
+    files = (
+        f"--ledger {ledger.path} --ledger-key {ledger.key_path}"
+        if ledger is not None
+        else "--ledger LEDGER --ledger-key KEY"
+    )
+    short = (
+        "no delta is left"
+        if left.delta <= total.delta * _SLACK
+        else f"it asks for epsilon {_num(asked_epsilon)}"
+    )
     raise Refusal(
         Code.BUDGET_EXHAUSTED,
         f"this site's total budget is epsilon {_num(total.epsilon)}, delta {_num(total.delta)}; "
@@ -158,7 +185,9 @@ def _check_left(ledger: PrivacyLedger | None, left: Budget, total: Budget,
         "server can run with epsilon at most what is left, or the site operator can raise the "
         f"total on purpose: fedseal ledger raise {files} --epsilon NEW [--delta NEW] --by NAME "
         "--reason TEXT, then restart fedseal client with the new --epsilon and --delta",
-        asked=asked_epsilon, remaining=max(left.epsilon, 0.0))
+        asked=asked_epsilon,
+        remaining=max(left.epsilon, 0.0),
+    )
 
 
 __all__ = ["grant"]

@@ -38,7 +38,8 @@ import hashlib
 import logging
 import threading
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Callable, Hashable, TypeVar
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     from torch import nn
@@ -62,21 +63,29 @@ LIVE = 10_000
 """Objects handed from one message to the next (:func:`keep`, :func:`take`) per process."""
 
 _lock = threading.Lock()
-_models: "OrderedDict[tuple, tuple[nn.Module, object, tuple]]" = OrderedDict()
-_data: "OrderedDict[tuple, TensorDataset]" = OrderedDict()
-_parsed: "OrderedDict[tuple, object]" = OrderedDict()
-_live: "OrderedDict[Hashable, object]" = OrderedDict()
+_models: OrderedDict[tuple, tuple[nn.Module, object, tuple]] = OrderedDict()
+_data: OrderedDict[tuple, TensorDataset] = OrderedDict()
+_parsed: OrderedDict[tuple, object] = OrderedDict()
+_live: OrderedDict[Hashable, object] = OrderedDict()
 
 
-def model_key(cfg: "FedConfig") -> tuple:
+def model_key(cfg: FedConfig) -> tuple:
     """The settings a site's model and tokenizer are built from (:func:`fedseal.common.model.build_model`)."""
     from fedseal.common.model import resolve_model_path
 
-    return (resolve_model_path(cfg.model), cfg.finetune, tuple(cfg.labels), cfg.seed, cfg.lora_r,
-            cfg.lora_alpha, cfg.lora_dropout, tuple(cfg.lora_targets))
+    return (
+        resolve_model_path(cfg.model),
+        cfg.finetune,
+        tuple(cfg.labels),
+        cfg.seed,
+        cfg.lora_r,
+        cfg.lora_alpha,
+        cfg.lora_dropout,
+        tuple(cfg.lora_targets),
+    )
 
 
-def _frozen_state(model: "nn.Module") -> tuple:
+def _frozen_state(model: nn.Module) -> tuple:
     """Identity and version of every tensor that a working copy shares with the cached model."""
     shared = getattr(model, "backbone", None)
     if shared is None:
@@ -84,14 +93,14 @@ def _frozen_state(model: "nn.Module") -> tuple:
     return tuple((name, t.data_ptr(), t._version) for name, t in shared.state_dict().items())
 
 
-def _working_copy(model: "nn.Module", finetune: str) -> "nn.Module":
+def _working_copy(model: nn.Module, finetune: str) -> nn.Module:
     if finetune == "probe":
         # The frozen encoder is shared; the head and the feature mean are the copy's own.
         return copy.deepcopy(model, memo={id(model.backbone): model.backbone})
     return copy.deepcopy(model)
 
 
-def model_and_tokenizer(cfg: "FedConfig") -> tuple["nn.Module", object]:
+def model_and_tokenizer(cfg: FedConfig) -> tuple[nn.Module, object]:
     """A working copy of the model ``cfg`` describes, and its tokenizer, built once per process.
 
     The copy's trainable weights are its own (load the server's weights into
@@ -117,7 +126,7 @@ def model_and_tokenizer(cfg: "FedConfig") -> tuple["nn.Module", object]:
         return _working_copy(model, cfg.finetune), tokenizer
 
 
-def _examples_digest(examples: "Examples") -> str:
+def _examples_digest(examples: Examples) -> str:
     h = hashlib.sha256(b"fedseal.examples.v1\0")
     for text in examples.texts:
         h.update(text.encode("utf-8") + b"\0")
@@ -125,11 +134,11 @@ def _examples_digest(examples: "Examples") -> str:
     return h.hexdigest()
 
 
-def _nbytes(data: "TensorDataset") -> int:
+def _nbytes(data: TensorDataset) -> int:
     return sum(t.element_size() * t.nelement() for t in data.tensors)
 
 
-def encoded(tokenizer: object, examples: "Examples", max_length: int) -> "TensorDataset":
+def encoded(tokenizer: object, examples: Examples, max_length: int) -> TensorDataset:
     """:func:`fedseal.common.batches.encode`, once per (examples, tokenizer, length) in a process.
 
     The tensors are shared by every caller with the same examples: read them, never
@@ -151,8 +160,11 @@ def encoded(tokenizer: object, examples: "Examples", max_length: int) -> "Tensor
 
 
 def _tokenizer_key(tokenizer: object) -> tuple:
-    return (type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""),
-            len(tokenizer) if hasattr(tokenizer, "__len__") else None)  # type: ignore[arg-type]
+    return (
+        type(tokenizer).__name__,
+        getattr(tokenizer, "name_or_path", ""),
+        len(tokenizer) if hasattr(tokenizer, "__len__") else None,
+    )  # type: ignore[arg-type]
 
 
 def parsed(data: bytes, parse: Callable[[bytes], T]) -> T:
@@ -194,5 +206,16 @@ def clear() -> None:
         _live.clear()
 
 
-__all__ = ["DATA_BYTES", "LIVE", "MODELS", "PARSED", "clear", "encoded", "keep",
-           "model_and_tokenizer", "model_key", "parsed", "take"]
+__all__ = [
+    "DATA_BYTES",
+    "LIVE",
+    "MODELS",
+    "PARSED",
+    "clear",
+    "encoded",
+    "keep",
+    "model_and_tokenizer",
+    "model_key",
+    "parsed",
+    "take",
+]

@@ -42,10 +42,10 @@ from fedseal.client import cache, secagg
 from fedseal.client.budget import grant
 from fedseal.client.ledger import Budget, PrivacyLedger
 from fedseal.client.probe import statistics_rows
+from fedseal.client.randomness import fresh_generator
 from fedseal.client.reply import plan_metrics, status
 from fedseal.client.site import feature_cache
 from fedseal.client.spend import commit_round, steps_done
-from fedseal.client.trainer import fresh_generator
 from fedseal.client.training import Asked, Prepared
 from fedseal.common import ddp, ddp_wire, egress
 from fedseal.common.privacy import sample_rate_for
@@ -87,28 +87,41 @@ def site_plan(asked: Asked, prepared: Prepared, context: Context, *, record: boo
 
     def calibrate(epsilon: float, delta: float) -> float:
         if delta >= 1.0 / (2 * prepared.bucket):
-            raise Refusal(Code.PLAN_INFEASIBLE, f"delta={delta} is not below 1/n for a site of "
-                          f"{prepared.bucket} to {2 * prepared.bucket - 1} examples",
-                          setting="delta", asked=cfg.delta)
+            raise Refusal(
+                Code.PLAN_INFEASIBLE,
+                f"delta={delta} is not below 1/n for a site of "
+                f"{prepared.bucket} to {2 * prepared.bucket - 1} examples",
+                setting="delta",
+                asked=cfg.delta,
+            )
         key = repr((epsilon, delta, rate, cfg.rounds))
         if PLAN in context.state and context.state[PLAN].get("key") == key:
             return float(str(context.state.config_records[PLAN]["noise-multiplier"]))
         try:
             z = ddp_wire.noise_multiplier(epsilon, delta, rate, cfg.rounds)
         except ddp.DdpError as exc:
-            raise Refusal(Code.PLAN_INFEASIBLE, str(exc), setting="epsilon",
-                          asked=cfg.epsilon) from None
+            raise Refusal(Code.PLAN_INFEASIBLE, str(exc), setting="epsilon", asked=cfg.epsilon) from None
         context.state[PLAN] = ConfigRecord({"key": key, "noise-multiplier": z})
         return z
 
-    granted = grant(prepared.ledger, asked.job, cfg.epsilon, cfg.delta, site.policy,
-                    Budget(site.epsilon, site.delta), check=calibrate, record=record)
-    return SitePlan(calibrate(granted.epsilon, granted.delta), rate, cfg.rounds,
-                    granted.epsilon, granted.delta)
+    granted = grant(
+        prepared.ledger,
+        asked.job,
+        cfg.epsilon,
+        cfg.delta,
+        site.policy,
+        Budget(site.epsilon, site.delta),
+        check=calibrate,
+        record=record,
+    )
+    return SitePlan(
+        calibrate(granted.epsilon, granted.delta), rate, cfg.rounds, granted.epsilon, granted.delta
+    )
 
 
-def round_mechanism(asked: Asked, prepared: Prepared, content: RecordDict, plan: SitePlan,
-                    cohort: int) -> tuple[ddp.Encoding, bytes, ddp.DdgMechanism]:
+def round_mechanism(
+    asked: Asked, prepared: Prepared, content: RecordDict, plan: SitePlan, cohort: int
+) -> tuple[ddp.Encoding, bytes, ddp.DdgMechanism]:
     """The round's encoding and seed, checked, and the mechanism this site's step is.
 
     Raises
@@ -121,23 +134,38 @@ def round_mechanism(asked: Asked, prepared: Prepared, content: RecordDict, plan:
     try:
         encoding, seed = ddp_wire.encoding_from_record(content[ddp_wire.RECORD])
     except (KeyError, TypeError, ddp.DdpError) as exc:
-        raise Refusal(Code.MESSAGE_DDP, f"the round's distributed-noise encoding is missing or "
-                      f"invalid: {exc}") from None
+        raise Refusal(
+            Code.MESSAGE_DDP, f"the round's distributed-noise encoding is missing or invalid: {exc}"
+        ) from None
     model = prepared.model
-    shape = ddp_wire.round_shape(asked.cfg, int(model.feature_mean.shape[0]),
-                                 int(model.classifier.out_features), asked.round)
+    shape = ddp_wire.round_shape(
+        asked.cfg, int(model.feature_mean.shape[0]), int(model.classifier.out_features), asked.round
+    )
     if (encoding.dim, encoding.clip) != shape:
-        raise Refusal(Code.MESSAGE_DDP, f"the round's encoding has dimension {encoding.dim} and "
-                      f"clip {encoding.clip}; this round's vectors have {shape[0]} and "
-                      f"{shape[1]}", round=asked.round)
+        raise Refusal(
+            Code.MESSAGE_DDP,
+            f"the round's encoding has dimension {encoding.dim} and "
+            f"clip {encoding.clip}; this round's vectors have {shape[0]} and "
+            f"{shape[1]}",
+            round=asked.round,
+        )
     policy = asked.site.policy
     try:
-        mechanism = ddp.check_share(encoding, noise_multiplier=plan.noise_multiplier,
-                                    min_cohort=policy.min_cohort,
-                                    max_colluders=policy.max_colluders, cohort=cohort)
+        mechanism = ddp.check_share(
+            encoding,
+            noise_multiplier=plan.noise_multiplier,
+            min_cohort=policy.min_cohort,
+            max_colluders=policy.max_colluders,
+            cohort=cohort,
+        )
     except ddp.ShareRefusal as exc:
-        raise Refusal(Code.POLICY_NOISE_SHARE, str(exc), setting="max-colluders",
-                      limit=policy.max_colluders, round=asked.round) from None
+        raise Refusal(
+            Code.POLICY_NOISE_SHARE,
+            str(exc),
+            setting="max-colluders",
+            limit=policy.max_colluders,
+            round=asked.round,
+        ) from None
     return encoding, seed, mechanism
 
 
@@ -151,20 +179,31 @@ def _history(ledger: PrivacyLedger | None, context: Context, job: str) -> list[d
         if HISTORY not in context.state:
             return []
         saved = context.state[HISTORY]
-        return [ddp.DdgSteps(ddp.DdgMechanism(float(s), int(h), float(l2), int(d)), float(q), 1)
-                for s, h, l2, d, q in zip(*(saved[k] for k in (*_MECHANISM_FIELDS, "rate")))]
+        return [
+            ddp.DdgSteps(ddp.DdgMechanism(float(s), int(h), float(l2), int(d)), float(q), 1)
+            for s, h, l2, d, q in zip(*(saved[k] for k in (*_MECHANISM_FIELDS, "rate")))
+        ]
     out, before = [], 0
     for entry in ledger.entries:
         if entry.run != job:
             continue
         if entry.mechanism is None:
-            raise Refusal(Code.PLAN_CHANGED, f"job {job} has rounds recorded without a "
-                          "distributed-noise mechanism (it started under local noise); start a "
-                          "new run")
+            raise Refusal(
+                Code.PLAN_CHANGED,
+                f"job {job} has rounds recorded without a "
+                "distributed-noise mechanism (it started under local noise); start a "
+                "new run",
+            )
         m = entry.mechanism
-        out.append(ddp.DdgSteps(ddp.DdgMechanism(m["share_sigma"], int(m["honest_shares"]),
-                                                 m["l2_sensitivity"], int(m["dim"])),
-                                entry.sample_rate, entry.steps - before))
+        out.append(
+            ddp.DdgSteps(
+                ddp.DdgMechanism(
+                    m["share_sigma"], int(m["honest_shares"]), m["l2_sensitivity"], int(m["dim"])
+                ),
+                entry.sample_rate,
+                entry.steps - before,
+            )
+        )
         before = entry.steps
     return out
 
@@ -172,8 +211,9 @@ def _history(ledger: PrivacyLedger | None, context: Context, job: str) -> list[d
 def _remember(context: Context, mechanism: ddp.DdgMechanism, rate: float) -> None:
     """Add a step to the run's state (a site without a ledger)."""
     kept = context.state.config_records[HISTORY] if HISTORY in context.state else ConfigRecord()
-    saved: dict[str, list[float]] = {k: [float(x) for x in cast(list, kept.get(k, []))]
-                                     for k in (*_MECHANISM_FIELDS, "rate")}
+    saved: dict[str, list[float]] = {
+        k: [float(x) for x in cast(list, kept.get(k, []))] for k in (*_MECHANISM_FIELDS, "rate")
+    }
     for key, value in (*_mechanism_record(mechanism).items(), ("rate", rate)):
         saved[key].append(float(value))
     context.state[HISTORY] = ConfigRecord(dict(saved))
@@ -183,8 +223,7 @@ def job_epsilon(history: list[ddp.DdgSteps], delta: float) -> float:
     """The job's epsilon after ``history``: consecutive steps of one mechanism composed at once."""
     merged: list[ddp.DdgSteps] = []
     for h in history:
-        if merged and (merged[-1].mechanism, merged[-1].sample_rate) == (h.mechanism,
-                                                                           h.sample_rate):
+        if merged and (merged[-1].mechanism, merged[-1].sample_rate) == (h.mechanism, h.sample_rate):
             merged[-1] = ddp.DdgSteps(h.mechanism, h.sample_rate, merged[-1].steps + h.steps)
         else:
             merged.append(h)
@@ -211,19 +250,24 @@ def check(asked: Asked, prepared: Prepared, content: RecordDict, context: Contex
     _check_budget(asked, prepared, context, plan, mechanism)
 
 
-def _check_budget(asked: Asked, prepared: Prepared, context: Context, plan: SitePlan,
-                  mechanism: ddp.DdgMechanism) -> float:
+def _check_budget(
+    asked: Asked, prepared: Prepared, context: Context, plan: SitePlan, mechanism: ddp.DdgMechanism
+) -> float:
     history = _history(prepared.ledger, context, asked.job)
     epsilon = job_epsilon([*history, ddp.DdgSteps(mechanism, plan.sample_rate, 1)], plan.delta)
     if epsilon > plan.epsilon:
-        raise Refusal(Code.BUDGET_ROUND, f"this step would bring job {asked.job}'s epsilon to "
-                      f"{epsilon:.4f}, over its grant of {plan.epsilon:g} at this site",
-                      round=asked.round)
+        raise Refusal(
+            Code.BUDGET_ROUND,
+            f"this step would bring job {asked.job}'s epsilon to "
+            f"{epsilon:.4f}, over its grant of {plan.epsilon:g} at this site",
+            round=asked.round,
+        )
     return epsilon
 
 
-def clipped_sum(model, feats: torch.Tensor, labels: torch.Tensor, clip: float, rate: float,
-                statistics: bool) -> np.ndarray:
+def clipped_sum(
+    model, feats: torch.Tensor, labels: torch.Tensor, clip: float, rate: float, statistics: bool
+) -> np.ndarray:
     """The sum over a fresh Poisson sample (rate ``rate``) of the records' clipped vectors.
 
     Statistics round: the rows of :func:`fedseal.client.probe.statistics_rows` (norm at
@@ -239,15 +283,17 @@ def clipped_sum(model, feats: torch.Tensor, labels: torch.Tensor, clip: float, r
             rows = statistics_rows(feats[keep], labels[keep], num_labels)
             return rows.sum(dim=0).double().numpy()
         x = model.standardise(feats[keep])
-        residual = (torch.softmax(model.classifier(x), dim=1)
-                    - torch.nn.functional.one_hot(labels[keep], num_labels).to(x.dtype))
+        residual = torch.softmax(model.classifier(x), dim=1) - torch.nn.functional.one_hot(
+            labels[keep], num_labels
+        ).to(x.dtype)
         norms = residual.norm(dim=1) * x.norm(dim=1)
         factor = (clip / norms.clamp(min=1e-12)).clamp(max=1.0)
         return ((residual * factor[:, None]).T @ x).reshape(-1).double().numpy()
 
 
-def masked_input(msg: Message, context: Context, asked: Asked, prepared: Prepared,
-                 content: RecordDict) -> Message:
+def masked_input(
+    msg: Message, context: Context, asked: Asked, prepared: Prepared, content: RecordDict
+) -> Message:
     """SecAgg+ stage 2: check, record the step's mechanism and spend, send the masked noisy share.
 
     Raises
@@ -260,27 +306,57 @@ def masked_input(msg: Message, context: Context, asked: Asked, prepared: Prepare
 
     cfg, site = asked.cfg, asked.site
     plan = site_plan(asked, prepared, context, record=True)
-    encoding, seed, mechanism = round_mechanism(asked, prepared, content, plan,
-                                                secagg.cohort_size(context))
+    encoding, seed, mechanism = round_mechanism(asked, prepared, content, plan, secagg.cohort_size(context))
     epsilon = _check_budget(asked, prepared, context, plan, mechanism)
     data = cache.encoded(prepared.tokenizer, prepared.examples, cfg.max_length)
     feats = features(prepared.model, data, pick_device(site.device), feature_cache(site))
-    total = clipped_sum(prepared.model, feats, data.tensors[2], encoding.clip, plan.sample_rate,
-                        ddp_wire.is_statistics_round(cfg, asked.round))
+    total = clipped_sum(
+        prepared.model,
+        feats,
+        data.tensors[2],
+        encoding.clip,
+        plan.sample_rate,
+        ddp_wire.is_statistics_round(cfg, asked.round),
+    )
     share = ddp.encode_share(total, encoding, seed)
     steps = steps_done(prepared.ledger, context, asked.job) + 1
-    committed = commit_round(site.name, prepared.ledger, context, asked.job, asked.round, steps,
-                             epsilon, plan.delta, {"share": share}, 1.0,
-                             noise_multiplier=mechanism.noise_multiplier,
-                             sample_rate=plan.sample_rate,
-                             mechanism=_mechanism_record(mechanism))
+    committed = commit_round(
+        site.name,
+        prepared.ledger,
+        context,
+        asked.job,
+        asked.round,
+        steps,
+        epsilon,
+        plan.delta,
+        {"share": share},
+        1.0,
+        noise_multiplier=mechanism.noise_multiplier,
+        sample_rate=plan.sample_rate,
+        mechanism=_mechanism_record(mechanism),
+    )
     if prepared.ledger is None:
         _remember(context, mechanism, plan.sample_rate)
     y, complaints = secagg.masked_vector(msg, context, share)
-    return egress.build(egress.SECAGG_MASKED_INPUT, msg, {
-        egress.MASKED: {Y: y}, egress.SECAGG: {COMPLAINTS: complaints},
-        egress.METRICS: plan_metrics(committed), egress.STATUS: status(committed)})
+    return egress.build(
+        egress.SECAGG_MASKED_INPUT,
+        msg,
+        {
+            egress.MASKED: {Y: y},
+            egress.SECAGG: {COMPLAINTS: complaints},
+            egress.METRICS: plan_metrics(committed),
+            egress.STATUS: status(committed),
+        },
+    )
 
 
-__all__ = ["HISTORY", "SitePlan", "check", "clipped_sum", "job_epsilon", "masked_input",
-           "round_mechanism", "site_plan"]
+__all__ = [
+    "HISTORY",
+    "SitePlan",
+    "check",
+    "clipped_sum",
+    "job_epsilon",
+    "masked_input",
+    "round_mechanism",
+    "site_plan",
+]

@@ -20,7 +20,7 @@ Adam with ``eps = sqrt(floor)`` under the root.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -28,13 +28,20 @@ import torch
 class DPAdamBC(torch.optim.Optimizer):
     """Adam with the DP noise's variance subtracted from the second moment (see the module)."""
 
-    def __init__(self, params: Iterable[torch.nn.Parameter], *, lr: float, noise_variance: float,
-                 floor: float, betas: tuple[float, float] = (0.9, 0.999)) -> None:
+    def __init__(
+        self,
+        params: Iterable[torch.nn.Parameter],
+        *,
+        lr: float,
+        noise_variance: float,
+        floor: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+    ) -> None:
         if lr <= 0 or noise_variance < 0 or floor <= 0:
-            raise ValueError(f"need lr > 0, noise_variance >= 0 and floor > 0; got {lr}, "
-                             f"{noise_variance}, {floor}")
-        super().__init__(params, {"lr": lr, "betas": betas, "noise_variance": noise_variance,
-                                  "floor": floor})
+            raise ValueError(
+                f"need lr > 0, noise_variance >= 0 and floor > 0; got {lr}, {noise_variance}, {floor}"
+            )
+        super().__init__(params, {"lr": lr, "betas": betas, "noise_variance": noise_variance, "floor": floor})
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102 (torch's signature)
@@ -56,8 +63,8 @@ class DPAdamBC(torch.optim.Optimizer):
                 t = state["step"]
                 state["m"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
                 state["v"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                m_hat = state["m"] / (1 - beta1 ** t)
-                v_hat = state["v"] / (1 - beta2 ** t)
+                m_hat = state["m"] / (1 - beta1**t)
+                v_hat = state["v"] / (1 - beta2**t)
                 denom = (v_hat - group["noise_variance"]).clamp(min=group["floor"]).sqrt()
                 p.addcdiv_(m_hat, denom, value=-group["lr"])
         return loss

@@ -25,11 +25,16 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Callable, Iterator, Sequence, cast
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
 
+from fedseal.client.randomness import fresh_generator
+
+CPU = torch.device("cpu")
+"""The default device of a step (the noise is drawn where the gradients are)."""
 MODES = ("hooks", "functorch", "ghost")
 
 Chunk = Callable[[], torch.Tensor]
@@ -76,10 +81,18 @@ class PrivateSteps:
         Where the noise is drawn.
     """
 
-    def __init__(self, module: nn.Module, params: Sequence[nn.Parameter],
-                 optimizer: torch.optim.Optimizer, *, noise_multiplier: float | None,
-                 clip: float, expected_batch: float, mode: str = "hooks",
-                 device: torch.device = torch.device("cpu")) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        params: Sequence[nn.Parameter],
+        optimizer: torch.optim.Optimizer,
+        *,
+        noise_multiplier: float | None,
+        clip: float,
+        expected_batch: float,
+        mode: str = "hooks",
+        device: torch.device = CPU,
+    ) -> None:
         if mode not in MODES:
             raise ValueError(f"grad_sample_mode {mode!r} is not one of {MODES}")
         if expected_batch <= 0:
@@ -94,26 +107,32 @@ class PrivateSteps:
         # modes) are put in it, the rest keep their mode (dropout stays off in
         # an evaluating module).
         trained = {id(p) for p in self.params}
-        self._modes = [(m, m.training) for m in module.modules()
-                       if any(id(p) in trained for p in m.parameters(recurse=False))]
+        self._modes = [
+            (m, m.training)
+            for m in module.modules()
+            if any(id(p) in trained for p in m.parameters(recurse=False))
+        ]
         for m, _ in self._modes:
             m.train()
         if self.private:
             from opacus.grad_sample.utils import prepare_module
-
-            from fedseal.client.trainer import fresh_generator  # trainer imports this module
             from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 
             extra = {"max_grad_norm": clip} if mode == "ghost" else {}
-            self.hooks = prepare_module(module, mode, wrap_model=False, batch_first=True,
-                                        loss_reduction="sum", strict=True, **extra)
+            self.hooks = prepare_module(
+                module, mode, wrap_model=False, batch_first=True, loss_reduction="sum", strict=True, **extra
+            )
             wrapper = DPOptimizerFastGradientClipping if mode == "ghost" else DPOptimizer
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Secure RNG turned off")
-                self.optimizer = wrapper(optimizer, noise_multiplier=noise_multiplier,
-                                         max_grad_norm=clip, expected_batch_size=expected_batch,
-                                         loss_reduction="mean",
-                                         generator=fresh_generator(device))
+                self.optimizer = wrapper(
+                    optimizer,
+                    noise_multiplier=noise_multiplier,
+                    max_grad_norm=clip,
+                    expected_batch_size=expected_batch,
+                    loss_reduction="mean",
+                    generator=fresh_generator(device),
+                )
 
     def step(self, chunks: Sequence[Chunk]) -> tuple[float, int]:
         """One step over the batch made of ``chunks``; (summed loss, examples) of the batch."""
@@ -132,11 +151,9 @@ class PrivateSteps:
                     (losses.sum() / self.expected_batch).backward()
                     continue
                 if self.mode == "ghost":
-                    from opacus.utils.fast_gradient_clipping_utils import (
-                        DPTensorFastGradientClipping)
+                    from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 
-                    DPTensorFastGradientClipping(self.hooks, self.optimizer, losses,
-                                                 "sum").backward()
+                    DPTensorFastGradientClipping(self.hooks, self.optimizer, losses, "sum").backward()
                 else:
                     losses.sum().backward()
                 if i < len(chunks) - 1:  # clip and accumulate; noise once, at the last chunk
@@ -162,7 +179,7 @@ class PrivateSteps:
         for m, mode in self._modes:
             m.train(mode)
 
-    def __enter__(self) -> "PrivateSteps":
+    def __enter__(self) -> PrivateSteps:
         return self
 
     def __exit__(self, *exc: object) -> None:

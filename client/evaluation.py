@@ -20,9 +20,8 @@ Without DP (a non-private run) the scores are exact.
 
 from __future__ import annotations
 
-from typing import Any, cast
-
 import math
+from typing import Any, cast
 
 import torch
 from flwr.app import Context, RecordDict
@@ -33,13 +32,14 @@ from fedseal.client import cache, once
 from fedseal.client.history import epsilon_after
 from fedseal.client.plan import job_plan
 from fedseal.client.policy import check_evaluate
+from fedseal.client.randomness import fresh_generator
 from fedseal.client.reply import message_config, message_round
 from fedseal.client.site import feature_cache, site_settings
 from fedseal.client.spend import CommittedRound, commit_round, steps_done
-from fedseal.client.trainer import fresh_generator
 from fedseal.client.training import TRAINED, examples_of, global_model, open_ledger
 from fedseal.common.batches import predict
-from fedseal.common.dp_rule import recipe, size_bucket
+from fedseal.common.buckets import size_bucket
+from fedseal.common.dp_rule import recipe
 from fedseal.common.egress import EVAL_LOSS_CLIP
 from fedseal.common.phases import Phase
 from fedseal.common.privacy import DPPlan
@@ -54,8 +54,13 @@ ROW_PARTS = 3
 
 
 @torch.no_grad()
-def example_scores(model: nn.Module, data: TensorDataset, batch_size: int, device: torch.device,
-                   features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def example_scores(
+    model: nn.Module,
+    data: TensorDataset,
+    batch_size: int,
+    device: torch.device,
+    features: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example correctness (0/1) and cross-entropy of ``model`` on ``data``.
 
     With ``features`` (the probe's cached pooled features of ``data``), only the head runs.
@@ -70,8 +75,7 @@ def example_scores(model: nn.Module, data: TensorDataset, batch_size: int, devic
     return correct, loss
 
 
-def release_scores(correct: torch.Tensor, loss: torch.Tensor,
-                   plan: DPPlan | None) -> dict[str, float]:
+def release_scores(correct: torch.Tensor, loss: torch.Tensor, plan: DPPlan | None) -> dict[str, float]:
     """Accuracy and mean clipped loss: one step of the sampled Gaussian mechanism (exact without a plan)."""
     clipped = loss.clamp(min=0.0, max=LOSS_CLIP) / LOSS_CLIP
     rows = torch.stack([correct, clipped, torch.ones_like(correct)], dim=1)
@@ -84,8 +88,10 @@ def release_scores(correct: torch.Tensor, loss: torch.Tensor,
         total = (rows[keep] / math.sqrt(ROW_PARTS)).sum(dim=0) + noise
         total = total * math.sqrt(ROW_PARTS)
     count = max(float(total[2]), 1.0)
-    return {"accuracy": min(max(float(total[0]) / count, 0.0), 1.0),
-            "loss": LOSS_CLIP * min(max(float(total[1]) / count, 0.0), 1.0)}
+    return {
+        "accuracy": min(max(float(total[0]) / count, 0.0), 1.0),
+        "loss": LOSS_CLIP * min(max(float(total[1]) / count, 0.0), 1.0),
+    }
 
 
 def evaluate_round(content: RecordDict, context: Context) -> tuple[CommittedRound, dict[str, float]]:
@@ -103,37 +109,58 @@ def evaluate_round(content: RecordDict, context: Context) -> tuple[CommittedRoun
     check_evaluate(site.policy, cfg)
     job, server_round = message_round(content, context)
     if (job, server_round) not in once.done(context, TRAINED, None):
-        raise Refusal(Code.ROUND_NOT_TRAINED, f"this site did not train round {server_round} of "
-                      f"job {job}; it scores only rounds it took part in", round=server_round)
+        raise Refusal(
+            Code.ROUND_NOT_TRAINED,
+            f"this site did not train round {server_round} of "
+            f"job {job}; it scores only rounds it took part in",
+            round=server_round,
+        )
     path = once.record_path(site.ledger_path, EVALUATED_SUFFIX) if site.ledger_path else None
     evaluated = once.done(context, EVALUATED, path)
     if (job, server_round) in evaluated:
-        raise Refusal(Code.ROUND_EVALUATED, f"round {server_round} of job {job} was already "
-                      "evaluated here; a site answers once per round", round=server_round)
+        raise Refusal(
+            Code.ROUND_EVALUATED,
+            f"round {server_round} of job {job} was already evaluated here; a site answers once per round",
+            round=server_round,
+        )
     examples = examples_of(cfg, site)
     bucket = size_bucket(len(examples))
     ledger = open_ledger(site) if cfg.dp else None
     steps = steps_done(ledger, context, job) + 1
-    plan = (job_plan(context, cfg, recipe(cfg, bucket), site, bucket, ledger, job, server_round,
-                     evaluation=True) if cfg.dp else None)
+    plan = (
+        job_plan(context, cfg, recipe(cfg, bucket), site, bucket, ledger, job, server_round, evaluation=True)
+        if cfg.dp
+        else None
+    )
     once.remember(context, EVALUATED, path, evaluated | {(job, server_round)})
     model, tokenizer, _ = global_model(content, cfg)
     device = pick_device(site.device)
     model.to(device)
     data = cache.encoded(tokenizer, examples, cfg.max_length)
-    feats = (features(model, data, device, feature_cache(site)) if cfg.finetune == "probe"
-             else None)
-    scores = release_scores(*example_scores(model, data, cfg.eval_batch_size, device, feats),
-                            plan)
-    job_epsilon = (epsilon_after(ledger, context, job, plan,
-                                 Phase(plan.noise_multiplier, plan.sample_rate, 1))
-                   if plan else None)
+    feats = features(model, data, device, feature_cache(site)) if cfg.finetune == "probe" else None
+    scores = release_scores(*example_scores(model, data, cfg.eval_batch_size, device, feats), plan)
+    job_epsilon = (
+        epsilon_after(ledger, context, job, plan, Phase(plan.noise_multiplier, plan.sample_rate, 1))
+        if plan
+        else None
+    )
     noise, rate = (plan.noise_multiplier, plan.sample_rate) if plan else (0.0, 0.0)
-    committed = commit_round(site.name, ledger, context, job, server_round, steps, job_epsilon,
-                             plan.delta if plan else site.delta, {}, 0.0,
-                             noise_multiplier=noise, sample_rate=rate, evaluation=True)
+    committed = commit_round(
+        site.name,
+        ledger,
+        context,
+        job,
+        server_round,
+        steps,
+        job_epsilon,
+        plan.delta if plan else site.delta,
+        {},
+        0.0,
+        noise_multiplier=noise,
+        sample_rate=rate,
+        evaluation=True,
+    )
     return committed, scores
 
 
-__all__ = ["EVALUATED", "EVALUATED_SUFFIX", "LOSS_CLIP", "evaluate_round", "example_scores",
-           "release_scores"]
+__all__ = ["EVALUATED", "EVALUATED_SUFFIX", "LOSS_CLIP", "evaluate_round", "example_scores", "release_scores"]

@@ -39,22 +39,24 @@ def _marks(context: Context) -> list[tuple[int, float, float]]:
 def remember(context: Context, steps: int, noise_multiplier: float, sample_rate: float) -> None:
     """Keep, in the run's state, that the job now has ``steps`` steps, the last at ``(sigma, q)``."""
     marks = [*_marks(context), (int(steps), float(noise_multiplier), float(sample_rate))]
-    context.state[PROGRESS] = MetricRecord({"steps": int(steps),
-                                            "at": [m[0] for m in marks],
-                                            "noise": [m[1] for m in marks],
-                                            "rate": [m[2] for m in marks]})
+    context.state[PROGRESS] = MetricRecord(
+        {
+            "steps": int(steps),
+            "at": [m[0] for m in marks],
+            "noise": [m[1] for m in marks],
+            "rate": [m[2] for m in marks],
+        }
+    )
 
 
-def job_history(ledger: PrivacyLedger | None, context: Context, job: str,
-                plan: DPPlan) -> list[Phase]:
+def job_history(ledger: PrivacyLedger | None, context: Context, job: str, plan: DPPlan) -> list[Phase]:
     """The phases of ``job``'s steps taken so far at this site, in order.
 
     A recorded round without its ``(sigma, q)`` (a ledger entry written before
     they were recorded) counts at the plan's own.
     """
     if ledger is not None:
-        marks = [(e.steps, e.noise_multiplier, e.sample_rate) for e in ledger.entries
-                 if e.run == str(job)]
+        marks = [(e.steps, e.noise_multiplier, e.sample_rate) for e in ledger.entries if e.run == str(job)]
     else:
         marks = _marks(context)
     history, before = [], 0
@@ -66,11 +68,11 @@ def job_history(ledger: PrivacyLedger | None, context: Context, job: str,
     return history
 
 
-def epsilon_after(ledger: PrivacyLedger | None, context: Context, job: str, plan: DPPlan,
-                  step: Phase) -> float:
+def epsilon_after(
+    ledger: PrivacyLedger | None, context: Context, job: str, plan: DPPlan, step: Phase
+) -> float:
     """``job``'s epsilon once ``step`` (the round's steps at its phase) is added to its history."""
-    return epsilon_of([*job_history(ledger, context, job, plan), step], plan.delta,
-                      plan.accountant)
+    return epsilon_of([*job_history(ledger, context, job, plan), step], plan.delta, plan.accountant)
 
 
 __all__ = ["PROGRESS", "epsilon_after", "job_history", "remember"]

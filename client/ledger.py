@@ -57,15 +57,25 @@ import json
 import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from fedseal.common.errors import FedsealError
-from fedseal.client.ledger_seal import (LEDGER_CONTEXT, LEDGER_CONTEXTS, Counter, SealError,
-                                        counter_path, create_seal, mac, read_counter, read_key,
-                                        write_counter)
+from fedseal.client.ledger_seal import (
+    LEDGER_CONTEXT,
+    LEDGER_CONTEXTS,
+    Counter,
+    SealError,
+    counter_path,
+    create_seal,
+    mac,
+    read_counter,
+    read_key,
+    write_counter,
+)
 from fedseal.common.durable import atomic_write
+from fedseal.common.errors import FedsealError
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +97,7 @@ def _num(value: float) -> str:
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 @dataclass(frozen=True)
@@ -98,7 +108,7 @@ class Budget:
     delta: float
 
     @classmethod
-    def checked(cls, epsilon: float, delta: float) -> "Budget":
+    def checked(cls, epsilon: float, delta: float) -> Budget:
         """A total budget: epsilon a positive finite number, delta in (0, 1).
 
         Raises
@@ -108,14 +118,17 @@ class Budget:
         """
         epsilon, delta = float(epsilon), float(delta)
         if not (math.isfinite(epsilon) and epsilon > 0) or not 0 < delta < 1:
-            raise LedgerError(f"invalid budget epsilon={epsilon}, delta={delta}: epsilon must be "
-                              "a positive number and delta in (0, 1)")
+            raise LedgerError(
+                f"invalid budget epsilon={epsilon}, delta={delta}: epsilon must be "
+                "a positive number and delta in (0, 1)"
+            )
         return cls(epsilon, delta)
 
-    def isclose(self, other: "Budget") -> bool:
+    def isclose(self, other: Budget) -> bool:
         """Whether both numbers match (after a JSON round trip they are exact)."""
-        return (math.isclose(self.epsilon, other.epsilon, rel_tol=_REL_TOL)
-                and math.isclose(self.delta, other.delta, rel_tol=_REL_TOL))
+        return math.isclose(self.epsilon, other.epsilon, rel_tol=_REL_TOL) and math.isclose(
+            self.delta, other.delta, rel_tol=_REL_TOL
+        )
 
 
 @dataclass(frozen=True)
@@ -160,17 +173,29 @@ class Raise:
 
 
 def _recover_hint(path: Path, key_path: Path) -> str:
-    return (f"If this was deliberate (a backup restored, or the ledger lost for good), run "
-            f"`fedseal ledger recover --ledger {path} --ledger-key {key_path}`: it keeps the "
-            "latest totals the counter remembers, so no recorded spend is forgotten")
+    return (
+        f"If this was deliberate (a backup restored, or the ledger lost for good), run "
+        f"`fedseal ledger recover --ledger {path} --ledger-key {key_path}`: it keeps the "
+        "latest totals the counter remembers, so no recorded spend is forgotten"
+    )
 
 
 class PrivacyLedger:
     """A site's budget and spend, kept in a MACed JSON file; open it with :meth:`open`."""
 
-    def __init__(self, path: Path, key_path: Path, key: bytes, site: str, total: Budget,
-                 entries: list[LedgerEntry], seq: int, file_mac: str,
-                 grants: list[Grant] | None = None, raises: list[Raise] | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        key_path: Path,
+        key: bytes,
+        site: str,
+        total: Budget,
+        entries: list[LedgerEntry],
+        seq: int,
+        file_mac: str,
+        grants: list[Grant] | None = None,
+        raises: list[Raise] | None = None,
+    ) -> None:
         self.path = path
         self.key_path = key_path
         self._key = key
@@ -185,8 +210,9 @@ class PrivacyLedger:
     # -- opening -----------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | Path, site: str, epsilon: float, delta: float, *,
-             key_path: str | Path) -> "PrivacyLedger":
+    def open(
+        cls, path: str | Path, site: str, epsilon: float, delta: float, *, key_path: str | Path
+    ) -> PrivacyLedger:
         """Open the ledger at ``path``, creating it (and its key and counter) on a site's first use.
 
         Parameters
@@ -216,20 +242,24 @@ class PrivacyLedger:
         if not path.exists():
             _refuse_gone(path, key_path, counter)
             if counter.site != site:
-                raise LedgerError(f"the ledger key {key_path} was made for site {counter.site!r}, "
-                                  f"not {site!r}; give each site its own key")
+                raise LedgerError(
+                    f"the ledger key {key_path} was made for site {counter.site!r}, "
+                    f"not {site!r}; give each site its own key"
+                )
             return cls._create(path, key_path, key, site, total, counter.seq)
         ledger = cls._read(path, key_path, key)
         ledger._check_counter(counter)
         if ledger.site != site:
-            raise LedgerError(f"the ledger at {path} belongs to site {ledger.site!r}, not {site!r}; "
-                              "give each site its own ledger-path")
+            raise LedgerError(
+                f"the ledger at {path} belongs to site {ledger.site!r}, not {site!r}; "
+                "give each site its own ledger-path"
+            )
         if not ledger.total.isclose(total):
             raise LedgerError(ledger._total_mismatch(total))
         return ledger
 
     @classmethod
-    def load(cls, path: str | Path, key_path: str | Path) -> "PrivacyLedger":
+    def load(cls, path: str | Path, key_path: str | Path) -> PrivacyLedger:
         """The existing ledger at ``path``, verified (MAC, counter), whatever its site and total.
 
         Raises
@@ -243,36 +273,42 @@ class PrivacyLedger:
         counter = _require_counter(path, key_path, counter)
         if not path.exists():
             _refuse_gone(path, key_path, counter)
-            raise LedgerError(f"there is no ledger at {path} yet: fedseal client creates it on "
-                              "the site's first start")
+            raise LedgerError(
+                f"there is no ledger at {path} yet: fedseal client creates it on the site's first start"
+            )
         ledger = cls._read(path, key_path, key)
         ledger._check_counter(counter)
         return ledger
 
     def _total_mismatch(self, asked: Budget) -> str:
         """Why a site started with total ``asked`` cannot use this ledger, and what to do."""
-        since = (f" (raised on {self._raises[-1].time} by {self._raises[-1].by})"
-                 if self._raises else "")
-        said = (f"the ledger at {self.path} holds the site's total budget epsilon "
-                f"{_num(self.total.epsilon)}, delta {_num(self.total.delta)}{since}, but this site "
-                f"was started with epsilon {_num(asked.epsilon)}, delta {_num(asked.delta)} "
-                f"(fedseal client --epsilon, --delta). Start it with --epsilon "
-                f"{_num(self.total.epsilon)} --delta {_num(self.total.delta)}")
+        since = f" (raised on {self._raises[-1].time} by {self._raises[-1].by})" if self._raises else ""
+        said = (
+            f"the ledger at {self.path} holds the site's total budget epsilon "
+            f"{_num(self.total.epsilon)}, delta {_num(self.total.delta)}{since}, but this site "
+            f"was started with epsilon {_num(asked.epsilon)}, delta {_num(asked.delta)} "
+            f"(fedseal client --epsilon, --delta). Start it with --epsilon "
+            f"{_num(self.total.epsilon)} --delta {_num(self.total.delta)}"
+        )
         if asked.epsilon >= self.total.epsilon and asked.delta >= self.total.delta:
-            return (said + ", or raise the total on purpose (the ledger records who, when and "
-                    f"why): `fedseal ledger raise --ledger {self.path} --ledger-key "
-                    f"{self.key_path} --epsilon {_num(asked.epsilon)} --delta "
-                    f"{_num(asked.delta)} --by NAME --reason TEXT`")
-        return (said + "; a total is never lowered (to give each run less, use "
-                "--max-run-epsilon)")
+            return (
+                said + ", or raise the total on purpose (the ledger records who, when and "
+                f"why): `fedseal ledger raise --ledger {self.path} --ledger-key "
+                f"{self.key_path} --epsilon {_num(asked.epsilon)} --delta "
+                f"{_num(asked.delta)} --by NAME --reason TEXT`"
+            )
+        return said + "; a total is never lowered (to give each run less, use --max-run-epsilon)"
 
     @staticmethod
     def _seal(path: Path, key_path: Path, site: str) -> tuple[bytes, Counter]:
         """The ledger key and counter (both made on a site's first use)."""
         if key_path.resolve().parent == path.resolve().parent:
-            log.warning("the ledger key %s is in the same folder as the ledger %s: a backup "
-                        "restored over both cannot be detected; keep the key elsewhere",
-                        key_path, path)
+            log.warning(
+                "the ledger key %s is in the same folder as the ledger %s: a backup "
+                "restored over both cannot be detected; keep the key elsewhere",
+                key_path,
+                path,
+            )
         try:
             if key_path.exists():
                 key = read_key(key_path)
@@ -280,31 +316,42 @@ class PrivacyLedger:
                 raise LedgerError(
                     f"the ledger at {path} exists but its key {key_path} does not, so the ledger "
                     "cannot be verified; restore the key (or point --ledger-key at it). Without "
-                    "it the recorded spend cannot be trusted and is never reset automatically")
+                    "it the recorded spend cannot be trusted and is never reset automatically"
+                )
             else:
                 key = create_seal(key_path, site)
-                log.info("created the ledger key %s and its counter (keep them apart from the "
-                         "ledger and its backups; the ledger cannot be verified without them)",
-                         key_path)
+                log.info(
+                    "created the ledger key %s and its counter (keep them apart from the "
+                    "ledger and its backups; the ledger cannot be verified without them)",
+                    key_path,
+                )
             counter = read_counter(counter_path(key_path), key)
         except SealError as exc:
             raise LedgerError(str(exc)) from None
         return key, _require_counter(path, key_path, counter)
 
     @classmethod
-    def _create(cls, path: Path, key_path: Path, key: bytes, site: str, total: Budget,
-                seq: int) -> "PrivacyLedger":
+    def _create(
+        cls, path: Path, key_path: Path, key: bytes, site: str, total: Budget, seq: int
+    ) -> PrivacyLedger:
         if not path.parent.is_dir():
-            raise LedgerError(f"cannot create the ledger at {path}: folder {path.parent} does not "
-                              "exist; create it or fix the node config's ledger-path")
+            raise LedgerError(
+                f"cannot create the ledger at {path}: folder {path.parent} does not "
+                "exist; create it or fix the node config's ledger-path"
+            )
         ledger = cls(path, key_path, key, site, total, [], seq, "")
         ledger._write(create=True)
-        log.info("created privacy ledger %s for site %s (total epsilon %s, delta %s)", path, site,
-                 _num(total.epsilon), _num(total.delta))
+        log.info(
+            "created privacy ledger %s for site %s (total epsilon %s, delta %s)",
+            path,
+            site,
+            _num(total.epsilon),
+            _num(total.delta),
+        )
         return ledger
 
     @classmethod
-    def _read(cls, path: Path, key_path: Path, key: bytes) -> "PrivacyLedger":
+    def _read(cls, path: Path, key_path: Path, key: bytes) -> PrivacyLedger:
         try:
             raw = path.read_bytes()
         except OSError as exc:
@@ -314,44 +361,93 @@ class PrivacyLedger:
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise _corrupt(path, "not valid JSON") from None
         if not isinstance(body, dict) or not isinstance(body.get("mac"), str):
-            raise _corrupt(path, "no MAC" + (" (a version-1 ledger, from before ledgers were sealed: recover it with fedseal ledger recover)"
-                                             if isinstance(body, dict) and "checksum" in body
-                                             else ""))
+            raise _corrupt(
+                path,
+                "no MAC"
+                + (
+                    " (a version-1 ledger, from before ledgers were sealed: recover it with fedseal ledger recover)"
+                    if isinstance(body, dict) and "checksum" in body
+                    else ""
+                ),
+            )
         version = body.get("version")
         if version not in LEDGER_CONTEXTS:
-            raise LedgerError(f"the ledger at {path} has version {version!r}; this fedseal reads "
-                              f"versions {', '.join(map(str, LEDGER_CONTEXTS))}: upgrade fedseal")
+            raise LedgerError(
+                f"the ledger at {path} has version {version!r}; this fedseal reads "
+                f"versions {', '.join(map(str, LEDGER_CONTEXTS))}: upgrade fedseal"
+            )
         try:
-            expected = mac(key, LEDGER_CONTEXTS[version], {k: v for k, v in body.items()
-                                                           if k != "mac"})
+            expected = mac(key, LEDGER_CONTEXTS[version], {k: v for k, v in body.items() if k != "mac"})
         except ValueError:  # NaN or infinity
             raise _corrupt(path, "non-finite number") from None
         if not hmac.compare_digest(body["mac"], expected):
             raise _corrupt(path, "MAC mismatch: edited, or made under another ledger key")
         try:
-            entries = [LedgerEntry(run=str(e["run"]), round=int(e["round"]),
-                                   steps=int(e["steps"]), epsilon=float(e["epsilon"]),
-                                   time=str(e["time"]),
-                                   noise_multiplier=float(e["noise_multiplier"]),
-                                   sample_rate=float(e["sample_rate"]), delta=float(e["delta"]),
-                                   mechanism=_mechanism(e.get("mechanism")))
-                       for e in body["entries"]]
+            entries = [
+                LedgerEntry(
+                    run=str(e["run"]),
+                    round=int(e["round"]),
+                    steps=int(e["steps"]),
+                    epsilon=float(e["epsilon"]),
+                    time=str(e["time"]),
+                    noise_multiplier=float(e["noise_multiplier"]),
+                    sample_rate=float(e["sample_rate"]),
+                    delta=float(e["delta"]),
+                    mechanism=_mechanism(e.get("mechanism")),
+                )
+                for e in body["entries"]
+            ]
             if version == 2:
-                log.info("the ledger at %s is version 2: read as version %d (each of its jobs "
-                         "holds what it spent) and written as version %d at its next change",
-                         path, VERSION, VERSION)
-                return cls(path, key_path, key, str(body["site"]),
-                           Budget(float(body["target_epsilon"]), float(body["delta"])), entries,
-                           int(body["seq"]), body["mac"])
-            grants = [Grant(str(g["job"]), float(g["epsilon"]), float(g["delta"]),
-                            float(g["asked_delta"]), str(g["time"])) for g in body["grants"]]
-            raises = [Raise(str(r["time"]), str(r["by"]), str(r["reason"]),
-                            Budget(float(r["old"]["epsilon"]), float(r["old"]["delta"])),
-                            Budget(float(r["new"]["epsilon"]), float(r["new"]["delta"])))
-                      for r in body["raises"]]
+                log.info(
+                    "the ledger at %s is version 2: read as version %d (each of its jobs "
+                    "holds what it spent) and written as version %d at its next change",
+                    path,
+                    VERSION,
+                    VERSION,
+                )
+                return cls(
+                    path,
+                    key_path,
+                    key,
+                    str(body["site"]),
+                    Budget(float(body["target_epsilon"]), float(body["delta"])),
+                    entries,
+                    int(body["seq"]),
+                    body["mac"],
+                )
+            grants = [
+                Grant(
+                    str(g["job"]),
+                    float(g["epsilon"]),
+                    float(g["delta"]),
+                    float(g["asked_delta"]),
+                    str(g["time"]),
+                )
+                for g in body["grants"]
+            ]
+            raises = [
+                Raise(
+                    str(r["time"]),
+                    str(r["by"]),
+                    str(r["reason"]),
+                    Budget(float(r["old"]["epsilon"]), float(r["old"]["delta"])),
+                    Budget(float(r["new"]["epsilon"]), float(r["new"]["delta"])),
+                )
+                for r in body["raises"]
+            ]
             total = Budget(float(body["total"]["epsilon"]), float(body["total"]["delta"]))
-            return cls(path, key_path, key, str(body["site"]), total, entries, int(body["seq"]),
-                       body["mac"], grants, raises)
+            return cls(
+                path,
+                key_path,
+                key,
+                str(body["site"]),
+                total,
+                entries,
+                int(body["seq"]),
+                body["mac"],
+                grants,
+                raises,
+            )
         except (KeyError, TypeError, ValueError):
             raise _corrupt(path, "missing or malformed fields") from None
 
@@ -359,8 +455,10 @@ class PrivacyLedger:
         """The ledger must be the latest write the counter knows of (or one ahead: a crash)."""
         hint = _recover_hint(self.path, self.key_path)
         if counter.site != self.site:
-            raise LedgerError(f"the counter {counter_path(self.key_path)} belongs to site "
-                              f"{counter.site!r}, not {self.site!r}; give each site its own key")
+            raise LedgerError(
+                f"the counter {counter_path(self.key_path)} belongs to site "
+                f"{counter.site!r}, not {self.site!r}; give each site its own key"
+            )
         if self.seq == counter.seq and hmac.compare_digest(self._mac, counter.ledger_mac):
             return
         if self.seq == counter.seq + 1:  # the last write crashed before the counter caught up
@@ -371,10 +469,13 @@ class PrivacyLedger:
                 f"the ledger at {self.path} is an older copy: it is write {self.seq} (epsilon "
                 f"{self.epsilon_spent():.4g}), but the counter remembers write {counter.seq} "
                 f"(epsilon {counter.epsilon:.4g}, delta {counter.delta:.3g}). Using it would "
-                "forget spend. Put the latest ledger back, or: " + hint)
-        raise LedgerError(f"the ledger at {self.path} (write {self.seq}) does not match its "
-                          f"counter (write {counter.seq}): the counter was restored from an "
-                          "older copy, or the ledger comes from elsewhere. " + hint)
+                "forget spend. Put the latest ledger back, or: " + hint
+            )
+        raise LedgerError(
+            f"the ledger at {self.path} (write {self.seq}) does not match its "
+            f"counter (write {counter.seq}): the counter was restored from an "
+            "older copy, or the ledger comes from elsewhere. " + hint
+        )
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -427,8 +528,9 @@ class PrivacyLedger:
         spends = self._spends()
         if run is not None:
             return spends.get(str(run), Budget(0.0, 0.0))
-        return Budget(float(sum(b.epsilon for b in spends.values())),
-                      float(sum(b.delta for b in spends.values())))
+        return Budget(
+            float(sum(b.epsilon for b in spends.values())), float(sum(b.delta for b in spends.values()))
+        )
 
     def epsilon_spent(self, run: str | None = None) -> float:
         """Epsilon spent: in ``run`` if given, else by the site in all jobs (:meth:`spent`)."""
@@ -476,8 +578,7 @@ class PrivacyLedger:
 
     # -- recording ---------------------------------------------------------------------------
 
-    def record_grant(self, job: str, epsilon: float, delta: float,
-                     asked_delta: float) -> Grant:
+    def record_grant(self, job: str, epsilon: float, delta: float, asked_delta: float) -> Grant:
         """Record that ``job`` may spend ``(epsilon, delta)``; call it before any of its spend.
 
         :func:`fedseal.client.budget.grant` decides the numbers; this checks
@@ -493,35 +594,57 @@ class PrivacyLedger:
         """
         job = str(job)
         if not _JOB_ID.fullmatch(job):
-            raise LedgerError(f"job id {job[:80]!r} is not 1 to 64 printable characters without "
-                              "spaces; the server's job id is not recorded")
+            raise LedgerError(
+                f"job id {job[:80]!r} is not 1 to 64 printable characters without "
+                "spaces; the server's job id is not recorded"
+            )
         if self.grant_of(job) is not None:
-            raise LedgerError(f"job {job} already has a grant in {self.path}; a grant is never "
-                              "recomputed")
+            raise LedgerError(f"job {job} already has a grant in {self.path}; a grant is never recomputed")
         if self._run_entries(job):
-            raise LedgerError(f"job {job} has rounds in {self.path} but no grant (it started "
-                              "under an older fedseal, or was carried forward); it cannot go "
-                              "on: start a new run")
+            raise LedgerError(
+                f"job {job} has rounds in {self.path} but no grant (it started "
+                "under an older fedseal, or was carried forward); it cannot go "
+                "on: start a new run"
+            )
         epsilon, delta, asked_delta = float(epsilon), float(delta), float(asked_delta)
         if not (math.isfinite(epsilon) and epsilon > 0 and 0 < delta <= asked_delta < 1):
-            raise LedgerError(f"invalid grant epsilon={epsilon}, delta={delta} (asked "
-                              f"{asked_delta}): epsilon must be positive, 0 < delta <= asked < 1")
+            raise LedgerError(
+                f"invalid grant epsilon={epsilon}, delta={delta} (asked "
+                f"{asked_delta}): epsilon must be positive, 0 < delta <= asked < 1"
+            )
         held = self.held()
-        self._check_total(held.epsilon + epsilon, held.delta + delta,
-                          f"granting job {job} epsilon {_num(epsilon)}, delta {_num(delta)}")
+        self._check_total(
+            held.epsilon + epsilon,
+            held.delta + delta,
+            f"granting job {job} epsilon {_num(epsilon)}, delta {_num(delta)}",
+        )
         self._check_unchanged()
         grant = Grant(job, epsilon, delta, asked_delta, _now())
         self._grants.append(grant)
         self._commit(self._grants.pop)
-        log.info("site %s grants job %s epsilon %s, delta %s (left for new jobs: epsilon %s, "
-                 "delta %s)", self.site, job, _num(epsilon), _num(delta),
-                 _num(self.remaining().epsilon), _num(self.remaining().delta))
+        log.info(
+            "site %s grants job %s epsilon %s, delta %s (left for new jobs: epsilon %s, delta %s)",
+            self.site,
+            job,
+            _num(epsilon),
+            _num(delta),
+            _num(self.remaining().epsilon),
+            _num(self.remaining().delta),
+        )
         return grant
 
-    def record(self, run: str, round: int, steps: int, epsilon: float, *,
-               noise_multiplier: float = 0.0, sample_rate: float = 0.0,
-               evaluation: bool = False,
-               mechanism: dict[str, float] | None = None) -> LedgerEntry:
+    def record(
+        self,
+        run: str,
+        round: int,
+        steps: int,
+        epsilon: float,
+        *,
+        noise_multiplier: float = 0.0,
+        sample_rate: float = 0.0,
+        evaluation: bool = False,
+        mechanism: dict[str, float] | None = None,
+    ) -> LedgerEntry:
         """Record that after ``round`` of ``run`` the site has taken ``steps`` steps, spending ``epsilon``.
 
         Both numbers are cumulative within the job, whose grant
@@ -556,12 +679,16 @@ class PrivacyLedger:
             raise LedgerError(f"steps must be a non-negative integer, got {steps!r}")
         epsilon = float(epsilon)
         if not (math.isfinite(epsilon) and epsilon >= 0):
-            raise LedgerError(f"epsilon must be a finite number >= 0, got {epsilon}; a run "
-                              "without DP has no finite epsilon and is not recorded")
+            raise LedgerError(
+                f"epsilon must be a finite number >= 0, got {epsilon}; a run "
+                "without DP has no finite epsilon and is not recorded"
+            )
         grant = self.grant_of(run)
         if grant is None:
-            raise LedgerError(f"job {run} has no grant in {self.path}: its grant is recorded "
-                              "at its first round, before any spend (fedseal.client.budget.grant)")
+            raise LedgerError(
+                f"job {run} has no grant in {self.path}: its grant is recorded "
+                "at its first round, before any spend (fedseal.client.budget.grant)"
+            )
         for e in self._run_entries(run):
             if e.round == round:
                 if e.steps == steps and e.epsilon == epsilon:
@@ -573,8 +700,11 @@ class PrivacyLedger:
                         f"epsilon={epsilon}; a retried round adds steps, it cannot rewrite them"
                     )
         if self.has_round(run, round) and not evaluation:
-            log.warning("round %d of run %s is trained again (the server lost its result); "
-                        "the extra spend counts", round, run)
+            log.warning(
+                "round %d of run %s is trained again (the server lost its result); the extra spend counts",
+                round,
+                run,
+            )
         if steps < self.steps_done(run) or epsilon < self.epsilon_spent(run) * (1 - 1e-9):
             raise LedgerError(
                 f"run {run} already has steps={self.steps_done(run)}, "
@@ -583,15 +713,28 @@ class PrivacyLedger:
                 "start from ledger.steps_done(run)"
             )
         if epsilon > grant.epsilon:
-            raise LedgerError(f"round {round} of job {run} would bring its epsilon to "
-                              f"{_num(epsilon)}, over its grant of {_num(grant.epsilon)}")
+            raise LedgerError(
+                f"round {round} of job {run} would bring its epsilon to "
+                f"{_num(epsilon)}, over its grant of {_num(grant.epsilon)}"
+            )
         after = {**self._spends(), run: Budget(epsilon, grant.delta)}
-        self._check_total(sum(b.epsilon for b in after.values()),
-                          sum(b.delta for b in after.values()),
-                          f"recording round {round} of job {run}")
+        self._check_total(
+            sum(b.epsilon for b in after.values()),
+            sum(b.delta for b in after.values()),
+            f"recording round {round} of job {run}",
+        )
         self._check_unchanged()
-        entry = LedgerEntry(run, round, steps, epsilon, _now(), float(noise_multiplier),
-                            float(sample_rate), grant.delta, _mechanism(mechanism))
+        entry = LedgerEntry(
+            run,
+            round,
+            steps,
+            epsilon,
+            _now(),
+            float(noise_multiplier),
+            float(sample_rate),
+            grant.delta,
+            _mechanism(mechanism),
+        )
         self._entries.append(entry)
         self._commit(self._entries.pop)
         return entry
@@ -610,14 +753,16 @@ class PrivacyLedger:
         new = Budget.checked(epsilon, delta)
         by, reason = str(by).strip(), str(reason).strip()
         if not by or not reason:
-            raise LedgerError("a raise records who raised the total and why: give --by NAME and "
-                              "--reason TEXT")
+            raise LedgerError(
+                "a raise records who raised the total and why: give --by NAME and --reason TEXT"
+            )
         old = self.total
         if new.epsilon < old.epsilon or new.delta < old.delta or new.isclose(old):
             raise LedgerError(
                 f"the total is epsilon {_num(old.epsilon)}, delta {_num(old.delta)}; a raise "
                 f"must not lower either and must raise one (asked epsilon {_num(new.epsilon)}, "
-                f"delta {_num(new.delta)})")
+                f"delta {_num(new.delta)})"
+            )
         self._check_unchanged()
         raised = Raise(_now(), by, reason, old, new)
         self._raises.append(raised)
@@ -628,9 +773,16 @@ class PrivacyLedger:
             self.total = old
 
         self._commit(undo)
-        log.warning("site %s: total budget raised from epsilon %s, delta %s to epsilon %s, "
-                    "delta %s by %s: %s", self.site, _num(old.epsilon), _num(old.delta),
-                    _num(new.epsilon), _num(new.delta), by, reason)
+        log.warning(
+            "site %s: total budget raised from epsilon %s, delta %s to epsilon %s, delta %s by %s: %s",
+            self.site,
+            _num(old.epsilon),
+            _num(old.delta),
+            _num(new.epsilon),
+            _num(new.delta),
+            by,
+            reason,
+        )
         return raised
 
     def _check_total(self, epsilon: float, delta: float, what: str) -> None:
@@ -639,7 +791,8 @@ class PrivacyLedger:
             raise LedgerError(
                 f"{what} would take this site to epsilon {_num(epsilon)}, delta {_num(delta)}, "
                 f"over its total epsilon {_num(self.total.epsilon)}, delta "
-                f"{_num(self.total.delta)}; the ledger refuses it")
+                f"{_num(self.total.delta)}; the ledger refuses it"
+            )
 
     def _check_unchanged(self) -> None:
         """Refuse to write over a file that changed since this object read or wrote it."""
@@ -648,8 +801,10 @@ class PrivacyLedger:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
             on_disk = None
         if on_disk != self._mac:
-            raise LedgerError(f"the ledger at {self.path} changed since it was opened (another "
-                              "process, or an edit); reopen it with PrivacyLedger.open")
+            raise LedgerError(
+                f"the ledger at {self.path} changed since it was opened (another "
+                "process, or an edit); reopen it with PrivacyLedger.open"
+            )
 
     def _commit(self, undo: Callable[[], Any]) -> None:
         """Write the change made in memory; ``undo`` it there if the write fails."""
@@ -660,10 +815,15 @@ class PrivacyLedger:
             raise
 
     def _body(self, seq: int) -> dict[str, Any]:
-        return {"version": VERSION, "site": self.site, "total": asdict(self.total), "seq": seq,
-                "raises": [asdict(r) for r in self._raises],
-                "grants": [asdict(g) for g in self._grants],
-                "entries": [_entry_body(e) for e in self._entries]}
+        return {
+            "version": VERSION,
+            "site": self.site,
+            "total": asdict(self.total),
+            "seq": seq,
+            "raises": [asdict(r) for r in self._raises],
+            "grants": [asdict(g) for g in self._grants],
+            "entries": [_entry_body(e) for e in self._entries],
+        }
 
     def encode(self, seq: int) -> tuple[bytes, str]:
         """The file's bytes as write ``seq`` (body and MAC, sorted keys, indented), and the MAC."""
@@ -684,15 +844,20 @@ class PrivacyLedger:
         except OSError as exc:
             # seq and mac stay as they were: if only the counter failed, the file is one
             # write ahead (which a reopen accepts) and this object refuses to write over it.
-            raise LedgerError(f"cannot write the privacy ledger {self.path} or its counter "
-                              f"({exc}): free disk space or fix the permissions of the ledger's "
-                              "and the key's folders") from None
+            raise LedgerError(
+                f"cannot write the privacy ledger {self.path} or its counter "
+                f"({exc}): free disk space or fix the permissions of the ledger's "
+                "and the key's folders"
+            ) from None
         self.seq, self._mac = seq, file_mac
 
     def _advance_counter(self, seq: int, ledger_mac: str) -> None:
         spent = self.spent()
-        write_counter(counter_path(self.key_path), self._key,
-                      Counter(self.site, seq, ledger_mac, spent.epsilon, spent.delta))
+        write_counter(
+            counter_path(self.key_path),
+            self._key,
+            Counter(self.site, seq, ledger_mac, spent.epsilon, spent.delta),
+        )
 
 
 def _mechanism(value: Any) -> dict[str, float] | None:
@@ -713,8 +878,10 @@ def _entry_body(entry: LedgerEntry) -> dict[str, Any]:
 
 
 def _corrupt(path: Path, why: str) -> LedgerError:
-    return LedgerError(f"the ledger at {path} was modified or corrupted ({why}); restore it from "
-                       "backup; it is never reset automatically")
+    return LedgerError(
+        f"the ledger at {path} was modified or corrupted ({why}); restore it from "
+        "backup; it is never reset automatically"
+    )
 
 
 def _read_seal(key_path: Path) -> tuple[bytes, Counter | None]:
@@ -732,15 +899,18 @@ def _require_counter(path: Path, key_path: Path, counter: Counter | None) -> Cou
         return counter
     where = counter_path(key_path)
     if path.exists():
-        raise LedgerError(f"the ledger at {path} has no counter ({where} is missing), so an "
-                          "older copy could not be told from the latest; restore the counter. "
-                          + _recover_hint(path, key_path))
+        raise LedgerError(
+            f"the ledger at {path} has no counter ({where} is missing), so an "
+            "older copy could not be told from the latest; restore the counter. "
+            + _recover_hint(path, key_path)
+        )
     raise LedgerError(
         f"the ledger key {key_path} is there but its counter ({where}) and the ledger ({path}) "
         "are not: they were deleted or moved, and starting afresh would forget the spend they "
         "recorded. Put them back. If this key never had a ledger (a crash while it was being "
         f"made), run `fedseal ledger recover --ledger {path} --ledger-key {key_path} --site NAME "
-        "--epsilon E --delta D` to start an empty ledger on purpose")
+        "--epsilon E --delta D` to start an empty ledger on purpose"
+    )
 
 
 def _refuse_gone(path: Path, key_path: Path, counter: Counter) -> None:
@@ -750,11 +920,17 @@ def _refuse_gone(path: Path, key_path: Path, counter: Counter) -> None:
             f"the ledger at {path} is gone, but its counter ({counter_path(key_path)}) "
             f"remembers {counter.seq} writes and a spend of epsilon {counter.epsilon:.4g}, "
             f"delta {counter.delta:.3g}: it was deleted or moved. Put it back, or: "
-            + _recover_hint(path, key_path))
+            + _recover_hint(path, key_path)
+        )
 
 
-def recover(path: str | Path, key_path: str | Path, site: str | None = None,
-            epsilon: float | None = None, delta: float | None = None) -> PrivacyLedger:
+def recover(
+    path: str | Path,
+    key_path: str | Path,
+    site: str | None = None,
+    epsilon: float | None = None,
+    delta: float | None = None,
+) -> PrivacyLedger:
     """Deliberately accept an older copy of the ledger, or a lost one, without forgetting spend.
 
     The ledger at ``path`` (an older genuine copy, MAC verified) or, when it is
@@ -782,34 +958,46 @@ def recover(path: str | Path, key_path: str | Path, site: str | None = None,
         ledger = PrivacyLedger._read(path, key_path, key)
     else:
         if site is None or epsilon is None or delta is None:
-            raise LedgerError(f"the ledger at {path} is gone: give the site's name, epsilon and "
-                              "delta to start a new one"
-                              + (" that carries the counter's totals" if counter else ""))
-        ledger = PrivacyLedger(path, key_path, key, site, Budget.checked(epsilon, delta), [],
-                               counter.seq if counter else 0, "")
+            raise LedgerError(
+                f"the ledger at {path} is gone: give the site's name, epsilon and "
+                "delta to start a new one" + (" that carries the counter's totals" if counter else "")
+            )
+        ledger = PrivacyLedger(
+            path, key_path, key, site, Budget.checked(epsilon, delta), [], counter.seq if counter else 0, ""
+        )
     if counter is None:
         ledger._write()
-        log.warning("ledger %s recovered WITHOUT a counter: it is taken as the latest (spend "
-                    "recorded after it, if it is an older copy, is forgotten); total spent "
-                    "epsilon %.4g, delta %.3g", path, ledger.epsilon_spent(), ledger.delta_spent())
+        log.warning(
+            "ledger %s recovered WITHOUT a counter: it is taken as the latest (spend "
+            "recorded after it, if it is an older copy, is forgotten); total spent "
+            "epsilon %.4g, delta %.3g",
+            path,
+            ledger.epsilon_spent(),
+            ledger.delta_spent(),
+        )
         return ledger
     if ledger.site != counter.site:
-        raise LedgerError(f"the counter belongs to site {counter.site!r}, the ledger to "
-                          f"{ledger.site!r}")
+        raise LedgerError(f"the counter belongs to site {counter.site!r}, the ledger to {ledger.site!r}")
     spent = ledger.spent()
     missing_eps = max(0.0, counter.epsilon - spent.epsilon)
     missing_delta = max(0.0, counter.delta - spent.delta)
     ledger.seq = max(ledger.seq, counter.seq)
     if missing_eps > 0 or missing_delta > 0:
         time = _now()
-        ledger._entries.append(LedgerEntry(f"{CARRIED_FORWARD}-{time}", 0, 0, missing_eps, time,
-                                           delta=missing_delta))
+        ledger._entries.append(
+            LedgerEntry(f"{CARRIED_FORWARD}-{time}", 0, 0, missing_eps, time, delta=missing_delta)
+        )
     ledger._write()
-    log.warning("ledger %s recovered: epsilon %.4g and delta %.3g the counter remembered beyond "
-                "this copy are carried forward; total now epsilon %.4g, delta %.3g", path,
-                missing_eps, missing_delta, ledger.epsilon_spent(), ledger.delta_spent())
+    log.warning(
+        "ledger %s recovered: epsilon %.4g and delta %.3g the counter remembered beyond "
+        "this copy are carried forward; total now epsilon %.4g, delta %.3g",
+        path,
+        missing_eps,
+        missing_delta,
+        ledger.epsilon_spent(),
+        ledger.delta_spent(),
+    )
     return ledger
 
 
-__all__ = ["Budget", "Grant", "LedgerEntry", "LedgerError", "PrivacyLedger", "Raise", "VERSION",
-           "recover"]
+__all__ = ["Budget", "Grant", "LedgerEntry", "LedgerError", "PrivacyLedger", "Raise", "VERSION", "recover"]

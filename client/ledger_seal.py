@@ -40,8 +40,8 @@ from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
-from fedseal.common.errors import FedsealError
 from fedseal.common.durable import atomic_write, fsync_path
+from fedseal.common.errors import FedsealError
 
 LEDGER_CONTEXTS = {2: b"fedseal ledger v2\x00", 3: b"fedseal ledger v3\x00"}
 """The MAC context of each ledger file version this fedseal reads."""
@@ -60,8 +60,9 @@ class SealError(FedsealError, RuntimeError):
 
 def canonical(body: dict[str, Any]) -> bytes:
     """The canonical JSON bytes a MAC covers (sorted keys, no spaces, ASCII, no NaN)."""
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                      allow_nan=False).encode("ascii")
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode(
+        "ascii"
+    )
 
 
 def mac(key: bytes, context: bytes, body: dict[str, Any]) -> str:
@@ -91,7 +92,7 @@ def read_key(path: Path) -> bytes:
     if not text.startswith(KEY_HEADER):
         raise SealError(f"{path} is not a fedseal ledger key (it must start with {KEY_HEADER})")
     try:
-        key = bytes.fromhex(text[len(KEY_HEADER):])
+        key = bytes.fromhex(text[len(KEY_HEADER) :])
     except ValueError:
         raise SealError(f"the ledger key {path} is damaged (not hex); restore it") from None
     if len(key) != KEY_BYTES:
@@ -138,8 +139,14 @@ class Counter:
 
     def body(self) -> dict[str, Any]:
         """The MACed fields."""
-        return {"version": 1, "site": self.site, "seq": self.seq, "ledger_mac": self.ledger_mac,
-                "epsilon": self.epsilon, "delta": self.delta}
+        return {
+            "version": 1,
+            "site": self.site,
+            "seq": self.seq,
+            "ledger_mac": self.ledger_mac,
+            "epsilon": self.epsilon,
+            "delta": self.delta,
+        }
 
 
 def read_counter(path: Path, key: bytes) -> Counter | None:
@@ -151,15 +158,21 @@ def read_counter(path: Path, key: bytes) -> Counter | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SealError(f"the ledger counter {path} is unreadable ({exc})") from None
     try:
-        counter = Counter(site=str(raw["site"]), seq=int(raw["seq"]),
-                          ledger_mac=str(raw["ledger_mac"]), epsilon=float(raw["epsilon"]),
-                          delta=float(raw["delta"]))
+        counter = Counter(
+            site=str(raw["site"]),
+            seq=int(raw["seq"]),
+            ledger_mac=str(raw["ledger_mac"]),
+            epsilon=float(raw["epsilon"]),
+            delta=float(raw["delta"]),
+        )
         good = hmac.compare_digest(str(raw["mac"]), mac(key, COUNTER_CONTEXT, counter.body()))
     except (KeyError, TypeError, ValueError):
         good = False
     if not good:
-        raise SealError(f"the ledger counter {path} was modified or does not belong to this "
-                        "ledger key; restore both from where you keep them")
+        raise SealError(
+            f"the ledger counter {path} was modified or does not belong to this "
+            "ledger key; restore both from where you keep them"
+        )
     return counter
 
 
@@ -170,6 +183,18 @@ def write_counter(path: Path, key: bytes, counter: Counter) -> None:
     atomic_write(path, (json.dumps(body, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
-__all__ = ["COUNTER_CONTEXT", "Counter", "KEY_HEADER", "LEDGER_CONTEXT", "LEDGER_CONTEXTS",
-           "SealError", "canonical", "counter_path", "create_seal", "mac", "read_counter",
-           "read_key", "write_counter"]
+__all__ = [
+    "COUNTER_CONTEXT",
+    "Counter",
+    "KEY_HEADER",
+    "LEDGER_CONTEXT",
+    "LEDGER_CONTEXTS",
+    "SealError",
+    "canonical",
+    "counter_path",
+    "create_seal",
+    "mac",
+    "read_counter",
+    "read_key",
+    "write_counter",
+]

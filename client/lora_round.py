@@ -30,14 +30,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from fedseal.client.dp_adam_bc import DPAdamBC
 from fedseal.client.dp_step import PrivateSteps
-from fedseal.client.trainer import LocalResult, fresh_generator
+from fedseal.client.randomness import fresh_generator
+from fedseal.client.trainer import LocalResult
 from fedseal.common.hidden_cache import HiddenStates
 from fedseal.common.lora_rule import LoraRecipe, Phase
 from fedseal.common.model import ModelError
@@ -67,8 +68,9 @@ def only_trained(model: nn.Module, params: list[nn.Parameter]) -> Iterator[None]
             p.requires_grad_(flag)
 
 
-def _losses(stack: TopStack, hidden: HiddenStates, labels: torch.Tensor, index: torch.Tensor,
-            device: torch.device) -> torch.Tensor:
+def _losses(
+    stack: TopStack, hidden: HiddenStates, labels: torch.Tensor, index: torch.Tensor, device: torch.device
+) -> torch.Tensor:
     """Per-example cross-entropy of the examples ``index`` (bf16 autocast on CUDA)."""
     states, mask, lower = hidden.batch(index, device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -76,8 +78,9 @@ def _losses(stack: TopStack, hidden: HiddenStates, labels: torch.Tensor, index: 
     return nn.functional.cross_entropy(logits.float(), labels[index].to(device), reduction="none")
 
 
-def _optimizer(params: list[nn.Parameter], recipe: LoraRecipe, phase: Phase | None,
-               expected_batch: float) -> torch.optim.Optimizer:
+def _optimizer(
+    params: list[nn.Parameter], recipe: LoraRecipe, phase: Phase | None, expected_batch: float
+) -> torch.optim.Optimizer:
     """SGD with momentum, or DP-AdamBC told the noise's variance per coordinate."""
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum)
@@ -93,14 +96,24 @@ def check_inputs(model: nn.Module, hidden: HiddenStates, labels: torch.Tensor) -
     depth = len(encoder_layers(fedseal_of(model).backbone))
     below = depth - adapted_layers(model)
     if hidden.cut != below:
-        raise ValueError(f"the cached states enter layer {hidden.cut}, the adapters start at "
-                         f"layer {below}: compute the cache at cut={below}")
+        raise ValueError(
+            f"the cached states enter layer {hidden.cut}, the adapters start at "
+            f"layer {below}: compute the cache at cut={below}"
+        )
     if len(labels) != len(hidden):
         raise ValueError(f"{len(labels)} labels for {len(hidden)} cached examples")
 
 
-def lora_round(model: nn.Module, hidden: HiddenStates, labels: torch.Tensor, recipe: LoraRecipe,
-               phase: Phase | None, device: torch.device, *, mode: str = "hooks") -> LocalResult:
+def lora_round(
+    model: nn.Module,
+    hidden: HiddenStates,
+    labels: torch.Tensor,
+    recipe: LoraRecipe,
+    phase: Phase | None,
+    device: torch.device,
+    *,
+    mode: str = "hooks",
+) -> LocalResult:
     """``recipe.steps_per_round`` adapter steps on ``model`` in place; mean loss and steps.
 
     With a ``phase``, each step is DP-SGD at ``phase.noise_multiplier`` and
@@ -116,26 +129,37 @@ def lora_round(model: nn.Module, hidden: HiddenStates, labels: torch.Tensor, rec
     """
     check_inputs(model, hidden, labels)
     if phase is not None and abs(phase.sample_rate - recipe.sample_rate) > 1e-12:
-        raise ValueError(f"the privacy plan samples at {phase.sample_rate}, the recipe at "
-                         f"{recipe.sample_rate}")
+        raise ValueError(
+            f"the privacy plan samples at {phase.sample_rate}, the recipe at {recipe.sample_rate}"
+        )
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
     stack = TopStack(model, hidden.cut).to(device).eval()
     params = trained_parameters(model)
-    sampler = UniformWithReplacementSampler(num_samples=len(hidden), sample_rate=recipe.sample_rate,
-                                            generator=fresh_generator(torch.device("cpu")),
-                                            steps=recipe.steps_per_round)
+    sampler = UniformWithReplacementSampler(
+        num_samples=len(hidden),
+        sample_rate=recipe.sample_rate,
+        generator=fresh_generator(torch.device("cpu")),
+        steps=recipe.steps_per_round,
+    )
     total, count, steps = 0.0, 0, 0
     with only_trained(model, params):
         optimizer = _optimizer(params, recipe, phase, recipe.expected_batch)
-        with PrivateSteps(stack, params, optimizer,
-                          noise_multiplier=phase.noise_multiplier if phase else None,
-                          clip=recipe.clip, expected_batch=recipe.expected_batch,
-                          mode=mode, device=device) as runner:
+        with PrivateSteps(
+            stack,
+            params,
+            optimizer,
+            noise_multiplier=phase.noise_multiplier if phase else None,
+            clip=recipe.clip,
+            expected_batch=recipe.expected_batch,
+            mode=mode,
+            device=device,
+        ) as runner:
             for indices in sampler:
-                chunks = [functools.partial(_losses, stack, hidden, labels, chunk, device)
-                          for chunk in hidden.chunks(torch.tensor(indices, dtype=torch.long),
-                                                     recipe.max_tokens)]
+                chunks = [
+                    functools.partial(_losses, stack, hidden, labels, chunk, device)
+                    for chunk in hidden.chunks(torch.tensor(indices, dtype=torch.long), recipe.max_tokens)
+                ]
                 batch_loss, batch_count = runner.step(chunks)
                 total, count, steps = total + batch_loss, count + batch_count, steps + 1
     return LocalResult(mean_loss=total / count if count else float("nan"), steps=steps)

@@ -30,9 +30,16 @@ from fedseal.common.privacy import DPPlan
 from fedseal.common.top_layers import adapted_layers, encoder_layers
 
 
-def lpft_round(model: nn.Module, data: TensorDataset, rec: Recipe, plan: DPPlan | None,
-               server_round: int, bucket: int, device: torch.device,
-               cache_dir: Path | None = None) -> LocalResult:
+def lpft_round(
+    model: nn.Module,
+    data: TensorDataset,
+    rec: Recipe,
+    plan: DPPlan | None,
+    server_round: int,
+    bucket: int,
+    device: torch.device,
+    cache_dir: Path | None = None,
+) -> LocalResult:
     """Round ``server_round`` of LP-FT at a site of size bucket ``bucket``, on ``model`` in place.
 
     Without a plan (a non-private run) the same sampling and steps, without noise.

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, Context
 
-from fedseal.common.errors import FedsealError
 from fedseal.common.durable import atomic_write
+from fedseal.common.errors import FedsealError
 
 Round = tuple[str, int]
 
@@ -37,8 +37,9 @@ def record_path(ledger_path: Path, suffix: str) -> Path:
 
 def encode(fmt: str, rounds: set[Round]) -> bytes:
     """The record file's bytes (a fixed format: see the module docstring)."""
-    return json.dumps({"format": fmt, "version": 1,
-                       "rounds": sorted([job, r] for job, r in rounds)}).encode("utf-8")
+    return json.dumps({"format": fmt, "version": 1, "rounds": sorted([job, r] for job, r in rounds)}).encode(
+        "utf-8"
+    )
 
 
 def done(context: Context, fmt: str, path: Path | None) -> set[Round]:
@@ -60,8 +61,9 @@ def done(context: Context, fmt: str, path: Path | None) -> set[Round]:
             raise ValueError(f"format {data.get('format')!r}")
         return {(str(j), int(r)) for j, r in data["rounds"]}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise OnceError(f"this site's record {path} is unreadable ({exc}); restore it from a "
-                        "backup") from None
+        raise OnceError(
+            f"this site's record {path} is unreadable ({exc}); restore it from a backup"
+        ) from None
 
 
 def remember(context: Context, fmt: str, path: Path | None, rounds: set[Round]) -> None:

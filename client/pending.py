@@ -57,9 +57,16 @@ def pending_path(ledger_path: Path) -> Path:
 
 def hold(path: Path, pending: PendingUpdate) -> None:
     """Write ``pending`` atomically, replacing any earlier round's."""
-    meta = {"job": pending.job, "round": pending.round, "global_digest": pending.global_digest,
-            "weight": pending.weight, "steps": pending.steps, "epsilon": pending.epsilon,
-            "noise_multiplier": pending.noise_multiplier, "sample_rate": pending.sample_rate}
+    meta = {
+        "job": pending.job,
+        "round": pending.round,
+        "global_digest": pending.global_digest,
+        "weight": pending.weight,
+        "steps": pending.steps,
+        "epsilon": pending.epsilon,
+        "noise_multiplier": pending.noise_multiplier,
+        "sample_rate": pending.sample_rate,
+    }
     tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in pending.update.items()}
     atomic_write(path, save(tensors, metadata={"fedseal": json.dumps(meta)}))
 
@@ -72,15 +79,19 @@ def held(path: Path, job: str, round: int, global_digest: str) -> PendingUpdate 
         with safe_open(str(path), framework="np") as fh:
             meta = json.loads(fh.metadata()["fedseal"])
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-        pending = PendingUpdate(job=str(meta["job"]), round=int(meta["round"]),
-                                global_digest=str(meta["global_digest"]), update=dict(tensors),
-                                weight=float(meta["weight"]), steps=int(meta["steps"]),
-                                epsilon=float(meta["epsilon"]),
-                                noise_multiplier=float(meta["noise_multiplier"]),
-                                sample_rate=float(meta["sample_rate"]))
+        pending = PendingUpdate(
+            job=str(meta["job"]),
+            round=int(meta["round"]),
+            global_digest=str(meta["global_digest"]),
+            update=dict(tensors),
+            weight=float(meta["weight"]),
+            steps=int(meta["steps"]),
+            epsilon=float(meta["epsilon"]),
+            noise_multiplier=float(meta["noise_multiplier"]),
+            sample_rate=float(meta["sample_rate"]),
+        )
     except (OSError, SafetensorError, ValueError, KeyError, TypeError) as exc:
-        log.warning("ignoring the unreadable pending update %s (%s); the round is trained afresh",
-                    path, exc)
+        log.warning("ignoring the unreadable pending update %s (%s); the round is trained afresh", path, exc)
         return None
     if (pending.job, pending.round, pending.global_digest) != (str(job), int(round), global_digest):
         return None

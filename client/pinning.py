@@ -24,12 +24,11 @@ import hashlib
 import io
 import tomllib
 import zipfile
+from collections.abc import Mapping
 from functools import lru_cache
-from pathlib import Path
-from typing import Mapping
 
-from fedseal.common.errors import FedsealError
 from fedseal.common.bundle import CLIENT_APP, PACKAGES, package_dir
+from fedseal.common.errors import FedsealError
 
 MANIFEST_CONTEXT = b"fedseal code manifest v1\n"
 _FAB_METADATA = (".info/",)
@@ -81,8 +80,7 @@ def check_fab(fab: bytes, installed: Mapping[str, str] | None = None) -> None:
     installed = installed_manifest() if installed is None else installed
     try:
         archive = zipfile.ZipFile(io.BytesIO(fab))
-        contents = {info.filename: archive.read(info) for info in archive.infolist()
-                    if not info.is_dir()}
+        contents = {info.filename: archive.read(info) for info in archive.infolist() if not info.is_dir()}
     except (zipfile.BadZipFile, ValueError, OSError) as exc:
         raise CodePinError(f"the run's app is not a readable Flower app bundle ({exc})") from None
     try:
@@ -92,20 +90,27 @@ def check_fab(fab: bytes, installed: Mapping[str, str] | None = None) -> None:
         client_app = None
     if client_app != CLIENT_APP:
         raise CodePinError(f"the run's ClientApp is {client_app!r}, not fedseal's {CLIENT_APP!r}")
-    shipped = {name: hashlib.sha256(data).hexdigest() for name, data in contents.items()
-               if name != _FAB_CONFIG and not name.startswith(_FAB_METADATA)}
+    shipped = {
+        name: hashlib.sha256(data).hexdigest()
+        for name, data in contents.items()
+        if name != _FAB_CONFIG and not name.startswith(_FAB_METADATA)
+    }
     changed = sorted(n for n in shipped if n in installed and shipped[n] != installed[n])
     added = sorted(set(shipped) - set(installed))
     missing = sorted(set(installed) - set(shipped))
     if changed or added or missing:
-        parts = [f"{label}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
-                 for label, names in (("changed", changed), ("not installed here", added),
-                                      ("missing", missing)) if names]
+        parts = [
+            f"{label}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+            for label, names in (("changed", changed), ("not installed here", added), ("missing", missing))
+            if names
+        ]
         raise CodePinError(
             "the run ships code that is not the fedseal installed at this site ("
-            + "; ".join(parts) + f"; installed code {manifest_digest(installed)[:16]}, run's "
+            + "; ".join(parts)
+            + f"; installed code {manifest_digest(installed)[:16]}, run's "
             f"{manifest_digest(shipped)[:16]}); nothing of it was run. If the server upgraded "
-            "fedseal, install the same version here")
+            "fedseal, install the same version here"
+        )
 
 
 __all__ = ["CodePinError", "check_fab", "installed_manifest", "manifest_digest"]

@@ -48,7 +48,7 @@ read from the site's files.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from fedseal.client.site import SitePolicy
 from fedseal.common.config import AUTO, FedConfig
@@ -56,20 +56,37 @@ from fedseal.common.refusals import Code, Public, Refusal
 from fedseal.common.secagg_wire import WireError, unpack_ids
 
 # The node-config flag that lowers each minimum, named in every refusal's detail.
-_FLAG = {"dp": "require-dp", "secagg": "require-secagg", "cohort": "min-cohort",
-         "k": "min-secagg-k", "threshold": "min-secagg-threshold", "clip": "max-update-clip",
-         "colluders": "max-colluders", "eval": "federated-eval", "model": "allow-model",
-         "labels": "labels"}
-SIZE_LIMITS = {"max_length": 512, "lora_r": 256, "local_steps": 10_000, "batch_size": 1 << 20,
-               "eval_batch_size": 4096}
+_FLAG = {
+    "dp": "require-dp",
+    "secagg": "require-secagg",
+    "cohort": "min-cohort",
+    "k": "min-secagg-k",
+    "threshold": "min-secagg-threshold",
+    "clip": "max-update-clip",
+    "colluders": "max-colluders",
+    "eval": "federated-eval",
+    "model": "allow-model",
+    "labels": "labels",
+}
+SIZE_LIMITS = {
+    "max_length": 512,
+    "lora_r": 256,
+    "local_steps": 10_000,
+    "batch_size": 1 << 20,
+    "eval_batch_size": 4096,
+}
 """The largest sizes a site runs, whatever the server asks (memory and time, not privacy)."""
 
 
 def _refuse(code: Code, setting: str, asked: Public, limit: Public, flag: str) -> Refusal:
-    return Refusal(code,
-                   f"the run's {setting} = {asked} is below this site's policy ({flag} = {limit}); "
-                   f"the server must change {setting}, or the site operator its {flag} flag",
-                   setting=setting, asked=asked, limit=limit)
+    return Refusal(
+        code,
+        f"the run's {setting} = {asked} is below this site's policy ({flag} = {limit}); "
+        f"the server must change {setting}, or the site operator its {flag} flag",
+        setting=setting,
+        asked=asked,
+        limit=limit,
+    )
 
 
 def _round_parameters(secagg: Mapping[str, object] | None) -> tuple[int, int, int] | None:
@@ -80,12 +97,13 @@ def _round_parameters(secagg: Mapping[str, object] | None) -> tuple[int, int, in
         cohort = len(unpack_ids(secagg["nodes"]))  # type: ignore[arg-type]
         return cohort, int(secagg["k"]), int(secagg["threshold"])  # type: ignore[call-overload]
     except (KeyError, TypeError, ValueError, WireError):
-        raise Refusal(Code.MESSAGE_SECAGG, "the server's secure-aggregation parameters (nodes, "
-                      "k, threshold) are missing or malformed") from None
+        raise Refusal(
+            Code.MESSAGE_SECAGG,
+            "the server's secure-aggregation parameters (nodes, k, threshold) are missing or malformed",
+        ) from None
 
 
-def check_train(policy: SitePolicy, cfg: FedConfig,
-                secagg: Mapping[str, object] | None) -> None:
+def check_train(policy: SitePolicy, cfg: FedConfig, secagg: Mapping[str, object] | None) -> None:
     """Refuse a ``train`` message whose run or round asks for less than ``policy``.
 
     Parameters
@@ -113,33 +131,46 @@ def check_train(policy: SitePolicy, cfg: FedConfig,
             Code.POLICY_UPDATE_CLIP,
             f"the run's update-clip = {cfg.update_clip} is above this site's policy "
             f"({_FLAG['clip']} = {policy.max_update_clip}); the server must lower update-clip",
-            setting="update-clip", asked=cfg.update_clip, limit=policy.max_update_clip)
+            setting="update-clip",
+            asked=cfg.update_clip,
+            limit=policy.max_update_clip,
+        )
     if not cfg.secagg:
         return  # a plain round: the site agreed to show its (DP) update; no sum to protect
     cohort_code = Code.POLICY_COHORT
     if cfg.clients < policy.min_cohort:
         raise _refuse(cohort_code, "clients", cfg.clients, policy.min_cohort, _FLAG["cohort"])
     if cfg.min_clients < policy.min_cohort:
-        raise _refuse(cohort_code, "min-clients", cfg.min_clients, policy.min_cohort,
-                      _FLAG["cohort"])
+        raise _refuse(cohort_code, "min-clients", cfg.min_clients, policy.min_cohort, _FLAG["cohort"])
     if cfg.secagg_k != AUTO and cfg.secagg_k < policy.min_secagg_k:
-        raise _refuse(Code.POLICY_SECAGG_K, "secagg-k", cfg.secagg_k, policy.min_secagg_k,
-                      _FLAG["k"])
+        raise _refuse(Code.POLICY_SECAGG_K, "secagg-k", cfg.secagg_k, policy.min_secagg_k, _FLAG["k"])
     if cfg.secagg_threshold != AUTO and cfg.secagg_threshold < policy.min_secagg_threshold:
-        raise _refuse(Code.POLICY_SECAGG_THRESHOLD, "secagg-threshold", cfg.secagg_threshold,
-                      policy.min_secagg_threshold, _FLAG["threshold"])
+        raise _refuse(
+            Code.POLICY_SECAGG_THRESHOLD,
+            "secagg-threshold",
+            cfg.secagg_threshold,
+            policy.min_secagg_threshold,
+            _FLAG["threshold"],
+        )
     actual = _round_parameters(secagg)
     if actual is None:
-        raise Refusal(Code.MESSAGE_SECAGG, "the run asks for secure aggregation but the message "
-                      "carries no secure-aggregation parameters")
+        raise Refusal(
+            Code.MESSAGE_SECAGG,
+            "the run asks for secure aggregation but the message carries no secure-aggregation parameters",
+        )
     cohort, k, threshold = actual
     if cohort < policy.min_cohort:
         raise _refuse(cohort_code, "cohort", cohort, policy.min_cohort, _FLAG["cohort"])
     if k < policy.min_secagg_k:
         raise _refuse(Code.POLICY_SECAGG_K, "secagg-k", k, policy.min_secagg_k, _FLAG["k"])
     if threshold < policy.min_secagg_threshold:
-        raise _refuse(Code.POLICY_SECAGG_THRESHOLD, "secagg-threshold", threshold,
-                      policy.min_secagg_threshold, _FLAG["threshold"])
+        raise _refuse(
+            Code.POLICY_SECAGG_THRESHOLD,
+            "secagg-threshold",
+            threshold,
+            policy.min_secagg_threshold,
+            _FLAG["threshold"],
+        )
     neighbours = min(k, cohort - 1)
     bound = 2 * threshold - neighbours - 1
     if threshold <= policy.max_colluders + 1:
@@ -150,7 +181,10 @@ def check_train(policy: SitePolicy, cfg: FedConfig,
             "colluding neighbours know their pairwise masks with this site and, with its own "
             "share, hold enough shares of its self-mask; the server must raise secagg-k and "
             f"secagg-threshold, or the site operator must lower its {_FLAG['colluders']} flag",
-            setting="secagg-threshold", asked=threshold, limit=policy.max_colluders)
+            setting="secagg-threshold",
+            asked=threshold,
+            limit=policy.max_colluders,
+        )
     if bound <= policy.max_colluders:
         raise Refusal(
             Code.POLICY_COLLUDERS,
@@ -159,7 +193,10 @@ def check_train(policy: SitePolicy, cfg: FedConfig,
             f"{policy.max_colluders}): the server and {max(bound, 0)} colluding sites of one "
             f"neighbourhood could unmask a site; the server must raise secagg-threshold, or the "
             f"site operator must lower its {_FLAG['colluders']} flag",
-            setting="secagg-threshold", asked=threshold, limit=policy.max_colluders)
+            setting="secagg-threshold",
+            asked=threshold,
+            limit=policy.max_colluders,
+        )
 
 
 def check_run(policy: SitePolicy, cfg: FedConfig) -> None:
@@ -169,21 +206,31 @@ def check_run(policy: SitePolicy, cfg: FedConfig) -> None:
     ``evaluate`` alike.
     """
     if cfg.model not in policy.allowed_models:
-        raise Refusal(Code.POLICY_MODEL,
-                      f"the run's model {cfg.model!r} is not one this site runs "
-                      f"({_FLAG['model']}: {list(policy.allowed_models)}); the site operator can "
-                      f"add it with --allow-model", setting="model")
+        raise Refusal(
+            Code.POLICY_MODEL,
+            f"the run's model {cfg.model!r} is not one this site runs "
+            f"({_FLAG['model']}: {list(policy.allowed_models)}); the site operator can "
+            f"add it with --allow-model",
+            setting="model",
+        )
     if set(cfg.labels) != set(policy.labels) or len(cfg.labels) != len(policy.labels):
-        raise Refusal(Code.POLICY_LABELS,
-                      f"the run's labels {list(cfg.labels)} are not the label set this site "
-                      f"declared ({_FLAG['labels']}: {list(policy.labels)})",
-                      setting="labels")
+        raise Refusal(
+            Code.POLICY_LABELS,
+            f"the run's labels {list(cfg.labels)} are not the label set this site "
+            f"declared ({_FLAG['labels']}: {list(policy.labels)})",
+            setting="labels",
+        )
     for name, limit in SIZE_LIMITS.items():
         value = getattr(cfg, name)
         if value != AUTO and value > limit:
             key = name.replace("_", "-")
-            raise Refusal(Code.POLICY_SIZE, f"the run's {key} = {value} is above what this site "
-                          f"runs ({limit})", setting=key, asked=value, limit=limit)
+            raise Refusal(
+                Code.POLICY_SIZE,
+                f"the run's {key} = {value} is above what this site runs ({limit})",
+                setting=key,
+                asked=value,
+                limit=limit,
+            )
 
 
 def check_evaluate(policy: SitePolicy, cfg: FedConfig) -> None:
@@ -195,15 +242,22 @@ def check_evaluate(policy: SitePolicy, cfg: FedConfig) -> None:
     """
     check_run(policy, cfg)
     if not cfg.federated_eval:
-        raise Refusal(Code.POLICY_FEDERATED_EVAL, "the run's config did not plan federated "
-                      "evaluation, so no step of this job's budget is set aside for it",
-                      setting="federated-eval", asked=False)
+        raise Refusal(
+            Code.POLICY_FEDERATED_EVAL,
+            "the run's config did not plan federated "
+            "evaluation, so no step of this job's budget is set aside for it",
+            setting="federated-eval",
+            asked=False,
+        )
     if policy.federated_eval != "on":
         raise Refusal(
             Code.POLICY_FEDERATED_EVAL,
             "federated evaluation is off at this site (federated-eval = off): it would score "
             "the server's weights on the site's private data; the site operator can turn it on "
-            "with --federated-eval on", setting="federated-eval", limit=False)
+            "with --federated-eval on",
+            setting="federated-eval",
+            limit=False,
+        )
 
 
 __all__ = ["SIZE_LIMITS", "check_evaluate", "check_run", "check_train"]

@@ -31,11 +31,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedseal.client.trainer import LocalResult, fresh_generator
+from fedseal.client.randomness import fresh_generator
+from fedseal.client.trainer import LocalResult
 from fedseal.common.ddp_wire import STATISTICS_PARTS
 from fedseal.common.dp_rule import Recipe
 from fedseal.common.features import features
 from fedseal.common.privacy import DPPlan
+
 
 class Statistics(NamedTuple):
     """A site's statistics release: mean feature vector, label proportions, example count."""
@@ -49,12 +51,14 @@ def statistics_rows(features: torch.Tensor, labels: torch.Tensor, num_labels: in
     """Each record's statistics row ``[x / max(|x|, 1), onehot(y), 1] / sqrt(3)``: norm at most 1."""
     rows = features / features.norm(dim=1, keepdim=True).clamp(min=1.0)
     onehot = nn.functional.one_hot(labels, num_labels).to(rows.dtype)
-    return (torch.cat([rows, onehot, torch.ones(len(rows), 1, dtype=rows.dtype)], dim=1)
-            / math.sqrt(STATISTICS_PARTS))
+    return torch.cat([rows, onehot, torch.ones(len(rows), 1, dtype=rows.dtype)], dim=1) / math.sqrt(
+        STATISTICS_PARTS
+    )
 
 
-def release_statistics(features: torch.Tensor, labels: torch.Tensor, num_labels: int,
-                       plan: DPPlan | None) -> Statistics:
+def release_statistics(
+    features: torch.Tensor, labels: torch.Tensor, num_labels: int, plan: DPPlan | None
+) -> Statistics:
     """The statistics round's estimates of the site's mean feature vector, label mix and size.
 
     One step: every row ``[x / max(|x|, 1), onehot(y), 1] / sqrt(3)`` has norm at
@@ -67,24 +71,24 @@ def release_statistics(features: torch.Tensor, labels: torch.Tensor, num_labels:
     table = statistics_rows(features, labels, num_labels)
     dim = features.shape[1]
     if plan is None:
-        return Statistics(table[:, :dim].mean(dim=0).numpy() * math.sqrt(STATISTICS_PARTS),
-                          table[:, dim:dim + num_labels].mean(dim=0).numpy()
-                          * math.sqrt(STATISTICS_PARTS), float(len(table)))
+        return Statistics(
+            table[:, :dim].mean(dim=0).numpy() * math.sqrt(STATISTICS_PARTS),
+            table[:, dim : dim + num_labels].mean(dim=0).numpy() * math.sqrt(STATISTICS_PARTS),
+            float(len(table)),
+        )
     gen = fresh_generator(torch.device("cpu"))
     keep = torch.rand(len(table), generator=gen) < plan.sample_rate
-    total = table[keep].sum(dim=0) + plan.noise_multiplier * torch.randn(table.shape[1],
-                                                                         generator=gen)
+    total = table[keep].sum(dim=0) + plan.noise_multiplier * torch.randn(table.shape[1], generator=gen)
     total *= math.sqrt(STATISTICS_PARTS)
     sampled = max(float(total[-1]), 1.0)
-    counts = total[dim:dim + num_labels].clamp(min=0.0)
-    proportions = (counts / counts.sum() if counts.sum() > 0
-                   else torch.full((num_labels,), 1.0 / num_labels))
-    return Statistics((total[:dim] / sampled).numpy(), proportions.numpy(),
-                      sampled / plan.sample_rate)
+    counts = total[dim : dim + num_labels].clamp(min=0.0)
+    proportions = counts / counts.sum() if counts.sum() > 0 else torch.full((num_labels,), 1.0 / num_labels)
+    return Statistics((total[:dim] / sampled).numpy(), proportions.numpy(), sampled / plan.sample_rate)
 
 
-def train_head(model, feats: torch.Tensor, labels: torch.Tensor, recipe: Recipe,
-               plan: DPPlan | None) -> LocalResult:
+def train_head(
+    model, feats: torch.Tensor, labels: torch.Tensor, recipe: Recipe, plan: DPPlan | None
+) -> LocalResult:
     """``recipe.steps_per_round`` steps on the head's weights in place; mean loss and steps."""
     with torch.no_grad():
         x = model.standardise(feats)
@@ -92,8 +96,12 @@ def train_head(model, feats: torch.Tensor, labels: torch.Tensor, recipe: Recipe,
     head.load_state_dict(model.classifier.state_dict())
     head.bias.requires_grad_(False)  # the federation's log prior (see the module docstring)
     if plan is None:
-        loader = DataLoader(TensorDataset(x, labels), batch_size=recipe.batch_size, shuffle=True,
-                            generator=fresh_generator(torch.device("cpu")))
+        loader = DataLoader(
+            TensorDataset(x, labels),
+            batch_size=recipe.batch_size,
+            shuffle=True,
+            generator=fresh_generator(torch.device("cpu")),
+        )
         optimizer = torch.optim.SGD(head.parameters(), lr=recipe.lr, momentum=recipe.momentum)
         module, reduction = head, "mean"
     else:
@@ -105,17 +113,26 @@ def train_head(model, feats: torch.Tensor, labels: torch.Tensor, recipe: Recipe,
         # clipped per-example gradients; dividing the learning rate by the
         # expected batch of the bucket makes the step the mean's. An empty
         # Poisson batch is still a (noise-only) step.
-        loader = DPDataLoader(TensorDataset(x, labels), sample_rate=plan.sample_rate,
-                              generator=fresh_generator(torch.device("cpu")))
-        optimizer = torch.optim.SGD(head.parameters(), lr=recipe.lr / recipe.batch_size,
-                                    momentum=recipe.momentum)
+        loader = DPDataLoader(
+            TensorDataset(x, labels),
+            sample_rate=plan.sample_rate,
+            generator=fresh_generator(torch.device("cpu")),
+        )
+        optimizer = torch.optim.SGD(
+            head.parameters(), lr=recipe.lr / recipe.batch_size, momentum=recipe.momentum
+        )
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Secure RNG turned off")
             module, optimizer, loader = PrivacyEngine(accountant=plan.accountant).make_private(
-                module=head, optimizer=optimizer, data_loader=loader,
-                noise_multiplier=plan.noise_multiplier, max_grad_norm=recipe.clip,
-                poisson_sampling=False, loss_reduction="sum",
-                noise_generator=fresh_generator(torch.device("cpu")))
+                module=head,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=plan.noise_multiplier,
+                max_grad_norm=recipe.clip,
+                poisson_sampling=False,
+                loss_reduction="sum",
+                noise_generator=fresh_generator(torch.device("cpu")),
+            )
         reduction = "sum"
     steps, losses, seen = 0, [], 0
     average = {k: torch.zeros_like(v) for k, v in head.state_dict().items()}
@@ -145,8 +162,15 @@ def train_head(model, feats: torch.Tensor, labels: torch.Tensor, recipe: Recipe,
     return LocalResult(mean_loss=float(np.mean(losses)) if losses else float("nan"), steps=steps)
 
 
-def probe_round(model, data: TensorDataset, recipe: Recipe, plan: DPPlan | None,
-                server_round: int, device: torch.device, cache_dir=None) -> LocalResult:
+def probe_round(
+    model,
+    data: TensorDataset,
+    recipe: Recipe,
+    plan: DPPlan | None,
+    server_round: int,
+    device: torch.device,
+    cache_dir=None,
+) -> LocalResult:
     """One round of the probe at a site: the statistics release or head training, in place."""
     feats = features(model, data, device, cache_dir)
     if recipe.is_stats_round(server_round):
@@ -158,5 +182,11 @@ def probe_round(model, data: TensorDataset, recipe: Recipe, plan: DPPlan | None,
     return train_head(model, feats, data.tensors[2], recipe, plan)
 
 
-__all__ = ["STATISTICS_PARTS", "Statistics", "probe_round", "release_statistics",
-           "statistics_rows", "train_head"]
+__all__ = [
+    "STATISTICS_PARTS",
+    "Statistics",
+    "probe_round",
+    "release_statistics",
+    "statistics_rows",
+    "train_head",
+]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 from flwr.app import Context, Message, RecordDict
@@ -39,24 +39,28 @@ from fedseal.common.model import ModelError
 from fedseal.common.records import JOB_KEY, ROUND_KEY, RecordError, flatten, record_to_config, state_digest
 from fedseal.common.refusals import Code, Refusal
 from fedseal.common.secagg import SecAggError, UnmaskRefusedError
-from fedseal.common.secagg_wire import COMPLAINTS, Y, WireError
+from fedseal.common.secagg_wire import COMPLAINTS, WireError, Y
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Message, Context], Message]
 
 _SITE_ERRORS: tuple[tuple[type[BaseException], Code], ...] = (
-    (LedgerError, Code.SITE_LEDGER), (OnceError, Code.SITE_RECORD), (DataError, Code.SITE_DATA),
-    (ModelError, Code.SITE_MODEL), (ConfigError, Code.SITE_CONFIG))
-_STAGE_ERRORS = (UnmaskRefusedError, SecAggError, WireError, RecordError, KeyError, TypeError,
-                 ValueError)
+    (LedgerError, Code.SITE_LEDGER),
+    (OnceError, Code.SITE_RECORD),
+    (DataError, Code.SITE_DATA),
+    (ModelError, Code.SITE_MODEL),
+    (ConfigError, Code.SITE_CONFIG),
+)
+_STAGE_ERRORS = (UnmaskRefusedError, SecAggError, WireError, RecordError, KeyError, TypeError, ValueError)
 
 
 def refusal(msg: Message, context: Context, exc: Refusal) -> Message:
     """The reply that declines ``msg``: the code and public values leave, the detail is logged here."""
     log.warning("this site refuses %s (%s): %s", msg.metadata.message_type, exc.code, exc.detail)
-    return egress.refusal_reply(msg, site_name(context.node_config, context.node_id),
-                                exc.refusal_code, exc.public)
+    return egress.refusal_reply(
+        msg, site_name(context.node_config, context.node_id), exc.refusal_code, exc.public
+    )
 
 
 def answered(stage: bool = False) -> Callable[[Handler], Handler]:
@@ -68,6 +72,7 @@ def answered(stage: bool = False) -> Callable[[Handler], Handler]:
     Anything unexpected is :data:`~fedseal.common.refusals.Code.SITE_INTERNAL`,
     with its traceback in the site's own log.
     """
+
     def wrap(handler: Handler) -> Handler:
         @functools.wraps(handler)
         def guarded(msg: Message, context: Context) -> Message:
@@ -77,7 +82,9 @@ def answered(stage: bool = False) -> Callable[[Handler], Handler]:
                 return refusal(msg, context, exc)
             except Exception as exc:  # noqa: BLE001 - every failure leaves as a code only
                 return refusal(msg, context, as_refusal(exc, stage))
+
         return guarded
+
     return wrap
 
 
@@ -113,18 +120,24 @@ def message_round(content: RecordDict, context: Context) -> tuple[str, int]:
     config = content["config"]
     server_round = config.get(ROUND_KEY, 0)
     if isinstance(server_round, bool) or not isinstance(server_round, int) or server_round < 0:
-        raise Refusal(Code.MESSAGE_ROUND, f"the server's {ROUND_KEY!r} is {server_round!r}, not "
-                      "a round number", setting=ROUND_KEY)
+        raise Refusal(
+            Code.MESSAGE_ROUND,
+            f"the server's {ROUND_KEY!r} is {server_round!r}, not a round number",
+            setting=ROUND_KEY,
+        )
     return str(config.get(JOB_KEY, context.run_id)), server_round
 
 
 def plan_metrics(committed: CommittedRound) -> dict[str, float | int]:
     """The public numbers of a committed round (see :data:`fedseal.common.egress.TRAINING`)."""
     private = committed.private
-    return {"epsilon": committed.epsilon if private else -1.0,
-            "delta": committed.delta if private else -1.0, "steps": committed.steps,
-            "noise-multiplier": committed.noise_multiplier,
-            "sample-rate": committed.sample_rate}
+    return {
+        "epsilon": committed.epsilon if private else -1.0,
+        "delta": committed.delta if private else -1.0,
+        "steps": committed.steps,
+        "noise-multiplier": committed.noise_multiplier,
+        "sample-rate": committed.sample_rate,
+    }
 
 
 def status(committed: CommittedRound) -> dict[str, str | bool]:
@@ -132,19 +145,28 @@ def status(committed: CommittedRound) -> dict[str, str | bool]:
     return {"site": committed.site, "private": committed.private}
 
 
-def _check_committed(committed: CommittedRound, job: str, server_round: int,
-                     update: Mapping[str, np.ndarray]) -> None:
+def _check_committed(
+    committed: CommittedRound, job: str, server_round: int, update: Mapping[str, np.ndarray]
+) -> None:
     if not isinstance(committed, CommittedRound):
         raise TypeError("a train reply is built only from a committed round (fedseal.client.spend)")
     if (job, server_round) != (committed.job, committed.round):
-        raise ValueError(f"the committed round is round {committed.round} of job {committed.job}, "
-                         f"the message asks for round {server_round} of job {job}")
+        raise ValueError(
+            f"the committed round is round {committed.round} of job {committed.job}, "
+            f"the message asks for round {server_round} of job {job}"
+        )
     if state_digest(update) != committed.update_digest:
         raise ValueError("the update is not the one whose spend was committed")
 
 
-def train_reply(msg: Message, context: Context, cfg: FedConfig, site: SiteSettings,
-                committed: CommittedRound, update: Mapping[str, np.ndarray]) -> Message:
+def train_reply(
+    msg: Message,
+    context: Context,
+    cfg: FedConfig,
+    site: SiteSettings,
+    committed: CommittedRound,
+    update: Mapping[str, np.ndarray],
+) -> Message:
     """The reply to a plain ``train``: the weighted update, its weight and the committed spend.
 
     Raises
@@ -159,21 +181,34 @@ def train_reply(msg: Message, context: Context, cfg: FedConfig, site: SiteSettin
         raise ValueError("a secure round's update leaves only masked (masked_reply)")
     job, server_round = message_round(msg.content, context)
     _check_committed(committed, job, server_round, update)
-    return egress.build(egress.train_reply_type(cfg, server_round), msg, {
-        egress.UPDATE: {"*": dict(update)},
-        egress.METRICS: {**plan_metrics(committed), "weight": committed.weight},
-        egress.STATUS: status(committed)})
+    return egress.build(
+        egress.train_reply_type(cfg, server_round),
+        msg,
+        {
+            egress.UPDATE: {"*": dict(update)},
+            egress.METRICS: {**plan_metrics(committed), "weight": committed.weight},
+            egress.STATUS: status(committed),
+        },
+    )
 
 
-def advert_reply(msg: Message, cfg: FedConfig, site: SiteSettings,
-                 keys: Mapping[str, bytes]) -> Message:
+def advert_reply(msg: Message, cfg: FedConfig, site: SiteSettings, keys: Mapping[str, bytes]) -> Message:
     """The reply to a secure round's ``train``: fresh signed keys; nothing is trained yet."""
-    return egress.build(egress.SECAGG_ADVERT, msg, {
-        egress.SECAGG: dict(keys), egress.STATUS: {"site": site.name, "private": cfg.dp}})
+    return egress.build(
+        egress.SECAGG_ADVERT,
+        msg,
+        {egress.SECAGG: dict(keys), egress.STATUS: {"site": site.name, "private": cfg.dp}},
+    )
 
 
-def masked_reply(msg: Message, context: Context, cfg: FedConfig, site: SiteSettings,
-                 committed: CommittedRound, update: Mapping[str, np.ndarray]) -> Message:
+def masked_reply(
+    msg: Message,
+    context: Context,
+    cfg: FedConfig,
+    site: SiteSettings,
+    committed: CommittedRound,
+    update: Mapping[str, np.ndarray],
+) -> Message:
     """The reply to a secure round's masked-input stage: ``x + masks`` and the committed spend.
 
     The update leaves only here, encoded and masked (:func:`fedseal.client.secagg.masked_input`),
@@ -182,18 +217,43 @@ def masked_reply(msg: Message, context: Context, cfg: FedConfig, site: SiteSetti
     job, server_round = secagg.round_of(context)
     _check_committed(committed, job, server_round, update)
     y, complaints = secagg.masked_input(msg, context, cfg, flatten(update), committed.weight)
-    return egress.build(egress.SECAGG_MASKED_INPUT, msg, {
-        egress.MASKED: {Y: y}, egress.SECAGG: {COMPLAINTS: complaints},
-        egress.METRICS: plan_metrics(committed), egress.STATUS: status(committed)})
+    return egress.build(
+        egress.SECAGG_MASKED_INPUT,
+        msg,
+        {
+            egress.MASKED: {Y: y},
+            egress.SECAGG: {COMPLAINTS: complaints},
+            egress.METRICS: plan_metrics(committed),
+            egress.STATUS: status(committed),
+        },
+    )
 
 
 def evaluate_reply(msg: Message, committed: CommittedRound, scores: Mapping[str, float]) -> Message:
     """The reply to ``evaluate``: the DP accuracy and loss, and the committed spend."""
-    return egress.build(egress.EVALUATION, msg, {
-        egress.METRICS: {"accuracy": float(scores["accuracy"]), "loss": float(scores["loss"]),
-                         **plan_metrics(committed)},
-        egress.STATUS: status(committed)})
+    return egress.build(
+        egress.EVALUATION,
+        msg,
+        {
+            egress.METRICS: {
+                "accuracy": float(scores["accuracy"]),
+                "loss": float(scores["loss"]),
+                **plan_metrics(committed),
+            },
+            egress.STATUS: status(committed),
+        },
+    )
 
 
-__all__ = ["advert_reply", "answered", "as_refusal", "evaluate_reply", "masked_reply",
-           "message_config", "message_round", "plan_metrics", "refusal", "train_reply"]
+__all__ = [
+    "advert_reply",
+    "answered",
+    "as_refusal",
+    "evaluate_reply",
+    "masked_reply",
+    "message_config",
+    "message_round",
+    "plan_metrics",
+    "refusal",
+    "train_reply",
+]

@@ -31,22 +31,24 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import httpx
 from flwr.app import Context, Message
 from flwr.common.constant import SubStatus
-from flwr.proto.runtime_pb2 import (AcquireTaskRequest,  # pylint: disable=E0611
-                                    SendTaskHeartbeatRequest)
+from flwr.proto.runtime_pb2 import AcquireTaskRequest, SendTaskHeartbeatRequest  # pylint: disable=E0611
 from flwr.supercore.constant import TaskType
-from flwr.supercore.heartbeat import HeartbeatSender
-from flwr.supercore.interceptors import (RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor,
-                                         SuperExecAuthHttpInterceptor)
-from flwr.supercore.retry import make_simple_http_retry_invoker
-from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.fab import Fab
+from flwr.supercore.heartbeat import HeartbeatSender
+from flwr.supercore.interceptors import (
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
+    SuperExecAuthHttpInterceptor,
+)
+from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.run import Run
+from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
@@ -62,10 +64,12 @@ _ACQUIRE = "/flwr.proto.Runtime/AcquireTask"  # the call Flower signs with the S
 
 def _client(address: str, *interceptors) -> RuntimeHttpClient:
     return RuntimeHttpClient.from_server_address(
-        server_address=address, insecure=True, root_certificates=None,
-        interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
-                      *interceptors],
-        retry_invoker=make_simple_http_retry_invoker())
+        server_address=address,
+        insecure=True,
+        root_certificates=None,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), *interceptors],
+        retry_invoker=make_simple_http_retry_invoker(),
+    )
 
 
 def _heartbeat(client: RuntimeHttpClient) -> Callable[[], bool]:
@@ -100,20 +104,25 @@ class Runner:
         from fedseal.client.app import app  # the installed app, imported once (torch and all)
 
         self.address, self.app = address, app
-        self.tasks = _client(address, SuperExecAuthHttpInterceptor(
-            master_secret=secret, protected_methods={_ACQUIRE}))
+        self.tasks = _client(
+            address, SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods={_ACQUIRE})
+        )
         self.verdicts: dict[str, str] = {}  # sha256 of a FAB's bytes -> "" (pinned) or the refusal
         self.ready: queue.Queue[_Task] = queue.Queue()
 
     def serve(self) -> None:
         """Poll the SuperNode for tasks until stopped; answer them one at a time."""
-        log.info("ClientApp runner: installed fedseal code %s; serving %s",
-                 manifest_digest(installed_manifest())[:16], self.address)
+        log.info(
+            "ClientApp runner: installed fedseal code %s; serving %s",
+            manifest_digest(installed_manifest())[:16],
+            self.address,
+        )
         threading.Thread(target=self._answer_forever, name="answer", daemon=True).start()
         while True:
             try:
-                res = self.tasks.AcquireTask(AcquireTaskRequest(
-                    supported_task_types=[TaskType.CLIENT_APP], agentapp_fab_hashes=[]))
+                res = self.tasks.AcquireTask(
+                    AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP], agentapp_fab_hashes=[])
+                )
             except httpx.HTTPError as exc:
                 log.debug("SuperNode not ready (%s)", exc)
                 time.sleep(POLL_S)
@@ -163,8 +172,11 @@ class Runner:
             reason = self.verdict(task.fab)
             if reason:
                 log.error("refused run %s: %s", task.run.run_id, reason)
-                reply = refusal(task.message, task.context, Refusal(
-                    Code.SITE_CODE, f"this site runs only the fedseal it installed: {reason}"))
+                reply = refusal(
+                    task.message,
+                    task.context,
+                    Refusal(Code.SITE_CODE, f"this site runs only the fedseal it installed: {reason}"),
+                )
             else:
                 reply = self._call(task.message, task.context)
             push_message(task.client, reply, task.context)
@@ -185,8 +197,9 @@ class Runner:
             return refusal(message, context, as_refusal(exc))
 
 
-def _finish(client: RuntimeHttpClient, heartbeat: HeartbeatSender, context: Context | None,
-            status: str, details: str) -> None:
+def _finish(
+    client: RuntimeHttpClient, heartbeat: HeartbeatSender, context: Context | None, status: str, details: str
+) -> None:
     push_task_output(client=client, context=context, sub_status=status, details=details)
     heartbeat.stop()
     client.close()
@@ -194,8 +207,11 @@ def _finish(client: RuntimeHttpClient, heartbeat: HeartbeatSender, context: Cont
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m fedseal.client.runner``: started by ``fedseal client``, not by hand."""
-    parser = argparse.ArgumentParser(prog="python -m fedseal.client.runner", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m fedseal.client.runner",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--runtime-api-address", required=True, metavar="127.0.0.1:PORT")
     parser.add_argument("--auth-secret-file", required=True, metavar="FILE")
     args = parser.parse_args(argv)

@@ -29,15 +29,36 @@ from fedseal.client.site import SiteSettings
 from fedseal.common import egress
 from fedseal.common.config import FedConfig
 from fedseal.common.refusals import Code, Refusal
-from fedseal.common.secagg import (ClientState, Identity, Roster, RoundContext, SecAggError,
-                           UnmaskRefusedError)
+from fedseal.common.secagg import ClientState, Identity, Roster, RoundContext, SecAggError, UnmaskRefusedError
 from fedseal.common.secagg.client import state_digest
 from fedseal.common.secagg.messages import Advert, ShareMessage
-from fedseal.common.secagg_wire import (ADVERT, BUNDLE, CHALLENGE, CIPHERTEXTS, COMPLAINTS, B_SHARES, K,
-                                MASKED, NODES, RECORD, ROUND, ROUTED, SEEDS, SHARES, SIGNATURE,
-                                SIGNATURES, SK_SHARES, THRESHOLD, VIEW, Y, WireError,
-                                encode_update, field, pack_shares, pack_table, unpack_ids,
-                                unpack_routed, var_table)
+from fedseal.common.secagg_wire import (
+    ADVERT,
+    B_SHARES,
+    BUNDLE,
+    CHALLENGE,
+    CIPHERTEXTS,
+    NODES,
+    RECORD,
+    ROUND,
+    ROUTED,
+    SEEDS,
+    SHARES,
+    SIGNATURE,
+    SIGNATURES,
+    SK_SHARES,
+    THRESHOLD,
+    VIEW,
+    K,
+    WireError,
+    encode_update,
+    field,
+    pack_shares,
+    pack_table,
+    unpack_ids,
+    unpack_routed,
+    var_table,
+)
 from fedseal.common.vote import round_clip
 
 log = logging.getLogger(__name__)
@@ -56,26 +77,40 @@ def unmask_record_path(ledger_path: Path) -> Path:
 def _round_context(content: RecordDict, context: Context) -> RoundContext:
     params = content[RECORD] if RECORD in content.config_records else None
     if params is None:
-        raise Refusal(Code.MESSAGE_SECAGG, "the server sent no secure-aggregation parameters with secure "
-                          "aggregation on; this site will not train")
+        raise Refusal(
+            Code.MESSAGE_SECAGG,
+            "the server sent no secure-aggregation parameters with secure "
+            "aggregation on; this site will not train",
+        )
     try:
         nodes = unpack_ids(field(params, NODES, bytes))
-        return RoundContext(context.run_id, field(params, ROUND, int), nodes, field(params, K, int),
-                            field(params, THRESHOLD, int), field(params, CHALLENGE, bytes))
+        return RoundContext(
+            context.run_id,
+            field(params, ROUND, int),
+            nodes,
+            field(params, K, int),
+            field(params, THRESHOLD, int),
+            field(params, CHALLENGE, bytes),
+        )
     except (WireError, SecAggError) as exc:
-        raise Refusal(Code.MESSAGE_SECAGG,
-                      f"the server's secure-aggregation parameters are invalid ({exc})") from None
+        raise Refusal(
+            Code.MESSAGE_SECAGG, f"the server's secure-aggregation parameters are invalid ({exc})"
+        ) from None
 
 
 def _read(path: Path | None, what: str, flag: str) -> bytes:
     if path is None:
-        raise Refusal(Code.SITE_KEYS, f"secure aggregation needs this site's {what} ({flag}); a site without "
-                          "it cannot tell real fellow sites from ones a server invents")
+        raise Refusal(
+            Code.SITE_KEYS,
+            f"secure aggregation needs this site's {what} ({flag}); a site without "
+            "it cannot tell real fellow sites from ones a server invents",
+        )
     try:
         return Path(path).read_bytes()
     except OSError as exc:
-        raise Refusal(Code.SITE_KEYS,
-                      f"cannot read this site's {what} {path} ({exc.strerror}); fix {flag}") from None
+        raise Refusal(
+            Code.SITE_KEYS, f"cannot read this site's {what} {path} ({exc.strerror}); fix {flag}"
+        ) from None
 
 
 def load_identity(path: Path | None) -> Identity:
@@ -86,15 +121,15 @@ def load_identity(path: Path | None) -> Identity:
 def load_roster(path: Path | None) -> Roster:
     """The roster of accepted sites from the site's ``peers`` file."""
     try:
-        return cache.parsed(_read(path, "roster of accepted sites", "peers"),
-                            lambda data: Roster.from_text(data.decode("utf-8")))
+        return cache.parsed(
+            _read(path, "roster of accepted sites", "peers"),
+            lambda data: Roster.from_text(data.decode("utf-8")),
+        )
     except UnicodeDecodeError:
-        raise Refusal(Code.SITE_KEYS,
-                      f"the peers file {path} is not text (OpenSSH .pub lines)") from None
+        raise Refusal(Code.SITE_KEYS, f"the peers file {path} is not text (OpenSSH .pub lines)") from None
 
 
-def check_round(content: RecordDict, context: Context, site: SiteSettings,
-                server_round: int) -> RoundContext:
+def check_round(content: RecordDict, context: Context, site: SiteSettings, server_round: int) -> RoundContext:
     """Before any training: the round's parameters parse, name the training message's round
     ``server_round`` (which decides the update's form and bound), this site is in its
     cohort, and the site's signing key and roster can be read.
@@ -109,8 +144,11 @@ def check_round(content: RecordDict, context: Context, site: SiteSettings,
     """
     ctx = _round_context(content, context)
     if ctx.round_id != server_round:
-        raise Refusal(Code.MESSAGE_SECAGG, f"the secure-aggregation parameters are for round {ctx.round_id}, the "
-                          f"training message for round {server_round}")
+        raise Refusal(
+            Code.MESSAGE_SECAGG,
+            f"the secure-aggregation parameters are for round {ctx.round_id}, the "
+            f"training message for round {server_round}",
+        )
     if context.node_id not in ctx.participants:
         raise Refusal(Code.MESSAGE_SECAGG, "this site is not in the round's cohort the server sent")
     load_identity(site.identity_key)
@@ -120,8 +158,10 @@ def check_round(content: RecordDict, context: Context, site: SiteSettings,
 
 def _site(context: Context) -> ConfigRecord:
     if SITE not in context.state:
-        raise ValueError("no secure-aggregation round in progress at this site "
-                         "(it restarted, or the stage arrived out of order)")
+        raise ValueError(
+            "no secure-aggregation round in progress at this site "
+            "(it restarted, or the stage arrived out of order)"
+        )
     return context.state.config_records[SITE]
 
 
@@ -130,8 +170,10 @@ def _load(context: Context) -> ClientState:
     that record, else rebuilt (and fully checked) from the record."""
     info = _site(context)
     if STATE not in context.state:
-        raise ValueError("no secure-aggregation round in progress at this site "
-                         "(it restarted, or the stage arrived out of order)")
+        raise ValueError(
+            "no secure-aggregation round in progress at this site "
+            "(it restarted, or the stage arrived out of order)"
+        )
     data = dict(context.state[STATE].items())
     identity = load_identity(Path(str(info["identity-key"])))
     roster = load_roster(Path(str(info["peers"])))
@@ -168,8 +210,10 @@ def _params(msg: Message, state: ClientState) -> ConfigRecord:
         raise WireError(f"the message's '{RECORD}' record is not a config record")
     rnd = field(params, ROUND, int)
     if rnd != state.ctx.round_id:
-        raise ValueError(f"secure-aggregation message for round {rnd}, but this site is in "
-                         f"round {state.ctx.round_id}; the message is stale and is refused")
+        raise ValueError(
+            f"secure-aggregation message for round {rnd}, but this site is in "
+            f"round {state.ctx.round_id}; the message is stale and is refused"
+        )
     return params
 
 
@@ -177,8 +221,9 @@ def _reply(reply_type: egress.ReplyType, msg: Message, **values: bytes) -> Messa
     return egress.build(reply_type, msg, {RECORD: values})
 
 
-def begin_round(msg: Message, context: Context, site: SiteSettings, job: str,
-                server_round: int) -> dict[str, bytes]:
+def begin_round(
+    msg: Message, context: Context, site: SiteSettings, job: str, server_round: int
+) -> dict[str, bytes]:
     """Start this round's protocol state (round ``server_round`` of ``job``); return the signed keys.
 
     Nothing is trained or encoded yet: the site trains only when the server asks
@@ -187,12 +232,18 @@ def begin_round(msg: Message, context: Context, site: SiteSettings, job: str,
     _clear(context)
     ctx = check_round(msg.content, context, site, server_round)
     identity, roster = load_identity(site.identity_key), load_roster(site.peers)
-    state = ClientState(context.node_id, ctx, identity=identity, roster=roster,
-                        min_survivors=site.policy.min_cohort)
+    state = ClientState(
+        context.node_id, ctx, identity=identity, roster=roster, min_survivors=site.policy.min_cohort
+    )
     advert = state.advertise_keys()
-    context.state[SITE] = ConfigRecord({
-        "job": job, "identity-key": str(site.identity_key), "peers": str(site.peers),
-        "record": str(unmask_record_path(site.ledger_path)) if site.ledger_path else ""})
+    context.state[SITE] = ConfigRecord(
+        {
+            "job": job,
+            "identity-key": str(site.identity_key),
+            "peers": str(site.peers),
+            "record": str(unmask_record_path(site.ledger_path)) if site.ledger_path else "",
+        }
+    )
     _save(context, state)
     return {ADVERT: advert.encode(ctx.digest)}
 
@@ -212,24 +263,30 @@ def share_keys(msg: Message, context: Context) -> Message:
         bundle[node], _ = Advert.decode(data)
     message, ciphertexts = state.share_keys(bundle)
     _save(context, state)
-    return _reply(egress.SECAGG_SHARE_KEYS, msg, **{SHARES: message.encode(state.ctx.digest),
-                          CIPHERTEXTS: pack_table(ciphertexts)})
+    return _reply(
+        egress.SECAGG_SHARE_KEYS,
+        msg,
+        **{SHARES: message.encode(state.ctx.digest), CIPHERTEXTS: pack_table(ciphertexts)},
+    )
 
 
-def masked_input(msg: Message, context: Context, cfg: FedConfig, flat_weighted_update: np.ndarray,
-                 weight: float) -> tuple[np.ndarray, bytes]:
+def masked_input(
+    msg: Message, context: Context, cfg: FedConfig, flat_weighted_update: np.ndarray, weight: float
+) -> tuple[np.ndarray, bytes]:
     """Stage 2: encode the committed update and return ``x + masks`` and the complaints.
 
     ``x`` exists only inside this call: what leaves is the masked vector.
     """
     state = _load(context)
-    x = encode_update(flat_weighted_update, weight, len(state.ctx.participants),
-                      round_clip(cfg, state.ctx.round_id))
+    x = encode_update(
+        flat_weighted_update, weight, len(state.ctx.participants), round_clip(cfg, state.ctx.round_id)
+    )
     return masked_vector(msg, context, x, state)
 
 
-def masked_vector(msg: Message, context: Context, x: np.ndarray,
-                  state: ClientState | None = None) -> tuple[np.ndarray, bytes]:
+def masked_vector(
+    msg: Message, context: Context, x: np.ndarray, state: ClientState | None = None
+) -> tuple[np.ndarray, bytes]:
     """Stage 2 for a vector already in the ring (uint32): ``x + masks`` and the complaints.
 
     :func:`masked_input` encodes a plain update and calls this; under distributed
@@ -273,17 +330,35 @@ def unmask(msg: Message, context: Context) -> Message:
         _clear(context)
         raise UnmaskRefusedError(
             f"this site already helped unmask round {key[1]} of job {key[0]}; a second unmask "
-            "could let the server subtract two sums and learn one site's update, so it refuses")
+            "could let the server subtract two sums and learn one site's update, so it refuses"
+        )
     try:
         once.remember(context, UNMASKED, path, done | {key})
     except once.OnceError as exc:
         _clear(context)
         raise UnmaskRefusedError(f"{exc}; it reveals nothing it could not record") from None
     _clear(context)
-    return _reply(egress.SECAGG_UNMASK, msg, **{B_SHARES: pack_shares(reply[B_SHARES]),
-                          SK_SHARES: pack_shares(reply[SK_SHARES]),
-                          SEEDS: pack_table(reply[SEEDS])})
+    return _reply(
+        egress.SECAGG_UNMASK,
+        msg,
+        **{
+            B_SHARES: pack_shares(reply[B_SHARES]),
+            SK_SHARES: pack_shares(reply[SK_SHARES]),
+            SEEDS: pack_table(reply[SEEDS]),
+        },
+    )
 
 
-__all__ = ["begin_round", "check_round", "cohort_size", "consistency", "load_identity",
-           "load_roster", "masked_input", "masked_vector", "share_keys", "unmask", "unmask_record_path"]
+__all__ = [
+    "begin_round",
+    "check_round",
+    "cohort_size",
+    "consistency",
+    "load_identity",
+    "load_roster",
+    "masked_input",
+    "masked_vector",
+    "share_keys",
+    "unmask",
+    "unmask_record_path",
+]

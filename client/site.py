@@ -31,9 +31,9 @@ plays every site, so the run's own settings are the sites' policy there
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Mapping
 
 from fedseal.common.config import ConfigError, FedConfig
 
@@ -106,8 +106,10 @@ class SitePolicy:
     def __post_init__(self) -> None:
         """Reject a policy that cannot protect anything."""
         if self.min_cohort < 2:
-            raise ConfigError(f"min-cohort must be at least 2 (got {self.min_cohort}): a 'sum' "
-                              "over one site is that site's update")
+            raise ConfigError(
+                f"min-cohort must be at least 2 (got {self.min_cohort}): a 'sum' "
+                "over one site is that site's update"
+            )
         if self.min_secagg_k < 1 or self.min_secagg_threshold < 2:
             raise ConfigError("min-secagg-k must be at least 1 and min-secagg-threshold at least 2")
         if self.max_colluders < 0:
@@ -117,28 +119,37 @@ class SitePolicy:
                 f"min-cohort = {self.min_cohort} is below max-colluders + 2 = "
                 f"{self.max_colluders + 2}: a sum over {self.min_cohort} sites less the inputs "
                 f"of {self.max_colluders} colluding sites can be one honest site's input; "
-                "raise --min-cohort or lower --max-colluders")
+                "raise --min-cohort or lower --max-colluders"
+            )
         if not self.max_update_clip > 0:
             raise ConfigError(f"max-update-clip must be positive, got {self.max_update_clip}")
         if not self.max_run_epsilon > 0:
             raise ConfigError(f"max-run-epsilon must be positive, got {self.max_run_epsilon}")
         if self.federated_eval not in FEDERATED_EVAL_MODES:
-            raise ConfigError(f"federated-eval must be one of {', '.join(FEDERATED_EVAL_MODES)}, "
-                              f"got {self.federated_eval!r}")
+            raise ConfigError(
+                f"federated-eval must be one of {', '.join(FEDERATED_EVAL_MODES)}, "
+                f"got {self.federated_eval!r}"
+            )
 
     @classmethod
-    def of_run(cls, cfg: FedConfig) -> "SitePolicy":
+    def of_run(cls, cfg: FedConfig) -> SitePolicy:
         """A simulated site's policy: the run's own settings (its user plays every site, so
         there is nobody to collude with). Under distributed noise the sites take the
         run's own assumption, ``min-clients`` sites of which ``max-colluders``
         collude, so that their noise shares are what the run planned."""
         distributed = cfg.dp_noise == "distributed"
-        return cls(require_dp=cfg.dp, require_secagg=cfg.secagg,
-                   min_cohort=cfg.min_clients if distributed else 2, min_secagg_k=1,
-                   min_secagg_threshold=2, max_colluders=cfg.max_colluders if distributed else 0,
-                   max_update_clip=cfg.update_clip,
-                   federated_eval="on" if cfg.federated_eval else "off",
-                   allowed_models=(cfg.model,), labels=tuple(cfg.labels))
+        return cls(
+            require_dp=cfg.dp,
+            require_secagg=cfg.secagg,
+            min_cohort=cfg.min_clients if distributed else 2,
+            min_secagg_k=1,
+            min_secagg_threshold=2,
+            max_colluders=cfg.max_colluders if distributed else 0,
+            max_update_clip=cfg.update_clip,
+            federated_eval="on" if cfg.federated_eval else "off",
+            allowed_models=(cfg.model,),
+            labels=tuple(cfg.labels),
+        )
 
 
 @dataclass(frozen=True)
@@ -182,7 +193,7 @@ def ledger_path(node_config: Mapping[str, object]) -> Path | None:
     return Path(str(value)) if value else None
 
 
-def feature_cache(site: "SiteSettings") -> Path | None:
+def feature_cache(site: SiteSettings) -> Path | None:
     """Where the site caches its pooled features (:mod:`fedseal.common.features`): a folder in its
     state folder, beside its ledger; a simulated site's beside its data file in the simulation's
     ``sites`` folder (:func:`simulation_feature_dir`), so that the simulation's processes share
@@ -240,8 +251,9 @@ def _policy(node_config: Mapping[str, object], defaults: SitePolicy = SitePolicy
             else:
                 values[name] = str(raw)
         except (TypeError, ValueError):
-            raise ConfigError(f"the site's node config has {key} = {raw!r}, which is not a "
-                              f"{type(default).__name__}") from None
+            raise ConfigError(
+                f"the site's node config has {key} = {raw!r}, which is not a {type(default).__name__}"
+            ) from None
     return replace(defaults, **values)  # type: ignore[arg-type]
 
 
@@ -252,8 +264,10 @@ def site_settings(node_config: Mapping[str, object], cfg: FedConfig) -> SiteSett
     if "data-path" in node_config:
         data_path = Path(str(node_config["data-path"]))
         policy = _policy(node_config)
-        columns = (str(node_config.get("text-column", columns[0])),
-                   str(node_config.get("label-column", columns[1])))
+        columns = (
+            str(node_config.get("text-column", columns[0])),
+            str(node_config.get("label-column", columns[1])),
+        )
     elif "partition-id" in node_config:
         pid = int(str(node_config["partition-id"]))
         data_path = simulation_site_file(cfg.out, pid)
@@ -261,14 +275,16 @@ def site_settings(node_config: Mapping[str, object], cfg: FedConfig) -> SiteSett
         # The simulation's user plays every site: its keys and roster are the ones the
         # simulation wrote, and the run's own settings are the sites' policy unless a
         # node config entry says otherwise.
-        node_config = {"identity-key": str(simulation_key_file(cfg.out, pid)),
-                       "peers": str(simulation_roster_file(cfg.out)), **node_config}
+        node_config = {
+            "identity-key": str(simulation_key_file(cfg.out, pid)),
+            "peers": str(simulation_roster_file(cfg.out)),
+            **node_config,
+        }
         policy = _policy(node_config, SitePolicy.of_run(cfg))
         columns = (cfg.text_column, cfg.label_column)  # what the simulation wrote the file with
     else:
         raise ConfigError(
-            "this client agent has no data: start it with --data FILE "
-            "(node config 'data-path')"
+            "this client agent has no data: start it with --data FILE (node config 'data-path')"
         )
     try:
         epsilon = float(str(node_config.get("epsilon", cfg.epsilon)))
@@ -280,8 +296,10 @@ def site_settings(node_config: Mapping[str, object], cfg: FedConfig) -> SiteSett
     ledger = ledger_path(node_config)
     ledger_key = node_config.get("ledger-key")
     if ledger and not ledger_key:
-        raise ConfigError("the site's node config has a ledger-path but no ledger-key: start "
-                          "the agent with --ledger-key FILE (kept apart from the ledger)")
+        raise ConfigError(
+            "the site's node config has a ledger-path but no ledger-key: start "
+            "the agent with --ledger-key FILE (kept apart from the ledger)"
+        )
     identity = node_config.get("identity-key")
     peers = node_config.get("peers")
     return SiteSettings(

@@ -15,8 +15,8 @@ round trained without differential privacy, which has no spend to record).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import numpy as np
 from flwr.app import Context
@@ -66,8 +66,10 @@ class CommittedRound:
     def __post_init__(self) -> None:
         """Refuse to exist unless :func:`commit_round` made it."""
         if self._token is not _COMMITTED:
-            raise TypeError("a CommittedRound is made only by fedseal.client.spend.commit_round, "
-                            "after the spend is recorded")
+            raise TypeError(
+                "a CommittedRound is made only by fedseal.client.spend.commit_round, "
+                "after the spend is recorded"
+            )
 
 
 def steps_done(ledger: PrivacyLedger | None, context: Context, job: str) -> int:
@@ -85,12 +87,23 @@ def other_jobs_epsilon(ledger: PrivacyLedger | None, job: str) -> float:
     return ledger.epsilon_spent() - ledger.epsilon_spent(job) if ledger is not None else 0.0
 
 
-def commit_round(site: str, ledger: PrivacyLedger | None, context: Context, job: str,
-                 round: int, steps: int, job_epsilon: float | None, job_delta: float,
-                 update: Mapping[str, np.ndarray], weight: float, *,
-                 noise_multiplier: float = 0.0, sample_rate: float = 0.0,
-                 evaluation: bool = False,
-                 mechanism: Mapping[str, float] | None = None) -> CommittedRound:
+def commit_round(
+    site: str,
+    ledger: PrivacyLedger | None,
+    context: Context,
+    job: str,
+    round: int,
+    steps: int,
+    job_epsilon: float | None,
+    job_delta: float,
+    update: Mapping[str, np.ndarray],
+    weight: float,
+    *,
+    noise_multiplier: float = 0.0,
+    sample_rate: float = 0.0,
+    evaluation: bool = False,
+    mechanism: Mapping[str, float] | None = None,
+) -> CommittedRound:
     """Record the round's spend (ledger first, durably) and return the committed round.
 
     ``job_epsilon`` is the job's cumulative epsilon after ``steps`` steps, or
@@ -109,17 +122,34 @@ def commit_round(site: str, ledger: PrivacyLedger | None, context: Context, job:
     """
     private = job_epsilon is not None
     if private and ledger is not None:
-        ledger.record(job, round, steps, job_epsilon, noise_multiplier=noise_multiplier,
-                      sample_rate=sample_rate, evaluation=evaluation,
-                      mechanism=dict(mechanism) if mechanism is not None else None)
+        ledger.record(
+            job,
+            round,
+            steps,
+            job_epsilon,
+            noise_multiplier=noise_multiplier,
+            sample_rate=sample_rate,
+            evaluation=evaluation,
+            mechanism=dict(mechanism) if mechanism is not None else None,
+        )
     if ledger is None:
         remember(context, steps, noise_multiplier, sample_rate)
-    epsilon = (other_jobs_epsilon(ledger, job) + job_epsilon if job_epsilon is not None
-               else float("inf"))
+    epsilon = other_jobs_epsilon(ledger, job) + job_epsilon if job_epsilon is not None else float("inf")
     delta = ledger.delta_spent() if private and ledger is not None else job_delta
-    return CommittedRound(site, str(job), int(round), int(steps), float(epsilon), float(delta),
-                          float(noise_multiplier), float(sample_rate), private,
-                          state_digest(update), float(weight), _COMMITTED)
+    return CommittedRound(
+        site,
+        str(job),
+        int(round),
+        int(steps),
+        float(epsilon),
+        float(delta),
+        float(noise_multiplier),
+        float(sample_rate),
+        private,
+        state_digest(update),
+        float(weight),
+        _COMMITTED,
+    )
 
 
 __all__ = ["CommittedRound", "PROGRESS", "commit_round", "other_jobs_epsilon", "steps_done"]

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, cast
-
 import logging
-import os
 import warnings
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedseal.client.dp_step import noise_only_step
+from fedseal.client.randomness import fresh_generator
 from fedseal.common.batches import model_inputs
 from fedseal.common.config import FedConfig
 from fedseal.common.dp_rule import Recipe
@@ -36,15 +35,14 @@ def _optimizer(model: nn.Module, cfg: FedConfig, recipe: Recipe) -> torch.optim.
     return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=cfg.weight_decay)
 
 
-def fresh_generator(device: torch.device) -> torch.Generator:
-    """A generator seeded from the OS's CSPRNG, never from a guessable seed."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(int.from_bytes(os.urandom(8), "little"))
-    return gen
-
-
-def train_local(model: nn.Module, data: TensorDataset, cfg: FedConfig, recipe: Recipe,
-                plan: DPPlan | None, device: torch.device) -> LocalResult:
+def train_local(
+    model: nn.Module,
+    data: TensorDataset,
+    cfg: FedConfig,
+    recipe: Recipe,
+    plan: DPPlan | None,
+    device: torch.device,
+) -> LocalResult:
     """Run ``recipe.steps_per_round`` optimiser steps on ``data`` in place (LoRA or full).
 
     With a ``plan``, Opacus makes the model private: Poisson sampling at
@@ -58,22 +56,28 @@ def train_local(model: nn.Module, data: TensorDataset, cfg: FedConfig, recipe: R
     optimizer = _optimizer(model, cfg, recipe)
     engine = None
     if plan is None:
-        loader = DataLoader(data, batch_size=recipe.batch_size, shuffle=True,
-                            generator=fresh_generator(torch.device("cpu")))
+        loader = DataLoader(
+            data, batch_size=recipe.batch_size, shuffle=True, generator=fresh_generator(torch.device("cpu"))
+        )
     else:
         from opacus import PrivacyEngine
         from opacus.data_loader import DPDataLoader
 
         # Poisson sampling at the plan's rate, set from the site's size bucket.
-        loader = DPDataLoader(data, sample_rate=plan.sample_rate,
-                              generator=fresh_generator(torch.device("cpu")))
+        loader = DPDataLoader(
+            data, sample_rate=plan.sample_rate, generator=fresh_generator(torch.device("cpu"))
+        )
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Secure RNG turned off")
             engine = PrivacyEngine(accountant=plan.accountant)
             model, optimizer, loader = engine.make_private(
-                module=model, optimizer=optimizer, data_loader=loader,
-                noise_multiplier=plan.noise_multiplier, max_grad_norm=recipe.clip,
-                poisson_sampling=False, noise_generator=fresh_generator(device),
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=plan.noise_multiplier,
+                max_grad_norm=recipe.clip,
+                poisson_sampling=False,
+                noise_generator=fresh_generator(device),
             )
         # The mean's denominator: the bucket's expected batch, never the exact count.
         optimizer.expected_batch_size = recipe.batch_size
@@ -92,8 +96,9 @@ def train_local(model: nn.Module, data: TensorDataset, cfg: FedConfig, recipe: R
                         noise_only_step(optimizer)
                         steps += 1
                         continue
-                    out = model(**model_inputs(model, input_ids, attention_mask, device),
-                                labels=labels.to(device))
+                    out = model(
+                        **model_inputs(model, input_ids, attention_mask, device), labels=labels.to(device)
+                    )
                     out.loss.backward()
                     optimizer.step()
                     losses.append(float(out.loss.detach()))

@@ -15,8 +15,9 @@ from fedseal.common.data import Examples
 
 def encode(tokenizer, examples: Examples, max_length: int) -> TensorDataset:
     """(input_ids, attention_mask, label) tensors padded to ``max_length``."""
-    enc = tokenizer(examples.texts, padding="max_length", truncation=True,
-                    max_length=max_length, return_tensors="pt")
+    enc = tokenizer(
+        examples.texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+    )
     labels = torch.tensor(examples.labels, dtype=torch.long)
     return TensorDataset(enc["input_ids"], enc["attention_mask"], labels)
 
@@ -36,8 +37,9 @@ def _base_class(model: nn.Module) -> type:
     return type(model)
 
 
-def model_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 device: torch.device) -> dict[str, torch.Tensor]:
+def model_inputs(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, device: torch.device
+) -> dict[str, torch.Tensor]:
     """Inputs for one batch, trimmed to its longest sequence.
 
     ``position_ids`` and ``token_type_ids`` are passed explicitly with a real
@@ -60,17 +62,19 @@ def model_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
 
 
 @torch.no_grad()
-def predict(model: nn.Module, data: TensorDataset, *, batch_size: int,
-            device: torch.device) -> torch.Tensor:
+def predict(model: nn.Module, data: TensorDataset, *, batch_size: int, device: torch.device) -> torch.Tensor:
     """Logits of ``model`` on every example of ``data``, in order, on ``device``."""
     model.eval()
-    logits = [model(**model_inputs(model, input_ids, attention_mask, device)).logits
-              for input_ids, attention_mask, _ in DataLoader(data, batch_size=batch_size)]
+    logits = [
+        model(**model_inputs(model, input_ids, attention_mask, device)).logits
+        for input_ids, attention_mask, _ in DataLoader(data, batch_size=batch_size)
+    ]
     return torch.cat(logits)
 
 
-def evaluate(model: nn.Module, data: TensorDataset, *, batch_size: int,
-             num_labels: int, device: torch.device) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, data: TensorDataset, *, batch_size: int, num_labels: int, device: torch.device
+) -> dict[str, float]:
     """Accuracy, mean cross-entropy loss and macro-F1 of ``model`` on ``data``."""
     logits = predict(model, data, batch_size=batch_size, device=device)
     return scores_of(logits, data.tensors[2].to(device), num_labels)

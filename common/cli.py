@@ -20,14 +20,21 @@ from fedseal.common.config import ConfigError
 
 COMMANDS = {
     "simulate": ("fedseal.simulations.simulate", "run the whole federation on this machine"),
-    "keys": ("fedseal.server.keys_cli", "create the federation's certificates (server) or a site's key (site)"),
+    "keys": (
+        "fedseal.server.keys_cli",
+        "create the federation's certificates (server) or a site's key (site)",
+    ),
     "server": ("fedseal.server.launch", "run the aggregation server (SuperLink) and one federated run"),
     "client": ("fedseal.client.agent", "run the client agent (SuperNode) at a data site"),
-    "ledger": ("fedseal.client.ledger_cli",
-               "show a site's privacy ledger, raise its total, or recover it deliberately"),
+    "ledger": (
+        "fedseal.client.ledger_cli",
+        "show a site's privacy ledger, raise its total, or recover it deliberately",
+    ),
     "report": ("fedseal.server.report_cli", "write a run's report page (RUN_DIR/report.html)"),
-    "audit": ("fedseal.simulations.audit",
-              "measure what one site's replies reveal about a planted record, against its budget"),
+    "audit": (
+        "fedseal.simulations.audit",
+        "measure what one site's replies reveal about a planted record, against its budget",
+    ),
 }
 
 
@@ -39,7 +46,7 @@ class Parser(argparse.ArgumentParser):
         if message.startswith(prefix):
             known = [o for o in self._option_string_actions if o.startswith("--")]
             hints = []
-            for word in message[len(prefix):].split():
+            for word in message[len(prefix) :].split():
                 close = difflib.get_close_matches(word.split("=")[0], known, n=1, cutoff=0.6)
                 if word.startswith("-") and close:
                     hints.append(f"{word.split('=')[0]} -> {close[0]}")
@@ -72,8 +79,7 @@ def command_parser(name: str) -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     """The whole ``fedseal`` parser: one subparser per command, with all its options."""
     parser = Parser(prog="fedseal")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="<command>",
-                                parser_class=Parser)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<command>", parser_class=Parser)
     for name, (_, text) in COMMANDS.items():
         _describe(sub.add_parser(name, help=text), name)
     return parser
@@ -98,8 +104,7 @@ def _dispatch(argv: list[str]) -> int:
         print("usage: fedseal <command> [options]\n\ncommands:")
         for name, (_, text) in COMMANDS.items():
             print(f"  {name:10s} {text}")
-        print("\n`fedseal <command> --help` lists a command's options; "
-              "`fedseal --version` the version.")
+        print("\n`fedseal <command> --help` lists a command's options; `fedseal --version` the version.")
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):
         print(f"fedseal {fedseal_version()}")
@@ -108,8 +113,9 @@ def _dispatch(argv: list[str]) -> int:
     if command not in COMMANDS:
         close = difflib.get_close_matches(command, COMMANDS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        print(f"fedseal: unknown command {command!r}{hint} (commands: {', '.join(COMMANDS)})",
-              file=sys.stderr)
+        print(
+            f"fedseal: unknown command {command!r}{hint} (commands: {', '.join(COMMANDS)})", file=sys.stderr
+        )
         return 2
     module = importlib.import_module(COMMANDS[command][0])
     try:
@@ -117,6 +123,7 @@ def _dispatch(argv: list[str]) -> int:
     except (ConfigError, ValueError, FileNotFoundError, TimeoutError) as exc:
         print(f"fedseal {command}: error: {exc}", file=sys.stderr)
         return 2
+
 
 if __name__ == "__main__":
     sys.exit(main())

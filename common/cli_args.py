@@ -12,17 +12,30 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from fedseal.common.config import (CHOICES, FIELDS, HELP, WORD_SETTINGS, ConfigError, FedConfig,
-                           from_mapping, load_toml, parse_setting)
+from fedseal.common.config import (
+    CHOICES,
+    FIELDS,
+    HELP,
+    WORD_SETTINGS,
+    ConfigError,
+    FedConfig,
+    from_mapping,
+    load_toml,
+    parse_setting,
+)
 
 
 def add_config_options(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
     """Add ``--config`` and one option per config field (except ``skip``)."""
-    parser.add_argument("--config", metavar="FILE",
-                        help="TOML file with settings, same names as the options (lora_r = 16 or "
-                             "lora-r = 16); options given on the command line win")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML file with settings, same names as the options (lora_r = 16 or "
+        "lora-r = 16); options given on the command line win",
+    )
     group = parser.add_argument_group("run settings")
     for name, fld in FIELDS.items():
         if name in skip:
@@ -35,8 +48,9 @@ def add_config_options(parser: argparse.ArgumentParser, skip: Sequence[str] = ()
         elif name in CHOICES:
             group.add_argument(flag, choices=CHOICES[name], default=None, help=text)
         else:
-            group.add_argument(flag, metavar=_metavar(name, default), type=_setting_type(name),
-                               default=None, help=text)
+            group.add_argument(
+                flag, metavar=_metavar(name, default), type=_setting_type(name), default=None, help=text
+            )
 
 
 def _shown(default: Any) -> str:
@@ -59,6 +73,7 @@ def _metavar(name: str, default: Any) -> str:
 
 def _setting_type(name: str) -> Callable[[str], Any]:
     """An argparse ``type`` that checks a value as :func:`fedseal.common.config.parse_setting` does."""
+
     def parse(text: str) -> Any:
         try:
             return parse_setting(name, text)
@@ -84,8 +99,11 @@ def config_from_args(args: argparse.Namespace, overrides: dict[str, Any] | None 
 
 def setup_logging(verbose: bool = False) -> None:
     """Readable log lines on stderr for the CLIs."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     logging.getLogger("flwr").propagate = False  # flwr prints through its own handler
     for noisy in ("urllib3", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -11,9 +11,10 @@ import dataclasses
 import difflib
 import math
 import tomllib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from fedseal.common.errors import FedsealError
 
@@ -22,13 +23,22 @@ DEFAULT_MODEL = "default"
 AUTO = "auto"
 """A setting chosen by a documented rule: the training settings by :mod:`fedseal.common.dp_rule`,
 ``server-lr`` by the strategy, SecAgg+ ``k`` and threshold by each round's cohort size."""
-AUTO_SETTINGS = {"local_steps": int, "batch_size": int, "lr": float, "max_grad_norm": float,
-                 "server_lr": float, "secagg_k": int, "secagg_threshold": int}
+AUTO_SETTINGS = {
+    "local_steps": int,
+    "batch_size": int,
+    "lr": float,
+    "max_grad_norm": float,
+    "server_lr": float,
+    "secagg_k": int,
+    "secagg_threshold": int,
+}
 """Settings that take ``auto`` or a positive number of the given type."""
 ALL = "all"
 """``eval-max-examples = all``: no limit, the whole evaluation file."""
 WORD_SETTINGS: dict[str, tuple[str, type]] = {
-    **{name: (AUTO, kind) for name, kind in AUTO_SETTINGS.items()}, "eval_max_examples": (ALL, int)}
+    **{name: (AUTO, kind) for name, kind in AUTO_SETTINGS.items()},
+    "eval_max_examples": (ALL, int),
+}
 """Settings that take a word (``auto``, ``all``) or a positive number of the given type."""
 _WORD_MEANS = {AUTO: "the automatic choice", ALL: "no limit"}
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -124,18 +134,26 @@ class FedConfig:
         for name, (word, kind) in WORD_SETTINGS.items():
             object.__setattr__(self, name, _word_or_positive(name, getattr(self, name), word, kind))
         if self.weighting == "examples":
-            raise ConfigError("weighting 'examples' is gone: an exact example count would leave "
-                              "each site; use 'equal' (default) or 'bucket' (a coarse power-of-two "
-                              "bucket of the count)")
+            raise ConfigError(
+                "weighting 'examples' is gone: an exact example count would leave "
+                "each site; use 'equal' (default) or 'bucket' (a coarse power-of-two "
+                "bucket of the count)"
+            )
         for name, allowed in CHOICES.items():
             _choice(name, getattr(self, name), allowed)
-        for name in ("lora_r", "lora_alpha", "max_length", "clients", "rounds",
-                     "min_clients", "eval_batch_size",
-                     "max_site_examples"):
+        for name in (
+            "lora_r",
+            "lora_alpha",
+            "max_length",
+            "clients",
+            "rounds",
+            "min_clients",
+            "eval_batch_size",
+            "max_site_examples",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{_key(name)} must be at least 1, got {getattr(self, name)}")
-        for name in ("epsilon", "alpha",
-                     "update_clip", "adam_tau", "timeout"):
+        for name in ("epsilon", "alpha", "update_clip", "adam_tau", "timeout"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{_key(name)} must be a positive number, got {value}")
@@ -149,20 +167,26 @@ class FedConfig:
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{_key(name)} must be in [0, 1), got {getattr(self, name)}")
         if self.secagg and self.clients < 2:
-            raise ConfigError("secure aggregation needs at least 2 sites (a sum over one site is "
-                              "its update): set clients and min-clients to 2 or more, or turn it "
-                              "off (secagg = false, --no-secagg) for a one-site trial")
+            raise ConfigError(
+                "secure aggregation needs at least 2 sites (a sum over one site is "
+                "its update): set clients and min-clients to 2 or more, or turn it "
+                "off (secagg = false, --no-secagg) for a one-site trial"
+            )
         if self.min_clients > self.clients:
             raise ConfigError(
                 f"min-clients ({self.min_clients}) is larger than clients ({self.clients}); "
                 "lower min-clients or add sites"
             )
         if self.finetune == "probe" and self.rounds < 2:
-            raise ConfigError("finetune=probe needs at least 2 rounds (round 1 estimates the "
-                              "feature statistics, later rounds train the head): raise rounds")
+            raise ConfigError(
+                "finetune=probe needs at least 2 rounds (round 1 estimates the "
+                "feature statistics, later rounds train the head): raise rounds"
+            )
         if self.finetune == "lora" and self.rounds < 3:
-            raise ConfigError("finetune=lora needs at least 3 rounds (the probe's statistics and "
-                              "head rounds, then adapter rounds; docs/lora.md): raise rounds")
+            raise ConfigError(
+                "finetune=lora needs at least 3 rounds (the probe's statistics and "
+                "head rounds, then adapter rounds; docs/lora.md): raise rounds"
+            )
         if self.finetune == "lora" and not self.lora_targets:
             raise ConfigError("lora-targets is empty: name the modules LoRA adapts, e.g. query,value")
         if self.seed < 0:
@@ -184,7 +208,7 @@ class FedConfig:
         """Number of sites sampled each round (at least ``min_clients``)."""
         return max(self.min_clients, math.ceil(self.fraction * self.clients))
 
-    def replace(self, **changes: Any) -> "FedConfig":
+    def replace(self, **changes: Any) -> FedConfig:
         """Return a copy with ``changes`` applied and validated."""
         return from_mapping({**self.to_dict(), **changes})
 
@@ -195,10 +219,7 @@ class FedConfig:
 
     def to_run_config(self) -> dict[str, Any]:
         """Flower run-config form: dashed keys; lists joined by commas."""
-        return {
-            _key(k): ",".join(v) if isinstance(v, list) else v
-            for k, v in self.to_dict().items()
-        }
+        return {_key(k): ",".join(v) if isinstance(v, list) else v for k, v in self.to_dict().items()}
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(FedConfig)}
@@ -206,23 +227,22 @@ FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Fe
 HELP: dict[str, str] = {
     # Model
     "model": "model to fine-tune: a Hugging Face hub name or a local folder; 'default' is the "
-             "packaged all-MiniLM-L6-v2",
+    "packaged all-MiniLM-L6-v2",
     "finetune": "what trains: probe (a linear head on pooled features of the site's encoder), "
-                "lora (LP-FT: the probe, then LoRA adapters in the top layers and the head) or "
-                "full (every weight; not supported under DP, docs/lora.md)",
+    "lora (LP-FT: the probe, then LoRA adapters in the top layers and the head) or "
+    "full (every weight; not supported under DP, docs/lora.md)",
     "lora_r": "LoRA rank (integer >= 1; finetune=lora only)",
     "lora_alpha": "LoRA scaling alpha (integer >= 1; finetune=lora only)",
     "lora_dropout": "ignored since LoRA is LP-FT (its DP steps run without dropout; kept so "
-                    "older configs still parse)",
+    "older configs still parse)",
     "lora_targets": "names of the modules LoRA adapts, comma-separated (finetune=lora only)",
     "max_length": "longest input, in tokens; longer texts are truncated (integer >= 1)",
     "labels": "label names in class order, comma-separated; empty: the labels found in the "
-              "training and evaluation files",
+    "training and evaluation files",
     # Data
     "train": "labelled training file (CSV, TSV or JSONL) split among the simulated sites; "
-             "empty (with --eval empty too): the embedded synthetic task",
-    "eval": "held-out labelled file the server scores the model on (CSV, TSV or JSONL); "
-            "give it with --train",
+    "empty (with --eval empty too): the embedded synthetic task",
+    "eval": "held-out labelled file the server scores the model on (CSV, TSV or JSONL); give it with --train",
     "text_column": "column (or JSONL key) holding the text",
     "label_column": "column (or JSONL key) holding the label",
     # Federation
@@ -230,9 +250,9 @@ HELP: dict[str, str] = {
     "rounds": "number of federated rounds (integer >= 1; probe needs >= 2, lora >= 3)",
     "fraction": "fraction of the sites sampled each round, in (0, 1]; at least --min-clients",
     "min_clients": "fewest sites a round goes on with (integer >= 1, <= --clients; "
-                   ">= 2 with secure aggregation)",
+    ">= 2 with secure aggregation)",
     "partition": "how a simulation splits --train among sites: iid (uniform at random) or "
-                 "dirichlet (label skew, see --alpha)",
+    "dirichlet (label skew, see --alpha)",
     "alpha": "Dirichlet concentration of --partition dirichlet (positive; smaller is more skewed)",
     "seed": "random seed for data splits, sampling and initialisation (integer >= 0)",
     "strategy": "server optimiser on the mean update: fedavg or fedadam",
@@ -241,70 +261,69 @@ HELP: dict[str, str] = {
     "adam_beta2": "FedAdam second-moment decay, in [0, 1) (strategy=fedadam only)",
     "adam_tau": "FedAdam adaptivity epsilon (positive; strategy=fedadam only)",
     "aggregation": "how training-round updates combine: vote (each site's update in units of "
-                   "three times its own median move, clipped to [-1, 1], times the sites' "
-                   "geometric mean move; robust to label skew and to small sites' noise), mean "
-                   "(the plain mean) or auto (vote for finetune=probe, mean otherwise)",
+    "three times its own median move, clipped to [-1, 1], times the sites' "
+    "geometric mean move; robust to label skew and to small sites' noise), mean "
+    "(the plain mean) or auto (vote for finetune=probe, mean otherwise)",
     "weighting": "each site's weight in the mean: equal, or bucket (a coarse power-of-two bucket "
-                 "of its example count relative to --max-site-examples); never exact counts "
-                 "(the probe's statistics round weighs each site by its DP count estimate)",
+    "of its example count relative to --max-site-examples); never exact counts "
+    "(the probe's statistics round weighs each site by its DP count estimate)",
     "federated_eval": "also ask the sites to score the model on their own data each round "
-                      "(sites answer only if their policy allows it)",
+    "(sites answer only if their policy allows it)",
     "timeout": "seconds a round's stage waits for the next site's answer, and for sites to "
-               "connect (positive): a stage ends once every site has answered or none has for "
-               "this long, so it lasts as long as sites keep answering however many there are; "
-               "a site that never answers is named as timed out",
+    "connect (positive): a stage ends once every site has answered or none has for "
+    "this long, so it lasts as long as sites keep answering however many there are; "
+    "a site that never answers is named as timed out",
     # Local training
     "local_steps": "DP-SGD steps per site per round (integer >= 1) or auto: from the rule in "
-                   "common/dp_rule.py (site size, rounds, mode)",
+    "common/dp_rule.py (site size, rounds, mode)",
     "batch_size": "expected examples per DP-SGD step (Poisson sampling; integer >= 1) or auto: "
-                  "from the rule in common/dp_rule.py",
+    "from the rule in common/dp_rule.py",
     "lr": "local learning rate (positive number) or auto: from the rule in common/dp_rule.py",
     "weight_decay": "AdamW weight decay of local training (number >= 0)",
     "device": "where sites train: auto (CUDA when present, else CPU), cpu or cuda",
     # Differential privacy
     "dp": "train with DP-SGD (--no-dp: no privacy, for baselines; every output says NON-PRIVATE)",
     "epsilon": "privacy budget epsilon per site, record level, for the whole run (positive); a "
-               "deployed site grants it out of its own total (fedseal client --epsilon)",
+    "deployed site grants it out of its own total (fedseal client --epsilon)",
     "delta": "privacy budget delta per site, in (0, 1); 1e-5 is usual",
     "max_grad_norm": "per-example gradient clip, an L2 norm (positive number) or auto: from the "
-                     "rule in common/dp_rule.py",
+    "rule in common/dp_rule.py",
     "accountant": "privacy accountant: prv (tighter) or rdp (Renyi DP)",
     "dp_noise": "where the DP noise is added: local (each site noises its own update; holds "
-                "even if secure aggregation is broken) or distributed (each round is one DP-SGD "
-                "step over all sites' samples; each site adds a share of the noise inside "
-                "SecAgg+, so the sum carries it once; needs dp and secagg, probe only; "
-                "docs/ddp.md)",
+    "even if secure aggregation is broken) or distributed (each round is one DP-SGD "
+    "step over all sites' samples; each site adds a share of the noise inside "
+    "SecAgg+, so the sum carries it once; needs dp and secagg, probe only; "
+    "docs/ddp.md)",
     "max_colluders": "with --dp-noise distributed: sites colluding with the server that the "
-                     "noise shares are sized for; min-clients less this many honest shares "
-                     "carry the whole noise (integer >= 0, at most min-clients - 2)",
+    "noise shares are sized for; min-clients less this many honest shares "
+    "carry the whole noise (integer >= 0, at most min-clients - 2)",
     # Secure aggregation
     "secagg": "sum the sites' updates under SecAgg+ so the server sees only the sum "
-              "(--no-secagg is logged as a warning)",
+    "(--no-secagg is logged as a warning)",
     "secagg_k": "SecAgg+ neighbours per site (integer >= 1; even unless >= clients-1) or auto: "
-                "2*ceil(log2 n), at most n-1, for a round of n sites",
+    "2*ceil(log2 n), at most n-1, for a round of n sites",
     "secagg_threshold": "SecAgg+ Shamir threshold, shares needed to unmask a dropped site "
-                        "(integer >= 1, a strict majority of k+1) or auto: about two thirds of "
-                        "k+1, and at least k/2+2 (at most k+1) so that a round withstands one "
-                        "colluding site, what sites' --max-colluders demands by default",
+    "(integer >= 1, a strict majority of k+1) or auto: about two thirds of "
+    "k+1, and at least k/2+2 (at most k+1) so that a round withstands one "
+    "colluding site, what sites' --max-colluders demands by default",
     "update_clip": "per-coordinate bound of a site's update before it is quantised for "
-                   "SecAgg+ in rounds that send plain updates, and of the server's step in "
-                   "vote rounds (whose entries are bounded by 1); positive, a site's policy "
-                   "caps it. A probe's head moves by tens per coordinate in a round (up to "
-                   "45 measured); the quantisation step is update-clip / floor((2^31-1) / "
-                   "(2 * sites))",
+    "SecAgg+ in rounds that send plain updates, and of the server's step in "
+    "vote rounds (whose entries are bounded by 1); positive, a site's policy "
+    "caps it. A probe's head moves by tens per coordinate in a round (up to "
+    "45 measured); the quantisation step is update-clip / floor((2^31-1) / "
+    "(2 * sites))",
     "max_site_examples": "public cap on a site's example count that --weighting bucket and the "
-                         "probe's statistics-round weights are relative to, in examples "
-                         "(integer >= 1)",
+    "probe's statistics-round weights are relative to, in examples "
+    "(integer >= 1)",
     # Output
     "out": "output folder: metrics, checkpoints, the final model and the summary",
     "eval_batch_size": "examples per batch when the server evaluates (integer >= 1)",
-    "eval_max_examples": "score at most this many examples of --eval (integer >= 1) or all: "
-                         "the whole file",
+    "eval_max_examples": "score at most this many examples of --eval (integer >= 1) or all: the whole file",
     "tensorboard": "folder for TensorBoard event files of the per-round scalars "
-                   "(tensorboard --logdir DIR); empty: off",
+    "(tensorboard --logdir DIR); empty: off",
     "roster": "folder of the admitted sites' public keys (NAME.pub): the server names each site "
-              "by the key it authenticated with (fedseal server sets it); empty: each site's "
-              "first reply names it (a simulation)",
+    "by the key it authenticated with (fedseal server sets it); empty: each site's "
+    "first reply names it (a simulation)",
 }
 """One help text per setting: what it does, its allowed values and unit (the CLI shows these)."""
 
@@ -312,22 +331,32 @@ HELP: dict[str, str] = {
 def _check_distributed(cfg: FedConfig) -> None:
     """``dp-noise = distributed``: what the mode needs (docs/ddp.md says why)."""
     if not (cfg.dp and cfg.secagg):
-        raise ConfigError("dp-noise distributed adds the noise inside secure aggregation: it "
-                          "needs both dp and secagg on; turn them on, or use --dp-noise local")
+        raise ConfigError(
+            "dp-noise distributed adds the noise inside secure aggregation: it "
+            "needs both dp and secagg on; turn them on, or use --dp-noise local"
+        )
     if cfg.finetune != "probe":
-        raise ConfigError(f"finetune={cfg.finetune} is not yet supported under --dp-noise "
-                          "distributed; use local (or finetune=probe)")
+        raise ConfigError(
+            f"finetune={cfg.finetune} is not yet supported under --dp-noise "
+            "distributed; use local (or finetune=probe)"
+        )
     if cfg.federated_eval:
-        raise ConfigError("federated-eval is not yet supported under --dp-noise distributed; "
-                          "turn it off or use --dp-noise local")
+        raise ConfigError(
+            "federated-eval is not yet supported under --dp-noise distributed; "
+            "turn it off or use --dp-noise local"
+        )
     if cfg.local_steps not in (AUTO, 1):
-        raise ConfigError(f"local-steps={cfg.local_steps}: under --dp-noise distributed every "
-                          "round is one DP-SGD step over all sites; leave local-steps auto")
+        raise ConfigError(
+            f"local-steps={cfg.local_steps}: under --dp-noise distributed every "
+            "round is one DP-SGD step over all sites; leave local-steps auto"
+        )
     if cfg.max_colluders < 0 or cfg.min_clients < cfg.max_colluders + 2:
-        raise ConfigError(f"max-colluders={cfg.max_colluders} with min-clients="
-                          f"{cfg.min_clients}: the noise must rest on at least two honest "
-                          "sites of the smallest round; raise min-clients to max-colluders + 2 "
-                          "or lower max-colluders (>= 0)")
+        raise ConfigError(
+            f"max-colluders={cfg.max_colluders} with min-clients="
+            f"{cfg.min_clients}: the noise must rest on at least two honest "
+            "sites of the smallest round; raise min-clients to max-colluders + 2 "
+            "or lower max-colluders (>= 0)"
+        )
 
 
 def _check_secagg(cfg: FedConfig) -> None:
@@ -341,29 +370,36 @@ def _check_secagg(cfg: FedConfig) -> None:
     from fedseal.common.secagg_wire import quant_config, round_parameters
 
     if cfg.min_clients < 2:
-        raise ConfigError("secure aggregation needs rounds of at least 2 sites (a sum over one "
-                          "site is its update): raise min-clients to 2 or more")
+        raise ConfigError(
+            "secure aggregation needs rounds of at least 2 sites (a sum over one "
+            "site is its update): raise min-clients to 2 or more"
+        )
     if isinstance(cfg.secagg_k, int) and cfg.secagg_k % 2 and cfg.secagg_k < cfg.clients - 1:
-        raise ConfigError(f"secagg-k={cfg.secagg_k} is odd: below clients-1 each site needs k/2 "
-                          f"neighbours on each side of the ring; use {cfg.secagg_k + 1} (or auto "
-                          "for the O(log n) default)")
+        raise ConfigError(
+            f"secagg-k={cfg.secagg_k} is odd: below clients-1 each site needs k/2 "
+            f"neighbours on each side of the ring; use {cfg.secagg_k + 1} (or auto "
+            "for the O(log n) default)"
+        )
     for n in range(cfg.min_clients, cfg.clients + 1):
         try:
             round_parameters(cfg, n)
         except SecAggConfigError as exc:
-            raise ConfigError(f"secagg-k={cfg.secagg_k}, secagg-threshold={cfg.secagg_threshold} "
-                              f"do not work for a round of {n} sites, which this run may meet "
-                              f"(min-clients {cfg.min_clients} to clients {cfg.clients}): {exc}; "
-                              "use auto to pick them from the cohort size") from None
+            raise ConfigError(
+                f"secagg-k={cfg.secagg_k}, secagg-threshold={cfg.secagg_threshold} "
+                f"do not work for a round of {n} sites, which this run may meet "
+                f"(min-clients {cfg.min_clients} to clients {cfg.clients}): {exc}; "
+                "use auto to pick them from the cohort size"
+            ) from None
     try:
         quant_config(cfg.clients, cfg.update_clip)
     except SecAggConfigError as exc:
-        raise ConfigError(f"update-clip={cfg.update_clip} is too large to encode {cfg.clients} "
-                          f"sites' updates in 32 bits ({exc}); lower update-clip") from None
+        raise ConfigError(
+            f"update-clip={cfg.update_clip} is too large to encode {cfg.clients} "
+            f"sites' updates in 32 bits ({exc}); lower update-clip"
+        ) from None
 
 
-_NOUN = {bool: "true or false", int: "integer", float: "number", str: "text",
-         tuple: "comma-separated list"}
+_NOUN = {bool: "true or false", int: "integer", float: "number", str: "text", tuple: "comma-separated list"}
 """How error messages name the type of a setting."""
 
 
@@ -457,8 +493,9 @@ def from_mapping(values: Mapping[str, Any], *, source: str = "configuration") ->
 def unknown_key(key: str, known: Iterable[str], message: str) -> ConfigError:
     """ConfigError: ``message`` plus a "did you mean" naming the closest of ``known`` to ``key``."""
     known = list(known)
-    close = difflib.get_close_matches(str(key).replace("_", "-"), known, n=1) or \
-        difflib.get_close_matches(str(key), known, n=1)
+    close = difflib.get_close_matches(str(key).replace("_", "-"), known, n=1) or difflib.get_close_matches(
+        str(key), known, n=1
+    )
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return ConfigError(message + hint)
 
@@ -486,5 +523,20 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-__all__ = ["ALL", "AUTO", "AUTO_SETTINGS", "CHOICES", "ConfigError", "DEFAULT_MODEL", "FedConfig", "HELP",
-           "STRATEGY_SERVER_LR", "WORD_SETTINGS", "from_mapping", "parse_setting", "load_toml", "read_toml", "unknown_key"]
+__all__ = [
+    "ALL",
+    "AUTO",
+    "AUTO_SETTINGS",
+    "CHOICES",
+    "ConfigError",
+    "DEFAULT_MODEL",
+    "FedConfig",
+    "HELP",
+    "STRATEGY_SERVER_LR",
+    "WORD_SETTINGS",
+    "from_mapping",
+    "parse_setting",
+    "load_toml",
+    "read_toml",
+    "unknown_key",
+]

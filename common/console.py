@@ -39,8 +39,7 @@ class ConsoleFilter(logging.Filter):
             return True
         if record.name == CONSOLE_LOGGER:
             return record.levelno >= logging.INFO
-        return (record.levelno >= logging.WARNING
-                and record.name.split(".", 1)[0] == CONSOLE_LOGGER)
+        return record.levelno >= logging.WARNING and record.name.split(".", 1)[0] == CONSOLE_LOGGER
 
 
 class ConsoleFormatter(logging.Formatter):

@@ -12,9 +12,9 @@ import csv
 import json
 import logging
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from fedseal.common.errors import FedsealError
 
@@ -46,7 +46,7 @@ class Examples:
         counts = Counter(self.labels)
         return {name: counts.get(i, 0) for i, name in enumerate(self.label_names)}
 
-    def subset(self, indices: Sequence[int], source: str | None = None) -> "Examples":
+    def subset(self, indices: Sequence[int], source: str | None = None) -> Examples:
         """The examples at ``indices``, same label names."""
         return Examples(
             [self.texts[i] for i in indices],
@@ -73,8 +73,11 @@ def _rows(path: Path, fmt: str) -> Iterable[tuple[int, dict[str, object]]]:
             return
         delimiter = "\t" if fmt == "tsv" else ","
         # TSV in the GLUE layout has no quoting; CSV uses standard quoting.
-        reader = (csv.reader(fh, delimiter=delimiter, quoting=csv.QUOTE_NONE) if fmt == "tsv"
-                  else csv.reader(fh, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL))
+        reader = (
+            csv.reader(fh, delimiter=delimiter, quoting=csv.QUOTE_NONE)
+            if fmt == "tsv"
+            else csv.reader(fh, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL)
+        )
         header = next(reader, None)
         if header is None:
             return
@@ -121,9 +124,7 @@ def read_examples(
         raise DataError(f"data file {path} does not exist; check the path")
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise DataError(
-            f"data file {path}: unknown format {path.suffix!r}; use .csv, .tsv or .jsonl"
-        )
+        raise DataError(f"data file {path}: unknown format {path.suffix!r}; use .csv, .tsv or .jsonl")
     texts: list[str] = []
     raw_labels: list[str] = []
     try:
@@ -143,9 +144,7 @@ def read_examples(
             texts.append(text)
             raw_labels.append(str(label).strip())
     except UnicodeDecodeError as exc:
-        raise DataError(
-            f"data file {path} is not UTF-8 (byte {exc.start}): re-save it as UTF-8"
-        ) from None
+        raise DataError(f"data file {path} is not UTF-8 (byte {exc.start}): re-save it as UTF-8") from None
     except csv.Error as exc:
         raise DataError(f"data file {path}: cannot parse as {fmt.upper()}: {exc}") from None
     if not texts:
@@ -174,8 +173,9 @@ def label_sort_key(label: str) -> tuple[int, float | str]:
         return (1, label)
 
 
-def write_examples(examples: Examples, path: str | Path, *, text_column: str = "sentence",
-                   label_column: str = "label") -> Path:
+def write_examples(
+    examples: Examples, path: str | Path, *, text_column: str = "sentence", label_column: str = "label"
+) -> Path:
     """Write examples as JSON Lines (used by the simulation to give each site its file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

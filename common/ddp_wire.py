@@ -41,8 +41,15 @@ STATISTICS_PARTS = 3
 """A statistics row's parts (feature vector, label one-hot, count), each of norm at most 1."""
 STATISTICS_CLIP = 1.0
 """A statistics row has norm at most 1 (each part at most 1, over ``sqrt(3)``)."""
-_FIELDS = {"dim": int, "clip": float, "sum-bound": float, "scale": float, "share-sigma": int,
-           "max-sites": int, "wrap-probability": float}
+_FIELDS = {
+    "dim": int,
+    "clip": float,
+    "sum-bound": float,
+    "scale": float,
+    "share-sigma": int,
+    "max-sites": int,
+    "wrap-probability": float,
+}
 
 
 def is_statistics_round(cfg: FedConfig, server_round: int) -> bool:
@@ -90,8 +97,7 @@ def sum_bound(cfg: FedConfig, clip: float) -> float:
     return clip * MAX_SAMPLE_RATE * cfg.max_site_examples
 
 
-def plan_round(cfg: FedConfig, features: int, labels: int, server_round: int,
-               cohort: int) -> Encoding:
+def plan_round(cfg: FedConfig, features: int, labels: int, server_round: int, cohort: int) -> Encoding:
     """The server's encoding of ``server_round`` for a cohort of ``cohort`` sites.
 
     Raises
@@ -101,8 +107,14 @@ def plan_round(cfg: FedConfig, features: int, labels: int, server_round: int,
     """
     dim, clip = round_shape(cfg, features, labels, server_round)
     z = noise_multiplier(cfg.epsilon, cfg.delta, planned_sample_rate(cfg), cfg.rounds)
-    return plan_encoding(dim=dim, clip=clip, sum_bound=sum_bound(cfg, clip), max_sites=cohort,
-                         noise_multiplier=z, honest_shares=honest_shares(cfg))
+    return plan_encoding(
+        dim=dim,
+        clip=clip,
+        sum_bound=sum_bound(cfg, clip),
+        max_sites=cohort,
+        noise_multiplier=z,
+        honest_shares=honest_shares(cfg),
+    )
 
 
 def fresh_seed() -> bytes:
@@ -112,11 +124,18 @@ def fresh_seed() -> bytes:
 
 def encoding_to_record(encoding: Encoding, seed: bytes) -> ConfigRecord:
     """The ``ddp`` record of a round."""
-    return ConfigRecord({"dim": encoding.dim, "clip": float(encoding.clip),
-                         "sum-bound": float(encoding.sum_bound), "scale": float(encoding.scale),
-                         "share-sigma": int(encoding.share_sigma),
-                         "max-sites": encoding.max_sites,
-                         "wrap-probability": float(encoding.wrap_probability), SEED: seed})
+    return ConfigRecord(
+        {
+            "dim": encoding.dim,
+            "clip": float(encoding.clip),
+            "sum-bound": float(encoding.sum_bound),
+            "scale": float(encoding.scale),
+            "share-sigma": int(encoding.share_sigma),
+            "max-sites": encoding.max_sites,
+            "wrap-probability": float(encoding.wrap_probability),
+            SEED: seed,
+        }
+    )
 
 
 def encoding_from_record(record: Mapping[str, object]) -> tuple[Encoding, bytes]:
@@ -141,7 +160,21 @@ def encoding_from_record(record: Mapping[str, object]) -> tuple[Encoding, bytes]
     return Encoding(**values), seed
 
 
-__all__ = ["RECORD", "SEED", "STATISTICS_CLIP", "STATISTICS_PARTS", "encoding_from_record",
-           "encoding_to_record", "fresh_seed", "head_clip", "head_lr", "honest_shares",
-           "is_statistics_round", "noise_multiplier", "plan_round", "planned_sample_rate",
-           "round_shape", "sum_bound"]
+__all__ = [
+    "RECORD",
+    "SEED",
+    "STATISTICS_CLIP",
+    "STATISTICS_PARTS",
+    "encoding_from_record",
+    "encoding_to_record",
+    "fresh_seed",
+    "head_clip",
+    "head_lr",
+    "honest_shares",
+    "is_statistics_round",
+    "noise_multiplier",
+    "plan_round",
+    "planned_sample_rate",
+    "round_shape",
+    "sum_bound",
+]

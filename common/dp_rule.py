@@ -44,7 +44,7 @@ scaled features. Where each setting comes from:
 
 **Site size.** Whatever leaves a site (sampling rate, noise multiplier,
 steps, epsilon, weight, a refusal) may depend on its example count only through
-:func:`size_bucket`, the largest power of two not above it: the server learns
+:func:`~fedseal.common.buckets.size_bucket`, the largest power of two not above it: the server learns
 a site's size within a factor of two, never the count (sites of 1,000 and 1,001
 examples send the same metadata; ``tests/test_egress.py``). So the rule, the
 calibration (:func:`fedseal.common.privacy.plan_site`) and the weights
@@ -74,7 +74,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedseal.common.config import AUTO, ConfigError, FedConfig
+from fedseal.common.buckets import check_bucket
+from fedseal.common.config import AUTO, FedConfig
 
 SAMPLE_RATE = 0.25
 MAX_BATCH = 8192
@@ -91,9 +92,11 @@ PRIOR_KEY = "classifier.bias"
 """The head's bias: a site's label proportions in the statistics round, the log prior after it."""
 PRIOR_FLOOR = 0.1
 """A label's pooled proportion counts as at least ``PRIOR_FLOOR / labels`` (:func:`prior_bias`)."""
-FULL_UNDER_DP = ("finetune=full under DP is not supported: its one phase of DP-SGD on every "
-                 "weight learned nothing measurable (SST-2: 0.509, the majority class); it runs "
-                 "as asked, but use --finetune lora (LP-FT) or probe (docs/lora.md)")
+FULL_UNDER_DP = (
+    "finetune=full under DP is not supported: its one phase of DP-SGD on every "
+    "weight learned nothing measurable (SST-2: 0.509, the majority class); it runs "
+    "as asked, but use --finetune lora (LP-FT) or probe (docs/lora.md)"
+)
 FINETUNE_SETTINGS = {  # mode: (batch size, steps a round, lr, clip)
     "full": (64, 20, 5e-3, 1.0),
 }
@@ -139,7 +142,7 @@ class Recipe:
     def steps_through(self, server_round: int) -> int:
         """Steps in rounds 1 .. ``server_round``: a site's most, if it took part in every one."""
         stats = min(server_round, self.stats_rounds)
-        adapter = (max(0, server_round - self.adapter_from + 1) if self.adapter_from else 0)
+        adapter = max(0, server_round - self.adapter_from + 1) if self.adapter_from else 0
         head = max(0, server_round - self.stats_rounds - adapter)
         return stats + head * self.steps_per_round + adapter * self.adapter_steps
 
@@ -158,32 +161,6 @@ def prior_bias(proportions: np.ndarray) -> np.ndarray:
     return np.log(p / p.sum()).astype(np.float32)
 
 
-def size_bucket(num_examples: int) -> int:
-    """The coarse size a site's choices may depend on: the largest power of two <= ``num_examples``.
-
-    Raises
-    ------
-    ConfigError
-        If the site has no examples.
-    """
-    if num_examples < 1:
-        raise ConfigError("a site with no examples cannot train")
-    return 1 << (int(num_examples).bit_length() - 1)
-
-
-def check_bucket(bucket: int) -> int:
-    """``bucket`` itself, if it is a size bucket (a power of two); ValueError otherwise.
-
-    Every function whose result can leave a site takes a bucket, and refuses an
-    exact count here, so a caller that passes ``len(examples)`` fails loudly.
-    """
-    if isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 1 \
-            or bucket & (bucket - 1):
-        raise ValueError(f"expected a size bucket (a power of two), got {bucket!r}: pass "
-                         "size_bucket(n), never an exact count")
-    return bucket
-
-
 def stats_rounds(cfg: FedConfig) -> int:
     """Rounds at the start of the run that are statistics rounds (1 for the probe and LP-FT)."""
     return 1 if cfg.finetune in ("probe", "lora") else 0
@@ -194,7 +171,7 @@ def _given(value: object) -> bool:
 
 
 def recipe(cfg: FedConfig, bucket: int) -> Recipe:
-    """The settings a site of size bucket ``bucket`` (:func:`size_bucket`) trains with in run ``cfg``.
+    """The settings a site of size bucket ``bucket`` (:func:`~fedseal.common.buckets.size_bucket`) trains with in run ``cfg``.
 
     Raises
     ------
@@ -220,18 +197,40 @@ def recipe(cfg: FedConfig, bucket: int) -> Recipe:
         steps = max(MIN_STEPS_PER_ROUND, math.ceil(TRAINING_STEPS / training_rounds))
         if cfg.dp_noise == "distributed":
             steps = 1  # each round is one DP-SGD step over all sites (client/ddp_round.py)
-        return Recipe(cfg.finetune, int(pick("batch_size", batch)),
-                      int(pick("local_steps", steps)), float(pick("lr", PROBE_LR)),
-                      PROBE_MOMENTUM, float(pick("max_grad_norm", PROBE_CLIP)), stats_rounds(cfg),
-                      source, adapter_from=cfg.rounds - adapters + 1 if adapters else 0,
-                      adapter_rounds=adapters,
-                      adapter_steps=(lora_recipe(num_examples, adapters).steps_per_round
-                                     if adapters else 0))
+        return Recipe(
+            cfg.finetune,
+            int(pick("batch_size", batch)),
+            int(pick("local_steps", steps)),
+            float(pick("lr", PROBE_LR)),
+            PROBE_MOMENTUM,
+            float(pick("max_grad_norm", PROBE_CLIP)),
+            stats_rounds(cfg),
+            source,
+            adapter_from=cfg.rounds - adapters + 1 if adapters else 0,
+            adapter_rounds=adapters,
+            adapter_steps=(lora_recipe(num_examples, adapters).steps_per_round if adapters else 0),
+        )
     batch, steps, lr, clip = FINETUNE_SETTINGS[cfg.finetune]
-    return Recipe(cfg.finetune, int(pick("batch_size", batch)), int(pick("local_steps", steps)),
-                  float(pick("lr", lr)), 0.0, float(pick("max_grad_norm", clip)), stats_rounds(cfg),
-                  source)
+    return Recipe(
+        cfg.finetune,
+        int(pick("batch_size", batch)),
+        int(pick("local_steps", steps)),
+        float(pick("lr", lr)),
+        0.0,
+        float(pick("max_grad_norm", clip)),
+        stats_rounds(cfg),
+        source,
+    )
 
 
-__all__ = ["FEATURE_MEAN_KEY", "FULL_UNDER_DP", "HEAD_WEIGHT_KEY", "PRIOR_FLOOR", "PRIOR_KEY", "Recipe", "check_bucket", "prior_bias", "recipe",
-           "size_bucket", "stats_rounds"]
+__all__ = [
+    "FEATURE_MEAN_KEY",
+    "FULL_UNDER_DP",
+    "HEAD_WEIGHT_KEY",
+    "PRIOR_FLOOR",
+    "PRIOR_KEY",
+    "Recipe",
+    "prior_bias",
+    "recipe",
+    "stats_rounds",
+]

@@ -12,7 +12,7 @@ says why it may leave the site (:class:`Kind`):
 ``public``
     a setting or a number fixed by public settings, the site's own policy and
     the ledger's arithmetic, depending on the site's data at most through its
-    coarse size bucket (:func:`fedseal.common.dp_rule.size_bucket`);
+    coarse size bucket (:func:`fedseal.common.buckets.size_bucket`);
 ``protocol``
     secure-aggregation material: public keys, encrypted shares, masked vectors,
     signatures.
@@ -28,9 +28,10 @@ before any value is used, and a reply that departs from it raises
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -63,8 +64,15 @@ class Form(StrEnum):
     RING = "ring"  # one uint32 vector of a given length (array record, key ``y``)
 
 
-_RECORD_OF = {Form.FLOAT: "metric", Form.COUNT: "metric", Form.FLAG: "config", Form.TEXT: "config",
-              Form.BYTES: "config", Form.ARRAYS: "array", Form.RING: "array"}
+_RECORD_OF = {
+    Form.FLOAT: "metric",
+    Form.COUNT: "metric",
+    Form.FLAG: "config",
+    Form.TEXT: "config",
+    Form.BYTES: "config",
+    Form.ARRAYS: "array",
+    Form.RING: "array",
+}
 EVAL_LOSS_CLIP = 5.0
 """Federated evaluation counts one example's cross-entropy as at most this (a confident
 mistake), so its loss lies in ``[0, EVAL_LOSS_CLIP]`` (:mod:`fedseal.client.evaluation`)."""
@@ -136,26 +144,63 @@ REPLY_PROTOCOL = "reply.protocol"  # a secure-aggregation value the protocol rej
 STATUS, METRICS, UPDATE, REFUSAL = "status", "metrics", "update", "refusal"
 SECAGG, MASKED = wire.RECORD, wire.MASKED
 
-_SITE = Field(STATUS, "site", Form.TEXT, Kind.PUBLIC,
-              "the site's name as its operator configured it (the server keys records by the "
-              "sender it authenticated, not by this)")
-_PRIVATE = Field(STATUS, "private", Form.FLAG, Kind.PUBLIC,
-                 "whether the round was trained with DP: a run setting the site enforced")
+_SITE = Field(
+    STATUS,
+    "site",
+    Form.TEXT,
+    Kind.PUBLIC,
+    "the site's name as its operator configured it (the server keys records by the "
+    "sender it authenticated, not by this)",
+)
+_PRIVATE = Field(
+    STATUS,
+    "private",
+    Form.FLAG,
+    Kind.PUBLIC,
+    "whether the round was trained with DP: a run setting the site enforced",
+)
 _PLAN = (
-    Field(METRICS, "epsilon", Form.FLOAT, Kind.PUBLIC,
-          "the site's total epsilon after this round: the accountant applied to the plan's "
-          "(noise, rate, steps), which depend on the data only through its size bucket, plus "
-          "other jobs' recorded spend (-1: the run is not private)", bounds=(-1.0, math.inf)),
-    Field(METRICS, "delta", Form.FLOAT, Kind.PUBLIC, "the site's total delta: the ledger's grants",
-          bounds=(-1.0, 1.0)),
-    Field(METRICS, "steps", Form.COUNT, Kind.PUBLIC,
-          "DP steps this job has taken at the site: set by the rule from rounds, not data"),
-    Field(METRICS, "noise-multiplier", Form.FLOAT, Kind.PUBLIC,
-          "the job's calibrated noise: a function of the budget, steps and sampling rate",
-          bounds=(0.0, math.inf)),
-    Field(METRICS, "sample-rate", Form.FLOAT, Kind.PUBLIC,
-          "the job's Poisson rate: set from the site's size bucket, not its exact count",
-          bounds=(0.0, 1.0)),
+    Field(
+        METRICS,
+        "epsilon",
+        Form.FLOAT,
+        Kind.PUBLIC,
+        "the site's total epsilon after this round: the accountant applied to the plan's "
+        "(noise, rate, steps), which depend on the data only through its size bucket, plus "
+        "other jobs' recorded spend (-1: the run is not private)",
+        bounds=(-1.0, math.inf),
+    ),
+    Field(
+        METRICS,
+        "delta",
+        Form.FLOAT,
+        Kind.PUBLIC,
+        "the site's total delta: the ledger's grants",
+        bounds=(-1.0, 1.0),
+    ),
+    Field(
+        METRICS,
+        "steps",
+        Form.COUNT,
+        Kind.PUBLIC,
+        "DP steps this job has taken at the site: set by the rule from rounds, not data",
+    ),
+    Field(
+        METRICS,
+        "noise-multiplier",
+        Form.FLOAT,
+        Kind.PUBLIC,
+        "the job's calibrated noise: a function of the budget, steps and sampling rate",
+        bounds=(0.0, math.inf),
+    ),
+    Field(
+        METRICS,
+        "sample-rate",
+        Form.FLOAT,
+        Kind.PUBLIC,
+        "the job's Poisson rate: set from the site's size bucket, not its exact count",
+        bounds=(0.0, 1.0),
+    ),
 )
 
 
@@ -167,59 +212,127 @@ def _weight(kind: Kind, why: str) -> Field:
     return Field(METRICS, "weight", Form.FLOAT, kind, why)
 
 
-REFUSAL_REPLY = ReplyType("refusal", (
-    Field(REFUSAL, "code", Form.TEXT, Kind.PUBLIC, "a reason code (fedseal.common.refusals.Code)"),
-    *(Field(REFUSAL, name, Form.TEXT, Kind.PUBLIC, "see fedseal.common.refusals.PUBLIC_VALUES",
-            required=False) for name in PUBLIC_VALUES),
-    Field(STATUS, "site", Form.TEXT, Kind.PUBLIC, _SITE.why),
-))
-STATISTICS = ReplyType("statistics", (
-    _update(Kind.RELEASE, "the noisy sum of the sampled statistics rows (feature mean, label "
-                          "proportions): one step of the sampled Gaussian mechanism"),
-    _weight(Kind.DERIVED, "the noisy count of the same release over the public size cap"),
-    *_PLAN, _SITE, _PRIVATE,
-))
-TRAINING = ReplyType("training", (
-    _update(Kind.RELEASE, "the weighted change of the trainable weights after DP-SGD"),
-    _weight(Kind.PUBLIC, "the weighting rule applied to the site's size bucket"),
-    *_PLAN, _SITE, _PRIVATE,
-))
-VOTE = ReplyType("vote", (
-    _update(Kind.DERIVED, "the DP-SGD update in units of its own median move, and that unit"),
-    _weight(Kind.PUBLIC, "the weighting rule applied to the site's size bucket"),
-    *_PLAN, _SITE, _PRIVATE,
-))
-SECAGG_ADVERT = ReplyType("secagg.advert", (
-    Field(SECAGG, wire.ADVERT, Form.BYTES, Kind.PROTOCOL, "fresh public keys, signed"),
-    _SITE, _PRIVATE,
-))
-SECAGG_SHARE_KEYS = ReplyType("secagg.share_keys", (
-    Field(SECAGG, wire.SHARES, Form.BYTES, Kind.PROTOCOL, "commitments to the dealt shares, signed"),
-    Field(SECAGG, wire.CIPHERTEXTS, Form.BYTES, Kind.PROTOCOL, "shares encrypted to each neighbour"),
-))
-SECAGG_MASKED_INPUT = ReplyType("secagg.masked_input", (
-    Field(MASKED, wire.Y, Form.RING, Kind.PROTOCOL,
-          "the encoded update plus pairwise and self masks (uniform on the ring alone)"),
-    Field(SECAGG, wire.COMPLAINTS, Form.BYTES, Kind.PROTOCOL, "proof against a neighbour's bad share"),
-    *_PLAN, _SITE, _PRIVATE,
-))
-SECAGG_CONSISTENCY = ReplyType("secagg.consistency", (
-    Field(SECAGG, wire.SIGNATURE, Form.BYTES, Kind.PROTOCOL, "the site's signature on the view"),
-))
-SECAGG_UNMASK = ReplyType("secagg.unmask", (
-    Field(SECAGG, wire.B_SHARES, Form.BYTES, Kind.PROTOCOL, "self-mask shares of survivors"),
-    Field(SECAGG, wire.SK_SHARES, Form.BYTES, Kind.PROTOCOL, "mask-key shares of dropped sites"),
-    Field(SECAGG, wire.SEEDS, Form.BYTES, Kind.PROTOCOL, "pairwise seeds with dropped neighbours"),
-))
-EVALUATION = ReplyType("evaluation", (
-    Field(METRICS, "accuracy", Form.FLOAT, Kind.RELEASE,
-          "noisy correct count over noisy count: one step of the sampled Gaussian mechanism",
-          bounds=(0.0, 1.0)),
-    Field(METRICS, "loss", Form.FLOAT, Kind.RELEASE,
-          "noisy clipped loss sum of the same step over the noisy count",
-          bounds=(0.0, EVAL_LOSS_CLIP)),
-    *_PLAN, _SITE, _PRIVATE,
-))
+REFUSAL_REPLY = ReplyType(
+    "refusal",
+    (
+        Field(REFUSAL, "code", Form.TEXT, Kind.PUBLIC, "a reason code (fedseal.common.refusals.Code)"),
+        *(
+            Field(
+                REFUSAL,
+                name,
+                Form.TEXT,
+                Kind.PUBLIC,
+                "see fedseal.common.refusals.PUBLIC_VALUES",
+                required=False,
+            )
+            for name in PUBLIC_VALUES
+        ),
+        Field(STATUS, "site", Form.TEXT, Kind.PUBLIC, _SITE.why),
+    ),
+)
+STATISTICS = ReplyType(
+    "statistics",
+    (
+        _update(
+            Kind.RELEASE,
+            "the noisy sum of the sampled statistics rows (feature mean, label "
+            "proportions): one step of the sampled Gaussian mechanism",
+        ),
+        _weight(Kind.DERIVED, "the noisy count of the same release over the public size cap"),
+        *_PLAN,
+        _SITE,
+        _PRIVATE,
+    ),
+)
+TRAINING = ReplyType(
+    "training",
+    (
+        _update(Kind.RELEASE, "the weighted change of the trainable weights after DP-SGD"),
+        _weight(Kind.PUBLIC, "the weighting rule applied to the site's size bucket"),
+        *_PLAN,
+        _SITE,
+        _PRIVATE,
+    ),
+)
+VOTE = ReplyType(
+    "vote",
+    (
+        _update(Kind.DERIVED, "the DP-SGD update in units of its own median move, and that unit"),
+        _weight(Kind.PUBLIC, "the weighting rule applied to the site's size bucket"),
+        *_PLAN,
+        _SITE,
+        _PRIVATE,
+    ),
+)
+SECAGG_ADVERT = ReplyType(
+    "secagg.advert",
+    (
+        Field(SECAGG, wire.ADVERT, Form.BYTES, Kind.PROTOCOL, "fresh public keys, signed"),
+        _SITE,
+        _PRIVATE,
+    ),
+)
+SECAGG_SHARE_KEYS = ReplyType(
+    "secagg.share_keys",
+    (
+        Field(SECAGG, wire.SHARES, Form.BYTES, Kind.PROTOCOL, "commitments to the dealt shares, signed"),
+        Field(SECAGG, wire.CIPHERTEXTS, Form.BYTES, Kind.PROTOCOL, "shares encrypted to each neighbour"),
+    ),
+)
+SECAGG_MASKED_INPUT = ReplyType(
+    "secagg.masked_input",
+    (
+        Field(
+            MASKED,
+            wire.Y,
+            Form.RING,
+            Kind.PROTOCOL,
+            "the encoded update plus pairwise and self masks (uniform on the ring alone)",
+        ),
+        Field(SECAGG, wire.COMPLAINTS, Form.BYTES, Kind.PROTOCOL, "proof against a neighbour's bad share"),
+        *_PLAN,
+        _SITE,
+        _PRIVATE,
+    ),
+)
+SECAGG_CONSISTENCY = ReplyType(
+    "secagg.consistency",
+    (Field(SECAGG, wire.SIGNATURE, Form.BYTES, Kind.PROTOCOL, "the site's signature on the view"),),
+)
+SECAGG_UNMASK = ReplyType(
+    "secagg.unmask",
+    (
+        Field(SECAGG, wire.B_SHARES, Form.BYTES, Kind.PROTOCOL, "self-mask shares of survivors"),
+        Field(SECAGG, wire.SK_SHARES, Form.BYTES, Kind.PROTOCOL, "mask-key shares of dropped sites"),
+        Field(SECAGG, wire.SEEDS, Form.BYTES, Kind.PROTOCOL, "pairwise seeds with dropped neighbours"),
+    ),
+)
+EVALUATION = ReplyType(
+    "evaluation",
+    (
+        Field(
+            METRICS,
+            "accuracy",
+            Form.FLOAT,
+            Kind.RELEASE,
+            "noisy correct count over noisy count: one step of the sampled Gaussian mechanism",
+            bounds=(0.0, 1.0),
+        ),
+        Field(
+            METRICS,
+            "loss",
+            Form.FLOAT,
+            Kind.RELEASE,
+            "noisy clipped loss sum of the same step over the noisy count",
+            bounds=(0.0, EVAL_LOSS_CLIP),
+        ),
+        *_PLAN,
+        _SITE,
+        _PRIVATE,
+    ),
+)
+
+
 def train_reply_type(cfg: FedConfig, server_round: int) -> ReplyType:
     """The reply type a ``train`` message of ``server_round`` gets from a site that trains."""
     from fedseal.common.vote import is_vote_round
@@ -231,8 +344,18 @@ def train_reply_type(cfg: FedConfig, server_round: int) -> ReplyType:
     return VOTE if is_vote_round(cfg, server_round) else TRAINING
 
 
-REPLY_TYPES = (REFUSAL_REPLY, STATISTICS, TRAINING, VOTE, SECAGG_ADVERT, SECAGG_SHARE_KEYS,
-               SECAGG_MASKED_INPUT, SECAGG_CONSISTENCY, SECAGG_UNMASK, EVALUATION)
+REPLY_TYPES = (
+    REFUSAL_REPLY,
+    STATISTICS,
+    TRAINING,
+    VOTE,
+    SECAGG_ADVERT,
+    SECAGG_SHARE_KEYS,
+    SECAGG_MASKED_INPUT,
+    SECAGG_CONSISTENCY,
+    SECAGG_UNMASK,
+    EVALUATION,
+)
 """Every reply a site sends."""
 
 
@@ -257,10 +380,11 @@ def build(reply_type: ReplyType, msg: Message, values: Mapping[str, Mapping[str,
         if record not in records:
             raise EgressError(f"{reply_type.name} declares no record {record!r}")
         if records[record] == "array":
-            (key, value), = entries.items()
+            ((key, value),) = entries.items()
             fld = _declared(reply_type, record, key)
-            content[record] = (_arrays_out(value) if fld.form is Form.ARRAYS
-                               else ArrayRecord({key: Array(_ring_out(value))}))
+            content[record] = (
+                _arrays_out(value) if fld.form is Form.ARRAYS else ArrayRecord({key: Array(_ring_out(value))})
+            )
             continue
         out = {}
         for key, value in entries.items():
@@ -275,8 +399,9 @@ def build(reply_type: ReplyType, msg: Message, values: Mapping[str, Mapping[str,
 def refusal_reply(msg: Message, site: str, code: Code, public: Mapping[str, object]) -> Message:
     """A refusal of ``msg`` by ``site``: its name, the code and the public values, nothing else."""
     values = {k: str(v) for k, v in public_values(public).items()}
-    return build(REFUSAL_REPLY, msg, {REFUSAL: {"code": str(Code(code)), **values},
-                                      STATUS: {"site": site[:MAX_TEXT]}})
+    return build(
+        REFUSAL_REPLY, msg, {REFUSAL: {"code": str(Code(code)), **values}, STATUS: {"site": site[:MAX_TEXT]}}
+    )
 
 
 def _declared(reply_type: ReplyType, record: str, key: str) -> Field:
@@ -287,15 +412,15 @@ def _declared(reply_type: ReplyType, record: str, key: str) -> Field:
 
 
 def _scalar_out(fld: Field, value: Any) -> Any:
-    ok = {Form.FLOAT: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-          and math.isfinite(v),
-          Form.COUNT: lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-          Form.FLAG: lambda v: isinstance(v, bool),
-          Form.TEXT: lambda v: isinstance(v, str) and len(v) <= MAX_TEXT,
-          Form.BYTES: lambda v: isinstance(v, bytes) and len(v) <= MAX_BYTES}[fld.form]
+    ok = {
+        Form.FLOAT: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+        Form.COUNT: lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        Form.FLAG: lambda v: isinstance(v, bool),
+        Form.TEXT: lambda v: isinstance(v, str) and len(v) <= MAX_TEXT,
+        Form.BYTES: lambda v: isinstance(v, bytes) and len(v) <= MAX_BYTES,
+    }[fld.form]
     if not ok(value):
-        raise EgressError(f"{fld.record}[{fld.key!r}] must be a {fld.form.value}, got "
-                          f"{type(value).__name__}")
+        raise EgressError(f"{fld.record}[{fld.key!r}] must be a {fld.form.value}, got {type(value).__name__}")
     return float(value) if fld.form is Form.FLOAT else value
 
 
@@ -319,10 +444,14 @@ def _ring_out(value: np.ndarray) -> np.ndarray:
 # -- the server's side ---------------------------------------------------------------------
 
 
-def parse(reply_type: ReplyType, reply: Message, *,
-          template: Mapping[str, np.ndarray] | None = None,
-          ring_length: int | None = None,
-          only: tuple[str, ...] | None = None) -> dict[str, dict[str, Any]]:
+def parse(
+    reply_type: ReplyType,
+    reply: Message,
+    *,
+    template: Mapping[str, np.ndarray] | None = None,
+    ring_length: int | None = None,
+    only: tuple[str, ...] | None = None,
+) -> dict[str, dict[str, Any]]:
     """The values of ``reply``, checked against ``reply_type`` before any is used.
 
     ``template`` names and shapes an ``arrays`` field; ``ring_length`` is a
@@ -344,9 +473,11 @@ def parse(reply_type: ReplyType, reply: Message, *,
         raise ReplyError(REPLY_MISSING, "the reply has no content")
     content = reply.content
     records = reply_type.records()
-    present = {**{n: "metric" for n in content.metric_records},
-               **{n: "config" for n in content.config_records},
-               **{n: "array" for n in content.array_records}}
+    present = {
+        **{n: "metric" for n in content.metric_records},
+        **{n: "config" for n in content.config_records},
+        **{n: "array" for n in content.array_records},
+    }
     for name, kind in present.items():
         if name not in records:
             raise ReplyError(REPLY_EXTRA, f"{reply_type.name} has no record {name!r}")
@@ -363,9 +494,11 @@ def parse(reply_type: ReplyType, reply: Message, *,
             continue
         if kind == "array":
             fld = fields[0]
-            out[name] = ({"*": _arrays_in(content.array_records[name], template)}
-                         if fld.form is Form.ARRAYS
-                         else {fld.key: _ring_in(content.array_records[name], fld.key, ring_length)})
+            out[name] = (
+                {"*": _arrays_in(content.array_records[name], template)}
+                if fld.form is Form.ARRAYS
+                else {fld.key: _ring_in(content.array_records[name], fld.key, ring_length)}
+            )
             continue
         record = content.metric_records[name] if kind == "metric" else content.config_records[name]
         declared = {f.key: f for f in fields}
@@ -391,8 +524,9 @@ def _scalar_in(fld: Field, value: Any) -> Any:
         if not math.isfinite(value):
             raise ReplyError(REPLY_NONFINITE, f"{where} is not finite")
         if fld.bounds is not None and not fld.bounds[0] <= value <= fld.bounds[1]:
-            raise ReplyError(REPLY_RANGE, f"{where} = {value:g} is outside "
-                                          f"[{fld.bounds[0]:g}, {fld.bounds[1]:g}]")
+            raise ReplyError(
+                REPLY_RANGE, f"{where} = {value:g} is outside [{fld.bounds[0]:g}, {fld.bounds[1]:g}]"
+            )
         return float(value)
     if fld.form is Form.COUNT:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -418,8 +552,10 @@ def _arrays_in(record: ArrayRecord, template: Mapping[str, np.ndarray] | None) -
     if names != list(template):
         missing = sorted(set(template) - set(names))[:3]
         extra = sorted(set(names) - set(template))[:3]
-        raise ReplyError(REPLY_EXTRA if extra else REPLY_MISSING,
-                         f"array names differ (missing {missing}, unexpected {extra})")
+        raise ReplyError(
+            REPLY_EXTRA if extra else REPLY_MISSING,
+            f"array names differ (missing {missing}, unexpected {extra})",
+        )
     out = {}
     for name in names:
         try:
@@ -427,8 +563,10 @@ def _arrays_in(record: ArrayRecord, template: Mapping[str, np.ndarray] | None) -
         except Exception:  # noqa: BLE001 - malformed bytes from the wire, whatever numpy says
             raise ReplyError(REPLY_FORM, f"array {name!r} cannot be decoded") from None
         if not np.issubdtype(array.dtype, np.floating) or array.shape != template[name].shape:
-            raise ReplyError(REPLY_FORM, f"array {name!r} is {array.dtype}{array.shape}, expected "
-                                         f"float{template[name].shape}")
+            raise ReplyError(
+                REPLY_FORM,
+                f"array {name!r} is {array.dtype}{array.shape}, expected float{template[name].shape}",
+            )
         if not np.isfinite(array).all():
             raise ReplyError(REPLY_NONFINITE, f"array {name!r} holds NaN or infinity")
         out[name] = array.astype(np.float64)
@@ -467,7 +605,27 @@ def refusal_of(reply: Message) -> tuple[str, dict[str, str]] | None:
     return code, values
 
 
-__all__ = ["EVALUATION", "EgressError", "Field", "Form", "Kind", "REFUSAL_REPLY", "REPLY_TYPES",
-           "ReplyError", "ReplyType", "SECAGG_ADVERT", "SECAGG_CONSISTENCY", "SECAGG_MASKED_INPUT",
-           "SECAGG_SHARE_KEYS", "SECAGG_UNMASK", "STATISTICS", "TRAINING", "VOTE", "build", "parse",
-           "refusal_of", "refusal_reply", "train_reply_type"]
+__all__ = [
+    "EVALUATION",
+    "EgressError",
+    "Field",
+    "Form",
+    "Kind",
+    "REFUSAL_REPLY",
+    "REPLY_TYPES",
+    "ReplyError",
+    "ReplyType",
+    "SECAGG_ADVERT",
+    "SECAGG_CONSISTENCY",
+    "SECAGG_MASKED_INPUT",
+    "SECAGG_SHARE_KEYS",
+    "SECAGG_UNMASK",
+    "STATISTICS",
+    "TRAINING",
+    "VOTE",
+    "build",
+    "parse",
+    "refusal_of",
+    "refusal_reply",
+    "train_reply_type",
+]

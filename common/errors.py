@@ -15,4 +15,11 @@ class FedsealError(Exception):
     code: str = "fedseal.error"
 
 
-__all__ = ["FedsealError"]
+class ModelError(FedsealError, ValueError):
+    """A model cannot be loaded, or weights do not fit it (:mod:`fedseal.common.model` and the
+    modules it builds on raise it; it lives here so they need not import each other)."""
+
+    code = "model.error"
+
+
+__all__ = ["FedsealError", "ModelError"]

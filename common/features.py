@@ -34,10 +34,10 @@ from fedseal.common.durable import atomic_write
 log = logging.getLogger(__name__)
 
 BATCH = 256
-_MEMORY: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+_MEMORY: OrderedDict[str, torch.Tensor] = OrderedDict()
 MEMORY_BYTES = 1 << 30
 """Features kept in a process's memory, in bytes (the oldest go first)."""
-_DIGESTS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, str]]" = weakref.WeakKeyDictionary()
+_DIGESTS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, str]] = weakref.WeakKeyDictionary()
 
 
 def encoder_digest(model) -> str:
@@ -48,8 +48,7 @@ def encoder_digest(model) -> str:
     """
     encoder = model.backbone
     state = encoder.state_dict()
-    version = tuple((name, t.data_ptr(), t._version, tuple(t.shape), t.dtype)
-                    for name, t in state.items())
+    version = tuple((name, t.data_ptr(), t._version, tuple(t.shape), t.dtype) for name, t in state.items())
     known = _DIGESTS.get(encoder)
     if known is not None and known[0] == version:
         return known[1]
@@ -81,14 +80,13 @@ def compute_features(model, data: TensorDataset, device: torch.device) -> torch.
     order = torch.argsort(attention_mask.sum(dim=1))  # similar lengths share a batch
     out = torch.empty(len(input_ids), model.feature_mean.shape[0])
     for start in range(0, len(order), BATCH):
-        idx = order[start:start + BATCH]
+        idx = order[start : start + BATCH]
         inputs = model_inputs(model, input_ids[idx], attention_mask[idx], device)
         out[idx] = model.features(**inputs).float().cpu()
     return out
 
 
-def features(model, data: TensorDataset, device: torch.device,
-             cache_dir: Path | None = None) -> torch.Tensor:
+def features(model, data: TensorDataset, device: torch.device, cache_dir: Path | None = None) -> torch.Tensor:
     """``compute_features``, from the process's memory or ``cache_dir`` when computed before."""
     key = features_key(model, data)
     if key in _MEMORY:
@@ -110,8 +108,7 @@ def features(model, data: TensorDataset, device: torch.device,
             buffer = _npy_bytes(result.numpy())
             atomic_write(path, buffer)
     _MEMORY[key] = result
-    while len(_MEMORY) > 1 and sum(t.nelement() * t.element_size()
-                                   for t in _MEMORY.values()) > MEMORY_BYTES:
+    while len(_MEMORY) > 1 and sum(t.nelement() * t.element_size() for t in _MEMORY.values()) > MEMORY_BYTES:
         _MEMORY.popitem(last=False)
     return result
 

@@ -32,9 +32,9 @@ import hashlib
 import io
 import logging
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -52,7 +52,7 @@ STORAGE = torch.float16
 """Storage type of the token states (see the module docstring for the measurement)."""
 MEMORY_BYTES = 3 * 2**30
 """States kept in the process's memory at most: all 67,349 SST-2 sentences are about 0.7 GB."""
-_MEMORY: "OrderedDict[str, HiddenStates]" = OrderedDict()
+_MEMORY: OrderedDict[str, HiddenStates] = OrderedDict()
 
 
 @dataclass(frozen=True)
@@ -83,9 +83,9 @@ class HiddenStates:
         """Memory held by the tensors."""
         return sum(t.numel() * t.element_size() for t in (self.states, self.offsets, self.lower))
 
-    def batch(self, index: torch.Tensor, device: torch.device,
-              dtype: torch.dtype = torch.float32
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch(
+        self, index: torch.Tensor, device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """States padded on the right to the longest of ``index``, its mask, its lower blocks."""
         index = torch.as_tensor(index, dtype=torch.long)
         lengths = self.lengths[index]
@@ -94,16 +94,14 @@ class HiddenStates:
         source = (self.offsets[index].unsqueeze(1) + torch.arange(longest).unsqueeze(0))[mask]
         states = torch.zeros(len(index), longest, self.states.shape[1], dtype=dtype)
         states[mask] = self.states[source].to(dtype)
-        return (states.to(device), mask.long().to(device),
-                self.lower[index].to(device, dtype))
+        return (states.to(device), mask.long().to(device), self.lower[index].to(device, dtype))
 
     def chunks(self, index: torch.Tensor, max_tokens: int) -> Iterator[torch.Tensor]:
         """:func:`length_chunks` of ``index`` by these examples' lengths."""
         return length_chunks(self.lengths, index, max_tokens)
 
 
-def length_chunks(lengths: torch.Tensor, index: torch.Tensor,
-                  max_tokens: int) -> Iterator[torch.Tensor]:
+def length_chunks(lengths: torch.Tensor, index: torch.Tensor, max_tokens: int) -> Iterator[torch.Tensor]:
     """``index`` sorted by ``lengths[index]``, cut into runs of at most ``max_tokens`` padded tokens.
 
     Each example lands in one chunk, so per-example gradients (and their
@@ -124,8 +122,9 @@ def length_chunks(lengths: torch.Tensor, index: torch.Tensor,
 def frozen_digest(model, cut: int) -> str:
     """sha256 over the names, shapes and values of every backbone weight below layer ``cut``."""
     backbone = fedseal_of(model).backbone
-    above = {id(t) for layer in encoder_layers(backbone)[cut:]
-             for t in (*layer.parameters(), *layer.buffers())}
+    above = {
+        id(t) for layer in encoder_layers(backbone)[cut:] for t in (*layer.parameters(), *layer.buffers())
+    }
     pooler = getattr(backbone, "pooler", None)
     if pooler is not None:
         above |= {id(t) for t in (*pooler.parameters(), *pooler.buffers())}
@@ -155,14 +154,17 @@ def hidden_key(model, data: TensorDataset, cut: int, storage: torch.dtype = STOR
 
 
 @torch.no_grad()
-def compute_hidden(model, data: TensorDataset, cut: int, device: torch.device,
-                   storage: torch.dtype = STORAGE) -> HiddenStates:
+def compute_hidden(
+    model, data: TensorDataset, cut: int, device: torch.device, storage: torch.dtype = STORAGE
+) -> HiddenStates:
     """Run the frozen layers once over ``data`` (see the module docstring)."""
     fedseal = fedseal_of(model)
     backbone = fedseal.backbone
     if not 1 <= cut <= len(encoder_layers(backbone)):
-        raise ValueError(f"cut {cut} is outside 1..{len(encoder_layers(backbone))}: at least the "
-                         "embeddings and one layer are frozen and cached")
+        raise ValueError(
+            f"cut {cut} is outside 1..{len(encoder_layers(backbone))}: at least the "
+            "embeddings and one layer are frozen and cached"
+        )
     was_training = backbone.training
     backbone.to(device).eval()
     input_ids, attention_mask = data.tensors[0], data.tensors[1]
@@ -171,13 +173,14 @@ def compute_hidden(model, data: TensorDataset, cut: int, device: torch.device,
     lower = torch.empty(len(input_ids), len(lowers) * fedseal.config.hidden_size)
     order = torch.argsort(attention_mask.sum(dim=1))  # similar lengths share a batch
     for start in range(0, len(order), BATCH):
-        idx = order[start:start + BATCH]
+        idx = order[start : start + BATCH]
         inputs = model_inputs(backbone, input_ids[idx], attention_mask[idx], device)
         hidden = backbone(**inputs, output_hidden_states=True).hidden_states
         mask = inputs["attention_mask"]
         if lowers:
-            lower[idx] = torch.cat([pooled_block(hidden[layer], mask) for layer in lowers],
-                                   dim=-1).float().cpu()
+            lower[idx] = (
+                torch.cat([pooled_block(hidden[layer], mask) for layer in lowers], dim=-1).float().cpu()
+            )
         states = hidden[cut].float().cpu()
         keep = mask.bool().cpu()
         for row, i in enumerate(idx.tolist()):
@@ -193,8 +196,14 @@ def compute_hidden(model, data: TensorDataset, cut: int, device: torch.device,
     return HiddenStates(stored, offsets, lower, cut)
 
 
-def hidden_states(model, data: TensorDataset, cut: int, device: torch.device,
-                  cache_dir: Path | None = None, storage: torch.dtype = STORAGE) -> HiddenStates:
+def hidden_states(
+    model,
+    data: TensorDataset,
+    cut: int,
+    device: torch.device,
+    cache_dir: Path | None = None,
+    storage: torch.dtype = STORAGE,
+) -> HiddenStates:
     """``compute_hidden``, from the process's memory or ``cache_dir`` when computed before."""
     key = hidden_key(model, data, cut, storage)
     if key in _MEMORY:
@@ -215,8 +224,7 @@ def hidden_states(model, data: TensorDataset, cut: int, device: torch.device,
 
 def _npz_bytes(hidden: HiddenStates) -> bytes:
     buffer = io.BytesIO()
-    np.savez(buffer, states=hidden.states.numpy(), offsets=hidden.offsets.numpy(),
-             lower=hidden.lower.numpy())
+    np.savez(buffer, states=hidden.states.numpy(), offsets=hidden.offsets.numpy(), lower=hidden.lower.numpy())
     return buffer.getvalue()
 
 
@@ -228,27 +236,39 @@ def _read(path: Path, model, data: TensorDataset, cut: int) -> HiddenStates | No
             states, offsets, lower = arrays["states"], arrays["offsets"], arrays["lower"]
         lengths = data.tensors[1].sum(dim=1).numpy()
         width = fedseal.config.hidden_size
-        fits = (offsets.shape == (len(lengths) + 1,) and offsets[0] == 0
-                and np.array_equal(np.diff(offsets), lengths)
-                and states.shape == (int(offsets[-1]), width)
-                and lower.shape == (len(lengths), len(lower_layers(model, cut)) * width)
-                and np.isfinite(states).all() and np.isfinite(lower).all())
+        fits = (
+            offsets.shape == (len(lengths) + 1,)
+            and offsets[0] == 0
+            and np.array_equal(np.diff(offsets), lengths)
+            and states.shape == (int(offsets[-1]), width)
+            and lower.shape == (len(lengths), len(lower_layers(model, cut)) * width)
+            and np.isfinite(states).all()
+            and np.isfinite(lower).all()
+        )
         if fits:
-            return HiddenStates(torch.from_numpy(states), torch.from_numpy(offsets),
-                                torch.from_numpy(lower), cut)
+            return HiddenStates(
+                torch.from_numpy(states), torch.from_numpy(offsets), torch.from_numpy(lower), cut
+            )
         log.warning("hidden-state cache %s does not fit its data; computing again", path)
     except (OSError, ValueError, KeyError) as exc:
         log.warning("hidden-state cache %s is unreadable (%s); computing again", path, exc)
     return None
 
 
-__all__ = ["HiddenStates", "cached_logits", "compute_hidden", "frozen_digest", "hidden_key",
-           "hidden_states", "length_chunks", "lower_layers"]
+__all__ = [
+    "HiddenStates",
+    "cached_logits",
+    "compute_hidden",
+    "frozen_digest",
+    "hidden_key",
+    "hidden_states",
+    "length_chunks",
+    "lower_layers",
+]
 
 
 @torch.no_grad()
-def cached_logits(model, hidden: HiddenStates, device: torch.device,
-                  batch: int = 256) -> torch.Tensor:
+def cached_logits(model, hidden: HiddenStates, device: torch.device, batch: int = 256) -> torch.Tensor:
     """``model``'s logits of every cached example, in order, running only its layers above the cut.
 
     What the whole model computes from the token ids (to float32 rounding when
@@ -258,6 +278,8 @@ def cached_logits(model, hidden: HiddenStates, device: torch.device,
     from fedseal.common.top_layers import TopStack
 
     stack = TopStack(model, hidden.cut).to(device).eval()  # reads the model's current head
-    out = [stack(*hidden.batch(torch.arange(start, min(start + batch, len(hidden))), device)
-                 ).float().cpu() for start in range(0, len(hidden), batch)]
+    out = [
+        stack(*hidden.batch(torch.arange(start, min(start + batch, len(hidden))), device)).float().cpu()
+        for start in range(0, len(hidden), batch)
+    ]
     return torch.cat(out)

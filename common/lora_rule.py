@@ -71,7 +71,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from fedseal.common.phases import Phase, epsilon_of
-from fedseal.common.privacy import (DPPlan, PrivacyError, check_delta, sample_rate_for)
+from fedseal.common.privacy import DPPlan, PrivacyError, check_delta, sample_rate_for
 
 if TYPE_CHECKING:
     from fedseal.common.dp_rule import Recipe
@@ -128,8 +128,11 @@ def lora_recipe(bucket: int, rounds: int, **overrides: float) -> LoraRecipe:
     if rounds < 1:
         raise ValueError(f"the adapter phase needs at least one round, got {rounds}")
     q = float(overrides.pop("sample_rate", sample_rate(bucket)))
-    settings: dict[str, Any] = {"sample_rate": q, "expected_batch": q * bucket,
-                "steps_per_round": max(1, math.ceil(STEPS / rounds))}
+    settings: dict[str, Any] = {
+        "sample_rate": q,
+        "expected_batch": q * bucket,
+        "steps_per_round": max(1, math.ceil(STEPS / rounds)),
+    }
     settings.update(overrides)
     return LoraRecipe(**settings)
 
@@ -142,9 +145,16 @@ def adapter_rounds(rounds: int) -> int:
 
 
 @lru_cache(maxsize=256)
-def calibrate(probe_rate: float, probe_steps: int, lora_rate: float, lora_steps: int,
-              epsilon: float, delta: float, accountant: str = "prv",
-              ratio: float = 1.0) -> tuple[Phase, Phase]:
+def calibrate(
+    probe_rate: float,
+    probe_steps: int,
+    lora_rate: float,
+    lora_steps: int,
+    epsilon: float,
+    delta: float,
+    accountant: str = "prv",
+    ratio: float = 1.0,
+) -> tuple[Phase, Phase]:
     """The probe's and the adapter phase's noise so that both together spend ``epsilon``.
 
     The adapter phase's multiplier is ``ratio`` times the probe's; the probe's is
@@ -156,24 +166,31 @@ def calibrate(probe_rate: float, probe_steps: int, lora_rate: float, lora_steps:
     PrivacyError
         If no multiplier up to 1,000 meets the budget.
     """
+
     def spent(sigma: float) -> float:
-        return epsilon_of([Phase(sigma, probe_rate, probe_steps),
-                           Phase(sigma * ratio, lora_rate, lora_steps)], delta, accountant)
+        return epsilon_of(
+            [Phase(sigma, probe_rate, probe_steps), Phase(sigma * ratio, lora_rate, lora_steps)],
+            delta,
+            accountant,
+        )
 
     low, high = 0.1, 1.0
     while spent(high) > epsilon:
         low, high = high, high * 2
         if high > 1000:
-            raise PrivacyError(f"epsilon {epsilon} at delta {delta} cannot cover {probe_steps} "
-                               f"probe and {lora_steps} adapter steps")
+            raise PrivacyError(
+                f"epsilon {epsilon} at delta {delta} cannot cover {probe_steps} "
+                f"probe and {lora_steps} adapter steps"
+            )
     while high - low > 0.005 * high:
         mid = (low + high) / 2
         low, high = (mid, high) if spent(mid) > epsilon else (low, mid)
     return Phase(high, probe_rate, probe_steps), Phase(high * ratio, lora_rate, lora_steps)
 
 
-def plan_lpft(bucket: int, rec: "Recipe", probe_steps: int, epsilon: float, delta: float,
-              accountant: str = "prv") -> DPPlan:
+def plan_lpft(
+    bucket: int, rec: Recipe, probe_steps: int, epsilon: float, delta: float, accountant: str = "prv"
+) -> DPPlan:
     """An LP-FT job's plan: both phases' noise, calibrated so that all planned steps spend ``epsilon``.
 
     ``rec`` is the run's recipe (:func:`fedseal.common.dp_rule.recipe`);
@@ -190,13 +207,21 @@ def plan_lpft(bucket: int, rec: "Recipe", probe_steps: int, epsilon: float, delt
     check_delta(bucket, delta)
     probe_rate = sample_rate_for(bucket, rec.batch_size)
     lora_steps = rec.adapter_steps * rec.adapter_rounds
-    probe, adapter = calibrate(probe_rate, probe_steps, sample_rate(bucket), lora_steps,
-                               epsilon, delta, accountant)
-    return DPPlan(probe.noise_multiplier, probe_rate, probe_steps + lora_steps, epsilon, delta,
-                  accountant, adapter=adapter)
+    probe, adapter = calibrate(
+        probe_rate, probe_steps, sample_rate(bucket), lora_steps, epsilon, delta, accountant
+    )
+    return DPPlan(
+        probe.noise_multiplier,
+        probe_rate,
+        probe_steps + lora_steps,
+        epsilon,
+        delta,
+        accountant,
+        adapter=adapter,
+    )
 
 
-def round_phase(plan: DPPlan, rec: "Recipe", server_round: int | None, steps: int) -> Phase:
+def round_phase(plan: DPPlan, rec: Recipe, server_round: int | None, steps: int) -> Phase:
     """The ``steps`` a site takes in ``server_round`` (None: an evaluation step), as a phase.
 
     An adapter round of an LP-FT plan steps at the adapter phase's ``(sigma, q)``;
@@ -207,5 +232,14 @@ def round_phase(plan: DPPlan, rec: "Recipe", server_round: int | None, steps: in
     return Phase(plan.noise_multiplier, plan.sample_rate, steps)
 
 
-__all__ = ["LoraRecipe", "Phase", "adapter_rounds", "calibrate", "epsilon_of", "lora_recipe",
-           "plan_lpft", "round_phase", "sample_rate"]
+__all__ = [
+    "LoraRecipe",
+    "Phase",
+    "adapter_rounds",
+    "calibrate",
+    "epsilon_of",
+    "lora_recipe",
+    "plan_lpft",
+    "round_phase",
+    "sample_rate",
+]

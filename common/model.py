@@ -14,22 +14,16 @@ import copy
 import logging
 import shutil
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
 
-from fedseal.common.errors import FedsealError
 from fedseal.common.config import DEFAULT_MODEL, FedConfig
+from fedseal.common.errors import ModelError
 
 log = logging.getLogger(__name__)
-
-
-class ModelError(FedsealError, ValueError):
-    """A model cannot be loaded, or weights do not fit it."""
-
-    code = "model.error"
 
 
 def resolve_model_path(name: str) -> str:
@@ -64,12 +58,15 @@ def _checked_path(name: str) -> str:
     if not looks_local:
         return name
     if not path.is_dir():
-        raise ModelError(f"model {name!r}: no such folder; give a folder saved by "
-                         "save_pretrained, a hub name, or default")
+        raise ModelError(
+            f"model {name!r}: no such folder; give a folder saved by save_pretrained, a hub name, or default"
+        )
     if not (path / "config.json").is_file():
-        raise ModelError(f"model {name!r}: the folder has no config.json, so it holds no "
-                         "Hugging Face model; point at the folder save_pretrained wrote "
-                         "(it has config.json and the weights), or use default")
+        raise ModelError(
+            f"model {name!r}: the folder has no config.json, so it holds no "
+            "Hugging Face model; point at the folder save_pretrained wrote "
+            "(it has config.json and the weights), or use default"
+        )
     return str(path)
 
 
@@ -139,13 +136,17 @@ def _probe_model(cfg: FedConfig, label_names: Sequence[str]) -> nn.Module:
     try:
         backbone = AutoModel.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load model {cfg.model!r} ({path}) as an encoder: {exc}. Pass a "
-                         "local directory holding config.json and weights, or a hub name") from None
+        raise ModelError(
+            f"cannot load model {cfg.model!r} ({path}) as an encoder: {exc}. Pass a "
+            "local directory holding config.json and weights, or a hub name"
+        ) from None
     config = copy.deepcopy(backbone.config)
     layers = getattr(config, "num_hidden_layers", None)
     if not isinstance(layers, int) or layers < 1 or not hasattr(config, "hidden_size"):
-        raise ModelError(f"model {cfg.model!r} has no num_hidden_layers/hidden_size in its config; "
-                         "finetune=probe needs a Transformer encoder (or use --finetune lora)")
+        raise ModelError(
+            f"model {cfg.model!r} has no num_hidden_layers/hidden_size in its config; "
+            "finetune=probe needs a Transformer encoder (or use --finetune lora)"
+        )
     config.num_labels = len(label_names)
     config.id2label = dict(enumerate(label_names))
     config.label2id = {n: i for i, n in enumerate(label_names)}
@@ -166,21 +167,21 @@ def _lpft_model(cfg: FedConfig, label_names: Sequence[str]) -> nn.Module:
     model = _probe_model(cfg, label_names)
     layers = min(LAYERS, len(encoder_layers(model.backbone)) - 1)  # at least one layer cached
     if layers < 1:
-        raise ModelError(f"model {cfg.model!r} has one encoder layer: LoRA in the top layers "
-                         "needs at least two (use --finetune probe)")
+        raise ModelError(
+            f"model {cfg.model!r} has one encoder layer: LoRA in the top layers "
+            "needs at least two (use --finetune probe)"
+        )
     return add_top_lora(model, layers, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets)
 
 
-def trainable_state(model: nn.Module) -> "OrderedDict[str, torch.Tensor]":
+def trainable_state(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
     """Detached CPU copies of the trainable parameters, in a fixed order."""
     return OrderedDict(
-        (name, p.detach().to("cpu", copy=True))
-        for name, p in model.named_parameters()
-        if p.requires_grad
+        (name, p.detach().to("cpu", copy=True)) for name, p in model.named_parameters() if p.requires_grad
     )
 
 
-def load_trainable(model: nn.Module, state: "OrderedDict[str, torch.Tensor] | dict") -> None:
+def load_trainable(model: nn.Module, state: OrderedDict[str, torch.Tensor] | dict) -> None:
     """Copy ``state`` into the model's trainable parameters, checking names and shapes."""
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     missing = sorted(set(params) - set(state))

@@ -47,8 +47,9 @@ def pooled_block(states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Te
     return nn.functional.normalize(mean, dim=-1)
 
 
-def pooled_features(hidden_states: tuple[torch.Tensor, ...], attention_mask: torch.Tensor,
-                    layers: list[int]) -> torch.Tensor:
+def pooled_features(
+    hidden_states: tuple[torch.Tensor, ...], attention_mask: torch.Tensor, layers: list[int]
+) -> torch.Tensor:
     """Unit-norm concatenation of per-layer, unit-norm masked mean pools (steps 1 and 2)."""
     blocks = [pooled_block(hidden_states[layer], attention_mask) for layer in layers]
     return torch.cat(blocks, dim=-1) / math.sqrt(len(layers))
@@ -83,11 +84,13 @@ class FedsealForSequenceClassification(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         """Leave weights as built: the backbone is loaded, the head starts at zero."""
 
-    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 **kwargs: torch.Tensor) -> torch.Tensor:
+    def features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: torch.Tensor
+    ) -> torch.Tensor:
         """The pooled, unnormalised feature vector (steps 1 and 2)."""
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                            output_hidden_states=True, **kwargs)
+        out = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **kwargs
+        )
         return pooled_features(out.hidden_states, attention_mask, list(self.config.fedseal_layers))
 
     def standardise(self, features: torch.Tensor) -> torch.Tensor:
@@ -102,9 +105,13 @@ class FedsealForSequenceClassification(PreTrainedModel):
         """Logits from pooled features (steps 3 and 4)."""
         return self.classifier(self.standardise(features))
 
-    def forward(self, input_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, **kwargs: torch.Tensor) -> SequenceClassifierOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: torch.Tensor,
+    ) -> SequenceClassifierOutput:
         """Logits (and the cross-entropy loss when ``labels`` are given)."""
         if input_ids is None:
             raise ValueError("FedsealForSequenceClassification needs input_ids")

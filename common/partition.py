@@ -23,8 +23,7 @@ def iid_partition(num_examples: int, num_sites: int, seed: int) -> list[list[int
         raise PartitionError(f"need at least one site, got {num_sites}")
     if num_examples < num_sites:
         raise PartitionError(
-            f"{num_examples} examples cannot be split across {num_sites} sites; "
-            "use fewer sites or more data"
+            f"{num_examples} examples cannot be split across {num_sites} sites; use fewer sites or more data"
         )
     order = np.random.default_rng(seed).permutation(num_examples)
     return [sorted(part.tolist()) for part in np.array_split(order, num_sites)]
@@ -44,9 +43,7 @@ def dirichlet_partition(
     if alpha <= 0:
         raise PartitionError(f"alpha must be positive, got {alpha}")
     if len(labels) < num_sites * min_size:
-        raise PartitionError(
-            f"{len(labels)} examples cannot give {num_sites} sites {min_size} each"
-        )
+        raise PartitionError(f"{len(labels)} examples cannot give {num_sites} sites {min_size} each")
     rng = np.random.default_rng(seed)
     label_arr = np.asarray(labels)
     classes = np.unique(label_arr)

@@ -6,14 +6,15 @@ another; :mod:`fedseal.common.lora_rule`) is accounted as the list of its
 phases, exactly as an Opacus accountant's ``history`` holds them: the spend is
 the accountant's epsilon of the whole list, not of one ``(sigma, q)`` times the
 step count. A job of one phase gives exactly
-:func:`fedseal.common.privacy.epsilon_spent` of it (the same call, cached).
+:func:`epsilon_spent` of it (the same call, cached).
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
+from functools import lru_cache
 
 from opacus.accountants import create_accountant
 
@@ -38,18 +39,29 @@ def merged(history: Sequence[Phase]) -> list[Phase]:
     for p in history:
         if p.steps <= 0:
             continue
-        if out and (out[-1].noise_multiplier, out[-1].sample_rate) == (p.noise_multiplier,
-                                                                       p.sample_rate):
+        if out and (out[-1].noise_multiplier, out[-1].sample_rate) == (p.noise_multiplier, p.sample_rate):
             out[-1] = Phase(p.noise_multiplier, p.sample_rate, out[-1].steps + p.steps)
         else:
             out.append(p)
     return out
 
 
+@lru_cache(maxsize=1024)  # pure; the PRV accountant takes seconds, and sites of one size repeat
+def epsilon_spent(
+    noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "prv"
+) -> float:
+    """Epsilon after ``steps`` DP-SGD steps (0 for no steps)."""
+    if steps <= 0:
+        return 0.0
+    acc = create_accountant(accountant)
+    acc.history = [(noise_multiplier, sample_rate, steps)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(acc.get_epsilon(delta=delta))
+
+
 def epsilon_of(history: Sequence[Phase], delta: float, accountant: str = "prv") -> float:
     """Epsilon of every phase of ``history`` composed in one accountant (0 for no steps)."""
-    from fedseal.common.privacy import epsilon_spent
-
     phases = merged(history)
     if not phases:
         return 0.0
@@ -63,4 +75,4 @@ def epsilon_of(history: Sequence[Phase], delta: float, accountant: str = "prv") 
         return float(acc.get_epsilon(delta=delta))
 
 
-__all__ = ["Phase", "epsilon_of", "merged"]
+__all__ = ["Phase", "epsilon_of", "epsilon_spent", "merged"]

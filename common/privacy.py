@@ -18,12 +18,11 @@ import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 
-from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from fedseal.common.buckets import check_bucket
 from fedseal.common.errors import FedsealError
-from fedseal.common.dp_rule import check_bucket
-from fedseal.common.phases import Phase
+from fedseal.common.phases import Phase, epsilon_spent
 
 
 class PrivacyError(FedsealError, ValueError):
@@ -42,7 +41,7 @@ class DPPlan:
     target_epsilon: float
     delta: float
     accountant: str
-    adapter: "Phase | None" = None
+    adapter: Phase | None = None
     """LP-FT's adapter phase (its noise, rate and planned steps; :mod:`fedseal.common.lora_rule`):
     rounds of that phase step at its ``(sigma, q)``; the fields above are the probe's phases'."""
 
@@ -56,24 +55,11 @@ def sample_rate_for(bucket: int, batch_size: int) -> float:
 
     ``1 / ceil(bucket / batch_size)``, at most :data:`MAX_SAMPLE_RATE`: a
     function of the bucket (never the exact count,
-    :func:`fedseal.common.dp_rule.size_bucket`), so the rate, and the noise
+    :func:`fedseal.common.buckets.size_bucket`), so the rate, and the noise
     calibrated for it, say nothing finer about the site's size. A batch the run
     asks for is a request: the site rounds it to this rate.
     """
     return min(MAX_SAMPLE_RATE, 1.0 / math.ceil(check_bucket(bucket) / batch_size))
-
-
-@lru_cache(maxsize=1024)  # pure; the PRV accountant takes seconds, and sites of one size repeat
-def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
-                  accountant: str = "prv") -> float:
-    """Epsilon after ``steps`` DP-SGD steps (0 for no steps)."""
-    if steps <= 0:
-        return 0.0
-    acc = create_accountant(accountant)
-    acc.history = [(noise_multiplier, sample_rate, steps)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return float(acc.get_epsilon(delta=delta))
 
 
 def check_delta(bucket: int, delta: float) -> None:
@@ -87,11 +73,12 @@ def check_delta(bucket: int, delta: float) -> None:
 
 
 @lru_cache(maxsize=64)  # pure in its arguments; calibration takes seconds
-def plan_site(bucket: int, *, batch_size: int, steps: int, epsilon: float, delta: float,
-              accountant: str = "prv") -> DPPlan:
+def plan_site(
+    bucket: int, *, batch_size: int, steps: int, epsilon: float, delta: float, accountant: str = "prv"
+) -> DPPlan:
     """Calibrate the noise so the site's whole planned run spends at most ``epsilon``.
 
-    ``bucket`` is the site's size bucket (:func:`fedseal.common.dp_rule.size_bucket`):
+    ``bucket`` is the site's size bucket (:func:`fedseal.common.buckets.size_bucket`):
     the site holds between ``bucket`` and ``2 * bucket - 1`` examples.
 
     Raises
@@ -108,9 +95,14 @@ def plan_site(bucket: int, *, batch_size: int, steps: int, epsilon: float, delta
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            noise = get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
-                                         sample_rate=q, steps=steps, accountant=accountant,
-                                         epsilon_tolerance=0.005)
+            noise = get_noise_multiplier(
+                target_epsilon=epsilon,
+                target_delta=delta,
+                sample_rate=q,
+                steps=steps,
+                accountant=accountant,
+                epsilon_tolerance=0.005,
+            )
         except ValueError as exc:
             raise PrivacyError(
                 f"cannot reach epsilon={epsilon} at delta={delta} over {steps} steps "

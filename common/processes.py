@@ -10,8 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fedseal.common.errors import FedsealError
 from fedseal.common.config import ConfigError
+from fedseal.common.errors import FedsealError
 
 
 class ProcessError(FedsealError, RuntimeError):
@@ -45,8 +45,10 @@ def flwr_bin(name: str) -> str:
     if not path.exists():
         found = shutil.which(name)
         if not found:
-            raise ProcessError(f"{name} not found beside {sys.executable} or on PATH; install "
-                              "fedseal in this environment (pip install fedseal)")
+            raise ProcessError(
+                f"{name} not found beside {sys.executable} or on PATH; install "
+                "fedseal in this environment (pip install fedseal)"
+            )
         return found
     return str(path)
 

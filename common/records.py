@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from fedseal.common.errors import FedsealError
 from fedseal.common.config import FedConfig, from_mapping
+from fedseal.common.errors import FedsealError
 
 # Per-message values the server adds to the run's config record.
 ROUND_KEY = "server-round"
 JOB_KEY = "job-id"  # stable across server restarts: the key of a site's ledger entries
 MESSAGE_KEYS = (ROUND_KEY, JOB_KEY)
+
 
 class RecordError(FedsealError, ValueError):
     """A received record is malformed or does not match what was expected."""
@@ -27,7 +28,7 @@ class RecordError(FedsealError, ValueError):
     code = "records.error"
 
 
-def to_numpy_state(state: Mapping[str, object]) -> "OrderedDict[str, np.ndarray]":
+def to_numpy_state(state: Mapping[str, object]) -> OrderedDict[str, np.ndarray]:
     """float32 numpy copies of torch tensors or arrays, same order."""
     return OrderedDict(
         (k, (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)).astype(np.float32))
@@ -50,8 +51,9 @@ def state_to_record(state: Mapping[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in state.items()))
 
 
-def record_to_state(record: ArrayRecord, template: Mapping[str, np.ndarray] | None = None,
-                    *, what: str = "weights") -> "OrderedDict[str, np.ndarray]":
+def record_to_state(
+    record: ArrayRecord, template: Mapping[str, np.ndarray] | None = None, *, what: str = "weights"
+) -> OrderedDict[str, np.ndarray]:
     """Unpack an ArrayRecord; with ``template``, require the same names and shapes."""
     try:
         state = OrderedDict((k, arr.numpy()) for k, arr in record.items())
@@ -78,14 +80,14 @@ def flatten(state: Mapping[str, np.ndarray]) -> np.ndarray:
     return np.concatenate([np.asarray(v, dtype=np.float64).ravel() for v in state.values()])
 
 
-def unflatten(vector: np.ndarray, template: Mapping[str, np.ndarray]) -> "OrderedDict[str, np.ndarray]":
+def unflatten(vector: np.ndarray, template: Mapping[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
     """Inverse of :func:`flatten` for the shapes in ``template`` (float32 out)."""
     size = sum(v.size for v in template.values())
     if vector.shape != (size,):
         raise RecordError(f"vector has shape {vector.shape}, expected ({size},)")
     out, offset = OrderedDict(), 0
     for k, v in template.items():
-        out[k] = vector[offset:offset + v.size].reshape(v.shape).astype(np.float32)
+        out[k] = vector[offset : offset + v.size].reshape(v.shape).astype(np.float32)
         offset += v.size
     return out
 
@@ -102,5 +104,6 @@ def config_to_record(cfg: FedConfig, **extra: int | float | str | bool) -> Confi
 
 def record_to_config(record: ConfigRecord, extra_keys: tuple[str, ...] = MESSAGE_KEYS) -> FedConfig:
     """Rebuild the validated config from a ConfigRecord, ignoring ``extra_keys``."""
-    return from_mapping({k: v for k, v in record.items() if k not in extra_keys},
-                        source="the server's message")
+    return from_mapping(
+        {k: v for k, v in record.items() if k not in extra_keys}, source="the server's message"
+    )

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from enum import StrEnum
-from typing import Mapping
 
 from fedseal.common.errors import FedsealError
 
@@ -77,28 +77,27 @@ DESCRIPTIONS: Mapping[Code, str] = {
     Code.POLICY_SECAGG: "the site requires secure aggregation; run with secagg on",
     Code.POLICY_UPDATE_CLIP: "update-clip is above the site's max-update-clip; lower it",
     Code.POLICY_COHORT: "the cohort (clients, min-clients or this round's sites) is below the "
-                        "site's min-cohort; add sites or raise clients and min-clients",
+    "site's min-cohort; add sites or raise clients and min-clients",
     Code.POLICY_SECAGG_K: "SecAgg+ k is below the site's min-secagg-k; raise secagg-k",
     Code.POLICY_SECAGG_THRESHOLD: "the SecAgg+ threshold is below the site's "
-                                  "min-secagg-threshold; raise secagg-threshold",
+    "min-secagg-threshold; raise secagg-threshold",
     Code.POLICY_COLLUDERS: "this round's SecAgg+ k and threshold do not withstand the site's "
-                           "max-colluders; raise secagg-threshold (and secagg-k)",
-    Code.POLICY_FEDERATED_EVAL: "the site does not answer federated evaluation "
-                                "(its federated-eval is off)",
+    "max-colluders; raise secagg-threshold (and secagg-k)",
+    Code.POLICY_FEDERATED_EVAL: "the site does not answer federated evaluation (its federated-eval is off)",
     Code.POLICY_MODEL: "the site does not run this model (not in its --allow-model list)",
     Code.POLICY_LABELS: "the run's labels are not the label set the site declared",
     Code.POLICY_RUN_EPSILON: "the run asks for more epsilon than the site grants one run "
-                             "(its --max-run-epsilon); lower epsilon",
+    "(its --max-run-epsilon); lower epsilon",
     Code.POLICY_SIZE: "a size the run asks for (max-length, lora-r, local-steps, batch-size, "
-                      "eval-batch-size) is beyond what the site runs; lower it",
+    "eval-batch-size) is beyond what the site runs; lower it",
     Code.POLICY_NOISE_SHARE: "under --dp-noise distributed, this round's noise share (or its "
-                             "cohort) is too small for the site's min-cohort and "
-                             "max-colluders; raise min-clients or lower max-colluders",
+    "cohort) is too small for the site's min-cohort and "
+    "max-colluders; raise min-clients or lower max-colluders",
     Code.BUDGET_EXHAUSTED: "the site's privacy budget left cannot cover this run; lower "
-                           "epsilon, or the site operator raises its total (fedseal ledger raise)",
+    "epsilon, or the site operator raises its total (fedseal ledger raise)",
     Code.BUDGET_ROUND: "this round would spend more than the run's grant at this site",
     Code.PLAN_INFEASIBLE: "no noise level meets this run's epsilon, delta, rounds and batch at "
-                          "this site; raise epsilon, lower delta or the batch size",
+    "this site; raise epsilon, lower delta or the batch size",
     Code.PLAN_CHANGED: "the run's rounds, steps or batch changed after it started; start a new run",
     Code.ROUND_SENT: "the site sent this round before and never trains it again",
     Code.ROUND_NOT_TRAINED: "the site scores only rounds it trained in",
@@ -108,13 +107,13 @@ DESCRIPTIONS: Mapping[Code, str] = {
     Code.MESSAGE_ROUND: "the server's round number is not one",
     Code.MESSAGE_WEIGHTS: "the server's weights do not fit the site's model",
     Code.MESSAGE_SECAGG: "the server's secure-aggregation parameters are missing, malformed, "
-                         "for another round, or leave this site out",
+    "for another round, or leave this site out",
     Code.MESSAGE_STAGE: "a secure-aggregation stage message is malformed, stale or out of order",
     Code.MESSAGE_DDP: "the server's distributed-noise encoding is missing, malformed or does "
-                      "not fit this round",
+    "not fit this round",
     Code.SITE_DATA: "the site's data cannot be used; the site operator sees why in its log",
     Code.SITE_LEDGER: "the site's privacy ledger cannot be read or written; the site operator "
-                      "sees why in its log",
+    "sees why in its log",
     Code.SITE_RECORD: "the site's record of once-per-round actions cannot be read or written",
     Code.SITE_KEYS: "the site's signing key or roster cannot be read",
     Code.SITE_MODEL: "the site cannot load this model",
@@ -202,8 +201,9 @@ def public_values(values: Mapping[str, object]) -> dict[str, Public]:
         elif isinstance(value, float) and math.isfinite(value):
             out[name] = value
         else:
-            raise ValueError(f"refusal value {name!r} must be a finite number or a flag, not "
-                             f"{type(value).__name__}")
+            raise ValueError(
+                f"refusal value {name!r} must be a finite number or a flag, not {type(value).__name__}"
+            )
     return out
 
 
@@ -217,5 +217,13 @@ def describe(code: str, values: Mapping[str, Public]) -> str:
     return f"{code}: {text}" + (f" ({extra})" if extra else "")
 
 
-__all__ = ["Code", "DESCRIPTIONS", "PUBLIC_VALUES", "SETTING_PATTERN", "Public", "Refusal", "describe",
-           "public_values"]
+__all__ = [
+    "Code",
+    "DESCRIPTIONS",
+    "PUBLIC_VALUES",
+    "SETTING_PATTERN",
+    "Public",
+    "Refusal",
+    "describe",
+    "public_values",
+]

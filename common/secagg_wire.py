@@ -17,10 +17,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fedseal.common.errors import FedsealError
-from fedseal.common.secagg import (QuantConfig, default_k, default_threshold, dequantize_sum, quantize,
-                           validate_parameters)
-from fedseal.common.secagg.messages import pack_var_table, unpack_var_table
+from fedseal.common.secagg import (
+    QuantConfig,
+    default_k,
+    default_threshold,
+    dequantize_sum,
+    quantize,
+    validate_parameters,
+)
 from fedseal.common.secagg.errors import SecAggError
+from fedseal.common.secagg.messages import pack_var_table, unpack_var_table
 from fedseal.common.secagg.protocol import SHARE_CIPHERTEXT_BYTES
 
 if TYPE_CHECKING:  # config checks its SecAgg+ settings with this module: no import back
@@ -101,7 +107,7 @@ def unpack_table(data: object, width: int | None = None) -> dict[int, bytes]:
     if not isinstance(data, (bytes, bytearray)) or len(data) < _LEN.size:
         raise WireError("table is too short to hold its header")
     (got,) = _LEN.unpack_from(data)
-    body = memoryview(data)[_LEN.size:]
+    body = memoryview(data)[_LEN.size :]
     if width is not None and body and got != width:
         raise WireError(f"table entries are {got} bytes, expected {width}")
     entry = _ID.size + got
@@ -112,7 +118,7 @@ def unpack_table(data: object, width: int | None = None) -> dict[int, bytes]:
         (node,) = _ID.unpack_from(body, off)
         if node in out:
             raise WireError(f"node {node} appears twice in a table")
-        out[node] = bytes(body[off + _ID.size: off + entry])
+        out[node] = bytes(body[off + _ID.size : off + entry])
     return out
 
 
@@ -134,7 +140,7 @@ def unpack_shares(data: object) -> dict[int, tuple[int, bytes]]:
     table = unpack_table(data)
     if any(len(v) <= _IDX.size for v in table.values()):
         raise WireError("a share entry is too short to hold an index and a share")
-    return {k: (_IDX.unpack_from(v)[0], v[_IDX.size:]) for k, v in table.items()}
+    return {k: (_IDX.unpack_from(v)[0], v[_IDX.size :]) for k, v in table.items()}
 
 
 def pack_routed(routed: Mapping[int, tuple[bytes, bytes]]) -> bytes:
@@ -160,8 +166,7 @@ def round_parameters(cfg: FedConfig, n: int) -> tuple[int, int]:
     """
     # a validated config holds an int or the word auto (config.AUTO), its only text value
     k = min(default_k(n) if isinstance(cfg.secagg_k, str) else cfg.secagg_k, max(n - 1, 1))
-    threshold = (default_threshold(k) if isinstance(cfg.secagg_threshold, str)
-                 else cfg.secagg_threshold)
+    threshold = default_threshold(k) if isinstance(cfg.secagg_threshold, str) else cfg.secagg_threshold
     validate_parameters(n, k, threshold)
     return k, threshold
 
@@ -178,8 +183,7 @@ def quant_config(n: int, clip: float) -> QuantConfig:
     return QuantConfig(clip=clip, max_clients=SUM_HEADROOM * n)
 
 
-def encode_update(flat_weighted_update: np.ndarray, weight: float, n: int,
-                  clip: float) -> np.ndarray:
+def encode_update(flat_weighted_update: np.ndarray, weight: float, n: int, clip: float) -> np.ndarray:
     """Quantise ``[w * update..., w * clip]`` into one uint32 vector.
 
     The weight rides inside the masked vector (scaled by the clip bound so it
@@ -197,8 +201,9 @@ class SumRangeError(FedsealError, ValueError):
     code = "wire.sum_range"
 
 
-def decode_sum(total: np.ndarray, n: int, survivors: int, weights: tuple[float, float],
-               clip: float) -> tuple[np.ndarray, float]:
+def decode_sum(
+    total: np.ndarray, n: int, survivors: int, weights: tuple[float, float], clip: float
+) -> tuple[np.ndarray, float]:
     """Decode a recovered sum and check it against what ``survivors`` sites can have sent.
 
     Parameters
@@ -233,11 +238,15 @@ def decode_sum(total: np.ndarray, n: int, survivors: int, weights: tuple[float, 
     bound = survivors * quant.max_level
     outside = int(np.count_nonzero(np.abs(levels[:-1]) > bound))
     if outside:
-        raise SumRangeError(f"{outside} entries of the sum lie beyond {survivors} sites' clipped "
-                            "updates: a site sent a masked vector the protocol cannot produce")
+        raise SumRangeError(
+            f"{outside} entries of the sum lie beyond {survivors} sites' clipped "
+            "updates: a site sent a masked vector the protocol cannot produce"
+        )
     lo, hi = (int(np.rint(w * quant.max_level)) for w in weights)
     w_level = int(levels[-1])
     if not survivors * lo <= w_level <= survivors * hi:
-        raise SumRangeError(f"the weights sum to {w_level / quant.max_level:.6g}, which "
-                            f"{survivors} sites cannot have sent: a site tampered with its weight")
+        raise SumRangeError(
+            f"the weights sum to {w_level / quant.max_level:.6g}, which "
+            f"{survivors} sites cannot have sent: a site tampered with its weight"
+        )
     return values[:-1], float(values[-1] / quant.clip)

@@ -12,13 +12,72 @@ import numpy as np
 
 from fedseal.common.data import Examples
 
-POSITIVE = ("good", "great", "wonderful", "delightful", "moving", "brilliant", "charming",
-            "funny", "warm", "superb", "fresh", "smart", "beautiful", "gripping", "lovely")
-NEGATIVE = ("bad", "dull", "boring", "awful", "tedious", "clumsy", "flat", "messy",
-            "weak", "stupid", "ugly", "lifeless", "tired", "painful", "bland")
-FILLER = ("the", "film", "movie", "story", "cast", "plot", "is", "was", "a", "an", "and",
-          "with", "its", "this", "director", "script", "scenes", "ending", "acting", "really",
-          "quite", "rather", "at", "times", "overall", "of", "in", "but", "also", "music")
+POSITIVE = (
+    "good",
+    "great",
+    "wonderful",
+    "delightful",
+    "moving",
+    "brilliant",
+    "charming",
+    "funny",
+    "warm",
+    "superb",
+    "fresh",
+    "smart",
+    "beautiful",
+    "gripping",
+    "lovely",
+)
+NEGATIVE = (
+    "bad",
+    "dull",
+    "boring",
+    "awful",
+    "tedious",
+    "clumsy",
+    "flat",
+    "messy",
+    "weak",
+    "stupid",
+    "ugly",
+    "lifeless",
+    "tired",
+    "painful",
+    "bland",
+)
+FILLER = (
+    "the",
+    "film",
+    "movie",
+    "story",
+    "cast",
+    "plot",
+    "is",
+    "was",
+    "a",
+    "an",
+    "and",
+    "with",
+    "its",
+    "this",
+    "director",
+    "script",
+    "scenes",
+    "ending",
+    "acting",
+    "really",
+    "quite",
+    "rather",
+    "at",
+    "times",
+    "overall",
+    "of",
+    "in",
+    "but",
+    "also",
+    "music",
+)
 LABEL_NAMES = ("negative", "positive")
 
 

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from fedseal.common.model import ModelError
+from fedseal.common.errors import ModelError
 from fedseal.common.modeling_fedseal import FedsealForSequenceClassification, pooled_block
 
 TRAVELLING = ("feature_mean", "classifier.weight", "classifier.bias")
@@ -35,8 +35,10 @@ TRAVELLING = ("feature_mean", "classifier.weight", "classifier.bias")
 def fedseal_of(model: nn.Module) -> FedsealForSequenceClassification:
     """``model``, checked to be a ``FedsealForSequenceClassification`` (adapters or not)."""
     if not isinstance(model, FedsealForSequenceClassification):
-        raise ModelError(f"expected fedseal's probe classifier (finetune=probe's model), got "
-                         f"{type(model).__name__}: LoRA in the top layers starts from the probe")
+        raise ModelError(
+            f"expected fedseal's probe classifier (finetune=probe's model), got "
+            f"{type(model).__name__}: LoRA in the top layers starts from the probe"
+        )
     return model
 
 
@@ -52,17 +54,26 @@ def encoder_layers(backbone: nn.Module) -> nn.ModuleList:
     """
     layers = getattr(getattr(backbone, "encoder", None), "layer", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise ModelError(f"{type(backbone).__name__} has no encoder.layer list: LoRA in the top "
-                         "layers supports BERT-family encoders (BERT, RoBERTa, MiniLM, ELECTRA)")
+        raise ModelError(
+            f"{type(backbone).__name__} has no encoder.layer list: LoRA in the top "
+            "layers supports BERT-family encoders (BERT, RoBERTa, MiniLM, ELECTRA)"
+        )
     kind = getattr(backbone.config, "position_embedding_type", "absolute")
     if kind != "absolute":
-        raise ModelError(f"{type(backbone).__name__} uses {kind!r} positions; LoRA in the top "
-                         "layers on cached states needs absolute position embeddings")
+        raise ModelError(
+            f"{type(backbone).__name__} uses {kind!r} positions; LoRA in the top "
+            "layers on cached states needs absolute position embeddings"
+        )
     return layers
 
 
-def add_top_lora(model: FedsealForSequenceClassification, layers: int, rank: int, alpha: int,
-                 targets: Sequence[str] = ("query", "value")) -> nn.Module:
+def add_top_lora(
+    model: FedsealForSequenceClassification,
+    layers: int,
+    rank: int,
+    alpha: int,
+    targets: Sequence[str] = ("query", "value"),
+) -> nn.Module:
     """``model`` itself, with LoRA adapters on ``targets`` in its top ``layers`` layers.
 
     The adapters are injected in place (peft's ``inject_adapter_in_model``), so
@@ -82,19 +93,25 @@ def add_top_lora(model: FedsealForSequenceClassification, layers: int, rank: int
 
     depth = len(encoder_layers(model.backbone))
     if not 1 <= layers <= depth:
-        raise ModelError(f"lora layers must be between 1 and the encoder's {depth} layers, "
-                         f"got {layers}")
-    names = {name.split(".")[-1] for name, m in model.backbone.named_modules()
-             if isinstance(m, nn.Linear)}
+        raise ModelError(f"lora layers must be between 1 and the encoder's {depth} layers, got {layers}")
+    names = {name.split(".")[-1] for name, m in model.backbone.named_modules() if isinstance(m, nn.Linear)}
     if not set(targets) <= names:
-        raise ModelError(f"lora-targets {sorted(set(targets) - names)} match no linear layer of "
-                         f"the encoder; its linear layers are named {sorted(names)}")
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets),
-                        layers_to_transform=list(range(depth - layers, depth)),
-                        layers_pattern="layer")
+        raise ModelError(
+            f"lora-targets {sorted(set(targets) - names)} match no linear layer of "
+            f"the encoder; its linear layers are named {sorted(names)}"
+        )
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        target_modules=list(targets),
+        layers_to_transform=list(range(depth - layers, depth)),
+        layers_pattern="layer",
+    )
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
-                                category=FutureWarning)
+        warnings.filterwarnings(
+            "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
         inject_adapter_in_model(config, model)
     for name, p in model.named_parameters():
         p.requires_grad_(name in TRAVELLING or "lora_" in name)
@@ -123,8 +140,9 @@ def merge_adapters(model: nn.Module) -> nn.Module:
 def adapted_layers(model: nn.Module) -> int:
     """How many top layers carry adapters (0 for a model without any)."""
     layers = encoder_layers(fedseal_of(model).backbone)
-    adapted = [i for i, layer in enumerate(layers)
-               if any("lora_" in name for name, _ in layer.named_parameters())]
+    adapted = [
+        i for i, layer in enumerate(layers) if any("lora_" in name for name, _ in layer.named_parameters())
+    ]
     if adapted and adapted != list(range(adapted[0], len(layers))):
         raise ModelError(f"adapters sit in layers {adapted}, not in a run of top layers")
     return len(adapted)
@@ -158,13 +176,13 @@ class TopStack(nn.Module):
             self.shift = fedseal.standardise(torch.zeros(dim, device=ref.device, dtype=ref.dtype))
             self.scale = fedseal.standardise(torch.ones_like(self.shift)) - self.shift
 
-    def features(self, states: torch.Tensor, mask: torch.Tensor,
-                 lower: torch.Tensor) -> torch.Tensor:
+    def features(self, states: torch.Tensor, mask: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
         """The model's pooled, unstandardised features (its ``features``)."""
         from transformers.masking_utils import create_bidirectional_mask
 
-        attention = create_bidirectional_mask(config=self.backbone_config, inputs_embeds=states,
-                                              attention_mask=mask)
+        attention = create_bidirectional_mask(
+            config=self.backbone_config, inputs_embeds=states, attention_mask=mask
+        )
         by_layer = {self.cut: states}
         for offset, layer in enumerate(self.layers, start=1):
             states = layer(states, attention)
@@ -173,18 +191,24 @@ class TopStack(nn.Module):
         blocks, taken = [], 0
         for layer in self.pooled:
             if layer <= self.cut:
-                blocks.append(lower[:, taken:taken + width].to(states.dtype))
+                blocks.append(lower[:, taken : taken + width].to(states.dtype))
                 taken += width
             else:
                 blocks.append(pooled_block(by_layer[layer], mask))
         return torch.cat(blocks, dim=-1) / math.sqrt(len(self.pooled))
 
-    def forward(self, states: torch.Tensor, mask: torch.Tensor,
-                lower: torch.Tensor) -> torch.Tensor:
+    def forward(self, states: torch.Tensor, mask: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
         """Logits of the model for cached ``states`` (see the class docstring)."""
         feats = self.features(states, mask, lower)
         return self.classifier(feats * self.scale.to(feats.dtype) + self.shift.to(feats.dtype))
 
 
-__all__ = ["TRAVELLING", "TopStack", "adapted_layers", "add_top_lora", "encoder_layers",
-           "fedseal_of", "merge_adapters"]
+__all__ = [
+    "TRAVELLING",
+    "TopStack",
+    "adapted_layers",
+    "add_top_lora",
+    "encoder_layers",
+    "fedseal_of",
+    "merge_adapters",
+]

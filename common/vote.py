@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -82,8 +82,7 @@ def is_vote_round(cfg: FedConfig, server_round: int) -> bool:
     if server_round <= stats_rounds(cfg):
         return False  # the statistics round's means are averaged as they are
     if cfg.aggregation == AUTO:
-        return cfg.finetune == "probe" or (cfg.finetune == "lora"
-                                           and not is_adapter_round(cfg, server_round))
+        return cfg.finetune == "probe" or (cfg.finetune == "lora" and not is_adapter_round(cfg, server_round))
     return cfg.aggregation == "vote"
 
 
@@ -123,8 +122,9 @@ def round_keys(weights: Mapping[str, np.ndarray], cfg: FedConfig, server_round: 
     return [k for k in weights if k == HEAD_WEIGHT_KEY]
 
 
-def update_template(weights: Mapping[str, np.ndarray], cfg: FedConfig,
-                    server_round: int) -> "OrderedDict[str, np.ndarray]":
+def update_template(
+    weights: Mapping[str, np.ndarray], cfg: FedConfig, server_round: int
+) -> OrderedDict[str, np.ndarray]:
     """The names and shapes a site's update has in round ``server_round``: the weights the
     round moves (:func:`round_keys`), and the vote's scale entry in a vote round."""
     template = OrderedDict((k, weights[k]) for k in round_keys(weights, cfg, server_round))
@@ -139,22 +139,23 @@ def site_scale(update: Mapping[str, np.ndarray]) -> float:
     An update with no non-zero entry (no step moved anything) gets 1: its votes
     are all 0, but its ``log(tau)`` of 0 still counts in the mean scale.
     """
-    moved = np.concatenate([np.abs(np.asarray(v, dtype=np.float64)).ravel()
-                            for v in update.values()])
+    moved = np.concatenate([np.abs(np.asarray(v, dtype=np.float64)).ravel() for v in update.values()])
     moved = moved[moved > 0]
     return VOTE_UNIT * float(np.median(moved)) if moved.size else 1.0
 
 
-def to_votes(update: Mapping[str, np.ndarray]) -> "OrderedDict[str, np.ndarray]":
+def to_votes(update: Mapping[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
     """A site's update as votes in ``[-1, 1]`` plus its scale entry under :data:`SCALE_KEY`."""
     tau = site_scale(update)
-    votes = OrderedDict((k, np.clip(np.asarray(v, dtype=np.float64) / tau, -1.0, 1.0)
-                         .astype(np.float32)) for k, v in update.items())
+    votes = OrderedDict(
+        (k, np.clip(np.asarray(v, dtype=np.float64) / tau, -1.0, 1.0).astype(np.float32))
+        for k, v in update.items()
+    )
     votes[SCALE_KEY] = np.array([min(max(math.log(tau) / LOG_SPAN, -1.0), 1.0)], dtype=np.float32)
     return votes
 
 
-def from_votes(mean: Mapping[str, np.ndarray], clip: float) -> tuple["OrderedDict[str, np.ndarray]", float]:
+def from_votes(mean: Mapping[str, np.ndarray], clip: float) -> tuple[OrderedDict[str, np.ndarray], float]:
     """The server's step from the mean votes, and the scale it used.
 
     The scale is ``exp`` of the mean ``log(tau)``, at most ``clip`` (``update-clip``); the mean
@@ -166,11 +167,25 @@ def from_votes(mean: Mapping[str, np.ndarray], clip: float) -> tuple["OrderedDic
         scale = 0.0
     else:
         scale = clip if log_scale >= math.log(clip) else math.exp(log_scale)
-    step = OrderedDict((k, np.clip(np.asarray(v, dtype=np.float64), -1.0, 1.0) * scale)
-                       for k, v in mean.items() if k != SCALE_KEY)
+    step = OrderedDict(
+        (k, np.clip(np.asarray(v, dtype=np.float64), -1.0, 1.0) * scale)
+        for k, v in mean.items()
+        if k != SCALE_KEY
+    )
     return step, scale
 
 
-__all__ = ["LOG_SPAN", "SCALE_KEY", "VOTE_CLIP", "VOTE_UNIT", "from_votes", "is_adapter_round",
-           "is_vote_round", "round_clip",
-           "round_keys", "site_scale", "to_votes", "update_template"]
+__all__ = [
+    "LOG_SPAN",
+    "SCALE_KEY",
+    "VOTE_CLIP",
+    "VOTE_UNIT",
+    "from_votes",
+    "is_adapter_round",
+    "is_vote_round",
+    "round_clip",
+    "round_keys",
+    "site_scale",
+    "to_votes",
+    "update_template",
+]

@@ -7,7 +7,7 @@ rounds and recover each site's count. So a weight is either
 
 * ``equal`` (the default): 1 for every site, the plain mean of the updates; or
 * ``bucket``: ``2**floor(log2(b / cap))`` for the site's size bucket ``b``
-  (:func:`fedseal.common.dp_rule.size_bucket`, the largest power of two not above
+  (:func:`fedseal.common.buckets.size_bucket`, the largest power of two not above
   its count) and ``cap = max-site-examples``, at most 1 and floored at ``1/16``:
   five weights (1, 1/2, 1/4, 1/8, 1/16), each a factor of two wide, so
   differencing reveals at most what the size bucket already says.
@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import math
 
+from fedseal.common.buckets import check_bucket
 from fedseal.common.config import FedConfig
-from fedseal.common.dp_rule import check_bucket, stats_rounds
+from fedseal.common.dp_rule import stats_rounds
 
 SMALLEST_BUCKET = 1 / 16
-BUCKETS = tuple(2.0 ** -j for j in range(5))  # 1, 1/2, 1/4, 1/8, 1/16
+BUCKETS = tuple(2.0**-j for j in range(5))  # 1, 1/2, 1/4, 1/8, 1/16
 
 
 def site_weight(bucket: int, cfg: FedConfig) -> float:

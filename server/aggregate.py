@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
 
 import numpy as np
 from flwr.app import Error, Message, RecordDict
-from flwr.serverapp import Grid
-
 from flwr.common.constant import ErrorCode
+from flwr.serverapp import Grid
 
 from fedseal.common import egress
 from fedseal.common.records import payload_bytes
@@ -39,7 +38,7 @@ PROGRESS_SECONDS = 30.0
 class RoundSums:
     """What the server learns from one round."""
 
-    update_sum: "dict[str, np.ndarray] | None" = None
+    update_sum: dict[str, np.ndarray] | None = None
     weight_sum: float = 0.0
     epsilons: dict[str, float] = field(default_factory=dict)
     deltas: dict[str, float] = field(default_factory=dict)  # beside each site's epsilon
@@ -57,7 +56,7 @@ class RoundSums:
         self.epsilons.pop(site, None)
         self.deltas.pop(site, None)
 
-    def mean_update(self) -> "dict[str, np.ndarray] | None":
+    def mean_update(self) -> dict[str, np.ndarray] | None:
         """The weighted mean update, or None if nobody contributed.
 
         With :attr:`clip` set, every coordinate of the mean is bounded by it,
@@ -75,13 +74,19 @@ class RoundSums:
 def message_bytes(content: RecordDict) -> int:
     """Payload bytes of a message's content: arrays plus bytes values in config records."""
     arrays = sum(payload_bytes(rec) for rec in content.array_records.values())
-    blobs = sum(len(v) for rec in content.config_records.values() for v in rec.values()
-                if isinstance(v, bytes))
+    blobs = sum(
+        len(v) for rec in content.config_records.values() for v in rec.values() if isinstance(v, bytes)
+    )
     return arrays + blobs
 
 
-def send(grid: Grid, nodes: Iterable[int], contents: Mapping[int, RecordDict] | RecordDict,
-         message_type: str, timeout: float) -> tuple[list[Message], int]:
+def send(
+    grid: Grid,
+    nodes: Iterable[int],
+    contents: Mapping[int, RecordDict] | RecordDict,
+    message_type: str,
+    timeout: float,
+) -> tuple[list[Message], int]:
     """Send one message per node and wait for the replies; return them and the bytes sent.
 
     The wait ends when every node has answered, or when ``timeout`` seconds pass
@@ -101,8 +106,7 @@ def send(grid: Grid, nodes: Iterable[int], contents: Mapping[int, RecordDict] | 
         replies = list(grid.send_and_receive(messages, timeout=timeout))
     # The SuperLink answers for a node that went offline with an error reply of
     # its own (source node 1): attribute it to the node it was meant for.
-    dst_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages
-              if m.metadata.message_id}
+    dst_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
     for reply in replies:
         dst = dst_of.get(reply.metadata.reply_to_message_id)
         if reply.has_error() and dst is not None and reply.metadata.src_node_id != dst:
@@ -110,9 +114,15 @@ def send(grid: Grid, nodes: Iterable[int], contents: Mapping[int, RecordDict] | 
     answered = {reply.metadata.src_node_id for reply in replies}
     silent = [m for m in messages if m.metadata.dst_node_id not in answered]
     if silent:
-        log.warning("%d of %d site(s) did not answer %s within %gs of the last answer, dropped "
-                    "as timed out (each named as it is recorded); if they are slow rather than "
-                    "gone, raise --timeout", len(silent), len(messages), message_type, timeout)
+        log.warning(
+            "%d of %d site(s) did not answer %s within %gs of the last answer, dropped "
+            "as timed out (each named as it is recorded); if they are slow rather than "
+            "gone, raise --timeout",
+            len(silent),
+            len(messages),
+            message_type,
+            timeout,
+        )
         replies += [timed_out(m, timeout) for m in silent]
     return replies, sent
 
@@ -143,9 +153,14 @@ def exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Messag
             last, pause = time.monotonic(), POLL_SECONDS[0]
         if waiting and time.monotonic() - told >= PROGRESS_SECONDS:  # a long first round
             told = time.monotonic()
-            log.info("%s: %d of %d site(s) answered after %.0fs (a site's first round also "
-                     "reads its data and computes its features)", stage, len(replies),
-                     len(messages), told - started)
+            log.info(
+                "%s: %d of %d site(s) answered after %.0fs (a site's first round also "
+                "reads its data and computes its features)",
+                stage,
+                len(replies),
+                len(messages),
+                told - started,
+            )
         left = timeout - (time.monotonic() - last)
         if not waiting or left <= 0:
             break
@@ -156,8 +171,10 @@ def exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Messag
 
 def timed_out(msg: Message, timeout: float) -> Message:
     """The error reply :func:`send` makes for ``msg``'s node, which did not answer in time."""
-    reason = (f"timed out: no answer to {msg.metadata.message_type} within {timeout:g}s of the "
-              "stage's last answer; raise --timeout if the site is slow rather than gone")
+    reason = (
+        f"timed out: no answer to {msg.metadata.message_type} within {timeout:g}s of the "
+        "stage's last answer; raise --timeout if the site is slow rather than gone"
+    )
     return Message(Error(code=TIMED_OUT, reason=reason), reply_to=msg)  # from msg's node
 
 
@@ -166,8 +183,9 @@ def is_timed_out(reply: Message) -> bool:
     return reply.has_error() and reply.error.code == TIMED_OUT
 
 
-def triage(replies: Iterable[Message], sums: RoundSums, reply_type: egress.ReplyType,
-           names: SiteNames) -> list[Message]:
+def triage(
+    replies: Iterable[Message], sums: RoundSums, reply_type: egress.ReplyType, names: SiteNames
+) -> list[Message]:
     """Record failures and refusals in ``sums``; return the replies that trained.
 
     Each reply is checked on its own against ``reply_type``'s declared
@@ -207,9 +225,15 @@ def triage(replies: Iterable[Message], sums: RoundSums, reply_type: egress.Reply
     return good
 
 
-def sum_plain(replies: Iterable[Message], template: Mapping[str, np.ndarray],
-              sums: RoundSums, reply_type: egress.ReplyType, names: SiteNames,
-              weights: tuple[float, float], clip: float) -> RoundSums:
+def sum_plain(
+    replies: Iterable[Message],
+    template: Mapping[str, np.ndarray],
+    sums: RoundSums,
+    reply_type: egress.ReplyType,
+    names: SiteNames,
+    weights: tuple[float, float],
+    clip: float,
+) -> RoundSums:
     """Add the replies' weighted updates in the clear (secure aggregation off), robustly.
 
     Every reply is parsed against ``reply_type`` and ``template`` first
@@ -228,9 +252,12 @@ def sum_plain(replies: Iterable[Message], template: Mapping[str, np.ndarray],
             values = egress.parse(reply_type, reply, template=template)
             update, weight = values[egress.UPDATE]["*"], values[egress.METRICS]["weight"]
             if not weights[0] <= weight <= weights[1]:
-                raise egress.ReplyError(egress.REPLY_RANGE, f"weight {weight} is outside "
-                                        f"[{weights[0]:g}, {weights[1]:g}], the weights this "
-                                        "round allows")
+                raise egress.ReplyError(
+                    egress.REPLY_RANGE,
+                    f"weight {weight} is outside "
+                    f"[{weights[0]:g}, {weights[1]:g}], the weights this "
+                    "round allows",
+                )
         except egress.ReplyError as exc:
             sums.failed[site] = str(exc)[:300]
             sums.drop_spend(site)
@@ -245,8 +272,9 @@ def sum_plain(replies: Iterable[Message], template: Mapping[str, np.ndarray],
     return sums
 
 
-def robust_sum(updates: list[tuple[Mapping[str, np.ndarray], float]],
-               clip: float) -> tuple[dict[str, np.ndarray], float]:
+def robust_sum(
+    updates: list[tuple[Mapping[str, np.ndarray], float]], clip: float
+) -> tuple[dict[str, np.ndarray], float]:
     """``(sum of w' * update, sum of w')`` over sites' weighted updates ``w * update``.
 
     What one site of ``m`` can do to the mean is bounded, whatever it sends:
@@ -272,12 +300,12 @@ def robust_sum(updates: list[tuple[Mapping[str, np.ndarray], float]],
     for update, weight in updates:
         counted = min(weight, med)
         for k, v in update.items():
-            entry = np.clip(np.asarray(v, dtype=np.float64) * (counted / weight),
-                            -counted * clip, counted * clip)
+            entry = np.clip(
+                np.asarray(v, dtype=np.float64) * (counted / weight), -counted * clip, counted * clip
+            )
             total[k] = total.get(k, 0.0) + entry
         if SCALE_KEY in update:
-            scales.append(float(np.clip(np.asarray(update[SCALE_KEY]).reshape(-1)[0] / weight,
-                                        -clip, clip)))
+            scales.append(float(np.clip(np.asarray(update[SCALE_KEY]).reshape(-1)[0] / weight, -clip, clip)))
         weight_sum += counted
     if scales:
         total[SCALE_KEY] = np.array([float(np.median(scales)) * weight_sum])

@@ -30,29 +30,48 @@ import numpy as np
 from flwr.app import Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedseal.common import egress
 from fedseal.common.batches import confusion_matrix, encode, predict, scores_of
-from fedseal.common.dp_rule import FULL_UNDER_DP, PRIOR_KEY, prior_bias, stats_rounds
-from fedseal.common.features import features
 from fedseal.common.cli_args import setup_logging
 from fedseal.common.config import ALL, AUTO, ConfigError, FedConfig, from_mapping
 from fedseal.common.data import read_examples
-from fedseal.common.model import (build_model, count_parameters, load_tokenizer, load_trainable,
-                          pick_device, save_merged, trainable_state)
+from fedseal.common.dp_rule import FULL_UNDER_DP, PRIOR_KEY, prior_bias, stats_rounds
 from fedseal.common.durable import atomic_write
-from fedseal.common.records import (JOB_KEY, ROUND_KEY, RecordError, config_to_record, record_to_state,
-                            state_to_record, to_numpy_state)
+from fedseal.common.egress import train_reply_type
+from fedseal.common.features import features
+from fedseal.common.model import (
+    build_model,
+    count_parameters,
+    load_tokenizer,
+    load_trainable,
+    pick_device,
+    save_merged,
+    trainable_state,
+)
+from fedseal.common.records import (
+    JOB_KEY,
+    ROUND_KEY,
+    RecordError,
+    config_to_record,
+    record_to_state,
+    state_to_record,
+    to_numpy_state,
+)
+from fedseal.common.refusals import describe
 from fedseal.common.secagg_wire import round_parameters
 from fedseal.common.vote import from_votes, is_vote_round, round_clip, update_template
 from fedseal.common.weights import weight_range
-from fedseal.common import egress
-from fedseal.common.egress import train_reply_type
-from fedseal.common.refusals import describe
 from fedseal.server.aggregate import RoundSums, error_reason, send, sum_plain
+from fedseal.server.checkpoint import (
+    GROWABLE_KEYS,
+    CheckpointError,
+    check_resume_config,
+    load_checkpoint,
+    save_checkpoint,
+)
 from fedseal.server.identity import SiteNames, admitted_keys, names_from_nodes
-from fedseal.server.checkpoint import (GROWABLE_KEYS, CheckpointError, check_resume_config,
-                               load_checkpoint, save_checkpoint)
-from fedseal.server.outcome import run_failure
 from fedseal.server.metrics import NON_PRIVATE, MetricsLog, TensorBoardLog, eta_seconds, progress_line
+from fedseal.server.outcome import run_failure
 from fedseal.server.report import write_report
 from fedseal.server.strategy import FedAvg, Strategy, make_strategy
 
@@ -78,8 +97,12 @@ def wait_for_sites(grid: Grid, cfg: FedConfig, want: int | None = None) -> list[
             return nodes
         if time.monotonic() > deadline:
             if len(nodes) >= cfg.min_clients:
-                log.warning("%d of %d site(s) connected after %.0fs; going on without the rest",
-                            len(nodes), want, cfg.timeout)
+                log.warning(
+                    "%d of %d site(s) connected after %.0fs; going on without the rest",
+                    len(nodes),
+                    want,
+                    cfg.timeout,
+                )
                 return nodes
             raise TimeoutError(
                 f"only {len(nodes)} site(s) connected after {cfg.timeout:.0f}s, "
@@ -110,16 +133,18 @@ def job_id(out: Path, resume: bool) -> str:
         try:
             return str(json.loads(path.read_text(encoding="utf-8"))["job_id"])
         except (OSError, ValueError, KeyError, TypeError):
-            raise CheckpointError(f"{path} is unreadable; restore it or delete {path.parent} "
-                                  "to start the run afresh") from None
+            raise CheckpointError(
+                f"{path} is unreadable; restore it or delete {path.parent} to start the run afresh"
+            ) from None
     path.parent.mkdir(parents=True, exist_ok=True)
     job = uuid.uuid4().hex[:16]
     atomic_write(path, json.dumps({"job_id": job}).encode("utf-8"))
     return job
 
 
-def resume_state(out: Path, cfg: FedConfig, weights: dict[str, np.ndarray], strategy: Strategy,
-                 metrics: MetricsLog) -> tuple[int, dict[str, np.ndarray]]:
+def resume_state(
+    out: Path, cfg: FedConfig, weights: dict[str, np.ndarray], strategy: Strategy, metrics: MetricsLog
+) -> tuple[int, dict[str, np.ndarray]]:
     """Load ``<out>/checkpoint`` if any; return the last completed round and the weights.
 
     Under DP the number of rounds may not change on resume: every site
@@ -153,8 +178,9 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
         raise ConfigError("the server needs a held-out file for central evaluation: set --eval")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    eval_examples = read_examples(cfg.eval, text_column=cfg.text_column,
-                                  label_column=cfg.label_column, label_names=cfg.labels or None)
+    eval_examples = read_examples(
+        cfg.eval, text_column=cfg.text_column, label_column=cfg.label_column, label_names=cfg.labels or None
+    )
     if not cfg.labels:
         cfg = cfg.replace(labels=list(eval_examples.label_names))
     if cfg.eval_max_examples != ALL:
@@ -175,8 +201,14 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
         metrics.rewrite([])
     job = job_id(out, resume=resume)
     trainable, total = count_parameters(model)
-    detail.info("model %s: %d of %d parameters trainable (%s); labels %s", cfg.model, trainable,
-             total, cfg.finetune, list(cfg.labels))
+    detail.info(
+        "model %s: %d of %d parameters trainable (%s); labels %s",
+        cfg.model,
+        trainable,
+        total,
+        cfg.finetune,
+        list(cfg.labels),
+    )
     if not cfg.dp:
         log.warning(NON_PRIVATE)
     elif cfg.finetune == "full":
@@ -185,8 +217,11 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
         log.warning("secure aggregation is OFF (--no-secagg): the server sees each site's update")
     detail.info("watch progress in %s", metrics.path)
 
-    board = (TensorBoardLog(cfg.tensorboard, first_round=done + 1, private=cfg.dp,
-                            settings=cfg.to_dict()) if cfg.tensorboard else None)
+    board = (
+        TensorBoardLog(cfg.tensorboard, first_round=done + 1, private=cfg.dp, settings=cfg.to_dict())
+        if cfg.tensorboard
+        else None
+    )
     logits = None  # the last round's, for the confusion matrix
     names = SiteNames()
     admitted = admitted_keys(cfg.roster) if cfg.roster else {}
@@ -207,17 +242,24 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
         if cfg.dp_noise == "distributed":  # one DP-SGD step over all sites (docs/ddp.md)
             from fedseal.server.ddp_round import ddp_round
 
-            weights, sums = ddp_round(grid, nodes, content, weights, cfg, run_id, server_round,
-                                      names, strategy)
+            weights, sums = ddp_round(
+                grid, nodes, content, weights, cfg, run_id, server_round, names, strategy
+            )
         elif cfg.secagg:
             from fedseal.server.secagg import secure_round
 
             sums = secure_round(grid, nodes, content, template, cfg, run_id, server_round, names)
         else:
             replies, sent = send(grid, nodes, content, "train", cfg.timeout)
-            sums = sum_plain(replies, template, RoundSums(bytes_sent=sent),
-                             train_reply_type(cfg, server_round), names,
-                             weight_range(cfg, server_round), round_clip(cfg, server_round))
+            sums = sum_plain(
+                replies,
+                template,
+                RoundSums(bytes_sent=sent),
+                train_reply_type(cfg, server_round),
+                names,
+                weight_range(cfg, server_round),
+                round_clip(cfg, server_round),
+            )
         if cfg.dp_noise == "local":
             weights, vote_scale = next_weights(weights, sums, cfg, strategy, server_round)
         load_trainable(model, weights)
@@ -245,15 +287,16 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
         if not cfg.dp:
             row["privacy"] = NON_PRIVATE
         if cfg.federated_eval:
-            row["federated_eval"] = federated_evaluate(grid, nodes, weights, cfg, job, server_round,
-                                                       names)
+            row["federated_eval"] = federated_evaluate(grid, nodes, weights, cfg, job, server_round, names)
         metrics.append(row)
-        save_checkpoint(out / CHECKPOINT_DIR, server_round, weights, strategy.state_dict(),
-                        metrics.rows(), cfg.to_dict())
+        save_checkpoint(
+            out / CHECKPOINT_DIR, server_round, weights, strategy.state_dict(), metrics.rows(), cfg.to_dict()
+        )
         if board is not None:
             board.append(row)
-        log.info(progress_line(row, cfg.rounds, cfg.epsilon, cfg.dp,
-                               eta=eta_seconds(metrics.rows(), cfg.rounds)))
+        log.info(
+            progress_line(row, cfg.rounds, cfg.epsilon, cfg.dp, eta=eta_seconds(metrics.rows(), cfg.rounds))
+        )
     if board is not None:
         board.close()
 
@@ -285,8 +328,13 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
     try:
         detail.info("report: %s", write_report(out))
     except Exception as exc:  # noqa: BLE001 - the finished run must not fail over its report
-        log.warning("could not write %s (%s: %s); the run's outputs are complete, retry with: "
-                    "fedseal report %s", out / "report.html", type(exc).__name__, exc, out)
+        log.warning(
+            "could not write %s (%s: %s); the run's outputs are complete, retry with: fedseal report %s",
+            out / "report.html",
+            type(exc).__name__,
+            exc,
+            out,
+        )
     return summary
 
 
@@ -307,17 +355,20 @@ def settings_used(cfg: FedConfig) -> dict[str, object]:
     return used
 
 
-def round_content(weights: dict[str, np.ndarray], cfg: FedConfig, job: str,
-                  server_round: int) -> RecordDict:
+def round_content(weights: dict[str, np.ndarray], cfg: FedConfig, job: str, server_round: int) -> RecordDict:
     """What the server sends every site in round ``server_round``: the global weights and the
     run's config, naming the job and the round."""
-    return RecordDict({"global": state_to_record(weights),
-                       "config": config_to_record(cfg, **{ROUND_KEY: server_round, JOB_KEY: job})})
+    return RecordDict(
+        {
+            "global": state_to_record(weights),
+            "config": config_to_record(cfg, **{ROUND_KEY: server_round, JOB_KEY: job}),
+        }
+    )
 
 
-def next_weights(weights: dict[str, np.ndarray], sums: RoundSums, cfg: FedConfig,
-                 strategy: Strategy,
-                 server_round: int) -> tuple[dict[str, np.ndarray], float | None]:
+def next_weights(
+    weights: dict[str, np.ndarray], sums: RoundSums, cfg: FedConfig, strategy: Strategy, server_round: int
+) -> tuple[dict[str, np.ndarray], float | None]:
     """The global weights after round ``server_round``, and the vote round's scale (else None).
 
     Unchanged when no site contributed.
@@ -383,20 +434,22 @@ def confusion(model, data, data_features, cfg: FedConfig, device, logits=None) -
     if logits is None:
         logits = held_out_logits(model, data, data_features, cfg, device)
     pred = logits.argmax(dim=-1).cpu().numpy()
-    return {"labels": list(cfg.labels),
-            "matrix": confusion_matrix(data.tensors[2].numpy(), pred, len(cfg.labels))}
+    return {
+        "labels": list(cfg.labels),
+        "matrix": confusion_matrix(data.tensors[2].numpy(), pred, len(cfg.labels)),
+    }
 
 
-def federated_evaluate(grid: Grid, nodes: list[int], weights, cfg: FedConfig, job: str,
-                       server_round: int, names: SiteNames) -> dict:
+def federated_evaluate(
+    grid: Grid, nodes: list[int], weights, cfg: FedConfig, job: str, server_round: int, names: SiteNames
+) -> dict:
     """Ask sites to score the global weights on their own data; the mean over sites that answer.
 
     Sites answer only if they turned federated evaluation on, once per round
     they trained in, with a DP release of accuracy and loss (no example count);
     refusals and malformed replies are logged.
     """
-    replies, _ = send(grid, nodes, round_content(weights, cfg, job, server_round), "evaluate",
-                      cfg.timeout)
+    replies, _ = send(grid, nodes, round_content(weights, cfg, job, server_round), "evaluate", cfg.timeout)
     scores = []
     for reply in replies:
         site = names.of(reply)
@@ -411,8 +464,7 @@ def federated_evaluate(grid: Grid, nodes: list[int], weights, cfg: FedConfig, jo
             scores.append(egress.parse(egress.EVALUATION, reply)[egress.METRICS])
         except egress.ReplyError as exc:
             log.warning("site %s gave no federated evaluation: %s", site, exc)
-    return ({k: float(np.mean([m[k] for m in scores])) for k in ("accuracy", "loss")}
-            if scores else {})
+    return {k: float(np.mean([m[k] for m in scores])) for k in ("accuracy", "loss")} if scores else {}
 
 
 def make_server_app(cfg: FedConfig | None = None) -> ServerApp:
@@ -433,5 +485,4 @@ def make_server_app(cfg: FedConfig | None = None) -> ServerApp:
 
 app = make_server_app()
 
-__all__ = ["app", "federated_evaluate", "make_server_app", "next_weights", "round_content",
-           "run_federation"]
+__all__ = ["app", "federated_evaluate", "make_server_app", "next_weights", "round_content", "run_federation"]

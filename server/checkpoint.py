@@ -25,16 +25,17 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from fedseal.common.errors import FedsealError
 from fedseal.common.durable import fsync_path
+from fedseal.common.errors import FedsealError
 
 log = logging.getLogger("fedseal")
 
@@ -84,23 +85,32 @@ def _tmp_path(directory: Path, name: str) -> Path:
     return Path(tmp)
 
 
-def _tensors(weights: Mapping[str, np.ndarray], strategy_state: Mapping[str, np.ndarray]
-             ) -> dict[str, np.ndarray]:
+def _tensors(
+    weights: Mapping[str, np.ndarray], strategy_state: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
-    for prefix, group, what in ((WEIGHTS_PREFIX, weights, "weights"),
-                                (STATE_PREFIX, strategy_state, "strategy_state")):
+    for prefix, group, what in (
+        (WEIGHTS_PREFIX, weights, "weights"),
+        (STATE_PREFIX, strategy_state, "strategy_state"),
+    ):
         for name, value in group.items():
             array = np.asarray(value)
             if array.dtype == object:
-                raise CheckpointError(f"{what}[{name!r}] is not a numeric array; checkpoints "
-                                      "store numpy arrays only")
+                raise CheckpointError(
+                    f"{what}[{name!r}] is not a numeric array; checkpoints store numpy arrays only"
+                )
             out[prefix + str(name)] = np.ascontiguousarray(array)
     return out
 
 
-def save_checkpoint(directory: str | Path, round: int, weights: Mapping[str, np.ndarray],
-                    strategy_state: Mapping[str, np.ndarray], metrics_rows: list[dict[str, Any]],
-                    config: Mapping[str, Any]) -> Path:
+def save_checkpoint(
+    directory: str | Path,
+    round: int,
+    weights: Mapping[str, np.ndarray],
+    strategy_state: Mapping[str, np.ndarray],
+    metrics_rows: list[dict[str, Any]],
+    config: Mapping[str, Any],
+) -> Path:
     """Write the checkpoint after ``round`` to ``directory``; return the manifest's path.
 
     Parameters
@@ -127,8 +137,12 @@ def save_checkpoint(directory: str | Path, round: int, weights: Mapping[str, np.
     if isinstance(round, bool) or not isinstance(round, int) or round < 0:
         raise CheckpointError(f"round must be a non-negative integer, got {round!r}")
     try:
-        manifest_body = {"version": VERSION, "round": round, "config": dict(config),
-                         "metrics": list(metrics_rows)}
+        manifest_body = {
+            "version": VERSION,
+            "round": round,
+            "config": dict(config),
+            "metrics": list(metrics_rows),
+        }
         json.dumps(manifest_body)  # fail before writing anything
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint config or metrics are not JSON-serialisable: {exc}") from None
@@ -137,8 +151,9 @@ def save_checkpoint(directory: str | Path, round: int, weights: Mapping[str, np.
     # 1. The tensors, under a temporary name, then under their final (hash-bearing) name.
     tmp = _tmp_path(directory, "weights")
     try:
-        save_file(tensors, str(tmp), metadata={"format": f"fedseal-checkpoint-{VERSION}",
-                                               "round": str(round)})
+        save_file(
+            tensors, str(tmp), metadata={"format": f"fedseal-checkpoint-{VERSION}", "round": str(round)}
+        )
         fsync_path(tmp)
         sha = _sha256(tmp)
         name = f"weights-round-{round:04d}-{sha[:12]}.safetensors"
@@ -187,50 +202,64 @@ def load_checkpoint(directory: str | Path) -> Checkpoint | None:
     manifest = directory / MANIFEST
     if not manifest.is_file():
         if directory.is_dir() and any(_TENSORS.match(p.name) for p in directory.iterdir()):
-            log.warning("%s holds tensors but no %s (a save was interrupted before its first "
-                        "commit); starting from scratch", directory, MANIFEST)
+            log.warning(
+                "%s holds tensors but no %s (a save was interrupted before its first "
+                "commit); starting from scratch",
+                directory,
+                MANIFEST,
+            )
         return None
     try:
         body = json.loads(manifest.read_text(encoding="utf-8"))
         round_, name, sha = int(body["round"]), str(body["weights_file"]), str(body["sha256"])
         config, metrics = dict(body["config"]), list(body["metrics"])
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
-        raise CheckpointError(f"{manifest} is unreadable or incomplete; delete the checkpoint "
-                              "folder to start the run afresh") from None
+        raise CheckpointError(
+            f"{manifest} is unreadable or incomplete; delete the checkpoint folder to start the run afresh"
+        ) from None
     if body.get("version") != VERSION:
-        raise CheckpointError(f"{manifest} has version {body.get('version')!r}; this fedseal "
-                              f"reads version {VERSION}")
+        raise CheckpointError(
+            f"{manifest} has version {body.get('version')!r}; this fedseal reads version {VERSION}"
+        )
     if not _TENSORS.match(name):
         raise CheckpointError(f"{manifest} names an unexpected tensors file {name!r}")
     tensors_path = directory / name
     if not tensors_path.is_file():
-        raise CheckpointError(f"{tensors_path}, named by {manifest}, is missing; restore it or "
-                              "delete the checkpoint folder to start afresh")
+        raise CheckpointError(
+            f"{tensors_path}, named by {manifest}, is missing; restore it or "
+            "delete the checkpoint folder to start afresh"
+        )
     actual = _sha256(tensors_path)
     if actual != sha:
-        raise CheckpointError(f"{tensors_path} does not match the SHA-256 in {manifest} (the file "
-                              "is corrupted); restore it or delete the checkpoint folder to start "
-                              "afresh")
+        raise CheckpointError(
+            f"{tensors_path} does not match the SHA-256 in {manifest} (the file "
+            "is corrupted); restore it or delete the checkpoint folder to start "
+            "afresh"
+        )
     try:
         tensors = load_file(str(tensors_path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{tensors_path} cannot be read: {exc}") from None
-    weights = {k[len(WEIGHTS_PREFIX):]: v for k, v in tensors.items() if k.startswith(WEIGHTS_PREFIX)}
-    state = {k[len(STATE_PREFIX):]: v for k, v in tensors.items() if k.startswith(STATE_PREFIX)}
-    return Checkpoint(round=round_, weights=weights, strategy_state=state, metrics=metrics,
-                      config=config)
+    weights = {k[len(WEIGHTS_PREFIX) :]: v for k, v in tensors.items() if k.startswith(WEIGHTS_PREFIX)}
+    state = {k[len(STATE_PREFIX) :]: v for k, v in tensors.items() if k.startswith(STATE_PREFIX)}
+    return Checkpoint(round=round_, weights=weights, strategy_state=state, metrics=metrics, config=config)
 
 
 def _normalise(config: Mapping[str, Any]) -> dict[str, Any]:
     def value(v: Any) -> Any:
         return list(v) if isinstance(v, tuple) else v
+
     return {str(k).replace("-", "_"): value(v) for k, v in config.items()}
 
 
-def check_resume_config(saved: Mapping[str, Any], current: Mapping[str, Any],
-                        keys: Iterable[str] | None = None, *,
-                        ignore: Iterable[str] = IGNORED_KEYS,
-                        growable: Iterable[str] = GROWABLE_KEYS) -> None:
+def check_resume_config(
+    saved: Mapping[str, Any],
+    current: Mapping[str, Any],
+    keys: Iterable[str] | None = None,
+    *,
+    ignore: Iterable[str] = IGNORED_KEYS,
+    growable: Iterable[str] = GROWABLE_KEYS,
+) -> None:
     """Refuse to resume a run whose settings differ from the checkpoint's.
 
     Parameters
@@ -253,16 +282,23 @@ def check_resume_config(saved: Mapping[str, Any], current: Mapping[str, Any],
     old, new = {**INTRODUCED_KEYS, **_normalise(saved)}, _normalise(current)
     ignored = {k.replace("-", "_") for k in ignore}
     grows = {k.replace("-", "_") for k in growable}
-    names = ([k.replace("-", "_") for k in keys] if keys is not None
-             else sorted((set(old) | set(new)) - ignored))
+    names = (
+        [k.replace("-", "_") for k in keys] if keys is not None else sorted((set(old) | set(new)) - ignored)
+    )
     missing = object()
     diffs = []
     for name in names:
         a, b = old.get(name, missing), new.get(name, missing)
         if a == b:
             continue
-        if (name in grows and a is not missing and b is not missing
-                and isinstance(a, (int, float)) and isinstance(b, (int, float)) and b >= a):
+        if (
+            name in grows
+            and a is not missing
+            and b is not missing
+            and isinstance(a, (int, float))
+            and isinstance(b, (int, float))
+            and b >= a
+        ):
             continue
         show = lambda v: "<absent>" if v is missing else repr(v)  # noqa: E731
         rule = " (may grow, not shrink)" if name in grows else ""
@@ -275,5 +311,4 @@ def check_resume_config(saved: Mapping[str, Any], current: Mapping[str, Any],
         )
 
 
-__all__ = ["Checkpoint", "CheckpointError", "check_resume_config", "load_checkpoint",
-           "save_checkpoint"]
+__all__ = ["Checkpoint", "CheckpointError", "check_resume_config", "load_checkpoint", "save_checkpoint"]

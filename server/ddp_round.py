@@ -55,9 +55,8 @@ class DistributedSgd:
         total = noisy_sum * math.sqrt(ddp_wire.STATISTICS_PARTS)
         features, labels = weights[FEATURE_MEAN_KEY].size, weights[PRIOR_KEY].size
         count = max(float(total[-1]), 1.0)
-        counts = np.clip(total[features:features + labels], 0.0, None)
-        proportions = (counts / counts.sum() if counts.sum() > 0
-                       else np.full(labels, 1.0 / labels))
+        counts = np.clip(total[features : features + labels], 0.0, None)
+        proportions = counts / counts.sum() if counts.sum() > 0 else np.full(labels, 1.0 / labels)
         out = OrderedDict(weights)
         out[FEATURE_MEAN_KEY] = (total[:features] / count).astype(np.float32)
         out[PRIOR_KEY] = prior_bias(proportions)
@@ -68,8 +67,7 @@ class DistributedSgd:
         """One heavy-ball step of the head's weights on the noisy sum of clipped gradients."""
         head = weights[HEAD_WEIGHT_KEY]
         gradient = noisy_sum.reshape(head.shape) / self.batch
-        self.velocity = (gradient if self.velocity is None
-                         else self.momentum * self.velocity + gradient)
+        self.velocity = gradient if self.velocity is None else self.momentum * self.velocity + gradient
         out = OrderedDict(weights)
         out[HEAD_WEIGHT_KEY] = (head - self.lr * self.velocity).astype(np.float32)
         return out
@@ -88,9 +86,17 @@ class DistributedSgd:
         self.velocity = None if velocity is None else np.asarray(velocity, dtype=np.float64)
 
 
-def ddp_round(grid: Grid, nodes: list[int], content: RecordDict, weights: Weights,
-              cfg: FedConfig, run_id: int, server_round: int, names: SiteNames,
-              optimiser: DistributedSgd) -> tuple[OrderedDict[str, np.ndarray], RoundSums]:
+def ddp_round(
+    grid: Grid,
+    nodes: list[int],
+    content: RecordDict,
+    weights: Weights,
+    cfg: FedConfig,
+    run_id: int,
+    server_round: int,
+    names: SiteNames,
+    optimiser: DistributedSgd,
+) -> tuple[OrderedDict[str, np.ndarray], RoundSums]:
     """One distributed-noise round; the next global weights and the round's sums (metadata).
 
     The weights are unchanged when the round is abandoned (``sums.abandoned`` says why).
@@ -99,19 +105,22 @@ def ddp_round(grid: Grid, nodes: list[int], content: RecordDict, weights: Weight
     unchanged = OrderedDict(weights)
     statistics = ddp_wire.is_statistics_round(cfg, server_round)
     if not statistics and optimiser.batch <= 0:
-        abandon(sums, server_round, "no statistics round completed, so a step's sample size is "
-                "unknown; start the run afresh")
+        abandon(
+            sums,
+            server_round,
+            "no statistics round completed, so a step's sample size is unknown; start the run afresh",
+        )
         return unchanged, sums
     try:
-        encoding = ddp_wire.plan_round(cfg, weights[FEATURE_MEAN_KEY].size,
-                                       weights[PRIOR_KEY].size, server_round, len(nodes))
+        encoding = ddp_wire.plan_round(
+            cfg, weights[FEATURE_MEAN_KEY].size, weights[PRIOR_KEY].size, server_round, len(nodes)
+        )
     except ddp.DdpError as exc:
         abandon(sums, server_round, f"no distributed-noise encoding fits: {exc}")
         return unchanged, sums
     seed = ddp_wire.fresh_seed()
     content[ddp_wire.RECORD] = ddp_wire.encoding_to_record(encoding, seed)
-    summed = masked_sum(grid, nodes, content, encoding.padded_dim, cfg, run_id, server_round,
-                        sums, names)
+    summed = masked_sum(grid, nodes, content, encoding.padded_dim, cfg, run_id, server_round, sums, names)
     if summed is None:
         return unchanged, sums
     total, survivors = summed

@@ -20,8 +20,9 @@ So no site can write its records under another's name.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any
 
 from flwr.app import Message
 
@@ -73,12 +74,15 @@ class SiteNames:
             return self.name(node)
         if node in self._names:
             if self._names[node] != claimed:
-                raise egress.ReplyError(egress.REPLY_IDENTITY, f"the reply names site "
-                                        f"{claimed[:40]!r}, but its sender is {self.name(node)!r}")
+                raise egress.ReplyError(
+                    egress.REPLY_IDENTITY,
+                    f"the reply names site {claimed[:40]!r}, but its sender is {self.name(node)!r}",
+                )
             return claimed
         if claimed in self._names.values():
-            raise egress.ReplyError(egress.REPLY_IDENTITY, f"the reply names site {claimed[:40]!r}, "
-                                    "which another node is")
+            raise egress.ReplyError(
+                egress.REPLY_IDENTITY, f"the reply names site {claimed[:40]!r}, which another node is"
+            )
         self._names[node] = claimed
         return claimed
 
@@ -108,7 +112,7 @@ def admitted_keys(roster: str | Path) -> dict[bytes, str]:
     return out
 
 
-def names_from_nodes(nodes: Iterable[object], admitted: Mapping[bytes, str]) -> dict[int, str]:
+def names_from_nodes(nodes: Iterable[Any], admitted: Mapping[bytes, str]) -> dict[int, str]:
     """``node id -> name`` for the nodes whose authenticated public key is an admitted one.
 
     ``nodes`` are Flower ``NodeInfo`` records (``node_id``, ``public_key`` as PEM,
@@ -124,7 +128,7 @@ def names_from_nodes(nodes: Iterable[object], admitted: Mapping[bytes, str]) -> 
         except ValueError:
             continue
         if der in admitted:
-            out[int(getattr(info, "node_id"))] = admitted[der]
+            out[int(info.node_id)] = admitted[der]
     return out
 
 

@@ -36,8 +36,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedseal.common.errors import FedsealError
 from fedseal.common.durable import fsync_path
+from fedseal.common.errors import FedsealError
 from fedseal.common.secagg import generate_identity
 
 CA_CERT = "ca.pem"
@@ -81,7 +81,7 @@ class Hosts:
         """The name used as the certificate's common name."""
         return self.dns[0] if self.dns else str(self.ips[0])
 
-    def with_loopback(self) -> "Hosts":
+    def with_loopback(self) -> Hosts:
         """These hosts plus ``127.0.0.1`` and ``::1``.
 
         The SuperLink starts its own SuperExec, which connects over TLS to the
@@ -150,13 +150,15 @@ def parse_hosts(values: list[str]) -> Hosts:
             if name.lower() not in (n.lower() for n in dns):
                 dns.append(name)
     if not dns and not ips:
-        raise KeysError("--server-host is empty: give the names and addresses sites use to "
-                        "reach the SuperLink, e.g. --server-host fl.example.org,10.0.0.5")
+        raise KeysError(
+            "--server-host is empty: give the names and addresses sites use to "
+            "reach the SuperLink, e.g. --server-host fl.example.org,10.0.0.5"
+        )
     return Hosts(tuple(dns), tuple(ips))
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def _write(path: Path, data: bytes, *, private: bool, overwrite: bool) -> None:
@@ -180,8 +182,9 @@ def _write(path: Path, data: bytes, *, private: bool, overwrite: bool) -> None:
             try:
                 os.link(tmp, path)
             except FileExistsError:
-                raise KeysError(f"{path} already exists; it was not overwritten "
-                                "(add --force to replace it)") from None
+                raise KeysError(
+                    f"{path} already exists; it was not overwritten (add --force to replace it)"
+                ) from None
             os.unlink(tmp)
         fsync_path(path.parent)
     except BaseException:
@@ -191,8 +194,9 @@ def _write(path: Path, data: bytes, *, private: bool, overwrite: bool) -> None:
 
 
 def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def site_key_files(name: str) -> tuple[bytes, bytes]:
@@ -210,41 +214,65 @@ def site_key_files(name: str) -> tuple[bytes, bytes]:
 
 def _make_ca(days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(CA_CURVE)
-    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedseal"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, "fedseal federation CA")])
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedseal"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "fedseal federation CA"),
+        ]
+    )
     now = _now()
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     cert = (
         x509.CertificateBuilder()
-        .subject_name(name).issuer_name(name)
+        .subject_name(name)
+        .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - CLOCK_SKEW)
         .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
-                                     key_encipherment=False, data_encipherment=False,
-                                     key_agreement=False, key_cert_sign=True, crl_sign=True,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(ski, critical=False)
         .sign(key, hashes.SHA384())
     )
     return key, cert
 
 
-def _make_server(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, hosts: Hosts,
-                 days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+def _make_server(
+    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, hosts: Hosts, days: int
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(SERVER_CURVE)
     now = _now()
     not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
     if not_after <= now:
-        raise KeysError(f"the CA certificate expired on {ca_cert.not_valid_after_utc:%Y-%m-%d}; "
-                        "create a new federation with --force (every site needs the new ca.pem)")
+        raise KeysError(
+            f"the CA certificate expired on {ca_cert.not_valid_after_utc:%Y-%m-%d}; "
+            "create a new federation with --force (every site needs the new ca.pem)"
+        )
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedseal"),
-                                 x509.NameAttribute(NameOID.COMMON_NAME, hosts.first()[:64])]))
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedseal"),
+                    x509.NameAttribute(NameOID.COMMON_NAME, hosts.first()[:64]),
+                ]
+            )
+        )
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -252,14 +280,23 @@ def _make_server(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, 
         .not_valid_after(not_after)
         .add_extension(x509.SubjectAlternativeName(hosts.general_names()), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
-                                     key_encipherment=False, data_encipherment=False,
-                                     key_agreement=True, key_cert_sign=False, crl_sign=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=True,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
-                       critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
         .sign(ca_key, hashes.SHA384())
     )
     return key, cert
@@ -271,8 +308,9 @@ def server_hosts(cert: x509.Certificate) -> set[str]:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return set()
-    return ({n.lower() for n in san.get_values_for_type(x509.DNSName)}
-            | {str(ip) for ip in san.get_values_for_type(x509.IPAddress)})
+    return {n.lower() for n in san.get_values_for_type(x509.DNSName)} | {
+        str(ip) for ip in san.get_values_for_type(x509.IPAddress)
+    }
 
 
 def _load_cert(path: Path) -> x509.Certificate:
@@ -286,8 +324,9 @@ def _load_ca_key(path: Path) -> ec.EllipticCurvePrivateKey:
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (ValueError, TypeError):
-        raise KeysError(f"{path} is not an unencrypted PEM private key; restore it or start "
-                        "over with --force") from None
+        raise KeysError(
+            f"{path} is not an unencrypted PEM private key; restore it or start over with --force"
+        ) from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise KeysError(f"{path} is not an EC private key; restore it or start over with --force")
     return key
@@ -297,8 +336,10 @@ def _check_issued(server: x509.Certificate, ca: x509.Certificate, out: Path) -> 
     try:
         server.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature):
-        raise KeysError(f"{out / SERVER_CERT} was not signed by {out / CA_CERT}; the folder mixes "
-                        "two federations: start over with --force") from None
+        raise KeysError(
+            f"{out / SERVER_CERT} was not signed by {out / CA_CERT}; the folder mixes "
+            "two federations: start over with --force"
+        ) from None
 
 
 def _write_csv(out: Path, overwrite: bool = True) -> list[str]:
@@ -310,17 +351,18 @@ def _write_csv(out: Path, overwrite: bool = True) -> list[str]:
             continue
         fields = pub.read_text(encoding="ascii").split()
         if len(fields) < 2:
-            raise KeysError(f"{pub} is not an OpenSSH public key; delete it and rerun init for "
-                            f"site {pub.stem!r}")
+            raise KeysError(
+                f"{pub} is not an OpenSSH public key; delete it and rerun init for site {pub.stem!r}"
+            )
         rows.append(f"{pub.stem},{fields[0]} {fields[1]}")
         names.append(pub.stem)
-    _write(out / SUPERNODES_CSV, ("\n".join(rows) + "\n").encode("ascii"), private=False,
-           overwrite=overwrite)
+    _write(out / SUPERNODES_CSV, ("\n".join(rows) + "\n").encode("ascii"), private=False, overwrite=overwrite)
     return names
 
 
-def init_keys(out: str | Path, hosts: Hosts | None, *, force: bool = False,
-              days: int = 365, ca_days: int = 3650) -> KeysResult:
+def init_keys(
+    out: str | Path, hosts: Hosts | None, *, force: bool = False, days: int = 365, ca_days: int = 3650
+) -> KeysResult:
     """Create (or complete) a federation's keys in ``out``; see the module docstring.
 
     Parameters
@@ -357,16 +399,21 @@ def init_keys(out: str | Path, hosts: Hosts | None, *, force: bool = False,
     # Decide everything before writing anything, so a refusal leaves the folder as it was.
     new_ca = force or not ca_cert_p.exists()
     if not new_ca and not ca_key_p.exists() and not srv_cert_p.exists():
-        raise KeysError(f"{ca_cert_p} exists but {ca_key_p} does not, so no server certificate "
-                        "can be signed; put the CA key back or start over with --force")
+        raise KeysError(
+            f"{ca_cert_p} exists but {ca_key_p} does not, so no server certificate "
+            "can be signed; put the CA key back or start over with --force"
+        )
     if new_ca and not force and ca_key_p.exists():
-        raise KeysError(f"{ca_key_p} exists without {ca_cert_p}; the folder is incomplete: "
-                        "restore ca.pem or start over with --force")
+        raise KeysError(
+            f"{ca_key_p} exists without {ca_cert_p}; the folder is incomplete: "
+            "restore ca.pem or start over with --force"
+        )
     new_server = new_ca or not srv_cert_p.exists()
     if not new_server:
         if not srv_key_p.exists():
-            raise KeysError(f"{srv_cert_p} exists but {srv_key_p} does not; restore the key "
-                            "or start over with --force")
+            raise KeysError(
+                f"{srv_cert_p} exists but {srv_key_p} does not; restore the key or start over with --force"
+            )
         current = _load_cert(srv_cert_p)
         _check_issued(current, _load_cert(ca_cert_p), out)
         if hosts is not None and server_hosts(current) != hosts.as_set():
@@ -377,11 +424,15 @@ def init_keys(out: str | Path, hosts: Hosts | None, *, force: bool = False,
                 "re-registration)"
             )
     elif not force and srv_key_p.exists():
-        raise KeysError(f"{srv_key_p} exists without {srv_cert_p}; it was not overwritten: "
-                        "restore server.pem or add --force")
+        raise KeysError(
+            f"{srv_key_p} exists without {srv_cert_p}; it was not overwritten: "
+            "restore server.pem or add --force"
+        )
     if new_server and hosts is None:
-        raise KeysError("--server-host is required to create the server certificate: give "
-                        "the names and addresses sites use to reach the SuperLink")
+        raise KeysError(
+            "--server-host is required to create the server certificate: give "
+            "the names and addresses sites use to reach the SuperLink"
+        )
     if not (new_ca or new_server):
         raise KeysError(
             f"nothing to create: {ca_key_p} and {srv_key_p} already exist and were not "
@@ -392,8 +443,7 @@ def init_keys(out: str | Path, hosts: Hosts | None, *, force: bool = False,
     if new_ca:
         ca_key, ca_cert = _make_ca(ca_days)
         _write(ca_key_p, _private_pem(ca_key), private=True, overwrite=force)
-        _write(ca_cert_p, ca_cert.public_bytes(serialization.Encoding.PEM), private=False,
-               overwrite=force)
+        _write(ca_cert_p, ca_cert.public_bytes(serialization.Encoding.PEM), private=False, overwrite=force)
         result.created += [ca_cert_p, ca_key_p]
     else:
         result.kept.append(ca_cert_p)
@@ -405,8 +455,7 @@ def init_keys(out: str | Path, hosts: Hosts | None, *, force: bool = False,
         assert hosts is not None
         srv_key, srv_cert = _make_server(ca_key, ca_cert, hosts, days)
         _write(srv_key_p, _private_pem(srv_key), private=True, overwrite=force)
-        _write(srv_cert_p, srv_cert.public_bytes(serialization.Encoding.PEM), private=False,
-               overwrite=force)
+        _write(srv_cert_p, srv_cert.public_bytes(serialization.Encoding.PEM), private=False, overwrite=force)
         result.created += [srv_cert_p, srv_key_p]
     else:
         result.kept += [srv_cert_p, srv_key_p]
@@ -430,8 +479,10 @@ def create_site_key(out: str | Path, name: str, *, force: bool = False) -> tuple
     out.mkdir(mode=0o700, parents=True, exist_ok=True)
     key_p, pub_p = out / f"{name}.key", out / f"{name}.pub"
     if not force and (key_p.exists() or pub_p.exists()):
-        raise KeysError(f"{key_p if key_p.exists() else pub_p} already exists; it was not "
-                        "overwritten (a new key must be admitted again: add --force to replace it)")
+        raise KeysError(
+            f"{key_p if key_p.exists() else pub_p} already exists; it was not "
+            "overwritten (a new key must be admitted again: add --force to replace it)"
+        )
     private, public = site_key_files(name)
     _write(key_p, private, private=True, overwrite=force)
     _write(pub_p, public, private=False, overwrite=force)
@@ -452,16 +503,21 @@ def read_site_public_key(path: str | Path) -> bytes:
     except OSError as exc:
         raise KeysError(f"cannot read the site's public key {path}: {exc.strerror}") from None
     if b"PRIVATE KEY" in data:
-        raise KeysError(f"{path} is a PRIVATE key: a site sends only its .pub file; this site "
-                        "should make a new key pair (`fedseal keys site --force`)")
+        raise KeysError(
+            f"{path} is a PRIVATE key: a site sends only its .pub file; this site "
+            "should make a new key pair (`fedseal keys site --force`)"
+        )
     try:
         key = serialization.load_ssh_public_key(data.strip())
     except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise KeysError(f"{path} is not an OpenSSH public key (the .pub file that "
-                        "`fedseal keys site` writes)") from None
+        raise KeysError(
+            f"{path} is not an OpenSSH public key (the .pub file that `fedseal keys site` writes)"
+        ) from None
     if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise KeysError(f"{path} is not an ECDSA key; Flower's SuperNode authentication needs "
-                        "one (`fedseal keys site` makes it)")
+        raise KeysError(
+            f"{path} is not an ECDSA key; Flower's SuperNode authentication needs "
+            "one (`fedseal keys site` makes it)"
+        )
     return data.strip() + b"\n"
 
 
@@ -483,8 +539,10 @@ def add_site(out: str | Path, name: str, pub: str | Path, *, force: bool = False
     if target.exists() and target.read_bytes().split()[:2] == line.split()[:2]:
         return target
     if target.exists() and not force:
-        raise KeysError(f"{target} holds a different key for site {name!r}; it was not "
-                        "replaced (add --force if the site really made a new key)")
+        raise KeysError(
+            f"{target} holds a different key for site {name!r}; it was not "
+            "replaced (add --force if the site really made a new key)"
+        )
     _write(target, line, private=False, overwrite=True)
     _write_csv(out)
     return target

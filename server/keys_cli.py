@@ -6,8 +6,17 @@ import argparse
 import sys
 
 from fedseal.server import keys as keys_lib
-from fedseal.server.keys import (CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, KeysError, add_site,
-                         create_site_key, init_keys, parse_hosts)
+from fedseal.server.keys import (
+    CA_CERT,
+    CA_KEY,
+    SERVER_CERT,
+    SERVER_KEY,
+    KeysError,
+    add_site,
+    create_site_key,
+    init_keys,
+    parse_hosts,
+)
 
 
 def _init(args: argparse.Namespace) -> None:
@@ -41,8 +50,10 @@ Next steps:
 
 def _add_site(args: argparse.Namespace) -> None:
     path = add_site(args.out, args.name, args.pub, force=args.force)
-    print(f"admitted site {args.name}: {path.resolve()}\n"
-          "fedseal server registers it with the SuperLink at its next start")
+    print(
+        f"admitted site {args.name}: {path.resolve()}\n"
+        "fedseal server registers it with the SuperLink at its next start"
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,15 +62,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="command", required=True, metavar="init|site|add-site")
     init = sub.add_parser("init", help="on the server: the CA and the server certificate")
     init.add_argument("--out", required=True, metavar="DIR", help="folder for the keys")
-    init.add_argument("--server-host", action="append", metavar="HOST[,IP...]",
-                      help="names and IP addresses sites use to reach the server, "
-                           "comma-separated (required the first time)")
-    init.add_argument("--days", type=int, default=365,
-                      help="server certificate validity, in days (default: %(default)s)")
-    init.add_argument("--ca-days", type=int, default=3650,
-                      help="CA certificate validity, in days (default: %(default)s)")
-    init.add_argument("--force", action="store_true",
-                      help="replace the existing CA and certificate instead of refusing")
+    init.add_argument(
+        "--server-host",
+        action="append",
+        metavar="HOST[,IP...]",
+        help="names and IP addresses sites use to reach the server, "
+        "comma-separated (required the first time)",
+    )
+    init.add_argument(
+        "--days", type=int, default=365, help="server certificate validity, in days (default: %(default)s)"
+    )
+    init.add_argument(
+        "--ca-days", type=int, default=3650, help="CA certificate validity, in days (default: %(default)s)"
+    )
+    init.add_argument(
+        "--force", action="store_true", help="replace the existing CA and certificate instead of refusing"
+    )
     init.set_defaults(run=_init)
     site = sub.add_parser("site", help="at a site: this site's own key pair")
     site.add_argument("--name", required=True, help="the site's name: letters, digits, '-', '_'")

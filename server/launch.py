@@ -57,12 +57,19 @@ from typing import Any
 
 import tomli_w
 
-from fedseal.common.errors import FedsealError
 from fedseal.common.bundle import CLIENT_APP, PACKAGES, SERVER_APP, package_dir
 from fedseal.common.config import ConfigError, FedConfig, from_mapping, read_toml, unknown_key
 from fedseal.common.durable import atomic_write
-from fedseal.common.processes import (ProcessError, child_env, die_with_parent, flwr_bin, port_open,
-                              split_address, stop_process)
+from fedseal.common.errors import FedsealError
+from fedseal.common.processes import (
+    ProcessError,
+    child_env,
+    die_with_parent,
+    flwr_bin,
+    port_open,
+    split_address,
+    stop_process,
+)
 from fedseal.server.proxy import FleetProxy
 from fedseal.server.report import REPORT_FILE
 
@@ -150,13 +157,12 @@ def load_server_config(path: str | Path, *, insecure: bool = False) -> tuple[Ser
     raw_server = {k.replace("-", "_"): v for k, v in raw_server.items()}
     sites = raw_server.get("sites", ())
     if isinstance(sites, str) or not all(isinstance(s, str) for s in sites):
-        raise ConfigError(f"{path} [server]: sites must be a list of site names, e.g. [\"alpha\"]")
+        raise ConfigError(f'{path} [server]: sites must be a list of site names, e.g. ["alpha"]')
     if not isinstance(raw_server.get("insecure", False), bool):
         raise ConfigError(f"{path} [server]: insecure must be true or false")
     local_port = raw_server.get("local_port", 0)
     if isinstance(local_port, bool) or not isinstance(local_port, int) or not 0 <= local_port < 65536:
-        raise ConfigError(f"{path} [server]: local-port must be a port number (or 0 for the "
-                          "public port + 1)")
+        raise ConfigError(f"{path} [server]: local-port must be a port number (or 0 for the public port + 1)")
     settings = ServerSettings(
         address=str(raw_server.get("address", ServerSettings.address)),
         local_port=local_port,
@@ -173,18 +179,25 @@ def load_server_config(path: str | Path, *, insecure: bool = False) -> tuple[Ser
     model = cfg.model
     if model != "default" and (base / model).exists():
         model = str((base / model).resolve())
-    cfg = cfg.replace(eval=_resolve(base, cfg.eval), train=_resolve(base, cfg.train),
-                      out=_resolve(base, cfg.out), model=model,
-                      tensorboard=_resolve(base, cfg.tensorboard))
+    cfg = cfg.replace(
+        eval=_resolve(base, cfg.eval),
+        train=_resolve(base, cfg.train),
+        out=_resolve(base, cfg.out),
+        model=model,
+        tensorboard=_resolve(base, cfg.tensorboard),
+    )
     if not cfg.eval:
-        raise ConfigError(f"{path} [federation]: set eval = \"FILE\", the held-out file the "
-                          "server scores the global model on each round")
+        raise ConfigError(
+            f'{path} [federation]: set eval = "FILE", the held-out file the '
+            "server scores the global model on each round"
+        )
     if not Path(cfg.eval).is_file():
         raise ConfigError(f"{path} [federation]: eval file {cfg.eval} does not exist")
     return settings, cfg
 
 
 # -- keys -------------------------------------------------------------------------------------
+
 
 def check_keys(settings: ServerSettings) -> list[tuple[str, Path]]:
     """Check the keys folder; return ``(site, public key file)`` for every site to admit."""
@@ -194,36 +207,45 @@ def check_keys(settings: ServerSettings) -> list[tuple[str, Path]]:
 
     keys = settings.keys
     if not keys.is_dir():
-        raise LaunchError(f"keys folder {keys} does not exist: create it with `fedseal keys init "
-                          f"--out {keys} --server-host HOST`")
+        raise LaunchError(
+            f"keys folder {keys} does not exist: create it with `fedseal keys init "
+            f"--out {keys} --server-host HOST`"
+        )
     if not settings.insecure:
         for name in (CA_CERT, SERVER_CERT, SERVER_KEY):
             if not (keys / name).is_file():
                 raise LaunchError(f"{keys / name} is missing; rerun `fedseal keys init --out {keys}`")
         cert = x509.load_pem_x509_certificate((keys / SERVER_CERT).read_bytes())
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         if cert.not_valid_after_utc < now:
-            raise LaunchError(f"the server certificate {keys / SERVER_CERT} expired on "
-                              f"{cert.not_valid_after_utc:%Y-%m-%d}; issue a new one with "
-                              f"`fedseal keys init --out {keys} --force ...`")
+            raise LaunchError(
+                f"the server certificate {keys / SERVER_CERT} expired on "
+                f"{cert.not_valid_after_utc:%Y-%m-%d}; issue a new one with "
+                f"`fedseal keys init --out {keys} --force ...`"
+            )
         host = settings.host
         covered = server_hosts(cert)
         if host not in ("0.0.0.0", "::", "") and host not in covered:
-            raise LaunchError(f"the server certificate covers {sorted(covered)}, not {host!r}; "
-                              "listen on one of those or re-issue the certificate")
+            raise LaunchError(
+                f"the server certificate covers {sorted(covered)}, not {host!r}; "
+                "listen on one of those or re-issue the certificate"
+            )
     pubs = {p.stem: p for p in sorted((keys / SITES_DIR).glob("*.pub"))}
     wanted = list(settings.sites) or sorted(pubs)
     missing = [s for s in wanted if s not in pubs]
     if missing:
-        raise LaunchError(f"no public key for site(s) {missing} in {keys / SITES_DIR}; each site "
-                          "makes its key (`fedseal keys site`) and sends NAME.pub; admit it with "
-                          f"`fedseal keys add-site --out {keys} --name NAME --pub NAME.pub`")
+        raise LaunchError(
+            f"no public key for site(s) {missing} in {keys / SITES_DIR}; each site "
+            "makes its key (`fedseal keys site`) and sends NAME.pub; admit it with "
+            f"`fedseal keys add-site --out {keys} --name NAME --pub NAME.pub`"
+        )
     if not wanted and not settings.insecure:
         raise LaunchError(f"no site keys in {keys / SITES_DIR}: no site could connect")
     return [(s, pubs[s]) for s in wanted]
 
 
 # -- processes --------------------------------------------------------------------------------
+
 
 def _tail(path: Path, lines: int = 15) -> str:
     try:
@@ -242,8 +264,9 @@ class Flwr:
     def call(self, *args: str, timeout: float = 120.0) -> dict[str, Any]:
         cmd = [flwr_bin("flwr"), *args, "--format", "json"]
         try:
-            done = subprocess.run(cmd, env=self.env, cwd=self.cwd, capture_output=True, text=True,
-                                  timeout=timeout)
+            done = subprocess.run(
+                cmd, env=self.env, cwd=self.cwd, capture_output=True, text=True, timeout=timeout
+            )
         except subprocess.TimeoutExpired:
             return {"success": False, "error-message": f"`flwr {args[0]}` timed out"}
         start = done.stdout.find("{")
@@ -254,8 +277,10 @@ class Flwr:
                 out = None
             if isinstance(out, dict):
                 return out
-        return {"success": False,
-                "error-message": (done.stderr or done.stdout).strip()[-500:] or f"rc {done.returncode}"}
+        return {
+            "success": False,
+            "error-message": (done.stderr or done.stdout).strip()[-500:] or f"rc {done.returncode}",
+        }
 
 
 def write_flwr_config(flwr_home: Path, settings: ServerSettings) -> None:
@@ -278,20 +303,29 @@ def write_app(app_dir: Path, cfg: FedConfig) -> Path:
         shutil.rmtree(app_dir)
     app_dir.mkdir(parents=True)
     for package in PACKAGES:
-        shutil.copytree(package_dir(package), app_dir / package,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(
+            package_dir(package), app_dir / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
     try:
         version = importlib.metadata.version("fedseal")
     except importlib.metadata.PackageNotFoundError:
         version = "0.0.0"
     pyproject = {
-        "project": {"name": "fedseal", "version": version, "dependencies": [],
-                    "description": "fedseal federated run (dependencies are installed at every site)"},
-        "tool": {"flwr": {"app": {
-            "publisher": "fedseal",
-            "components": {"serverapp": SERVER_APP, "clientapp": CLIENT_APP},
-            "config": cfg.to_run_config(),
-        }}},
+        "project": {
+            "name": "fedseal",
+            "version": version,
+            "dependencies": [],
+            "description": "fedseal federated run (dependencies are installed at every site)",
+        },
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": "fedseal",
+                    "components": {"serverapp": SERVER_APP, "clientapp": CLIENT_APP},
+                    "config": cfg.to_run_config(),
+                }
+            }
+        },
     }
     (app_dir / "pyproject.toml").write_text(tomli_w.dumps(pyproject), encoding="utf-8")
     return app_dir
@@ -318,36 +352,64 @@ class Server:
         os.chmod(self.state, 0o700)
         write_flwr_config(self.flwr_home, self.settings)
         s = self.settings
-        cmd = [flwr_bin("flower-superlink"), "--database", str(self.state / "state.db"),
-               "--host", LOOPBACK, "--port", str(s.superlink_port),
-               "--disable-runtime-dependency-installation"]
+        cmd = [
+            flwr_bin("flower-superlink"),
+            "--database",
+            str(self.state / "state.db"),
+            "--host",
+            LOOPBACK,
+            "--port",
+            str(s.superlink_port),
+            "--disable-runtime-dependency-installation",
+        ]
         if s.insecure:
             cmd.append("--insecure")
         else:
             keys = s.keys.resolve()
-            cmd += ["--ssl-ca-certfile", str(keys / CA_CERT), "--ssl-certfile", str(keys / SERVER_CERT),
-                    "--ssl-keyfile", str(keys / SERVER_KEY), "--enable-supernode-auth"]
+            cmd += [
+                "--ssl-ca-certfile",
+                str(keys / CA_CERT),
+                "--ssl-certfile",
+                str(keys / SERVER_CERT),
+                "--ssl-keyfile",
+                str(keys / SERVER_KEY),
+                "--enable-supernode-auth",
+            ]
         for address, key in ((s.admin_address, "local-port"), (s.probe_address, "address")):
             if port_open(address):
-                raise LaunchError(f"something already listens on {address}: another SuperLink? "
-                                  f"Stop it or choose another [server] {key}")
+                raise LaunchError(
+                    f"something already listens on {address}: another SuperLink? "
+                    f"Stop it or choose another [server] {key}"
+                )
         self.superlink_log = self.state / "superlink.log"
         with self.superlink_log.open("ab") as out:
-            self.superlink = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                              env=child_env(self.flwr_home), cwd=self.state,
-                                              preexec_fn=die_with_parent)
+            self.superlink = subprocess.Popen(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=child_env(self.flwr_home),
+                cwd=self.state,
+                preexec_fn=die_with_parent,
+            )
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not port_open(s.admin_address):
             if self.superlink.poll() is not None:
-                raise LaunchError(f"flower-superlink exited with code {self.superlink.returncode}; "
-                                  f"last lines of {self.superlink_log}:\n{_tail(self.superlink_log)}")
+                raise LaunchError(
+                    f"flower-superlink exited with code {self.superlink.returncode}; "
+                    f"last lines of {self.superlink_log}:\n{_tail(self.superlink_log)}"
+                )
             if time.monotonic() > deadline:
-                raise LaunchError(f"flower-superlink did not open {s.admin_address} within "
-                                  f"{READY_TIMEOUT_S:.0f}s; see {self.superlink_log}")
+                raise LaunchError(
+                    f"flower-superlink did not open {s.admin_address} within "
+                    f"{READY_TIMEOUT_S:.0f}s; see {self.superlink_log}"
+                )
             time.sleep(0.5)
-        log.info("SuperLink on %s, this machine only (%s); its log: %s", s.admin_address,
-                 "INSECURE: no TLS, no site authentication" if s.insecure
-                 else "TLS, SuperNode authentication", self.superlink_log)
+        log.info(
+            "SuperLink on %s, this machine only (%s); its log: %s",
+            s.admin_address,
+            "INSECURE: no TLS, no site authentication" if s.insecure else "TLS, SuperNode authentication",
+            self.superlink_log,
+        )
 
     def start_proxy(self) -> None:
         """The reverse proxy on the public address: TLS, Fleet API only (:mod:`fedseal.server.proxy`)."""
@@ -375,8 +437,7 @@ class Server:
             elif ALREADY_REGISTERED in str(out.get("error-message", "")):
                 registered[name] = "registered before"
             else:
-                raise LaunchError(f"could not register site {name!r} ({pub}): "
-                                  f"{out.get('error-message')}")
+                raise LaunchError(f"could not register site {name!r} ({pub}): {out.get('error-message')}")
         atomic_write(self.state / "sites.json", json.dumps(registered, indent=2).encode())
         return registered
 
@@ -395,8 +456,9 @@ class Server:
                 out = self.flwr.call("stop", old, CONNECTION)
                 if out.get("success"):
                     log.info("stopped run %s left over from before the restart", old)
-        app_dir = write_app(self.state / "app", self.cfg.replace(roster=str(
-            (self.settings.keys / SITES_DIR).resolve())))
+        app_dir = write_app(
+            self.state / "app", self.cfg.replace(roster=str((self.settings.keys / SITES_DIR).resolve()))
+        )
         out = self.flwr.call("run", str(app_dir), CONNECTION, timeout=300)
         if not out.get("success"):
             raise LaunchError(f"submitting the run failed: {out.get('error-message')}")
@@ -407,8 +469,12 @@ class Server:
     def stream_log(self, run_id: str) -> None:
         """Show the ServerApp's log here while the run goes on."""
         self.log_stream = subprocess.Popen(
-            [flwr_bin("flwr"), "log", run_id, CONNECTION, "--stream"], env=self.flwr.env,
-            cwd=self.state, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+            [flwr_bin("flwr"), "log", run_id, CONNECTION, "--stream"],
+            env=self.flwr.env,
+            cwd=self.state,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,
+        )
 
     def wait(self, run_id: str) -> tuple[str, str]:
         """Block until the run finishes; return its status and details.
@@ -420,8 +486,9 @@ class Server:
         last = time.monotonic()
         while True:
             if self.superlink is not None and self.superlink.poll() is not None:
-                return "superlink-exited", (f"flower-superlink exited with code "
-                                            f"{self.superlink.returncode}; see {self.superlink_log}")
+                return "superlink-exited", (
+                    f"flower-superlink exited with code {self.superlink.returncode}; see {self.superlink_log}"
+                )
             stream_ended = self.log_stream is not None and self.log_stream.poll() is not None
             if stream_ended or time.monotonic() - last > STATUS_POLL_S:
                 last = time.monotonic()
@@ -447,9 +514,11 @@ def serve(settings: ServerSettings, cfg: FedConfig) -> int:
     """Start the SuperLink, submit the run, wait for it; the process exit code."""
     sites = check_keys(settings)
     if settings.insecure:
-        log.warning("INSECURE MODE: no TLS and no site authentication; anyone who can reach %s "
-                    "can join or read the traffic. Use it only for a trial on one machine.",
-                    settings.address)
+        log.warning(
+            "INSECURE MODE: no TLS and no site authentication; anyone who can reach %s "
+            "can join or read the traffic. Use it only for a trial on one machine.",
+            settings.address,
+        )
     server = Server(settings, cfg)
 
     def on_signal(signum, frame):  # noqa: ARG001
@@ -462,14 +531,23 @@ def serve(settings: ServerSettings, cfg: FedConfig) -> int:
         server.register_sites(sites)
         run_id = server.submit()
         out = Path(cfg.out)
-        log.info("run %s submitted (%d site(s) admitted)\n"
-                 "  progress        %s (one JSON line per round)\n"
-                 "  checkpoints     %s (a restart resumes from here)\n"
-                 "  final model     %s\n"
-                 "  ServerApp log   follows below; again with: FLWR_HOME=%s flwr log %s %s\n"
-                 "  SuperLink log   %s", run_id, len(sites), out / "metrics.jsonl",
-                 out / "checkpoint", out / "model", server.flwr_home, run_id, CONNECTION,
-                 server.superlink_log)
+        log.info(
+            "run %s submitted (%d site(s) admitted)\n"
+            "  progress        %s (one JSON line per round)\n"
+            "  checkpoints     %s (a restart resumes from here)\n"
+            "  final model     %s\n"
+            "  ServerApp log   follows below; again with: FLWR_HOME=%s flwr log %s %s\n"
+            "  SuperLink log   %s",
+            run_id,
+            len(sites),
+            out / "metrics.jsonl",
+            out / "checkpoint",
+            out / "model",
+            server.flwr_home,
+            run_id,
+            CONNECTION,
+            server.superlink_log,
+        )
         server.stream_log(run_id)
         status, details = server.wait(run_id)
         if server.log_stream is not None:
@@ -485,12 +563,18 @@ def serve(settings: ServerSettings, cfg: FedConfig) -> int:
             summary = json.loads(summary_path.read_text(encoding="utf-8"))
             eps = summary.get("epsilon_max")
             if summary.get("failed"):
-                log.error("run %s FAILED: %s; what the rounds did: %s", run_id,
-                          summary["failed"], out / REPORT_FILE)
+                log.error(
+                    "run %s FAILED: %s; what the rounds did: %s", run_id, summary["failed"], out / REPORT_FILE
+                )
                 return 1
-            log.info("run %s completed: accuracy %.4f, epsilon max %s; model in %s; report %s",
-                     run_id, summary["final_accuracy"], eps if eps is None else round(eps, 3),
-                     summary["model_dir"], out / REPORT_FILE)
+            log.info(
+                "run %s completed: accuracy %.4f, epsilon max %s; model in %s; report %s",
+                run_id,
+                summary["final_accuracy"],
+                eps if eps is None else round(eps, 3),
+                summary["model_dir"],
+                out / REPORT_FILE,
+            )
         return 0
     except KeyboardInterrupt:
         log.warning("stopping (restart with the same config to resume)")
@@ -501,12 +585,18 @@ def serve(settings: ServerSettings, cfg: FedConfig) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``fedseal server``."""
-    parser.add_argument("--config", required=True, metavar="FILE",
-                        help="TOML file with a [server] table (above) and a [federation] table "
-                             "of run settings (the names `fedseal simulate --help` lists)")
-    parser.add_argument("--insecure", action="store_true",
-                        help="no TLS and no site authentication (trials on one machine only; "
-                             "default: off)")
+    parser.add_argument(
+        "--config",
+        required=True,
+        metavar="FILE",
+        help="TOML file with a [server] table (above) and a [federation] table "
+        "of run settings (the names `fedseal simulate --help` lists)",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="no TLS and no site authentication (trials on one machine only; default: off)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug-level log lines")
 
 

@@ -52,23 +52,29 @@ def eta_seconds(rows: list[dict[str, Any]], rounds: int) -> float:
     return sum(r["seconds"] for r in rows) / len(rows) * max(0, rounds - rows[-1]["round"])
 
 
-def progress_line(row: dict[str, Any], rounds: int, epsilon_target: float, private: bool,
-                  eta: float | None = None) -> str:
+def progress_line(
+    row: dict[str, Any], rounds: int, epsilon_target: float, private: bool, eta: float | None = None
+) -> str:
     """A compact human summary of one round; ``eta`` (seconds left) is shown when given."""
     bar_len = 20
     done = int(bar_len * row["round"] / rounds)
     bar = "#" * done + "." * (bar_len - done)
     eps = row.get("epsilon") or {}
-    eps_txt = (f"eps max {max(eps.values()):.2f}/{epsilon_target:g}" if private and eps
-               else ("eps n/a" if private else "NON-PRIVATE"))
+    eps_txt = (
+        f"eps max {max(eps.values()):.2f}/{epsilon_target:g}"
+        if private and eps
+        else ("eps n/a" if private else "NON-PRIVATE")
+    )
     acc = row.get("accuracy")
     acc_txt = f"acc {acc:.3f}" if acc is not None else "acc -"
     eta_txt = "" if eta is None or eta != eta else f" | ETA {_duration(eta)}"
     late = len(row.get("timed_out") or ())
     late_txt = f" | {late} timed out (raise --timeout?)" if late else ""
-    return (f"[{bar}] round {row['round']}/{rounds} | {acc_txt} | loss {row.get('loss', float('nan')):.4f} "
-            f"| {eps_txt} | sites {len(row.get('contributors', []))}{late_txt} | "
-            f"{row['seconds']:.1f}s{eta_txt}")
+    return (
+        f"[{bar}] round {row['round']}/{rounds} | {acc_txt} | loss {row.get('loss', float('nan')):.4f} "
+        f"| {eps_txt} | sites {len(row.get('contributors', []))}{late_txt} | "
+        f"{row['seconds']:.1f}s{eta_txt}"
+    )
 
 
 def round_scalars(row: dict[str, Any]) -> dict[str, float]:
@@ -77,8 +83,11 @@ def round_scalars(row: dict[str, Any]) -> dict[str, float]:
     ``eval/*`` scores on the held-out file, ``privacy/*`` epsilon (the maximum
     and each site's), ``sites/*`` how many sites contributed, refused, failed.
     """
-    scalars = {f"eval/{key}": float(row[key]) for key in ("accuracy", "loss", "macro_f1")
-               if isinstance(row.get(key), (int, float))}
+    scalars = {
+        f"eval/{key}": float(row[key])
+        for key in ("accuracy", "loss", "macro_f1")
+        if isinstance(row.get(key), (int, float))
+    }
     eps = row.get("epsilon") or {}
     if eps:
         scalars["privacy/epsilon_max"] = float(max(eps.values()))
@@ -97,15 +106,17 @@ class TensorBoardLog:
     so each round appears once.
     """
 
-    def __init__(self, directory: str | Path, *, first_round: int, private: bool,
-                 settings: dict[str, Any]) -> None:
+    def __init__(
+        self, directory: str | Path, *, first_round: int, private: bool, settings: dict[str, Any]
+    ) -> None:
         from torch.utils.tensorboard import SummaryWriter  # tensorboard only when asked for
 
         self.writer = SummaryWriter(log_dir=str(directory), purge_step=first_round)
         if not private:
             self.writer.add_text("privacy", NON_PRIVATE, global_step=first_round)
-        self.writer.add_text("settings", "```\n" + json.dumps(settings, indent=2) + "\n```",
-                             global_step=first_round)
+        self.writer.add_text(
+            "settings", "```\n" + json.dumps(settings, indent=2) + "\n```", global_step=first_round
+        )
 
     def append(self, row: dict[str, Any]) -> None:
         """Log ``row``'s scalars at step ``row["round"]`` and flush them to disk."""

@@ -31,15 +31,19 @@ def run_failure(rows: Sequence[Mapping[str, Any]], statistics_rounds: int) -> st
     if not rows:
         return "no round ran"
     if not any(row.get("contributors") for row in rows):
-        return ("no site contributed to any round: every site refused or failed (the report's "
-                "Rounds table says why, site by site)")
+        return (
+            "no site contributed to any round: every site refused or failed (the report's "
+            "Rounds table says why, site by site)"
+        )
     training = [row for row in rows if row["round"] > statistics_rounds]
     lost = [row for row in training if row.get("abandoned")]
     if training and len(lost) > MAX_ABANDONED * len(training):
         state = "untrained" if len(lost) == len(training) else "barely trained"
-        return (f"{len(lost)} of {len(training)} training rounds were abandoned (more than "
-                f"{MAX_ABANDONED:.0%}), so the model is {state}; the first: "
-                f"{lost[0]['abandoned']}")
+        return (
+            f"{len(lost)} of {len(training)} training rounds were abandoned (more than "
+            f"{MAX_ABANDONED:.0%}), so the model is {state}; the first: "
+            f"{lost[0]['abandoned']}"
+        )
     return None
 
 

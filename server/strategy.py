@@ -10,7 +10,8 @@ pseudo-gradient for Adam. State is explicit so checkpoints can hold it.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Mapping, Protocol
+from collections.abc import Mapping
+from typing import Protocol
 
 import numpy as np
 
@@ -26,7 +27,7 @@ class Strategy(Protocol):
     every other weight is returned as it was.
     """
 
-    def step(self, weights: Weights, mean_update: Weights) -> "OrderedDict[str, np.ndarray]":
+    def step(self, weights: Weights, mean_update: Weights) -> OrderedDict[str, np.ndarray]:
         """Return the next global weights."""
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -42,7 +43,7 @@ class FedAvg:
     def __init__(self, server_lr: float = 1.0) -> None:
         self.server_lr = server_lr
 
-    def step(self, weights: Weights, mean_update: Weights) -> "OrderedDict[str, np.ndarray]":
+    def step(self, weights: Weights, mean_update: Weights) -> OrderedDict[str, np.ndarray]:
         """Apply the mean update."""
         return OrderedDict(
             (k, (w + self.server_lr * mean_update[k]).astype(np.float32) if k in mean_update else w)
@@ -65,7 +66,7 @@ class FedAdam:
         self.m: dict[str, np.ndarray] = {}
         self.v: dict[str, np.ndarray] = {}
 
-    def step(self, weights: Weights, mean_update: Weights) -> "OrderedDict[str, np.ndarray]":
+    def step(self, weights: Weights, mean_update: Weights) -> OrderedDict[str, np.ndarray]:
         """One Adam step; moments start at zero (no bias correction, as in the paper)."""
         out = OrderedDict()
         for k, w in weights.items():

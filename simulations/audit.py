@@ -48,7 +48,7 @@ told apart); a field is flagged only when that exceeds the accounted epsilon.
 The audit observes the plain path (no secure aggregation), the strongest
 view a server can have of one site; the site's size bucket is public by
 design, so the site's examples with and without the canary must share one
-(:func:`fedseal.common.dp_rule.size_bucket`). See ``docs/audit.md``.
+(:func:`fedseal.common.buckets.size_bucket`). See ``docs/audit.md``.
 """
 
 from __future__ import annotations
@@ -61,20 +61,21 @@ import shutil
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Any, Callable, Iterable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 from flwr.app import Message
 
 from fedseal.common import egress
+from fedseal.common.buckets import size_bucket
 from fedseal.common.cli_args import add_config_options, config_from_args
 from fedseal.common.config import ConfigError, FedConfig, load_toml
 from fedseal.common.console import setup_run_logging
 from fedseal.common.data import Examples, read_examples, write_examples
-from fedseal.common.dp_rule import size_bucket
 from fedseal.common.records import ROUND_KEY
 from fedseal.common.synthetic import LABEL_NAMES, POSITIVE, synthetic_examples
 from fedseal.simulations.local_grid import LocalGrid
@@ -94,8 +95,21 @@ SITE = "audited-site"
 REPLY = "reply"  # the pseudo-field naming the reply type that came back
 # Settings that belong to a federation of many sites or to the server alone: the audit
 # runs one site on the plain path and sets these itself.
-AUDIT_SETS = ("clients", "min_clients", "fraction", "partition", "alpha", "secagg", "secagg_k",
-              "secagg_threshold", "dp", "eval", "eval_max_examples", "tensorboard", "timeout")
+AUDIT_SETS = (
+    "clients",
+    "min_clients",
+    "fraction",
+    "partition",
+    "alpha",
+    "secagg",
+    "secagg_k",
+    "secagg_threshold",
+    "dp",
+    "eval",
+    "eval_max_examples",
+    "tensorboard",
+    "timeout",
+)
 # Run settings whose default differs in an audit (its own options below say so).
 AUDIT_DEFAULTS = {"epsilon": DEFAULT_EPSILON, "out": DEFAULT_OUT, "federated_eval": True}
 
@@ -112,8 +126,10 @@ def binomial_tail(k: int, n: int, p: float) -> float:
     if p >= 1.0:
         return 1.0
     log_p, log_q = math.log(p), math.log1p(-p)
-    terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
-             + i * log_p + (n - i) * log_q for i in range(k, n + 1)]
+    terms = [
+        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p + (n - i) * log_q
+        for i in range(k, n + 1)
+    ]
     top = max(terms)
     return min(1.0, math.exp(top) * math.fsum(math.exp(t - top) for t in terms))
 
@@ -127,7 +143,7 @@ def _root(increasing: Callable[[float], float]) -> float:
     return (lo + hi) / 2
 
 
-@lru_cache(maxsize=None)
+@cache
 def clopper_pearson(k: int, n: int, alpha: float) -> tuple[float, float]:
     """The two-sided ``1 - alpha`` Clopper-Pearson interval of a proportion, ``k`` in ``n``.
 
@@ -141,8 +157,7 @@ def clopper_pearson(k: int, n: int, alpha: float) -> tuple[float, float]:
         If ``k`` is not in ``[0, n]`` or ``alpha`` not in (0, 1).
     """
     if not 0 <= k <= n or n < 1 or not 0 < alpha < 1:
-        raise ValueError(f"need 0 <= k <= n, n >= 1 and 0 < alpha < 1; got k={k}, n={n}, "
-                         f"alpha={alpha}")
+        raise ValueError(f"need 0 <= k <= n, n >= 1 and 0 < alpha < 1; got k={k}, n={n}, alpha={alpha}")
     lower = 0.0 if k == 0 else _root(lambda p: binomial_tail(k, n, p) - alpha / 2)
     upper = 1.0 if k == n else _root(lambda p: binomial_tail(k + 1, n, p) - (1 - alpha / 2))
     return lower, upper
@@ -156,8 +171,9 @@ class Bound(NamedTuple):
     epsilon: float  # 0 when the rates show nothing
 
 
-def epsilon_bound(true_pos: int, n_in: int, false_pos: int, n_out: int, delta: float,
-                  confidence: float) -> Bound:
+def epsilon_bound(
+    true_pos: int, n_in: int, false_pos: int, n_out: int, delta: float, confidence: float
+) -> Bound:
     """The epsilon ``true_pos`` of ``n_in`` and ``false_pos`` of ``n_out`` prove at ``confidence``.
 
     An (epsilon, delta)-DP mechanism lets no test have ``TPR > e^eps FPR + delta``
@@ -217,20 +233,21 @@ class RecordingGrid(LocalGrid):
         super().__init__(*args, **kwargs)
         self.replies: list[tuple[str, int, Message]] = []
 
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> list[Message]:
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         """Deliver ``messages`` (:meth:`LocalGrid.send_and_receive`) and record the replies."""
         messages = list(messages)
         replies = super().send_and_receive(messages, timeout=timeout)
-        asked = {m.metadata.message_id: (m.metadata.message_type,
-                                         int(m.content["config"][ROUND_KEY]))
-                 for m in messages}
+        asked = {
+            m.metadata.message_id: (m.metadata.message_type, int(m.content["config"][ROUND_KEY]))
+            for m in messages
+        }
         self.replies += [(*asked[r.metadata.reply_to_message_id], r) for r in replies]
         return replies
 
 
-def serve(cfg: FedConfig, grid: LocalGrid,
-          initial: dict[str, np.ndarray]) -> dict[int, dict[str, np.ndarray]]:
+def serve(
+    cfg: FedConfig, grid: LocalGrid, initial: dict[str, np.ndarray]
+) -> dict[int, dict[str, np.ndarray]]:
     """An honest server's run with ``grid``'s sites, from ``initial`` weights.
 
     It sends what :func:`fedseal.server.app.run_federation` sends (each
@@ -251,19 +268,25 @@ def serve(cfg: FedConfig, grid: LocalGrid,
     templates = {}
     for server_round in range(1, cfg.rounds + 1):
         templates[server_round] = update_template(weights, cfg, server_round)
-        replies, sent = send(grid, nodes, round_content(weights, cfg, job, server_round), "train",
-                             cfg.timeout)
-        sums = sum_plain(replies, templates[server_round], RoundSums(bytes_sent=sent),
-                         egress.train_reply_type(cfg, server_round), names,
-                         weight_range(cfg, server_round), round_clip(cfg, server_round))
+        replies, sent = send(
+            grid, nodes, round_content(weights, cfg, job, server_round), "train", cfg.timeout
+        )
+        sums = sum_plain(
+            replies,
+            templates[server_round],
+            RoundSums(bytes_sent=sent),
+            egress.train_reply_type(cfg, server_round),
+            names,
+            weight_range(cfg, server_round),
+            round_clip(cfg, server_round),
+        )
         weights, _ = next_weights(weights, sums, cfg, strategy, server_round)
         if cfg.federated_eval:
             federated_evaluate(grid, nodes, weights, cfg, job, server_round, names)
     return templates
 
 
-def _reply_type(message_type: str, reply: Message, cfg: FedConfig,
-                server_round: int) -> egress.ReplyType:
+def _reply_type(message_type: str, reply: Message, cfg: FedConfig, server_round: int) -> egress.ReplyType:
     if egress.refusal_of(reply) is not None:
         return egress.REFUSAL_REPLY
     if message_type == "evaluate":
@@ -271,8 +294,9 @@ def _reply_type(message_type: str, reply: Message, cfg: FedConfig,
     return egress.train_reply_type(cfg, server_round)
 
 
-def observe(cfg: FedConfig, replies: Iterable[tuple[str, int, Message]],
-            templates: dict[int, dict[str, np.ndarray]]) -> dict[str, Observed]:
+def observe(
+    cfg: FedConfig, replies: Iterable[tuple[str, int, Message]], templates: dict[int, dict[str, np.ndarray]]
+) -> dict[str, Observed]:
     """Every field of every reply, named ``"<message type> r<round> <record>[<key>]"``.
 
     Each reply is parsed as the server parses it (:func:`fedseal.common.egress.parse`,
@@ -302,7 +326,8 @@ def observe(cfg: FedConfig, replies: Iterable[tuple[str, int, Message]],
                 start = 0
                 for name, array in arrays.items():
                     seen[f"{where} {fld.record}[{name}]"] = Observed(
-                        fld.kind.value, value[start:start + array.size])
+                        fld.kind.value, value[start : start + array.size]
+                    )
                     start += array.size
             seen[f"{where} {fld.record}[{fld.key}]"] = Observed(fld.kind.value, value)
     return seen
@@ -314,16 +339,24 @@ def site_node_config(cfg: FedConfig, data: Path, folder: Path) -> dict[str, Any]
     state, secrets = folder / "state", folder / "secrets"
     state.mkdir(parents=True)
     secrets.mkdir()
-    return {"data-path": str(data), "site-name": SITE, "epsilon": cfg.epsilon,
-            "delta": cfg.delta, "ledger-path": str(state / "ledger.json"),
-            "ledger-key": str(secrets / "ledger.key"), "device": cfg.device,
-            "require-secagg": False, "federated-eval": "on" if cfg.federated_eval else "off",
-            "allow-model": cfg.model, "labels": ",".join(cfg.labels),
-            "text-column": cfg.text_column, "label-column": cfg.label_column}
+    return {
+        "data-path": str(data),
+        "site-name": SITE,
+        "epsilon": cfg.epsilon,
+        "delta": cfg.delta,
+        "ledger-path": str(state / "ledger.json"),
+        "ledger-key": str(secrets / "ledger.key"),
+        "device": cfg.device,
+        "require-secagg": False,
+        "federated-eval": "on" if cfg.federated_eval else "off",
+        "allow-model": cfg.model,
+        "labels": ",".join(cfg.labels),
+        "text-column": cfg.text_column,
+        "label-column": cfg.label_column,
+    }
 
 
-def run_site(cfg: FedConfig, data: Path, folder: Path,
-             initial: dict[str, np.ndarray]) -> dict[str, Observed]:
+def run_site(cfg: FedConfig, data: Path, folder: Path, initial: dict[str, np.ndarray]) -> dict[str, Observed]:
     """One whole run of the site on ``data`` (fresh ledger, fresh noise): what the server saw.
 
     ``folder`` (the site's state for this run) is removed afterwards.
@@ -368,8 +401,9 @@ def _token(value: Any) -> str:
     return "present"  # a number or an array, in a field other runs lack
 
 
-def field_scores(values_in: Sequence[Any], values_out: Sequence[Any],
-                 calibration: int) -> tuple[str, np.ndarray, np.ndarray]:
+def field_scores(
+    values_in: Sequence[Any], values_out: Sequence[Any], calibration: int
+) -> tuple[str, np.ndarray, np.ndarray]:
     """The distinguisher for one field: its name and each run's score, canary in and out.
 
     The first ``calibration`` runs of each arm fit it (the direction of a
@@ -383,10 +417,9 @@ def field_scores(values_in: Sequence[Any], values_out: Sequence[Any],
         for v in values_out[:calibration]:
             direction -= v / calibration
         project = np.array([float(np.dot(v, direction)) for v in both])
-        return "projection", project[:len(values_in)], project[len(values_in):]
+        return "projection", project[: len(values_in)], project[len(values_in) :]
     if all(_is_number(v) for v in both):
-        return ("value", np.array(values_in, dtype=np.float64),
-                np.array(values_out, dtype=np.float64))
+        return ("value", np.array(values_in, dtype=np.float64), np.array(values_out, dtype=np.float64))
     tokens_in, tokens_out = [_token(v) for v in values_in], [_token(v) for v in values_out]
 
     def frequency(token: str) -> float:
@@ -394,12 +427,16 @@ def field_scores(values_in: Sequence[Any], values_out: Sequence[Any],
         seen_out = tokens_out[:calibration].count(token)
         return math.log((seen_in + 0.5) / (seen_out + 0.5))
 
-    return ("frequency", np.array([frequency(t) for t in tokens_in]),
-            np.array([frequency(t) for t in tokens_out]))
+    return (
+        "frequency",
+        np.array([frequency(t) for t in tokens_in]),
+        np.array([frequency(t) for t in tokens_out]),
+    )
 
 
-def choose_threshold(scores_in: np.ndarray, scores_out: np.ndarray, delta: float,
-                     confidence: float) -> tuple[float, float]:
+def choose_threshold(
+    scores_in: np.ndarray, scores_out: np.ndarray, delta: float, confidence: float
+) -> tuple[float, float]:
     """``(sign, cut)``: guess "canary in" when ``sign * score > cut``.
 
     The pair with the best :func:`epsilon_bound` on these (calibration) scores;
@@ -412,27 +449,46 @@ def choose_threshold(scores_in: np.ndarray, scores_out: np.ndarray, delta: float
         values = np.unique(np.concatenate([signed_in, signed_out]))
         for cut in np.concatenate([[values[0] - 1.0], (values[:-1] + values[1:]) / 2]):
             true_pos, false_pos = int(np.sum(signed_in > cut)), int(np.sum(signed_out > cut))
-            merit = (epsilon_bound(true_pos, len(signed_in), false_pos, len(signed_out), delta,
-                                   confidence).epsilon,
-                     true_pos / len(signed_in) - false_pos / len(signed_out))
+            merit = (
+                epsilon_bound(
+                    true_pos, len(signed_in), false_pos, len(signed_out), delta, confidence
+                ).epsilon,
+                true_pos / len(signed_in) - false_pos / len(signed_out),
+            )
             if merit > best:
                 best, choice = merit, (sign, float(cut))
     return choice
 
 
-def attack_field(name: str, kind: str, values_in: Sequence[Any], values_out: Sequence[Any],
-                 calibration: int, delta: float, confidence: float,
-                 accounted: float) -> FieldResult:
+def attack_field(
+    name: str,
+    kind: str,
+    values_in: Sequence[Any],
+    values_out: Sequence[Any],
+    calibration: int,
+    delta: float,
+    confidence: float,
+    accounted: float,
+) -> FieldResult:
     """Fit the field's distinguisher and threshold on the calibration runs, bound on the rest."""
     attack, scores_in, scores_out = field_scores(values_in, values_out, calibration)
-    sign, cut = choose_threshold(scores_in[:calibration], scores_out[:calibration], delta,
-                                 confidence)
+    sign, cut = choose_threshold(scores_in[:calibration], scores_out[:calibration], delta, confidence)
     test_in, test_out = sign * scores_in[calibration:], sign * scores_out[calibration:]
     true_pos, false_pos = int(np.sum(test_in > cut)), int(np.sum(test_out > cut))
     bound = epsilon_bound(true_pos, len(test_in), false_pos, len(test_out), delta, confidence)
-    return FieldResult(name, kind, attack, true_pos, len(test_in), false_pos, len(test_out),
-                       round(bound.tpr_lower, 4), round(bound.fpr_upper, 4),
-                       round(bound.epsilon, 4), bound.epsilon > accounted)
+    return FieldResult(
+        name,
+        kind,
+        attack,
+        true_pos,
+        len(test_in),
+        false_pos,
+        len(test_out),
+        round(bound.tpr_lower, 4),
+        round(bound.fpr_upper, 4),
+        round(bound.epsilon, 4),
+        bound.epsilon > accounted,
+    )
 
 
 def accounted_budget(runs: Iterable[dict[str, Observed]]) -> tuple[float, float]:
@@ -455,11 +511,11 @@ def site_examples(cfg: FedConfig, count: int) -> Examples:
     or ``count`` sentences of the synthetic task (seeded by ``cfg.seed``)."""
     if not cfg.train:
         return synthetic_examples(count, seed=cfg.seed)
-    examples = read_examples(cfg.train, text_column=cfg.text_column,
-                             label_column=cfg.label_column, label_names=cfg.labels or None)
+    examples = read_examples(
+        cfg.train, text_column=cfg.text_column, label_column=cfg.label_column, label_names=cfg.labels or None
+    )
     if len(examples) < count:
-        raise ConfigError(f"{cfg.train} has {len(examples)} examples, fewer than "
-                          f"--site-examples {count}")
+        raise ConfigError(f"{cfg.train} has {len(examples)} examples, fewer than --site-examples {count}")
     return examples.subset(range(count))
 
 
@@ -474,19 +530,27 @@ def with_canary(examples: Examples, canary: Canary) -> Examples:
         would find the bucket, not a leak).
     """
     if canary.label not in examples.label_names:
-        raise ConfigError(f"the canary's label {canary.label!r} is not one of the site's labels "
-                          f"{list(examples.label_names)}; pass --canary-label")
+        raise ConfigError(
+            f"the canary's label {canary.label!r} is not one of the site's labels "
+            f"{list(examples.label_names)}; pass --canary-label"
+        )
     if size_bucket(len(examples)) != size_bucket(len(examples) + 1):
-        raise ConfigError(f"a site of {len(examples)} examples moves to another size bucket with "
-                          "the canary; the bucket is public by design: choose --site-examples "
-                          "so that it plus one is not a power of two")
-    return Examples([*examples.texts, canary.text],
-                    [*examples.labels, examples.label_names.index(canary.label)],
-                    examples.label_names, f"{examples.source} + canary")
+        raise ConfigError(
+            f"a site of {len(examples)} examples moves to another size bucket with "
+            "the canary; the bucket is public by design: choose --site-examples "
+            "so that it plus one is not a power of two"
+        )
+    return Examples(
+        [*examples.texts, canary.text],
+        [*examples.labels, examples.label_names.index(canary.label)],
+        examples.label_names,
+        f"{examples.source} + canary",
+    )
 
 
-def audit(cfg: FedConfig, examples: Examples, canary: Canary, runs: int,
-          confidence: float = DEFAULT_CONFIDENCE) -> dict[str, Any]:
+def audit(
+    cfg: FedConfig, examples: Examples, canary: Canary, runs: int, confidence: float = DEFAULT_CONFIDENCE
+) -> dict[str, Any]:
     """Run the site ``runs`` times with the canary in and ``runs`` times out; attack every field.
 
     ``cfg`` is the run (its ``out`` folder holds the site's two data files and
@@ -509,9 +573,12 @@ def audit(cfg: FedConfig, examples: Examples, canary: Canary, runs: int,
         raise ConfigError(f"--runs must be at least 4 (half of each arm calibrates), got {runs}")
     out = Path(cfg.out)
     arms = {"in": with_canary(examples, canary), "out": examples}
-    files = {arm: write_examples(data, out / f"site-canary-{arm}.jsonl",
-                                 text_column=cfg.text_column, label_column=cfg.label_column)
-             for arm, data in arms.items()}
+    files = {
+        arm: write_examples(
+            data, out / f"site-canary-{arm}.jsonl", text_column=cfg.text_column, label_column=cfg.label_column
+        )
+        for arm, data in arms.items()
+    }
     initial = to_numpy_state(trainable_state(build_model(cfg, cfg.labels)))
     seen: dict[str, list[dict[str, Observed]]] = {"in": [], "out": []}
     started = time.monotonic()
@@ -519,8 +586,7 @@ def audit(cfg: FedConfig, examples: Examples, canary: Canary, runs: int,
         arm = ("in", "out")[i % 2]
         run_started = time.monotonic()
         seen[arm].append(run_site(cfg, files[arm], out / f"run-{i}", initial))
-        log.info("run %d/%d (canary %s): %.1fs", i + 1, 2 * runs, arm,
-                 time.monotonic() - run_started)
+        log.info("run %d/%d (canary %s): %.1fs", i + 1, 2 * runs, arm, time.monotonic() - run_started)
     seconds = time.monotonic() - started
     epsilon, delta = accounted_budget([*seen["in"], *seen["out"]])
     calibration = runs // 2
@@ -528,24 +594,31 @@ def audit(cfg: FedConfig, examples: Examples, canary: Canary, runs: int,
     fields = []
     for name in names:
         kind = next(run[name].kind for run in [*seen["in"], *seen["out"]] if name in run)
-        values = {arm: [run[name].value if name in run else None for run in seen[arm]]
-                  for arm in seen}
-        fields.append(attack_field(name, kind, values["in"], values["out"], calibration, delta,
-                                   confidence, epsilon))
+        values = {arm: [run[name].value if name in run else None for run in seen[arm]] for arm in seen}
+        fields.append(
+            attack_field(name, kind, values["in"], values["out"], calibration, delta, confidence, epsilon)
+        )
     test = runs - calibration
     return {
         "command": "fedseal audit",
-        "model": cfg.model, "finetune": cfg.finetune, "rounds": cfg.rounds,
-        "federated_eval": cfg.federated_eval, "site_examples": len(examples),
-        "data": cfg.train or "synthetic", "canary": asdict(canary),
-        "runs_per_arm": runs, "calibration_runs_per_arm": calibration, "test_runs_per_arm": test,
+        "model": cfg.model,
+        "finetune": cfg.finetune,
+        "rounds": cfg.rounds,
+        "federated_eval": cfg.federated_eval,
+        "site_examples": len(examples),
+        "data": cfg.train or "synthetic",
+        "canary": asdict(canary),
+        "runs_per_arm": runs,
+        "calibration_runs_per_arm": calibration,
+        "test_runs_per_arm": test,
         "confidence": confidence,
         "accounted": {"epsilon": epsilon, "delta": delta, "asked_epsilon": cfg.epsilon},
         "resolution": round(epsilon_bound(test, test, 0, test, delta, confidence).epsilon, 4),
         "max_bound": max((f.epsilon_lower_bound for f in fields), default=0.0),
         "flagged": [f.field for f in fields if f.flagged],
         "fields": [asdict(f) for f in fields],
-        "seconds": round(seconds, 1), "seconds_per_run": round(seconds / (2 * runs), 2),
+        "seconds": round(seconds, 1),
+        "seconds_per_run": round(seconds / (2 * runs), 2),
     }
 
 
@@ -563,14 +636,18 @@ def table(result: dict[str, Any]) -> list[str]:
     ]
     for f in result["fields"]:
         mark = "  FLAGGED" if f["flagged"] else ""
-        lines.append(f"  {f['field'][:44]:44s} {f['kind']:16s} {f['attack']:10s} "
-                     f"{f['true_positives']:>2d}/{f['test_in']:<2d} "
-                     f"{f['false_positives']:>2d}/{f['test_out']:<2d} "
-                     f"{f['epsilon_lower_bound']:7.3f}{mark}")
-    verdict = (f"{len(result['flagged'])} field(s) say more than the accounted epsilon: "
-               + ", ".join(result["flagged"]) if result["flagged"] else
-               "no field's bound exceeds the accounted epsilon (largest "
-               f"{result['max_bound']:.3f})")
+        lines.append(
+            f"  {f['field'][:44]:44s} {f['kind']:16s} {f['attack']:10s} "
+            f"{f['true_positives']:>2d}/{f['test_in']:<2d} "
+            f"{f['false_positives']:>2d}/{f['test_out']:<2d} "
+            f"{f['epsilon_lower_bound']:7.3f}{mark}"
+        )
+    verdict = (
+        f"{len(result['flagged'])} field(s) say more than the accounted epsilon: "
+        + ", ".join(result["flagged"])
+        if result["flagged"]
+        else f"no field's bound exceeds the accounted epsilon (largest {result['max_bound']:.3f})"
+    )
     lines.append(f"  {verdict}; {result['seconds']:.0f}s ({result['seconds_per_run']:.2f}s a run)")
     return lines
 
@@ -582,37 +659,71 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``fedseal audit``: the run's settings and the audit's own."""
     add_config_options(parser, skip=(*AUDIT_SETS, *AUDIT_DEFAULTS))
     group = parser.add_argument_group("audit")
-    group.add_argument("--epsilon", type=float, metavar="FLOAT",
-                       help="the run's epsilon, and the audited site's total: small, so a leak "
-                            f"stands out above it (default: {DEFAULT_EPSILON})")
-    group.add_argument("--federated-eval", action=argparse.BooleanOptionalAction,
-                       help="also send the site federated evaluation requests each round, and "
-                            "attack its answers (default: on)")
-    group.add_argument("--out", metavar="DIR",
-                       help="the audit's folder: its log, the site's data with and without the "
-                            f"canary, each run's site state while it runs (default: {DEFAULT_OUT})")
-    group.add_argument("--runs", type=int, default=DEFAULT_RUNS, metavar="R",
-                       help="runs of the site with the canary in, and as many with it out; the "
-                            f"first half of each calibrates the attacks, the rest test them "
-                            f"(default: {DEFAULT_RUNS})")
-    group.add_argument("--site-examples", type=int, default=DEFAULT_SITE_EXAMPLES, metavar="N",
-                       help="examples at the audited site before the canary: N sentences of the "
-                            "synthetic task, or the first N of --train; N + 1 must not be a "
-                            f"power of two (default: {DEFAULT_SITE_EXAMPLES})")
-    group.add_argument("--canary-text", metavar="TEXT",
-                       help="the planted record's text (default: a marker word and the synthetic "
-                            "task's positive words)")
-    group.add_argument("--canary-label", metavar="LABEL",
-                       help="the planted record's label, one of the site's labels; choose one its "
-                            "text contradicts (default: negative, else the first label)")
-    group.add_argument("--confidence", type=float, default=DEFAULT_CONFIDENCE, metavar="C",
-                       help="confidence of each field's Clopper-Pearson bound, in (0, 1) "
-                            f"(default: {DEFAULT_CONFIDENCE})")
-    group.add_argument("--json", metavar="FILE",
-                       help="also write the result (the JSON printed on stdout) to FILE")
-    group.add_argument("-v", "--verbose", action="store_true",
-                       help="show every log line (the site's, the server's) on the console; "
-                            f"without it they go to <out>/{AUDIT_LOG} only")
+    group.add_argument(
+        "--epsilon",
+        type=float,
+        metavar="FLOAT",
+        help="the run's epsilon, and the audited site's total: small, so a leak "
+        f"stands out above it (default: {DEFAULT_EPSILON})",
+    )
+    group.add_argument(
+        "--federated-eval",
+        action=argparse.BooleanOptionalAction,
+        help="also send the site federated evaluation requests each round, and "
+        "attack its answers (default: on)",
+    )
+    group.add_argument(
+        "--out",
+        metavar="DIR",
+        help="the audit's folder: its log, the site's data with and without the "
+        f"canary, each run's site state while it runs (default: {DEFAULT_OUT})",
+    )
+    group.add_argument(
+        "--runs",
+        type=int,
+        default=DEFAULT_RUNS,
+        metavar="R",
+        help="runs of the site with the canary in, and as many with it out; the "
+        f"first half of each calibrates the attacks, the rest test them "
+        f"(default: {DEFAULT_RUNS})",
+    )
+    group.add_argument(
+        "--site-examples",
+        type=int,
+        default=DEFAULT_SITE_EXAMPLES,
+        metavar="N",
+        help="examples at the audited site before the canary: N sentences of the "
+        "synthetic task, or the first N of --train; N + 1 must not be a "
+        f"power of two (default: {DEFAULT_SITE_EXAMPLES})",
+    )
+    group.add_argument(
+        "--canary-text",
+        metavar="TEXT",
+        help="the planted record's text (default: a marker word and the synthetic task's positive words)",
+    )
+    group.add_argument(
+        "--canary-label",
+        metavar="LABEL",
+        help="the planted record's label, one of the site's labels; choose one its "
+        "text contradicts (default: negative, else the first label)",
+    )
+    group.add_argument(
+        "--confidence",
+        type=float,
+        default=DEFAULT_CONFIDENCE,
+        metavar="C",
+        help=f"confidence of each field's Clopper-Pearson bound, in (0, 1) (default: {DEFAULT_CONFIDENCE})",
+    )
+    group.add_argument(
+        "--json", metavar="FILE", help="also write the result (the JSON printed on stdout) to FILE"
+    )
+    group.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show every log line (the site's, the server's) on the console; "
+        f"without it they go to <out>/{AUDIT_LOG} only",
+    )
 
 
 class _QuietRuns(logging.Filter):
@@ -621,9 +732,10 @@ class _QuietRuns(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         """False for ``fedseal.client`` and ``fedseal.server`` records below ERROR."""
-        return (record.levelno >= logging.ERROR
-                or record.name.split(".")[:2] not in (["fedseal", "client"],
-                                                      ["fedseal", "server"]))
+        return record.levelno >= logging.ERROR or record.name.split(".")[:2] not in (
+            ["fedseal", "client"],
+            ["fedseal", "server"],
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -634,10 +746,12 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.confidence < 1:
         raise ConfigError(f"--confidence must be in (0, 1), got {args.confidence}")
     in_file = load_toml(args.config) if args.config else {}
-    defaults = {k: v for k, v in AUDIT_DEFAULTS.items() if getattr(args, k) is None
-                and k not in in_file and k.replace("_", "-") not in in_file}
-    cfg = config_from_args(args, {**defaults, "clients": 1, "min_clients": 1, "secagg": False,
-                                  "dp": True})
+    defaults = {
+        k: v
+        for k, v in AUDIT_DEFAULTS.items()
+        if getattr(args, k) is None and k not in in_file and k.replace("_", "-") not in in_file
+    }
+    cfg = config_from_args(args, {**defaults, "clients": 1, "min_clients": 1, "secagg": False, "dp": True})
     log_file = setup_run_logging(Path(cfg.out) / AUDIT_LOG, args.verbose)
     if not args.verbose:
         for handler in logging.getLogger().handlers:
@@ -647,8 +761,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = cfg.replace(labels=list(cfg.labels or examples.label_names))
     canary = default_canary(cfg.labels)
     canary = Canary(args.canary_text or canary.text, args.canary_label or canary.label)
-    log.info("fedseal audit: %d runs with the canary, %d without; log: %s", args.runs, args.runs,
-             log_file)
+    log.info("fedseal audit: %d runs with the canary, %d without; log: %s", args.runs, args.runs, log_file)
     result = audit(cfg, examples, canary, args.runs, args.confidence)
     text = json.dumps(result, indent=2)
     print(text)

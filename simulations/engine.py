@@ -31,9 +31,10 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from queue import Queue
-from typing import Any, Iterator
+from typing import Any
 
 log = logging.getLogger("fedseal.simulate")
 
@@ -44,8 +45,9 @@ SWEEP_INTERVAL = 0.1
 """Seconds between sweeps, as Flower's."""
 
 
-def add_messages_to_queue(state: Any, queue: Queue, nodes_mapping: dict[int, int],
-                          f_stop: threading.Event) -> None:
+def add_messages_to_queue(
+    state: Any, queue: Queue, nodes_mapping: dict[int, int], f_stop: threading.Event
+) -> None:
     """Flower's ``vce_api.add_messages_to_queue``, asking only nodes that have a message.
 
     One pass over the stored messages (under the state's lock) finds the nodes
@@ -55,8 +57,11 @@ def add_messages_to_queue(state: Any, queue: Queue, nodes_mapping: dict[int, int
     """
     while not f_stop.is_set():
         with state.lock:
-            waiting = {msg.metadata.dst_node_id for msg in state.message_ins_store.values()
-                       if msg.metadata.delivered_at == ""}
+            waiting = {
+                msg.metadata.dst_node_id
+                for msg in state.message_ins_store.values()
+                if msg.metadata.delivered_at == ""
+            }
         if waiting:
             for node_id in nodes_mapping:
                 if node_id in waiting:
@@ -78,8 +83,12 @@ def indexed_sweep() -> Iterator[bool]:
 
     version = getattr(flwr, "__version__", "")
     if version != SWEEP_FLOWER_VERSION:
-        log.warning("flwr %s is not %s: keeping Flower's own message sweep, whose cost grows "
-                    "with the square of the sites", version, SWEEP_FLOWER_VERSION)
+        log.warning(
+            "flwr %s is not %s: keeping Flower's own message sweep, whose cost grows "
+            "with the square of the sites",
+            version,
+            SWEEP_FLOWER_VERSION,
+        )
         yield False
         return
     original = vce_api.add_messages_to_queue
@@ -90,8 +99,9 @@ def indexed_sweep() -> Iterator[bool]:
         vce_api.add_messages_to_queue = original
 
 
-def backend_config(*, ray_address: str | None = None, cpus_per_site: float = 1.0,
-                   gpu: bool = False, verbose: bool = False) -> dict[str, Any]:
+def backend_config(
+    *, ray_address: str | None = None, cpus_per_site: float = 1.0, gpu: bool = False, verbose: bool = False
+) -> dict[str, Any]:
     """Flower's ``backend_config`` for the Ray backend.
 
     Parameters
@@ -108,14 +118,19 @@ def backend_config(*, ray_address: str | None = None, cpus_per_site: float = 1.0
     verbose : bool
         Forward the actors' output to this console.
     """
-    init: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING,
-                            "log_to_driver": verbose}
+    init: dict[str, Any] = {
+        "include_dashboard": False,
+        "logging_level": logging.WARNING,
+        "log_to_driver": verbose,
+    }
     if ray_address:
         init["address"] = ray_address  # the cluster's resources are its own to declare
     else:
         init.update(num_cpus=os.cpu_count() or 1, num_gpus=int(gpu))
-    return {"client_resources": {"num_cpus": cpus_per_site, "num_gpus": 1.0 if gpu else 0.0},
-            "init_args": init}
+    return {
+        "client_resources": {"num_cpus": cpus_per_site, "num_gpus": 1.0 if gpu else 0.0},
+        "init_args": init,
+    }
 
 
 __all__ = ["SWEEP_FLOWER_VERSION", "add_messages_to_queue", "backend_config", "indexed_sweep"]

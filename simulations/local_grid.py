@@ -12,7 +12,7 @@ ClientApp (a benchmark's instrumented one).
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -27,16 +27,21 @@ RUN_ID = 4242
 class LocalGrid:
     """Minimal Grid: ``get_node_ids`` and ``send_and_receive``."""
 
-    def __init__(self, num_nodes: int, drop: dict[int, str] | None = None,
-                 node_configs: list[dict] | None = None, app: ClientApp | None = None) -> None:
+    def __init__(
+        self,
+        num_nodes: int,
+        drop: dict[int, str] | None = None,
+        node_configs: list[dict] | None = None,
+        app: ClientApp | None = None,
+    ) -> None:
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, RUN_ID, 1
         # Node ids above 2**63, as Flower's are: the wire must keep all 64 bits.
         self.nodes = [2**63 + 7919 * (i + 1) for i in range(num_nodes)]
-        configs = node_configs or [{"partition-id": i, "num-partitions": num_nodes}
-                                   for i in range(num_nodes)]
+        configs = node_configs or [{"partition-id": i, "num-partitions": num_nodes} for i in range(num_nodes)]
         self.contexts = {
-            n: Context(run_id=RUN_ID, node_id=n, node_config=dict(configs[i]),
-                       state=RecordDict(), run_config={})
+            n: Context(
+                run_id=RUN_ID, node_id=n, node_config=dict(configs[i]), state=RecordDict(), run_config={}
+            )
             for i, n in enumerate(self.nodes)
         }
         self.drop = {self.nodes[i]: stage for i, stage in (drop or {}).items()}

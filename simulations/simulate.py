@@ -62,8 +62,8 @@ from fedseal.common.data import Examples, label_sort_key, read_examples, write_e
 from fedseal.common.partition import dirichlet_partition, iid_partition, label_mix
 from fedseal.common.secagg import generate_identity
 from fedseal.common.synthetic import synthetic_examples
-from fedseal.simulations.engine import backend_config, indexed_sweep
 from fedseal.server.report import REPORT_FILE
+from fedseal.simulations.engine import backend_config, indexed_sweep
 
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
@@ -92,14 +92,19 @@ def prepare_sites(cfg: FedConfig) -> FedConfig:
         data_dir = out / "data"
         train = synthetic_examples(SYNTHETIC_TRAIN, seed=cfg.seed)
         held_out = synthetic_examples(SYNTHETIC_EVAL, seed=cfg.seed + 10_000)
-        cfg = cfg.replace(train=str(write_examples(train, data_dir / "train.jsonl")),
-                          eval=str(write_examples(held_out, data_dir / "eval.jsonl")),
-                          text_column="sentence", label_column="label")
+        cfg = cfg.replace(
+            train=str(write_examples(train, data_dir / "train.jsonl")),
+            eval=str(write_examples(held_out, data_dir / "eval.jsonl")),
+            text_column="sentence",
+            label_column="label",
+        )
     labels = cfg.labels or None
     if labels is None:
         # The label set is the union of both files', fixed before any site reads.
-        found = [read_examples(path, text_column=cfg.text_column, label_column=cfg.label_column)
-                 for path in (cfg.train, cfg.eval)]
+        found = [
+            read_examples(path, text_column=cfg.text_column, label_column=cfg.label_column)
+            for path in (cfg.train, cfg.eval)
+        ]
         counts = Counter(e.label_names[i] for e in found for i in e.labels)
         stray = stray_labels(counts)
         if stray:
@@ -107,23 +112,37 @@ def prepare_sites(cfg: FedConfig) -> FedConfig:
                 f"label(s) {', '.join(repr(s) for s in stray)} appear in only "
                 f"{', '.join(str(counts[s]) for s in stray)} of {sum(counts.values())} examples "
                 "(a typo would make an extra class): fix the file, or give --labels with every "
-                "class in order (examples with other labels are then refused)")
+                "class in order (examples with other labels are then refused)"
+            )
         cfg = cfg.replace(labels=sorted(counts, key=label_sort_key))
-    train: Examples = read_examples(cfg.train, text_column=cfg.text_column,
-                                    label_column=cfg.label_column, label_names=cfg.labels)
+    train: Examples = read_examples(
+        cfg.train, text_column=cfg.text_column, label_column=cfg.label_column, label_names=cfg.labels
+    )
     if cfg.partition == "iid":
         parts = iid_partition(len(train), cfg.clients, cfg.seed)
     else:
-        parts = dirichlet_partition(train.labels, cfg.clients, cfg.alpha, cfg.seed,
-                                    min_size=MIN_SITE_EXAMPLES if cfg.batch_size == AUTO
-                                    else int(cfg.batch_size) + 1)
+        parts = dirichlet_partition(
+            train.labels,
+            cfg.clients,
+            cfg.alpha,
+            cfg.seed,
+            min_size=MIN_SITE_EXAMPLES if cfg.batch_size == AUTO else int(cfg.batch_size) + 1,
+        )
     mix = label_mix(train.labels, parts, len(cfg.labels))
     detail.info("%d training examples over %d sites (%s):", len(train), cfg.clients, cfg.partition)
     for pid, (part, counts) in enumerate(zip(parts, mix)):
-        write_examples(train.subset(part), simulation_site_file(cfg.out, pid),
-                       text_column=cfg.text_column, label_column=cfg.label_column)
-        detail.info("  site-%d: %5d examples  %s", pid, len(part),
-                 "  ".join(f"{name}={c}" for name, c in zip(cfg.labels, counts)))
+        write_examples(
+            train.subset(part),
+            simulation_site_file(cfg.out, pid),
+            text_column=cfg.text_column,
+            label_column=cfg.label_column,
+        )
+        detail.info(
+            "  site-%d: %5d examples  %s",
+            pid,
+            len(part),
+            "  ".join(f"{name}={c}" for name, c in zip(cfg.labels, counts)),
+        )
     write_site_keys(cfg.out, cfg.clients)
     return cfg
 
@@ -137,8 +156,7 @@ STRAY_MAX = 3
 def stray_labels(counts: Counter) -> list[str]:
     """Labels of ``counts`` (label -> examples) too rare to be a class the user meant."""
     total = sum(counts.values())
-    return sorted(label for label, n in counts.items()
-                  if n <= STRAY_MAX and n < STRAY_FRACTION * total)
+    return sorted(label for label, n in counts.items() if n <= STRAY_MAX and n < STRAY_FRACTION * total)
 
 
 def write_site_keys(out: str | Path, clients: int) -> Path:
@@ -170,10 +188,16 @@ def header(cfg: FedConfig, log_file: Path) -> list[str]:
     from fedseal.server.metrics import NON_PRIVATE
 
     data = cfg.train or "the embedded synthetic task"
-    privacy = (f"DP-SGD at every site, epsilon {cfg.epsilon:g}, delta {cfg.delta:g} per site"
-               if cfg.dp else NON_PRIVATE)
-    secagg = ("secure aggregation (SecAgg+) on" if cfg.secagg
-              else "secure aggregation OFF (--no-secagg): the server sees each site's update")
+    privacy = (
+        f"DP-SGD at every site, epsilon {cfg.epsilon:g}, delta {cfg.delta:g} per site"
+        if cfg.dp
+        else NON_PRIVATE
+    )
+    secagg = (
+        "secure aggregation (SecAgg+) on"
+        if cfg.secagg
+        else "secure aggregation OFF (--no-secagg): the server sees each site's update"
+    )
     return [
         f"fedseal simulate: {cfg.model} ({cfg.finetune}), {cfg.clients} sites, {cfg.rounds} rounds, "
         f"data {data} ({cfg.partition})",
@@ -182,8 +206,14 @@ def header(cfg: FedConfig, log_file: Path) -> list[str]:
     ]
 
 
-def simulate(cfg: FedConfig, verbose: bool = False, client_app: "ClientApp | None" = None, *,
-             ray_address: str | None = None, cpus_per_site: float = 1.0) -> dict:
+def simulate(
+    cfg: FedConfig,
+    verbose: bool = False,
+    client_app: ClientApp | None = None,
+    *,
+    ray_address: str | None = None,
+    cpus_per_site: float = 1.0,
+) -> dict:
     """Run a whole simulated federation; return the run summary.
 
     ``verbose`` forwards the virtual sites' (Ray actors') own output to the
@@ -204,8 +234,7 @@ def simulate(cfg: FedConfig, verbose: bool = False, client_app: "ClientApp | Non
     import torch
 
     gpu = cfg.device != "cpu" and torch.cuda.is_available()
-    backend = backend_config(ray_address=ray_address, cpus_per_site=cpus_per_site, gpu=gpu,
-                             verbose=verbose)
+    backend = backend_config(ray_address=ray_address, cpus_per_site=cpus_per_site, gpu=gpu, verbose=verbose)
     # Ray's actors inherit this process's environment (Flower passes its own
     # runtime_env, so the variables are set here, before Ray starts); on a cluster
     # joined with ray_address they have the environment their node was started with.
@@ -215,12 +244,17 @@ def simulate(cfg: FedConfig, verbose: bool = False, client_app: "ClientApp | Non
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     started = time.monotonic()
     with indexed_sweep():
-        run_simulation(server_app=make_server_app(cfg), client_app=client_app or fedseal_client_app,
-                       num_supernodes=cfg.clients, backend_config=backend)
+        run_simulation(
+            server_app=make_server_app(cfg),
+            client_app=client_app or fedseal_client_app,
+            num_supernodes=cfg.clients,
+            backend_config=backend,
+        )
     summary_path = Path(cfg.out) / "summary.json"
     if not summary_path.exists():
-        raise RuntimeError(f"the simulation ended without writing {summary_path}; "
-                           f"see {Path(cfg.out) / LOG_FILE}")
+        raise RuntimeError(
+            f"the simulation ended without writing {summary_path}; see {Path(cfg.out) / LOG_FILE}"
+        )
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
     summary["wall_seconds"] = round(time.monotonic() - started, 1)
     summary_path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
@@ -248,19 +282,25 @@ def prepare_flwr_run(cfg: FedConfig) -> list[str]:
         ``flwr run .`` would silently run without it.
     """
     defaults = FedConfig().to_dict()
-    lost = sorted(key.replace("_", "-") for key, value in cfg.to_dict().items()
-                  if key not in FLWR_RUN_KEYS and value != defaults[key])
+    lost = sorted(
+        key.replace("_", "-")
+        for key, value in cfg.to_dict().items()
+        if key not in FLWR_RUN_KEYS and value != defaults[key]
+    )
     if lost:
-        raise ConfigError(f"flwr run . takes only {', '.join(FLWR_RUN_KEYS)} from a prepared "
-                          f"folder (pyproject.toml's app config), not {', '.join(lost)}: run "
-                          "those settings with fedseal simulate, or drop them here")
+        raise ConfigError(
+            f"flwr run . takes only {', '.join(FLWR_RUN_KEYS)} from a prepared "
+            f"folder (pyproject.toml's app config), not {', '.join(lost)}: run "
+            "those settings with fedseal simulate, or drop them here"
+        )
     cfg = prepare_sites(cfg.replace(out=str(Path(cfg.out).resolve())))
     settings = {key: value for key, value in cfg.to_run_config().items() if key in FLWR_RUN_KEYS}
     settings.update({key: str(Path(settings[key]).resolve()) for key in ("train", "eval")})
     path = Path(cfg.out) / FLWR_RUN_CONFIG
     path.write_text(tomli_w.dumps(settings), encoding="utf-8")
-    return [f"flwr run . local --run-config {path} --federation-config "
-            f"'num-supernodes={cfg.clients}' --stream"]
+    return [
+        f"flwr run . local --run-config {path} --federation-config 'num-supernodes={cfg.clients}' --stream"
+    ]
 
 
 def _positive(text: str) -> float:
@@ -277,24 +317,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``fedseal simulate``: every run setting, ``--verbose``, the engine's
     ``--ray-address`` and ``--cpus-per-site``, and ``--prepare-only``."""
     add_config_options(parser)
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="show every log line (Flower, Ray, the sites) on the console, at "
-                             "debug level; without it they go to <out>/fedseal.log only")
-    parser.add_argument("--ray-address", metavar="HOST:PORT",
-                        help="join this running Ray cluster (its head's address, or 'auto') "
-                             "instead of starting Ray on this machine: the virtual sites run on "
-                             "every node of the cluster; --out must be a folder every node sees "
-                             "at the same path (see docs/scale.md)")
-    parser.add_argument("--cpus-per-site", type=_positive, default=1.0, metavar="CPUS",
-                        help="CPUs Ray reserves for each virtual site's actor, and the torch "
-                             "threads it gets (default 1): the engine runs cluster CPUs / this "
-                             "many sites at once")
-    parser.add_argument("--prepare-only", action="store_true",
-                        help="write the sites' data files, keys and roster and "
-                             f"<out>/{FLWR_RUN_CONFIG}, print the `flwr run .` command that runs "
-                             "this federation with Flower's own simulation (from the checkout), "
-                             "and stop; only the settings in pyproject.toml's "
-                             "[tool.flwr.app.config] carry over")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show every log line (Flower, Ray, the sites) on the console, at "
+        "debug level; without it they go to <out>/fedseal.log only",
+    )
+    parser.add_argument(
+        "--ray-address",
+        metavar="HOST:PORT",
+        help="join this running Ray cluster (its head's address, or 'auto') "
+        "instead of starting Ray on this machine: the virtual sites run on "
+        "every node of the cluster; --out must be a folder every node sees "
+        "at the same path (see docs/scale.md)",
+    )
+    parser.add_argument(
+        "--cpus-per-site",
+        type=_positive,
+        default=1.0,
+        metavar="CPUS",
+        help="CPUs Ray reserves for each virtual site's actor, and the torch "
+        "threads it gets (default 1): the engine runs cluster CPUs / this "
+        "many sites at once",
+    )
+    parser.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="write the sites' data files, keys and roster and "
+        f"<out>/{FLWR_RUN_CONFIG}, print the `flwr run .` command that runs "
+        "this federation with Flower's own simulation (from the checkout), "
+        "and stop; only the settings in pyproject.toml's "
+        "[tool.flwr.app.config] carry over",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -310,8 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for line in header(cfg, log_file):
         log.info(line)
-    summary = simulate(cfg, verbose=args.verbose, ray_address=args.ray_address,
-                       cpus_per_site=args.cpus_per_site)
+    summary = simulate(
+        cfg, verbose=args.verbose, ray_address=args.ray_address, cpus_per_site=args.cpus_per_site
+    )
     if summary.get("failed"):
         print(f"\nfedseal simulate: the run FAILED: {summary['failed']}")
     else:
@@ -320,7 +376,9 @@ def main(argv: list[str] | None = None) -> int:
         print("WARNING: " + summary["privacy"])
     print(f"  final accuracy   {summary['final_accuracy']:.4f} (macro-F1 {summary['final_macro_f1']:.4f})")
     if summary["epsilon_max"] is not None:
-        print(f"  epsilon spent    max {summary['epsilon_max']:.3f} per site (target {cfg.epsilon}, delta {cfg.delta})")
+        print(
+            f"  epsilon spent    max {summary['epsilon_max']:.3f} per site (target {cfg.epsilon}, delta {cfg.delta})"
+        )
     print(f"  metrics          {summary['metrics']}")
     print(f"  model            {summary['model_dir']}  (AutoModelForSequenceClassification.from_pretrained)")
     print(f"  summary          {Path(cfg.out) / 'summary.json'}")
@@ -340,13 +398,17 @@ def run_problems(cfg: FedConfig, metrics: Path) -> None:
     rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line]
     late = sorted({site for row in rows for site in row.get("timed_out", [])})
     if late:
-        print(f"WARNING: {len(late)} site(s) timed out (no answer within {cfg.timeout:g}s of a "
-              f"stage's last answer): {', '.join(late[:10])}{', ...' if len(late) > 10 else ''}; "
-              "raise --timeout if they are slow rather than gone")
+        print(
+            f"WARNING: {len(late)} site(s) timed out (no answer within {cfg.timeout:g}s of a "
+            f"stage's last answer): {', '.join(late[:10])}{', ...' if len(late) > 10 else ''}; "
+            "raise --timeout if they are slow rather than gone"
+        )
     for row in rows:
         if row["abandoned"]:
-            print(f"WARNING: round {row['round']} was abandoned, the model unchanged by it: "
-                  f"{row['abandoned']}")
+            print(
+                f"WARNING: round {row['round']} was abandoned, the model unchanged by it: {row['abandoned']}"
+            )
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -30,8 +30,14 @@ def make_tiny_bert(path: Path) -> Path:
     words = sorted(set(synthetic.POSITIVE + synthetic.NEGATIVE + synthetic.FILLER))
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
     tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -79,8 +85,15 @@ def tiny_lpft(tiny_bert):
     from fedseal.common.top_layers import add_top_lora
 
     labels = ("negative", "positive", "neutral")
-    texts = ["a good film", "a bad plot and slow", "fine", "great great acting", "dull",
-             "the plot was slow and the acting was bad", "good"]
+    texts = [
+        "a good film",
+        "a bad plot and slow",
+        "fine",
+        "great great acting",
+        "dull",
+        "the plot was slow and the acting was bad",
+        "good",
+    ]
 
     def make(trained: bool = True):
         cfg = FedConfig(model=tiny_bert, labels=labels)

@@ -10,7 +10,7 @@ A hostile site can send any of them; the server must drop it and name it.
 from __future__ import annotations
 
 import copy
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
@@ -26,8 +26,11 @@ def _copy(reply: Message) -> Message:
 
 
 def _request(reply: Message) -> Message:
-    request = Message(RecordDict(), dst_node_id=reply.metadata.src_node_id,
-                      message_type=reply.metadata.message_type or "train")
+    request = Message(
+        RecordDict(),
+        dst_node_id=reply.metadata.src_node_id,
+        message_type=reply.metadata.message_type or "train",
+    )
     request.metadata.__dict__["_message_id"] = reply.metadata.reply_to_message_id
     request.metadata.__dict__["_src_node_id"] = reply.metadata.dst_node_id
     return request
@@ -61,9 +64,9 @@ def _scalar_variants(value: object) -> dict[str, object]:
         out["bytes ones"] = b"\xff" * len(value)
         out["bytes first bit flipped"] = bytes([value[0] ^ 1]) + value[1:]
         out["bytes last bit flipped"] = value[:-1] + bytes([value[-1] ^ 0x80])
-        out["bytes middle bit flipped"] = (value[: len(value) // 2]
-                                           + bytes([value[len(value) // 2] ^ 0x10])
-                                           + value[len(value) // 2 + 1:])
+        out["bytes middle bit flipped"] = (
+            value[: len(value) // 2] + bytes([value[len(value) // 2] ^ 0x10]) + value[len(value) // 2 + 1 :]
+        )
         out["bytes reversed"] = value[::-1]
         out["bytes random"] = np.random.default_rng(len(value)).bytes(len(value))
     return out
@@ -80,8 +83,9 @@ def _array_variants(array: np.ndarray) -> dict[str, np.ndarray]:
         "array empty": np.zeros((0,), dtype=array.dtype),
     }
     if array.ndim == 2:
-        out["array transposed"] = np.ascontiguousarray(array.T) if array.shape[0] != array.shape[1] \
-            else array.reshape(-1)
+        out["array transposed"] = (
+            np.ascontiguousarray(array.T) if array.shape[0] != array.shape[1] else array.reshape(-1)
+        )
     if np.issubdtype(array.dtype, np.floating):
         for name, value in _BAD_FLOATS.items():
             bad = array.copy()
@@ -93,8 +97,7 @@ def _array_variants(array: np.ndarray) -> dict[str, np.ndarray]:
 
 def variants(reply: Message) -> Iterator[tuple[str, Message]]:
     """Every single-fault variant of ``reply`` (its content must be well formed)."""
-    yield "error reply", _with_sender(Message(Error(code=0, reason="boom"), reply_to=_request(reply)),
-                                      reply)
+    yield "error reply", _with_sender(Message(Error(code=0, reason="boom"), reply_to=_request(reply)), reply)
     yield "empty content", _with_sender(Message(RecordDict(), reply_to=_request(reply)), reply)
     names = list(reply.content.keys())
     for name in names:
@@ -104,8 +107,9 @@ def variants(reply: Message) -> Iterator[tuple[str, Message]]:
         yield f"{name}: record deleted", _with_sender(mutated, reply)
         mutated = _copy(reply)
         del mutated.content[name]
-        mutated.content[name] = (MetricRecord({"x": 1.0}) if not isinstance(record, MetricRecord)
-                                 else ConfigRecord({"x": b"1"}))
+        mutated.content[name] = (
+            MetricRecord({"x": 1.0}) if not isinstance(record, MetricRecord) else ConfigRecord({"x": b"1"})
+        )
         yield f"{name}: record of another kind", _with_sender(mutated, reply)
         if isinstance(record, ArrayRecord):
             for key in list(record.keys()):
@@ -123,8 +127,9 @@ def variants(reply: Message) -> Iterator[tuple[str, Message]]:
             continue
         for key in list(record.keys()):
             for what, bad in _scalar_variants(record[key]).items():
-                if isinstance(record, MetricRecord) and (isinstance(bad, bool)
-                                                         or not isinstance(bad, (int, float))):
+                if isinstance(record, MetricRecord) and (
+                    isinstance(bad, bool) or not isinstance(bad, (int, float))
+                ):
                     continue  # Flower's metric record cannot hold it: no site can send it
                 mutated = _copy(reply)
                 mutated.content[name][key] = bad

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import ast
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 
 def absolute_imports(path: Path) -> Iterator[tuple[int, str]]:

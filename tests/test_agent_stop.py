@@ -63,15 +63,18 @@ def test_the_agent_stops_with_exit_0_once_the_server_stays_away(capfd):
 
 def test_sigterm_stops_the_agent_with_exit_0_and_a_clear_line(tmp_path):
     script = tmp_path / "agent.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import logging, os, sys
         from fedseal.client.agent import ServerWatch, _supernode_once
         logging.basicConfig(level=logging.INFO)
         cmd = [sys.executable, "-c", {FAKE_SUPERNODE!r}]
         sys.exit(_supernode_once(cmd, dict(os.environ), ServerWatch("alpha", linger=600)))
-    """))
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    """)
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     assert proc.stdout is not None
     assert "lost the server" in proc.stdout.readline() + proc.stdout.readline()
     proc.send_signal(signal.SIGTERM)

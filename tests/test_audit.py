@@ -83,8 +83,9 @@ def test_the_bound_of_perfect_separation_and_of_none():
 
 
 def _attack(values_in, values_out, accounted=0.5):
-    return audit.attack_field("f", "dp-release", values_in, values_out, len(values_in) // 2, 0.0,
-                              0.95, accounted)
+    return audit.attack_field(
+        "f", "dp-release", values_in, values_out, len(values_in) // 2, 0.0, 0.95, accounted
+    )
 
 
 def test_a_number_that_moves_with_the_canary_is_flagged_and_a_constant_is_not():
@@ -102,11 +103,11 @@ def test_an_array_is_attacked_along_its_in_minus_out_mean():
     rng = np.random.default_rng(1)
     shift = np.zeros(50)
     shift[7] = 6.0
-    result = _attack([rng.normal(size=50) + shift for _ in range(20)],
-                     [rng.normal(size=50) for _ in range(20)])
+    result = _attack(
+        [rng.normal(size=50) + shift for _ in range(20)], [rng.normal(size=50) for _ in range(20)]
+    )
     assert result.attack == "projection" and result.flagged
-    noise = _attack([rng.normal(size=50) for _ in range(20)],
-                    [rng.normal(size=50) for _ in range(20)])
+    noise = _attack([rng.normal(size=50) for _ in range(20)], [rng.normal(size=50) for _ in range(20)])
     assert not noise.flagged
 
 
@@ -164,17 +165,24 @@ def fitted_bert(tmp_path_factory, tiny_bert) -> str:
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(
-        tiny_bert, num_labels=2, id2label=dict(enumerate(LABEL_NAMES)),
-        label2id={name: i for i, name in enumerate(LABEL_NAMES)}, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0)
+        tiny_bert,
+        num_labels=2,
+        id2label=dict(enumerate(LABEL_NAMES)),
+        label2id={name: i for i, name in enumerate(LABEL_NAMES)},
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     train = _clean_examples(1024, seed=7)
     inputs = tokenizer(train.texts, padding=True, return_tensors="pt")
     labels = torch.tensor(train.labels)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(300):
         batch = torch.randint(0, len(labels), (64,))
-        loss = model(input_ids=inputs["input_ids"][batch],
-                     attention_mask=inputs["attention_mask"][batch], labels=labels[batch]).loss
+        loss = model(
+            input_ids=inputs["input_ids"][batch],
+            attention_mask=inputs["attention_mask"][batch],
+            labels=labels[batch],
+        ).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -189,10 +197,17 @@ def old_training_loss(monkeypatch):
     DP release (as a reply that trusted it would declare it)."""
     from fedseal.client import probe, trainer
 
-    loss = egress.Field(egress.METRICS, "train-loss", egress.Form.FLOAT, egress.Kind.RELEASE,
-                        "the mean cross-entropy of the round's batches (the old plain reply)")
-    patched = {name: egress.ReplyType(t.name, (*t.fields, loss))
-               for name, t in (("TRAINING", egress.TRAINING), ("VOTE", egress.VOTE))}
+    loss = egress.Field(
+        egress.METRICS,
+        "train-loss",
+        egress.Form.FLOAT,
+        egress.Kind.RELEASE,
+        "the mean cross-entropy of the round's batches (the old plain reply)",
+    )
+    patched = {
+        name: egress.ReplyType(t.name, (*t.fields, loss))
+        for name, t in (("TRAINING", egress.TRAINING), ("VOTE", egress.VOTE))
+    }
     last = {}
 
     def keeping_loss(train):
@@ -200,14 +215,14 @@ def old_training_loss(monkeypatch):
             result = train(*args, **kwargs)
             last["loss"] = result.mean_loss
             return result
+
         return run
 
     build = egress.build
 
     def build_with_loss(reply_type, msg, values):
         if reply_type in patched.values():
-            values = {**values, egress.METRICS: {**values[egress.METRICS],
-                                                 "train-loss": last["loss"]}}
+            values = {**values, egress.METRICS: {**values[egress.METRICS], "train-loss": last["loss"]}}
         return build(reply_type, msg, values)
 
     for name, reply_type in patched.items():
@@ -218,10 +233,22 @@ def old_training_loss(monkeypatch):
 
 
 def _audit(fitted_bert: str, out: Path) -> dict:
-    cfg = FedConfig(model=fitted_bert, finetune="full", labels=LABEL_NAMES, clients=1,
-                    min_clients=1, rounds=1, local_steps=20, lr=1e-6, max_length=8,
-                    secagg=False, federated_eval=True, epsilon=EPSILON,
-                    device="cpu", out=str(out))
+    cfg = FedConfig(
+        model=fitted_bert,
+        finetune="full",
+        labels=LABEL_NAMES,
+        clients=1,
+        min_clients=1,
+        rounds=1,
+        local_steps=20,
+        lr=1e-6,
+        max_length=8,
+        secagg=False,
+        federated_eval=True,
+        epsilon=EPSILON,
+        device="cpu",
+        out=str(out),
+    )
     examples = _clean_examples(50, seed=0)
     return audit.audit(cfg, examples, audit.default_canary(LABEL_NAMES), RUNS)
 
@@ -261,21 +288,50 @@ def test_the_command_line_writes_json_and_exits_by_the_verdict(monkeypatch, tmp_
 
     def fake_audit(cfg, examples, canary, runs, confidence):
         seen.update(cfg=cfg, examples=examples, canary=canary, runs=runs, confidence=confidence)
-        return {"flagged": ["x"], "fields": [], "model": cfg.model, "finetune": cfg.finetune,
-                "rounds": cfg.rounds, "site_examples": len(examples), "data": "synthetic",
-                "runs_per_arm": runs, "test_runs_per_arm": runs - runs // 2,
-                "accounted": {"epsilon": 0.5, "delta": 1e-5}, "resolution": 1.0,
-                "confidence": confidence, "max_bound": 2.0, "seconds": 1.0,
-                "seconds_per_run": 0.1}
+        return {
+            "flagged": ["x"],
+            "fields": [],
+            "model": cfg.model,
+            "finetune": cfg.finetune,
+            "rounds": cfg.rounds,
+            "site_examples": len(examples),
+            "data": "synthetic",
+            "runs_per_arm": runs,
+            "test_runs_per_arm": runs - runs // 2,
+            "accounted": {"epsilon": 0.5, "delta": 1e-5},
+            "resolution": 1.0,
+            "confidence": confidence,
+            "max_bound": 2.0,
+            "seconds": 1.0,
+            "seconds_per_run": 0.1,
+        }
 
     monkeypatch.setattr(audit, "audit", fake_audit)
     out = tmp_path / "result.json"
-    code = cli_main(["audit", "--runs", "6", "--site-examples", "50", "--canary-label",
-                     "positive", "--out", str(tmp_path / "work"), "--json", str(out)])
+    code = cli_main(
+        [
+            "audit",
+            "--runs",
+            "6",
+            "--site-examples",
+            "50",
+            "--canary-label",
+            "positive",
+            "--out",
+            str(tmp_path / "work"),
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 1
     cfg = seen["cfg"]
     assert (cfg.epsilon, cfg.federated_eval, cfg.secagg, cfg.clients, cfg.dp) == (
-        audit.DEFAULT_EPSILON, True, False, 1, True)
+        audit.DEFAULT_EPSILON,
+        True,
+        False,
+        1,
+        True,
+    )
     assert (seen["runs"], len(seen["examples"]), seen["canary"].label) == (6, 50, "positive")
     assert seen["canary"].text.startswith(audit.CANARY_MARK)
     assert json.loads(out.read_text()) == json.loads(capsys.readouterr().out)
@@ -289,20 +345,39 @@ def test_the_run_report_shows_an_audit_flagged_fields_first_and_escaped(tmp_path
 
     run = tmp_path / "run"
     run.mkdir()
-    (run / "metrics.jsonl").write_text(json.dumps(
-        {"round": 1, "accuracy": 0.8, "epsilon": {"a": 0.5}, "private": True}) + "\n")
-    fields = [{"field": "train r2 update[*]", "kind": "dp-release", "attack": "projection",
-               "epsilon_lower_bound": 0.05, "flagged": False},
-              {"field": "evaluate r1 metrics[<script>x</script>]", "kind": "public",
-               "attack": "value", "epsilon_lower_bound": 0.0, "flagged": True},
-              {"field": "train r2 metrics[weight]", "kind": "public", "attack": "value",
-               "epsilon_lower_bound": 0.2, "flagged": False}]
+    (run / "metrics.jsonl").write_text(
+        json.dumps({"round": 1, "accuracy": 0.8, "epsilon": {"a": 0.5}, "private": True}) + "\n"
+    )
+    fields = [
+        {
+            "field": "train r2 update[*]",
+            "kind": "dp-release",
+            "attack": "projection",
+            "epsilon_lower_bound": 0.05,
+            "flagged": False,
+        },
+        {
+            "field": "evaluate r1 metrics[<script>x</script>]",
+            "kind": "public",
+            "attack": "value",
+            "epsilon_lower_bound": 0.0,
+            "flagged": True,
+        },
+        {
+            "field": "train r2 metrics[weight]",
+            "kind": "public",
+            "attack": "value",
+            "epsilon_lower_bound": 0.2,
+            "flagged": False,
+        },
+    ]
     result = tmp_path / "audit.json"
-    result.write_text(json.dumps({"fields": fields, "accounted": {"epsilon": 0.5},
-                                  "resolution": 1.5, "runs_per_arm": 40}))
+    result.write_text(
+        json.dumps({"fields": fields, "accounted": {"epsilon": 0.5}, "resolution": 1.5, "runs_per_arm": 40})
+    )
     assert cli_main(["report", str(run), "--audit", str(result)]) == 0
     page = Path(capsys.readouterr().out.strip()).read_text()
-    section = page[page.index("<h2>Privacy audit</h2>"):]
+    section = page[page.index("<h2>Privacy audit</h2>") :]
     assert "&lt;script&gt;x&lt;/script&gt;" in section and "<script>" not in page
     assert "1 field(s) reveal more than the accounted ε" in section
     order = [section.index(name) for name in ("&lt;script&gt;", "metrics[weight]", "update[*]")]

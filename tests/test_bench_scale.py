@@ -8,16 +8,36 @@ from fedseal.common.secagg import default_k
 from simulations.bench.scale import CLIENT_PHASES, SECAGG_STAGES, main
 
 
-def test_scale_benchmark_reports_every_round_phase_and_the_secagg_growth(tiny_bert, tmp_path,
-                                                                        capsys):
+def test_scale_benchmark_reports_every_round_phase_and_the_secagg_growth(tiny_bert, tmp_path, capsys):
     out, png = tmp_path / "scale.json", tmp_path / "scale.png"
-    assert main(["--sites", "3,6", "--engines", "local", "--rounds", "2", "--model", tiny_bert,
-                 "--json", str(out), "--plot", str(png), "--keep", str(tmp_path / "runs")]) == 0
+    assert (
+        main(
+            [
+                "--sites",
+                "3,6",
+                "--engines",
+                "local",
+                "--rounds",
+                "2",
+                "--model",
+                tiny_bert,
+                "--json",
+                str(out),
+                "--plot",
+                str(png),
+                "--keep",
+                str(tmp_path / "runs"),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     assert json.loads(capsys.readouterr().out) == report
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [(r["engine"], r["sites"], r["k"]) for r in report["runs"]] == [
-        ("local", 3, default_k(3)), ("local", 6, default_k(6))]
+        ("local", 3, default_k(3)),
+        ("local", 6, default_k(6)),
+    ]
     named = {phase for phase, _, _ in CLIENT_PHASES}
     for run in report["runs"]:
         assert len(run["round_seconds"]) == 2 and run["cpu_seconds"] > 0 and run["peak_rss_mib"] > 0

@@ -8,10 +8,26 @@ from fedseal.common.secagg import default_k
 from simulations.bench.secagg import QUICK_NS, QUICK_SIZES, main
 
 ROW_KEYS = {
-    "size_name", "length", "n", "k", "threshold", "client_mask_s", "client_mask_method",
-    "flower_mask_s", "speedup", "server_unmask_s", "server_unmask_reason", "server_exact",
-    "bytes_per_client", "key_material_bytes", "plain_update_bytes", "bytes_ratio",
-    "bytes_ratio_vs_plain", "client_round_s", "client_stage_s", "key_material_upload",
+    "size_name",
+    "length",
+    "n",
+    "k",
+    "threshold",
+    "client_mask_s",
+    "client_mask_method",
+    "flower_mask_s",
+    "speedup",
+    "server_unmask_s",
+    "server_unmask_reason",
+    "server_exact",
+    "bytes_per_client",
+    "key_material_bytes",
+    "plain_update_bytes",
+    "bytes_ratio",
+    "bytes_ratio_vs_plain",
+    "client_round_s",
+    "client_stage_s",
+    "key_material_upload",
     "download_key_material_bytes",
 }
 STAGES = {"advertise", "share_keys", "masked_input", "sign_view", "unmask"}
@@ -27,9 +43,7 @@ def test_quick_benchmark_report(tmp_path, capsys):
     assert report["machine"]["cpu_count"] >= 1 and report["machine"]["numpy"]
     assert report["notes"]
     rows = report["results"]
-    assert {(r["size_name"], r["n"]) for r in rows} == {
-        (name, n) for name in QUICK_SIZES for n in QUICK_NS
-    }
+    assert {(r["size_name"], r["n"]) for r in rows} == {(name, n) for name in QUICK_SIZES for n in QUICK_NS}
     for row in rows:
         assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
         assert row["length"] == QUICK_SIZES[row["size_name"]]

@@ -13,10 +13,32 @@ pytestmark = pytest.mark.slow
 
 def test_tiny_utility_benchmark_report_and_plot(tmp_path, tiny_bert, sst2):
     out, png = tmp_path / "utility.json", tmp_path / "curve.png"
-    bench_utility.main(["--data", str(sst2), "--json", str(out), "--plot", str(png),
-                        "--model", tiny_bert, "--train-size", "240", "--sites", "2",
-                        "--rounds", "2", "--epsilons", "8", "--accountant", "rdp",
-                        "--repeats", "2", "--log-level", "WARNING"])
+    bench_utility.main(
+        [
+            "--data",
+            str(sst2),
+            "--json",
+            str(out),
+            "--plot",
+            str(png),
+            "--model",
+            tiny_bert,
+            "--train-size",
+            "240",
+            "--sites",
+            "2",
+            "--rounds",
+            "2",
+            "--epsilons",
+            "8",
+            "--accountant",
+            "rdp",
+            "--repeats",
+            "2",
+            "--log-level",
+            "WARNING",
+        ]
+    )
     report = json.loads(out.read_text())
     assert set(report["curve"]) == {"iid", "dirichlet"}
     for partition in ("iid", "dirichlet"):
@@ -39,8 +61,7 @@ def test_tiny_utility_benchmark_report_and_plot(tmp_path, tiny_bert, sst2):
 
 def test_repeats_below_one_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        bench_utility.main(["--data", str(tmp_path), "--json", str(tmp_path / "x.json"),
-                            "--repeats", "0"])
+        bench_utility.main(["--data", str(tmp_path), "--json", str(tmp_path / "x.json"), "--repeats", "0"])
     assert "--repeats must be at least 1, got 0" in capsys.readouterr().err
 
 

@@ -22,13 +22,17 @@ POLICY = SitePolicy()
 @pytest.fixture
 def ledger(tmp_path) -> PrivacyLedger:
     (tmp_path / "secrets").mkdir()
-    return PrivacyLedger.open(tmp_path / "ledger.json", "alpha", TOTAL.epsilon, TOTAL.delta,
-                              key_path=tmp_path / "secrets" / "ledger.key")
+    return PrivacyLedger.open(
+        tmp_path / "ledger.json",
+        "alpha",
+        TOTAL.epsilon,
+        TOTAL.delta,
+        key_path=tmp_path / "secrets" / "ledger.key",
+    )
 
 
 def _reopen(led: PrivacyLedger, total: Budget = TOTAL) -> PrivacyLedger:
-    return PrivacyLedger.open(led.path, led.site, total.epsilon, total.delta,
-                              key_path=led.key_path)
+    return PrivacyLedger.open(led.path, led.site, total.epsilon, total.delta, key_path=led.key_path)
 
 
 def test_a_server_starting_many_cheap_jobs_is_refused_once_the_next_would_pass(ledger, caplog):
@@ -76,8 +80,7 @@ def test_delta_is_checked_too_after_a_raise_of_epsilon_alone(ledger):
         grant(ledger, "job-b", 1.0, 1e-5, POLICY, Budget(16.0, 1e-5))
     assert refused.value.refusal_code == Code.BUDGET_EXHAUSTED
     ledger.raise_total(16.0, 2e-5, "dana", "and delta")
-    assert grant(ledger, "job-b", 1.0, 1e-5, POLICY, Budget(16.0, 2e-5)).delta == \
-        pytest.approx(1e-5 / 8)
+    assert grant(ledger, "job-b", 1.0, 1e-5, POLICY, Budget(16.0, 2e-5)).delta == pytest.approx(1e-5 / 8)
 
 
 def test_a_run_asking_more_than_the_policy_allows_one_run_is_refused(ledger):
@@ -119,8 +122,7 @@ def test_a_job_with_spend_but_no_grant_cannot_go_on(ledger):
     led.path.with_name("backup").write_bytes(led.path.read_bytes())
     led.record("job-a", 2, 20, 2.0)
     led.path.write_bytes(led.path.with_name("backup").read_bytes())  # an older copy restored
-    assert ledger_cli.main(["recover", "--ledger", str(led.path), "--ledger-key",
-                            str(led.key_path)]) == 0
+    assert ledger_cli.main(["recover", "--ledger", str(led.path), "--ledger-key", str(led.key_path)]) == 0
     led = _reopen(led)
     [carried] = [j for j in led.jobs() if j.startswith("carried-forward-")]
     with pytest.raises(Refusal, match="no grant.*start a new run") as refused:
@@ -141,17 +143,44 @@ def test_max_run_epsilon_must_be_positive_and_defaults_to_no_cap_below_the_total
     assert SitePolicy().max_run_epsilon == float("inf")
     with pytest.raises(ConfigError, match="max-run-epsilon must be positive"):
         SitePolicy(max_run_epsilon=0.0)
-    values = agent.node_config(Path("d"), "alpha", 8.0, 1e-5, Path("l"), Path("k"), "cpu",
-                               SitePolicy(), None, None, ("text", "label"))
+    values = agent.node_config(
+        Path("d"),
+        "alpha",
+        8.0,
+        1e-5,
+        Path("l"),
+        Path("k"),
+        "cpu",
+        SitePolicy(),
+        None,
+        None,
+        ("text", "label"),
+    )
     assert "max-run-epsilon" not in values  # unset: the total caps a run
 
 
 def test_the_agent_started_with_another_total_says_to_raise_it(ledger, tmp_path, capsys):
     data = tmp_path / "data.csv"
     data.write_text("text,label\na fine film,positive\n")
-    argv = ["--server", "127.0.0.1:1", "--insecure", "--data", str(data), "--ledger",
-            str(ledger.path), "--ledger-key", str(ledger.key_path), "--name", "alpha",
-            "--wait", "0", "--text-column", "text", "--labels", "positive"]
+    argv = [
+        "--server",
+        "127.0.0.1:1",
+        "--insecure",
+        "--data",
+        str(data),
+        "--ledger",
+        str(ledger.path),
+        "--ledger-key",
+        str(ledger.key_path),
+        "--name",
+        "alpha",
+        "--wait",
+        "0",
+        "--text-column",
+        "text",
+        "--labels",
+        "positive",
+    ]
     assert agent.main([*argv, "--epsilon", "16"]) == 2
     said = " ".join(capsys.readouterr().err.split())
     assert "fedseal ledger raise --ledger" in said and "--epsilon 16 --delta 1e-05" in said

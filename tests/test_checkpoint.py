@@ -14,8 +14,10 @@ from fedseal.server.checkpoint import CheckpointError, check_resume_config, load
 
 def _weights(seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {"encoder.layer.0.lora_A": rng.normal(size=(4, 8)).astype(np.float32),
-            "classifier.bias": rng.normal(size=(2,)).astype(np.float32)}
+    return {
+        "encoder.layer.0.lora_A": rng.normal(size=(4, 8)).astype(np.float32),
+        "classifier.bias": rng.normal(size=(2,)).astype(np.float32),
+    }
 
 
 def _state(seed: int) -> dict[str, np.ndarray]:
@@ -127,8 +129,9 @@ def test_non_numeric_or_unserialisable_input_is_refused_before_writing(tmp_path)
 def test_check_resume_config():
     saved = FedConfig(rounds=5, lr=0.005).to_dict()
     check_resume_config(saved, FedConfig(rounds=5, lr=0.005).to_dict())
-    check_resume_config(saved, FedConfig(rounds=8, lr=0.005, out="elsewhere", timeout=5.0,
-                                         tensorboard="tb").to_dict())
+    check_resume_config(
+        saved, FedConfig(rounds=8, lr=0.005, out="elsewhere", timeout=5.0, tensorboard="tb").to_dict()
+    )
     dashed = {k.replace("_", "-"): v for k, v in FedConfig(rounds=5, lr=0.005).to_dict().items()}
     check_resume_config(saved, dashed)
     with pytest.raises(CheckpointError, match=r"lr: saved 0.005, now 0.01.*strategy: saved 'fedavg'"):

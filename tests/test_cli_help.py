@@ -47,7 +47,8 @@ def test_every_option_has_a_help_text_naming_its_choices(path, action):
     assert text and action.help is not argparse.SUPPRESS, f"{path} {_name(action)} has no help text"
     for choice in action.choices or ():
         assert re.search(rf"\b{re.escape(str(choice))}\b", text), (
-            f"{path} {_name(action)}: help {text!r} does not name the allowed value {choice!r}")
+            f"{path} {_name(action)}: help {text!r} does not name the allowed value {choice!r}"
+        )
 
 
 def test_help_texts_live_beside_the_config_fields_one_per_setting():
@@ -68,8 +69,10 @@ def test_simulate_help_shows_auto_for_every_automatic_setting(capsys):
         assert f"{flag} auto|" in out, f"{flag} does not show that it takes auto"
     assert out.count("(default: auto)") >= len(AUTO_SETTINGS)
     assert "--eval-max-examples all|INT" in out and "or all: the whole file (default: all)" in out
-    assert "server-lr auto|FLOAT server learning rate (positive number) or auto: 1.0 for " \
-           "fedavg, 0.01 for fedadam (default: auto)" in out
+    assert (
+        "server-lr auto|FLOAT server learning rate (positive number) or auto: 1.0 for "
+        "fedavg, 0.01 for fedadam (default: auto)" in out
+    )
 
 
 def test_auto_and_numbers_parse_on_the_command_line():
@@ -79,22 +82,37 @@ def test_auto_and_numbers_parse_on_the_command_line():
     args = parser.parse_args(["--secagg-k", "auto", "--server-lr", "auto"])
     cfg = config_from_args(args)
     assert (cfg.secagg_k, cfg.server_lr) == (AUTO, AUTO)
-    cfg = config_from_args(parser.parse_args(["--clients", "10", "--secagg-k", "4",
-                                              "--server-lr", "0.5", "--secagg-threshold", "AUTO"]))
+    cfg = config_from_args(
+        parser.parse_args(
+            ["--clients", "10", "--secagg-k", "4", "--server-lr", "0.5", "--secagg-threshold", "AUTO"]
+        )
+    )
     assert (cfg.secagg_k, cfg.server_lr, cfg.secagg_threshold) == (4, 0.5, AUTO)
 
 
-@pytest.mark.parametrize("argv,named", [
-    (["--secagg-k", "fast"], "argument --secagg-k: secagg-k must be 'auto' or a positive integer, "
-                             "got 'fast'"),
-    (["--secagg-k", "0"], "argument --secagg-k: secagg-k must be 'auto' or a positive integer, got "
-                          "'0'; for the automatic choice write auto"),
-    (["--server-lr", "fast"], "argument --server-lr: server-lr must be 'auto' or a positive "
-                              "number, got 'fast'"),
-    (["--strategy", "fedsgd"], "argument --strategy: invalid choice: 'fedsgd' (choose from "
-                               "'fedavg', 'fedadam')"),
-    (["--rounds", "many"], "argument --rounds: rounds must be an integer, got 'many'"),
-])
+@pytest.mark.parametrize(
+    "argv,named",
+    [
+        (
+            ["--secagg-k", "fast"],
+            "argument --secagg-k: secagg-k must be 'auto' or a positive integer, got 'fast'",
+        ),
+        (
+            ["--secagg-k", "0"],
+            "argument --secagg-k: secagg-k must be 'auto' or a positive integer, got "
+            "'0'; for the automatic choice write auto",
+        ),
+        (
+            ["--server-lr", "fast"],
+            "argument --server-lr: server-lr must be 'auto' or a positive number, got 'fast'",
+        ),
+        (
+            ["--strategy", "fedsgd"],
+            "argument --strategy: invalid choice: 'fedsgd' (choose from 'fedavg', 'fedadam')",
+        ),
+        (["--rounds", "many"], "argument --rounds: rounds must be an integer, got 'many'"),
+    ],
+)
 def test_a_typo_names_the_option_and_its_allowed_values(capsys, argv, named):
     with pytest.raises(SystemExit) as exit_:
         command_parser("simulate").parse_args(argv)
@@ -109,5 +127,6 @@ def test_client_runtime_port_is_auto_or_a_port(capsys):
     assert parser.parse_args([*required, "--runtime-port", "9999"]).runtime_port == 9999
     with pytest.raises(SystemExit):
         parser.parse_args([*required, "--runtime-port", "0"])
-    assert "argument --runtime-port: must be auto or a port number 1-65535, got '0'" in \
-        capsys.readouterr().err
+    assert (
+        "argument --runtime-port: must be auto or a port number 1-65535, got '0'" in capsys.readouterr().err
+    )

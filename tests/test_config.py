@@ -17,16 +17,19 @@ def test_unknown_key_suggests_the_closest():
         from_mapping({"epsilion": 3})
 
 
-@pytest.mark.parametrize("key,value,match", [
-    ("rounds", 0, "rounds must be at least 1"),
-    ("delta", 2.0, "delta must be in"),
-    ("partition", "noniid", "partition must be one of iid, dirichlet"),
-    ("epsilon", "lots", "epsilon must be a number, got 'lots'"),
-    ("dp", "maybe", "dp must be true or false, got 'maybe'"),
-    ("rounds", "many", "rounds must be an integer, got 'many'"),
-    ("lora_targets", 7, "lora-targets must be a comma-separated list, got 7"),
-    ("fraction", 0.0, "fraction must be in"),
-])
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("rounds", 0, "rounds must be at least 1"),
+        ("delta", 2.0, "delta must be in"),
+        ("partition", "noniid", "partition must be one of iid, dirichlet"),
+        ("epsilon", "lots", "epsilon must be a number, got 'lots'"),
+        ("dp", "maybe", "dp must be true or false, got 'maybe'"),
+        ("rounds", "many", "rounds must be an integer, got 'many'"),
+        ("lora_targets", 7, "lora-targets must be a comma-separated list, got 7"),
+        ("fraction", 0.0, "fraction must be in"),
+    ],
+)
 def test_bad_values(key, value, match):
     with pytest.raises(ConfigError, match=match):
         from_mapping({key: value})
@@ -64,16 +67,21 @@ def test_automatic_settings_say_auto_and_zero_is_refused(tmp_path, key):
     assert getattr(from_mapping(load_toml(path)), key) == "auto"
     # 0 meant "automatic" before; a config still written that way is told what to write.
     path.write_text(f"{key} = 0\n", encoding="utf-8")
-    with pytest.raises(ConfigError, match=f"{key.replace('_', '-')} must be 'auto' or a positive "
-                                          r".*got '?0'?; for the automatic choice write auto"):
+    with pytest.raises(
+        ConfigError,
+        match=f"{key.replace('_', '-')} must be 'auto' or a positive "
+        r".*got '?0'?; for the automatic choice write auto",
+    ):
         from_mapping(load_toml(path))
 
 
 def test_eval_max_examples_is_all_or_a_positive_count():
     assert FedConfig().eval_max_examples == "all"
     assert from_mapping({"eval-max-examples": "200"}).eval_max_examples == 200
-    with pytest.raises(ConfigError, match="eval-max-examples must be 'all' or a positive integer, "
-                                          "got 0; for no limit write all"):
+    with pytest.raises(
+        ConfigError,
+        match="eval-max-examples must be 'all' or a positive integer, got 0; for no limit write all",
+    ):
         FedConfig(eval_max_examples=0)
 
 

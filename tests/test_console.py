@@ -9,13 +9,12 @@ without a second Ray run (about a minute on 2 cores each).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
-
-import logging
 
 import pytest
 
@@ -26,7 +25,7 @@ from fedseal.server.metrics import eta_seconds, progress_line
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUNDS = 2
-PROGRESS = re.compile(r"^\[[#.]+\] round (\d+)/%d \|.*\| ETA \S+$" % ROUNDS, re.MULTILINE)
+PROGRESS = re.compile(rf"^\[[#.]+\] round (\d+)/{ROUNDS} \|.*\| ETA \S+$", re.MULTILINE)
 # What the default console must never show: other projects' lines.
 NOISE = {
     "Ray": re.compile(r"\bray", re.IGNORECASE),  # ray, Ray's, raylet (not "array")
@@ -48,18 +47,21 @@ def test_eta_is_the_mean_round_time_times_the_rounds_left():
     assert "ETA" not in progress_line(row, 5, 8.0, True)
 
 
-@pytest.mark.parametrize("name,level,shown", [
-    ("fedseal", logging.INFO, True),  # header and progress lines
-    ("fedseal", logging.DEBUG, False),
-    ("fedseal.run", logging.INFO, False),  # per-round detail: the log file
-    ("fedseal.run", logging.WARNING, True),
-    ("fedseal.client.app", logging.WARNING, True),
-    ("fedseal.common.secagg.server", logging.INFO, False),
-    ("flwr", logging.WARNING, False),  # Flower's deprecation notice
-    ("py.warnings", logging.WARNING, False),  # libraries' FutureWarnings
-    ("alembic.runtime.plugins", logging.INFO, False),
-    ("flwr", logging.ERROR, True),  # anyone's error
-])
+@pytest.mark.parametrize(
+    "name,level,shown",
+    [
+        ("fedseal", logging.INFO, True),  # header and progress lines
+        ("fedseal", logging.DEBUG, False),
+        ("fedseal.run", logging.INFO, False),  # per-round detail: the log file
+        ("fedseal.run", logging.WARNING, True),
+        ("fedseal.client.app", logging.WARNING, True),
+        ("fedseal.common.secagg.server", logging.INFO, False),
+        ("flwr", logging.WARNING, False),  # Flower's deprecation notice
+        ("py.warnings", logging.WARNING, False),  # libraries' FutureWarnings
+        ("alembic.runtime.plugins", logging.INFO, False),
+        ("flwr", logging.ERROR, True),  # anyone's error
+    ],
+)
 def test_console_filter_shows_fedseal_lines_and_warnings_only(name, level, shown):
     record = logging.LogRecord(name, level, __file__, 1, "message", None, None)
     assert ConsoleFilter().filter(record) is shown
@@ -70,14 +72,42 @@ def _simulate(tiny_bert: str, out: Path, *extra: str) -> str:
     data = out.parent / "data"
     train = write_examples(synthetic_examples(240, seed=1), data / "train.jsonl")
     held_out = write_examples(synthetic_examples(64, seed=2), data / "eval.jsonl")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")
+    }
     env["HF_HUB_OFFLINE"] = "1"
     proc = subprocess.run(
-        [sys.executable, "-m", "fedseal.common.cli", "simulate", "--model", tiny_bert, "--finetune", "probe",
-         "--clients", "2", "--rounds", str(ROUNDS), "--max-length", "16", "--train", str(train),
-         "--eval", str(held_out), "--out", str(out), *extra],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "fedseal.common.cli",
+            "simulate",
+            "--model",
+            tiny_bert,
+            "--finetune",
+            "probe",
+            "--clients",
+            "2",
+            "--rounds",
+            str(ROUNDS),
+            "--max-length",
+            "16",
+            "--train",
+            str(train),
+            "--eval",
+            str(held_out),
+            "--out",
+            str(out),
+            *extra,
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:]
     return proc.stdout
@@ -131,12 +161,23 @@ def test_verbose_puts_every_library_line_back_on_the_console(tmp_path, verbose):
     global logging); both ways the log file holds every line.
     """
     log_file = tmp_path / "fedseal.log"
-    proc = subprocess.run([sys.executable, "-c", LIBRARY_LINES, str(log_file), "-v" if verbose else ""],
-                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", LIBRARY_LINES, str(log_file), "-v" if verbose else ""],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout
-    lines = ("DEPRECATED FEATURE", "ray: object store", "alembic: setup plugin",
-             "transformers: some weights", "FutureWarning", "round 1/2: 2 site(s) training")
+    lines = (
+        "DEPRECATED FEATURE",
+        "ray: object store",
+        "alembic: setup plugin",
+        "transformers: some weights",
+        "FutureWarning",
+        "round 1/2: 2 site(s) training",
+    )
     detail = log_file.read_text(encoding="utf-8")
     assert all(line in detail for line in lines), detail
     assert "the progress line" in proc.stdout

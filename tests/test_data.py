@@ -20,8 +20,13 @@ def _write(path, text, mode="w"):
 def test_reads_tsv_csv_jsonl_alike(tmp_path):
     tsv = _write(tmp_path / "a.tsv", 'label\tsentence\n1\tit \'s "great"\n0\tdull , flat\n')
     csv_ = _write(tmp_path / "a.csv", 'label,sentence\n1,"it \'s ""great"""\n0,"dull , flat"\n')
-    jsonl = _write(tmp_path / "a.jsonl", json.dumps({"label": 1, "sentence": 'it \'s "great"'})
-                   + "\n\n" + json.dumps({"label": "0", "sentence": "dull , flat"}) + "\n")
+    jsonl = _write(
+        tmp_path / "a.jsonl",
+        json.dumps({"label": 1, "sentence": 'it \'s "great"'})
+        + "\n\n"
+        + json.dumps({"label": "0", "sentence": "dull , flat"})
+        + "\n",
+    )
     results = [read_examples(p) for p in (tsv, csv_, jsonl)]
     for ex in results:
         assert ex.texts == ['it \'s "great"', "dull , flat"]
@@ -30,11 +35,17 @@ def test_reads_tsv_csv_jsonl_alike(tmp_path):
 
 
 def test_configurable_columns_and_string_labels(tmp_path):
-    path = _write(tmp_path / "d.jsonl", "\n".join(json.dumps(r) for r in [
-        {"body": "refund please", "topic": "billing"},
-        {"body": "app crashes", "topic": "bug"},
-        {"body": "charged twice", "topic": "billing"},
-    ]))
+    path = _write(
+        tmp_path / "d.jsonl",
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"body": "refund please", "topic": "billing"},
+                {"body": "app crashes", "topic": "bug"},
+                {"body": "charged twice", "topic": "billing"},
+            ]
+        ),
+    )
     ex = read_examples(path, text_column="body", label_column="topic")
     assert ex.label_names == ("billing", "bug")
     assert ex.labels == [0, 1, 0]
@@ -115,8 +126,12 @@ def test_a_stray_label_in_the_users_files_is_refused_with_the_way_out(tmp_path):
 
     good = synthetic_examples(3000, seed=1)
     names = (*good.label_names, "postive")  # one line with a typo
-    typo = Examples(texts=[*good.texts, "a fine film"], labels=[*good.labels, len(names) - 1],
-                    label_names=names, source="typo")
+    typo = Examples(
+        texts=[*good.texts, "a fine film"],
+        labels=[*good.labels, len(names) - 1],
+        label_names=names,
+        source="typo",
+    )
     train = write_examples(typo, tmp_path / "train.jsonl")
     held_out = write_examples(synthetic_examples(100, seed=2), tmp_path / "eval.jsonl")
     cfg = FedConfig(train=str(train), eval=str(held_out), clients=2, out=str(tmp_path / "out"))

@@ -18,8 +18,7 @@ import pytest
 from dp_accounting.pld import privacy_loss_distribution
 from scipy import integrate, optimize, stats
 
-from fedseal.common.ddp import (DdgMechanism, DdgSteps, DdpError, calibrate_noise_multiplier,
-                                epsilon_spent)
+from fedseal.common.ddp import DdgMechanism, DdgSteps, DdpError, calibrate_noise_multiplier, epsilon_spent
 from fedseal.common.ddp.accounting import kernel_deviation, sum_deviation
 
 DELTA = 1e-5
@@ -28,7 +27,7 @@ DELTA = 1e-5
 def _dg_pmf(sigma: float) -> np.ndarray:
     """``N_Z(0, sigma^2)`` on ``[-K, K]``, ``K = 40 sigma + 5`` (the rest is below 1e-300)."""
     k = np.arange(-int(40 * sigma) - 5, int(40 * sigma) + 6)
-    p = np.exp(-k.astype(float) ** 2 / (2 * sigma ** 2))
+    p = np.exp(-(k.astype(float) ** 2) / (2 * sigma**2))
     return p / p.sum()
 
 
@@ -43,7 +42,7 @@ def _sum_pmf(sigma: float, shares: int) -> np.ndarray:
 def test_a_sum_of_shares_is_within_the_bound_of_one_discrete_gaussian(sigma, shares) -> None:
     total = _sum_pmf(sigma, shares)
     k = np.arange(total.size) - total.size // 2
-    ref = np.exp(-k.astype(float) ** 2 / (2 * shares * sigma ** 2))
+    ref = np.exp(-(k.astype(float) ** 2) / (2 * shares * sigma**2))
     ref /= ref.sum()
     centre = np.abs(k) <= 6 * math.sqrt(shares) * sigma  # where float64 resolves the ratio
     deviation = np.abs(np.log(total[centre] / ref[centre])).max()
@@ -58,15 +57,24 @@ def test_a_discrete_gaussian_is_a_noisy_rounding_of_a_continuous_one(variance, r
     lattice = np.arange(-60, 61)
 
     def kernel(y: float, k: int) -> float:
-        w = np.exp(-(y - lattice) ** 2 / (2 * r * r))
-        return math.exp(-(y - k) ** 2 / (2 * r * r)) / w.sum()
+        w = np.exp(-((y - lattice) ** 2) / (2 * r * r))
+        return math.exp(-((y - k) ** 2) / (2 * r * r)) / w.sum()
 
     ks = np.arange(-8, 9)
-    law = np.array([integrate.quad(lambda y: stats.norm.pdf(y, scale=inner) * kernel(y, k),
-                                   k - 15 * inner, k + 15 * inner, limit=400, epsrel=1e-13)[0]
-                    for k in ks])
+    law = np.array(
+        [
+            integrate.quad(
+                lambda y, k=k: stats.norm.pdf(y, scale=inner) * kernel(y, k),
+                k - 15 * inner,
+                k + 15 * inner,
+                limit=400,
+                epsrel=1e-13,
+            )[0]
+            for k in ks
+        ]
+    )
     wide = np.arange(-200, 201)
-    ref = np.exp(-wide ** 2 / (2 * variance))
+    ref = np.exp(-(wide**2) / (2 * variance))
     ref = ref[200 + ks] / ref.sum()
     deviation = np.abs(np.log(law / ref)).max()
     assert deviation <= kernel_deviation(math.sqrt(variance), r)
@@ -83,18 +91,19 @@ def _exact_epsilon(sigma: float, shares: int, shift: int, q: float, steps: int) 
     keys = np.flatnonzero(keep)
     lower = {int(k): math.log(without[k]) for k in keys}
     upper = {int(k): math.log(mixed[k]) for k in keys}
-    pld = privacy_loss_distribution.from_two_probability_mass_functions(lower, upper,
-                                                                        symmetric=False)
+    pld = privacy_loss_distribution.from_two_probability_mass_functions(lower, upper, symmetric=False)
     return pld.self_compose(steps).get_epsilon_for_delta(DELTA)
 
 
-@pytest.mark.parametrize("sigma,shares,shift,q,steps,slack", [
-    (6, 3, 3, 0.2, 50, 0.08),    # small shares: the accountant's r^2 = 9 shows
-    (20, 3, 10, 0.2, 50, 0.005),
-    (4, 2, 2, 0.5, 20, 0.25),
-])
-def test_the_accountant_bounds_the_exact_discrete_mechanism(sigma, shares, shift, q, steps,
-                                                            slack) -> None:
+@pytest.mark.parametrize(
+    "sigma,shares,shift,q,steps,slack",
+    [
+        (6, 3, 3, 0.2, 50, 0.08),  # small shares: the accountant's r^2 = 9 shows
+        (20, 3, 10, 0.2, 50, 0.005),
+        (4, 2, 2, 0.5, 20, 0.25),
+    ],
+)
+def test_the_accountant_bounds_the_exact_discrete_mechanism(sigma, shares, shift, q, steps, slack) -> None:
     exact = _exact_epsilon(sigma, shares, shift, q, steps)
     ours = epsilon_spent([DdgSteps(DdgMechanism(sigma, shares, shift, 1), q, steps)], DELTA)
     assert exact <= ours <= exact * (1 + slack)

@@ -9,9 +9,19 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from fedseal.common.ddp import (DdpError, Encoding, NoiseRandom, ShareRefusal, SumRangeError,
-                                check_share, decode_sum, encode_share, honest_shares,
-                                plan_encoding, required_share_sigma)
+from fedseal.common.ddp import (
+    DdpError,
+    Encoding,
+    NoiseRandom,
+    ShareRefusal,
+    SumRangeError,
+    check_share,
+    decode_sum,
+    encode_share,
+    honest_shares,
+    plan_encoding,
+    required_share_sigma,
+)
 from fedseal.common.ddp.accounting import KERNEL_SCALE
 from fedseal.common.ddp.encoding import RING_MAX, hadamard, padded_dim, rotation_signs
 
@@ -52,10 +62,10 @@ def test_padding_to_a_power_of_two(dim, expected) -> None:
 
 def _plain(dim: int = 300, sites: int = 5, **kw) -> Encoding:
     """An encoding without noise (the non-private arm), to see rounding alone."""
-    base = plan_encoding(dim=dim, clip=1.0, sum_bound=50.0, max_sites=sites, noise_multiplier=1.0,
-                         honest_shares=2)
-    return Encoding(dim=dim, clip=1.0, sum_bound=50.0, scale=base.scale, share_sigma=0,
-                    max_sites=sites, **kw)
+    base = plan_encoding(
+        dim=dim, clip=1.0, sum_bound=50.0, max_sites=sites, noise_multiplier=1.0, honest_shares=2
+    )
+    return Encoding(dim=dim, clip=1.0, sum_bound=50.0, scale=base.scale, share_sigma=0, max_sites=sites, **kw)
 
 
 def test_round_trip_is_within_the_rounding_bound_and_unbiased() -> None:
@@ -88,8 +98,7 @@ def test_worst_case_sums_do_not_wrap() -> None:
     """Every site at its sum bound, all in one coordinate (the least flat input): the rotation
     spreads it, the honest bound holds, and the sum decodes."""
     z = 2.0
-    enc = plan_encoding(dim=300, clip=1.0, sum_bound=500.0, max_sites=20, noise_multiplier=z,
-                        honest_shares=4)
+    enc = plan_encoding(dim=300, clip=1.0, sum_bound=500.0, max_sites=20, noise_multiplier=z, honest_shares=4)
     assert enc.ring_bound(20) <= RING_MAX
     spike = np.zeros(enc.dim)
     spike[0] = enc.sum_bound
@@ -104,8 +113,7 @@ def test_worst_case_sums_do_not_wrap() -> None:
 def test_rounding_moves_a_share_by_at_most_the_sensitivity() -> None:
     """The coupling the accountant relies on: with the same randomness, adding one record of
     norm ``clip`` moves the share by an integer vector of L2 norm below ``l2_sensitivity``."""
-    enc = plan_encoding(dim=200, clip=0.5, sum_bound=40.0, max_sites=4, noise_multiplier=1.0,
-                        honest_shares=2)
+    enc = plan_encoding(dim=200, clip=0.5, sum_bound=40.0, max_sites=4, noise_multiplier=1.0, honest_shares=2)
     rng = np.random.default_rng(2)
     worst = 0.0
     for trial in range(50):
@@ -123,28 +131,44 @@ def test_rounding_moves_a_share_by_at_most_the_sensitivity() -> None:
 
 def test_plan_meets_the_noise_target_and_the_ring() -> None:
     for z, h, n in [(0.7, 2, 3), (3.0, 9, 10), (20.0, 5, 50)]:
-        enc = plan_encoding(dim=1000, clip=1.0, sum_bound=100.0, max_sites=n, noise_multiplier=z,
-                            honest_shares=h)
-        assert math.sqrt(h * enc.share_sigma ** 2 - KERNEL_SCALE ** 2) >= z * enc.l2_sensitivity
+        enc = plan_encoding(
+            dim=1000, clip=1.0, sum_bound=100.0, max_sites=n, noise_multiplier=z, honest_shares=h
+        )
+        assert math.sqrt(h * enc.share_sigma**2 - KERNEL_SCALE**2) >= z * enc.l2_sensitivity
         assert enc.ring_bound(n) <= RING_MAX
         assert enc.l2_sensitivity / (enc.scale * enc.clip) < 1.01
 
 
 def test_a_plan_the_ring_cannot_hold_is_refused() -> None:
     with pytest.raises(DdpError, match="lower sum_bound"):
-        plan_encoding(dim=1 << 16, clip=1.0, sum_bound=1e9, max_sites=1000, noise_multiplier=1.0,
-                      honest_shares=2)
+        plan_encoding(
+            dim=1 << 16, clip=1.0, sum_bound=1e9, max_sites=1000, noise_multiplier=1.0, honest_shares=2
+        )
 
 
-@pytest.mark.parametrize("change,match", [
-    ({"scale": -1.0}, "scale"), ({"scale": float("nan")}, "scale"), ({"dim": 0}, "dim"),
-    ({"dim": True}, "dim"), ({"share_sigma": 2.5}, "share_sigma"), ({"max_sites": 0}, "max_sites"),
-    ({"wrap_probability": 0.0}, "wrap_probability"), ({"scale": 1e12}, "beyond the ring"),
-    ({"share_sigma": 1 << 24, "max_sites": 400}, "beyond the ring"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"scale": -1.0}, "scale"),
+        ({"scale": float("nan")}, "scale"),
+        ({"dim": 0}, "dim"),
+        ({"dim": True}, "dim"),
+        ({"share_sigma": 2.5}, "share_sigma"),
+        ({"max_sites": 0}, "max_sites"),
+        ({"wrap_probability": 0.0}, "wrap_probability"),
+        ({"scale": 1e12}, "beyond the ring"),
+        ({"share_sigma": 1 << 24, "max_sites": 400}, "beyond the ring"),
+    ],
+)
 def test_server_sent_parameters_are_validated(change, match) -> None:
-    fields = {"dim": 10, "clip": 1.0, "sum_bound": 10.0, "scale": 1000.0, "share_sigma": 5,
-              "max_sites": 4} | change
+    fields = {
+        "dim": 10,
+        "clip": 1.0,
+        "sum_bound": 10.0,
+        "scale": 1000.0,
+        "share_sigma": 5,
+        "max_sites": 4,
+    } | change
     with pytest.raises(DdpError, match=match):
         Encoding(**fields)
 
@@ -163,10 +187,8 @@ def test_malformed_inputs_are_refused() -> None:
 
 def test_an_out_of_range_share_is_caught_by_the_sum_check() -> None:
     """The adversary: one site adds 2^30 to one coordinate of its share (or wraps the ring)."""
-    enc = plan_encoding(dim=100, clip=1.0, sum_bound=10.0, max_sites=4, noise_multiplier=1.0,
-                        honest_shares=2)
-    shares = [encode_share(np.ones(enc.dim), enc, SEED, NoiseRandom(bytes([i]) * 32))
-              for i in range(4)]
+    enc = plan_encoding(dim=100, clip=1.0, sum_bound=10.0, max_sites=4, noise_multiplier=1.0, honest_shares=2)
+    shares = [encode_share(np.ones(enc.dim), enc, SEED, NoiseRandom(bytes([i]) * 32)) for i in range(4)]
     decode_sum(_ring_sum(shares), enc, SEED, 4)  # honest: fine
     for bad in (1 << 30, 1 << 31):
         tampered = [s.copy() for s in shares]
@@ -178,10 +200,8 @@ def test_an_out_of_range_share_is_caught_by_the_sum_check() -> None:
 def test_a_share_shifted_in_every_coordinate_is_caught_by_the_norm_check() -> None:
     """The adversary shifts every coordinate by less than the coordinate bound of the planned
     cohort (which fills the ring): the sum's L2 norm is beyond what honest shares reach."""
-    enc = plan_encoding(dim=100, clip=1.0, sum_bound=10.0, max_sites=4, noise_multiplier=1.0,
-                        honest_shares=2)
-    shares = [encode_share(np.full(enc.dim, 0.1), enc, SEED, NoiseRandom(bytes([i]) * 32))
-              for i in range(4)]
+    enc = plan_encoding(dim=100, clip=1.0, sum_bound=10.0, max_sites=4, noise_multiplier=1.0, honest_shares=2)
+    shares = [encode_share(np.full(enc.dim, 0.1), enc, SEED, NoiseRandom(bytes([i]) * 32)) for i in range(4)]
     shift = 2 * enc.norm_bound(4) / math.sqrt(enc.padded_dim)
     assert shift + np.abs(_signed(_ring_sum(shares))).max() < enc.ring_bound(4)
     tampered = [s.copy() for s in shares]
@@ -203,14 +223,15 @@ def test_honest_shares_is_the_cohort_less_the_colluders() -> None:
 def test_required_share_reaches_the_target_with_the_honest_shares_only() -> None:
     for z, d2, h in [(1.0, 1000.0, 2), (2.7, 3.5e5, 9), (0.5, 40.0, 1)]:
         s = required_share_sigma(z, d2, h)
-        assert math.sqrt(h * s * s - KERNEL_SCALE ** 2) >= z * d2
-        assert math.sqrt(h * (s - 1) ** 2 - KERNEL_SCALE ** 2) < z * d2  # and is the smallest
+        assert math.sqrt(h * s * s - KERNEL_SCALE**2) >= z * d2
+        assert math.sqrt(h * (s - 1) ** 2 - KERNEL_SCALE**2) < z * d2  # and is the smallest
 
 
 def test_a_site_checks_the_rounds_share_against_its_policy() -> None:
     z = 1.5
-    enc = plan_encoding(dim=64, clip=1.0, sum_bound=20.0, max_sites=10, noise_multiplier=z,
-                        honest_shares=honest_shares(5, 2))
+    enc = plan_encoding(
+        dim=64, clip=1.0, sum_bound=20.0, max_sites=10, noise_multiplier=z, honest_shares=honest_shares(5, 2)
+    )
     mech = check_share(enc, noise_multiplier=z, min_cohort=5, max_colluders=2, cohort=10)
     assert mech.honest_shares == 3 and mech.noise_multiplier >= z
     assert mech.dim == enc.padded_dim and mech.l2_sensitivity == enc.l2_sensitivity
@@ -241,19 +262,17 @@ def test_m_sites_sum_decodes_to_the_clipped_sum_plus_the_planned_noise() -> None
     coordinate after the inverse rotation."""
     m, dim, clip, z = 6, 1000, 1.0, 1.0
     h = honest_shares(4, 1)
-    enc = plan_encoding(dim=dim, clip=clip, sum_bound=200.0, max_sites=m, noise_multiplier=z,
-                        honest_shares=h)
+    enc = plan_encoding(dim=dim, clip=clip, sum_bound=200.0, max_sites=m, noise_multiplier=z, honest_shares=h)
     rng = np.random.default_rng(3)
     sums = []
     for _ in range(m):
         records = rng.normal(size=(50, dim))
         records /= np.maximum(np.linalg.norm(records, axis=1, keepdims=True) / clip, 1.0)
         sums.append(records.sum(axis=0))
-    shares = [encode_share(s, enc, SEED, NoiseRandom(bytes([10 + i]) * 32))
-              for i, s in enumerate(sums)]
+    shares = [encode_share(s, enc, SEED, NoiseRandom(bytes([10 + i]) * 32)) for i, s in enumerate(sums)]
     noise = decode_sum(_ring_sum(shares), enc, SEED, m) - sum(sums)
-    var = m * enc.share_sigma ** 2 / enc.scale ** 2  # rotation keeps the per-coordinate variance
-    rounding = m / 4 / enc.scale ** 2
+    var = m * enc.share_sigma**2 / enc.scale**2  # rotation keeps the per-coordinate variance
+    rounding = m / 4 / enc.scale**2
     assert abs(noise.mean()) <= 5 * math.sqrt(var / dim)
     # sample variance of dim roughly Gaussian coordinates: standard error sqrt(2/dim) var
     assert abs(noise.var() - var) <= 5 * math.sqrt(2 / dim) * var + rounding

@@ -34,17 +34,31 @@ SITES = 3
 
 
 def _config(tmp_path: Path, tiny_bert: str, **changes) -> FedConfig:
-    settings = dict(model=tiny_bert, clients=SITES, min_clients=SITES, rounds=3, max_length=8,
-                    dp_noise="distributed", max_colluders=1, out=str(tmp_path / "out"))
+    settings = dict(
+        model=tiny_bert,
+        clients=SITES,
+        min_clients=SITES,
+        rounds=3,
+        max_length=8,
+        dp_noise="distributed",
+        max_colluders=1,
+        out=str(tmp_path / "out"),
+    )
     return prepare_sites(FedConfig(**{**settings, **changes}))
 
 
 def _nodes(tmp_path: Path, policy: dict[int, dict] | None = None) -> list[dict]:
     (tmp_path / "keys").mkdir(exist_ok=True)
-    return [{"partition-id": i, "num-partitions": SITES,
-             "ledger-path": str(tmp_path / f"site-{i}.ledger.json"),
-             "ledger-key": str(tmp_path / "keys" / f"site-{i}.key"), **(policy or {}).get(i, {})}
-            for i in range(SITES)]
+    return [
+        {
+            "partition-id": i,
+            "num-partitions": SITES,
+            "ledger-path": str(tmp_path / f"site-{i}.ledger.json"),
+            "ledger-key": str(tmp_path / "keys" / f"site-{i}.key"),
+            **(policy or {}).get(i, {}),
+        }
+        for i in range(SITES)
+    ]
 
 
 def _rows(cfg: FedConfig) -> list[dict]:
@@ -69,29 +83,42 @@ def test_a_distributed_run_records_each_steps_mechanism_and_the_direct_epsilon(t
     plans = [ddp_wire.plan_round(cfg, features, labels, r, SITES) for r in (1, 2, 3)]
     honest = cfg.min_clients - cfg.max_colluders
     for i, node in enumerate(nodes):
-        ledger = PrivacyLedger.open(node["ledger-path"], f"site-{i}", cfg.epsilon, cfg.delta,
-                                    key_path=node["ledger-key"])
+        ledger = PrivacyLedger.open(
+            node["ledger-path"], f"site-{i}", cfg.epsilon, cfg.delta, key_path=node["ledger-key"]
+        )
         entries = ledger.entries
         assert [e.steps for e in entries] == [1, 2, 3]
         events = []
         for entry, encoding in zip(entries, plans):
             d2 = encoding.scale * encoding.clip + math.sqrt(encoding.padded_dim)
-            assert entry.mechanism == {"share_sigma": encoding.share_sigma,
-                                       "honest_shares": honest, "l2_sensitivity": d2,
-                                       "dim": encoding.padded_dim}
+            assert entry.mechanism == {
+                "share_sigma": encoding.share_sigma,
+                "honest_shares": honest,
+                "l2_sensitivity": d2,
+                "dim": encoding.padded_dim,
+            }
             assert entry.sample_rate == 0.25  # the probe's rate (dp_rule.SAMPLE_RATE)
-            z = math.sqrt(honest * encoding.share_sigma ** 2 - KERNEL_SCALE ** 2) / d2
+            z = math.sqrt(honest * encoding.share_sigma**2 - KERNEL_SCALE**2) / d2
             assert entry.noise_multiplier == pytest.approx(z, rel=1e-12)
-            events.append(SelfComposedDpEvent(PoissonSampledDpEvent(
-                entry.sample_rate, GaussianDpEvent(z)), 1))
+            events.append(
+                SelfComposedDpEvent(PoissonSampledDpEvent(entry.sample_rate, GaussianDpEvent(z)), 1)
+            )
         # The discrete mechanism is within exp(+-kappa) of a post-processed Gaussian per step
         # (docs/ddp.md); kappa is about 1e-74 here, so it moves epsilon by nothing a float holds.
-        kappa = sum(ddp.DdgMechanism(e.mechanism["share_sigma"], int(e.mechanism["honest_shares"]),
-                                     e.mechanism["l2_sensitivity"], int(e.mechanism["dim"])).kappa
-                    for e in entries)
+        kappa = sum(
+            ddp.DdgMechanism(
+                e.mechanism["share_sigma"],
+                int(e.mechanism["honest_shares"]),
+                e.mechanism["l2_sensitivity"],
+                int(e.mechanism["dim"]),
+            ).kappa
+            for e in entries
+        )
         assert kappa < 1e-70
-        direct = (PLDAccountant().compose(ComposedDpEvent(events))
-                  .get_epsilon(cfg.delta * math.exp(-kappa)) + 2 * kappa)
+        direct = (
+            PLDAccountant().compose(ComposedDpEvent(events)).get_epsilon(cfg.delta * math.exp(-kappa))
+            + 2 * kappa
+        )
         assert entries[-1].epsilon == pytest.approx(direct, rel=1e-9)
         assert direct <= cfg.epsilon
         assert rows[-1]["epsilon"][f"site-{i}"] == pytest.approx(direct, rel=1e-9)
@@ -103,17 +130,21 @@ def test_a_distributed_run_records_each_steps_mechanism_and_the_direct_epsilon(t
     total = sum(_site_size(cfg, i) for i in range(SITES))
     stats = plans[0]
     noise_sd = math.sqrt(3 * SITES) * stats.share_sigma / stats.scale
-    spread = math.sqrt(total * 0.25 * 0.75 + noise_sd ** 2)
+    spread = math.sqrt(total * 0.25 * 0.75 + noise_sd**2)
     assert abs(batch - 0.25 * total) < 6 * spread
     assert np.abs(ckpt.weights["classifier.weight"]).max() > 0  # the head stepped
 
 
-@pytest.mark.parametrize("policy, code, setting", [
-    ({"max-colluders": 1}, Code.POLICY_NOISE_SHARE, "max-colluders"),
-    ({"min-cohort": 4}, Code.POLICY_COHORT, "clients"),
-])
+@pytest.mark.parametrize(
+    "policy, code, setting",
+    [
+        ({"max-colluders": 1}, Code.POLICY_NOISE_SHARE, "max-colluders"),
+        ({"min-cohort": 4}, Code.POLICY_COHORT, "clients"),
+    ],
+)
 def test_a_site_whose_policy_the_round_cannot_meet_refuses_before_spending(
-        tmp_path, tiny_bert, policy, code, setting):
+    tmp_path, tiny_bert, policy, code, setting
+):
     """The run sizes shares for 3 honest sites (max-colluders 0). Site 2 assumes one colluder
     (so it needs larger shares), or a cohort of 4: it refuses at the keys stage, with public
     values only, and the round is abandoned before anyone records a step."""
@@ -125,8 +156,9 @@ def test_a_site_whose_policy_the_round_cannot_meet_refuses_before_spending(
     assert setting in first["refused"]["site-2"]
     assert first["abandoned"] and first["contributors"] == []
     for i, node in enumerate(nodes):
-        ledger = PrivacyLedger.open(node["ledger-path"], f"site-{i}", cfg.epsilon, cfg.delta,
-                                    key_path=node["ledger-key"])
+        ledger = PrivacyLedger.open(
+            node["ledger-path"], f"site-{i}", cfg.epsilon, cfg.delta, key_path=node["ledger-key"]
+        )
         assert ledger.entries == ()
 
 
@@ -161,20 +193,24 @@ def test_a_hostile_sites_share_is_caught_by_the_server(tmp_path, tiny_bert, monk
         # Dropped at the masked input for its reply's form; with three sites SecAgg+'s
         # threshold is 3, so the two left cannot unmask the sum: nothing is decoded.
         model = build_model(cfg, cfg.labels)
-        length = ddp_wire.plan_round(cfg, model.feature_mean.shape[0],
-                                     model.classifier.out_features, 1, SITES).padded_dim
+        length = ddp_wire.plan_round(
+            cfg, model.feature_mean.shape[0], model.classifier.out_features, 1, SITES
+        ).padded_dim
         assert first["failed"]["site-0"].endswith(f"must be uint32 of shape ({length},)")
         assert first["contributors"] == [] and "threshold" in first["abandoned"]
 
 
-@pytest.mark.parametrize("change, match", [
-    (dict(secagg=False), "needs both dp and secagg"),
-    (dict(dp=False), "needs both dp and secagg"),
-    (dict(finetune="lora"), "not yet supported under --dp-noise distributed; use local"),
-    (dict(finetune="full"), "not yet supported under --dp-noise distributed; use local"),
-    (dict(local_steps=5), "leave local-steps auto"),
-    (dict(min_clients=2, max_colluders=1), "raise min-clients"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(secagg=False), "needs both dp and secagg"),
+        (dict(dp=False), "needs both dp and secagg"),
+        (dict(finetune="lora"), "not yet supported under --dp-noise distributed; use local"),
+        (dict(finetune="full"), "not yet supported under --dp-noise distributed; use local"),
+        (dict(local_steps=5), "leave local-steps auto"),
+        (dict(min_clients=2, max_colluders=1), "raise min-clients"),
+    ],
+)
 def test_distributed_noise_refuses_a_config_it_cannot_serve(change, match):
     base = dict(clients=4, min_clients=3, dp_noise="distributed")
     with pytest.raises(ConfigError, match=match):
@@ -187,9 +223,11 @@ def test_the_servers_optimiser_reads_the_statistics_and_resumes_from_its_state()
     divides the gradient sum by that size; a checkpointed state resumes the same momentum."""
     from fedseal.server.ddp_round import DistributedSgd
 
-    weights = {"feature_mean": np.zeros(3, np.float32),
-               "classifier.weight": np.ones((2, 3), np.float32),
-               "classifier.bias": np.zeros(2, np.float32)}
+    weights = {
+        "feature_mean": np.zeros(3, np.float32),
+        "classifier.weight": np.ones((2, 3), np.float32),
+        "classifier.bias": np.zeros(2, np.float32),
+    }
     count, labels = 200.0, np.array([50.0, 150.0])
     feature_sum = np.array([20.0, -40.0, 100.0])
     noisy = np.concatenate([feature_sum, labels, [count]]) / math.sqrt(ddp_wire.STATISTICS_PARTS)
@@ -200,9 +238,12 @@ def test_the_servers_optimiser_reads_the_statistics_and_resumes_from_its_state()
     assert sgd.batch == count
     gradient_sum = np.arange(6.0)
     first = sgd.step(after, gradient_sum)
-    np.testing.assert_allclose(first["classifier.weight"],
-                               1.0 - 2.0 * gradient_sum.reshape(2, 3) / count, rtol=1e-6)
+    np.testing.assert_allclose(
+        first["classifier.weight"], 1.0 - 2.0 * gradient_sum.reshape(2, 3) / count, rtol=1e-6
+    )
     resumed = DistributedSgd(lr=2.0, momentum=0.5)
     resumed.load_state_dict(sgd.state_dict())
-    np.testing.assert_allclose(resumed.step(first, gradient_sum)["classifier.weight"],
-                               sgd.step(first, gradient_sum)["classifier.weight"])
+    np.testing.assert_allclose(
+        resumed.step(first, gradient_sum)["classifier.weight"],
+        sgd.step(first, gradient_sum)["classifier.weight"],
+    )

@@ -42,8 +42,9 @@ KNOWN_BELOW = [3, 2, 710133100280, 0]
 
 
 def test_a_fresh_stream_differs_each_time() -> None:
-    assert not np.array_equal(sample_discrete_gaussian(1000, 64, NoiseRandom()),
-                              sample_discrete_gaussian(1000, 64, NoiseRandom()))
+    assert not np.array_equal(
+        sample_discrete_gaussian(1000, 64, NoiseRandom()), sample_discrete_gaussian(1000, 64, NoiseRandom())
+    )
 
 
 @pytest.mark.parametrize("bad", [b"short", 32, "x" * 32])
@@ -81,15 +82,15 @@ def test_bernoulli_exp_has_the_exact_probability(num, den, whole) -> None:
 
 def test_rejection_is_exact_beyond_int64() -> None:
     """|y| - sigma beyond 2^31 takes the Python-integer path; a centred draw is always kept."""
-    kept = _accept(np.array([10 ** 15, 3, -3]), 3, NoiseRandom(KEY))
+    kept = _accept(np.array([10**15, 3, -3]), 3, NoiseRandom(KEY))
     assert kept.tolist() == [False, True, True]
 
 
 def _pmf(sigma: float, support: np.ndarray) -> np.ndarray:
     """``N_Z(0, sigma^2)`` on ``support`` (normalised over a support wide enough for float64)."""
     wide = np.arange(-int(60 * sigma) - 5, int(60 * sigma) + 6)
-    norm = np.exp(-wide.astype(float) ** 2 / (2 * sigma ** 2)).sum()
-    return np.exp(-support.astype(float) ** 2 / (2 * sigma ** 2)) / norm
+    norm = np.exp(-(wide.astype(float) ** 2) / (2 * sigma**2)).sum()
+    return np.exp(-(support.astype(float) ** 2) / (2 * sigma**2)) / norm
 
 
 def _chi_square(draws: np.ndarray, pmf) -> tuple[float, int]:
@@ -115,11 +116,11 @@ def test_moments_and_pmf_match_the_discrete_gaussian(sigma, tag) -> None:
     assert draws.dtype == np.int64 and draws.shape == (n,)
     wide = np.arange(-int(60 * sigma) - 5, int(60 * sigma) + 6)
     p = _pmf(sigma, wide)
-    var = float((p * wide ** 2.0).sum())
-    fourth = float((p * wide ** 4.0).sum())
-    assert var == pytest.approx(sigma ** 2, rel=1e-6)  # exact variance of N_Z(0, s^2), s >= 1
+    var = float((p * wide**2.0).sum())
+    fourth = float((p * wide**4.0).sum())
+    assert var == pytest.approx(sigma**2, rel=1e-6)  # exact variance of N_Z(0, s^2), s >= 1
     assert abs(draws.mean()) <= 5 * math.sqrt(var / n)
-    assert abs(draws.astype(float).var() - var) <= 5 * math.sqrt((fourth - var ** 2) / n)
+    assert abs(draws.astype(float).var() - var) <= 5 * math.sqrt((fourth - var**2) / n)
     chi2, dof = _chi_square(draws, lambda k: _pmf(sigma, k))
     assert chi2 < stats.chi2.isf(1e-6, dof)
 

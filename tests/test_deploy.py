@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import ssl
@@ -52,14 +51,23 @@ class Procs:
     def __init__(self, logs: Path) -> None:
         self.logs = logs
         self.procs: dict[str, subprocess.Popen] = {}
-        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                    "PYTHONUNBUFFERED": "1"}
+        self.env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONUNBUFFERED": "1",
+        }
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
         log = (self.logs / f"{name}.log").open("ab")
-        proc = subprocess.Popen([sys.executable, "-m", "fedseal.common.cli", *args], cwd=ROOT,
-                                env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fedseal.common.cli", *args],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.procs[name] = proc
         return proc
 
@@ -78,11 +86,10 @@ class Procs:
         try:
             return self.procs[name].wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"{name} did not finish within {timeout:.0f}s; its log:\n"
-                        f"{self.output(name)[-4000:]}")
+            pytest.fail(f"{name} did not finish within {timeout:.0f}s; its log:\n{self.output(name)[-4000:]}")
 
     def stop_all(self) -> None:
-        for name, proc in self.procs.items():
+        for proc in self.procs.values():
             if proc.poll() is None:
                 try:
                     os.killpg(proc.pid, signal.SIGTERM)
@@ -100,10 +107,12 @@ class Procs:
                 pass
 
 
-def _server_config(root: Path, name: str, port: int, local_port: int, tiny_bert: str,
-                   **federation: object) -> Path:
+def _server_config(
+    root: Path, name: str, port: int, local_port: int, tiny_bert: str, **federation: object
+) -> Path:
     path = root / f"{name}.toml"
-    path.write_text(f"""
+    path.write_text(
+        f"""
 [server]
 address = "127.0.0.1:{port}"
 local-port = {local_port}
@@ -120,7 +129,10 @@ local_steps = 3
 batch_size = 16
 max_length = 16
 accountant = "rdp"              # a real Opacus accountant, faster to calibrate than PRV
-""" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in federation.items()), encoding="utf-8")
+"""
+        + "".join(f"{k} = {json.dumps(v)}\n" for k, v in federation.items()),
+        encoding="utf-8",
+    )
     return path
 
 
@@ -144,14 +156,36 @@ def federation(tmp_path, tiny_bert):
     port, local_port = _free_port(), _free_port()
     # Threshold 2 of 3 (k = 2), not the auto 3: the round must recover without the site
     # killed in round 2. 2t-k-1 = 1, so the sites run with --max-colluders 0 (_client_args).
-    _server_config(tmp_path, "server", port, local_port, tiny_bert, rounds=2, clients=3,
-                   min_clients=2, secagg_threshold=2, timeout=120, out="out")
+    _server_config(
+        tmp_path,
+        "server",
+        port,
+        local_port,
+        tiny_bert,
+        rounds=2,
+        clients=3,
+        min_clients=2,
+        secagg_threshold=2,
+        timeout=120,
+        out="out",
+    )
     # A run asking for less than the sites allow (no DP), and what a curious operator
     # would ship instead of fedseal's ClientApp: both refused by the sites.
     # The no-DP run has rounds to spare: its server hosts the SuperLink, and exits when
     # the run ends, so it must outlive the foreign run the operator ships beside it.
-    _server_config(tmp_path, "no-dp", port, local_port, tiny_bert, rounds=40, clients=2,
-                   min_clients=2, timeout=60, dp=False, out="out-no-dp")
+    _server_config(
+        tmp_path,
+        "no-dp",
+        port,
+        local_port,
+        tiny_bert,
+        rounds=40,
+        clients=2,
+        min_clients=2,
+        timeout=60,
+        dp=False,
+        out="out-no-dp",
+    )
     (tmp_path / "ledgers").mkdir()
     (tmp_path / "secrets").mkdir()  # the ledger keys, apart from the ledgers
     (tmp_path / "logs").mkdir()
@@ -168,10 +202,21 @@ def _foreign_app(root: Path, tiny_bert: str) -> Path:
     from fedseal.common.config import FedConfig
     from fedseal.server.launch import write_app
 
-    cfg = FedConfig(model=tiny_bert, finetune="full", eval=str(root / "eval.jsonl"),
-                    labels=("negative", "positive"), rounds=1, clients=2, min_clients=2,
-                    local_steps=3, batch_size=16, max_length=16, accountant="rdp", timeout=60,
-                    out=str(root / "out-foreign"))
+    cfg = FedConfig(
+        model=tiny_bert,
+        finetune="full",
+        eval=str(root / "eval.jsonl"),
+        labels=("negative", "positive"),
+        rounds=1,
+        clients=2,
+        min_clients=2,
+        local_steps=3,
+        batch_size=16,
+        max_length=16,
+        accountant="rdp",
+        timeout=60,
+        out=str(root / "out-foreign"),
+    )
     app = write_app(root / "foreign", cfg)
     for side in ("client", "server"):
         with (app / side / "app.py").open("a", encoding="utf-8") as fh:
@@ -186,19 +231,25 @@ def _foreign_app(root: Path, tiny_bert: str) -> Path:
 
 def _flwr(home: Path, *args: str, cwd: Path) -> dict:
     """The Flower CLI as a user on some machine would call it; its JSON answer."""
-    done = subprocess.run([flwr_bin("flwr"), *args, "--format", "json"], env=child_env(home),
-                          cwd=cwd, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [flwr_bin("flwr"), *args, "--format", "json"],
+        env=child_env(home),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     start = done.stdout.find("{")
-    return json.loads(done.stdout[start:]) if start >= 0 else {"success": False,
-                                                              "error-message": done.stderr}
+    return json.loads(done.stdout[start:]) if start >= 0 else {"success": False, "error-message": done.stderr}
 
 
 def _post(url: str, ca: Path, data: bytes = b"", headers: dict[str, str] | None = None) -> int:
     """HTTP status of a POST through the proxy (TLS verified against ``ca``)."""
     request = urllib.request.Request(url, data=data, method="POST", headers=headers or {})
     try:
-        with urllib.request.urlopen(request, context=ssl.create_default_context(cafile=str(ca)),
-                                    timeout=10) as response:
+        with urllib.request.urlopen(
+            request, context=ssl.create_default_context(cafile=str(ca)), timeout=10
+        ) as response:
             return response.status
     except urllib.error.HTTPError as exc:
         return exc.code
@@ -221,10 +272,13 @@ def _fleet_post(url: str, ca: Path, request, key_file: Path | None) -> int:
         # OpenSSH format, as `fedseal keys site` writes it
         key = serialization.load_ssh_private_key(key_file.read_bytes(), None)
         stamp = now().isoformat()
-        headers.update({
-            FLEET_HTTP_PUBLIC_KEY_HEADER: b64encode(public_key_to_bytes(key.public_key())).decode(),
-            TIMESTAMP_HEADER: stamp,
-            FLEET_HTTP_SIGNATURE_HEADER: b64encode(sign_message(key, stamp.encode())).decode()})
+        headers.update(
+            {
+                FLEET_HTTP_PUBLIC_KEY_HEADER: b64encode(public_key_to_bytes(key.public_key())).decode(),
+                TIMESTAMP_HEADER: stamp,
+                FLEET_HTTP_SIGNATURE_HEADER: b64encode(sign_message(key, stamp.encode())).decode(),
+            }
+        )
     return _post(url, ca, request.SerializeToString(), headers)
 
 
@@ -239,35 +293,63 @@ def _listening(port: int) -> set[str]:
     return found
 
 
-def _client_args(root: Path, port: int, site: str, model: str, *, key: str | None = None,
-                 wait: float = 90) -> list[str]:
+def _client_args(
+    root: Path, port: int, site: str, model: str, *, key: str | None = None, wait: float = 90
+) -> list[str]:
     name = key or site
-    return ["client", "--server", f"localhost:{port}", "--ca", str(root / "keys" / "ca.pem"),
-            "--key", str(root / "at" / name / f"{name}.key"), "--peers", str(root / "peers.txt"),
-            "--data", str(root / f"{site}.jsonl"),
-            "--ledger", str(root / "ledgers" / f"{name}.json"),
-            "--ledger-key", str(root / "secrets" / f"{name}.key"),
-            "--epsilon", str(EPSILON), "--device", "cpu", "--wait", str(wait),
-            # long enough to ride out the server's restarts below, short enough to see the
-            # agents stop on their own once the last server is gone
-            "--linger", "60",
-            # a round may go on with the two sites left after one dies, so its sum may be
-            # one colluder's and one honest input: the sites accept no colluders, which
-            # also lets them take the server's threshold 2 of 3 (2t-k-1 = 1)
-            "--min-cohort", "2", "--max-colluders", "0",
-            # the site declares its labels and the one model it runs (the tiny BERT)
-            "--labels", "negative,positive", "--allow-model", model]
+    return [
+        "client",
+        "--server",
+        f"localhost:{port}",
+        "--ca",
+        str(root / "keys" / "ca.pem"),
+        "--key",
+        str(root / "at" / name / f"{name}.key"),
+        "--peers",
+        str(root / "peers.txt"),
+        "--data",
+        str(root / f"{site}.jsonl"),
+        "--ledger",
+        str(root / "ledgers" / f"{name}.json"),
+        "--ledger-key",
+        str(root / "secrets" / f"{name}.key"),
+        "--epsilon",
+        str(EPSILON),
+        "--device",
+        "cpu",
+        "--wait",
+        str(wait),
+        # long enough to ride out the server's restarts below, short enough to see the
+        # agents stop on their own once the last server is gone
+        "--linger",
+        "60",
+        # a round may go on with the two sites left after one dies, so its sum may be
+        # one colluder's and one honest input: the sites accept no colluders, which
+        # also lets them take the server's threshold 2 of 3 (2t-k-1 = 1)
+        "--min-cohort",
+        "2",
+        "--max-colluders",
+        "0",
+        # the site declares its labels and the one model it runs (the tiny BERT)
+        "--labels",
+        "negative,positive",
+        "--allow-model",
+        model,
+    ]
 
 
 def _wait_for(predicate, timeout: float, what: str, procs: Procs, log: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if procs.procs[log].poll() is not None:
-            pytest.fail(f"{log} exited ({procs.procs[log].returncode}) while waiting for {what}:\n"
-                        f"{procs.output(log)[-4000:]}")
+            pytest.fail(
+                f"{log} exited ({procs.procs[log].returncode}) while waiting for {what}:\n"
+                f"{procs.output(log)[-4000:]}"
+            )
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; {log} log:\n"
-                        f"{procs.output(log)[-4000:]}")
+            pytest.fail(
+                f"timed out after {timeout:.0f}s waiting for {what}; {log} log:\n{procs.output(log)[-4000:]}"
+            )
         time.sleep(0.5)
 
 
@@ -313,11 +395,19 @@ def _outsider_is_locked_out(root: Path, port: int, procs: Procs, tiny_bert: str)
     # The Flower CLI pointed at the public address, as in the attack that opened issue 10.
     home = root / "outsider"
     home.mkdir()
-    (home / "config.toml").write_text(tomli_w.dumps({"superlink": {
-        "default": "public", "public": {"address": f"localhost:{port}",
-                                        "root-certificates": str(ca)}}}))
-    out = _flwr(home, "supernode", "register", str(root / "at" / "intruder" / "intruder.pub"),
-                "public", cwd=home)
+    (home / "config.toml").write_text(
+        tomli_w.dumps(
+            {
+                "superlink": {
+                    "default": "public",
+                    "public": {"address": f"localhost:{port}", "root-certificates": str(ca)},
+                }
+            }
+        )
+    )
+    out = _flwr(
+        home, "supernode", "register", str(root / "at" / "intruder" / "intruder.pub"), "public", cwd=home
+    )
     assert out["success"] is False and "404" in out["error-message"], out
     out = _flwr(home, "run", str(_foreign_app(root, tiny_bert)), "public", cwd=home)
     assert out["success"] is False and "404" in out["error-message"], out
@@ -326,8 +416,14 @@ def _outsider_is_locked_out(root: Path, port: int, procs: Procs, tiny_bert: str)
     assert not (root / "server-code-ran").exists() and not (root / "client-code-ran").exists()
     # Control, Runtime and anything else stop at the proxy, path tricks included.
     base = f"https://localhost:{port}"
-    for path in ("/v1/control/start-run", "/v1/control/register-node", "/v1/runtime/pull-messages",
-                 "/v1/fleet/../control/list-runs", "/v1/fleet/%2e%2e/control/list-runs", "/docs"):
+    for path in (
+        "/v1/control/start-run",
+        "/v1/control/register-node",
+        "/v1/runtime/pull-messages",
+        "/v1/fleet/../control/list-runs",
+        "/v1/fleet/%2e%2e/control/list-runs",
+        "/docs",
+    ):
         assert _post(base + path, ca) == 404, path
     # The Fleet API does pass, and the SuperLink authenticates every call: the outsider's own
     # key signs correctly but admits it nowhere, and self-registration is off.
@@ -340,19 +436,29 @@ def _outsider_is_locked_out(root: Path, port: int, procs: Procs, tiny_bert: str)
     intruder_key = root / "at" / "intruder" / "intruder.key"
     intruder_pub = serialization.load_ssh_private_key(intruder_key.read_bytes(), None).public_key()
     fleet = {
-        "unsigned get-run": _fleet_post(base + "/v1/fleet/get-run", ca,
-                                        GetRunRequest(node=Node(node_id=1), run_id=1), None),
+        "unsigned get-run": _fleet_post(
+            base + "/v1/fleet/get-run", ca, GetRunRequest(node=Node(node_id=1), run_id=1), None
+        ),
         "signed pull-messages": _fleet_post(
-            base + "/v1/fleet/pull-messages", ca, PullMessagesRequest(node=Node(node_id=1)),
-            intruder_key),
+            base + "/v1/fleet/pull-messages", ca, PullMessagesRequest(node=Node(node_id=1)), intruder_key
+        ),
         "signed register-node": _fleet_post(
-            base + "/v1/fleet/register-node", ca,
-            RegisterNodeFleetRequest(public_key=public_key_to_bytes(intruder_pub)), intruder_key),
+            base + "/v1/fleet/register-node",
+            ca,
+            RegisterNodeFleetRequest(public_key=public_key_to_bytes(intruder_pub)),
+            intruder_key,
+        ),
     }
-    assert fleet == {"unsigned get-run": 401, "signed pull-messages": 401,
-                     "signed register-node": 412}, fleet  # 412: registration only by the CLI
-    local_port = int(next(line.split("=")[1] for line in (root / "server.toml").read_text()
-                          .splitlines() if line.startswith("local-port")))
+    assert fleet == {"unsigned get-run": 401, "signed pull-messages": 401, "signed register-node": 412}, (
+        fleet
+    )  # 412: registration only by the CLI
+    local_port = int(
+        next(
+            line.split("=")[1]
+            for line in (root / "server.toml").read_text().splitlines()
+            if line.startswith("local-port")
+        )
+    )
     assert _listening(local_port) == {"127.0.0.1"}  # the SuperLink: loopback only
     # A key the server did not admit is refused.
     procs.start("intruder", *_client_args(root, port, "alpha", tiny_bert, key="intruder", wait=5))
@@ -374,8 +480,9 @@ def test_deployment_holds_against_outsiders_the_operator_and_crashes(federation,
     root, port, procs = federation
     out = root / "out"
     procs.start("server-1", "server", "--config", str(root / "server.toml"))
-    _wait_for(lambda: (root / "state" / "run.json").exists(), 120, "the run to be submitted",
-              procs, "server-1")
+    _wait_for(
+        lambda: (root / "state" / "run.json").exists(), 120, "the run to be submitted", procs, "server-1"
+    )
     _outsider_is_locked_out(root, port, procs, tiny_bert)
 
     for site in SITES:
@@ -391,8 +498,13 @@ def test_deployment_holds_against_outsiders_the_operator_and_crashes(federation,
     # round trains only at its masked-input stage, so the victim vanishes before it
     # trains, and the round completes without it at no cost to it.
     victim, survivors = SITES[0], SITES[1:]
-    _wait_for(lambda: "round 2/2: 3 site(s) training" in procs.output("server-2"), 300,
-              "round 2 to start", procs, "server-2")
+    _wait_for(
+        lambda: "round 2/2: 3 site(s) training" in procs.output("server-2"),
+        300,
+        "round 2 to start",
+        procs,
+        "server-2",
+    )
     procs.kill(victim)
     assert procs.wait("server-2", 600) == 0, procs.output("server-2")[-4000:]
 
@@ -429,19 +541,31 @@ def test_deployment_holds_against_outsiders_the_operator_and_crashes(federation,
     ledgers_before = {s: _ledger(root, s) for s in survivors}
     submitted = (root / "state" / "run.json").read_text()
     procs.start("server-3", "server", "--config", str(root / "no-dp.toml"))
-    _wait_for(lambda: (root / "state" / "run.json").read_text() != submitted, 120,
-              "the run without DP to be submitted", procs, "server-3")
-    foreign = _flwr(root / "state" / "flwr", "run", str(root / "foreign"), "fedseal",
-                    cwd=root / "state")
+    _wait_for(
+        lambda: (root / "state" / "run.json").read_text() != submitted,
+        120,
+        "the run without DP to be submitted",
+        procs,
+        "server-3",
+    )
+    foreign = _flwr(root / "state" / "flwr", "run", str(root / "foreign"), "fedseal", cwd=root / "state")
     assert foreign["success"], foreign
-    _wait_for(lambda: len(_rows(root / "out-foreign" / "metrics.jsonl")) >= 1
-              and len(_rows(root / "out-no-dp" / "metrics.jsonl")) >= 1, 300,
-              "both runs to be refused", procs, "server-3")
+    _wait_for(
+        lambda: (
+            len(_rows(root / "out-foreign" / "metrics.jsonl")) >= 1
+            and len(_rows(root / "out-no-dp" / "metrics.jsonl")) >= 1
+        ),
+        300,
+        "both runs to be refused",
+        procs,
+        "server-3",
+    )
     procs.kill("server-3")
     no_dp = _rows(root / "out-no-dp" / "metrics.jsonl")[0]
     assert sorted(no_dp["refused"]) == sorted(survivors) and not no_dp["contributors"]
-    assert all(why.startswith("policy.dp: ") and "setting dp" in why
-               for why in no_dp["refused"].values()), no_dp["refused"]
+    assert all(why.startswith("policy.dp: ") and "setting dp" in why for why in no_dp["refused"].values()), (
+        no_dp["refused"]
+    )
     [foreign_row] = _rows(root / "out-foreign" / "metrics.jsonl")
     assert sorted(foreign_row["refused"]) == sorted(survivors)
     assert all(why.startswith("site.code: ") for why in foreign_row["refused"].values())

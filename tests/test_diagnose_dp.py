@@ -22,9 +22,28 @@ def test_probe_reads_a_separable_feature_and_not_noise():
 @pytest.mark.slow
 def test_tiny_diagnosis_report(tmp_path, tiny_bert, sst2):
     out = tmp_path / "diagnosis.json"
-    diagnose_dp.main(["--data", str(sst2), "--json", str(out), "--model", tiny_bert,
-                      "--site-examples", "64", "--probe-examples", "64", "--steps", "2",
-                      "--batch-size", "16", "--max-length", "16", "--sigmas", "0"])
+    diagnose_dp.main(
+        [
+            "--data",
+            str(sst2),
+            "--json",
+            str(out),
+            "--model",
+            tiny_bert,
+            "--site-examples",
+            "64",
+            "--probe-examples",
+            "64",
+            "--steps",
+            "2",
+            "--batch-size",
+            "16",
+            "--max-length",
+            "16",
+            "--sigmas",
+            "0",
+        ]
+    )
     report = json.loads(out.read_text())
     norms = report["grad_norms"]
     # Per sample, the whole gradient is at least as long as either part; so are the medians.

@@ -65,7 +65,7 @@ def split_markdown(text: str) -> tuple[list[str], list[str], list[str]]:
         if match and (fence is None or match.group(2) == fence):
             if fence is None:
                 fence = match.group(2)
-                language = line[match.end():].strip().lower()
+                language = line[match.end() :].strip().lower()
                 kind = shell if language in SHELL_LANGUAGES else untagged if not language else None
             else:
                 fence = None
@@ -134,16 +134,14 @@ def unknown_option(arguments: list[str]) -> str | None:
     known |= set(leaf._option_string_actions)
     for word in arguments:
         option = word.split("=", 1)[0]
-        if option.startswith("-") and not re.fullmatch(r"-[0-9.e+-]+", option) \
-                and option not in known:
+        if option.startswith("-") and not re.fullmatch(r"-[0-9.e+-]+", option) and option not in known:
             return option
     return None
 
 
 def check_fedseal_command(arguments: list[str]) -> str | None:
     """Why ``fedseal ARGUMENTS`` does not parse or names an unknown option; ``None`` if fine."""
-    if arguments[:1] and arguments[0] in ("-h", "--help", "-V", "--version") \
-            and len(arguments) == 1:
+    if arguments[:1] and arguments[0] in ("-h", "--help", "-V", "--version") and len(arguments) == 1:
         return None  # answered by the dispatcher itself (fedseal.common.cli.main)
     option = unknown_option(arguments)
     if option is not None:
@@ -182,8 +180,7 @@ def heading_anchors(text: str) -> set[str]:
     return anchors
 
 
-def broken_links(doc: Path, root: Path = ROOT, pending: frozenset[str] | set[str] = frozenset()
-                 ) -> list[str]:
+def broken_links(doc: Path, root: Path = ROOT, pending: frozenset[str] | set[str] = frozenset()) -> list[str]:
     """Each relative link of ``doc`` whose file (or anchor) does not exist."""
     text = doc.read_text(encoding="utf-8")
     problems = []
@@ -199,8 +196,11 @@ def broken_links(doc: Path, root: Path = ROOT, pending: frozenset[str] | set[str
             continue
         if not file.exists():
             problems.append(f"{doc.name}: link to {target}: no file {relative}")
-        elif anchor and file.suffix == ".md" \
-                and anchor not in heading_anchors(file.read_text(encoding="utf-8")):
+        elif (
+            anchor
+            and file.suffix == ".md"
+            and anchor not in heading_anchors(file.read_text(encoding="utf-8"))
+        ):
             problems.append(f"{doc.name}: link to {target}: no heading #{anchor} in {relative}")
     return problems
 
@@ -213,8 +213,7 @@ def fedseal_commands(text: str) -> list[list[str]]:
     """
     shell, _, untagged = split_markdown(text)
     found = [a for c in shell_commands(shell) if (a := fedseal_arguments(c)) is not None]
-    return found + [a for c in shell_commands(untagged)
-                    if (a := fedseal_arguments(c)) and a[0] in COMMANDS]
+    return found + [a for c in shell_commands(untagged) if (a := fedseal_arguments(c)) and a[0] in COMMANDS]
 
 
 def inline_fedseal_commands(text: str) -> list[list[str]]:
@@ -238,8 +237,7 @@ def _commands():
             yield doc, command
 
 
-FEDSEAL_COMMANDS = [(doc, args) for doc in DOCS
-                    for args in fedseal_commands(doc.read_text(encoding="utf-8"))]
+FEDSEAL_COMMANDS = [(doc, args) for doc in DOCS for args in fedseal_commands(doc.read_text(encoding="utf-8"))]
 MODULES = [(doc, m) for doc, c in _commands() if (m := python_modules(c))]
 
 
@@ -259,12 +257,12 @@ def test_every_fedseal_command_in_the_docs_parses(doc, arguments):
     assert problem is None, f"{doc.name}: `fedseal {' '.join(arguments)}`: {problem}"
 
 
-INLINE = [(doc, args) for doc in DOCS
-          for args in inline_fedseal_commands(doc.read_text(encoding="utf-8"))]
+INLINE = [(doc, args) for doc in DOCS for args in inline_fedseal_commands(doc.read_text(encoding="utf-8"))]
 
 
-@pytest.mark.parametrize("doc,arguments", INLINE,
-                         ids=[f"{d.name}: fedseal {' '.join(a)}"[:100] for d, a in INLINE])
+@pytest.mark.parametrize(
+    "doc,arguments", INLINE, ids=[f"{d.name}: fedseal {' '.join(a)}"[:100] for d, a in INLINE]
+)
 def test_every_option_named_in_inline_code_exists(doc, arguments):
     assert unknown_option(arguments) is None, f"{doc.name}: `fedseal {' '.join(arguments)}`"
 
@@ -273,7 +271,8 @@ def test_every_option_named_in_inline_code_exists(doc, arguments):
 def test_every_python_module_in_the_docs_exists(doc, module):
     base = ROOT / Path(*module.removeprefix("fedseal.").split("."))
     assert base.with_suffix(".py").is_file() or (base / "__main__.py").is_file(), (
-        f"{doc.name}: `python -m {module}`: no such module in the checkout")
+        f"{doc.name}: `python -m {module}`: no such module in the checkout"
+    )
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=[d.name for d in DOCS])
@@ -289,8 +288,9 @@ def missing_tests(text: str, root: Path = ROOT) -> list[str]:
     missing = []
     for file, name in TEST_REFERENCE.findall(text):
         path = root / file
-        if not path.is_file() or not re.search(rf"^\s*(async\s+)?def {name}\(",
-                                                path.read_text(encoding="utf-8"), re.MULTILINE):
+        if not path.is_file() or not re.search(
+            rf"^\s*(async\s+)?def {name}\(", path.read_text(encoding="utf-8"), re.MULTILINE
+        ):
             missing.append(f"{file}::{name}")
     return missing
 
@@ -317,8 +317,7 @@ def test_make_targets_named_in_the_readme_exist():
 
 def test_the_link_checker_catches_a_broken_link_a_bad_anchor_and_a_missing_image(tmp_path):
     (tmp_path / "docs").mkdir()
-    (tmp_path / "docs" / "there.md").write_text("# Present `heading`\n## snake_case\n",
-                                                 encoding="utf-8")
+    (tmp_path / "docs" / "there.md").write_text("# Present `heading`\n## snake_case\n", encoding="utf-8")
     sample = tmp_path / "README.md"
     sample.write_text(
         "See [ok](docs/there.md), [ok too](docs/there.md#present-heading),\n"
@@ -326,7 +325,8 @@ def test_the_link_checker_catches_a_broken_link_a_bad_anchor_and_a_missing_image
         "`[not a link](nowhere.md)`, [missing](docs/nowhere.md),\n"
         "[bad anchor](docs/there.md#absent), ![missing image](docs/bench/none.png),\n"
         "[pending](docs/later.md).\n\n# Title\n\n```bash\n[in code](nowhere-either.md)\n```\n",
-        encoding="utf-8")
+        encoding="utf-8",
+    )
     problems = broken_links(sample, root=tmp_path, pending={"docs/later.md"})
     assert len(problems) == 3, problems
     assert any("docs/nowhere.md" in p for p in problems)
@@ -335,33 +335,36 @@ def test_the_link_checker_catches_a_broken_link_a_bad_anchor_and_a_missing_image
 
 
 def test_the_command_checker_catches_a_misspelt_option_a_prefix_and_a_bad_value():
-    code, _, _ = split_markdown("```bash\n.venv/bin/fedseal client --server x:1 \\\n"
-                                "    --epsilonn 8   # typo\nHF_HUB_OFFLINE=1 fedseal simulate "
-                                "--ep 8 | head\nfedseal ledger show --ledger L --ledger-key K\n"
-                                "```\n")
+    code, _, _ = split_markdown(
+        "```bash\n.venv/bin/fedseal client --server x:1 \\\n"
+        "    --epsilonn 8   # typo\nHF_HUB_OFFLINE=1 fedseal simulate "
+        "--ep 8 | head\nfedseal ledger show --ledger L --ledger-key K\n"
+        "```\n"
+    )
     found = [fedseal_arguments(c) for c in shell_commands(code)]
     assert found[1] == ["simulate", "--ep", "8"] and found[2] is None  # `head` is not fedseal
-    assert fedseal_arguments(["fedseal", "simulate", "--rounds", "5", "..."]) == [
-        "simulate", "--rounds", "5"]
+    assert fedseal_arguments(["fedseal", "simulate", "--rounds", "5", "..."]) == ["simulate", "--rounds", "5"]
     assert "--epsilonn" in check_fedseal_command(found[0])
     assert "--ep" in check_fedseal_command(found[1])  # a prefix argparse would accept
     assert check_fedseal_command(found[3]) is None
     assert check_fedseal_command(["simulate", "--rounds", "many"]) is not None
     assert check_fedseal_command(["simulat"]) is not None
     assert check_fedseal_command(["simulate", "--help"]) is None
-    assert inline_fedseal_commands("Run `fedseal client --lables A` or `fedseal report`;\n"
-                                   "`fedseal simulate\n--rounds 2` spans lines.") == [
-        ["client", "--lables", "A"], ["report"], ["simulate", "--rounds", "2"]]
+    assert inline_fedseal_commands(
+        "Run `fedseal client --lables A` or `fedseal report`;\n`fedseal simulate\n--rounds 2` spans lines."
+    ) == [["client", "--lables", "A"], ["report"], ["simulate", "--rounds", "2"]]
     assert unknown_option(["client", "--lables", "A"]) == "--lables"
     assert unknown_option(["ledger", "raise", "--by", "X"]) is None
-    assert fedseal_commands("```\nfedseal simulate: 3 sites\nfedseal audit --runz 3\n```\n"
-                            "```text\nfedseal report --bad\n```\n```console\n"
-                            "$ nice -n 10 fedseal report OUT\n```\n") == [
-        ["report", "OUT"], ["audit", "--runz", "3"]]
+    assert fedseal_commands(
+        "```\nfedseal simulate: 3 sites\nfedseal audit --runz 3\n```\n"
+        "```text\nfedseal report --bad\n```\n```console\n"
+        "$ nice -n 10 fedseal report OUT\n```\n"
+    ) == [["report", "OUT"], ["audit", "--runz", "3"]]
 
 
 def test_the_test_reference_checker_catches_a_renamed_test_and_a_missing_file():
-    assert missing_tests("`tests/test_docs.py::test_every_test_the_docs_name_exists`, "
-                         "`tests/test_docs.py::test_that_was_renamed`, "
-                         "`tests/nowhere.py::test_x`") == [
-        "tests/test_docs.py::test_that_was_renamed", "tests/nowhere.py::test_x"]
+    assert missing_tests(
+        "`tests/test_docs.py::test_every_test_the_docs_name_exists`, "
+        "`tests/test_docs.py::test_that_was_renamed`, "
+        "`tests/nowhere.py::test_x`"
+    ) == ["tests/test_docs.py::test_that_was_renamed", "tests/nowhere.py::test_x"]

@@ -8,9 +8,17 @@ import itertools
 import pytest
 import torch
 
+from fedseal.common.buckets import size_bucket
 from fedseal.common.config import ConfigError, FedConfig
-from fedseal.common.dp_rule import (MAX_BATCH, MIN_STEPS_PER_ROUND, PROBE_CLIP, PROBE_LR, SAMPLE_RATE,
-                            TRAINING_STEPS, recipe, size_bucket)
+from fedseal.common.dp_rule import (
+    MAX_BATCH,
+    MIN_STEPS_PER_ROUND,
+    PROBE_CLIP,
+    PROBE_LR,
+    SAMPLE_RATE,
+    TRAINING_STEPS,
+    recipe,
+)
 from fedseal.common.privacy import epsilon_spent, plan_site
 
 
@@ -36,12 +44,22 @@ def test_every_setting_can_be_overridden_and_says_so():
     assert (r.lr, r.steps_per_round, r.batch_size, r.clip) == (0.5, 7, 33, 2.0)
     assert set(r.source.values()) == {"set by the user"}
     full = recipe(FedConfig(finetune="full"), 512)
-    assert (full.batch_size, full.steps_per_round, full.lr, full.clip, full.stats_rounds) == \
-        (64, 20, 5e-3, 1.0, 0)
+    assert (full.batch_size, full.steps_per_round, full.lr, full.clip, full.stats_rounds) == (
+        64,
+        20,
+        5e-3,
+        1.0,
+        0,
+    )
     # LP-FT: the probe's rounds with the probe's settings, then its adapter rounds
     lpft = recipe(FedConfig(finetune="lora", rounds=3), 512)
-    assert (lpft.batch_size, lpft.steps_per_round, lpft.stats_rounds, lpft.adapter_from,
-            lpft.adapter_steps) == (128, 300, 1, 3, 24)
+    assert (
+        lpft.batch_size,
+        lpft.steps_per_round,
+        lpft.stats_rounds,
+        lpft.adapter_from,
+        lpft.adapter_steps,
+    ) == (128, 300, 1, 3, 24)
     assert [lpft.steps_in_round(k) for k in (1, 2, 3)] == [1, 300, 24]
 
 
@@ -59,31 +77,39 @@ def test_the_probe_needs_a_statistics_round_and_a_training_round():
     FedConfig(rounds=1, finetune="full")  # one phase: one round is enough
 
 
-@pytest.mark.parametrize("mode,rounds,n,epsilon", [
-    *itertools.product(["probe"], [2, 5, 12], [300, 60_000], [1.0, 8.0]),
-    ("full", 1, 6_000, 8.0), ("full", 4, 300, 1.0),  # LP-FT's two rates: tests/test_lpft.py
-])
+@pytest.mark.parametrize(
+    "mode,rounds,n,epsilon",
+    [
+        *itertools.product(["probe"], [2, 5, 12], [300, 60_000], [1.0, 8.0]),
+        ("full", 1, 6_000, 8.0),
+        ("full", 4, 300, 1.0),  # LP-FT's two rates: tests/test_lpft.py
+    ],
+)
 def test_the_planned_total_of_every_phase_mix_stays_within_budget(mode, rounds, n, epsilon):
     """Both phases are steps of one mechanism, so the accountant of the whole plan is the
     accountant of its step count; a site that skips rounds takes fewer steps and spends less."""
     r = recipe(FedConfig(finetune=mode, rounds=rounds, epsilon=epsilon), size_bucket(n))
     total = r.steps_through(rounds)
-    plan = plan_site(size_bucket(n), batch_size=r.batch_size, steps=total, epsilon=epsilon,
-                     delta=1e-5 / 3, accountant="rdp")
+    plan = plan_site(
+        size_bucket(n),
+        batch_size=r.batch_size,
+        steps=total,
+        epsilon=epsilon,
+        delta=1e-5 / 3,
+        accountant="rdp",
+    )
     spent = epsilon_spent(plan.noise_multiplier, plan.sample_rate, total, plan.delta, "rdp")
     assert 0.97 * epsilon <= spent <= epsilon
     rounds_of = range(1, rounds + 1)
     for joined in (rounds_of[1:], rounds_of[::2], rounds_of[-1:]):  # sites that skip rounds
         steps = sum(r.steps_in_round(k) for k in joined)
-        assert epsilon_spent(plan.noise_multiplier, plan.sample_rate, steps, plan.delta,
-                             "rdp") <= spent
+        assert epsilon_spent(plan.noise_multiplier, plan.sample_rate, steps, plan.delta, "rdp") <= spent
 
 
 def test_the_prv_plan_of_the_default_run_is_within_budget():
     r = recipe(FedConfig(), size_bucket(6_735))
     total = r.steps_through(FedConfig().rounds)
-    plan = plan_site(size_bucket(6_735), batch_size=r.batch_size, steps=total, epsilon=8.0,
-                     delta=1e-5)
+    plan = plan_site(size_bucket(6_735), batch_size=r.batch_size, steps=total, epsilon=8.0, delta=1e-5)
     assert 7.9 <= epsilon_spent(plan.noise_multiplier, plan.sample_rate, total, 1e-5) <= 8.0
 
 
@@ -105,8 +131,14 @@ def test_an_empty_poisson_batch_is_a_noise_only_step():
     model = Model()
     feats, labels = torch.randn(3, 4), torch.tensor([0, 1, 0])
     r = recipe(FedConfig(rounds=2, local_steps=40, batch_size=1, lr=1.0), size_bucket(3))
-    plan = DPPlan(noise_multiplier=1.0, sample_rate=1 / 3, planned_steps=40, target_epsilon=8,
-                  delta=1e-5, accountant="rdp")
+    plan = DPPlan(
+        noise_multiplier=1.0,
+        sample_rate=1 / 3,
+        planned_steps=40,
+        target_epsilon=8,
+        delta=1e-5,
+        accountant="rdp",
+    )
     torch.manual_seed(0)
     result = train_head(model, feats, labels, r, plan)
     assert result.steps == 40  # (2/3)^3 of the batches are empty: about 12 of 40

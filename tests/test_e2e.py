@@ -43,10 +43,37 @@ def test_simulate_cli_on_ray_with_dp_and_secagg(tiny_bert, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"}
     proc = subprocess.run(
-        [sys.executable, "-m", "fedseal.common.cli", "simulate", "--model", tiny_bert, "--finetune", "full",
-         "--clients", "3", "--rounds", "2", "--local-steps", "4", "--batch-size", "16",
-         "--max-length", "24", "--epsilon", "4", "--delta", "1e-4", "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "fedseal.common.cli",
+            "simulate",
+            "--model",
+            tiny_bert,
+            "--finetune",
+            "full",
+            "--clients",
+            "3",
+            "--rounds",
+            "2",
+            "--local-steps",
+            "4",
+            "--batch-size",
+            "16",
+            "--max-length",
+            "24",
+            "--epsilon",
+            "4",
+            "--delta",
+            "1e-4",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert str(out / "metrics.jsonl") in proc.stdout and str(out / "model") in proc.stdout
@@ -73,9 +100,20 @@ def test_tiny_bert_learns_with_and_without_secagg_alike(tiny_bert, tmp_path):
     final = {}
     for secagg in (False, True):
         out = tmp_path / f"secagg-{secagg}"
-        cfg = prepare_sites(FedConfig(model=tiny_bert, finetune="full", dp=False, secagg=secagg,
-                                      clients=3, rounds=4, local_steps=40, lr=2e-3,
-                                      max_length=24, out=str(out)))
+        cfg = prepare_sites(
+            FedConfig(
+                model=tiny_bert,
+                finetune="full",
+                dp=False,
+                secagg=secagg,
+                clients=3,
+                rounds=4,
+                local_steps=40,
+                lr=2e-3,
+                max_length=24,
+                out=str(out),
+            )
+        )
         summary = run_federation(LocalGrid(3), cfg, run_id=RUN_ID)
         rows = _rows(out)
         assert summary["final_accuracy"] > 0.7, rows

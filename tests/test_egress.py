@@ -14,9 +14,8 @@ import ast
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Message, MetricRecord, RecordDict
 
 from fedseal.common import egress
 from fedseal.common.config import FedConfig
@@ -92,22 +91,47 @@ def canary_sites(tmp_path, tiny_bert):
     """Two deployed-style sites whose data carries the canary everywhere a site's data can."""
     folder = tmp_path / f"data-{CANARY}"
     text_col, label_col = f"text{CANARY}", f"label{CANARY}"
-    good = _write(_examples(96, text=f"{CANARY} is here"), folder / f"{CANARY}-a.jsonl",
-                  text_col, label_col)
-    bad = _write(_examples(96, text=f"{CANARY} too", stray=f"{CANARY}-label"),
-                 folder / f"{CANARY}-b.jsonl", text_col, label_col)
+    good = _write(_examples(96, text=f"{CANARY} is here"), folder / f"{CANARY}-a.jsonl", text_col, label_col)
+    bad = _write(
+        _examples(96, text=f"{CANARY} too", stray=f"{CANARY}-label"),
+        folder / f"{CANARY}-b.jsonl",
+        text_col,
+        label_col,
+    )
     (tmp_path / "secrets").mkdir()
-    nodes = [{"data-path": str(path), "site-name": name, "epsilon": 8.0, "delta": 1e-5,
-              "ledger-path": str(tmp_path / f"{name}-ledger.json"),
-              "ledger-key": str(tmp_path / "secrets" / f"{name}.key"), "device": "cpu",
-              "require-secagg": False, "min-cohort": 2, "max-colluders": 0,
-              "federated-eval": "on", "allow-model": tiny_bert, "labels": ",".join(LABELS),
-              "text-column": text_col, "label-column": label_col}
-             for name, path in (("alpha", good), ("beta", bad))]
+    nodes = [
+        {
+            "data-path": str(path),
+            "site-name": name,
+            "epsilon": 8.0,
+            "delta": 1e-5,
+            "ledger-path": str(tmp_path / f"{name}-ledger.json"),
+            "ledger-key": str(tmp_path / "secrets" / f"{name}.key"),
+            "device": "cpu",
+            "require-secagg": False,
+            "min-cohort": 2,
+            "max-colluders": 0,
+            "federated-eval": "on",
+            "allow-model": tiny_bert,
+            "labels": ",".join(LABELS),
+            "text-column": text_col,
+            "label-column": label_col,
+        }
+        for name, path in (("alpha", good), ("beta", bad))
+    ]
     write_examples(_examples(32), tmp_path / "eval.jsonl")
-    cfg = FedConfig(model=tiny_bert, labels=LABELS, clients=2, min_clients=2, rounds=2,
-                    max_length=16, secagg=False, federated_eval=True,
-                    eval=str(tmp_path / "eval.jsonl"), out=str(tmp_path / "out"))
+    cfg = FedConfig(
+        model=tiny_bert,
+        labels=LABELS,
+        clients=2,
+        min_clients=2,
+        rounds=2,
+        max_length=16,
+        secagg=False,
+        federated_eval=True,
+        eval=str(tmp_path / "eval.jsonl"),
+        out=str(tmp_path / "out"),
+    )
     return cfg, nodes, folder
 
 
@@ -143,8 +167,9 @@ def test_no_byte_of_the_sites_data_reaches_a_hostile_server(canary_sites, attack
     grid = Recording(2, node_configs=nodes)
     for message_type, server_round in (("train", 1), ("evaluate", 1), ("train", 2)):
         content = _content(hostile, weights, server_round)
-        grid.send_and_receive([Message(content, dst_node_id=n, message_type=message_type)
-                               for n in grid.nodes])
+        grid.send_and_receive(
+            [Message(content, dst_node_id=n, message_type=message_type) for n in grid.nodes]
+        )
     assert len(grid.replies) == 6
     for kind, server_round, reply in grid.replies:
         assert not reply.has_error()
@@ -155,32 +180,48 @@ def test_no_byte_of_the_sites_data_reaches_a_hostile_server(canary_sites, attack
         assert codes <= {Code.SITE_DATA.value, Code.ROUND_NOT_TRAINED.value}, codes
         assert sum(egress.refusal_of(r) is None for _, _, r in grid.replies) == 3
     else:
-        assert codes <= {Code.POLICY_LABELS.value, Code.POLICY_MODEL.value,
-                         Code.POLICY_SIZE.value}, codes
+        assert codes <= {Code.POLICY_LABELS.value, Code.POLICY_MODEL.value, Code.POLICY_SIZE.value}, codes
         assert len(codes) == 1
 
 
-def _secure_canary_sites(cfg: FedConfig, nodes: list[dict], tmp_path: Path
-                         ) -> tuple[FedConfig, list[dict]]:
+def _secure_canary_sites(cfg: FedConfig, nodes: list[dict], tmp_path: Path) -> tuple[FedConfig, list[dict]]:
     """The canary sites, two more good ones, each with a signing key and the roster, under
     secure aggregation and distributed noise (a round of four withstands beta's refusal)."""
     more = []
     for name in ("gamma", "omega"):
-        node = dict(nodes[0], **{"site-name": name,
-                                 "ledger-path": str(tmp_path / f"{name}-ledger.json"),
-                                 "ledger-key": str(tmp_path / "secrets" / f"{name}.key")})
-        node["data-path"] = str(_write(_examples(96, text=f"{CANARY} {name}"),
-                                       Path(nodes[0]["data-path"]).with_name(f"{CANARY}-{name}.jsonl"),
-                                       *(node[k] for k in ("text-column", "label-column"))))
+        node = dict(
+            nodes[0],
+            **{
+                "site-name": name,
+                "ledger-path": str(tmp_path / f"{name}-ledger.json"),
+                "ledger-key": str(tmp_path / "secrets" / f"{name}.key"),
+            },
+        )
+        node["data-path"] = str(
+            _write(
+                _examples(96, text=f"{CANARY} {name}"),
+                Path(nodes[0]["data-path"]).with_name(f"{CANARY}-{name}.jsonl"),
+                *(node[k] for k in ("text-column", "label-column")),
+            )
+        )
         more.append(node)
     nodes = [*nodes, *more]
-    keys = prepare_sites(FedConfig(model=cfg.model, clients=len(nodes), labels=LABELS,
-                                   out=str(tmp_path / "keys")))
+    keys = prepare_sites(
+        FedConfig(model=cfg.model, clients=len(nodes), labels=LABELS, out=str(tmp_path / "keys"))
+    )
     sites = Path(keys.out) / "sites"
-    nodes = [dict(node, **{"identity-key": str(sites / f"site-{i}.key"),
-                           "peers": str(sites / "peers.pub")}) for i, node in enumerate(nodes)]
-    return cfg.replace(clients=len(nodes), min_clients=2, secagg=True, dp_noise="distributed",
-                       max_colluders=0, federated_eval=False), nodes
+    nodes = [
+        dict(node, **{"identity-key": str(sites / f"site-{i}.key"), "peers": str(sites / "peers.pub")})
+        for i, node in enumerate(nodes)
+    ]
+    return cfg.replace(
+        clients=len(nodes),
+        min_clients=2,
+        secagg=True,
+        dp_noise="distributed",
+        max_colluders=0,
+        federated_eval=False,
+    ), nodes
 
 
 @pytest.mark.parametrize("dp_noise", ["local", "distributed"])
@@ -211,10 +252,15 @@ def _reply_type(message_type: str, reply: Message, cfg: FedConfig, server_round:
         return egress.REFUSAL_REPLY
     if message_type == "evaluate":
         return egress.EVALUATION
-    stages = {f"train.{stage}": t for stage, t in (
-        ("secagg_share_keys", egress.SECAGG_SHARE_KEYS),
-        ("secagg_masked_input", egress.SECAGG_MASKED_INPUT),
-        ("secagg_consistency", egress.SECAGG_CONSISTENCY), ("secagg_unmask", egress.SECAGG_UNMASK))}
+    stages = {
+        f"train.{stage}": t
+        for stage, t in (
+            ("secagg_share_keys", egress.SECAGG_SHARE_KEYS),
+            ("secagg_masked_input", egress.SECAGG_MASKED_INPUT),
+            ("secagg_consistency", egress.SECAGG_CONSISTENCY),
+            ("secagg_unmask", egress.SECAGG_UNMASK),
+        )
+    }
     return stages.get(message_type) or egress.train_reply_type(cfg, server_round)
 
 
@@ -222,29 +268,43 @@ def test_every_reply_the_real_site_sends_is_exactly_its_declared_type(tmp_path, 
     """Plain and secure runs with federated evaluation: every reply type occurs, each parses
     strictly (an undeclared record or field fails), and nothing but the declared types occur."""
     seen = set()
-    runs = [dict(secagg=False), dict(secagg=True), dict(secagg=False, aggregation="mean"),
-            dict(secagg=True, dp_noise="distributed", max_colluders=0, local_steps="auto",
-                 federated_eval=False)]
+    runs = [
+        dict(secagg=False),
+        dict(secagg=True),
+        dict(secagg=False, aggregation="mean"),
+        dict(secagg=True, dp_noise="distributed", max_colluders=0, local_steps="auto", federated_eval=False),
+    ]
     for i, run in enumerate(runs):  # vote rounds, SecAgg+ stages, plain rounds, distributed noise
-        settings = dict(model=tiny_bert, clients=3, min_clients=2, rounds=2, max_length=8,
-                        local_steps=2, federated_eval=True, out=str(tmp_path / f"run-{i}"))
+        settings = dict(
+            model=tiny_bert,
+            clients=3,
+            min_clients=2,
+            rounds=2,
+            max_length=8,
+            local_steps=2,
+            federated_eval=True,
+            out=str(tmp_path / f"run-{i}"),
+        )
         cfg = prepare_sites(FedConfig(**{**settings, **run}))
         grid = Recording(3)
         run_federation(grid, cfg, run_id=RUN_ID)
         weights = to_numpy_state(trainable_state(build_model(cfg, cfg.labels)))
         for message_type, server_round, reply in grid.replies:
             reply_type = _reply_type(message_type, reply, cfg, server_round)
-            length = (reply.content["masked"]["y"].shape[0]
-                      if reply_type is egress.SECAGG_MASKED_INPUT else None)
-            egress.parse(reply_type, reply, template=update_template(weights, cfg, server_round),
-                         ring_length=length)
+            length = (
+                reply.content["masked"]["y"].shape[0] if reply_type is egress.SECAGG_MASKED_INPUT else None
+            )
+            egress.parse(
+                reply_type, reply, template=update_template(weights, cfg, server_round), ring_length=length
+            )
             seen.add(reply_type.name)
     # A refusal occurs too: ask a site to score a round it never trained.
     grid = Recording(3)
     cfg = cfg.replace(secagg=False, dp_noise="local", federated_eval=True)
     weights = to_numpy_state(trainable_state(build_model(cfg, cfg.labels)))
-    [reply] = grid.send_and_receive([Message(_content(cfg, weights, 9), dst_node_id=grid.nodes[0],
-                                             message_type="evaluate")])
+    [reply] = grid.send_and_receive(
+        [Message(_content(cfg, weights, 9), dst_node_id=grid.nodes[0], message_type="evaluate")]
+    )
     assert egress.refusal_of(reply)[0] == Code.ROUND_NOT_TRAINED.value
     egress.parse(egress.REFUSAL_REPLY, reply)
     seen.add("refusal")
@@ -252,31 +312,51 @@ def test_every_reply_the_real_site_sends_is_exactly_its_declared_type(tmp_path, 
 
 
 def _content(cfg: FedConfig, weights, server_round: int, job: str = "job-1") -> RecordDict:
-    return RecordDict({"global": state_to_record(weights),
-                       "config": config_to_record(cfg, **{ROUND_KEY: server_round, JOB_KEY: job})})
+    return RecordDict(
+        {
+            "global": state_to_record(weights),
+            "config": config_to_record(cfg, **{ROUND_KEY: server_round, JOB_KEY: job}),
+        }
+    )
 
 
 def _public(reply_type: egress.ReplyType, reply: Message) -> dict:
     """The reply's fields the schema calls public (what may depend on the size bucket only)."""
     assert egress.refusal_of(reply) is None, egress.refusal_of(reply)
     values = egress.parse(reply_type, reply, only=(egress.METRICS, egress.STATUS))
-    return {(f.record, f.key): values[f.record].get(f.key) for f in reply_type.fields
-            if f.kind is egress.Kind.PUBLIC and f.record != egress.STATUS}
+    return {
+        (f.record, f.key): values[f.record].get(f.key)
+        for f in reply_type.fields
+        if f.kind is egress.Kind.PUBLIC and f.record != egress.STATUS
+    }
 
 
 ALL_MODES = (("probe", 1), ("probe", 2), ("lora", 1), ("lora", 3), ("full", 1))
 PROBE = (("probe", 1), ("probe", 2))
 
 
-@pytest.mark.parametrize("n, modes", [
-    (100, ALL_MODES), (1000, ALL_MODES),
-    (70_000, PROBE),  # above 32,768 the probe's rate is capped by its batch of 8,192
-])
+@pytest.mark.parametrize(
+    "n, modes",
+    [
+        (100, ALL_MODES),
+        (1000, ALL_MODES),
+        (70_000, PROBE),  # above 32,768 the probe's rate is capped by its batch of 8,192
+    ],
+)
 def test_sites_of_n_and_n_plus_one_examples_send_identical_metadata(tmp_path, tiny_bert, n, modes):
     """Everything public in a reply depends on the size bucket only (n and n + 1 share it)."""
-    base = FedConfig(model=tiny_bert, labels=LABELS, clients=2, min_clients=2, rounds=2,
-                     max_length=8, local_steps=2, secagg=False, delta=1e-6,
-                     out=str(tmp_path / "out"))
+    base = FedConfig(
+        model=tiny_bert,
+        labels=LABELS,
+        clients=2,
+        min_clients=2,
+        rounds=2,
+        max_length=8,
+        local_steps=2,
+        secagg=False,
+        delta=1e-6,
+        out=str(tmp_path / "out"),
+    )
     prepare_sites(base)  # the sites' keys and roster (the data files are replaced below)
     for mode, server_round in modes:
         cfg = base.replace(finetune=mode, rounds=3 if mode == "lora" else 2)  # 3: an adapter round
@@ -295,13 +375,23 @@ def test_sites_of_n_and_n_plus_one_examples_send_identical_metadata(tmp_path, ti
 
 
 @pytest.mark.parametrize("n", [100, 1000])
-def test_sites_of_n_and_n_plus_one_send_identical_metadata_under_distributed_noise(
-        tmp_path, tiny_bert, n):
+def test_sites_of_n_and_n_plus_one_send_identical_metadata_under_distributed_noise(tmp_path, tiny_bert, n):
     """The masked noisy shares' public numbers (epsilon, steps, the mechanism's noise
     multiplier, the rate) depend on the size bucket and the round's public encoding only."""
-    cfg = prepare_sites(FedConfig(model=tiny_bert, labels=LABELS, clients=2, min_clients=2,
-                                  rounds=2, max_length=8, dp_noise="distributed",
-                                  max_colluders=0, delta=1e-6, out=str(tmp_path / "out")))
+    cfg = prepare_sites(
+        FedConfig(
+            model=tiny_bert,
+            labels=LABELS,
+            clients=2,
+            min_clients=2,
+            rounds=2,
+            max_length=8,
+            dp_noise="distributed",
+            max_colluders=0,
+            delta=1e-6,
+            out=str(tmp_path / "out"),
+        )
+    )
     sites = Path(cfg.out) / "sites"
     write_examples(_examples(n), sites / "site-0.jsonl")
     write_examples(_examples(n + 1), sites / "site-1.jsonl")
@@ -309,9 +399,11 @@ def test_sites_of_n_and_n_plus_one_send_identical_metadata_under_distributed_noi
     grid = Recording(2)
     run_federation(grid, cfg, run_id=RUN_ID)
     for server_round in (1, 2):
-        small, large = (_public(egress.SECAGG_MASKED_INPUT, reply)
-                        for kind, r, reply in grid.replies
-                        if kind == "train.secagg_masked_input" and r == server_round)
+        small, large = (
+            _public(egress.SECAGG_MASKED_INPUT, reply)
+            for kind, r, reply in grid.replies
+            if kind == "train.secagg_masked_input" and r == server_round
+        )
         assert small == large, server_round
         assert small[(egress.METRICS, "steps")] == server_round
 
@@ -319,6 +411,7 @@ def test_sites_of_n_and_n_plus_one_send_identical_metadata_under_distributed_noi
 def test_a_secure_round_sends_the_same_public_metadata_as_a_plain_one():
     """Under SecAgg+ the keys carry none; the masked input carries exactly the plain reply's
     public numbers (the same committed round's), so the n/n+1 test above covers it too."""
+
     def public(reply_type):
         return {(f.record, f.key) for f in reply_type.fields if f.kind is egress.Kind.PUBLIC}
 
@@ -330,8 +423,9 @@ def test_a_reply_with_an_undeclared_field_cannot_be_built():
     msg = Message(RecordDict(), dst_node_id=1, message_type="train")
     msg.metadata.__dict__["_message_id"] = "m"
     with pytest.raises(egress.EgressError, match="train-loss"):
-        egress.build(egress.EVALUATION, msg, {egress.METRICS: {"accuracy": 0.5, "loss": 0.7,
-                                                               "train-loss": 0.1}})
+        egress.build(
+            egress.EVALUATION, msg, {egress.METRICS: {"accuracy": 0.5, "loss": 0.7, "train-loss": 0.1}}
+        )
     with pytest.raises(egress.EgressError, match="declares no record"):
         egress.build(egress.SECAGG_CONSISTENCY, msg, {"extra": {"x": b""}})
     with pytest.raises(egress.EgressError, match="requires"):
@@ -371,18 +465,32 @@ def test_every_field_says_why_it_may_leave():
 
 
 KNOWN_TYPES = {  # name: sorted "record/key:form:kind" -- a change of the wire format fails here
-    "refusal": ["refusal/asked:text:public", "refusal/code:text:public",
-                "refusal/limit:text:public", "refusal/remaining:text:public",
-                "refusal/round:text:public", "refusal/setting:text:public",
-                "status/site:text:public"],
+    "refusal": [
+        "refusal/asked:text:public",
+        "refusal/code:text:public",
+        "refusal/limit:text:public",
+        "refusal/remaining:text:public",
+        "refusal/round:text:public",
+        "refusal/setting:text:public",
+        "status/site:text:public",
+    ],
     "secagg.consistency": ["secagg/signature:bytes:protocol"],
-    "secagg.masked_input": ["masked/y:ring:protocol", "metrics/delta:float:public",
-                            "metrics/epsilon:float:public", "metrics/noise-multiplier:float:public",
-                            "metrics/sample-rate:float:public", "metrics/steps:count:public",
-                            "secagg/complaints:bytes:protocol", "status/private:flag:public",
-                            "status/site:text:public"],
-    "secagg.advert": ["secagg/advert:bytes:protocol", "status/private:flag:public",
-                      "status/site:text:public"],
+    "secagg.masked_input": [
+        "masked/y:ring:protocol",
+        "metrics/delta:float:public",
+        "metrics/epsilon:float:public",
+        "metrics/noise-multiplier:float:public",
+        "metrics/sample-rate:float:public",
+        "metrics/steps:count:public",
+        "secagg/complaints:bytes:protocol",
+        "status/private:flag:public",
+        "status/site:text:public",
+    ],
+    "secagg.advert": [
+        "secagg/advert:bytes:protocol",
+        "status/private:flag:public",
+        "status/site:text:public",
+    ],
 }
 
 
@@ -391,20 +499,57 @@ def test_known_reply_formats():
     for name, fields in KNOWN_TYPES.items():
         got = sorted(f"{f.record}/{f.key}:{f.form.value}:{f.kind.value}" for f in by_name[name].fields)
         assert got == fields
-    assert sorted(by_name) == ["evaluation", "refusal", "secagg.advert", "secagg.consistency",
-                               "secagg.masked_input", "secagg.share_keys", "secagg.unmask",
-                               "statistics", "training", "vote"]
+    assert sorted(by_name) == [
+        "evaluation",
+        "refusal",
+        "secagg.advert",
+        "secagg.consistency",
+        "secagg.masked_input",
+        "secagg.share_keys",
+        "secagg.unmask",
+        "statistics",
+        "training",
+        "vote",
+    ]
 
 
 KNOWN_CODES = [
-    "budget.exhausted", "budget.round", "message.config", "message.ddp", "message.round",
+    "budget.exhausted",
+    "budget.round",
+    "message.config",
+    "message.ddp",
+    "message.round",
     "message.secagg",
-    "message.stage", "message.weights", "plan.changed", "plan.infeasible", "policy.cohort",
-    "policy.colluders", "policy.dp", "policy.federated_eval", "policy.labels", "policy.model",
-    "policy.noise_share", "policy.run_epsilon", "policy.secagg", "policy.secagg_k", "policy.secagg_threshold",
-    "policy.size", "policy.update_clip", "round.evaluated", "round.not_trained", "round.sent",
-    "round.unmasked", "site.code", "site.config", "site.data", "site.internal", "site.keys",
-    "site.ledger", "site.model", "site.record", "train.diverged",
+    "message.stage",
+    "message.weights",
+    "plan.changed",
+    "plan.infeasible",
+    "policy.cohort",
+    "policy.colluders",
+    "policy.dp",
+    "policy.federated_eval",
+    "policy.labels",
+    "policy.model",
+    "policy.noise_share",
+    "policy.run_epsilon",
+    "policy.secagg",
+    "policy.secagg_k",
+    "policy.secagg_threshold",
+    "policy.size",
+    "policy.update_clip",
+    "round.evaluated",
+    "round.not_trained",
+    "round.sent",
+    "round.unmasked",
+    "site.code",
+    "site.config",
+    "site.data",
+    "site.internal",
+    "site.keys",
+    "site.ledger",
+    "site.model",
+    "site.record",
+    "train.diverged",
 ]
 """The refusal codes on the wire: renaming or dropping one is a wire change."""
 

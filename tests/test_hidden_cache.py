@@ -12,8 +12,7 @@ from fedseal.common import hidden_cache
 from fedseal.common.batches import encode
 from fedseal.common.config import FedConfig
 from fedseal.common.data import Examples
-from fedseal.common.hidden_cache import (HiddenStates, compute_hidden, hidden_key, hidden_states,
-                                         length_chunks)
+from fedseal.common.hidden_cache import HiddenStates, compute_hidden, hidden_key, hidden_states, length_chunks
 from fedseal.common.model import ModelError, build_model, load_tokenizer
 from fedseal.common.top_layers import TopStack, adapted_layers, add_top_lora
 
@@ -27,8 +26,11 @@ def test_the_adapters_sit_in_the_top_layers_only_and_start_as_the_identity(tiny_
     assert adapted_layers(model) == 1
     lora = [n for n, _ in model.named_parameters() if "lora_" in n]
     assert lora and all(".layer.1." in n for n in lora)
-    travelling = [n.split("base_model.model.")[-1] for n, p in model.named_parameters()
-                  if p.requires_grad and "lora_" not in n]
+    travelling = [
+        n.split("base_model.model.")[-1]
+        for n, p in model.named_parameters()
+        if p.requires_grad and "lora_" not in n
+    ]
     assert travelling == ["feature_mean", "classifier.weight", "classifier.bias"]
     probe = build_model(FedConfig(model=tiny_bert, labels=LABELS), LABELS).eval()
     with torch.no_grad():
@@ -48,8 +50,7 @@ def test_bad_adapter_settings_name_what_to_change(tiny_bert):
 
 
 @pytest.mark.parametrize("storage, tolerance", [(torch.float32, 1e-5), (torch.float16, 5e-3)])
-def test_the_top_layers_on_cached_states_give_the_whole_models_logits(tiny_lpft, storage,
-                                                                      tolerance):
+def test_the_top_layers_on_cached_states_give_the_whole_models_logits(tiny_lpft, storage, tolerance):
     model, data = tiny_lpft()
     hidden = compute_hidden(model, data, cut=1, device=CPU, storage=storage)
     assert hidden.states.dtype == storage
@@ -59,8 +60,7 @@ def test_the_top_layers_on_cached_states_give_the_whole_models_logits(tiny_lpft,
     index = torch.tensor([6, 0, 5, 2])
     with torch.no_grad():
         mine = stack(*hidden.batch(index, CPU))
-        whole = model(input_ids=data.tensors[0][index],
-                      attention_mask=data.tensors[1][index]).logits
+        whole = model(input_ids=data.tensors[0][index], attention_mask=data.tensors[1][index]).logits
     assert torch.allclose(mine, whole, atol=tolerance), (mine - whole).abs().max()
 
 
@@ -75,8 +75,7 @@ def test_chunks_cover_each_example_once_within_the_token_budget():
     assert list(length_chunks(lengths, torch.tensor([], dtype=torch.long), max_tokens=4)) == []
 
 
-def test_the_cache_is_keyed_by_the_frozen_layers_and_the_texts(tiny_bert, tiny_lpft, tmp_path,
-                                                               monkeypatch):
+def test_the_cache_is_keyed_by_the_frozen_layers_and_the_texts(tiny_bert, tiny_lpft, tmp_path, monkeypatch):
     monkeypatch.setattr(hidden_cache, "_MEMORY", type(hidden_cache._MEMORY)())
     model, data = tiny_lpft()
     first = hidden_states(model, data, 1, CPU, tmp_path)
@@ -91,8 +90,9 @@ def test_the_cache_is_keyed_by_the_frozen_layers_and_the_texts(tiny_bert, tiny_l
             if "lora_A" in name:
                 p.add_(1.0)
     assert hidden_key(model, data, 1) == key
-    other = encode(load_tokenizer(FedConfig(model=tiny_bert)),
-                   Examples(TEXTS[:3], [0, 1, 2], LABELS, "t"), 16)
+    other = encode(
+        load_tokenizer(FedConfig(model=tiny_bert)), Examples(TEXTS[:3], [0, 1, 2], LABELS, "t"), 16
+    )
     assert hidden_key(model, other, 1) != key
     assert hidden_key(model, data, 1, torch.float32) != key
     with torch.no_grad():  # a frozen layer below the cut does
@@ -100,8 +100,7 @@ def test_the_cache_is_keyed_by_the_frozen_layers_and_the_texts(tiny_bert, tiny_l
     assert hidden_key(model, data, 1) != key
 
 
-def test_a_cache_file_is_read_back_and_a_damaged_one_recomputed(tiny_lpft, tmp_path, monkeypatch,
-                                                                caplog):
+def test_a_cache_file_is_read_back_and_a_damaged_one_recomputed(tiny_lpft, tmp_path, monkeypatch, caplog):
     model, data = tiny_lpft()
     monkeypatch.setattr(hidden_cache, "_MEMORY", type(hidden_cache._MEMORY)())
     first = hidden_states(model, data, 1, CPU, tmp_path)
@@ -138,8 +137,12 @@ def test_a_cache_that_does_not_fit_its_data_is_not_used(tiny_lpft, tmp_path, mon
 
 
 def test_batches_pad_each_example_back_on_the_right():
-    hidden = HiddenStates(states=torch.arange(12, dtype=torch.float16).reshape(6, 2),
-                          offsets=torch.tensor([0, 1, 4, 6]), lower=torch.eye(3), cut=1)
+    hidden = HiddenStates(
+        states=torch.arange(12, dtype=torch.float16).reshape(6, 2),
+        offsets=torch.tensor([0, 1, 4, 6]),
+        lower=torch.eye(3),
+        cut=1,
+    )
     states, mask, lower = hidden.batch(torch.tensor([2, 0, 1]), CPU)
     assert mask.tolist() == [[1, 1, 0], [1, 0, 0], [1, 1, 1]]
     assert states[0].tolist() == [[8, 9], [10, 11], [0, 0]]

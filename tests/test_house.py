@@ -22,8 +22,12 @@ from fedseal.common.cli import fedseal_version, main
 from fedseal.common.errors import FedsealError
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"common": "fedseal.common", "client": "fedseal.client", "server": "fedseal.server",
-            "simulations": "fedseal.simulations"}
+PACKAGES = {
+    "common": "fedseal.common",
+    "client": "fedseal.client",
+    "server": "fedseal.server",
+    "simulations": "fedseal.simulations",
+}
 
 
 def _modules() -> dict[str, Path]:
@@ -33,8 +37,7 @@ def _modules() -> dict[str, Path]:
         for path in (ROOT / folder).rglob("*.py"):
             if "bench" in path.relative_to(ROOT / folder).parts:
                 continue  # the benchmarks are run from the checkout, not installed
-            parts = [p for p in path.relative_to(ROOT / folder).with_suffix("").parts
-                     if p != "__init__"]
+            parts = [p for p in path.relative_to(ROOT / folder).with_suffix("").parts if p != "__init__"]
             found[".".join([package, *parts])] = path
     return found
 
@@ -46,8 +49,11 @@ def test_every_exception_fedseal_defines_is_a_fedseal_error_with_a_stable_code()
     classes = []
     for name in MODULES:
         module = importlib.import_module(name)
-        classes += [c for _, c in inspect.getmembers(module, inspect.isclass)
-                    if issubclass(c, Exception) and c.__module__ == name]
+        classes += [
+            c
+            for _, c in inspect.getmembers(module, inspect.isclass)
+            if issubclass(c, Exception) and c.__module__ == name
+        ]
     assert len(classes) > 25  # the walk found the package's errors
     outside = [f"{c.__module__}.{c.__qualname__}" for c in classes if not issubclass(c, FedsealError)]
     assert not outside, f"not FedsealError: {outside}"
@@ -59,9 +65,12 @@ def test_every_exception_fedseal_defines_is_a_fedseal_error_with_a_stable_code()
 def _imports(path: Path) -> set[str]:
     """The fedseal modules ``path`` imports anywhere (functions too), except for type checking."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    typing_only = {id(n) for block in ast.walk(tree)
-                   if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
-                   for n in ast.walk(block)}
+    typing_only = {
+        id(n)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+        for n in ast.walk(block)
+    }
     names = set()
     for node in ast.walk(tree):
         if id(node) in typing_only:
@@ -128,8 +137,11 @@ def test_version_and_a_mistyped_command_or_option(capsys):
 
 
 def test_help_cut_short_by_its_reader_ends_quietly():
-    proc = subprocess.Popen([sys.executable, "-m", "fedseal.common.cli", "simulate", "--help"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedseal.common.cli", "simulate", "--help"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     assert proc.stdout is not None
     proc.stdout.read(10)
     proc.stdout.close()  # as `| head -c 10` does
@@ -159,7 +171,9 @@ def test_one_site_with_secure_aggregation_gets_advice_that_ends():
 
 
 def test_every_package_module_is_seen_by_the_walks():
-    installed = {m.name for package in PACKAGES.values()
-                 for m in pkgutil.walk_packages(importlib.import_module(package).__path__,
-                                                f"{package}.")}
+    installed = {
+        m.name
+        for package in PACKAGES.values()
+        for m in pkgutil.walk_packages(importlib.import_module(package).__path__, f"{package}.")
+    }
     assert {m for m in installed if ".bench" not in m} <= MODULES.keys()

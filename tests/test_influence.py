@@ -87,9 +87,19 @@ def test_a_site_claiming_the_size_cap_moves_pooled_statistics_by_at_most_its_sha
 def test_training_rounds_move_only_the_head_weights(tiny_bert, tmp_path):
     """A real run: the bias and the feature mean after the last round are exactly what the
     statistics round set; a site adding them to a training-round reply is dropped."""
-    cfg = prepare_sites(FedConfig(model=tiny_bert, clients=3, min_clients=2, rounds=3,
-                                  max_length=8, local_steps=4, secagg=False, dp=False,
-                                  out=str(tmp_path / "run")))
+    cfg = prepare_sites(
+        FedConfig(
+            model=tiny_bert,
+            clients=3,
+            min_clients=2,
+            rounds=3,
+            max_length=8,
+            local_steps=4,
+            secagg=False,
+            dp=False,
+            out=str(tmp_path / "run"),
+        )
+    )
     weights = to_numpy_state(trainable_state(build_model(cfg, cfg.labels)))
     assert list(update_template(weights, cfg, 1)) == [FEATURE_MEAN_KEY, PRIOR_KEY]
     assert list(update_template(weights, cfg, 2)) == [HEAD_WEIGHT_KEY, SCALE_KEY]
@@ -116,41 +126,60 @@ def test_training_rounds_move_only_the_head_weights(tiny_bert, tmp_path):
     assert not np.array_equal(grid.globals[0][HEAD_WEIGHT_KEY], later[HEAD_WEIGHT_KEY])
 
     # A site sending the frozen keys in a training round is dropped, named, and not counted.
-    content = {"global": state_to_record(weights),
-               "config": config_to_record(cfg, **{"server-round": 2, "job-id": "j"})}
+    content = {
+        "global": state_to_record(weights),
+        "config": config_to_record(cfg, **{"server-round": 2, "job-id": "j"}),
+    }
     from flwr.app import RecordDict
 
-    replies = grid.send_and_receive([Message(RecordDict(content), dst_node_id=n,
-                                             message_type="train") for n in grid.nodes])
+    replies = grid.send_and_receive(
+        [Message(RecordDict(content), dst_node_id=n, message_type="train") for n in grid.nodes]
+    )
     bad = replies[0]
     bad.content["update"][FEATURE_MEAN_KEY] = state_to_record({"x": weights[FEATURE_MEAN_KEY]})["x"]
     template = update_template(weights, cfg, 2)
-    sums = sum_plain(replies, template, RoundSums(), egress.VOTE, SiteNames(),
-                     weight_range(cfg, 2), round_clip(cfg, 2))
+    sums = sum_plain(
+        replies, template, RoundSums(), egress.VOTE, SiteNames(), weight_range(cfg, 2), round_clip(cfg, 2)
+    )
     assert len(sums.contributors) == 2
     assert any(why.startswith("reply.extra") for why in sums.failed.values())
 
 
 def test_a_reply_naming_another_site_is_refused_and_recorded_under_its_sender(tiny_bert, tmp_path):
-    cfg = prepare_sites(FedConfig(model=tiny_bert, clients=3, min_clients=2, rounds=2,
-                                  max_length=8, local_steps=2, secagg=False,
-                                  out=str(tmp_path / "run")))
+    cfg = prepare_sites(
+        FedConfig(
+            model=tiny_bert,
+            clients=3,
+            min_clients=2,
+            rounds=2,
+            max_length=8,
+            local_steps=2,
+            secagg=False,
+            out=str(tmp_path / "run"),
+        )
+    )
     grid = LocalGrid(3)
     weights = to_numpy_state(trainable_state(build_model(cfg, cfg.labels)))
     from flwr.app import RecordDict
 
-    content = RecordDict({"global": state_to_record(weights),
-                          "config": config_to_record(cfg, **{"server-round": 1, "job-id": "j"})})
-    replies = grid.send_and_receive([Message(content, dst_node_id=n, message_type="train")
-                                     for n in grid.nodes])
+    content = RecordDict(
+        {
+            "global": state_to_record(weights),
+            "config": config_to_record(cfg, **{"server-round": 1, "job-id": "j"}),
+        }
+    )
+    replies = grid.send_and_receive(
+        [Message(content, dst_node_id=n, message_type="train") for n in grid.nodes]
+    )
     alpha, beta, liar = grid.nodes
     names = SiteNames({alpha: "alpha", beta: "beta", liar: "gamma"})  # authenticated
     replies[2].content["status"]["site"] = "alpha"  # gamma writes as alpha
     replies[0].content["status"]["site"] = "alpha"
     replies[1].content["status"]["site"] = "beta"
     template = update_template(weights, cfg, 1)
-    sums = sum_plain(replies, template, RoundSums(), egress.STATISTICS, names,
-                     weight_range(cfg, 1), round_clip(cfg, 1))
+    sums = sum_plain(
+        replies, template, RoundSums(), egress.STATISTICS, names, weight_range(cfg, 1), round_clip(cfg, 1)
+    )
     assert sorted(sums.contributors) == ["alpha", "beta"]
     assert list(sums.failed) == ["gamma"] and sums.failed["gamma"].startswith("reply.identity")
     assert set(sums.epsilons) == {"alpha", "beta"}  # alpha's record is alpha's own
@@ -196,12 +225,17 @@ def test_a_deployed_server_names_sites_by_the_key_they_authenticated_with(tmp_pa
         _, pub = site_key_files(name)
         (tmp_path / f"{name}.pub").write_bytes(pub)
         key = load_ssh_public_key(pub.strip())
-        pems[name] = key.public_bytes(serialization.Encoding.PEM,
-                                      serialization.PublicFormat.SubjectPublicKeyInfo)
+        pems[name] = key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
     _, stranger = site_key_files("mallory")
     stranger_pem = load_ssh_public_key(stranger.strip()).public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    nodes = [NodeInfo(node_id=11, public_key=pems["alpha"]),
-             NodeInfo(node_id=12, public_key=pems["beta"]),
-             NodeInfo(node_id=13, public_key=stranger_pem), NodeInfo(node_id=14)]
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    nodes = [
+        NodeInfo(node_id=11, public_key=pems["alpha"]),
+        NodeInfo(node_id=12, public_key=pems["beta"]),
+        NodeInfo(node_id=13, public_key=stranger_pem),
+        NodeInfo(node_id=14),
+    ]
     assert names_from_nodes(nodes, admitted_keys(tmp_path)) == {11: "alpha", 12: "beta"}

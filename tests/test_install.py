@@ -25,8 +25,12 @@ GENERIC = {"common", "server", "client", "simulations"}
 
 def _sources() -> list[Path]:
     """The repository's files as a fresh clone has them (tracked and new, never ignored)."""
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-                            cwd=ROOT, capture_output=True, check=True).stdout
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout
     return [Path(name) for name in listed.decode().split("\0") if name and (ROOT / name).is_file()]
 
 
@@ -47,17 +51,51 @@ def installed(tmp_path_factory) -> dict:
         shutil.copy2(ROOT / rel, src / rel)
     # What `pip install .` does, in two steps so that neither needs the network: build
     # the wheel with this environment's setuptools, then install it into the fresh venv.
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
-                    "--no-build-isolation", "--wheel-dir", str(base / "dist"), str(src)],
-                   check=True, cwd=base, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--wheel-dir",
+            str(base / "dist"),
+            str(src),
+        ],
+        check=True,
+        cwd=base,
+        capture_output=True,
+    )
     env_dir = base / "fresh"
     venv.create(env_dir, with_pip=False)
     python = env_dir / "bin" / "python"
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet",
-                    "--no-deps", "--no-index", *map(str, (base / "dist").glob("fedseal-*.whl"))],
-                   check=True, cwd=base, capture_output=True)
-    purelib = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                  capture_output=True, text=True, check=True).stdout.strip())
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-index",
+            *map(str, (base / "dist").glob("fedseal-*.whl")),
+        ],
+        check=True,
+        cwd=base,
+        capture_output=True,
+    )
+    purelib = Path(
+        subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
     (purelib / "zz_test_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     return {"python": python, "bin": env_dir / "bin", "purelib": purelib, "cwd": base}
 
@@ -73,10 +111,14 @@ def test_only_fedseal_is_installed_at_top_level(installed) -> None:
 def test_benchmarks_stay_in_the_checkout(installed) -> None:
     package = installed["purelib"] / "fedseal"
     shipped = {p.relative_to(package).as_posix() for p in package.rglob("*.py")}
-    repo = {p.as_posix() for p in _sources() if p.suffix == ".py"
-            and p.parts[0] in {"common", "server", "client"}}
-    commands = {p.as_posix() for p in _sources() if p.suffix == ".py"
-                and p.parts[0] == "simulations" and len(p.parts) == 2}
+    repo = {
+        p.as_posix() for p in _sources() if p.suffix == ".py" and p.parts[0] in {"common", "server", "client"}
+    }
+    commands = {
+        p.as_posix()
+        for p in _sources()
+        if p.suffix == ".py" and p.parts[0] == "simulations" and len(p.parts) == 2
+    }
     assert {"simulations/__init__.py", "simulations/simulate.py"} <= commands
     assert shipped == repo | commands
     assert (ROOT / "simulations" / "bench" / "utility.py").is_file()
@@ -92,10 +134,17 @@ def test_the_installed_code_runs_and_matches_the_checkout_byte_for_byte(installe
         "from fedseal.client.pinning import installed_manifest, manifest_digest\n"
         "import sys\n"
         "print(json.dumps({'files': files, 'digest': manifest_digest(installed_manifest()),\n"
-        "                  'generic': sorted(set(sys.modules) & {'common', 'server', 'client', 'simulations'})}))\n")
+        "                  'generic': sorted(set(sys.modules) & {'common', 'server', 'client', 'simulations'})}))\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    out = subprocess.run([str(installed["python"]), "-c", script], cwd=installed["cwd"], env=env,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [str(installed["python"]), "-c", script],
+        cwd=installed["cwd"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert "fedseal.client.app" in report["files"] and "fedseal.simulations.simulate" in report["files"]
@@ -106,8 +155,14 @@ def test_the_installed_code_runs_and_matches_the_checkout_byte_for_byte(installe
 
     assert report["digest"] == manifest_digest(installed_manifest())
     for args in (["--help"], ["simulate", "--help"], ["client", "--help"]):
-        run = subprocess.run([str(installed["bin"] / "fedseal"), *args], cwd=installed["cwd"], env=env,
-                             capture_output=True, text=True, timeout=120)
+        run = subprocess.run(
+            [str(installed["bin"] / "fedseal"), *args],
+            cwd=installed["cwd"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert run.returncode == 0 and "usage: fedseal" in run.stdout, run.stderr[-2000:]
 
 

@@ -28,8 +28,20 @@ def fed(tmp_path_factory) -> Path:
     assert _init(out, "--server-host", "fl.example.org,localhost,10.0.0.5") == 0
     for site in ("a", "b-2", "site_c"):  # each site at its own place; only .pub travels
         assert main(["site", "--name", site, "--out", str(root / f"at-{site}")]) == 0
-        assert main(["add-site", "--out", str(out), "--name", site,
-                     "--pub", str(root / f"at-{site}" / f"{site}.pub")]) == 0
+        assert (
+            main(
+                [
+                    "add-site",
+                    "--out",
+                    str(out),
+                    "--name",
+                    site,
+                    "--pub",
+                    str(root / f"at-{site}" / f"{site}.pub"),
+                ]
+            )
+            == 0
+        )
     return out
 
 
@@ -58,7 +70,8 @@ def test_server_cert_verifies_against_the_ca_and_has_the_sans(fed):
     assert set(san.get_values_for_type(x509.DNSName)) == {"fl.example.org", "localhost"}
     # Loopback addresses are always added: the SuperLink's own SuperExec connects to them.
     assert set(san.get_values_for_type(x509.IPAddress)) == {
-        ipaddress.ip_address(a) for a in ("10.0.0.5", "127.0.0.1", "::1")}
+        ipaddress.ip_address(a) for a in ("10.0.0.5", "127.0.0.1", "::1")
+    }
     eku = server.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert ExtendedKeyUsageOID.SERVER_AUTH in eku
     assert not server.extensions.get_extension_for_class(x509.BasicConstraints).value.ca

@@ -14,9 +14,17 @@ import pytest
 from fedseal.client import ledger as ledger_module
 from fedseal.client import ledger_cli
 from fedseal.client.ledger import Budget, LedgerError, PrivacyLedger, recover
-from fedseal.client.ledger_seal import (COUNTER_CONTEXT, KEY_HEADER, LEDGER_CONTEXT,
-                                        LEDGER_CONTEXTS, Counter, canonical, counter_path, mac,
-                                        write_counter)
+from fedseal.client.ledger_seal import (
+    COUNTER_CONTEXT,
+    KEY_HEADER,
+    LEDGER_CONTEXT,
+    LEDGER_CONTEXTS,
+    Counter,
+    canonical,
+    counter_path,
+    mac,
+    write_counter,
+)
 from fedseal.common import durable
 
 
@@ -51,11 +59,14 @@ def test_mac_byte_formats_known_answers():
     assert LEDGER_CONTEXTS == {2: b"fedseal ledger v2\x00", 3: b"fedseal ledger v3\x00"}
     assert LEDGER_CONTEXT == LEDGER_CONTEXTS[3]
     assert mac(k, LEDGER_CONTEXTS[2], {"b": [1.5, "x"], "a": 1}) == (
-        "fa4389f356b25cc2ade2f986d4db71d437a645142f23adee06cf8b906fc641ed")
+        "fa4389f356b25cc2ade2f986d4db71d437a645142f23adee06cf8b906fc641ed"
+    )
     assert mac(k, LEDGER_CONTEXT, {"b": [1.5, "x"], "a": 1}) == (
-        "c88e925a1e552d59700a1f3d382522992627925aa34f7f1981b9e8f9216e43d9")
+        "c88e925a1e552d59700a1f3d382522992627925aa34f7f1981b9e8f9216e43d9"
+    )
     assert mac(k, COUNTER_CONTEXT, Counter("alpha", 3, "00" * 32, 1.25, 2e-05).body()) == (
-        "22849c99da8bbc25f5895b1b67fc0a444e809040d766e39306c1f9128844fd61")
+        "22849c99da8bbc25f5895b1b67fc0a444e809040d766e39306c1f9128844fd61"
+    )
 
 
 # A version-3 ledger as fedseal writes it (key bytes(range(32)), every time 2026-01-02T03:04:05):
@@ -111,19 +122,55 @@ V3_FILE = """{
 
 # A version-2 ledger and its counter, as fedseal 2 (main at a08d6fb) wrote them under the same key:
 # two jobs, each with a whole delta of 1e-5 against a budget of epsilon 8, delta 1e-5.
-V2_FILE = {"delta": 1e-05, "entries": [
-    {"delta": 1e-05, "epsilon": 1.5, "noise_multiplier": 0.9, "round": 1, "run": "job-a",
-     "sample_rate": 0.01, "steps": 20, "time": "2026-12-04T15:43:11+00:00"},
-    {"delta": 1e-05, "epsilon": 2.25, "noise_multiplier": 0.9, "round": 2, "run": "job-a",
-     "sample_rate": 0.01, "steps": 40, "time": "2026-12-04T15:43:11+00:00"},
-    {"delta": 1e-05, "epsilon": 3.0, "noise_multiplier": 1.1, "round": 1, "run": "job-b",
-     "sample_rate": 0.02, "steps": 10, "time": "2026-12-04T15:43:11+00:00"}],
+V2_FILE = {
+    "delta": 1e-05,
+    "entries": [
+        {
+            "delta": 1e-05,
+            "epsilon": 1.5,
+            "noise_multiplier": 0.9,
+            "round": 1,
+            "run": "job-a",
+            "sample_rate": 0.01,
+            "steps": 20,
+            "time": "2026-12-04T15:43:11+00:00",
+        },
+        {
+            "delta": 1e-05,
+            "epsilon": 2.25,
+            "noise_multiplier": 0.9,
+            "round": 2,
+            "run": "job-a",
+            "sample_rate": 0.01,
+            "steps": 40,
+            "time": "2026-12-04T15:43:11+00:00",
+        },
+        {
+            "delta": 1e-05,
+            "epsilon": 3.0,
+            "noise_multiplier": 1.1,
+            "round": 1,
+            "run": "job-b",
+            "sample_rate": 0.02,
+            "steps": 10,
+            "time": "2026-12-04T15:43:11+00:00",
+        },
+    ],
     "mac": "9296cf337c86d3859c0b16c76d88aa55e6c22bcbba3eadd3008682503164e1a1",
-    "seq": 3, "site": "alpha", "target_epsilon": 8.0, "version": 2}
-V2_COUNTER = {"delta": 2e-05, "epsilon": 5.25,
-              "ledger_mac": "9296cf337c86d3859c0b16c76d88aa55e6c22bcbba3eadd3008682503164e1a1",
-              "mac": "c16170fd6f70b027b4776e5e09c4ef056cbf3d46fdc134ca70fe7c24258567d2",
-              "seq": 3, "site": "alpha", "version": 1}
+    "seq": 3,
+    "site": "alpha",
+    "target_epsilon": 8.0,
+    "version": 2,
+}
+V2_COUNTER = {
+    "delta": 2e-05,
+    "epsilon": 5.25,
+    "ledger_mac": "9296cf337c86d3859c0b16c76d88aa55e6c22bcbba3eadd3008682503164e1a1",
+    "mac": "c16170fd6f70b027b4776e5e09c4ef056cbf3d46fdc134ca70fe7c24258567d2",
+    "seq": 3,
+    "site": "alpha",
+    "version": 1,
+}
 
 
 def _known_key(key):
@@ -180,14 +227,15 @@ def test_create_record_reopen(path, key):
     assert led.steps_done("run-1") == 0 and not led.has_round("run-1", 1)
     led.record_grant("run-1", 3.0, 4e-6, 1e-5)
     entry = led.record("run-1", 1, 20, 1.5)
-    assert (entry.run, entry.round, entry.steps, entry.epsilon, entry.delta) == (
-        "run-1", 1, 20, 1.5, 4e-6)
+    assert (entry.run, entry.round, entry.steps, entry.epsilon, entry.delta) == ("run-1", 1, 20, 1.5, 4e-6)
     led.record("run-1", 2, 40, 2.25)
     again = _open(path, key)
     assert again.steps_done("run-1") == 40 and again.epsilon_spent("run-1") == 2.25
     assert again.has_round("run-1", 2) and not again.has_round("run-2", 2)
     assert [(e.run, e.round, e.steps, e.epsilon) for e in again.entries] == [
-        ("run-1", 1, 20, 1.5), ("run-1", 2, 40, 2.25)]
+        ("run-1", 1, 20, 1.5),
+        ("run-1", 2, 40, 2.25),
+    ]
     assert again.grant_of("run-1").epsilon == 3.0 and again.grant_of("run-2") is None
     body = json.loads(path.read_text())
     assert set(body) == {"version", "site", "total", "seq", "raises", "grants", "entries", "mac"}
@@ -217,8 +265,7 @@ def test_grants_and_records_never_pass_the_total_or_the_grant(path, key):
         led.record_grant("b", 3.0, 1e-6, 1e-5)  # epsilon over
     with pytest.raises(LedgerError, match="granting job b .*delta 6e-06.*over its total"):
         led.record_grant("b", 1.0, 6e-6, 1e-5)  # delta over
-    with pytest.raises(LedgerError, match="job a already has a grant in .*; a grant is never "
-                                          "recomputed"):
+    with pytest.raises(LedgerError, match="job a already has a grant in .*; a grant is never recomputed"):
         led.record_grant("a", 1.0, 1e-6, 1e-5)
     with pytest.raises(LedgerError, match="job c has no grant"):
         led.record("c", 1, 10, 0.5)
@@ -231,24 +278,50 @@ def test_grants_and_records_never_pass_the_total_or_the_grant(path, key):
 
 def test_the_total_is_raised_only_on_purpose_and_the_raise_is_recorded(path, key, capsys):
     led = _granted(path, key, "a", epsilon=8.0, delta=1e-5)
-    with pytest.raises(LedgerError, match="holds the site's total budget epsilon 8, delta 1e-05, "
-                                          "but this site was started with epsilon 16.*fedseal "
-                                          "ledger raise --ledger .* --epsilon 16 --delta 1e-05"):
+    with pytest.raises(
+        LedgerError,
+        match="holds the site's total budget epsilon 8, delta 1e-05, "
+        "but this site was started with epsilon 16.*fedseal "
+        "ledger raise --ledger .* --epsilon 16 --delta 1e-05",
+    ):
         _open(path, key, epsilon=16.0)
     with pytest.raises(LedgerError, match="give --by NAME and --reason TEXT"):
         led.raise_total(16.0, 1e-5, "", "why")
     with pytest.raises(LedgerError, match="must not lower either"):
         led.raise_total(16.0, 1e-6, "dana", "more epsilon")
-    assert ledger_cli.main(["raise", "--ledger", str(path), "--ledger-key", str(key), "--epsilon",
-                            "16", "--by", "dana", "--reason", "second study"]) == 0
+    assert (
+        ledger_cli.main(
+            [
+                "raise",
+                "--ledger",
+                str(path),
+                "--ledger-key",
+                str(key),
+                "--epsilon",
+                "16",
+                "--by",
+                "dana",
+                "--reason",
+                "second study",
+            ]
+        )
+        == 0
+    )
     assert "restart fedseal client with --epsilon 16 --delta 1e-05" in capsys.readouterr().out
-    with pytest.raises(LedgerError, match=r"raised on .* by dana\), but this site was started "
-                                          "with epsilon 8.*Start it with --epsilon 16"):
+    with pytest.raises(
+        LedgerError,
+        match=r"raised on .* by dana\), but this site was started "
+        "with epsilon 8.*Start it with --epsilon 16",
+    ):
         _open(path, key)
     led = _open(path, key, epsilon=16.0)
     [raised] = led.raises
     assert (raised.by, raised.reason, raised.old, raised.new) == (
-        "dana", "second study", Budget(8.0, 1e-5), Budget(16.0, 1e-5))
+        "dana",
+        "second study",
+        Budget(8.0, 1e-5),
+        Budget(16.0, 1e-5),
+    )
     # the epsilon is raised, the delta is not: the job that held it all keeps it
     assert led.remaining() == Budget(8.0, 0.0) and led.grant_of("a").epsilon == 8.0
     with pytest.raises(LedgerError, match="never lowered"):
@@ -263,20 +336,34 @@ def test_show_prints_jobs_raises_and_what_is_left(path, key, capsys):
     capsys.readouterr()
     assert ledger_cli.main(["show", "--ledger", str(path), "--ledger-key", str(key)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[2].split() == ["job", "rounds", "granted", "eps", "granted", "delta", "spent",
-                                "eps", "spent", "delta", "last"]
+    assert lines[2].split() == [
+        "job",
+        "rounds",
+        "granted",
+        "eps",
+        "granted",
+        "delta",
+        "spent",
+        "eps",
+        "spent",
+        "delta",
+        "last",
+    ]
     assert lines[3].split()[:6] == ["job-a", "2", "2", "2.5e-06", "1.75", "2.5e-06"]
     assert any(line.startswith("raised ") and "by dana: epsilon 8 -> 12" in line for line in lines)
     assert "remaining:    epsilon 10, delta 7.5e-06" in lines
-    assert ledger_cli.main(["show", "--ledger", str(path), "--ledger-key", str(key),
-                            "--json"]) == 0
+    assert ledger_cli.main(["show", "--ledger", str(path), "--ledger-key", str(key), "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["total"] == {"epsilon": 12.0, "delta": 1e-5}
     assert shown["spent"] == {"epsilon": 1.75, "delta": 2.5e-6}
     assert shown["remaining"] == {"epsilon": 10.0, "delta": pytest.approx(7.5e-6)}
     [job] = shown["jobs"]
     assert (job["job"], job["rounds"], job["steps"], job["granted"]) == (
-        "job-a", 2, 40, {"epsilon": 2.0, "delta": 2.5e-6})
+        "job-a",
+        2,
+        40,
+        {"epsilon": 2.0, "delta": 2.5e-6},
+    )
     assert [r["by"] for r in shown["raises"]] == ["dana"]
     with pytest.raises(SystemExit):
         ledger_cli.main(["show", "--ledger", str(path), "--ledger-key", str(key), "--epsilon", "8"])
@@ -332,8 +419,7 @@ def test_restored_older_copy_is_detected_and_recovered_deliberately(path, key, t
     # what the jobs hold: both grants, and the carried-forward spend on top
     assert recovered.held() == Budget(pytest.approx(4.0 + 1.5), pytest.approx(4e-6 + 2e-6))
     capsys.readouterr()
-    assert ledger_cli.main(["show", "--ledger", str(path), "--ledger-key", str(key),
-                            "--json"]) == 0
+    assert ledger_cli.main(["show", "--ledger", str(path), "--ledger-key", str(key), "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["spent"] == {"epsilon": pytest.approx(3.0), "delta": pytest.approx(4e-6)}
 
@@ -370,15 +456,33 @@ def test_ledger_and_counter_deleted_with_the_key_kept_is_refused(path, key, caps
     path.unlink()
     counter_path(key).unlink()
     for _ in range(2):  # and stays refused: nothing was made by the refusal
-        with pytest.raises(LedgerError, match="key .* is there but its counter .* and the ledger "
-                                              ".* are not.*would forget the spend"):
+        with pytest.raises(
+            LedgerError,
+            match="key .* is there but its counter .* and the ledger .* are not.*would forget the spend",
+        ):
             _open(path, key)
     assert not path.exists() and not counter_path(key).exists()
     assert ledger_cli.main(["show", "--ledger", str(path), "--ledger-key", str(key)]) == 2
     assert "are not" in capsys.readouterr().err
     # the operator decides, on purpose, that this key never had a ledger
-    assert ledger_cli.main(["recover", "--ledger", str(path), "--ledger-key", str(key), "--site",
-                            "s", "--epsilon", "8", "--delta", "1e-5"]) == 0
+    assert (
+        ledger_cli.main(
+            [
+                "recover",
+                "--ledger",
+                str(path),
+                "--ledger-key",
+                str(key),
+                "--site",
+                "s",
+                "--epsilon",
+                "8",
+                "--delta",
+                "1e-5",
+            ]
+        )
+        == 0
+    )
     assert _open(path, key).entries == ()
 
 
@@ -423,8 +527,9 @@ def test_budget_or_site_change_is_refused(path, key):
     with pytest.raises(LedgerError) as error:
         _open(path, key, epsilon=16.0)
     assert "fedseal ledger raise" in str(error.value) and "node config" not in str(error.value)
-    with pytest.raises(LedgerError, match="delta 1e-05, but this site was started with epsilon "
-                                          "8, delta 1e-06.*never lowered"):
+    with pytest.raises(
+        LedgerError, match="delta 1e-05, but this site was started with epsilon 8, delta 1e-06.*never lowered"
+    ):
         _open(path, key, delta=1e-6)
     with pytest.raises(LedgerError, match="belongs to site 's'"):
         _open(path, key, site="t")
@@ -446,8 +551,7 @@ def test_atomic_write_leaves_no_temp_file(path, key, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(durable.os, "replace", crash)
-    with pytest.raises(LedgerError,
-                       match=r"cannot write the privacy ledger .* or its counter \(disk full\)"):
+    with pytest.raises(LedgerError, match=r"cannot write the privacy ledger .* or its counter \(disk full\)"):
         led.record("r", 2, 40, 2.0)
     with pytest.raises(LedgerError, match="disk full"):
         led.record_grant("q", 1.0, 1e-6, 1e-5)

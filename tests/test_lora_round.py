@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 from fedseal.client.dp_step import MODES, PrivateSteps
-from fedseal.client.lora_round import (_losses, check_inputs, lora_round, only_trained,
-                                       trained_parameters)
+from fedseal.client.lora_round import _losses, check_inputs, lora_round, only_trained, trained_parameters
 from fedseal.common.config import FedConfig
 from fedseal.common.hidden_cache import compute_hidden
 from fedseal.common.lora_rule import LoraRecipe, Phase, calibrate, epsilon_of, lora_recipe
@@ -32,10 +31,15 @@ def _one_step(model, hidden, labels, index, *, mode, clip, max_tokens, lr=0.5):
     params = trained_parameters(model)
     with only_trained(model, params):
         optimizer = torch.optim.SGD(params, lr=lr)
-        with PrivateSteps(stack, params, optimizer, noise_multiplier=0.0, clip=clip,
-                          expected_batch=10.0, mode=mode) as runner:
-            runner.step([functools.partial(_losses, stack, hidden, labels, chunk, CPU)
-                         for chunk in hidden.chunks(index, max_tokens)])
+        with PrivateSteps(
+            stack, params, optimizer, noise_multiplier=0.0, clip=clip, expected_batch=10.0, mode=mode
+        ) as runner:
+            runner.step(
+                [
+                    functools.partial(_losses, stack, hidden, labels, chunk, CPU)
+                    for chunk in hidden.chunks(index, max_tokens)
+                ]
+            )
     return _params(model)
 
 
@@ -50,14 +54,21 @@ def test_a_step_clips_each_example_and_divides_by_the_expected_batch(tiny_lpft, 
     labels, index, lr = data.tensors[2], torch.tensor([0, 1, 3, 5, 6]), 0.5
     stack, params = TopStack(model, 1), trained_parameters(model)
     with only_trained(model, params):
-        grads = [torch.cat([g.flatten() for g in torch.autograd.grad(
-            _losses(stack, hidden, labels, torch.tensor([i]), CPU).sum(), params)])
-            for i in index.tolist()]
+        grads = [
+            torch.cat(
+                [
+                    g.flatten()
+                    for g in torch.autograd.grad(
+                        _losses(stack, hidden, labels, torch.tensor([i]), CPU).sum(), params
+                    )
+                ]
+            )
+            for i in index.tolist()
+        ]
     clip = float(torch.stack([g.norm() for g in grads]).median())  # some clipped, some not
     clipped = sum(g * min(1.0, clip / (float(g.norm()) + 1e-6)) for g in grads)
     expected = _params(model) - lr * clipped / 10.0
-    after = _one_step(model, hidden, labels, index, mode=mode, clip=clip, max_tokens=max_tokens,
-                      lr=lr)
+    after = _one_step(model, hidden, labels, index, mode=mode, clip=clip, max_tokens=max_tokens, lr=lr)
     assert torch.allclose(after, expected, atol=1e-6), (after - expected).abs().max()
 
 
@@ -71,8 +82,11 @@ def test_an_empty_poisson_batch_is_a_noise_only_step(tiny_lpft, mode):
     rate = 1e-9
     recipe = LoraRecipe(sample_rate=rate, steps_per_round=1, clip=0.5, lr=1.0, momentum=0.0)
     fedseal = fedseal_of(model)
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters()
-              if "lora_" not in n and n != "classifier.weight"}
+    frozen = {
+        n: p.detach().clone()
+        for n, p in model.named_parameters()
+        if "lora_" not in n and n != "classifier.weight"
+    }
     before = _params(model)
     result = lora_round(model, hidden, data.tensors[2], recipe, Phase(1.0, rate, 1), CPU, mode=mode)
     assert result.steps == 1 and math.isnan(result.mean_loss)
@@ -97,10 +111,10 @@ def test_the_trainers_empty_poisson_batch_is_a_noise_only_step(tiny_bert, monkey
     empty = []
     original = trainer.noise_only_step
     monkeypatch.setattr(trainer, "noise_only_step", lambda opt: (empty.append(1), original(opt)))
-    cfg = FedConfig(model=tiny_bert, labels=("0", "1"), finetune="full", rounds=2,
-                    local_steps=40, batch_size=1)
-    data = encode(load_tokenizer(cfg), Examples(["good", "bad", "fine"], [1, 0, 1], ("0", "1"),
-                                                "t"), 8)
+    cfg = FedConfig(
+        model=tiny_bert, labels=("0", "1"), finetune="full", rounds=2, local_steps=40, batch_size=1
+    )
+    data = encode(load_tokenizer(cfg), Examples(["good", "bad", "fine"], [1, 0, 1], ("0", "1"), "t"), 8)
     model = build_model(cfg, cfg.labels)
     plan = DPPlan(1.0, 1 / 3, 40, 8.0, 1e-5, "rdp")
     result = trainer.train_local(model, data, cfg, recipe(cfg, 2), plan, CPU)
@@ -123,8 +137,7 @@ def test_noise_free_rounds_lower_the_training_loss(tiny_lpft):
     model, data = tiny_lpft()
     hidden = compute_hidden(model, data, 1, CPU)
     labels = data.tensors[2]
-    recipe = LoraRecipe(sample_rate=0.9, expected_batch=0.9 * 7, steps_per_round=15, clip=1.0,
-                        lr=0.5)
+    recipe = LoraRecipe(sample_rate=0.9, expected_batch=0.9 * 7, steps_per_round=15, clip=1.0, lr=0.5)
     stack = TopStack(model, 1)
 
     def loss() -> float:
@@ -144,8 +157,10 @@ def test_the_accountant_composes_phases_as_the_rdp_sum():
 
     phases = [Phase(2.9, 0.25, 301), Phase(1.6, 0.15, 24)]
     orders = RDPAccountant.DEFAULT_ALPHAS
-    rdp = sum(compute_rdp(q=p.sample_rate, noise_multiplier=p.noise_multiplier, steps=p.steps,
-                          orders=orders) for p in phases)
+    rdp = sum(
+        compute_rdp(q=p.sample_rate, noise_multiplier=p.noise_multiplier, steps=p.steps, orders=orders)
+        for p in phases
+    )
     direct, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=1e-5)
     assert epsilon_of(phases, 1e-5, "rdp") == pytest.approx(direct, rel=1e-9)
     assert epsilon_of(phases, 1e-5, "rdp") > epsilon_of(phases[:1], 1e-5, "rdp")
@@ -184,7 +199,6 @@ def test_the_saved_lpft_model_loads_and_predicts_as_in_memory(tiny_bert, tiny_lp
     with torch.no_grad():
         mine, theirs = model(**inputs).logits, loaded(**inputs).logits
     assert torch.allclose(mine, theirs, atol=1e-5)
-
 
 
 def test_dp_adam_bc_is_adam_without_noise_and_takes_the_noise_out_of_the_second_moment():

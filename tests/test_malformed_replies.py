@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import Message
+from malformed import variants
 
 from fedseal.common import egress
 from fedseal.common.config import FedConfig
@@ -25,13 +26,14 @@ from fedseal.server.aggregate import RoundSums, sum_plain, triage
 from fedseal.server.app import federated_evaluate, run_federation
 from fedseal.server.identity import SiteNames
 from fedseal.simulations.simulate import prepare_sites
-from malformed import variants
 from simulations.bench.local_grid import RUN_ID, LocalGrid
 
-STAGES = {"train.secagg_share_keys": egress.SECAGG_SHARE_KEYS,
-          "train.secagg_masked_input": egress.SECAGG_MASKED_INPUT,
-          "train.secagg_consistency": egress.SECAGG_CONSISTENCY,
-          "train.secagg_unmask": egress.SECAGG_UNMASK}
+STAGES = {
+    "train.secagg_share_keys": egress.SECAGG_SHARE_KEYS,
+    "train.secagg_masked_input": egress.SECAGG_MASKED_INPUT,
+    "train.secagg_consistency": egress.SECAGG_CONSISTENCY,
+    "train.secagg_unmask": egress.SECAGG_UNMASK,
+}
 
 
 class Recording(LocalGrid):
@@ -59,12 +61,25 @@ def _round(msg: Message) -> int:
 def honest(tiny_bert, tmp_path_factory):
     """Well-formed replies of every type, from real runs of three simulated sites."""
     out = {}
-    runs = {"plain": dict(secagg=False), "mean": dict(secagg=False, aggregation="mean"),
-            "secure": dict(secagg=True)}
+    runs = {
+        "plain": dict(secagg=False),
+        "mean": dict(secagg=False, aggregation="mean"),
+        "secure": dict(secagg=True),
+    }
     for name, run in runs.items():
-        cfg = prepare_sites(FedConfig(model=tiny_bert, clients=3, min_clients=2, rounds=2,
-                                      max_length=8, local_steps=2, federated_eval=True,
-                                      out=str(tmp_path_factory.mktemp(name)), **run))
+        cfg = prepare_sites(
+            FedConfig(
+                model=tiny_bert,
+                clients=3,
+                min_clients=2,
+                rounds=2,
+                max_length=8,
+                local_steps=2,
+                federated_eval=True,
+                out=str(tmp_path_factory.mktemp(name)),
+                **run,
+            )
+        )
         grid = Recording(3)
         run_federation(grid, cfg, run_id=RUN_ID)
         out[name] = (cfg, grid)
@@ -72,8 +87,11 @@ def honest(tiny_bert, tmp_path_factory):
 
 
 def _replies(grid: Recording, message_type: str, server_round: int) -> list[Message]:
-    return [r for t, n, r in grid.replies if t == message_type and n == server_round
-            and egress.refusal_of(r) is None]
+    return [
+        r
+        for t, n, r in grid.replies
+        if t == message_type and n == server_round and egress.refusal_of(r) is None
+    ]
 
 
 def _rejected(reply_type: egress.ReplyType, reply: Message, **kwargs) -> list[str]:
@@ -87,8 +105,10 @@ def _rejected(reply_type: egress.ReplyType, reply: Message, **kwargs) -> list[st
     return out
 
 
-@pytest.mark.parametrize("run, server_round, reply_type", [
-    ("plain", 1, egress.STATISTICS), ("plain", 2, egress.VOTE), ("mean", 2, egress.TRAINING)])
+@pytest.mark.parametrize(
+    "run, server_round, reply_type",
+    [("plain", 1, egress.STATISTICS), ("plain", 2, egress.VOTE), ("mean", 2, egress.TRAINING)],
+)
 def test_a_malformed_plain_reply_drops_only_its_sender(honest, run, server_round, reply_type):
     cfg, grid = honest[run]
     replies = _replies(grid, "train", server_round)
@@ -101,8 +121,7 @@ def test_a_malformed_plain_reply_drops_only_its_sender(honest, run, server_round
     honest_sum = sum_plain(replies[1:], template, RoundSums(), reply_type, SiteNames(), bounds, clip)
     kinds = 0
     for what, bad in variants(replies[0]):
-        sums = sum_plain([bad, *replies[1:]], template, RoundSums(), reply_type, SiteNames(),
-                         bounds, clip)
+        sums = sum_plain([bad, *replies[1:]], template, RoundSums(), reply_type, SiteNames(), bounds, clip)
         others = [c for c in sums.contributors if c in honest_sum.contributors]
         assert sorted(others) == sorted(honest_sum.contributors), what
         if len(sums.contributors) == 2:  # dropped, and named with a reason code
@@ -117,8 +136,7 @@ def test_a_malformed_plain_reply_drops_only_its_sender(honest, run, server_round
 
 def test_a_malformed_evaluation_reply_is_dropped_and_never_raises(honest):
     cfg, grid = honest["plain"]
-    replies = [r for t, n, r in grid.replies if t == "evaluate" and n == 2
-               and egress.refusal_of(r) is None]
+    replies = [r for t, n, r in grid.replies if t == "evaluate" and n == 2 and egress.refusal_of(r) is None]
     assert len(replies) == 3
     assert len(_rejected(egress.EVALUATION, replies[0])) >= 30
     weights = to_numpy_state(trainable_state(build_model(cfg, cfg.labels)))
@@ -132,22 +150,25 @@ def test_a_malformed_evaluation_reply_is_dropped_and_never_raises(honest):
 
     clean = federated_evaluate(Replay(replies[1:]), [], weights, cfg, "j", 2, SiteNames())
     for what, bad in variants(replies[0]):
-        scores = federated_evaluate(Replay([bad, *replies[1:]]), [], weights, cfg, "j", 2,
-                                    SiteNames())
+        scores = federated_evaluate(Replay([bad, *replies[1:]]), [], weights, cfg, "j", 2, SiteNames())
         assert set(scores) == {"accuracy", "loss"}, what
         assert all(0 <= scores[k] <= max(clean[k], 5.0) * 2 + 1 for k in scores), (what, scores)
 
 
 def test_a_malformed_refusal_is_named_and_never_raises(honest):
     cfg, grid = honest["plain"]
-    from fedseal.common.records import config_to_record, state_to_record
     from flwr.app import RecordDict
 
+    from fedseal.common.records import config_to_record, state_to_record
+
     weights = to_numpy_state(trainable_state(build_model(cfg, cfg.labels)))
-    content = RecordDict({"global": state_to_record(weights),
-                          "config": config_to_record(cfg, **{"server-round": 9, "job-id": "x"})})
-    [refusal] = grid.send_and_receive([Message(content, dst_node_id=grid.nodes[0],
-                                                message_type="evaluate")])
+    content = RecordDict(
+        {
+            "global": state_to_record(weights),
+            "config": config_to_record(cfg, **{"server-round": 9, "job-id": "x"}),
+        }
+    )
+    [refusal] = grid.send_and_receive([Message(content, dst_node_id=grid.nodes[0], message_type="evaluate")])
     assert egress.refusal_of(refusal) is not None
     assert len(_rejected(egress.REFUSAL_REPLY, refusal)) >= 30
     for what, bad in variants(refusal):
@@ -162,19 +183,20 @@ def test_a_malformed_refusal_is_named_and_never_raises(honest):
 def test_a_malformed_secagg_reply_drops_only_its_sender_at_every_stage(honest, stage):
     """Each stage's honest replies, one of them replaced by each variant, through the
     coordinator's own stage parsing: the variant's sender alone is dropped."""
-    from fedseal.server.secagg import _Round, _masked, _shares, _unmask_reply, _values
+    from fedseal.server.secagg import _masked, _Round, _shares, _unmask_reply, _values
 
     cfg, grid = honest["secure"]
     replies = [r for t, n, r in grid.replies if t == stage and n == 1]
     assert len(replies) >= 2
-    length = (replies[0].content["masked"]["y"].shape[0] if stage.endswith("masked_input")
-              else None)
+    length = replies[0].content["masked"]["y"].shape[0] if stage.endswith("masked_input") else None
     reply_type = STAGES[stage]
     assert len(_rejected(reply_type, replies[0], ring_length=length)) >= 12
-    parse = {"train.secagg_share_keys": _shares,
-             "train.secagg_masked_input": lambda r: _masked(r, length),
-             "train.secagg_consistency": lambda r: _values(egress.SECAGG_CONSISTENCY, r)["signature"],
-             "train.secagg_unmask": _unmask_reply}[stage]
+    parse = {
+        "train.secagg_share_keys": _shares,
+        "train.secagg_masked_input": lambda r: _masked(r, length),
+        "train.secagg_consistency": lambda r: _values(egress.SECAGG_CONSISTENCY, r)["signature"],
+        "train.secagg_unmask": _unmask_reply,
+    }[stage]
 
     class Replay:
         def __init__(self, answers):

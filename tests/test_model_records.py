@@ -13,8 +13,14 @@ from fedseal.common.config import FedConfig
 from fedseal.common.dp_rule import recipe
 from fedseal.common.model import ModelError, build_model, load_tokenizer, load_trainable, trainable_state
 from fedseal.common.privacy import plan_site
-from fedseal.common.records import (RecordError, flatten, record_to_state, state_to_record, to_numpy_state,
-                            unflatten)
+from fedseal.common.records import (
+    RecordError,
+    flatten,
+    record_to_state,
+    state_to_record,
+    to_numpy_state,
+    unflatten,
+)
 from fedseal.common.synthetic import LABEL_NAMES, synthetic_examples
 
 
@@ -23,8 +29,7 @@ def test_lora_trains_only_adapters_in_the_top_layer_and_the_probes_head(tiny_ber
     names = list(trainable_state(model))
     adapters = [n for n in names if "lora_" in n]
     assert adapters and all(".layer.1." in n for n in adapters)  # of 2 layers: one stays cached
-    assert sorted(set(names) - set(adapters)) == ["classifier.bias", "classifier.weight",
-                                                  "feature_mean"]
+    assert sorted(set(names) - set(adapters)) == ["classifier.bias", "classifier.weight", "feature_mean"]
     full = build_model(FedConfig(model=tiny_bert, finetune="full"), LABEL_NAMES)
     assert len(trainable_state(full)) > len(names)
 
@@ -56,8 +61,7 @@ def test_wrong_shape_nan_and_foreign_weights_are_refused(tiny_bert):
 
 def test_unknown_lora_target_lists_real_layer_names(tiny_bert):
     with pytest.raises(ModelError, match="match no linear layer.*'query'"):
-        build_model(FedConfig(model=tiny_bert, finetune="lora", lora_targets=("q_proj",)),
-                    LABEL_NAMES)
+        build_model(FedConfig(model=tiny_bert, finetune="lora", lora_targets=("q_proj",)), LABEL_NAMES)
 
 
 def test_dp_sgd_step_changes_weights(tiny_bert):

@@ -19,9 +19,11 @@ def _context() -> Context:
 def test_file_format_known_answer() -> None:
     assert once.encode(FMT, {("job-b", 2), ("job-a", 10), ("job-a", 3)}) == (
         b'{"format": "fedseal.test-once", "version": 1, '
-        b'"rounds": [["job-a", 3], ["job-a", 10], ["job-b", 2]]}')
-    assert once.record_path(Path("/var/site/alpha.json"), ".x.json").as_posix() == \
-        "/var/site/alpha.json.x.json"
+        b'"rounds": [["job-a", 3], ["job-a", 10], ["job-b", 2]]}'
+    )
+    assert (
+        once.record_path(Path("/var/site/alpha.json"), ".x.json").as_posix() == "/var/site/alpha.json.x.json"
+    )
 
 
 @pytest.mark.parametrize("on_disk", [True, False])
@@ -34,9 +36,16 @@ def test_recorded_rounds_survive_a_fresh_context_only_on_disk(tmp_path, on_disk)
     assert once.done(_context(), FMT, path) == ({("job", 1)} if on_disk else set())
 
 
-@pytest.mark.parametrize("text", ["{not json", '{"format": "other", "rounds": []}',
-                                  '{"format": "fedseal.test-once"}', "[1, 2]",
-                                  '{"format": "fedseal.test-once", "rounds": [["job", "x"]]}'])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{not json",
+        '{"format": "other", "rounds": []}',
+        '{"format": "fedseal.test-once"}',
+        "[1, 2]",
+        '{"format": "fedseal.test-once", "rounds": [["job", "x"]]}',
+    ],
+)
 def test_an_unreadable_record_refuses_rather_than_forgets(tmp_path, text) -> None:
     path = tmp_path / "record.json"
     path.write_text(text)

@@ -26,20 +26,32 @@ def test_a_run_with_no_contribution_or_mostly_abandoned_training_fails():
     reason = run_failure(worst, 1)
     assert reason.startswith("2 of 2 training rounds were abandoned") and "untrained" in reason
     assert "the first: too few" in reason
-    assert "barely trained" in run_failure([_row(1), _row(2, (), "x"), _row(3, (), "y"),
-                                            _row(4)], 1)
+    assert "barely trained" in run_failure([_row(1), _row(2, (), "x"), _row(3, (), "y"), _row(4)], 1)
     assert run_failure([_row(1), _row(2)], 1) is None
 
 
 @pytest.mark.slow
-def test_a_simulation_where_every_site_refuses_exits_1_and_says_so_first(tiny_bert, tmp_path,
-                                                                          capsys):
+def test_a_simulation_where_every_site_refuses_exits_1_and_says_so_first(tiny_bert, tmp_path, capsys):
     from fedseal.simulations.simulate import main
 
     out = tmp_path / "out"
     # a budget too small for any site to train one step: each refuses every round
-    code = main(["--model", tiny_bert, "--clients", "3", "--rounds", "2", "--epsilon", "0.001",
-                 "--max-length", "16", "--out", str(out)])
+    code = main(
+        [
+            "--model",
+            tiny_bert,
+            "--clients",
+            "3",
+            "--rounds",
+            "2",
+            "--epsilon",
+            "0.001",
+            "--max-length",
+            "16",
+            "--out",
+            str(out),
+        ]
+    )
     said = capsys.readouterr().out
     assert code == 1
     summary = json.loads((out / "summary.json").read_text())

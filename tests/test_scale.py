@@ -138,8 +138,7 @@ class TricklingGrid:
         out = []
         for msg in answering[:due]:
             if msg.metadata.message_id in ids:
-                out.append(Message(RecordDict({"status": ConfigRecord({"site": "x"})}),
-                                   reply_to=msg))
+                out.append(Message(RecordDict({"status": ConfigRecord({"site": "x"})}), reply_to=msg))
         return out
 
 
@@ -177,18 +176,28 @@ def test_a_stage_waits_while_sites_keep_answering_and_names_the_silent_one(caplo
 
 
 def _vanishing_run(tmp_path, tiny_bert, stage: str, secagg: bool = True) -> tuple[list, str]:
+    from fedseal.common.data import write_examples
+    from fedseal.common.synthetic import synthetic_examples
     from fedseal.server.app import run_federation
     from fedseal.simulations.simulate import prepare_sites
     from simulations.bench.local_grid import RUN_ID, LocalGrid
 
-    from fedseal.common.data import write_examples
-    from fedseal.common.synthetic import synthetic_examples
-
     train = write_examples(synthetic_examples(200, seed=1), tmp_path / "train.jsonl")
     held_out = write_examples(synthetic_examples(60, seed=2), tmp_path / "eval.jsonl")
-    cfg = prepare_sites(FedConfig(model=tiny_bert, clients=5, min_clients=2, rounds=2,
-                                  train=str(train), eval=str(held_out), max_length=16,
-                                  accountant="rdp", secagg=secagg, out=str(tmp_path / "out")))
+    cfg = prepare_sites(
+        FedConfig(
+            model=tiny_bert,
+            clients=5,
+            min_clients=2,
+            rounds=2,
+            train=str(train),
+            eval=str(held_out),
+            max_length=16,
+            accountant="rdp",
+            secagg=secagg,
+            out=str(tmp_path / "out"),
+        )
+    )
     run_federation(LocalGrid(5, drop={3: stage}), cfg, run_id=RUN_ID)
     out = tmp_path / "out"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -198,8 +207,7 @@ def _vanishing_run(tmp_path, tiny_bert, stage: str, secagg: bool = True) -> tupl
 SILENT = str(2**63 + 7919 * 4)  # LocalGrid's fourth node, which vanishes
 
 
-def test_a_site_that_vanishes_before_training_is_named_timed_out_everywhere(
-        tiny_bert, tmp_path, caplog):
+def test_a_site_that_vanishes_before_training_is_named_timed_out_everywhere(tiny_bert, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="fedseal"):
         rows, page = _vanishing_run(tmp_path, tiny_bert, "train")
     node = f"node {SILENT}"  # it never said its name
@@ -217,7 +225,8 @@ def test_a_site_that_vanishes_mid_protocol_is_named_by_its_site_name(tiny_bert, 
     first, second = rows
     assert first["timed_out"] == ["site-3"]  # it answered train with its name, then vanished
     assert first["failed"]["site-3"].startswith(
-        f"dropped at secagg_share_keys: {egress.REPLY_TIMEOUT}: timed out")
+        f"dropped at secagg_share_keys: {egress.REPLY_TIMEOUT}: timed out"
+    )
     assert second["timed_out"] == ["site-3"]  # the name it gave in round 1 holds for the run
     for row in rows:
         assert len(row["contributors"]) == 4 and not row["abandoned"]
@@ -263,9 +272,14 @@ def test_the_indexed_sweep_delivers_every_message_once_in_node_order():
 
     state, grid, mapping = _link_state(6)
     nodes = list(mapping)
-    pushed = list(grid.push_messages(
-        [Message(RecordDict({"c": ConfigRecord({"i": i})}), dst_node_id=node, message_type="train")
-         for i, node in enumerate(nodes[1:4] * 2)]))  # two messages for three of six nodes
+    pushed = list(
+        grid.push_messages(
+            [
+                Message(RecordDict({"c": ConfigRecord({"i": i})}), dst_node_id=node, message_type="train")
+                for i, node in enumerate(nodes[1:4] * 2)
+            ]
+        )
+    )  # two messages for three of six nodes
     queue: Queue = Queue()
     stop = threading.Event()
     sweeper = threading.Thread(target=add_messages_to_queue, args=(state, queue, mapping, stop))
@@ -347,10 +361,28 @@ def ray_head():
     temp = Path(tempfile.mkdtemp(prefix="fsray"))
     ray = Path(sys.executable).with_name("ray")
     head = subprocess.Popen(
-        [str(ray), "start", "--head", "--block", "--port", str(port), "--node-ip-address",
-         "127.0.0.1", "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats",
-         "--temp-dir", str(temp)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        [
+            str(ray),
+            "start",
+            "--head",
+            "--block",
+            "--port",
+            str(port),
+            "--node-ip-address",
+            "127.0.0.1",
+            "--num-cpus",
+            "2",
+            "--include-dashboard",
+            "false",
+            "--disable-usage-stats",
+            "--temp-dir",
+            str(temp),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         yield f"127.0.0.1:{port}", temp
     finally:
@@ -380,12 +412,39 @@ def test_simulate_joins_a_running_ray_cluster(tiny_bert, tmp_path, ray_head, mon
     train = write_examples(synthetic_examples(120, seed=1), tmp_path / "train.jsonl")
     held_out = write_examples(synthetic_examples(40, seed=2), tmp_path / "eval.jsonl")
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "fedseal.common.cli", "simulate", "--ray-address", address,
-               "--model", tiny_bert, "--clients", "3", "--rounds", "2", "--max-length", "16",
-               "--accountant", "rdp", "--train", str(train), "--eval", str(held_out),
-               "--out", str(out)]
-    proc = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    command = [
+        sys.executable,
+        "-m",
+        "fedseal.common.cli",
+        "simulate",
+        "--ray-address",
+        address,
+        "--model",
+        tiny_bert,
+        "--clients",
+        "3",
+        "--rounds",
+        "2",
+        "--max-length",
+        "16",
+        "--accountant",
+        "rdp",
+        "--train",
+        str(train),
+        "--eval",
+        str(held_out),
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(
+        command,
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [len(r["contributors"]) for r in rows] == [3, 3] and not any(r["failed"] for r in rows)
@@ -399,8 +458,9 @@ def test_simulate_joins_a_running_ray_cluster(tiny_bert, tmp_path, ray_head, mon
     finally:
         ray.shutdown()
     assert len(jobs) == 1 and jobs[0]["IsDead"], jobs
-    actors = [path.read_text(errors="replace") for path in (temp / "session_latest" / "logs").glob(
-        "worker-*.out")]
+    actors = [
+        path.read_text(errors="replace") for path in (temp / "session_latest" / "logs").glob("worker-*.out")
+    ]
     assert sum(":actor_name:ClientAppActor" in text for text in actors) == 2  # 2 CPUs, 1 each
 
 
@@ -449,13 +509,18 @@ def test_a_sites_secagg_state_is_handed_on_once_and_else_rebuilt_from_its_record
     key, peers = simulation_key_file(tmp_path, 0), simulation_roster_file(tmp_path)
 
     def context(node: int, state: RecordDict) -> Context:
-        state[site_secagg.SITE] = ConfigRecord({"job": "j", "identity-key": str(key),
-                                                "peers": str(peers), "record": ""})
+        state[site_secagg.SITE] = ConfigRecord(
+            {"job": "j", "identity-key": str(key), "peers": str(peers), "record": ""}
+        )
         return Context(run_id=7, node_id=node, node_config={}, state=state, run_config={})
 
     mine = context(11, RecordDict())
-    state = ClientState(11, RoundContext(7, 1, [11, 12, 13], 2, 2, b"\x01" * 32),
-                        identity=site_secagg.load_identity(key), roster=site_secagg.load_roster(peers))
+    state = ClientState(
+        11,
+        RoundContext(7, 1, [11, 12, 13], 2, 2, b"\x01" * 32),
+        identity=site_secagg.load_identity(key),
+        roster=site_secagg.load_roster(peers),
+    )
     state.advertise_keys()
     site_secagg._save(mine, state)
     assert site_secagg._load(mine) is state  # the next stage gets the live object ...
@@ -473,7 +538,12 @@ def test_simulated_sites_share_their_computed_features_through_the_sites_folder(
     assert feature_cache(simulated) == tmp_path / "out" / "sites" / "site-4.features"
     deployed = site_settings({"data-path": str(tmp_path / "mine.csv")}, cfg)
     assert feature_cache(deployed) is None  # no state folder: memory only, as before
-    ledgered = site_settings({"data-path": str(tmp_path / "mine.csv"),
-                              "ledger-path": str(tmp_path / "state" / "ledger.json"),
-                              "ledger-key": str(tmp_path / "ledger.key")}, cfg)
+    ledgered = site_settings(
+        {
+            "data-path": str(tmp_path / "mine.csv"),
+            "ledger-path": str(tmp_path / "state" / "ledger.json"),
+            "ledger-key": str(tmp_path / "ledger.key"),
+        },
+        cfg,
+    )
     assert feature_cache(ledgered) == tmp_path / "state" / "feature-cache"

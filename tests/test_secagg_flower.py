@@ -26,16 +26,34 @@ from fedseal.client.site import simulation_site_file, site_settings
 from fedseal.common import egress
 from fedseal.common.config import FedConfig
 from fedseal.common.model import build_model, trainable_state
-from fedseal.common.records import (config_to_record, flatten, record_to_config, state_to_record,
-                            to_numpy_state)
+from fedseal.common.records import (
+    config_to_record,
+    flatten,
+    record_to_config,
+    state_to_record,
+    to_numpy_state,
+)
 from fedseal.common.secagg import generate_identity
-from fedseal.common.secagg_wire import (ADVERT, B_SHARES, CIPHERTEXTS, COMPLAINTS, MASKED, RECORD, SHARES,
-                                SIGNATURE, STAGES, Y, decode_sum, pack_shares, unpack_shares,
-                                unpack_table)
+from fedseal.common.secagg_wire import (
+    ADVERT,
+    B_SHARES,
+    CIPHERTEXTS,
+    COMPLAINTS,
+    MASKED,
+    RECORD,
+    SHARES,
+    SIGNATURE,
+    STAGES,
+    Y,
+    decode_sum,
+    pack_shares,
+    unpack_shares,
+    unpack_table,
+)
 from fedseal.common.weights import weight_range
 from fedseal.server.secagg import secure_round
-from simulations.bench.local_grid import RUN_ID, LocalGrid
 from fedseal.simulations.simulate import prepare_sites
+from simulations.bench.local_grid import RUN_ID, LocalGrid
 
 TRAIN = "train"
 ALL_STAGES = [TRAIN, *(f"train.{s}" for s in STAGES)]
@@ -44,9 +62,19 @@ N = 5
 
 @pytest.fixture(scope="module")
 def setup(tiny_bert, tmp_path_factory):
-    cfg = prepare_sites(FedConfig(model=tiny_bert, finetune="full", dp=False, clients=N,
-                                  rounds=1, local_steps=2, batch_size=16, max_length=24,
-                                  out=str(tmp_path_factory.mktemp("secagg-flower"))))
+    cfg = prepare_sites(
+        FedConfig(
+            model=tiny_bert,
+            finetune="full",
+            dp=False,
+            clients=N,
+            rounds=1,
+            local_steps=2,
+            batch_size=16,
+            max_length=24,
+            out=str(tmp_path_factory.mktemp("secagg-flower")),
+        )
+    )
     weights = to_numpy_state(trainable_state(build_model(cfg, cfg.labels)))
     return cfg, weights
 
@@ -92,8 +120,9 @@ class QuickGrid(LocalGrid):
         length = sum(a.numpy().size for a in msg.content["global"].values())
         self.asked[context.node_id] = (cfg, site, length)
         keys = client_secagg.begin_round(msg, context, site, job, server_round)
-        return egress.build(egress.SECAGG_ADVERT, msg, {RECORD: keys, "status": {
-            "site": site.name, "private": False}})
+        return egress.build(
+            egress.SECAGG_ADVERT, msg, {RECORD: keys, "status": {"site": site.name, "private": False}}
+        )
 
     def _masked(self, msg: Message) -> Message:
         context = self.contexts[msg.metadata.dst_node_id]
@@ -101,11 +130,17 @@ class QuickGrid(LocalGrid):
         update = self.rng.normal(0, 0.3, size=length)
         y, complaints = client_secagg.masked_input(msg, context, cfg, update, 1.0)
         self.recorder.by_node[context.node_id] = self.recorder.pending.pop()
-        metrics = {"epsilon": -1.0, "delta": -1.0, "steps": 0, "noise-multiplier": 0.0,
-                   "sample-rate": 0.0}
-        return egress.build(egress.SECAGG_MASKED_INPUT, msg, {
-            MASKED: {Y: y}, RECORD: {COMPLAINTS: complaints}, "metrics": metrics,
-            "status": {"site": site.name, "private": False}})
+        metrics = {"epsilon": -1.0, "delta": -1.0, "steps": 0, "noise-multiplier": 0.0, "sample-rate": 0.0}
+        return egress.build(
+            egress.SECAGG_MASKED_INPUT,
+            msg,
+            {
+                MASKED: {Y: y},
+                RECORD: {COMPLAINTS: complaints},
+                "metrics": metrics,
+                "status": {"site": site.name, "private": False},
+            },
+        )
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
@@ -129,15 +164,17 @@ class QuickGrid(LocalGrid):
         if self.mutate:
             for reply in replies:
                 if not reply.has_error():
-                    self.mutate(reply.metadata.src_node_id, messages[0].metadata.message_type,
-                                reply)
+                    self.mutate(reply.metadata.src_node_id, messages[0].metadata.message_type, reply)
         return replies
 
 
 def _content(cfg, weights, server_round=1, job="job-1"):
-    return RecordDict({"global": state_to_record(weights),
-                       "config": config_to_record(cfg, **{"server-round": server_round,
-                                                          "job-id": job})})
+    return RecordDict(
+        {
+            "global": state_to_record(weights),
+            "config": config_to_record(cfg, **{"server-round": server_round, "job-id": job}),
+        }
+    )
 
 
 def _expected(cfg, xs, nodes, n=N):
@@ -202,6 +239,7 @@ def _record_dropped(name):
     def change(node, reply, grid):
         if node == grid.nodes[BAD]:
             del reply.content[name]
+
     return change
 
 
@@ -210,6 +248,7 @@ def _field(key, fn):
         if node == grid.nodes[BAD]:
             rec = reply.content[RECORD]
             rec[key] = fn(rec[key])
+
     return change
 
 
@@ -217,6 +256,7 @@ def _field_dropped(key):
     def change(node, reply, grid):
         if node == grid.nodes[BAD]:
             del reply.content[RECORD][key]
+
     return change
 
 
@@ -224,19 +264,21 @@ def _short_cts(data: bytes) -> bytes:
     table = unpack_table(data)
     width = len(next(iter(table.values()))) - 1
     return width.to_bytes(4, "big") + b"".join(
-        node.to_bytes(8, "big") + ct[:-1] for node, ct in sorted(table.items()))
+        node.to_bytes(8, "big") + ct[:-1] for node, ct in sorted(table.items())
+    )
 
 
 def _drop_one(data: bytes) -> bytes:
     table = unpack_table(data)
     first = sorted(table)[0]
-    return data[:4] + b"".join(node.to_bytes(8, "big") + ct for node, ct in sorted(table.items())
-                               if node != first)
+    return data[:4] + b"".join(
+        node.to_bytes(8, "big") + ct for node, ct in sorted(table.items()) if node != first
+    )
 
 
 def _dup_share(data: bytes) -> bytes:
     width = int.from_bytes(data[:4], "big")
-    return data + data[4:4 + 8 + width]  # the first owner's entry twice
+    return data + data[4 : 4 + 8 + width]  # the first owner's entry twice
 
 
 def _index0(data: bytes) -> bytes:
@@ -275,16 +317,11 @@ CASES = {
     "all-zero key": (TRAIN, _field(ADVERT, lambda a: a[:80] + bytes(32) + a[112:]), "bad keys"),
     "copy of another site's keys": (TRAIN, _copied_advert, "bad keys"),
     "short ciphertexts": ("train.secagg_share_keys", _field(CIPHERTEXTS, _short_cts), "bytes"),
-    "missing receiver": ("train.secagg_share_keys", _field(CIPHERTEXTS, _drop_one),
-                         "addressed shares"),
-    "shares as an integer": ("train.secagg_share_keys", _field(SHARES, lambda s: 5),
-                             "reply.form"),
-    "masked as a ConfigRecord": ("train.secagg_masked_input", _masked_as_config,
-                                 "reply.form"),
-    "no complaints field": ("train.secagg_masked_input", _field_dropped(COMPLAINTS),
-                            "reply.missing"),
-    "bad view signature": ("train.secagg_consistency", _field(SIGNATURE, _flip_last),
-                           "does not verify"),
+    "missing receiver": ("train.secagg_share_keys", _field(CIPHERTEXTS, _drop_one), "addressed shares"),
+    "shares as an integer": ("train.secagg_share_keys", _field(SHARES, lambda s: 5), "reply.form"),
+    "masked as a ConfigRecord": ("train.secagg_masked_input", _masked_as_config, "reply.form"),
+    "no complaints field": ("train.secagg_masked_input", _field_dropped(COMPLAINTS), "reply.missing"),
+    "bad view signature": ("train.secagg_consistency", _field(SIGNATURE, _flip_last), "does not verify"),
     "extra share": ("train.secagg_unmask", _field(B_SHARES, _extra_share), "does not hold"),
     "duplicate share": ("train.secagg_unmask", _field(B_SHARES, _dup_share), "twice"),
     "index-0 share": ("train.secagg_unmask", _field(B_SHARES, _index0), "does not match"),
@@ -296,8 +333,9 @@ def test_one_malformed_reply_drops_one_site(setup, monkeypatch, case):
     cfg, weights = setup
     stage, change, reason = CASES[case]
     rec = Recorder(monkeypatch)
-    grid = QuickGrid(N, rec, mutate=lambda node, kind, reply: change(node, reply, grid)
-                     if kind == stage else None)
+    grid = QuickGrid(
+        N, rec, mutate=lambda node, kind, reply: change(node, reply, grid) if kind == stage else None
+    )
     sums = secure_round(grid, grid.nodes, _content(cfg, weights), weights, cfg, RUN_ID, 1)
     assert not sums.abandoned, sums.abandoned
     assert set(sums.failed) == {f"site-{BAD}"}, sums.failed
@@ -308,8 +346,11 @@ def test_one_malformed_reply_drops_one_site(setup, monkeypatch, case):
     _check_exact(cfg, grid, sums, rec.by_node, included)
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(stage=st.sampled_from(ALL_STAGES), who=st.integers(0, N - 1), data=st.data())
 def test_any_mutated_record_field_drops_at_most_its_sender(setup, monkeypatch, stage, who, data):
     """Any field of any record of one site's reply, deleted, retyped, truncated, extended
@@ -328,12 +369,14 @@ def test_any_mutated_record_field_drops_at_most_its_sender(setup, monkeypatch, s
             del reply.content[name]
         elif action == "retype-record":
             del reply.content[name]
-            reply.content[name] = (MetricRecord({"x": 1.0}) if isinstance(record, ConfigRecord)
-                                   else ConfigRecord({"x": b"1"}))
+            reply.content[name] = (
+                MetricRecord({"x": 1.0}) if isinstance(record, ConfigRecord) else ConfigRecord({"x": b"1"})
+            )
         elif isinstance(record, ArrayRecord):
             arr = record[Y].numpy()
-            record[Y] = Array(data.draw(st.sampled_from([arr[:-1], arr.astype(np.int64),
-                                                         arr.reshape(1, -1), arr[:0]])))
+            record[Y] = Array(
+                data.draw(st.sampled_from([arr[:-1], arr.astype(np.int64), arr.reshape(1, -1), arr[:0]]))
+            )
         elif isinstance(record, ConfigRecord) and record:
             key = data.draw(st.sampled_from(sorted(record.keys())), label="field")
             value = record[key]
@@ -346,16 +389,18 @@ def test_any_mutated_record_field_drops_at_most_its_sender(setup, monkeypatch, s
                 # Drawn independently of the length: a signature's DER length varies
                 # between replays, and hypothesis needs the same draws to replay a case.
                 pos = data.draw(st.integers(0, 2**16), label="pos") % len(value)
-                record[key] = [value[:pos], value + b"\0",
-                               value[:pos] + bytes([value[pos] ^ 0x41]) + value[pos + 1:]][how - 2]
+                record[key] = [
+                    value[:pos],
+                    value + b"\0",
+                    value[:pos] + bytes([value[pos] ^ 0x41]) + value[pos + 1 :],
+                ][how - 2]
 
     grid = QuickGrid(N, rec, mutate=mutate, seed=who)
     sums = secure_round(grid, grid.nodes, _content(cfg, weights), weights, cfg, RUN_ID, 1)
     assert not sums.abandoned, sums.abandoned
     names = {f"site-{who}", f"node {grid.nodes[who]}"}  # without its status record: its node
     assert set(sums.failed) <= names, sums.failed
-    node_of = {**{f"site-{i}": n for i, n in enumerate(grid.nodes)},
-               **{f"node {n}": n for n in grid.nodes}}
+    node_of = {**{f"site-{i}": n for i, n in enumerate(grid.nodes)}, **{f"node {n}": n for n in grid.nodes}}
     contributors = [node_of[name] for name in sums.contributors]
     expected, expected_w = _expected(cfg, rec.by_node, contributors)
     np.testing.assert_array_equal(flatten(sums.update_sum), expected.astype(np.float32))
@@ -400,10 +445,11 @@ def test_the_largest_updates_sites_can_send_keep_the_mean_within_the_clip(setup,
     cfg, weights = setup
     rec = Recorder(monkeypatch)
     real = client_secagg.encode_update
-    monkeypatch.setattr(client_secagg, "encode_update",
-                        lambda u, w, n, clip: rec.pending.append(
-                            real(np.full_like(u, 1e6), w, n, clip))
-                        or rec.pending[-1])
+    monkeypatch.setattr(
+        client_secagg,
+        "encode_update",
+        lambda u, w, n, clip: rec.pending.append(real(np.full_like(u, 1e6), w, n, clip)) or rec.pending[-1],
+    )
     grid = QuickGrid(N, rec)
     sums = secure_round(grid, grid.nodes, _content(cfg, weights), weights, cfg, RUN_ID, 1)
     mean = flatten(sums.mean_update())
@@ -423,8 +469,7 @@ def test_a_round_asked_again_is_not_unmasked_again(setup, monkeypatch):
     assert again.update_sum is None and again.abandoned
     assert all("round.unmasked" in why for why in again.failed.values())
     assert len(again.failed) == N
-    other_job = secure_round(grid, grid.nodes, _content(cfg, weights, job="job-2"), weights, cfg,
-                             RUN_ID, 1)
+    other_job = secure_round(grid, grid.nodes, _content(cfg, weights, job="job-2"), weights, cfg, RUN_ID, 1)
     assert not other_job.abandoned  # another job's round 1 is another round
 
 
@@ -437,10 +482,16 @@ def _deployed(tmp_path, cfg, n=N):
         key = tmp_path / f"d{i}.key"
         key.write_bytes(private)
         lines.append(public)
-        configs.append({"data-path": str(simulation_site_file(cfg.out, i)),
-                        "site-name": f"site-{i}", "ledger-path": str(tmp_path / f"d{i}.ledger"),
-                        "ledger-key": str(tmp_path / "ledger-keys" / f"d{i}.key"),
-                        "identity-key": str(key), "peers": str(tmp_path / "peers.pub")})
+        configs.append(
+            {
+                "data-path": str(simulation_site_file(cfg.out, i)),
+                "site-name": f"site-{i}",
+                "ledger-path": str(tmp_path / f"d{i}.ledger"),
+                "ledger-key": str(tmp_path / "ledger-keys" / f"d{i}.key"),
+                "identity-key": str(key),
+                "peers": str(tmp_path / "peers.pub"),
+            }
+        )
     (tmp_path / "peers.pub").write_text("\n".join(lines) + "\n")
     return configs
 
@@ -450,27 +501,23 @@ def test_the_unmask_record_is_durable_beside_the_ledger(setup, monkeypatch, tmp_
     rec = Recorder(monkeypatch)
     configs = _deployed(tmp_path, cfg)
     grid = QuickGrid(N, rec, node_configs=configs)
-    sums = secure_round(grid, grid.nodes, _content(cfg, weights, 4, job="job-d"), weights, cfg,
-                        RUN_ID, 4)
+    sums = secure_round(grid, grid.nodes, _content(cfg, weights, 4, job="job-d"), weights, cfg, RUN_ID, 4)
     assert not sums.abandoned
     for i in range(N):
         record = json.loads((tmp_path / f"d{i}.ledger.secagg-unmasked.json").read_text())
         assert record["rounds"] == [["job-d", 4]]
     # a restarted site (fresh Context.state) still refuses: the record is on disk
     again = QuickGrid(N, rec, node_configs=configs)
-    sums = secure_round(again, again.nodes, _content(cfg, weights, 4, job="job-d"), weights,
-                        cfg, RUN_ID, 4)
+    sums = secure_round(again, again.nodes, _content(cfg, weights, 4, job="job-d"), weights, cfg, RUN_ID, 4)
     assert sums.abandoned and all("round.unmasked" in v for v in sums.failed.values())
     # a corrupted record makes the site refuse rather than guess
     (tmp_path / "d0.ledger.secagg-unmasked.json").write_text("{not json")
     third = QuickGrid(N, rec, node_configs=configs)
-    sums = secure_round(third, third.nodes, _content(cfg, weights, 5, job="job-d"), weights,
-                        cfg, RUN_ID, 5)
+    sums = secure_round(third, third.nodes, _content(cfg, weights, 5, job="job-d"), weights, cfg, RUN_ID, 5)
     assert "round.unmasked" in sums.failed["site-0"] and len(sums.contributors) == N
 
 
-def test_no_answer_leaves_a_site_whose_record_cannot_be_written(setup, monkeypatch, tmp_path,
-                                                                caplog):
+def test_no_answer_leaves_a_site_whose_record_cannot_be_written(setup, monkeypatch, tmp_path, caplog):
     """The record is written before the shares leave: if it cannot be, nothing leaves."""
     cfg, weights = setup
     rec = Recorder(monkeypatch)
@@ -486,22 +533,31 @@ def test_no_answer_leaves_a_site_whose_record_cannot_be_written(setup, monkeypat
 
 
 # ---------------------------------------------- the site's policy, first
-@pytest.mark.parametrize("policy,secagg,reason", [
-    ({"min-cohort": N + 1}, {}, "policy.cohort: "),
-    ({"min-secagg-k": 4}, {"secagg_k": 2}, "policy.secagg_k: "),
-    ({"min-secagg-threshold": 4}, {"secagg_k": 2, "secagg_threshold": 2},
-     "policy.secagg_threshold: "),
-    ({"min-secagg-threshold": 5}, {}, "asked 4, limit 5"),  # auto: k = 4, t = 4
-    ({"max-colluders": 1, "min-cohort": 3}, {"secagg_k": 2, "secagg_threshold": 2, "min_clients": N},
-     "policy.colluders: "),  # 2t-k-1 = 1: one colluding site suffices
-    ({"max-colluders": 3, "min-cohort": N}, {"min_clients": N},
-     "asked 4, limit 3"),  # auto: k = 4, t = 4, 2t-k-1 = 3
-    ({"max-update-clip": 0.5}, {}, "policy.update_clip: "),
-    ({"peers": "/nonexistent/peers.pub"}, {}, "site.keys: "),
-    (None, {}, "site.keys: "),
-])
-def test_a_round_below_the_sites_policy_is_refused_before_training(setup, monkeypatch, policy,
-                                                                    secagg, reason):
+@pytest.mark.parametrize(
+    "policy,secagg,reason",
+    [
+        ({"min-cohort": N + 1}, {}, "policy.cohort: "),
+        ({"min-secagg-k": 4}, {"secagg_k": 2}, "policy.secagg_k: "),
+        ({"min-secagg-threshold": 4}, {"secagg_k": 2, "secagg_threshold": 2}, "policy.secagg_threshold: "),
+        ({"min-secagg-threshold": 5}, {}, "asked 4, limit 5"),  # auto: k = 4, t = 4
+        (
+            {"max-colluders": 1, "min-cohort": 3},
+            {"secagg_k": 2, "secagg_threshold": 2, "min_clients": N},
+            "policy.colluders: ",
+        ),  # 2t-k-1 = 1: one colluding site suffices
+        (
+            {"max-colluders": 3, "min-cohort": N},
+            {"min_clients": N},
+            "asked 4, limit 3",
+        ),  # auto: k = 4, t = 4, 2t-k-1 = 3
+        ({"max-update-clip": 0.5}, {}, "policy.update_clip: "),
+        ({"peers": "/nonexistent/peers.pub"}, {}, "site.keys: "),
+        (None, {}, "site.keys: "),
+    ],
+)
+def test_a_round_below_the_sites_policy_is_refused_before_training(
+    setup, monkeypatch, policy, secagg, reason
+):
     cfg, weights = setup
     cfg = cfg.replace(**secagg)
     import fedseal.client.trainer
@@ -510,18 +566,26 @@ def test_a_round_below_the_sites_policy_is_refused_before_training(setup, monkey
         raise AssertionError("the site trained a round it refuses")
 
     monkeypatch.setattr(fedseal.client.trainer, "train_local", no_training)
-    first = ({"data-path": str(simulation_site_file(cfg.out, 0)), "site-name": "site-0",
-              "require-dp": cfg.dp, "min-cohort": 2, "max-colluders": 0, "allow-model": cfg.model,
-              "labels": ",".join(cfg.labels)}
-             if policy is None else {"partition-id": 0, **policy})  # None: no key configured
+    first = (
+        {
+            "data-path": str(simulation_site_file(cfg.out, 0)),
+            "site-name": "site-0",
+            "require-dp": cfg.dp,
+            "min-cohort": 2,
+            "max-colluders": 0,
+            "allow-model": cfg.model,
+            "labels": ",".join(cfg.labels),
+        }
+        if policy is None
+        else {"partition-id": 0, **policy}
+    )  # None: no key configured
     configs = [first, *({"partition-id": i} for i in range(1, N))]
     grid = LocalGrid(N, node_configs=configs, drop={i: TRAIN for i in range(1, N)})
     sums = secure_round(grid, grid.nodes, _content(cfg, weights), weights, cfg, RUN_ID, 1)
     assert reason in sums.refused.get("site-0", ""), sums.refused
 
 
-def test_secure_aggregation_parameters_for_another_round_are_refused_before_training(
-        setup, monkeypatch):
+def test_secure_aggregation_parameters_for_another_round_are_refused_before_training(setup, monkeypatch):
     """The training message says round 1, the SecAgg+ parameters round 2: the round
     decides the update's form and its bound (votes on 1, or update-clip), so a site
     refuses before it trains and spends anything."""
@@ -533,8 +597,7 @@ def test_secure_aggregation_parameters_for_another_round_are_refused_before_trai
 
     monkeypatch.setattr(fedseal.client.trainer, "train_local", no_training)
     grid = LocalGrid(N)
-    sums = secure_round(grid, grid.nodes, _content(cfg, weights, server_round=1), weights, cfg,
-                        RUN_ID, 2)
+    sums = secure_round(grid, grid.nodes, _content(cfg, weights, server_round=1), weights, cfg, RUN_ID, 2)
     assert len(sums.refused) == N and not sums.contributors
     assert all(r.startswith("message.secagg: ") for r in sums.refused.values()), sums.refused
 
@@ -543,6 +606,7 @@ def test_secure_aggregation_parameters_for_another_round_are_refused_before_trai
 def test_simulations_give_every_site_a_key_and_the_roster(setup):
     cfg, _ = setup
     from fedseal.client.secagg import load_identity, load_roster
+
     fingerprints = set()
     for i in range(N):
         site = site_settings({"partition-id": i}, cfg)
@@ -560,10 +624,17 @@ def _deployed_dp(tmp_path, cfg, n=N):
 
     configs = _deployed(tmp_path, cfg, n)
     for c in configs:
-        c.update({"epsilon": cfg.epsilon, "delta": cfg.delta, "allow-model": cfg.model,
-                  "labels": ",".join(cfg.labels), "min-cohort": 2, "max-colluders": 0})
-        PrivacyLedger.open(c["ledger-path"], c["site-name"], cfg.epsilon, cfg.delta,
-                           key_path=c["ledger-key"])
+        c.update(
+            {
+                "epsilon": cfg.epsilon,
+                "delta": cfg.delta,
+                "allow-model": cfg.model,
+                "labels": ",".join(cfg.labels),
+                "min-cohort": 2,
+                "max-colluders": 0,
+            }
+        )
+        PrivacyLedger.open(c["ledger-path"], c["site-name"], cfg.epsilon, cfg.delta, key_path=c["ledger-key"])
     return configs
 
 
@@ -578,8 +649,7 @@ def test_a_round_too_small_to_complete_costs_no_site_any_budget(setup, tmp_path)
     cfg = cfg.replace(dp=True, epsilon=8.0)
     configs = _deployed_dp(tmp_path, cfg)
     before = _ledgers(configs)
-    grid = LocalGrid(N, node_configs=configs,
-                     drop={i: "train.secagg_share_keys" for i in (0, 1, 2)})
+    grid = LocalGrid(N, node_configs=configs, drop={i: "train.secagg_share_keys" for i in (0, 1, 2)})
     sums = secure_round(grid, grid.nodes, _content(cfg, weights), weights, cfg, RUN_ID, 1)
     assert sums.abandoned and "train.secagg_masked_input" not in grid.sent
     assert _ledgers(configs) == before
@@ -596,20 +666,29 @@ def test_a_site_that_vanishes_after_training_costs_only_its_own_spend(setup, tmp
     class LostReply(LocalGrid):
         def send_and_receive(self, messages, *, timeout=None):
             replies = super().send_and_receive(messages, timeout=timeout)
-            return [r for r in replies if not (r.metadata.src_node_id == self.nodes[0]
-                    and r.metadata.message_type == "train.secagg_masked_input")]
+            return [
+                r
+                for r in replies
+                if not (
+                    r.metadata.src_node_id == self.nodes[0]
+                    and r.metadata.message_type == "train.secagg_masked_input"
+                )
+            ]
 
     grid = LostReply(N, node_configs=configs)
     sums = secure_round(grid, grid.nodes, _content(cfg, weights), weights, cfg, RUN_ID, 1)
     assert not sums.abandoned and len(sums.contributors) == N - 1
-    spent = [PrivacyLedger.open(c["ledger-path"], c["site-name"], cfg.epsilon, cfg.delta,
-                                key_path=c["ledger-key"]).epsilon_spent() for c in configs]
+    spent = [
+        PrivacyLedger.open(
+            c["ledger-path"], c["site-name"], cfg.epsilon, cfg.delta, key_path=c["ledger-key"]
+        ).epsilon_spent()
+        for c in configs
+    ]
     assert all(e > 0 for e in spent)  # site 0 trained too; the round completed without it
     assert "site-0" not in sums.epsilons and set(sums.epsilons) == set(sums.contributors)
 
 
-def test_a_secure_round_asked_again_reuses_the_update_only_while_it_never_left(setup, tmp_path,
-                                                                              monkeypatch):
+def test_a_secure_round_asked_again_reuses_the_update_only_while_it_never_left(setup, tmp_path, monkeypatch):
     """Site 0 trains at the masked-input stage and dies before its masked vector leaves: the
     update it committed is kept (pending). Asked the same round again, it answers with that
     very update and spends nothing more; once it left, a third ask trains afresh."""
@@ -633,14 +712,14 @@ def test_a_secure_round_asked_again_reuses_the_update_only_while_it_never_left(s
 
     def entries():
         c = configs[0]
-        return PrivacyLedger.open(c["ledger-path"], c["site-name"], cfg.epsilon, cfg.delta,
-                                  key_path=c["ledger-key"]).entries
+        return PrivacyLedger.open(
+            c["ledger-path"], c["site-name"], cfg.epsilon, cfg.delta, key_path=c["ledger-key"]
+        ).entries
 
     def run() -> list[np.ndarray]:
         grid = LocalGrid(3, node_configs=configs)
         start = len(rec.updates)
-        secure_round(grid, grid.nodes, _content(cfg, weights, 1, job="job-r"), weights, cfg,
-                     RUN_ID, 1)
+        secure_round(grid, grid.nodes, _content(cfg, weights, 1, job="job-r"), weights, cfg, RUN_ID, 1)
         return rec.updates[start:]
 
     run()

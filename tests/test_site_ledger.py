@@ -20,20 +20,24 @@ from fedseal.client import ledger as ledger_module
 from fedseal.client import ledger_cli
 from fedseal.client.evaluation import EVALUATED_SUFFIX
 from fedseal.client.ledger import LedgerError, PrivacyLedger
-from fedseal.client.pending import pending_path, release
+from fedseal.client.pending import pending_path
 from fedseal.client.reply import train_reply
 from fedseal.client.site import site_settings
 from fedseal.client.spend import PROGRESS, CommittedRound, commit_round
-from fedseal.common import synthetic
-from fedseal.common import egress
+from fedseal.common import egress, synthetic
 from fedseal.common.config import FedConfig
-from fedseal.common.egress import train_reply_type
 from fedseal.common.data import Examples, write_examples
+from fedseal.common.egress import train_reply_type
 from fedseal.common.model import build_model, trainable_state
-from fedseal.common.records import (JOB_KEY, ROUND_KEY, config_to_record, record_to_state,
-                            state_to_record, to_numpy_state)
+from fedseal.common.records import (
+    JOB_KEY,
+    ROUND_KEY,
+    config_to_record,
+    record_to_state,
+    state_to_record,
+    to_numpy_state,
+)
 from fedseal.common.refusals import describe
-from fedseal.common.secagg import generate_identity
 from fedseal.common.secagg_wire import pack_ids
 from fedseal.server.app import run_federation
 from fedseal.server.checkpoint import CheckpointError
@@ -47,15 +51,33 @@ LABELS = ("negative", "positive")
 def site(tmp_path, tiny_bert):
     data = write_examples(synthetic.synthetic_examples(64, seed=1), tmp_path / "site.jsonl")
     write_examples(synthetic.synthetic_examples(32, seed=2), tmp_path / "eval.jsonl")
-    cfg = FedConfig(model=tiny_bert, finetune="full", labels=LABELS, clients=1, min_clients=1,
-                    rounds=2, local_steps=2, batch_size=16, max_length=16, secagg=False,
-                    eval=str(tmp_path / "eval.jsonl"), out=str(tmp_path / "out"))
+    cfg = FedConfig(
+        model=tiny_bert,
+        finetune="full",
+        labels=LABELS,
+        clients=1,
+        min_clients=1,
+        rounds=2,
+        local_steps=2,
+        batch_size=16,
+        max_length=16,
+        secagg=False,
+        eval=str(tmp_path / "eval.jsonl"),
+        out=str(tmp_path / "out"),
+    )
     (tmp_path / "secrets").mkdir()
-    node = {"data-path": str(data), "site-name": "alpha", "epsilon": 8.0, "delta": 1e-5,
-            "ledger-path": str(tmp_path / "ledger.json"), "device": "cpu",
-            "ledger-key": str(tmp_path / "secrets" / "ledger.key"),
-            "require-secagg": False,  # this site allows plain rounds; its policy says so
-            "allow-model": tiny_bert, "labels": ",".join(LABELS)}
+    node = {
+        "data-path": str(data),
+        "site-name": "alpha",
+        "epsilon": 8.0,
+        "delta": 1e-5,
+        "ledger-path": str(tmp_path / "ledger.json"),
+        "device": "cpu",
+        "ledger-key": str(tmp_path / "secrets" / "ledger.key"),
+        "require-secagg": False,  # this site allows plain rounds; its policy says so
+        "allow-model": tiny_bert,
+        "labels": ",".join(LABELS),
+    }
     return cfg, node, tmp_path
 
 
@@ -64,16 +86,27 @@ def _ledger_at(path, key) -> PrivacyLedger:
 
 
 def _ledger(tmp) -> PrivacyLedger:
-    return PrivacyLedger.open(tmp / "ledger.json", "alpha", 8.0, 1e-5,
-                              key_path=tmp / "secrets" / "ledger.key")
+    return PrivacyLedger.open(
+        tmp / "ledger.json", "alpha", 8.0, 1e-5, key_path=tmp / "secrets" / "ledger.key"
+    )
 
 
-def _train(grid: LocalGrid, cfg: FedConfig, server_round: int, job: str = "job-1",
-           weights=None, secagg: dict | None = None) -> Message:
+def _train(
+    grid: LocalGrid,
+    cfg: FedConfig,
+    server_round: int,
+    job: str = "job-1",
+    weights=None,
+    secagg: dict | None = None,
+) -> Message:
     if weights is None:
         weights = to_numpy_state(trainable_state(build_model(cfg, cfg.labels)))
-    content = RecordDict({"global": state_to_record(weights),
-                          "config": config_to_record(cfg, **{ROUND_KEY: server_round, JOB_KEY: job})})
+    content = RecordDict(
+        {
+            "global": state_to_record(weights),
+            "config": config_to_record(cfg, **{ROUND_KEY: server_round, JOB_KEY: job}),
+        }
+    )
     if secagg is not None:
         content["secagg"] = ConfigRecord(secagg)
     msg = Message(content, dst_node_id=grid.nodes[0], message_type="train")
@@ -126,12 +159,14 @@ def test_spend_is_recorded_and_a_repeated_plain_round_is_trained_afresh(site):
     assert reason.startswith("round.sent: ") and "round 1" in reason
 
 
-@pytest.mark.parametrize("broken, error, said", [
-    ("record", LedgerError("the ledger's folder is read-only"), "folder is read-only"),
-    ("atomic_write", OSError(28, "No space left on device"), "No space left on device"),
-])
-def test_a_round_whose_spend_cannot_be_recorded_sends_nothing(site, monkeypatch, caplog, broken,
-                                                              error, said):
+@pytest.mark.parametrize(
+    "broken, error, said",
+    [
+        ("record", LedgerError("the ledger's folder is read-only"), "folder is read-only"),
+        ("atomic_write", OSError(28, "No space left on device"), "No space left on device"),
+    ],
+)
+def test_a_round_whose_spend_cannot_be_recorded_sends_nothing(site, monkeypatch, caplog, broken, error, said):
     """The ledger cannot take the round (a refusal of its own, or the disk write failing):
     the reply carries no update, no keys, no metrics, and the ledger is as it was."""
     cfg, node, tmp = site
@@ -156,8 +191,10 @@ def test_a_round_whose_spend_cannot_be_recorded_sends_nothing(site, monkeypatch,
 def test_the_ledger_alone_counts_the_steps_where_there_is_one(site):
     """Steps live in one place: the ledger when the site has one, else the run's state."""
     cfg, node, _ = site
-    for config, kept in ((node, False),
-                         ({k: v for k, v in node.items() if not k.startswith("ledger-")}, True)):
+    for config, kept in (
+        (node, False),
+        ({k: v for k, v in node.items() if not k.startswith("ledger-")}, True),
+    ):
         grid = LocalGrid(1, node_configs=[config])
         for server_round, steps in ((1, 2), (2, 4)):
             reply = _train(grid, cfg, server_round)
@@ -168,16 +205,18 @@ def test_the_ledger_alone_counts_the_steps_where_there_is_one(site):
 def test_a_reply_is_built_only_from_the_round_committed_for_its_update(site):
     cfg, node, _ = site
     settings = site_settings(node, cfg)
-    context = Context(run_id=RUN_ID, node_id=1, node_config=node, state=RecordDict(),
-                      run_config={})
+    context = Context(run_id=RUN_ID, node_id=1, node_config=node, state=RecordDict(), run_config={})
     update = {"w": np.ones((2, 2), np.float32)}
     committed = commit_round("alpha", None, context, "job-1", 1, 2, 1.5, 1e-5, update, 1.0)
     with pytest.raises(TypeError, match="made only by fedseal.client.spend.commit_round"):
         CommittedRound(**{**dataclasses.asdict(committed), "_token": object()})
 
     def message(server_round: int, job: str = "job-1") -> Message:
-        return Message(RecordDict({"config": config_to_record(
-            cfg, **{ROUND_KEY: server_round, JOB_KEY: job})}), dst_node_id=1, message_type="train")
+        return Message(
+            RecordDict({"config": config_to_record(cfg, **{ROUND_KEY: server_round, JOB_KEY: job})}),
+            dst_node_id=1,
+            message_type="train",
+        )
 
     reply = train_reply(message(1), context, cfg, settings, committed, update)
     assert np.array_equal(record_to_state(reply.content["update"])["w"], update["w"])
@@ -208,8 +247,9 @@ def test_jobs_share_the_sites_total_and_are_refused_once_the_next_would_pass_it(
     cfg, node = cfg.replace(rounds=1, epsilon=0.3), {**node, "epsilon": 1.0}
 
     def ledger(total: float = 1.0) -> PrivacyLedger:
-        return PrivacyLedger.open(tmp / "ledger.json", "alpha", total, 1e-5,
-                                  key_path=tmp / "secrets" / "ledger.key")
+        return PrivacyLedger.open(
+            tmp / "ledger.json", "alpha", total, 1e-5, key_path=tmp / "secrets" / "ledger.key"
+        )
 
     for job in ("job-1", "job-2", "job-3"):
         reply = _train(LocalGrid(1, node_configs=[node]), cfg, 1, job=job)
@@ -217,23 +257,41 @@ def test_jobs_share_the_sites_total_and_are_refused_once_the_next_would_pass_it(
         granted, [entry] = ledger().grant_of(job), [e for e in ledger().entries if e.run == job]
         assert (granted.epsilon, granted.delta) == (0.3, pytest.approx(3e-6))
         assert entry.delta == granted.delta and 0 < entry.epsilon <= 0.3
-        assert entry.epsilon == pytest.approx(epsilon_spent(
-            entry.noise_multiplier, entry.sample_rate, entry.steps, granted.delta))
+        assert entry.epsilon == pytest.approx(
+            epsilon_spent(entry.noise_multiplier, entry.sample_rate, entry.steps, granted.delta)
+        )
     with caplog.at_level(logging.WARNING):
         reason = _refusal(_train(LocalGrid(1, node_configs=[node]), cfg, 1, job="job-4"))
     assert reason.startswith("budget.exhausted: ") and "asked 0.3, remaining 0.1" in reason
     assert "fedseal ledger raise --ledger" in caplog.text and "job-4" not in reason
     assert ledger().grant_of("job-4") is None
-    assert _refusal(_train(LocalGrid(1, node_configs=[node]), cfg.replace(epsilon=0.1), 1,
-                           job="job-5")) == ""
+    assert _refusal(_train(LocalGrid(1, node_configs=[node]), cfg.replace(epsilon=0.1), 1, job="job-5")) == ""
     assert ledger().remaining().epsilon == pytest.approx(0.0, abs=1e-12)
     assert 0 <= ledger().remaining().delta <= 1e-20
     assert ledger().delta_spent() <= 1e-5 and ledger().epsilon_spent() <= 1.0
-    assert ledger_cli.main(["raise", "--ledger", str(tmp / "ledger.json"), "--ledger-key",
-                            str(tmp / "secrets" / "ledger.key"), "--epsilon", "2", "--by",
-                            "dana", "--reason", "more epsilon"]) == 0
-    reason = _refusal(_train(LocalGrid(1, node_configs=[{**node, "epsilon": 2.0}]),
-                             cfg.replace(epsilon=0.1), 1, job="job-6"))
+    assert (
+        ledger_cli.main(
+            [
+                "raise",
+                "--ledger",
+                str(tmp / "ledger.json"),
+                "--ledger-key",
+                str(tmp / "secrets" / "ledger.key"),
+                "--epsilon",
+                "2",
+                "--by",
+                "dana",
+                "--reason",
+                "more epsilon",
+            ]
+        )
+        == 0
+    )
+    reason = _refusal(
+        _train(
+            LocalGrid(1, node_configs=[{**node, "epsilon": 2.0}]), cfg.replace(epsilon=0.1), 1, job="job-6"
+        )
+    )
     assert reason.startswith("budget.exhausted: ") and ledger(2.0).grant_of("job-6") is None
 
 
@@ -251,17 +309,33 @@ def test_a_raise_mid_job_leaves_the_jobs_grant_and_calibration(site, caplog):
     cfg, node, tmp = site
     cfg = cfg.replace(epsilon=4.0)
     assert _refusal(_train(LocalGrid(1, node_configs=[node]), cfg, 1)) == ""
-    assert ledger_cli.main(["raise", "--ledger", str(tmp / "ledger.json"), "--ledger-key",
-                            str(tmp / "secrets" / "ledger.key"), "--epsilon", "16", "--by",
-                            "dana", "--reason", "second study"]) == 0
+    assert (
+        ledger_cli.main(
+            [
+                "raise",
+                "--ledger",
+                str(tmp / "ledger.json"),
+                "--ledger-key",
+                str(tmp / "secrets" / "ledger.key"),
+                "--epsilon",
+                "16",
+                "--by",
+                "dana",
+                "--reason",
+                "second study",
+            ]
+        )
+        == 0
+    )
     raised = {**node, "epsilon": 16.0}
     # the agent must be restarted with the new total; until then the site refuses
     with caplog.at_level(logging.WARNING):
         reason = _refusal(_train(LocalGrid(1, node_configs=[node]), cfg, 2))
     assert reason.startswith("site.ledger: ") and "Start it with --epsilon 16" in caplog.text
     assert _refusal(_train(LocalGrid(1, node_configs=[raised]), cfg, 2)) == ""
-    led = PrivacyLedger.open(tmp / "ledger.json", "alpha", 16.0, 1e-5,
-                             key_path=tmp / "secrets" / "ledger.key")
+    led = PrivacyLedger.open(
+        tmp / "ledger.json", "alpha", 16.0, 1e-5, key_path=tmp / "secrets" / "ledger.key"
+    )
     [first, second] = led.entries
     assert (led.grant_of("job-1").epsilon, led.grant_of("job-1").delta) == (4.0, 5e-6)
     assert (first.noise_multiplier, first.delta) == (second.noise_multiplier, 5e-6)
@@ -291,9 +365,12 @@ def test_changed_plan_mid_run_is_refused(site):
 def test_unknown_label_and_foreign_model_are_refused_with_reasons(site, tmp_path):
     cfg, node, tmp = site
     odd = Examples(["a fine film"] * 20, [0] * 20, ("meh",), "odd")
-    node_bad = {**node, "data-path": str(write_examples(odd, tmp / "odd.jsonl")),
-                "ledger-path": str(tmp / "other-ledger.json"),
-                "ledger-key": str(tmp / "secrets" / "other.key")}
+    node_bad = {
+        **node,
+        "data-path": str(write_examples(odd, tmp / "odd.jsonl")),
+        "ledger-path": str(tmp / "other-ledger.json"),
+        "ledger-key": str(tmp / "secrets" / "other.key"),
+    }
     reason = _refusal(_train(LocalGrid(1, node_configs=[node_bad]), cfg, 1))
     assert reason.startswith("site.data: ") and "meh" not in reason
     wrong = {k: np.zeros((3, 3), np.float32) for k in ("not.a.parameter",)}
@@ -345,64 +422,94 @@ def test_server_resumes_after_the_last_checkpointed_round(site):
     assert len(_ledger(tmp).entries) == 2
 
 
-@pytest.mark.parametrize("run, policy, named", [
-    ({"dp": False}, {}, ("policy.dp: ", "setting dp, asked False, limit True")),
-    ({"secagg": False}, {}, ("policy.secagg: ", "setting secagg, asked False, limit True")),
-    ({"clients": 2, "min_clients": 2}, {}, ("policy.cohort: ", "setting clients, asked 2, limit 3")),
-    ({"clients": 4, "min_clients": 2}, {}, ("policy.cohort: ", "setting min-clients, asked 2")),
-    ({"secagg_k": 2}, {"min-secagg-k": 3}, ("policy.secagg_k: ", "setting secagg-k, asked 2, limit 3")),
-    ({"secagg_threshold": 2}, {"min-secagg-threshold": 3},
-     ("policy.secagg_threshold: ", "setting secagg-threshold, asked 2, limit 3")),
-    ({"update_clip": 100.0}, {}, ("policy.update_clip: ", "asked 100.0, limit 64.0")),
-    ({"clients": 4, "min_clients": 3}, {"_cohort": 2}, ("policy.cohort: ", "setting cohort, asked 2")),
-    ({"clients": 4, "min_clients": 3}, {"_k": 1, "min-secagg-k": 2},
-     ("policy.secagg_k: ", "asked 1, limit 2")),
-    ({"clients": 4, "min_clients": 3}, {"_t": 2, "min-secagg-threshold": 3},
-     ("policy.secagg_threshold: ", "asked 2, limit 3")),
-    # k = 2, t = 2: the server and one colluding site can unmask a site (2t-k-1 = 1).
-    ({"clients": 4, "min_clients": 3}, {"_t": 2}, ("policy.colluders: ", "asked 2, limit 1")),
-    ({"clients": 4, "min_clients": 4}, {"_cohort": 4, "_k": 3, "_t": 3, "min-cohort": 4,
-                                        "max-colluders": 2}, ("policy.colluders: ", "limit 2")),
-    # k = 2, t = 3 passes 2t-k-1 = 3 > 2, but two colluding neighbours know their pairwise
-    # masks with the site and, with its own share, hold t = 3 shares of its self-mask.
-    ({"clients": 6, "min_clients": 4}, {"_cohort": 6, "_k": 2, "_t": 3, "min-cohort": 4,
-                                        "max-colluders": 2}, ("policy.colluders: ", "asked 3, limit 2")),
-])
-def test_a_run_asking_for_less_than_the_site_policy_is_refused_before_anything(site, run, policy,
-                                                                                named):
+@pytest.mark.parametrize(
+    "run, policy, named",
+    [
+        ({"dp": False}, {}, ("policy.dp: ", "setting dp, asked False, limit True")),
+        ({"secagg": False}, {}, ("policy.secagg: ", "setting secagg, asked False, limit True")),
+        ({"clients": 2, "min_clients": 2}, {}, ("policy.cohort: ", "setting clients, asked 2, limit 3")),
+        ({"clients": 4, "min_clients": 2}, {}, ("policy.cohort: ", "setting min-clients, asked 2")),
+        ({"secagg_k": 2}, {"min-secagg-k": 3}, ("policy.secagg_k: ", "setting secagg-k, asked 2, limit 3")),
+        (
+            {"secagg_threshold": 2},
+            {"min-secagg-threshold": 3},
+            ("policy.secagg_threshold: ", "setting secagg-threshold, asked 2, limit 3"),
+        ),
+        ({"update_clip": 100.0}, {}, ("policy.update_clip: ", "asked 100.0, limit 64.0")),
+        ({"clients": 4, "min_clients": 3}, {"_cohort": 2}, ("policy.cohort: ", "setting cohort, asked 2")),
+        (
+            {"clients": 4, "min_clients": 3},
+            {"_k": 1, "min-secagg-k": 2},
+            ("policy.secagg_k: ", "asked 1, limit 2"),
+        ),
+        (
+            {"clients": 4, "min_clients": 3},
+            {"_t": 2, "min-secagg-threshold": 3},
+            ("policy.secagg_threshold: ", "asked 2, limit 3"),
+        ),
+        # k = 2, t = 2: the server and one colluding site can unmask a site (2t-k-1 = 1).
+        ({"clients": 4, "min_clients": 3}, {"_t": 2}, ("policy.colluders: ", "asked 2, limit 1")),
+        (
+            {"clients": 4, "min_clients": 4},
+            {"_cohort": 4, "_k": 3, "_t": 3, "min-cohort": 4, "max-colluders": 2},
+            ("policy.colluders: ", "limit 2"),
+        ),
+        # k = 2, t = 3 passes 2t-k-1 = 3 > 2, but two colluding neighbours know their pairwise
+        # masks with the site and, with its own share, hold t = 3 shares of its self-mask.
+        (
+            {"clients": 6, "min_clients": 4},
+            {"_cohort": 6, "_k": 2, "_t": 3, "min-cohort": 4, "max-colluders": 2},
+            ("policy.colluders: ", "asked 3, limit 2"),
+        ),
+    ],
+)
+def test_a_run_asking_for_less_than_the_site_policy_is_refused_before_anything(site, run, policy, named):
     cfg, node, tmp = site
     cfg = cfg.replace(**{"secagg": True, "clients": 3, "min_clients": 3, **run})
     node = {k: v for k, v in node.items() if k != "require-secagg"}  # the safe defaults
     node.update({k: v for k, v in policy.items() if not k.startswith("_")})
     grid = LocalGrid(1, node_configs=[node])
     n = policy.get("_cohort", 3)
-    params = {"nodes": pack_ids([grid.nodes[0] + i for i in range(n)]), "round": 1,
-              "k": policy.get("_k", 2), "threshold": policy.get("_t", 3)}
+    params = {
+        "nodes": pack_ids([grid.nodes[0] + i for i in range(n)]),
+        "round": 1,
+        "k": policy.get("_k", 2),
+        "threshold": policy.get("_t", 3),
+    }
     reason = _refusal(_train(grid, cfg, 1, secagg=params))
     assert reason.startswith(named[0]) and named[1] in reason, reason
     assert not (tmp / "ledger.json").exists()  # refused before the ledger, the model, the data
 
 
-@pytest.mark.parametrize("run, policy, named", [
-    ({"min_clients": 2}, {}, ("policy.cohort: ", "setting min-clients, asked 2, limit 3")),
-    ({"dp": False}, {}, ("policy.dp: ", "setting dp")),
-    ({"secagg": False}, {}, ("policy.secagg: ", "setting secagg")),
-    ({"secagg_k": 2}, {"min-secagg-k": 3}, ("policy.secagg_k: ", "asked 2, limit 3")),
-    ({"secagg_threshold": 2}, {"min-secagg-threshold": 3},
-     ("policy.secagg_threshold: ", "asked 2, limit 3")),
-])
+@pytest.mark.parametrize(
+    "run, policy, named",
+    [
+        ({"min_clients": 2}, {}, ("policy.cohort: ", "setting min-clients, asked 2, limit 3")),
+        ({"dp": False}, {}, ("policy.dp: ", "setting dp")),
+        ({"secagg": False}, {}, ("policy.secagg: ", "setting secagg")),
+        ({"secagg_k": 2}, {"min-secagg-k": 3}, ("policy.secagg_k: ", "asked 2, limit 3")),
+        (
+            {"secagg_threshold": 2},
+            {"min-secagg-threshold": 3},
+            ("policy.secagg_threshold: ", "asked 2, limit 3"),
+        ),
+    ],
+)
 def test_refusals_are_named_in_the_server_metrics(site, run, policy, named):
     """The real ServerApp over three sites with the safe default policy (a cohort of 3):
     a run asking for less is refused by each, and metrics.jsonl names the setting."""
     cfg, node, tmp = site
     cfg = cfg.replace(**{"secagg": True, "clients": 3, "min_clients": 3, "rounds": 1, **run})
-    nodes = [{**{k: v for k, v in node.items() if k != "require-secagg"}, **policy,
-              "site-name": name} for name in ("alpha", "beta", "gamma")]
+    nodes = [
+        {**{k: v for k, v in node.items() if k != "require-secagg"}, **policy, "site-name": name}
+        for name in ("alpha", "beta", "gamma")
+    ]
     run_federation(LocalGrid(3, node_configs=nodes), cfg, RUN_ID)
     [row] = [json.loads(line) for line in (tmp / "out" / "metrics.jsonl").read_text().splitlines()]
     assert sorted(row["refused"]) == ["alpha", "beta", "gamma"] and not row["contributors"]
-    assert all(why.startswith(named[0]) and named[1] in why
-               for why in row["refused"].values()), row["refused"]
+    assert all(why.startswith(named[0]) and named[1] in why for why in row["refused"].values()), row[
+        "refused"
+    ]
     assert not (tmp / "ledger.json").exists()
 
 
@@ -412,8 +519,7 @@ def test_federated_evaluation_is_off_unless_the_site_turns_it_on(site, caplog):
     def refused_because(grid: LocalGrid, why: str) -> bool:
         caplog.clear()
         with caplog.at_level(logging.WARNING):
-            empty = federated_evaluate(grid, grid.nodes, weights, cfg, "job-1", 1,
-                                       SiteNames()) == {}
+            empty = federated_evaluate(grid, grid.nodes, weights, cfg, "job-1", 1, SiteNames()) == {}
         return empty and why in caplog.text
 
     cfg, node, _ = site
@@ -422,9 +528,17 @@ def test_federated_evaluation_is_off_unless_the_site_turns_it_on(site, caplog):
     off = LocalGrid(1, node_configs=[node])
     assert _refusal(_train(off, cfg, 1, weights=weights)) == ""
     assert refused_because(off, "policy.federated_eval")  # off by default
-    on = LocalGrid(1, node_configs=[{**node, "federated-eval": "on",
-                                     "ledger-path": str(node["ledger-path"]) + ".on",
-                                     "ledger-key": str(node["ledger-key"]) + ".on"}])
+    on = LocalGrid(
+        1,
+        node_configs=[
+            {
+                **node,
+                "federated-eval": "on",
+                "ledger-path": str(node["ledger-path"]) + ".on",
+                "ledger-key": str(node["ledger-key"]) + ".on",
+            }
+        ],
+    )
     assert refused_because(on, "round.not_trained")
     assert _refusal(_train(on, cfg, 1, weights=weights)) == ""
     steps = _ledger_at(node["ledger-path"] + ".on", node["ledger-key"] + ".on").steps_done("job-1")
@@ -459,8 +573,14 @@ def test_federated_evaluation_is_a_noisy_release_of_the_sampled_scores():
     exact = release_scores(correct, loss, None)
     assert exact["accuracy"] == pytest.approx(0.7)
     assert exact["loss"] == pytest.approx((700 * 0.1 + 300 * LOSS_CLIP) / 1000)
-    plan = DPPlan(noise_multiplier=2.0, sample_rate=0.5, planned_steps=10, target_epsilon=1.0,
-                  delta=1e-5, accountant="rdp")
+    plan = DPPlan(
+        noise_multiplier=2.0,
+        sample_rate=0.5,
+        planned_steps=10,
+        target_epsilon=1.0,
+        delta=1e-5,
+        accountant="rdp",
+    )
     noisy = [release_scores(correct, loss, plan) for _ in range(200)]
     accuracies = np.array([r["accuracy"] for r in noisy])
     assert len(set(accuracies)) > 150  # fresh noise every time
@@ -480,12 +600,26 @@ def test_a_plain_reply_claiming_a_weight_no_honest_site_sends_is_dropped(site, c
     weights = to_numpy_state(trainable_state(build_model(cfg, cfg.labels)))
     reply = _train(grid, cfg, 1, weights=weights)
     assert _refusal(reply) == ""
-    honest = sum_plain([reply], weights, RoundSums(), train_reply_type(cfg, 1), SiteNames(),
-                       weight_range(cfg, 1), cfg.update_clip)
+    honest = sum_plain(
+        [reply],
+        weights,
+        RoundSums(),
+        train_reply_type(cfg, 1),
+        SiteNames(),
+        weight_range(cfg, 1),
+        cfg.update_clip,
+    )
     assert honest.contributors == ["alpha"] and honest.weight_sum == 1.0
     reply.content["metrics"]["weight"] = claimed
-    sums = sum_plain([reply], weights, RoundSums(), train_reply_type(cfg, 1), SiteNames(),
-                       weight_range(cfg, 1), cfg.update_clip)
+    sums = sum_plain(
+        [reply],
+        weights,
+        RoundSums(),
+        train_reply_type(cfg, 1),
+        SiteNames(),
+        weight_range(cfg, 1),
+        cfg.update_clip,
+    )
     assert sums.contributors == [] and sums.update_sum is None and sums.weight_sum == 0.0
     why = sums.failed["alpha"]
     assert why.startswith("reply.range" if np.isfinite(claimed) else "reply.nonfinite"), why
@@ -516,15 +650,30 @@ def test_a_vote_round_sends_bounded_votes_and_a_forged_vote_moves_the_mean_by_it
     assert 0.0 < max(float(np.abs(v).max()) for v in votes.values()) <= 1.0
 
     def other(name):  # another site on the same data, with its own ledger
-        return LocalGrid(1, node_configs=[{**node, "site-name": name,
-                                           "ledger-path": str(tmp / f"{name}.json"),
-                                           "ledger-key": str(tmp / "secrets" / f"{name}.key")}])
+        return LocalGrid(
+            1,
+            node_configs=[
+                {
+                    **node,
+                    "site-name": name,
+                    "ledger-path": str(tmp / f"{name}.json"),
+                    "ledger-key": str(tmp / "secrets" / f"{name}.key"),
+                }
+            ],
+        )
 
     forged = _train(other("beta"), cfg, 1, weights=weights)
     forged.metadata.__dict__["_src_node_id"] = grid.nodes[0] + 1  # another node than alpha's
     forged.content["update"] = state_to_record({k: np.full_like(v, 1e9) for k, v in votes.items()})
-    sums = sum_plain([reply, forged], template, RoundSums(), train_reply_type(cfg, 1),
-                     SiteNames(), weight_range(cfg, 1), round_clip(cfg, 1))
+    sums = sum_plain(
+        [reply, forged],
+        template,
+        RoundSums(),
+        train_reply_type(cfg, 1),
+        SiteNames(),
+        weight_range(cfg, 1),
+        round_clip(cfg, 1),
+    )
     assert sorted(sums.contributors) == ["alpha", "beta"], (sums.failed, sums.refused)
     mean = sums.mean_update()
     honest = {k: np.asarray(v, dtype=np.float64) for k, v in votes.items()}
@@ -535,8 +684,15 @@ def test_a_vote_round_sends_bounded_votes_and_a_forged_vote_moves_the_mean_by_it
     short = _train(other("gamma"), cfg, 1, weights=weights)
     short.metadata.__dict__["_src_node_id"] = grid.nodes[0] + 2
     short.content["update"] = state_to_record({k: v for k, v in votes.items() if k != SCALE_KEY})
-    sums = sum_plain([short], template, RoundSums(), train_reply_type(cfg, 1), SiteNames(),
-                     weight_range(cfg, 1), round_clip(cfg, 1))
+    sums = sum_plain(
+        [short],
+        template,
+        RoundSums(),
+        train_reply_type(cfg, 1),
+        SiteNames(),
+        weight_range(cfg, 1),
+        round_clip(cfg, 1),
+    )
     assert sums.contributors == [] and SCALE_KEY in sums.failed["gamma"]
 
 
@@ -558,7 +714,14 @@ def test_a_plain_reply_gets_no_more_say_than_its_weight(site):
     reply = _train(grid, cfg, 1, weights=weights)
     assert _refusal(reply) == "" and reply.content["metrics"]["weight"] == SMALLEST_BUCKET
     reply.content["update"] = state_to_record({k: np.full_like(v, 1e9) for k, v in template.items()})
-    sums = sum_plain([reply], template, RoundSums(), train_reply_type(cfg, 1), SiteNames(),
-                     weight_range(cfg, 1), round_clip(cfg, 1))
+    sums = sum_plain(
+        [reply],
+        template,
+        RoundSums(),
+        train_reply_type(cfg, 1),
+        SiteNames(),
+        weight_range(cfg, 1),
+        round_clip(cfg, 1),
+    )
     assert sums.contributors == ["alpha"]
     assert all(np.all(v == SMALLEST_BUCKET) for v in sums.update_sum.values())

@@ -9,8 +9,17 @@ import pytest
 
 from fedseal.common.config import FedConfig
 from fedseal.common.records import flatten
-from fedseal.common.vote import (LOG_SPAN, SCALE_KEY, VOTE_UNIT, from_votes, is_vote_round,
-                                 round_clip, site_scale, to_votes, update_template)
+from fedseal.common.vote import (
+    LOG_SPAN,
+    SCALE_KEY,
+    VOTE_UNIT,
+    from_votes,
+    is_vote_round,
+    round_clip,
+    site_scale,
+    to_votes,
+    update_template,
+)
 
 
 def test_known_answer_votes_and_their_order_in_the_masked_vector():
@@ -23,7 +32,8 @@ def test_known_answer_votes_and_their_order_in_the_masked_vector():
     # tau: 3 x the median of |1.5, 6, 3, 0.75, 12| (the untrained 0 left out) = 9
     assert site_scale(update) == 9.0
     assert flatten(votes).tolist() == pytest.approx(
-        [1 / 6, -2 / 3, 0.0, 1 / 3, -1 / 12, 1.0, math.log(9.0) / LOG_SPAN], abs=1e-7)
+        [1 / 6, -2 / 3, 0.0, 1 / 3, -1 / 12, 1.0, math.log(9.0) / LOG_SPAN], abs=1e-7
+    )
     scaled = to_votes({k: 8 * v for k, v in update.items()})
     assert flatten(scaled)[:-1].tolist() == flatten(votes)[:-1].tolist()  # votes are scale-free
     assert flatten(scaled)[-1] == pytest.approx(math.log(72) / LOG_SPAN)
@@ -36,8 +46,7 @@ def test_an_update_that_did_not_move_sends_no_votes_and_a_neutral_scale():
 
 
 def test_the_step_is_the_mean_vote_times_the_geometric_mean_scale():
-    sites = [to_votes({"w": np.array([2.0, -2.0, 1.0])}),
-             to_votes({"w": np.array([8.0, 8.0, -8.0])})]
+    sites = [to_votes({"w": np.array([2.0, -2.0, 1.0])}), to_votes({"w": np.array([8.0, 8.0, -8.0])})]
     mean = {k: (sites[0][k] + sites[1][k]) / 2 for k in sites[0]}
     step, scale = from_votes(mean, clip=64.0)
     assert scale == pytest.approx(math.sqrt(6.0 * 24.0))  # geometric mean of the taus 6 and 24
@@ -75,22 +84,32 @@ def test_one_loud_site_no_longer_decides_the_round():
     assert cosine(step["w"], signal) > 0.9
 
 
-@pytest.mark.parametrize(("changes", "votes_in"), [
-    ({}, {2, 3}),  # probe: round 1 is the statistics round, training rounds vote
-    ({"aggregation": "mean"}, set()),
-    ({"finetune": "lora"}, set()),  # auto: LoRA and full send plain updates
-    ({"finetune": "lora", "aggregation": "vote"}, {1, 2, 3}),
-])
+@pytest.mark.parametrize(
+    ("changes", "votes_in"),
+    [
+        ({}, {2, 3}),  # probe: round 1 is the statistics round, training rounds vote
+        ({"aggregation": "mean"}, set()),
+        ({"finetune": "lora"}, set()),  # auto: LoRA and full send plain updates
+        ({"finetune": "lora", "aggregation": "vote"}, {1, 2, 3}),
+    ],
+)
 def test_which_rounds_vote(changes, votes_in):
     """Which rounds vote, and what each round moves: the probe's statistics round its feature
     mean and bias, its training rounds its head's weights; LoRA every trainable weight."""
     cfg = FedConfig(rounds=3, **changes)
-    weights = {k: np.zeros((2, 2), dtype=np.float32)
-               for k in ("feature_mean", "classifier.weight", "classifier.bias")}
+    weights = {
+        k: np.zeros((2, 2), dtype=np.float32)
+        for k in ("feature_mean", "classifier.weight", "classifier.bias")
+    }
     assert {r for r in (1, 2, 3) if is_vote_round(cfg, r)} == votes_in
     for r in (1, 2, 3):
-        moved = (list(weights) if cfg.finetune != "probe"
-                 else ["feature_mean", "classifier.bias"] if r == 1 else ["classifier.weight"])
+        moved = (
+            list(weights)
+            if cfg.finetune != "probe"
+            else ["feature_mean", "classifier.bias"]
+            if r == 1
+            else ["classifier.weight"]
+        )
         template = update_template(weights, cfg, r)
         assert list(template) == (moved + [SCALE_KEY] if r in votes_in else moved)
 
@@ -118,7 +137,9 @@ def test_a_vote_round_is_encoded_on_the_bound_of_one_for_secure_aggregation():
     grid = 1.0 / quant_config(n, 1.0).max_level
     assert weight == pytest.approx(2.0)
     assert np.allclose(summed, flat + 1.0, atol=2 * grid)
-    assert grid * cfg.update_clip == pytest.approx(cfg.update_clip / quant_config(n, cfg.update_clip).max_level)
+    assert grid * cfg.update_clip == pytest.approx(
+        cfg.update_clip / quant_config(n, cfg.update_clip).max_level
+    )
 
 
 def test_a_site_that_departs_from_the_protocol_is_bounded_only_by_the_update_clip():
@@ -136,12 +157,14 @@ def test_a_site_that_departs_from_the_protocol_is_bounded_only_by_the_update_cli
     quant = quant_config(n, 1.0)
     # as far as the sum's range check lets it: each entry of the sum at -n or +n
     edge = n - 0.01  # just inside the range, whatever the honest entries' rounding
-    forged = np.append(np.array([-edge, edge, -edge, edge]) - (n - 1) * honest[:4].astype(np.float64),
-                       1.0) * quant.max_level
-    total = total + quantize(np.zeros(5), quant) + (np.rint(forged).astype(np.int64)
-                                                    % 2**32).astype(np.uint32)
+    forged = (
+        np.append(np.array([-edge, edge, -edge, edge]) - (n - 1) * honest[:4].astype(np.float64), 1.0)
+        * quant.max_level
+    )
+    total = (
+        total + quantize(np.zeros(5), quant) + (np.rint(forged).astype(np.int64) % 2**32).astype(np.uint32)
+    )
     summed, weight = decode_sum(total, n, n, (1.0, 1.0), 1.0)
-    step, scale = from_votes({"w": summed[:3] / weight, SCALE_KEY: summed[3:4] / weight},
-                             cfg.update_clip)
+    step, scale = from_votes({"w": summed[:3] / weight, SCALE_KEY: summed[3:4] / weight}, cfg.update_clip)
     assert np.sign(step["w"]).tolist() == [-1.0, 1.0, -1.0]  # the forger's direction
     assert scale == cfg.update_clip and np.abs(step["w"]).max() <= cfg.update_clip

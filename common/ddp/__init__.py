@@ -15,7 +15,21 @@ from .errors import DdpError, ShareRefusal, SumRangeError
 from .sampler import NoiseRandom, sample_discrete_gaussian
 from .shares import check_share, honest_shares, required_share_sigma
 
-__all__ = ["DdgMechanism", "DdgSteps", "DdpError", "Encoding", "NoiseRandom", "ShareRefusal",
-           "SumRangeError", "calibrate_noise_multiplier", "check_share", "decode_sum",
-           "encode_share", "epsilon_spent", "honest_shares", "plan_encoding",
-           "required_share_sigma", "sample_discrete_gaussian"]
+__all__ = [
+    "DdgMechanism",
+    "DdgSteps",
+    "DdpError",
+    "Encoding",
+    "NoiseRandom",
+    "ShareRefusal",
+    "SumRangeError",
+    "calibrate_noise_multiplier",
+    "check_share",
+    "decode_sum",
+    "encode_share",
+    "epsilon_spent",
+    "honest_shares",
+    "plan_encoding",
+    "required_share_sigma",
+    "sample_discrete_gaussian",
+]

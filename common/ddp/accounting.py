@@ -60,8 +60,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from dp_accounting import (ComposedDpEvent, ExplicitBracketInterval, GaussianDpEvent,
-                           PoissonSampledDpEvent, SelfComposedDpEvent, calibrate_dp_mechanism)
+from dp_accounting import (
+    ComposedDpEvent,
+    ExplicitBracketInterval,
+    GaussianDpEvent,
+    PoissonSampledDpEvent,
+    SelfComposedDpEvent,
+    calibrate_dp_mechanism,
+)
 from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
 
 from .errors import DdpError
@@ -77,23 +83,25 @@ _OMEGA_TERMS = 64
 def omega(x: float) -> float:
     """``sum_{m >= 1} exp(-2 pi^2 x^2 m^2)``: the relative error of a Gaussian sum over
     the integers at scale ``x`` (Poisson summation)."""
-    return math.fsum(math.exp(-2.0 * math.pi ** 2 * x * x * m * m)
-                     for m in range(1, _OMEGA_TERMS + 1))
+    return math.fsum(math.exp(-2.0 * math.pi**2 * x * x * m * m) for m in range(1, _OMEGA_TERMS + 1))
 
 
 def _log_one_minus_two_omega(x: float) -> float:
     w = omega(x)
     if not w < 0.5:
-        raise DdpError(f"a discrete Gaussian of scale {x:.3g} is too narrow for the reduction "
-                       "to the continuous Gaussian; use larger shares")
+        raise DdpError(
+            f"a discrete Gaussian of scale {x:.3g} is too narrow for the reduction "
+            "to the continuous Gaussian; use larger shares"
+        )
     return math.log1p(-2.0 * w)
 
 
 def sum_deviation(share_sigma: float, honest: int) -> float:
     """``theta_h`` of fact A: the sum of ``honest`` shares is within ``exp(±2 theta_h)``
     of ``N_Z(0, honest * share_sigma^2)`` at every integer."""
-    return -math.fsum(_log_one_minus_two_omega(share_sigma * math.sqrt(j / (j + 1)))
-                      for j in range(1, honest))
+    return -math.fsum(
+        _log_one_minus_two_omega(share_sigma * math.sqrt(j / (j + 1))) for j in range(1, honest)
+    )
 
 
 def kernel_deviation(total_sigma: float, r: float = KERNEL_SCALE) -> float:
@@ -125,19 +133,21 @@ class DdgMechanism:
 
     def __post_init__(self) -> None:
         if self.honest_shares < 1 or self.dim < 1:
-            raise DdpError(f"honest_shares and dim must be positive, got {self.honest_shares} "
-                           f"and {self.dim}")
+            raise DdpError(f"honest_shares and dim must be positive, got {self.honest_shares} and {self.dim}")
         if not (math.isfinite(self.l2_sensitivity) and self.l2_sensitivity > 0):
             raise DdpError(f"l2_sensitivity must be positive, got {self.l2_sensitivity!r}")
-        if not (math.isfinite(self.share_sigma)
-                and self.honest_shares * self.share_sigma ** 2 > KERNEL_SCALE ** 2):
-            raise DdpError(f"{self.honest_shares} shares of scale {self.share_sigma!r} carry "
-                           f"less variance than the reduction's r^2 = {KERNEL_SCALE ** 2:g}")
+        if not (
+            math.isfinite(self.share_sigma) and self.honest_shares * self.share_sigma**2 > KERNEL_SCALE**2
+        ):
+            raise DdpError(
+                f"{self.honest_shares} shares of scale {self.share_sigma!r} carry "
+                f"less variance than the reduction's r^2 = {KERNEL_SCALE**2:g}"
+            )
 
     @property
     def gaussian_sigma(self) -> float:
         """``sigma_c = sqrt(h s^2 - r^2)``: the continuous Gaussian this step post-processes."""
-        return math.sqrt(self.honest_shares * self.share_sigma ** 2 - KERNEL_SCALE ** 2)
+        return math.sqrt(self.honest_shares * self.share_sigma**2 - KERNEL_SCALE**2)
 
     @property
     def noise_multiplier(self) -> float:
@@ -148,8 +158,9 @@ class DdgMechanism:
     def kappa(self) -> float:
         """Bound on the step's log likelihood ratio to the Gaussian post-processing."""
         total = math.sqrt(self.honest_shares) * self.share_sigma
-        return self.dim * (2.0 * sum_deviation(self.share_sigma, self.honest_shares)
-                           + kernel_deviation(total))
+        return self.dim * (
+            2.0 * sum_deviation(self.share_sigma, self.honest_shares) + kernel_deviation(total)
+        )
 
 
 @dataclass(frozen=True)
@@ -168,13 +179,15 @@ class DdgSteps:
 
 
 def _gaussian_steps(noise_multiplier: float, sample_rate: float, steps: int) -> SelfComposedDpEvent:
-    return SelfComposedDpEvent(
-        PoissonSampledDpEvent(sample_rate, GaussianDpEvent(noise_multiplier)), steps)
+    return SelfComposedDpEvent(PoissonSampledDpEvent(sample_rate, GaussianDpEvent(noise_multiplier)), steps)
 
 
 def _events(history: Sequence[DdgSteps]) -> list[SelfComposedDpEvent]:
-    return [_gaussian_steps(h.mechanism.noise_multiplier, h.sample_rate, h.steps)
-            for h in history if h.steps and h.sample_rate > 0]
+    return [
+        _gaussian_steps(h.mechanism.noise_multiplier, h.sample_rate, h.steps)
+        for h in history
+        if h.steps and h.sample_rate > 0
+    ]
 
 
 def _check_delta(delta: float) -> None:
@@ -207,9 +220,14 @@ def epsilon_spent(history: Sequence[DdgSteps], delta: float) -> float:
     return float(accountant.get_epsilon(delta * math.exp(-shift))) + 2.0 * shift
 
 
-def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float,
-                               steps: int, history: Sequence[DdgSteps] = (),
-                               tolerance: float = 1e-3) -> float:
+def calibrate_noise_multiplier(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    history: Sequence[DdgSteps] = (),
+    tolerance: float = 1e-3,
+) -> float:
     """Smallest Gaussian noise multiplier (within ``tolerance``) whose ``steps`` more steps,
     after ``history``, keep epsilon at most ``target_epsilon``.
 
@@ -226,12 +244,16 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate:
     """
     _check_delta(delta)
     if not (target_epsilon > 0 and steps >= 1 and 0.0 < sample_rate <= 1.0):
-        raise DdpError(f"need a positive target epsilon, at least one step and a sampling "
-                       f"rate in (0, 1], got {target_epsilon}, {steps} and {sample_rate}")
+        raise DdpError(
+            f"need a positive target epsilon, at least one step and a sampling "
+            f"rate in (0, 1], got {target_epsilon}, {steps} and {sample_rate}"
+        )
     already = epsilon_spent(history, delta)
     if already >= target_epsilon:
-        raise DdpError(f"the history already spends epsilon {already:.4g}, not below the target "
-                       f"{target_epsilon}: no noise multiplier reaches it")
+        raise DdpError(
+            f"the history already spends epsilon {already:.4g}, not below the target "
+            f"{target_epsilon}: no noise multiplier reaches it"
+        )
     before = _events(history)
     shift = math.fsum(h.steps * h.mechanism.kappa for h in history if h.steps and h.sample_rate)
     target, at_delta = target_epsilon - 2.0 * shift, delta * math.exp(-shift)
@@ -248,17 +270,35 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate:
     while spent(high) > target:
         low, high = high, 2.0 * high
         if high > 1e6:
-            raise DdpError(f"epsilon {target_epsilon} at delta {delta} needs a noise multiplier "
-                           f"above 10^6 over {steps} steps at sampling rate {sample_rate}")
+            raise DdpError(
+                f"epsilon {target_epsilon} at delta {delta} needs a noise multiplier "
+                f"above 10^6 over {steps} steps at sampling rate {sample_rate}"
+            )
     while low == high or spent(low) <= target:
         low, high = low / 2.0, low
         if low < MIN_NOISE_MULTIPLIER:
-            raise DdpError(f"epsilon {target_epsilon} is reached with a noise multiplier below "
-                           f"{MIN_NOISE_MULTIPLIER}, almost no noise; lower the target")
-    z = calibrate_dp_mechanism(PLDAccountant, event, target, at_delta,
-                               bracket_interval=ExplicitBracketInterval(low, high), tol=tolerance)
+            raise DdpError(
+                f"epsilon {target_epsilon} is reached with a noise multiplier below "
+                f"{MIN_NOISE_MULTIPLIER}, almost no noise; lower the target"
+            )
+    z = calibrate_dp_mechanism(
+        PLDAccountant,
+        event,
+        target,
+        at_delta,
+        bracket_interval=ExplicitBracketInterval(low, high),
+        tol=tolerance,
+    )
     return float(z)
 
 
-__all__ = ["DdgMechanism", "DdgSteps", "KERNEL_SCALE", "calibrate_noise_multiplier",
-           "epsilon_spent", "kernel_deviation", "omega", "sum_deviation"]
+__all__ = [
+    "DdgMechanism",
+    "DdgSteps",
+    "KERNEL_SCALE",
+    "calibrate_noise_multiplier",
+    "epsilon_spent",
+    "kernel_deviation",
+    "omega",
+    "sum_deviation",
+]

@@ -67,7 +67,7 @@ RING_MAX = (1 << (RING_BITS - 1)) - 1
 """Largest signed value of the ring's two's-complement reading."""
 MAX_INFLATION = 1.01
 """Most rounding may add to a record's sensitivity: ``(scale*clip + sqrt(d)) / (scale*clip)``."""
-DEFAULT_WRAP_PROBABILITY = 2.0 ** -40
+DEFAULT_WRAP_PROBABILITY = 2.0**-40
 _ROTATION_DOMAIN = b"fedseal ddp rotation v1\x00"
 
 
@@ -133,12 +133,10 @@ class Encoding:
             raise DdpError(f"dim must be a positive integer, got {self.dim!r}")
         for name in ("clip", "sum_bound", "scale"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float, np.floating)) and math.isfinite(value)
-                    and value > 0):
+            if not (isinstance(value, (int, float, np.floating)) and math.isfinite(value) and value > 0):
                 raise DdpError(f"{name} must be positive and finite, got {value!r}")
         if not _is_int(self.share_sigma) or not 0 <= self.share_sigma <= MAX_SIGMA:
-            raise DdpError(f"share_sigma must be an integer in [0, {MAX_SIGMA}], "
-                           f"got {self.share_sigma!r}")
+            raise DdpError(f"share_sigma must be an integer in [0, {MAX_SIGMA}], got {self.share_sigma!r}")
         if not _is_int(self.max_sites) or self.max_sites < 1:
             raise DdpError(f"max_sites must be a positive integer, got {self.max_sites!r}")
         if not 0.0 < self.wrap_probability < 1.0:
@@ -151,7 +149,8 @@ class Encoding:
             raise DdpError(
                 f"the sum of {self.max_sites} shares can reach "
                 f"{self.ring_bound(self.max_sites):.3g}, beyond the ring's {RING_MAX}: lower scale "
-                "or share_sigma (plan_encoding picks a scale that fits)")
+                "or share_sigma (plan_encoding picks a scale that fits)"
+            )
 
     def norm_bound(self, sites: int) -> float:
         """Largest L2 norm of an honest sum of ``sites`` shares, on the same event as
@@ -165,8 +164,9 @@ class Encoding:
         """
         k = _tail_factor(self.padded_dim, self.wrap_probability)
         root_d = math.sqrt(self.padded_dim)
-        return (self.scale * sites * self.sum_bound
-                + (math.sqrt(sites) * self.share_sigma * k + sites) * root_d)
+        return (
+            self.scale * sites * self.sum_bound + (math.sqrt(sites) * self.share_sigma * k + sites) * root_d
+        )
 
     def ring_bound(self, sites: int) -> float:
         """Largest coordinate of an honest sum of ``sites`` shares, except with
@@ -181,13 +181,19 @@ def required_share_sigma(noise_multiplier: float, l2_sensitivity: float, honest:
     l2_sensitivity``: ``honest`` such shares are accounted as that much Gaussian noise
     (:mod:`fedseal.common.ddp.accounting`; :mod:`fedseal.common.ddp.shares` says why
     ``honest`` shares)."""
-    return math.ceil(math.sqrt(((noise_multiplier * l2_sensitivity) ** 2 + KERNEL_SCALE ** 2)
-                               / honest))
+    return math.ceil(math.sqrt(((noise_multiplier * l2_sensitivity) ** 2 + KERNEL_SCALE**2) / honest))
 
 
-def plan_encoding(*, dim: int, clip: float, sum_bound: float, max_sites: int,
-                  noise_multiplier: float, honest_shares: int,
-                  wrap_probability: float = DEFAULT_WRAP_PROBABILITY) -> Encoding:
+def plan_encoding(
+    *,
+    dim: int,
+    clip: float,
+    sum_bound: float,
+    max_sites: int,
+    noise_multiplier: float,
+    honest_shares: int,
+    wrap_probability: float = DEFAULT_WRAP_PROBABILITY,
+) -> Encoding:
     """The finest encoding whose honest sums do not wrap, with the noise the target asks for.
 
     ``share_sigma = required_share_sigma(noise_multiplier, l2_sensitivity, honest_shares)``,
@@ -222,8 +228,7 @@ def plan_encoding(*, dim: int, clip: float, sum_bound: float, max_sites: int,
     if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
         raise DdpError(f"noise_multiplier must be positive and finite, got {noise_multiplier!r}")
     if honest_shares < 1 or honest_shares > max_sites:
-        raise DdpError(f"honest_shares must lie in [1, max_sites = {max_sites}], "
-                       f"got {honest_shares}")
+        raise DdpError(f"honest_shares must lie in [1, max_sites = {max_sites}], got {honest_shares}")
     d = padded_dim(dim)
     k = _tail_factor(d, wrap_probability)
     per_share = noise_multiplier / math.sqrt(honest_shares)
@@ -238,10 +243,18 @@ def plan_encoding(*, dim: int, clip: float, sum_bound: float, max_sites: int,
             f"Z_2^{RING_BITS} cannot hold {max_sites} shares of dimension {d} with sum bound "
             f"{sum_bound} (clip {clip}, noise multiplier {noise_multiplier}) at a resolution "
             f"where rounding adds under {MAX_INFLATION - 1:.0%} to a record's sensitivity: lower "
-            "sum_bound, the cohort or the dimension")
+            "sum_bound, the cohort or the dimension"
+        )
     sigma = required_share_sigma(noise_multiplier, scale * clip + math.sqrt(d), honest_shares)
-    return Encoding(dim=dim, clip=clip, sum_bound=sum_bound, scale=scale, share_sigma=sigma,
-                    max_sites=max_sites, wrap_probability=wrap_probability)
+    return Encoding(
+        dim=dim,
+        clip=clip,
+        sum_bound=sum_bound,
+        scale=scale,
+        share_sigma=sigma,
+        max_sites=max_sites,
+        wrap_probability=wrap_probability,
+    )
 
 
 def rotation_signs(seed: bytes, d: int) -> np.ndarray:
@@ -274,16 +287,19 @@ def hadamard(x: np.ndarray) -> np.ndarray:
 def _real_vector(x: np.ndarray, dim: int) -> np.ndarray:
     arr = np.asarray(x)
     if arr.shape != (dim,) or arr.dtype.kind not in "fiu" or arr.dtype == np.bool_:
-        raise DdpError(f"a site's clipped sum must be a real vector of length {dim}, "
-                       f"got dtype {arr.dtype} and shape {arr.shape}")
+        raise DdpError(
+            f"a site's clipped sum must be a real vector of length {dim}, "
+            f"got dtype {arr.dtype} and shape {arr.shape}"
+        )
     arr = arr.astype(np.float64)
     if not np.all(np.isfinite(arr)):
         raise DdpError("a site's clipped sum holds NaN or inf; it cannot be encoded")
     return arr
 
 
-def encode_share(clipped_sum: np.ndarray, encoding: Encoding, rotation_seed: bytes,
-                 rng: NoiseRandom | None = None) -> np.ndarray:
+def encode_share(
+    clipped_sum: np.ndarray, encoding: Encoding, rotation_seed: bytes, rng: NoiseRandom | None = None
+) -> np.ndarray:
     """A site's noisy share of the round's sum, in Z_2^32.
 
     Parameters
@@ -316,7 +332,7 @@ def encode_share(clipped_sum: np.ndarray, encoding: Encoding, rotation_seed: byt
     rng = NoiseRandom() if rng is None else rng
     d = encoding.padded_dim
     padded = np.zeros(d)
-    padded[:encoding.dim] = v
+    padded[: encoding.dim] = v
     x = encoding.scale * hadamard(rotation_signs(rotation_seed, d) * padded)
     share = np.floor(x + rng.uniform(d)).astype(np.int64)
     if encoding.share_sigma:
@@ -324,8 +340,7 @@ def encode_share(clipped_sum: np.ndarray, encoding: Encoding, rotation_seed: byt
     return (share & 0xFFFFFFFF).astype(np.uint32)
 
 
-def decode_sum(ring_sum: np.ndarray, encoding: Encoding, rotation_seed: bytes,
-               sites: int) -> np.ndarray:
+def decode_sum(ring_sum: np.ndarray, encoding: Encoding, rotation_seed: bytes, sites: int) -> np.ndarray:
     """The real-valued noisy sum from the unmasked ring sum of ``sites`` shares.
 
     Parameters
@@ -355,26 +370,42 @@ def decode_sum(ring_sum: np.ndarray, encoding: Encoding, rotation_seed: bytes,
     """
     arr = np.asarray(ring_sum)
     if arr.dtype != np.uint32 or arr.shape != (encoding.padded_dim,):
-        raise DdpError(f"a ring sum must be a uint32 vector of length {encoding.padded_dim}, "
-                       f"got dtype {arr.dtype} and shape {arr.shape}")
+        raise DdpError(
+            f"a ring sum must be a uint32 vector of length {encoding.padded_dim}, "
+            f"got dtype {arr.dtype} and shape {arr.shape}"
+        )
     if isinstance(sites, bool) or not 1 <= sites <= encoding.max_sites:
         raise DdpError(f"sites must lie in [1, {encoding.max_sites}], got {sites!r}")
     signed = arr.astype("<u4").view("<i4").astype(np.float64)
     bound = encoding.ring_bound(sites)
     outside = int(np.count_nonzero(np.abs(signed) > bound))
     if outside:
-        raise SumRangeError(f"{outside} coordinates of the sum lie beyond what {sites} honest "
-                            f"shares reach ({bound:.4g}): a site sent a share the protocol "
-                            "cannot produce")
+        raise SumRangeError(
+            f"{outside} coordinates of the sum lie beyond what {sites} honest "
+            f"shares reach ({bound:.4g}): a site sent a share the protocol "
+            "cannot produce"
+        )
     norm, norm_bound = float(np.linalg.norm(signed)), encoding.norm_bound(sites)
     if norm > norm_bound:
-        raise SumRangeError(f"the sum's L2 norm {norm:.4g} lies beyond what {sites} honest "
-                            f"shares reach ({norm_bound:.4g}): a site sent a share the protocol "
-                            "cannot produce")
+        raise SumRangeError(
+            f"the sum's L2 norm {norm:.4g} lies beyond what {sites} honest "
+            f"shares reach ({norm_bound:.4g}): a site sent a share the protocol "
+            "cannot produce"
+        )
     rotated = hadamard(signed / encoding.scale)
-    return (rotation_signs(rotation_seed, encoding.padded_dim) * rotated)[:encoding.dim]
+    return (rotation_signs(rotation_seed, encoding.padded_dim) * rotated)[: encoding.dim]
 
 
-__all__ = ["DEFAULT_WRAP_PROBABILITY", "Encoding", "MAX_INFLATION", "RING_BITS", "decode_sum",
-           "encode_share", "hadamard", "padded_dim", "plan_encoding", "required_share_sigma",
-           "rotation_signs"]
+__all__ = [
+    "DEFAULT_WRAP_PROBABILITY",
+    "Encoding",
+    "MAX_INFLATION",
+    "RING_BITS",
+    "decode_sum",
+    "encode_share",
+    "hadamard",
+    "padded_dim",
+    "plan_encoding",
+    "required_share_sigma",
+    "rotation_signs",
+]

@@ -65,8 +65,7 @@ class NoiseRandom:
         if key is None:
             key = os.urandom(KEY_BYTES)
         if not isinstance(key, (bytes, bytearray)) or len(key) != KEY_BYTES:
-            raise DdpError(f"a noise key must be {KEY_BYTES} bytes; pass none to draw one "
-                           "from os.urandom")
+            raise DdpError(f"a noise key must be {KEY_BYTES} bytes; pass none to draw one from os.urandom")
         self._stream = Cipher(algorithms.AES(bytes(key)), modes.CTR(bytes(16))).encryptor()
 
     def _bytes(self, n: int) -> bytes:
@@ -110,7 +109,7 @@ class NoiseRandom:
 
     def uniform(self, n: int) -> np.ndarray:
         """``n`` uniform floats in ``[0, 1)`` on the 2^-53 grid (``float64``)."""
-        return (self.words(n) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+        return (self.words(n) >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
 def _bernoulli_exp_fraction(num: np.ndarray, den: np.ndarray, rng: NoiseRandom) -> np.ndarray:
@@ -130,8 +129,7 @@ def _bernoulli_exp_one(n: int, rng: NoiseRandom) -> np.ndarray:
     return _bernoulli_exp_fraction(ones, ones, rng)
 
 
-def bernoulli_exp(whole: np.ndarray, num: np.ndarray, den: np.ndarray,
-                  rng: NoiseRandom) -> np.ndarray:
+def bernoulli_exp(whole: np.ndarray, num: np.ndarray, den: np.ndarray, rng: NoiseRandom) -> np.ndarray:
     """``Bernoulli(exp(-(whole + num/den)))``, exactly, elementwise.
 
     Parameters
@@ -243,8 +241,7 @@ def sample_discrete_gaussian(sigma: int, size: int, rng: NoiseRandom) -> np.ndar
     """
     integral = isinstance(sigma, (int, np.integer)) and not isinstance(sigma, bool)
     if not integral or not 1 <= sigma <= MAX_SIGMA:
-        raise DdpError(f"the discrete Gaussian's scale must be an integer in [1, {MAX_SIGMA}], "
-                       f"got {sigma!r}")
+        raise DdpError(f"the discrete Gaussian's scale must be an integer in [1, {MAX_SIGMA}], got {sigma!r}")
     if size < 0:
         raise DdpError(f"cannot draw {size} samples")
     sigma = int(sigma)
@@ -258,5 +255,11 @@ def sample_discrete_gaussian(sigma: int, size: int, rng: NoiseRandom) -> np.ndar
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
-__all__ = ["KEY_BYTES", "MAX_SIGMA", "NoiseRandom", "bernoulli_exp", "sample_discrete_gaussian",
-           "sample_discrete_laplace"]
+__all__ = [
+    "KEY_BYTES",
+    "MAX_SIGMA",
+    "NoiseRandom",
+    "bernoulli_exp",
+    "sample_discrete_gaussian",
+    "sample_discrete_laplace",
+]

@@ -47,13 +47,16 @@ def honest_shares(min_cohort: int, max_colluders: int) -> int:
     """
     h = min_cohort - max_colluders
     if max_colluders < 0 or h < 1:
-        raise ShareRefusal(f"min-cohort = {min_cohort} and max-colluders = {max_colluders} leave "
-                           "no honest share in a sum: raise min-cohort or lower max-colluders")
+        raise ShareRefusal(
+            f"min-cohort = {min_cohort} and max-colluders = {max_colluders} leave "
+            "no honest share in a sum: raise min-cohort or lower max-colluders"
+        )
     return h
 
 
-def check_share(encoding: Encoding, *, noise_multiplier: float, min_cohort: int,
-                max_colluders: int, cohort: int) -> DdgMechanism:
+def check_share(
+    encoding: Encoding, *, noise_multiplier: float, min_cohort: int, max_colluders: int, cohort: int
+) -> DdgMechanism:
     """Refuse a round whose shares are too small for this site; else the mechanism to record.
 
     Parameters
@@ -82,20 +85,26 @@ def check_share(encoding: Encoding, *, noise_multiplier: float, min_cohort: int,
     """
     h = honest_shares(min_cohort, max_colluders)
     if cohort < min_cohort:
-        raise ShareRefusal(f"this round has {cohort} sites, below this site's min-cohort "
-                           f"= {min_cohort}")
+        raise ShareRefusal(f"this round has {cohort} sites, below this site's min-cohort = {min_cohort}")
     if cohort > encoding.max_sites:
-        raise ShareRefusal(f"this round has {cohort} sites but its encoding holds at most "
-                           f"{encoding.max_sites} shares without wrapping")
+        raise ShareRefusal(
+            f"this round has {cohort} sites but its encoding holds at most "
+            f"{encoding.max_sites} shares without wrapping"
+        )
     need = required_share_sigma(noise_multiplier, encoding.l2_sensitivity, h)
     if encoding.share_sigma < need:
         raise ShareRefusal(
             f"this round's noise share scale {encoding.share_sigma} is below the {need} that "
             f"noise multiplier {noise_multiplier:.4g} needs when only {h} of the shares are "
             f"honest (min-cohort {min_cohort} less max-colluders {max_colluders}); the server "
-            "must raise the share scale")
-    return DdgMechanism(share_sigma=float(encoding.share_sigma), honest_shares=h,
-                        l2_sensitivity=encoding.l2_sensitivity, dim=encoding.padded_dim)
+            "must raise the share scale"
+        )
+    return DdgMechanism(
+        share_sigma=float(encoding.share_sigma),
+        honest_shares=h,
+        l2_sensitivity=encoding.l2_sensitivity,
+        dim=encoding.padded_dim,
+    )
 
 
 __all__ = ["check_share", "honest_shares", "required_share_sigma"]

@@ -100,9 +100,11 @@ def state_digest(state: bytes) -> bytes:
 
 
 def _refuse(node: int, why: str) -> UnmaskRefusedError:
-    return UnmaskRefusedError(f"node {node} refuses to reveal any share: {why}; the server "
-                              "is misbehaving (or the round is broken) and this site will not "
-                              "help finish it")
+    return UnmaskRefusedError(
+        f"node {node} refuses to reveal any share: {why}; the server "
+        "is misbehaving (or the round is broken) and this site will not "
+        "help finish it"
+    )
 
 
 class ClientState:
@@ -133,12 +135,15 @@ class ClientState:
         If ``node_id`` is not a participant or ``min_survivors`` is not positive.
     """
 
-    def __init__(self, node_id: int, ctx: RoundContext, *, identity: Identity, roster: Roster,
-                 min_survivors: int = 1) -> None:
+    def __init__(
+        self, node_id: int, ctx: RoundContext, *, identity: Identity, roster: Roster, min_survivors: int = 1
+    ) -> None:
         self.node_id = check_uint64(node_id, "node_id")
         if self.node_id not in ctx.graph:
-            raise ConfigError(f"node {self.node_id} is not in the round's participant list; it "
-                              "cannot take part in this round")
+            raise ConfigError(
+                f"node {self.node_id} is not in the round's participant list; it "
+                "cannot take part in this round"
+            )
         if isinstance(min_survivors, bool) or not isinstance(min_survivors, int) or min_survivors < 1:
             raise ConfigError(f"min_survivors must be a positive integer, got {min_survivors!r}")
         self.ctx = ctx
@@ -165,40 +170,55 @@ class ClientState:
         if self.stage is not stage:
             raise StageError(
                 f"node {self.node_id} cannot {action} in stage '{self.stage.value}' (expected "
-                f"'{stage.value}'); the call is ignored and the round state is unchanged")
+                f"'{stage.value}'); the call is ignored and the round state is unchanged"
+            )
 
     def _agree(self, private: bytes, peer_pk: bytes, peer: int, purpose: bytes) -> bytes:
-        return agree(private, peer_pk, run_id=self.ctx.run_id, round_id=self.ctx.round_id,
-                     node_a=self.node_id, node_b=peer, purpose=purpose)
+        return agree(
+            private,
+            peer_pk,
+            run_id=self.ctx.run_id,
+            round_id=self.ctx.round_id,
+            node_a=self.node_id,
+            node_b=peer,
+            purpose=purpose,
+        )
 
     def _check_advert(self, node: int, advert: object) -> Advert:
         """Verify one relayed advert against this site's roster; raise if it is not acceptable."""
         if not isinstance(advert, Advert) or advert.node != node:
-            raise InvalidMessageError(f"the key bundle's entry for node {node} is not that node's "
-                                      "advertisement; this site will not share its secrets")
+            raise InvalidMessageError(
+                f"the key bundle's entry for node {node} is not that node's "
+                "advertisement; this site will not share its secrets"
+            )
         fp = hashlib.sha256(advert.signer).digest()
         if fp not in self.roster or self.roster.blob(fp) != advert.signer:
             raise InvalidMessageError(
                 f"node {node}'s keys are signed by {fingerprint_text(fp)}, which is not in "
                 "this site's roster of accepted sites: the server relayed a site this site "
-                "does not accept (add its .pub line to the peers file if it should be a member)")
+                "does not accept (add its .pub line to the peers file if it should be a member)"
+            )
         if not self.roster.verify(fp, PURPOSE_ADVERT, advert.body(self.ctx.digest), advert.signature):
             raise InvalidMessageError(
                 f"the signature on node {node}'s keys does not verify for this round: the server "
-                "altered or replayed them; this site will not share its secrets")
+                "altered or replayed them; this site will not share its secrets"
+            )
         if [n for n, _ in advert.recv] != sorted(self.ctx.graph[node]):
-            raise InvalidMessageError(f"node {node} advertised receive keys for sites other than "
-                                      "its neighbours")
+            raise InvalidMessageError(
+                f"node {node} advertised receive keys for sites other than its neighbours"
+            )
         # The keys this site will use with that neighbour (the server checked them all).
-        for name, key in (("c_send", advert.c_send), ("s_pk", advert.s_pk),
-                          ("receive key", advert.recv_key(self.node_id))):
+        for name, key in (
+            ("c_send", advert.c_send),
+            ("s_pk", advert.s_pk),
+            ("receive key", advert.recv_key(self.node_id)),
+        ):
             validate_public_key(key, owner=node, name=name)
         return advert
 
     def _share_message_signed(self, sender: int, message: ShareMessage) -> bool:
         fp = hashlib.sha256(self._bundle[sender].signer).digest()
-        return self.roster.verify(fp, PURPOSE_SHARES, message.body(self.ctx.digest),
-                                  message.signature)
+        return self.roster.verify(fp, PURPOSE_SHARES, message.body(self.ctx.digest), message.signature)
 
     # ------------------------------------------------------------------- stages
     def advertise_keys(self) -> Advert:
@@ -217,11 +237,17 @@ class ClientState:
         for nbr in self.neighbours:
             recv_sk[nbr], pk = generate_key_pair()
             recv.append((nbr, pk))
-        pop = proof_of_possession(s_sk, self.ctx.challenge, ctx_digest=self.ctx.digest,
-                                  node=self.node_id)
+        pop = proof_of_possession(s_sk, self.ctx.challenge, ctx_digest=self.ctx.digest, node=self.node_id)
         unsigned = Advert(self.node_id, self.identity.blob, c_send_pk, s_pk, tuple(recv), pop)
-        advert = Advert(self.node_id, self.identity.blob, c_send_pk, s_pk, tuple(recv), pop,
-                        self.identity.sign(PURPOSE_ADVERT, unsigned.body(self.ctx.digest)))
+        advert = Advert(
+            self.node_id,
+            self.identity.blob,
+            c_send_pk,
+            s_pk,
+            tuple(recv),
+            pop,
+            self.identity.sign(PURPOSE_ADVERT, unsigned.body(self.ctx.digest)),
+        )
         self._c_send_sk, self._s_sk, self._recv_sk = c_send_sk, s_sk, recv_sk
         self.stage = ClientStage.ADVERTISED
         return advert
@@ -265,20 +291,23 @@ class ClientState:
             if node not in self.neighbours:
                 raise InvalidMessageError(
                     f"key bundle contains node {node}, which is not a neighbour of node "
-                    f"{self.node_id} in this round; this site will not share its secrets")
+                    f"{self.node_id} in this round; this site will not share its secrets"
+                )
             peers[node] = self._check_advert(node, advert)
             fp = hashlib.sha256(advert.signer).digest()
             if fp in signers:
                 raise InvalidMessageError(
                     f"nodes {signers[fp]} and {node} are signed by the same key "
-                    f"{fingerprint_text(fp)}: one key may stand for one site only (a Sybil)")
+                    f"{fingerprint_text(fp)}: one key may stand for one site only (a Sybil)"
+                )
             signers[fp] = node
         holders = self.ctx.holders(self.node_id)
         if len(peers) + 1 < self.threshold:
             raise ProtocolAbort(
                 f"share-keys stage: node {self.node_id} has {len(peers) + 1} live share holders "
                 f"but the threshold is {self.threshold}; its masks could never be removed, so "
-                "it drops out of this round")
+                "it drops out of this round"
+            )
         assert self._c_send_sk is not None and self._s_sk is not None
         b = os.urandom(KEY_BYTES)
         b_shares = split_secret(b, self.threshold, len(holders))
@@ -294,17 +323,31 @@ class ClientState:
                 assert recv_pk is not None  # checked in _check_advert
                 key = self._agree(self._c_send_sk, recv_pk, holder, PURPOSE_SHARE)
                 out[holder] = encrypt_share(
-                    key, encode_share_payload(self.node_id, holder, idx, b_sh, sk_sh),
-                    sender=self.node_id, receiver=holder, run_id=self.ctx.run_id,
-                    round_id=self.ctx.round_id)
+                    key,
+                    encode_share_payload(self.node_id, holder, idx, b_sh, sk_sh),
+                    sender=self.node_id,
+                    receiver=holder,
+                    run_id=self.ctx.run_id,
+                    round_id=self.ctx.round_id,
+                )
                 digest = ciphertext_digest(out[holder])
-            entries.append(ShareEntry(
-                holder, idx, share_commitment(self.ctx, self.node_id, idx, b"b", b_sh),
-                share_commitment(self.ctx, self.node_id, idx, b"s", sk_sh), digest))
+            entries.append(
+                ShareEntry(
+                    holder,
+                    idx,
+                    share_commitment(self.ctx, self.node_id, idx, b"b", b_sh),
+                    share_commitment(self.ctx, self.node_id, idx, b"s", sk_sh),
+                    digest,
+                )
+            )
         seed = seed_commitment(self.ctx, self.node_id, b)
         unsigned = ShareMessage(self.node_id, seed, tuple(entries))
-        message = ShareMessage(self.node_id, seed, tuple(entries),
-                               self.identity.sign(PURPOSE_SHARES, unsigned.body(self.ctx.digest)))
+        message = ShareMessage(
+            self.node_id,
+            seed,
+            tuple(entries),
+            self.identity.sign(PURPOSE_SHARES, unsigned.body(self.ctx.digest)),
+        )
         self._b, self._own_share, self._bundle = b, own, peers
         self._c_send_sk = None
         self.stage = ClientStage.SHARED
@@ -317,28 +360,42 @@ class ClientState:
         entry = message.entry(self.node_id)
         expected = self.ctx.index_of(sender, self.node_id)
         if entry is None or entry.index != expected:
-            raise InvalidMessageError(f"node {sender}'s share message has no entry with index "
-                                      f"{expected} for node {self.node_id}")
-        if (not isinstance(ciphertext, (bytes, bytearray))
-                or entry.ciphertext != ciphertext_digest(bytes(ciphertext))):
+            raise InvalidMessageError(
+                f"node {sender}'s share message has no entry with index {expected} for node {self.node_id}"
+            )
+        if not isinstance(ciphertext, (bytes, bytearray)) or entry.ciphertext != ciphertext_digest(
+            bytes(ciphertext)
+        ):
             raise UnmaskRefusedError(
                 f"the ciphertext routed to node {self.node_id} as node {sender}'s is not the one "
-                f"node {sender} signed: the server altered it; this site leaves the round")
+                f"node {sender} signed: the server altered it; this site leaves the round"
+            )
         key = self._agree(self._recv_sk[sender], self._bundle[sender].c_send, sender, PURPOSE_SHARE)
-        payload = decrypt_share(key, bytes(ciphertext), sender=sender, receiver=self.node_id,
-                                run_id=self.ctx.run_id, round_id=self.ctx.round_id)
+        payload = decrypt_share(
+            key,
+            bytes(ciphertext),
+            sender=sender,
+            receiver=self.node_id,
+            run_id=self.ctx.run_id,
+            round_id=self.ctx.round_id,
+        )
         idx, b_sh, sk_sh = decode_share_payload(payload, sender=sender, receiver=self.node_id)
         if idx != expected:
-            raise InvalidMessageError(f"node {sender}'s share for node {self.node_id} carries "
-                                      f"index {idx}, expected {expected}")
-        if (share_commitment(self.ctx, sender, idx, b"b", b_sh) != entry.commit_b
-                or share_commitment(self.ctx, sender, idx, b"s", sk_sh) != entry.commit_sk):
-            raise InvalidMessageError(f"node {sender}'s shares for node {self.node_id} do not "
-                                      "match the commitments it signed")
+            raise InvalidMessageError(
+                f"node {sender}'s share for node {self.node_id} carries index {idx}, expected {expected}"
+            )
+        if (
+            share_commitment(self.ctx, sender, idx, b"b", b_sh) != entry.commit_b
+            or share_commitment(self.ctx, sender, idx, b"s", sk_sh) != entry.commit_sk
+        ):
+            raise InvalidMessageError(
+                f"node {sender}'s shares for node {self.node_id} do not match the commitments it signed"
+            )
         return idx, b_sh, sk_sh
 
-    def masked_input(self, routed: Mapping[int, tuple[ShareMessage, bytes]],
-                     vector: np.ndarray) -> tuple[np.ndarray, dict[int, bytes]]:
+    def masked_input(
+        self, routed: Mapping[int, tuple[ShareMessage, bytes]], vector: np.ndarray
+    ) -> tuple[np.ndarray, dict[int, bytes]]:
         """Stage 2: open the received shares and mask the (quantised) input.
 
         Every neighbour that sent shares is a masking neighbour, whether its
@@ -376,10 +433,15 @@ class ClientState:
         """
         self._require(ClientStage.SHARED, "compute its masked input")
         if not isinstance(vector, np.ndarray) or vector.dtype != np.uint32 or vector.ndim != 1:
-            desc = (f"dtype {vector.dtype}, shape {vector.shape}"
-                    if isinstance(vector, np.ndarray) else type(vector).__name__)
-            raise InvalidMessageError(f"input of node {self.node_id} must be a 1-D uint32 array, "
-                                      f"got {desc}; quantize the update first")
+            desc = (
+                f"dtype {vector.dtype}, shape {vector.shape}"
+                if isinstance(vector, np.ndarray)
+                else type(vector).__name__
+            )
+            raise InvalidMessageError(
+                f"input of node {self.node_id} must be a 1-D uint32 array, "
+                f"got {desc}; quantize the update first"
+            )
         received: dict[int, tuple[int, bytes, bytes] | None] = {}
         complaints: dict[int, bytes] = {}
         for raw_id, item in routed.items():
@@ -388,12 +450,14 @@ class ClientState:
                 raise InvalidMessageError(
                     f"node {self.node_id} received shares from node {sender}, which is not a "
                     "neighbour in its key bundle; the routing is inconsistent and this node "
-                    "cannot continue the round")
+                    "cannot continue the round"
+                )
             try:
                 message, ciphertext = item
             except (TypeError, ValueError):
-                raise InvalidMessageError(f"routed shares of node {sender} are not a "
-                                          "(message, ciphertext) pair") from None
+                raise InvalidMessageError(
+                    f"routed shares of node {sender} are not a (message, ciphertext) pair"
+                ) from None
             try:
                 received[sender] = self._open_share(sender, message, ciphertext)
             except UnmaskRefusedError:
@@ -403,23 +467,29 @@ class ClientState:
                     raise UnmaskRefusedError(
                         f"node {sender}'s share message routed to node {self.node_id} is not "
                         f"signed by node {sender}: the server altered it; this site leaves the "
-                        "round") from None
-                logger.warning("node %d: share from node %d is bad (%s); complaining",
-                               self.node_id, sender, exc)
+                        "round"
+                    ) from None
+                logger.warning(
+                    "node %d: share from node %d is bad (%s); complaining", self.node_id, sender, exc
+                )
                 received[sender] = None
                 complaints[sender] = self._recv_sk[sender]
         if len(received) + 1 < self.threshold:
             raise ProtocolAbort(
                 f"masked-input stage: node {self.node_id} got shares from only {len(received)} "
                 f"neighbours; with threshold {self.threshold} its self-mask could never be "
-                "reconstructed, so it drops out of this round")
+                "reconstructed, so it drops out of this round"
+            )
         assert self._b is not None and self._s_sk is not None
         y = np.array(vector, dtype=MASK_DTYPE, copy=True)
-        seeds = {peer: self._agree(self._s_sk, self._bundle[peer].s_pk, peer, PURPOSE_MASK)
-                 for peer in sorted(received)}
+        seeds = {
+            peer: self._agree(self._s_sk, self._bundle[peer].s_pk, peer, PURPOSE_MASK)
+            for peer in sorted(received)
+        }
         # + PRG(b), + PRG(s_ij) for a higher neighbour j, - PRG(s_ij) for a lower one.
-        apply_masks(y, [(self._b, 1)] + [(seed, 1 if peer > self.node_id else -1)
-                                         for peer, seed in seeds.items()])
+        apply_masks(
+            y, [(self._b, 1)] + [(seed, 1 if peer > self.node_id else -1) for peer, seed in seeds.items()]
+        )
         self._received, self._seeds = received, seeds
         self._b = self._s_sk = None
         self._recv_sk = {}
@@ -466,37 +536,53 @@ class ClientState:
         if me not in surv:
             raise _refuse(me, "it is listed as dropped although it sent its masked input")
         if surv & drop:
-            raise _refuse(me, f"nodes {sorted(surv & drop)} are listed both as survivors and as "
-                              "dropped, which would reveal both secrets of those sites")
+            raise _refuse(
+                me,
+                f"nodes {sorted(surv & drop)} are listed both as survivors and as "
+                "dropped, which would reveal both secrets of those sites",
+            )
         if (surv | drop) - self.participants:
-            raise _refuse(me, f"nodes {sorted((surv | drop) - self.participants)[:5]} are not "
-                              "participants of this round")
+            raise _refuse(
+                me,
+                f"nodes {sorted((surv | drop) - self.participants)[:5]} are not participants of this round",
+            )
         fps = {**view.survivors, **view.dropped}
-        known = {me: self.identity.fingerprint,
-                 **{n: hashlib.sha256(a.signer).digest() for n, a in self._bundle.items()}}
+        known = {
+            me: self.identity.fingerprint,
+            **{n: hashlib.sha256(a.signer).digest() for n, a in self._bundle.items()},
+        }
         for node, fp in fps.items():
             if node in known and fp != known[node]:
-                raise _refuse(me, f"the view names another signing key for node {node} than the "
-                                  "one that signed its keys")
+                raise _refuse(
+                    me,
+                    f"the view names another signing key for node {node} than the one that signed its keys",
+                )
             if fp not in self.roster:
-                raise _refuse(me, f"node {node}'s key {fingerprint_text(fp)} is not in this "
-                                  "site's roster")
+                raise _refuse(me, f"node {node}'s key {fingerprint_text(fp)} is not in this site's roster")
         if len(set(fps.values())) != len(fps):
             raise _refuse(me, "one signing key stands for two sites in the view (a Sybil)")
         listed = set(self.neighbours) & (surv | drop)
         masking = set(self._received)
         if listed != masking:
             missing, extra = sorted(masking - listed), sorted(listed - masking)
-            why = (f"its neighbours {missing} are in neither list" if missing else
-                   f"neighbours {extra} are listed but never sent it shares")
+            why = (
+                f"its neighbours {missing} are in neither list"
+                if missing
+                else f"neighbours {extra} are listed but never sent it shares"
+            )
             raise _refuse(me, why)
         holders_alive = len(({me} | set(self._bundle)) & surv)
         if holders_alive < self.threshold:
-            raise _refuse(me, f"only {holders_alive} of its own share holders survived, fewer than "
-                              f"the threshold {self.threshold}")
+            raise _refuse(
+                me,
+                f"only {holders_alive} of its own share holders survived, fewer than "
+                f"the threshold {self.threshold}",
+            )
         if len(surv) < self.min_survivors:
-            raise _refuse(me, f"only {len(surv)} sites survived, below this site's minimum cohort "
-                              f"of {self.min_survivors}")
+            raise _refuse(
+                me,
+                f"only {len(surv)} sites survived, below this site's minimum cohort of {self.min_survivors}",
+            )
         signature = self.identity.sign(PURPOSE_VIEW, view.body(self.ctx.digest))
         self._view_digest = hashlib.sha256(bytes(view_body)).digest()
         self.stage = ClientStage.SIGNED
@@ -547,15 +633,21 @@ class ClientState:
         valid = {me}
         for raw_id, sig in signatures.items():
             signer = check_uint64(raw_id, "signer id")
-            if signer in view.survivors and signer not in valid and self.roster.verify(
-                    view.survivors[signer], PURPOSE_VIEW, body, sig):
+            if (
+                signer in view.survivors
+                and signer not in valid
+                and self.roster.verify(view.survivors[signer], PURPOSE_VIEW, body, sig)
+            ):
                 valid.add(signer)
         for owner in sorted({me} | set(self._received)):
             quorum = len(valid & self.ctx.neighbourhood(owner))
             if quorum < self.threshold:
-                raise _refuse(me, f"only {quorum} valid signatures on its view come from node "
-                                  f"{owner}'s neighbourhood, fewer than the threshold "
-                                  f"{self.threshold}: another view may exist for that site")
+                raise _refuse(
+                    me,
+                    f"only {quorum} valid signatures on its view come from node "
+                    f"{owner}'s neighbourhood, fewer than the threshold "
+                    f"{self.threshold}: another view may exist for that site",
+                )
         assert self._own_share is not None
         b_out: dict[int, tuple[int, bytes]] = {me: (self._own_share[0], self._own_share[1])}
         sk_out: dict[int, tuple[int, bytes]] = {}
@@ -586,6 +678,7 @@ class ClientState:
         :meth:`restore_state`. The record holds this node's secrets: store it
         only where they may live; it must never be sent.
         """
+
         def hx(b: bytes | None) -> str:
             return b.hex() if b else ""
 
@@ -605,21 +698,29 @@ class ClientState:
             "s_sk": hx(self._s_sk),
             "recv_sk": {str(n): k.hex() for n, k in sorted(self._recv_sk.items())},
             "b": hx(self._b),
-            "own_share": ([self._own_share[0], self._own_share[1].hex(), self._own_share[2].hex()]
-                          if self._own_share else None),
+            "own_share": (
+                [self._own_share[0], self._own_share[1].hex(), self._own_share[2].hex()]
+                if self._own_share
+                else None
+            ),
             "bundle": {str(n): a.encode(ctx.digest).hex() for n, a in sorted(self._bundle.items())},
-            "received": {str(n): ([s[0], s[1].hex(), s[2].hex()] if s else None)
-                         for n, s in sorted(self._received.items())},
+            "received": {
+                str(n): ([s[0], s[1].hex(), s[2].hex()] if s else None)
+                for n, s in sorted(self._received.items())
+            },
             "seeds": {str(n): s.hex() for n, s in sorted(self._seeds.items())},
             "view": self._view_digest.hex(),
         }
         state = json.dumps(data, sort_keys=True, separators=(",", ":")).encode("ascii")
-        return {"format": STATE_FORMAT, "version": STATE_VERSION, "state": state,
-                "digest": state_digest(state)}
+        return {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "state": state,
+            "digest": state_digest(state),
+        }
 
     @classmethod
-    def restore_state(cls, data: Mapping[str, object], *, identity: Identity,
-                      roster: Roster) -> ClientState:
+    def restore_state(cls, data: Mapping[str, object], *, identity: Identity, roster: Roster) -> ClientState:
         """Rebuild a :class:`ClientState` from :meth:`export_state`'s output.
 
         The record is fully validated (format, version, digest, JSON schema,
@@ -632,16 +733,21 @@ class ClientState:
             If anything is missing, extra, of the wrong type or length, or
             inconsistent.
         """
+
         def fail(why: str) -> StateFormatError:
-            return StateFormatError(f"cannot restore the secure-aggregation client state: {why}; "
-                                    "the record is corrupted or from another version, so this "
-                                    "node cannot continue the round")
+            return StateFormatError(
+                f"cannot restore the secure-aggregation client state: {why}; "
+                "the record is corrupted or from another version, so this "
+                "node cannot continue the round"
+            )
 
         if not isinstance(data, Mapping) or set(data) != {"format", "version", "state", "digest"}:
             raise fail("expected exactly the entries format, version, state, digest")
         if data["format"] != STATE_FORMAT or data["version"] != STATE_VERSION:
-            raise fail(f"format/version is {data['format']!r}/{data['version']!r}, this code "
-                       f"reads {STATE_FORMAT!r}/{STATE_VERSION}")
+            raise fail(
+                f"format/version is {data['format']!r}/{data['version']!r}, this code "
+                f"reads {STATE_FORMAT!r}/{STATE_VERSION}"
+            )
         state, digest = data["state"], data["digest"]
         if not isinstance(state, (bytes, bytearray)) or not isinstance(digest, (bytes, bytearray)):
             raise fail("state and digest must be bytes")
@@ -654,9 +760,27 @@ class ClientState:
 
     @classmethod
     def _from_json(cls, d: dict[str, Any], identity: Identity, roster: Roster) -> ClientState:
-        keys = {"stage", "node", "run", "round", "k", "t", "participants", "challenge",
-                "min_survivors", "identity", "c_send_sk", "s_sk", "recv_sk", "b", "own_share", "bundle",
-                "received", "seeds", "view"}
+        keys = {
+            "stage",
+            "node",
+            "run",
+            "round",
+            "k",
+            "t",
+            "participants",
+            "challenge",
+            "min_survivors",
+            "identity",
+            "c_send_sk",
+            "s_sk",
+            "recv_sk",
+            "b",
+            "own_share",
+            "bundle",
+            "received",
+            "seeds",
+            "view",
+        }
         if set(d) != keys:
             raise ValueError(f"entries {sorted(set(d) ^ keys)} are missing or unexpected")
 
@@ -677,14 +801,19 @@ class ClientState:
                 raise ValueError(f"Shamir index {idx!r} is out of range")
             return idx, raw(b_sh, (SECRET_BYTES,)), raw(sk_sh, (SECRET_BYTES,))
 
-        ctx = RoundContext(node(d["run"]), node(d["round"]), tuple(node(i) for i in d["participants"]),
-                           d["k"], d["t"], raw(d["challenge"], (KEY_BYTES,)))
+        ctx = RoundContext(
+            node(d["run"]),
+            node(d["round"]),
+            tuple(node(i) for i in d["participants"]),
+            d["k"],
+            d["t"],
+            raw(d["challenge"], (KEY_BYTES,)),
+        )
         if ctx.k != d["k"]:
             raise ValueError(f"k={d['k']} is not the effective neighbour count {ctx.k}")
         if raw(d["identity"], (32,)) != identity.fingerprint:
             raise ValueError("the state was made with another signing key than this site's")
-        state = cls(node(d["node"]), ctx, identity=identity, roster=roster,
-                    min_survivors=d["min_survivors"])
+        state = cls(node(d["node"]), ctx, identity=identity, roster=roster, min_survivors=d["min_survivors"])
         stage = ClientStage(d["stage"])
         state._c_send_sk = raw(d["c_send_sk"]) or None
         state._s_sk = raw(d["s_sk"]) or None
@@ -696,15 +825,18 @@ class ClientState:
             if ctx_digest != ctx.digest or advert.node != node(n) or node(n) not in state.neighbours:
                 raise ValueError(f"the recorded key bundle entry for node {n} is inconsistent")
             state._bundle[node(n)] = advert
-        state._received = {node(n): (share(s) if s is not None else None)
-                           for n, s in d["received"].items()}
+        state._received = {node(n): (share(s) if s is not None else None) for n, s in d["received"].items()}
         state._seeds = {node(n): raw(s, (KEY_BYTES,)) for n, s in d["seeds"].items()}
         state._view_digest = raw(d["view"], (0, 32))
         present = {
-            "c_send_sk": state._c_send_sk is not None, "s_sk": state._s_sk is not None,
-            "recv_sk": bool(state._recv_sk), "b": state._b is not None,
-            "own_share": state._own_share is not None, "bundle": bool(state._bundle),
-            "received": bool(state._received), "seeds": bool(state._seeds),
+            "c_send_sk": state._c_send_sk is not None,
+            "s_sk": state._s_sk is not None,
+            "recv_sk": bool(state._recv_sk),
+            "b": state._b is not None,
+            "own_share": state._own_share is not None,
+            "bundle": bool(state._bundle),
+            "received": bool(state._received),
+            "seeds": bool(state._seeds),
             "view": bool(state._view_digest),
         }
         allowed = {
@@ -723,8 +855,10 @@ class ClientState:
         }.get(stage, set())
         held = {name for name, is_set in present.items() if is_set}
         if held - allowed or must - held:
-            raise ValueError(f"stage '{stage.value}' holds {sorted(held)}; it may hold "
-                             f"{sorted(allowed)} and must hold {sorted(must)}")
+            raise ValueError(
+                f"stage '{stage.value}' holds {sorted(held)}; it may hold "
+                f"{sorted(allowed)} and must hold {sorted(must)}"
+            )
         if state._recv_sk and set(state._recv_sk) != set(state.neighbours):
             raise ValueError("the recorded receive keys are not one per neighbour")
         if set(state._received) - set(state._bundle) or set(state._seeds) != set(state._received):

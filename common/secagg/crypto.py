@@ -22,7 +22,6 @@ import os
 import struct
 
 import numpy as np
-
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import (
@@ -110,14 +109,12 @@ def check_uint64(value: object, what: str) -> int:
 def _check_key_bytes(key: object, what: str) -> bytes:
     if not isinstance(key, (bytes, bytearray, memoryview)):
         raise InvalidMessageError(
-            f"{what} must be bytes, got {type(key).__name__}; "
-            "the key cannot be used in this round"
+            f"{what} must be bytes, got {type(key).__name__}; the key cannot be used in this round"
         )
     key = bytes(key)
     if len(key) != KEY_BYTES:
         raise InvalidMessageError(
-            f"{what} must be {KEY_BYTES} bytes, got {len(key)}; "
-            "the key cannot be used in this round"
+            f"{what} must be {KEY_BYTES} bytes, got {len(key)}; the key cannot be used in this round"
         )
     return key
 
@@ -283,9 +280,7 @@ def agree(
         + purpose
         + struct.pack(">QQQQ", run_id, round_id, lo, hi)
     )
-    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(
-        shared
-    )
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(shared)
 
 
 def _associated_data(sender: int, receiver: int, run_id: int, round_id: int) -> bytes:
@@ -402,7 +397,8 @@ def decrypt_share(
 def _exchange(private_key: bytes, public_key: bytes) -> bytes:
     """X25519; ValueError for a low-order peer key (all-zero shared secret)."""
     return X25519PrivateKey.from_private_bytes(private_key).exchange(
-        X25519PublicKey.from_public_bytes(public_key))
+        X25519PublicKey.from_public_bytes(public_key)
+    )
 
 
 def _pop_from_shared(shared: bytes, ctx_digest: bytes, node: int, public_key: bytes) -> bytes:
@@ -410,8 +406,7 @@ def _pop_from_shared(shared: bytes, ctx_digest: bytes, node: int, public_key: by
     return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(shared)
 
 
-def proof_of_possession(private_key: bytes, challenge: bytes, *, ctx_digest: bytes,
-                        node: int) -> bytes:
+def proof_of_possession(private_key: bytes, challenge: bytes, *, ctx_digest: bytes, node: int) -> bytes:
     """Prove knowledge of an X25519 private key to the holder of the round's challenge key.
 
     ``HKDF-SHA256(X25519(private_key, challenge), info = POP_LABEL || ctx_digest
@@ -430,13 +425,16 @@ def proof_of_possession(private_key: bytes, challenge: bytes, *, ctx_digest: byt
     try:
         shared = _exchange(private_key, _check_key_bytes(challenge, "challenge key"))
     except ValueError:
-        raise InvalidMessageError("the round's challenge key is a low-order point; the "
-                                  "server is misbehaving and this round cannot go on") from None
+        raise InvalidMessageError(
+            "the round's challenge key is a low-order point; the "
+            "server is misbehaving and this round cannot go on"
+        ) from None
     return _pop_from_shared(shared, ctx_digest, node, public_key_from_private(private_key))
 
 
-def check_proof_of_possession(challenge_private: bytes, public_key: bytes, proof: bytes, *,
-                              ctx_digest: bytes, node: int) -> bool:
+def check_proof_of_possession(
+    challenge_private: bytes, public_key: bytes, proof: bytes, *, ctx_digest: bytes, node: int
+) -> bool:
     """Server side of :func:`proof_of_possession`: whether ``proof`` is right for ``public_key``."""
     public_key = _check_key_bytes(public_key, "public key")
     try:

@@ -90,9 +90,7 @@ def neighbours(node_ids: Sequence[int], k: int) -> dict[int, list[int]]:
     ids = _sorted_unique_ids(node_ids)
     n = len(ids)
     if not _is_int(k) or k < 0:
-        raise ConfigError(
-            f"k must be a non-negative integer, got {k!r}; the round cannot be configured"
-        )
+        raise ConfigError(f"k must be a non-negative integer, got {k!r}; the round cannot be configured")
     k = int(k)
     if k < n - 1 and k % 2:
         raise ConfigError(
@@ -167,9 +165,7 @@ def default_k(n: int) -> int:
         If ``n < 1``.
     """
     if not _is_int(n) or n < 1:
-        raise ConfigError(
-            f"number of participants must be >= 1, got {n!r}; there is no round to run"
-        )
+        raise ConfigError(f"number of participants must be >= 1, got {n!r}; there is no round to run")
     n = int(n)
     if n <= 2:
         return n - 1
@@ -205,9 +201,7 @@ def default_threshold(k: int) -> int:
         If ``k < 0``.
     """
     if not _is_int(k) or k < 0:
-        raise ConfigError(
-            f"k must be a non-negative integer, got {k!r}; the round cannot be configured"
-        )
+        raise ConfigError(f"k must be a non-negative integer, got {k!r}; the round cannot be configured")
     k = int(k)
     return min(k + 1, max((2 * k) // 3 + 1, k // 2 + 2))
 
@@ -238,13 +232,9 @@ def validate_parameters(n: int, k: int, threshold: int) -> int:
         dropouts could then unmask an individual input).
     """
     if not _is_int(n) or n < 1:
-        raise ConfigError(
-            f"number of participants must be >= 1, got {n!r}; there is no round to run"
-        )
+        raise ConfigError(f"number of participants must be >= 1, got {n!r}; there is no round to run")
     if not _is_int(k) or k < 0:
-        raise ConfigError(
-            f"k must be a non-negative integer, got {k!r}; the round cannot be configured"
-        )
+        raise ConfigError(f"k must be a non-negative integer, got {k!r}; the round cannot be configured")
     n, k = int(n), int(k)
     k_eff = min(k, n - 1)
     if n > 1 and k_eff < 1:
@@ -253,13 +243,9 @@ def validate_parameters(n: int, k: int, threshold: int) -> int:
             "carry no pairwise masks and the server could unmask them; use k >= 2"
         )
     if k_eff < n - 1 and k_eff % 2:
-        raise ConfigError(
-            f"k={k} must be even when smaller than n-1={n - 1}; choose an even k"
-        )
+        raise ConfigError(f"k={k} must be even when smaller than n-1={n - 1}; choose an even k")
     if not _is_int(threshold):
-        raise ConfigError(
-            f"threshold must be an integer, got {threshold!r}; the round cannot be configured"
-        )
+        raise ConfigError(f"threshold must be an integer, got {threshold!r}; the round cannot be configured")
     threshold = int(threshold)
     holders = k_eff + 1
     if not 1 <= threshold <= holders:

@@ -104,8 +104,10 @@ def _check_supported(key: object, what: str) -> None:
         return
     if isinstance(key, ed25519.Ed25519PublicKey | ed25519.Ed25519PrivateKey):
         return
-    raise ConfigError(f"{what} is a {type(key).__name__}; secure aggregation signs with "
-                      "ECDSA (P-256/P-384/P-521) or Ed25519 keys only")
+    raise ConfigError(
+        f"{what} is a {type(key).__name__}; secure aggregation signs with "
+        "ECDSA (P-256/P-384/P-521) or Ed25519 keys only"
+    )
 
 
 def _blob_of(key: PublicKey) -> bytes:
@@ -187,8 +189,10 @@ class Identity:
                 errors.append(str(exc))
                 continue
             return cls(key)  # type: ignore[arg-type]
-        raise ConfigError("this site's signing key is not an unencrypted OpenSSH or PEM private "
-                          f"key ({errors[0]}); give the .key file `fedseal keys` wrote")
+        raise ConfigError(
+            "this site's signing key is not an unencrypted OpenSSH or PEM private "
+            f"key ({errors[0]}); give the .key file `fedseal keys` wrote"
+        )
 
     def sign(self, purpose: bytes, body: bytes) -> bytes:
         """Sign :func:`signed_bytes` ``(purpose, body)``."""
@@ -201,10 +205,14 @@ class Identity:
 def generate_identity(comment: str = "") -> tuple[bytes, str]:
     """A fresh P-384 signing key: ``(OpenSSH private key bytes, OpenSSH public key line)``."""
     key = ec.generate_private_key(ec.SECP384R1())
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                serialization.NoEncryption())
-    line = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                         serialization.PublicFormat.OpenSSH).decode("ascii")
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    line = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        .decode("ascii")
+    )
     return private, f"{line} {comment}".rstrip()
 
 

@@ -139,7 +139,8 @@ class _Reader:
     def done(self) -> None:
         if self.off != len(self.data):
             raise InvalidMessageError(
-                f"{self.what} has {len(self.data) - self.off} unexpected trailing bytes")
+                f"{self.what} has {len(self.data) - self.off} unexpected trailing bytes"
+            )
 
 
 def _ids(ids: Iterable[int], what: str) -> tuple[int, ...]:
@@ -293,8 +294,14 @@ class Advert:
 
     def encode(self, ctx_digest: bytes) -> bytes:
         """``var32(body) || pop || var16(signer) || var16(signature)``."""
-        return (_Writer().var32(self.body(ctx_digest)).raw(self.pop).var16(self.signer)
-                .var16(self.signature).bytes())
+        return (
+            _Writer()
+            .var32(self.body(ctx_digest))
+            .raw(self.pop)
+            .var16(self.signer)
+            .var16(self.signature)
+            .bytes()
+        )
 
     @classmethod
     def decode(cls, data: object) -> tuple[Advert, bytes]:
@@ -366,8 +373,13 @@ class ShareMessage:
         owner = body.u64()
         seed = body.take(DIGEST_BYTES)
         entries = tuple(
-            ShareEntry(body.u64(), body.u16(), body.take(DIGEST_BYTES), body.take(DIGEST_BYTES),
-                       body.take(DIGEST_BYTES))
+            ShareEntry(
+                body.u64(),
+                body.u16(),
+                body.take(DIGEST_BYTES),
+                body.take(DIGEST_BYTES),
+                body.take(DIGEST_BYTES),
+            )
             for _ in range(body.u16())
         )
         body.done()

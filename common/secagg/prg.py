@@ -32,9 +32,7 @@ _BLOCK_WORDS = 1 << 17  # apply_masks' block: 512 KiB, within a core's L2 cache
 
 def _check_seed(seed: object) -> bytes:
     if not isinstance(seed, (bytes, bytearray)) or len(seed) != KEY_BYTES:
-        raise InvalidMessageError(
-            f"mask seed must be {KEY_BYTES} bytes; a mask cannot be derived from it"
-        )
+        raise InvalidMessageError(f"mask seed must be {KEY_BYTES} bytes; a mask cannot be derived from it")
     return bytes(seed)
 
 
@@ -42,7 +40,7 @@ def _keystream(seed: bytes):
     return Cipher(algorithms.AES(seed), modes.CTR(_ZERO_IV)).encryptor()
 
 
-def apply_masks(vector: np.ndarray, masks: "list[tuple[bytes, int]]") -> None:
+def apply_masks(vector: np.ndarray, masks: list[tuple[bytes, int]]) -> None:
     """Add ``sign * expand_mask(seed, len(vector))`` for every ``(seed, sign)``, in place.
 
     The result equals adding and subtracting the expanded masks one after the
@@ -70,13 +68,13 @@ def apply_masks(vector: np.ndarray, masks: "list[tuple[bytes, int]]") -> None:
             raise InvalidMessageError(f"a mask is added (+1) or subtracted (-1), not {sign!r}")
         streams.append((_keystream(_check_seed(seed)), np.add if sign == 1 else np.subtract))
     buf = np.empty(4 * _BLOCK_WORDS + 15, dtype=np.uint8)  # update_into's block_size - 1 slack
-    out, words = memoryview(buf), buf[:4 * _BLOCK_WORDS].view(MASK_DTYPE)  # type: ignore[arg-type]  # numpy: a buffer (stub predates PEP 688)
+    out, words = memoryview(buf), buf[: 4 * _BLOCK_WORDS].view(MASK_DTYPE)  # type: ignore[arg-type]  # numpy: a buffer (stub predates PEP 688)
     zeros = memoryview(_ZERO_CHUNK)
     for start in range(0, vector.shape[0], _BLOCK_WORDS):
-        block = vector[start:start + _BLOCK_WORDS]
+        block = vector[start : start + _BLOCK_WORDS]
         count = block.shape[0]
         for stream, op in streams:
-            stream.update_into(zeros[:4 * count], out)
+            stream.update_into(zeros[: 4 * count], out)
             op(block, words[:count], out=block)
 
 
@@ -112,9 +110,7 @@ def expand_mask(seed: bytes, length: int) -> np.ndarray:
     seed = _check_seed(seed)
     length = int(length)
     if length < 0:
-        raise InvalidMessageError(
-            f"mask length must be non-negative, got {length}; no mask can be derived"
-        )
+        raise InvalidMessageError(f"mask length must be non-negative, got {length}; no mask can be derived")
     nbytes = 4 * length
     # update_into requires len(out) >= len(data) + block_size - 1.
     buf = np.empty(nbytes + 15, dtype=np.uint8)

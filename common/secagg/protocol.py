@@ -96,9 +96,7 @@ class ServerStage(enum.Enum):
     DONE = "done"
 
 
-def encode_share_payload(
-    sender: int, receiver: int, index: int, b_share: bytes, sk_share: bytes
-) -> bytes:
+def encode_share_payload(sender: int, receiver: int, index: int, b_share: bytes, sk_share: bytes) -> bytes:
     """Serialise the pair of shares one node sends to one neighbour.
 
     Parameters
@@ -116,9 +114,7 @@ def encode_share_payload(
         ``SHARE_PLAINTEXT_BYTES`` bytes.
     """
     if len(b_share) != SECRET_BYTES or len(sk_share) != SECRET_BYTES:
-        raise InvalidMessageError(
-            f"shares must be {SECRET_BYTES} bytes; the payload cannot be built"
-        )
+        raise InvalidMessageError(f"shares must be {SECRET_BYTES} bytes; the payload cannot be built")
     return (
         _PAYLOAD.pack(check_uint64(sender, "sender"), check_uint64(receiver, "receiver"), index)
         + bytes(b_share)
@@ -126,9 +122,7 @@ def encode_share_payload(
     )
 
 
-def decode_share_payload(
-    payload: bytes, *, sender: int, receiver: int
-) -> tuple[int, bytes, bytes]:
+def decode_share_payload(payload: bytes, *, sender: int, receiver: int) -> tuple[int, bytes, bytes]:
     """Parse and check a decrypted share payload.
 
     Parameters
@@ -163,8 +157,7 @@ def decode_share_payload(
         )
     if index < 1:
         raise InvalidMessageError(
-            f"share from node {sender} carries invalid Shamir index 0; node "
-            f"{receiver} cannot use it"
+            f"share from node {sender} carries invalid Shamir index 0; node {receiver} cannot use it"
         )
     off = _PAYLOAD.size
     return index, payload[off : off + SECRET_BYTES], payload[off + SECRET_BYTES :]

@@ -79,13 +79,9 @@ class QuantConfig:
         try:
             clip = float(self.clip)
         except (TypeError, ValueError):
-            raise ConfigError(
-                f"clip must be a number, got {self.clip!r}; cannot quantize updates"
-            ) from None
+            raise ConfigError(f"clip must be a number, got {self.clip!r}; cannot quantize updates") from None
         if not math.isfinite(clip) or clip <= 0:
-            raise ConfigError(
-                f"clip must be positive and finite, got {self.clip!r}; cannot quantize updates"
-            )
+            raise ConfigError(f"clip must be positive and finite, got {self.clip!r}; cannot quantize updates")
         if not _is_int(self.max_clients) or self.max_clients < 1:
             raise ConfigError(
                 f"max_clients must be an integer >= 1, got {self.max_clients!r}; "

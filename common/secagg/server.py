@@ -96,8 +96,10 @@ class ServerState:
         if public_key_from_private(challenge_private) != ctx.challenge:
             raise ConfigError("the challenge private key does not belong to the round's challenge")
         if isinstance(vector_length, bool) or not isinstance(vector_length, int) or vector_length < 0:
-            raise ConfigError(f"vector_length must be a non-negative integer, got {vector_length!r}; "
-                              "the round cannot be configured")
+            raise ConfigError(
+                f"vector_length must be a non-negative integer, got {vector_length!r}; "
+                "the round cannot be configured"
+            )
         self.ctx = ctx
         self.threshold = ctx.threshold
         self.k = ctx.k
@@ -121,34 +123,46 @@ class ServerState:
     # ------------------------------------------------------------------ helpers
     def _require(self, stage: ServerStage, action: str) -> None:
         if self.stage is not stage:
-            raise StageError(f"server cannot {action} in stage '{self.stage.value}' (expected "
-                             f"'{stage.value}'); the call is ignored and the round state is "
-                             "unchanged")
+            raise StageError(
+                f"server cannot {action} in stage '{self.stage.value}' (expected "
+                f"'{stage.value}'); the call is ignored and the round state is "
+                "unchanged"
+            )
 
     def _check_alive(self, count: int, stage: str, answered: int | None = None) -> None:
         if count < self.threshold:
-            left = (f" ({answered} answered, {answered - count} of them left out for too few "
-                    "live share holders)" if answered is not None and answered != count else "")
-            raise ProtocolAbort(f"{stage} stage: only {count} sites remain{left} but the threshold "
-                                f"is {self.threshold}; the aggregate cannot be recovered and the "
-                                "round is abandoned")
+            left = (
+                f" ({answered} answered, {answered - count} of them left out for too few live share holders)"
+                if answered is not None and answered != count
+                else ""
+            )
+            raise ProtocolAbort(
+                f"{stage} stage: only {count} sites remain{left} but the threshold "
+                f"is {self.threshold}; the aggregate cannot be recovered and the "
+                "round is abandoned"
+            )
 
-    def _prune(self, alive: set[int], holders: Mapping[int, frozenset[int]] | None,
-               stage: str, rejected: Rejected) -> set[int]:
+    def _prune(
+        self, alive: set[int], holders: Mapping[int, frozenset[int]] | None, stage: str, rejected: Rejected
+    ) -> set[int]:
         """Largest subset in which every node has ``t`` share holders (itself included) alive."""
         alive = set(alive)
         while True:
-            weak = sorted(i for i in alive
-                          if len(({i} | (holders[i] if holders else set(self.graph[i]))) & alive)
-                          < self.threshold)
+            weak = sorted(
+                i
+                for i in alive
+                if len(({i} | (holders[i] if holders else set(self.graph[i]))) & alive) < self.threshold
+            )
             if not weak:
                 return alive
             for node in weak:
                 alive.discard(node)
-                rejected.setdefault(node, f"left out at {stage}: fewer than {self.threshold} of "
-                                          "its share holders are still in the round")
-                logger.warning("%s stage: node %d has too few live share holders; left out",
-                               stage, node)
+                rejected.setdefault(
+                    node,
+                    f"left out at {stage}: fewer than {self.threshold} of "
+                    "its share holders are still in the round",
+                )
+                logger.warning("%s stage: node %d has too few live share holders; left out", stage, node)
 
     def _participant(self, raw_id: object) -> int:
         node = check_uint64(raw_id, "node id")
@@ -168,17 +182,18 @@ class ServerState:
         if not verify_signature(key, PURPOSE_ADVERT, advert.body(self.ctx.digest), advert.signature):  # type: ignore[arg-type]
             raise InvalidMessageError("the signature on its keys does not verify")
         if [n for n, _ in advert.recv] != sorted(self.graph[node]):
-            raise InvalidMessageError("it advertised receive keys for sites other than its "
-                                      "neighbours")
+            raise InvalidMessageError("it advertised receive keys for sites other than its neighbours")
         keys = [advert.c_send, advert.s_pk, *(k for _, k in advert.recv)]
         for key_bytes in keys:
             validate_public_key(key_bytes, owner=node)
         if len(set(keys)) != len(keys):
             raise InvalidMessageError("it advertised the same public key twice")
-        if not check_proof_of_possession(self._challenge_private, advert.s_pk, advert.pop,
-                                         ctx_digest=self.ctx.digest, node=node):
-            raise InvalidMessageError("it cannot prove it holds the private half of its mask key "
-                                      "(a copied key?)")
+        if not check_proof_of_possession(
+            self._challenge_private, advert.s_pk, advert.pop, ctx_digest=self.ctx.digest, node=node
+        ):
+            raise InvalidMessageError(
+                "it cannot prove it holds the private half of its mask key (a copied key?)"
+            )
         return _Site(advert, key, hashlib.sha256(advert.signer).digest())
 
     def collect_adverts(self, adverts: Mapping[int, object]) -> tuple[dict[int, dict[int, Advert]], Rejected]:
@@ -218,8 +233,9 @@ class ServerState:
                 if len(nodes) > 1:  # only a holder of the private key can have signed/proved it
                     for node in nodes:
                         del sites[node]
-                        rejected[node] = (f"bad keys: the same {what} as node(s) "
-                                          f"{[n for n in nodes if n != node]}")
+                        rejected[node] = (
+                            f"bad keys: the same {what} as node(s) {[n for n in nodes if n != node]}"
+                        )
         u1 = self._prune(set(sites), None, "advertise-keys", rejected)
         self._check_alive(len(u1), "advertise-keys", len(sites))
         self._sites = {i: sites[i] for i in u1}
@@ -239,8 +255,12 @@ class ServerState:
         site = self._sites[sender]
         if ctx_digest != self.ctx.digest or message.owner != sender:
             raise InvalidMessageError("its share message is for another round, cohort or node")
-        if not verify_signature(site.key, PURPOSE_SHARES, message.body(self.ctx.digest),  # type: ignore[arg-type]
-                                message.signature):
+        if not verify_signature(
+            site.key,
+            PURPOSE_SHARES,
+            message.body(self.ctx.digest),  # type: ignore[arg-type]
+            message.signature,
+        ):
             raise InvalidMessageError("the signature on its share message does not verify")
         holders = self.ctx.holders(sender)
         if [(e.holder, e.index) for e in message.entries] != [(h, p + 1) for p, h in enumerate(holders)]:
@@ -250,26 +270,30 @@ class ServerState:
             raise InvalidMessageError("its ciphertexts are not a table")
         got = {check_uint64(r, "share receiver") for r in cts}
         if got != receivers or len(got) != len(cts):
-            raise InvalidMessageError(f"it addressed shares to {sorted(got)} but its live "
-                                      f"neighbours are {sorted(receivers)}")
+            raise InvalidMessageError(
+                f"it addressed shares to {sorted(got)} but its live neighbours are {sorted(receivers)}"
+            )
         out: dict[int, bytes] = {}
         for entry in message.entries:
             if entry.holder not in receivers:
                 if entry.ciphertext != NO_CIPHERTEXT:
-                    raise InvalidMessageError(f"it lists a ciphertext for node {entry.holder}, "
-                                              "which gets none")
+                    raise InvalidMessageError(
+                        f"it lists a ciphertext for node {entry.holder}, which gets none"
+                    )
                 continue
             ct = cts[entry.holder]
             if not isinstance(ct, (bytes, bytearray)) or len(ct) != SHARE_CIPHERTEXT_BYTES:
-                raise InvalidMessageError(f"its ciphertext for node {entry.holder} is not "
-                                          f"{SHARE_CIPHERTEXT_BYTES} bytes")
+                raise InvalidMessageError(
+                    f"its ciphertext for node {entry.holder} is not {SHARE_CIPHERTEXT_BYTES} bytes"
+                )
             if ciphertext_digest(bytes(ct)) != entry.ciphertext:
-                raise InvalidMessageError(f"its ciphertext for node {entry.holder} is not the one "
-                                          "it signed")
+                raise InvalidMessageError(f"its ciphertext for node {entry.holder} is not the one it signed")
             out[entry.holder] = bytes(ct)
         return message, out
 
-    def collect_shares(self, shares: Mapping[int, object]) -> tuple[dict[int, dict[int, tuple[bytes, bytes]]], Rejected]:
+    def collect_shares(
+        self, shares: Mapping[int, object]
+    ) -> tuple[dict[int, dict[int, tuple[bytes, bytes]]], Rejected]:
         """Stage 1: check each share message and route the ciphertexts.
 
         Parameters
@@ -319,19 +343,33 @@ class ServerState:
     def _share_is_valid(self, sender: int, receiver: int, receive_key: bytes) -> bool:
         """Whether ``sender``'s ciphertext to ``receiver`` opens to the shares it committed to."""
         try:
-            key = agree(receive_key, self._sites[sender].advert.c_send, run_id=self.ctx.run_id,
-                        round_id=self.ctx.round_id, node_a=receiver, node_b=sender,
-                        purpose=PURPOSE_SHARE)
-            payload = decrypt_share(key, self._cts[(sender, receiver)], sender=sender,
-                                    receiver=receiver, run_id=self.ctx.run_id,
-                                    round_id=self.ctx.round_id)
+            key = agree(
+                receive_key,
+                self._sites[sender].advert.c_send,
+                run_id=self.ctx.run_id,
+                round_id=self.ctx.round_id,
+                node_a=receiver,
+                node_b=sender,
+                purpose=PURPOSE_SHARE,
+            )
+            payload = decrypt_share(
+                key,
+                self._cts[(sender, receiver)],
+                sender=sender,
+                receiver=receiver,
+                run_id=self.ctx.run_id,
+                round_id=self.ctx.round_id,
+            )
             idx, b_sh, sk_sh = decode_share_payload(payload, sender=sender, receiver=receiver)
         except SecAggError:
             return False
         entry = self._messages[sender].entry(receiver)
-        return (entry is not None and idx == entry.index
-                and share_commitment(self.ctx, sender, idx, b"b", b_sh) == entry.commit_b
-                and share_commitment(self.ctx, sender, idx, b"s", sk_sh) == entry.commit_sk)
+        return (
+            entry is not None
+            and idx == entry.index
+            and share_commitment(self.ctx, sender, idx, b"b", b_sh) == entry.commit_b
+            and share_commitment(self.ctx, sender, idx, b"s", sk_sh) == entry.commit_sk
+        )
 
     def _check_masked(self, node: int, reply: object) -> tuple[np.ndarray, dict[int, bytes]]:
         try:
@@ -340,8 +378,7 @@ class ServerState:
             raise InvalidMessageError("its reply is not a (masked vector, complaints) pair") from None
         if not isinstance(y, np.ndarray) or y.dtype != np.uint32 or y.shape != (self.vector_length,):
             desc = f"{y.dtype} {y.shape}" if isinstance(y, np.ndarray) else type(y).__name__
-            raise InvalidMessageError(f"its masked input is {desc}, expected uint32 "
-                                      f"({self.vector_length},)")
+            raise InvalidMessageError(f"its masked input is {desc}, expected uint32 ({self.vector_length},)")
         if not isinstance(complaints, Mapping):
             raise InvalidMessageError("its complaints are not a table")
         out: dict[int, bytes] = {}
@@ -350,10 +387,14 @@ class ServerState:
             if sender not in self._routed_from[node]:
                 raise InvalidMessageError(f"it complains about node {sender}, which sent it nothing")
             advertised = self._sites[node].advert.recv_key(sender)
-            if (not isinstance(key, (bytes, bytearray)) or len(key) != KEY_BYTES
-                    or public_key_from_private(bytes(key)) != advertised):
-                raise InvalidMessageError(f"its complaint about node {sender} does not carry its "
-                                          "own receive key for that node")
+            if (
+                not isinstance(key, (bytes, bytearray))
+                or len(key) != KEY_BYTES
+                or public_key_from_private(bytes(key)) != advertised
+            ):
+                raise InvalidMessageError(
+                    f"its complaint about node {sender} does not carry its own receive key for that node"
+                )
             out[sender] = bytes(key)
         return y, out
 
@@ -404,11 +445,13 @@ class ServerState:
         for receiver, complaints in sorted(good.items()):
             for sender, key in sorted(complaints.items()):
                 if self._share_is_valid(sender, receiver, key):
-                    guilty[receiver] = (f"complained about node {sender}'s share, which is valid "
-                                        "(a false complaint)")
+                    guilty[receiver] = (
+                        f"complained about node {sender}'s share, which is valid (a false complaint)"
+                    )
                 else:
-                    guilty.setdefault(sender, f"its share for node {receiver} does not open to "
-                                              "what it committed to")
+                    guilty.setdefault(
+                        sender, f"its share for node {receiver} does not open to what it committed to"
+                    )
         rejected.update(guilty)
         self._complained = {r: frozenset(c) for r, c in good.items()}
         u3 = self._prune(set(good) - set(guilty), self._bundles, "masked-input", rejected)
@@ -426,7 +469,9 @@ class ServerState:
         return self._view_body, rejected
 
     # ------------------------------------------------------------------- stage 3
-    def collect_signatures(self, signatures: Mapping[int, object]) -> tuple[dict[int, dict[int, bytes]], Rejected]:
+    def collect_signatures(
+        self, signatures: Mapping[int, object]
+    ) -> tuple[dict[int, dict[int, bytes]], Rejected]:
         """Stage 3: check each survivor's signature on the view; pick what each signer needs.
 
         Parameters
@@ -454,9 +499,9 @@ class ServerState:
                 node = self._participant(raw_id)
                 if node not in self.survivors:
                     raise InvalidMessageError("it is not a survivor")
-                if (not isinstance(sig, (bytes, bytearray))
-                        or not verify_signature(self._sites[node].key, PURPOSE_VIEW,
-                                                self._view_body, sig)):
+                if not isinstance(sig, (bytes, bytearray)) or not verify_signature(
+                    self._sites[node].key, PURPOSE_VIEW, self._view_body, sig
+                ):
                     raise InvalidMessageError("its signature on the survivor view does not verify")
                 valid[node] = bytes(sig)
             except SecAggError as exc:
@@ -481,8 +526,11 @@ class ServerState:
             raise InvalidMessageError(f"its reply must hold exactly {B_SHARES}, {SK_SHARES}, {SEEDS}")
         survivors, dropped = set(self.survivors), set(self.dropped)
         holds = self._routed_from[responder] - self._complained.get(responder, frozenset())
-        allowed = {B_SHARES: (holds & survivors) | {responder}, SK_SHARES: holds & dropped,
-                   SEEDS: self._routed_from[responder] & dropped}
+        allowed = {
+            B_SHARES: (holds & survivors) | {responder},
+            SK_SHARES: holds & dropped,
+            SEEDS: self._routed_from[responder] & dropped,
+        }
         out: dict[str, dict[int, object]] = {}
         for part, owners in allowed.items():
             table = reply[part]
@@ -492,28 +540,35 @@ class ServerState:
             for raw_owner, value in table.items():
                 owner = check_uint64(raw_owner, "share owner")
                 if owner not in owners:
-                    raise InvalidMessageError(f"it sent {part} of node {owner}, which it does not "
-                                              "hold or which was not asked for")
+                    raise InvalidMessageError(
+                        f"it sent {part} of node {owner}, which it does not hold or which was not asked for"
+                    )
                 if part == SEEDS:
                     if not isinstance(value, (bytes, bytearray)) or len(value) != KEY_BYTES:
-                        raise InvalidMessageError(f"its mask seed with node {owner} is not "
-                                                  f"{KEY_BYTES} bytes")
+                        raise InvalidMessageError(f"its mask seed with node {owner} is not {KEY_BYTES} bytes")
                     out[part][owner] = bytes(value)
                     continue
                 try:
                     idx, share = value
                 except (TypeError, ValueError):
-                    raise InvalidMessageError(f"its share of node {owner} is not an (index, "
-                                              "share) pair") from None
+                    raise InvalidMessageError(
+                        f"its share of node {owner} is not an (index, share) pair"
+                    ) from None
                 kind, what = (b"b", "self-mask") if part == B_SHARES else (b"s", "mask-key")
                 entry = self._messages[owner].entry(responder)
-                if (entry is None or not isinstance(idx, int) or isinstance(idx, bool)
-                        or idx != entry.index or not isinstance(share, (bytes, bytearray))
-                        or len(share) != SECRET_BYTES
-                        or share_commitment(self.ctx, owner, idx, kind, bytes(share))
-                        != (entry.commit_b if kind == b"b" else entry.commit_sk)):
-                    raise InvalidMessageError(f"its {what} share of node {owner} does not match "
-                                              f"what node {owner} committed to")
+                if (
+                    entry is None
+                    or not isinstance(idx, int)
+                    or isinstance(idx, bool)
+                    or idx != entry.index
+                    or not isinstance(share, (bytes, bytearray))
+                    or len(share) != SECRET_BYTES
+                    or share_commitment(self.ctx, owner, idx, kind, bytes(share))
+                    != (entry.commit_b if kind == b"b" else entry.commit_sk)
+                ):
+                    raise InvalidMessageError(
+                        f"its {what} share of node {owner} does not match what node {owner} committed to"
+                    )
                 out[part][owner] = (idx, bytes(share))
         return out[B_SHARES], out[SK_SHARES], out[SEEDS]
 
@@ -526,9 +581,11 @@ class ServerState:
         polynomial; other subsets of ``t`` are then tried (a bounded number).
         """
         if len(shares) < self.threshold:
-            raise ProtocolAbort(f"unmask stage: only {len(shares)} valid {what} shares of node "
-                                f"{owner} arrived but the threshold is {self.threshold}; its mask "
-                                "cannot be removed and the round is abandoned")
+            raise ProtocolAbort(
+                f"unmask stage: only {len(shares)} valid {what} shares of node "
+                f"{owner} arrived but the threshold is {self.threshold}; its mask "
+                "cannot be removed and the round is abandoned"
+            )
         for subset in itertools.islice(itertools.combinations(sorted(shares), self.threshold), 32):
             secret = combine_shares(subset, self.threshold)
             if what == "self-mask":
@@ -536,10 +593,12 @@ class ServerState:
                     return secret
             elif public_key_from_private(secret) == self._sites[owner].advert.s_pk:
                 return secret
-        raise ProtocolAbort(f"unmask stage: the {what} shares node {owner} dealt do not rebuild "
-                            f"the secret it committed to (each matches its own commitment, so "
-                            f"node {owner} cheated); its mask cannot be removed and the round is "
-                            "abandoned")
+        raise ProtocolAbort(
+            f"unmask stage: the {what} shares node {owner} dealt do not rebuild "
+            f"the secret it committed to (each matches its own commitment, so "
+            f"node {owner} cheated); its mask cannot be removed and the round is "
+            "abandoned"
+        )
 
     def finalize(self, replies: Mapping[int, object]) -> tuple[np.ndarray, Rejected]:
         """Stage 4: check revealed shares against their commitments, remove every mask.
@@ -603,9 +662,15 @@ class ServerState:
                     continue
                 revealed = good[i][2].get(j) if i in good else None
                 if j in keys_sk:
-                    seed = agree(keys_sk[j], self._sites[i].advert.s_pk, run_id=self.ctx.run_id,
-                                 round_id=self.ctx.round_id, node_a=j, node_b=i,
-                                 purpose=PURPOSE_MASK)
+                    seed = agree(
+                        keys_sk[j],
+                        self._sites[i].advert.s_pk,
+                        run_id=self.ctx.run_id,
+                        round_id=self.ctx.round_id,
+                        node_a=j,
+                        node_b=i,
+                        purpose=PURPOSE_MASK,
+                    )
                     if revealed is not None and revealed != seed:
                         rejected[i] = f"bad unmask reply: it revealed a wrong mask seed with node {j}"
                 elif revealed is not None:
@@ -614,12 +679,16 @@ class ServerState:
                     raise ProtocolAbort(
                         f"unmask stage: the mask between survivor {i} and dropped node {j} cannot "
                         f"be removed (node {i} did not reveal it and node {j}'s mask key cannot "
-                        "be rebuilt); the round is abandoned")
+                        "be rebuilt); the round is abandoned"
+                    )
                 # Survivor i added +PRG(s_ij) if j > i and subtracted it if j < i.
                 masks.append((seed, -1 if j > i else 1))
         apply_masks(total, masks)
         self.stage = ServerStage.DONE
         self._acc = None
-        logger.info("unmask stage: recovered the sum of %d inputs (%d dropouts corrected)",
-                    len(self.survivors), len(self.dropped))
+        logger.info(
+            "unmask stage: recovered the sum of %d inputs (%d dropouts corrected)",
+            len(self.survivors),
+            len(self.dropped),
+        )
         return total, rejected

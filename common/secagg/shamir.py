@@ -92,9 +92,7 @@ def combine_shares(shares: Iterable[tuple[int, bytes]], threshold: int) -> bytes
     """
     threshold = int(threshold)
     if threshold < 1:
-        raise ConfigError(
-            f"threshold must be >= 1, got {threshold}; nothing can be reconstructed"
-        )
+        raise ConfigError(f"threshold must be >= 1, got {threshold}; nothing can be reconstructed")
     seen: dict[int, bytes] = {}
     for item in shares:
         try:
@@ -103,11 +101,7 @@ def combine_shares(shares: Iterable[tuple[int, bytes]], threshold: int) -> bytes
             raise InvalidMessageError(
                 "a share must be an (index, bytes) pair; the secret cannot be reconstructed"
             ) from None
-        if (
-            isinstance(index, bool)
-            or not isinstance(index, Integral)
-            or not 1 <= index <= _MAX_SHARES
-        ):
+        if isinstance(index, bool) or not isinstance(index, Integral) or not 1 <= index <= _MAX_SHARES:
             raise InvalidMessageError(
                 f"share index {index!r} is not an integer in 1..{_MAX_SHARES}; "
                 "the secret cannot be reconstructed from it"

@@ -45,14 +45,18 @@ def make_identities(ids: Sequence[int], kind: str = "p384") -> tuple[dict[int, I
     if kind not in ("p384", "ed25519"):
         raise ConfigError(f"identity kind must be p384 or ed25519, got {kind!r}")
     identities = {
-        i: Identity(ec.generate_private_key(ec.SECP384R1()) if kind == "p384"
-                    else ed25519.Ed25519PrivateKey.generate())
+        i: Identity(
+            ec.generate_private_key(ec.SECP384R1())
+            if kind == "p384"
+            else ed25519.Ed25519PrivateKey.generate()
+        )
         for i in ids
     }
     lines = []
     for i, ident in identities.items():
-        key = ident.public_key.public_bytes(serialization.Encoding.OpenSSH,
-                                            serialization.PublicFormat.OpenSSH)
+        key = ident.public_key.public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
         lines.append(f"{key.decode()} node-{i}")
     return identities, Roster.from_text("\n".join(lines))
 
@@ -133,9 +137,7 @@ def run_round(
     n = len(ids)
     lengths = {np.asarray(v).shape for v in vectors.values()}
     if len(lengths) != 1 or len(next(iter(lengths))) != 1:
-        raise ConfigError(
-            f"all inputs must be 1-D vectors of the same length, got shapes {sorted(lengths)}"
-        )
+        raise ConfigError(f"all inputs must be 1-D vectors of the same length, got shapes {sorted(lengths)}")
     length = next(iter(lengths))[0]
     k = default_k(n) if k is None else k
     threshold = default_threshold(min(k, n - 1)) if threshold is None else threshold

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,8 +25,7 @@ TASKS = ("sst2", "topics")
 MAX_LENGTH = 64
 
 
-def load_task(task: str, data: Path | None, train_size: int,
-              seed: int) -> tuple[Examples, Examples]:
+def load_task(task: str, data: Path | None, train_size: int, seed: int) -> tuple[Examples, Examples]:
     """(train, dev) examples of ``task``.
 
     ``sst2``: ``train_size`` training sentences drawn at random (seeded), the
@@ -35,8 +35,9 @@ def load_task(task: str, data: Path | None, train_size: int,
     if task == "topics":
         return topic_examples(train_size, seed), topic_examples(600, seed + 1)
     if data is None:
-        raise SystemExit("--data (the SST-2 folder holding train.tsv and dev.tsv) is needed "
-                         "for the sst2 task")
+        raise SystemExit(
+            "--data (the SST-2 folder holding train.tsv and dev.tsv) is needed for the sst2 task"
+        )
     train = read_split(data, "train")
     order = np.random.default_rng(seed).permutation(len(train))[:train_size]
     return train.subset(sorted(int(i) for i in order)), read_split(data, "dev")
@@ -69,8 +70,7 @@ def common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO")
 
 
-def run_and_report(args: argparse.Namespace,
-                   run: Callable[[argparse.Namespace], dict[str, Any]]) -> int:
+def run_and_report(args: argparse.Namespace, run: Callable[[argparse.Namespace], dict[str, Any]]) -> int:
     """Set up logging and threads, run, write and print the report; the exit status."""
     setup_bench_logging(args.log_level)
     torch.set_num_threads(args.threads)

@@ -32,7 +32,8 @@ import logging
 import platform
 import sys
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,8 +44,14 @@ from fedseal.common.batches import model_inputs
 from fedseal.common.hidden_cache import HiddenStates, compute_hidden, length_chunks
 from fedseal.common.lora_rule import LAYERS, MAX_TOKENS
 from fedseal.common.top_layers import TopStack
-from simulations.bench.lora_setup import (common_arguments, depth, encoded, load_task,
-                                          lpft_model, run_and_report)
+from simulations.bench.lora_setup import (
+    common_arguments,
+    depth,
+    encoded,
+    load_task,
+    lpft_model,
+    run_and_report,
+)
 
 log = logging.getLogger("fedseal.bench.lora_speed")
 
@@ -73,28 +80,51 @@ def timed(step: Callable[[torch.Tensor], None], batches: list[torch.Tensor]) -> 
         step(batch)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     examples = sum(len(b) for b in batches[1:])
-    return {"examples_per_cpu_second": round(examples / cpu, 1),
-            "examples_per_second": round(examples / wall, 1), "cpu_seconds": round(cpu, 2),
-            "examples": examples}
+    return {
+        "examples_per_cpu_second": round(examples / cpu, 1),
+        "examples_per_second": round(examples / wall, 1),
+        "cpu_seconds": round(cpu, 2),
+        "examples": examples,
+    }
 
 
-def cached_arm(model: nn.Module, hidden: HiddenStates, labels: torch.Tensor,
-               batches: list[torch.Tensor], noise: float | None, mode: str) -> dict[str, float]:
+def cached_arm(
+    model: nn.Module,
+    hidden: HiddenStates,
+    labels: torch.Tensor,
+    batches: list[torch.Tensor],
+    noise: float | None,
+    mode: str,
+) -> dict[str, float]:
     """Steps through the cached top layers (DP with ``noise``, or plain when None)."""
     stack = TopStack(model, hidden.cut).eval()
     params = trained_parameters(model)
     with only_trained(model, params):
         optimizer = torch.optim.SGD(params, lr=0.0)  # speed only: the weights stay
-        with PrivateSteps(stack, params, optimizer, noise_multiplier=noise, clip=0.1,
-                          expected_batch=len(batches[0]), mode=mode) as runner:
+        with PrivateSteps(
+            stack,
+            params,
+            optimizer,
+            noise_multiplier=noise,
+            clip=0.1,
+            expected_batch=len(batches[0]),
+            mode=mode,
+        ) as runner:
+
             def step(index: torch.Tensor) -> None:
-                runner.step([functools.partial(_losses, stack, hidden, labels, chunk, CPU)
-                             for chunk in hidden.chunks(index, MAX_TOKENS)])
+                runner.step(
+                    [
+                        functools.partial(_losses, stack, hidden, labels, chunk, CPU)
+                        for chunk in hidden.chunks(index, MAX_TOKENS)
+                    ]
+                )
+
             return timed(step, batches)
 
 
-def all_layers_arm(model: nn.Module, data, batches: list[torch.Tensor], noise: float,
-                   mode: str) -> dict[str, float]:
+def all_layers_arm(
+    model: nn.Module, data, batches: list[torch.Tensor], noise: float, mode: str
+) -> dict[str, float]:
     """DP steps with adapters in every layer, the whole encoder run from the token ids."""
     input_ids, mask, labels = data.tensors
     lengths = mask.sum(dim=1)
@@ -107,11 +137,21 @@ def all_layers_arm(model: nn.Module, data, batches: list[torch.Tensor], noise: f
     model.eval()
     with only_trained(model, params):
         optimizer = torch.optim.SGD(params, lr=0.0)
-        with PrivateSteps(model, params, optimizer, noise_multiplier=noise, clip=0.1,
-                          expected_batch=len(batches[0]), mode=mode) as runner:
+        with PrivateSteps(
+            model,
+            params,
+            optimizer,
+            noise_multiplier=noise,
+            clip=0.1,
+            expected_batch=len(batches[0]),
+            mode=mode,
+        ) as runner:
+
             def step(index: torch.Tensor) -> None:
-                runner.step([functools.partial(losses, chunk)
-                             for chunk in length_chunks(lengths, index, MAX_TOKENS)])
+                runner.step(
+                    [functools.partial(losses, chunk) for chunk in length_chunks(lengths, index, MAX_TOKENS)]
+                )
+
             return timed(step, batches)
 
 
@@ -155,7 +195,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cut = depth(top) - args.layers
     hidden = compute_hidden(top, data, cut, CPU)
     gen = torch.Generator().manual_seed(args.seed)
-    batches = [torch.randperm(len(data), generator=gen)[:args.batch] for _ in range(args.steps + 1)]
+    batches = [torch.randperm(len(data), generator=gen)[: args.batch] for _ in range(args.steps + 1)]
     labels = data.tensors[2]
     arms: dict[str, dict[str, float]] = {}
     for mode in args.modes:
@@ -168,35 +208,55 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     arms["all_layers_dp"] = all_layers_arm(every, data, batches, 1.0, fastest)
     speed = {name: arm["examples_per_cpu_second"] for name, arm in arms.items()}
     dp = speed[f"cached_dp_{fastest}"]
-    ratios = {"dp_slowdown": round(speed["cached_nonprivate"] / dp, 3),
-              "cache_speedup": round(dp / speed["all_layers_dp"], 3)}
+    ratios = {
+        "dp_slowdown": round(speed["cached_nonprivate"] / dp, 3),
+        "cache_speedup": round(dp / speed["all_layers_dp"], 3),
+    }
     return {
         "fastest_mode": fastest,
         "ratios": ratios,
-        "targets": {**TARGETS,
-                    "dp_slowdown_met": ratios["dp_slowdown"] <= TARGETS["dp_slowdown_max"],
-                    "cache_speedup_met": ratios["cache_speedup"] >= TARGETS["cache_speedup_min"]},
+        "targets": {
+            **TARGETS,
+            "dp_slowdown_met": ratios["dp_slowdown"] <= TARGETS["dp_slowdown_max"],
+            "cache_speedup_met": ratios["cache_speedup"] >= TARGETS["cache_speedup_min"],
+        },
         "arms": arms,
         "cache": storage_check(top, data, cut, min(len(data), 1024)),
-        "settings": {"task": args.task, "model": args.model, "examples": len(data),
-                     "batch": args.batch, "measured_steps": args.steps, "layers": args.layers,
-                     "cut": cut, "max_tokens_per_chunk": MAX_TOKENS, "seed": args.seed},
-        "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__},
+        "settings": {
+            "task": args.task,
+            "model": args.model,
+            "examples": len(data),
+            "batch": args.batch,
+            "measured_steps": args.steps,
+            "layers": args.layers,
+            "cut": cut,
+            "max_tokens_per_chunk": MAX_TOKENS,
+            "seed": args.seed,
+        },
+        "machine": {
+            "platform": platform.platform(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
     }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: run the arms, write and print the JSON."""
-    parser = argparse.ArgumentParser(prog="python -m simulations.bench.lora_speed",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m simulations.bench.lora_speed", description=__doc__.split("\n\n")[0]
+    )
     common_arguments(parser)
     parser.add_argument("--examples", type=int, default=4096, help="sentences to draw batches from")
     parser.add_argument("--batch", type=int, default=1024, help="examples per step")
     parser.add_argument("--steps", type=int, default=3, help="measured steps per arm")
     parser.add_argument("--layers", type=int, default=LAYERS, help="top layers with adapters")
-    parser.add_argument("--modes", type=lambda v: v.split(","), default=list(MODES),
-                        help=f"Opacus grad_sample_modes to time, comma-separated ({MODES})")
+    parser.add_argument(
+        "--modes",
+        type=lambda v: v.split(","),
+        default=list(MODES),
+        help=f"Opacus grad_sample_modes to time, comma-separated ({MODES})",
+    )
     args = parser.parse_args(argv)
     unknown = sorted(set(args.modes) - set(MODES))
     if unknown:

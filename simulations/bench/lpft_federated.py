@@ -24,8 +24,9 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from fedseal.common.config import FedConfig
 from fedseal.common.lora_rule import adapter_rounds
@@ -43,9 +44,20 @@ def arm_config(arm: str, rounds: int, **settings: Any) -> FedConfig:
     return FedConfig(finetune="lora", rounds=rounds, dp=arm == "lpft", **settings)
 
 
-def run_arm(arm: str, data: Path, out: Path, *, examples: int, sites: int, rounds: int,
-            epsilon: float, partition: str = "iid", seed: int = 0,
-            model: str = "default", device: str = "auto") -> dict[str, Any]:
+def run_arm(
+    arm: str,
+    data: Path,
+    out: Path,
+    *,
+    examples: int,
+    sites: int,
+    rounds: int,
+    epsilon: float,
+    partition: str = "iid",
+    seed: int = 0,
+    model: str = "default",
+    device: str = "auto",
+) -> dict[str, Any]:
     """One run of ``arm`` on the first ``examples`` SST-2 training sentences over ``sites`` sites.
 
     Returns the final dev accuracy, the rounds' accuracies, the largest site
@@ -59,17 +71,34 @@ def run_arm(arm: str, data: Path, out: Path, *, examples: int, sites: int, round
     train = read_examples(data / "train.tsv")
     out.mkdir(parents=True, exist_ok=True)
     write_examples(train.subset(range(examples)), out / "train.jsonl")
-    cfg = prepare_sites(arm_config(
-        arm, rounds, model=model, train=str(out / "train.jsonl"), eval=str(data / "dev.tsv"),
-        labels=("0", "1"), clients=sites, min_clients=sites, partition=partition,
-        epsilon=epsilon, accountant="rdp", secagg=False, seed=seed, device=device,
-        out=str(out / arm)))
+    cfg = prepare_sites(
+        arm_config(
+            arm,
+            rounds,
+            model=model,
+            train=str(out / "train.jsonl"),
+            eval=str(data / "dev.tsv"),
+            labels=("0", "1"),
+            clients=sites,
+            min_clients=sites,
+            partition=partition,
+            epsilon=epsilon,
+            accountant="rdp",
+            secagg=False,
+            seed=seed,
+            device=device,
+            out=str(out / arm),
+        )
+    )
     started = time.monotonic()
     summary = run_federation(LocalGrid(cfg.clients), cfg, run_id=RUN_ID)
     rows = [json.loads(line) for line in Path(summary["metrics"]).read_text().splitlines()]
-    return {"accuracy": summary["final_accuracy"],
-            "accuracy_per_round": [r["accuracy"] for r in rows],
-            "epsilon": summary["epsilon_max"], "seconds": round(time.monotonic() - started, 1)}
+    return {
+        "accuracy": summary["final_accuracy"],
+        "accuracy_per_round": [r["accuracy"] for r in rows],
+        "epsilon": summary["epsilon_max"],
+        "seconds": round(time.monotonic() - started, 1),
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -83,9 +112,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="lpft-bench-") as tmp:
         for repeat in range(args.repeats):
             for arm in args.arms:
-                result = run_arm(arm, args.data, Path(tmp), examples=args.examples,
-                                 sites=args.sites, rounds=args.rounds, epsilon=args.epsilon,
-                                 partition=args.partition, seed=args.seed, model=args.model)
+                result = run_arm(
+                    arm,
+                    args.data,
+                    Path(tmp),
+                    examples=args.examples,
+                    sites=args.sites,
+                    rounds=args.rounds,
+                    epsilon=args.epsilon,
+                    partition=args.partition,
+                    seed=args.seed,
+                    model=args.model,
+                )
                 log.info("repeat %d, %s: %s", repeat, arm, result)
                 results[arm].append(result)
                 if args.json:  # what finished so far, should the run be cut short
@@ -95,19 +133,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """The JSON: settings, and per arm each repeat's result and its accuracies in a list."""
-    arms = {arm: {"accuracy": [r["accuracy"] for r in runs], "runs": runs}
-            for arm, runs in results.items()}
+    arms = {arm: {"accuracy": [r["accuracy"] for r in runs], "runs": runs} for arm, runs in results.items()}
     if "probe" in results and "lpft" in results:
-        arms["lpft_minus_probe"] = [round(a["accuracy"] - b["accuracy"], 4)
-                                    for a, b in zip(results["lpft"], results["probe"])]
-    return {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "arms": arms}
+        arms["lpft_minus_probe"] = [
+            round(a["accuracy"] - b["accuracy"], 4) for a, b in zip(results["lpft"], results["probe"])
+        ]
+    return {
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "arms": arms,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(prog="python -m simulations.bench.lpft_federated",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m simulations.bench.lpft_federated", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--data", type=Path, required=True, help="SST-2 folder (train.tsv, dev.tsv)")
     parser.add_argument("--json", type=Path, help="where to write the JSON")
     parser.add_argument("--model", default="default")

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 def setup_bench_logging(level: str) -> None:
     """Timestamped log lines on stderr (replacing handlers libraries may have installed)."""
-    logging.basicConfig(level=level.upper(), force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=level.upper(), force=True, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 def emit_report(report: dict[str, Any], path: Path, *, quiet: bool = False) -> None:
@@ -23,8 +25,13 @@ def emit_report(report: dict[str, Any], path: Path, *, quiet: bool = False) -> N
         print(text)
 
 
-def finish(report: dict[str, Any], started: float, json_path: Path, plot_path: Path | None,
-           plot: Callable[[dict[str, Any], Path], None]) -> int:
+def finish(
+    report: dict[str, Any],
+    started: float,
+    json_path: Path,
+    plot_path: Path | None,
+    plot: Callable[[dict[str, Any], Path], None],
+) -> int:
     """A benchmark's last steps: its wall time since ``started`` (``time.monotonic``), the plot
     when asked for, the JSON written and printed; the exit status."""
     import time

@@ -48,8 +48,9 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -68,7 +69,7 @@ CLIENT_PHASES: tuple[tuple[str, str, str], ...] = (
     ("read data", "fedseal.client.training", "examples_of"),
     ("model and tokenizer", "fedseal.client.training", "global_model"),
     ("dp plan", "fedseal.client.training", "_plan"),
-    ("accounting", "fedseal.common.privacy", "epsilon_spent"),
+    ("accounting", "fedseal.common.phases", "epsilon_spent"),
     ("calibration", "fedseal.common.privacy", "plan_site"),
     ("tokenise", "fedseal.common.batches", "encode"),
     ("features", "fedseal.client.probe", "features"),
@@ -105,8 +106,7 @@ SERVER_PHASES: tuple[tuple[str, str, str], ...] = (
 when they run in the same thread, as under the local engine)."""
 
 MASKED_INPUT = "train.secagg_masked_input"
-SECAGG_STAGES = ("train.secagg_share_keys", MASKED_INPUT,
-                 "train.secagg_consistency", "train.secagg_unmask")
+SECAGG_STAGES = ("train.secagg_share_keys", MASKED_INPUT, "train.secagg_consistency", "train.secagg_unmask")
 
 
 class PhaseTimer:
@@ -162,8 +162,10 @@ class PhaseTimer:
     def take(self) -> dict[str, dict[str, float]]:
         """``{"wall": {phase: s}, "cpu": {phase: s}}`` so far, then zero."""
         with self._lock:
-            out = {"wall": {k: round(v, 6) for k, v in self.wall.items() if v},
-                   "cpu": {k: round(v, 6) for k, v in self.cpu_seconds.items() if v}}
+            out = {
+                "wall": {k: round(v, 6) for k, v in self.wall.items() if v},
+                "cpu": {k: round(v, 6) for k, v in self.cpu_seconds.items() if v},
+            }
             self.wall.clear()
             self.cpu_seconds.clear()
         return out
@@ -272,11 +274,17 @@ class ProfiledClientApp(ClientApp):
         if _SERVER_TIMER is not None:  # the local engine: the server's thread waited for this
             _SERVER_TIMER.add_nested(wall, time.thread_time() - own)
         phases = timer.take()
-        row = {"pid": os.getpid(), "type": message.metadata.message_type,
-               "round": _message_round(message), "node": context.node_id,
-               "seconds": round(wall, 6), "cpu_seconds": round(cpu, 6),
-               "phases": phases["wall"], "phases_cpu": phases["cpu"],
-               "threads": torch.get_num_threads()}
+        row = {
+            "pid": os.getpid(),
+            "type": message.metadata.message_type,
+            "round": _message_round(message),
+            "node": context.node_id,
+            "seconds": round(wall, 6),
+            "cpu_seconds": round(cpu, 6),
+            "phases": phases["wall"],
+            "phases_cpu": phases["cpu"],
+            "threads": torch.get_num_threads(),
+        }
         with open(Path(self.log_dir) / f"client-{os.getpid()}.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
         return reply
@@ -325,7 +333,7 @@ class ProcessTree:
             self._sample()
             self._stop.wait(0.5)
 
-    def __enter__(self) -> "ProcessTree":
+    def __enter__(self) -> ProcessTree:
         self._thread.start()
         return self
 
@@ -336,8 +344,9 @@ class ProcessTree:
         self.driver_cpu = sum(self._me.cpu_times()[:2]) - self._start
 
 
-def run_one(engine: str, sites: int, work: Path, rounds: int, timeout: float | None,
-            model: str = "default") -> dict[str, Any]:
+def run_one(
+    engine: str, sites: int, work: Path, rounds: int, timeout: float | None, model: str = "default"
+) -> dict[str, Any]:
     """One federation of ``sites`` sites through ``engine``; its timings."""
     from fedseal.common.config import FedConfig
     from fedseal.server.app import run_federation
@@ -347,8 +356,13 @@ def run_one(engine: str, sites: int, work: Path, rounds: int, timeout: float | N
     out = work / f"{engine}-{sites}"
     logs = out / "timings"
     logs.mkdir(parents=True, exist_ok=True)
-    settings: dict[str, Any] = {"clients": sites, "min_clients": sites, "rounds": rounds,
-                                "model": model, "out": str(out)}
+    settings: dict[str, Any] = {
+        "clients": sites,
+        "min_clients": sites,
+        "rounds": rounds,
+        "model": model,
+        "out": str(out),
+    }
     if timeout:
         settings["timeout"] = timeout
     cfg = FedConfig(**settings)
@@ -368,13 +382,20 @@ def run_one(engine: str, sites: int, work: Path, rounds: int, timeout: float | N
             simulate(cfg, client_app=app)
     wall = time.monotonic() - started
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    client = [json.loads(line) for path in sorted(logs.glob("client-*.jsonl"))
-              for line in path.read_text().splitlines()]
+    client = [
+        json.loads(line)
+        for path in sorted(logs.glob("client-*.jsonl"))
+        for line in path.read_text().splitlines()
+    ]
     run = summarise_run(engine, sites, rows, client, list(_SERVER_ROUNDS))
-    run.update(wall_seconds=round(wall, 1), cpu_seconds=round(tree.cpu, 1),
-               driver_cpu_seconds=round(tree.driver_cpu, 1), peak_rss_mib=round(tree.peak / 2**20),
-               load_before=[round(x, 2) for x in load_before],
-               load_after=[round(x, 2) for x in os.getloadavg()])
+    run.update(
+        wall_seconds=round(wall, 1),
+        cpu_seconds=round(tree.cpu, 1),
+        driver_cpu_seconds=round(tree.driver_cpu, 1),
+        peak_rss_mib=round(tree.peak / 2**20),
+        load_before=[round(x, 2) for x in load_before],
+        load_after=[round(x, 2) for x in os.getloadavg()],
+    )
     return run
 
 
@@ -390,8 +411,9 @@ def _per_site(messages: list[dict], key: str, count: int) -> dict[str, float]:
     return {k: round(v / count, 5) for k, v in sorted(phases.items())}
 
 
-def summarise_run(engine: str, sites: int, rows: list[dict], client: list[dict],
-                  server: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
+def summarise_run(
+    engine: str, sites: int, rows: list[dict], client: list[dict], server: list[dict[str, dict[str, float]]]
+) -> dict[str, Any]:
     """Per round: the metrics line's time, a site's phases (wall and CPU), SecAgg+ per site,
     and the server's phases."""
     from fedseal.common.secagg import default_k
@@ -407,34 +429,52 @@ def summarise_run(engine: str, sites: int, rows: list[dict], client: list[dict],
         count = max(len(train), 1)
         secagg = {}
         for clock, total, phases in (("wall", "seconds", "phases"), ("cpu", "cpu_seconds", "phases_cpu")):
-            stages = {t.split(".")[-1]: sum(m[total] for m in messages if m["type"] == t) / count
-                      for t in SECAGG_STAGES if t != MASKED_INPUT}
+            stages = {
+                t.split(".")[-1]: sum(m[total] for m in messages if m["type"] == t) / count
+                for t in SECAGG_STAGES
+                if t != MASKED_INPUT
+            }
             # the masked-input message also trains: only its masking is SecAgg+'s cost
-            stages[MASKED_INPUT.split(".")[-1]] = sum(m[phases].get("secagg masking", 0.0)
-                                                      for m in work) / count
-            stages["advert (in train)"] = sum(m[phases].get("secagg keys and encoding", 0.0)
-                                              for m in train) / count
-            secagg[clock] = {"per_site": round(sum(stages.values()), 5),
-                             "stages": {k: round(v, 5) for k, v in stages.items()}}
-        own = {clock: round(sum(v for k, v in server_phases[clock].items() if k != "send and wait"), 3)
-               for clock in ("wall", "cpu")}
-        rounds.append({
-            "round": row["round"],
-            "seconds": row["seconds"],
-            "contributors": len(row["contributors"]),
-            "failed": len(row["failed"]),
-            "timed_out": len(row.get("timed_out", [])),
-            "abandoned": row["abandoned"],
-            "accuracy": row["accuracy"],
-            "site_messages": len(messages),
-            "site_seconds": {"wall": round(sum(m["seconds"] for m in messages), 3),
-                             "cpu": round(sum(m["cpu_seconds"] for m in messages), 3)},
-            "train_per_site": {"wall": _per_site(work, "phases", count),
-                               "cpu": _per_site(work, "phases_cpu", count)},
-            "secagg": secagg,
-            "server": {**server_phases, "own": own,
-                       "send and wait": round(server_phases["wall"].get("send and wait", 0.0), 3)},
-        })
+            stages[MASKED_INPUT.split(".")[-1]] = (
+                sum(m[phases].get("secagg masking", 0.0) for m in work) / count
+            )
+            stages["advert (in train)"] = (
+                sum(m[phases].get("secagg keys and encoding", 0.0) for m in train) / count
+            )
+            secagg[clock] = {
+                "per_site": round(sum(stages.values()), 5),
+                "stages": {k: round(v, 5) for k, v in stages.items()},
+            }
+        own = {
+            clock: round(sum(v for k, v in server_phases[clock].items() if k != "send and wait"), 3)
+            for clock in ("wall", "cpu")
+        }
+        rounds.append(
+            {
+                "round": row["round"],
+                "seconds": row["seconds"],
+                "contributors": len(row["contributors"]),
+                "failed": len(row["failed"]),
+                "timed_out": len(row.get("timed_out", [])),
+                "abandoned": row["abandoned"],
+                "accuracy": row["accuracy"],
+                "site_messages": len(messages),
+                "site_seconds": {
+                    "wall": round(sum(m["seconds"] for m in messages), 3),
+                    "cpu": round(sum(m["cpu_seconds"] for m in messages), 3),
+                },
+                "train_per_site": {
+                    "wall": _per_site(work, "phases", count),
+                    "cpu": _per_site(work, "phases_cpu", count),
+                },
+                "secagg": secagg,
+                "server": {
+                    **server_phases,
+                    "own": own,
+                    "send and wait": round(server_phases["wall"].get("send and wait", 0.0), 3),
+                },
+            }
+        )
     return {
         "engine": engine,
         "sites": sites,
@@ -459,20 +499,29 @@ def secagg_fit(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
     fits = {}
     for engine in sorted({r["engine"] for r in runs}):
-        points = sorted((r["sites"], r["k"],
-                         float(np.median([x["secagg"]["cpu"]["per_site"] for x in r["rounds"]])))
-                        for r in runs if r["engine"] == engine and r["rounds"])
-        entry: dict[str, Any] = {"points": [{"sites": n, "k": k, "cpu_seconds_per_site": round(y, 5)}
-                                            for n, k, y in points]}
+        points = sorted(
+            (r["sites"], r["k"], float(np.median([x["secagg"]["cpu"]["per_site"] for x in r["rounds"]])))
+            for r in runs
+            if r["engine"] == engine and r["rounds"]
+        )
+        entry: dict[str, Any] = {
+            "points": [{"sites": n, "k": k, "cpu_seconds_per_site": round(y, 5)} for n, k, y in points]
+        }
         if len({k for _, k, _ in points}) >= 2:
             ks = np.array([k for _, k, _ in points], dtype=float)
             ys = np.array([y for _, _, y in points])
             b, a = np.polyfit(ks, ys, 1)
             (n0, _, y0), (n1, _, y1) = points[0], points[-1]
-            entry.update(a=round(float(a), 6), b_per_neighbour=round(float(b), 6),
-                         residuals=[round(float(y - (a + b * k)), 6) for k, y in zip(ks, ys)],
-                         growth={"sites": n1 / n0, "log2_sites": round(np.log2(n1) / np.log2(n0), 3),
-                                 "cpu_seconds_per_site": round(y1 / y0, 3)})
+            entry.update(
+                a=round(float(a), 6),
+                b_per_neighbour=round(float(b), 6),
+                residuals=[round(float(y - (a + b * k)), 6) for k, y in zip(ks, ys)],
+                growth={
+                    "sites": n1 / n0,
+                    "log2_sites": round(np.log2(n1) / np.log2(n0), 3),
+                    "cpu_seconds_per_site": round(y1 / y0, 3),
+                },
+            )
         fits[engine] = entry
     return fits
 
@@ -494,9 +543,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
             continue
         ns = [r["sites"] for r in mine]
         for index, style in ((0, ":"), (-1, "-")):
-            ax.plot(ns, [r["round_seconds"][index] if r["round_seconds"] else np.nan for r in mine],
-                    marker=marker, linestyle=style,
-                    label=f"{engine}, round {'1 (statistics)' if index == 0 else 'last (training)'}")
+            ax.plot(
+                ns,
+                [r["round_seconds"][index] if r["round_seconds"] else np.nan for r in mine],
+                marker=marker,
+                linestyle=style,
+                label=f"{engine}, round {'1 (statistics)' if index == 0 else 'last (training)'}",
+            )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("sites")
@@ -517,8 +570,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
             stacks[name].append(last["train_per_site"]["cpu"].get(name, 0.0))
         stages = last["secagg"]["cpu"]["stages"]
         # the advert and the masking are phases of the site's work already stacked above
-        stacks["secagg stages"].append(sum(v for k, v in stages.items()
-                                           if k not in ("advert (in train)", MASKED_INPUT.split(".")[-1])))
+        stacks["secagg stages"].append(
+            sum(v for k, v in stages.items() if k not in ("advert (in train)", MASKED_INPUT.split(".")[-1]))
+        )
     bottom = np.zeros(len(labels))
     cmap = plt.get_cmap("tab20")
     for i, (name, values) in enumerate(stacks.items()):
@@ -550,21 +604,27 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: run every (engine, sites), write the JSON (and plot), print it."""
-    parser = argparse.ArgumentParser(prog="python -m simulations.bench.scale",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sites", default=",".join(map(str, SITES)),
-                        help="comma-separated site counts (default 10,100)")
-    parser.add_argument("--engines", default=",".join(ENGINES),
-                        help="comma-separated subset of local,ray (default both)")
+    parser = argparse.ArgumentParser(
+        prog="python -m simulations.bench.scale", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--sites", default=",".join(map(str, SITES)), help="comma-separated site counts (default 10,100)"
+    )
+    parser.add_argument(
+        "--engines", default=",".join(ENGINES), help="comma-separated subset of local,ray (default both)"
+    )
     parser.add_argument("--rounds", type=int, default=ROUNDS)
-    parser.add_argument("--model", default="default",
-                        help="model path or hub name (default: the packaged all-MiniLM-L6-v2)")
-    parser.add_argument("--timeout", type=float, default=0.0,
-                        help="the run's --timeout (default: fedseal's default)")
+    parser.add_argument(
+        "--model", default="default", help="model path or hub name (default: the packaged all-MiniLM-L6-v2)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=0.0, help="the run's --timeout (default: fedseal's default)"
+    )
     parser.add_argument("--json", type=Path, required=True, help="where to write the JSON")
     parser.add_argument("--plot", type=Path, help="where to write the PNG (optional)")
-    parser.add_argument("--keep", type=Path, help="run in this folder and keep it (default: a "
-                                                  "temporary folder)")
+    parser.add_argument(
+        "--keep", type=Path, help="run in this folder and keep it (default: a temporary folder)"
+    )
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
     sites = [int(s) for s in args.sites.split(",")]
@@ -573,10 +633,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown engine(s) {sorted(set(engines) - set(ENGINES))}; use local and/or ray")
     setup_bench_logging(args.log_level)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    report: dict[str, Any] = {"settings": {"sites": sites, "engines": engines, "rounds": args.rounds,
-                                           "model": args.model,
-                                           "cpus": os.cpu_count()},
-                              "runs": []}
+    report: dict[str, Any] = {
+        "settings": {
+            "sites": sites,
+            "engines": engines,
+            "rounds": args.rounds,
+            "model": args.model,
+            "cpus": os.cpu_count(),
+        },
+        "runs": [],
+    }
     started = time.monotonic()
     try:
         _run_all(report, sites, engines, args)
@@ -586,8 +652,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return finish(report, started, args.json, args.plot, plot)
 
 
-def _run_all(report: dict[str, Any], sites: list[int], engines: list[str],
-             args: argparse.Namespace) -> None:
+def _run_all(report: dict[str, Any], sites: list[int], engines: list[str], args: argparse.Namespace) -> None:
     """Every (sites, engine) run, in order, each added to ``report`` (and its partial JSON)."""
     with tempfile.TemporaryDirectory(prefix="fedseal-bench-scale-") as tmp:
         work = args.keep or Path(tmp)
@@ -595,9 +660,16 @@ def _run_all(report: dict[str, Any], sites: list[int], engines: list[str],
             for engine in engines:
                 log.warning("%s engine, %d sites ...", engine, n)
                 run = run_one(engine, n, work, args.rounds, args.timeout, args.model)
-                log.warning("%s engine, %d sites: rounds %s s, wall %.1f s, CPU %.1f s, peak %d MiB, "
-                            "load %s", engine, n, run["round_seconds"], run["wall_seconds"],
-                            run["cpu_seconds"], run["peak_rss_mib"], run["load_before"])
+                log.warning(
+                    "%s engine, %d sites: rounds %s s, wall %.1f s, CPU %.1f s, peak %d MiB, load %s",
+                    engine,
+                    n,
+                    run["round_seconds"],
+                    run["wall_seconds"],
+                    run["cpu_seconds"],
+                    run["peak_rss_mib"],
+                    run["load_before"],
+                )
                 report["runs"].append(run)
                 report["secagg_per_site"] = secagg_fit(report["runs"])
                 emit_report(report, args.json.with_name(args.json.name + ".partial"), quiet=True)

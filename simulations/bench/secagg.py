@@ -54,8 +54,16 @@ from typing import Any
 
 import numpy as np
 
-from fedseal.common.secagg import (ClientState, RoundContext, ServerState, ShareMessage, default_k,
-                           default_threshold, generate_key_pair, make_identities)
+from fedseal.common.secagg import (
+    ClientState,
+    RoundContext,
+    ServerState,
+    ShareMessage,
+    default_k,
+    default_threshold,
+    generate_key_pair,
+    make_identities,
+)
 from fedseal.common.secagg.messages import pack_var_table
 from fedseal.common.secagg.protocol import B_SHARES, SEEDS, SK_SHARES
 from fedseal.common.secagg_wire import pack_ids, pack_routed, pack_shares, pack_table
@@ -132,8 +140,9 @@ class _Round:
         challenge_sk, challenge_pk = generate_key_pair()
         self.ctx = RoundContext(2**63 + 1, 1, self.ids, self.k, self.threshold, challenge_pk)
         self.server = ServerState(self.ctx, challenge_private=challenge_sk, vector_length=length)
-        self.clients = {i: ClientState(i, self.ctx, identity=self.identities[i], roster=self.roster)
-                        for i in self.ids}
+        self.clients = {
+            i: ClientState(i, self.ctx, identity=self.identities[i], roster=self.roster) for i in self.ids
+        }
         self.stage_s: dict[str, float] = {}
         target = self.ids[0]
         adverts = {}
@@ -159,8 +168,7 @@ class _Round:
         del self.clients
 
     def restore(self, node: int) -> ClientState:
-        return ClientState.restore_state(self.saved[node], identity=self.identities[node],
-                                         roster=self.roster)
+        return ClientState.restore_state(self.saved[node], identity=self.identities[node], roster=self.roster)
 
     def opened(self, node: int) -> dict[int, tuple[ShareMessage, bytes]]:
         return {s: (ShareMessage.decode(m)[0], ct) for s, (m, ct) in self.routed[node].items()}
@@ -232,17 +240,17 @@ def _time_flower(length: int, k: int, reps: int, seed: int) -> tuple[float, int]
             public_key_to_bytes(generate_key_pairs()[1]),
             public_key_to_bytes(generate_key_pairs()[1]),
         )
-    ss2 = {p: generate_shared_key(bytes_to_private_key(sk2), bytes_to_public_key(pk2))
-           for p, (_, pk2) in peers.items()}
+    ss2 = {
+        p: generate_shared_key(bytes_to_private_key(sk2), bytes_to_public_key(pk2))
+        for p, (_, pk2) in peers.items()
+    }
     ciphertexts = {
         p: encrypt(key, share_keys_plaintext_concat(p, nid, os.urandom(48), os.urandom(48)))
         for p, key in ss2.items()
     }
     rd_seed = os.urandom(32)
     # Flower's quantize() returns int32 arrays; factor_combine prepends the weight.
-    quantized = factor_combine(
-        123_456, [rng.integers(0, 2**22, size=length - 1, dtype=np.int32)]
-    )
+    quantized = factor_combine(123_456, [rng.integers(0, 2**22, size=length - 1, dtype=np.int32)])
 
     def once() -> list[np.ndarray]:
         available: list[int] = []
@@ -297,7 +305,10 @@ class _MaskedInputs(Mapping):
 
 
 def _server_round(
-    rnd: _Round, target: int, target_x: np.ndarray, target_y: np.ndarray,
+    rnd: _Round,
+    target: int,
+    target_x: np.ndarray,
+    target_y: np.ndarray,
     dropped: list[int],
 ) -> dict[str, Any]:
     """Mask every other client's input; time the target's view signing and unmasking and
@@ -340,9 +351,12 @@ def _server_round(
         "server_dropped": len(rnd.server.dropped),
         "server_round_setup_s": setup,
         "stage_s": stage_s,
-        "upload": {"view_signature": len(signatures[target]),
-                   "unmask": len(pack_shares(reply[B_SHARES])) + len(pack_shares(reply[SK_SHARES]))
-                   + len(pack_table(reply[SEEDS]))},
+        "upload": {
+            "view_signature": len(signatures[target]),
+            "unmask": len(pack_shares(reply[B_SHARES]))
+            + len(pack_shares(reply[SK_SHARES]))
+            + len(pack_table(reply[SEEDS])),
+        },
         "download": {"view": len(view), "view_signatures": len(pack_var_table(relays[target]))},
     }
 
@@ -357,7 +371,13 @@ def _estimate_server_s(rnd: _Round, dropped: list[int], per_mask_s: float) -> fl
 
 
 def bench_case(
-    size_name: str, length: int, n: int, *, reps: int, server_budget_s: float, seed: int,
+    size_name: str,
+    length: int,
+    n: int,
+    *,
+    reps: int,
+    server_budget_s: float,
+    seed: int,
 ) -> dict[str, Any]:
     """Measure one (vector size, cohort size) combination."""
     log.info("size=%s (L=%d) n=%d: setting up a real round", size_name, length, n)
@@ -372,12 +392,15 @@ def bench_case(
     log.info("  flower client mask:  %.4f s", flower_s)
 
     message, cts = rnd.shares[target]
-    upload = {"advert": len(rnd.adverts[target]), "share_message": len(message),
-              "ciphertexts": len(pack_table(cts)), "complaints": len(pack_table({}))}
+    upload = {
+        "advert": len(rnd.adverts[target]),
+        "share_message": len(message),
+        "ciphertexts": len(pack_table(cts)),
+        "complaints": len(pack_table({})),
+    }
     download = {
         "round_parameters": len(pack_ids(rnd.ids)) + 32 + 12,
-        "bundle": len(pack_var_table({j: a.encode(rnd.ctx.digest)
-                                      for j, a in rnd.bundles[target].items()})),
+        "bundle": len(pack_var_table({j: a.encode(rnd.ctx.digest) for j, a in rnd.bundles[target].items()})),
         "routed_shares": len(pack_routed(rnd.routed[target])),
     }
     row: dict[str, Any] = {
@@ -412,28 +435,33 @@ def bench_case(
         download.update(server.pop("download"))
         row.update(server)
         row["server_unmask_reason"] = (
-            f"measured once: {server['server_dropped']} of {n} nodes dropped after "
-            "sharing keys"
+            f"measured once: {server['server_dropped']} of {n} nodes dropped after sharing keys"
         )
-        log.info("  client round: %.4f s; server unmask: %.3f s (exact=%s)",
-                 row["client_round_s"], server["server_unmask_s"], server["server_exact"])
+        log.info(
+            "  client round: %.4f s; server unmask: %.3f s (exact=%s)",
+            row["client_round_s"],
+            server["server_unmask_s"],
+            server["server_exact"],
+        )
     masked_bytes = 4 * vector_length
     key_material = sum(upload.values())
     plain = 4 * length + 4
     bytes_per_client = masked_bytes + key_material
-    row.update({
-        "bytes_per_client": bytes_per_client,
-        "masked_vector_bytes": masked_bytes,
-        "key_material_bytes": key_material,
-        "key_material_upload": upload,
-        "key_material_download": download,
-        "download_key_material_bytes": sum(download.values()),
-        "share_ciphertexts": len(cts),
-        "plain_update_bytes": plain,
-        "bytes_ratio": bytes_per_client / (plain + key_material),
-        "bytes_ratio_vs_plain": bytes_per_client / plain,
-        "flower_masked_upload_bytes": flower_upload,
-    })
+    row.update(
+        {
+            "bytes_per_client": bytes_per_client,
+            "masked_vector_bytes": masked_bytes,
+            "key_material_bytes": key_material,
+            "key_material_upload": upload,
+            "key_material_download": download,
+            "download_key_material_bytes": sum(download.values()),
+            "share_ciphertexts": len(cts),
+            "plain_update_bytes": plain,
+            "bytes_ratio": bytes_per_client / (plain + key_material),
+            "bytes_ratio_vs_plain": bytes_per_client / plain,
+            "flower_masked_upload_bytes": flower_upload,
+        }
+    )
     return row
 
 
@@ -467,14 +495,17 @@ def _machine() -> dict[str, Any]:
 
 
 def run_benchmark(
-    sizes: dict[str, int], ns: Sequence[int], *, reps: int = CLIENT_REPS,
-    server_budget_s: float = SERVER_BUDGET_S, quick: bool = False,
+    sizes: dict[str, int],
+    ns: Sequence[int],
+    *,
+    reps: int = CLIENT_REPS,
+    server_budget_s: float = SERVER_BUDGET_S,
+    quick: bool = False,
 ) -> dict[str, Any]:
     """Run every (size, n) case and return the JSON-ready report."""
     start = time.perf_counter()
     results = [
-        bench_case(name, length, n, reps=reps, server_budget_s=server_budget_s,
-                   seed=1000 * idx + n)
+        bench_case(name, length, n, reps=reps, server_budget_s=server_budget_s, seed=1000 * idx + n)
         for idx, (name, length) in enumerate(sizes.items())
         for n in ns
     ]
@@ -482,8 +513,7 @@ def run_benchmark(
         f"client_mask_s: {CLIENT_METHOD}; median of {reps} runs.",
         f"flower_mask_s: {FLOWER_METHOD}; median of {reps} runs.",
         "speedup = flower_mask_s / client_mask_s.",
-        "k = min(default_k(n), n - 1), the effective neighbour count; threshold = "
-        "default_threshold(k).",
+        "k = min(default_k(n), n - 1), the effective neighbour count; threshold = default_threshold(k).",
         "The masked vector has length+1 uint32 entries (the weight rides inside); "
         "Flower's update is [(1,) weight factor, (length,) params].",
         "client_round_s: the target client's whole protocol cost in the round, the sum of "
@@ -512,16 +542,22 @@ def run_benchmark(
         notes.insert(0, "--quick run: tiny vector sizes, not the real model sizes.")
     return {
         "machine": _machine(),
-        "config": {"quick": quick, "sizes": sizes, "n": list(ns), "client_reps": reps,
-                   "server_budget_s": server_budget_s},
+        "config": {
+            "quick": quick,
+            "sizes": sizes,
+            "n": list(ns),
+            "client_reps": reps,
+            "server_budget_s": server_budget_s,
+        },
         "results": results,
         "notes": notes,
         "total_s": time.perf_counter() - start,
     }
 
 
-def round_overhead(n: int = 10, local_steps: int = 5, model: str = "default",
-                   rounds: int = 4) -> dict[str, Any]:
+def round_overhead(
+    n: int = 10, local_steps: int = 5, model: str = "default", rounds: int = 4
+) -> dict[str, Any]:
     """Round time with secure aggregation over without, same simulated federation.
 
     Both runs use the real ClientApp and ServerApp over the in-process grid
@@ -535,25 +571,41 @@ def round_overhead(n: int = 10, local_steps: int = 5, model: str = "default",
 
     from fedseal.common.config import FedConfig
     from fedseal.server.app import run_federation
-    from simulations.bench.local_grid import RUN_ID, LocalGrid
     from fedseal.simulations.simulate import prepare_sites
+    from simulations.bench.local_grid import RUN_ID, LocalGrid
 
     seconds, rounds_s = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for secagg in (False, True):
-            cfg = prepare_sites(FedConfig(model=model, finetune="lora", clients=n, min_clients=n,
-                                          rounds=rounds,
-                                          local_steps=local_steps, max_length=32, secagg=secagg,
-                                          out=f"{tmp}/secagg-{secagg}"))
+            cfg = prepare_sites(
+                FedConfig(
+                    model=model,
+                    finetune="lora",
+                    clients=n,
+                    min_clients=n,
+                    rounds=rounds,
+                    local_steps=local_steps,
+                    max_length=32,
+                    secagg=secagg,
+                    out=f"{tmp}/secagg-{secagg}",
+                )
+            )
             run_federation(LocalGrid(n), cfg, run_id=RUN_ID)
             rows = [json.loads(line) for line in Path(cfg.out, "metrics.jsonl").read_text().splitlines()]
             rounds_s[secagg] = [r["seconds"] for r in rows[1:]]
             seconds[secagg] = statistics.median(rounds_s[secagg])
-    return {"n": n, "model": model, "finetune": "lora", "local_steps": local_steps,
-            "rounds_timed": rounds - 1, "rounds_s_plain": rounds_s[False],
-            "rounds_s_secagg": rounds_s[True],
-            "round_s_plain": seconds[False], "round_s_secagg": seconds[True],
-            "round_overhead_ratio": seconds[True] / seconds[False]}
+    return {
+        "n": n,
+        "model": model,
+        "finetune": "lora",
+        "local_steps": local_steps,
+        "rounds_timed": rounds - 1,
+        "rounds_s_plain": rounds_s[False],
+        "rounds_s_secagg": rounds_s[True],
+        "round_s_plain": seconds[False],
+        "round_s_secagg": seconds[True],
+        "round_overhead_ratio": seconds[True] / seconds[False],
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -562,10 +614,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m simulations.bench.secagg", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--json", type=Path, required=True, help="where to write the JSON")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny sizes and n in (5, 10); finishes in seconds")
-    parser.add_argument("--server-budget", type=float, default=SERVER_BUDGET_S,
-                        help="skip server measurements estimated above this many seconds")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes and n in (5, 10); finishes in seconds"
+    )
+    parser.add_argument(
+        "--server-budget",
+        type=float,
+        default=SERVER_BUDGET_S,
+        help="skip server measurements estimated above this many seconds",
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     setup_bench_logging(args.log_level)

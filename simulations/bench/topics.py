@@ -21,14 +21,34 @@ from fedseal.common.data import Examples, write_examples
 TOPICS = {
     "sport": ("goal", "match", "striker", "tennis", "league", "coach", "stadium", "referee"),
     "politics": ("election", "senate", "minister", "vote", "parliament", "policy", "campaign", "law"),
-    "science": ("experiment", "molecule", "telescope", "physics", "laboratory", "genome", "theory",
-                "data"),
+    "science": ("experiment", "molecule", "telescope", "physics", "laboratory", "genome", "theory", "data"),
     "food": ("recipe", "bread", "cheese", "spicy", "dessert", "kitchen", "soup", "flavour"),
     "travel": ("flight", "hotel", "beach", "passport", "tourist", "island", "luggage", "journey"),
     "music": ("guitar", "album", "concert", "melody", "drummer", "song", "orchestra", "lyrics"),
 }
-FILLER = ("the", "a", "was", "is", "and", "with", "this", "that", "of", "in", "we", "they",
-          "new", "about", "after", "today", "really", "some", "report", "people", "week")
+FILLER = (
+    "the",
+    "a",
+    "was",
+    "is",
+    "and",
+    "with",
+    "this",
+    "that",
+    "of",
+    "in",
+    "we",
+    "they",
+    "new",
+    "about",
+    "after",
+    "today",
+    "really",
+    "some",
+    "report",
+    "people",
+    "week",
+)
 
 
 def topic_examples(n: int, seed: int, label_noise: float = 0.05) -> Examples:

@@ -38,8 +38,9 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -63,8 +64,9 @@ def read_split(data: Path, name: str) -> Examples:
     """``<data>/<name>.tsv`` in the GLUE layout; SystemExit naming the folder if it is absent."""
     path = data / f"{name}.tsv"
     if not path.exists():
-        raise SystemExit(f"{path} not found: --data must be the SST-2 folder holding "
-                         "train.tsv and dev.tsv (GLUE layout)")
+        raise SystemExit(
+            f"{path} not found: --data must be the SST-2 folder holding train.tsv and dev.tsv (GLUE layout)"
+        )
     return read_examples(path, text_column="sentence", label_column="label")
 
 
@@ -73,16 +75,17 @@ def prepare(data: Path, work: Path, train_size: int | None) -> tuple[Path, Path,
     train = read_split(data, "train")
     read_split(data, "dev")  # fail early on a broken dev file
     size = len(train) if not train_size else min(train_size, len(train))
-    path = write_examples(train.subset(range(size)), work / "train.jsonl",
-                          text_column="sentence", label_column="label")
+    path = write_examples(
+        train.subset(range(size)), work / "train.jsonl", text_column="sentence", label_column="label"
+    )
     return path, data / "dev.tsv", size
 
 
 def run_federated(cfg: FedConfig) -> dict[str, Any]:
     """One federated run over the in-process grid; accuracy curve and timings."""
     from fedseal.server.app import run_federation
-    from simulations.bench.local_grid import RUN_ID, LocalGrid
     from fedseal.simulations.simulate import prepare_sites
+    from simulations.bench.local_grid import RUN_ID, LocalGrid
 
     cfg = prepare_sites(cfg)
     started = time.monotonic()
@@ -98,8 +101,9 @@ def run_federated(cfg: FedConfig) -> dict[str, Any]:
         "abandoned_rounds": sum(bool(r["abandoned"]) for r in rows),
         "rounds": len(rows),
         "seconds_per_round": round(sum(r["seconds"] for r in rows) / max(len(rows), 1), 3),
-        "bytes_received_per_site_round": round(sum(r["bytes_received"] for r in rows)
-                                               / max(len(rows), 1) / cfg.clients),
+        "bytes_received_per_site_round": round(
+            sum(r["bytes_received"] for r in rows) / max(len(rows), 1) / cfg.clients
+        ),
         "wall_seconds": round(wall, 1),
     }
 
@@ -114,8 +118,7 @@ def pool_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "macro_f1": round(sum(r["macro_f1"] for r in runs) / len(runs), 4),
         "accuracy_per_round": [round(sum(a) / len(a), 4) for a in rounds],
         "spread": {"min": [min(a) for a in rounds], "max": [max(a) for a in rounds]},
-        "epsilon_max": max((r["epsilon_max"] for r in runs if r["epsilon_max"] is not None),
-                           default=None),
+        "epsilon_max": max((r["epsilon_max"] for r in runs if r["epsilon_max"] is not None), default=None),
         "wall_seconds": round(sum(r["wall_seconds"] for r in runs), 1),
         "runs": runs,
     }
@@ -133,17 +136,22 @@ def plot(report: dict[str, Any], path: Path) -> None:
         arms = report["arms"].get(partition, {})
         eps = [e for e in EPSILONS if f"fed_dp_eps{e:g}" in arms]
         if eps:
-            ax.plot(eps, [arms[f"fed_dp_eps{e:g}"]["accuracy"] for e in eps], "o-",
-                    color=colour, label=f"{partition}, DP")
+            ax.plot(
+                eps,
+                [arms[f"fed_dp_eps{e:g}"]["accuracy"] for e in eps],
+                "o-",
+                color=colour,
+                label=f"{partition}, DP",
+            )
         if "fed" in arms:
-            ax.axhline(arms["fed"]["accuracy"], color=colour, linestyle="--",
-                       label=f"{partition}, non-private")
+            ax.axhline(
+                arms["fed"]["accuracy"], color=colour, linestyle="--", label=f"{partition}, non-private"
+            )
     ax.set_xscale("log", base=2)
     ax.set_xticks(EPSILONS, [f"{e:g}" for e in EPSILONS])
     ax.set_xlabel("epsilon per site (delta 1e-5)")
     ax.set_ylabel("SST-2 dev accuracy")
-    ax.set_title(f"fedseal, {report['settings']['sites']} sites, "
-                 f"{report['settings']['rounds']} rounds")
+    ax.set_title(f"fedseal, {report['settings']['sites']} sites, {report['settings']['rounds']} rounds")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -152,8 +160,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def summarise(arms: dict[str, dict[str, Any]], args: argparse.Namespace, size: int,
-              base: FedConfig) -> dict[str, Any]:
+def summarise(
+    arms: dict[str, dict[str, Any]], args: argparse.Namespace, size: int, base: FedConfig
+) -> dict[str, Any]:
     """The report of the arms run so far."""
     iid = arms.get("iid", {})
     report: dict[str, Any] = {
@@ -171,25 +180,36 @@ def summarise(arms: dict[str, dict[str, Any]], args: argparse.Namespace, size: i
         ddp_targets: dict[str, Any] = dict(DDP_TARGETS)
         if ddp_eps8 is not None and report["fed_acc"] is not None:
             gap = report["fed_acc"] - ddp_eps8
-            ddp_targets.update(gap_eps8=round(gap, 4),
-                               gap_eps8_met=gap <= DDP_TARGETS["ddp_gap_max_eps8"])
+            ddp_targets.update(gap_eps8=round(gap, 4), gap_eps8_met=gap <= DDP_TARGETS["ddp_gap_max_eps8"])
         if ddp_eps1 is not None:
-            ddp_targets.update(acc_eps1=ddp_eps1,
-                               acc_eps1_met=ddp_eps1 >= DDP_TARGETS["ddp_acc_min_eps1"])
+            ddp_targets.update(acc_eps1=ddp_eps1, acc_eps1_met=ddp_eps1 >= DDP_TARGETS["ddp_acc_min_eps1"])
         report["ddp_targets"] = ddp_targets
-    report["curve"] = {p: {name: a["accuracy"] for name, a in runs.items()}
-                       for p, runs in arms.items()}
+    report["curve"] = {p: {name: a["accuracy"] for name, a in runs.items()} for p, runs in arms.items()}
     report["arms"] = arms
     report["settings"] = {
-        "model": args.model, "train_examples": size, "dev_examples": 872, "sites": args.sites,
-        "rounds": args.rounds, "partitions": list(args.partitions), "dirichlet_alpha": args.alpha,
-        "epsilons": list(args.epsilons), "delta": args.delta, "accountant": args.accountant,
-        "finetune": base.finetune, "training_settings": "auto (fedseal.common.dp_rule)",
-        "secagg": base.secagg, "seed": args.seed, "repeats": args.repeats,
-        "dp_noise": list(args.dp_noise), "ddp_rounds": args.ddp_rounds,
+        "model": args.model,
+        "train_examples": size,
+        "dev_examples": 872,
+        "sites": args.sites,
+        "rounds": args.rounds,
+        "partitions": list(args.partitions),
+        "dirichlet_alpha": args.alpha,
+        "epsilons": list(args.epsilons),
+        "delta": args.delta,
+        "accountant": args.accountant,
+        "finetune": base.finetune,
+        "training_settings": "auto (fedseal.common.dp_rule)",
+        "secagg": base.secagg,
+        "seed": args.seed,
+        "repeats": args.repeats,
+        "dp_noise": list(args.dp_noise),
+        "ddp_rounds": args.ddp_rounds,
     }
-    report["machine"] = {"platform": platform.platform(), "torch_threads": torch.get_num_threads(),
-                         "device": str(pick_device(base.device))}
+    report["machine"] = {
+        "platform": platform.platform(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(pick_device(base.device)),
+    }
     return report
 
 
@@ -200,28 +220,61 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="fedseal-bench-utility-") as tmp:
         work = Path(tmp)
         train_file, dev_file, size = prepare(args.data, work, args.train_size)
-        base = FedConfig(model=args.model, train=str(train_file), eval=str(dev_file),
-                         labels=("0", "1"), clients=args.sites, min_clients=args.sites,
-                         rounds=args.rounds, delta=args.delta, alpha=args.alpha, seed=args.seed,
-                         accountant=args.accountant, out=str(work / "out"))
-        log.info("SST-2 train of %d examples over %d sites, %d rounds, epsilons %s",
-                 size, args.sites, args.rounds, list(args.epsilons))
+        base = FedConfig(
+            model=args.model,
+            train=str(train_file),
+            eval=str(dev_file),
+            labels=("0", "1"),
+            clients=args.sites,
+            min_clients=args.sites,
+            rounds=args.rounds,
+            delta=args.delta,
+            alpha=args.alpha,
+            seed=args.seed,
+            accountant=args.accountant,
+            out=str(work / "out"),
+        )
+        log.info(
+            "SST-2 train of %d examples over %d sites, %d rounds, epsilons %s",
+            size,
+            args.sites,
+            args.rounds,
+            list(args.epsilons),
+        )
         for partition in args.partitions:
-            runs = [("fed", base.replace(dp=False))] + [
-                (f"fed_ddp_eps{e:g}", base.replace(epsilon=e, dp_noise="distributed",
-                                                    rounds=args.ddp_rounds))
-                for e in args.epsilons if "distributed" in args.dp_noise] + [
-                (f"fed_dp_eps{e:g}", base.replace(epsilon=e)) for e in args.epsilons
-                if "local" in args.dp_noise]
+            runs = (
+                [("fed", base.replace(dp=False))]
+                + [
+                    (
+                        f"fed_ddp_eps{e:g}",
+                        base.replace(epsilon=e, dp_noise="distributed", rounds=args.ddp_rounds),
+                    )
+                    for e in args.epsilons
+                    if "distributed" in args.dp_noise
+                ]
+                + [
+                    (f"fed_dp_eps{e:g}", base.replace(epsilon=e))
+                    for e in args.epsilons
+                    if "local" in args.dp_noise
+                ]
+            )
             for name, cfg in runs:
                 log.info("%s arm %s ...", partition, name)
-                arms[partition][name] = pool_runs([
-                    run_federated(cfg.replace(partition=partition,
-                                              out=str(work / partition / name / str(i))))
-                    for i in range(args.repeats)])
-                log.info("%s arm %s: accuracy %.4f by round %s", partition, name,
-                         arms[partition][name]["accuracy"],
-                         arms[partition][name]["accuracy_per_round"])
+                arms[partition][name] = pool_runs(
+                    [
+                        run_federated(
+                            cfg.replace(partition=partition, out=str(work / partition / name / str(i)))
+                        )
+                        for i in range(args.repeats)
+                    ]
+                )
+                log.info(
+                    "%s arm %s: accuracy %.4f by round %s",
+                    partition,
+                    name,
+                    arms[partition][name]["accuracy"],
+                    arms[partition][name]["accuracy_per_round"],
+                )
                 partial = args.json.with_name(args.json.name + ".partial")
                 emit_report(summarise(arms, args, size, base), partial, quiet=True)
     return summarise(arms, args, size, base)
@@ -229,32 +282,52 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: run the benchmark, write the JSON (and plot), print the JSON."""
-    parser = argparse.ArgumentParser(prog="python -m simulations.bench.utility",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m simulations.bench.utility", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--data", type=Path, required=True, help="SST-2 folder (train.tsv, dev.tsv)")
     parser.add_argument("--json", type=Path, required=True, help="where to write the JSON")
     parser.add_argument("--plot", type=Path, help="where to write the PNG curve (optional)")
     parser.add_argument("--model", default="default", help="model path or hub name")
-    parser.add_argument("--train-size", type=int, default=0,
-                        help="use only the first N training examples (default: all)")
+    parser.add_argument(
+        "--train-size", type=int, default=0, help="use only the first N training examples (default: all)"
+    )
     parser.add_argument("--sites", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--epsilons", type=lambda v: tuple(float(e) for e in v.split(",")),
-                        default=EPSILONS, help="comma-separated (default 1,2,4,8)")
-    parser.add_argument("--partitions", type=lambda v: tuple(v.split(",")), default=PARTITIONS,
-                        help="comma-separated subset of iid,dirichlet (default both)")
+    parser.add_argument(
+        "--epsilons",
+        type=lambda v: tuple(float(e) for e in v.split(",")),
+        default=EPSILONS,
+        help="comma-separated (default 1,2,4,8)",
+    )
+    parser.add_argument(
+        "--partitions",
+        type=lambda v: tuple(v.split(",")),
+        default=PARTITIONS,
+        help="comma-separated subset of iid,dirichlet (default both)",
+    )
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha")
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--accountant", default="prv", choices=("prv", "rdp"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="runs per arm, on the same partition with fresh noise (default 1)")
-    parser.add_argument("--dp-noise", type=lambda v: tuple(v.split(",")), default=("local",),
-                        help="comma-separated subset of local,distributed: the DP arms to run "
-                             "(default local)")
-    parser.add_argument("--ddp-rounds", type=int, default=101,
-                        help="rounds of the distributed arms: 1 statistics round, then one "
-                             "DP-SGD step a round (default 101)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="runs per arm, on the same partition with fresh noise (default 1)",
+    )
+    parser.add_argument(
+        "--dp-noise",
+        type=lambda v: tuple(v.split(",")),
+        default=("local",),
+        help="comma-separated subset of local,distributed: the DP arms to run (default local)",
+    )
+    parser.add_argument(
+        "--ddp-rounds",
+        type=int,
+        default=101,
+        help="rounds of the distributed arms: 1 statistics round, then one DP-SGD step a round (default 101)",
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     if args.repeats < 1:
@@ -263,8 +336,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown partition(s) {sorted(unknown)}; use iid and/or dirichlet")
     if set(args.dp_noise) - set(NOISE_MODES):
-        parser.error(f"unknown --dp-noise {sorted(set(args.dp_noise) - set(NOISE_MODES))}; use "
-                     "local and/or distributed")
+        parser.error(
+            f"unknown --dp-noise {sorted(set(args.dp_noise) - set(NOISE_MODES))}; use "
+            "local and/or distributed"
+        )
     setup_bench_logging(args.log_level)
     started = time.monotonic()
     return finish(run_benchmark(args), started, args.json, args.plot, plot)

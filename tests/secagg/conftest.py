@@ -72,7 +72,8 @@ class Round:
 
     def share(self, replies=None) -> dict:
         self.routed, rejected = self.server.collect_shares(
-            replies if replies is not None else self.share_replies())
+            replies if replies is not None else self.share_replies()
+        )
         return rejected
 
     def opened(self, node: int, routed: dict | None = None) -> dict:
@@ -80,23 +81,30 @@ class Round:
         return {s: (ShareMessage.decode(m)[0], ct) for s, (m, ct) in routed[node].items()}
 
     def masked_replies(self, nodes=None) -> dict:
-        return {i: self.clients[i].masked_input(self.opened(i), self.vectors[i])
-                for i in (nodes if nodes is not None else self.routed)}
+        return {
+            i: self.clients[i].masked_input(self.opened(i), self.vectors[i])
+            for i in (nodes if nodes is not None else self.routed)
+        }
 
     def mask(self, replies=None) -> dict:
         self.view, rejected = self.server.collect_masked(
-            replies if replies is not None else self.masked_replies())
+            replies if replies is not None else self.masked_replies()
+        )
         return rejected
 
     def sign(self, nodes=None) -> dict:
-        sigs = {i: self.clients[i].sign_view(self.view)
-                for i in (nodes if nodes is not None else self.server.survivors)}
+        sigs = {
+            i: self.clients[i].sign_view(self.view)
+            for i in (nodes if nodes is not None else self.server.survivors)
+        }
         self.relays, rejected = self.server.collect_signatures(sigs)
         return rejected
 
     def unmask_replies(self, nodes=None) -> dict:
-        return {i: self.clients[i].unmask(self.view, self.relays[i])
-                for i in (nodes if nodes is not None else self.relays)}
+        return {
+            i: self.clients[i].unmask(self.view, self.relays[i])
+            for i in (nodes if nodes is not None else self.relays)
+        }
 
     def finalize(self, replies=None):
         return self.server.finalize(replies if replies is not None else self.unmask_replies())
@@ -108,17 +116,28 @@ class Round:
         return total
 
 
-def make_round(n: int, *, k: int, threshold: int, length: int = 32, run_id: int = 11,
-               round_id: int = 3, seed: int = 0, min_survivors: int = 1,
-               kind: str = "ed25519") -> Round:
+def make_round(
+    n: int,
+    *,
+    k: int,
+    threshold: int,
+    length: int = 32,
+    run_id: int = 11,
+    round_id: int = 3,
+    seed: int = 0,
+    min_survivors: int = 1,
+    kind: str = "ed25519",
+) -> Round:
     """Sites and a server for one round (nothing sent yet)."""
     ids = node_ids(n, seed)
     identities, roster = make_identities(ids, kind)
     challenge_sk, challenge_pk = generate_key_pair()
     ctx = RoundContext(run_id, round_id, ids, k, threshold, challenge_pk)
     server = ServerState(ctx, challenge_private=challenge_sk, vector_length=length)
-    clients = {i: ClientState(i, ctx, identity=identities[i], roster=roster,
-                              min_survivors=min_survivors) for i in ids}
+    clients = {
+        i: ClientState(i, ctx, identity=identities[i], roster=roster, min_survivors=min_survivors)
+        for i in ids
+    }
     rng = np.random.default_rng(seed + 1)
     vectors = {i: rng.integers(0, 2**32, size=length, dtype=np.uint32) for i in ids}
     return Round(ctx, server, clients, vectors, identities, roster)

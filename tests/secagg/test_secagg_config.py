@@ -7,23 +7,26 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fedseal.common.buckets import size_bucket
 from fedseal.common.config import ConfigError, FedConfig
 from fedseal.common.secagg_wire import SumRangeError, decode_sum, encode_update, quant_config
-from fedseal.common.dp_rule import size_bucket
 from fedseal.common.weights import BUCKETS, site_weight, weight_range
 from fedseal.server.aggregate import RoundSums
 
 
-@pytest.mark.parametrize("settings,match", [
-    ({"secagg_k": 3, "clients": 10}, "odd"),
-    ({"secagg_threshold": 5, "clients": 10, "min_clients": 3}, "round of 3 sites"),
-    ({"secagg_threshold": 2, "secagg_k": 8, "clients": 10}, "strict majority"),
-    ({"update_clip": 5e8, "clients": 10}, "too large to encode 10 sites"),
-    ({"seed": -1}, "seed must be >= 0"),
-    ({"min_clients": 1}, "at least 2 sites"),
-    ({"weighting": "examples"}, "exact example count"),
-    ({"weighting": "sizes"}, "weighting must be one of"),
-])
+@pytest.mark.parametrize(
+    "settings,match",
+    [
+        ({"secagg_k": 3, "clients": 10}, "odd"),
+        ({"secagg_threshold": 5, "clients": 10, "min_clients": 3}, "round of 3 sites"),
+        ({"secagg_threshold": 2, "secagg_k": 8, "clients": 10}, "strict majority"),
+        ({"update_clip": 5e8, "clients": 10}, "too large to encode 10 sites"),
+        ({"seed": -1}, "seed must be >= 0"),
+        ({"min_clients": 1}, "at least 2 sites"),
+        ({"weighting": "examples"}, "exact example count"),
+        ({"weighting": "sizes"}, "weighting must be one of"),
+    ],
+)
 def test_settings_that_would_fail_mid_run_fail_now(settings, match) -> None:
     with pytest.raises(ConfigError, match=match):
         FedConfig(**settings)

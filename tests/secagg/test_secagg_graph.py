@@ -36,7 +36,12 @@ def test_ring_graph_properties(ids: set[int], half: int) -> None:
 def test_ring_neighbours_are_nearest_on_sorted_ring() -> None:
     ids = [50, 10, 40, 20, 30, 60]
     assert neighbours(ids, 2) == {
-        10: [20, 60], 20: [10, 30], 30: [20, 40], 40: [30, 50], 50: [40, 60], 60: [10, 50],
+        10: [20, 60],
+        20: [10, 30],
+        30: [20, 40],
+        40: [30, 50],
+        50: [40, 60],
+        60: [10, 50],
     }
     assert neighbours(ids, 5)[10] == [20, 30, 40, 50, 60]  # complete graph: SecAgg
 
@@ -58,8 +63,9 @@ def test_default_k(n: int, k: int) -> None:
     assert default_k(n) == k
 
 
-@pytest.mark.parametrize("k,t", [(0, 1), (1, 2), (2, 3), (3, 3), (4, 4), (5, 4), (6, 5), (8, 6),
-                                 (10, 7), (14, 10)])
+@pytest.mark.parametrize(
+    "k,t", [(0, 1), (1, 2), (2, 3), (3, 3), (4, 4), (5, 4), (6, 5), (8, 6), (10, 7), (14, 10)]
+)
 def test_default_threshold(k: int, t: int) -> None:
     assert default_threshold(k) == t
 

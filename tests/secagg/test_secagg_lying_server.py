@@ -16,10 +16,24 @@ import numpy as np
 import pytest
 from conftest import make_round, staged
 
-from fedseal.common.secagg import (Advert, ClientState, InvalidMessageError, ProtocolAbort, RoundContext,
-                           ShareMessage, StageError, UnmaskRefusedError, View, agree,
-                           combine_shares, default_k, default_threshold, expand_mask,
-                           generate_key_pair, make_identities)
+from fedseal.common.secagg import (
+    Advert,
+    ClientState,
+    InvalidMessageError,
+    ProtocolAbort,
+    RoundContext,
+    ShareMessage,
+    StageError,
+    UnmaskRefusedError,
+    View,
+    agree,
+    combine_shares,
+    default_k,
+    default_threshold,
+    expand_mask,
+    generate_key_pair,
+    make_identities,
+)
 from fedseal.common.secagg.crypto import public_key_from_private
 from fedseal.common.secagg.messages import PURPOSE_VIEW, ShareEntry, ciphertext_digest
 from fedseal.common.secagg.protocol import PURPOSE_MASK
@@ -73,13 +87,21 @@ def unmask_one(r, target: int, y: np.ndarray, replies, masking) -> np.ndarray | 
     x = y - expand_mask(b, len(y))
     sk_target = secret(target, "sk_shares")
     for j in sorted(masking[target]):
-        seed = replies.get(target, {}).get("seeds", {}).get(j) or \
-            replies.get(j, {}).get("seeds", {}).get(target)
+        seed = replies.get(target, {}).get("seeds", {}).get(j) or replies.get(j, {}).get("seeds", {}).get(
+            target
+        )
         for owner, other in ((j, target), (target, j)):
             sk = sk_target if owner == target else secret(j, "sk_shares")
             if seed is None and sk is not None and public_key_from_private(sk) == adverts[owner].s_pk:
-                seed = agree(sk, adverts[other].s_pk, run_id=ctx.run_id, round_id=ctx.round_id,
-                             node_a=owner, node_b=other, purpose=PURPOSE_MASK)
+                seed = agree(
+                    sk,
+                    adverts[other].s_pk,
+                    run_id=ctx.run_id,
+                    round_id=ctx.round_id,
+                    node_a=owner,
+                    node_b=other,
+                    purpose=PURPOSE_MASK,
+                )
         if seed is None:
             return None
         mask = expand_mask(seed, len(y))
@@ -102,8 +124,10 @@ def test_a_site_made_to_answer_twice_gives_its_input_away() -> None:
     saved = {i: c.export_state() for i, c in r.clients.items()}
 
     def clones():
-        return {i: ClientState.restore_state(s, identity=r.identities[i], roster=r.roster)
-                for i, s in saved.items()}
+        return {
+            i: ClientState.restore_state(s, identity=r.identities[i], roster=r.roster)
+            for i, s in saved.items()
+        }
 
     first, _, _ = ask(r, {i: view_of(r, r.ids, []) for i in r.ids}, clones())
     others = [i for i in r.ids if i != target]
@@ -177,8 +201,10 @@ def test_lies_at_k2_t2_with_five_sites_reveal_nothing() -> None:
         honest = view_of(r, r.ids, [])
         for size in range(6):
             for group in itertools.combinations(r.ids, size):
-                clients = {i: ClientState.restore_state(s, identity=r.identities[i],
-                                                        roster=r.roster) for i, s in saved.items()}
+                clients = {
+                    i: ClientState.restore_state(s, identity=r.identities[i], roster=r.roster)
+                    for i, s in saved.items()
+                }
                 views = {i: honest if i in group else lie for i in r.ids}
                 replies, _, _ = ask(r, views, clients)
                 assert unmask_one(r, target, ys[target], replies, masking_sets(r)) is None
@@ -244,8 +270,7 @@ def test_substituted_or_replayed_keys_are_refused() -> None:
     with pytest.raises(InvalidMessageError, match="does not verify"):
         r.clients[victim].share_keys({**r.bundles[victim], other: swapped})
     # the same site's genuine advert from another round (same keys, other context)
-    old = RoundContext(r.ctx.run_id, r.ctx.round_id - 1, r.ids, r.ctx.k, r.ctx.threshold,
-                       r.ctx.challenge)
+    old = RoundContext(r.ctx.run_id, r.ctx.round_id - 1, r.ids, r.ctx.k, r.ctx.threshold, r.ctx.challenge)
     replay_client = ClientState(other, old, identity=r.identities[other], roster=r.roster)
     replayed = replay_client.advertise_keys()
     with pytest.raises(InvalidMessageError, match="does not verify"):
@@ -298,13 +323,16 @@ def test_unmask_request_for_another_view_than_the_signed_one_is_refused() -> Non
 
 
 # ----------------------------------------------------------- view rules
-@pytest.mark.parametrize("case,match", [
-    ("self-dropped", "listed as dropped"),
-    ("both", "both as survivors and as dropped"),
-    ("neighbour-unlisted", "in neither list"),
-    ("stranger", "not participants"),
-    ("too-few-holders", "own share holders survived"),
-])
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("self-dropped", "listed as dropped"),
+        ("both", "both as survivors and as dropped"),
+        ("neighbour-unlisted", "in neither list"),
+        ("stranger", "not participants"),
+        ("too-few-holders", "own share holders survived"),
+    ],
+)
 def test_survivor_views_that_break_the_rules_are_not_signed(case: str, match: str) -> None:
     r = staged(7, k=4, threshold=3, seed=26)
     masked_all(r)
@@ -379,9 +407,12 @@ def test_a_forged_share_message_makes_the_site_leave_without_revealing_a_key() -
     sender = next(iter(r.routed[me]))
     message, _ = ShareMessage.decode(r.routed[me][sender][0])
     bad_ct = bytes(len(r.routed[me][sender][1]))
-    entries = tuple(e if e.holder != me else ShareEntry(e.holder, e.index, e.commit_b, e.commit_sk,
-                                                        ciphertext_digest(bad_ct))
-                    for e in message.entries)
+    entries = tuple(
+        e
+        if e.holder != me
+        else ShareEntry(e.holder, e.index, e.commit_b, e.commit_sk, ciphertext_digest(bad_ct))
+        for e in message.entries
+    )
     forged = ShareMessage(message.owner, message.seed, entries, b"\x01" * 64)
     opened = {**r.opened(me), sender: (forged, bad_ct)}
     with pytest.raises(UnmaskRefusedError, match="not signed by node"):

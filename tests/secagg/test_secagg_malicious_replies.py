@@ -19,14 +19,14 @@ from hypothesis import strategies as st
 from fedseal.common.secagg import Advert, ProtocolAbort, ShareMessage, agree, generate_key_pair
 from fedseal.common.secagg.crypto import encrypt_share, proof_of_possession
 from fedseal.common.secagg.messages import PURPOSE_ADVERT, PURPOSE_SHARES, ShareEntry, ciphertext_digest
-from fedseal.common.secagg.protocol import (B_SHARES, PURPOSE_SHARE, SEEDS, SK_SHARES,
-                                    encode_share_payload)
+from fedseal.common.secagg.protocol import B_SHARES, PURPOSE_SHARE, SEEDS, SK_SHARES, encode_share_payload
 
 
 def _finish(r, masked=None, skip=()):
     """Stages 2-4 honestly for everyone not in ``skip``; return (sum, all rejections)."""
-    rejected = dict(r.mask(masked if masked is not None else r.masked_replies(
-        [i for i in r.routed if i not in skip])))
+    rejected = dict(
+        r.mask(masked if masked is not None else r.masked_replies([i for i in r.routed if i not in skip]))
+    )
     rejected.update(r.sign([i for i in r.server.survivors if i not in skip]))
     total, bad = r.finalize({i: rep for i, rep in r.unmask_replies().items() if i not in skip})
     rejected.update(bad)
@@ -43,14 +43,24 @@ def _resign_advert(r, adverts, node: int, **changes) -> bytes:
 
 
 # ------------------------------------------------------------------ stage 0
-@pytest.mark.parametrize("case", ["31-byte key", "all-zero key", "low-order key", "copied key",
-                                  "copied advert", "bad signature", "not bytes"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "31-byte key",
+        "all-zero key",
+        "low-order key",
+        "copied key",
+        "copied advert",
+        "bad signature",
+        "not bytes",
+    ],
+)
 def test_a_bad_advert_drops_its_sender_only(case: str) -> None:
     r = make_round(8, k=7, threshold=5, seed=1)
     bad, victim = r.ids[2], r.ids[3]
     adverts = r.adverts()
     if case == "31-byte key":
-        adverts[bad] = adverts[bad][:4 + 32 + 8 + 32 + 31] + adverts[bad][4 + 32 + 8 + 32 + 32:]
+        adverts[bad] = adverts[bad][: 4 + 32 + 8 + 32 + 31] + adverts[bad][4 + 32 + 8 + 32 + 32 :]
     elif case == "all-zero key":
         adverts[bad] = _resign_advert(r, adverts, bad, s_pk=bytes(32))
     elif case == "low-order key":  # a point of order 8 on Curve25519
@@ -78,8 +88,9 @@ def test_a_copied_mask_key_cannot_be_proved_by_the_copier() -> None:
     r = make_round(5, k=4, threshold=3, seed=2)
     owner_sk, owner_pk = generate_key_pair()
     d = r.ctx.digest
-    assert proof_of_possession(owner_sk, r.ctx.challenge, ctx_digest=d, node=1) != \
-        proof_of_possession(generate_key_pair()[0], r.ctx.challenge, ctx_digest=d, node=1)
+    assert proof_of_possession(owner_sk, r.ctx.challenge, ctx_digest=d, node=1) != proof_of_possession(
+        generate_key_pair()[0], r.ctx.challenge, ctx_digest=d, node=1
+    )
     adverts = r.adverts()
     a, b = r.ids[0], r.ids[1]
     advert_a, _ = Advert.decode(adverts[a])
@@ -111,9 +122,18 @@ def _bad_shares(r, sender: int, case: str):
     return {**replies, sender: (message, cts)}
 
 
-@pytest.mark.parametrize("case", ["short ciphertext", "missing receiver", "extra receiver",
-                                  "swapped ciphertext", "bad signature", "truncated message",
-                                  "not a pair"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "short ciphertext",
+        "missing receiver",
+        "extra receiver",
+        "swapped ciphertext",
+        "bad signature",
+        "truncated message",
+        "not a pair",
+    ],
+)
 def test_bad_shares_drop_their_sender_only(case: str) -> None:
     r = make_round(8, k=7, threshold=5, seed=3)
     r.advertise()
@@ -135,18 +155,34 @@ def _dishonest_dealer(r, sender: int, victim: int, *, garbage_ciphertext: bool):
     if garbage_ciphertext:
         ct = bytes(len(cts[victim]))
     else:
-        key = agree(c_send_sk, r.bundles[sender][victim].recv_key(sender), run_id=r.ctx.run_id,
-                    round_id=r.ctx.round_id, node_a=sender, node_b=victim, purpose=PURPOSE_SHARE)
+        key = agree(
+            c_send_sk,
+            r.bundles[sender][victim].recv_key(sender),
+            run_id=r.ctx.run_id,
+            round_id=r.ctx.round_id,
+            node_a=sender,
+            node_b=victim,
+            purpose=PURPOSE_SHARE,
+        )
         idx = r.ctx.index_of(sender, victim)
-        ct = encrypt_share(key, encode_share_payload(sender, victim, idx, bytes(32), bytes(32)),
-                           sender=sender, receiver=victim, run_id=r.ctx.run_id,
-                           round_id=r.ctx.round_id)
-    entries = tuple(e if e.holder != victim else ShareEntry(e.holder, e.index, e.commit_b,
-                                                            e.commit_sk, ciphertext_digest(ct))
-                    for e in msg.entries)
+        ct = encrypt_share(
+            key,
+            encode_share_payload(sender, victim, idx, bytes(32), bytes(32)),
+            sender=sender,
+            receiver=victim,
+            run_id=r.ctx.run_id,
+            round_id=r.ctx.round_id,
+        )
+    entries = tuple(
+        e
+        if e.holder != victim
+        else ShareEntry(e.holder, e.index, e.commit_b, e.commit_sk, ciphertext_digest(ct))
+        for e in msg.entries
+    )
     unsigned = ShareMessage(sender, msg.seed, entries)
-    signed = ShareMessage(sender, msg.seed, entries,
-                          r.identities[sender].sign(PURPOSE_SHARES, unsigned.body(r.ctx.digest)))
+    signed = ShareMessage(
+        sender, msg.seed, entries, r.identities[sender].sign(PURPOSE_SHARES, unsigned.body(r.ctx.digest))
+    )
     return {**replies, sender: (signed.encode(r.ctx.digest), {**cts, victim: ct})}
 
 
@@ -175,9 +211,19 @@ def test_a_false_complaint_is_blamed_on_the_complainer() -> None:
 
 
 # ------------------------------------------------------------------ stage 2
-@pytest.mark.parametrize("case", ["short vector", "long vector", "int32", "2-D", "list",
-                                  "complaint about a stranger", "complaint with a wrong key",
-                                  "not a pair"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "short vector",
+        "long vector",
+        "int32",
+        "2-D",
+        "list",
+        "complaint about a stranger",
+        "complaint with a wrong key",
+        "not a pair",
+    ],
+)
 def test_a_bad_masked_input_drops_its_sender_only(case: str) -> None:
     r = staged(8, k=7, threshold=5, seed=6)
     masked = r.masked_replies()
@@ -185,10 +231,14 @@ def test_a_bad_masked_input_drops_its_sender_only(case: str) -> None:
     y, complaints = masked[bad]
     other = next(iter(r.routed[bad]))
     value: object = {
-        "short vector": (y[:-1], complaints), "long vector": (np.append(y, 1), complaints),
-        "int32": (y.view(np.int32), complaints), "2-D": (y.reshape(4, -1), complaints),
-        "list": (list(y), complaints), "complaint about a stranger": (y, {12345: bytes(32)}),
-        "complaint with a wrong key": (y, {other: bytes(32)}), "not a pair": y,
+        "short vector": (y[:-1], complaints),
+        "long vector": (np.append(y, 1), complaints),
+        "int32": (y.view(np.int32), complaints),
+        "2-D": (y.reshape(4, -1), complaints),
+        "list": (list(y), complaints),
+        "complaint about a stranger": (y, {12345: bytes(32)}),
+        "complaint with a wrong key": (y, {other: bytes(32)}),
+        "not a pair": y,
     }[case]
     masked[bad] = value
     total, rejected = _finish(r, masked)
@@ -223,10 +273,20 @@ def _first(table):
     return sorted(table)[0]
 
 
-@pytest.mark.parametrize("case", [
-    "extra share", "duplicate share", "index 0", "wrong index", "corrupted self-mask share",
-    "corrupted mask-key share", "share of a site it does not hold", "missing part", "not a table",
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "extra share",
+        "duplicate share",
+        "index 0",
+        "wrong index",
+        "corrupted self-mask share",
+        "corrupted mask-key share",
+        "share of a site it does not hold",
+        "missing part",
+        "not a table",
+    ],
+)
 def test_bad_revealed_shares_drop_the_responder_only(case: str) -> None:
     r = staged(8, k=7, threshold=5, seed=8)
     bad = r.ids[1]
@@ -315,28 +375,44 @@ def _mutate(value: object, how: int, pos: int, other: object) -> object:
         if not value:
             return b"\x00"
         p = pos % len(value)
-        return [value[:p], value + b"\x00", value[:p] + bytes([value[p] ^ (1 + pos % 255)]) + value[p + 1:],
-                b""][how % 4]
+        return [
+            value[:p],
+            value + b"\x00",
+            value[:p] + bytes([value[p] ^ (1 + pos % 255)]) + value[p + 1 :],
+            b"",
+        ][how % 4]
     if isinstance(value, np.ndarray):
-        return [value[:-1], value.astype(np.int64), np.append(value, value[:1]), value.reshape(1, -1)][how % 4]
+        return [value[:-1], value.astype(np.int64), np.append(value, value[:1]), value.reshape(1, -1)][
+            how % 4
+        ]
     if isinstance(value, dict):
         keys = sorted(value)
         if not keys:
             return {12345: other}
         k = keys[pos % len(keys)]
-        return [{kk: vv for kk, vv in value.items() if kk != k}, {**value, 12345: value[k]},
-                {**value, k: _mutate(value[k], how + 1, pos + 1, other)}, list(value.items())][how % 4]
+        return [
+            {kk: vv for kk, vv in value.items() if kk != k},
+            {**value, 12345: value[k]},
+            {**value, k: _mutate(value[k], how + 1, pos + 1, other)},
+            list(value.items()),
+        ][how % 4]
     if isinstance(value, tuple):
         p = pos % len(value)
-        return value[:p] + (_mutate(value[p], how + 1, pos + 1, other),) + value[p + 1:]
+        return value[:p] + (_mutate(value[p], how + 1, pos + 1, other),) + value[p + 1 :]
     return other
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(stage=st.sampled_from(STAGES), who=st.integers(0, 6), how=st.integers(0, 11),
-       pos=st.integers(0, 10_000), seed=st.integers(0, 2**16))
-def test_any_mutated_reply_drops_at_most_its_sender(stage: str, who: int, how: int, pos: int,
-                                                    seed: int) -> None:
+@given(
+    stage=st.sampled_from(STAGES),
+    who=st.integers(0, 6),
+    how=st.integers(0, 11),
+    pos=st.integers(0, 10_000),
+    seed=st.integers(0, 2**16),
+)
+def test_any_mutated_reply_drops_at_most_its_sender(
+    stage: str, who: int, how: int, pos: int, seed: int
+) -> None:
     """Mutate one field of one site's reply at one stage: the server never raises, names
     only that site, and the sum over everyone it kept is exact."""
     r = make_round(7, k=6, threshold=4, length=16, seed=seed)
@@ -355,8 +431,12 @@ def test_any_mutated_reply_drops_at_most_its_sender(stage: str, who: int, how: i
     if stage == "masked" and bad in masked:
         y = masked[bad][0]
         masked[bad] = _mutate(masked[bad], how, pos, masked[other])
-        if isinstance(masked[bad], tuple) and isinstance(masked[bad][0], np.ndarray) \
-                and masked[bad][0].dtype == np.uint32 and masked[bad][0].shape == y.shape:
+        if (
+            isinstance(masked[bad], tuple)
+            and isinstance(masked[bad][0], np.ndarray)
+            and masked[bad][0].dtype == np.uint32
+            and masked[bad][0].shape == y.shape
+        ):
             shift = masked[bad][0] - y  # a well-formed vector: what a site may send
     rejected.update(r.mask(masked))
     sigs = {i: r.clients[i].sign_view(r.view) for i in r.server.survivors}

@@ -11,9 +11,17 @@ import pytest
 from conftest import make_round, staged
 from source_imports import absolute_imports
 
-from fedseal.common.secagg import (ClientState, ConfigError, InvalidMessageError, RoundContext,
-                           ServerState, StageError, UnmaskRefusedError, generate_key_pair,
-                           make_identities)
+from fedseal.common.secagg import (
+    ClientState,
+    ConfigError,
+    InvalidMessageError,
+    RoundContext,
+    ServerState,
+    StageError,
+    UnmaskRefusedError,
+    generate_key_pair,
+    make_identities,
+)
 from fedseal.common.secagg.protocol import B_SHARES, SEEDS, SK_SHARES
 
 
@@ -136,8 +144,11 @@ def test_package_imports_only_allowed_modules() -> None:
                 assert name == "Crypto.Protocol.SecretSharing", (path.name, name)
             else:
                 # the one fedseal module allowed: the root of the error family, a leaf itself
-                assert (name == "fedseal.common.errors" or top in {"numpy", "cryptography"}
-                        or top in sys.stdlib_module_names), (path.name, name)
+                assert (
+                    name == "fedseal.common.errors"
+                    or top in {"numpy", "cryptography"}
+                    or top in sys.stdlib_module_names
+                ), (path.name, name)
             assert top != "random" and not name.startswith("numpy." + "random"), name
 
 
@@ -149,6 +160,9 @@ def test_no_forbidden_words_or_prints() -> None:
             assert word not in text, (path.name, word)
         if path.parent == _PKG:
             assert "np.random" not in text and "import random" not in text, path.name
-            calls = [n.func.id for n in ast.walk(ast.parse(text))
-                     if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
+            calls = [
+                n.func.id
+                for n in ast.walk(ast.parse(text))
+                if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+            ]
             assert "print" not in calls, path.name

@@ -64,8 +64,7 @@ def _oracle(ids: list[int], k: int, t: int, drops: dict[int, str]) -> list[int] 
         return len(signers & ({w} | set(graph[w]))) >= t
 
     masking = {i: set(graph[i]) & u2 for i in u2}
-    answer = {i for i in signers if drops.get(i) != "unmask"
-              and all(quorum(w) for w in {i} | masking[i])}
+    answer = {i for i in signers if drops.get(i) != "unmask" and all(quorum(w) for w in {i} | masking[i])}
     for i in u3:  # self-mask seeds: t answering holders
         if len(answer & ({i} | masking[i])) < t:
             return None
@@ -155,7 +154,8 @@ def test_defaults_and_quantized_end_to_end() -> None:
     exact = np.sum([to_fixed_point(updates[i], cfg) for i in included], axis=0) / cfg.scale
     assert np.array_equal(decoded, exact)
     np.testing.assert_allclose(
-        decoded, np.sum([np.clip(updates[i], -1, 1) for i in included], axis=0),
+        decoded,
+        np.sum([np.clip(updates[i], -1, 1) for i in included], axis=0),
         atol=len(included) * 0.5 / cfg.scale + 1e-12,
     )
 

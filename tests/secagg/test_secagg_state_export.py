@@ -10,8 +10,13 @@ import pytest
 from conftest import make_round
 
 from fedseal.common.secagg import InvalidMessageError, StageError
-from fedseal.common.secagg.client import (STATE_FORMAT, STATE_VERSION, ClientState, StateFormatError,
-                                  state_digest)
+from fedseal.common.secagg.client import (
+    STATE_FORMAT,
+    STATE_VERSION,
+    ClientState,
+    StateFormatError,
+    state_digest,
+)
 from fedseal.common.secagg.protocol import ClientStage
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -97,25 +102,28 @@ def _rewrite(data: dict, change) -> dict:
     return {**data, "state": state, "digest": state_digest(state)}
 
 
-@pytest.mark.parametrize("mutate,match", [
-    (lambda d: {k: v for k, v in d.items() if k != "digest"}, "exactly the entries"),
-    (lambda d: {**d, "extra": 1}, "exactly the entries"),
-    (lambda d: {**d, "version": 1}, "this code reads"),
-    (lambda d: {**d, "format": "other"}, "this code reads"),
-    (lambda d: {**d, "state": d["state"][:-1] + b" "}, "digest does not match"),
-    (lambda d: {**d, "state": "text"}, "must be bytes"),
-    (lambda d: _rewrite(d, lambda doc: doc.pop("seeds")), "missing or unexpected"),
-    (lambda d: _rewrite(d, lambda doc: doc.update(stage="nonsense")), "nonsense"),
-    (lambda d: _rewrite(d, lambda doc: doc.update(stage="shared")), "stage 'shared' holds"),
-    (lambda d: _rewrite(d, lambda doc: doc.update(k=2)), "bundle entry .* is inconsistent"),
-    (lambda d: _rewrite(d, lambda doc: doc.update(t=1)), "strict majority"),
-    (lambda d: _rewrite(d, lambda doc: doc.update(node="12")), "not in the round"),
-    (lambda d: _rewrite(d, lambda doc: doc.update(challenge="00")), "bytes"),
-    (lambda d: _rewrite(d, lambda doc: doc["own_share"].__setitem__(0, 9)), "wrong Shamir index"),
-    (lambda d: _rewrite(d, lambda doc: doc["own_share"].__setitem__(1, "ab")), "bytes"),
-    (lambda d: _rewrite(d, lambda doc: doc.update(seeds={})), "seeds name sites"),
-    (lambda d: _rewrite(d, lambda doc: doc.update(identity="00" * 32)), "another signing key"),
-])
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda d: {k: v for k, v in d.items() if k != "digest"}, "exactly the entries"),
+        (lambda d: {**d, "extra": 1}, "exactly the entries"),
+        (lambda d: {**d, "version": 1}, "this code reads"),
+        (lambda d: {**d, "format": "other"}, "this code reads"),
+        (lambda d: {**d, "state": d["state"][:-1] + b" "}, "digest does not match"),
+        (lambda d: {**d, "state": "text"}, "must be bytes"),
+        (lambda d: _rewrite(d, lambda doc: doc.pop("seeds")), "missing or unexpected"),
+        (lambda d: _rewrite(d, lambda doc: doc.update(stage="nonsense")), "nonsense"),
+        (lambda d: _rewrite(d, lambda doc: doc.update(stage="shared")), "stage 'shared' holds"),
+        (lambda d: _rewrite(d, lambda doc: doc.update(k=2)), "bundle entry .* is inconsistent"),
+        (lambda d: _rewrite(d, lambda doc: doc.update(t=1)), "strict majority"),
+        (lambda d: _rewrite(d, lambda doc: doc.update(node="12")), "not in the round"),
+        (lambda d: _rewrite(d, lambda doc: doc.update(challenge="00")), "bytes"),
+        (lambda d: _rewrite(d, lambda doc: doc["own_share"].__setitem__(0, 9)), "wrong Shamir index"),
+        (lambda d: _rewrite(d, lambda doc: doc["own_share"].__setitem__(1, "ab")), "bytes"),
+        (lambda d: _rewrite(d, lambda doc: doc.update(seeds={})), "seeds name sites"),
+        (lambda d: _rewrite(d, lambda doc: doc.update(identity="00" * 32)), "another signing key"),
+    ],
+)
 def test_malformed_records_are_rejected(mutate, match: str) -> None:
     r, node, data = _record()
     with pytest.raises(StateFormatError, match=match):

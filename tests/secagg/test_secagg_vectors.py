@@ -10,13 +10,27 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedseal.common.secagg.client import state_digest
-from fedseal.common.secagg.crypto import (_associated_data, agree, check_proof_of_possession,
-                                  proof_of_possession, public_key_from_private)
-from fedseal.common.secagg.identity import (SIGNATURE_PREFIX, Identity, Roster, fingerprint_text,
-                                    signed_bytes)
-from fedseal.common.secagg.messages import (NO_CIPHERTEXT, Advert, RoundContext, ShareEntry, ShareMessage,
-                                    View, ciphertext_digest, pack_var_table, seed_commitment,
-                                    share_commitment, unpack_var_table)
+from fedseal.common.secagg.crypto import (
+    _associated_data,
+    agree,
+    check_proof_of_possession,
+    proof_of_possession,
+    public_key_from_private,
+)
+from fedseal.common.secagg.identity import SIGNATURE_PREFIX, Identity, Roster, fingerprint_text, signed_bytes
+from fedseal.common.secagg.messages import (
+    NO_CIPHERTEXT,
+    Advert,
+    RoundContext,
+    ShareEntry,
+    ShareMessage,
+    View,
+    ciphertext_digest,
+    pack_var_table,
+    seed_commitment,
+    share_commitment,
+    unpack_var_table,
+)
 from fedseal.common.secagg.protocol import encode_share_payload
 
 SK1, SK2 = bytes([1] * 32), bytes([2] * 32)
@@ -26,11 +40,13 @@ CTX = RoundContext(2**64 - 2, 7, [3, 2**63 + 5, 17], 2, 2, public_key_from_priva
 P384_LINE = (
     "ecdsa-sha2-nistp384 AAAAE2VjZHNhLXNoYTItbmlzdHAzODQAAAAIbmlzdHAzODQAAABhBKelVXwjFl8EQgD23Jyo"
     "0oIMfD4TnTL8fhrBototIlW3T5aIcB4fVQBd1un11ZYsVoqTGql4CLIahfcZSFP5p7j7prXFJb9XItgyBraIjHSuU9Xb"
-    "29idDvBUfpFyYcNtTg== kat")
+    "29idDvBUfpFyYcNtTg== kat"
+)
 P384_SIG = bytes.fromhex(
     "30650230406161c31276ae0f15f882674c7eccf29bfb5a23946bed7e11403edccebbbc2ae6a2cd30bbe0efe771dc"
     "2e2de8606ad1023100c04c67c075b253758fc79137a0095906eff66f3b9bfe7b4e7129a978a1fdd376ebb3c8b8"
-    "8e299c8c8117ad51cef1b3d9")
+    "8e299c8c8117ad51cef1b3d9"
+)
 
 
 def test_signature_context() -> None:
@@ -70,13 +86,24 @@ def test_key_agreement_and_proof_of_possession() -> None:
 def test_share_encryption_associated_data_and_payload() -> None:
     assert _associated_data(1, 2, 3, 4) == b"FSSA" + b"".join(i.to_bytes(8, "big") for i in range(1, 5))
     assert encode_share_payload(1, 2, 3, bytes([4] * 32), bytes([5] * 32)) == (
-        (1).to_bytes(8, "big") + (2).to_bytes(8, "big") + (3).to_bytes(2, "big")
-        + bytes([4] * 32) + bytes([5] * 32))
+        (1).to_bytes(8, "big")
+        + (2).to_bytes(8, "big")
+        + (3).to_bytes(2, "big")
+        + bytes([4] * 32)
+        + bytes([5] * 32)
+    )
 
 
 def test_advert_encoding() -> None:
-    advert = Advert(3, b"\x00\x00\x00\x0bssh-ed25519" + bytes(36), PK1, PK2,
-                    ((17, bytes(32)), (2**63 + 5, bytes([7] * 32))), bytes([9] * 32), b"sig")
+    advert = Advert(
+        3,
+        b"\x00\x00\x00\x0bssh-ed25519" + bytes(36),
+        PK1,
+        PK2,
+        ((17, bytes(32)), (2**63 + 5, bytes([7] * 32))),
+        bytes([9] * 32),
+        b"sig",
+    )
     encoded = advert.encode(CTX.digest)
     assert encoded.hex() == (
         "000000dae17434b90fe3c0c367652aeb345dce04efaeeaa8dad2b2095d83f973c586169600000000000000030047"
@@ -85,52 +112,84 @@ def test_advert_encoding() -> None:
         "7d59000200000000000000110000000000000000000000000000000000000000000000000000000000000000800000"
         "0000000005070707070707070707070707070707070707070707070707070707070707070709090909090909090909"
         "0909090909090909090909090909090909090909090900330000000b7373682d65643235353139000000000000000000"
-        "0000000000000000000000000000000000000000000000000000000003736967")
+        "0000000000000000000000000000000000000000000000000000000003736967"
+    )
     assert Advert.decode(encoded) == (advert, CTX.digest)
 
 
 def test_share_message_encoding_and_commitments() -> None:
-    message = ShareMessage(3, bytes([4] * 32), (
-        ShareEntry(3, 1, bytes([5] * 32), bytes([6] * 32), NO_CIPHERTEXT),
-        ShareEntry(17, 2, bytes([7] * 32), bytes([8] * 32), bytes([1] * 32))), b"s")
+    message = ShareMessage(
+        3,
+        bytes([4] * 32),
+        (
+            ShareEntry(3, 1, bytes([5] * 32), bytes([6] * 32), NO_CIPHERTEXT),
+            ShareEntry(17, 2, bytes([7] * 32), bytes([8] * 32), bytes([1] * 32)),
+        ),
+        b"s",
+    )
     encoded = message.encode(CTX.digest)
     assert encoded == (
-        (286).to_bytes(4, "big") + CTX.digest + (3).to_bytes(8, "big") + bytes([4] * 32)
+        (286).to_bytes(4, "big")
+        + CTX.digest
+        + (3).to_bytes(8, "big")
+        + bytes([4] * 32)
         + (2).to_bytes(2, "big")
-        + (3).to_bytes(8, "big") + (1).to_bytes(2, "big") + bytes([5] * 32) + bytes([6] * 32)
+        + (3).to_bytes(8, "big")
+        + (1).to_bytes(2, "big")
+        + bytes([5] * 32)
+        + bytes([6] * 32)
         + bytes(32)
-        + (17).to_bytes(8, "big") + (2).to_bytes(2, "big") + bytes([7] * 32) + bytes([8] * 32)
-        + bytes([1] * 32) + (1).to_bytes(2, "big") + b"s")
+        + (17).to_bytes(8, "big")
+        + (2).to_bytes(2, "big")
+        + bytes([7] * 32)
+        + bytes([8] * 32)
+        + bytes([1] * 32)
+        + (1).to_bytes(2, "big")
+        + b"s"
+    )
     assert ShareMessage.decode(encoded) == (message, CTX.digest)
-    assert share_commitment(CTX, 3, 2, b"b", bytes([1] * 32)).hex() == \
-        "c18f4a05e93cac3ee1370296e8926a3764a5b3534e4b5d3613fead18361313b4"
-    assert share_commitment(CTX, 3, 2, b"s", bytes([1] * 32)).hex() == \
-        "63a8d1e3048c696cb5bce8189a615483dc4acc6325aa4acba64a682f211247ac"
-    assert seed_commitment(CTX, 3, bytes([1] * 32)).hex() == \
-        "e3a88618f4c73dfe8c4f0501b94ec61bc982d1beea821dd93ab41a739b50e111"
-    assert ciphertext_digest(b"abc").hex() == \
-        "b12cdea6c9f141cab0e9304726fc8b9b90d34af678420c6cb66592c3be21f637"
+    assert (
+        share_commitment(CTX, 3, 2, b"b", bytes([1] * 32)).hex()
+        == "c18f4a05e93cac3ee1370296e8926a3764a5b3534e4b5d3613fead18361313b4"
+    )
+    assert (
+        share_commitment(CTX, 3, 2, b"s", bytes([1] * 32)).hex()
+        == "63a8d1e3048c696cb5bce8189a615483dc4acc6325aa4acba64a682f211247ac"
+    )
+    assert (
+        seed_commitment(CTX, 3, bytes([1] * 32)).hex()
+        == "e3a88618f4c73dfe8c4f0501b94ec61bc982d1beea821dd93ab41a739b50e111"
+    )
+    assert (
+        ciphertext_digest(b"abc").hex() == "b12cdea6c9f141cab0e9304726fc8b9b90d34af678420c6cb66592c3be21f637"
+    )
 
 
 def test_view_encoding() -> None:
     view = View({17: bytes([1] * 32), 3: bytes([2] * 32)}, {2**63 + 5: bytes([3] * 32)})
     body = view.body(CTX.digest)
-    assert len(body) == 160 and hashlib.sha256(body).hexdigest() == \
-        "d297e2b0ef4d54c64655cd0acf29a5b35c000af7868412fb5287240c18b88429"
+    assert (
+        len(body) == 160
+        and hashlib.sha256(body).hexdigest()
+        == "d297e2b0ef4d54c64655cd0acf29a5b35c000af7868412fb5287240c18b88429"
+    )
     assert View.decode(body) == (view, CTX.digest)
 
 
 def test_tables_and_state_digest() -> None:
-    assert pack_var_table({5: b"ab", 1: b""}).hex() == \
-        "000000020000000000000001000000000000000000000005000000026162"
-    assert unpack_var_table(bytes.fromhex("000000020000000000000001000000000000000000000005000000026162")) \
-        == {1: b"", 5: b"ab"}
-    assert state_digest(b"{}").hex() == \
-        "acbce619f31612964a6e831685393e9f8e373e69ce1ea589e4868a7140cc03b3"
+    assert (
+        pack_var_table({5: b"ab", 1: b""}).hex()
+        == "000000020000000000000001000000000000000000000005000000026162"
+    )
+    assert unpack_var_table(
+        bytes.fromhex("000000020000000000000001000000000000000000000005000000026162")
+    ) == {1: b"", 5: b"ab"}
+    assert state_digest(b"{}").hex() == "acbce619f31612964a6e831685393e9f8e373e69ce1ea589e4868a7140cc03b3"
 
 
 def test_keys_written_for_simulations_are_openssh_p384() -> None:
     from fedseal.common.secagg import generate_identity
+
     private, public = generate_identity("site-0")
     assert private.startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")
     assert public.startswith("ecdsa-sha2-nistp384 ") and public.endswith(" site-0")
