@@ -161,6 +161,14 @@ def prior_bias(proportions: np.ndarray) -> np.ndarray:
     return np.log(p / p.sum()).astype(np.float32)
 
 
+def adapter_rounds(rounds: int) -> int:
+    """The adapter rounds of an LP-FT run of ``rounds`` rounds (the last ones;
+    :mod:`fedseal.common.lora_rule`): half of those after the statistics round, rounded down."""
+    if rounds < 3:
+        raise ValueError(f"LP-FT needs at least 3 rounds (statistics, head, adapters), got {rounds}")
+    return (rounds - 1) // 2
+
+
 def stats_rounds(cfg: FedConfig) -> int:
     """Rounds at the start of the run that are statistics rounds (1 for the probe and LP-FT)."""
     return 1 if cfg.finetune in ("probe", "lora") else 0
@@ -189,7 +197,7 @@ def recipe(cfg: FedConfig, bucket: int) -> Recipe:
     if cfg.finetune in ("probe", "lora"):
         adapters = 0
         if cfg.finetune == "lora":
-            from fedseal.common.lora_rule import adapter_rounds, lora_recipe
+            from fedseal.common.lora_rule import lora_recipe
 
             adapters = adapter_rounds(cfg.rounds)
         training_rounds = cfg.rounds - 1 - adapters  # at least 1: FedConfig checks the rounds

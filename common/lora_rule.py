@@ -38,7 +38,7 @@ Where each setting of the adapter phase comes from (measured on cached states in
 * the budget split (:func:`calibrate`): one noise multiplier for every phase, or
   the adapter phase's at ``ratio`` times the probe's.
 
-**How a run splits its rounds, steps and budget between the phases** (:func:`adapter_rounds`,
+**How a run splits its rounds, steps and budget between the phases** (:func:`fedseal.common.dp_rule.adapter_rounds`,
 :func:`plan_lpft`):
 
 * rounds: round 1 is the probe's statistics round; the first half of the
@@ -137,13 +137,6 @@ def lora_recipe(bucket: int, rounds: int, **overrides: float) -> LoraRecipe:
     return LoraRecipe(**settings)
 
 
-def adapter_rounds(rounds: int) -> int:
-    """The adapter rounds of an LP-FT run of ``rounds`` rounds (see the module docstring)."""
-    if rounds < 3:
-        raise ValueError(f"LP-FT needs at least 3 rounds (statistics, head, adapters), got {rounds}")
-    return (rounds - 1) // 2
-
-
 @lru_cache(maxsize=256)
 def calibrate(
     probe_rate: float,
@@ -235,7 +228,6 @@ def round_phase(plan: DPPlan, rec: Recipe, server_round: int | None, steps: int)
 __all__ = [
     "LoraRecipe",
     "Phase",
-    "adapter_rounds",
     "calibrate",
     "epsilon_of",
     "lora_recipe",

@@ -54,8 +54,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from fedseal.common.config import AUTO, FedConfig
-from fedseal.common.dp_rule import FEATURE_MEAN_KEY, HEAD_WEIGHT_KEY, PRIOR_KEY, stats_rounds
-from fedseal.common.lora_rule import adapter_rounds
+from fedseal.common.dp_rule import FEATURE_MEAN_KEY, HEAD_WEIGHT_KEY, PRIOR_KEY, adapter_rounds, stats_rounds
 
 SCALE_KEY = "fedseal.vote.log_scale"
 """The update entry that carries ``log(tau) / LOG_SPAN``; no model parameter has this name."""

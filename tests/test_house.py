@@ -177,3 +177,18 @@ def test_every_package_module_is_seen_by_the_walks():
         for m in pkgutil.walk_packages(importlib.import_module(package).__path__, f"{package}.")
     }
     assert {m for m in installed if ".bench" not in m} <= MODULES.keys()
+
+
+def test_the_server_never_imports_opacus_and_its_progress_is_shown_whatever_a_library_did():
+    code = (
+        "import logging, sys\n"
+        "import fedseal.server.app\n"
+        "assert 'opacus' not in sys.modules, 'the server imports Opacus'\n"
+        "import opacus.utils.module_utils  # configures the root logger at import\n"
+        "from fedseal.common.cli_args import setup_logging\n"
+        "setup_logging()\n"
+        "logging.getLogger('fedseal').info('round 2/2: 3 site(s) training')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"\d\d:\d\d:\d\d INFO fedseal: round 2/2: 3 site\(s\) training", done.stderr)

@@ -89,27 +89,32 @@ def test_one_loud_site_no_longer_decides_the_round():
     [
         ({}, {2, 3}),  # probe: round 1 is the statistics round, training rounds vote
         ({"aggregation": "mean"}, set()),
-        ({"finetune": "lora"}, set()),  # auto: LoRA and full send plain updates
-        ({"finetune": "lora", "aggregation": "vote"}, {1, 2, 3}),
+        # LP-FT: statistics, the probe's head round (votes), its adapter round (plain)
+        ({"finetune": "lora"}, {2}),
+        ({"finetune": "lora", "aggregation": "vote"}, {2, 3}),
+        ({"finetune": "full"}, set()),  # auto: full fine-tuning sends plain updates
+        ({"finetune": "full", "aggregation": "vote"}, {1, 2, 3}),
     ],
 )
 def test_which_rounds_vote(changes, votes_in):
-    """Which rounds vote, and what each round moves: the probe's statistics round its feature
-    mean and bias, its training rounds its head's weights; LoRA every trainable weight."""
+    """Which rounds vote, and what each round moves: the statistics round (probe, LP-FT) its
+    feature mean and bias, the probe's training rounds its head's weights, LP-FT's adapter
+    round the adapters and the head's weights; full fine-tuning every trainable weight."""
     cfg = FedConfig(rounds=3, **changes)
     weights = {
         k: np.zeros((2, 2), dtype=np.float32)
-        for k in ("feature_mean", "classifier.weight", "classifier.bias")
+        for k in ("feature_mean", "classifier.weight", "classifier.bias", "layer.1.query.lora_A")
     }
     assert {r for r in (1, 2, 3) if is_vote_round(cfg, r)} == votes_in
     for r in (1, 2, 3):
-        moved = (
-            list(weights)
-            if cfg.finetune != "probe"
-            else ["feature_mean", "classifier.bias"]
-            if r == 1
-            else ["classifier.weight"]
-        )
+        if cfg.finetune == "full":
+            moved = list(weights)
+        elif r == 1:
+            moved = ["feature_mean", "classifier.bias"]
+        elif cfg.finetune == "lora" and r == 3:
+            moved = ["classifier.weight", "layer.1.query.lora_A"]
+        else:
+            moved = ["classifier.weight"]
         template = update_template(weights, cfg, r)
         assert list(template) == (moved + [SCALE_KEY] if r in votes_in else moved)
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from fedseal.common.config import FedConfig
-from fedseal.common.lora_rule import adapter_rounds
+from fedseal.common.dp_rule import adapter_rounds
 from simulations.bench.report import emit_report, setup_bench_logging
 
 log = logging.getLogger("fedseal.bench.lpft_federated")
