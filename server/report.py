@@ -427,6 +427,27 @@ def _audit_section(audit: dict[str, Any]) -> str:
     )
 
 
+def settings_that_apply(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The run's settings without those its choices make moot (LoRA's under the probe, FedAdam's
+    under FedAvg, the noise and SecAgg+ settings of a run without DP or SecAgg+, ...)."""
+    moot: set[str] = set()
+    if cfg.get("finetune") != "lora":
+        moot |= {"lora_r", "lora_alpha", "lora_dropout", "lora_targets"}
+    if cfg.get("strategy") != "fedadam":
+        moot |= {"adam_beta1", "adam_beta2", "adam_tau"}
+    if cfg.get("partition") != "dirichlet":
+        moot.add("alpha")
+    if cfg.get("dp") is False:
+        moot |= {"epsilon", "delta", "accountant", "max_grad_norm", "dp_noise", "federated_eval"}
+    if cfg.get("secagg") is False:
+        moot |= {"secagg_k", "secagg_threshold", "update_clip", "dp_noise", "max_colluders"}
+    elif cfg.get("dp_noise") != "distributed":
+        moot.add("max_colluders")
+    if cfg.get("finetune") != "full":
+        moot.add("weight_decay")
+    return {k: v for k, v in cfg.items() if k not in moot}
+
+
 def render(run: Run, audit: dict[str, Any] | None = None) -> str:
     """The report page of ``run`` as one HTML string (with ``audit``, a privacy audit section:
     :func:`load_audit`)."""
@@ -588,14 +609,16 @@ def render(run: Run, audit: dict[str, Any] | None = None) -> str:
     if cfg:
         raw = summary.get("settings_used")
         used: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        shown = settings_that_apply(cfg)
         parts.append(
             "<p>As the run was configured; where a setting was auto, the value used "
-            "follows it.</p><table>"
+            f"follows it. {len(cfg) - len(shown)} settings that do not apply to this run "
+            "are left out.</p><table>"
             + "".join(
                 f"<tr><th>{_e(k)}</th><td>{_e(json.dumps(v))}"
                 + (f" &rarr; {_e(json.dumps(used[k]))}" if k in used else "")
                 + "</td></tr>"
-                for k, v in sorted(cfg.items())
+                for k, v in sorted(shown.items())
             )
             + "</table>"
         )
@@ -620,4 +643,13 @@ def write_report(folder: str | Path, path: str | Path | None = None, audit: str 
     return target
 
 
-__all__ = ["REPORT_FILE", "ReportError", "Run", "load_audit", "load_run", "render", "write_report"]
+__all__ = [
+    "REPORT_FILE",
+    "ReportError",
+    "Run",
+    "load_audit",
+    "load_run",
+    "render",
+    "settings_that_apply",
+    "write_report",
+]

@@ -375,3 +375,32 @@ def test_a_tiny_run_writes_its_report_and_tensorboard(tiny_bert, tmp_path):
     assert [s for s, _ in scalars["eval/accuracy"]] == [1, 2]
     assert scalars["eval/accuracy"][-1][1] == pytest.approx(summary["final_accuracy"], abs=1e-5)
     assert {"privacy/epsilon/site-0", "privacy/epsilon/site-1"} <= set(scalars)
+
+
+def test_the_settings_table_leaves_out_what_does_not_apply_and_shows_auto_resolved():
+    from fedseal.common.config import FedConfig
+    from fedseal.server.report import Run, settings_that_apply
+
+    probe = FedConfig().to_dict()
+    shown = settings_that_apply(probe)
+    assert not {"lora_r", "lora_targets", "adam_tau", "alpha", "max_colluders"} & set(shown)
+    assert {"epsilon", "secagg_k", "update_clip", "finetune"} <= set(shown)
+    plain = settings_that_apply(FedConfig(dp=False, secagg=False, finetune="lora", rounds=3).to_dict())
+    assert "lora_r" in plain and not {"epsilon", "secagg_k", "dp_noise"} & set(plain)
+    row = {"round": 1, "contributors": ["a"], "abandoned": "", "seconds": 2.0}
+    page = render(
+        Run(
+            Path("."),
+            [load_run_row(row)],
+            {"config": probe, "settings_used": {"secagg_k": "4 for a round of 3 sites"}},
+        )
+    )
+    assert f"{len(probe) - len(shown)} settings that do not apply" in page
+    assert "<th>secagg_k</th><td>&quot;auto&quot; &rarr; &quot;4 for a round of 3 sites&quot;" in page
+    assert "<th>lora_r</th>" not in page
+
+
+def load_run_row(data: dict):
+    from fedseal.server.report import parse_row
+
+    return parse_row(data, "line 1")
