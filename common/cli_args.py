@@ -100,15 +100,15 @@ def config_from_args(args: argparse.Namespace, overrides: dict[str, Any] | None 
 def setup_logging(verbose: bool = False) -> None:
     """Readable log lines on stderr for the CLIs and the deployed apps' processes.
 
-    ``force``: a library may have configured the root logger when it was imported
-    (Opacus calls ``logging.basicConfig`` in ``opacus.utils.module_utils``), which
-    would otherwise leave fedseal's INFO lines (the progress) unshown.
+    A no-op where the root logger already has a handler (a test's, or one a
+    library installed on import: Opacus calls ``logging.basicConfig`` in
+    ``opacus.utils.module_utils``, which is why the server must not import Opacus:
+    its progress lines would not show; ``tests/test_house.py`` checks both).
     """
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
-        force=True,
     )
     logging.getLogger("flwr").propagate = False  # flwr prints through its own handler
     for noisy in ("urllib3", "filelock", "httpx"):
