@@ -322,7 +322,7 @@ def _client_args(
         # long enough to ride out the server's restarts below, short enough to see the
         # agents stop on their own once the last server is gone
         "--linger",
-        "60",
+        "30",
         # a round may go on with the two sites left after one dies, so its sum may be
         # one colluder's and one honest input: the sites accept no colluders, which
         # also lets them take the server's threshold 2 of 3 (2t-k-1 = 1)
