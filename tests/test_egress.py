@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from flwr.app import Message, MetricRecord, RecordDict
+from recording import Recording
 
 from fedseal.common import egress
 from fedseal.common.config import FedConfig
@@ -31,28 +32,6 @@ from simulations.bench.local_grid import RUN_ID, LocalGrid
 ROOT = Path(__file__).resolve().parent.parent
 CANARY = "zq7CANARYx3v"
 LABELS = ("negative", "positive")
-
-
-class Recording(LocalGrid):
-    """LocalGrid that keeps every reply the sites send, with its request's type and round."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.replies: list[tuple[str, int, Message]] = []
-
-    def send_and_receive(self, messages, *, timeout=None):
-        messages = list(messages)
-        replies = super().send_and_receive(messages, timeout=timeout)
-        asked = {m.metadata.message_id: (m.metadata.message_type, _round_of(m)) for m in messages}
-        self.replies += [(*asked[r.metadata.reply_to_message_id], r) for r in replies]
-        return replies
-
-
-def _round_of(msg: Message) -> int:
-    content = msg.content
-    if "config" in content.config_records:
-        return int(content["config"][ROUND_KEY])
-    return int(content["secagg"]["round"])
 
 
 def _reply_bytes(reply: Message) -> bytes:

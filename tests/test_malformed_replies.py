@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from flwr.app import Message
 from malformed import variants
+from recording import Recording
 
 from fedseal.common import egress
 from fedseal.common.config import FedConfig
@@ -26,7 +27,7 @@ from fedseal.server.aggregate import RoundSums, sum_plain, triage
 from fedseal.server.app import federated_evaluate, run_federation
 from fedseal.server.identity import SiteNames
 from fedseal.simulations.simulate import prepare_sites
-from simulations.bench.local_grid import RUN_ID, LocalGrid
+from simulations.bench.local_grid import RUN_ID
 
 STAGES = {
     "train.secagg_share_keys": egress.SECAGG_SHARE_KEYS,
@@ -34,27 +35,6 @@ STAGES = {
     "train.secagg_consistency": egress.SECAGG_CONSISTENCY,
     "train.secagg_unmask": egress.SECAGG_UNMASK,
 }
-
-
-class Recording(LocalGrid):
-    """LocalGrid that keeps every (request type, round, reply)."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.replies: list[tuple[str, int, Message]] = []
-
-    def send_and_receive(self, messages, *, timeout=None):
-        messages = list(messages)
-        replies = super().send_and_receive(messages, timeout=timeout)
-        asked = {m.metadata.message_id: (m.metadata.message_type, _round(m)) for m in messages}
-        self.replies += [(*asked[r.metadata.reply_to_message_id], r) for r in replies]
-        return replies
-
-
-def _round(msg: Message) -> int:
-    if "config" in msg.content.config_records:
-        return int(msg.content["config"]["server-round"])
-    return int(msg.content["secagg"]["round"])
 
 
 @pytest.fixture(scope="module")
