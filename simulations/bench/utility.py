@@ -5,8 +5,8 @@ Usage::
     python -m simulations.bench.utility --data ../shared/data/sst2 --json OUT.json --plot OUT.png
 
 Every arm is 10 sites sharing the whole SST-2 train split, the default settings
-(``finetune = probe``, every training setting ``auto``: see
-:mod:`fedseal.common.dp_rule`), secure aggregation on, the real ClientApp and ServerApp
+(``finetune = probe``, or ``--finetune lora`` for LP-FT; every training setting
+``auto``: see :mod:`fedseal.common.dp_rule`), secure aggregation on, the real ClientApp and ServerApp
 over the in-process grid (:mod:`simulations.bench.local_grid`; only the transport is
 missing), scored on the whole dev set. Arms, for each partition (``iid`` and
 ``dirichlet`` with alpha 0.5):
@@ -232,6 +232,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             alpha=args.alpha,
             seed=args.seed,
             accountant=args.accountant,
+            finetune=args.finetune,
             out=str(work / "out"),
         )
         log.info(
@@ -291,6 +292,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", default="default", help="model path or hub name")
     parser.add_argument(
         "--train-size", type=int, default=0, help="use only the first N training examples (default: all)"
+    )
+    parser.add_argument(
+        "--finetune", choices=("probe", "lora"), default="probe", help="probe (default) or lora (LP-FT)"
     )
     parser.add_argument("--sites", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=4)
