@@ -36,8 +36,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/mypy
 
+# Two pytest workers (pytest-xdist): many tests wait on processes, sockets and timeouts,
+# so two workers halve the suite's time on a 2-core machine.
 test: $(STAMP) browser lint
-	FEDSEAL_REQUIRE_CHROMIUM=1 HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	FEDSEAL_REQUIRE_CHROMIUM=1 HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2
 
 clean:
 	rm -rf fedseal-out .pytest_cache
