@@ -56,6 +56,8 @@ STATISTICS_PARTS = 3
 """A statistics row's parts (feature vector, label one-hot, count), each of norm at most 1."""
 STATISTICS_CLIP = 1.0
 """A statistics row has norm at most 1 (each part at most 1, over ``sqrt(3)``)."""
+SAMPLE_TAIL = 6.0
+"""Standard deviations above a site's expected Poisson sample that :func:`sum_bound` allows."""
 _FIELDS = {
     "dim": int,
     "clip": float,
@@ -120,9 +122,17 @@ def noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: in
 
 
 def sum_bound(cfg: FedConfig, clip: float) -> float:
-    """A site's clipped sum is projected onto this ball: ``clip`` times the largest sample a
-    site of ``max-site-examples`` records draws (public; never a site's count)."""
-    return clip * MAX_SAMPLE_RATE * cfg.max_site_examples
+    """A site's clipped sum is projected onto this ball: ``clip`` times the most records a site
+    of ``max-site-examples`` records draws at the planned rate, its expected sample plus
+    :data:`SAMPLE_TAIL` standard deviations (public; never a site's count).
+
+    A Poisson sample beyond it (probability below 1e-9) is projected onto the ball, which
+    keeps the step private (the projection is 1-Lipschitz) and merely shortens it. The
+    bound is also the most one hostile site can move the sum by within the decoded sum's
+    check (docs/threat-model.md): set ``max-site-examples`` near the largest real site.
+    """
+    expected = planned_sample_rate(cfg) * cfg.max_site_examples
+    return clip * (expected + SAMPLE_TAIL * math.sqrt(expected))
 
 
 def plan_round(cfg: FedConfig, weights: Mapping[str, np.ndarray], server_round: int, cohort: int) -> Encoding:
@@ -193,6 +203,7 @@ __all__ = [
     "RECORD",
     "SEED",
     "STATISTICS_CLIP",
+    "SAMPLE_TAIL",
     "STATISTICS_PARTS",
     "encoding_from_record",
     "encoding_to_record",

@@ -312,3 +312,19 @@ def test_the_servers_adapter_step_splits_the_sum_by_name_at_the_adapter_phases_r
     with pytest.raises(ValueError, match="a step of 8 weights got a gradient of 9"):
         sgd.step(weights, np.arange(9.0), keys, adapters=True)
     assert sgd.velocity is not None and sgd.velocity.shape == (8,)  # the failed step changed nothing
+
+
+def test_the_sums_public_bound_is_the_largest_sample_a_site_draws_at_the_planned_rate():
+    """A site of max-site-examples records sampled at the planned rate draws more than the
+    bound's count with probability below 1e-9; the bound is far below the old
+    ``clip * 0.5 * max-site-examples`` (one hostile site's reach within the sum's check)."""
+    from scipy.stats import binom
+
+    for batch_size, rate in (("auto", 0.25), (64, 0.5)):
+        cfg = FedConfig(clients=4, min_clients=3, dp_noise="distributed", batch_size=batch_size)
+        assert ddp_wire.planned_sample_rate(cfg) == rate
+        count = ddp_wire.sum_bound(cfg, 1.0)
+        assert binom.sf(math.floor(count), cfg.max_site_examples, rate) < 1e-9
+        assert count == pytest.approx(rate * 100_000 + 6 * math.sqrt(rate * 100_000))
+        assert ddp_wire.sum_bound(cfg, 0.1) == pytest.approx(0.1 * count)
+    assert ddp_wire.sum_bound(FedConfig(max_site_examples=1000), 1.0) < 0.5 * 1000  # the old bound
