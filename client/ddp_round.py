@@ -32,11 +32,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import cast
 
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+from torch.utils.data import TensorDataset
 
 from fedseal.client import cache, secagg
 from fedseal.client.budget import grant
@@ -48,10 +50,12 @@ from fedseal.client.site import feature_cache
 from fedseal.client.spend import commit_round, steps_done
 from fedseal.client.training import Asked, Prepared
 from fedseal.common import ddp, ddp_wire, egress
+from fedseal.common.config import FedConfig
 from fedseal.common.privacy import sample_rate_for
 from fedseal.common.refusals import Code, Refusal
 from fedseal.common.secagg_wire import COMPLAINTS, NODES, Y, unpack_ids
 from fedseal.common.secagg_wire import RECORD as SECAGG_RECORD
+from fedseal.common.vote import is_adapter_round
 
 HISTORY = "fedseal.ddp.history"  # context.state: the steps' mechanisms of a site without a ledger
 PLAN = "fedseal.ddp.plan"  # context.state: the job's calibrated noise multiplier
@@ -137,10 +141,7 @@ def round_mechanism(
         raise Refusal(
             Code.MESSAGE_DDP, f"the round's distributed-noise encoding is missing or invalid: {exc}"
         ) from None
-    model = prepared.model
-    shape = ddp_wire.round_shape(
-        asked.cfg, int(model.feature_mean.shape[0]), int(model.classifier.out_features), asked.round
-    )
+    shape = ddp_wire.round_shape(asked.cfg, prepared.global_state, asked.round)
     if (encoding.dim, encoding.clip) != shape:
         raise Refusal(
             Code.MESSAGE_DDP,
@@ -291,6 +292,30 @@ def clipped_sum(
         return ((residual * factor[:, None]).T @ x).reshape(-1).double().numpy()
 
 
+def adapter_sum(
+    cfg: FedConfig,
+    prepared: Prepared,
+    data: TensorDataset,
+    clip: float,
+    rate: float,
+    server_round: int,
+    device: torch.device,
+    cache_dir: Path | None,
+) -> np.ndarray:
+    """An LP-FT adapter round's vector: the clipped per-record gradients on the adapters and the
+    head's weights (:func:`fedseal.common.ddp_wire.step_keys`) over a fresh Poisson sample, on
+    the site's cached states below the adapters (:mod:`fedseal.common.hidden_cache`)."""
+    from fedseal.client.lora_round import clipped_gradient_sum
+    from fedseal.common.hidden_cache import hidden_states
+    from fedseal.common.top_layers import adapted_layers, encoder_layers
+
+    model = prepared.model
+    cut = len(encoder_layers(model.backbone)) - adapted_layers(model)
+    hidden = hidden_states(model, data, cut, device, cache_dir)
+    keys = ddp_wire.step_keys(prepared.global_state, cfg, server_round)
+    return clipped_gradient_sum(model, hidden, data.tensors[2], keys, clip, rate, device)
+
+
 def masked_input(
     msg: Message, context: Context, asked: Asked, prepared: Prepared, content: RecordDict
 ) -> Message:
@@ -309,15 +334,21 @@ def masked_input(
     encoding, seed, mechanism = round_mechanism(asked, prepared, content, plan, secagg.cohort_size(context))
     epsilon = _check_budget(asked, prepared, context, plan, mechanism)
     data = cache.encoded(prepared.tokenizer, prepared.examples, cfg.max_length)
-    feats = features(prepared.model, data, pick_device(site.device), feature_cache(site))
-    total = clipped_sum(
-        prepared.model,
-        feats,
-        data.tensors[2],
-        encoding.clip,
-        plan.sample_rate,
-        ddp_wire.is_statistics_round(cfg, asked.round),
-    )
+    device = pick_device(site.device)
+    if is_adapter_round(cfg, asked.round):
+        total = adapter_sum(
+            cfg, prepared, data, encoding.clip, plan.sample_rate, asked.round, device, feature_cache(site)
+        )
+    else:
+        feats = features(prepared.model, data, device, feature_cache(site))
+        total = clipped_sum(
+            prepared.model,
+            feats,
+            data.tensors[2],
+            encoding.clip,
+            plan.sample_rate,
+            ddp_wire.is_statistics_round(cfg, asked.round),
+        )
     share = ddp.encode_share(total, encoding, seed)
     steps = steps_done(prepared.ledger, context, asked.job) + 1
     committed = commit_round(
@@ -354,6 +385,7 @@ __all__ = [
     "HISTORY",
     "SitePlan",
     "check",
+    "adapter_sum",
     "clipped_sum",
     "job_epsilon",
     "masked_input",

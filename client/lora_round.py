@@ -32,6 +32,7 @@ import contextlib
 import functools
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -40,7 +41,7 @@ from fedseal.client.dp_step import PrivateSteps
 from fedseal.client.randomness import fresh_generator
 from fedseal.client.trainer import LocalResult
 from fedseal.common.hidden_cache import HiddenStates
-from fedseal.common.lora_rule import LoraRecipe, Phase
+from fedseal.common.lora_rule import MAX_TOKENS, LoraRecipe, Phase
 from fedseal.common.model import ModelError
 from fedseal.common.top_layers import TopStack, adapted_layers, encoder_layers, fedseal_of
 
@@ -165,4 +166,79 @@ def lora_round(
     return LocalResult(mean_loss=total / count if count else float("nan"), steps=steps)
 
 
-__all__ = ["check_inputs", "lora_round", "only_trained", "trained_parameters"]
+class _KeepGradients(torch.optim.Optimizer):
+    """An optimiser that does not step: it keeps the gradients it is handed (Opacus's
+    ``DPOptimizer`` hands it the clipped sum, with no noise and a divisor of one)."""
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        super().__init__(params, {})
+        self.kept: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        self.kept = [
+            torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+            for group in self.param_groups
+            for p in group["params"]
+        ]
+
+
+def clipped_gradient_sum(
+    model: nn.Module,
+    hidden: HiddenStates,
+    labels: torch.Tensor,
+    keys: list[str],
+    clip: float,
+    rate: float,
+    device: torch.device,
+    *,
+    max_tokens: int = MAX_TOKENS,
+    mode: str = "hooks",
+) -> np.ndarray:
+    """The sum over a fresh Poisson sample (rate ``rate``) of the records' gradients on the
+    weights ``keys``, each record's clipped to L2 norm ``clip`` over all of them together,
+    flattened one weight after the other in the order of ``keys``.
+
+    This is a site's vector in an adapter round under distributed noise
+    (:mod:`fedseal.client.ddp_round`): the noise is added to the federation's sum,
+    not here. The per-example gradients and their clipping are Opacus's, as in
+    :func:`lora_round` (:class:`fedseal.client.dp_step.PrivateSteps` with no noise
+    and a divisor of one); the sample is drawn from the OS's CSPRNG.
+
+    Raises
+    ------
+    fedseal.common.model.ModelError
+        If a key is not one of the model's parameters.
+    ValueError
+        If the cache does not fit the model or the labels.
+    """
+    check_inputs(model, hidden, labels)
+    named = dict(fedseal_of(model).named_parameters())
+    missing = [k for k in keys if k not in named]
+    if missing:
+        raise ModelError(f"the model has no weights {missing[:3]}: server and site models differ")
+    params = [named[k] for k in keys]
+    gen = fresh_generator(torch.device("cpu"))
+    sample = (torch.rand(len(hidden), generator=gen) < rate).nonzero().reshape(-1)
+    stack = TopStack(model, hidden.cut).to(device).eval()
+    keeper = _KeepGradients(params)
+    with only_trained(model, params):
+        with PrivateSteps(
+            stack,
+            params,
+            keeper,
+            noise_multiplier=0.0,
+            clip=clip,
+            expected_batch=1.0,
+            mode=mode,
+            device=device,
+        ) as runner:
+            chunks = [
+                functools.partial(_losses, stack, hidden, labels, chunk, device)
+                for chunk in hidden.chunks(sample, max_tokens)
+            ]
+            runner.step(chunks)
+    return torch.cat([g.reshape(-1).double().cpu() for g in keeper.kept]).numpy()
+
+
+__all__ = ["check_inputs", "clipped_gradient_sum", "lora_round", "only_trained", "trained_parameters"]

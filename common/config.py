@@ -335,10 +335,10 @@ def _check_distributed(cfg: FedConfig) -> None:
             "dp-noise distributed adds the noise inside secure aggregation: it "
             "needs both dp and secagg on; turn them on, or use --dp-noise local"
         )
-    if cfg.finetune != "probe":
+    if cfg.finetune == "full":
         raise ConfigError(
-            f"finetune={cfg.finetune} is not yet supported under --dp-noise "
-            "distributed; use local (or finetune=probe)"
+            "finetune=full is not supported under --dp-noise distributed; use "
+            "finetune=probe or lora (LP-FT), or --dp-noise local"
         )
     if cfg.federated_eval:
         raise ConfigError(

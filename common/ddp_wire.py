@@ -10,7 +10,12 @@ SecAgg+:
   expected size of a step's sample (:data:`STATISTICS_CLIP`);
 * rounds 2 and on, the **head** steps: each sampled record's gradient of the
   cross-entropy on the head's weights, clipped to ``clip`` in L2 and summed;
-  the server steps the head with the noisy sum (:mod:`fedseal.server.ddp_round`).
+  the server steps the head with the noisy sum (:mod:`fedseal.server.ddp_round`);
+* under ``finetune = lora`` (LP-FT), the last rounds are **adapter** steps
+  (:func:`fedseal.common.vote.is_adapter_round`): each sampled record's gradient
+  on the top layers' LoRA adapters and the head's weights, flattened in the
+  order of :func:`step_keys`, clipped to the adapter phase's clip
+  (:data:`fedseal.common.lora_rule.CLIP`) and summed.
 
 The server plans one :class:`~fedseal.common.ddp.Encoding` per round from public
 values only (:func:`plan_round`) and sends it with a fresh 32-byte rotation seed
@@ -27,12 +32,22 @@ import os
 from collections.abc import Mapping
 from functools import lru_cache
 
+import numpy as np
 from flwr.app import ConfigRecord
 
 from fedseal.common.config import AUTO, FedConfig
 from fedseal.common.ddp import DdpError, Encoding, calibrate_noise_multiplier, plan_encoding
-from fedseal.common.dp_rule import PROBE_CLIP, PROBE_LR, SAMPLE_RATE, stats_rounds
+from fedseal.common.dp_rule import (
+    FEATURE_MEAN_KEY,
+    PRIOR_KEY,
+    PROBE_CLIP,
+    PROBE_LR,
+    SAMPLE_RATE,
+    stats_rounds,
+)
+from fedseal.common.lora_rule import CLIP as ADAPTER_CLIP
 from fedseal.common.privacy import MAX_SAMPLE_RATE
+from fedseal.common.vote import is_adapter_round, round_keys
 
 RECORD = "ddp"
 """The ConfigRecord of a distributed-noise round's encoding (server -> sites)."""
@@ -41,6 +56,8 @@ STATISTICS_PARTS = 3
 """A statistics row's parts (feature vector, label one-hot, count), each of norm at most 1."""
 STATISTICS_CLIP = 1.0
 """A statistics row has norm at most 1 (each part at most 1, over ``sqrt(3)``)."""
+SAMPLE_TAIL = 6.0
+"""Standard deviations above a site's expected Poisson sample that :func:`sum_bound` allows."""
 _FIELDS = {
     "dim": int,
     "clip": float,
@@ -67,11 +84,24 @@ def head_lr(cfg: FedConfig) -> float:
     return PROBE_LR if cfg.lr == AUTO else float(cfg.lr)
 
 
-def round_shape(cfg: FedConfig, features: int, labels: int, server_round: int) -> tuple[int, float]:
-    """``(dim, clip)`` of a site's vector in ``server_round``: what its encoding must have."""
+def step_keys(weights: Mapping[str, np.ndarray], cfg: FedConfig, server_round: int) -> list[str]:
+    """The weights a head or adapter step moves, in the order their gradients are flattened
+    into one vector (sorted by name: the same at the server and every site, whatever order
+    a message lists them in)."""
+    return sorted(round_keys(weights, cfg, server_round))
+
+
+def round_shape(cfg: FedConfig, weights: Mapping[str, np.ndarray], server_round: int) -> tuple[int, float]:
+    """``(dim, clip)`` of a site's vector in ``server_round``: what its encoding must have.
+
+    ``weights`` are the round's global weights (names to arrays; only their sizes
+    are read): the statistics row's length follows the feature mean and the
+    prior, a step's the weights it moves (:func:`step_keys`).
+    """
     if is_statistics_round(cfg, server_round):
-        return features + labels + 1, STATISTICS_CLIP
-    return labels * features, head_clip(cfg)
+        return weights[FEATURE_MEAN_KEY].size + weights[PRIOR_KEY].size + 1, STATISTICS_CLIP
+    dim = sum(weights[k].size for k in step_keys(weights, cfg, server_round))
+    return dim, ADAPTER_CLIP if is_adapter_round(cfg, server_round) else head_clip(cfg)
 
 
 def planned_sample_rate(cfg: FedConfig) -> float:
@@ -92,20 +122,29 @@ def noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: in
 
 
 def sum_bound(cfg: FedConfig, clip: float) -> float:
-    """A site's clipped sum is projected onto this ball: ``clip`` times the largest sample a
-    site of ``max-site-examples`` records draws (public; never a site's count)."""
-    return clip * MAX_SAMPLE_RATE * cfg.max_site_examples
+    """A site's clipped sum is projected onto this ball: ``clip`` times the most records a site
+    of ``max-site-examples`` records draws at the planned rate, its expected sample plus
+    :data:`SAMPLE_TAIL` standard deviations (public; never a site's count).
+
+    A Poisson sample beyond it (probability below 1e-9) is projected onto the ball, which
+    keeps the step private (the projection is 1-Lipschitz) and merely shortens it. The
+    bound is also the most one hostile site can move the sum by within the decoded sum's
+    check (docs/threat-model.md): set ``max-site-examples`` near the largest real site.
+    """
+    expected = planned_sample_rate(cfg) * cfg.max_site_examples
+    return clip * (expected + SAMPLE_TAIL * math.sqrt(expected))
 
 
-def plan_round(cfg: FedConfig, features: int, labels: int, server_round: int, cohort: int) -> Encoding:
-    """The server's encoding of ``server_round`` for a cohort of ``cohort`` sites.
+def plan_round(cfg: FedConfig, weights: Mapping[str, np.ndarray], server_round: int, cohort: int) -> Encoding:
+    """The server's encoding of ``server_round`` for a cohort of ``cohort`` sites
+    (``weights``: the round's global weights, for :func:`round_shape`).
 
     Raises
     ------
     fedseal.common.ddp.DdpError
         If no encoding fits (the message says what to lower).
     """
-    dim, clip = round_shape(cfg, features, labels, server_round)
+    dim, clip = round_shape(cfg, weights, server_round)
     z = noise_multiplier(cfg.epsilon, cfg.delta, planned_sample_rate(cfg), cfg.rounds)
     return plan_encoding(
         dim=dim,
@@ -164,6 +203,7 @@ __all__ = [
     "RECORD",
     "SEED",
     "STATISTICS_CLIP",
+    "SAMPLE_TAIL",
     "STATISTICS_PARTS",
     "encoding_from_record",
     "encoding_to_record",
@@ -176,5 +216,6 @@ __all__ = [
     "plan_round",
     "planned_sample_rate",
     "round_shape",
+    "step_keys",
     "sum_bound",
 ]

@@ -14,8 +14,10 @@ Each round is one step of DP-SGD over the union of the sites' Poisson samples:
    produce) abandons the round, the model stays as it was;
 4. step: the statistics round sets the feature mean and the head's log prior
    and remembers the noisy size of a step's sample; every later round is a
-   heavy-ball SGD step of the head's weights on the noisy sum of clipped
-   gradients over that size (:class:`DistributedSgd`).
+   heavy-ball SGD step, on the noisy sum of clipped gradients over that size
+   (:class:`DistributedSgd`), of the head's weights, or under LP-FT's adapter
+   rounds of the LoRA adapters and the head's weights together (at the adapter
+   phase's learning rate and momentum, :mod:`fedseal.common.lora_rule`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,10 @@ from flwr.serverapp import Grid
 
 from fedseal.common import ddp, ddp_wire
 from fedseal.common.config import FedConfig
-from fedseal.common.dp_rule import FEATURE_MEAN_KEY, HEAD_WEIGHT_KEY, PRIOR_KEY, PROBE_MOMENTUM, prior_bias
+from fedseal.common.dp_rule import FEATURE_MEAN_KEY, PRIOR_KEY, PROBE_MOMENTUM, prior_bias
+from fedseal.common.lora_rule import LR as ADAPTER_LR
+from fedseal.common.lora_rule import MOMENTUM as ADAPTER_MOMENTUM
+from fedseal.common.vote import is_adapter_round
 from fedseal.server.aggregate import RoundSums
 from fedseal.server.identity import SiteNames
 from fedseal.server.secagg import abandon, masked_sum
@@ -43,10 +48,22 @@ Weights = Mapping[str, np.ndarray]
 
 class DistributedSgd:
     """The server's optimiser under distributed noise: it holds the step's sample size and
-    the head's momentum (both checkpointed with :meth:`state_dict`)."""
+    the momentum of the weights it steps (both checkpointed with :meth:`state_dict`).
 
-    def __init__(self, lr: float, momentum: float = PROBE_MOMENTUM) -> None:
+    ``lr`` and ``momentum`` are the head's; ``adapter_lr`` and
+    ``adapter_momentum`` LP-FT's adapter rounds'. The momentum starts afresh
+    when the stepped weights change (the first adapter round).
+    """
+
+    def __init__(
+        self,
+        lr: float,
+        momentum: float = PROBE_MOMENTUM,
+        adapter_lr: float = ADAPTER_LR,
+        adapter_momentum: float = ADAPTER_MOMENTUM,
+    ) -> None:
         self.lr, self.momentum = lr, momentum
+        self.adapter_lr, self.adapter_momentum = adapter_lr, adapter_momentum
         self.batch = 0.0  # noisy size of a step's sample, from the statistics round
         self.velocity: np.ndarray | None = None
 
@@ -63,13 +80,30 @@ class DistributedSgd:
         self.batch = count
         return out
 
-    def step(self, weights: Weights, noisy_sum: np.ndarray) -> OrderedDict[str, np.ndarray]:
-        """One heavy-ball step of the head's weights on the noisy sum of clipped gradients."""
-        head = weights[HEAD_WEIGHT_KEY]
-        gradient = noisy_sum.reshape(head.shape) / self.batch
-        self.velocity = gradient if self.velocity is None else self.momentum * self.velocity + gradient
-        out = OrderedDict(weights)
-        out[HEAD_WEIGHT_KEY] = (head - self.lr * self.velocity).astype(np.float32)
+    def step(
+        self, weights: Weights, noisy_sum: np.ndarray, keys: list[str], *, adapters: bool = False
+    ) -> OrderedDict[str, np.ndarray]:
+        """One heavy-ball step of the weights ``keys`` on the noisy sum of clipped gradients.
+
+        ``noisy_sum`` is their gradients flattened one after the other in the order of
+        ``keys`` (:func:`fedseal.common.ddp_wire.step_keys`); ``adapters`` picks the
+        adapter phase's learning rate and momentum.
+        """
+        lr, momentum = (self.adapter_lr, self.adapter_momentum) if adapters else (self.lr, self.momentum)
+        gradient = np.asarray(noisy_sum, dtype=np.float64).reshape(-1) / self.batch
+        size = sum(weights[key].size for key in keys)
+        if size != gradient.size:
+            raise ValueError(f"a step of {size} weights got a gradient of {gradient.size}")
+        if self.velocity is None or self.velocity.shape != gradient.shape:
+            self.velocity = gradient
+        else:
+            self.velocity = momentum * self.velocity + gradient
+        out, start = OrderedDict(weights), 0
+        for key in keys:
+            end = start + weights[key].size
+            delta = self.velocity[start:end].reshape(weights[key].shape)
+            out[key] = (weights[key] - lr * delta).astype(np.float32)
+            start = end
         return out
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -112,9 +146,7 @@ def ddp_round(
         )
         return unchanged, sums
     try:
-        encoding = ddp_wire.plan_round(
-            cfg, weights[FEATURE_MEAN_KEY].size, weights[PRIOR_KEY].size, server_round, len(nodes)
-        )
+        encoding = ddp_wire.plan_round(cfg, weights, server_round, len(nodes))
     except ddp.DdpError as exc:
         abandon(sums, server_round, f"no distributed-noise encoding fits: {exc}")
         return unchanged, sums
@@ -131,7 +163,8 @@ def ddp_round(
         return unchanged, sums
     if statistics:
         return optimiser.statistics(weights, noisy), sums
-    return optimiser.step(weights, noisy), sums
+    keys = ddp_wire.step_keys(weights, cfg, server_round)
+    return optimiser.step(weights, noisy, keys, adapters=is_adapter_round(cfg, server_round)), sums
 
 
 __all__ = ["DistributedSgd", "ddp_round"]

@@ -68,3 +68,11 @@ def test_repeats_below_one_is_refused(tmp_path, capsys):
 def test_missing_data_folder_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="train.tsv and dev.tsv"):
         bench_utility.main(["--data", str(tmp_path), "--json", str(tmp_path / "x.json")])
+
+
+def test_an_unknown_finetune_mode_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench_utility.main(
+            ["--data", str(tmp_path), "--json", str(tmp_path / "x.json"), "--finetune", "probe,full"]
+        )
+    assert "unknown --finetune ['full']; use probe and/or lora" in capsys.readouterr().err

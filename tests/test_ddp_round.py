@@ -23,7 +23,7 @@ from fedseal.client.ledger import PrivacyLedger
 from fedseal.common import ddp, ddp_wire
 from fedseal.common.config import ConfigError, FedConfig
 from fedseal.common.ddp.accounting import KERNEL_SCALE
-from fedseal.common.model import build_model
+from fedseal.common.model import build_model, trainable_state
 from fedseal.common.refusals import Code
 from fedseal.server.app import run_federation
 from fedseal.server.checkpoint import load_checkpoint
@@ -65,6 +65,11 @@ def _rows(cfg: FedConfig) -> list[dict]:
     return [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
 
 
+def _weights(cfg: FedConfig) -> dict[str, np.ndarray]:
+    """The run's initial global weights (names and shapes are what a round's plan reads)."""
+    return {k: v.numpy() for k, v in trainable_state(build_model(cfg, cfg.labels)).items()}
+
+
 def _site_size(cfg: FedConfig, i: int) -> int:
     return len((Path(cfg.out) / "sites" / f"site-{i}.jsonl").read_text().splitlines())
 
@@ -78,9 +83,7 @@ def test_a_distributed_run_records_each_steps_mechanism_and_the_direct_epsilon(t
     assert not any(r["abandoned"] or r["refused"] or r["failed"] for r in rows)
 
     # What the server planned, from public values only: one encoding per round.
-    model = build_model(cfg, cfg.labels)
-    features, labels = model.feature_mean.shape[0], model.classifier.out_features
-    plans = [ddp_wire.plan_round(cfg, features, labels, r, SITES) for r in (1, 2, 3)]
+    plans = [ddp_wire.plan_round(cfg, _weights(cfg), r, SITES) for r in (1, 2, 3)]
     honest = cfg.min_clients - cfg.max_colluders
     for i, node in enumerate(nodes):
         ledger = PrivacyLedger.open(
@@ -133,6 +136,45 @@ def test_a_distributed_run_records_each_steps_mechanism_and_the_direct_epsilon(t
     spread = math.sqrt(total * 0.25 * 0.75 + noise_sd**2)
     assert abs(batch - 0.25 * total) < 6 * spread
     assert np.abs(ckpt.weights["classifier.weight"]).max() > 0  # the head stepped
+
+
+def test_lpft_under_distributed_noise_steps_the_adapters_on_the_noisy_sum(tmp_path, tiny_bert):
+    """LP-FT (finetune lora) in 5 rounds: statistics, two head steps, then two adapter steps,
+    each one DP-SGD step over all sites. An adapter round's vector is the adapters' and the
+    head's clipped gradients (its own, larger, encoding); each site's ledger records every
+    step's mechanism and the job's epsilon over all of them stays within the grant; the
+    server moved the adapters (LoRA's B starts at zero) and the head."""
+    cfg = _config(tmp_path, tiny_bert, finetune="lora", rounds=5)
+    nodes = _nodes(tmp_path)
+    run_federation(LocalGrid(SITES, node_configs=nodes), cfg, run_id=RUN_ID)
+    rows = _rows(cfg)
+    assert [len(r["contributors"]) for r in rows] == [SITES] * 5
+    assert not any(r["abandoned"] or r["refused"] or r["failed"] for r in rows)
+
+    initial = _weights(cfg)
+    adapter_keys = ddp_wire.step_keys(initial, cfg, 5)
+    assert "classifier.weight" in adapter_keys and any(".lora_B" in k for k in adapter_keys)
+    assert adapter_keys == sorted(adapter_keys) == ddp_wire.step_keys(initial, cfg, 4)
+    dims = [ddp_wire.plan_round(cfg, initial, r, SITES).padded_dim for r in range(1, 6)]
+    head, adapters = dims[1], dims[3]
+    assert dims == [dims[0], head, head, adapters, adapters]
+    assert adapters > head
+    assert ddp_wire.round_shape(cfg, initial, 4) == (sum(initial[k].size for k in adapter_keys), 0.1)
+    for i, node in enumerate(nodes):
+        ledger = PrivacyLedger.open(
+            node["ledger-path"], f"site-{i}", cfg.epsilon, cfg.delta, key_path=node["ledger-key"]
+        )
+        entries = ledger.entries
+        assert [e.steps for e in entries] == [1, 2, 3, 4, 5]
+        assert [int(e.mechanism["dim"]) for e in entries] == dims
+        history = site_round._history(ledger, None, entries[-1].run)
+        assert entries[-1].epsilon == pytest.approx(site_round.job_epsilon(history, cfg.delta), rel=1e-12)
+        assert entries[-1].epsilon <= cfg.epsilon
+        assert rows[-1]["epsilon"][f"site-{i}"] == pytest.approx(entries[-1].epsilon, rel=1e-9)
+    final = load_checkpoint(Path(cfg.out) / "checkpoint").weights
+    lora_b = [k for k in adapter_keys if ".lora_B" in k]
+    assert not any(np.any(initial[k]) for k in lora_b)
+    assert all(np.any(final[k]) for k in lora_b)
 
 
 @pytest.mark.parametrize(
@@ -192,10 +234,7 @@ def test_a_hostile_sites_share_is_caught_by_the_server(tmp_path, tiny_bert, monk
     else:
         # Dropped at the masked input for its reply's form; with three sites SecAgg+'s
         # threshold is 3, so the two left cannot unmask the sum: nothing is decoded.
-        model = build_model(cfg, cfg.labels)
-        length = ddp_wire.plan_round(
-            cfg, model.feature_mean.shape[0], model.classifier.out_features, 1, SITES
-        ).padded_dim
+        length = ddp_wire.plan_round(cfg, _weights(cfg), 1, SITES).padded_dim
         assert first["failed"]["site-0"].endswith(f"must be uint32 of shape ({length},)")
         assert first["contributors"] == [] and "threshold" in first["abandoned"]
 
@@ -205,8 +244,7 @@ def test_a_hostile_sites_share_is_caught_by_the_server(tmp_path, tiny_bert, monk
     [
         (dict(secagg=False), "needs both dp and secagg"),
         (dict(dp=False), "needs both dp and secagg"),
-        (dict(finetune="lora"), "not yet supported under --dp-noise distributed; use local"),
-        (dict(finetune="full"), "not yet supported under --dp-noise distributed; use local"),
+        (dict(finetune="full"), "not supported under --dp-noise distributed; use finetune=probe or lora"),
         (dict(local_steps=5), "leave local-steps auto"),
         (dict(min_clients=2, max_colluders=1), "raise min-clients"),
     ],
@@ -237,13 +275,56 @@ def test_the_servers_optimiser_reads_the_statistics_and_resumes_from_its_state()
     np.testing.assert_allclose(np.exp(after["classifier.bias"]), [0.25, 0.75], rtol=1e-6)
     assert sgd.batch == count
     gradient_sum = np.arange(6.0)
-    first = sgd.step(after, gradient_sum)
+    head = ["classifier.weight"]
+    first = sgd.step(after, gradient_sum, head)
     np.testing.assert_allclose(
         first["classifier.weight"], 1.0 - 2.0 * gradient_sum.reshape(2, 3) / count, rtol=1e-6
     )
     resumed = DistributedSgd(lr=2.0, momentum=0.5)
     resumed.load_state_dict(sgd.state_dict())
     np.testing.assert_allclose(
-        resumed.step(first, gradient_sum)["classifier.weight"],
-        sgd.step(first, gradient_sum)["classifier.weight"],
+        resumed.step(first, gradient_sum, head)["classifier.weight"],
+        sgd.step(first, gradient_sum, head)["classifier.weight"],
     )
+
+
+def test_the_servers_adapter_step_splits_the_sum_by_name_at_the_adapter_phases_rate():
+    """An adapter round's noisy sum is the gradients of its weights one after the other in the
+    order of the names given; the step uses the adapter phase's learning rate, and its
+    momentum starts afresh (the head rounds' has another shape); a sum of the wrong length
+    is refused."""
+    from fedseal.server.ddp_round import DistributedSgd
+
+    weights = {"a.lora_A": np.ones((1, 2), np.float32), "classifier.weight": np.zeros((2, 3), np.float32)}
+    sgd = DistributedSgd(lr=16.0, momentum=0.9, adapter_lr=0.5, adapter_momentum=0.25)
+    sgd.batch = 10.0
+    sgd.step(weights, np.ones(6), ["classifier.weight"])  # a head round's momentum
+    keys = ["a.lora_A", "classifier.weight"]
+    gradient_sum = np.arange(8.0)
+    first = sgd.step(weights, gradient_sum, keys, adapters=True)
+    np.testing.assert_allclose(first["a.lora_A"], 1.0 - 0.5 * np.array([[0.0, 0.1]]), rtol=1e-6)
+    np.testing.assert_allclose(first["classifier.weight"], -0.5 * np.arange(2.0, 8.0).reshape(2, 3) / 10)
+    second = sgd.step(first, gradient_sum, keys, adapters=True)
+    np.testing.assert_allclose(
+        second["classifier.weight"],
+        first["classifier.weight"] - 0.5 * 1.25 * np.arange(2.0, 8.0).reshape(2, 3) / 10,
+    )
+    with pytest.raises(ValueError, match="a step of 8 weights got a gradient of 9"):
+        sgd.step(weights, np.arange(9.0), keys, adapters=True)
+    assert sgd.velocity is not None and sgd.velocity.shape == (8,)  # the failed step changed nothing
+
+
+def test_the_sums_public_bound_is_the_largest_sample_a_site_draws_at_the_planned_rate():
+    """A site of max-site-examples records sampled at the planned rate draws more than the
+    bound's count with probability below 1e-9; the bound is far below the old
+    ``clip * 0.5 * max-site-examples`` (one hostile site's reach within the sum's check)."""
+    from scipy.stats import binom
+
+    for batch_size, rate in (("auto", 0.25), (64, 0.5)):
+        cfg = FedConfig(clients=4, min_clients=3, dp_noise="distributed", batch_size=batch_size)
+        assert ddp_wire.planned_sample_rate(cfg) == rate
+        count = ddp_wire.sum_bound(cfg, 1.0)
+        assert binom.sf(math.floor(count), cfg.max_site_examples, rate) < 1e-9
+        assert count == pytest.approx(rate * 100_000 + 6 * math.sqrt(rate * 100_000))
+        assert ddp_wire.sum_bound(cfg, 0.1) == pytest.approx(0.1 * count)
+    assert ddp_wire.sum_bound(FedConfig(max_site_examples=1000), 1.0) < 0.5 * 1000  # the old bound

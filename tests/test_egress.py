@@ -353,17 +353,22 @@ def test_sites_of_n_and_n_plus_one_examples_send_identical_metadata(tmp_path, ti
         assert small[(egress.METRICS, "sample-rate")] > 0
 
 
-@pytest.mark.parametrize("n", [100, 1000])
-def test_sites_of_n_and_n_plus_one_send_identical_metadata_under_distributed_noise(tmp_path, tiny_bert, n):
+@pytest.mark.parametrize("n, finetune", [(100, "probe"), (1000, "probe"), (100, "lora")])
+def test_sites_of_n_and_n_plus_one_send_identical_metadata_under_distributed_noise(
+    tmp_path, tiny_bert, n, finetune
+):
     """The masked noisy shares' public numbers (epsilon, steps, the mechanism's noise
-    multiplier, the rate) depend on the size bucket and the round's public encoding only."""
+    multiplier, the rate) depend on the size bucket and the round's public encoding only:
+    in the probe's rounds and in LP-FT's adapter round (round 3)."""
+    rounds = 3 if finetune == "lora" else 2
     cfg = prepare_sites(
         FedConfig(
             model=tiny_bert,
             labels=LABELS,
+            finetune=finetune,
             clients=2,
             min_clients=2,
-            rounds=2,
+            rounds=rounds,
             max_length=8,
             dp_noise="distributed",
             max_colluders=0,
@@ -377,7 +382,7 @@ def test_sites_of_n_and_n_plus_one_send_identical_metadata_under_distributed_noi
     cfg = cfg.replace(eval=str(write_examples(_examples(32), tmp_path / "eval.jsonl")))
     grid = Recording(2)
     run_federation(grid, cfg, run_id=RUN_ID)
-    for server_round in (1, 2):
+    for server_round in range(1, rounds + 1):
         small, large = (
             _public(egress.SECAGG_MASKED_INPUT, reply)
             for kind, r, reply in grid.replies

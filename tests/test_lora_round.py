@@ -12,10 +12,18 @@ import torch
 from torch import nn
 
 from fedseal.client.dp_step import MODES, PrivateSteps
-from fedseal.client.lora_round import _losses, check_inputs, lora_round, only_trained, trained_parameters
+from fedseal.client.lora_round import (
+    _losses,
+    check_inputs,
+    clipped_gradient_sum,
+    lora_round,
+    only_trained,
+    trained_parameters,
+)
 from fedseal.common.config import FedConfig
 from fedseal.common.hidden_cache import compute_hidden
 from fedseal.common.lora_rule import LoraRecipe, Phase, calibrate, epsilon_of, lora_recipe
+from fedseal.common.model import ModelError
 from fedseal.common.top_layers import TopStack, fedseal_of
 
 CPU = torch.device("cpu")
@@ -70,6 +78,42 @@ def test_a_step_clips_each_example_and_divides_by_the_expected_batch(tiny_lpft, 
     expected = _params(model) - lr * clipped / 10.0
     after = _one_step(model, hidden, labels, index, mode=mode, clip=clip, max_tokens=max_tokens, lr=lr)
     assert torch.allclose(after, expected, atol=1e-6), (after - expected).abs().max()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_distributed_adapter_vector_is_the_sum_of_clipped_per_record_gradients(tiny_lpft, mode):
+    """Under distributed noise a site sends the sum of its records' clipped gradients, in the
+    order of the names it is given (the server's, sorted), with no noise: against autograd per
+    record (rate 1 samples every record), small chunks so the sum spans several; a rate of
+    zero sends zeros, and a name the model lacks is refused."""
+    model, data = tiny_lpft()
+    hidden = compute_hidden(model, data, 1, CPU, torch.float32)
+    labels = data.tensors[2]
+    named = dict(model.named_parameters())
+    keys = sorted(k for k in named if ".lora_" in k or k == "classifier.weight")
+    params = [named[k] for k in keys]
+    stack = TopStack(model, 1)
+    with only_trained(model, params):
+        grads = [
+            torch.cat(
+                [
+                    g.flatten()
+                    for g in torch.autograd.grad(
+                        _losses(stack, hidden, labels, torch.tensor([i]), CPU).sum(), params
+                    )
+                ]
+            )
+            for i in range(len(labels))
+        ]
+    clip = float(torch.stack([g.norm() for g in grads]).median())
+    expected = sum(g * min(1.0, clip / (float(g.norm()) + 1e-6)) for g in grads)
+    got = clipped_gradient_sum(model, hidden, labels, keys, clip, 1.0, CPU, max_tokens=6, mode=mode)
+    assert got.shape == (sum(p.numel() for p in params),)
+    assert torch.allclose(torch.from_numpy(got).float(), expected, atol=1e-5)
+    assert not clipped_gradient_sum(model, hidden, labels, keys, clip, 0.0, CPU, mode=mode).any()
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(ModelError, match="no weights"):
+        clipped_gradient_sum(model, hidden, labels, [*keys, "not.a.weight"], clip, 1.0, CPU)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -5,7 +5,7 @@ Usage::
     python -m simulations.bench.utility --data ../shared/data/sst2 --json OUT.json --plot OUT.png
 
 Every arm is 10 sites sharing the whole SST-2 train split, the default settings
-(``finetune = probe``, every training setting ``auto``: see
+(``finetune = probe``; every training setting ``auto``: see
 :mod:`fedseal.common.dp_rule`), secure aggregation on, the real ClientApp and ServerApp
 over the in-process grid (:mod:`simulations.bench.local_grid`; only the transport is
 missing), scored on the whole dev set. Arms, for each partition (``iid`` and
@@ -17,6 +17,10 @@ missing), scored on the whole dev set. Arms, for each partition (``iid`` and
   budget under ``dp-noise = distributed`` (docs/ddp.md), ``--ddp-rounds`` rounds (each
   one DP-SGD step over all sites; sites' policy: ``min-clients`` = the sites, one
   colluder).
+
+With ``--finetune probe,lora`` (or ``lora``) every arm also runs as LP-FT (``finetune =
+lora``: the probe's rounds, then adapter rounds, docs/lora.md), named ``lpft``,
+``lpft_dp_eps<E>`` and ``lpft_ddp_eps<E>``, on the same partition in the same run.
 
 The JSON holds ``fed_acc`` and ``fed_dp_acc`` (IID, epsilon 8), the targets of
 issue 9 and whether each is met, and every arm's per-round accuracy, macro-F1,
@@ -58,6 +62,8 @@ at least 0.82 at epsilon 1."""
 NOISE_MODES = ("local", "distributed")
 EPSILONS = (1.0, 2.0, 4.0, 8.0)
 PARTITIONS = ("iid", "dirichlet")
+ARM_PREFIX = {"probe": "fed", "lora": "lpft"}
+"""An arm's name starts with its fine-tuning mode's prefix (``fed_dp_eps8``, ``lpft_dp_eps8``)."""
 
 
 def read_split(data: Path, name: str) -> Examples:
@@ -197,7 +203,7 @@ def summarise(
         "epsilons": list(args.epsilons),
         "delta": args.delta,
         "accountant": args.accountant,
-        "finetune": base.finetune,
+        "finetune": list(args.finetune),
         "training_settings": "auto (fedseal.common.dp_rule)",
         "secagg": base.secagg,
         "seed": args.seed,
@@ -211,6 +217,19 @@ def summarise(
         "device": str(pick_device(base.device)),
     }
     return report
+
+
+def arm_configs(base: FedConfig, args: argparse.Namespace) -> list[tuple[str, FedConfig]]:
+    """The arms of one partition and fine-tuning mode: non-private, distributed, local."""
+    return (
+        [("fed", base.replace(dp=False))]
+        + [
+            (f"fed_ddp_eps{e:g}", base.replace(epsilon=e, dp_noise="distributed", rounds=args.ddp_rounds))
+            for e in args.epsilons
+            if "distributed" in args.dp_noise
+        ]
+        + [(f"fed_dp_eps{e:g}", base.replace(epsilon=e)) for e in args.epsilons if "local" in args.dp_noise]
+    )
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
@@ -242,22 +261,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             list(args.epsilons),
         )
         for partition in args.partitions:
-            runs = (
-                [("fed", base.replace(dp=False))]
-                + [
-                    (
-                        f"fed_ddp_eps{e:g}",
-                        base.replace(epsilon=e, dp_noise="distributed", rounds=args.ddp_rounds),
-                    )
-                    for e in args.epsilons
-                    if "distributed" in args.dp_noise
-                ]
-                + [
-                    (f"fed_dp_eps{e:g}", base.replace(epsilon=e))
-                    for e in args.epsilons
-                    if "local" in args.dp_noise
-                ]
-            )
+            runs = [
+                (name.replace("fed", ARM_PREFIX[finetune], 1), cfg.replace(finetune=finetune))
+                for finetune in args.finetune
+                for name, cfg in arm_configs(base, args)
+            ]
             for name, cfg in runs:
                 log.info("%s arm %s ...", partition, name)
                 arms[partition][name] = pool_runs(
@@ -291,6 +299,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", default="default", help="model path or hub name")
     parser.add_argument(
         "--train-size", type=int, default=0, help="use only the first N training examples (default: all)"
+    )
+    parser.add_argument(
+        "--finetune",
+        type=lambda v: tuple(v.split(",")),
+        default=("probe",),
+        help="comma-separated subset of probe,lora (LP-FT): the modes every arm runs in (default probe)",
     )
     parser.add_argument("--sites", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=4)
@@ -339,6 +353,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(
             f"unknown --dp-noise {sorted(set(args.dp_noise) - set(NOISE_MODES))}; use "
             "local and/or distributed"
+        )
+    if set(args.finetune) - set(ARM_PREFIX):
+        parser.error(
+            f"unknown --finetune {sorted(set(args.finetune) - set(ARM_PREFIX))}; use probe and/or lora"
         )
     setup_bench_logging(args.log_level)
     started = time.monotonic()
