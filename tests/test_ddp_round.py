@@ -328,3 +328,41 @@ def test_the_sums_public_bound_is_the_largest_sample_a_site_draws_at_the_planned
         assert count == pytest.approx(rate * 100_000 + 6 * math.sqrt(rate * 100_000))
         assert ddp_wire.sum_bound(cfg, 0.1) == pytest.approx(0.1 * count)
     assert ddp_wire.sum_bound(FedConfig(max_site_examples=1000), 1.0) < 0.5 * 1000  # the old bound
+
+
+def test_the_server_publishes_the_mean_of_each_phases_last_half_of_iterates():
+    """Suffix averaging: the model scored and saved is the mean of the stepped weights since the
+    phase's suffix began; the sites keep stepping from the last iterate; the average restarts
+    with each phase and resumes from the checkpointed state."""
+    from fedseal.server.ddp_round import DistributedSgd, suffix_from
+
+    probe = FedConfig(clients=4, min_clients=3, dp_noise="distributed", rounds=101)
+    assert [suffix_from(probe, r) for r in (2, 51, 101)] == [52, 52, 52]  # head rounds 2..101
+    lpft = probe.replace(finetune="lora", rounds=9)  # head rounds 2..5, adapter rounds 6..9
+    assert [suffix_from(lpft, r) for r in (2, 5, 6, 9)] == [4, 4, 8, 8]
+
+    weights = {"classifier.weight": np.zeros((1, 2), np.float32), "other": np.ones(3, np.float32)}
+    sgd = DistributedSgd(lr=1.0, momentum=0.0)
+    sgd.batch = 1.0
+    head = ["classifier.weight"]
+    iterates = []
+    for step in range(4):
+        weights = sgd.step(weights, np.array([-1.0, -2.0]), head)
+        sgd.average_in(weights, head, in_suffix=step >= 2)
+        iterates.append(weights["classifier.weight"])
+        if step < 2:
+            assert sgd.published(weights) is weights  # before the suffix: the iterate itself
+    published = sgd.published(weights)
+    np.testing.assert_allclose(published["classifier.weight"], (iterates[2] + iterates[3]) / 2)
+    np.testing.assert_allclose(weights["classifier.weight"], [[4.0, 8.0]])  # still the iterate
+    assert published["other"] is weights["other"]
+    resumed = DistributedSgd(lr=1.0, momentum=0.0)
+    resumed.load_state_dict(sgd.state_dict())
+    assert resumed.averaged == 2
+    np.testing.assert_allclose(
+        resumed.published(weights)["classifier.weight"], published["classifier.weight"]
+    )
+    # A new phase's weights: the head phase's average is dropped, the new one starts afresh.
+    weights = dict(weights, **{"a.lora_B": np.zeros(2, np.float32)})
+    sgd.average_in(weights, ["a.lora_B", "classifier.weight"], in_suffix=False)
+    assert sgd.published(weights) is weights

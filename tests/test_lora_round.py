@@ -51,6 +51,23 @@ def _one_step(model, hidden, labels, index, *, mode, clip, max_tokens, lr=0.5):
     return _params(model)
 
 
+def _per_example_gradients(model, hidden, labels, params, examples) -> list[torch.Tensor]:
+    """Each example's gradient on ``params`` by autograd alone, flattened in their order."""
+    stack = TopStack(model, hidden.cut)
+    with only_trained(model, params):
+        return [
+            torch.cat(
+                [
+                    g.flatten()
+                    for g in torch.autograd.grad(
+                        _losses(stack, hidden, labels, torch.tensor([i]), CPU).sum(), params
+                    )
+                ]
+            )
+            for i in examples
+        ]
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("max_tokens", [1000, 6])
 def test_a_step_clips_each_example_and_divides_by_the_expected_batch(tiny_lpft, mode, max_tokens):
@@ -60,19 +77,7 @@ def test_a_step_clips_each_example_and_divides_by_the_expected_batch(tiny_lpft, 
     model, data = tiny_lpft()
     hidden = compute_hidden(model, data, 1, CPU, torch.float32)
     labels, index, lr = data.tensors[2], torch.tensor([0, 1, 3, 5, 6]), 0.5
-    stack, params = TopStack(model, 1), trained_parameters(model)
-    with only_trained(model, params):
-        grads = [
-            torch.cat(
-                [
-                    g.flatten()
-                    for g in torch.autograd.grad(
-                        _losses(stack, hidden, labels, torch.tensor([i]), CPU).sum(), params
-                    )
-                ]
-            )
-            for i in index.tolist()
-        ]
+    grads = _per_example_gradients(model, hidden, labels, trained_parameters(model), index.tolist())
     clip = float(torch.stack([g.norm() for g in grads]).median())  # some clipped, some not
     clipped = sum(g * min(1.0, clip / (float(g.norm()) + 1e-6)) for g in grads)
     expected = _params(model) - lr * clipped / 10.0
@@ -92,19 +97,7 @@ def test_a_distributed_adapter_vector_is_the_sum_of_clipped_per_record_gradients
     named = dict(model.named_parameters())
     keys = sorted(k for k in named if ".lora_" in k or k == "classifier.weight")
     params = [named[k] for k in keys]
-    stack = TopStack(model, 1)
-    with only_trained(model, params):
-        grads = [
-            torch.cat(
-                [
-                    g.flatten()
-                    for g in torch.autograd.grad(
-                        _losses(stack, hidden, labels, torch.tensor([i]), CPU).sum(), params
-                    )
-                ]
-            )
-            for i in range(len(labels))
-        ]
+    grads = _per_example_gradients(model, hidden, labels, params, range(len(labels)))
     clip = float(torch.stack([g.norm() for g in grads]).median())
     expected = sum(g * min(1.0, clip / (float(g.norm()) + 1e-6)) for g in grads)
     got = clipped_gradient_sum(model, hidden, labels, keys, clip, 1.0, CPU, max_tokens=6, mode=mode)

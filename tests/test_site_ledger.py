@@ -417,9 +417,17 @@ def test_server_resumes_after_the_last_checkpointed_round(site):
     job = json.loads((out / "checkpoint" / "job.json").read_text())["job_id"]
     entries = _ledger(tmp).entries
     assert [(e.run, e.round) for e in entries] == [(job, 1), (job, 2)]
-    # A finished run restarted again trains nothing.
+    # A finished run restarted again trains nothing, and saves the trained model (not the
+    # initial one it builds before reading the checkpoint).
+    (out / "model").rename(tmp / "model-first")
     run_federation(LocalGrid(1, node_configs=[node]), cfg, RUN_ID, resume=True)
     assert len(_ledger(tmp).entries) == 2
+    from transformers import AutoModelForSequenceClassification
+
+    saved = AutoModelForSequenceClassification.from_pretrained(out / "model", trust_remote_code=True)
+    head = load_checkpoint(out / "checkpoint").weights["classifier.weight"]
+    assert np.abs(head).max() > 0
+    assert np.allclose(saved.classifier.weight.detach().numpy(), head, atol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -222,7 +222,7 @@ def summarise(
 def arm_configs(base: FedConfig, args: argparse.Namespace) -> list[tuple[str, FedConfig]]:
     """The arms of one partition and fine-tuning mode: non-private, distributed, local."""
     return (
-        [("fed", base.replace(dp=False))]
+        ([] if args.no_nonprivate else [("fed", base.replace(dp=False))])
         + [
             (f"fed_ddp_eps{e:g}", base.replace(epsilon=e, dp_noise="distributed", rounds=args.ddp_rounds))
             for e in args.epsilons
@@ -341,6 +341,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         default=101,
         help="rounds of the distributed arms: 1 statistics round, then one DP-SGD step a round (default 101)",
+    )
+    parser.add_argument(
+        "--no-nonprivate",
+        action="store_true",
+        help="skip the non-private arms (the targets' gaps then need another run's)",
     )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
