@@ -197,7 +197,7 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
     done = 0
     if resume:
         done, weights = resume_state(out, cfg, weights, strategy, metrics)
-        load_trainable(model, strategy.published(weights))  # saved as is if every round was done
+        load_trainable(model, weights)  # saved as is if every round was done
     else:
         metrics.rewrite([])
     job = job_id(out, resume=resume)
@@ -263,7 +263,7 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
             )
         if cfg.dp_noise == "local":
             weights, vote_scale = next_weights(weights, sums, cfg, strategy, server_round)
-        load_trainable(model, strategy.published(weights))
+        load_trainable(model, weights)
         model.to(device)
         logits = held_out_logits(model, eval_data, eval_features, cfg, device)
         scores = scores_of(logits, eval_data.tensors[2].to(device), len(cfg.labels))

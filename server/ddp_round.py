@@ -17,10 +17,7 @@ Each round is one step of DP-SGD over the union of the sites' Poisson samples:
    heavy-ball SGD step, on the noisy sum of clipped gradients over that size
    (:class:`DistributedSgd`), of the head's weights, or under LP-FT's adapter
    rounds of the LoRA adapters and the head's weights together (at the adapter
-   phase's learning rate and momentum, :mod:`fedseal.common.lora_rule`);
-5. publish: from the second half of each phase's rounds on, the model the server scores
-   and saves is the mean of the phase's iterates since then (:func:`suffix_from`); the
-   sites keep stepping from the last iterate.
+   phase's learning rate and momentum, :mod:`fedseal.common.lora_rule`).
 """
 
 from __future__ import annotations
@@ -36,14 +33,7 @@ from flwr.serverapp import Grid
 
 from fedseal.common import ddp, ddp_wire
 from fedseal.common.config import FedConfig
-from fedseal.common.dp_rule import (
-    FEATURE_MEAN_KEY,
-    PRIOR_KEY,
-    PROBE_MOMENTUM,
-    adapter_rounds,
-    prior_bias,
-    stats_rounds,
-)
+from fedseal.common.dp_rule import FEATURE_MEAN_KEY, PRIOR_KEY, PROBE_MOMENTUM, prior_bias
 from fedseal.common.lora_rule import LR as ADAPTER_LR
 from fedseal.common.lora_rule import MOMENTUM as ADAPTER_MOMENTUM
 from fedseal.common.vote import is_adapter_round
@@ -54,7 +44,6 @@ from fedseal.server.secagg import abandon, masked_sum
 log = logging.getLogger("fedseal")
 
 Weights = Mapping[str, np.ndarray]
-AVERAGE = "ddp/average/"  # state_dict: the suffix average's arrays, by weight name
 
 
 class DistributedSgd:
@@ -77,8 +66,6 @@ class DistributedSgd:
         self.adapter_lr, self.adapter_momentum = adapter_lr, adapter_momentum
         self.batch = 0.0  # noisy size of a step's sample, from the statistics round
         self.velocity: np.ndarray | None = None
-        self.average: dict[str, np.ndarray] = {}  # the suffix average of the stepped weights
-        self.averaged = 0  # iterates in it
 
     def statistics(self, weights: Weights, noisy_sum: np.ndarray) -> OrderedDict[str, np.ndarray]:
         """Feature mean, log prior and sample size from the statistics round's noisy sum."""
@@ -119,36 +106,11 @@ class DistributedSgd:
             start = end
         return out
 
-    def average_in(self, weights: Weights, keys: list[str], *, in_suffix: bool) -> None:
-        """Add the new iterate of ``keys`` to the suffix average, or, for a round before its
-        phase's suffix (:func:`suffix_from`), drop the average: it restarts with each phase."""
-        if not in_suffix or set(self.average) != set(keys):
-            self.average, self.averaged = {}, 0
-        if not in_suffix:
-            return
-        self.averaged += 1
-        for key in keys:
-            iterate = np.asarray(weights[key], dtype=np.float64)
-            before = self.average.get(key)
-            self.average[key] = iterate if before is None else before + (iterate - before) / self.averaged
-
-    def published(self, weights: Weights) -> Weights:
-        """The model the server scores and saves: ``weights`` with the stepped weights replaced
-        by their suffix average once the phase's suffix has begun (post-processing of the
-        noisy steps: it costs no privacy)."""
-        if not self.average:
-            return weights
-        out = OrderedDict(weights)
-        for key, value in self.average.items():
-            out[key] = value.astype(np.float32)
-        return out
-
     def state_dict(self) -> dict[str, np.ndarray]:
-        """The sample size, the momentum and the suffix average."""
-        state = {"ddp/batch": np.array([self.batch]), "ddp/averaged": np.array([self.averaged])}
+        """The sample size and the momentum."""
+        state = {"ddp/batch": np.array([self.batch])}
         if self.velocity is not None:
             state["ddp/velocity"] = self.velocity
-        state.update({AVERAGE + key: value for key, value in self.average.items()})
         return state
 
     def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
@@ -156,30 +118,6 @@ class DistributedSgd:
         self.batch = float(np.asarray(state.get("ddp/batch", [0.0])).reshape(-1)[0])
         velocity = state.get("ddp/velocity")
         self.velocity = None if velocity is None else np.asarray(velocity, dtype=np.float64)
-        self.averaged = int(np.asarray(state.get("ddp/averaged", [0])).reshape(-1)[0])
-        self.average = {
-            key[len(AVERAGE) :]: np.asarray(value, dtype=np.float64)
-            for key, value in state.items()
-            if key.startswith(AVERAGE)
-        }
-
-
-def suffix_from(cfg: FedConfig, server_round: int) -> int:
-    """The first round whose iterate joins the average published for ``server_round``'s phase:
-    the second half of the phase's steps (its head rounds, or LP-FT's adapter rounds).
-
-    Suffix averaging: for SGD on a (strongly) convex loss the mean of the last half of the
-    iterates converges at the optimal rate where the last iterate does not (Rakhlin, Shamir
-    and Sridharan 2012, "Making gradient descent optimal for strongly convex stochastic
-    optimization"); under DP it averages the noise of those steps away (De et al. 2022
-    average the iterates too). It is post-processing and costs no privacy.
-    """
-    adapters = adapter_rounds(cfg.rounds) if cfg.finetune == "lora" else 0
-    if is_adapter_round(cfg, server_round):
-        first, last = cfg.rounds - adapters + 1, cfg.rounds
-    else:
-        first, last = stats_rounds(cfg) + 1, cfg.rounds - adapters
-    return first + (last - first + 1) // 2
 
 
 def ddp_round(
@@ -226,9 +164,7 @@ def ddp_round(
     if statistics:
         return optimiser.statistics(weights, noisy), sums
     keys = ddp_wire.step_keys(weights, cfg, server_round)
-    stepped = optimiser.step(weights, noisy, keys, adapters=is_adapter_round(cfg, server_round))
-    optimiser.average_in(stepped, keys, in_suffix=server_round >= suffix_from(cfg, server_round))
-    return stepped, sums
+    return optimiser.step(weights, noisy, keys, adapters=is_adapter_round(cfg, server_round)), sums
 
 
-__all__ = ["DistributedSgd", "ddp_round", "suffix_from"]
+__all__ = ["DistributedSgd", "ddp_round"]

@@ -30,10 +30,6 @@ class Strategy(Protocol):
     def step(self, weights: Weights, mean_update: Weights) -> OrderedDict[str, np.ndarray]:
         """Return the next global weights."""
 
-    def published(self, weights: Weights) -> Weights:
-        """The model the server scores and saves for the global ``weights`` (the weights
-        themselves, or an average of the iterates: :class:`fedseal.server.ddp_round.DistributedSgd`)."""
-
     def state_dict(self) -> dict[str, np.ndarray]:
         """Arrays needed to resume (empty for stateless strategies)."""
 
@@ -53,10 +49,6 @@ class FedAvg:
             (k, (w + self.server_lr * mean_update[k]).astype(np.float32) if k in mean_update else w)
             for k, w in weights.items()
         )
-
-    def published(self, weights: Weights) -> Weights:
-        """The global weights themselves."""
-        return weights
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """FedAvg keeps no state."""
@@ -87,10 +79,6 @@ class FedAdam:
             self.m[k], self.v[k] = m, v
             out[k] = (w + self.server_lr * m / (np.sqrt(v) + self.tau)).astype(np.float32)
         return out
-
-    def published(self, weights: Weights) -> Weights:
-        """The global weights themselves."""
-        return weights
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """First and second moments, keyed ``m/<name>`` and ``v/<name>``."""
