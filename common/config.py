@@ -292,7 +292,7 @@ HELP: dict[str, str] = {
     "dp_noise": "where the DP noise is added: local (each site noises its own update; holds "
     "even if secure aggregation is broken) or distributed (each round is one DP-SGD "
     "step over all sites' samples; each site adds a share of the noise inside "
-    "SecAgg+, so the sum carries it once; needs dp and secagg, probe only; "
+    "SecAgg+, so the sum carries it once; needs dp and secagg, finetune probe or lora; "
     "docs/ddp.md)",
     "max_colluders": "with --dp-noise distributed: sites colluding with the server that the "
     "noise shares are sized for; min-clients less this many honest shares "
