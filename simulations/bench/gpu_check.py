@@ -9,8 +9,8 @@ packaged model (``default``) and SST-2 by path:
    ClientApp on the local grid (:func:`simulations.bench.lpft_federated.run_arm`):
    its final dev accuracy, the largest site epsilon and its wall seconds;
 2. the adapter phase's step on one site's cached states
-   (:func:`fedseal.client.lora_round.lora_round`, which runs the forward under
-   bf16 autocast on CUDA): examples per second of DP steps and of the same steps
+   (:func:`fedseal.client.lora_round.lora_round`, in float32 on every device):
+   examples per second of DP steps and of the same steps
    without noise or clipping, and their ratio.
 
 Sized to finish within 8 minutes on one GPU with all of SST-2's 67,349 sentences::
@@ -103,7 +103,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "bf16_autocast": device.type == "cuda",
         "torch": torch.__version__,
         "python": platform.python_version(),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
