@@ -306,12 +306,10 @@ def adapter_sum(
     head's weights (:func:`fedseal.common.ddp_wire.step_keys`) over a fresh Poisson sample, on
     the site's cached states below the adapters (:mod:`fedseal.common.hidden_cache`)."""
     from fedseal.client.lora_round import clipped_gradient_sum
-    from fedseal.common.hidden_cache import hidden_states
-    from fedseal.common.top_layers import adapted_layers, encoder_layers
+    from fedseal.client.lpft import states_below_adapters
 
     model = prepared.model
-    cut = len(encoder_layers(model.backbone)) - adapted_layers(model)
-    hidden = hidden_states(model, data, cut, device, cache_dir)
+    hidden = states_below_adapters(model, data, device, cache_dir)
     keys = ddp_wire.step_keys(prepared.global_state, cfg, server_round)
     return clipped_gradient_sum(model, hidden, data.tensors[2], keys, clip, rate, device)
 

@@ -24,10 +24,19 @@ from fedseal.client.lora_round import lora_round
 from fedseal.client.probe import probe_round
 from fedseal.client.trainer import LocalResult
 from fedseal.common.dp_rule import Recipe
-from fedseal.common.hidden_cache import hidden_states
+from fedseal.common.hidden_cache import HiddenStates, hidden_states
 from fedseal.common.lora_rule import lora_recipe, round_phase
 from fedseal.common.privacy import DPPlan
 from fedseal.common.top_layers import adapted_layers, encoder_layers
+
+
+def states_below_adapters(
+    model: nn.Module, data: TensorDataset, device: torch.device, cache_dir: Path | None = None
+) -> HiddenStates:
+    """The site's cached token states entering the lowest adapted layer (computed once per
+    site, :func:`fedseal.common.hidden_cache.hidden_states`)."""
+    cut = len(encoder_layers(model.backbone)) - adapted_layers(model)
+    return hidden_states(model, data, cut, device, cache_dir)
 
 
 def lpft_round(
@@ -47,10 +56,9 @@ def lpft_round(
     if not rec.is_adapter_round(server_round):
         return probe_round(model, data, rec, plan, server_round, device, cache_dir)
     lrec = lora_recipe(bucket, rec.adapter_rounds)
-    cut = len(encoder_layers(model.backbone)) - adapted_layers(model)
-    hidden = hidden_states(model, data, cut, device, cache_dir)
+    hidden = states_below_adapters(model, data, device, cache_dir)
     phase = round_phase(plan, rec, server_round, lrec.steps_per_round) if plan else None
     return lora_round(model, hidden, data.tensors[2], lrec, phase, device)
 
 
-__all__ = ["lpft_round"]
+__all__ = ["lpft_round", "states_below_adapters"]
