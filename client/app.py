@@ -89,12 +89,13 @@ def masked_input(msg: Message, context: Context) -> Message:
     asked = admit(content, context)
     if (asked.job, asked.round) != secagg.round_of(context):
         raise Refusal(Code.MESSAGE_STAGE, "the kept training message is not this round's")
+    routed = secagg.open_routed(msg, context)  # before any spend: bad shares cost nothing
     prepared = prepare(asked, content, context)
     if asked.cfg.dp_noise == "distributed":
-        reply = ddp_round.masked_input(msg, context, asked, prepared, content)
+        reply = ddp_round.masked_input(msg, context, routed, asked, prepared, content)
     else:
         committed, update = train_round(asked, prepared, context)
-        reply = masked_reply(msg, context, asked.cfg, asked.site, committed, update)
+        reply = masked_reply(msg, context, routed, asked.cfg, committed, update)
     ledger = ledger_path(context.node_config)
     if ledger is not None:
         release(pending_path(ledger))  # forgotten durably before it leaves, masked

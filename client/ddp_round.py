@@ -25,7 +25,9 @@ The site's checks, in order, before anything is encoded:
 
 The stage-0 ``train`` message runs all three without recording (a round that
 never reaches the masked input costs nothing); the masked-input stage runs
-them again, records the step's mechanism in the ledger, and only then encodes.
+them again once the shares routed to the site have opened and checked
+(:func:`fedseal.client.secagg.open_routed`, so malformed ones cost nothing
+either), records the step's mechanism in the ledger, and only then encodes.
 """
 
 from __future__ import annotations
@@ -315,7 +317,12 @@ def adapter_sum(
 
 
 def masked_input(
-    msg: Message, context: Context, asked: Asked, prepared: Prepared, content: RecordDict
+    msg: Message,
+    context: Context,
+    routed: secagg.Routed,
+    asked: Asked,
+    prepared: Prepared,
+    content: RecordDict,
 ) -> Message:
     """SecAgg+ stage 2: check, record the step's mechanism and spend, send the masked noisy share.
 
@@ -366,7 +373,7 @@ def masked_input(
     )
     if prepared.ledger is None:
         _remember(context, mechanism, plan.sample_rate)
-    y, complaints = secagg.masked_vector(msg, context, share)
+    y, complaints = secagg.masked_vector(context, routed, share)
     return egress.build(
         egress.SECAGG_MASKED_INPUT,
         msg,

@@ -204,8 +204,8 @@ def advert_reply(msg: Message, cfg: FedConfig, site: SiteSettings, keys: Mapping
 def masked_reply(
     msg: Message,
     context: Context,
+    routed: secagg.Routed,
     cfg: FedConfig,
-    site: SiteSettings,
     committed: CommittedRound,
     update: Mapping[str, np.ndarray],
 ) -> Message:
@@ -216,7 +216,7 @@ def masked_reply(
     """
     job, server_round = secagg.round_of(context)
     _check_committed(committed, job, server_round, update)
-    y, complaints = secagg.masked_input(msg, context, cfg, flatten(update), committed.weight)
+    y, complaints = secagg.masked_input(context, routed, cfg, flatten(update), committed.weight)
     return egress.build(
         egress.SECAGG_MASKED_INPUT,
         msg,

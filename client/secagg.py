@@ -6,7 +6,8 @@ own settings, never from the server. :func:`check_round` runs before anything
 else. Stage 0 (advertise keys) rides on the ``train`` reply, before any
 training; stage 1 shares keys; the site trains only at stage 2, when the server
 asks for its masked input (the cohort has then shown it can complete the
-round), and sends ``x + masks`` with the committed spend; then it signs the
+round), and only after the shares routed to it open and check
+(:func:`open_routed`), and sends ``x + masks`` with the committed spend; then it signs the
 survivor view and helps unmask. Nothing here ever sends the update itself:
 only ``x + masks`` leaves the site.
 
@@ -19,6 +20,7 @@ aggregates over different survivor sets can never be subtracted.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +32,7 @@ from fedseal.common import egress
 from fedseal.common.config import FedConfig
 from fedseal.common.refusals import Code, Refusal
 from fedseal.common.secagg import ClientState, Identity, Roster, RoundContext, SecAggError, UnmaskRefusedError
-from fedseal.common.secagg.client import state_digest
+from fedseal.common.secagg.client import OpenedShares, state_digest
 from fedseal.common.secagg.messages import Advert, ShareMessage
 from fedseal.common.secagg_wire import (
     ADVERT,
@@ -270,33 +272,48 @@ def share_keys(msg: Message, context: Context) -> Message:
     )
 
 
+@dataclass(frozen=True)
+class Routed:
+    """The shares the server routed to this site for stage 2, opened and checked."""
+
+    state: ClientState
+    opened: OpenedShares
+
+
+def open_routed(msg: Message, context: Context) -> Routed:
+    """Stage 2's check, before the site trains or commits any spend: parse, decrypt and check
+    the routed shares, so that a server which routes malformed or forged ones costs the site
+    nothing (the refusal leaves the budget as it was)."""
+    state = _load(context)
+    routed = unpack_routed(field(_params(msg, state), ROUTED, bytes))
+    opened = {s: (ShareMessage.decode(m)[0], ct) for s, (m, ct) in routed.items()}
+    return Routed(state, state.open_shares(opened))
+
+
 def masked_input(
-    msg: Message, context: Context, cfg: FedConfig, flat_weighted_update: np.ndarray, weight: float
+    context: Context, routed: Routed, cfg: FedConfig, flat_weighted_update: np.ndarray, weight: float
 ) -> tuple[np.ndarray, bytes]:
     """Stage 2: encode the committed update and return ``x + masks`` and the complaints.
 
     ``x`` exists only inside this call: what leaves is the masked vector.
     """
-    state = _load(context)
     x = encode_update(
-        flat_weighted_update, weight, len(state.ctx.participants), round_clip(cfg, state.ctx.round_id)
+        flat_weighted_update,
+        weight,
+        len(routed.state.ctx.participants),
+        round_clip(cfg, routed.state.ctx.round_id),
     )
-    return masked_vector(msg, context, x, state)
+    return masked_vector(context, routed, x)
 
 
-def masked_vector(
-    msg: Message, context: Context, x: np.ndarray, state: ClientState | None = None
-) -> tuple[np.ndarray, bytes]:
+def masked_vector(context: Context, routed: Routed, x: np.ndarray) -> tuple[np.ndarray, bytes]:
     """Stage 2 for a vector already in the ring (uint32): ``x + masks`` and the complaints.
 
     :func:`masked_input` encodes a plain update and calls this; under distributed
     noise ``x`` is the site's encoded noisy share (:mod:`fedseal.client.ddp_round`).
     """
-    state = _load(context) if state is None else state
-    routed = unpack_routed(field(_params(msg, state), ROUTED, bytes))
-    opened = {s: (ShareMessage.decode(m)[0], ct) for s, (m, ct) in routed.items()}
-    y, complaints = state.masked_input(opened, x)
-    _save(context, state)
+    y, complaints = routed.state.mask(routed.opened, x)
+    _save(context, routed.state)
     return y, pack_table(complaints)
 
 
@@ -356,8 +373,10 @@ __all__ = [
     "consistency",
     "load_identity",
     "load_roster",
+    "Routed",
     "masked_input",
     "masked_vector",
+    "open_routed",
     "share_keys",
     "unmask",
     "unmask_record_path",

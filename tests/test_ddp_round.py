@@ -25,6 +25,7 @@ from fedseal.common.config import ConfigError, FedConfig
 from fedseal.common.ddp.accounting import KERNEL_SCALE
 from fedseal.common.model import build_model, trainable_state
 from fedseal.common.refusals import Code
+from fedseal.common.secagg_wire import MASKED_INPUT, RECORD, ROUTED, pack_routed, unpack_routed
 from fedseal.server.app import run_federation
 from fedseal.server.checkpoint import load_checkpoint
 from fedseal.simulations.simulate import prepare_sites
@@ -239,6 +240,61 @@ def test_a_hostile_sites_share_is_caught_by_the_server(tmp_path, tiny_bert, monk
         length = ddp_wire.plan_round(cfg, _weights(cfg), 1, SITES).padded_dim
         assert first["failed"]["site-0"].endswith(f"must be uint32 of shape ({length},)")
         assert first["contributors"] == [] and "threshold" in first["abandoned"]
+
+
+def _altered_ciphertext(routed: bytes) -> bytes:
+    table = unpack_routed(routed)
+    sender = min(table)
+    message, ct = table[sender]
+    return pack_routed({**table, sender: (message, ct[:-1] + bytes([ct[-1] ^ 1]))})
+
+
+ROUTING_LIES = {
+    "truncated routing": lambda routed: routed[:-1],
+    "altered ciphertext": _altered_ciphertext,
+}
+
+
+class LyingRouter(LocalGrid):
+    """A hostile server: the masked-input request to site 0 carries routed shares it altered."""
+
+    def __init__(self, lie, **kw) -> None:
+        super().__init__(SITES, **kw)
+        self.lie = lie
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        for msg in messages:
+            if (
+                msg.metadata.message_type == f"train.{MASKED_INPUT}"
+                and msg.metadata.dst_node_id == self.nodes[0]
+            ):
+                params = msg.content[RECORD]
+                params[ROUTED] = self.lie(params[ROUTED])
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+@pytest.mark.parametrize("lie", list(ROUTING_LIES))
+@pytest.mark.parametrize("noise", ["local", "distributed"])
+def test_shares_routed_malformed_or_altered_cost_the_site_no_budget(tmp_path, tiny_bert, noise, lie):
+    """The server alters the shares it routes to site 0 for the masked input: the site refuses
+    after opening them and before it trains, so its ledger records no step (before, it committed
+    the round's spend and then failed to parse them: a server could burn a site's budget)."""
+    cfg = _config(tmp_path, tiny_bert, rounds=2, dp_noise=noise)  # the probe needs 2; the lie is in round 1
+    nodes = _nodes(tmp_path)
+    run_federation(LyingRouter(ROUTING_LIES[lie], node_configs=nodes), cfg, run_id=RUN_ID)
+    first = _rows(cfg)[0]
+    assert first["failed"]["site-0"].startswith("refused at secagg_masked_input: "), first
+    assert first["contributors"] == []  # threshold 3 of 3: the others cannot finish without it
+
+    def entries(i: int):
+        node = nodes[i]
+        return PrivacyLedger.open(
+            node["ledger-path"], f"site-{i}", cfg.epsilon, cfg.delta, key_path=node["ledger-key"]
+        ).entries
+
+    assert entries(0) == ()
+    assert entries(1) and entries(2)  # they trained and masked round 1: the lie was only site 0's
 
 
 @pytest.mark.parametrize(

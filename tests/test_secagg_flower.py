@@ -128,7 +128,8 @@ class QuickGrid(LocalGrid):
         context = self.contexts[msg.metadata.dst_node_id]
         cfg, site, length = self.asked[context.node_id]
         update = self.rng.normal(0, 0.3, size=length)
-        y, complaints = client_secagg.masked_input(msg, context, cfg, update, 1.0)
+        routed = client_secagg.open_routed(msg, context)
+        y, complaints = client_secagg.masked_input(context, routed, cfg, update, 1.0)
         self.recorder.by_node[context.node_id] = self.recorder.pending.pop()
         metrics = {"epsilon": -1.0, "delta": -1.0, "steps": 0, "noise-multiplier": 0.0, "sample-rate": 0.0}
         return egress.build(
@@ -701,8 +702,8 @@ def test_a_secure_round_asked_again_reuses_the_update_only_while_it_never_left(s
     real = client_secagg.masked_input
     killed = []
 
-    def dies_once(msg, context, *args):
-        out = real(msg, context, *args)  # encoded and masked: the update existed
+    def dies_once(context, *args):
+        out = real(context, *args)  # encoded and masked: the update existed
         if context.node_id == 2**63 + 7919 and not killed:
             killed.append(rec.updates[-1])
             raise RuntimeError("killed before the masked input left")

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -72,7 +73,7 @@ from .protocol import (
 )
 from .shamir import SECRET_BYTES, split_secret
 
-__all__ = ["ClientState", "StateFormatError", "STATE_FORMAT", "STATE_VERSION", "state_digest"]
+__all__ = ["ClientState", "OpenedShares", "StateFormatError", "STATE_FORMAT", "STATE_VERSION", "state_digest"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,13 +108,27 @@ def _refuse(node: int, why: str) -> UnmaskRefusedError:
     )
 
 
+@dataclass(frozen=True)
+class OpenedShares:
+    """Stage 2's routed shares, opened and checked by :meth:`ClientState.open_shares`."""
+
+    digest: bytes
+    """The round context's digest: the state these shares were opened for."""
+    node: int
+    """The node that opened them."""
+    received: Mapping[int, tuple[int, bytes, bytes] | None]
+    """``sender -> (index, b share, sk share)``, ``None`` where the share was bad."""
+    complaints: Mapping[int, bytes]
+    """``sender -> receive private key`` for each bad share."""
+
+
 class ClientState:
     """Per-round SecAgg+ state of one site.
 
     Methods must be called in order: :meth:`advertise_keys`, :meth:`share_keys`,
-    :meth:`masked_input`, :meth:`sign_view`, :meth:`unmask`; each once. A call
-    out of order raises :class:`StageError`; a call that raises leaves the
-    state unchanged.
+    :meth:`masked_input` (or :meth:`open_shares` then :meth:`mask`), :meth:`sign_view`,
+    :meth:`unmask`; each once. A call out of order raises :class:`StageError`;
+    a call that raises leaves the state unchanged.
 
     Parameters
     ----------
@@ -393,10 +408,12 @@ class ClientState:
             )
         return idx, b_sh, sk_sh
 
-    def masked_input(
-        self, routed: Mapping[int, tuple[ShareMessage, bytes]], vector: np.ndarray
-    ) -> tuple[np.ndarray, dict[int, bytes]]:
-        """Stage 2: open the received shares and mask the (quantised) input.
+    def open_shares(self, routed: Mapping[int, tuple[ShareMessage, bytes]]) -> OpenedShares:
+        """Stage 2, first half: open and check the shares routed to this site; change nothing.
+
+        A site calls this before it trains or spends anything for the round, so that a
+        server which routes malformed or forged shares costs it no budget; :meth:`mask`
+        then uses what this returns.
 
         Every neighbour that sent shares is a masking neighbour, whether its
         share was good or not. A share that fails to decrypt or to match its
@@ -410,13 +427,12 @@ class ClientState:
         ----------
         routed : Mapping[int, tuple[ShareMessage, bytes]]
             ``sender -> (its signed share message, the ciphertext for this site)``.
-        vector : numpy.ndarray
-            1-D ``uint32`` input.
 
         Returns
         -------
-        tuple[numpy.ndarray, dict[int, bytes]]
-            The masked vector and ``sender -> receive private key`` complaints.
+        OpenedShares
+            The opened shares (``None`` for a bad one) and ``sender -> receive
+            private key`` complaints.
 
         Raises
         ------
@@ -424,24 +440,13 @@ class ClientState:
             A ciphertext or share message was altered by the server (its
             signature or signed digest does not match).
         InvalidMessageError
-            A sender is not a neighbour in this site's bundle, or ``vector`` is
-            not a 1-D ``uint32`` array.
+            A sender is not a neighbour in this site's bundle.
         ProtocolAbort
             Fewer than ``t - 1`` neighbours sent shares.
         StageError
             If called out of order.
         """
-        self._require(ClientStage.SHARED, "compute its masked input")
-        if not isinstance(vector, np.ndarray) or vector.dtype != np.uint32 or vector.ndim != 1:
-            desc = (
-                f"dtype {vector.dtype}, shape {vector.shape}"
-                if isinstance(vector, np.ndarray)
-                else type(vector).__name__
-            )
-            raise InvalidMessageError(
-                f"input of node {self.node_id} must be a 1-D uint32 array, "
-                f"got {desc}; quantize the update first"
-            )
+        self._require(ClientStage.SHARED, "open its routed shares")
         received: dict[int, tuple[int, bytes, bytes] | None] = {}
         complaints: dict[int, bytes] = {}
         for raw_id, item in routed.items():
@@ -480,7 +485,39 @@ class ClientState:
                 f"neighbours; with threshold {self.threshold} its self-mask could never be "
                 "reconstructed, so it drops out of this round"
             )
+        return OpenedShares(self.ctx.digest, self.node_id, received, complaints)
+
+    def mask(self, opened: OpenedShares, vector: np.ndarray) -> tuple[np.ndarray, dict[int, bytes]]:
+        """Stage 2, second half: mask the (quantised) input with the opened shares' neighbours.
+
+        Parameters
+        ----------
+        opened : OpenedShares
+            What :meth:`open_shares` returned for this state.
+        vector : numpy.ndarray
+            1-D ``uint32`` input.
+
+        Returns
+        -------
+        tuple[numpy.ndarray, dict[int, bytes]]
+            The masked vector and ``sender -> receive private key`` complaints.
+
+        Raises
+        ------
+        InvalidMessageError
+            ``opened`` belongs to another round or node, or ``vector`` is not a
+            1-D ``uint32`` array.
+        StageError
+            If called out of order.
+        """
+        self._require(ClientStage.SHARED, "compute its masked input")
+        self._check_input(vector)
+        if opened.digest != self.ctx.digest or opened.node != self.node_id:
+            raise InvalidMessageError(
+                f"node {self.node_id} was given shares opened for another round or node"
+            )
         assert self._b is not None and self._s_sk is not None
+        received = dict(opened.received)
         y = np.array(vector, dtype=MASK_DTYPE, copy=True)
         seeds = {
             peer: self._agree(self._s_sk, self._bundle[peer].s_pk, peer, PURPOSE_MASK)
@@ -494,7 +531,32 @@ class ClientState:
         self._b = self._s_sk = None
         self._recv_sk = {}
         self.stage = ClientStage.MASKED
-        return y, complaints
+        return y, dict(opened.complaints)
+
+    def masked_input(
+        self, routed: Mapping[int, tuple[ShareMessage, bytes]], vector: np.ndarray
+    ) -> tuple[np.ndarray, dict[int, bytes]]:
+        """Stage 2 in one call: :meth:`open_shares`, then :meth:`mask`.
+
+        Raises
+        ------
+        UnmaskRefusedError, InvalidMessageError, ProtocolAbort, StageError
+            As :meth:`open_shares` and :meth:`mask`.
+        """
+        self._check_input(vector)
+        return self.mask(self.open_shares(routed), vector)
+
+    def _check_input(self, vector: object) -> None:
+        if not isinstance(vector, np.ndarray) or vector.dtype != np.uint32 or vector.ndim != 1:
+            desc = (
+                f"dtype {vector.dtype}, shape {vector.shape}"
+                if isinstance(vector, np.ndarray)
+                else type(vector).__name__
+            )
+            raise InvalidMessageError(
+                f"input of node {self.node_id} must be a 1-D uint32 array, "
+                f"got {desc}; quantize the update first"
+            )
 
     def _decode_view(self, view_body: bytes) -> View:
         view, ctx_digest = View.decode(view_body)

@@ -417,3 +417,25 @@ def test_a_forged_share_message_makes_the_site_leave_without_revealing_a_key() -
     opened = {**r.opened(me), sender: (forged, bad_ct)}
     with pytest.raises(UnmaskRefusedError, match="not signed by node"):
         r.clients[me].masked_input(opened, r.vectors[me])
+
+
+def test_opening_the_routed_shares_changes_nothing_and_binds_the_mask_to_its_state() -> None:
+    """A site opens its routed shares before it trains (so a lie costs it no budget): opening
+    leaves the state as it was, a refused opening can be followed by an honest one, and
+    shares opened by one site cannot mask another's input."""
+    r = staged(5, k=4, threshold=3, seed=32)
+    me, other = r.ids[0], r.ids[1]
+    sender = next(iter(r.routed[me]))
+    message, ct = r.routed[me][sender]
+    lie = {**r.routed[me], sender: (message, ct[:-1] + bytes([ct[-1] ^ 1]))}
+    before = r.clients[me].export_state()
+    with pytest.raises(UnmaskRefusedError):
+        r.clients[me].open_shares(r.opened(me, {me: lie}))
+    opened = r.clients[me].open_shares(r.opened(me))
+    assert r.clients[me].export_state() == before
+    with pytest.raises(InvalidMessageError, match="opened for another round or node"):
+        r.clients[other].mask(opened, r.vectors[other])
+    y, complaints = r.clients[me].mask(opened, r.vectors[me])
+    assert complaints == {} and y.shape == r.vectors[me].shape and not np.array_equal(y, r.vectors[me])
+    with pytest.raises(StageError):
+        r.clients[me].mask(opened, r.vectors[me])
