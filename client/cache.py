@@ -97,7 +97,11 @@ def _working_copy(model: nn.Module, finetune: str) -> nn.Module:
     if finetune == "probe":
         # The frozen encoder is shared; the head and the feature mean are the copy's own.
         return copy.deepcopy(model, memo={id(model.backbone): model.backbone})
-    return copy.deepcopy(model)
+    from fedseal.common import digests
+
+    working = copy.deepcopy(model)
+    digests.inherit(model, working)  # its frozen weights' digests, hashed once per process
+    return working
 
 
 def model_and_tokenizer(cfg: FedConfig) -> tuple[nn.Module, object]:

@@ -5,22 +5,19 @@ head and the feature mean travel), so a site computes its features once: the
 forward passes are the whole cost of a round otherwise. They are kept in
 memory for the process and, when the site names a cache folder, in a file
 named by a digest of everything they depend on: the texts, the encoder's
-weights, the pooled layers and the maximum length. A changed input gives a new
+weights (:mod:`fedseal.common.digests`), the pooled layers and the maximum length. A changed input gives a new
 digest, never a stale file. The cache holds features of the site's private
 data: it belongs in the site's own state folder (mode 0700), like its ledger.
 
 The memory cache is bounded in bytes (:data:`MEMORY_BYTES`), not in entries: a
 simulation's process serves every virtual site it is given, and the default
-task's features for all its sites take about 55 MiB. The encoder's digest is
-computed once per encoder object and kept while none of its tensors changes
-(each tensor's storage and in-place version counter are checked on every use).
+task's features for all its sites take about 55 MiB.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import weakref
 from collections import OrderedDict
 from pathlib import Path
 
@@ -29,6 +26,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from fedseal.common.batches import model_inputs
+from fedseal.common.digests import weights_digest
 from fedseal.common.durable import atomic_write
 
 log = logging.getLogger(__name__)
@@ -37,28 +35,13 @@ BATCH = 256
 _MEMORY: OrderedDict[str, torch.Tensor] = OrderedDict()
 MEMORY_BYTES = 1 << 30
 """Features kept in a process's memory, in bytes (the oldest go first)."""
-_DIGESTS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, str]] = weakref.WeakKeyDictionary()
 
 
 def encoder_digest(model) -> str:
-    """sha256 over the encoder's weights, names and shapes (what the features depend on).
-
-    Computed once per encoder object while its tensors stay the same ones, unchanged
-    (same storage, same in-place version count).
-    """
+    """sha256 over the encoder's weights, names and shapes (what the features depend on);
+    each frozen tensor is hashed once while it is unchanged (:mod:`fedseal.common.digests`)."""
     encoder = model.backbone
-    state = encoder.state_dict()
-    version = tuple((name, t.data_ptr(), t._version, tuple(t.shape), t.dtype) for name, t in state.items())
-    known = _DIGESTS.get(encoder)
-    if known is not None and known[0] == version:
-        return known[1]
-    h = hashlib.sha256()
-    for name, tensor in state.items():
-        h.update(name.encode() + b"\0" + str(tuple(tensor.shape)).encode() + b"\0")
-        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    digest = h.hexdigest()
-    _DIGESTS[encoder] = (version, digest)
-    return digest
+    return weights_digest((*encoder.named_parameters(), *encoder.named_buffers()))
 
 
 def features_key(model, data: TensorDataset) -> str:

@@ -41,6 +41,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from fedseal.common.batches import model_inputs
+from fedseal.common.digests import weights_digest
 from fedseal.common.durable import atomic_write
 from fedseal.common.modeling_fedseal import pooled_block
 from fedseal.common.top_layers import encoder_layers, fedseal_of
@@ -128,13 +129,11 @@ def frozen_digest(model, cut: int) -> str:
     pooler = getattr(backbone, "pooler", None)
     if pooler is not None:
         above |= {id(t) for t in (*pooler.parameters(), *pooler.buffers())}
-    h = hashlib.sha256()
-    for name, tensor in (*backbone.named_parameters(), *backbone.named_buffers()):
-        if id(tensor) in above:
-            continue
-        h.update(name.encode() + b"\0" + str(tuple(tensor.shape)).encode() + b"\0")
-        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()
+    return weights_digest(
+        (name, t)
+        for name, t in (*backbone.named_parameters(), *backbone.named_buffers())
+        if id(t) not in above
+    )
 
 
 def lower_layers(model, cut: int) -> list[int]:

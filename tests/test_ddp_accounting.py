@@ -161,6 +161,26 @@ def test_composition_and_empty_histories() -> None:
         epsilon_spent([a], 0.0)
 
 
+def test_a_mixed_history_costs_exactly_what_the_pld_accountant_says() -> None:
+    """epsilon_spent builds each mechanism's PLD once per process and composes it; the result
+    is the PLD accountant's on the same events, digit for digit, in any order of phases."""
+    from dp_accounting import ComposedDpEvent, GaussianDpEvent, PoissonSampledDpEvent, SelfComposedDpEvent
+    from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
+
+    stats, head = DdgSteps(_large(3.0), 0.25, 1), DdgSteps(_large(2.5), 0.25, 40)
+    adapters = DdgSteps(_large(4.0), 0.1, 20)
+    for history in ([stats, head], [stats, head, adapters], [adapters, stats, head, adapters]):
+        events = [
+            SelfComposedDpEvent(
+                PoissonSampledDpEvent(h.sample_rate, GaussianDpEvent(h.mechanism.noise_multiplier)), h.steps
+            )
+            for h in history
+        ]
+        shift = math.fsum(h.steps * h.mechanism.kappa for h in history)
+        direct = PLDAccountant().compose(ComposedDpEvent(events)).get_epsilon(DELTA * math.exp(-shift))
+        assert epsilon_spent(history, DELTA) == direct + 2 * shift
+
+
 def test_calibration_finds_the_smallest_noise() -> None:
     q, steps, target = 0.25, 20, 3.0
     z = calibrate_noise_multiplier(target, DELTA, q, steps)

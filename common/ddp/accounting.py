@@ -59,6 +59,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 from dp_accounting import (
     ComposedDpEvent,
@@ -68,10 +69,14 @@ from dp_accounting import (
     SelfComposedDpEvent,
     calibrate_dp_mechanism,
 )
+from dp_accounting.pld import privacy_loss_distribution as PLD
 from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
+from dp_accounting.privacy_accountant import NeighboringRelation as NeighborRel
 
 from .errors import DdpError
 
+PLD_INTERVAL = 1e-4
+"""The PLD's value discretisation interval (PLDAccountant's default)."""
 KERNEL_SCALE = 3.0
 """``r`` of fact B: costs ``r^2 = 9`` of the honest variance (ring units, where it is
 at least ``10^4`` in any usable encoding) and contributes ``omega(3) < 1e-77`` to ``kappa``."""
@@ -211,13 +216,29 @@ def epsilon_spent(history: Sequence[DdgSteps], delta: float) -> float:
         ``epsilon_Gauss(delta exp(-T kappa)) + 2 T kappa`` (see the module docstring).
     """
     _check_delta(delta)
-    events = _events(history)
-    if not events:
+    steps = [h for h in history if h.steps and h.sample_rate > 0]
+    if not steps:
         return 0.0
-    shift = math.fsum(h.steps * h.mechanism.kappa for h in history if h.steps and h.sample_rate)
-    accountant = PLDAccountant()
-    accountant.compose(ComposedDpEvent(events))
-    return float(accountant.get_epsilon(delta * math.exp(-shift))) + 2.0 * shift
+    shift = math.fsum(h.steps * h.mechanism.kappa for h in steps)
+    # What PLDAccountant().compose(ComposedDpEvent(_events(history))) computes, with each
+    # mechanism's PLD built once per process (a second each) instead of once per call.
+    pld = PLD.identity(value_discretization_interval=PLD_INTERVAL)
+    for h in steps:
+        pld = pld.compose(
+            _sampled_gaussian(h.mechanism.noise_multiplier, h.sample_rate).self_compose(h.steps)
+        )
+    return float(pld.get_epsilon_for_delta(delta * math.exp(-shift))) + 2.0 * shift
+
+
+@lru_cache(maxsize=64)
+def _sampled_gaussian(noise_multiplier: float, sample_rate: float) -> PLD.PrivacyLossDistribution:
+    """The PLD of one step of the Poisson-subsampled Gaussian, as PLDAccountant builds it."""
+    return PLD.from_gaussian_mechanism(
+        standard_deviation=noise_multiplier,
+        value_discretization_interval=PLD_INTERVAL,
+        sampling_prob=sample_rate,
+        neighboring_relation=NeighborRel.ADD_OR_REMOVE_ONE,
+    )
 
 
 def calibrate_noise_multiplier(
