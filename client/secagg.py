@@ -57,6 +57,7 @@ from fedseal.common.secagg_wire import (
     field,
     pack_shares,
     pack_table,
+    quant_config,
     unpack_ids,
     unpack_routed,
     var_table,
@@ -97,6 +98,28 @@ def _round_context(content: RecordDict, context: Context) -> RoundContext:
     except (WireError, SecAggError) as exc:
         raise Refusal(
             Code.MESSAGE_SECAGG, f"the server's secure-aggregation parameters are invalid ({exc})"
+        ) from None
+
+
+def check_encoding(cfg: FedConfig, ctx: RoundContext) -> None:
+    """Before any training: the plain update's fixed-point grid fits the cohort the server sent.
+
+    The grid leaves headroom for the sum of every listed site, so a node list padded with
+    invented ids can leave no grid at all; found only when the update is encoded, that
+    would be after the round's spend is committed.
+
+    Raises
+    ------
+    fedseal.common.refusals.Refusal
+        If no grid fits (public values only).
+    """
+    n = len(ctx.participants)
+    try:
+        quant_config(n, round_clip(cfg, ctx.round_id))
+    except SecAggError as exc:
+        raise Refusal(
+            Code.MESSAGE_SECAGG,
+            f"the round's cohort of {n} sites leaves no fixed-point grid for the update ({exc})",
         ) from None
 
 
@@ -368,6 +391,7 @@ def unmask(msg: Message, context: Context) -> Message:
 
 __all__ = [
     "begin_round",
+    "check_encoding",
     "check_round",
     "cohort_size",
     "consistency",

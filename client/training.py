@@ -86,7 +86,9 @@ def admit(content: RecordDict, context: Context) -> Asked:
     check_train(site.policy, cfg, content.config_records.get("secagg"))
     job, server_round = message_round(content, context)
     if cfg.secagg:  # before anything is read: a round this site cannot join costs nothing
-        secagg.check_round(content, context, site, server_round)
+        ctx = secagg.check_round(content, context, site, server_round)
+        if cfg.dp_noise != "distributed":  # a distributed round's encoding: ddp_round.check
+            secagg.check_encoding(cfg, ctx)
     return Asked(cfg, site, job, server_round)
 
 

@@ -9,21 +9,24 @@ while its storage and in-place version count stay the same, and a working copy
 deep-copied from the process's cached model (:mod:`fedseal.client.cache`) takes
 its frozen tensors' digests from the tensors it was copied from (:func:`inherit`),
 so a frozen tensor is hashed once per process. A tensor that trains (LoRA's
-adapters, the head) is hashed on every call: it changes between rounds.
+adapters, the head) is hashed on every call: it changes between rounds. A write that
+bypasses the version count (``tensor.data.copy_``) is not seen: frozen weights are never
+written, and :mod:`fedseal.client.cache` assumes the same of the tensors it shares.
 """
 
 from __future__ import annotations
 
 import hashlib
-import threading
 import weakref
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
-_lock = threading.Lock()
 _KNOWN: dict[int, tuple[weakref.ref, tuple, bytes]] = {}
+"""``id(tensor) -> (weak reference, state when hashed, digest)``. Single dict operations
+only, no lock: a weak reference's callback may run inside the garbage collector at any
+point, and a lost race costs one hash more, never a wrong digest."""
 
 
 def _state(tensor: torch.Tensor) -> tuple:
@@ -36,11 +39,19 @@ def _values_digest(tensor: torch.Tensor) -> bytes:
 
 
 def _forgetter(key: int) -> Callable[[weakref.ref], None]:
-    def forget(_: weakref.ref) -> None:
-        with _lock:
+    def forget(ref: weakref.ref) -> None:
+        entry = _KNOWN.get(key)
+        if entry is not None and entry[0] is ref:
             _KNOWN.pop(key, None)
 
     return forget
+
+
+def _remember(tensor: torch.Tensor, state: tuple, digest: bytes) -> None:
+    """Keep ``digest`` for ``tensor`` if it is still in ``state``, the one it was hashed in."""
+    if _state(tensor) == state:
+        key = id(tensor)
+        _KNOWN[key] = (weakref.ref(tensor, _forgetter(key)), state, digest)
 
 
 def values_digest(tensor: torch.Tensor) -> bytes:
@@ -48,21 +59,13 @@ def values_digest(tensor: torch.Tensor) -> bytes:
     unchanged (same storage, same in-place version count)."""
     if tensor.requires_grad:
         return _values_digest(tensor)
-    key, state = id(tensor), _state(tensor)
-    with _lock:
-        known = _KNOWN.get(key)
+    state = _state(tensor)
+    known = _KNOWN.get(id(tensor))
     if known is not None and known[0]() is tensor and known[1] == state:
         return known[2]
     digest = _values_digest(tensor)
-    _remember(tensor, digest)
+    _remember(tensor, state, digest)
     return digest
-
-
-def _remember(tensor: torch.Tensor, digest: bytes) -> None:
-    key = id(tensor)
-    ref = weakref.ref(tensor, _forgetter(key))
-    with _lock:
-        _KNOWN[key] = (ref, _state(tensor), digest)
 
 
 def inherit(source: nn.Module, copy: nn.Module) -> None:
@@ -77,7 +80,7 @@ def inherit(source: nn.Module, copy: nn.Module) -> None:
         if name != other or a.shape != b.shape or a.dtype != b.dtype:
             raise ValueError(f"{other} is not a copy of {name}")
         if not a.requires_grad and not b.requires_grad:
-            _remember(b, values_digest(a))
+            _remember(b, _state(b), values_digest(a))
 
 
 def weights_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:

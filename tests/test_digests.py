@@ -70,3 +70,21 @@ def test_inherit_refuses_a_module_that_is_not_a_copy():
         assert "is not a copy of" in str(exc)
     else:
         raise AssertionError("a module of another shape was taken for a copy")
+
+
+def test_a_tensor_changed_while_it_is_hashed_is_not_remembered(monkeypatch):
+    m = _module()
+    weight = m[0].weight
+    real = digests._values_digest
+
+    def changing(t):
+        out = real(t)
+        if t is weight:
+            with torch.no_grad():
+                weight.add_(1.0)  # written by another thread meanwhile
+        return out
+
+    monkeypatch.setattr(digests, "_values_digest", changing)
+    digests.values_digest(weight)
+    monkeypatch.setattr(digests, "_values_digest", real)
+    assert digests.values_digest(weight) == real(weight)  # hashed afresh, not the old digest

@@ -40,13 +40,16 @@ from fedseal.common.secagg_wire import (
     CIPHERTEXTS,
     COMPLAINTS,
     MASKED,
+    NODES,
     RECORD,
     SHARES,
     SIGNATURE,
     STAGES,
     Y,
     decode_sum,
+    pack_ids,
     pack_shares,
+    unpack_ids,
     unpack_shares,
     unpack_table,
 )
@@ -601,6 +604,36 @@ def test_secure_aggregation_parameters_for_another_round_are_refused_before_trai
     sums = secure_round(grid, grid.nodes, _content(cfg, weights, server_round=1), weights, cfg, RUN_ID, 2)
     assert len(sums.refused) == N and not sums.contributors
     assert all(r.startswith("message.secagg: ") for r in sums.refused.values()), sums.refused
+
+
+def test_a_node_list_padded_past_the_updates_grid_is_refused_before_training(setup, monkeypatch, caplog):
+    """The server pads the node list with 20,000 invented ids, so that the update's fixed-point
+    grid has no room for the sum of that many sites: every site refuses when it admits the
+    round, before it trains or spends (found at encoding, it used to refuse after its spend)."""
+    cfg, weights = setup
+    cfg = cfg.replace(update_clip=1e5)
+    import fedseal.client.trainer
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the site trained a round it refuses")
+
+    monkeypatch.setattr(fedseal.client.trainer, "train_local", no_training)
+
+    class PaddedCohort(LocalGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            for params in {
+                id(p): p for p in (m.content[RECORD] for m in messages if m.metadata.message_type == TRAIN)
+            }.values():
+                params[NODES] = pack_ids(unpack_ids(params[NODES]) + list(range(1, 20_001)))
+            return super().send_and_receive(messages, timeout=timeout)
+
+    grid = PaddedCohort(N, node_configs=[{"partition-id": i, "max-update-clip": 1e5} for i in range(N)])
+    sums = secure_round(grid, grid.nodes, _content(cfg, weights), weights, cfg, RUN_ID, 1)
+    assert len(sums.refused) == N and not sums.contributors, sums.refused
+    assert all(r.startswith("message.secagg: ") for r in sums.refused.values()), sums.refused
+    details = [r.getMessage() for r in caplog.records if "this site refuses" in r.getMessage()]
+    assert len(details) == N and all("cohort of 20005 sites leaves no fixed-point grid" in d for d in details)
 
 
 # ------------------------------------------------------------- simulations

@@ -230,7 +230,7 @@ def epsilon_spent(history: Sequence[DdgSteps], delta: float) -> float:
     return float(pld.get_epsilon_for_delta(delta * math.exp(-shift))) + 2.0 * shift
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=8)  # a run has a few mechanisms; each PLD holds up to a few MB
 def _sampled_gaussian(noise_multiplier: float, sample_rate: float) -> PLD.PrivacyLossDistribution:
     """The PLD of one step of the Poisson-subsampled Gaussian, as PLDAccountant builds it."""
     return PLD.from_gaussian_mechanism(

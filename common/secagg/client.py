@@ -112,10 +112,8 @@ def _refuse(node: int, why: str) -> UnmaskRefusedError:
 class OpenedShares:
     """Stage 2's routed shares, opened and checked by :meth:`ClientState.open_shares`."""
 
-    digest: bytes
-    """The round context's digest: the state these shares were opened for."""
-    node: int
-    """The node that opened them."""
+    opener: bytes
+    """A token of the state object that opened them; :meth:`ClientState.mask` takes only its own."""
     received: Mapping[int, tuple[int, bytes, bytes] | None]
     """``sender -> (index, b share, sk share)``, ``None`` where the share was bad."""
     complaints: Mapping[int, bytes]
@@ -179,6 +177,7 @@ class ClientState:
         self._received: dict[int, tuple[int, bytes, bytes] | None] = {}
         self._seeds: dict[int, bytes] = {}
         self._view_digest: bytes = b""
+        self._token = os.urandom(16)  # names this object's OpenedShares (never exported)
 
     # ------------------------------------------------------------------ helpers
     def _require(self, stage: ClientStage, action: str) -> None:
@@ -485,7 +484,7 @@ class ClientState:
                 f"neighbours; with threshold {self.threshold} its self-mask could never be "
                 "reconstructed, so it drops out of this round"
             )
-        return OpenedShares(self.ctx.digest, self.node_id, received, complaints)
+        return OpenedShares(self._token, received, complaints)
 
     def mask(self, opened: OpenedShares, vector: np.ndarray) -> tuple[np.ndarray, dict[int, bytes]]:
         """Stage 2, second half: mask the (quantised) input with the opened shares' neighbours.
@@ -505,17 +504,15 @@ class ClientState:
         Raises
         ------
         InvalidMessageError
-            ``opened`` belongs to another round or node, or ``vector`` is not a
-            1-D ``uint32`` array.
+            Another state object opened ``opened``, or ``vector`` is not a 1-D
+            ``uint32`` array.
         StageError
             If called out of order.
         """
         self._require(ClientStage.SHARED, "compute its masked input")
         self._check_input(vector)
-        if opened.digest != self.ctx.digest or opened.node != self.node_id:
-            raise InvalidMessageError(
-                f"node {self.node_id} was given shares opened for another round or node"
-            )
+        if opened.opener != self._token:
+            raise InvalidMessageError(f"node {self.node_id} was given shares that another round state opened")
         assert self._b is not None and self._s_sk is not None
         received = dict(opened.received)
         y = np.array(vector, dtype=MASK_DTYPE, copy=True)

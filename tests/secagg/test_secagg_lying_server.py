@@ -422,7 +422,7 @@ def test_a_forged_share_message_makes_the_site_leave_without_revealing_a_key() -
 def test_opening_the_routed_shares_changes_nothing_and_binds_the_mask_to_its_state() -> None:
     """A site opens its routed shares before it trains (so a lie costs it no budget): opening
     leaves the state as it was, a refused opening can be followed by an honest one, and
-    shares opened by one site cannot mask another's input."""
+    shares opened by one state object mask no other's input, not even its restored twin's."""
     r = staged(5, k=4, threshold=3, seed=32)
     me, other = r.ids[0], r.ids[1]
     sender = next(iter(r.routed[me]))
@@ -433,8 +433,13 @@ def test_opening_the_routed_shares_changes_nothing_and_binds_the_mask_to_its_sta
         r.clients[me].open_shares(r.opened(me, {me: lie}))
     opened = r.clients[me].open_shares(r.opened(me))
     assert r.clients[me].export_state() == before
-    with pytest.raises(InvalidMessageError, match="opened for another round or node"):
+    with pytest.raises(InvalidMessageError, match="another round state opened"):
         r.clients[other].mask(opened, r.vectors[other])
+    twin = ClientState.restore_state(
+        r.clients[me].export_state(), identity=r.clients[me].identity, roster=r.clients[me].roster
+    )
+    with pytest.raises(InvalidMessageError, match="another round state opened"):
+        twin.mask(opened, r.vectors[me])  # the same round and node, another object
     y, complaints = r.clients[me].mask(opened, r.vectors[me])
     assert complaints == {} and y.shape == r.vectors[me].shape and not np.array_equal(y, r.vectors[me])
     with pytest.raises(StageError):
