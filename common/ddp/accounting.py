@@ -187,12 +187,18 @@ def _gaussian_steps(noise_multiplier: float, sample_rate: float, steps: int) -> 
     return SelfComposedDpEvent(PoissonSampledDpEvent(sample_rate, GaussianDpEvent(noise_multiplier)), steps)
 
 
+def _taken(history: Sequence[DdgSteps]) -> list[DdgSteps]:
+    """The entries of ``history`` that cost anything: at least one step at a positive rate."""
+    return [h for h in history if h.steps and h.sample_rate > 0]
+
+
+def _shift(taken: Sequence[DdgSteps]) -> float:
+    """``T kappa`` over ``taken``: the discrete mechanism's distance from the Gaussian's."""
+    return math.fsum(h.steps * h.mechanism.kappa for h in taken)
+
+
 def _events(history: Sequence[DdgSteps]) -> list[SelfComposedDpEvent]:
-    return [
-        _gaussian_steps(h.mechanism.noise_multiplier, h.sample_rate, h.steps)
-        for h in history
-        if h.steps and h.sample_rate > 0
-    ]
+    return [_gaussian_steps(h.mechanism.noise_multiplier, h.sample_rate, h.steps) for h in _taken(history)]
 
 
 def _check_delta(delta: float) -> None:
@@ -216,10 +222,10 @@ def epsilon_spent(history: Sequence[DdgSteps], delta: float) -> float:
         ``epsilon_Gauss(delta exp(-T kappa)) + 2 T kappa`` (see the module docstring).
     """
     _check_delta(delta)
-    steps = [h for h in history if h.steps and h.sample_rate > 0]
+    steps = _taken(history)
     if not steps:
         return 0.0
-    shift = math.fsum(h.steps * h.mechanism.kappa for h in steps)
+    shift = _shift(steps)
     # What PLDAccountant().compose(ComposedDpEvent(_events(history))) computes, with each
     # mechanism's PLD built once per process (a second each) instead of once per call.
     pld = PLD.identity(value_discretization_interval=PLD_INTERVAL)
@@ -276,7 +282,7 @@ def calibrate_noise_multiplier(
             f"{target_epsilon}: no noise multiplier reaches it"
         )
     before = _events(history)
-    shift = math.fsum(h.steps * h.mechanism.kappa for h in history if h.steps and h.sample_rate)
+    shift = _shift(_taken(history))
     target, at_delta = target_epsilon - 2.0 * shift, delta * math.exp(-shift)
 
     def event(z: float) -> ComposedDpEvent:
