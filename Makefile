@@ -29,7 +29,7 @@ browser:
 	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }; }; } || \
 	  echo "make: chromium is missing and cannot be installed here: run apt-get install chromium as root"
 
-# Style (ruff: rules in pyproject.toml) and types (mypy over common/, client/, server/).
+# Style (ruff: rules in pyproject.toml) and types (mypy over common/, client/, server/, simulations/).
 LINTED := common client server simulations tests
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINTED)

@@ -237,10 +237,7 @@ class RecordingGrid(LocalGrid):
         """Deliver ``messages`` (:meth:`LocalGrid.send_and_receive`) and record the replies."""
         messages = list(messages)
         replies = super().send_and_receive(messages, timeout=timeout)
-        asked = {
-            m.metadata.message_id: (m.metadata.message_type, int(m.content["config"][ROUND_KEY]))
-            for m in messages
-        }
+        asked = {m.metadata.message_id: (m.metadata.message_type, _config_round(m)) for m in messages}
         self.replies += [(*asked[r.metadata.reply_to_message_id], r) for r in replies]
         return replies
 
@@ -284,6 +281,14 @@ def serve(
         if cfg.federated_eval:
             federated_evaluate(grid, nodes, weights, cfg, job, server_round, names)
     return templates
+
+
+def _config_round(message: Message) -> int:
+    """The server round a message of the server's says it belongs to."""
+    value = message.content["config"][ROUND_KEY]
+    if not isinstance(value, int):
+        raise TypeError(f"the server's message carries round {value!r}, not an integer")
+    return value
 
 
 def _reply_type(message_type: str, reply: Message, cfg: FedConfig, server_round: int) -> egress.ReplyType:

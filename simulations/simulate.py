@@ -90,10 +90,10 @@ def prepare_sites(cfg: FedConfig) -> FedConfig:
     out = Path(cfg.out)
     if not cfg.train:
         data_dir = out / "data"
-        train = synthetic_examples(SYNTHETIC_TRAIN, seed=cfg.seed)
+        synthetic_train = synthetic_examples(SYNTHETIC_TRAIN, seed=cfg.seed)
         held_out = synthetic_examples(SYNTHETIC_EVAL, seed=cfg.seed + 10_000)
         cfg = cfg.replace(
-            train=str(write_examples(train, data_dir / "train.jsonl")),
+            train=str(write_examples(synthetic_train, data_dir / "train.jsonl")),
             eval=str(write_examples(held_out, data_dir / "eval.jsonl")),
             text_column="sentence",
             label_column="label",

@@ -136,7 +136,7 @@ def run_probe(
     num_labels = fedseal.classifier.out_features
     plans = probe_plans(sites, rounds, phase)
     stats = [release_statistics(s.features, s.labels, num_labels, plan) for s, (_, plan) in zip(sites, plans)]
-    counts = np.array([max(st.count, 1.0) for st in stats])
+    counts = np.array([max(st.examples, 1.0) for st in stats])
     weights = counts / counts.sum()
     with torch.no_grad():
         fedseal.feature_mean.copy_(

@@ -133,7 +133,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """The JSON: settings, and per arm each repeat's result and its accuracies in a list."""
-    arms = {arm: {"accuracy": [r["accuracy"] for r in runs], "runs": runs} for arm, runs in results.items()}
+    arms: dict[str, Any] = {
+        arm: {"accuracy": [r["accuracy"] for r in runs], "runs": runs} for arm, runs in results.items()
+    }
     if "probe" in results and "lpft" in results:
         arms["lpft_minus_probe"] = [
             round(a["accuracy"] - b["accuracy"], 4) for a, b in zip(results["lpft"], results["probe"])

@@ -247,10 +247,12 @@ def _message_round(msg: Message) -> int | None:
 
     try:
         if msg.metadata.message_type.startswith("train.secagg"):
-            return int(msg.content[RECORD][ROUND])
-        return int(msg.content["config"][ROUND_KEY])
-    except (KeyError, TypeError, ValueError):
+            value = msg.content[RECORD][ROUND]
+        else:
+            value = msg.content["config"][ROUND_KEY]
+    except (KeyError, TypeError):
         return None
+    return value if isinstance(value, int) else None
 
 
 class ProfiledClientApp(ClientApp):
