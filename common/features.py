@@ -6,8 +6,9 @@ forward passes are the whole cost of a round otherwise. They are kept in
 memory for the process and, when the site names a cache folder, in a file
 named by a digest of everything they depend on: the texts, the encoder's
 weights (:mod:`fedseal.common.digests`), the pooled layers and the maximum
-length. A changed input gives a new digest, never a stale file. The cache holds features of the site's private
-data: it belongs in the site's own state folder (mode 0700), like its ledger.
+length. A changed input gives a new digest, never a stale file. The cache holds
+features of the site's private data: it belongs in the site's own state folder
+(mode 0700), like its ledger.
 
 The memory cache is bounded in bytes (:data:`MEMORY_BYTES`), not in entries: a
 simulation's process serves every virtual site it is given, and the default

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from fedseal.client.lora_round import only_trained, trained_parameters
+from fedseal.common.batches import scores_of
 from fedseal.common.lora_rule import LAYERS, Phase
 from fedseal.common.model import load_trainable, trainable_state
 from fedseal.common.top_layers import TopStack, fedseal_of
@@ -93,9 +94,8 @@ def head_arm(model: nn.Module, train: Site, dev: Site, args: argparse.Namespace)
 
     def evaluate() -> float:
         with torch.no_grad():
-            return round(
-                float((head(dev.features * scale + shift).argmax(-1) == dev.labels).float().mean()), 4
-            )
+            logits = head(dev.features * scale + shift)
+        return round(scores_of(logits, dev.labels, head.out_features)["accuracy"], 4)
 
     with only_trained(model, [head.weight]):
         return fine_tune([head.weight], logits_of, train.labels, evaluate, args)
