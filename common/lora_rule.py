@@ -86,6 +86,9 @@ STEPS = 24
 CLIP = 0.1
 LR = 0.1
 MOMENTUM = 0.9
+SERVER_LR = 1e-3
+"""The server's DP-AdamBC rate in the adapter rounds under the sum's noise (``dp-noise = distributed``)."""
+SERVER_BETAS = (0.9, 0.999)
 MAX_TOKENS = 8192
 """Padded tokens per chunk of a step (length-sorted; bounds the per-example gradients' memory)."""
 

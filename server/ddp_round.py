@@ -13,11 +13,12 @@ Each round is one step of DP-SGD over the union of the sites' Poisson samples:
    the survivors' honest shares reach (a site sent a share the protocol cannot
    produce) abandons the round, the model stays as it was;
 4. step: the statistics round sets the feature mean and the head's log prior
-   and remembers the noisy size of a step's sample; every later round is a
-   heavy-ball SGD step, on the noisy sum of clipped gradients over that size
-   (:class:`DistributedSgd`), of the head's weights, or under LP-FT's adapter
-   rounds of the LoRA adapters and the head's weights together (at the adapter
-   phase's learning rate and momentum, :mod:`fedseal.common.lora_rule`).
+   and remembers the noisy size of a step's sample; every later round steps on
+   the noisy sum of clipped gradients over that size
+   (:class:`DistributedOptimiser`): a head round is a heavy-ball SGD step of the
+   head's weights, an LP-FT adapter round a DP-AdamBC step of the LoRA adapters
+   and the head's weights together, with the noise's variance known from the
+   round's encoding (:func:`noise_variance`).
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from flwr.serverapp import Grid
 from fedseal.common import ddp, ddp_wire
 from fedseal.common.config import FedConfig
 from fedseal.common.dp_rule import FEATURE_MEAN_KEY, PRIOR_KEY, PROBE_MOMENTUM, prior_bias
-from fedseal.common.lora_rule import LR as ADAPTER_LR
-from fedseal.common.lora_rule import MOMENTUM as ADAPTER_MOMENTUM
+from fedseal.common.lora_rule import SERVER_BETAS as ADAPTER_BETAS
+from fedseal.common.lora_rule import SERVER_LR as ADAPTER_SERVER_LR
 from fedseal.common.vote import is_adapter_round
 from fedseal.server.aggregate import RoundSums
 from fedseal.server.identity import SiteNames
@@ -43,15 +44,26 @@ from fedseal.server.secagg import abandon, masked_sum
 
 log = logging.getLogger("fedseal")
 
+ADAM_EPS = 1e-8
+
 Weights = Mapping[str, np.ndarray]
 
 
-class DistributedSgd:
-    """The server's optimiser under distributed noise: it holds the step's sample size and
-    the momentum of the weights it steps (both checkpointed with :meth:`state_dict`).
+class DistributedOptimiser:
+    """The server's optimiser under distributed noise: it holds the step's sample size, the
+    head rounds' momentum and the adapter rounds' Adam moments (all checkpointed with
+    :meth:`state_dict`).
 
-    ``lr`` and ``momentum`` are the head's; ``adapter_lr`` and
-    ``adapter_momentum`` LP-FT's adapter rounds'. The momentum starts afresh
+    Head rounds are heavy-ball SGD at ``lr`` and ``momentum``. LP-FT's adapter rounds
+    are DP-AdamBC (Tang et al. 2024; :mod:`fedseal.client.dp_adam_bc` is the
+    sites' version) at ``adapter_lr``: Adam whose second moment has the noise's
+    known variance taken out, so a coordinate that holds only noise does not take a
+    full step. The server knows that variance exactly from the round's public
+    encoding and the number of shares in the sum (:func:`noise_variance`). The
+    corrected second moment is floored at the noise variance itself: a coordinate's
+    step is then at most ``adapter_lr`` times its momentum over the noise's standard
+    deviation. Post-processing of the noisy sum, so the choice costs no privacy.
+    Without noise it is Adam (``eps`` :data:`ADAM_EPS`). Each state starts afresh
     when the stepped weights change (the first adapter round).
     """
 
@@ -59,13 +71,15 @@ class DistributedSgd:
         self,
         lr: float,
         momentum: float = PROBE_MOMENTUM,
-        adapter_lr: float = ADAPTER_LR,
-        adapter_momentum: float = ADAPTER_MOMENTUM,
+        adapter_lr: float = ADAPTER_SERVER_LR,
+        betas: tuple[float, float] = ADAPTER_BETAS,
     ) -> None:
         self.lr, self.momentum = lr, momentum
-        self.adapter_lr, self.adapter_momentum = adapter_lr, adapter_momentum
+        self.adapter_lr, self.betas = adapter_lr, betas
         self.batch = 0.0  # noisy size of a step's sample, from the statistics round
         self.velocity: np.ndarray | None = None
+        self.moments: tuple[np.ndarray, np.ndarray] | None = None
+        self.adam_steps = 0
 
     def statistics(self, weights: Weights, noisy_sum: np.ndarray) -> OrderedDict[str, np.ndarray]:
         """Feature mean, log prior and sample size from the statistics round's noisy sum."""
@@ -81,36 +95,63 @@ class DistributedSgd:
         return out
 
     def step(
-        self, weights: Weights, noisy_sum: np.ndarray, keys: list[str], *, adapters: bool = False
+        self,
+        weights: Weights,
+        noisy_sum: np.ndarray,
+        keys: list[str],
+        *,
+        adapters: bool = False,
+        sum_variance: float = 0.0,
     ) -> OrderedDict[str, np.ndarray]:
-        """One heavy-ball step of the weights ``keys`` on the noisy sum of clipped gradients.
+        """One step of the weights ``keys`` on the noisy sum of clipped gradients.
 
         ``noisy_sum`` is their gradients flattened one after the other in the order of
         ``keys`` (:func:`fedseal.common.ddp_wire.step_keys`); ``adapters`` picks the
-        adapter phase's learning rate and momentum.
+        adapter rounds' DP-AdamBC over the head rounds' heavy-ball step;
+        ``sum_variance`` is the noise's variance per coordinate of the sum
+        (:func:`noise_variance`).
         """
-        lr, momentum = (self.adapter_lr, self.adapter_momentum) if adapters else (self.lr, self.momentum)
         gradient = np.asarray(noisy_sum, dtype=np.float64).reshape(-1) / self.batch
         size = sum(weights[key].size for key in keys)
         if size != gradient.size:
             raise ValueError(f"a step of {size} weights got a gradient of {gradient.size}")
-        if self.velocity is None or self.velocity.shape != gradient.shape:
-            self.velocity = gradient
+        if adapters:
+            lr, delta = self.adapter_lr, self._adam_bc(gradient, sum_variance / self.batch**2)
         else:
-            self.velocity = momentum * self.velocity + gradient
+            lr, delta = self.lr, self._heavy_ball(gradient)
         out, start = OrderedDict(weights), 0
         for key in keys:
             end = start + weights[key].size
-            delta = self.velocity[start:end].reshape(weights[key].shape)
-            out[key] = (weights[key] - lr * delta).astype(np.float32)
+            out[key] = (weights[key] - lr * delta[start:end].reshape(weights[key].shape)).astype(np.float32)
             start = end
         return out
 
+    def _heavy_ball(self, gradient: np.ndarray) -> np.ndarray:
+        if self.velocity is None or self.velocity.shape != gradient.shape:
+            self.velocity = gradient
+        else:
+            self.velocity = self.momentum * self.velocity + gradient
+        return self.velocity
+
+    def _adam_bc(self, gradient: np.ndarray, variance: float) -> np.ndarray:
+        beta1, beta2 = self.betas
+        if self.moments is None or self.moments[0].shape != gradient.shape:
+            self.moments, self.adam_steps = (np.zeros_like(gradient), np.zeros_like(gradient)), 0
+        m, v = self.moments
+        m, v = beta1 * m + (1 - beta1) * gradient, beta2 * v + (1 - beta2) * gradient**2
+        self.moments, self.adam_steps = (m, v), self.adam_steps + 1
+        m_hat = m / (1 - beta1**self.adam_steps)
+        v_hat = v / (1 - beta2**self.adam_steps)
+        return m_hat / (np.sqrt(np.maximum(v_hat - variance, variance)) + ADAM_EPS)
+
     def state_dict(self) -> dict[str, np.ndarray]:
-        """The sample size and the momentum."""
+        """The sample size, the momentum and the Adam moments."""
         state = {"ddp/batch": np.array([self.batch])}
         if self.velocity is not None:
             state["ddp/velocity"] = self.velocity
+        if self.moments is not None:
+            state["ddp/adam-m"], state["ddp/adam-v"] = self.moments
+            state["ddp/adam-steps"] = np.array([self.adam_steps])
         return state
 
     def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
@@ -118,6 +159,22 @@ class DistributedSgd:
         self.batch = float(np.asarray(state.get("ddp/batch", [0.0])).reshape(-1)[0])
         velocity = state.get("ddp/velocity")
         self.velocity = None if velocity is None else np.asarray(velocity, dtype=np.float64)
+        m, v = state.get("ddp/adam-m"), state.get("ddp/adam-v")
+        if m is None or v is None:
+            self.moments, self.adam_steps = None, 0
+        else:
+            self.moments = (np.asarray(m, dtype=np.float64), np.asarray(v, dtype=np.float64))
+            self.adam_steps = int(np.asarray(state.get("ddp/adam-steps", [0])).reshape(-1)[0])
+
+
+def noise_variance(encoding: ddp.Encoding, shares: int) -> float:
+    """The noise's variance per coordinate of the decoded sum of ``shares`` shares (real units).
+
+    Each share's discrete Gaussian of scale ``share_sigma`` (variance at most
+    ``share_sigma**2``, within 1e-12 of it for the scales used) over ``scale``
+    squared, the rotation orthonormal; the rounding's own small variance is left out.
+    """
+    return shares * (encoding.share_sigma / encoding.scale) ** 2
 
 
 def ddp_round(
@@ -129,7 +186,7 @@ def ddp_round(
     run_id: int,
     server_round: int,
     names: SiteNames,
-    optimiser: DistributedSgd,
+    optimiser: DistributedOptimiser,
 ) -> tuple[OrderedDict[str, np.ndarray], RoundSums]:
     """One distributed-noise round; the next global weights and the round's sums (metadata).
 
@@ -164,7 +221,9 @@ def ddp_round(
     if statistics:
         return optimiser.statistics(weights, noisy), sums
     keys = ddp_wire.step_keys(weights, cfg, server_round)
-    return optimiser.step(weights, noisy, keys, adapters=is_adapter_round(cfg, server_round)), sums
+    variance = noise_variance(encoding, len(survivors))
+    adapters = is_adapter_round(cfg, server_round)
+    return optimiser.step(weights, noisy, keys, adapters=adapters, sum_variance=variance), sums
 
 
-__all__ = ["DistributedSgd", "ddp_round"]
+__all__ = ["DistributedOptimiser", "ddp_round", "noise_variance"]

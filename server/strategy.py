@@ -94,9 +94,9 @@ def make_strategy(cfg: FedConfig) -> Strategy:
     """The strategy named by ``cfg.strategy`` (under distributed noise, the server's DP-SGD)."""
     if cfg.dp_noise == "distributed":
         from fedseal.common.ddp_wire import head_lr
-        from fedseal.server.ddp_round import DistributedSgd
+        from fedseal.server.ddp_round import DistributedOptimiser
 
-        return DistributedSgd(head_lr(cfg))
+        return DistributedOptimiser(head_lr(cfg))
     if cfg.strategy == "fedadam":
         return FedAdam(cfg.effective_server_lr, cfg.adam_beta1, cfg.adam_beta2, cfg.adam_tau)
     return FedAvg(cfg.effective_server_lr)

@@ -317,7 +317,7 @@ def test_distributed_noise_refuses_a_config_it_cannot_serve(change, match):
 def test_the_servers_optimiser_reads_the_statistics_and_resumes_from_its_state():
     """The statistics sum gives the mean, the log prior and the step's sample size; a head step
     divides the gradient sum by that size; a checkpointed state resumes the same momentum."""
-    from fedseal.server.ddp_round import DistributedSgd
+    from fedseal.server.ddp_round import DistributedOptimiser
 
     weights = {
         "feature_mean": np.zeros(3, np.float32),
@@ -327,7 +327,7 @@ def test_the_servers_optimiser_reads_the_statistics_and_resumes_from_its_state()
     count, labels = 200.0, np.array([50.0, 150.0])
     feature_sum = np.array([20.0, -40.0, 100.0])
     noisy = np.concatenate([feature_sum, labels, [count]]) / math.sqrt(ddp_wire.STATISTICS_PARTS)
-    sgd = DistributedSgd(lr=2.0, momentum=0.5)
+    sgd = DistributedOptimiser(lr=2.0, momentum=0.5)
     after = sgd.statistics(weights, noisy)
     np.testing.assert_allclose(after["feature_mean"], feature_sum / count, rtol=1e-6)
     np.testing.assert_allclose(np.exp(after["classifier.bias"]), [0.25, 0.75], rtol=1e-6)
@@ -338,7 +338,7 @@ def test_the_servers_optimiser_reads_the_statistics_and_resumes_from_its_state()
     np.testing.assert_allclose(
         first["classifier.weight"], 1.0 - 2.0 * gradient_sum.reshape(2, 3) / count, rtol=1e-6
     )
-    resumed = DistributedSgd(lr=2.0, momentum=0.5)
+    resumed = DistributedOptimiser(lr=2.0, momentum=0.5)
     resumed.load_state_dict(sgd.state_dict())
     np.testing.assert_allclose(
         resumed.step(first, gradient_sum, head)["classifier.weight"],
@@ -346,30 +346,79 @@ def test_the_servers_optimiser_reads_the_statistics_and_resumes_from_its_state()
     )
 
 
-def test_the_servers_adapter_step_splits_the_sum_by_name_at_the_adapter_phases_rate():
+def _adam_bc_reference(gradients, lr, variance, betas=(0.9, 0.999)):
+    """DP-AdamBC's changes written out step by step (Tang et al. 2024, the server's floor)."""
+    m = v = 0.0
+    changes = []
+    for t, g in enumerate(gradients, start=1):
+        m = betas[0] * m + (1 - betas[0]) * g
+        v = betas[1] * v + (1 - betas[1]) * g * g
+        m_hat, v_hat = m / (1 - betas[0] ** t), v / (1 - betas[1] ** t)
+        changes.append(-lr * m_hat / (np.sqrt(np.maximum(v_hat - variance, variance)) + 1e-8))
+    return changes
+
+
+def test_the_servers_adapter_step_is_dp_adam_bc_on_the_noisy_mean_split_by_name():
     """An adapter round's noisy sum is the gradients of its weights one after the other in the
-    order of the names given; the step uses the adapter phase's learning rate, and its
-    momentum starts afresh (the head rounds' has another shape); a sum of the wrong length
-    is refused."""
-    from fedseal.server.ddp_round import DistributedSgd
+    order of the names given; the step is DP-AdamBC at the adapter rate on the mean (the sum
+    over the sample size), with the sum's noise variance over the size squared taken out of
+    the second moment and flooring it; the moments start afresh (the head rounds' momentum
+    has another shape) and resume from a checkpoint; a sum of the wrong length is refused."""
+    from fedseal.server.ddp_round import DistributedOptimiser
 
     weights = {"a.lora_A": np.ones((1, 2), np.float32), "classifier.weight": np.zeros((2, 3), np.float32)}
-    sgd = DistributedSgd(lr=16.0, momentum=0.9, adapter_lr=0.5, adapter_momentum=0.25)
-    sgd.batch = 10.0
-    sgd.step(weights, np.ones(6), ["classifier.weight"])  # a head round's momentum
+    opt = DistributedOptimiser(lr=16.0, momentum=0.9, adapter_lr=0.01)
+    opt.batch = 10.0
+    opt.step(weights, np.ones(6), ["classifier.weight"])  # a head round's momentum
     keys = ["a.lora_A", "classifier.weight"]
-    gradient_sum = np.arange(8.0)
-    first = sgd.step(weights, gradient_sum, keys, adapters=True)
-    np.testing.assert_allclose(first["a.lora_A"], 1.0 - 0.5 * np.array([[0.0, 0.1]]), rtol=1e-6)
-    np.testing.assert_allclose(first["classifier.weight"], -0.5 * np.arange(2.0, 8.0).reshape(2, 3) / 10)
-    second = sgd.step(first, gradient_sum, keys, adapters=True)
-    np.testing.assert_allclose(
-        second["classifier.weight"],
-        first["classifier.weight"] - 0.5 * 1.25 * np.arange(2.0, 8.0).reshape(2, 3) / 10,
+    sums = [
+        np.array([0.0, 1.0, 2.0, -3.0, 0.01, 5.0, 6.0, 7.0]),
+        np.array([0.0, 1.0, -2.0, -3.0, 0.01, 5.0, 6.0, 9.0]),
+    ]
+    sum_variance = 0.04  # on the mean 4e-4: noise sd 0.02, twenty times the fifth gradient (1e-3)
+    expected = _adam_bc_reference([s / 10.0 for s in sums], 0.01, sum_variance / 100.0)
+    current = weights
+    for noisy, change in zip(sums, expected):
+        previous = np.concatenate([current[k].reshape(-1) for k in keys])
+        current = opt.step(current, noisy, keys, adapters=True, sum_variance=sum_variance)
+        after = np.concatenate([current[k].reshape(-1) for k in keys])
+        np.testing.assert_allclose(after - previous, change, rtol=1e-5, atol=1e-7)
+    assert current["a.lora_A"].shape == (1, 2) and current["classifier.weight"].shape == (2, 3)
+    # a coordinate with no signal moves by nothing; one of the noise's size by less than the rate
+    assert expected[0][0] == 0.0 and 0 < -expected[0][4] < 0.01
+    # without the correction the fifth coordinate (gradient 1e-3, noise sd 0.02) would move by the full rate
+    assert -_adam_bc_reference([sums[0] / 10.0], 0.01, 0.0)[0][4] == pytest.approx(0.01, rel=1e-4)
+    resumed = DistributedOptimiser(lr=16.0, momentum=0.9, adapter_lr=0.01)
+    resumed.load_state_dict(opt.state_dict())
+    np.testing.assert_array_equal(
+        resumed.step(current, sums[0], keys, adapters=True, sum_variance=sum_variance)["classifier.weight"],
+        opt.step(current, sums[0], keys, adapters=True, sum_variance=sum_variance)["classifier.weight"],
     )
     with pytest.raises(ValueError, match="a step of 8 weights got a gradient of 9"):
-        sgd.step(weights, np.arange(9.0), keys, adapters=True)
-    assert sgd.velocity is not None and sgd.velocity.shape == (8,)  # the failed step changed nothing
+        opt.step(weights, np.arange(9.0), keys, adapters=True)
+    assert opt.adam_steps == 3 and opt.velocity is not None and opt.velocity.shape == (6,)
+
+
+def test_the_servers_noise_variance_is_the_decoded_sums_own():
+    """The variance the adapter step takes out is what the sum of real shares carries: shares
+    of zero vectors encoded and decoded by the real encoding, their per-coordinate variance
+    against :func:`noise_variance` (within the sampling error of 4 sums of 1,000 coordinates, plus the
+    rounding the formula leaves out)."""
+    from fedseal.server.ddp_round import noise_variance
+
+    encoding = ddp.plan_encoding(
+        dim=1000, clip=0.1, sum_bound=50.0, max_sites=4, noise_multiplier=1.0, honest_shares=2
+    )
+    seed, rng = bytes(32), ddp.NoiseRandom(bytes(range(32)))
+    draws = []
+    for _ in range(4):
+        ring = np.zeros(encoding.padded_dim, np.uint64)
+        for _ in range(3):
+            ring += ddp.encode_share(np.zeros(1000), encoding, seed, rng)
+        draws.append(ddp.decode_sum((ring % 2**32).astype(np.uint32), encoding, seed, 3))
+    measured = float(np.var(np.concatenate(draws)))
+    assert measured == pytest.approx(noise_variance(encoding, 3), rel=0.06)
+    assert noise_variance(encoding, 3) == pytest.approx(1.5 * noise_variance(encoding, 2))
 
 
 def test_the_sums_public_bound_is_the_largest_sample_a_site_draws_at_the_planned_rate():
