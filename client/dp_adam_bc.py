@@ -11,11 +11,15 @@ on noise). DP-AdamBC subtracts the known variance before the square root::
 
     m = b1 m + (1 - b1) g;   v = b2 v + (1 - b2) g^2
     m_hat = m / (1 - b1^t);  v_hat = v / (1 - b2^t)
-    p -= lr * m_hat / sqrt(max(v_hat - noise_variance, floor))
+    p -= lr * m_hat / sqrt(max(v_hat - noise_variance, noise_variance, floor))
 
-``floor`` bounds the step of a coordinate whose corrected second moment is
-near zero (the paper's gamma'). Without noise (``noise_variance = 0``) it is
-Adam with ``eps = sqrt(floor)`` under the root.
+The floor bounds the step of a coordinate whose corrected second moment is
+near zero (the paper's gamma'): at the noise's own variance, a coordinate that
+holds only noise moves by at most ``lr`` times its momentum over the noise's
+standard deviation, not by ``lr`` times that over ``sqrt(floor)``. Without noise
+(``noise_variance = 0``) it is Adam with ``eps = sqrt(floor)`` under the root.
+The server's step under the sum's noise is the same rule
+(:class:`fedseal.server.ddp_round.DistributedOptimiser`).
 """
 
 from __future__ import annotations
@@ -65,7 +69,8 @@ class DPAdamBC(torch.optim.Optimizer):
                 state["v"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
                 m_hat = state["m"] / (1 - beta1**t)
                 v_hat = state["v"] / (1 - beta2**t)
-                denom = (v_hat - group["noise_variance"]).clamp(min=group["floor"]).sqrt()
+                floor = max(group["noise_variance"], group["floor"])
+                denom = (v_hat - group["noise_variance"]).clamp(min=floor).sqrt()
                 p.addcdiv_(m_hat, denom, value=-group["lr"])
         return loss
 

@@ -44,7 +44,8 @@ from fedseal.server.secagg import abandon, masked_sum
 
 log = logging.getLogger("fedseal")
 
-ADAM_EPS = 1e-8
+ADAM_FLOOR = 1e-16
+"""The floor under Adam's corrected second moment without noise (``eps`` 1e-8 under the root)."""
 
 Weights = Mapping[str, np.ndarray]
 
@@ -63,7 +64,8 @@ class DistributedOptimiser:
     corrected second moment is floored at the noise variance itself: a coordinate's
     step is then at most ``adapter_lr`` times its momentum over the noise's standard
     deviation. Post-processing of the noisy sum, so the choice costs no privacy.
-    Without noise it is Adam (``eps`` :data:`ADAM_EPS`). Each state starts afresh
+    Without noise it is Adam (:data:`ADAM_FLOOR`). The sites' DP-AdamBC under
+    their own noise is the same rule (:class:`fedseal.client.dp_adam_bc.DPAdamBC`). Each state starts afresh
     when the stepped weights change (the first adapter round).
     """
 
@@ -142,7 +144,7 @@ class DistributedOptimiser:
         self.moments, self.adam_steps = (m, v), self.adam_steps + 1
         m_hat = m / (1 - beta1**self.adam_steps)
         v_hat = v / (1 - beta2**self.adam_steps)
-        return m_hat / (np.sqrt(np.maximum(v_hat - variance, variance)) + ADAM_EPS)
+        return m_hat / np.sqrt(np.maximum(v_hat - variance, max(variance, ADAM_FLOOR)))
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The sample size, the momentum and the Adam moments."""

@@ -354,7 +354,7 @@ def _adam_bc_reference(gradients, lr, variance, betas=(0.9, 0.999)):
         m = betas[0] * m + (1 - betas[0]) * g
         v = betas[1] * v + (1 - betas[1]) * g * g
         m_hat, v_hat = m / (1 - betas[0] ** t), v / (1 - betas[1] ** t)
-        changes.append(-lr * m_hat / (np.sqrt(np.maximum(v_hat - variance, variance)) + 1e-8))
+        changes.append(-lr * m_hat / np.sqrt(np.maximum(v_hat - variance, max(variance, 1e-16))))
     return changes
 
 
@@ -397,6 +397,30 @@ def test_the_servers_adapter_step_is_dp_adam_bc_on_the_noisy_mean_split_by_name(
     with pytest.raises(ValueError, match="a step of 8 weights got a gradient of 9"):
         opt.step(weights, np.arange(9.0), keys, adapters=True)
     assert opt.adam_steps == 3 and opt.velocity is not None and opt.velocity.shape == (6,)
+
+
+def test_the_servers_adapter_step_is_the_sites_dp_adam_bc():
+    """The server's DP-AdamBC under the sum's noise and a site's under its own noise
+    (:class:`fedseal.client.dp_adam_bc.DPAdamBC`) are one rule: the same noisy mean
+    gradients give the same weights, step after step."""
+    import torch
+
+    from fedseal.client.dp_adam_bc import DPAdamBC
+    from fedseal.server.ddp_round import DistributedOptimiser
+
+    rng = np.random.default_rng(0)
+    sums = [rng.normal(0.0, 1.0, 40) * rng.choice([0.01, 1.0], 40) for _ in range(6)]
+    batch, sum_variance = 20.0, 0.25
+    server = DistributedOptimiser(lr=1.0, adapter_lr=0.01)
+    server.batch = batch
+    weights = {"w.lora_A": np.zeros(40, np.float32)}
+    site_weights = torch.nn.Parameter(torch.zeros(40, dtype=torch.float64))
+    site = DPAdamBC([site_weights], lr=0.01, noise_variance=sum_variance / batch**2, floor=1e-16)
+    for noisy in sums:
+        weights = server.step(weights, noisy, ["w.lora_A"], adapters=True, sum_variance=sum_variance)
+        site_weights.grad = torch.from_numpy(noisy / batch)
+        site.step()
+        np.testing.assert_allclose(weights["w.lora_A"], site_weights.detach().numpy(), rtol=1e-5, atol=1e-7)
 
 
 def test_the_servers_noise_variance_is_the_decoded_sums_own():

@@ -252,11 +252,13 @@ def test_dp_adam_bc_is_adam_without_noise_and_takes_the_noise_out_of_the_second_
         adam.step()
     assert torch.allclose(mine, theirs, atol=1e-6)
     # one step on a gradient of pure noise of known variance: plain Adam moves every
-    # coordinate by lr; with the variance taken out, the floor bounds the step instead
-    noisy = nn.Parameter(torch.zeros(50))
-    corrected = DPAdamBC([noisy], lr=0.01, noise_variance=100.0, floor=1.0)  # beyond every g^2
-    noisy.grad = grads[0].clone()
-    corrected.step()
-    assert torch.allclose(noisy.detach(), -0.01 * grads[0], atol=1e-6)  # denominator sqrt(1)
+    # coordinate by lr; with the variance taken out, the floor (the noise's variance, or
+    # ``floor`` where that is larger) bounds the step instead
+    for variance, floor, denominator in ((400.0, 1.0, 20.0), (1e-4, 100.0, 10.0)):  # beyond every g^2
+        noisy = nn.Parameter(torch.zeros(50))
+        corrected = DPAdamBC([noisy], lr=0.01, noise_variance=variance, floor=floor)
+        noisy.grad = grads[0].clone()
+        corrected.step()
+        assert torch.allclose(noisy.detach(), -0.01 * grads[0] / denominator, atol=1e-6)
     with pytest.raises(ValueError, match="floor > 0"):
         DPAdamBC([noisy], lr=0.01, noise_variance=0.0, floor=0.0)
