@@ -14,8 +14,8 @@ SecAgg+:
 * under ``finetune = lora`` (LP-FT), the last rounds are **adapter** steps
   (:func:`fedseal.common.vote.is_adapter_round`): each sampled record's gradient
   on the top layers' LoRA adapters and the head's weights, flattened in the
-  order of :func:`step_keys`, clipped to the adapter phase's clip
-  (:data:`fedseal.common.lora_rule.CLIP`) and summed.
+  order of :func:`step_keys`, clipped to the adapter rounds' clip under the sum's
+  noise (:data:`fedseal.common.lora_rule.DISTRIBUTED_CLIP`) and summed.
 
 The server plans one :class:`~fedseal.common.ddp.Encoding` per round from public
 values only (:func:`plan_round`) and sends it with a fresh 32-byte rotation seed
@@ -45,7 +45,7 @@ from fedseal.common.dp_rule import (
     SAMPLE_RATE,
     stats_rounds,
 )
-from fedseal.common.lora_rule import CLIP as ADAPTER_CLIP
+from fedseal.common.lora_rule import DISTRIBUTED_CLIP as ADAPTER_CLIP
 from fedseal.common.privacy import MAX_SAMPLE_RATE
 from fedseal.common.vote import is_adapter_round, round_keys
 

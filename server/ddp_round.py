@@ -34,9 +34,8 @@ from flwr.serverapp import Grid
 
 from fedseal.common import ddp, ddp_wire
 from fedseal.common.config import FedConfig
-from fedseal.common.dp_rule import FEATURE_MEAN_KEY, PRIOR_KEY, PROBE_MOMENTUM, prior_bias
-from fedseal.common.lora_rule import SERVER_BETAS as ADAPTER_BETAS
-from fedseal.common.lora_rule import SERVER_LR as ADAPTER_SERVER_LR
+from fedseal.common.dp_rule import FEATURE_MEAN_KEY, PRIOR_KEY, PROBE_MOMENTUM, adapter_rounds, prior_bias
+from fedseal.common.lora_rule import DISTRIBUTED_BETAS, DISTRIBUTED_LR
 from fedseal.common.vote import is_adapter_round
 from fedseal.server.aggregate import RoundSums
 from fedseal.server.identity import SiteNames
@@ -73,8 +72,8 @@ class DistributedOptimiser:
         self,
         lr: float,
         momentum: float = PROBE_MOMENTUM,
-        adapter_lr: float = ADAPTER_SERVER_LR,
-        betas: tuple[float, float] = ADAPTER_BETAS,
+        adapter_lr: float = DISTRIBUTED_LR,
+        betas: tuple[float, float] = DISTRIBUTED_BETAS,
     ) -> None:
         self.lr, self.momentum = lr, momentum
         self.adapter_lr, self.betas = adapter_lr, betas
@@ -104,6 +103,7 @@ class DistributedOptimiser:
         *,
         adapters: bool = False,
         sum_variance: float = 0.0,
+        lr_scale: float = 1.0,
     ) -> OrderedDict[str, np.ndarray]:
         """One step of the weights ``keys`` on the noisy sum of clipped gradients.
 
@@ -111,7 +111,8 @@ class DistributedOptimiser:
         ``keys`` (:func:`fedseal.common.ddp_wire.step_keys`); ``adapters`` picks the
         adapter rounds' DP-AdamBC over the head rounds' heavy-ball step;
         ``sum_variance`` is the noise's variance per coordinate of the sum
-        (:func:`noise_variance`).
+        (:func:`noise_variance`); ``lr_scale`` multiplies the rate (the adapter
+        rounds' decay, :func:`adapter_lr_scale`).
         """
         gradient = np.asarray(noisy_sum, dtype=np.float64).reshape(-1) / self.batch
         size = sum(weights[key].size for key in keys)
@@ -121,6 +122,7 @@ class DistributedOptimiser:
             lr, delta = self.adapter_lr, self._adam_bc(gradient, sum_variance / self.batch**2)
         else:
             lr, delta = self.lr, self._heavy_ball(gradient)
+        lr *= lr_scale
         out, start = OrderedDict(weights), 0
         for key in keys:
             end = start + weights[key].size
@@ -167,6 +169,12 @@ class DistributedOptimiser:
         else:
             self.moments = (np.asarray(m, dtype=np.float64), np.asarray(v, dtype=np.float64))
             self.adam_steps = int(np.asarray(state.get("ddp/adam-steps", [0])).reshape(-1)[0])
+
+
+def adapter_lr_scale(rounds: int, server_round: int) -> float:
+    """The adapter rate's linear decay in a run of ``rounds`` rounds: 1 at the first of its
+    ``A`` adapter rounds, ``1/A`` at the last (:mod:`fedseal.common.lora_rule`)."""
+    return (rounds - server_round + 1) / adapter_rounds(rounds)
 
 
 def noise_variance(encoding: ddp.Encoding, shares: int) -> float:
@@ -225,7 +233,10 @@ def ddp_round(
     keys = ddp_wire.step_keys(weights, cfg, server_round)
     variance = noise_variance(encoding, len(survivors))
     adapters = is_adapter_round(cfg, server_round)
-    return optimiser.step(weights, noisy, keys, adapters=adapters, sum_variance=variance), sums
+    scale = adapter_lr_scale(cfg.rounds, server_round) if adapters else 1.0
+    return optimiser.step(
+        weights, noisy, keys, adapters=adapters, sum_variance=variance, lr_scale=scale
+    ), sums
 
 
-__all__ = ["DistributedOptimiser", "ddp_round", "noise_variance"]
+__all__ = ["DistributedOptimiser", "adapter_lr_scale", "ddp_round", "noise_variance"]

@@ -162,7 +162,7 @@ def test_lpft_under_distributed_noise_steps_the_adapters_on_the_noisy_sum(tmp_pa
     head, adapters = dims[1], dims[3]
     assert dims == [dims[0], head, head, adapters, adapters]
     assert adapters > head
-    assert ddp_wire.round_shape(cfg, initial, 4) == (sum(initial[k].size for k in adapter_keys), 0.1)
+    assert ddp_wire.round_shape(cfg, initial, 4) == (sum(initial[k].size for k in adapter_keys), 1.0)
     for i, node in enumerate(nodes):
         ledger = PrivacyLedger.open(
             node["ledger-path"], f"site-{i}", cfg.epsilon, cfg.delta, key_path=node["ledger-key"]
@@ -421,6 +421,33 @@ def test_the_servers_adapter_step_is_the_sites_dp_adam_bc():
         site_weights.grad = torch.from_numpy(noisy / batch)
         site.step()
         np.testing.assert_allclose(weights["w.lora_A"], site_weights.detach().numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_the_adapter_rate_decays_linearly_over_the_adapter_rounds_and_their_clip_is_1():
+    """In a run of 101 rounds the 50 adapter rounds (52 to 101) step at 1, 49/50, ... 1/50 of
+    the rate; a step's change scales with it; the adapter rounds' vectors are clipped to 1
+    (the head rounds' to the probe's clip)."""
+    from fedseal.server.ddp_round import DistributedOptimiser, adapter_lr_scale
+
+    scales = [adapter_lr_scale(101, r) for r in range(52, 102)]
+    assert scales[0] == 1.0 and scales[-1] == pytest.approx(1 / 50)
+    np.testing.assert_allclose(np.diff(scales), -1 / 50)
+    assert adapter_lr_scale(4, 4) == 1.0  # one adapter round: the full rate
+    weights = {"w.lora_A": np.zeros(3, np.float32)}
+    full, half = DistributedOptimiser(lr=1.0), DistributedOptimiser(lr=1.0)
+    full.batch = half.batch = 4.0
+    a = full.step(weights, np.array([1.0, -2.0, 3.0]), ["w.lora_A"], adapters=True)
+    b = half.step(weights, np.array([1.0, -2.0, 3.0]), ["w.lora_A"], adapters=True, lr_scale=0.5)
+    np.testing.assert_allclose(b["w.lora_A"], 0.5 * a["w.lora_A"], rtol=1e-6)
+    cfg = FedConfig(clients=4, min_clients=3, dp_noise="distributed", finetune="lora", rounds=101)
+    model_weights = {
+        "feature_mean": np.zeros(4, np.float32),
+        "classifier.bias": np.zeros(2, np.float32),
+        "classifier.weight": np.zeros((2, 4), np.float32),
+        "l.lora_A.default.weight": np.zeros((2, 4), np.float32),
+    }
+    assert ddp_wire.round_shape(cfg, model_weights, 52) == (16, 1.0)
+    assert ddp_wire.round_shape(cfg, model_weights, 51) == (8, ddp_wire.head_clip(cfg))
 
 
 def test_the_servers_noise_variance_is_the_decoded_sums_own():
