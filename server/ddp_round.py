@@ -18,7 +18,8 @@ Each round is one step of DP-SGD over the union of the sites' Poisson samples:
    (:class:`DistributedOptimiser`): a head round is a heavy-ball SGD step of the
    head's weights, an LP-FT adapter round a DP-AdamBC step of the LoRA adapters
    and the head's weights together, with the noise's variance known from the
-   round's encoding (:func:`noise_variance`).
+   round's encoding (:func:`noise_variance`), at a rate that decays linearly
+   over the adapter rounds (:func:`adapter_lr_scale`).
 """
 
 from __future__ import annotations
@@ -64,8 +65,9 @@ class DistributedOptimiser:
     step is then at most ``adapter_lr`` times its momentum over the noise's standard
     deviation. Post-processing of the noisy sum, so the choice costs no privacy.
     Without noise it is Adam (:data:`ADAM_FLOOR`). The sites' DP-AdamBC under
-    their own noise is the same rule (:class:`fedseal.client.dp_adam_bc.DPAdamBC`). Each state starts afresh
-    when the stepped weights change (the first adapter round).
+    their own noise is the same rule (:class:`fedseal.client.dp_adam_bc.DPAdamBC`).
+    Each state starts afresh when the stepped weights change (the first adapter
+    round).
     """
 
     def __init__(
@@ -181,8 +183,9 @@ def noise_variance(encoding: ddp.Encoding, shares: int) -> float:
     """The noise's variance per coordinate of the decoded sum of ``shares`` shares (real units).
 
     Each share's discrete Gaussian of scale ``share_sigma`` (variance at most
-    ``share_sigma**2``, within 1e-12 of it for the scales used) over ``scale``
-    squared, the rotation orthonormal; the rounding's own small variance is left out.
+    ``share_sigma**2``, within a relative 1e-7 of it) over ``scale`` squared, the
+    rotation orthonormal; the rounding's own variance (at most 1/4 per share in
+    ring units, far below ``share_sigma**2``) is left out.
     """
     return shares * (encoding.share_sigma / encoding.scale) ** 2
 
