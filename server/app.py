@@ -162,7 +162,13 @@ def resume_state(
         restored = record_to_state(state_to_record(ordered), weights, what="checkpoint weights")
     except RecordError as exc:
         raise CheckpointError(f"{out / CHECKPOINT_DIR} does not fit this model: {exc}") from None
-    strategy.load_state_dict(ckpt.strategy_state)
+    try:
+        strategy.load_state_dict(ckpt.strategy_state)
+    except ValueError as exc:
+        raise CheckpointError(
+            f"{out / CHECKPOINT_DIR} holds an optimiser state this run cannot use ({exc}); "
+            "restore the checkpoint this run wrote, or start afresh without --resume"
+        ) from None
     metrics.rewrite(ckpt.metrics)  # drops any row of a round that never completed
     detail.info("resuming after round %d of %d from %s", ckpt.round, cfg.rounds, out / CHECKPOINT_DIR)
     return ckpt.round, dict(restored)

@@ -58,12 +58,13 @@ class DistributedOptimiser:
     Head rounds are heavy-ball SGD at ``lr`` and ``momentum``. LP-FT's adapter rounds
     are DP-AdamBC (Tang et al. 2024; :mod:`fedseal.client.dp_adam_bc` is the
     sites' version) at ``adapter_lr``: Adam whose second moment has the noise's
-    known variance taken out, so a coordinate that holds only noise does not take a
-    full step. The server knows that variance exactly from the round's public
-    encoding and the number of shares in the sum (:func:`noise_variance`). The
-    corrected second moment is floored at the noise variance itself: a coordinate's
-    step is then at most ``adapter_lr`` times its momentum over the noise's standard
-    deviation. Post-processing of the noisy sum, so the choice costs no privacy.
+    known variance taken out and is floored at that variance, so a coordinate that
+    holds only noise moves by about the rate times its momentum over the noise's
+    standard deviation, not by the rate (after a single step its momentum is one
+    noisy draw, which can exceed that deviation). The server knows the variance
+    exactly from the round's public encoding and the number of shares in the sum
+    (:func:`noise_variance`). Post-processing of the noisy sum, so the choice
+    costs no privacy.
     Without noise it is Adam (:data:`ADAM_FLOOR`). The sites' DP-AdamBC under
     their own noise is the same rule (:class:`fedseal.client.dp_adam_bc.DPAdamBC`).
     Each state starts afresh when the stepped weights change (the first adapter
@@ -141,7 +142,7 @@ class DistributedOptimiser:
 
     def _adam_bc(self, gradient: np.ndarray, variance: float) -> np.ndarray:
         beta1, beta2 = self.betas
-        if self.moments is None or self.moments[0].shape != gradient.shape:
+        if self.moments is None or any(x.shape != gradient.shape for x in self.moments):
             self.moments, self.adam_steps = (np.zeros_like(gradient), np.zeros_like(gradient)), 0
         m, v = self.moments
         m, v = beta1 * m + (1 - beta1) * gradient, beta2 * v + (1 - beta2) * gradient**2
@@ -161,16 +162,43 @@ class DistributedOptimiser:
         return state
 
     def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
-        """Restore from :meth:`state_dict`."""
-        self.batch = float(np.asarray(state.get("ddp/batch", [0.0])).reshape(-1)[0])
-        velocity = state.get("ddp/velocity")
-        self.velocity = None if velocity is None else np.asarray(velocity, dtype=np.float64)
-        m, v = state.get("ddp/adam-m"), state.get("ddp/adam-v")
-        if m is None or v is None:
-            self.moments, self.adam_steps = None, 0
-        else:
-            self.moments = (np.asarray(m, dtype=np.float64), np.asarray(v, dtype=np.float64))
-            self.adam_steps = int(np.asarray(state.get("ddp/adam-steps", [0])).reshape(-1)[0])
+        """Restore from :meth:`state_dict`.
+
+        Raises
+        ------
+        ValueError
+            If the state is not one :meth:`state_dict` writes: a value not finite, a
+            sample size or a second moment below zero, moments of two shapes, a step
+            count that is not a positive integer, or only part of the Adam state.
+        """
+        batch = _finite(state, "ddp/batch")
+        if batch is not None and (batch.size != 1 or batch[0] < 0):
+            raise ValueError("ddp/batch must be one sample size of at least 0")
+        velocity = _finite(state, "ddp/velocity")
+        m, v, steps = (_finite(state, f"ddp/adam-{k}") for k in ("m", "v", "steps"))
+        if (m is None) != (v is None) or (m is None) != (steps is None):
+            raise ValueError("the Adam state needs all of ddp/adam-m, ddp/adam-v and ddp/adam-steps, or none")
+        if m is not None and v is not None and steps is not None:
+            if m.shape != v.shape or np.any(v < 0):
+                raise ValueError(
+                    "ddp/adam-m and ddp/adam-v must have one shape, the second moment at least 0"
+                )
+            if steps.size != 1 or steps[0] < 1 or steps[0] != int(steps[0]):
+                raise ValueError("ddp/adam-steps must be one positive integer")
+        self.batch = 0.0 if batch is None else float(batch[0])
+        self.velocity = velocity
+        self.moments = None if m is None or v is None else (m, v)
+        self.adam_steps = 0 if steps is None else int(steps[0])
+
+
+def _finite(state: Mapping[str, np.ndarray], key: str) -> np.ndarray | None:
+    """``state[key]`` as a flat float64 vector (None when absent); ValueError unless finite."""
+    if key not in state:
+        return None
+    value = np.asarray(state[key], dtype=np.float64).reshape(-1)
+    if not np.all(np.isfinite(value)):
+        raise ValueError(f"{key} holds a value that is not finite")
+    return value
 
 
 def adapter_lr_scale(rounds: int, server_round: int) -> float:

@@ -139,12 +139,23 @@ def test_a_distributed_run_records_each_steps_mechanism_and_the_direct_epsilon(t
     assert np.abs(ckpt.weights["classifier.weight"]).max() > 0  # the head stepped
 
 
-def test_lpft_under_distributed_noise_steps_the_adapters_on_the_noisy_sum(tmp_path, tiny_bert):
+def test_lpft_under_distributed_noise_steps_the_adapters_on_the_noisy_sum(tmp_path, tiny_bert, monkeypatch):
     """LP-FT (finetune lora) in 5 rounds: statistics, two head steps, then two adapter steps,
     each one DP-SGD step over all sites. An adapter round's vector is the adapters' and the
     head's clipped gradients (its own, larger, encoding); each site's ledger records every
     step's mechanism and the job's epsilon over all of them stays within the grant; the
-    server moved the adapters (LoRA's B starts at zero) and the head."""
+    server moved the adapters (LoRA's B starts at zero) and the head, with DP-AdamBC told
+    the sum's noise variance for the shares it summed, at the decayed rate."""
+    from fedseal.server.ddp_round import DistributedOptimiser
+
+    steps: list[dict] = []
+    real_step = DistributedOptimiser.step
+
+    def recorded(self, weights, noisy_sum, keys, **kwargs):
+        steps.append(kwargs)
+        return real_step(self, weights, noisy_sum, keys, **kwargs)
+
+    monkeypatch.setattr(DistributedOptimiser, "step", recorded)
     cfg = _config(tmp_path, tiny_bert, finetune="lora", rounds=5)
     nodes = _nodes(tmp_path)
     run_federation(LocalGrid(SITES, node_configs=nodes), cfg, run_id=RUN_ID)
@@ -163,6 +174,11 @@ def test_lpft_under_distributed_noise_steps_the_adapters_on_the_noisy_sum(tmp_pa
     assert dims == [dims[0], head, head, adapters, adapters]
     assert adapters > head
     assert ddp_wire.round_shape(cfg, initial, 4) == (sum(initial[k].size for k in adapter_keys), 1.0)
+    assert [k["adapters"] for k in steps] == [False, False, True, True]
+    assert [k["lr_scale"] for k in steps] == [1.0, 1.0, 1.0, 0.5]
+    for r, k in zip(range(2, 6), steps):
+        encoding = ddp_wire.plan_round(cfg, initial, r, SITES)
+        assert k["sum_variance"] == pytest.approx(SITES * (encoding.share_sigma / encoding.scale) ** 2)
     for i, node in enumerate(nodes):
         ledger = PrivacyLedger.open(
             node["ledger-path"], f"site-{i}", cfg.epsilon, cfg.delta, key_path=node["ledger-key"]
@@ -377,17 +393,20 @@ def test_the_servers_adapter_step_is_dp_adam_bc_on_the_noisy_mean_split_by_name(
     ]
     sum_variance = 0.04  # on the mean 4e-4: noise sd 0.02, twenty times the fifth gradient (1e-3)
     expected = _adam_bc_reference([s / 10.0 for s in sums], 0.01, sum_variance / 100.0)
-    current = weights
+    current, changes = weights, []
     for noisy, change in zip(sums, expected):
         previous = np.concatenate([current[k].reshape(-1) for k in keys])
         current = opt.step(current, noisy, keys, adapters=True, sum_variance=sum_variance)
-        after = np.concatenate([current[k].reshape(-1) for k in keys])
-        np.testing.assert_allclose(after - previous, change, rtol=1e-5, atol=1e-7)
+        changes.append(np.concatenate([current[k].reshape(-1) for k in keys]) - previous)
+        np.testing.assert_allclose(changes[-1], change, rtol=1e-5, atol=1e-7)
     assert current["a.lora_A"].shape == (1, 2) and current["classifier.weight"].shape == (2, 3)
-    # a coordinate with no signal moves by nothing; one of the noise's size by less than the rate
-    assert expected[0][0] == 0.0 and 0 < -expected[0][4] < 0.01
-    # without the correction the fifth coordinate (gradient 1e-3, noise sd 0.02) would move by the full rate
-    assert -_adam_bc_reference([sums[0] / 10.0], 0.01, 0.0)[0][4] == pytest.approx(0.01, rel=1e-4)
+    # a coordinate with no signal moves by nothing; the fifth (gradient 1e-3, noise sd 0.02)
+    # by a twentieth of the rate, where Adam without the correction moves it by the full rate
+    assert changes[0][0] == 0.0 and -changes[0][4] == pytest.approx(0.01 / 20, rel=1e-4)
+    plain = DistributedOptimiser(lr=16.0, adapter_lr=0.01)
+    plain.batch = 10.0
+    moved = plain.step(weights, sums[0], keys, adapters=True)["classifier.weight"].reshape(-1)
+    assert -moved[2] == pytest.approx(0.01, rel=1e-4)
     resumed = DistributedOptimiser(lr=16.0, momentum=0.9, adapter_lr=0.01)
     resumed.load_state_dict(opt.state_dict())
     np.testing.assert_array_equal(
@@ -421,6 +440,57 @@ def test_the_servers_adapter_step_is_the_sites_dp_adam_bc():
         site_weights.grad = torch.from_numpy(noisy / batch)
         site.step()
         np.testing.assert_allclose(weights["w.lora_A"], site_weights.detach().numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_the_servers_optimiser_state_survives_a_checkpoint_and_a_malformed_one_is_refused(tmp_path):
+    """The Adam moments and step count go through a real checkpoint (safetensors) and resume
+    the same steps; a state that :meth:`state_dict` cannot have written is refused with a
+    message naming the entry."""
+    from fedseal.server.checkpoint import save_checkpoint
+    from fedseal.server.ddp_round import DistributedOptimiser
+
+    weights = {"w.lora_A": np.zeros(4, np.float32)}
+    opt = DistributedOptimiser(lr=1.0, adapter_lr=0.01)
+    opt.batch = 8.0
+    for g in (np.array([1.0, -2.0, 0.5, 0.0]), np.array([0.5, -1.0, 2.0, 0.1])):
+        weights = opt.step(weights, g, ["w.lora_A"], adapters=True, sum_variance=0.01)
+    save_checkpoint(tmp_path, 3, weights, opt.state_dict(), [], {})
+    resumed = DistributedOptimiser(lr=1.0, adapter_lr=0.01)
+    resumed.load_state_dict(load_checkpoint(tmp_path).strategy_state)
+    g = np.array([0.2, 0.3, -0.4, 0.5])
+    np.testing.assert_array_equal(
+        resumed.step(weights, g, ["w.lora_A"], adapters=True, sum_variance=0.01)["w.lora_A"],
+        opt.step(weights, g, ["w.lora_A"], adapters=True, sum_variance=0.01)["w.lora_A"],
+    )
+    good = opt.state_dict()
+    for change, match in [
+        ({"ddp/adam-v": np.array([1.0])}, "one shape"),
+        ({"ddp/adam-v": -good["ddp/adam-v"] - 1}, "at least 0"),
+        ({"ddp/adam-steps": np.array([-1])}, "positive integer"),
+        ({"ddp/adam-steps": np.array([2.5])}, "positive integer"),
+        ({"ddp/adam-m": np.array([np.nan, 0, 0, 0])}, "not finite"),
+        ({"ddp/batch": np.array([-3.0])}, "sample size"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            DistributedOptimiser(lr=1.0).load_state_dict({**good, **change})
+    partial = {k: v for k, v in good.items() if k != "ddp/adam-steps"}
+    with pytest.raises(ValueError, match="all of ddp/adam-m"):
+        DistributedOptimiser(lr=1.0).load_state_dict(partial)
+
+
+def test_a_run_resumed_from_a_malformed_optimiser_state_stops_before_its_first_round(tmp_path, tiny_bert):
+    """A checkpoint whose weights fit but whose optimiser state is malformed stops the resumed
+    run with a CheckpointError that says what to do, before any site is asked to train."""
+    from fedseal.server.checkpoint import CheckpointError, save_checkpoint
+
+    cfg = _config(tmp_path, tiny_bert, finetune="lora", rounds=5)
+    bad = {"ddp/batch": [100.0], "ddp/adam-m": np.zeros(3), "ddp/adam-v": np.zeros(2), "ddp/adam-steps": [1]}
+    save_checkpoint(Path(cfg.out) / "checkpoint", 3, _weights(cfg), bad, [], cfg.to_dict())
+    with pytest.raises(
+        CheckpointError, match="optimiser state this run cannot use .*one shape.*start afresh"
+    ):
+        run_federation(LocalGrid(SITES, node_configs=_nodes(tmp_path)), cfg, run_id=RUN_ID, resume=True)
+    assert not (Path(cfg.out) / "metrics.jsonl").exists() or not _rows(cfg)
 
 
 def test_the_adapter_rate_decays_linearly_over_the_adapter_rounds_and_their_clip_is_1():
