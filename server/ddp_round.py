@@ -64,7 +64,10 @@ class DistributedOptimiser:
     noisy draw, which can exceed that deviation). The server knows the variance
     exactly from the round's public encoding and the number of shares in the sum
     (:func:`noise_variance`). Post-processing of the noisy sum, so the choice
-    costs no privacy.
+    costs no privacy. The second moment averages the squared gradients of past
+    rounds, whose noise differed when the survivors did, so what is taken out is
+    the same average of each round's variance (``noise``: exact for any sequence
+    of survivors, and the round's own variance while they stay the same).
     Without noise it is Adam (:data:`ADAM_FLOOR`). The sites' DP-AdamBC under
     their own noise is the same rule (:class:`fedseal.client.dp_adam_bc.DPAdamBC`).
     Each state starts afresh when the stepped weights change (the first adapter
@@ -83,6 +86,7 @@ class DistributedOptimiser:
         self.batch = 0.0  # noisy size of a step's sample, from the statistics round
         self.velocity: np.ndarray | None = None
         self.moments: tuple[np.ndarray, np.ndarray] | None = None
+        self.noise = 0.0  # the second moment's average of the rounds' noise variances
         self.adam_steps = 0
 
     def statistics(self, weights: Weights, noisy_sum: np.ndarray) -> OrderedDict[str, np.ndarray]:
@@ -143,21 +147,25 @@ class DistributedOptimiser:
     def _adam_bc(self, gradient: np.ndarray, variance: float) -> np.ndarray:
         beta1, beta2 = self.betas
         if self.moments is None or any(x.shape != gradient.shape for x in self.moments):
-            self.moments, self.adam_steps = (np.zeros_like(gradient), np.zeros_like(gradient)), 0
+            self.moments = (np.zeros_like(gradient), np.zeros_like(gradient))
+            self.noise, self.adam_steps = 0.0, 0
         m, v = self.moments
         m, v = beta1 * m + (1 - beta1) * gradient, beta2 * v + (1 - beta2) * gradient**2
+        self.noise = beta2 * self.noise + (1 - beta2) * variance
         self.moments, self.adam_steps = (m, v), self.adam_steps + 1
         m_hat = m / (1 - beta1**self.adam_steps)
         v_hat = v / (1 - beta2**self.adam_steps)
-        return m_hat / np.sqrt(np.maximum(v_hat - variance, max(variance, ADAM_FLOOR)))
+        noise = self.noise / (1 - beta2**self.adam_steps)
+        return m_hat / np.sqrt(np.maximum(v_hat - noise, max(noise, ADAM_FLOOR)))
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """The sample size, the momentum and the Adam moments."""
+        """The sample size, the momentum and the Adam moments (with their noise's average)."""
         state = {"ddp/batch": np.array([self.batch])}
         if self.velocity is not None:
             state["ddp/velocity"] = self.velocity
         if self.moments is not None:
             state["ddp/adam-m"], state["ddp/adam-v"] = self.moments
+            state["ddp/adam-noise"] = np.array([self.noise])
             state["ddp/adam-steps"] = np.array([self.adam_steps])
         return state
 
@@ -175,19 +183,24 @@ class DistributedOptimiser:
         if batch is not None and (batch.size != 1 or batch[0] < 0):
             raise ValueError("ddp/batch must be one sample size of at least 0")
         velocity = _finite(state, "ddp/velocity")
-        m, v, steps = (_finite(state, f"ddp/adam-{k}") for k in ("m", "v", "steps"))
-        if (m is None) != (v is None) or (m is None) != (steps is None):
-            raise ValueError("the Adam state needs all of ddp/adam-m, ddp/adam-v and ddp/adam-steps, or none")
-        if m is not None and v is not None and steps is not None:
+        m, v, noise, steps = (_finite(state, f"ddp/adam-{k}") for k in ("m", "v", "noise", "steps"))
+        if len({x is None for x in (m, v, noise, steps)}) > 1:
+            raise ValueError(
+                "the Adam state needs all of ddp/adam-m, ddp/adam-v, ddp/adam-noise and ddp/adam-steps, or none"
+            )
+        if m is not None and v is not None and noise is not None and steps is not None:
             if m.shape != v.shape or np.any(v < 0):
                 raise ValueError(
                     "ddp/adam-m and ddp/adam-v must have one shape, the second moment at least 0"
                 )
+            if noise.size != 1 or noise[0] < 0:
+                raise ValueError("ddp/adam-noise must be one variance of at least 0")
             if steps.size != 1 or steps[0] < 1 or steps[0] != int(steps[0]):
                 raise ValueError("ddp/adam-steps must be one positive integer")
         self.batch = 0.0 if batch is None else float(batch[0])
         self.velocity = velocity
         self.moments = None if m is None or v is None else (m, v)
+        self.noise = 0.0 if noise is None else float(noise[0])
         self.adam_steps = 0 if steps is None else int(steps[0])
 
 

@@ -442,6 +442,34 @@ def test_the_servers_adapter_step_is_the_sites_dp_adam_bc():
         np.testing.assert_allclose(weights["w.lora_A"], site_weights.detach().numpy(), rtol=1e-5, atol=1e-7)
 
 
+def test_the_noise_taken_out_of_adams_second_moment_follows_the_survivors_round_by_round():
+    """When the survivors change, the sum's noise variance changes with them, and the second
+    moment still holds the earlier rounds' larger noise: what is taken out is the same average
+    of each round's variance, so on gradients that are pure noise the corrected second moment
+    is zero on average. Taking out only the last round's variance (the rule before) would
+    leave most of the earlier noise in it."""
+    from fedseal.server.ddp_round import DistributedOptimiser
+
+    rng = np.random.default_rng(7)
+    batch, size = 10.0, 200_000
+    variances = [100.0] * 5 + [1.0] * 2  # per coordinate of the sum: ten shares, then a tenth
+    opt = DistributedOptimiser(lr=1.0, adapter_lr=0.01)
+    opt.batch = batch
+    weights = {"w.lora_A": np.zeros(size, np.float32)}
+    for variance in variances:
+        noisy = rng.normal(0.0, math.sqrt(variance), size)
+        weights = opt.step(weights, noisy, ["w.lora_A"], adapters=True, sum_variance=variance)
+    beta2, t = opt.betas[1], opt.adam_steps
+    v_hat = opt.moments[1] / (1 - beta2**t)
+    weights_of = [beta2 ** (t - i) for i in range(1, t + 1)]
+    average = sum(w * v for w, v in zip(weights_of, variances)) / sum(weights_of) / batch**2
+    assert opt.noise / (1 - beta2**t) == pytest.approx(average, rel=1e-12)
+    # what the moment holds is that average (a relative standard error of about 0.4% here) ...
+    assert np.mean(v_hat) == pytest.approx(average, rel=0.02)
+    # ... most of which the last round's variance alone would leave in it
+    assert np.mean(v_hat) - variances[-1] / batch**2 > 0.5 * average
+
+
 def test_the_servers_optimiser_state_survives_a_checkpoint_and_a_malformed_one_is_refused(tmp_path):
     """The Adam moments and step count go through a real checkpoint (safetensors) and resume
     the same steps; a state that :meth:`state_dict` cannot have written is refused with a
@@ -469,6 +497,7 @@ def test_the_servers_optimiser_state_survives_a_checkpoint_and_a_malformed_one_i
         ({"ddp/adam-steps": np.array([-1])}, "positive integer"),
         ({"ddp/adam-steps": np.array([2.5])}, "positive integer"),
         ({"ddp/adam-m": np.array([np.nan, 0, 0, 0])}, "not finite"),
+        ({"ddp/adam-noise": np.array([-1e-3])}, "variance of at least 0"),
         ({"ddp/batch": np.array([-3.0])}, "sample size"),
     ]:
         with pytest.raises(ValueError, match=match):
@@ -484,7 +513,13 @@ def test_a_run_resumed_from_a_malformed_optimiser_state_stops_before_its_first_r
     from fedseal.server.checkpoint import CheckpointError, save_checkpoint
 
     cfg = _config(tmp_path, tiny_bert, finetune="lora", rounds=5)
-    bad = {"ddp/batch": [100.0], "ddp/adam-m": np.zeros(3), "ddp/adam-v": np.zeros(2), "ddp/adam-steps": [1]}
+    bad = {
+        "ddp/batch": [100.0],
+        "ddp/adam-m": np.zeros(3),
+        "ddp/adam-v": np.zeros(2),
+        "ddp/adam-noise": [0.0],
+        "ddp/adam-steps": [1],
+    }
     save_checkpoint(Path(cfg.out) / "checkpoint", 3, _weights(cfg), bad, [], cfg.to_dict())
     with pytest.raises(
         CheckpointError, match="optimiser state this run cannot use .*one shape.*start afresh"
