@@ -161,11 +161,14 @@ def prior_bias(proportions: np.ndarray) -> np.ndarray:
     return np.log(p / p.sum()).astype(np.float32)
 
 
-def adapter_rounds(rounds: int) -> int:
-    """The adapter rounds of an LP-FT run of ``rounds`` rounds (the last ones;
-    :mod:`fedseal.common.lora_rule`): half of those after the statistics round, rounded down."""
+def adapter_rounds(rounds: int, dp_noise: str) -> int:
+    """The adapter rounds of an LP-FT run of ``rounds`` rounds under ``dp_noise`` (the last
+    ones; :mod:`fedseal.common.lora_rule`): of the rounds after the statistics round, half
+    (rounded down) with each site's own noise, a third (at least one) under the sum's noise."""
     if rounds < 3:
         raise ValueError(f"LP-FT needs at least 3 rounds (statistics, head, adapters), got {rounds}")
+    if dp_noise == "distributed":
+        return max(1, (rounds - 1) // 3)
     return (rounds - 1) // 2
 
 
@@ -199,7 +202,7 @@ def recipe(cfg: FedConfig, bucket: int) -> Recipe:
         if cfg.finetune == "lora":
             from fedseal.common.lora_rule import lora_recipe
 
-            adapters = adapter_rounds(cfg.rounds)
+            adapters = adapter_rounds(cfg.rounds, cfg.dp_noise)
         training_rounds = cfg.rounds - 1 - adapters  # at least 1: FedConfig checks the rounds
         batch = min(MAX_BATCH, max(1, math.ceil(SAMPLE_RATE * num_examples)))
         steps = max(MIN_STEPS_PER_ROUND, math.ceil(TRAINING_STEPS / training_rounds))

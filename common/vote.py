@@ -87,7 +87,7 @@ def is_vote_round(cfg: FedConfig, server_round: int) -> bool:
 
 def is_adapter_round(cfg: FedConfig, server_round: int) -> bool:
     """Whether ``server_round`` is one of LP-FT's adapter rounds (``finetune = lora``)."""
-    return cfg.finetune == "lora" and server_round > cfg.rounds - adapter_rounds(cfg.rounds)
+    return cfg.finetune == "lora" and server_round > cfg.rounds - adapter_rounds(cfg.rounds, cfg.dp_noise)
 
 
 def round_clip(cfg: FedConfig, server_round: int) -> float:

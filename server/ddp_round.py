@@ -215,9 +215,9 @@ def _finite(state: Mapping[str, np.ndarray], key: str) -> np.ndarray | None:
 
 
 def adapter_lr_scale(rounds: int, server_round: int) -> float:
-    """The adapter rate's linear decay in a run of ``rounds`` rounds: 1 at the first of its
-    ``A`` adapter rounds, ``1/A`` at the last (:mod:`fedseal.common.lora_rule`)."""
-    return (rounds - server_round + 1) / adapter_rounds(rounds)
+    """The adapter rate's linear decay in a run of ``rounds`` rounds under the sum's noise: 1 at
+    the first of its ``A`` adapter rounds, ``1/A`` at the last (:mod:`fedseal.common.lora_rule`)."""
+    return (rounds - server_round + 1) / adapter_rounds(rounds, "distributed")
 
 
 def noise_variance(encoding: ddp.Encoding, shares: int) -> float:

@@ -140,7 +140,7 @@ def test_a_distributed_run_records_each_steps_mechanism_and_the_direct_epsilon(t
 
 
 def test_lpft_under_distributed_noise_steps_the_adapters_on_the_noisy_sum(tmp_path, tiny_bert, monkeypatch):
-    """LP-FT (finetune lora) in 5 rounds: statistics, two head steps, then two adapter steps,
+    """LP-FT (finetune lora) in 7 rounds: statistics, four head steps, then two adapter steps,
     each one DP-SGD step over all sites. An adapter round's vector is the adapters' and the
     head's clipped gradients (its own, larger, encoding); each site's ledger records every
     step's mechanism and the job's epsilon over all of them stays within the grant; the
@@ -156,27 +156,27 @@ def test_lpft_under_distributed_noise_steps_the_adapters_on_the_noisy_sum(tmp_pa
         return real_step(self, weights, noisy_sum, keys, **kwargs)
 
     monkeypatch.setattr(DistributedOptimiser, "step", recorded)
-    cfg = _config(tmp_path, tiny_bert, finetune="lora", rounds=5)
+    cfg = _config(tmp_path, tiny_bert, finetune="lora", rounds=7)
     nodes = _nodes(tmp_path)
     run_federation(LocalGrid(SITES, node_configs=nodes), cfg, run_id=RUN_ID)
     rows = _rows(cfg)
-    assert [len(r["contributors"]) for r in rows] == [SITES] * 5
+    assert [len(r["contributors"]) for r in rows] == [SITES] * 7
     assert not any(r["abandoned"] or r["refused"] or r["failed"] for r in rows)
 
     initial = _weights(cfg)
-    adapter_keys = ddp_wire.step_keys(initial, cfg, 5)
+    adapter_keys = ddp_wire.step_keys(initial, cfg, 7)
     assert "classifier.weight" in adapter_keys and any(".lora_B" in k for k in adapter_keys)
     # The layout does not follow the order a message lists the weights in.
-    assert ddp_wire.step_keys(dict(reversed(list(initial.items()))), cfg, 5) == adapter_keys
-    assert adapter_keys == ddp_wire.step_keys(initial, cfg, 4)
-    dims = [ddp_wire.plan_round(cfg, initial, r, SITES).padded_dim for r in range(1, 6)]
-    head, adapters = dims[1], dims[3]
-    assert dims == [dims[0], head, head, adapters, adapters]
+    assert ddp_wire.step_keys(dict(reversed(list(initial.items()))), cfg, 7) == adapter_keys
+    assert adapter_keys == ddp_wire.step_keys(initial, cfg, 6)
+    dims = [ddp_wire.plan_round(cfg, initial, r, SITES).padded_dim for r in range(1, 8)]
+    head, adapters = dims[1], dims[5]
+    assert dims == [dims[0], head, head, head, head, adapters, adapters]
     assert adapters > head
-    assert ddp_wire.round_shape(cfg, initial, 4) == (sum(initial[k].size for k in adapter_keys), 1.0)
-    assert [k["adapters"] for k in steps] == [False, False, True, True]
-    assert [k["lr_scale"] for k in steps] == [1.0, 1.0, 1.0, 0.5]
-    for r, k in zip(range(2, 6), steps):
+    assert ddp_wire.round_shape(cfg, initial, 6) == (sum(initial[k].size for k in adapter_keys), 1.0)
+    assert [k["adapters"] for k in steps] == [False] * 4 + [True, True]
+    assert [k["lr_scale"] for k in steps] == [1.0] * 5 + [0.5]
+    for r, k in zip(range(2, 8), steps):
         encoding = ddp_wire.plan_round(cfg, initial, r, SITES)
         assert k["sum_variance"] == pytest.approx(SITES * (encoding.share_sigma / encoding.scale) ** 2)
     for i, node in enumerate(nodes):
@@ -184,7 +184,7 @@ def test_lpft_under_distributed_noise_steps_the_adapters_on_the_noisy_sum(tmp_pa
             node["ledger-path"], f"site-{i}", cfg.epsilon, cfg.delta, key_path=node["ledger-key"]
         )
         entries = ledger.entries
-        assert [e.steps for e in entries] == [1, 2, 3, 4, 5]
+        assert [e.steps for e in entries] == [1, 2, 3, 4, 5, 6, 7]
         assert [int(e.mechanism["dim"]) for e in entries] == dims
         history = site_round._history(ledger, None, entries[-1].run)
         assert entries[-1].epsilon == pytest.approx(site_round.job_epsilon(history, cfg.delta), rel=1e-12)
@@ -529,12 +529,12 @@ def test_a_run_resumed_from_a_malformed_optimiser_state_stops_before_its_first_r
 
 
 def test_the_adapter_rate_decays_linearly_over_the_adapter_rounds_and_their_clip_is_1():
-    """In a run of 101 rounds the 50 adapter rounds (52 to 101) step at 1, 49/50, ... 1/50 of
-    the rate; a step's change scales with it; the adapter rounds' vectors are clipped to 1
-    (the head rounds' to the probe's clip)."""
+    """In a run of 151 rounds the 50 adapter rounds (102 to 151, after 100 head rounds) step
+    at 1, 49/50, ... 1/50 of the rate; a step's change scales with it; the adapter rounds'
+    vectors are clipped to 1 (the head rounds' to the probe's clip)."""
     from fedseal.server.ddp_round import DistributedOptimiser, adapter_lr_scale
 
-    scales = [adapter_lr_scale(101, r) for r in range(52, 102)]
+    scales = [adapter_lr_scale(151, r) for r in range(102, 152)]
     assert scales[0] == 1.0 and scales[-1] == pytest.approx(1 / 50)
     np.testing.assert_allclose(np.diff(scales), -1 / 50)
     assert adapter_lr_scale(4, 4) == 1.0  # one adapter round: the full rate
@@ -544,15 +544,15 @@ def test_the_adapter_rate_decays_linearly_over_the_adapter_rounds_and_their_clip
     a = full.step(weights, np.array([1.0, -2.0, 3.0]), ["w.lora_A"], adapters=True)
     b = half.step(weights, np.array([1.0, -2.0, 3.0]), ["w.lora_A"], adapters=True, lr_scale=0.5)
     np.testing.assert_allclose(b["w.lora_A"], 0.5 * a["w.lora_A"], rtol=1e-6)
-    cfg = FedConfig(clients=4, min_clients=3, dp_noise="distributed", finetune="lora", rounds=101)
+    cfg = FedConfig(clients=4, min_clients=3, dp_noise="distributed", finetune="lora", rounds=151)
     model_weights = {
         "feature_mean": np.zeros(4, np.float32),
         "classifier.bias": np.zeros(2, np.float32),
         "classifier.weight": np.zeros((2, 4), np.float32),
         "l.lora_A.default.weight": np.zeros((2, 4), np.float32),
     }
-    assert ddp_wire.round_shape(cfg, model_weights, 52) == (16, 1.0)
-    assert ddp_wire.round_shape(cfg, model_weights, 51) == (8, ddp_wire.head_clip(cfg))
+    assert ddp_wire.round_shape(cfg, model_weights, 102) == (16, 1.0)
+    assert ddp_wire.round_shape(cfg, model_weights, 101) == (8, ddp_wire.head_clip(cfg))
 
 
 def test_the_servers_noise_variance_is_the_decoded_sums_own():

@@ -86,6 +86,33 @@ def test_each_phase_moves_only_its_weights(tiny_bert):
         FedConfig(finetune="lora", rounds=2)
 
 
+@pytest.mark.parametrize(
+    ("rounds", "dp_noise", "adapters"),
+    [
+        (5, "local", 2),
+        (101, "local", 50),
+        (3, "distributed", 1),
+        (5, "distributed", 1),
+        (151, "distributed", 50),
+    ],
+)
+def test_the_adapter_rounds_are_half_with_each_sites_noise_and_a_third_under_the_sums(
+    rounds, dp_noise, adapters
+):
+    """After the statistics round, LP-FT's last rounds are adapter rounds: half of them with each
+    site's own noise; a third (at least one) under the sum's noise, where each round is one
+    step and the head needs the probe's steps (lora_rule); the rule and the vote agree."""
+    from fedseal.common.dp_rule import adapter_rounds
+    from fedseal.common.vote import is_adapter_round
+
+    assert adapter_rounds(rounds, dp_noise) == adapters
+    cfg = FedConfig(finetune="lora", rounds=rounds, dp_noise=dp_noise, clients=4, min_clients=3)
+    assert [is_adapter_round(cfg, r) for r in range(1, rounds + 1)] == [False] * (rounds - adapters) + [
+        True
+    ] * adapters
+    assert recipe(cfg, 1024).adapter_from == rounds - adapters + 1
+
+
 @pytest.mark.parametrize("bucket", [64, 8192])
 def test_the_plan_spends_the_budget_over_both_phases_with_one_noise(bucket):
     from fedseal.common.lora_rule import plan_lpft
