@@ -102,6 +102,7 @@ def run_federated(cfg: FedConfig) -> dict[str, Any]:
         "accuracy": rows[-1]["accuracy"],
         "macro_f1": rows[-1]["macro_f1"],
         "accuracy_per_round": [round(r["accuracy"], 4) for r in rows],
+        "held_out_loss_per_round": [None if r.get("loss") is None else round(r["loss"], 4) for r in rows],
         "epsilon_max": summary["epsilon_max"],
         "contributors_per_round": [len(r["contributors"]) for r in rows],
         "abandoned_rounds": sum(bool(r["abandoned"]) for r in rows),
