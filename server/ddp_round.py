@@ -67,7 +67,8 @@ class DistributedOptimiser:
     costs no privacy. The second moment averages the squared gradients of past
     rounds, whose noise differed when the survivors did, so what is taken out is
     the same average of each round's variance (``noise``: exact for any sequence
-    of survivors, and the round's own variance while they stay the same).
+    of survivors, and the round's own variance while they stay the same); the floor
+    is the larger of that average and the round's own variance.
     Without noise it is Adam (:data:`ADAM_FLOOR`). The sites' DP-AdamBC under
     their own noise is the same rule (:class:`fedseal.client.dp_adam_bc.DPAdamBC`).
     Each state starts afresh when the stepped weights change (the first adapter
@@ -156,7 +157,8 @@ class DistributedOptimiser:
         m_hat = m / (1 - beta1**self.adam_steps)
         v_hat = v / (1 - beta2**self.adam_steps)
         noise = self.noise / (1 - beta2**self.adam_steps)
-        return m_hat / np.sqrt(np.maximum(v_hat - noise, max(noise, ADAM_FLOOR)))
+        # floored at this round's variance too: after a rise, the momentum holds the larger noise
+        return m_hat / np.sqrt(np.maximum(v_hat - noise, max(noise, variance, ADAM_FLOOR)))
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The sample size, the momentum and the Adam moments (with their noise's average)."""

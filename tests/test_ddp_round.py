@@ -23,6 +23,7 @@ from fedseal.client.ledger import PrivacyLedger
 from fedseal.common import ddp, ddp_wire
 from fedseal.common.config import ConfigError, FedConfig
 from fedseal.common.ddp.accounting import KERNEL_SCALE
+from fedseal.common.lora_rule import DISTRIBUTED_BETAS
 from fedseal.common.model import build_model, trainable_state
 from fedseal.common.refusals import Code
 from fedseal.common.secagg_wire import MASKED_INPUT, RECORD, ROUTED, pack_routed, unpack_routed
@@ -445,29 +446,56 @@ def test_the_servers_adapter_step_is_the_sites_dp_adam_bc():
 def test_the_noise_taken_out_of_adams_second_moment_follows_the_survivors_round_by_round():
     """When the survivors change, the sum's noise variance changes with them, and the second
     moment still holds the earlier rounds' larger noise: what is taken out is the same average
-    of each round's variance, so on gradients that are pure noise the corrected second moment
-    is zero on average. Taking out only the last round's variance (the rule before) would
-    leave most of the earlier noise in it."""
+    of each round's variance, so what is left is the signal's square. Taking out only the last
+    round's variance (the rule before) left most of the earlier noise in it, and so shortened
+    the steps of the coordinates that carry a signal."""
     from fedseal.server.ddp_round import DistributedOptimiser
 
     rng = np.random.default_rng(7)
-    batch, size = 10.0, 200_000
+    batch, size, lr = 10.0, 200_000, 0.01
     variances = [100.0] * 5 + [1.0] * 2  # per coordinate of the sum: ten shares, then a tenth
-    opt = DistributedOptimiser(lr=1.0, adapter_lr=0.01)
+    beta1, beta2 = DISTRIBUTED_BETAS
+    t = len(variances)
+    weights_of = [beta2 ** (t - i) for i in range(1, t + 1)]
+    average = sum(w * v for w, v in zip(weights_of, variances)) / sum(weights_of) / batch**2
+    signal = np.where(np.arange(size) < size // 2, 2.0 * math.sqrt(average), 0.0)  # on the mean
+    opt = DistributedOptimiser(lr=1.0, adapter_lr=lr)
     opt.batch = batch
     weights = {"w.lora_A": np.zeros(size, np.float32)}
     for variance in variances:
-        noisy = rng.normal(0.0, math.sqrt(variance), size)
+        before = weights["w.lora_A"].astype(np.float64)
+        noisy = batch * signal + rng.normal(0.0, math.sqrt(variance), size)
         weights = opt.step(weights, noisy, ["w.lora_A"], adapters=True, sum_variance=variance)
-    beta2, t = opt.betas[1], opt.adam_steps
-    v_hat = opt.moments[1] / (1 - beta2**t)
-    weights_of = [beta2 ** (t - i) for i in range(1, t + 1)]
-    average = sum(w * v for w, v in zip(weights_of, variances)) / sum(weights_of) / batch**2
+    change = weights["w.lora_A"] - before
     assert opt.noise / (1 - beta2**t) == pytest.approx(average, rel=1e-12)
-    # what the moment holds is that average (a relative standard error of about 0.4% here) ...
-    assert np.mean(v_hat) == pytest.approx(average, rel=0.02)
-    # ... most of which the last round's variance alone would leave in it
-    assert np.mean(v_hat) - variances[-1] / batch**2 > 0.5 * average
+    m_hat, v_hat = opt.moments[0] / (1 - beta1**t), opt.moments[1] / (1 - beta2**t)
+    # the step: the moment less the average, floored at it (and at the last round's variance)
+    np.testing.assert_allclose(
+        change, -lr * m_hat / np.sqrt(np.maximum(v_hat - average, average)), rtol=1e-4, atol=1e-8
+    )
+    # what is left holds the signal's square alone (a relative standard error of about 0.5% here)
+    held = np.mean(v_hat[: size // 2] - average)
+    assert held == pytest.approx(4.0 * average, rel=0.03)
+    # the last round's variance alone leaves most of the earlier noise, and each signal step shorter
+    last = variances[-1] / batch**2
+    old = -lr * m_hat / np.sqrt(np.maximum(v_hat - last, max(last, 1e-16)))
+    assert np.mean(np.abs(old[: size // 2])) < 0.92 * np.mean(np.abs(change[: size // 2]))
+    # after a rise (more survivors) the floor is the round's own variance, not the smaller average
+    rising = DistributedOptimiser(lr=1.0, adapter_lr=lr)
+    rising.batch = batch
+    flat = {"w.lora_A": np.zeros(1000, np.float32)}
+    for variance in [1.0] * 5 + [100.0]:
+        before = flat["w.lora_A"].astype(np.float64)
+        flat = rising.step(
+            flat,
+            rng.normal(0.0, math.sqrt(variance), 1000),
+            ["w.lora_A"],
+            adapters=True,
+            sum_variance=variance,
+        )
+    m_hat = rising.moments[0] / (1 - beta1**6)
+    bound = lr * np.abs(m_hat) / math.sqrt(100.0 / batch**2)
+    assert np.all(np.abs(flat["w.lora_A"] - before) <= bound * (1 + 1e-4) + 1e-8)
 
 
 def test_the_servers_optimiser_state_survives_a_checkpoint_and_a_malformed_one_is_refused(tmp_path):

@@ -40,7 +40,11 @@ ARMS = ("probe", "lpft", "lora_nodp")
 def arm_config(arm: str, rounds: int, **settings: Any) -> FedConfig:
     """The run ``arm`` makes: LP-FT's ``rounds``, or the probe with LP-FT's probe rounds."""
     if arm == "probe":
-        return FedConfig(finetune="probe", rounds=rounds - adapter_rounds(rounds, "local"), **settings)
+        return FedConfig(
+            finetune="probe",
+            rounds=rounds - adapter_rounds(rounds, settings.get("dp_noise", "local")),
+            **settings,
+        )
     return FedConfig(finetune="lora", rounds=rounds, dp=arm == "lpft", **settings)
 
 
