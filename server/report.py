@@ -268,7 +268,8 @@ def quality_plot(rows: list[RoundRow]) -> str:
             left.plot(*zip(*points), marker="o", color=colour, linewidth=2.5, label=key.replace("_", "-"))
     left.set_ylim(0, 1)
     left.set_title("held-out accuracy and macro-F1")
-    left.legend(loc="lower right")
+    if left.get_lines():  # a run with no evaluated round has nothing to name
+        left.legend(loc="lower right")
     points = [(r.round, r.loss) for r in rows if r.loss is not None]
     if points:
         right.plot(*zip(*points), marker="o", color="tab:purple", linewidth=2.5)
