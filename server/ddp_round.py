@@ -216,10 +216,10 @@ def _finite(state: Mapping[str, np.ndarray], key: str) -> np.ndarray | None:
     return value
 
 
-def adapter_lr_scale(rounds: int, server_round: int) -> float:
-    """The adapter rate's linear decay in a run of ``rounds`` rounds under the sum's noise: 1 at
-    the first of its ``A`` adapter rounds, ``1/A`` at the last (:mod:`fedseal.common.lora_rule`)."""
-    return (rounds - server_round + 1) / adapter_rounds(rounds, "distributed")
+def adapter_lr_scale(cfg: FedConfig, server_round: int) -> float:
+    """The adapter rate's linear decay in run ``cfg``: 1 at the first of its ``A`` adapter
+    rounds, ``1/A`` at the last (:mod:`fedseal.common.lora_rule`)."""
+    return (cfg.rounds - server_round + 1) / adapter_rounds(cfg.rounds, cfg.dp_noise)
 
 
 def noise_variance(encoding: ddp.Encoding, shares: int) -> float:
@@ -279,7 +279,7 @@ def ddp_round(
     keys = ddp_wire.step_keys(weights, cfg, server_round)
     variance = noise_variance(encoding, len(survivors))
     adapters = is_adapter_round(cfg, server_round)
-    scale = adapter_lr_scale(cfg.rounds, server_round) if adapters else 1.0
+    scale = adapter_lr_scale(cfg, server_round) if adapters else 1.0
     return optimiser.step(
         weights, noisy, keys, adapters=adapters, sum_variance=variance, lr_scale=scale
     ), sums

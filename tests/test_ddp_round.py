@@ -562,17 +562,17 @@ def test_the_adapter_rate_decays_linearly_over_the_adapter_rounds_and_their_clip
     vectors are clipped to 1 (the head rounds' to the probe's clip)."""
     from fedseal.server.ddp_round import DistributedOptimiser, adapter_lr_scale
 
-    scales = [adapter_lr_scale(151, r) for r in range(102, 152)]
+    cfg = FedConfig(clients=4, min_clients=3, dp_noise="distributed", finetune="lora", rounds=151)
+    scales = [adapter_lr_scale(cfg, r) for r in range(102, 152)]
     assert scales[0] == 1.0 and scales[-1] == pytest.approx(1 / 50)
     np.testing.assert_allclose(np.diff(scales), -1 / 50)
-    assert adapter_lr_scale(4, 4) == 1.0  # one adapter round: the full rate
+    assert adapter_lr_scale(cfg.replace(rounds=4), 4) == 1.0  # one adapter round: the full rate
     weights = {"w.lora_A": np.zeros(3, np.float32)}
     full, half = DistributedOptimiser(lr=1.0), DistributedOptimiser(lr=1.0)
     full.batch = half.batch = 4.0
     a = full.step(weights, np.array([1.0, -2.0, 3.0]), ["w.lora_A"], adapters=True)
     b = half.step(weights, np.array([1.0, -2.0, 3.0]), ["w.lora_A"], adapters=True, lr_scale=0.5)
     np.testing.assert_allclose(b["w.lora_A"], 0.5 * a["w.lora_A"], rtol=1e-6)
-    cfg = FedConfig(clients=4, min_clients=3, dp_noise="distributed", finetune="lora", rounds=151)
     model_weights = {
         "feature_mean": np.zeros(4, np.float32),
         "classifier.bias": np.zeros(2, np.float32),
