@@ -90,6 +90,24 @@ def is_adapter_round(cfg: FedConfig, server_round: int) -> bool:
     return cfg.finetune == "lora" and server_round > cfg.rounds - adapter_rounds(cfg.rounds, cfg.dp_noise)
 
 
+ROUND_PHASES = ("statistics", "head", "adapters", "all weights")
+
+
+def round_phase(cfg: FedConfig, server_round: int) -> str:
+    """What round ``server_round`` of run ``cfg`` trains, one of :data:`ROUND_PHASES`.
+
+    The statistics round, then the head (the probe, and LP-FT's first rounds), then
+    LP-FT's adapter rounds (:func:`is_adapter_round`); full fine-tuning trains all its
+    weights in every round. The server writes it into each round's metrics row, and a
+    resumed run checks its completed rounds against it (:mod:`fedseal.server.checkpoint`).
+    """
+    if cfg.finetune == "full":
+        return "all weights"
+    if server_round <= stats_rounds(cfg):
+        return "statistics"
+    return "adapters" if is_adapter_round(cfg, server_round) else "head"
+
+
 def round_clip(cfg: FedConfig, server_round: int) -> float:
     """The bound every entry of a site's weighted update is clipped to in this round.
 
@@ -176,6 +194,7 @@ def from_votes(mean: Mapping[str, np.ndarray], clip: float) -> tuple[OrderedDict
 
 __all__ = [
     "LOG_SPAN",
+    "ROUND_PHASES",
     "SCALE_KEY",
     "VOTE_CLIP",
     "VOTE_UNIT",
@@ -183,6 +202,7 @@ __all__ = [
     "is_adapter_round",
     "is_vote_round",
     "round_clip",
+    "round_phase",
     "round_keys",
     "site_scale",
     "to_votes",

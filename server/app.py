@@ -59,13 +59,14 @@ from fedseal.common.records import (
 )
 from fedseal.common.refusals import describe
 from fedseal.common.secagg_wire import round_parameters
-from fedseal.common.vote import from_votes, is_vote_round, round_clip, update_template
+from fedseal.common.vote import from_votes, is_vote_round, round_clip, round_phase, update_template
 from fedseal.common.weights import weight_range
 from fedseal.server.aggregate import RoundSums, error_reason, send, sum_plain
 from fedseal.server.checkpoint import (
     GROWABLE_KEYS,
     CheckpointError,
     check_resume_config,
+    check_resume_phases,
     load_checkpoint,
     save_checkpoint,
 )
@@ -155,6 +156,7 @@ def resume_state(
         metrics.rewrite([])
         return 0, weights
     check_resume_config(ckpt.config, cfg.to_dict(), growable=() if cfg.dp else GROWABLE_KEYS)
+    check_resume_phases(ckpt.metrics, lambda r: round_phase(cfg, r), require_recorded=cfg.finetune == "lora")
     # safetensors returns names sorted; put them back in the model's order.
     ordered = {k: ckpt.weights[k] for k in weights if k in ckpt.weights}
     ordered.update({k: v for k, v in ckpt.weights.items() if k not in ordered})
@@ -275,6 +277,7 @@ def run_federation(grid: Grid, cfg: FedConfig, run_id: int = 0, resume: bool = F
         scores = scores_of(logits, eval_data.tensors[2].to(device), len(cfg.labels))
         row = {
             "round": server_round,
+            "phase": round_phase(cfg, server_round),
             **scores,
             "epsilon": sums.epsilons if cfg.dp else {},
             "delta": sums.deltas if cfg.dp else {},

@@ -25,7 +25,7 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -311,4 +311,48 @@ def check_resume_config(
         )
 
 
-__all__ = ["Checkpoint", "CheckpointError", "check_resume_config", "load_checkpoint", "save_checkpoint"]
+def check_resume_phases(
+    rows: Iterable[Mapping[str, Any]], phase_of: Callable[[int], str], *, require_recorded: bool
+) -> None:
+    """Refuse to resume a run whose completed rounds this fedseal would have trained differently.
+
+    Each metrics row of a completed round records what the round trained (``phase``);
+    ``phase_of(round)`` is what the resuming run's schedule trains in that round. The
+    schedule is derived from the settings, which :func:`check_resume_config` compares, and
+    from the rule in the code, which a newer fedseal may change (LP-FT's split between
+    head and adapter rounds did): resuming across such a change would train the head
+    again after adapter rounds, or continue an optimiser state from another phase.
+
+    Rows written before phases were recorded have none: they pass unless
+    ``require_recorded`` (a run whose schedule the rule splits, which the older code may
+    have split differently).
+
+    Raises
+    ------
+    CheckpointError
+        Naming the first round whose recorded phase differs, or that recorded none
+        although ``require_recorded``.
+    """
+    for row in rows:
+        server_round = int(row["round"])
+        now, saved = phase_of(server_round), row.get("phase")
+        if saved is None and not require_recorded:
+            continue
+        if saved != now:
+            raise CheckpointError(
+                f"cannot resume: round {server_round} of the checkpoint trained "
+                f"{'an unrecorded phase' if saved is None else repr(saved)}, and this fedseal's "
+                f"schedule trains {now!r} in it (the rule that splits a run's rounds changed "
+                "since the checkpoint was written). Finish the run with the fedseal that "
+                "started it, or start a new run in another output folder"
+            )
+
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "check_resume_config",
+    "check_resume_phases",
+    "load_checkpoint",
+    "save_checkpoint",
+]

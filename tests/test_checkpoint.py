@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 
 from fedseal.common.config import FedConfig
+from fedseal.common.vote import round_phase
 from fedseal.server import checkpoint as ckpt_mod
-from fedseal.server.checkpoint import CheckpointError, check_resume_config, load_checkpoint, save_checkpoint
+from fedseal.server.checkpoint import (
+    CheckpointError,
+    check_resume_config,
+    check_resume_phases,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 
 def _weights(seed: int) -> dict[str, np.ndarray]:
@@ -150,3 +157,24 @@ def test_a_checkpoint_from_before_the_vote_resumes_as_the_plain_mean_it_ran():
     with pytest.raises(CheckpointError, match="aggregation: saved 'mean', now 'auto'"):
         check_resume_config(saved, FedConfig(rounds=5).to_dict())
     check_resume_config(saved, FedConfig(rounds=5, aggregation="mean").to_dict())
+
+
+def test_completed_rounds_must_keep_the_phase_they_trained():
+    """A resumed run's schedule must put every completed round in the phase its row
+    recorded; a row without one (written before phases were recorded) passes unless the
+    run's schedule is one the rule splits."""
+    cfg = FedConfig(finetune="lora", rounds=7, dp_noise="distributed", clients=4, min_clients=3)
+    phase_of = lambda r: round_phase(cfg, r)  # noqa: E731
+    rows = [{"round": r, "phase": round_phase(cfg, r)} for r in range(1, 7)]
+    assert [r["phase"] for r in rows] == ["statistics", "head", "head", "head", "head", "adapters"]
+    check_resume_phases(rows, phase_of, require_recorded=True)
+    earlier = [dict(r, phase="adapters") if r["round"] == 5 else r for r in rows]
+    with pytest.raises(CheckpointError, match="round 5 of the checkpoint trained 'adapters'"):
+        check_resume_phases(earlier, phase_of, require_recorded=False)
+    unrecorded = [{"round": r["round"]} for r in rows]
+    check_resume_phases(unrecorded, phase_of, require_recorded=False)
+    with pytest.raises(CheckpointError, match="round 1 of the checkpoint trained an unrecorded phase"):
+        check_resume_phases(unrecorded, phase_of, require_recorded=True)
+    probe = FedConfig(finetune="probe", rounds=7)
+    assert [round_phase(probe, r) for r in (1, 2, 7)] == ["statistics", "head", "head"]
+    assert round_phase(FedConfig(finetune="full", rounds=7), 1) == "all weights"

@@ -195,6 +195,22 @@ def test_lpft_under_distributed_noise_steps_the_adapters_on_the_noisy_sum(tmp_pa
     lora_b = [k for k in adapter_keys if ".lora_B" in k]
     assert not any(np.any(initial[k]) for k in lora_b)
     assert all(np.any(final[k]) for k in lora_b)
+    assert [r["phase"] for r in rows] == ["statistics"] + ["head"] * 4 + ["adapters"] * 2
+
+    # A checkpoint after round 5 written under the earlier split (half the rounds each, so
+    # round 5 trained adapters) is refused by this schedule before any site trains again.
+    from fedseal.server.checkpoint import CheckpointError, save_checkpoint
+
+    old_rows = [dict(r) for r in rows[:5]]
+    old_rows[4]["phase"] = "adapters"
+    save_checkpoint(Path(cfg.out) / "checkpoint", 5, final, {}, old_rows, cfg.to_dict())
+    with pytest.raises(CheckpointError, match="round 5 of the checkpoint trained 'adapters'.*trains 'head'"):
+        run_federation(LocalGrid(SITES, node_configs=nodes), cfg, run_id=RUN_ID, resume=True)
+    for i, node in enumerate(nodes):
+        ledger = PrivacyLedger.open(
+            node["ledger-path"], f"site-{i}", cfg.epsilon, cfg.delta, key_path=node["ledger-key"]
+        )
+        assert len(ledger.entries) == 7
 
 
 @pytest.mark.parametrize(
