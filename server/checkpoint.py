@@ -318,7 +318,8 @@ def check_resume_phases(
 
     Each metrics row of a completed round records what the round trained (``phase``);
     ``phase_of(round)`` is what the resuming run's schedule trains in that round. The
-    schedule is derived from the settings, which :func:`check_resume_config` compares, and
+    schedule is derived from the settings, which :func:`check_resume_config` compares
+    (except ``rounds``, which may grow without DP, and LP-FT's split follows them), and
     from the rule in the code, which a newer fedseal may change (LP-FT's split between
     head and adapter rounds did): resuming across such a change would train the head
     again after adapter rounds, or continue an optimiser state from another phase.
@@ -342,9 +343,9 @@ def check_resume_phases(
             raise CheckpointError(
                 f"cannot resume: round {server_round} of the checkpoint trained "
                 f"{'an unrecorded phase' if saved is None else repr(saved)}, and this fedseal's "
-                f"schedule trains {now!r} in it (the rule that splits a run's rounds changed "
-                "since the checkpoint was written). Finish the run with the fedseal that "
-                "started it, or start a new run in another output folder"
+                f"schedule trains {now!r} in it (LP-FT splits its rounds by --rounds and by "
+                "the rule of the fedseal that runs it). Resume with the saved rounds and the "
+                "fedseal that started the run, or start a new run in another output folder"
             )
 
 

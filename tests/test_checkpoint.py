@@ -175,6 +175,13 @@ def test_completed_rounds_must_keep_the_phase_they_trained():
     check_resume_phases(unrecorded, phase_of, require_recorded=False)
     with pytest.raises(CheckpointError, match="round 1 of the checkpoint trained an unrecorded phase"):
         check_resume_phases(unrecorded, phase_of, require_recorded=True)
+    # Without DP the rounds may grow, and LP-FT's split moves with them: rounds 5 and 6 of a
+    # non-private 7-round run trained adapters, which 11 rounds would train as head rounds.
+    plain = FedConfig(finetune="lora", rounds=7, dp=False, lora_targets=("query",), labels=("a", "b"))
+    done = [{"round": r, "phase": round_phase(plain, r)} for r in range(1, 7)]
+    longer = plain.replace(rounds=11)
+    with pytest.raises(CheckpointError, match="round 5 .*'adapters'.*trains 'head'.*saved rounds"):
+        check_resume_phases(done, lambda r: round_phase(longer, r), require_recorded=True)
     probe = FedConfig(finetune="probe", rounds=7)
     assert [round_phase(probe, r) for r in (1, 2, 7)] == ["statistics", "head", "head"]
     assert round_phase(FedConfig(finetune="full", rounds=7), 1) == "all weights"
