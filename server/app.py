@@ -156,7 +156,15 @@ def resume_state(
         metrics.rewrite([])
         return 0, weights
     check_resume_config(ckpt.config, cfg.to_dict(), growable=() if cfg.dp else GROWABLE_KEYS)
-    check_resume_phases(ckpt.metrics, lambda r: round_phase(cfg, r), require_recorded=cfg.finetune == "lora")
+    if ckpt.round < cfg.rounds:  # a finished run only saves its model: no round trains again
+        check_resume_phases(
+            ckpt.metrics,
+            ckpt.round,
+            lambda r: round_phase(cfg, r),
+            # Only LP-FT's split under the sum's noise moved before rows recorded their phase.
+            require_recorded=cfg.finetune == "lora" and cfg.dp_noise == "distributed",
+            saved_rounds=ckpt.config.get("rounds"),
+        )
     # safetensors returns names sorted; put them back in the model's order.
     ordered = {k: ckpt.weights[k] for k in weights if k in ckpt.weights}
     ordered.update({k: v for k, v in ckpt.weights.items() if k not in ordered})

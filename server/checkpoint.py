@@ -312,7 +312,12 @@ def check_resume_config(
 
 
 def check_resume_phases(
-    rows: Iterable[Mapping[str, Any]], phase_of: Callable[[int], str], *, require_recorded: bool
+    rows: Iterable[Any],
+    completed: int,
+    phase_of: Callable[[int], str],
+    *,
+    require_recorded: bool,
+    saved_rounds: object,
 ) -> None:
     """Refuse to resume a run whose completed rounds this fedseal would have trained differently.
 
@@ -320,32 +325,55 @@ def check_resume_phases(
     ``phase_of(round)`` is what the resuming run's schedule trains in that round. The
     schedule is derived from the settings, which :func:`check_resume_config` compares
     (except ``rounds``, which may grow without DP, and LP-FT's split follows them), and
-    from the rule in the code, which a newer fedseal may change (LP-FT's split between
-    head and adapter rounds did): resuming across such a change would train the head
-    again after adapter rounds, or continue an optimiser state from another phase.
+    from the rule in the code, which a newer fedseal may change (LP-FT's split under the
+    sum's noise did): resuming across such a change would train the head again after
+    adapter rounds, or carry an optimiser state into another phase. The rows must be
+    those of rounds 1 to ``completed``, one each.
 
     Rows written before phases were recorded have none: they pass unless
-    ``require_recorded`` (a run whose schedule the rule splits, which the older code may
-    have split differently).
+    ``require_recorded`` (a run whose split an older fedseal drew differently).
 
     Raises
     ------
     CheckpointError
-        Naming the first round whose recorded phase differs, or that recorded none
-        although ``require_recorded``.
+        If the rows are malformed or do not cover rounds 1 to ``completed``, naming the
+        first round whose recorded phase differs, or that recorded none although
+        ``require_recorded``.
     """
+    rounds: list[int] = []
     for row in rows:
-        server_round = int(row["round"])
+        value = row.get("round") if isinstance(row, Mapping) else None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise CheckpointError(
+                f"a metrics row of the checkpoint has no round number ({str(row)[:80]!r}); "
+                "restore the checkpoint the run wrote, or start a new run in another output folder"
+            )
+        rounds.append(value)
+    if sorted(rounds) != list(range(1, completed + 1)):
+        raise CheckpointError(
+            f"the checkpoint completed {completed} round(s) but its metrics hold rows of rounds "
+            f"{sorted(rounds)[:10]}{'...' if len(rounds) > 10 else ''}; restore the checkpoint "
+            "the run wrote, or start a new run in another output folder"
+        )
+    for row in rows:
+        server_round = row["round"]
         now, saved = phase_of(server_round), row.get("phase")
         if saved is None and not require_recorded:
             continue
+        if saved is None:
+            raise CheckpointError(
+                f"cannot resume: the checkpoint was written by a fedseal that did not record "
+                f"each round's phase, and this fedseal may split an LP-FT run's rounds "
+                f"differently (round {server_round} would train {now!r}). Finish the run with "
+                "the fedseal that started it, or start a new run in another output folder"
+            )
         if saved != now:
             raise CheckpointError(
-                f"cannot resume: round {server_round} of the checkpoint trained "
-                f"{'an unrecorded phase' if saved is None else repr(saved)}, and this fedseal's "
-                f"schedule trains {now!r} in it (LP-FT splits its rounds by --rounds and by "
-                "the rule of the fedseal that runs it). Resume with the saved rounds and the "
-                "fedseal that started the run, or start a new run in another output folder"
+                f"cannot resume: round {server_round} of the checkpoint trained {saved!r}, and "
+                f"this run's schedule trains {now!r} in it (the checkpoint's rounds: "
+                f"{saved_rounds!r}; LP-FT splits its rounds by --rounds and by the rule of the "
+                "fedseal that runs it). Resume with the saved rounds and the fedseal that "
+                "started the run, or start a new run in another output folder"
             )
 
 

@@ -162,26 +162,44 @@ def test_a_checkpoint_from_before_the_vote_resumes_as_the_plain_mean_it_ran():
 def test_completed_rounds_must_keep_the_phase_they_trained():
     """A resumed run's schedule must put every completed round in the phase its row
     recorded; a row without one (written before phases were recorded) passes unless the
-    run's schedule is one the rule splits."""
+    run's schedule is one the rule split differently then; the rows must be those of the
+    completed rounds, and a malformed one is a CheckpointError."""
     cfg = FedConfig(finetune="lora", rounds=7, dp_noise="distributed", clients=4, min_clients=3)
-    phase_of = lambda r: round_phase(cfg, r)  # noqa: E731
+
+    def check(rows, completed=6, run=cfg, required=True):
+        check_resume_phases(
+            rows, completed, lambda r: round_phase(run, r), require_recorded=required, saved_rounds=7
+        )
+
     rows = [{"round": r, "phase": round_phase(cfg, r)} for r in range(1, 7)]
     assert [r["phase"] for r in rows] == ["statistics", "head", "head", "head", "head", "adapters"]
-    check_resume_phases(rows, phase_of, require_recorded=True)
+    check(rows)
+    check(list(reversed(rows)))
     earlier = [dict(r, phase="adapters") if r["round"] == 5 else r for r in rows]
-    with pytest.raises(CheckpointError, match="round 5 of the checkpoint trained 'adapters'"):
-        check_resume_phases(earlier, phase_of, require_recorded=False)
+    with pytest.raises(CheckpointError, match="round 5 of the checkpoint trained 'adapters'.*rounds: 7"):
+        check(earlier, required=False)
     unrecorded = [{"round": r["round"]} for r in rows]
-    check_resume_phases(unrecorded, phase_of, require_recorded=False)
-    with pytest.raises(CheckpointError, match="round 1 of the checkpoint trained an unrecorded phase"):
-        check_resume_phases(unrecorded, phase_of, require_recorded=True)
+    check(unrecorded, required=False)
+    with pytest.raises(CheckpointError, match="did not record each round's phase"):
+        check(unrecorded)
+    for bad, match in [
+        (rows[:5], r"completed 6 round\(s\) but its metrics hold rows of rounds \[1, 2, 3, 4, 5\]"),
+        ([*rows, rows[-1]], "rows of rounds"),
+        ([], "rows of rounds"),
+        ([*rows[:5], {"round": "6", "phase": "adapters"}], "no round number"),
+        ([*rows[:5], {"phase": "adapters"}], "no round number"),
+        ([*rows[:5], ["round", 6]], "no round number"),
+        ([*rows[:5], {"round": True}], "no round number"),
+        ([*rows[:5], {"round": 6, "phase": 3}], "trained 3"),
+    ]:
+        with pytest.raises(CheckpointError, match=match):
+            check(bad)
     # Without DP the rounds may grow, and LP-FT's split moves with them: rounds 5 and 6 of a
     # non-private 7-round run trained adapters, which 11 rounds would train as head rounds.
     plain = FedConfig(finetune="lora", rounds=7, dp=False, lora_targets=("query",), labels=("a", "b"))
     done = [{"round": r, "phase": round_phase(plain, r)} for r in range(1, 7)]
-    longer = plain.replace(rounds=11)
     with pytest.raises(CheckpointError, match="round 5 .*'adapters'.*trains 'head'.*saved rounds"):
-        check_resume_phases(done, lambda r: round_phase(longer, r), require_recorded=True)
+        check(done, run=plain.replace(rounds=11))
     probe = FedConfig(finetune="probe", rounds=7)
     assert [round_phase(probe, r) for r in (1, 2, 7)] == ["statistics", "head", "head"]
     assert round_phase(FedConfig(finetune="full", rounds=7), 1) == "all weights"

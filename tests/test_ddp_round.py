@@ -554,6 +554,7 @@ def test_the_servers_optimiser_state_survives_a_checkpoint_and_a_malformed_one_i
 def test_a_run_resumed_from_a_malformed_optimiser_state_stops_before_its_first_round(tmp_path, tiny_bert):
     """A checkpoint whose weights fit but whose optimiser state is malformed stops the resumed
     run with a CheckpointError that says what to do, before any site is asked to train."""
+    from fedseal.common.vote import round_phase
     from fedseal.server.checkpoint import CheckpointError, save_checkpoint
 
     cfg = _config(tmp_path, tiny_bert, finetune="lora", rounds=5)
@@ -564,7 +565,8 @@ def test_a_run_resumed_from_a_malformed_optimiser_state_stops_before_its_first_r
         "ddp/adam-noise": [0.0],
         "ddp/adam-steps": [1],
     }
-    save_checkpoint(Path(cfg.out) / "checkpoint", 3, _weights(cfg), bad, [], cfg.to_dict())
+    rows = [{"round": r, "phase": round_phase(cfg, r)} for r in (1, 2, 3)]
+    save_checkpoint(Path(cfg.out) / "checkpoint", 3, _weights(cfg), bad, rows, cfg.to_dict())
     with pytest.raises(
         CheckpointError, match="optimiser state this run cannot use .*one shape.*start afresh"
     ):

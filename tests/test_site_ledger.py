@@ -404,6 +404,12 @@ def test_server_resumes_after_the_last_checkpointed_round(site):
     out = tmp / "out"
     ckpt = load_checkpoint(out / "checkpoint")
     assert ckpt.round == 1 and any(k.startswith("m/") for k in ckpt.strategy_state)
+    assert [r["phase"] for r in ckpt.metrics] == ["all weights"]
+    # A checkpoint written before rows recorded their phase still resumes.
+    from fedseal.server.checkpoint import save_checkpoint
+
+    unrecorded = [{k: v for k, v in r.items() if k != "phase"} for r in ckpt.metrics]
+    save_checkpoint(out / "checkpoint", 1, ckpt.weights, ckpt.strategy_state, unrecorded, ckpt.config)
     # Under DP the planned rounds cannot change on resume: sites calibrated for them.
     with pytest.raises(CheckpointError, match="rounds"):
         run_federation(LocalGrid(1, node_configs=[node]), cfg.replace(rounds=3), RUN_ID, resume=True)
