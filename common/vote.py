@@ -90,11 +90,9 @@ def is_adapter_round(cfg: FedConfig, server_round: int) -> bool:
     return cfg.finetune == "lora" and server_round > cfg.rounds - adapter_rounds(cfg.rounds, cfg.dp_noise)
 
 
-ROUND_PHASES = ("statistics", "head", "adapters", "all weights")
-
-
 def round_phase(cfg: FedConfig, server_round: int) -> str:
-    """What round ``server_round`` of run ``cfg`` trains, one of :data:`ROUND_PHASES`.
+    """What round ``server_round`` of run ``cfg`` trains: ``"statistics"``, ``"head"``,
+    ``"adapters"`` or ``"all weights"``.
 
     The statistics round, then the head (the probe, and LP-FT's first rounds), then
     LP-FT's adapter rounds (:func:`is_adapter_round`); full fine-tuning trains all its
@@ -194,7 +192,6 @@ def from_votes(mean: Mapping[str, np.ndarray], clip: float) -> tuple[OrderedDict
 
 __all__ = [
     "LOG_SPAN",
-    "ROUND_PHASES",
     "SCALE_KEY",
     "VOTE_CLIP",
     "VOTE_UNIT",

@@ -25,7 +25,7 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -312,7 +312,7 @@ def check_resume_config(
 
 
 def check_resume_phases(
-    rows: Iterable[Any],
+    rows: Sequence[Any],
     completed: int,
     phase_of: Callable[[int], str],
     *,
