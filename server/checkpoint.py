@@ -349,10 +349,11 @@ def check_resume_phases(
                 "restore the checkpoint the run wrote, or start a new run in another output folder"
             )
         rounds.append(value)
-    if sorted(rounds) != list(range(1, completed + 1)):
+    rounds.sort()
+    if rounds != list(range(1, completed + 1)):
         raise CheckpointError(
             f"the checkpoint completed {completed} round(s) but its metrics hold rows of rounds "
-            f"{sorted(rounds)[:10]}{'...' if len(rounds) > 10 else ''}; restore the checkpoint "
+            f"{rounds[:10]}{'...' if len(rounds) > 10 else ''}; restore the checkpoint "
             "the run wrote, or start a new run in another output folder"
         )
     for row in rows:
