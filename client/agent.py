@@ -34,6 +34,10 @@ Policy flags (what every run must promise; the server cannot lower them):
 (default: the packaged model; repeatable), ``--max-run-epsilon E`` (the total: a run
 may ask for all that is left).
 
+``--reply-hold SECONDS`` (0): each reply whose work read the site's data leaves
+that long after its message arrived, so that its arrival time does not track the
+site's record count (:func:`fedseal.client.site.reply_hold`).
+
 If the server keeps refusing the site's key (for ``--wait`` seconds) the agent
 says so and exits 3. When the server goes away (its run ended) the agent says
 so once, waits ``--linger`` seconds for it to come back (a restarted server
@@ -257,6 +261,8 @@ def node_config(
     identity_key: Path | None,
     peers: Path | None,
     columns: tuple[str, str],
+    *,
+    reply_hold: float,
 ) -> dict[str, object]:
     """What the ClientApp reads in :mod:`fedseal.client.site`: the site's own settings and policy."""
     values: dict[str, object] = {
@@ -279,6 +285,7 @@ def node_config(
         "max-colluders": policy.max_colluders,
         "max-update-clip": float(policy.max_update_clip),
         "federated-eval": policy.federated_eval,
+        "reply-hold": float(reply_hold),
     }
     if math.isfinite(policy.max_run_epsilon):  # unset: the site's total caps a run
         values["max-run-epsilon"] = float(policy.max_run_epsilon)
@@ -512,6 +519,17 @@ def _labels(text: str) -> tuple[str, ...]:
     return labels
 
 
+def _seconds(text: str) -> float:
+    """``--reply-hold``: a finite number of seconds >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text!r}")
+    return value
+
+
 def _port_or_auto(text: str) -> int | str:
     """``--runtime-port``: ``auto`` or a TCP port number."""
     if text.strip().lower() == AUTO:
@@ -692,6 +710,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "has not admitted this site's key yet (default: %(default)s)",
     )
     parser.add_argument(
+        "--reply-hold",
+        type=_seconds,
+        default=0.0,
+        metavar="SECONDS",
+        help="hold each reply whose work read this site's data until SECONDS after its "
+        "message arrived, so that when it reaches the server does not track how many "
+        "records the site has; set it above the longest round's work, which the "
+        "site's log shows when a reply is late, and below the server's round "
+        "timeout (default: 0, reply when ready)",
+    )
+    parser.add_argument(
         "--linger",
         type=float,
         default=300.0,
@@ -780,6 +809,7 @@ def _run(args: argparse.Namespace) -> int:
         args.key.resolve() if args.key else None,
         args.peers.resolve() if args.peers else None,
         (args.text_column, args.label_column),
+        reply_hold=args.reply_hold,
     )
     cmd = [
         flwr_bin("flower-supernode"),

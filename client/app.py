@@ -78,7 +78,7 @@ def train(msg: Message, context: Context) -> Message:
     return train_reply(msg, context, asked.cfg, asked.site, committed, update)
 
 
-app.train(secagg_wire.SHARE_KEYS)(answered(stage=True)(secagg.share_keys))
+app.train(secagg_wire.SHARE_KEYS)(answered(stage=True, reads_data=False)(secagg.share_keys))
 
 
 @app.train(secagg_wire.MASKED_INPUT)
@@ -103,8 +103,8 @@ def masked_input(msg: Message, context: Context) -> Message:
     return reply
 
 
-app.train(secagg_wire.CONSISTENCY)(answered(stage=True)(secagg.consistency))
-app.train(secagg_wire.UNMASK)(answered(stage=True)(secagg.unmask))
+app.train(secagg_wire.CONSISTENCY)(answered(stage=True, reads_data=False)(secagg.consistency))
+app.train(secagg_wire.UNMASK)(answered(stage=True, reads_data=False)(secagg.unmask))
 
 
 @app.evaluate()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -30,7 +31,7 @@ from flwr.app import Context, Message, RecordDict
 from fedseal.client import secagg
 from fedseal.client.ledger import LedgerError
 from fedseal.client.once import OnceError
-from fedseal.client.site import SiteSettings, site_name
+from fedseal.client.site import SiteSettings, reply_hold, site_name
 from fedseal.client.spend import CommittedRound
 from fedseal.common import egress
 from fedseal.common.config import ConfigError, FedConfig
@@ -63,7 +64,7 @@ def refusal(msg: Message, context: Context, exc: Refusal) -> Message:
     )
 
 
-def answered(stage: bool = False) -> Callable[[Handler], Handler]:
+def answered(stage: bool = False, reads_data: bool = True) -> Callable[[Handler], Handler]:
     """Wrap a handler so that every failure becomes a refusal with a code, never an error text.
 
     With ``stage`` (the secure-aggregation stages), a malformed, stale or
@@ -71,21 +72,48 @@ def answered(stage: bool = False) -> Callable[[Handler], Handler]:
     and a second unmask :data:`~fedseal.common.refusals.Code.ROUND_UNMASKED`.
     Anything unexpected is :data:`~fedseal.common.refusals.Code.SITE_INTERNAL`,
     with its traceback in the site's own log.
+
+    With ``reads_data`` (a handler whose work may read the site's data), the reply,
+    refusals included, leaves no earlier than the site's
+    :func:`~fedseal.client.site.reply_hold` after the handler began (:func:`hold`).
     """
 
     def wrap(handler: Handler) -> Handler:
         @functools.wraps(handler)
         def guarded(msg: Message, context: Context) -> Message:
+            began = time.monotonic()
+            seconds = 0.0
             try:
-                return handler(msg, context)
+                if reads_data:
+                    seconds = reply_hold(context.node_config)
+                reply = handler(msg, context)
             except Refusal as exc:
-                return refusal(msg, context, exc)
+                reply = refusal(msg, context, exc)
             except Exception as exc:  # noqa: BLE001 - every failure leaves as a code only
-                return refusal(msg, context, as_refusal(exc, stage))
+                reply = refusal(msg, context, as_refusal(exc, stage))
+            hold(began, seconds, msg.metadata.message_type)
+            return reply
 
         return guarded
 
     return wrap
+
+
+def hold(began: float, seconds: float, what: str) -> None:
+    """Wait until ``seconds`` after ``began`` (``time.monotonic``); say so in the site's log if the
+    work took longer, since its reply's arrival then tracks how long the work took."""
+    spent = time.monotonic() - began
+    if spent < seconds:
+        time.sleep(seconds - spent)
+    elif seconds > 0:
+        log.warning(
+            "this site's reply to %s was ready after %.1f s, past its reply hold of %.1f s: its "
+            "arrival shows the server how long the work took, which grows with the records it "
+            "read; raise --reply-hold above the longest round's work",
+            what,
+            spent,
+            seconds,
+        )
 
 
 def as_refusal(exc: BaseException, stage: bool = False) -> Refusal:
@@ -250,6 +278,7 @@ __all__ = [
     "answered",
     "as_refusal",
     "evaluate_reply",
+    "hold",
     "masked_reply",
     "message_config",
     "message_round",

@@ -20,7 +20,9 @@ In a deployment these come from the SuperNode's node config, written by
 ``require-dp``, ``require-secagg``, ``min-cohort``, ``min-secagg-k``,
 ``min-secagg-threshold``, ``max-colluders``, ``max-update-clip``, ``federated-eval``,
 ``allow-model``, ``labels``, ``max-run-epsilon``
-    the site's :class:`SitePolicy`: what it demands of any run before it trains.
+    the site's :class:`SitePolicy`: what it demands of any run before it trains;
+``reply-hold``
+    seconds the site holds each reply whose work read its data (:func:`reply_hold`).
 
 In a simulation every virtual site reads the file the simulation wrote for its
 partition, and its keys and roster from the same folder; the simulation's user
@@ -185,6 +187,28 @@ def site_name(node_config: Mapping[str, object], node_id: int | None = None) -> 
     if "partition-id" in node_config:
         return f"site-{node_config['partition-id']}"
     return str(node_id) if node_id is not None else "unnamed site"
+
+
+def reply_hold(node_config: Mapping[str, object]) -> float:
+    """Seconds from a message's arrival before the site's reply to it may leave (``reply-hold``;
+    0, the default: as soon as it is ready).
+
+    The server sees when each reply arrives. The work behind a reply that reads the
+    site's data grows with its record count (the features of every record, the
+    Poisson sample's forward and backward passes), so without a hold its arrival
+    time tracks that count. With a hold longer than that work, every such reply
+    leaves at the same delay after its message, whatever the data
+    (:func:`fedseal.client.reply.answered`).
+
+    Raises
+    ------
+    fedseal.common.config.ConfigError
+        If the value is not a finite number of seconds >= 0.
+    """
+    value = node_config.get("reply-hold", 0.0)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+        raise ConfigError(f"the site's reply-hold is {value!r}: set it to a number of seconds >= 0")
+    return float(value)
 
 
 def ledger_path(node_config: Mapping[str, object]) -> Path | None:

@@ -155,6 +155,7 @@ def test_max_run_epsilon_must_be_positive_and_defaults_to_no_cap_below_the_total
         None,
         None,
         ("text", "label"),
+        reply_hold=0.0,
     )
     assert "max-run-epsilon" not in values  # unset: the total caps a run
 

@@ -130,3 +130,14 @@ def test_client_runtime_port_is_auto_or_a_port(capsys):
     assert (
         "argument --runtime-port: must be auto or a port number 1-65535, got '0'" in capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize("bad", ["-1", "nan", "inf", "soon"])
+def test_client_reply_hold_is_a_number_of_seconds(capsys, bad):
+    required = ["--server", "h:1", "--data", "d", "--ledger", "l", "--ledger-key", "k"]
+    parser = command_parser("client")
+    assert parser.parse_args(required).reply_hold == 0.0
+    assert parser.parse_args([*required, "--reply-hold", "30"]).reply_hold == 30.0
+    with pytest.raises(SystemExit):
+        parser.parse_args([*required, "--reply-hold", bad])
+    assert f"argument --reply-hold: must be a number of seconds >= 0, got '{bad}'" in capsys.readouterr().err

@@ -21,7 +21,7 @@ from fedseal.client.agent import (
     probe_server,
     write_node_config,
 )
-from fedseal.client.site import SitePolicy
+from fedseal.client.site import SitePolicy, reply_hold
 from fedseal.common.config import ConfigError
 from fedseal.server.launch import LaunchError, ServerSettings, check_keys, load_server_config, write_app
 
@@ -171,6 +171,7 @@ def test_node_config_reaches_the_client_app_intact(tmp_path):
         tmp_path / "alpha.key",
         tmp_path / "peers.txt",
         ("text", "stars"),
+        reply_hold=12.5,
     )
     parsed = parse_config_args([str(write_node_config(tmp_path / "node.toml", values))])
     site = site_settings(parsed, FedConfig())
@@ -180,6 +181,7 @@ def test_node_config_reaches_the_client_app_intact(tmp_path):
     assert site.policy == policy
     assert (site.identity_key, site.peers) == (tmp_path / "alpha.key", tmp_path / "peers.txt")
     assert (site.text_column, site.label_column) == ("text", "stars")
+    assert reply_hold(parsed) == 12.5
 
 
 @pytest.mark.parametrize(
