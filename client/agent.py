@@ -35,7 +35,7 @@ Policy flags (what every run must promise; the server cannot lower them):
 may ask for all that is left).
 
 ``--reply-hold SECONDS`` (0): each reply whose work read the site's data leaves
-that long after its message arrived, so that its arrival time does not track the
+that long after its handling began, so that its arrival time does not track the
 site's record count (:func:`fedseal.client.site.reply_hold`).
 
 If the server keeps refusing the site's key (for ``--wait`` seconds) the agent
@@ -67,7 +67,13 @@ from pathlib import Path
 from fedseal.client.ledger import LedgerError, PrivacyLedger
 from fedseal.client.ledger_cli import add_ledger_files
 from fedseal.client.pinning import installed_manifest, manifest_digest
-from fedseal.client.site import DEFAULT_LABEL_COLUMN, DEFAULT_TEXT_COLUMN, FEDERATED_EVAL_MODES, SitePolicy
+from fedseal.client.site import (
+    DEFAULT_LABEL_COLUMN,
+    DEFAULT_TEXT_COLUMN,
+    FEDERATED_EVAL_MODES,
+    MAX_REPLY_HOLD,
+    SitePolicy,
+)
 from fedseal.common.config import AUTO, CHOICES, ConfigError
 from fedseal.common.durable import atomic_write
 from fedseal.common.errors import FedsealError
@@ -519,14 +525,16 @@ def _labels(text: str) -> tuple[str, ...]:
     return labels
 
 
-def _seconds(text: str) -> float:
-    """``--reply-hold``: a finite number of seconds >= 0."""
+def _hold_seconds(text: str) -> float:
+    """``--reply-hold``: seconds from 0 to :data:`~fedseal.client.site.MAX_REPLY_HOLD`."""
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not 0 <= value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text!r}")
+    if not 0 <= value <= MAX_REPLY_HOLD:
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds from 0 to {MAX_REPLY_HOLD:g}, got {text!r}"
+        )
     return value
 
 
@@ -711,11 +719,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--reply-hold",
-        type=_seconds,
+        type=_hold_seconds,
         default=0.0,
         metavar="SECONDS",
         help="hold each reply whose work read this site's data until SECONDS after its "
-        "message arrived, so that when it reaches the server does not track how many "
+        "handling began, so that when it reaches the server does not track how many "
         "records the site has; set it above the longest round's work, which the "
         "site's log shows when a reply is late, and below the server's round "
         "timeout (default: 0, reply when ready)",

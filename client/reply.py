@@ -21,7 +21,9 @@ text would leave the site.
 from __future__ import annotations
 
 import functools
+import gc
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 
@@ -75,24 +77,27 @@ def answered(stage: bool = False, reads_data: bool = True) -> Callable[[Handler]
 
     With ``reads_data`` (a handler whose work may read the site's data), the reply,
     refusals included, leaves no earlier than the site's
-    :func:`~fedseal.client.site.reply_hold` after the handler began (:func:`hold`).
+    :func:`~fedseal.client.site.reply_hold` after the handler began (:func:`hold`),
+    whatever the handler raised; a malformed hold is the site's own
+    :data:`~fedseal.common.refusals.Code.SITE_CONFIG`.
     """
 
     def wrap(handler: Handler) -> Handler:
         @functools.wraps(handler)
         def guarded(msg: Message, context: Context) -> Message:
             began = time.monotonic()
-            seconds = 0.0
             try:
-                if reads_data:
-                    seconds = reply_hold(context.node_config)
-                reply = handler(msg, context)
+                seconds = reply_hold(context.node_config) if reads_data else 0.0
+            except ConfigError as exc:  # the site's own setting, not the server's message
+                return refusal(msg, context, as_refusal(exc))
+            try:
+                return handler(msg, context)
             except Refusal as exc:
-                reply = refusal(msg, context, exc)
+                return refusal(msg, context, exc)
             except Exception as exc:  # noqa: BLE001 - every failure leaves as a code only
-                reply = refusal(msg, context, as_refusal(exc, stage))
-            hold(began, seconds, msg.metadata.message_type)
-            return reply
+                return refusal(msg, context, as_refusal(exc, stage))
+            finally:
+                hold(began, seconds, msg.metadata.message_type)
 
         return guarded
 
@@ -100,20 +105,29 @@ def answered(stage: bool = False, reads_data: bool = True) -> Callable[[Handler]
 
 
 def hold(began: float, seconds: float, what: str) -> None:
-    """Wait until ``seconds`` after ``began`` (``time.monotonic``); say so in the site's log if the
-    work took longer, since its reply's arrival then tracks how long the work took."""
+    """Wait until ``seconds`` after ``began`` (``time.monotonic``).
+
+    Work that outlasts the hold is held to the next whole multiple of ``seconds``, so
+    that its reply shows only how many holds the work took, not how long; the site's log
+    says so, with what to raise. Garbage the work left is collected first, so that its
+    cost does not fall into the next, unheld stage.
+    """
+    if seconds <= 0:
+        return
+    gc.collect()
     spent = time.monotonic() - began
-    if spent < seconds:
-        time.sleep(seconds - spent)
-    elif seconds > 0:
+    holds = max(1, math.ceil(spent / seconds))
+    if holds > 1:
         log.warning(
-            "this site's reply to %s was ready after %.1f s, past its reply hold of %.1f s: its "
-            "arrival shows the server how long the work took, which grows with the records it "
-            "read; raise --reply-hold above the longest round's work",
+            "this site's reply to %s was ready after %.1f s, past its reply hold of %.1f s: it "
+            "leaves after %d holds, which shows the server that its work took longer; raise "
+            "--reply-hold above the longest round's work",
             what,
             spent,
             seconds,
+            holds,
         )
+    time.sleep(holds * seconds - spent)
 
 
 def as_refusal(exc: BaseException, stage: bool = False) -> Refusal:

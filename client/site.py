@@ -41,6 +41,7 @@ from fedseal.common.config import ConfigError, FedConfig
 
 FEDERATED_EVAL_MODES = ("off", "on")
 DEFAULT_TEXT_COLUMN, DEFAULT_LABEL_COLUMN = "sentence", "label"
+MAX_REPLY_HOLD = 86400.0  # seconds: a day; longer than any round a server would wait for
 
 
 @dataclass(frozen=True)
@@ -190,24 +191,26 @@ def site_name(node_config: Mapping[str, object], node_id: int | None = None) -> 
 
 
 def reply_hold(node_config: Mapping[str, object]) -> float:
-    """Seconds from a message's arrival before the site's reply to it may leave (``reply-hold``;
-    0, the default: as soon as it is ready).
+    """Seconds from the start of a message's handling before the site's reply to it may leave
+    (``reply-hold``; 0, the default: as soon as it is ready).
 
     The server sees when each reply arrives. The work behind a reply that reads the
     site's data grows with its record count (the features of every record, the
     Poisson sample's forward and backward passes), so without a hold its arrival
     time tracks that count. With a hold longer than that work, every such reply
-    leaves at the same delay after its message, whatever the data
+    leaves at the same delay after its handling began, whatever the data
     (:func:`fedseal.client.reply.answered`).
 
     Raises
     ------
     fedseal.common.config.ConfigError
-        If the value is not a finite number of seconds >= 0.
+        If the value is not a number of seconds from 0 to :data:`MAX_REPLY_HOLD`.
     """
     value = node_config.get("reply-hold", 0.0)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
-        raise ConfigError(f"the site's reply-hold is {value!r}: set it to a number of seconds >= 0")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= MAX_REPLY_HOLD:
+        raise ConfigError(
+            f"the site's reply-hold is {value!r}: set it to a number of seconds from 0 to {MAX_REPLY_HOLD:g}"
+        )
     return float(value)
 
 
