@@ -73,6 +73,7 @@ from fedseal.client.site import (
     FEDERATED_EVAL_MODES,
     MAX_REPLY_HOLD,
     SitePolicy,
+    reply_hold,
 )
 from fedseal.common.config import AUTO, CHOICES, ConfigError
 from fedseal.common.durable import atomic_write
@@ -526,16 +527,13 @@ def _labels(text: str) -> tuple[str, ...]:
 
 
 def _hold_seconds(text: str) -> float:
-    """``--reply-hold``: seconds from 0 to :data:`~fedseal.client.site.MAX_REPLY_HOLD`."""
+    """``--reply-hold``: what :func:`~fedseal.client.site.reply_hold` accepts, from the command line."""
     try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 <= value <= MAX_REPLY_HOLD:
+        return reply_hold({"reply-hold": float(text)})
+    except (ValueError, ConfigError):
         raise argparse.ArgumentTypeError(
             f"must be a number of seconds from 0 to {MAX_REPLY_HOLD:g}, got {text!r}"
-        )
-    return value
+        ) from None
 
 
 def _port_or_auto(text: str) -> int | str:

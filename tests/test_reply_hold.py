@@ -2,7 +2,7 @@
 
 The server sees when each reply arrives. With ``--reply-hold`` every reply whose work
 may read the site's data (train, the masked input, evaluate; refusals too) leaves at
-the same delay after its message, whatever the work took, as long as the work fits in
+the same delay after its handling began, whatever the work took, as long as the work fits in
 the hold; a reply that is late says so in the site's own log.
 """
 
