@@ -31,10 +31,10 @@ from torch.utils.data import TensorDataset
 from fedseal.client import cache, once
 from fedseal.client.history import epsilon_after
 from fedseal.client.plan import job_plan
-from fedseal.client.policy import check_evaluate
+from fedseal.client.policy import check_evaluate, check_hold
 from fedseal.client.randomness import fresh_generator
 from fedseal.client.reply import message_config, message_round
-from fedseal.client.site import feature_cache, site_settings
+from fedseal.client.site import feature_cache, reply_hold, site_settings
 from fedseal.client.spend import CommittedRound, commit_round, steps_done
 from fedseal.client.training import TRAINED, examples_of, global_model, open_ledger
 from fedseal.common.batches import predict
@@ -106,6 +106,7 @@ def evaluate_round(content: RecordDict, context: Context) -> tuple[CommittedRoun
 
     cfg = message_config(content)
     site = site_settings(context.node_config, cfg)
+    check_hold(reply_hold(context.node_config), cfg)
     check_evaluate(site.policy, cfg)
     job, server_round = message_round(content, context)
     if (job, server_round) not in once.done(context, TRAINED, None):

@@ -39,7 +39,10 @@ cohort, ``clients``, ``min-clients``
 sizes
     ``max-length``, ``lora-r``, ``local-steps``, ``batch-size`` and
     ``eval-batch-size`` within :data:`SIZE_LIMITS` (an absurd size would
-    exhaust the site's memory or time).
+    exhaust the site's memory or time);
+``timeout``
+    above the site's ``reply-hold`` (:func:`check_hold`): a held reply that
+    arrives after the server stopped waiting would have spent budget for nothing.
 
 Every refusal is a :class:`~fedseal.common.refusals.Refusal`: a code, the
 setting, the value the server asked for and the site's own limit, nothing
@@ -231,6 +234,29 @@ def check_run(policy: SitePolicy, cfg: FedConfig) -> None:
                 asked=value,
                 limit=limit,
             )
+
+
+def check_hold(hold: float, cfg: FedConfig) -> None:
+    """Refuse a run whose ``timeout`` is not above the site's reply hold, before anything is spent.
+
+    A held reply leaves ``hold`` seconds after its handling began
+    (:func:`fedseal.client.reply.answered`), and the server stops waiting for a
+    stage ``timeout`` seconds after its last answer: with a hold at or above the
+    timeout the site would spend budget on replies the server never reads. The
+    refusal itself is not held (:func:`fedseal.client.reply.answered`): it is raised
+    before anything is read, and held it could never arrive.
+    """
+    if hold > 0 and cfg.timeout <= hold:
+        raise Refusal(
+            Code.POLICY_TIMEOUT,
+            f"the run's timeout = {cfg.timeout:g} s is not above this site's reply hold "
+            f"(reply-hold = {hold:g} s): its replies would arrive after the server stopped "
+            "waiting; the server must raise timeout above it, or the site operator lower "
+            "its --reply-hold",
+            setting="timeout",
+            asked=cfg.timeout,
+            limit=hold,
+        )
 
 
 def check_evaluate(policy: SitePolicy, cfg: FedConfig) -> None:

@@ -26,9 +26,9 @@ from fedseal.client import cache, once, secagg
 from fedseal.client.ledger import PrivacyLedger
 from fedseal.client.pending import PendingUpdate, held, hold, pending_path
 from fedseal.client.plan import job_plan
-from fedseal.client.policy import check_train
+from fedseal.client.policy import check_hold, check_train
 from fedseal.client.reply import message_config, message_round
-from fedseal.client.site import SiteSettings, feature_cache, site_settings
+from fedseal.client.site import SiteSettings, feature_cache, reply_hold, site_settings
 from fedseal.client.spend import CommittedRound, commit_round, steps_done
 from fedseal.common.buckets import size_bucket
 from fedseal.common.config import FedConfig
@@ -83,6 +83,7 @@ def admit(content: RecordDict, context: Context) -> Asked:
     """
     cfg = message_config(content)
     site = site_settings(context.node_config, cfg)
+    check_hold(reply_hold(context.node_config), cfg)
     check_train(site.policy, cfg, content.config_records.get("secagg"))
     job, server_round = message_round(content, context)
     if cfg.secagg:  # before anything is read: a round this site cannot join costs nothing

@@ -42,6 +42,7 @@ class Code(StrEnum):
     POLICY_RUN_EPSILON = "policy.run_epsilon"
     POLICY_SIZE = "policy.size"
     POLICY_NOISE_SHARE = "policy.noise_share"
+    POLICY_TIMEOUT = "policy.timeout"
     # The site's privacy budget.
     BUDGET_EXHAUSTED = "budget.exhausted"
     BUDGET_ROUND = "budget.round"
@@ -93,6 +94,8 @@ DESCRIPTIONS: Mapping[Code, str] = {
     Code.POLICY_NOISE_SHARE: "under --dp-noise distributed, this round's noise share (or its "
     "cohort) is too small for the site's min-cohort and "
     "max-colluders; raise min-clients or lower max-colluders",
+    Code.POLICY_TIMEOUT: "the run's timeout is not above the site's reply hold, so its replies "
+    "would arrive after the server stopped waiting; raise timeout",
     Code.BUDGET_EXHAUSTED: "the site's privacy budget left cannot cover this run; lower "
     "epsilon, or the site operator raises its total (fedseal ledger raise)",
     Code.BUDGET_ROUND: "this round would spend more than the run's grant at this site",

@@ -520,6 +520,7 @@ KNOWN_CODES = [
     "policy.secagg_k",
     "policy.secagg_threshold",
     "policy.size",
+    "policy.timeout",
     "policy.update_clip",
     "round.evaluated",
     "round.not_trained",

@@ -16,11 +16,12 @@ import pytest
 from flwr.app import Context, Message, RecordDict
 
 from fedseal.client import reply
+from fedseal.client.policy import check_hold
 from fedseal.client.site import reply_hold
 from fedseal.common import egress
-from fedseal.common.config import ConfigError
+from fedseal.common.config import ConfigError, FedConfig
 from fedseal.common.data import DataError
-from fedseal.common.refusals import Code
+from fedseal.common.refusals import Code, Refusal
 from fedseal.common.secagg_wire import CONSISTENCY, MASKED_INPUT, SHARE_KEYS, UNMASK
 from simulations.bench.local_grid import LocalGrid
 
@@ -104,6 +105,38 @@ def test_without_a_hold_or_for_a_stage_that_reads_no_data_the_reply_leaves_when_
     )
     assert clock.now - began == pytest.approx(0.5)
     assert "reply hold" not in caplog.text
+
+
+def _refusing(clock: Clock, code: Code):
+    def handler(msg: Message, context: Context) -> Message:
+        clock.now += 0.1  # the policy checks, before anything is read
+        raise Refusal(code, "the site's policy")
+
+    return handler
+
+
+def test_a_run_whose_timeout_the_hold_would_outlast_is_refused_unheld_and_other_refusals_held(clock):
+    """Held, the refusal of a timeout at or below the hold would never reach the server: it
+    leaves at once; any other refusal of a stage that reads data waits out the hold."""
+    began = clock.now
+    out = reply.answered()(_refusing(clock, Code.POLICY_TIMEOUT))(_msg(), _context(**{"reply-hold": 3.0}))
+    assert clock.now - began == pytest.approx(0.1)
+    assert out.content[egress.REFUSAL]["code"] == Code.POLICY_TIMEOUT
+    began = clock.now
+    reply.answered()(_refusing(clock, Code.POLICY_MODEL))(_msg(), _context(**{"reply-hold": 3.0}))
+    assert clock.now - began == pytest.approx(3.0)
+
+
+def test_the_runs_timeout_must_be_above_the_hold():
+    cfg = FedConfig(timeout=30.0)
+    check_hold(0.0, cfg)  # no hold: any timeout
+    check_hold(29.9, cfg)
+    for hold in (30.0, 45.0):
+        with pytest.raises(Refusal) as refused:
+            check_hold(hold, cfg)
+        assert refused.value.refusal_code is Code.POLICY_TIMEOUT
+        assert refused.value.public == {"setting": "timeout", "asked": 30.0, "limit": hold}
+        assert "raise timeout above it, or the site operator lower its --reply-hold" in refused.value.detail
 
 
 @pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), 1e300, "30", True])

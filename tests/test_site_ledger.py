@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -225,6 +226,29 @@ def test_a_reply_is_built_only_from_the_round_committed_for_its_update(site):
     for other in (message(2), message(1, job="job-2")):
         with pytest.raises(ValueError, match="the committed round is round 1 of job job-1"):
             train_reply(other, context, cfg, settings, committed, update)
+
+
+@pytest.mark.parametrize("message_type", ["train", "evaluate"])
+def test_a_run_whose_timeout_is_not_above_the_sites_reply_hold_is_refused_at_once_and_costs_nothing(
+    site, message_type
+):
+    """Held for 2 s, the site's replies would reach a server that stops waiting after 2 s too
+    late: the site refuses before it reads or spends anything, and that refusal is not held
+    (it could never arrive), so the server's operator reads what to raise."""
+    cfg, node, tmp = site
+    cfg = dataclasses.replace(cfg, timeout=2.0, federated_eval=True)
+    grid = LocalGrid(1, node_configs=[{**node, "reply-hold": 2.0, "federated-eval": "on"}])
+    content = RecordDict(
+        {"config": config_to_record(cfg, **{ROUND_KEY: 1, JOB_KEY: "job-1"})},
+    )
+    began = time.monotonic()
+    [answer] = grid.send_and_receive([Message(content, dst_node_id=grid.nodes[0], message_type=message_type)])
+    assert time.monotonic() - began < 1.0
+    assert egress.refusal_of(answer) == (
+        "policy.timeout",
+        {"setting": "timeout", "asked": "2.0", "limit": "2.0"},
+    )
+    assert not (tmp / "ledger.json").exists()
 
 
 def test_a_third_round_beyond_the_plan_is_refused(site):
