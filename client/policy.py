@@ -41,8 +41,8 @@ sizes
     ``eval-batch-size`` within :data:`SIZE_LIMITS` (an absurd size would
     exhaust the site's memory or time);
 ``timeout``
-    above the site's ``reply-hold`` (:func:`check_hold`): a held reply that
-    arrives after the server stopped waiting would have spent budget for nothing.
+    at least two of the site's ``reply-hold`` (:func:`check_hold`): a held reply
+    that arrives after the server stopped waiting would have spent budget for nothing.
 
 Every refusal is a :class:`~fedseal.common.refusals.Refusal`: a code, the
 setting, the value the server asked for and the site's own limit, nothing
@@ -236,26 +236,35 @@ def check_run(policy: SitePolicy, cfg: FedConfig) -> None:
             )
 
 
-def check_hold(hold: float, cfg: FedConfig) -> None:
-    """Refuse a run whose ``timeout`` is not above the site's reply hold, before anything is spent.
+HOLDS_PER_TIMEOUT = 2
+"""A run's ``timeout`` must be at least this many of the site's reply holds (:func:`check_hold`)."""
 
-    A held reply leaves ``hold`` seconds after its handling began
-    (:func:`fedseal.client.reply.answered`), and the server stops waiting for a
-    stage ``timeout`` seconds after its last answer: with a hold at or above the
-    timeout the site would spend budget on replies the server never reads. The
-    refusal itself is not held (:func:`fedseal.client.reply.answered`): it is raised
-    before anything is read, and held it could never arrive.
+
+def check_hold(hold: float, cfg: FedConfig) -> None:
+    """Refuse a run whose ``timeout`` is below :data:`HOLDS_PER_TIMEOUT` reply holds, before
+    anything is spent.
+
+    A held reply leaves ``hold`` seconds after its handling began, or a whole number of
+    holds when the work outlasts one (:func:`fedseal.client.reply.answered`), and the
+    server stops waiting for a stage ``timeout`` seconds after the push or its last
+    answer. The hold starts only once the SuperNode has fetched the message (it polls
+    every few seconds) and the reply still has to be uploaded and pulled; so the
+    timeout must leave room for one hold that overruns into a second, and with less
+    the site would likely spend budget on replies the server never reads. The refusal
+    itself is not held (:func:`fedseal.client.reply.answered`): it is raised before
+    anything is read, and held it would likely arrive too late to be read.
     """
-    if hold > 0 and cfg.timeout <= hold:
+    least = HOLDS_PER_TIMEOUT * hold
+    if hold > 0 and cfg.timeout < least:
         raise Refusal(
             Code.POLICY_TIMEOUT,
-            f"the run's timeout = {cfg.timeout:g} s is not above this site's reply hold "
-            f"(reply-hold = {hold:g} s): its replies would arrive after the server stopped "
-            "waiting; the server must raise timeout above it, or the site operator lower "
-            "its --reply-hold",
+            f"the run's timeout = {cfg.timeout:g} s is below {HOLDS_PER_TIMEOUT} of this site's "
+            f"reply holds (reply-hold = {hold:g} s): its replies would likely arrive after the "
+            f"server stopped waiting; the server must raise timeout to at least {least:g} s, or "
+            "the site operator lower its --reply-hold",
             setting="timeout",
             asked=cfg.timeout,
-            limit=hold,
+            limit=least,
         )
 
 

@@ -80,9 +80,9 @@ def answered(stage: bool = False, reads_data: bool = True) -> Callable[[Handler]
     :func:`~fedseal.client.site.reply_hold` after the handler began (:func:`hold`),
     whatever the handler raised; a malformed hold is the site's own
     :data:`~fedseal.common.refusals.Code.SITE_CONFIG`. The one refusal not held is
-    :data:`~fedseal.common.refusals.Code.POLICY_TIMEOUT` (a run whose timeout is not
-    above the hold, :func:`fedseal.client.policy.check_hold`): it is raised before
-    anything is read, and held it would arrive after the server stopped waiting.
+    :data:`~fedseal.common.refusals.Code.POLICY_TIMEOUT` (a run whose timeout leaves
+    no room for the hold, :func:`fedseal.client.policy.check_hold`): only that check
+    raises it, before anything is read, and held it would likely arrive too late.
     """
 
     def wrap(handler: Handler) -> Handler:
@@ -97,7 +97,7 @@ def answered(stage: bool = False, reads_data: bool = True) -> Callable[[Handler]
                 return handler(msg, context)
             except Refusal as exc:
                 if exc.refusal_code is Code.POLICY_TIMEOUT:  # raised before anything is read
-                    seconds = 0.0  # and, held, it would arrive after the server stopped waiting
+                    seconds = 0.0  # and, held, it would likely arrive too late to be read
                 return refusal(msg, context, exc)
             except Exception as exc:  # noqa: BLE001 - every failure leaves as a code only
                 return refusal(msg, context, as_refusal(exc, stage))

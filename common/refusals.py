@@ -94,8 +94,9 @@ DESCRIPTIONS: Mapping[Code, str] = {
     Code.POLICY_NOISE_SHARE: "under --dp-noise distributed, this round's noise share (or its "
     "cohort) is too small for the site's min-cohort and "
     "max-colluders; raise min-clients or lower max-colluders",
-    Code.POLICY_TIMEOUT: "the run's timeout is not above the site's reply hold, so its replies "
-    "would arrive after the server stopped waiting; raise timeout",
+    Code.POLICY_TIMEOUT: "the run's timeout is below two of the site's reply holds, so its "
+    "replies would likely arrive after the server stopped waiting; raise timeout to the limit, "
+    "or the site lowers its --reply-hold",
     Code.BUDGET_EXHAUSTED: "the site's privacy budget left cannot cover this run; lower "
     "epsilon, or the site operator raises its total (fedseal ledger raise)",
     Code.BUDGET_ROUND: "this round would spend more than the run's grant at this site",

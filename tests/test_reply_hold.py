@@ -127,16 +127,19 @@ def test_a_run_whose_timeout_the_hold_would_outlast_is_refused_unheld_and_other_
     assert clock.now - began == pytest.approx(3.0)
 
 
-def test_the_runs_timeout_must_be_above_the_hold():
+def test_the_runs_timeout_must_leave_room_for_two_holds():
+    """One hold that overruns into a second, the SuperNode's polling and the upload."""
     cfg = FedConfig(timeout=30.0)
     check_hold(0.0, cfg)  # no hold: any timeout
-    check_hold(29.9, cfg)
-    for hold in (30.0, 45.0):
+    check_hold(15.0, cfg)
+    for hold in (15.1, 30.0, 45.0):
         with pytest.raises(Refusal) as refused:
             check_hold(hold, cfg)
         assert refused.value.refusal_code is Code.POLICY_TIMEOUT
-        assert refused.value.public == {"setting": "timeout", "asked": 30.0, "limit": hold}
-        assert "raise timeout above it, or the site operator lower its --reply-hold" in refused.value.detail
+        assert refused.value.public == {"setting": "timeout", "asked": 30.0, "limit": 2 * hold}
+        assert f"raise timeout to at least {2 * hold:g} s, or the site operator lower its --reply-hold" in (
+            refused.value.detail
+        )
 
 
 @pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), 1e300, "30", True])

@@ -229,24 +229,40 @@ def test_a_reply_is_built_only_from_the_round_committed_for_its_update(site):
 
 
 @pytest.mark.parametrize("message_type", ["train", "evaluate"])
-def test_a_run_whose_timeout_is_not_above_the_sites_reply_hold_is_refused_at_once_and_costs_nothing(
-    site, message_type
+def test_a_run_whose_timeout_leaves_no_room_for_the_sites_reply_hold_is_refused_unread_and_unheld(
+    site, message_type, monkeypatch
 ):
-    """Held for 2 s, the site's replies would reach a server that stops waiting after 2 s too
-    late: the site refuses before it reads or spends anything, and that refusal is not held
-    (it could never arrive), so the server's operator reads what to raise."""
+    """Held for 30 s, the site's replies would likely reach a server that waits 30 s too late:
+    the site refuses before it reads its data, its model, its ledger or its once-per-round
+    record (each of them here fails the test if touched), and that refusal is not held, so
+    the server's operator reads what to raise."""
+    from fedseal.client import cache, evaluation, once, training
+
+    def untouched(*args, **kwargs):
+        raise AssertionError("read before the run's timeout was checked")
+
+    for module, name in [
+        (training, "examples_of"),
+        (training, "open_ledger"),
+        (training, "global_model"),
+        (evaluation, "examples_of"),
+        (evaluation, "open_ledger"),
+        (cache, "model_and_tokenizer"),
+        (once, "done"),
+    ]:
+        monkeypatch.setattr(module, name, untouched)
     cfg, node, tmp = site
-    cfg = dataclasses.replace(cfg, timeout=2.0, federated_eval=True)
-    grid = LocalGrid(1, node_configs=[{**node, "reply-hold": 2.0, "federated-eval": "on"}])
+    cfg = dataclasses.replace(cfg, timeout=30.0, federated_eval=True)
+    grid = LocalGrid(1, node_configs=[{**node, "reply-hold": 30.0, "federated-eval": "on"}])
     content = RecordDict(
         {"config": config_to_record(cfg, **{ROUND_KEY: 1, JOB_KEY: "job-1"})},
     )
     began = time.monotonic()
     [answer] = grid.send_and_receive([Message(content, dst_node_id=grid.nodes[0], message_type=message_type)])
-    assert time.monotonic() - began < 1.0
+    assert time.monotonic() - began < 15.0
     assert egress.refusal_of(answer) == (
         "policy.timeout",
-        {"setting": "timeout", "asked": "2.0", "limit": "2.0"},
+        {"setting": "timeout", "asked": "30.0", "limit": "60.0"},
     )
     assert not (tmp / "ledger.json").exists()
 
