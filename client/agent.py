@@ -723,8 +723,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="hold each reply whose work read this site's data until SECONDS after its "
         "handling began, so that when it reaches the server does not track how many "
         "records the site has; set it above the longest round's work, which the "
-        "site's log shows when a reply is late, and below the server's round "
-        "timeout (default: 0, reply when ready)",
+        "site's log shows when a reply is late, and at most half the server's "
+        "timeout (a run whose timeout is below two holds is refused; default: 0, "
+        "reply when ready)",
     )
     parser.add_argument(
         "--linger",
