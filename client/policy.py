@@ -55,7 +55,7 @@ from collections.abc import Mapping
 
 from fedseal.client.site import SitePolicy
 from fedseal.common.config import AUTO, FedConfig
-from fedseal.common.refusals import Code, Public, Refusal
+from fedseal.common.refusals import Code, Public, Refusal, UnheldRefusal
 from fedseal.common.secagg_wire import WireError, unpack_ids
 
 # The node-config flag that lowers each minimum, named in every refusal's detail.
@@ -251,12 +251,12 @@ def check_hold(hold: float, cfg: FedConfig) -> None:
     every few seconds) and the reply still has to be uploaded and pulled; so the
     timeout must leave room for one hold that overruns into a second, and with less
     the site would likely spend budget on replies the server never reads. The refusal
-    itself is not held (:func:`fedseal.client.reply.answered`): it is raised before
+    itself is not held (an :class:`~fedseal.common.refusals.UnheldRefusal`): it is raised before
     anything is read, and held it would likely arrive too late to be read.
     """
     least = HOLDS_PER_TIMEOUT * hold
     if hold > 0 and cfg.timeout < least:
-        raise Refusal(
+        raise UnheldRefusal(
             Code.POLICY_TIMEOUT,
             f"the run's timeout = {cfg.timeout:g} s is below {HOLDS_PER_TIMEOUT} of this site's "
             f"reply holds (reply-hold = {hold:g} s): its replies would likely arrive after the "

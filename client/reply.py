@@ -40,7 +40,7 @@ from fedseal.common.config import ConfigError, FedConfig
 from fedseal.common.data import DataError
 from fedseal.common.model import ModelError
 from fedseal.common.records import JOB_KEY, ROUND_KEY, RecordError, flatten, record_to_config, state_digest
-from fedseal.common.refusals import Code, Refusal
+from fedseal.common.refusals import Code, Refusal, UnheldRefusal
 from fedseal.common.secagg import SecAggError, UnmaskRefusedError
 from fedseal.common.secagg_wire import COMPLAINTS, WireError, Y
 
@@ -79,10 +79,11 @@ def answered(stage: bool = False, reads_data: bool = True) -> Callable[[Handler]
     refusals included, leaves no earlier than the site's
     :func:`~fedseal.client.site.reply_hold` after the handler began (:func:`hold`),
     whatever the handler raised; a malformed hold is the site's own
-    :data:`~fedseal.common.refusals.Code.SITE_CONFIG`. The one refusal not held is
-    :data:`~fedseal.common.refusals.Code.POLICY_TIMEOUT` (a run whose timeout leaves
-    no room for the hold, :func:`fedseal.client.policy.check_hold`): only that check
-    raises it, before anything is read, and held it would likely arrive too late.
+    :data:`~fedseal.common.refusals.Code.SITE_CONFIG`. The one kind of refusal not
+    held is an :class:`~fedseal.common.refusals.UnheldRefusal`, which only checks
+    that run before anything is read raise (today
+    :func:`fedseal.client.policy.check_hold`: held, its refusal would likely arrive
+    too late to be read).
     """
 
     def wrap(handler: Handler) -> Handler:
@@ -95,9 +96,10 @@ def answered(stage: bool = False, reads_data: bool = True) -> Callable[[Handler]
                 return refusal(msg, context, as_refusal(exc))
             try:
                 return handler(msg, context)
+            except UnheldRefusal as exc:  # raised before anything is read: no hold
+                seconds = 0.0
+                return refusal(msg, context, exc)
             except Refusal as exc:
-                if exc.refusal_code is Code.POLICY_TIMEOUT:  # raised before anything is read
-                    seconds = 0.0  # and, held, it would likely arrive too late to be read
                 return refusal(msg, context, exc)
             except Exception as exc:  # noqa: BLE001 - every failure leaves as a code only
                 return refusal(msg, context, as_refusal(exc, stage))

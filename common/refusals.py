@@ -183,6 +183,16 @@ class Refusal(FedsealError):
         return str(self.refusal_code)
 
 
+class UnheldRefusal(Refusal):
+    """A refusal that leaves at once, not after the site's reply hold.
+
+    Raise it only from a check that runs before the handler reads anything of the
+    site's (data, model, ledger): its timing then says nothing about the data. Today
+    only :func:`fedseal.client.policy.check_hold` raises it; the same code raised as
+    a plain :class:`Refusal` is held like any other.
+    """
+
+
 def public_values(values: Mapping[str, object]) -> dict[str, Public]:
     """``values`` checked to be :data:`PUBLIC_VALUES`: a setting's name, finite numbers or flags.
 
