@@ -81,3 +81,15 @@ def test_an_unknown_finetune_mode_is_refused(tmp_path, capsys):
             ["--data", str(tmp_path), "--json", str(tmp_path / "x.json"), "--finetune", "probe,full"]
         )
     assert "unknown --finetune ['full']; use probe and/or lora" in capsys.readouterr().err
+
+
+def test_the_labels_are_the_data_folders_own(tmp_path):
+    """SST-2's folder gives ("0", "1"); a six-class folder in the same layout its six names."""
+    for name, rows in (
+        ("train", ["a goal\tsport", "an album\tmusic", "a vote\tpolitics"]),
+        ("dev", ["x\tsport"]),
+    ):
+        (tmp_path / f"{name}.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    train, dev, size, labels = bench_utility.prepare(tmp_path, tmp_path, None)
+    assert (size, labels, dev) == (3, ("music", "politics", "sport"), tmp_path / "dev.tsv")
+    assert train.exists()

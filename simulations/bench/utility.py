@@ -8,7 +8,9 @@ Every arm is 10 sites sharing the whole SST-2 train split, the default settings
 (``finetune = probe``; every training setting ``auto``: see
 :mod:`fedseal.common.dp_rule`), secure aggregation on, the real ClientApp and ServerApp
 over the in-process grid (:mod:`simulations.bench.local_grid`; only the transport is
-missing), scored on the whole dev set. Arms, for each partition (``iid`` and
+missing), scored on the whole dev set. ``--data`` may be any folder in SST-2's GLUE layout
+(``train.tsv`` and ``dev.tsv`` with ``sentence`` and ``label`` columns): the labels are
+its train split's (``simulations.bench.topics`` writes a six-class one). Arms, for each partition (``iid`` and
 ``dirichlet`` with alpha 0.5):
 
 * ``fed``: non-private (the same sampling and steps without noise: the same compute);
@@ -76,15 +78,16 @@ def read_split(data: Path, name: str) -> Examples:
     return read_examples(path, text_column="sentence", label_column="label")
 
 
-def prepare(data: Path, work: Path, train_size: int | None) -> tuple[Path, Path, int]:
-    """The train split (or its first ``train_size`` examples) as a file, the dev file, the size."""
+def prepare(data: Path, work: Path, train_size: int | None) -> tuple[Path, Path, int, tuple[str, ...]]:
+    """The train split (or its first ``train_size`` examples) as a file, the dev file, the size,
+    and the train split's label names (SST-2's ``0`` and ``1``; any GLUE-layout task's own)."""
     train = read_split(data, "train")
     read_split(data, "dev")  # fail early on a broken dev file
     size = len(train) if not train_size else min(train_size, len(train))
     path = write_examples(
         train.subset(range(size)), work / "train.jsonl", text_column="sentence", label_column="label"
     )
-    return path, data / "dev.tsv", size
+    return path, data / "dev.tsv", size, train.label_names
 
 
 def run_federated(cfg: FedConfig) -> dict[str, Any]:
@@ -239,12 +242,12 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     arms: dict[str, dict[str, Any]] = {p: {} for p in args.partitions}
     with tempfile.TemporaryDirectory(prefix="fedseal-bench-utility-") as tmp:
         work = Path(tmp)
-        train_file, dev_file, size = prepare(args.data, work, args.train_size)
+        train_file, dev_file, size, labels = prepare(args.data, work, args.train_size)
         base = FedConfig(
             model=args.model,
             train=str(train_file),
             eval=str(dev_file),
-            labels=("0", "1"),
+            labels=labels,
             clients=args.sites,
             min_clients=args.sites,
             rounds=args.rounds,
@@ -294,7 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m simulations.bench.utility", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--data", type=Path, required=True, help="SST-2 folder (train.tsv, dev.tsv)")
+    parser.add_argument(
+        "--data", type=Path, required=True, help="SST-2 folder, or any in its layout (train.tsv, dev.tsv)"
+    )
     parser.add_argument("--json", type=Path, required=True, help="where to write the JSON")
     parser.add_argument("--plot", type=Path, help="where to write the PNG curve (optional)")
     parser.add_argument("--model", default="default", help="model path or hub name")
