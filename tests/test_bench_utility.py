@@ -84,12 +84,27 @@ def test_an_unknown_finetune_mode_is_refused(tmp_path, capsys):
 
 
 def test_the_labels_are_the_data_folders_own(tmp_path):
-    """SST-2's folder gives ("0", "1"); a six-class folder in the same layout its six names."""
+    """A three-class folder in SST-2's layout gives its three names (SST-2's gives "0", "1")."""
     for name, rows in (
         ("train", ["a goal\tsport", "an album\tmusic", "a vote\tpolitics"]),
         ("dev", ["x\tsport"]),
     ):
         (tmp_path / f"{name}.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n", encoding="utf-8")
-    train, dev, size, labels = bench_utility.prepare(tmp_path, tmp_path, None)
+    train, dev, size, labels = bench_utility.prepare(tmp_path, tmp_path / "work", None)
     assert (size, labels, dev) == (3, ("music", "politics", "sport"), tmp_path / "dev.tsv")
     assert train.exists()
+
+
+def test_the_topics_tasks_jsonl_folder_is_data_too(tmp_path):
+    """``python -m simulations.bench.topics --out DIR`` writes what ``--data DIR`` reads."""
+    from simulations.bench import topics
+
+    topics.main(["--out", str(tmp_path), "--train", "60", "--dev", "12"])
+    _, dev, size, labels = bench_utility.prepare(tmp_path, tmp_path / "work", None)
+    assert (size, dev) == (60, tmp_path / "dev.jsonl")
+    assert set(labels) <= set(topics.TOPICS) and len(labels) >= 5
+
+
+def test_a_folder_without_the_splits_is_named(tmp_path):
+    with pytest.raises(SystemExit, match="train.tsv not found: --data must be the SST-2 folder"):
+        bench_utility.prepare(tmp_path, tmp_path / "work", None)

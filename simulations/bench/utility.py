@@ -9,8 +9,9 @@ Every arm is 10 sites sharing the whole SST-2 train split, the default settings
 :mod:`fedseal.common.dp_rule`), secure aggregation on, the real ClientApp and ServerApp
 over the in-process grid (:mod:`simulations.bench.local_grid`; only the transport is
 missing), scored on the whole dev set. ``--data`` may be any folder in SST-2's GLUE layout
-(``train.tsv`` and ``dev.tsv`` with ``sentence`` and ``label`` columns): the labels are
-its train split's (``simulations.bench.topics`` writes a six-class one). Arms, for each partition (``iid`` and
+(``train.tsv`` and ``dev.tsv`` with ``sentence`` and ``label`` columns, or the same as
+``.jsonl``): the labels are its train split's (``python -m simulations.bench.topics --out
+DIR`` writes a six-class one). Arms, for each partition (``iid`` and
 ``dirichlet`` with alpha 0.5):
 
 * ``fed``: non-private (the same sampling and steps without noise: the same compute);
@@ -68,14 +69,22 @@ ARM_PREFIX = {"probe": "fed", "lora": "lpft"}
 """An arm's name starts with its fine-tuning mode's prefix (``fed_dp_eps8``, ``lpft_dp_eps8``)."""
 
 
+def split_path(data: Path, name: str) -> Path:
+    """``<data>/<name>.tsv`` (the GLUE layout) or ``<data>/<name>.jsonl``; SystemExit naming the
+    folder if neither is there."""
+    for suffix in (".tsv", ".jsonl"):
+        path = data / f"{name}{suffix}"
+        if path.exists():
+            return path
+    raise SystemExit(
+        f"{data / name}.tsv not found: --data must be the SST-2 folder holding train.tsv and dev.tsv "
+        "(GLUE layout), or a folder of train.jsonl and dev.jsonl with sentence and label fields"
+    )
+
+
 def read_split(data: Path, name: str) -> Examples:
-    """``<data>/<name>.tsv`` in the GLUE layout; SystemExit naming the folder if it is absent."""
-    path = data / f"{name}.tsv"
-    if not path.exists():
-        raise SystemExit(
-            f"{path} not found: --data must be the SST-2 folder holding train.tsv and dev.tsv (GLUE layout)"
-        )
-    return read_examples(path, text_column="sentence", label_column="label")
+    """The ``name`` split of ``data`` (:func:`split_path`)."""
+    return read_examples(split_path(data, name), text_column="sentence", label_column="label")
 
 
 def prepare(data: Path, work: Path, train_size: int | None) -> tuple[Path, Path, int, tuple[str, ...]]:
@@ -87,7 +96,7 @@ def prepare(data: Path, work: Path, train_size: int | None) -> tuple[Path, Path,
     path = write_examples(
         train.subset(range(size)), work / "train.jsonl", text_column="sentence", label_column="label"
     )
-    return path, data / "dev.tsv", size, train.label_names
+    return path, split_path(data, "dev"), size, train.label_names
 
 
 def run_federated(cfg: FedConfig) -> dict[str, Any]:
@@ -298,7 +307,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m simulations.bench.utility", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument(
-        "--data", type=Path, required=True, help="SST-2 folder, or any in its layout (train.tsv, dev.tsv)"
+        "--data",
+        type=Path,
+        required=True,
+        help="SST-2 folder, or any in its layout (train.tsv, dev.tsv; or .jsonl)",
     )
     parser.add_argument("--json", type=Path, required=True, help="where to write the JSON")
     parser.add_argument("--plot", type=Path, help="where to write the PNG curve (optional)")
