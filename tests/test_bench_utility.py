@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
 import pytest
 
+from fedseal.common.config import FedConfig
 from simulations.bench import utility as bench_utility
 
 pytestmark = pytest.mark.slow
@@ -83,16 +85,43 @@ def test_an_unknown_finetune_mode_is_refused(tmp_path, capsys):
     assert "unknown --finetune ['full']; use probe and/or lora" in capsys.readouterr().err
 
 
-def test_the_labels_are_the_data_folders_own(tmp_path):
-    """A three-class folder in SST-2's layout gives its three names (SST-2's gives "0", "1")."""
-    for name, rows in (
-        ("train", ["a goal\tsport", "an album\tmusic", "a vote\tpolitics"]),
-        ("dev", ["x\tsport"]),
+def _folder(path, train_rows, dev_rows):
+    for name, rows in (("train", train_rows), ("dev", dev_rows)):
+        (path / f"{name}.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+def test_the_labels_are_the_data_folders_own_and_only_sst2s_get_its_targets(tmp_path):
+    """A three-class folder in SST-2's layout gives its three names (SST-2's gives "0", "1"), and its
+    report carries its own dev size and no SST-2 target."""
+    data = _folder(
+        tmp_path, ["a goal\tsport", "an album\tmusic", "a vote\tpolitics"], ["x\tsport", "y\tmusic"]
+    )
+    task = bench_utility.prepare(data, tmp_path / "work", None)
+    assert (task.train_examples, task.dev_examples, task.labels, task.dev_file) == (
+        3,
+        2,
+        ("music", "politics", "sport"),
+        tmp_path / "dev.tsv",
+    )
+    assert task.train_file.exists()
+    args = argparse.Namespace(
+        model="m", data=data, sites=2, rounds=3, partitions=("iid",), alpha=0.5, epsilons=(8.0,), delta=1e-5,
+        accountant="rdp", finetune=("probe",), seed=0, repeats=1, dp_noise=("local",), ddp_rounds=101,
+    )  # fmt: skip
+    report = bench_utility.summarise({"iid": {}}, args, task, FedConfig())
+    assert "targets" not in report and "ddp_targets" not in report
+    assert report["settings"]["dev_examples"] == 2
+    sst2 = bench_utility.Task(task.train_file, task.dev_file, 3, 2, ("0", "1"))
+    assert "targets" in bench_utility.summarise({"iid": {}}, args, sst2, FedConfig())
+
+
+def test_a_dev_label_the_train_split_lacks_is_named_before_any_arm(tmp_path):
+    data = _folder(tmp_path, ["a goal\tsport", "an album\tmusic"], ["x\tsport", "y\tfood"])
+    with pytest.raises(
+        SystemExit, match=r"the dev split does not fit the train split's labels \['music', 'sport'\]"
     ):
-        (tmp_path / f"{name}.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n", encoding="utf-8")
-    train, dev, size, labels = bench_utility.prepare(tmp_path, tmp_path / "work", None)
-    assert (size, labels, dev) == (3, ("music", "politics", "sport"), tmp_path / "dev.tsv")
-    assert train.exists()
+        bench_utility.prepare(data, tmp_path / "work", None)
 
 
 def test_the_topics_tasks_jsonl_folder_is_data_too(tmp_path):
@@ -100,11 +129,13 @@ def test_the_topics_tasks_jsonl_folder_is_data_too(tmp_path):
     from simulations.bench import topics
 
     topics.main(["--out", str(tmp_path), "--train", "60", "--dev", "12"])
-    _, dev, size, labels = bench_utility.prepare(tmp_path, tmp_path / "work", None)
-    assert (size, dev) == (60, tmp_path / "dev.jsonl")
-    assert set(labels) <= set(topics.TOPICS) and len(labels) >= 5
+    task = bench_utility.prepare(tmp_path, tmp_path / "work", None)
+    assert (task.train_examples, task.dev_examples, task.dev_file) == (60, 12, tmp_path / "dev.jsonl")
+    assert set(task.labels) <= set(topics.TOPICS) and len(task.labels) >= 5
 
 
 def test_a_folder_without_the_splits_is_named(tmp_path):
-    with pytest.raises(SystemExit, match="train.tsv not found: --data must be the SST-2 folder"):
+    with pytest.raises(
+        SystemExit, match="neither train.tsv nor train.jsonl in .*: --data must be the SST-2 folder"
+    ):
         bench_utility.prepare(tmp_path, tmp_path / "work", None)

@@ -46,13 +46,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fedseal.common.config import FedConfig
-from fedseal.common.data import Examples, read_examples, write_examples
+from fedseal.common.data import DataError, Examples, read_examples, write_examples
 from fedseal.common.model import pick_device
 from simulations.bench.report import emit_report, finish, setup_bench_logging
 
@@ -69,6 +70,22 @@ ARM_PREFIX = {"probe": "fed", "lora": "lpft"}
 """An arm's name starts with its fine-tuning mode's prefix (``fed_dp_eps8``, ``lpft_dp_eps8``)."""
 
 
+SST2_LABELS = ("0", "1")
+"""The labels of SST-2's folder: the targets (:data:`TARGETS`, :data:`DDP_TARGETS`) are reported
+only for a folder with these labels."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """What the arms train and score on: the train file written for them and the dev file."""
+
+    train_file: Path
+    dev_file: Path
+    train_examples: int
+    dev_examples: int
+    labels: tuple[str, ...]
+
+
 def split_path(data: Path, name: str) -> Path:
     """``<data>/<name>.tsv`` (the GLUE layout) or ``<data>/<name>.jsonl``; SystemExit naming the
     folder if neither is there."""
@@ -77,26 +94,34 @@ def split_path(data: Path, name: str) -> Path:
         if path.exists():
             return path
     raise SystemExit(
-        f"{data / name}.tsv not found: --data must be the SST-2 folder holding train.tsv and dev.tsv "
-        "(GLUE layout), or a folder of train.jsonl and dev.jsonl with sentence and label fields"
+        f"neither {name}.tsv nor {name}.jsonl in {data}: --data must be the SST-2 folder holding "
+        "train.tsv and dev.tsv (GLUE layout), or a folder of train.jsonl and dev.jsonl with sentence "
+        "and label fields"
     )
 
 
-def read_split(data: Path, name: str) -> Examples:
-    """The ``name`` split of ``data`` (:func:`split_path`)."""
-    return read_examples(split_path(data, name), text_column="sentence", label_column="label")
+def read_split(data: Path, name: str, labels: tuple[str, ...] | None = None) -> Examples:
+    """The ``name`` split of ``data`` (:func:`split_path`), in ``labels``' order when given."""
+    return read_examples(
+        split_path(data, name), text_column="sentence", label_column="label", label_names=labels
+    )
 
 
-def prepare(data: Path, work: Path, train_size: int | None) -> tuple[Path, Path, int, tuple[str, ...]]:
-    """The train split (or its first ``train_size`` examples) as a file, the dev file, the size,
-    and the train split's label names (SST-2's ``0`` and ``1``; any GLUE-layout task's own)."""
+def prepare(data: Path, work: Path, train_size: int | None) -> Task:
+    """The train split (or its first ``train_size`` examples) written for the arms, and the dev
+    split, checked to hold only the train split's labels (SST-2's ``0`` and ``1``; any task's own)."""
     train = read_split(data, "train")
-    read_split(data, "dev")  # fail early on a broken dev file
+    try:
+        dev = read_split(data, "dev", train.label_names)
+    except DataError as exc:
+        raise SystemExit(
+            f"the dev split does not fit the train split's labels {list(train.label_names)}: {exc}"
+        ) from None
     size = len(train) if not train_size else min(train_size, len(train))
     path = write_examples(
         train.subset(range(size)), work / "train.jsonl", text_column="sentence", label_column="label"
     )
-    return path, split_path(data, "dev"), size, train.label_names
+    return Task(path, split_path(data, "dev"), size, len(dev), train.label_names)
 
 
 def run_federated(cfg: FedConfig) -> dict[str, Any]:
@@ -169,7 +194,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xticks(EPSILONS, [f"{e:g}" for e in EPSILONS])
     ax.set_xlabel("epsilon per site (delta 1e-5)")
-    ax.set_ylabel("SST-2 dev accuracy")
+    ax.set_ylabel("dev accuracy")
     ax.set_title(f"fedseal, {report['settings']['sites']} sites, {report['settings']['rounds']} rounds")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -179,36 +204,42 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def summarise(
-    arms: dict[str, dict[str, Any]], args: argparse.Namespace, size: int, base: FedConfig
-) -> dict[str, Any]:
-    """The report of the arms run so far."""
+def targets(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """SST-2's targets (issues 9 and 20) and whether the IID arms run so far met them."""
     iid = arms.get("iid", {})
-    report: dict[str, Any] = {
-        "fed_acc": iid.get("fed", {}).get("accuracy"),
-        "fed_dp_acc": iid.get("fed_dp_eps8", {}).get("accuracy"),
-        "targets": dict(TARGETS),
-    }
-    if report["fed_dp_acc"] is not None:
-        report["targets"]["fed_dp_acc_met"] = report["fed_dp_acc"] >= TARGETS["fed_dp_acc_min"]
-        if report["fed_acc"] is not None:
-            gap = report["fed_acc"] - report["fed_dp_acc"]
-            report["targets"].update(dp_gap=round(gap, 4), dp_gap_met=gap <= TARGETS["dp_gap_max"])
+    fed_acc = iid.get("fed", {}).get("accuracy")
+    fed_dp_acc = iid.get("fed_dp_eps8", {}).get("accuracy")
+    out: dict[str, Any] = {"fed_acc": fed_acc, "fed_dp_acc": fed_dp_acc, "targets": dict(TARGETS)}
+    if fed_dp_acc is not None:
+        out["targets"]["fed_dp_acc_met"] = fed_dp_acc >= TARGETS["fed_dp_acc_min"]
+        if fed_acc is not None:
+            gap = fed_acc - fed_dp_acc
+            out["targets"].update(dp_gap=round(gap, 4), dp_gap_met=gap <= TARGETS["dp_gap_max"])
     ddp_eps8, ddp_eps1 = (iid.get(f"fed_ddp_eps{e}", {}).get("accuracy") for e in (8, 1))
     if ddp_eps8 is not None or ddp_eps1 is not None:
         ddp_targets: dict[str, Any] = dict(DDP_TARGETS)
-        if ddp_eps8 is not None and report["fed_acc"] is not None:
-            gap = report["fed_acc"] - ddp_eps8
+        if ddp_eps8 is not None and fed_acc is not None:
+            gap = fed_acc - ddp_eps8
             ddp_targets.update(gap_eps8=round(gap, 4), gap_eps8_met=gap <= DDP_TARGETS["ddp_gap_max_eps8"])
         if ddp_eps1 is not None:
             ddp_targets.update(acc_eps1=ddp_eps1, acc_eps1_met=ddp_eps1 >= DDP_TARGETS["ddp_acc_min_eps1"])
-        report["ddp_targets"] = ddp_targets
+        out["ddp_targets"] = ddp_targets
+    return out
+
+
+def summarise(
+    arms: dict[str, dict[str, Any]], args: argparse.Namespace, task: Task, base: FedConfig
+) -> dict[str, Any]:
+    """The report of the arms run so far (SST-2's targets only for a folder of SST-2's labels)."""
+    report: dict[str, Any] = targets(arms) if task.labels == SST2_LABELS else {}
     report["curve"] = {p: {name: a["accuracy"] for name, a in runs.items()} for p, runs in arms.items()}
     report["arms"] = arms
     report["settings"] = {
         "model": args.model,
-        "train_examples": size,
-        "dev_examples": 872,
+        "data": str(args.data),
+        "labels": list(task.labels),
+        "train_examples": task.train_examples,
+        "dev_examples": task.dev_examples,
         "sites": args.sites,
         "rounds": args.rounds,
         "partitions": list(args.partitions),
@@ -251,12 +282,12 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     arms: dict[str, dict[str, Any]] = {p: {} for p in args.partitions}
     with tempfile.TemporaryDirectory(prefix="fedseal-bench-utility-") as tmp:
         work = Path(tmp)
-        train_file, dev_file, size, labels = prepare(args.data, work, args.train_size)
+        task = prepare(args.data, work, args.train_size)
         base = FedConfig(
             model=args.model,
-            train=str(train_file),
-            eval=str(dev_file),
-            labels=labels,
+            train=str(task.train_file),
+            eval=str(task.dev_file),
+            labels=task.labels,
             clients=args.sites,
             min_clients=args.sites,
             rounds=args.rounds,
@@ -267,8 +298,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             out=str(work / "out"),
         )
         log.info(
-            "SST-2 train of %d examples over %d sites, %d rounds, epsilons %s",
-            size,
+            "%s: train of %d examples over %d sites, %d rounds, epsilons %s",
+            args.data,
+            task.train_examples,
             args.sites,
             args.rounds,
             list(args.epsilons),
@@ -297,8 +329,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                     arms[partition][name]["accuracy_per_round"],
                 )
                 partial = args.json.with_name(args.json.name + ".partial")
-                emit_report(summarise(arms, args, size, base), partial, quiet=True)
-    return summarise(arms, args, size, base)
+                emit_report(summarise(arms, args, task, base), partial, quiet=True)
+    return summarise(arms, args, task, base)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
