@@ -26,8 +26,8 @@ lora``: the probe's rounds, then adapter rounds, docs/lora.md), named ``lpft``,
 ``lpft_dp_eps<E>`` and ``lpft_ddp_eps<E>``, on the same partition in the same run.
 
 The JSON holds ``fed_acc`` and ``fed_dp_acc`` (IID, epsilon 8), the targets of
-issue 9 and whether each is met, and every arm's per-round accuracy, macro-F1,
-largest epsilon and wall time. With ``--repeats N`` each arm runs N times on the
+issue 9 and whether each is met (for a folder of SST-2's labels only), and every
+arm's per-round accuracy, macro-F1, largest epsilon and wall time. With ``--repeats N`` each arm runs N times on the
 same partition (the DP noise and the sampling are fresh every run): the arm's
 numbers are the runs' means, its ``runs`` every run, its ``spread`` the least
 and the largest accuracy of each round. The SST-2 slice test's federation is
